@@ -1,0 +1,1 @@
+"""The ``advface`` command line; one module per subcommand."""

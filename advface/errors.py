@@ -1,0 +1,31 @@
+"""Exceptions raised by advface. Every error names what was wrong, and where."""
+
+from __future__ import annotations
+
+
+class AdvfaceError(Exception):
+    """Base class of every error advface raises on purpose."""
+
+
+class ConfigError(AdvfaceError):
+    """A configuration value, path or encoder specification is missing or invalid."""
+
+
+class ImageError(AdvfaceError):
+    """An image could not be used (unreadable, truncated, not an image, too large, no face...)."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__(f"{source}: {reason}")
+        self.source = source
+        self.reason = reason
+
+
+class NoFaceError(ImageError):
+    """No face was found in an image."""
+
+    def __init__(self, source: str) -> None:
+        super().__init__(source, "no face found")
+
+
+class EmbeddingError(AdvfaceError):
+    """An embedding is invalid (wrong shape, NaN/Inf, zero vector)."""

@@ -1,0 +1,116 @@
+"""LFW View-2 verification of face encoders: 10-fold accuracy (threshold fit on the other 9 folds) and TAR@FAR.
+
+Usage::
+
+    python benchmarks/lfw_verification.py --encoders dlib mobilefacenet --workers 2
+
+Every photo of the 6000 pairs is detected, aligned to the encoder's chip and embedded (cached on disk, so reruns are
+cheap). A photo where detection fails makes its pairs count as "different" (a rejection), which is the honest, strict
+choice; the number of such photos and pairs is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from advface.datasets import LFW  # noqa: E402
+from advface.datasets.cache import EmbeddingCache  # noqa: E402
+from advface.encoders import create_encoder, pair_scores  # noqa: E402
+from advface.image_embedder import ImageEmbedder  # noqa: E402
+from advface.metrics import kfold_accuracy, tar_at_far  # noqa: E402
+from benchmarks.common import write_results  # noqa: E402
+
+DEFAULT_DETECTORS = {"dlib": "dlib", "dlib-torch": "dlib"}
+
+
+def evaluate(encoder_spec: str, detector: str, lfw: LFW, args: argparse.Namespace) -> dict:
+    """Embed the pair photos with one encoder and compute the verification metrics."""
+    params = {"models_dir": args.models_dir} if encoder_spec == "mobilefacenet" and args.models_dir else {}
+    encoder = create_encoder(encoder_spec, **params)
+    pairs = lfw.pairs()
+    photos = sorted({p.a for p in pairs} | {p.b for p in pairs})
+    cache = EmbeddingCache(args.cache) if not args.no_cache else None
+    embedder = ImageEmbedder(encoder, detector, "largest", cache=cache, workers=args.workers)
+    start = time.perf_counter()
+    result = embedder.embed_files([(lfw.path(p), p) for p in photos])
+    seconds = time.perf_counter() - start
+    index = {image_id: i for i, image_id in enumerate(result.ids)}
+
+    ok = np.array([p.a in index and p.b in index for p in pairs])
+    same = np.array([p.same for p in pairs])
+    folds = np.array([p.fold for p in pairs])
+    scores = np.full(len(pairs), -np.inf)
+    ia = np.array([index[p.a] for p, good in zip(pairs, ok) if good], dtype=int)
+    ib = np.array([index[p.b] for p, good in zip(pairs, ok) if good], dtype=int)
+    scores[ok] = encoder.score(result.embeddings[ia], result.embeddings[ib])
+    finite_min = scores[ok].min() - 1.0
+    scores[~ok] = finite_min  # failed detection: always rejected
+    acc = kfold_accuracy(scores, same, folds)
+    tar3, t3 = tar_at_far(scores, same, 1e-3)
+    tar2, t2 = tar_at_far(scores, same, 1e-2)
+    return {
+        "encoder": encoder.name,
+        "encoder_spec": encoder_spec,
+        "fingerprint": encoder.fingerprint,
+        "detector": detector,
+        "metric": encoder.metric,
+        "pairs": len(pairs),
+        "photos": len(photos),
+        "failed_photos": len(result.failed),
+        "failed_reasons": sorted(set(result.failed.values())),
+        "pairs_with_failed_photo": int((~ok).sum()),
+        "accuracy_mean": acc.mean,
+        "accuracy_std": acc.std,
+        "accuracy_per_fold": acc.per_fold,
+        "tar_at_far_1e-3": tar3,
+        "threshold_at_far_1e-3": t3,
+        "tar_at_far_1e-2": tar2,
+        "threshold_at_far_1e-2": t2,
+        "embed_seconds": round(seconds, 1),
+    }
+
+
+def main() -> None:
+    """Run the benchmark and write benchmarks/results/lfw_verification.json."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--encoders", nargs="+", default=["dlib", "mobilefacenet"])
+    parser.add_argument(
+        "--detector", action="append", default=[], metavar="ENCODER=DETECTOR",
+        help="detector per encoder (default: dlib for dlib encoders, scrfd for ONNX encoders)",
+    )
+    parser.add_argument("--lfw-dir", help="LFW root (default $ADVFACE_LFW_DIR)")
+    parser.add_argument("--models-dir", help="ONNX models folder (default $ADVFACE_MODELS_DIR)")
+    parser.add_argument("--workers", type=int, default=2, help="detection processes")
+    parser.add_argument("--cache", help="embedding cache folder (default $ADVFACE_CACHE_DIR or ~/.cache/advface)")
+    parser.add_argument("--no-cache", action="store_true")
+    parser.add_argument("--out", help="output JSON (default benchmarks/results/lfw_verification.json)")
+    args = parser.parse_args()
+    detectors = dict(DEFAULT_DETECTORS)
+    for item in args.detector:
+        name, _, det = item.partition("=")
+        detectors[name] = det
+    lfw = LFW(args.lfw_dir)
+    results = {}
+    for spec in args.encoders:
+        detector = detectors.get(spec, "scrfd")
+        if detector == "scrfd" and args.models_dir:
+            detector = f"scrfd:{Path(args.models_dir) / 'scrfd_2.5g_bnkps.onnx'}"
+        res = evaluate(spec, detector, lfw, args)
+        results[spec] = res
+        print(
+            f"{spec}: accuracy {100 * res['accuracy_mean']:.2f} +- {100 * res['accuracy_std']:.2f}%, "
+            f"TAR@FAR=1e-3 {100 * res['tar_at_far_1e-3']:.2f}%, failed photos {res['failed_photos']}",
+            flush=True,
+        )
+    print("wrote", write_results("lfw_verification", {"protocol": "LFW View-2, 10 folds x 600 pairs", **results}, args.out))
+
+
+if __name__ == "__main__":
+    main()

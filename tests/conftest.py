@@ -1,0 +1,49 @@
+"""Shared fixtures: where the real data and models are.
+
+Data and model folders come from ``ADVFACE_LFW_DIR`` / ``ADVFACE_MODELS_DIR``. A test that needs one skips when it
+is not configured, except under ``CI=true`` where a missing dataset or model is an error (the run must fail).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from advface.paths import ENV_LFW_DIR, ENV_MODELS_DIR
+
+
+def _require(env: str, check) -> Path:  # noqa: ANN001
+    value = os.environ.get(env)
+    if value and check(Path(value)):
+        return Path(value)
+    message = f"{env} is not set or does not point at the expected folder ({value!r})"
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"CI=true requires real data: {message}")
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def lfw_dir() -> Path:
+    """The LFW root folder (images/ + pairs.txt)."""
+    return _require(ENV_LFW_DIR, lambda p: (p / "pairs.txt").is_file() and (p / "images").is_dir())
+
+
+@pytest.fixture(scope="session")
+def models_dir() -> Path:
+    """The folder holding mobilefacenet_128d.onnx and scrfd_2.5g_bnkps.onnx."""
+    return _require(ENV_MODELS_DIR, lambda p: (p / "mobilefacenet_128d.onnx").is_file())
+
+
+@pytest.fixture(scope="session")
+def lfw_sample(lfw_dir: Path) -> list[Path]:
+    """60 real LFW photos: the first two images of the first 30 people with two or more (sorted by name)."""
+    files: list[Path] = []
+    for person in sorted((lfw_dir / "images").iterdir()):
+        photos = sorted(person.glob("*.jpg"))
+        if len(photos) >= 2:
+            files.extend(photos[:2])
+        if len(files) >= 60:
+            break
+    return files
