@@ -23,6 +23,10 @@ from advface.faces import FaceChipper, FacePolicy, create_detector
 from advface.images import load_image
 
 
+#: Bumped whenever detection or alignment changes behaviour, so cached embeddings are recomputed.
+PIPELINE_VERSION = 2
+
+
 @dataclass(frozen=True)
 class _ChipperSpec:
     detector: str
@@ -83,7 +87,7 @@ class ImageEmbedder:
     def pipeline_fingerprint(self) -> str:
         """Identifies everything that determines an embedding: encoder, detector, chip and policy."""
         chip = self._spec.chip
-        return f"{self.encoder.fingerprint}|{self._spec.detector}|{chip.kind}{chip.size}p{chip.padding}|{self._spec.policy}"
+        return f"v{PIPELINE_VERSION}|{self.encoder.fingerprint}|{self._spec.detector}|{chip.kind}{chip.size}p{chip.padding}|{self._spec.policy}"
 
     def _chip_stream(self, jobs: list[tuple[bytes, str]]) -> Iterator[list[np.ndarray] | str]:
         if self.workers == 1 or len(jobs) < 2 * self.workers:
@@ -94,6 +98,22 @@ class ImageEmbedder:
             return
         with ProcessPoolExecutor(self.workers, initializer=_init_worker, initargs=(self._spec,)) as pool:
             yield from pool.map(_worker_chips, jobs, chunksize=8)
+
+    def iter_chips(
+        self, files: Sequence[tuple[str | os.PathLike[str], str]]
+    ) -> Iterator[tuple[str, list[np.ndarray] | str]]:
+        """Yield ``(id, chips)`` for each file in order, or ``(id, reason)`` when it yields no face chip."""
+        jobs: list[tuple[bytes, str]] = []
+        order: list[tuple[str, str | None]] = []
+        for path, image_id in files:
+            try:
+                jobs.append((Path(path).read_bytes(), image_id))
+                order.append((image_id, None))
+            except OSError as exc:
+                order.append((image_id, f"cannot read file ({exc.strerror or exc})"))
+        stream = self._chip_stream(jobs)
+        for image_id, error in order:
+            yield (image_id, error) if error is not None else (image_id, next(stream))
 
     def embed_files(
         self, files: Sequence[tuple[str | os.PathLike[str], str]], *, progress: bool = True

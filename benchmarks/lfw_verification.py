@@ -37,7 +37,7 @@ def evaluate(encoder_spec: str, detector: str, lfw: LFW, args: argparse.Namespac
     pairs = lfw.pairs()
     photos = sorted({p.a for p in pairs} | {p.b for p in pairs})
     cache = EmbeddingCache(args.cache) if not args.no_cache else None
-    embedder = ImageEmbedder(encoder, detector, "largest", cache=cache, workers=args.workers)
+    embedder = ImageEmbedder(encoder, detector, args.policy, cache=cache, workers=args.workers)
     start = time.perf_counter()
     result = embedder.embed_files([(lfw.path(p), p) for p in photos])
     seconds = time.perf_counter() - start
@@ -60,6 +60,7 @@ def evaluate(encoder_spec: str, detector: str, lfw: LFW, args: argparse.Namespac
         "encoder_spec": encoder_spec,
         "fingerprint": encoder.fingerprint,
         "detector": detector,
+        "face_policy": args.policy,
         "metric": encoder.metric,
         "pairs": len(pairs),
         "photos": len(photos),
@@ -88,6 +89,8 @@ def main() -> None:
     parser.add_argument("--lfw-dir", help="LFW root (default $ADVFACE_LFW_DIR)")
     parser.add_argument("--models-dir", help="ONNX models folder (default $ADVFACE_MODELS_DIR)")
     parser.add_argument("--workers", type=int, default=2, help="detection processes")
+    parser.add_argument("--policy", default="center",
+                        help="which face of a photo with several (default center: LFW's subject is centred)")
     parser.add_argument("--cache", help="embedding cache folder (default $ADVFACE_CACHE_DIR or ~/.cache/advface)")
     parser.add_argument("--no-cache", action="store_true")
     parser.add_argument("--out", help="output JSON (default benchmarks/results/lfw_verification.json)")

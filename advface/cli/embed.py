@@ -34,9 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="face detector: dlib (HOG, default), scrfd (from --models-dir), scrfd:/path/to/model.onnx",
     )
     parser.add_argument(
-        "--policy", default="largest", choices=["largest", "best-score", "all", "single"],
-        help="several faces in a photo: embed the largest (default), the most confident, all (ids get #k), "
-        "or fail the photo (single)",
+        "--policy", default="largest", choices=["largest", "best-score", "center", "all", "single"],
+        help="several faces in a photo: embed the largest (default), the most confident, the one nearest the "
+        "image centre, all (ids get #k), or fail the photo (single)",
     )
     parser.add_argument("--models-dir", help="folder of ONNX models (default: $ADVFACE_MODELS_DIR)")
     parser.add_argument("--batch-size", type=int, default=64, help="chips per encoder batch (default 64)")

@@ -8,11 +8,11 @@ import sys
 from collections.abc import Sequence
 
 from advface import __version__
-from advface.cli import embed
+from advface.cli import embed, protect, train_shadow
 from advface.errors import AdvfaceError
 
 #: Subcommand modules; each has ``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``.
-SUBCOMMANDS = [embed]
+SUBCOMMANDS = [embed, protect, train_shadow]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -95,12 +95,20 @@ class DlibDetector(FaceDetector):
     ``upsample`` is how many times dlib doubles the image before detecting (dlib's HOG window is 80 x 80 px, so
     0 misses smaller faces; 1, the default, finds faces down to ~40 px at about 4x the time). On LFW's ~100 px
     faces both work: 200 spread LFW photos gave 199 faces with 1 and 200 with 0. ``adjust_threshold`` shifts
-    the HOG score threshold (negative finds more, less certain faces).
+    the HOG score threshold (negative finds more, less certain faces). When nothing is found, detection is tried
+    once more with ``retry_threshold`` (default -0.5; None disables): on the 40 LFW View-2 photos where the default
+    threshold finds no face, the retry found one in 18 of the first 20.
     """
 
     name = "dlib"
 
-    def __init__(self, upsample: int = 1, arcface_landmarks: bool = True, adjust_threshold: float = 0.0) -> None:
+    def __init__(
+        self,
+        upsample: int = 1,
+        arcface_landmarks: bool = True,
+        adjust_threshold: float = 0.0,
+        retry_threshold: float | None = -0.5,
+    ) -> None:
         import dlib
 
         if upsample < 0:
@@ -108,6 +116,7 @@ class DlibDetector(FaceDetector):
         self.upsample = int(upsample)
         self.arcface_landmarks = bool(arcface_landmarks)
         self.adjust_threshold = float(adjust_threshold)
+        self.retry_threshold = None if retry_threshold is None else float(retry_threshold)
         self._detector = dlib.get_frontal_face_detector()
         self._shape5 = dlib.shape_predictor(str(dlib_model_file(SHAPE5_FILE)))
         self._shape68: Any = None
@@ -123,6 +132,8 @@ class DlibDetector(FaceDetector):
 
     def _detect(self, image: np.ndarray) -> list[Face]:
         rects, scores, _ = self._detector.run(image, self.upsample, self.adjust_threshold)
+        if not rects and self.retry_threshold is not None and self.retry_threshold < self.adjust_threshold:
+            rects, scores, _ = self._detector.run(image, self.upsample, self.retry_threshold)
         faces = []
         for rect, score in zip(rects, scores):
             shape5 = self._shape5(image, rect)

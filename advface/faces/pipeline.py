@@ -19,6 +19,7 @@ class FacePolicy(str, Enum):
     BEST_SCORE = "best-score"  #: the face with the highest detection score
     ALL = "all"  #: every face, largest first
     SINGLE = "single"  #: the only face; more than one is an error
+    CENTER = "center"  #: the face whose box centre is nearest the image centre (centred portraits, e.g. LFW)
 
     @classmethod
     def parse(cls, value: FacePolicy | str) -> FacePolicy:
@@ -56,6 +57,14 @@ class FaceChipper:
             return faces
         if self.policy is FacePolicy.BEST_SCORE:
             return [max(faces, key=lambda f: f.score)]
+        if self.policy is FacePolicy.CENTER:
+            cy, cx = image.shape[0] / 2.0, image.shape[1] / 2.0
+
+            def off_centre(face: Face) -> float:
+                x1, y1, x2, y2 = face.box
+                return ((x1 + x2) / 2 - cx) ** 2 + ((y1 + y2) / 2 - cy) ** 2
+
+            return [min(faces, key=off_centre)]
         return [faces[0]]  # detectors return the largest first
 
     def chips(self, image: np.ndarray, source: str) -> list[tuple[Face, np.ndarray]]:

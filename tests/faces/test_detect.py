@@ -161,3 +161,14 @@ def test_create_detector_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 def test_scrfd_refuses_a_non_detector_model(models_dir: Path) -> None:
     with pytest.raises(ConfigError, match="not an SCRFD"):
         ScrfdDetector(models_dir / "mobilefacenet_128d.onnx")
+
+
+@pytest.mark.parametrize("photo", ["Abdoulaye_Wade/Abdoulaye_Wade_0003.jpg", "Billy_Andrade/Billy_Andrade_0001.jpg"])
+def test_dlib_retries_with_a_lower_threshold(lfw_dir: Path, photo: str) -> None:
+    from advface.images import load_image
+
+    image = load_image(lfw_dir / "images" / photo)
+    assert DlibDetector(arcface_landmarks=False, retry_threshold=None).detect(image) == []
+    (face,) = DlibDetector(arcface_landmarks=False).detect(image)
+    x1, y1, x2, y2 = face.box
+    assert 60 < (x1 + x2) / 2 < 190 and 60 < (y1 + y2) / 2 < 190

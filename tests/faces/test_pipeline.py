@@ -101,3 +101,20 @@ def test_bad_input_and_config(detector: DlibDetector) -> None:
     with pytest.raises(ConfigError, match="unknown face policy"):
         FaceChipper(detector, ARCFACE, "biggest")
     assert FaceChipper("dlib", ARCFACE).policy is FacePolicy.LARGEST
+
+
+def test_center_policy_picks_the_face_nearest_the_middle(lfw_sample):
+    import numpy as np
+
+    from advface.encoders.dlib_runtime import DLIB_CHIP
+    from advface.faces import FaceChipper
+    from advface.images import load_image
+
+    big = load_image(lfw_sample[0])
+    canvas = np.zeros((250, 750, 3), np.uint8)
+    canvas[:, :250] = big  # left
+    canvas[:, 250:500] = load_image(lfw_sample[2])  # middle
+    canvas[:, 500:] = big  # right
+    chipper = FaceChipper("dlib", DLIB_CHIP, "center")
+    (face,) = chipper.select(canvas, "canvas")
+    assert 250 <= (face.box[0] + face.box[2]) / 2 <= 500

@@ -1,0 +1,20 @@
+"""Template protection: AdvFace adversarial perturbation of templates against a shadow inversion model.
+
+- :class:`AdvFaceConfig` -- steps, relative L2 budget, optional L-inf box, step size, seed, batch size;
+- :func:`protect_embeddings` -- protect an ``N x D`` array against a shadow decoder;
+- :class:`Protector` -- shadow + config + device, loadable from a checkpoint (what the server uses);
+- :func:`perturbation_stats` -- how far protected templates moved;
+- :func:`shipped_shadow_path` -- the shadow model advface ships for an encoder.
+"""
+
+from advface.protect.advface import AdvFaceConfig, Protector, perturbation_stats, protect_embeddings
+from advface.protect.shipped import SHIPPED_MODELS_DIR, shipped_shadow_path
+
+__all__ = [
+    "SHIPPED_MODELS_DIR",
+    "AdvFaceConfig",
+    "Protector",
+    "perturbation_stats",
+    "protect_embeddings",
+    "shipped_shadow_path",
+]
