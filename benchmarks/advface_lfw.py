@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from advface.attack_metrics import attack_success, impostor_threshold, reconstruct  # noqa: E402
 from advface.datasets import LFW  # noqa: E402
 from advface.encoders import create_encoder  # noqa: E402
+from advface.hashing import file_sha256  # noqa: E402
 from advface.inversion import load_decoder  # noqa: E402
 from advface.metrics import kfold_accuracy, tar_at_far  # noqa: E402
 from advface.paths import cache_dir  # noqa: E402
@@ -84,11 +85,10 @@ def main() -> None:  # noqa: PLR0915 - one linear script
     parser.add_argument("--per-identity", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--lfw-dir")
-    parser.add_argument("--quick", action="store_true", help="tiny settings to check the script end to end")
+    parser.add_argument("--train-only", choices=["attacker-deconv", "attacker-pixelshuffle", "adaptive-deconv"],
+                        help="only train (and cache) this attacker, then exit: lets attackers train in parallel")
     parser.add_argument("--out")
     args = parser.parse_args()
-    if args.quick:
-        args.epochs, args.budgets, args.per_identity = 1, [args.default_budget], 1
     started = time.perf_counter()
 
     lfw = LFW(args.lfw_dir)
@@ -99,14 +99,10 @@ def main() -> None:  # noqa: PLR0915 - one linear script
     work.mkdir(parents=True, exist_ok=True)
     train_config = dict(image_size=args.image_size, epochs=args.epochs, seed=0)
 
-    if args.shadow:
-        shadow, shadow_meta = load_decoder(args.shadow)
-    else:
-        shadow, shadow_meta = train_on_group(pairs, split, "defender", encoder,
-                                             TrainConfig(arch="resup", **train_config),
-                                             out=work / "shadow.pt", dataset_name="lfw", work_dir=work / "shadow")
-    decoders = {"shadow": shadow}
+    decoders = {}
     for name, arch in ATTACKERS.items():
+        if args.train_only and args.train_only != name:
+            continue
         ckpt = work / f"{name}-e{args.epochs}.pt"
         if ckpt.is_file():
             decoders[name] = load_decoder(ckpt)[0]
@@ -117,8 +113,19 @@ def main() -> None:  # noqa: PLR0915 - one linear script
     def protect(z: np.ndarray, budget: float) -> np.ndarray:
         return protect_embeddings(z, shadow, AdvFaceConfig(rel_l2=budget, steps=args.steps, seed=0))
 
+    if args.train_only and args.train_only != "adaptive-deconv":
+        return
+    if args.shadow:
+        shadow, shadow_meta = load_decoder(args.shadow)
+    else:
+        shadow, shadow_meta = train_on_group(pairs, split, "defender", encoder,
+                                             TrainConfig(arch="resup", **train_config),
+                                             out=work / "shadow.pt", dataset_name="lfw", work_dir=work / "shadow")
+    decoders = {"shadow": shadow, **decoders}
     # Adaptive attacker: trains on protected templates of its own (attacker-group) identities.
-    adaptive_ckpt = work / f"adaptive-deconv-e{args.epochs}-b{args.default_budget}.pt"
+    shadow_id = file_sha256(args.shadow or work / "shadow.pt")[:12]
+    adaptive_name = f"adaptive-deconv-e{args.epochs}-b{args.default_budget}-s{args.steps}-{shadow_id}"
+    adaptive_ckpt = work / f"{adaptive_name}.pt"
     if adaptive_ckpt.is_file():
         decoders["adaptive-deconv"] = load_decoder(adaptive_ckpt)[0]
     else:
@@ -128,7 +135,9 @@ def main() -> None:  # noqa: PLR0915 - one linear script
                                     attacker_pairs.faces, attacker_pairs.flipped)
         decoders["adaptive-deconv"] = train_on_group(
             protected_pairs, split, "attacker", encoder, TrainConfig(arch="deconv", **train_config),
-            out=adaptive_ckpt, dataset_name="lfw (protected templates)", work_dir=work / "adaptive")[0]
+            out=adaptive_ckpt, dataset_name="lfw (protected templates)", work_dir=work / adaptive_name)[0]
+    if args.train_only:
+        return
 
     # Evaluation templates and the FMR 0.1% threshold on clean LFW.
     clean = pairs.without_flips()

@@ -136,13 +136,13 @@ def train_decoder(
             if config.id_weight > 0:
                 id_loss = _identity_loss(recon, z, encoder_module, encoder_chip_size, config.jitter, generator)
                 loss = loss + config.id_weight * id_loss
-                totals["id"] += float(id_loss) * len(idx)
+                totals["id"] += float(id_loss.detach()) * len(idx)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
-            totals["l1"] += float(l1) * len(idx)
-            bar.set_postfix(l1=f"{float(l1):.4f}")
+            totals["l1"] += float(l1.detach()) * len(idx)
+            bar.set_postfix(l1=f"{float(l1.detach()):.4f}")
         record = {
             "epoch": epoch + 1,
             "train_l1": totals["l1"] / len(train),

@@ -213,17 +213,7 @@ class OnnxEncoder(FaceEncoder):
         return module.to(device)
 
 
-@register_encoder("onnx")
-def _make_onnx(
-    path: str,
-    normalization: str | None = None,
-    providers: str | Sequence[str] | None = None,
-    batch_size: int = 64,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    channel_order: ChannelOrder = "rgb",
-) -> OnnxEncoder:
-    return OnnxEncoder(path, normalization, providers, batch_size, mean, std, channel_order)
+register_encoder("onnx")(OnnxEncoder)
 
 
 @register_encoder("mobilefacenet")
