@@ -29,3 +29,11 @@ class NoFaceError(ImageError):
 
 class EmbeddingError(AdvfaceError):
     """An embedding is invalid (wrong shape, NaN/Inf, zero vector)."""
+
+
+class NotFoundError(AdvfaceError):
+    """A subject, template or other named record does not exist (in the tenant asked about)."""
+
+
+class AlreadyExistsError(AdvfaceError):
+    """A record that must be new already exists."""

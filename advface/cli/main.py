@@ -8,11 +8,11 @@ import sys
 from collections.abc import Sequence
 
 from advface import __version__
-from advface.cli import embed, protect, train_shadow
+from advface.cli import embed, protect, serve, train_shadow
 from advface.errors import AdvfaceError
 
 #: Subcommand modules; each has ``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``.
-SUBCOMMANDS = [embed, protect, train_shadow]
+SUBCOMMANDS = [embed, protect, train_shadow, serve]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,649 @@
+"""The sidecar's configuration: one YAML file, environment overrides, frozen dataclasses.
+
+:func:`load_config` reads a YAML file (every section and key optional), applies environment overrides and
+validates everything, raising :class:`~advface.errors.ConfigError` with a message naming the file or variable and
+the key (``server.port``) for unknown sections or keys, wrong types and bad values. Token values never appear in
+messages. :func:`default_config` gives the defaults; ``Config.to_dict()`` the plain-dict (YAML-able) form.
+
+Keys and defaults (``docs/advface.example.yaml`` is a commented example of every key)::
+
+    server:
+      host: "127.0.0.1"          # address to listen on
+      port: 50051                # 0..65535 (0: any free port)
+      max_receive_mb: 4          # largest request, MiB (1..2047)
+      max_send_mb: 4             # largest response, MiB (1..2047)
+      max_batch: 1000            # most items in one batch request
+      grace_seconds: 5.0         # time given to running calls at shutdown (>= 0)
+      workers: 4                 # request-handling threads (1..1024)
+    auth:
+      enabled: false             # true: every call needs a bearer token listed below
+      tokens: {}                 # token -> {tenants: [ids] or "*", role: "admin" or "client" (default client)}
+      tokens_file: null          # YAML file holding {tokens: {...}} (same form), merged with `tokens`
+    tls:                         # all optional; cert_file + key_file turn TLS on
+      cert_file: null            # server certificate chain (PEM)
+      key_file: null             # its private key (PEM)
+      client_ca_file: null       # CA of client certificates: set -> mutual TLS (clients must present one)
+    encoder:
+      name: "dlib"               # spec string ("dlib", "dlib-torch", "onnx:/m.onnx", ...) or mapping {name: ...}
+      detector: "dlib"           # "dlib", "scrfd" or "scrfd:/path/model.onnx"
+      face_policy: "largest"     # largest, best-score, all, single, center
+    protection:
+      enabled: true              # false: templates are stored unprotected (testing only)
+      method: "advface"          # the only method so far
+      shadow: null               # shadow model checkpoint; null: the model shipped for the encoder
+      rel_l2: 0.1                # ||delta|| / ||z|| budget, in (0, 1]
+      steps: 10                  # ascent steps (>= 0)
+      seed: 0                    # in [0, 2**64)
+    store:
+      backend: "sqlite"          # the only backend so far (SQLite + faiss)
+      data_dir: "~/.local/share/advface"   # default: $ADVFACE_DATA_DIR when set
+      use_gpu: "auto"            # "auto", true or false: faiss search on a GPU
+    matching:
+      threshold: null            # decision threshold on scores; null: the encoder's calibrated default
+      top_k_max: 100             # largest k a search may ask for (1..10000)
+    logging:
+      level: "INFO"              # DEBUG, INFO, WARNING, ERROR, CRITICAL
+      json: true                 # one JSON object per line (false: plain text)
+
+Environment overrides: ``ADVFACE_<SECTION>_<KEY>`` (upper case), e.g. ``ADVFACE_SERVER_PORT=50052``,
+``ADVFACE_TLS_CERT_FILE=/etc/advface/cert.pem``, ``ADVFACE_STORE_USE_GPU=false``. Values are converted to the key's
+type: integers and numbers as written, booleans from ``true/false/yes/no/on/off/1/0``, ``null``, ``none`` or an
+empty value for keys that may be null, ``encoder.name`` as a spec string or a YAML mapping (``{name: onnx, path:
+/m.onnx}``). ``auth.tokens`` cannot be set from the environment (use ``ADVFACE_AUTH_TOKENS_FILE``). A variable naming
+a known section and an unknown key is an error; other ``ADVFACE_*`` variables (``ADVFACE_LFW_DIR``...) are ignored.
+Overrides win over the file; ``$ADVFACE_DATA_DIR`` only changes the default of ``store.data_dir``.
+
+Relative paths in the file (``tls.*``, ``auth.tokens_file``, ``protection.shadow``, ``store.data_dir``) are relative
+to the file's folder; in variables, to the working directory. ``~`` is expanded. Files named by ``tls.*``,
+``auth.tokens_file`` and ``protection.shadow`` must exist when the configuration is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import logging
+import math
+import numbers
+import os
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from advface.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+ENV_PREFIX = "ADVFACE_"
+ENV_DATA_DIR = "ADVFACE_DATA_DIR"
+DEFAULT_DATA_DIR = "~/.local/share/advface"
+ROLES = ("admin", "client")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+MIN_TOKEN_CHARS = 16
+MAX_TOKEN_CHARS = 512
+
+
+class FrozenMap(Mapping[str, Any]):
+    """A read-only mapping (keeps the configuration dataclasses immutable); equal to dicts with the same items."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: Mapping[str, Any] | None = None) -> None:
+        self._data = dict(data or {})
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return f"FrozenMap({self._data!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (FrozenMap, (self._data,))
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._data.items()))
+
+
+# --------------------------------------------------------------------------------------------------- dataclasses
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    max_receive_mb: int = 4
+    max_send_mb: int = 4
+    max_batch: int = 1000
+    grace_seconds: float = 5.0
+    workers: int = 4
+
+
+@dataclass(frozen=True)
+class TokenGrant:
+    """What a bearer token may do: ``tenants`` (a tuple of tenant ids, or ``"*"`` for all) and ``role``."""
+
+    tenants: tuple[str, ...] | Literal["*"]
+    role: Literal["admin", "client"] = "client"
+
+    def allows(self, tenant: str) -> bool:
+        """Whether this token may act on ``tenant``."""
+        return self.tenants == "*" or tenant in self.tenants
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    enabled: bool = False
+    #: token -> grant: the tokens of the file and of ``tokens_file``, merged
+    tokens: Mapping[str, TokenGrant] = field(default_factory=FrozenMap)
+    tokens_file: str | None = None
+
+    def lookup(self, token: str) -> TokenGrant | None:
+        """The grant of ``token`` (None if unknown), comparing against every token in constant time."""
+        found = None
+        given = token.encode("utf-8", "replace")
+        for known, grant in self.tokens.items():
+            if hmac.compare_digest(given, known.encode("utf-8")):
+                found = grant
+        return found
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    cert_file: str | None = None
+    key_file: str | None = None
+    client_ca_file: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+    @property
+    def mutual(self) -> bool:
+        """Clients must present a certificate signed by ``client_ca_file``."""
+        return self.client_ca_file is not None
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    #: a spec string or mapping, as accepted by :func:`advface.encoders.create_encoder`
+    name: str | Mapping[str, Any] = "dlib"
+    detector: str = "dlib"
+    face_policy: str = "largest"
+
+
+@dataclass(frozen=True)
+class ProtectionConfig:
+    enabled: bool = True
+    method: str = "advface"
+    shadow: str | None = None
+    rel_l2: float = 0.1
+    steps: int = 10
+    seed: int = 0
+
+
+def _default_data_dir() -> str:
+    return str(Path(DEFAULT_DATA_DIR).expanduser())
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    backend: str = "sqlite"
+    data_dir: str = field(default_factory=_default_data_dir)
+    use_gpu: bool | Literal["auto"] = "auto"
+
+    @property
+    def database_path(self) -> Path:
+        """The SQLite template database inside ``data_dir``."""
+        return Path(self.data_dir) / "templates.sqlite3"
+
+
+@dataclass(frozen=True)
+class MatchingConfig:
+    threshold: float | None = None
+    top_k_max: int = 100
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "INFO"
+    json: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    protection: ProtectionConfig = field(default_factory=ProtectionConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    matching: MatchingConfig = field(default_factory=MatchingConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self, *, redact_secrets: bool = False) -> dict[str, Any]:
+        """Plain nested dicts (YAML-able; :func:`load_config` reads it back to an equal Config). With
+        ``redact_secrets`` token values are replaced by ``<redacted ...>`` labels (for logs; not loadable)."""
+        out: dict[str, Any] = {}
+        for section in dataclasses.fields(self):
+            value = getattr(self, section.name)
+            out[section.name] = {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        tokens = {}
+        for i, (token, grant) in enumerate(self.auth.tokens.items()):
+            key = token
+            if redact_secrets:
+                key = f"<redacted #{i} sha256:{hashlib.sha256(token.encode()).hexdigest()[:8]}>"
+            tenants = grant.tenants if grant.tenants == "*" else list(grant.tenants)
+            tokens[key] = {"tenants": tenants, "role": grant.role}
+        out["auth"]["tokens"] = tokens
+        return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------------------------------- validation
+
+
+class _Where:
+    """Where a value came from, for error messages: ``file.yaml: server.port`` or ``ADVFACE_SERVER_PORT``."""
+
+    def __init__(self, source: str, key: str, env_var: str | None = None, base_dir: Path | None = None) -> None:
+        self.source, self.key, self.env_var, self.base_dir = source, key, env_var, base_dir
+
+    def error(self, problem: str) -> ConfigError:
+        if self.env_var:
+            return ConfigError(f"{self.env_var} (override of {self.key}): {problem}")
+        return ConfigError(f"{self.source}: {self.key}: {problem}")
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _int(value: Any, where: _Where, lo: int, hi: int) -> int:
+    if where.env_var and isinstance(value, str):
+        try:
+            value = int(value.strip(), 10)
+        except ValueError:
+            raise where.error(f"expected an integer, got {value!r}") from None
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise where.error(f"expected an integer, got {value!r} ({_type_name(value)})")
+    if not lo <= value <= hi:
+        raise where.error(f"must be in [{lo}, {hi}], got {value}")
+    return int(value)
+
+
+def _float(value: Any, where: _Where, lo: float, hi: float, *, lo_open: bool = False) -> float:
+    if where.env_var and isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise where.error(f"expected a number, got {value!r}") from None
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise where.error(f"expected a number, got {value!r} ({_type_name(value)})")
+    value = float(value)
+    if not math.isfinite(value) or value < lo or value > hi or (lo_open and value == lo):
+        bracket = "(" if lo_open else "["
+        raise where.error(f"must be a finite number in {bracket}{lo:g}, {hi:g}], got {value}")
+    return value
+
+
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+
+
+def _bool(value: Any, where: _Where) -> bool:
+    if where.env_var and isinstance(value, str):
+        if value.strip().lower() in _TRUE:
+            return True
+        if value.strip().lower() in _FALSE:
+            return False
+        raise where.error(f"expected true or false, got {value!r}")
+    if not isinstance(value, bool):
+        raise where.error(f"expected true or false, got {value!r} ({_type_name(value)})")
+    return value
+
+
+def _is_null(value: Any, where: _Where) -> bool:
+    if value is None:
+        return True
+    return bool(where.env_var) and isinstance(value, str) and value.strip().lower() in ("", "null", "none", "~")
+
+
+def _str(value: Any, where: _Where, choices: tuple[str, ...] | None = None) -> str:
+    if not isinstance(value, str):
+        raise where.error(f"expected a string, got {value!r} ({_type_name(value)})")
+    if where.env_var:
+        value = value.strip()
+    if not value:
+        raise where.error("must not be empty")
+    if choices is not None and value not in choices:
+        raise where.error(f"must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+def _path(value: Any, where: _Where, *, must_exist: bool) -> str:
+    text = _str(value, where)
+    path = Path(text).expanduser()
+    if not path.is_absolute():
+        path = (where.base_dir if where.base_dir is not None and not where.env_var else Path.cwd()) / path
+    if must_exist and not path.is_file():
+        raise where.error(f"file {path} not found")
+    return str(path)
+
+
+def _optional_path(value: Any, where: _Where) -> str | None:
+    return None if _is_null(value, where) else _path(value, where, must_exist=True)
+
+
+def _host(value: Any, where: _Where) -> str:
+    host = _str(value, where)
+    if any(c.isspace() for c in host) or not host.isprintable():
+        raise where.error(f"invalid host {host!r}")
+    return host
+
+
+def _encoder_spec(value: Any, where: _Where) -> str | Mapping[str, Any]:
+    if where.env_var and isinstance(value, str) and value.strip().startswith("{"):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise where.error(f"not a YAML mapping: {exc}") from None
+    from advface.encoders.registry import parse_encoder_spec
+
+    if not isinstance(value, (str, Mapping)):
+        raise where.error(f"expected an encoder spec string or mapping, got {value!r} ({_type_name(value)})")
+    try:
+        parse_encoder_spec(value)
+    except ConfigError as exc:
+        raise where.error(str(exc)) from None
+    if isinstance(value, Mapping):
+        if not all(isinstance(k, str) for k in value):
+            raise where.error("encoder mapping keys must be strings")
+        return FrozenMap(value)
+    return value.strip()
+
+
+def _detector(value: Any, where: _Where) -> str:
+    spec = _str(value, where)
+    name, sep, arg = spec.partition(":")
+    if (name == "dlib" and not sep) or (name == "scrfd" and (not sep or arg)):
+        return spec
+    raise where.error(f"unknown detector {spec!r}; use 'dlib', 'scrfd' or 'scrfd:/path/to/model.onnx'")
+
+
+def _face_policy(value: Any, where: _Where) -> str:
+    from advface.faces.pipeline import FacePolicy
+
+    text = _str(value, where)
+    try:
+        return FacePolicy.parse(text).value
+    except ConfigError as exc:
+        raise where.error(str(exc)) from None
+
+
+def _use_gpu(value: Any, where: _Where) -> bool | str:
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    if where.env_var and isinstance(value, str):
+        return _bool(value, where)
+    if not isinstance(value, bool):
+        raise where.error(f"expected 'auto', true or false, got {value!r} ({_type_name(value)})")
+    return value
+
+
+def _data_dir(value: Any, where: _Where) -> str:
+    return _path(value, where, must_exist=False)
+
+
+def _log_level(value: Any, where: _Where) -> str:
+    return _str(value.upper() if isinstance(value, str) else value, where, LOG_LEVELS)
+
+
+def _threshold(value: Any, where: _Where) -> float | None:
+    return None if _is_null(value, where) else _float(value, where, -1e9, 1e9)
+
+
+def _shadow(value: Any, where: _Where) -> str | None:
+    return _optional_path(value, where)
+
+
+def _no_env(value: Any, where: _Where) -> Any:
+    if where.env_var:
+        raise where.error("cannot be set from the environment; use ADVFACE_AUTH_TOKENS_FILE")
+    return value  # validated with the grants, below
+
+
+_Check = Callable[[Any, _Where], Any]
+
+#: section -> key -> validator (each converts environment strings itself)
+_KEYS: dict[str, dict[str, _Check]] = {
+    "server": {
+        "host": _host,
+        "port": lambda v, w: _int(v, w, 0, 65535),
+        "max_receive_mb": lambda v, w: _int(v, w, 1, 2047),
+        "max_send_mb": lambda v, w: _int(v, w, 1, 2047),
+        "max_batch": lambda v, w: _int(v, w, 1, 1_000_000),
+        "grace_seconds": lambda v, w: _float(v, w, 0.0, 3600.0),
+        "workers": lambda v, w: _int(v, w, 1, 1024),
+    },
+    "auth": {
+        "enabled": _bool,
+        "tokens": _no_env,
+        "tokens_file": _optional_path,
+    },
+    "tls": {
+        "cert_file": _optional_path,
+        "key_file": _optional_path,
+        "client_ca_file": _optional_path,
+    },
+    "encoder": {
+        "name": _encoder_spec,
+        "detector": _detector,
+        "face_policy": _face_policy,
+    },
+    "protection": {
+        "enabled": _bool,
+        "method": lambda v, w: _str(v, w, ("advface",)),
+        "shadow": _shadow,
+        "rel_l2": lambda v, w: _float(v, w, 0.0, 1.0, lo_open=True),
+        "steps": lambda v, w: _int(v, w, 0, 100_000),
+        "seed": lambda v, w: _int(v, w, 0, 2**64 - 1),
+    },
+    "store": {
+        "backend": lambda v, w: _str(v, w, ("sqlite",)),
+        "data_dir": _data_dir,
+        "use_gpu": _use_gpu,
+    },
+    "matching": {
+        "threshold": _threshold,
+        "top_k_max": lambda v, w: _int(v, w, 1, 10_000),
+    },
+    "logging": {
+        "level": _log_level,
+        "json": _bool,
+    },
+}
+assert set(_KEYS) == set(SECTIONS)
+
+
+def _check_token(token: Any, where: _Where, index: int) -> str:
+    if not isinstance(token, str):
+        raise where.error(f"token #{index} must be a string, got {_type_name(token)}")
+    if not MIN_TOKEN_CHARS <= len(token) <= MAX_TOKEN_CHARS:
+        raise where.error(
+            f"token #{index} is {len(token)} characters long; tokens need {MIN_TOKEN_CHARS} to {MAX_TOKEN_CHARS}"
+        )
+    if not token.isascii() or not token.isprintable() or any(c.isspace() for c in token) or token.startswith("<"):
+        raise where.error(f"token #{index} must be printable ASCII without whitespace (and not start with '<')")
+    return token
+
+
+def _grants(value: Any, where: _Where) -> dict[str, TokenGrant]:
+    """Validate a ``token -> {tenants, role}`` mapping; errors name tokens by position, never by value."""
+    from advface.store.base import check_id
+
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise where.error(f"expected a mapping of token -> {{tenants, role}}, got {_type_name(value)}")
+    out: dict[str, TokenGrant] = {}
+    for index, (token, grant) in enumerate(value.items(), start=1):
+        token = _check_token(token, where, index)
+        if not isinstance(grant, Mapping):
+            raise where.error(f"token #{index}: expected a mapping with 'tenants' and 'role'")
+        unknown = set(grant) - {"tenants", "role"}
+        if unknown:
+            raise where.error(f"token #{index}: unknown key(s) {sorted(map(str, unknown))}; known: tenants, role")
+        if "tenants" not in grant:
+            raise where.error(f"token #{index}: 'tenants' is missing (a list of tenant ids, or \"*\")")
+        tenants = grant["tenants"]
+        if tenants == "*":
+            parsed: tuple[str, ...] | Literal["*"] = "*"
+        else:
+            if isinstance(tenants, str) or not isinstance(tenants, (list, tuple)) or not tenants:
+                raise where.error(f"token #{index}: tenants must be a non-empty list of tenant ids or \"*\"")
+            try:
+                parsed = tuple(check_id(t, "tenant") for t in tenants)
+            except ConfigError as exc:
+                raise where.error(f"token #{index}: {exc}") from None
+        role = grant.get("role", "client")
+        if role not in ROLES:
+            raise where.error(f"token #{index}: role must be one of {', '.join(ROLES)}; got {role!r}")
+        out[token] = TokenGrant(parsed, role)
+    return out
+
+
+def _read_yaml(path: Path, what: str) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+
+
+def _tokens_file(path: str, where: _Where) -> dict[str, TokenGrant]:
+    file = Path(path)
+    mode = file.stat().st_mode
+    if mode & 0o077:
+        log.warning("tokens file %s can be read by other users (mode %o): restrict it to 0600", file, mode & 0o777)
+    data = _read_yaml(file, "tokens file")
+    if not isinstance(data, Mapping) or set(data) != {"tokens"}:
+        raise ConfigError(f"{file}: a tokens file holds one key, 'tokens' (a mapping of token -> {{tenants, role}})")
+    return _grants(data["tokens"], _Where(str(file), "tokens"))
+
+
+# --------------------------------------------------------------------------------------------------- loading
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, tuple[str, str]]]:
+    """``ADVFACE_<SECTION>_<KEY>`` variables: section -> key -> (variable, value)."""
+    out: dict[str, dict[str, tuple[str, str]]] = {}
+    for var in sorted(env):
+        if not var.startswith(ENV_PREFIX):
+            continue
+        section, sep, key = var[len(ENV_PREFIX) :].lower().partition("_")
+        if section not in _KEYS:
+            continue  # ADVFACE_LFW_DIR, ADVFACE_DATA_DIR, ... belong to other parts of advface
+        if not sep or key not in _KEYS[section]:
+            known = ", ".join(f"{ENV_PREFIX}{section.upper()}_{k.upper()}" for k in _KEYS[section])
+            raise ConfigError(f"{var}: unknown configuration key {section}.{key or '?'}; known: {known}")
+        out.setdefault(section, {})[key] = (var, env[var])
+    return out
+
+
+def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] = os.environ) -> Config:
+    """Read the YAML file ``path`` (None: no file), apply ``ADVFACE_<SECTION>_<KEY>`` overrides from ``env`` and
+    validate; ConfigError names the file or variable and the key of the first problem (see module docs)."""
+    raw: Any = {}
+    source, base_dir = "<defaults>", None
+    if path is not None:
+        file = Path(path).expanduser()
+        source, base_dir = str(file), file.resolve().parent
+        raw = _read_yaml(file, "configuration file")
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{source}: the top level must be a mapping of sections, got {_type_name(raw)}")
+    for section, values in raw.items():
+        if section not in _KEYS:
+            raise ConfigError(f"{source}: unknown section {section!r}; known: {', '.join(_KEYS)}")
+        if values is not None and not isinstance(values, Mapping):
+            raise ConfigError(f"{source}: {section}: expected a mapping of keys, got {_type_name(values)}")
+        for key in values or {}:
+            if key not in _KEYS[section]:
+                raise ConfigError(f"{source}: {section}.{key}: unknown key; known: {', '.join(_KEYS[section])}")
+    overrides = _env_overrides(env)
+
+    sections: dict[str, Any] = {}
+    for section, checks in _KEYS.items():
+        file_values = raw.get(section) or {}
+        values: dict[str, Any] = {}
+        for key, check in checks.items():
+            if key in overrides.get(section, {}):
+                var, value = overrides[section][key]
+                values[key] = check(value, _Where(source, f"{section}.{key}", env_var=var))
+            elif key in file_values:
+                values[key] = check(file_values[key], _Where(source, f"{section}.{key}", base_dir=base_dir))
+        sections[section] = values
+
+    # store.data_dir: default from $ADVFACE_DATA_DIR
+    if "data_dir" not in sections["store"] and env.get(ENV_DATA_DIR):
+        sections["store"]["data_dir"] = _data_dir(env[ENV_DATA_DIR], _Where(source, "store.data_dir", ENV_DATA_DIR))
+
+    # auth: inline tokens + tokens_file, merged
+    auth = sections["auth"]
+    tokens = _grants(auth.get("tokens"), _Where(source, "auth.tokens"))
+    if auth.get("tokens_file"):
+        for token, grant in _tokens_file(auth["tokens_file"], _Where(source, "auth.tokens_file")).items():
+            if token in tokens and tokens[token] != grant:
+                raise ConfigError(f"{auth['tokens_file']}: a token also in auth.tokens has a different grant")
+            tokens[token] = grant
+    auth["tokens"] = FrozenMap(tokens)
+    if auth.get("enabled") and not tokens:
+        raise ConfigError(
+            f"{source}: auth.enabled is true but no tokens are configured (auth.tokens, auth.tokens_file)"
+        )
+
+    tls = sections["tls"]
+    if (tls.get("cert_file") is None) != (tls.get("key_file") is None):
+        raise ConfigError(f"{source}: tls.cert_file and tls.key_file must be given together")
+    if tls.get("client_ca_file") is not None and tls.get("cert_file") is None:
+        raise ConfigError(f"{source}: tls.client_ca_file (mutual TLS) needs tls.cert_file and tls.key_file")
+
+    return Config(**{name: SECTIONS[name](**values) for name, values in sections.items()})
+
+
+def default_config(env: Mapping[str, str] = os.environ) -> Config:
+    """The defaults (``store.data_dir`` from ``$ADVFACE_DATA_DIR`` when set); no file, no other overrides."""
+    data_dir = env.get(ENV_DATA_DIR)
+    if not data_dir:
+        return Config()
+    return Config(store=StoreConfig(data_dir=str(Path(data_dir).expanduser().absolute())))

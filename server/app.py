@@ -1,0 +1,181 @@
+"""The sidecar server: the AdvFace servicer plus the standard health service and server reflection, token auth,
+TLS / mTLS, explicit message-size limits and graceful shutdown, on grpc.aio.
+
+- :func:`build_server` -- a configured, bound (not started) ``grpc.aio.Server``; call it inside a running event
+  loop. Its :class:`Sidecar` (servicer, health, port) is ``server.sidecar``.
+- :class:`Sidecar` -- the same, with ``start()`` / ``stop()`` (health SERVING once started, NOT_SERVING when
+  stopping; the store is closed after the last call finished).
+- :func:`serve` -- run until SIGTERM or SIGINT, then stop gracefully within ``server.grace_seconds``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from advface.api.v1 import SERVICE_NAME
+from advface.api.v1 import advface_pb2_grpc as pb_grpc
+from advface.errors import ConfigError
+from server.interceptors import AuthInterceptor
+from server.logs import LOGGER_NAME, configure_logging, log
+from server.servicer import AdvFaceServicer, _opt, _section
+
+_logger = logging.getLogger(LOGGER_NAME)
+
+#: Services reflection lists.
+REFLECTED_SERVICES = (
+    SERVICE_NAME,
+    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+    reflection.SERVICE_NAME,
+)
+
+
+def _read(path: Any, what: str) -> bytes:
+    try:
+        return Path(path).expanduser().read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"tls.{what}: cannot read {path} ({exc.strerror or exc})") from None
+
+
+def server_credentials(tls_config: Any) -> grpc.ServerCredentials | None:
+    """TLS credentials from the ``tls`` section: ``cert_file`` + ``key_file`` (PEM) enable TLS; ``client_ca_file``
+    also requires and verifies client certificates (mTLS). None when no certificate is configured."""
+    cert = _opt(tls_config, "cert_file", None)
+    key = _opt(tls_config, "key_file", None)
+    client_ca = _opt(tls_config, "client_ca_file", None)
+    if not cert and not key:
+        if client_ca:
+            raise ConfigError("tls.client_ca_file needs tls.cert_file and tls.key_file")
+        return None
+    if not cert or not key:
+        raise ConfigError("TLS needs both tls.cert_file and tls.key_file")
+    root = _read(client_ca, "client_ca_file") if client_ca else None
+    return grpc.ssl_server_credentials(
+        [(_read(key, "key_file"), _read(cert, "cert_file"))],
+        root_certificates=root,
+        require_client_auth=root is not None,
+    )
+
+
+class Sidecar:
+    """A configured AdvFace server: servicer, health, reflection, auth, TLS, limits; bound to its port.
+
+    Build it inside a running event loop. ``servicer`` may be given (tests, benchmarks: to share loaded models);
+    its store is closed by :meth:`stop` all the same.
+    """
+
+    def __init__(self, config: Any, *, servicer: AdvFaceServicer | None = None) -> None:
+        server_cfg = _section(config, "server")
+        self.config = config
+        self.host = str(_opt(server_cfg, "host", "127.0.0.1"))
+        requested_port = int(_opt(server_cfg, "port", 50051))
+        self.grace_seconds = float(_opt(server_cfg, "grace_seconds", 5.0))
+        max_receive = int(float(_opt(server_cfg, "max_receive_mb", 4)) * 1024 * 1024)
+        max_send = int(float(_opt(server_cfg, "max_send_mb", 4)) * 1024 * 1024)
+
+        self.servicer = servicer if servicer is not None else AdvFaceServicer(config)
+        authenticator = self.servicer.auth
+        self.health = health.aio.HealthServicer()
+        self.server = grpc.aio.server(
+            interceptors=[AuthInterceptor(authenticator)],
+            options=[
+                ("grpc.max_receive_message_length", max_receive),
+                ("grpc.max_send_message_length", max_send),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        pb_grpc.add_AdvFaceServicer_to_server(self.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(REFLECTED_SERVICES, self.server)
+
+        address = f"{self.host}:{requested_port}"
+        credentials = server_credentials(_section(config, "tls"))
+        self.tls = credentials is not None
+        try:
+            if credentials is None:
+                self.port = self.server.add_insecure_port(address)
+            else:
+                self.port = self.server.add_secure_port(address, credentials)
+        except RuntimeError as exc:  # grpc raises RuntimeError when it cannot bind
+            self.servicer.close()
+            raise ConfigError(f"cannot listen on {address}: {exc}") from None
+        if not self.port:
+            self.servicer.close()
+            raise ConfigError(f"cannot listen on {address}")
+        self.server.sidecar = self  # type: ignore[attr-defined]
+        self._stopped = False
+
+    @property
+    def address(self) -> str:
+        """``host:port`` actually bound (the port is resolved when 0 was asked for)."""
+        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
+        return f"{host}:{self.port}"
+
+    async def start(self) -> None:
+        """Start serving; health reports SERVING for the server ("") and the AdvFace service."""
+        await self.server.start()
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log(_logger, logging.INFO, "serving", address=self.address, tls=self.tls, auth=self.servicer.auth.enabled,
+            encoder=self.servicer.encoder.name, protection=self.servicer.protector is not None,
+            threshold=self.servicer.threshold)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Health NOT_SERVING, refuse new calls, let running ones finish within ``grace`` seconds (default
+        ``server.grace_seconds``), then close the store. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        grace = self.grace_seconds if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        log(_logger, logging.INFO, "stopping", grace_seconds=grace)
+        await self.server.stop(grace)
+        await asyncio.get_running_loop().run_in_executor(None, self.servicer.close)
+        log(_logger, logging.INFO, "stopped")
+
+
+def build_server(config: Any, *, servicer: AdvFaceServicer | None = None) -> grpc.aio.Server:
+    """A configured, bound, not yet started ``grpc.aio.Server`` (see :class:`Sidecar`; it is ``.sidecar``)."""
+    return Sidecar(config, servicer=servicer).server
+
+
+async def serve_async(config: Any, *, ready: Callable[[Sidecar], None] | None = None) -> None:
+    """Serve until SIGTERM / SIGINT (or cancellation), then stop gracefully. ``ready(sidecar)`` is called once the
+    server accepts requests."""
+    sidecar = Sidecar(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    installed = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, stop.set)
+            installed.append(sig)
+    try:
+        await sidecar.start()
+        if ready is not None:
+            ready(sidecar)
+        await stop.wait()
+        log(_logger, logging.INFO, "signal received")
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+        await sidecar.stop()
+
+
+def serve(config: Any, *, ready: Callable[[Sidecar], None] | None = None) -> None:
+    """Configure logging from the config's ``logging`` section and run :func:`serve_async` to completion."""
+    logging_cfg = _section(config, "logging")
+    configure_logging(str(_opt(logging_cfg, "level", "info")), bool(_opt(logging_cfg, "json", True)))
+    asyncio.run(serve_async(config, ready=ready))
+
+
+__all__ = ["REFLECTED_SERVICES", "Sidecar", "build_server", "serve", "serve_async", "server_credentials"]

@@ -1,0 +1,166 @@
+"""Token authentication for the sidecar.
+
+Clients send ``authorization: Bearer <token>`` metadata. Tokens come from the config (``auth.tokens``: token ->
+``{tenants: [..] | "*", role: "admin" | "client"}``). :class:`AuthInterceptor` answers UNAUTHENTICATED for a missing,
+malformed or unknown token before any advface handler runs; the health and reflection services are exempt. The
+tenant check (PERMISSION_DENIED) needs the request, so the servicer makes it with :meth:`Authenticator.principal`
+and :meth:`Principal.check_tenant`.
+
+Roles: ``client`` tokens use the tenants they list; ``admin`` tokens also see the server-wide template count in
+``Info``. ``tenants: "*"`` allows every tenant. With auth disabled every caller is :data:`ANONYMOUS` (all tenants,
+admin). Tokens are kept only as SHA-256 digests and never logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from advface.errors import ConfigError
+from server.logs import LOGGER_NAME, log
+
+#: Services reachable without a token (load balancers and tooling need them).
+EXEMPT_PREFIXES = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+)
+ROLES = ("admin", "client")
+
+_access = logging.getLogger(LOGGER_NAME + ".access")
+
+
+class AuthError(Exception):
+    """Authentication or authorisation failed: ``code`` is UNAUTHENTICATED or PERMISSION_DENIED."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the tenants a token may use (None = all) and its role; ``key_id`` names it in logs."""
+
+    tenants: frozenset[str] | None
+    role: str
+    key_id: str
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+    def may_use(self, tenant: str) -> bool:
+        return self.tenants is None or tenant in self.tenants
+
+    def check_tenant(self, tenant: str) -> None:
+        """Raise AuthError(PERMISSION_DENIED) unless this principal may use ``tenant``."""
+        if not self.may_use(tenant):
+            raise AuthError(grpc.StatusCode.PERMISSION_DENIED, "this token may not use the requested tenant")
+
+
+#: The caller when authentication is disabled.
+ANONYMOUS = Principal(tenants=None, role="admin", key_id="anonymous")
+
+
+def _field(obj: Any, name: str, default: Any = None) -> Any:
+    if isinstance(obj, Mapping):
+        return obj.get(name, default)
+    return getattr(obj, name, default)
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+class Authenticator:
+    """Maps bearer tokens to principals. ``enabled=False`` lets every call through as :data:`ANONYMOUS`."""
+
+    def __init__(self, enabled: bool, tokens: Mapping[str, Any] | None = None) -> None:
+        self.enabled = bool(enabled)
+        self._principals: dict[str, Principal] = {}
+        for token, spec in (tokens or {}).items():
+            if not isinstance(token, str) or not token.strip():
+                raise ConfigError("auth.tokens: every token must be a non-empty string")
+            tenants = _field(spec, "tenants", None)
+            role = _field(spec, "role", "client") or "client"
+            if role not in ROLES:
+                raise ConfigError(f"auth.tokens: role must be one of {', '.join(ROLES)}, got {role!r}")
+            if tenants == "*" or (isinstance(tenants, Iterable) and not isinstance(tenants, str) and "*" in tenants):
+                allowed = None
+            elif isinstance(tenants, Iterable) and not isinstance(tenants, str):
+                allowed = frozenset(str(t) for t in tenants)
+            else:
+                raise ConfigError('auth.tokens: tenants must be a list of tenant names or "*"')
+            digest = _digest(token)
+            self._principals[digest] = Principal(tenants=allowed, role=role, key_id=digest[:8])
+        if self.enabled and not self._principals:
+            raise ConfigError("auth.enabled is true but auth.tokens is empty")
+
+    @classmethod
+    def from_config(cls, auth_config: Any) -> Authenticator:
+        """From the config's ``auth`` section (attributes or a mapping with ``enabled`` and ``tokens``)."""
+        if auth_config is None:
+            return cls(False)
+        return cls(bool(_field(auth_config, "enabled", False)), _field(auth_config, "tokens", None) or {})
+
+    def authenticate(self, metadata: Iterable[tuple[str, Any]] | None) -> Principal:
+        """The principal of a call's metadata; AuthError(UNAUTHENTICATED) when auth is on and the token is
+        missing, malformed or unknown."""
+        if not self.enabled:
+            return ANONYMOUS
+        value = None
+        for key, val in metadata or ():
+            if key.lower() == "authorization":
+                value = val.decode("utf-8", "replace") if isinstance(val, bytes) else str(val)
+                break
+        if value is None:
+            raise AuthError(grpc.StatusCode.UNAUTHENTICATED, "missing 'authorization: Bearer <token>' metadata")
+        scheme, _, token = value.strip().partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthError(grpc.StatusCode.UNAUTHENTICATED, "authorization metadata must be 'Bearer <token>'")
+        principal = self._principals.get(_digest(token.strip()))
+        if principal is None:
+            raise AuthError(grpc.StatusCode.UNAUTHENTICATED, "unknown token")
+        return principal
+
+    def principal(self, context: grpc.aio.ServicerContext) -> Principal:
+        """The principal of the call behind ``context`` (AuthError as :meth:`authenticate`)."""
+        if not self.enabled:
+            return ANONYMOUS
+        return self.authenticate(context.invocation_metadata())
+
+
+def _denier(code: grpc.StatusCode, details: str) -> grpc.RpcMethodHandler:
+    async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(code, details)
+
+    return grpc.unary_unary_rpc_method_handler(deny)
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Rejects calls without a valid bearer token (UNAUTHENTICATED) before they reach a handler."""
+
+    def __init__(self, authenticator: Authenticator) -> None:
+        self.authenticator = authenticator
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method = handler_call_details.method or ""
+        if not self.authenticator.enabled or method.startswith(EXEMPT_PREFIXES):
+            return await continuation(handler_call_details)
+        try:
+            self.authenticator.authenticate(handler_call_details.invocation_metadata)
+        except AuthError as exc:
+            log(_access, logging.INFO, "rpc", rpc=method.rsplit("/", 1)[-1], code=exc.code.name, latency_ms=0.0)
+            return _denier(exc.code, exc.details)
+        return await continuation(handler_call_details)
