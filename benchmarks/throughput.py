@@ -67,11 +67,12 @@ def main() -> None:
     results: dict[str, dict] = {"images": len(paths), "batch_size": args.batch_size}
 
     pipeline = {}
-    for workers in (1, 2):
-        embedder = ImageEmbedder(create_encoder("dlib"), "dlib", "largest", workers=workers)
-        seconds = best_time(lambda: embedder.embed_files(files, progress=False), 1)
-        pipeline[f"dlib_detect_align_embed_workers{workers}"] = round(len(files) / seconds, 2)
-        print(f"detect+align+embed (dlib, {workers} worker(s)): {len(files) / seconds:.1f} images/s", flush=True)
+    for spec in ("dlib", "dlib-torch"):
+        for workers in (1, 2):
+            embedder = ImageEmbedder(create_encoder(spec), "dlib", "largest", workers=workers)
+            seconds = best_time(lambda: embedder.embed_files(files, progress=False), 1)
+            pipeline[f"{spec}_detect_align_embed_workers{workers}"] = round(len(files) / seconds, 2)
+            print(f"detect+align+embed ({spec}, {workers} worker(s)): {len(files) / seconds:.1f} images/s", flush=True)
     results["pipeline_images_per_s"] = pipeline
 
     dlib_chips = make_chips(paths, "dlib", create_encoder("dlib").chip)

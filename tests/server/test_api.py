@@ -17,6 +17,7 @@ from advface.api.v1 import SERVICE_NAME
 from advface.api.v1 import advface_pb2 as pb
 from advface.api.v1 import advface_pb2_grpc as pb_grpc
 from advface.client import AdvFaceClient, AdvFaceRpcError
+from server.servicer import CALIBRATED_THRESHOLDS
 
 
 def _code(excinfo: pytest.ExceptionInfo) -> grpc.StatusCode:
@@ -82,8 +83,8 @@ def test_info_fields(client: AdvFaceClient) -> None:
     assert protection["rel_l2"] == pytest.approx(0.1) and protection["steps"] == 2 and protection["seed"] == 0
     assert protection["shadow_model"] == "shadow_dlib.pt" and len(protection["shadow_sha256"]) == 64
     threshold = info["threshold"]
-    assert threshold["value"] == pytest.approx(-0.6)
-    assert threshold["source"] in ("calibrated", "encoder-default") and "LFW" in threshold["description"]
+    assert threshold["value"] == pytest.approx(CALIBRATED_THRESHOLDS["dlib-torch"])
+    assert threshold["source"] == "calibrated" and "LFW" in threshold["description"]
     assert info["versions"]["api"] == "advface.v1" and info["versions"]["advface"]
     assert info["versions"]["grpc"] == grpc.__version__
     assert info["limits"]["max_batch"] == 5 and info["limits"]["top_k_max"] == 10
@@ -128,7 +129,7 @@ def test_enroll_verify_identify_delete_with_lfw_photos(
     assert _count(client, tenant) == len(names)
 
     genuine = client.verify(same, image=lfw_people[same][1][0].read_bytes(), tenant=tenant)
-    assert genuine.match and genuine.score >= genuine.threshold == pytest.approx(-0.6)
+    assert genuine.match and genuine.score >= genuine.threshold == pytest.approx(CALIBRATED_THRESHOLDS["dlib-torch"])
     assert genuine.template_id == client.get_subject(same, tenant=tenant).template_ids[0]
     impostor = client.verify(same, image=lfw_people[other][1][0], tenant=tenant)
     assert not impostor.match and impostor.score < genuine.score
