@@ -29,33 +29,15 @@ from advface.datasets import LFW  # noqa: E402
 from advface.encoders import create_encoder  # noqa: E402
 from advface.hashing import file_sha256  # noqa: E402
 from advface.inversion import load_decoder  # noqa: E402
-from advface.metrics import best_threshold, kfold_accuracy, tar_at_far  # noqa: E402
 from advface.paths import cache_dir  # noqa: E402
 from advface.protect import AdvFaceConfig, perturbation_stats, protect_embeddings  # noqa: E402
-from benchmarks.common import RESULTS_DIR, write_results  # noqa: E402
+from benchmarks.common import RESULTS_DIR, view2_verification, write_results  # noqa: E402
 from shadow_training.pairs import FacePairs, build_face_pairs  # noqa: E402
 from shadow_training.run import train_on_group  # noqa: E402
 from shadow_training.splits import split_identities  # noqa: E402
 from shadow_training.train import TrainConfig  # noqa: E402
 
 ATTACKERS = {"attacker-deconv": "deconv", "attacker-pixelshuffle": "pixelshuffle"}
-
-
-def verification(encoder, pairs_list, emb_a: dict, emb_b: dict) -> dict:  # noqa: ANN001
-    """LFW View-2 metrics with side-a embeddings from ``emb_a`` and side-b from ``emb_b`` (missing = rejected)."""
-    ok = np.array([p.a in emb_a and p.b in emb_b for p in pairs_list])
-    same = np.array([p.same for p in pairs_list])
-    folds = np.array([p.fold for p in pairs_list])
-    a = np.stack([emb_a[p.a] for p, good in zip(pairs_list, ok) if good])
-    b = np.stack([emb_b[p.b] for p, good in zip(pairs_list, ok) if good])
-    scores = np.full(len(pairs_list), -np.inf)
-    scores[ok] = encoder.score(a, b)
-    scores[~ok] = scores[ok].min() - 1.0
-    acc = kfold_accuracy(scores, same, folds)
-    tar, t3 = tar_at_far(scores, same, 1e-3)
-    return {"accuracy_mean": acc.mean, "accuracy_std": acc.std, "tar_at_far_1e-3": tar,
-            "threshold_at_far_1e-3": t3, "threshold_best_accuracy": best_threshold(scores, same),
-            "pairs_with_failed_photo": int((~ok).sum())}
 
 
 def evaluation_set(pairs: FacePairs, identities: frozenset[str], per_identity: int) -> tuple[FacePairs, np.ndarray]:
@@ -151,7 +133,7 @@ def main() -> None:  # noqa: PLR0915 - one linear script
     raw = {i: e for i, e in zip(clean.ids.tolist(), clean.embeddings)}
     needed = sorted({p.a for p in view2} | {p.b for p in view2})
     needed = [i for i in needed if i in raw]
-    utility_raw = verification(encoder, view2, raw, raw)
+    utility_raw = view2_verification(encoder, view2, raw, raw)
 
     results: dict = {"encoder": encoder.fingerprint, "split": split.describe(), "threshold_fmr_1e-3": threshold,
                      "evaluation_templates": len(z), "steps": args.steps, "default_budget": args.default_budget,
@@ -164,8 +146,8 @@ def main() -> None:  # noqa: PLR0915 - one linear script
         entry = {
             "rel_l2": budget,
             "perturbation": perturbation_stats(z, z_prot),
-            "utility": {"protected": verification(encoder, view2, prot_view2, raw),
-                        "protected_vs_protected": verification(encoder, view2, prot_view2, prot_view2)},
+            "utility": {"protected": view2_verification(encoder, view2, prot_view2, raw),
+                        "protected_vs_protected": view2_verification(encoder, view2, prot_view2, prot_view2)},
             "privacy": {},
         }
         for name, decoder in decoders.items():

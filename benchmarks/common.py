@@ -58,3 +58,36 @@ def write_results(name: str, payload: dict[str, Any], out: str | os.PathLike[str
     }
     path.write_text(json.dumps(document, indent=2, sort_keys=False) + "\n")
     return path
+
+
+def view2_verification(encoder: Any, pairs: list[Any], emb_a: dict, emb_b: dict) -> dict[str, Any]:
+    """LFW View-2 metrics with side-a embeddings from ``emb_a`` and side-b from ``emb_b`` (photo id -> vector).
+
+    A pair whose photo has no embedding (no face found) is scored below every other pair: always rejected.
+    """
+    import numpy as np
+
+    from advface.metrics import best_threshold, kfold_accuracy, tar_at_far
+
+    ok = np.array([p.a in emb_a and p.b in emb_b for p in pairs])
+    same = np.array([p.same for p in pairs])
+    folds = np.array([p.fold for p in pairs])
+    a = np.stack([emb_a[p.a] for p, good in zip(pairs, ok) if good])
+    b = np.stack([emb_b[p.b] for p, good in zip(pairs, ok) if good])
+    scores = np.full(len(pairs), -np.inf)
+    scores[ok] = encoder.score(a, b)
+    scores[~ok] = scores[ok].min() - 1.0
+    acc = kfold_accuracy(scores, same, folds)
+    tar3, t3 = tar_at_far(scores, same, 1e-3)
+    tar2, t2 = tar_at_far(scores, same, 1e-2)
+    return {
+        "pairs_with_failed_photo": int((~ok).sum()),
+        "accuracy_mean": acc.mean,
+        "accuracy_std": acc.std,
+        "accuracy_per_fold": acc.per_fold,
+        "tar_at_far_1e-3": tar3,
+        "threshold_at_far_1e-3": t3,
+        "tar_at_far_1e-2": tar2,
+        "threshold_at_far_1e-2": t2,
+        "threshold_best_accuracy": best_threshold(scores, same),
+    }

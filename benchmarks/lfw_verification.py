@@ -16,16 +16,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from advface.datasets import LFW  # noqa: E402
 from advface.datasets.cache import EmbeddingCache  # noqa: E402
-from advface.encoders import create_encoder, pair_scores  # noqa: E402
+from advface.encoders import create_encoder  # noqa: E402
 from advface.image_embedder import ImageEmbedder  # noqa: E402
-from advface.metrics import kfold_accuracy, tar_at_far  # noqa: E402
-from benchmarks.common import write_results  # noqa: E402
+from benchmarks.common import view2_verification, write_results  # noqa: E402
 
 DEFAULT_DETECTORS = {"dlib": "dlib", "dlib-torch": "dlib"}
 
@@ -41,20 +39,7 @@ def evaluate(encoder_spec: str, detector: str, lfw: LFW, args: argparse.Namespac
     start = time.perf_counter()
     result = embedder.embed_files([(lfw.path(p), p) for p in photos])
     seconds = time.perf_counter() - start
-    index = {image_id: i for i, image_id in enumerate(result.ids)}
-
-    ok = np.array([p.a in index and p.b in index for p in pairs])
-    same = np.array([p.same for p in pairs])
-    folds = np.array([p.fold for p in pairs])
-    scores = np.full(len(pairs), -np.inf)
-    ia = np.array([index[p.a] for p, good in zip(pairs, ok) if good], dtype=int)
-    ib = np.array([index[p.b] for p, good in zip(pairs, ok) if good], dtype=int)
-    scores[ok] = encoder.score(result.embeddings[ia], result.embeddings[ib])
-    finite_min = scores[ok].min() - 1.0
-    scores[~ok] = finite_min  # failed detection: always rejected
-    acc = kfold_accuracy(scores, same, folds)
-    tar3, t3 = tar_at_far(scores, same, 1e-3)
-    tar2, t2 = tar_at_far(scores, same, 1e-2)
+    embeddings = dict(zip(result.ids, result.embeddings))
     return {
         "encoder": encoder.name,
         "encoder_spec": encoder_spec,
@@ -66,14 +51,7 @@ def evaluate(encoder_spec: str, detector: str, lfw: LFW, args: argparse.Namespac
         "photos": len(photos),
         "failed_photos": len(result.failed),
         "failed_reasons": sorted(set(result.failed.values())),
-        "pairs_with_failed_photo": int((~ok).sum()),
-        "accuracy_mean": acc.mean,
-        "accuracy_std": acc.std,
-        "accuracy_per_fold": acc.per_fold,
-        "tar_at_far_1e-3": tar3,
-        "threshold_at_far_1e-3": t3,
-        "tar_at_far_1e-2": tar2,
-        "threshold_at_far_1e-2": t2,
+        **view2_verification(encoder, pairs, embeddings, embeddings),
         "embed_seconds": round(seconds, 1),
     }
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import grpc
 
-from advface.errors import ConfigError
+from advface.config import AuthConfig, TokenGrant
 from server.logs import LOGGER_NAME, log
 
 #: Services reachable without a token (load balancers and tooling need them).
@@ -30,7 +30,6 @@ EXEMPT_PREFIXES = (
     "/grpc.reflection.v1alpha.ServerReflection/",
     "/grpc.reflection.v1.ServerReflection/",
 )
-ROLES = ("admin", "client")
 
 _access = logging.getLogger(LOGGER_NAME + ".access")
 
@@ -69,46 +68,30 @@ class Principal:
 ANONYMOUS = Principal(tenants=None, role="admin", key_id="anonymous")
 
 
-def _field(obj: Any, name: str, default: Any = None) -> Any:
-    if isinstance(obj, Mapping):
-        return obj.get(name, default)
-    return getattr(obj, name, default)
-
-
 def _digest(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
 class Authenticator:
-    """Maps bearer tokens to principals. ``enabled=False`` lets every call through as :data:`ANONYMOUS`."""
+    """Maps bearer tokens to principals. ``enabled=False`` lets every call through as :data:`ANONYMOUS`.
 
-    def __init__(self, enabled: bool, tokens: Mapping[str, Any] | None = None) -> None:
+    Tokens and their grants come validated from :mod:`advface.config` (roles, tenants, non-empty when enabled).
+    """
+
+    def __init__(self, enabled: bool, tokens: Mapping[str, TokenGrant] | None = None) -> None:
         self.enabled = bool(enabled)
         self._principals: dict[str, Principal] = {}
-        for token, spec in (tokens or {}).items():
-            if not isinstance(token, str) or not token.strip():
-                raise ConfigError("auth.tokens: every token must be a non-empty string")
-            tenants = _field(spec, "tenants", None)
-            role = _field(spec, "role", "client") or "client"
-            if role not in ROLES:
-                raise ConfigError(f"auth.tokens: role must be one of {', '.join(ROLES)}, got {role!r}")
-            if tenants == "*" or (isinstance(tenants, Iterable) and not isinstance(tenants, str) and "*" in tenants):
-                allowed = None
-            elif isinstance(tenants, Iterable) and not isinstance(tenants, str):
-                allowed = frozenset(str(t) for t in tenants)
-            else:
-                raise ConfigError('auth.tokens: tenants must be a list of tenant names or "*"')
+        for token, grant in (tokens or {}).items():
             digest = _digest(token)
-            self._principals[digest] = Principal(tenants=allowed, role=role, key_id=digest[:8])
-        if self.enabled and not self._principals:
-            raise ConfigError("auth.enabled is true but auth.tokens is empty")
+            tenants = None if grant.tenants == "*" else frozenset(grant.tenants)
+            self._principals[digest] = Principal(tenants=tenants, role=grant.role, key_id=digest[:8])
 
     @classmethod
-    def from_config(cls, auth_config: Any) -> Authenticator:
-        """From the config's ``auth`` section (attributes or a mapping with ``enabled`` and ``tokens``)."""
+    def from_config(cls, auth_config: AuthConfig | None) -> Authenticator:
+        """From the config's ``auth`` section."""
         if auth_config is None:
             return cls(False)
-        return cls(bool(_field(auth_config, "enabled", False)), _field(auth_config, "tokens", None) or {})
+        return cls(auth_config.enabled, auth_config.tokens)
 
     def authenticate(self, metadata: Iterable[tuple[str, Any]] | None) -> Principal:
         """The principal of a call's metadata; AuthError(UNAUTHENTICATED) when auth is on and the token is
