@@ -22,6 +22,7 @@ import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Self
 
@@ -37,6 +38,8 @@ DEFAULT_TENANT = "default"
 MAX_RECEIVE_BYTES = 256 * 1024 * 1024
 
 ImageInput = str | os.PathLike[str] | bytes
+#: Default deadline of :meth:`AdvFaceClient.protect_image`, seconds (image protection takes seconds to minutes).
+PROTECT_IMAGE_TIMEOUT = 300.0
 
 
 class AdvFaceRpcError(grpc.RpcError):
@@ -224,16 +227,50 @@ class AdvFaceClient:
 
     # ------------------------------------------------------------------ API
 
-    def protect(self, embeddings: Any, *, timeout: float | None = None) -> np.ndarray:
+    def protect(self, embeddings: Any, *, tenant: str = "", timeout: float | None = None) -> np.ndarray:
         """Protected versions of ``embeddings`` (``N x D`` or one ``D`` vector; same shape back, float32).
-        Stateless: nothing is stored."""
+        Stateless: nothing is stored. With the server's keyed transform on, they come back through ``tenant``'s
+        transform (empty: the default tenant), as the tenant's store would hold them."""
         x = np.asarray(embeddings, dtype=np.float32)
         rows = x[None] if x.ndim == 1 else x
         if rows.ndim != 2:
             raise ValueError(f"expected N x D embeddings, got shape {x.shape}")
-        response = self._call("Protect", pb.ProtectRequest(embeddings=[_embedding(r) for r in rows]), timeout)
+        response = self._call(
+            "Protect", pb.ProtectRequest(embeddings=[_embedding(r) for r in rows], tenant=tenant), timeout
+        )
         out = np.array([list(e.values) for e in response.embeddings], dtype=np.float32).reshape(rows.shape)
         return out[0] if x.ndim == 1 else out
+
+    def protect_image(
+        self,
+        image: ImageInput,
+        *,
+        epsilon: float | str | None = None,
+        steps: int | None = None,
+        seed: int | None = None,
+        target_similarity: float | None = None,
+        timeout: float | None = PROTECT_IMAGE_TIMEOUT,
+    ) -> tuple[bytes, dict[str, Any]]:
+        """Protect an enrolment photo (bytes of an encoded image, or a path): ``(png_bytes, report)``.
+
+        The server perturbs the photo (L-inf budget ``epsilon`` on the 0..1 scale, a float or a fraction like
+        ``"8/255"``; default 8/255) so that face encoders no longer recognise the person, and returns a lossless PNG
+        without the input's metadata, plus a report dict (``similarity`` per encoder: ``cosine_after``,
+        ``cosine_random``...; ``psnr``, ``ssim``, ``linf_levels``, ``steps``, ``seconds``, ``notes``). Options left
+        None take the server's defaults. Slow on CPUs: ``timeout`` defaults to PROTECT_IMAGE_TIMEOUT seconds.
+        Stateless: nothing is stored.
+        """
+        request = pb.ProtectImageRequest(image=_image_bytes(image))
+        if epsilon is not None:
+            request.epsilon = float(Fraction(epsilon.strip())) if isinstance(epsilon, str) else float(epsilon)
+        if steps is not None:
+            request.steps = int(steps)
+        if seed is not None:
+            request.seed = int(seed)
+        if target_similarity is not None:
+            request.target_similarity = float(target_similarity)
+        response = self._call("ProtectImage", request, timeout)
+        return bytes(response.image), _to_dict(response.report)
 
     def enroll(
         self,

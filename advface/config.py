@@ -34,19 +34,50 @@ Keys and defaults (``docs/advface.example.yaml`` is a commented example of every
       rel_l2: 0.1                # ||delta|| / ||z|| budget, in (0, 1]
       steps: 10                  # ascent steps (>= 0)
       seed: 0                    # in [0, 2**64)
+      slots: 0                   # protection calls run at once (0: min(server.workers, CPU cores))
+      threads: 0                 # torch threads per protection call (0: CPU cores / slots, at least 1)
+    image_protection:            # the ProtectImage RPC (photo -> protected PNG, advface.protect.image)
+      enabled: true              # false: ProtectImage answers FAILED_PRECONDITION (no encoder ensemble is loaded)
+      steps: 60                  # PGD steps when a request gives none (1..max_steps)
+      max_steps: 500             # most steps a request may ask for (1..100000)
+      max_pixels: 4000000        # larger photos (width x height) are INVALID_ARGUMENT (1..40000000)
     store:
-      backend: "sqlite"          # the only backend so far (SQLite + faiss)
+      backend: "sqlite"          # "sqlite" (SQLite + faiss, in data_dir) or "postgresql" (PostgreSQL + pgvector)
+      dsn: null                  # PostgreSQL DSN, required by backend postgresql (password redacted in logs)
       data_dir: "~/.local/share/advface"   # default: $ADVFACE_DATA_DIR when set
       use_gpu: "auto"            # "auto", true or false: faiss search on a GPU
+      index: "ivf"               # "flat" (exact) or "ivf" (approximate IndexIVFFlat for large tenants)
+      ivf_min_rows: 100000       # tenants smaller than this are searched exactly (1..10**9)
+      ivf_nlist: 0               # IVF lists; 0: about sqrt(templates of the tenant)
+      ivf_nprobe: 128            # IVF lists visited per search (1..65536)
     matching:
       threshold: null            # decision threshold on scores; null: the encoder's calibrated default
       top_k_max: 100             # largest k a search may ask for (1..10000)
     logging:
       level: "INFO"              # DEBUG, INFO, WARNING, ERROR, CRITICAL
       json: true                 # one JSON object per line (false: plain text)
+    encryption:                  # templates at rest: AES-256-GCM (advface.crypto); off unless a key source is set
+      key_file: null             # key file (advface keygen; mode 0600)
+      key_env: null              # or: an environment variable holding the key (base64), e.g. ADVFACE_ENCRYPTION_KEY
+      kms_hook: null             # or: "package.module:function" returning the key bytes (KMS / vault)
+      previous_key_files: []     # older keys, decrypt-only, while `advface rotate-key` re-encrypts
+      allow_insecure_key_file: false   # accept key files readable by group/others
+    keyed_transform:             # secret per-tenant orthogonal transform on top of AdvFace (advface.protect.keyed)
+      enabled: false             # true: stored templates and probes go through the tenant's transform
+      secret_file: null          # deployment secret (32 bytes, as advface keygen writes; mode 0600)
+      secret_env: null           # or: an environment variable holding it (base64), e.g. ADVFACE_TRANSFORM_SECRET
+      kms_hook: null             # or: "package.module:function" returning the secret
+      allow_insecure_secret_file: false  # accept secret files readable by group/others
+      norm: "auto"               # norm equalisation: "auto" (encoder's calibrated norm), a number, or null (off)
+      version: 1                 # key version (>= 1); bump with `advface rotate-transform` to re-issue templates
+    metrics:
+      enabled: true              # Prometheus metrics over HTTP (GET /metrics)
+      host: "127.0.0.1"          # address of the metrics endpoint
+      port: 9464                 # 0..65535 (0: any free port, reported in the "metrics serving" log line)
 
 Environment overrides: ``ADVFACE_<SECTION>_<KEY>`` (upper case), e.g. ``ADVFACE_SERVER_PORT=50052``,
-``ADVFACE_TLS_CERT_FILE=/etc/advface/cert.pem``, ``ADVFACE_STORE_USE_GPU=false``. Values are converted to the key's
+``ADVFACE_TLS_CERT_FILE=/etc/advface/cert.pem``, ``ADVFACE_STORE_USE_GPU=false``,
+``ADVFACE_KEYED_TRANSFORM_ENABLED=true`` (section names may contain ``_``). Values are converted to the key's
 type: integers and numbers as written, booleans from ``true/false/yes/no/on/off/1/0``, ``null``, ``none`` or an
 empty value for keys that may be null, ``encoder.name`` as a spec string or a YAML mapping (``{name: onnx, path:
 /m.onnx}``). ``auth.tokens`` cannot be set from the environment (use ``ADVFACE_AUTH_TOKENS_FILE``). A variable naming
@@ -80,6 +111,7 @@ log = logging.getLogger(__name__)
 
 ENV_PREFIX = "ADVFACE_"
 ENV_DATA_DIR = "ADVFACE_DATA_DIR"
+ENV_ENCRYPTION_KEY = "ADVFACE_ENCRYPTION_KEY"  # the key itself (read by advface.crypto), not an override
 DEFAULT_DATA_DIR = "~/.local/share/advface"
 ROLES = ("admin", "client")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -193,6 +225,16 @@ class ProtectionConfig:
     rel_l2: float = 0.1
     steps: int = 10
     seed: int = 0
+    slots: int = 0
+    threads: int = 0
+
+
+@dataclass(frozen=True)
+class ImageProtectionConfig:
+    enabled: bool = True
+    steps: int = 60
+    max_steps: int = 500
+    max_pixels: int = 4_000_000
 
 
 def _default_data_dir() -> str:
@@ -204,6 +246,12 @@ class StoreConfig:
     backend: str = "sqlite"
     data_dir: str = field(default_factory=_default_data_dir)
     use_gpu: bool | Literal["auto"] = "auto"
+    index: str = "ivf"
+    #: PostgreSQL connection string (backend "postgresql"); may hold a password: kept out of repr()
+    dsn: str | None = field(default=None, repr=False)
+    ivf_min_rows: int = 100_000
+    ivf_nlist: int = 0
+    ivf_nprobe: int = 128
 
     @property
     def database_path(self) -> Path:
@@ -224,15 +272,52 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 9464
+
+
+@dataclass(frozen=True)
+class EncryptionConfig:
+    key_file: str | None = None
+    key_env: str | None = None
+    kms_hook: str | None = None
+    previous_key_files: tuple[str, ...] = ()
+    allow_insecure_key_file: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        """Whether templates at rest are encrypted (a key source is configured)."""
+        return bool(self.key_file or self.key_env or self.kms_hook)
+
+
+@dataclass(frozen=True)
+class KeyedTransformConfig:
+    enabled: bool = False
+    secret_file: str | None = None
+    secret_env: str | None = None
+    kms_hook: str | None = None
+    allow_insecure_secret_file: bool = False
+    #: "auto" (the encoder's calibrated norm, advface.protect.tenant_transform), a positive number, or None (off)
+    norm: float | str | None = "auto"
+    version: int = 1
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     protection: ProtectionConfig = field(default_factory=ProtectionConfig)
+    image_protection: ImageProtectionConfig = field(default_factory=ImageProtectionConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     matching: MatchingConfig = field(default_factory=MatchingConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    encryption: EncryptionConfig = field(default_factory=EncryptionConfig)
+    keyed_transform: KeyedTransformConfig = field(default_factory=KeyedTransformConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def to_dict(self, *, redact_secrets: bool = False) -> dict[str, Any]:
         """Plain nested dicts (YAML-able; :func:`load_config` reads it back to an equal Config). With
@@ -249,6 +334,10 @@ class Config:
             tenants = grant.tenants if grant.tenants == "*" else list(grant.tenants)
             tokens[key] = {"tenants": tenants, "role": grant.role}
         out["auth"]["tokens"] = tokens
+        if redact_secrets and self.store.dsn is not None:
+            from advface.store.postgres import redact_dsn
+
+            out["store"]["dsn"] = redact_dsn(self.store.dsn)
         return out
 
 
@@ -414,6 +503,23 @@ def _use_gpu(value: Any, where: _Where) -> bool | str:
     return value
 
 
+def _dsn(value: Any, where: _Where) -> str | None:
+    """A PostgreSQL connection string (URL or key=value form); never echoed in errors (it may hold a password)."""
+    if _is_null(value, where):
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise where.error(f"expected a PostgreSQL connection string, got {_type_name(value)}")
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        conninfo_to_dict(value.strip())
+    except Exception:  # noqa: BLE001 - psycopg's message may quote the string (and its password)
+        raise where.error(
+            "not a valid PostgreSQL connection string (postgresql://user@host:5432/db or 'host=... dbname=...')"
+        ) from None
+    return value.strip()
+
+
 def _data_dir(value: Any, where: _Where) -> str:
     return _path(value, where, must_exist=False)
 
@@ -428,6 +534,45 @@ def _threshold(value: Any, where: _Where) -> float | None:
 
 def _shadow(value: Any, where: _Where) -> str | None:
     return _optional_path(value, where)
+
+
+def _env_name(value: Any, where: _Where) -> str | None:
+    if _is_null(value, where):
+        return None
+    name = _str(value, where)
+    if not name.replace("_", "").isalnum() or not name.isascii() or name[0].isdigit():
+        raise where.error(f"{name!r} is not an environment variable name")
+    return name
+
+
+def _kms_hook(value: Any, where: _Where) -> str | None:
+    if _is_null(value, where):
+        return None
+    spec = _str(value, where)
+    module, sep, func = spec.partition(":")
+    if not sep or not func.isidentifier() or not all(part.isidentifier() for part in module.split(".")):
+        raise where.error(f"expected 'package.module:function', got {spec!r}")
+    return spec
+
+
+def _key_files(value: Any, where: _Where) -> tuple[str, ...]:
+    if _is_null(value, where):
+        return ()
+    if where.env_var and isinstance(value, str):
+        value = [v for v in value.split(",") if v.strip()]
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise where.error(f"expected a list of key files, got {_type_name(value)}")
+    return tuple(_path(v, where, must_exist=True) for v in value)
+
+
+def _transform_norm(value: Any, where: _Where) -> float | str | None:
+    if _is_null(value, where) or (isinstance(value, str) and value.strip().lower() == "off"):
+        return None
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    if isinstance(value, str) and not where.env_var:
+        raise where.error(f"expected 'auto', a positive number or null, got {value!r}")
+    return _float(value, where, 0.0, 1e6, lo_open=True)
 
 
 def _no_env(value: Any, where: _Where) -> Any:
@@ -471,11 +616,24 @@ _KEYS: dict[str, dict[str, _Check]] = {
         "rel_l2": lambda v, w: _float(v, w, 0.0, 1.0, lo_open=True),
         "steps": lambda v, w: _int(v, w, 0, 100_000),
         "seed": lambda v, w: _int(v, w, 0, 2**64 - 1),
+        "slots": lambda v, w: _int(v, w, 0, 1024),
+        "threads": lambda v, w: _int(v, w, 0, 1024),
+    },
+    "image_protection": {
+        "enabled": _bool,
+        "steps": lambda v, w: _int(v, w, 1, 100_000),
+        "max_steps": lambda v, w: _int(v, w, 1, 100_000),
+        "max_pixels": lambda v, w: _int(v, w, 1, 40_000_000),
     },
     "store": {
-        "backend": lambda v, w: _str(v, w, ("sqlite",)),
+        "backend": lambda v, w: _str(v, w, ("sqlite", "postgresql")),
+        "dsn": _dsn,
         "data_dir": _data_dir,
         "use_gpu": _use_gpu,
+        "index": lambda v, w: _str(v, w, ("flat", "ivf")),
+        "ivf_min_rows": lambda v, w: _int(v, w, 1, 10**9),
+        "ivf_nlist": lambda v, w: _int(v, w, 0, 65536),
+        "ivf_nprobe": lambda v, w: _int(v, w, 1, 65536),
     },
     "matching": {
         "threshold": _threshold,
@@ -484,6 +642,27 @@ _KEYS: dict[str, dict[str, _Check]] = {
     "logging": {
         "level": _log_level,
         "json": _bool,
+    },
+    "encryption": {
+        "key_file": _optional_path,
+        "key_env": _env_name,
+        "kms_hook": _kms_hook,
+        "previous_key_files": _key_files,
+        "allow_insecure_key_file": _bool,
+    },
+    "keyed_transform": {
+        "enabled": _bool,
+        "secret_file": _optional_path,
+        "secret_env": _env_name,
+        "kms_hook": _kms_hook,
+        "allow_insecure_secret_file": _bool,
+        "norm": _transform_norm,
+        "version": lambda v, w: _int(v, w, 1, 2**31 - 1),
+    },
+    "metrics": {
+        "enabled": _bool,
+        "host": _host,
+        "port": lambda v, w: _int(v, w, 0, 65535),
     },
 }
 assert set(_KEYS) == set(SECTIONS)
@@ -567,9 +746,15 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, tuple[str, str
     """``ADVFACE_<SECTION>_<KEY>`` variables: section -> key -> (variable, value)."""
     out: dict[str, dict[str, tuple[str, str]]] = {}
     for var in sorted(env):
-        if not var.startswith(ENV_PREFIX):
+        if not var.startswith(ENV_PREFIX) or var == ENV_ENCRYPTION_KEY:
             continue
-        section, sep, key = var[len(ENV_PREFIX) :].lower().partition("_")
+        rest = var[len(ENV_PREFIX) :].lower()
+        # the longest section name the variable starts with (section names may hold "_": keyed_transform)
+        section = max((s for s in _KEYS if rest == s or rest.startswith(s + "_")), key=len, default="")
+        if not section:
+            section = rest.partition("_")[0]
+        key = rest[len(section) + 1 :]
+        sep = "_" if rest.startswith(section + "_") else ""
         if section not in _KEYS:
             continue  # ADVFACE_LFW_DIR, ADVFACE_DATA_DIR, ... belong to other parts of advface
         if not sep or key not in _KEYS[section]:
@@ -632,11 +817,56 @@ def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] = os
             f"{source}: auth.enabled is true but no tokens are configured (auth.tokens, auth.tokens_file)"
         )
 
+    store = sections["store"]
+    if store.get("backend") == "postgresql" and not store.get("dsn"):
+        raise ConfigError(
+            f"{source}: store.backend is postgresql but store.dsn is not set (or set ADVFACE_STORE_DSN), e.g. "
+            "postgresql://advface@db.example:5432/advface"
+        )
+
     tls = sections["tls"]
     if (tls.get("cert_file") is None) != (tls.get("key_file") is None):
         raise ConfigError(f"{source}: tls.cert_file and tls.key_file must be given together")
     if tls.get("client_ca_file") is not None and tls.get("cert_file") is None:
         raise ConfigError(f"{source}: tls.client_ca_file (mutual TLS) needs tls.cert_file and tls.key_file")
+
+    enc = sections["encryption"]
+    sources = [k for k in ("key_file", "key_env", "kms_hook") if enc.get(k)]
+    if len(sources) > 1:
+        raise ConfigError(
+            f"{source}: encryption: set only one of key_file, key_env, kms_hook (got {', '.join(sources)})"
+        )
+    if enc.get("previous_key_files") and not sources:
+        raise ConfigError(
+            f"{source}: encryption.previous_key_files needs a current key (key_file, key_env or kms_hook)"
+        )
+    if not sources and env.get(ENV_ENCRYPTION_KEY):
+        raise ConfigError(
+            f"{ENV_ENCRYPTION_KEY} is set but encryption is not configured; set encryption.key_env: "
+            f"{ENV_ENCRYPTION_KEY} (or ADVFACE_ENCRYPTION_KEY_ENV={ENV_ENCRYPTION_KEY}) to encrypt templates at rest"
+        )
+
+    image = sections["image_protection"]
+    if image.get("steps", ImageProtectionConfig.steps) > image.get("max_steps", ImageProtectionConfig.max_steps):
+        raise ConfigError(f"{source}: image_protection.steps must not exceed image_protection.max_steps")
+
+    kt = sections["keyed_transform"]
+    kt_sources = [k for k in ("secret_file", "secret_env", "kms_hook") if kt.get(k)]
+    if len(kt_sources) > 1:
+        raise ConfigError(
+            f"{source}: keyed_transform: set only one of secret_file, secret_env, kms_hook "
+            f"(got {', '.join(kt_sources)})"
+        )
+    if kt.get("enabled") and not kt_sources:
+        raise ConfigError(
+            f"{source}: keyed_transform.enabled is true but no secret is configured (keyed_transform.secret_file, "
+            "secret_env or kms_hook; create one with `advface keygen`)"
+        )
+    if kt_sources and not kt.get("enabled"):
+        raise ConfigError(
+            f"{source}: keyed_transform.{kt_sources[0]} is set but keyed_transform.enabled is false; set enabled: "
+            "true (or remove the secret) -- the transform is never turned off silently"
+        )
 
     return Config(**{name: SECTIONS[name](**values) for name, values in sections.items()})
 

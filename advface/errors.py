@@ -37,3 +37,11 @@ class NotFoundError(AdvfaceError):
 
 class AlreadyExistsError(AdvfaceError):
     """A record that must be new already exists."""
+
+
+class IntegrityError(AdvfaceError):
+    """Encrypted data failed authentication: tampered, truncated, under an unknown key, or with the wrong context."""
+
+
+class DatabaseUnavailableError(AdvfaceError):
+    """A database could not be reached (connection lost or refused) even after retries."""

@@ -23,10 +23,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from advface.api.v1 import SERVICE_NAME
+from advface.api.v1 import advface_pb2 as pb
 from advface.api.v1 import advface_pb2_grpc as pb_grpc
 from advface.errors import ConfigError
 from server.interceptors import AuthInterceptor
 from server.logs import LOGGER_NAME, configure_logging, log
+from server.metrics import MetricsServer, SidecarMetrics, build_labels, store_counter
 from server.servicer import AdvFaceServicer, _opt, _section
 
 _logger = logging.getLogger(LOGGER_NAME)
@@ -84,9 +86,10 @@ class Sidecar:
 
         self.servicer = servicer if servicer is not None else AdvFaceServicer(config)
         authenticator = self.servicer.auth
+        auth_interceptor = AuthInterceptor(authenticator)
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(
-            interceptors=[AuthInterceptor(authenticator)],
+            interceptors=[auth_interceptor],
             options=[
                 ("grpc.max_receive_message_length", max_receive),
                 ("grpc.max_send_message_length", max_send),
@@ -111,6 +114,28 @@ class Sidecar:
         if not self.port:
             self.servicer.close()
             raise ConfigError(f"cannot listen on {address}")
+        self.metrics: SidecarMetrics | None = None
+        self.metrics_server: MetricsServer | None = None
+        metrics_cfg = _section(config, "metrics")
+        if bool(_opt(metrics_cfg, "enabled", True)):
+            self.metrics = SidecarMetrics(
+                build_labels(self.servicer),
+                store_counter(self.servicer),
+                lambda: self.servicer._batcher.queued,
+                methods=tuple(pb.DESCRIPTOR.services_by_name[SERVICE_NAME.rsplit(".", 1)[-1]].methods_by_name),
+            )
+            self.servicer.metrics = self.metrics
+            self.servicer._batcher.on_batch = self.metrics.protection_batch
+            auth_interceptor.on_refused = self.metrics.rpc_refused
+            try:
+                self.metrics_server = MetricsServer(
+                    self.metrics.registry,
+                    str(_opt(metrics_cfg, "host", "127.0.0.1")),
+                    int(_opt(metrics_cfg, "port", 9464)),
+                )
+            except ConfigError:
+                self.servicer.close()
+                raise
         self.server.sidecar = self  # type: ignore[attr-defined]
         self._stopped = False
 
@@ -127,7 +152,11 @@ class Sidecar:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log(_logger, logging.INFO, "serving", address=self.address, tls=self.tls, auth=self.servicer.auth.enabled,
             encoder=self.servicer.encoder.name, protection=self.servicer.protector is not None,
-            threshold=self.servicer.threshold)
+            threshold=self.servicer.threshold,
+            metrics=self.metrics_server.address if self.metrics_server is not None else None)
+        if self.metrics_server is not None:
+            log(_logger, logging.INFO, "metrics serving", address=self.metrics_server.address,
+                url=self.metrics_server.url)
 
     async def stop(self, grace: float | None = None) -> None:
         """Health NOT_SERVING, refuse new calls, let running ones finish within ``grace`` seconds (default
@@ -139,6 +168,8 @@ class Sidecar:
         await self.health.enter_graceful_shutdown()
         log(_logger, logging.INFO, "stopping", grace_seconds=grace)
         await self.server.stop(grace)
+        if self.metrics_server is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.metrics_server.close)
         await asyncio.get_running_loop().run_in_executor(None, self.servicer.close)
         log(_logger, logging.INFO, "stopped")
 

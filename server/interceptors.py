@@ -132,6 +132,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, authenticator: Authenticator) -> None:
         self.authenticator = authenticator
+        #: called with (full method path, status code name) for each refused call (metrics)
+        self.on_refused: Callable[[str, str], None] | None = None
 
     async def intercept_service(
         self,
@@ -145,5 +147,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             self.authenticator.authenticate(handler_call_details.invocation_metadata)
         except AuthError as exc:
             log(_access, logging.INFO, "rpc", rpc=method.rsplit("/", 1)[-1], code=exc.code.name, latency_ms=0.0)
+            if self.on_refused is not None:
+                self.on_refused(method, exc.code.name)
             return _denier(exc.code, exc.details)
         return await continuation(handler_call_details)

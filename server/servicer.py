@@ -20,6 +20,19 @@ Every RPC validates its whole request before it changes anything (a rejected req
 Protection: with ``protection.enabled``, every enrolled embedding is replaced by its AdvFace-protected version
 before it reaches the store; raw embeddings live only in memory for the duration of the call. Probes (Verify,
 Identify) are used raw and never stored: matching compares protected templates with raw probes.
+
+Keyed transform (``keyed_transform.enabled``, :mod:`advface.protect.tenant_transform`): after AdvFace, every
+template is mapped through its tenant's secret orthogonal transform (with norm equalisation, by default) before it
+is stored, and every Verify/Identify probe through the same tenant's transform before matching, so the store holds
+only ``T_tenant(AdvFace(z))``; templates of one person in two tenants (or two key versions) are unlinkable. The
+stateless ``Protect`` RPC then returns ``T_tenant(AdvFace(z))`` for the request's tenant (checked like any tenant):
+a caller who may call Protect with faces it knows can estimate that tenant's matrix (the insider of
+docs/threat-model.md), so grant Protect to trusted clients only. With norm equalisation the threshold reported by
+Info is the one measured for it (``benchmarks/keyed_threshold.py``). Deletion is unaffected.
+
+Image protection (``ProtectImage``, :mod:`server.image_protection`): a photo in, the protected PNG and a report out,
+stateless; the encoder ensemble is loaded on the first call (never when ``image_protection.enabled`` is false) and
+calls run one at a time in the worker pool.
 """
 
 from __future__ import annotations
@@ -39,6 +52,7 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
+import torch
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from advface import __version__
@@ -46,12 +60,22 @@ from advface.api.v1 import SERVICE_NAME
 from advface.api.v1 import advface_pb2 as pb
 from advface.api.v1 import advface_pb2_grpc as pb_grpc
 from advface.encoders import FaceEncoder, create_encoder, validate_embeddings
-from advface.errors import AdvfaceError, AlreadyExistsError, ConfigError, EmbeddingError, ImageError, NotFoundError
+from advface.errors import (
+    AdvfaceError,
+    AlreadyExistsError,
+    ConfigError,
+    DatabaseUnavailableError,
+    EmbeddingError,
+    ImageError,
+    NotFoundError,
+)
 from advface.faces import FaceChipper, create_detector
 from advface.hashing import file_sha256
 from advface.images import load_image
 from advface.protect import AdvFaceConfig, Protector, shipped_shadow_path
+from advface.protect.tenant_transform import check_store_marker, keyed_threshold, transforms_from_config
 from advface.store import base as store_base
+from server.image_protection import ImageProtection, ImageProtectionFailure
 from server.interceptors import Authenticator, AuthError, Principal
 from server.logs import LOGGER_NAME, log
 
@@ -253,18 +277,36 @@ def resolve_threshold(matching_threshold: float | None, encoder: FaceEncoder, pr
 
 
 def open_store(config: Any, dim: int, metric: str) -> Any:
-    """The template store the config's ``store`` section names (today: ``sqlite``, SQLite + faiss)."""
+    """The template store the config's ``store`` section names: ``sqlite`` (SQLite + faiss) or ``postgresql``
+    (PostgreSQL + pgvector at ``store.dsn``); encrypted at rest when the ``encryption`` section names a key."""
     section = _section(config, "store")
     backend = str(_opt(section, "backend", "sqlite"))
+    if backend == "postgresql":
+        from advface.crypto import cipher_from_config
+        from advface.store.postgres import PostgresStore
+
+        dsn = _opt(section, "dsn", None)
+        if not dsn:
+            raise ConfigError("store.backend is postgresql but store.dsn is not set (or ADVFACE_STORE_DSN)")
+        return PostgresStore(str(dsn), dim, metric, cipher=cipher_from_config(_section(config, "encryption")))
     if backend != "sqlite":
-        raise ConfigError(f"store backend {backend!r} is not supported by this server (use 'sqlite')")
-    from advface.store.sqlite_faiss import SQLiteFaissStore
+        raise ConfigError(f"store backend {backend!r} is not supported by this server (use 'sqlite' or 'postgresql')")
+    from advface.store.sqlite_faiss import IndexOptions, SQLiteFaissStore
 
     data_dir = _opt(section, "data_dir", None)
     if not data_dir:
         raise ConfigError("store.data_dir is not set")
     path = getattr(section, "database_path", None) or Path(data_dir).expanduser() / "templates.sqlite3"
-    return SQLiteFaissStore(path, dim, metric, use_gpu=_opt(section, "use_gpu", "auto"))
+    index = IndexOptions(
+        kind=str(_opt(section, "index", "ivf")),
+        min_rows=int(_opt(section, "ivf_min_rows", 100_000)),
+        nlist=int(_opt(section, "ivf_nlist", 0)),
+        nprobe=int(_opt(section, "ivf_nprobe", 128)),
+    )
+    from advface.crypto import cipher_from_config
+
+    cipher = cipher_from_config(_section(config, "encryption"))  # None: templates at rest are not encrypted
+    return SQLiteFaissStore(path, dim, metric, use_gpu=_opt(section, "use_gpu", "auto"), index=index, cipher=cipher)
 
 
 def build_protector(config: Any, encoder: FaceEncoder) -> tuple[Protector | None, Path | None]:
@@ -309,6 +351,18 @@ class ProtectionBatcher:
         #: calls made to the protector and rows protected (for tests and metrics)
         self.calls = 0
         self.rows = 0
+        #: called with (rows, seconds) after each protection call (metrics)
+        self.on_batch: Callable[[int, float], None] | None = None
+
+    @property
+    def slots(self) -> int:
+        """Protection calls that may run at once."""
+        return self._slots
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a protection slot."""
+        return len(self._queue)
 
     async def protect(self, x: np.ndarray) -> np.ndarray:
         """The protected version of ``x`` (``N x D``)."""
@@ -337,7 +391,10 @@ class ProtectionBatcher:
             x = np.concatenate([b[0] for b in batch]) if len(batch) > 1 else batch[0][0]
             self.calls += 1
             self.rows += len(x)
+            started = time.perf_counter()
             out = await asyncio.get_running_loop().run_in_executor(self._executor, self._protect, x)
+            if self.on_batch is not None:
+                self.on_batch(len(x), time.perf_counter() - started)
         except BaseException as exc:  # handed to every waiting request
             for _, future in batch:
                 if not future.done():
@@ -400,23 +457,48 @@ class AdvFaceServicer(pb_grpc.AdvFaceServicer):
             if protector.dim != self.dim:
                 raise ConfigError(f"protector takes dimension {protector.dim}, encoder gives {self.dim}")
         self.protector = protector if self.protection_enabled else None
+        # keyed per-tenant transform (None: off); a missing or bad secret is a ConfigError here, at start
+        self.transforms = transforms_from_config(_section(config, "keyed_transform"), self.dim, self.encoder.name)
 
         self.threshold, self.threshold_source, self.threshold_note = resolve_threshold(
             _opt(match_cfg, "threshold", None), self.encoder, self.protection_enabled
         )
+        if _opt(match_cfg, "threshold", None) is None and self.transforms is not None:
+            keyed = keyed_threshold(self.transforms, self.encoder.name, self.protection_enabled)
+            if keyed is not None:  # norm equalisation changes scores: its own calibrated threshold
+                self.threshold, self.threshold_source, self.threshold_note = keyed
         auth_cfg = _section(config, "auth")
         self.auth = authenticator if authenticator is not None else Authenticator.from_config(auth_cfg)
         self.store = store if store is not None else open_store(config, self.dim, self.metric)  # last: it locks
+        store_cfg = _section(config, "store")
+        if store is None and str(_opt(store_cfg, "backend", "sqlite")) == "sqlite":
+            try:  # the templates must have been issued under this transform configuration (or none)
+                check_store_marker(_opt(store_cfg, "data_dir", ""), self.transforms, int(self.store.count()))
+            except BaseException:
+                self.store.close()
+                raise
 
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="advface-worker")
         # Store calls get their own threads (the store is thread-safe), so searches never queue behind protection.
         self._store_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="advface-store")
         self._face_lock = threading.Lock()  # dlib's detector and encoder are not thread-safe
         # at most one protection per core at a time: later requests queue and share shadow calls
-        self._batcher = ProtectionBatcher(
-            self._protect_sync, self._pool, slots=min(workers, os.cpu_count() or 1), max_rows=PROTECT_CHUNK
-        )
+        cores = os.cpu_count() or 1
+        slots = int(_opt(prot_cfg, "slots", 0)) or min(workers, cores)
+        self.protection_threads = 0
+        if self.protector is not None:
+            # concurrent protection calls each start their own OpenMP team: keep slots x threads <= cores
+            auto_threads = max(1, min(torch.get_num_threads(), cores // slots))
+            self.protection_threads = int(_opt(prot_cfg, "threads", 0)) or auto_threads
+            torch.set_num_threads(self.protection_threads)
+        self._batcher = ProtectionBatcher(self._protect_sync, self._pool, slots=slots, max_rows=PROTECT_CHUNK)
         self._protection_info = self._make_protection_info()
+        # ProtectImage: options and the lazily loaded encoder ensemble (server/image_protection.py)
+        self.image_protection = ImageProtection.from_config(
+            _section(config, "image_protection"), self.detector_name, self.face_policy
+        )
+        #: server.metrics.SidecarMetrics, set by the Sidecar when metrics are enabled
+        self.metrics: Any = None
         self._closed = False
 
     # ------------------------------------------------------------------ plumbing
@@ -458,6 +540,8 @@ class AdvFaceServicer(pb_grpc.AdvFaceServicer):
     ) -> Any:
         start = time.perf_counter()
         call = _Call()
+        if self.metrics is not None:
+            self.metrics.rpc_started(name)
         code, details, response = grpc.StatusCode.OK, "", None
         try:
             response = await fn(self, request, context, call)
@@ -473,6 +557,8 @@ class AdvFaceServicer(pb_grpc.AdvFaceServicer):
             code, details = grpc.StatusCode.ALREADY_EXISTS, str(exc)
         except ConfigError as exc:  # from the store: invalid ids, metadata, k, page size or token
             code, details = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+        except DatabaseUnavailableError:  # the PostgreSQL store lost its server: clients may retry
+            code, details = grpc.StatusCode.UNAVAILABLE, "template database unavailable, retry later"
         except AdvfaceError as exc:
             code, details = grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__})"
         except asyncio.CancelledError:
@@ -486,9 +572,12 @@ class AdvFaceServicer(pb_grpc.AdvFaceServicer):
             await context.abort(code, details)
         return response
 
-    @staticmethod
-    def _log(name: str, call: _Call, code: grpc.StatusCode, start: float) -> None:
-        fields: dict[str, Any] = {"rpc": name, "code": code.name, "latency_ms": round(1000 * (time.perf_counter() - start), 2)}
+    def _log(self, name: str, call: _Call, code: grpc.StatusCode, start: float) -> None:
+        """The access log line and the metrics of a finished call (called once per call)."""
+        seconds = time.perf_counter() - start
+        if self.metrics is not None:
+            self.metrics.rpc_finished(name, code.name, seconds)
+        fields: dict[str, Any] = {"rpc": name, "code": code.name, "latency_ms": round(1000 * seconds, 2)}
         if call.tenant is not None:
             fields["tenant"] = call.tenant
         if call.items is not None:
@@ -549,16 +638,22 @@ class AdvFaceServicer(pb_grpc.AdvFaceServicer):
     async def _templates(self, raw: np.ndarray, context: grpc.aio.ServicerContext) -> np.ndarray:
         """What gets stored for raw embeddings: protected ones when protection is on.
 
-        Protected in chunks of :data:`PROTECT_CHUNK` rows (each row's result does not depend on the others), with
-        the deadline checked before each chunk, so a call the client gave up on stops early; chunks of concurrent
-        calls share shadow calls (:class:`ProtectionBatcher`)."""
+        Protected in chunks of :data:`PROTECT_CHUNK` rows (each row's result does not depend on the others), one
+        wave of as many chunks as the batcher has slots at a time (a large batch uses every core), with the deadline
+        checked before each wave, so a call the client gave up on stops early; chunks of concurrent calls share
+        shadow calls (:class:`ProtectionBatcher`)."""
         if self.protector is None or len(raw) == 0:
             return raw
         out = np.empty_like(raw)
-        for start in range(0, len(raw), PROTECT_CHUNK):
-            self._check_deadline(context, "protecting")
+
+        async def chunk(start: int) -> None:
             stop = min(start + PROTECT_CHUNK, len(raw))
             out[start:stop] = await self._batcher.protect(raw[start:stop])
+
+        starts = list(range(0, len(raw), PROTECT_CHUNK))
+        for wave in range(0, len(starts), self._batcher.slots):
+            self._check_deadline(context, "protecting")
+            await asyncio.gather(*(chunk(start) for start in starts[wave : wave + self._batcher.slots]))
         return out
 
     # ------------------------------------------------------------------ RPCs
@@ -571,11 +666,42 @@ class AdvFaceServicer(pb_grpc.AdvFaceServicer):
             raise RpcFailure(grpc.StatusCode.FAILED_PRECONDITION, "protection is disabled on this server")
         if len(request.embeddings) > self.max_batch:
             raise _invalid(f"batch of {len(request.embeddings)} embeddings is over the limit of {self.max_batch}")
+        # the tenant matters (and is checked) only when templates go through its keyed transform
+        tenant = self._tenant(request, context, call) if self.transforms is not None else None
         raw = embedding_array(request.embeddings, self.dim)
         protected = await self._templates(raw, context)
+        if tenant is not None:
+            protected = self._keyed(tenant, protected)
         return pb.ProtectResponse(
-            embeddings=[pb.Embedding(values=row.tolist()) for row in protected], protection=self._protection_info
+            embeddings=[pb.Embedding(values=row.tolist()) for row in protected],
+            protection=self._protection_info_for(tenant),
         )
+
+    @_rpc("ProtectImage")
+    async def ProtectImage(
+        self, request: pb.ProtectImageRequest, context: grpc.aio.ServicerContext, call: _Call
+    ) -> Any:
+        """Photo -> protected PNG + report (server/image_protection.py); stateless, nothing stored or logged."""
+        self._principal(context)
+        call.items = 1
+        service = self.image_protection
+        try:
+            if not service.enabled:
+                raise RpcFailure(grpc.StatusCode.FAILED_PRECONDITION, "image protection is disabled on this server")
+            options = service.options(request)
+            self._check_deadline(context, "protecting the image")
+            remaining = context.time_remaining()
+            deadline = None if remaining is None else time.monotonic() + remaining
+            result = await self._work(service.protect, bytes(request.image), options, deadline)
+        except ImageProtectionFailure as exc:
+            raise RpcFailure(exc.code, exc.details) from None
+        if len(result.png) + 64 * 1024 > self.max_send_bytes:
+            raise RpcFailure(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the protected PNG ({len(result.png)} bytes) is over the server's response limit "
+                f"({self.max_send_bytes} bytes, server.max_send_mb); send a smaller photo",
+            )
+        return pb.ProtectImageResponse(image=result.png, report=result.report)
 
     @_rpc("Enroll")
     async def Enroll(self, request: pb.EnrollRequest, context: grpc.aio.ServicerContext, call: _Call) -> Any:
@@ -585,7 +711,7 @@ class AdvFaceServicer(pb_grpc.AdvFaceServicer):
         self._check_face(request.face, "face")
         call.items = 1
         raw = await self._raw_vectors([request.face], context, "face")
-        templates = await self._templates(raw, context)
+        templates = self._keyed(tenant, await self._templates(raw, context))
         del raw
         self._check_deadline(context, "storing")
         ids = await self._stored(self.store.add, tenant, subject_id, templates, metadata, replace=bool(request.replace))
@@ -610,7 +736,7 @@ class AdvFaceServicer(pb_grpc.AdvFaceServicer):
         if not items:
             return pb.EnrollBatchResponse()
         raw = await self._raw_vectors([item.face for item in items], context, "items face")
-        templates = await self._templates(raw, context)
+        templates = self._keyed(tenant, await self._templates(raw, context))
         del raw
         self._check_deadline(context, "storing")
         entries = [(item.subject_id, templates[i : i + 1], metadata[i]) for i, item in enumerate(items)]
@@ -630,7 +756,7 @@ class AdvFaceServicer(pb_grpc.AdvFaceServicer):
         self._check_face(request.probe, "probe")
         # NOT_FOUND before the (costly) probe embedding
         vectors, template_ids = await self._stored(self._subject_templates, tenant, subject_id)
-        probe = (await self._raw_vectors([request.probe], context, "probe"))[0]
+        probe = self._keyed(tenant, await self._raw_vectors([request.probe], context, "probe"))[0]
         if len(vectors) == 0:
             raise RpcFailure(grpc.StatusCode.NOT_FOUND, "the subject has no templates")
         scores = self.encoder.score(np.repeat(probe[None], len(vectors), axis=0), vectors)
@@ -654,7 +780,7 @@ class AdvFaceServicer(pb_grpc.AdvFaceServicer):
         if top_k > self.top_k_max:
             raise _invalid(f"top_k {top_k} is over the limit of {self.top_k_max}")
         self._check_face(request.probe, "probe")
-        probe = (await self._raw_vectors([request.probe], context, "probe"))[0]
+        probe = self._keyed(tenant, await self._raw_vectors([request.probe], context, "probe"))[0]
         matches = await self._stored(self.store.search, tenant, probe, top_k)
         call.items = len(matches)
         return pb.IdentifyResponse(
@@ -709,6 +835,7 @@ class AdvFaceServicer(pb_grpc.AdvFaceServicer):
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext, call: _Call) -> Any:
         principal = self._principal(context)
         tenant_templates = tenant_subjects = 0
+        tenant: str | None = None
         if request.tenant or principal.may_use(DEFAULT_TENANT):
             tenant = self._tenant(request, context, call)  # PERMISSION_DENIED for a tenant named but not allowed
             tenant_templates = await self._stored(self.store.count, tenant)
@@ -722,7 +849,7 @@ class AdvFaceServicer(pb_grpc.AdvFaceServicer):
                 name=self.encoder.name, dim=self.dim, metric=self.metric, fingerprint=self.encoder.fingerprint,
                 detector=self.detector_name, face_policy=self.face_policy,
             ),
-            protection=self._protection_info,
+            protection=self._protection_info_for(tenant),
             threshold=pb.ThresholdInfo(
                 value=self.threshold, source=self.threshold_source, description=self.threshold_note
             ),
@@ -740,7 +867,30 @@ class AdvFaceServicer(pb_grpc.AdvFaceServicer):
             ),
         )
 
+    def _keyed(self, tenant: str, vectors: np.ndarray) -> np.ndarray:
+        """``vectors`` through ``tenant``'s keyed transform (unchanged when the transform is off)."""
+        if self.transforms is None:
+            return vectors
+        return self.transforms.apply(tenant, vectors)
+
+    def _protection_info_for(self, tenant: str | None) -> pb.ProtectionInfo:
+        """The ProtectionInfo with ``tenant``'s public transform key id (when the transform is on)."""
+        if self.transforms is None or tenant is None:
+            return self._protection_info
+        info = pb.ProtectionInfo()
+        info.CopyFrom(self._protection_info)
+        info.keyed_transform.key_id = self.transforms.key_id(tenant)
+        return info
+
     def _make_protection_info(self) -> pb.ProtectionInfo:
+        info = self._make_advface_info()
+        if self.transforms is not None:
+            info.keyed_transform.CopyFrom(pb.KeyedTransformInfo(
+                enabled=True, version=self.transforms.version, norm=float(self.transforms.norm or 0.0)
+            ))
+        return info
+
+    def _make_advface_info(self) -> pb.ProtectionInfo:
         if self.protector is None:
             return pb.ProtectionInfo(enabled=False, method="none")
         cfg = self.protector.config

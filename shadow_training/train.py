@@ -35,6 +35,9 @@ class TrainConfig:
     jitter: int = 4  #: max pixel shift (at 150 px) applied before the identity loss
     seed: int = 0
     device: str | None = None
+    #: start from this checkpoint's weights (fine-tuning, e.g. adding the identity loss to a pixel-trained decoder);
+    #: its architecture, dimension and image size must match
+    init_from: str | None = None
 
     def resolved_device(self) -> str:
         """``device`` or CUDA when available, else CPU."""
@@ -56,6 +59,24 @@ def _identity_loss(
         x = torch.roll(x, shifts=(shift[0], shift[1]), dims=(2, 3))
     emb = encoder_module(x)
     return ((emb - target).norm(dim=1) / target.norm(dim=1).clamp_min(1e-6)).mean()
+
+
+def _schedule(optimizer: torch.optim.Optimizer, lr: float, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """One-cycle learning rate (10% warm-up, at least two steps of it); constant for runs too short for a cycle."""
+    if total_steps < 8:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: 1.0)
+    pct_start = max(0.1, 2.5 / total_steps)
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps, pct_start=pct_start)
+
+
+def _initial_weights(config: TrainConfig, model: torch.nn.Module) -> dict:
+    from advface.errors import ConfigError
+    from advface.inversion import load_decoder
+
+    init, _meta = load_decoder(config.init_from)
+    if init.config() != model.config():
+        raise ConfigError(f"--init {config.init_from}: a {init.config()} decoder cannot initialise {model.config()}")
+    return init.state_dict()
 
 
 def evaluate_l1(model: torch.nn.Module, pairs: FacePairs, batch_size: int = 256, device: str = "cpu") -> float:
@@ -94,12 +115,13 @@ def train_decoder(
     device = config.resolved_device()
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    model = build_decoder(config.arch, train.embeddings.shape[1], config.image_size).to(device)
+    model = build_decoder(config.arch, train.embeddings.shape[1], config.image_size)
+    if config.init_from:
+        model.load_state_dict(_initial_weights(config, model))
+    model = model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch, pct_start=0.1
-    )
+    scheduler = _schedule(optimizer, config.lr, config.epochs * steps_per_epoch)
     if encoder_module is not None:
         encoder_module = encoder_module.to(device).eval()
         for p in encoder_module.parameters():

@@ -47,3 +47,32 @@ def lfw_sample(lfw_dir: Path) -> list[Path]:
         if len(files) >= 60:
             break
     return files
+
+
+@pytest.fixture(scope="session")
+def postgres_server():  # noqa: ANN201
+    """A real PostgreSQL + pgvector server on 127.0.0.1 for the whole session (advface.testing.postgres).
+
+    Skips when no binaries are found, except under CI=true where that fails the run. Tests create their own
+    database with ``postgres_server.create_database(name)`` so that they never see each other's tables.
+    """
+    from advface.testing.postgres import LocalPostgres, PostgresUnavailable
+
+    try:
+        server = LocalPostgres()
+    except PostgresUnavailable as exc:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"CI=true requires PostgreSQL: {exc}")
+        pytest.skip(str(exc))
+    with server:
+        yield server
+
+
+@pytest.fixture()
+def postgres_dsn(postgres_server, request) -> str:  # noqa: ANN001
+    """The DSN of a fresh database (with pgvector) on the session's server, named after the test."""
+    import re
+    import uuid
+
+    name = re.sub(r"[^a-z0-9_]", "_", request.node.name.lower())[:40] + "_" + uuid.uuid4().hex[:8]
+    return postgres_server.create_database(name)

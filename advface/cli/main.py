@@ -9,10 +9,16 @@ from collections.abc import Sequence
 
 from advface import __version__
 from advface.cli import embed, protect, serve, train_shadow
+from advface.cli import keygen, rotate_key
+from advface.cli import rotate_transform
+from advface.cli import reencode
+from advface.cli import protect_image
+from advface.cli import audit
 from advface.errors import AdvfaceError
 
 #: Subcommand modules; each has ``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``.
-SUBCOMMANDS = [embed, protect, train_shadow, serve]
+SUBCOMMANDS = [embed, protect, train_shadow, serve, keygen, rotate_key, reencode, protect_image, audit,
+               rotate_transform]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,6 +6,11 @@ encoder name and fingerprint are copied; the output has the input's shape. Every
 that template and the parameters (--seed, --rel-l2, --steps, --linf, --step-size, --lanes), not on the batch size
 or the file's order. Without --shadow, the shadow model advface ships for the encoder is used.
 
+``--method advface-id`` runs identity-aware AdvFace instead (advface.protect.identity_aware): the identity of each
+shadow's reconstruction, measured by the encoder's differentiable module, is pushed away from the owner; give it one
+``--shadow`` per ensemble member (identity-aware shadows: ``advface train-shadow --id-weight 1``). It costs far more
+per template than plain AdvFace.
+
 Plain AdvFace slows pixel-only inversion attacks; identity-aware attackers recover most faces at budgets that keep
 matching. Do not treat the output as safe to publish.
 """
@@ -37,8 +42,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="encoder the templates come from (picks the shipped shadow); default: the file's, else dlib",
     )
     parser.add_argument(
-        "--shadow", default=None, metavar="CKPT",
-        help="shadow model checkpoint (advface.inversion format); default: the one shipped for the encoder",
+        "--method", choices=["advface", "advface-id"], default="advface",
+        help="advface (pixel objective, one shadow; default) or advface-id (identity objective, shadow ensemble)",
+    )
+    parser.add_argument(
+        "--shadow", action="append", default=None, metavar="CKPT",
+        help="shadow model checkpoint (advface.inversion format; repeat for advface-id's ensemble); "
+        "default: the one shipped for the encoder",
     )
     parser.add_argument("--seed", type=int, default=defaults.seed, help=f"random-start seed (default {defaults.seed})")
     parser.add_argument(
@@ -67,13 +77,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Execute ``advface protect``."""
+    if args.method == "advface-id":
+        return _run_identity_aware(args)
+    if args.shadow and len(args.shadow) > 1:
+        raise ConfigError("--method advface takes one --shadow (several are for --method advface-id)")
     config = AdvFaceConfig(
         steps=args.steps, rel_l2=args.rel_l2, linf=args.linf, step_size=args.step_size,
         seed=args.seed, batch_size=args.batch_size, lanes=args.lanes,
     )
     data = load_embeddings(args.input)
     encoder = args.encoder or data.encoder or "dlib"
-    shadow_path = Path(args.shadow) if args.shadow else shipped_shadow_path(encoder)
+    shadow_path = Path(args.shadow[0]) if args.shadow else shipped_shadow_path(encoder)
     dim = int(data.embeddings.shape[1])
     protector = Protector.from_checkpoint(
         shadow_path, encoder_fingerprint=data.fingerprint, dim=dim, config=config, device=args.device
@@ -88,7 +102,42 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     with tqdm(total=n, desc=f"protect ({encoder})", unit="template", disable=args.quiet) as bar:
         protected = protector.protect(data.embeddings, progress=bar.update)
-    seconds = time.perf_counter() - start
+    _write(args, data, protected, time.perf_counter() - start, config.rel_l2, f"shadow {shadow_path}")
+    return 0
+
+
+def _run_identity_aware(args: argparse.Namespace) -> int:
+    from advface.encoders import create_encoder
+    from advface.inversion import check_compatible, load_decoder
+    from advface.protect.identity_aware import IdentityAwareConfig, protect_identity_aware
+
+    config = IdentityAwareConfig(steps=args.steps, rel_l2=args.rel_l2, linf=args.linf, step_size=args.step_size,
+                                 seed=args.seed, batch_size=args.batch_size, lanes=args.lanes)
+    data = load_embeddings(args.input)
+    encoder_name = args.encoder or data.encoder or "dlib"
+    encoder = create_encoder(encoder_name)
+    module = encoder.torch_module(args.device)
+    if module is None:
+        raise ConfigError(f"encoder {encoder_name} has no differentiable torch module: advface-id needs one")
+    dim = int(data.embeddings.shape[1])
+    paths = [Path(p) for p in args.shadow] if args.shadow else [shipped_shadow_path(encoder_name)]
+    shadows = []
+    for path in paths:
+        shadow, _metadata = load_decoder(path, device=args.device)
+        check_compatible(shadow, data.fingerprint, dim)
+        shadows.append(shadow)
+    start = time.perf_counter()
+    with tqdm(total=len(data.ids), desc=f"protect advface-id ({encoder_name})", unit="template",
+              disable=args.quiet) as bar:
+        protected = protect_identity_aware(data.embeddings, shadows, module, config,
+                                           chip_size=encoder.chip.size, device=args.device, progress=bar.update)
+    names = ", ".join(str(p) for p in paths)
+    _write(args, data, protected, time.perf_counter() - start, config.rel_l2, f"advface-id shadows {names}")
+    return 0
+
+
+def _write(args: argparse.Namespace, data: EmbeddingsFile, protected, seconds: float, budget: float,  # noqa: ANN001
+           how: str) -> None:
     stats = perturbation_stats(data.embeddings, protected)
     out = save_embeddings(
         args.out,
@@ -98,9 +147,8 @@ def run(args: argparse.Namespace) -> int:
         ),
     )
     print(
-        f"protected {n} templates (dim {dim}, encoder {encoder}, shadow {shadow_path}) in {seconds:.2f} s; "
-        f"rel-L2 mean {stats['rel_l2_mean']:.4f} (max {stats['rel_l2_max']:.4f}, budget {config.rel_l2}), "
+        f"protected {len(data.ids)} templates (dim {protected.shape[1]}, {how}) in {seconds:.2f} s; "
+        f"rel-L2 mean {stats['rel_l2_mean']:.4f} (max {stats['rel_l2_max']:.4f}, budget {budget}), "
         f"cosine to raw mean {stats['cosine_mean']:.4f}; wrote {out}",
         file=sys.stderr,
     )
-    return 0

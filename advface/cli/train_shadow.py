@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--id-weight", type=float, default=0.0,
                         help="weight of the identity loss through the encoder's torch module (default 0: L1 only)")
+    parser.add_argument("--init", help="start from this checkpoint's weights (fine-tuning; same architecture)")
+    parser.add_argument("--jitter", type=int, default=4,
+                        help="max pixel shift before the identity loss, so faces stay faces (default 4)")
     parser.add_argument("--group", default="defender", choices=["defender", "attacker"],
                         help="identity group to train on (default defender)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split and of training")
@@ -61,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
                           workers=args.workers, progress=not args.quiet)
     split = split_identities(pairs.identities[~pairs.flipped].tolist(), seed=args.seed)
     config = TrainConfig(arch=args.arch, image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size,
-                         lr=args.lr, id_weight=args.id_weight, seed=args.seed, device=args.device)
+                         lr=args.lr, id_weight=args.id_weight, jitter=args.jitter, seed=args.seed,
+                         device=args.device, init_from=args.init)
     _model, metadata = train_on_group(pairs, split, args.group, encoder, config, out=args.out,
                                       dataset_name="lfw" if args.lfw else str(args.dataset),
                                       work_dir=args.work_dir, progress=not args.quiet)

@@ -34,7 +34,11 @@ Architectures (:data:`DECODERS`, :func:`build_decoder`):
 - ``"resup"``: MLP stem, then stages of 1x1 channel reduction + nearest-neighbour upsampling + a residual block of
   two 3x3 convolutions (GroupNorm by default); the image comes from a bilinear upsample and a 3x3 convolution;
 - ``"pixelshuffle"``: MLP stem, then stages of 3x3 convolution to ``4 * channels`` + ``PixelShuffle(2)`` and a
-  residual block at the low resolutions; a final sub-pixel convolution writes RGB.
+  residual block at the low resolutions; a final sub-pixel convolution writes RGB;
+- ``"tokens"``: transformer: MLP stem to a grid of tokens at twice the base resolution, learned positions,
+  ``depth`` pre-norm self-attention blocks, then bilinear-upsample + 3x3 convolution stages;
+- ``"modconv"``: StyleGAN2-like: an MLP maps the embedding to a style that modulates (and demodulates) every 3x3
+  convolution of a synthesis network grown from a learned constant map, with RGB skip outputs summed over scales.
 
 Defaults at 64x64 (embedding dim 128): ``deconv`` 2.9 M parameters, 0.17 GFLOP per image for forward + backward;
 ``resup`` 2.9 M, 0.15 GFLOP; ``pixelshuffle`` 3.5 M, 0.24 GFLOP (float32 files of 11-14 MB). On a CPU whose cores
@@ -346,11 +350,123 @@ class PixelShuffleDecoder(_ScheduledDecoder):
         return self.to_rgb(self.stages(self.stem(z)))
 
 
+class _TransformerBlock(nn.Module):
+    """Pre-norm self-attention + MLP block over a sequence of ``N x L x C`` tokens."""
+
+    def __init__(self, channels: int, heads: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(channels)
+        self.attn = nn.MultiheadAttention(channels, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(channels)
+        self.mlp = nn.Sequential(nn.Linear(channels, 2 * channels), nn.GELU(), nn.Linear(2 * channels, channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class TokensDecoder(_ScheduledDecoder):
+    """Transformer decoder: the embedding becomes a grid of tokens (at twice the base resolution) with learned
+    positions, ``depth`` self-attention blocks mix them, then bilinear-upsample + 3x3 conv stages reach full size."""
+
+    arch = "tokens"
+    _CR = 640
+
+    def __init__(
+        self, dim: int, image_size: int, *, width: float = 1.0, hidden: int = 1024, depth: int = 3, heads: int = 4
+    ) -> None:
+        super().__init__(dim, image_size, width=width, hidden=hidden, depth=depth, heads=heads)
+        for key, value, lo, hi in (("depth", depth, 1, 12), ("heads", heads, 1, 16)):
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                raise ConfigError(f"tokens: {key} must be an int in [{lo}, {hi}], got {value!r}")
+        ch = self._setup(width, hidden, "group")
+        self.grid = self.base * 2
+        c = ch[1] - ch[1] % heads
+        self.stem = _Stem(self.dim, hidden, c, self.grid, "none")
+        self.pos = nn.Parameter(torch.zeros(1, self.grid * self.grid, c))
+        nn.init.normal_(self.pos, std=0.02)
+        self.blocks = nn.Sequential(*[_TransformerBlock(c, heads) for _ in range(depth)])
+        stages: list[nn.Module] = []
+        c_in = c
+        for i in range(1, self.k - 1):
+            stages.append(nn.Sequential(nn.Upsample(scale_factor=2.0, mode="bilinear", align_corners=False),
+                                        nn.Conv2d(c_in, ch[i + 1], 3, 1, 1), _make_norm("group", ch[i + 1]), _act()))
+            c_in = ch[i + 1]
+        self.stages = nn.Sequential(*stages)
+        self.to_rgb = nn.Sequential(nn.Upsample(scale_factor=2.0, mode="bilinear", align_corners=False),
+                                    nn.Conv2d(c_in, 3, 3, 1, 1))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.stem(z)  # N x C x G x G
+        n, c, g, _ = x.shape
+        tokens = self.blocks(x.flatten(2).transpose(1, 2) + self.pos)
+        x = tokens.transpose(1, 2).reshape(n, c, g, g)
+        return self.to_rgb(self.stages(x))
+
+
+class _ModConv(nn.Module):
+    """3x3 convolution whose input channels are scaled per sample by a style (then demodulated), StyleGAN2-like."""
+
+    def __init__(self, c_in: int, c_out: int, style_dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(c_out, c_in, 3, 3) / math.sqrt(c_in * 9))
+        self.bias = nn.Parameter(torch.zeros(c_out))
+        self.style = nn.Linear(style_dim, c_in)
+        with torch.no_grad():  # styles start near 1 (plain convolution) but already depend on the embedding
+            self.style.weight.mul_(0.1)
+        nn.init.ones_(self.style.bias)
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        # Modulating the input channels by s and demodulating the output by 1/sqrt(sum w^2 s^2) equals a
+        # convolution with per-sample modulated, demodulated weights, without grouped convolutions.
+        scale = self.style(w)  # N x c_in
+        demod = torch.rsqrt((scale.pow(2) @ self.weight.pow(2).sum(dim=(2, 3)).t()) + 1e-8)  # N x c_out
+        out = F.conv2d(x * scale[:, :, None, None], self.weight, padding=1)
+        return out * demod[:, :, None, None] + self.bias[None, :, None, None]
+
+
+class ModConvDecoder(_ScheduledDecoder):
+    """Style-modulated decoder: an MLP maps the embedding to a style vector that modulates every 3x3 convolution
+    of a synthesis network growing from a learned constant map; RGB is summed over scales (skip outputs)."""
+
+    arch = "modconv"
+    _CR = 768
+
+    def __init__(self, dim: int, image_size: int, *, width: float = 1.0, hidden: int = 512) -> None:
+        super().__init__(dim, image_size, width=width, hidden=hidden)
+        ch = self._setup(width, hidden, "none")
+        del self.stem
+        style_dim = max(hidden, 64)
+        self.mapping = nn.Sequential(nn.Linear(self.dim, style_dim), _act(), nn.Linear(style_dim, style_dim), _act())
+        self.const = nn.Parameter(torch.randn(1, ch[0], self.base, self.base))
+        self.first = _ModConv(ch[0], ch[0], style_dim)
+        self.convs = nn.ModuleList()
+        self.rgbs = nn.ModuleList([nn.Conv2d(ch[0], 3, 1)])
+        for i in range(self.k):
+            c_in, c_out = ch[i], ch[i + 1]
+            self.convs.append(_ModConv(c_in, c_out, style_dim))
+            self.rgbs.append(nn.Conv2d(c_out, 3, 1))
+        self.act = _act()
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        w = self.mapping(z)
+        x = self.act(self.first(self.const.expand(len(z), -1, -1, -1), w))
+        rgb = self.rgbs[0](x)
+        for conv, to_rgb in zip(self.convs, self.rgbs[1:]):
+            x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+            x = self.act(conv(x, w))
+            rgb = F.interpolate(rgb, scale_factor=2.0, mode="bilinear", align_corners=False) + to_rgb(x)
+        return rgb
+
+
 #: Decoder classes by architecture name.
 DECODERS: dict[str, Callable[..., InversionDecoder]] = {
     DeconvDecoder.arch: DeconvDecoder,
     ResUpDecoder.arch: ResUpDecoder,
     PixelShuffleDecoder.arch: PixelShuffleDecoder,
+    TokensDecoder.arch: TokensDecoder,
+    ModConvDecoder.arch: ModConvDecoder,
 }
 
 

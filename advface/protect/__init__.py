@@ -4,17 +4,22 @@
 - :func:`protect_embeddings` -- protect an ``N x D`` array against a shadow decoder;
 - :class:`Protector` -- shadow + config + device, loadable from a checkpoint (what the server uses);
 - :func:`perturbation_stats` -- how far protected templates moved;
-- :func:`shipped_shadow_path` -- the shadow model advface ships for an encoder.
+- :func:`shipped_shadow_path` -- the shadow model advface ships for an encoder;
+- :class:`IdentityAwareConfig`, :func:`protect_identity_aware` -- identity-aware AdvFace (an ensemble of shadows,
+  identity objective through the encoder's torch module).
 """
 
 from advface.protect.advface import AdvFaceConfig, Protector, perturbation_stats, protect_embeddings
+from advface.protect.identity_aware import IdentityAwareConfig, protect_identity_aware
 from advface.protect.shipped import SHIPPED_MODELS_DIR, shipped_shadow_path
 
 __all__ = [
     "SHIPPED_MODELS_DIR",
     "AdvFaceConfig",
+    "IdentityAwareConfig",
     "Protector",
     "perturbation_stats",
     "protect_embeddings",
+    "protect_identity_aware",
     "shipped_shadow_path",
 ]

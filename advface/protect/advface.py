@@ -98,22 +98,9 @@ class AdvFaceConfig:
     lanes: int = 4
 
     def __post_init__(self) -> None:
-        if not _is_int(self.steps) or self.steps < 0:
-            raise ConfigError(f"AdvFace steps must be an integer >= 0, got {self.steps!r}")
-        if not _is_positive_real(self.rel_l2) or float(self.rel_l2) > 1:
-            raise ConfigError(f"AdvFace rel_l2 (||delta|| / ||z||) must be in (0, 1], got {self.rel_l2!r}")
-        if self.linf is not None and not _is_positive_real(self.linf):
-            raise ConfigError(f"AdvFace linf must be None or a finite number > 0, got {self.linf!r}")
-        if self.step_size is not None and not _is_positive_real(self.step_size):
-            raise ConfigError(f"AdvFace step_size must be None or a finite number > 0, got {self.step_size!r}")
+        check_ascent_config(self, "AdvFace")
         if not isinstance(self.random_start, bool):
             raise ConfigError(f"AdvFace random_start must be a bool, got {self.random_start!r}")
-        if not _is_int(self.seed) or not 0 <= self.seed < 2**64:
-            raise ConfigError(f"AdvFace seed must be an integer in [0, 2**64), got {self.seed!r}")
-        if not _is_int(self.batch_size) or self.batch_size < 1:
-            raise ConfigError(f"AdvFace batch_size must be an integer >= 1, got {self.batch_size!r}")
-        if not _is_int(self.lanes) or self.lanes < 1:
-            raise ConfigError(f"AdvFace lanes must be an integer >= 1, got {self.lanes!r}")
 
     @property
     def effective_step_size(self) -> float:
@@ -124,6 +111,25 @@ class AdvFaceConfig:
 
 
 # --------------------------------------------------------------------------------------------------- helpers
+
+
+def check_ascent_config(config: Any, method: str) -> None:
+    """Validate the fields every sign-ascent protection config shares (steps, rel_l2, linf, step_size, seed,
+    batch_size, lanes); ConfigError naming ``method`` otherwise."""
+    if not _is_int(config.steps) or config.steps < 0:
+        raise ConfigError(f"{method} steps must be an integer >= 0, got {config.steps!r}")
+    if not _is_positive_real(config.rel_l2) or float(config.rel_l2) > 1:
+        raise ConfigError(f"{method} rel_l2 (||delta|| / ||z||) must be in (0, 1], got {config.rel_l2!r}")
+    if config.linf is not None and not _is_positive_real(config.linf):
+        raise ConfigError(f"{method} linf must be None or a finite number > 0, got {config.linf!r}")
+    if config.step_size is not None and not _is_positive_real(config.step_size):
+        raise ConfigError(f"{method} step_size must be None or a finite number > 0, got {config.step_size!r}")
+    if not _is_int(config.seed) or not 0 <= config.seed < 2**64:
+        raise ConfigError(f"{method} seed must be an integer in [0, 2**64), got {config.seed!r}")
+    for name in ("batch_size", "lanes"):
+        value = getattr(config, name)
+        if not _is_int(value) or value < 1:
+            raise ConfigError(f"{method} {name} must be an integer >= 1, got {value!r}")
 
 
 def _shadow_dim(shadow: nn.Module) -> int:

@@ -2,6 +2,8 @@
 
 - :class:`TemplateStore` -- the interface (:mod:`advface.store.base`), with :class:`Match` and :class:`SubjectInfo`;
 - :class:`SQLiteFaissStore` -- SQLite as the durable truth, one faiss index per tenant for search.
+- :class:`advface.store.postgres.PostgresStore` -- PostgreSQL + pgvector, searched in SQL (shared by several
+  sidecars); imported from its module, so that psycopg is only loaded when it is used.
 """
 
 from advface.store.base import Match, SubjectInfo, TemplateStore

@@ -213,6 +213,14 @@ def check_items(items: Any, dim: int, replace: bool) -> list[tuple[str, np.ndarr
     return out
 
 
+def check_add_many(tenant: Any, items: Any, dim: int, replace: Any) -> list[tuple[str, np.ndarray, dict[str, str] | None]]:
+    """Validate all arguments of :meth:`TemplateStore.add_many`; returns the checked items."""
+    check_id(tenant, "tenant")
+    if not isinstance(replace, bool):
+        raise ConfigError(f"replace must be a bool, got {replace!r}")
+    return check_items(items, dim, replace)
+
+
 # --------------------------------------------------------------------------------------------------- interface
 
 

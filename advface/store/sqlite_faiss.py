@@ -14,10 +14,24 @@ dimension or metric raises ConfigError. Templates are stored as little-endian fl
 (never reused: AUTOINCREMENT) are the faiss ids.
 
 Indexes: ``IndexIDMap2`` over ``IndexFlatL2`` (euclidean) or over ``IndexFlatIP`` on L2-normalised copies of the
-vectors (cosine); rebuilt from SQLite when the store opens. Writes commit to SQLite first, then update the index;
-a search sees a write once its method has returned. With ``use_gpu`` (``"auto"``: when faiss reports a GPU and a
-tenant holds at least :data:`GPU_MIN_ROWS` templates; ``True``: every tenant, when faiss reports a GPU; never
-required) searches run on a GPU copy of the flat index, rebuilt lazily after deletions.
+vectors (cosine); rebuilt from SQLite when the store opens. With ``IndexOptions(kind="ivf")``, tenants of at least
+``min_rows`` templates are also indexed by an approximate ``IndexIVFFlat`` (trained on the tenant's templates,
+retrained as it grows; deletions remove its entries too) that answers their searches; smaller tenants stay exact.
+Writes commit to SQLite first, then update the index; a search sees a write once its method has returned. With
+``use_gpu`` (``"auto"``: when faiss reports a GPU and a tenant holds at least :data:`GPU_MIN_ROWS` templates;
+``True``: every tenant, when faiss reports a GPU; never required) searches run on a GPU copy of the flat index
+(preferred over the IVF index), rebuilt lazily after deletions.
+
+Encryption at rest (optional ``cipher``, a :class:`~advface.crypto.TemplateCipher`): every vector BLOB is then
+AES-256-GCM ciphertext bound to its row (associated data: tenant, subject id, template id; see
+:func:`advface.crypto.template_aad`), decrypted only in memory to build the index. The ``meta`` table records
+``encryption`` (``aes-256-gcm``) and ``key_ids`` (JSON list of the ids of the keys rows may be under). Opening an
+encrypted database without a cipher, with a keyring lacking a key some rows are under (wrong key, unfinished
+rotation), or a plaintext database that holds templates with a cipher (without ``migrate_plaintext=True``) raises
+ConfigError; a ciphertext that fails authentication makes the open fail with an IntegrityError naming every such
+row (:meth:`SQLiteFaissStore.verify_integrity` lists them). :meth:`SQLiteFaissStore.rotate` re-encrypts every row
+under a new key in batches of one transaction each: it resumes after a crash, and each row is always readable under
+the old or the new key (blobs carry their key id). It also finishes a ``migrate_plaintext`` migration.
 
 Thread safety: writers are serialised; searches run concurrently with each other (a readers-writer lock guards the
 indexes, the SQLite connection has its own lock).
@@ -28,18 +42,21 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
 
-from advface.errors import ConfigError, NotFoundError
+from advface.crypto import BLOB_VERSION, ENCRYPTED_OVERHEAD, ENCRYPTION_SCHEME, TemplateCipher, template_aad
+from advface.errors import ConfigError, IntegrityError, NotFoundError
 from advface.store.base import (
     MAX_PAGE_SIZE,
     Match,
@@ -48,7 +65,7 @@ from advface.store.base import (
     TemplateStore,
     check_dim_metric,
     check_id,
-    check_items,
+    check_add_many,
     check_metadata,
     check_positive_int,
     check_probe,
@@ -69,6 +86,10 @@ SCHEMA_VERSION = 1
 GPU_MIN_ROWS = 20_000
 #: Largest k of a faiss GPU search; larger candidate lists are searched on the CPU.
 GPU_MAX_K = 2048
+#: Search index kinds (:class:`IndexOptions`).
+INDEX_KINDS = ("flat", "ivf")
+#: Largest candidate list asked of an IVF index; longer ones are searched exactly.
+IVF_MAX_K = 4096
 _MAX_SEARCH_K = 10_000_000
 
 _SCHEMA = """
@@ -154,23 +175,71 @@ class _GpuBackend:
         return faiss.index_cpu_to_gpu(self.resources, 0, flat)
 
 
-class _TenantIndex:
-    """One tenant's faiss index, the labels of its ids and an optional GPU copy for search."""
+@dataclass(frozen=True)
+class IndexOptions:
+    """How tenants are searched: ``kind`` ``"flat"`` (exact, brute force) or ``"ivf"`` (an approximate
+    ``IndexIVFFlat`` for tenants of at least ``min_rows`` templates; smaller tenants stay exact).
 
-    def __init__(self, dim: int, metric: StoreMetric) -> None:
+    IVF: ``nlist`` inverted lists (0: about ``sqrt(n)``), ``nprobe`` lists visited per search; trained on (a sample
+    of) the tenant's templates when it reaches ``min_rows`` and retrained whenever it has grown ``retrain_factor``
+    times since; dropped again below ``min_rows / 2``. It holds a second copy of the vectors (the exact index stays:
+    it is what the IVF is trained from and what answers when the IVF finds too few candidates).
+    """
+
+    kind: str = "flat"
+    min_rows: int = 100_000
+    nlist: int = 0
+    nprobe: int = 128
+    retrain_factor: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in INDEX_KINDS:
+            raise ConfigError(f"index must be one of {', '.join(INDEX_KINDS)}, got {self.kind!r}")
+        for name, lo in (("min_rows", 1), ("nlist", 0), ("nprobe", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+                raise ConfigError(f"index option {name} must be an integer >= {lo}, got {value!r}")
+        if not self.retrain_factor > 1:
+            raise ConfigError(f"index option retrain_factor must be > 1, got {self.retrain_factor!r}")
+
+    def nlist_for(self, n: int) -> int:
+        """Inverted lists for a tenant of ``n`` templates (at least 39 training points per list)."""
+        wanted = self.nlist or int(round(math.sqrt(n)))
+        return max(1, min(wanted, n // 39, 65536))
+
+
+class _TenantIndex:
+    """One tenant's faiss index, the labels of its ids, an optional approximate (IVF) index and an optional GPU
+    copy for search."""
+
+    def __init__(self, dim: int, metric: StoreMetric, options: IndexOptions | None = None) -> None:
+        self.dim, self.metric = dim, metric
         self.flat = faiss.IndexFlatL2(dim) if metric == "euclidean" else faiss.IndexFlatIP(dim)
         self.index = faiss.IndexIDMap2(self.flat)
         self.labels: dict[int, tuple[str, str]] = {}  # row id -> (subject id, template id)
         self.gpu: faiss.Index | None = None  # copy of self.flat: positions, not row ids
         self.gpu_ids: np.ndarray | None = None  # position -> row id, valid with self.gpu
+        self.options = options or IndexOptions()
+        self.ivf: faiss.Index | None = None  # approximate index over the same row ids (IndexOptions.kind "ivf")
+        self.ivf_trained_rows = 0
 
     @property
     def ntotal(self) -> int:
         return int(self.index.ntotal)
 
-    def add(self, rowids: np.ndarray, vectors: np.ndarray, labels: Sequence[tuple[str, str]]) -> None:
+    @property
+    def kind(self) -> str:
+        """``"ivf"`` when searches use the approximate index, else ``"flat"``."""
+        return "ivf" if self.ivf is not None else "flat"
+
+    def add(self, rowids: np.ndarray, vectors: np.ndarray, labels: Sequence[tuple[str, str]], *,
+            update_approx: bool = True) -> None:
         self.index.add_with_ids(vectors, rowids)
         self.labels.update(zip(rowids.tolist(), labels))
+        if self.ivf is not None:
+            self.ivf.add_with_ids(vectors, rowids)
+        if update_approx:
+            self.update_approx()
         if self.gpu is not None:
             try:
                 self.gpu.add(vectors)
@@ -182,9 +251,41 @@ class _TenantIndex:
     def remove(self, rowids: np.ndarray) -> None:
         self.drop_gpu()
         if len(rowids):
-            self.index.remove_ids(np.ascontiguousarray(rowids, dtype=np.int64))
+            ids = np.ascontiguousarray(rowids, dtype=np.int64)
+            self.index.remove_ids(ids)
+            if self.ivf is not None:
+                self.ivf.remove_ids(ids)
         for rowid in rowids.tolist():
             self.labels.pop(rowid, None)
+        self.update_approx()
+
+    def update_approx(self) -> None:
+        """Build, retrain or drop the IVF index as the tenant's size asks (see :class:`IndexOptions`)."""
+        opts = self.options
+        n = self.ntotal
+        if opts.kind != "ivf" or n < opts.min_rows // 2:
+            self.ivf, self.ivf_trained_rows = None, 0
+            return
+        if n < opts.min_rows and self.ivf is None:
+            return
+        if self.ivf is not None and n < opts.retrain_factor * self.ivf_trained_rows:
+            return
+        vectors = self.flat.reconstruct_n(0, n)
+        ids = faiss.vector_to_array(self.index.id_map).astype(np.int64)
+        nlist = opts.nlist_for(n)
+        sample = vectors
+        if n > 64 * nlist:  # faiss k-means uses at most 256 points per centroid; 64 are plenty
+            sample = vectors[np.sort(np.random.default_rng(0).choice(n, 64 * nlist, replace=False))]
+        if self.metric == "euclidean":
+            quantizer, metric = faiss.IndexFlatL2(self.dim), faiss.METRIC_L2
+        else:
+            quantizer, metric = faiss.IndexFlatIP(self.dim), faiss.METRIC_INNER_PRODUCT
+        ivf = faiss.IndexIVFFlat(quantizer, self.dim, nlist, metric)
+        ivf.train(np.ascontiguousarray(sample))
+        ivf.add_with_ids(vectors, ids)
+        ivf.nprobe = min(opts.nprobe, nlist)
+        self.ivf, self.ivf_trained_rows = ivf, n
+        self._quantizer = quantizer  # the IVF index uses it: keep it alive as long as the index
 
     def drop_gpu(self) -> None:
         self.gpu = None
@@ -205,12 +306,23 @@ class SQLiteFaissStore(TemplateStore):
         metric: StoreMetric,
         *,
         use_gpu: bool | str = "auto",
+        index: IndexOptions | None = None,
+        cipher: TemplateCipher | None = None,
+        migrate_plaintext: bool = False,
     ) -> None:
         self.dim, self.metric = check_dim_metric(dim, metric)
+        if cipher is not None and not isinstance(cipher, TemplateCipher):
+            raise ConfigError(f"cipher must be a TemplateCipher, got {type(cipher).__name__}")
+        self._cipher = cipher
+        self._migrate_plaintext = bool(migrate_plaintext)
+        self._plaintext_rows = False  # an encryption migration is under way: rows of 4*dim bytes are plaintext
         if use_gpu not in ("auto", True, False):
             raise ConfigError(f"use_gpu must be 'auto', true or false, got {use_gpu!r}")
         self.path = Path(path).expanduser()
         self._use_gpu = use_gpu
+        self.index_options = index if index is not None else IndexOptions()
+        if not isinstance(self.index_options, IndexOptions):
+            raise ConfigError(f"index must be an IndexOptions, got {type(index).__name__}")
         self._write_mutex = threading.Lock()  # one writer at a time, SQL and index together
         self._db_lock = threading.Lock()  # the SQLite connection
         self._index_lock = _RWLock()  # self._tenants
@@ -224,12 +336,16 @@ class SQLiteFaissStore(TemplateStore):
             self._lock_fd = self._acquire_process_lock()
             self._conn = self._open_database()
             self._check_meta()
+            self._check_encryption()
             if use_gpu is not False and _gpu_count() > 0:
                 self._gpu = _GpuBackend()
             elif use_gpu is True:
                 log.warning("use_gpu=true but faiss sees no GPU: searching on the CPU")
             started = time.perf_counter()
-            self._rebuild()
+            try:
+                self._rebuild()
+            except IntegrityError:
+                raise self._integrity_report() from None
             log.debug(
                 "opened %s: %d templates, %d tenants, index built in %.3f s",
                 self.path,
@@ -337,11 +453,13 @@ class SQLiteFaissStore(TemplateStore):
                     while end < len(rows) and rows[end][0] == tenant:
                         end += 1
                     run = rows[start:end]
-                    ti = tenants.get(tenant) or tenants.setdefault(tenant, _TenantIndex(self.dim, self.metric))
-                    vectors = self._blobs_to_array([r[4] for r in run])
+                    ti = tenants.get(tenant) or tenants.setdefault(tenant, self._new_tenant_index())
+                    vectors = self._blobs_to_array([r[4] for r in run], tenant, [(r[2], r[3]) for r in run])
                     rowids = np.fromiter((r[1] for r in run), dtype=np.int64, count=len(run))
-                    ti.add(rowids, self._index_vectors(vectors), [(r[2], r[3]) for r in run])
+                    ti.add(rowids, self._index_vectors(vectors), [(r[2], r[3]) for r in run], update_approx=False)
                     start = end
+        for ti in tenants.values():
+            ti.update_approx()
         self._tenants = tenants
 
     def _rebuild_tenant(self, tenant: str) -> None:
@@ -354,9 +472,9 @@ class SQLiteFaissStore(TemplateStore):
                 "JOIN subjects s ON s.id = t.subject WHERE s.tenant = ? ORDER BY t.id",
                 (tenant,),
             ).fetchall()
-        ti = _TenantIndex(self.dim, self.metric)
+        ti = self._new_tenant_index()
         if rows:
-            vectors = self._blobs_to_array([r[3] for r in rows])
+            vectors = self._blobs_to_array([r[3] for r in rows], tenant, [(r[1], r[2]) for r in rows])
             ti.add(np.array([r[0] for r in rows], np.int64), self._index_vectors(vectors), [(r[1], r[2]) for r in rows])
             self._tenants[tenant] = ti
         else:
@@ -364,13 +482,22 @@ class SQLiteFaissStore(TemplateStore):
 
     # ----------------------------------------------------------------------------------------------- helpers
 
-    def _blobs_to_array(self, blobs: Sequence[bytes]) -> np.ndarray:
+    def _blobs_to_array(
+        self, blobs: Sequence[bytes], tenant: str = "", labels: Sequence[tuple[str, str]] = ()
+    ) -> np.ndarray:
+        """Stored BLOBs -> ``N x dim`` float32 (decrypted first when the store is encrypted; ``labels``: the
+        (subject id, template id) of each BLOB, needed then)."""
+        if self._cipher is not None:
+            blobs = self._decrypt_blobs(blobs, tenant, labels)
         size = 4 * self.dim
         for blob in blobs:
             if len(blob) != size:
                 raise ConfigError(f"template store {self.path} is corrupt: a {len(blob)}-byte vector, expected {size}")
         joined = b"".join(blobs)
         return np.frombuffer(joined, dtype="<f4").astype(np.float32).reshape(len(blobs), self.dim)
+
+    def _new_tenant_index(self) -> _TenantIndex:
+        return _TenantIndex(self.dim, self.metric, self.index_options)
 
     def _index_vectors(self, vectors: np.ndarray) -> np.ndarray:
         """What the index holds for ``vectors``: themselves, or their L2-normalised copies for cosine."""
@@ -422,7 +549,7 @@ class SQLiteFaissStore(TemplateStore):
                     ti.remove(np.asarray(removed, np.int64))
                 if added:
                     if ti is None:
-                        ti = self._tenants[tenant] = _TenantIndex(self.dim, self.metric)
+                        ti = self._tenants[tenant] = self._new_tenant_index()
                     rowids = np.array([a[0] for a in added], np.int64)
                     assert added_vectors is not None
                     ti.add(rowids, self._index_vectors(added_vectors), [(a[1], a[2]) for a in added])
@@ -449,10 +576,7 @@ class SQLiteFaissStore(TemplateStore):
         *,
         replace: bool = False,
     ) -> list[list[str]]:
-        check_id(tenant, "tenant")
-        if not isinstance(replace, bool):
-            raise ConfigError(f"replace must be a bool, got {replace!r}")
-        checked = check_items(items, self.dim, replace)
+        checked = check_add_many(tenant, items, self.dim, replace)
         if not checked:
             self._check_open()
             return []
@@ -489,7 +613,7 @@ class SQLiteFaissStore(TemplateStore):
                         template_id = uuid.uuid4().hex
                         rowid = conn.execute(
                             "INSERT INTO templates (template_id, subject, vector, created_at) VALUES (?, ?, ?, ?)",
-                            (template_id, pk, vector.astype("<f4").tobytes(), now),
+                            (template_id, pk, self._encode_vector(vector, tenant, subject_id, template_id), now),
                         ).lastrowid
                         ids.append(template_id)
                         added.append((int(rowid), subject_id, template_id))
@@ -574,8 +698,10 @@ class SQLiteFaissStore(TemplateStore):
         conn = self._check_open()
         with self._db_lock:
             pk = self._subject_row(conn, tenant, subject_id)[0]
-            blobs = [r[0] for r in conn.execute("SELECT vector FROM templates WHERE subject = ? ORDER BY id", (pk,))]
-        return self._blobs_to_array(blobs)
+            rows = conn.execute(
+                "SELECT vector, template_id FROM templates WHERE subject = ? ORDER BY id", (pk,)
+            ).fetchall()
+        return self._blobs_to_array([r[0] for r in rows], tenant, [(subject_id, r[1]) for r in rows])
 
     def search(self, tenant: str, probe: np.ndarray, k: int) -> list[Match]:
         check_id(tenant, "tenant")
@@ -619,6 +745,10 @@ class SQLiteFaissStore(TemplateStore):
                 assert ti.gpu_ids is not None
                 ids = np.where(positions >= 0, ti.gpu_ids[np.maximum(positions, 0)], -1)
             return distances[0], ids[0]
+        if ti.ivf is not None and kk <= IVF_MAX_K:
+            distances, ids = ti.ivf.search(query, kk)
+            if (ids[0] >= 0).all():  # else the probed lists held fewer than kk templates: search exactly
+                return distances[0], ids[0]
         distances, ids = ti.index.search(query, kk)
         return distances[0], ids[0]
 
@@ -643,6 +773,12 @@ class SQLiteFaissStore(TemplateStore):
         with self._db_lock:
             return [r[0] for r in conn.execute("SELECT DISTINCT tenant FROM subjects ORDER BY tenant")]
 
+    def index_kind(self, tenant: str) -> str:
+        """``"ivf"`` when ``tenant`` is searched approximately, ``"flat"`` when exactly (or when it is empty)."""
+        with self._index_lock.read():
+            ti = self._tenants.get(tenant)
+            return "flat" if ti is None else ti.kind
+
     def index_size(self, tenant: str | None = None) -> int:
         """Templates held by the in-memory index (of ``tenant``, or all); equals :meth:`count` (for tests)."""
         with self._index_lock.read():
@@ -650,6 +786,325 @@ class SQLiteFaissStore(TemplateStore):
                 ti = self._tenants.get(tenant)
                 return 0 if ti is None else ti.ntotal
             return sum(t.ntotal for t in self._tenants.values())
+
+    # ----------------------------------------------------------------------------------------------- encryption
+
+    def _encode_vector(self, vector: np.ndarray, tenant: str, subject_id: str, template_id: str) -> bytes:
+        """The BLOB stored for ``vector``: little-endian float32, encrypted when the store has a cipher."""
+        raw = np.asarray(vector).astype("<f4").tobytes()
+        if self._cipher is None:
+            return raw
+        return self._cipher.encrypt(raw, template_aad(tenant, template_id, subject_id))
+
+    def _decrypt_blobs(self, blobs: Sequence[bytes], tenant: str, labels: Sequence[tuple[str, str]]) -> list[bytes]:
+        cipher = self._cipher
+        assert cipher is not None and len(labels) == len(blobs), "encrypted BLOBs need their labels"
+        plain_size = 4 * self.dim
+        out: list[bytes] = []
+        bad: list[str] = []
+        for blob, (subject_id, template_id) in zip(blobs, labels):
+            if self._plaintext_rows and len(blob) == plain_size:  # not yet migrated
+                out.append(blob)
+                continue
+            try:
+                out.append(cipher.decrypt(blob, template_aad(tenant, template_id, subject_id)))
+            except IntegrityError as exc:
+                bad.append(f"tenant {tenant!r} subject {subject_id!r} template {template_id!r}: {exc}")
+        if bad:
+            raise IntegrityError(f"template store {self.path}: {len(bad)} template(s) failed authentication: "
+                                 + "; ".join(bad[:10]))
+        return out
+
+    def _meta(self, conn: sqlite3.Connection) -> dict[str, str]:
+        return dict(conn.execute("SELECT key, value FROM meta").fetchall())
+
+    def _set_meta(self, conn: sqlite3.Connection, values: Mapping[str, str | None]) -> None:
+        for key, value in values.items():
+            if value is None:
+                conn.execute("DELETE FROM meta WHERE key = ?", (key,))
+            else:
+                conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    def _row_key_ids(self, conn: sqlite3.Connection) -> set[str]:
+        """Ids of the keys the encrypted rows are under (a full scan)."""
+        rows = conn.execute(
+            "SELECT DISTINCT hex(substr(vector, 2, 8)) FROM templates WHERE length(vector) = ?",
+            (4 * self.dim + ENCRYPTED_OVERHEAD,),
+        )
+        return {r[0].lower() for r in rows}
+
+    def _check_encryption(self) -> None:
+        """Match the database's encryption state (``meta``) with the cipher given; ConfigError on a mismatch."""
+        conn = self._check_open()
+        cipher = self._cipher
+        with self._transaction():
+            meta = self._meta(conn)
+            state = meta.get("encryption", "none")
+            has_rows = conn.execute("SELECT EXISTS (SELECT 1 FROM templates)").fetchone()[0] == 1
+            if state == "none":
+                if cipher is None:
+                    return
+                if has_rows and not self._migrate_plaintext:
+                    raise ConfigError(
+                        f"template store {self.path} holds unencrypted templates but an encryption key is configured; "
+                        "encrypt it first with `advface rotate-key --new-key-file KEY` (or open it without a key)"
+                    )
+                self._set_meta(conn, {
+                    "encryption": ENCRYPTION_SCHEME,
+                    "key_ids": json.dumps([cipher.key_id]),
+                    "plaintext_rows": "1" if has_rows else None,
+                })
+                self._plaintext_rows = has_rows
+                if has_rows:
+                    log.warning("template store %s: encrypting its existing templates (migration started)", self.path)
+                return
+            if state != ENCRYPTION_SCHEME:
+                raise ConfigError(f"template store {self.path} uses unknown encryption {state!r}")
+            key_ids = [str(k) for k in json.loads(meta.get("key_ids", "[]"))]
+            if cipher is None:
+                raise ConfigError(
+                    f"template store {self.path} is encrypted (key id(s) {', '.join(key_ids) or '?'}) but no "
+                    "encryption key is configured (section `encryption`)"
+                )
+            self._plaintext_rows = meta.get("plaintext_rows") == "1"
+            if any(not cipher.has_key(k) for k in key_ids):
+                used = self._row_key_ids(conn)
+                lacking = sorted(k for k in used if not cipher.has_key(k))
+                if lacking:
+                    rotation = meta.get("rotation")
+                    hint = (
+                        f"; a rotation to key {rotation} is unfinished: configure both keys (previous_key_files) "
+                        "and run `advface rotate-key` again"
+                        if rotation else "; wrong key?"
+                    )
+                    raise ConfigError(
+                        f"template store {self.path} holds templates encrypted under key id(s) {', '.join(lacking)}, "
+                        f"which the configured key(s) {', '.join(cipher.key_ids)} do not include{hint}"
+                    )
+                key_ids = [k for k in key_ids if k in used]
+            if cipher.key_id not in key_ids:
+                key_ids.insert(0, cipher.key_id)  # new rows will be written under it
+            if json.dumps(key_ids) != meta.get("key_ids"):
+                self._set_meta(conn, {"key_ids": json.dumps(key_ids)})
+            if meta.get("rotation") and meta["rotation"] != cipher.key_id:
+                log.warning("template store %s: a rotation to key %s is unfinished", self.path, meta["rotation"])
+
+    def encryption_info(self) -> dict[str, object]:
+        """The store's encryption state: ``encrypted``, ``key_ids`` (rows may be under), ``primary_key_id``,
+        ``rotation`` (target key id of an unfinished rotation, or None), ``plaintext_rows`` (migration unfinished)."""
+        conn = self._check_open()
+        with self._db_lock:
+            meta = self._meta(conn)
+        return {
+            "encrypted": meta.get("encryption", "none") != "none",
+            "key_ids": json.loads(meta.get("key_ids", "[]")),
+            "primary_key_id": None if self._cipher is None else self._cipher.key_id,
+            "rotation": meta.get("rotation"),
+            "plaintext_rows": meta.get("plaintext_rows") == "1",
+        }
+
+    def verify_integrity(self) -> list[tuple[str, str, str, str]]:
+        """Decrypt every row; ``(tenant, subject id, template id, reason)`` of each one that fails (empty: all good,
+        or the store is not encrypted)."""
+        conn = self._check_open()
+        cipher = self._cipher
+        if cipher is None:
+            return []
+        bad: list[tuple[str, str, str, str]] = []
+        with self._db_lock:
+            cursor = conn.execute(
+                "SELECT s.tenant, s.subject_id, t.template_id, t.vector FROM templates t "
+                "JOIN subjects s ON s.id = t.subject ORDER BY t.id"
+            )
+            while rows := cursor.fetchmany(4096):
+                for tenant, subject_id, template_id, blob in rows:
+                    if self._plaintext_rows and len(blob) == 4 * self.dim:
+                        continue
+                    try:
+                        cipher.decrypt(blob, template_aad(tenant, template_id, subject_id))
+                    except IntegrityError as exc:
+                        bad.append((tenant, subject_id, template_id, str(exc)))
+        return bad
+
+    def _integrity_report(self) -> IntegrityError:
+        bad = self.verify_integrity()
+        listed = "; ".join(f"tenant {t!r} subject {s!r} template {i!r}" for t, s, i, _ in bad[:20])
+        more = f" and {len(bad) - 20} more" if len(bad) > 20 else ""
+        return IntegrityError(
+            f"template store {self.path}: {len(bad)} encrypted template(s) failed authentication (tampered, "
+            f"truncated or moved between rows): {listed}{more}. The store was not opened; restore it from a backup "
+            "or delete these templates"
+        )
+
+    def rotate(self, new_cipher: TemplateCipher, *, batch_size: int = 1000, progress: bool = False) -> int:
+        """Re-encrypt every template under ``new_cipher``'s primary key; returns the number of rows rewritten.
+
+        The store's keyring (old keys) is kept for reading until the end, and new writes use the new key at once.
+        Each batch of ``batch_size`` rows is one transaction, so a crash loses at most the batch under way; running
+        ``rotate`` again (with a keyring holding the old and the new key) resumes. Also encrypts the plaintext rows
+        of a store opened with ``migrate_plaintext=True``. IntegrityError (naming the row) if a row fails
+        authentication; the batch is then rolled back.
+        """
+        if not isinstance(new_cipher, TemplateCipher):
+            raise ConfigError(f"new_cipher must be a TemplateCipher, got {type(new_cipher).__name__}")
+        batch_size = check_positive_int(batch_size, "batch_size", 1_000_000)
+        if self._cipher is None:
+            raise ConfigError(
+                f"template store {self.path} is not encrypted; open it with a cipher and migrate_plaintext=True "
+                "to encrypt it"
+            )
+        from tqdm.auto import tqdm
+
+        with self._write_mutex:
+            ring = new_cipher.with_previous(self._cipher)
+            with self._transaction() as conn:
+                key_ids = [str(k) for k in json.loads(self._meta(conn).get("key_ids", "[]"))]
+                key_ids = [ring.key_id] + [k for k in key_ids if k != ring.key_id]
+                self._set_meta(conn, {"key_ids": json.dumps(key_ids), "rotation": ring.key_id})
+            self._cipher = ring
+        target = bytes.fromhex("%02x" % BLOB_VERSION + ring.key_id)
+        pending_sql = "NOT (length(t.vector) = ? AND substr(t.vector, 1, ?) = ?)"
+        pending_args = (4 * self.dim + ENCRYPTED_OVERHEAD, len(target), target)
+        with self._db_lock:
+            total = self._check_open().execute(
+                f"SELECT COUNT(*) FROM templates t WHERE {pending_sql}", pending_args
+            ).fetchone()[0]
+        done = 0
+        last = 0
+        with tqdm(total=total, desc="re-encrypting templates", unit="tpl", disable=not progress) as bar:
+            while True:
+                with self._write_mutex, self._transaction() as conn:
+                    rows = conn.execute(
+                        "SELECT t.id, s.tenant, s.subject_id, t.template_id, t.vector FROM templates t "
+                        f"JOIN subjects s ON s.id = t.subject WHERE t.id > ? AND {pending_sql} ORDER BY t.id LIMIT ?",
+                        (last, *pending_args, batch_size),
+                    ).fetchall()
+                    updates = []
+                    for rowid, tenant, subject_id, template_id, blob in rows:
+                        aad = template_aad(tenant, template_id, subject_id)
+                        if self._plaintext_rows and len(blob) == 4 * self.dim:
+                            raw = blob
+                        else:
+                            try:
+                                raw = ring.decrypt(blob, aad)
+                            except IntegrityError as exc:
+                                raise IntegrityError(
+                                    f"template store {self.path}: tenant {tenant!r} subject {subject_id!r} template "
+                                    f"{template_id!r} failed authentication during rotation: {exc}"
+                                ) from None
+                        updates.append((ring.encrypt(raw, aad), rowid))
+                    conn.executemany("UPDATE templates SET vector = ? WHERE id = ?", updates)
+                if not rows:
+                    break
+                last = rows[-1][0]
+                done += len(rows)
+                bar.update(len(rows))
+        with self._write_mutex:
+            with self._transaction() as conn:
+                self._set_meta(conn, {"key_ids": json.dumps([ring.key_id]), "rotation": None, "plaintext_rows": None})
+            self._plaintext_rows = False
+            self._cipher = new_cipher
+            self._checkpoint()  # old ciphertexts / plaintexts leave the -wal file (secure_delete clears the pages)
+        log.info("template store %s: %d templates re-encrypted under key %s", self.path, done, ring.key_id)
+        return done
+
+    def transform_vectors(
+        self,
+        fn: Callable[[str, np.ndarray], np.ndarray],
+        *,
+        job: str,
+        batch_size: int = 1000,
+        progress: bool = False,
+    ) -> int:
+        """Rewrite every template ``v`` of tenant ``t`` as ``fn(t, V)`` (``N x dim`` -> ``N x dim``, batches of one
+        tenant); returns the rows rewritten by this call. Used to re-issue templates under a new keyed transform.
+
+        Rows are rewritten in row-id order, ``batch_size`` per transaction, each transaction also recording
+        ``job`` and its last row id in the store's meta (key ``transform_job``), so a crash loses at most the batch
+        under way and calling again with the same ``job`` resumes after the last committed row (no row is rewritten
+        twice). A different ``job`` while one is unfinished: ConfigError. Ids, subjects, metadata and encryption
+        are kept. Call :meth:`finish_transform_job` once the caller has recorded the result elsewhere.
+        """
+        batch_size = check_positive_int(batch_size, "batch_size", 1_000_000)
+        if not isinstance(job, str) or not job:
+            raise ConfigError("job must be a non-empty string")
+        from tqdm.auto import tqdm
+
+        with self._write_mutex, self._transaction() as conn:
+            state = self._meta(conn).get("transform_job")
+            last = 0
+            if state is not None:
+                recorded = json.loads(state)
+                if recorded.get("job") != job:
+                    raise ConfigError(
+                        f"template store {self.path} has an unfinished re-issue job {recorded.get('job')!r}; finish "
+                        f"it (same command) before starting {job!r}"
+                    )
+                last = int(recorded.get("last", 0))
+            else:
+                self._set_meta(conn, {"transform_job": json.dumps({"job": job, "last": 0})})
+            total = conn.execute("SELECT COUNT(*) FROM templates WHERE id > ?", (last,)).fetchone()[0]
+        done = 0
+        with tqdm(total=total, desc="re-issuing templates", unit="tpl", disable=not progress) as bar:
+            while True:
+                with self._write_mutex, self._transaction() as conn:
+                    rows = conn.execute(
+                        "SELECT t.id, s.tenant, s.subject_id, t.template_id, t.vector FROM templates t "
+                        "JOIN subjects s ON s.id = t.subject WHERE t.id > ? ORDER BY t.id LIMIT ?",
+                        (last, batch_size),
+                    ).fetchall()
+                    if not rows:
+                        break
+                    updates = []
+                    by_tenant: dict[str, list[tuple[int, str, str, bytes]]] = {}
+                    for rowid, tenant, subject_id, template_id, blob in rows:
+                        by_tenant.setdefault(tenant, []).append((rowid, subject_id, template_id, blob))
+                    for tenant, items in by_tenant.items():
+                        labels = [(i[1], i[2]) for i in items]
+                        vectors = self._blobs_to_array([i[3] for i in items], tenant, labels)
+                        out = np.asarray(fn(tenant, vectors), dtype=np.float32)
+                        if out.shape != vectors.shape or not np.isfinite(out).all():
+                            raise ConfigError(f"transform gave an unusable result of shape {out.shape}")
+                        for (rowid, subject_id, template_id, _), vec in zip(items, out):
+                            updates.append((self._encode_vector(vec, tenant, subject_id, template_id), rowid))
+                    conn.executemany("UPDATE templates SET vector = ? WHERE id = ?", updates)
+                    last = rows[-1][0]
+                    self._set_meta(conn, {"transform_job": json.dumps({"job": job, "last": last})})
+                done += len(rows)
+                bar.update(len(rows))
+        with self._write_mutex:
+            self._rebuild()
+            self._checkpoint()
+        return done
+
+    def transform_job(self) -> str | None:
+        """The unfinished (or finished but not yet closed) :meth:`transform_vectors` job, if any."""
+        with self._db_lock:
+            state = self._meta(self._check_open()).get("transform_job")
+        return None if state is None else str(json.loads(state).get("job"))
+
+    def finish_transform_job(self, job: str) -> None:
+        """Forget ``job``'s progress record (after every row was rewritten and the caller recorded the result)."""
+        with self._write_mutex, self._transaction() as conn:
+            state = self._meta(conn).get("transform_job")
+            if state is not None and json.loads(state).get("job") != job:
+                raise ConfigError(f"template store {self.path}: the unfinished job is not {job!r}")
+            self._set_meta(conn, {"transform_job": None})
+
+    @staticmethod
+    def read_meta(path: str | os.PathLike[str]) -> dict[str, str]:
+        """The ``meta`` table of a store's database file (format, dim, metric, encryption...) without opening it."""
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise ConfigError(f"template store {p} does not exist")
+        try:
+            conn = sqlite3.connect(f"file:{p}?mode=ro", uri=True)
+            try:
+                return dict(conn.execute("SELECT key, value FROM meta").fetchall())
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            raise ConfigError(f"{p} is not an advface template store: {exc}") from None
 
     # ----------------------------------------------------------------------------------------------- closing
 

@@ -118,3 +118,29 @@ def test_shipped_shadow(shadow_ckpt: Path, tmp_path: Path, monkeypatch, capsys):
     assert load_embeddings(out).embeddings.shape == (10, DIM)
     # --encoder picks another shipped model (none here)
     assert main(["protect", "--in", str(src), "--out", str(out), "-q", "--encoder", "mobilefacenet"]) == 2
+
+
+def test_identity_aware_method(tmp_path: Path, capsys):
+    """--method advface-id with an ensemble of two (tiny, untrained) shadows and the real dlib torch module."""
+    import torch
+
+    torch.manual_seed(0)
+    paths = []
+    for arch in ("deconv", "resup"):
+        model = inversion.build_decoder(arch, 128, 16, width=0.05, hidden=0)
+        paths.append(inversion.save_decoder(tmp_path / f"{arch}.pt", model, {"encoder": "dlib", "role": "shadow"}))
+    src = _write(tmp_path / "raw.npz", n=3, dim=128, fingerprint=None)
+    out = tmp_path / "protected.npz"
+    args = ["protect", "--in", str(src), "--out", str(out), "--method", "advface-id", "--steps", "1",
+            "--lanes", "1", "--rel-l2", "0.2", "-q"]
+    for path in paths:
+        args += ["--shadow", str(path)]
+    assert main(args) == 0
+    raw, prot = load_embeddings(src), load_embeddings(out)
+    rel = np.linalg.norm(prot.embeddings.astype(np.float64) - raw.embeddings, axis=1) / np.linalg.norm(
+        raw.embeddings.astype(np.float64), axis=1)
+    assert prot.ids == raw.ids and rel.max() <= 0.2 + 1e-6 and rel.min() > 0.1
+    assert "advface-id shadows" in capsys.readouterr().err
+    # plain advface refuses an ensemble
+    assert main(["protect", "--in", str(src), "--out", str(tmp_path / "x.npz"), "--shadow", str(paths[0]),
+                 "--shadow", str(paths[1]), "-q"]) == 2

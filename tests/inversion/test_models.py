@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from advface.errors import ConfigError, EmbeddingError
 from advface.inversion import DECODERS, InversionDecoder, available_decoders, build_decoder, plan_geometry
 
-ARCHS = ["deconv", "resup", "pixelshuffle"]
+ARCHS = ["deconv", "resup", "pixelshuffle", "tokens", "modconv"]
 SMALL = {"width": 0.25, "hidden": 64}  # same code paths, a fraction of the compute
 
 
@@ -156,7 +156,7 @@ def test_learns_tiny_dataset(arch: str) -> None:
 def test_default_size_at_64(arch: str) -> None:
     model = build_decoder(arch, 128, 64)
     n = model.num_parameters()
-    assert 2_000_000 <= n <= 8_000_000, n
+    assert (1_000_000 if arch == "modconv" else 2_000_000) <= n <= 8_000_000, n
     state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     assert state_bytes < 25_000_000
     assert build_decoder(arch, 128, 64, width=0.5).num_parameters() < n < build_decoder(
@@ -166,9 +166,10 @@ def test_default_size_at_64(arch: str) -> None:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_config_rebuilds(arch: str) -> None:
-    model = build_decoder(arch, 96, 48, width=0.5, hidden=32, norm="group")
+    norm = {"norm": "group"} if arch in ("deconv", "resup", "pixelshuffle") else {}
+    model = build_decoder(arch, 96, 48, width=0.5, hidden=32, **norm)
     cfg = model.config()
     assert cfg["arch"] == arch and cfg["dim"] == 96 and cfg["image_size"] == 48
-    assert cfg["kwargs"]["width"] == 0.5 and cfg["kwargs"]["norm"] == "group"
+    assert cfg["kwargs"]["width"] == 0.5 and cfg["kwargs"].get("norm", "group") == "group"
     clone = build_decoder(cfg["arch"], cfg["dim"], cfg["image_size"], **cfg["kwargs"])
     clone.load_state_dict(model.state_dict())  # same parameter names and shapes

@@ -41,6 +41,7 @@ def make_config(folder: Path, **sections: dict) -> Config:
         "store": {"data_dir": str(folder / "data"), "use_gpu": False},
         "matching": {"top_k_max": 10},
         "logging": {"level": "INFO", "json": True},
+        "metrics": {"port": 0},
     }
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "advface.yaml"

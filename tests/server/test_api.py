@@ -68,7 +68,7 @@ def test_reflection_lists_and_describes_the_service(server: ServerThread) -> Non
         pool = DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
         methods = {m.name for m in pool.FindServiceByName(SERVICE_NAME).methods}
     assert methods == {"Protect", "Enroll", "EnrollBatch", "Verify", "Identify", "Delete", "GetSubject",
-                       "ListSubjects", "Info"}
+                       "ListSubjects", "Info", "ProtectImage"}
 
 
 def test_info_fields(client: AdvFaceClient) -> None:

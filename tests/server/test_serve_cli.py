@@ -26,7 +26,7 @@ class ServeProcess:
     def __init__(self, data_dir: Path, log_path: Path) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("ADVFACE_") or k.endswith("_DIR")}
         env.update(ADVFACE_ENCODER_NAME="dlib-torch", ADVFACE_PROTECTION_STEPS="2", OMP_NUM_THREADS="1",
-                   ADVFACE_SERVER_GRACE_SECONDS="2")
+                   ADVFACE_SERVER_GRACE_SECONDS="2", ADVFACE_METRICS_PORT="0")
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(

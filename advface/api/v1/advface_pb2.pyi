@@ -24,10 +24,12 @@ class Face(_message.Message):
     def __init__(self, embedding: _Optional[_Union[Embedding, _Mapping]] = ..., image: _Optional[bytes] = ...) -> None: ...
 
 class ProtectRequest(_message.Message):
-    __slots__ = ("embeddings",)
+    __slots__ = ("embeddings", "tenant")
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     embeddings: _containers.RepeatedCompositeFieldContainer[Embedding]
-    def __init__(self, embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ...) -> None: ...
+    tenant: str
+    def __init__(self, embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class ProtectResponse(_message.Message):
     __slots__ = ("embeddings", "protection")
@@ -237,7 +239,7 @@ class EncoderInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., metric: _Optional[str] = ..., fingerprint: _Optional[str] = ..., detector: _Optional[str] = ..., face_policy: _Optional[str] = ...) -> None: ...
 
 class ProtectionInfo(_message.Message):
-    __slots__ = ("enabled", "method", "rel_l2", "steps", "seed", "shadow_model", "shadow_sha256", "lanes", "linf")
+    __slots__ = ("enabled", "method", "rel_l2", "steps", "seed", "shadow_model", "shadow_sha256", "lanes", "linf", "keyed_transform")
     ENABLED_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     REL_L2_FIELD_NUMBER: _ClassVar[int]
@@ -247,6 +249,7 @@ class ProtectionInfo(_message.Message):
     SHADOW_SHA256_FIELD_NUMBER: _ClassVar[int]
     LANES_FIELD_NUMBER: _ClassVar[int]
     LINF_FIELD_NUMBER: _ClassVar[int]
+    KEYED_TRANSFORM_FIELD_NUMBER: _ClassVar[int]
     enabled: bool
     method: str
     rel_l2: float
@@ -256,7 +259,20 @@ class ProtectionInfo(_message.Message):
     shadow_sha256: str
     lanes: int
     linf: float
-    def __init__(self, enabled: _Optional[bool] = ..., method: _Optional[str] = ..., rel_l2: _Optional[float] = ..., steps: _Optional[int] = ..., seed: _Optional[int] = ..., shadow_model: _Optional[str] = ..., shadow_sha256: _Optional[str] = ..., lanes: _Optional[int] = ..., linf: _Optional[float] = ...) -> None: ...
+    keyed_transform: KeyedTransformInfo
+    def __init__(self, enabled: _Optional[bool] = ..., method: _Optional[str] = ..., rel_l2: _Optional[float] = ..., steps: _Optional[int] = ..., seed: _Optional[int] = ..., shadow_model: _Optional[str] = ..., shadow_sha256: _Optional[str] = ..., lanes: _Optional[int] = ..., linf: _Optional[float] = ..., keyed_transform: _Optional[_Union[KeyedTransformInfo, _Mapping]] = ...) -> None: ...
+
+class KeyedTransformInfo(_message.Message):
+    __slots__ = ("enabled", "version", "norm", "key_id")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    NORM_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    version: int
+    norm: float
+    key_id: str
+    def __init__(self, enabled: _Optional[bool] = ..., version: _Optional[int] = ..., norm: _Optional[float] = ..., key_id: _Optional[str] = ...) -> None: ...
 
 class ThresholdInfo(_message.Message):
     __slots__ = ("value", "source", "description")
@@ -321,3 +337,67 @@ class InfoResponse(_message.Message):
     counts: Counts
     limits: Limits
     def __init__(self, encoder: _Optional[_Union[EncoderInfo, _Mapping]] = ..., protection: _Optional[_Union[ProtectionInfo, _Mapping]] = ..., threshold: _Optional[_Union[ThresholdInfo, _Mapping]] = ..., versions: _Optional[_Union[Versions, _Mapping]] = ..., counts: _Optional[_Union[Counts, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ...) -> None: ...
+
+class ProtectImageRequest(_message.Message):
+    __slots__ = ("image", "epsilon", "steps", "seed", "target_similarity")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    TARGET_SIMILARITY_FIELD_NUMBER: _ClassVar[int]
+    image: bytes
+    epsilon: float
+    steps: int
+    seed: int
+    target_similarity: float
+    def __init__(self, image: _Optional[bytes] = ..., epsilon: _Optional[float] = ..., steps: _Optional[int] = ..., seed: _Optional[int] = ..., target_similarity: _Optional[float] = ...) -> None: ...
+
+class EncoderSimilarity(_message.Message):
+    __slots__ = ("encoder", "cosine_after", "cosine_random", "has_threshold", "score_after", "matched_after")
+    ENCODER_FIELD_NUMBER: _ClassVar[int]
+    COSINE_AFTER_FIELD_NUMBER: _ClassVar[int]
+    COSINE_RANDOM_FIELD_NUMBER: _ClassVar[int]
+    HAS_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    SCORE_AFTER_FIELD_NUMBER: _ClassVar[int]
+    MATCHED_AFTER_FIELD_NUMBER: _ClassVar[int]
+    encoder: str
+    cosine_after: float
+    cosine_random: float
+    has_threshold: bool
+    score_after: float
+    matched_after: bool
+    def __init__(self, encoder: _Optional[str] = ..., cosine_after: _Optional[float] = ..., cosine_random: _Optional[float] = ..., has_threshold: _Optional[bool] = ..., score_after: _Optional[float] = ..., matched_after: _Optional[bool] = ...) -> None: ...
+
+class ImageProtectionReport(_message.Message):
+    __slots__ = ("similarity", "psnr", "ssim", "linf_levels", "epsilon", "steps", "seconds", "width", "height", "grayscale", "notes")
+    SIMILARITY_FIELD_NUMBER: _ClassVar[int]
+    PSNR_FIELD_NUMBER: _ClassVar[int]
+    SSIM_FIELD_NUMBER: _ClassVar[int]
+    LINF_LEVELS_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    GRAYSCALE_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
+    similarity: _containers.RepeatedCompositeFieldContainer[EncoderSimilarity]
+    psnr: float
+    ssim: float
+    linf_levels: int
+    epsilon: float
+    steps: int
+    seconds: float
+    width: int
+    height: int
+    grayscale: bool
+    notes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, similarity: _Optional[_Iterable[_Union[EncoderSimilarity, _Mapping]]] = ..., psnr: _Optional[float] = ..., ssim: _Optional[float] = ..., linf_levels: _Optional[int] = ..., epsilon: _Optional[float] = ..., steps: _Optional[int] = ..., seconds: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., grayscale: _Optional[bool] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ProtectImageResponse(_message.Message):
+    __slots__ = ("image", "report")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    REPORT_FIELD_NUMBER: _ClassVar[int]
+    image: bytes
+    report: ImageProtectionReport
+    def __init__(self, image: _Optional[bytes] = ..., report: _Optional[_Union[ImageProtectionReport, _Mapping]] = ...) -> None: ...

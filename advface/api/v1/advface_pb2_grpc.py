@@ -79,6 +79,11 @@ class AdvFaceStub:
                 request_serializer=advface_dot_v1_dot_advface__pb2.InfoRequest.SerializeToString,
                 response_deserializer=advface_dot_v1_dot_advface__pb2.InfoResponse.FromString,
                 _registered_method=True)
+        self.ProtectImage = channel.unary_unary(
+                '/advface.v1.AdvFace/ProtectImage',
+                request_serializer=advface_dot_v1_dot_advface__pb2.ProtectImageRequest.SerializeToString,
+                response_deserializer=advface_dot_v1_dot_advface__pb2.ProtectImageResponse.FromString,
+                _registered_method=True)
 
 
 class AdvFaceServicer:
@@ -152,6 +157,18 @@ class AdvFaceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ProtectImage(self, request, context):
+        """Protect an enrolment photo (stateless: nothing is stored or logged): PGD under an L-inf budget on the whole
+        photo against an ensemble of face encoders, so that face encoders no longer recognise the person in it. Returns
+        a lossless PNG (input metadata stripped, EXIF orientation applied, same size) and a report. INVALID_ARGUMENT for
+        an empty, undecodable, animated or oversized image, no face, a face too small, or options out of range;
+        FAILED_PRECONDITION when the server has image_protection disabled; RESOURCE_EXHAUSTED when the PNG would exceed
+        Info.limits.max_send_bytes. Slow (seconds to tens of seconds on CPUs): give a generous deadline.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdvFaceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -199,6 +216,11 @@ def add_AdvFaceServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=advface_dot_v1_dot_advface__pb2.InfoRequest.FromString,
                     response_serializer=advface_dot_v1_dot_advface__pb2.InfoResponse.SerializeToString,
+            ),
+            'ProtectImage': grpc.unary_unary_rpc_method_handler(
+                    servicer.ProtectImage,
+                    request_deserializer=advface_dot_v1_dot_advface__pb2.ProtectImageRequest.FromString,
+                    response_serializer=advface_dot_v1_dot_advface__pb2.ProtectImageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -444,6 +466,33 @@ class AdvFace:
             '/advface.v1.AdvFace/Info',
             advface_dot_v1_dot_advface__pb2.InfoRequest.SerializeToString,
             advface_dot_v1_dot_advface__pb2.InfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ProtectImage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/advface.v1.AdvFace/ProtectImage',
+            advface_dot_v1_dot_advface__pb2.ProtectImageRequest.SerializeToString,
+            advface_dot_v1_dot_advface__pb2.ProtectImageResponse.FromString,
             options,
             channel_credentials,
             insecure,

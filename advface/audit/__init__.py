@@ -1,0 +1,27 @@
+"""Reconstruction-attack audit of a template database (``advface audit``): irreversibility (Type-I/II identity
+inference by a zoo of attackers), unlinkability (D_sys), renewability and performance preservation, reported as a
+self-contained HTML page plus JSON.
+
+Modules: :mod:`advface.audit.attacks` (decoder, GAN-prior and adaptive attackers), :mod:`advface.audit.data`
+(dataset, victims and template sources), :mod:`advface.audit.metrics` (metric glue), :mod:`advface.audit.report`
+(HTML + JSON), :mod:`advface.audit.run` (orchestration).
+"""
+
+from typing import Any
+
+__all__ = ["FULL_ATTACKERS", "PROTECTIONS", "QUICK_ATTACKERS", "AuditConfig", "run_audit"]
+
+#: Protections an audit can apply to the dataset's templates.
+PROTECTIONS = ("advface", "advface-id", "none")
+#: Attackers run by default (full mode); ``+id``: pixel + identity loss.
+FULL_ATTACKERS = ("deconv", "resup", "pixelshuffle", "tokens", "modconv", "resup+id", "gan-prior", "adaptive")
+#: Attackers of ``--quick``.
+QUICK_ATTACKERS = ("deconv", "resup+id", "tokens", "gan-prior", "adaptive")
+
+
+def __getattr__(name: str) -> Any:  # lazy: importing the package does not load torch models
+    if name in ("AuditConfig", "run_audit"):
+        from advface.audit import run
+
+        return getattr(run, name)
+    raise AttributeError(name)

@@ -1,0 +1,260 @@
+"""The audit report: ``report.json`` (every number) and ``report.html``, a self-contained page (plots and image grids
+inline as base64 PNG, no external resources) that opens in any browser.
+
+Plots: ROC and DET of verification (raw / protected / protected + key), score histograms (verification and
+cross-database linkage), D(s) curves, the GAN-prior search progress, and the image grid (original chips, then each
+attacker's reconstruction from the raw and from the protected template).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from advface.audit.metrics import Linkage, Verification, roc_points
+
+
+@dataclass
+class ReportArtifacts:
+    """What the plots are drawn from (not written to JSON)."""
+
+    verifications: dict[str, Verification] = field(default_factory=dict)
+    linkages: dict[str, Linkage] = field(default_factory=dict)
+    grid_originals: np.ndarray | None = None
+    grid_rows: list[tuple[str, np.ndarray]] = field(default_factory=list)
+    gan_history: list[float] = field(default_factory=list)
+
+
+def _png(fig: Any) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_roc_det(verifications: dict[str, Verification]) -> str:
+    """ROC (TAR vs FAR, log FAR) and DET (FRR vs FAR, log-log) curves side by side."""
+    plt = _plt()
+    fig, (roc, det) = plt.subplots(1, 2, figsize=(9, 3.6))
+    for name, v in verifications.items():
+        far, tar = roc_points(v)
+        keep = far > 0
+        roc.plot(far[keep], tar[keep], label=name)
+        det.plot(far[keep], np.maximum(1 - tar[keep], 1e-4), label=name)
+    roc.set(xscale="log", xlabel="FAR", ylabel="TAR", title="ROC")
+    det.set(xscale="log", yscale="log", xlabel="FAR", ylabel="FRR", title="DET")
+    for ax in (roc, det):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def plot_histograms(verifications: dict[str, Verification], linkages: dict[str, Linkage]) -> str:
+    """Mated vs non-mated score histograms: verification settings, then cross-database linkage settings."""
+    plt = _plt()
+    panels = [(f"verification: {k}", v.scores[v.same], v.scores[~v.same]) for k, v in verifications.items()]
+    panels += [(f"linkage: {k}", lk.mated, lk.nonmated) for k, lk in linkages.items()]
+    cols = min(3, max(len(panels), 1))
+    rows = max(1, math.ceil(len(panels) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.6 * rows), squeeze=False)
+    for ax, (title, mated, nonmated) in zip(axes.ravel(), panels):
+        bins = np.linspace(min(mated.min(), nonmated.min()), max(mated.max(), nonmated.max()), 40)
+        ax.hist(nonmated, bins=bins, density=True, alpha=0.5, label="non-mated")
+        ax.hist(mated, bins=bins, density=True, alpha=0.5, label="mated")
+        ax.set_title(title, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6)
+    for ax in axes.ravel()[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def plot_d_curves(linkages: dict[str, Linkage]) -> str:
+    """D(s) of each linkage setting, with its D_sys in the legend."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for name, lk in linkages.items():
+        ax.plot(lk.curve.centers, lk.curve.d, label=f"{name}: D_sys={lk.metrics['d_sys']:.3f}")
+    ax.set(xlabel="score s", ylabel="D(s)", ylim=(-0.02, 1.02), title="Local linkability D(s)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def plot_gan_history(history: list[float]) -> str:
+    """Mean best similarity of the GAN-prior search per step."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(range(len(history)), history, "o-", ms=3)
+    ax.set(xlabel="step", ylabel="mean similarity to template", title="GAN-prior latent search")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def plot_grid(originals: np.ndarray, rows: list[tuple[str, np.ndarray]]) -> str:
+    """Image grid: the original chips, then one row per (attacker, raw / protected) reconstruction."""
+    plt = _plt()
+    all_rows = [("original", originals), *rows]
+    n = len(originals)
+    fig, axes = plt.subplots(len(all_rows), n, figsize=(n * 1.0 + 1.6, len(all_rows) * 1.0), squeeze=False)
+    for r, (label, faces) in enumerate(all_rows):
+        for c in range(n):
+            ax = axes[r, c]
+            ax.axis("off")
+            if c < len(faces):
+                ax.imshow(faces[c])
+        axes[r, 0].text(-0.1, 0.5, label, transform=axes[r, 0].transAxes, ha="right", va="center", fontsize=7)
+    fig.subplots_adjust(left=0.22, right=0.99, top=0.99, bottom=0.01, wspace=0.05, hspace=0.08)
+    return _png(fig)
+
+
+def _fmt(value: Any, pct: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "&ndash;"
+    if isinstance(value, float):
+        return f"{100 * value:.1f}%" if pct else f"{value:.3f}"
+    return html.escape(str(value))
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _attack_rows(attacks: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for name, entry in attacks.items():
+        for setting in ("raw", "protected", "protected+key"):
+            r = entry.get(setting)
+            if not isinstance(r, dict):
+                continue
+            rows.append([html.escape(name), setting, _fmt(r["fmr_1e-3"]["type1_success"], True),
+                         _fmt(r["fmr_1e-3"]["type2_success"], True), _fmt(r["fmr_1e-2"]["type1_success"], True),
+                         _fmt(r["fmr_1e-2"]["type2_success"], True), _fmt(r["ssim"]), f"{r['psnr']:.2f}",
+                         str(r["n"])])
+    return rows
+
+
+_CSS = """body{font-family:sans-serif;margin:2em;max-width:1100px;color:#222}
+table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}
+th{background:#f0f0f0}.missing{background:#fff3cd;border:1px solid #e0c060;padding:0.5em 1em}
+img{max-width:100%}code{background:#f4f4f4;padding:0 3px}"""
+
+
+def render_html(result: dict[str, Any], figures: dict[str, str]) -> str:
+    """The report page for ``result`` (the JSON document) with ``figures`` (name -> base64 PNG)."""
+    r = result
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>advface audit</title><style>{_CSS}</style>"
+             "</head><body><h1>advface audit report</h1>"]
+    cfg = r.get("config", {})
+    parts.append("<p>" + ", ".join(f"{html.escape(str(k))}: <code>{html.escape(str(v))}</code>"
+                                   for k, v in cfg.items()) + "</p>")
+    if r.get("missing"):
+        items = "".join(f"<li><b>{html.escape(m['stage'])}</b>: {html.escape(m['reason'])}</li>"
+                        for m in r["missing"])
+        parts.append(f"<div class='missing'><b>Partial report</b>, missing:<ul>{items}</ul></div>")
+    data = r.get("data", {})
+    if data:
+        parts.append("<h2>Data</h2>" + _table(["item", "value"], [[html.escape(k), _fmt(v)] for k, v in data.items()
+                                                                    if not isinstance(v, (dict, list))]))
+    if data.get("database"):
+        parts.append(_table(["database", "value"], [[html.escape(k), _fmt(v)] for k, v in data["database"].items()]))
+    if r.get("thresholds"):
+        parts.append("<p>Decision thresholds on the encoder's score, fixed on non-mated pairs of the dataset's clean "
+                     "embeddings: " + ", ".join(f"FMR {html.escape(k)}: <code>{v:.4f}</code>"
+                                                for k, v in r["thresholds"].items()) + "</p>")
+    if r.get("attacks"):
+        parts.append("<h2>Irreversibility: identity inference from reconstructions</h2>"
+                     "<p>Type I: reconstruction vs the template's own photo; Type II: vs another photo of the same "
+                     "person (people with a single photo are skipped and counted). Thresholds fixed on clean data at "
+                     "the given false-match rate.</p>")
+        parts.append(_table(["attacker", "templates", "Type I @FMR 0.1%", "Type II @FMR 0.1%", "Type I @FMR 1%",
+                             "Type II @FMR 1%", "SSIM", "PSNR (dB)", "n"], _attack_rows(r["attacks"])))
+    if "grid" in figures:
+        parts.append(f"<h3>Reconstructions</h3><img alt='image grid' src='data:image/png;base64,{figures['grid']}'>")
+    if "gan" in figures:
+        parts.append(f"<img alt='GAN prior progress' src='data:image/png;base64,{figures['gan']}'>")
+    if r.get("verification"):
+        parts.append("<h2>Performance preservation: verification</h2>")
+        rows = [[html.escape(k), _fmt(v["accuracy_mean"], True), _fmt(v["tar_at_far_1e-2"], True),
+                 _fmt(v["tar_at_far_1e-3"], True), str(v["mated_pairs"]), str(v["nonmated_pairs"])]
+                for k, v in r["verification"].items() if isinstance(v, dict) and "accuracy_mean" in v]
+        parts.append(_table(["enrolled templates (probe: raw)", "accuracy", "TAR@FAR 1e-2", "TAR@FAR 1e-3",
+                             "mated", "non-mated"], rows))
+    if "roc" in figures:
+        parts.append(f"<img alt='ROC and DET' src='data:image/png;base64,{figures['roc']}'>")
+    unl = r.get("unlinkability")
+    if unl:
+        parts.append("<h2>Unlinkability and renewability</h2><p>D_sys (Gomez-Barrero et al.): 0 = unlinkable, "
+                     "1 = fully linkable; the noise floor is what histogram noise alone gives for these counts.</p>")
+        rows = [[html.escape(k), _fmt(v["d_sys"]), _fmt(v.get("noise_floor")), str(v["n_mated"])]
+                for k, v in unl.get("details", {}).items()]
+        rows += [[f"renewability: {html.escape(k)}", _fmt(v["d_sys"]), _fmt(v.get("noise_floor")),
+                  str(v["n_mated"])] for k, v in r.get("renewability", {}).get("details", {}).items()]
+        parts.append(_table(["databases", "D_sys", "noise floor", "people"], rows))
+    if "d_curve" in figures:
+        parts.append(f"<img alt='D(s)' src='data:image/png;base64,{figures['d_curve']}'>")
+    if "hist" in figures:
+        parts.append(f"<h3>Score histograms</h3><img alt='histograms' src='data:image/png;base64,{figures['hist']}'>")
+    parts.append(f"<p style='color:#777;font-size:12px'>generated {html.escape(str(r.get('date', '')))} in "
+                 f"{_fmt(r.get('seconds'))} s</p></body></html>")
+    return "".join(parts)
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def write_report(result: dict[str, Any], artifacts: ReportArtifacts, out_dir: Path) -> tuple[Path, Path]:
+    """Write ``report.json`` and ``report.html`` into ``out_dir``; a plot that fails is listed as missing."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figures: dict[str, str] = {}
+    jobs = [
+        ("roc", lambda: plot_roc_det(artifacts.verifications), bool(artifacts.verifications)),
+        ("hist", lambda: plot_histograms(artifacts.verifications, artifacts.linkages),
+         bool(artifacts.verifications or artifacts.linkages)),
+        ("d_curve", lambda: plot_d_curves(artifacts.linkages), bool(artifacts.linkages)),
+        ("gan", lambda: plot_gan_history(artifacts.gan_history), bool(artifacts.gan_history)),
+        ("grid", lambda: plot_grid(artifacts.grid_originals, artifacts.grid_rows),
+         artifacts.grid_originals is not None and bool(artifacts.grid_rows)),
+    ]
+    for name, make, wanted in jobs:
+        if not wanted:
+            continue
+        try:
+            figures[name] = make()
+        except Exception as exc:  # noqa: BLE001 - a plot must not lose the report
+            result.setdefault("missing", []).append({"stage": f"plot {name}", "reason": f"{type(exc).__name__}: {exc}"})
+    json_path = out_dir / "report.json"
+    json_path.write_text(json.dumps(result, indent=2, default=_json_default, allow_nan=True) + "\n")
+    html_path = out_dir / "report.html"
+    html_path.write_text(render_html(result, figures), encoding="utf-8")
+    return html_path, json_path

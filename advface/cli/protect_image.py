@@ -1,0 +1,214 @@
+"""Protect enrolment photos: each input photo -> a PNG whose face no longer yields its identity to face encoders.
+
+PGD on the whole photo under an L-inf budget (default 8/255: no pixel changes by more than 8 levels) against an
+ensemble of face encoders (default dlib + MobileFaceNet; MobileFaceNet is left out, with a note, when its model file
+is not in $ADVFACE_MODELS_DIR), with random JPEG/resize/blur/crop during optimisation so that the protection
+survives them. Inputs are files, folders (searched recursively) or glob patterns; each protected photo is written
+to OUT_DIR as a lossless PNG with the input's stem (folder inputs keep their sub-folders), without the input's
+metadata, EXIF orientation applied. Inputs are never modified. Outputs that exist already are skipped (a rerun
+resumes) unless --overwrite. Photos that cannot be protected (no face, face too small, animated, corrupt...) are
+reported and skipped; the batch goes on. A JSON report of the run is written to OUT_DIR (or --report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import glob
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from advface.errors import ConfigError, ImageError
+from advface.images import iter_image_files
+
+NAME = "protect-image"
+HELP = "photos -> protected PNGs (face encoders no longer recognise the person)"
+
+
+def parse_epsilon(text: str) -> float:
+    """``"8/255"``, ``"0.03"`` -> float in (0, 1]; ConfigError otherwise."""
+    try:
+        value = float(Fraction(text.strip()))
+    except (ValueError, ZeroDivisionError) as exc:
+        raise ConfigError(f"--epsilon {text!r} is not a number or fraction like 8/255") from exc
+    if not 0 < value <= 1:
+        raise ConfigError(f"--epsilon must be in (0, 1] (image scale 0..1, e.g. 8/255), got {text}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``advface protect-image``."""
+    from advface.protect.image import DEFAULT_ENCODERS, ProtectConfig
+
+    defaults = ProtectConfig()
+    parser.add_argument("inputs", nargs="+", metavar="IN", help="image files, folders or glob patterns")
+    parser.add_argument("--out", "-o", required=True, metavar="OUT_DIR", help="folder for the protected PNGs")
+    parser.add_argument("--epsilon", default="8/255", help="L-inf budget on the 0..1 scale (default 8/255)")
+    parser.add_argument("--steps", type=int, default=defaults.steps, help=f"PGD steps (default {defaults.steps})")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the random transforms (default 0)")
+    parser.add_argument(
+        "--encoders", nargs="+", default=None, metavar="SPEC",
+        help=f"encoders to confuse (default: {' '.join(DEFAULT_ENCODERS)}; any differentiable encoder spec)",
+    )
+    parser.add_argument("--detector", default="dlib", help="face detector: dlib (default), scrfd, scrfd:PATH")
+    parser.add_argument("--policy", default="largest", help="which face: largest (default), center, best-score, single")
+    parser.add_argument(
+        "--target-similarity", type=float, default=None, metavar="COS",
+        help="stop a photo early once every encoder's cosine (clean vs protected) is at or below COS",
+    )
+    parser.add_argument(
+        "--no-eot", action="store_true", help="no random transforms during optimisation (faster, less robust)"
+    )
+    parser.add_argument("--batch-size", type=int, default=4, help="photos of equal size optimised together (default 4)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--report", default=None, metavar="JSON",
+        help="run report path (default OUT_DIR/protect-image-report-<UTC time>.json)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="protect again photos whose output exists")
+    parser.add_argument("--strict", action="store_true", help="exit with status 1 when any photo failed")
+
+
+def expand_inputs(inputs: list[str]) -> list[tuple[Path, Path]]:
+    """``(input file, output path relative to OUT_DIR)`` for files, folders and glob patterns, in order."""
+    jobs: list[tuple[Path, Path]] = []
+    for raw in inputs:
+        path = Path(raw)
+        if path.is_dir():
+            for file, rel in iter_image_files([path]):
+                jobs.append((file, Path(rel).with_suffix(".png")))
+        elif path.exists():
+            jobs.append((path, Path(path.stem + ".png")))
+        elif glob.has_magic(raw):
+            matches = sorted(Path(p) for p in glob.glob(raw, recursive=True) if Path(p).is_file())
+            if not matches:
+                raise ConfigError(f"no file matches {raw!r}")
+            jobs.extend((m, Path(m.stem + ".png")) for m in matches)
+        else:
+            raise ConfigError(f"{raw}: no such file, folder or pattern")
+    return jobs
+
+
+@dataclass
+class _Pending:
+    source: Path
+    output: Path
+    entry: dict[str, Any]
+    photo: Any = None
+    face: Any = None
+    notes: list[str] = field(default_factory=list)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Protect every input; returns 1 under --strict when any photo failed, else 0."""
+    from advface.protect.image import ImageProtector, ProtectConfig
+    from advface.protect.image.io import load_for_protection, save_png
+
+    config = ProtectConfig(
+        epsilon=parse_epsilon(args.epsilon), steps=args.steps, seed=args.seed, eot=not args.no_eot,
+        target_similarity=args.target_similarity,
+    )
+    config.validate()
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
+    out_dir = Path(args.out)
+    jobs = expand_inputs(args.inputs)
+    if not jobs:
+        raise ConfigError("no input images found")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    protector = ImageProtector(args.encoders, detector=args.detector, policy=args.policy, device=args.device)
+    for note in protector.notes:
+        print(f"advface protect-image: note: {note}", file=sys.stderr)
+    started = _dt.datetime.now(_dt.timezone.utc)
+    entries: list[dict[str, Any]] = []
+    inputs_resolved = {src.resolve() for src, _ in jobs}
+    seen_outputs: set[Path] = set()
+    batches: dict[tuple[int, ...], list[_Pending]] = {}
+    counts = {"protected": 0, "skipped": 0, "failed": 0}
+
+    def fail(entry: dict[str, Any], reason: str) -> None:
+        entry.update(status="failed", reason=reason)
+        counts["failed"] += 1
+        tqdm.write(f"advface protect-image: {entry['input']}: {reason}", file=sys.stderr)
+
+    def flush(items: list[_Pending]) -> None:
+        try:
+            results = protector.protect(
+                [p.photo.image for p in items], config, [str(p.source) for p in items],
+                faces=[p.face for p in items], grayscale=[p.photo.grayscale for p in items],
+            )
+        except Exception as exc:  # noqa: BLE001 - one bad batch must not stop the run
+            for p in items:
+                fail(p.entry, f"protection failed ({exc.__class__.__name__}: {exc})")
+            return
+        for p, (image, report) in zip(items, results):
+            try:
+                save_png(image, p.output, grayscale=p.photo.grayscale)
+            except OSError as exc:
+                fail(p.entry, f"cannot write {p.output} ({exc})")
+                continue
+            report.notes = p.photo.notes + report.notes
+            p.entry.update(status="protected", report=report.to_dict())
+            counts["protected"] += 1
+
+    start = time.perf_counter()
+    bar = tqdm(jobs, desc="protect-image", unit="photo")
+    for source, rel in bar:
+        output = out_dir / rel
+        entry: dict[str, Any] = {"input": str(source), "output": str(output)}
+        entries.append(entry)
+        resolved = output.resolve()
+        if resolved in inputs_resolved:
+            fail(entry, "the output would overwrite an input; choose another --out")
+            continue
+        if resolved in seen_outputs:
+            fail(entry, f"another input already writes {output} (same stem)")
+            continue
+        seen_outputs.add(resolved)
+        if output.exists() and not args.overwrite:
+            entry["status"] = "skipped"
+            entry["reason"] = "output exists (use --overwrite to protect again)"
+            counts["skipped"] += 1
+            continue
+        try:
+            photo = load_for_protection(source)
+            face = protector.find_face(photo.image, str(source))
+        except ImageError as exc:
+            fail(entry, exc.reason)
+            continue
+        pending = _Pending(source, output, entry, photo, face)
+        group = batches.setdefault(photo.image.shape, [])
+        group.append(pending)
+        if len(group) >= args.batch_size:
+            flush(batches.pop(photo.image.shape))
+        bar.set_postfix(done=counts["protected"], failed=counts["failed"])
+    for group in batches.values():
+        flush(group)
+    bar.close()
+
+    report_path = Path(args.report) if args.report else out_dir / (
+        f"protect-image-report-{started.strftime('%Y%m%dT%H%M%SZ')}.json")
+    document = {
+        "command": "advface protect-image",
+        "started": started.isoformat(timespec="seconds"),
+        "seconds": round(time.perf_counter() - start, 2),
+        "config": {"epsilon": config.epsilon, "epsilon_levels": config.levels, "steps": config.steps,
+                   "seed": config.seed, "eot": config.eot, "target_similarity": config.target_similarity,
+                   "detector": args.detector, "policy": args.policy},
+        "encoders": protector.encoder_names,
+        "notes": protector.notes,
+        "summary": counts,
+        "files": entries,
+    }
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    report_path.write_text(json.dumps(document, indent=2) + "\n")
+    print(f"protected {counts['protected']}, skipped {counts['skipped']} (already done), failed {counts['failed']}; "
+          f"report {report_path}")
+    return 1 if args.strict and counts["failed"] else 0

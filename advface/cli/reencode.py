@@ -1,0 +1,123 @@
+"""Re-encode an existing template database offline: raw templates in, AdvFace-protected templates out.
+
+Sources and destinations (same forms for both; see the README, "Re-encoding an existing database"):
+``npz:PATH``, ``npy:VECTORS.npy[?ids=IDS.txt]``, ``parquet:PATH[?id_column=id&vector_column=embedding]``,
+``sqlite:PATH?table=T[&id_column=..&vector_column=..&vector_format=blob|json]``,
+``postgresql://USER@HOST:PORT/DB?table=T[&id_column=..&vector_column=..]`` (pgvector).
+
+The source is streamed in chunks (--chunk-size); progress is committed per chunk, so the same command resumes a
+killed run, and the output is identical to an uninterrupted run's (each template's protection depends only on the
+template and the parameters). The destination is written atomically at the end, then verified against the source
+(same ids, no NaN, within budget, matching on a sample); --swap then replaces the source. Protection parameters
+come from the flags, else from --config's ``protection`` section, else the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from advface.errors import ConfigError
+from advface.protect import AdvFaceConfig, shipped_shadow_path
+from advface.reencode.job import Job, JobOptions
+from advface.reencode.verify import VerifyOptions
+
+NAME = "reencode"
+HELP = "re-encode a template database (npz/npy/parquet/sqlite/postgresql) with AdvFace, resumably"
+
+_DLIB_DISTANCE_THRESHOLD = 0.6  # dlib's published same-person distance (advface.encoders.dlib_runtime)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``advface reencode``."""
+    d = AdvFaceConfig()
+    parser.add_argument("--source", required=True, metavar="URI", help="raw templates (see above)")
+    parser.add_argument("--dest", required=True, metavar="URI", help="where to write protected templates (new)")
+    parser.add_argument("--engine", choices=["local", "ray"], default="local", help="local (default) or ray")
+    parser.add_argument("--num-cpus", type=int, default=None, help="ray: CPUs of the local Ray instance")
+    parser.add_argument("--ray-address", default=None, help="ray: address of an existing cluster (default: local)")
+    parser.add_argument("--chunk-size", type=int, default=1024, help="templates per chunk/commit (default 1024)")
+    parser.add_argument("--config", default=None, metavar="YAML", help="take protection.* from this advface config")
+    parser.add_argument("--encoder", default=None, help="encoder of the templates (picks the shipped shadow; dlib)")
+    parser.add_argument("--shadow", default=None, metavar="CKPT", help="shadow model (default: shipped for encoder)")
+    parser.add_argument("--seed", type=int, default=None, help=f"random-start seed (default {d.seed})")
+    parser.add_argument("--rel-l2", type=float, default=None, metavar="E", help=f"budget (default {d.rel_l2})")
+    parser.add_argument("--steps", type=int, default=None, help=f"ascent steps (default {d.steps})")
+    parser.add_argument("--linf", type=float, default=None, metavar="X", help="L-inf bound on delta (absolute)")
+    parser.add_argument("--step-size", type=float, default=None, metavar="F", help="sign step (default 2.5/steps)")
+    parser.add_argument("--lanes", type=int, default=d.lanes, help=f"rows per shadow call (default {d.lanes})")
+    parser.add_argument("--device", default=None,
+                        help="torch device (default: cuda when present, else cpu; ray: cuda when the cluster has GPUs)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    parser.add_argument("--restart", action="store_true", help="discard an unfinished run's progress")
+    parser.add_argument("--swap", action="store_true",
+                        help="after verification passes, replace the source by the destination (atomically)")
+    parser.add_argument("--verify-only", action="store_true", help="only verify an existing destination")
+    parser.add_argument("--dry-run", action="store_true", help="time a sample, estimate the run, write nothing")
+    parser.add_argument("--dry-run-sample", type=int, default=32, help="templates timed by --dry-run (default 32)")
+    parser.add_argument("--work-dir", default=None, help="progress folder (default: beside a file destination, "
+                        "else ~/.cache/advface/reencode/<hash>)")
+    parser.add_argument("--summary", default=None, metavar="JSON", help="verification summary path "
+                        "(default DEST.verify.json, or reencode-<table>.verify.json)")
+    parser.add_argument("--verify-sample", type=int, default=1000, help="templates in the matching sample")
+    parser.add_argument("--match-metric", choices=["euclidean", "cosine"], default=None,
+                        help="matching check metric (default euclidean for dlib, else cosine)")
+    parser.add_argument("--match-threshold", type=float, default=None,
+                        help="same-person threshold (default 0.6 euclidean for dlib; none otherwise: not checked)")
+    parser.add_argument("--min-match-fraction", type=float, default=0.99,
+                        help="share of the sample that must still match its source (default 0.99)")
+    parser.add_argument("--tolerance", type=float, default=1e-6, help="slack on the budget checks (default 1e-6)")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+
+
+def protection_config(args: argparse.Namespace) -> tuple[AdvFaceConfig, str | None]:
+    """Flags over ``--config``'s protection section over the defaults; also the config's shadow path."""
+    base: dict[str, object] = {}
+    shadow = None
+    if args.config:
+        from advface.config import load_config
+
+        section = load_config(args.config).protection
+        if not section.enabled:
+            raise ConfigError(f"{args.config}: protection.enabled is false; nothing to re-encode with")
+        base = {"rel_l2": section.rel_l2, "steps": section.steps, "seed": section.seed}
+        shadow = section.shadow
+    for key in ("seed", "rel_l2", "steps", "linf", "step_size"):
+        value = getattr(args, key)
+        if value is not None:
+            base[key] = value
+    base["lanes"] = args.lanes
+    return AdvFaceConfig(**base), shadow  # type: ignore[arg-type]
+
+
+def build_job(args: argparse.Namespace) -> Job:
+    """The :class:`Job` the flags describe."""
+    config, config_shadow = protection_config(args)
+    encoder = args.encoder or "dlib"
+    shadow = Path(args.shadow or config_shadow or shipped_shadow_path(encoder))
+    metric = args.match_metric or ("euclidean" if encoder in ("dlib", "dlib-torch") else "cosine")
+    threshold = args.match_threshold
+    if threshold is None and metric == "euclidean" and encoder in ("dlib", "dlib-torch"):
+        threshold = _DLIB_DISTANCE_THRESHOLD
+    verify = VerifyOptions(rel_l2=config.rel_l2, linf=config.linf, tolerance=args.tolerance,
+                           sample=args.verify_sample, match_metric=metric, match_threshold=threshold,
+                           min_match_fraction=args.min_match_fraction)
+    return Job(JobOptions(
+        source=args.source, dest=args.dest, shadow=shadow, config=config, verify=verify,
+        chunk_size=args.chunk_size, engine=args.engine, num_cpus=args.num_cpus, ray_address=args.ray_address,
+        device=args.device, overwrite=args.overwrite, restart=args.restart, swap=args.swap,
+        work_dir=Path(args.work_dir) if args.work_dir else None,
+        summary=Path(args.summary) if args.summary else None, quiet=args.quiet,
+    ))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Execute ``advface reencode``: 0 when done and verified, 1 when verification failed."""
+    if sum([args.verify_only, args.dry_run]) > 1:
+        raise ConfigError("--verify-only and --dry-run exclude each other")
+    job = build_job(args)
+    if args.dry_run:
+        job.dry_run(args.dry_run_sample)
+        return 0
+    summary = job.verify_only() if args.verify_only else job.run()
+    return 0 if summary["passed"] else 1

@@ -1,0 +1,357 @@
+"""PGD on the full photo against an ensemble of face encoders (IDGuardian's cross-encoder identity confusion).
+
+For each photo the face is detected once on the clean image and every encoder's alignment (dlib chip, ArcFace chip)
+becomes an ``affine_grid`` warp, so the perturbation lives on the whole photo and reaches every encoder through a
+differentiable crop. Each step draws one random transform (EOT, :mod:`advface.protect.image.transforms`), computes
+for every encoder the cosine between the clean and the perturbed embedding, L2-normalises each encoder's gradient
+and sums them (no encoder dominates), and takes a signed step that lowers the sum; the perturbation is kept in the
+L-inf ball of radius ``epsilon`` and in [0, 1]. The result is rounded to uint8 inside the same ball, so every pixel of
+the written photo differs from the original by at most ``floor(255 * epsilon)`` levels.
+
+Randomness (start point, transforms) comes from a generator seeded by ``seed`` and the photo's own bytes, so a photo
+gets the same protection whatever batch or order it is processed in (up to float rounding of batched convolutions).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from advface.errors import ConfigError, ImageError
+from advface.faces.align import align_face, alignment_matrix
+from advface.faces.detect import Face, FaceDetector, check_image, create_detector
+from advface.faces.pipeline import FacePolicy
+from advface.protect.image.ensemble import EncoderSpec, build_ensemble
+from advface.protect.image.quality import linf, psnr, ssim
+from advface.protect.image.transforms import EOTConfig, jitter_theta, random_transform
+from advface.protect.image.warp import chip_theta, warp_chips
+
+#: Faces narrower than this (box width, pixels) are refused: too few pixels to align and protect reliably.
+MIN_FACE_SIZE = 40
+
+
+@dataclass(frozen=True)
+class ProtectConfig:
+    """Budget and optimisation settings of image protection."""
+
+    epsilon: float = 8 / 255
+    steps: int = 60
+    #: Signed step at the start, as a fraction of epsilon; it decays (cosine) to a tenth of that by the last step.
+    step_fraction: float = 0.25
+    eot: bool = True
+    eot_config: EOTConfig = field(default_factory=EOTConfig)
+    #: Stop (per photo) once every encoder's cosine is at or below this; None runs all steps.
+    target_similarity: float | None = None
+    check_every: int = 5
+    seed: int = 0
+    #: Start from uniform noise in the ball (costs PSNR: the noise stays on pixels no encoder sees).
+    random_start: bool = False
+
+    def validate(self) -> None:
+        """Raise ConfigError for out-of-range settings."""
+        if not 0 < self.epsilon <= 1:
+            raise ConfigError(f"epsilon must be in (0, 1], got {self.epsilon}")
+        if math.floor(self.epsilon * 255 + 1e-6) < 1:
+            raise ConfigError(f"epsilon {self.epsilon} is below one uint8 level (1/255)")
+        if self.steps < 0:
+            raise ConfigError(f"steps must be >= 0, got {self.steps}")
+        if self.step_fraction <= 0:
+            raise ConfigError(f"step_fraction must be positive, got {self.step_fraction}")
+        if self.target_similarity is not None and not -1 <= self.target_similarity <= 1:
+            raise ConfigError(f"target_similarity must be in [-1, 1], got {self.target_similarity}")
+        if self.check_every < 1:
+            raise ConfigError(f"check_every must be >= 1, got {self.check_every}")
+
+    @property
+    def levels(self) -> int:
+        """The budget in uint8 levels: ``floor(255 * epsilon)``."""
+        return math.floor(self.epsilon * 255 + 1e-6)
+
+
+@dataclass
+class ProtectionReport:
+    """What protecting one photo did."""
+
+    source: str
+    encoders: list[str]
+    #: Per encoder: ``cosine_after`` (clean vs protected, each encoder's standard pipeline on the clean face box),
+    #: ``cosine_random`` (the same budget of uniform random noise, a baseline), and for encoders with a published
+    #: threshold ``score_after`` (native metric) and ``matched_after``.
+    similarity: dict[str, dict[str, float | bool]]
+    psnr: float
+    ssim: float
+    linf_levels: int
+    steps: int
+    seconds: float
+    epsilon: float
+    grayscale: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dictionary."""
+        return {
+            "source": self.source, "encoders": self.encoders, "similarity": self.similarity,
+            "psnr": round(self.psnr, 3) if math.isfinite(self.psnr) else None, "ssim": round(self.ssim, 5),
+            "linf_levels": self.linf_levels, "epsilon": self.epsilon, "steps": self.steps,
+            "seconds": round(self.seconds, 3), "grayscale": self.grayscale, "notes": self.notes,
+        }
+
+
+def image_seed(seed: int, image: np.ndarray) -> int:
+    """The per-photo seed: ``seed`` mixed with a checksum of the pixels (independent of batch and order)."""
+    entropy = [seed & 0xFFFFFFFF, zlib.crc32(image.tobytes()), *image.shape]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+
+
+def _to_tensor(images: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.stack(images)).to(device).permute(0, 3, 1, 2).float() / 255.0
+
+
+def _quantise(clean: np.ndarray, adv: torch.Tensor, levels: int, gray: bool) -> np.ndarray:
+    """Round ``adv`` (``3 x H x W`` in [0, 1]) to uint8 within ``levels`` of ``clean`` (H x W x 3 uint8)."""
+    out = torch.round(adv.detach().clamp(0, 1) * 255.0).permute(1, 2, 0).cpu().numpy().astype(np.int16)
+    base = clean.astype(np.int16)
+    out = np.clip(out, base - levels, base + levels)
+    if gray:  # keep a grey photo grey: one perturbation shared by the channels
+        out[:, :, 1] = out[:, :, 2] = out[:, :, 0]
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+class ImageProtector:
+    """Detector + encoder ensemble + settings; protects photos (:meth:`protect`), batching those of equal size."""
+
+    def __init__(
+        self,
+        encoders: Sequence[EncoderSpec] | None = None,
+        detector: str | FaceDetector = "dlib",
+        policy: FacePolicy | str = FacePolicy.LARGEST,
+        device: str | torch.device | None = None,
+        min_face_size: int = MIN_FACE_SIZE,
+    ) -> None:
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.members, self.notes = build_ensemble(encoders, self.device)
+        self.detector = create_detector(detector)
+        self.policy = FacePolicy.parse(policy)
+        if self.policy is FacePolicy.ALL:
+            raise ConfigError("image protection protects one face per photo; use largest, center, best-score or single")
+        self.min_face_size = int(min_face_size)
+
+    def subset(self, names: Sequence[str]) -> ImageProtector:
+        """A protector sharing this one's detector and models but attacking only the encoders in ``names``."""
+        members = [m for m in self.members if m.name in names]
+        missing = set(names) - {m.name for m in members}
+        if missing or not members:
+            raise ConfigError(f"encoders {sorted(missing) or list(names)} are not in the ensemble {self.encoder_names}")
+        other = copy.copy(self)
+        other.members = members
+        return other
+
+    @property
+    def encoder_names(self) -> list[str]:
+        """Names of the ensemble's encoders."""
+        return [m.name for m in self.members]
+
+    # ------------------------------------------------------------------------------------------ faces
+
+    def find_face(self, image: np.ndarray, source: str = "<array>") -> Face:
+        """The face to protect: detected on the clean image, chosen by the policy; ImageError if none or tiny."""
+        from advface.faces.pipeline import FaceChipper
+
+        chipper = FaceChipper(self.detector, self.members[0].chip, self.policy)
+        face = chipper.select(image, source)[0]
+        x1, y1, x2, y2 = face.box
+        if x2 - x1 < self.min_face_size:
+            raise ImageError(source, f"face too small ({x2 - x1:.0f} px wide < {self.min_face_size} px)")
+        return face
+
+    def embed_standard(self, image: np.ndarray, face: Face) -> dict[str, np.ndarray]:
+        """Each encoder's embedding of ``face`` in ``image`` through its standard (non-differentiable) pipeline."""
+        return {m.name: m.encoder.embed(align_face(image, face, m.chip))[0] for m in self.members}
+
+    # ------------------------------------------------------------------------------------------ protection
+
+    def protect(
+        self,
+        images: Sequence[np.ndarray],
+        config: ProtectConfig | None = None,
+        sources: Sequence[str] | None = None,
+        faces: Sequence[Face | None] | None = None,
+        grayscale: Sequence[bool] | None = None,
+        batch_size: int = 8,
+    ) -> list[tuple[np.ndarray, ProtectionReport]]:
+        """Protect RGB uint8 photos; returns ``(protected uint8, report)`` per photo, in order.
+
+        Photos of the same size are optimised together, up to ``batch_size`` at a time. ``faces`` may give the
+        face of a photo (else it is detected); a photo without a usable face raises ImageError (callers that must
+        not stop catch it per photo, or call :meth:`find_face` first). ``grayscale[i]`` keeps photo i grey (one
+        perturbation for all channels).
+        """
+        config = config or ProtectConfig()
+        config.validate()
+        n = len(images)
+        sources = list(sources) if sources is not None else [f"<image {i}>" for i in range(n)]
+        images = [check_image(img, src) for img, src in zip(images, sources)]
+        faces_list = list(faces) if faces is not None else [None] * n
+        faces_list = [
+            f if f is not None else self.find_face(img, src) for img, src, f in zip(images, sources, faces_list)
+        ]
+        gray = list(grayscale) if grayscale is not None else [False] * n
+        results: list[tuple[np.ndarray, ProtectionReport] | None] = [None] * n
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be positive, got {batch_size}")
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, img in enumerate(images):
+            groups.setdefault(img.shape, []).append(i)
+        chunks = [g[k : k + batch_size] for g in groups.values() for k in range(0, len(g), batch_size)]
+        for idx in chunks:
+            start = time.perf_counter()
+            outs, steps = self._optimise([images[i] for i in idx], [faces_list[i] for i in idx],
+                                         [gray[i] for i in idx], config)
+            seconds = (time.perf_counter() - start) / len(idx)
+            for j, i in enumerate(idx):
+                report = self._report(images[i], outs[j], faces_list[i], sources[i], steps[j], seconds, config, gray[i])
+                results[i] = (outs[j], report)
+        return [r for r in results if r is not None]
+
+    def _optimise(
+        self, images: list[np.ndarray], faces: list[Face], gray: list[bool], config: ProtectConfig
+    ) -> tuple[list[np.ndarray], list[int]]:
+        """Batched PGD over photos of one size; returns the uint8 photos and the steps each ran."""
+        dev = self.device
+        b = len(images)
+        hw = images[0].shape[:2]
+        x = _to_tensor(images, dev)
+        eps = config.levels / 255.0
+        gens = [torch.Generator().manual_seed(image_seed(config.seed, img)) for img in images]
+        thetas = [
+            torch.from_numpy(
+                np.stack([chip_theta(alignment_matrix(f, m.chip), hw, m.chip.size) for f in faces])
+            ).to(dev)
+            for m in self.members
+        ]
+        gray_mask = torch.tensor(gray, device=dev).view(b, 1, 1, 1)
+        with torch.no_grad():
+            clean = [m.module(warp_chips(x, th, m.chip.size)) for m, th in zip(self.members, thetas)]
+        delta = torch.zeros_like(x)
+        if config.random_start:
+            for i, g in enumerate(gens):
+                delta[i] = (torch.rand(x.shape[1:], generator=g) * 2 - 1).to(dev) * eps
+        delta = self._project(x, delta, eps, gray_mask)
+        active = torch.ones(b, dtype=torch.bool, device=dev)
+        steps_run = [config.steps] * b
+        base_step = config.step_fraction * eps
+        for step in range(config.steps):
+            alpha = base_step * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(1, config.steps))))
+            delta.requires_grad_(True)
+            adv = x + delta
+            if config.eot:
+                adv = torch.cat([random_transform(adv[i : i + 1], config.eot_config, gens[i]) for i in range(b)])
+            total = torch.zeros_like(x)
+            for m, th, ref in zip(self.members, thetas, clean):
+                if config.eot:
+                    th = torch.stack([jitter_theta(th[i], config.eot_config, gens[i]) for i in range(b)])
+                emb = m.module(warp_chips(adv, th, m.chip.size))
+                cos = F.cosine_similarity(emb, ref, dim=1)
+                (grad,) = torch.autograd.grad(cos.sum(), delta, retain_graph=True)
+                norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(b, 1, 1, 1)
+                total += grad / norm
+            with torch.no_grad():
+                delta = delta.detach() - alpha * torch.sign(total) * active.view(b, 1, 1, 1)
+                delta = self._project(x, delta, eps, gray_mask)
+                last = step == config.steps - 1
+                if config.target_similarity is not None and not last and (step + 1) % config.check_every == 0:
+                    done = self._similarity(x + delta, thetas, clean).amax(dim=0) <= config.target_similarity
+                    for i in torch.nonzero(done & active).flatten().tolist():
+                        steps_run[i] = step + 1
+                    active &= ~done
+                    if not active.any():
+                        break
+        outs = [_quantise(images[i], (x + delta)[i], config.levels, gray[i]) for i in range(b)]
+        return outs, steps_run
+
+    @staticmethod
+    def _project(x: torch.Tensor, delta: torch.Tensor, eps: float, gray_mask: torch.Tensor) -> torch.Tensor:
+        """Into the L-inf ball and the [0, 1] box; grey photos get the channel mean as their one perturbation."""
+        delta = torch.where(gray_mask, delta.mean(dim=1, keepdim=True).expand_as(delta), delta)
+        delta = delta.clamp(-eps, eps)
+        return (x + delta).clamp(0, 1) - x
+
+    def _similarity(self, adv: torch.Tensor, thetas: list[torch.Tensor], clean: list[torch.Tensor]) -> torch.Tensor:
+        """``members x N`` cosines of clean vs ``adv`` (uint8-rounded) through the differentiable warps, no EOT."""
+        adv = torch.round(adv.clamp(0, 1) * 255.0) / 255.0
+        return torch.stack([
+            F.cosine_similarity(m.module(warp_chips(adv, th, m.chip.size)), ref, dim=1)
+            for m, th, ref in zip(self.members, thetas, clean)
+        ])
+
+    def _report(
+        self, clean: np.ndarray, protected: np.ndarray, face: Face, source: str, steps: int, seconds: float,
+        config: ProtectConfig, gray: bool,
+    ) -> ProtectionReport:
+        before = self.embed_standard(clean, face)
+        after = self.embed_standard(protected, face)
+        rng = np.random.default_rng(image_seed(config.seed + 1, clean))
+        noise = rng.integers(-config.levels, config.levels + 1, size=clean.shape)
+        noisy = np.clip(clean.astype(np.int16) + noise, 0, 255).astype(np.uint8)
+        random = self.embed_standard(noisy, face)
+        similarity: dict[str, dict[str, float | bool]] = {}
+        for m in self.members:
+            entry: dict[str, float | bool] = {
+                "cosine_after": _cosine(before[m.name], after[m.name]),
+                "cosine_random": _cosine(before[m.name], random[m.name]),
+            }
+            threshold = m.encoder.default_threshold
+            if threshold is not None:
+                score = float(m.encoder.score(before[m.name], after[m.name])[0])
+                entry["score_after"] = score
+                entry["matched_after"] = bool(score >= threshold)
+            similarity[m.name] = entry
+        return ProtectionReport(
+            source=source, encoders=self.encoder_names, similarity=similarity, psnr=psnr(clean, protected),
+            ssim=ssim(clean, protected), linf_levels=linf(clean, protected), steps=steps, seconds=seconds,
+            epsilon=config.epsilon, grayscale=gray, notes=list(self.notes),
+        )
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.dot(a, b) / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
+
+
+#: Protectors built by :func:`protect_image` for encoder-name lists (models load once per process).
+_PROTECTORS: dict[tuple[Any, ...], ImageProtector] = {}
+
+
+def protect_image(
+    image: np.ndarray,
+    encoders: Sequence[EncoderSpec] | ImageProtector | None = None,
+    epsilon: float = 8 / 255,
+    steps: int = ProtectConfig.steps,
+    seed: int = 0,
+    eot: bool = True,
+    target_similarity: float | None = None,
+    **config: Any,
+) -> tuple[np.ndarray, ProtectionReport]:
+    """Protect one RGB uint8 photo (see :class:`ImageProtector`); returns the protected uint8 photo and its report.
+
+    ``encoders``: encoder specs (default dlib-torch + MobileFaceNet; MobileFaceNet is left out with a note when its
+    model file is absent) or a ready :class:`ImageProtector` (reuse one for many photos: loading costs seconds).
+    Extra keyword arguments go to :class:`ProtectConfig`.
+    """
+    if isinstance(encoders, ImageProtector):
+        protector = encoders
+    elif encoders is None or all(isinstance(e, str) for e in encoders):
+        key = tuple(encoders) if encoders is not None else None
+        protector = _PROTECTORS.get((key,)) or _PROTECTORS.setdefault((key,), ImageProtector(encoders))
+    else:
+        protector = ImageProtector(encoders)
+    cfg = ProtectConfig(epsilon=epsilon, steps=steps, seed=seed, eot=eot, target_similarity=target_similarity, **config)
+    return protector.protect([image], cfg)[0]

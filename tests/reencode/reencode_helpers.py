@@ -1,0 +1,83 @@
+"""Writers of raw-template sources for the tests (each layout the way an operator's database would hold it)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+
+
+DIM = 16
+
+
+def make_templates(n: int = 200, dim: int = DIM, seed: int = 0) -> tuple[list[str], np.ndarray]:
+    """``n`` ids and float32 templates (norm about 1.2, like dlib's)."""
+    rng = np.random.default_rng(seed)
+    return [f"person{i:05d}/img.jpg" for i in range(n)], (rng.standard_normal((n, dim)) * 0.3).astype(np.float32)
+
+
+def write_parquet(path: Path, ids: list, vectors: list | np.ndarray, id_column: str = "id",
+                  vector_column: str = "embedding") -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    arr = pa.array([None if v is None else list(np.asarray(v, np.float32)) for v in vectors], pa.list_(pa.float32()))
+    pq.write_table(pa.table({id_column: ids, vector_column: arr}), path, row_group_size=50)
+    return f"parquet:{path}"
+
+
+def write_npz(path: Path, ids: list[str], vectors: np.ndarray) -> str:
+    np.savez(path, ids=np.asarray(ids), embeddings=np.asarray(vectors, np.float32))
+    return f"npz:{path}"
+
+
+def write_npy(path: Path, ids: list[str], vectors: np.ndarray) -> str:
+    np.save(path, np.asarray(vectors, np.float32))
+    path.with_name(path.name[:-4] + ".ids.txt").write_text("".join(i + "\n" for i in ids))
+    return f"npy:{path}"
+
+
+def write_sqlite(path: Path, ids: list, vectors: np.ndarray, table: str = "templates", fmt: str = "blob",
+                 extra_column: bool = False) -> str:
+    conn = sqlite3.connect(path)
+    extra = ", subject TEXT" if extra_column else ""
+    id_type = "INTEGER" if ids and isinstance(ids[0], int) else "TEXT"
+    conn.execute(f"CREATE TABLE {table} (id {id_type} PRIMARY KEY, embedding {'TEXT' if fmt == 'json' else 'BLOB'}"
+                 f"{extra})")
+    for i, v in zip(ids, vectors, strict=True):
+        cell = json.dumps(np.asarray(v, np.float64).tolist()) if fmt == "json" else np.asarray(v, "<f4").tobytes()
+        if extra_column:
+            conn.execute(f"INSERT INTO {table} VALUES (?, ?, 's')", (i, cell))
+        else:
+            conn.execute(f"INSERT INTO {table} VALUES (?, ?)", (i, cell))
+    conn.commit()
+    conn.close()
+    return f"sqlite:{path}?table={table}" + ("&vector_format=json" if fmt == "json" else "")
+
+
+def write_postgres(dsn: str, ids: list, vectors: np.ndarray, table: str = "templates") -> str:
+    import psycopg
+
+    dim = np.asarray(vectors).shape[1]
+    id_type = "bigint" if ids and isinstance(ids[0], int) else "text"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE {table} (id {id_type} PRIMARY KEY, embedding vector({dim}))")
+        with conn.cursor() as cur:
+            cur.executemany(f"INSERT INTO {table} VALUES (%s, %s::vector)",
+                            [(i, "[" + ",".join(repr(float(x)) for x in v) + "]") for i, v in zip(ids, vectors,
+                                                                                           strict=True)])
+    return f"{dsn}?table={table}"
+
+
+def read_all(uri: str) -> tuple[list[str], np.ndarray]:
+    from advface.reencode.sources import open_source
+
+    ids: list[str] = []
+    vecs: list[np.ndarray] = []
+    with open_source(uri) as src:
+        for chunk in src.chunks(97):
+            ids += chunk.ids
+            vecs.append(chunk.vectors)
+    return ids, np.concatenate(vecs) if vecs else np.zeros((0, 0), np.float32)
