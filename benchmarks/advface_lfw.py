@@ -184,15 +184,12 @@ def main() -> None:  # noqa: PLR0915 - one linear script
 
 
 def _plots(results, decoders, evalset, z, protect, args, folder: Path) -> None:  # noqa: ANN001
-    """Privacy-utility frontier and the image grid (skipped when matplotlib is missing)."""
-    try:
-        import matplotlib
+    """Privacy-utility frontier and the image grid."""
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plots (pip install -e '.[bench]')")
-        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     sweep = results["budget_sweep"]
     fig, ax = plt.subplots(figsize=(6, 4))
     drops = [100 * (results["utility"]["raw"]["tar_at_far_1e-3"] - e["utility"]["protected"]["tar_at_far_1e-3"])

@@ -226,14 +226,11 @@ def main() -> None:  # noqa: PLR0915 - one linear script
 
 def _plot(results: dict, folder: Path) -> None:
     """Frontier: mean Type-I success of the independent identity-aware attackers vs accuracy drop, per method."""
-    try:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no plot (pip install -e '.[bench]')")
-        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     base_acc = results["utility_raw"]["accuracy_mean"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in sorted({e["method"] for e in results["sweep"]}):
