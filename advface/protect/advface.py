@@ -292,6 +292,21 @@ def _finalize(z: np.ndarray, delta: np.ndarray, radius: np.ndarray, linf: float 
 # --------------------------------------------------------------------------------------------------- the method
 
 
+def _lane_tensors(
+    z: np.ndarray, delta0: np.ndarray, radius: np.ndarray, config: Any, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(alpha, radius, z, delta)`` of one lane as tensors: per-row sign-step size ``step_size * min(radius /
+    sqrt(D), linf)`` and radius as ``L x 1`` columns, templates and start offsets as ``L x D``."""
+    per_coord = radius / math.sqrt(z.shape[1])
+    if config.linf is not None:
+        per_coord = np.minimum(per_coord, config.linf)
+    alpha = torch.from_numpy(config.effective_step_size * per_coord).to(device=device, dtype=dtype)[:, None]
+    radius_t = torch.from_numpy(radius).to(device=device, dtype=dtype)[:, None]
+    z_t = torch.from_numpy(z).to(device=device, dtype=dtype)
+    delta = torch.from_numpy(delta0).to(device=device, dtype=dtype)
+    return alpha, radius_t, z_t, delta
+
+
 def _ascend_lane(
     z: np.ndarray,
     delta0: np.ndarray,
@@ -303,13 +318,7 @@ def _ascend_lane(
     dtype: torch.dtype,
 ) -> np.ndarray:
     """Sign-gradient ascent for one shadow call's worth of rows (always ``config.lanes`` of them); returns delta."""
-    per_coord = radius / math.sqrt(z.shape[1])
-    if config.linf is not None:
-        per_coord = np.minimum(per_coord, config.linf)
-    alpha = torch.from_numpy(config.effective_step_size * per_coord).to(device=device, dtype=dtype)[:, None]
-    radius_t = torch.from_numpy(radius).to(device=device, dtype=dtype)[:, None]
-    z_t = torch.from_numpy(z).to(device=device, dtype=dtype)
-    delta = torch.from_numpy(delta0).to(device=device, dtype=dtype)
+    alpha, radius_t, z_t, delta = _lane_tensors(z, delta0, radius, config, device, dtype)
     if target is None:
         with torch.no_grad():
             target = shadow(z_t)  # x~ = S(z): the shadow's stand-in for the enrolment photo

@@ -24,7 +24,6 @@ this is tens to hundreds of times plain AdvFace's cost on a CPU (``benchmarks/id
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -39,6 +38,7 @@ from advface.protect.advface import (
     _eval_mode,
     _finalize,
     _is_int,
+    _lane_tensors,
     _project_np,
     _project_t,
     _random_start,
@@ -97,13 +97,7 @@ def _ascend_lane(
     z: np.ndarray, delta0: np.ndarray, radius: np.ndarray, shadows: Sequence[nn.Module], encoder_module: nn.Module,
     config: IdentityAwareConfig, chip_size: int, device: torch.device, dtype: torch.dtype,
 ) -> np.ndarray:
-    per_coord = radius / math.sqrt(z.shape[1])
-    if config.linf is not None:
-        per_coord = np.minimum(per_coord, config.linf)
-    alpha = torch.from_numpy(config.effective_step_size * per_coord).to(device=device, dtype=dtype)[:, None]
-    radius_t = torch.from_numpy(radius).to(device=device, dtype=dtype)[:, None]
-    z_t = torch.from_numpy(z).to(device=device, dtype=dtype)
-    delta = torch.from_numpy(delta0).to(device=device, dtype=dtype)
+    alpha, radius_t, z_t, delta = _lane_tensors(z, delta0, radius, config, device, dtype)
     for step in range(config.steps):
         shift = JITTER_SCHEDULE[step % len(JITTER_SCHEDULE)] if config.jitter else (0, 0)
         total = torch.zeros_like(delta)
