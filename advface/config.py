@@ -29,8 +29,10 @@ Keys and defaults (``docs/advface.example.yaml`` is a commented example of every
       face_policy: "largest"     # largest, best-score, all, single, center
     protection:
       enabled: true              # false: templates are stored unprotected (testing only)
-      method: "advface"          # the only method so far
-      shadow: null               # shadow model checkpoint; null: the model shipped for the encoder
+      method: "advface"          # "advface" (pixel objective, one shadow) or "advface-id" (identity-aware, ensemble)
+      shadow: null               # advface: shadow model checkpoint; null: the model shipped for the encoder
+      shadows: []                # advface-id: shadow checkpoints of the ensemble (required, each must exist)
+      jitter: true               # advface-id: pixel-shift schedule (expectation over translations)
       rel_l2: 0.1                # ||delta|| / ||z|| budget, in (0, 1]
       steps: 10                  # ascent steps (>= 0)
       seed: 0                    # in [0, 2**64)
@@ -84,9 +86,14 @@ empty value for keys that may be null, ``encoder.name`` as a spec string or a YA
 a known section and an unknown key is an error; other ``ADVFACE_*`` variables (``ADVFACE_LFW_DIR``...) are ignored.
 Overrides win over the file; ``$ADVFACE_DATA_DIR`` only changes the default of ``store.data_dir``.
 
-Relative paths in the file (``tls.*``, ``auth.tokens_file``, ``protection.shadow``, ``store.data_dir``) are relative
-to the file's folder; in variables, to the working directory. ``~`` is expanded. Files named by ``tls.*``,
-``auth.tokens_file`` and ``protection.shadow`` must exist when the configuration is loaded.
+Relative paths in the file (``tls.*``, ``auth.tokens_file``, ``protection.shadow``, ``protection.shadows``,
+``store.data_dir``) are relative to the file's folder; in variables, to the working directory (``shadows`` in a
+variable: comma-separated). ``~`` is expanded. Files named by ``tls.*``, ``auth.tokens_file``, ``protection.shadow``
+and ``protection.shadows`` must exist when the configuration is loaded.
+
+``protection.method: advface-id`` needs a non-empty ``protection.shadows`` and refuses ``protection.shadow``;
+``advface`` refuses a non-empty ``shadows`` and ``jitter: false`` (a setting is never silently ignored).
+The encoder must have a differentiable torch module for advface-id (checked when the server starts).
 """
 
 from __future__ import annotations
@@ -115,6 +122,8 @@ ENV_ENCRYPTION_KEY = "ADVFACE_ENCRYPTION_KEY"  # the key itself (read by advface
 DEFAULT_DATA_DIR = "~/.local/share/advface"
 ROLES = ("admin", "client")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+#: protection.method values (advface.protect.methods.METHODS; not imported here: loading a config needs no torch)
+PROTECTION_METHODS = ("advface", "advface-id")
 MIN_TOKEN_CHARS = 16
 MAX_TOKEN_CHARS = 512
 
@@ -222,6 +231,8 @@ class ProtectionConfig:
     enabled: bool = True
     method: str = "advface"
     shadow: str | None = None
+    shadows: tuple[str, ...] = ()
+    jitter: bool = True
     rel_l2: float = 0.1
     steps: int = 10
     seed: int = 0
@@ -536,6 +547,24 @@ def _shadow(value: Any, where: _Where) -> str | None:
     return _optional_path(value, where)
 
 
+def _existing_paths(value: Any, where: _Where, what: str) -> tuple[str, ...]:
+    """A list of existing files (``what``): a YAML list, or comma-separated in an environment variable; null: ()."""
+    if _is_null(value, where):
+        return ()
+    if where.env_var and isinstance(value, str):
+        value = [v for v in value.split(",") if v.strip()]
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise where.error(f"expected a list of {what}, got {_type_name(value)}")
+    return tuple(_path(v, where, must_exist=True) for v in value)
+
+
+def _shadow_list(value: Any, where: _Where) -> tuple[str, ...]:
+    paths = _existing_paths(value, where, "shadow checkpoint paths")
+    if len(set(paths)) != len(paths):
+        raise where.error("lists the same shadow checkpoint twice")
+    return paths
+
+
 def _env_name(value: Any, where: _Where) -> str | None:
     if _is_null(value, where):
         return None
@@ -556,13 +585,7 @@ def _kms_hook(value: Any, where: _Where) -> str | None:
 
 
 def _key_files(value: Any, where: _Where) -> tuple[str, ...]:
-    if _is_null(value, where):
-        return ()
-    if where.env_var and isinstance(value, str):
-        value = [v for v in value.split(",") if v.strip()]
-    if isinstance(value, str) or not isinstance(value, (list, tuple)):
-        raise where.error(f"expected a list of key files, got {_type_name(value)}")
-    return tuple(_path(v, where, must_exist=True) for v in value)
+    return _existing_paths(value, where, "key files")
 
 
 def _transform_norm(value: Any, where: _Where) -> float | str | None:
@@ -611,8 +634,10 @@ _KEYS: dict[str, dict[str, _Check]] = {
     },
     "protection": {
         "enabled": _bool,
-        "method": lambda v, w: _str(v, w, ("advface",)),
+        "method": lambda v, w: _str(v, w, PROTECTION_METHODS),
         "shadow": _shadow,
+        "shadows": _shadow_list,
+        "jitter": _bool,
         "rel_l2": lambda v, w: _float(v, w, 0.0, 1.0, lo_open=True),
         "steps": lambda v, w: _int(v, w, 0, 100_000),
         "seed": lambda v, w: _int(v, w, 0, 2**64 - 1),
@@ -846,6 +871,8 @@ def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] = os
             f"{ENV_ENCRYPTION_KEY} (or ADVFACE_ENCRYPTION_KEY_ENV={ENV_ENCRYPTION_KEY}) to encrypt templates at rest"
         )
 
+    _check_protection_method(sections["protection"], source)
+
     image = sections["image_protection"]
     if image.get("steps", ImageProtectionConfig.steps) > image.get("max_steps", ImageProtectionConfig.max_steps):
         raise ConfigError(f"{source}: image_protection.steps must not exceed image_protection.max_steps")
@@ -869,6 +896,31 @@ def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] = os
         )
 
     return Config(**{name: SECTIONS[name](**values) for name, values in sections.items()})
+
+
+def _check_protection_method(prot: Mapping[str, Any], source: str) -> None:
+    """Each protection method's keys only: advface-id needs ``shadows`` (not ``shadow``); advface refuses
+    ``shadows`` and ``jitter`` other than their defaults."""
+    method = prot.get("method", ProtectionConfig.method)
+    if method == "advface-id":
+        if not prot.get("shadows"):
+            raise ConfigError(
+                f"{source}: protection.method is advface-id but protection.shadows is empty; list the shadow "
+                "checkpoints of the ensemble (e.g. trained with `advface train-shadow --id-weight 1`)"
+            )
+        if prot.get("shadow") is not None:
+            raise ConfigError(
+                f"{source}: protection.shadow is for method advface; advface-id takes its ensemble from "
+                "protection.shadows"
+            )
+    else:
+        # (the defaults, shadows: [] and jitter: true, are accepted: Config.to_dict() writes them)
+        wrong = [k for k, default in (("shadows", ()), ("jitter", True)) if prot.get(k, default) != default]
+        if wrong:
+            raise ConfigError(
+                f"{source}: protection.{wrong[0]} is only used by protection.method advface-id (method is "
+                f"{method}); remove it or set method: advface-id"
+            )
 
 
 def default_config(env: Mapping[str, str] = os.environ) -> Config:

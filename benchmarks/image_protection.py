@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -122,6 +124,19 @@ def grid_png(examples: list[tuple[np.ndarray, np.ndarray]], path: Path, crop: in
     Image.fromarray(np.vstack(rows)).save(path, optimize=True)
 
 
+def _load_rows(path: Path) -> dict[str, dict]:
+    """Per-photo rows of an earlier run (by person); a torn last line (killed mid-write) is ignored."""
+    done: dict[str, dict] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            done[row["person"]] = row
+    return done
+
+
 def main() -> None:  # noqa: PLR0915 - one linear script
     """Run the benchmark; write benchmarks/results/image_protection.json and the grid PNG."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -137,6 +152,8 @@ def main() -> None:  # noqa: PLR0915 - one linear script
     parser.add_argument("--grid-out", help="grid PNG (default benchmarks/results/local/image_protection_grid.png, "
                         "not committed: LFW photos are not redistributed)")
     parser.add_argument("--shared-machine", action="store_true", help="record that other jobs shared the CPU")
+    parser.add_argument("--rows-file", help="per-photo results, appended as each photo finishes and reused by a rerun "
+                        "with the same settings (default benchmarks/results/local/image_protection_rows-*.jsonl)")
     args = parser.parse_args()
     num, _, den = args.epsilon.partition("/")
     epsilon = float(num) / float(den or 1)
@@ -161,8 +178,17 @@ def main() -> None:  # noqa: PLR0915 - one linear script
     out_path = Path(args.out) if args.out else RESULTS_DIR / "image_protection.json"
     from tqdm import tqdm
 
+    loo = not args.no_loo and len(encoders) > 1
+    rows_path = Path(args.rows_file) if args.rows_file else (
+        RESULTS_DIR / "local" / f"image_protection_rows-l{config.levels}-s{config.steps}-seed{args.seed}"
+        f"{'' if loo else '-noloo'}.jsonl")
+    done = _load_rows(rows_path)
+    rows_path.parent.mkdir(parents=True, exist_ok=True)
     bar = tqdm(people[: args.count], desc="protect", unit="photo")
     for person, photo, other_photo in bar:
+        if person in done:  # measured by an earlier run with the same settings
+            rows.append(done[person])
+            continue
         if (time.perf_counter() - start) / 60 > args.max_minutes:
             break
         clean = load_image(photo)
@@ -180,7 +206,7 @@ def main() -> None:  # noqa: PLR0915 - one linear script
         rng = np.random.default_rng(args.seed)
         noise = rng.integers(-config.levels, config.levels + 1, size=clean.shape)
         images["random-noise"] = np.clip(clean.astype(np.int16) + noise, 0, 255).astype(np.uint8)
-        if not args.no_loo and len(encoders) > 1:
+        if loo:
             for enc in encoders:
                 images[f"only-{enc}"] = protector.subset([enc]).protect([clean], config, faces=[face])[0][0]
         for name, fn in purifiers.items():
@@ -201,7 +227,10 @@ def main() -> None:  # noqa: PLR0915 - one linear script
                     "score_other": None if other is None else float(m.encoder.score(other[m.name], e)[0]),
                 }
         rows.append({"person": person, "photo": photo.name, "seconds": seconds, "psnr": psnr(clean, protected),
-                     "ssim": ssim(clean, protected), "linf": report.linf_levels, "eval": evals})
+                     "ssim": ssim(clean, protected), "linf": report.linf_levels, "eval": evals,
+                     "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg()[0]})
+        with rows_path.open("a") as fh:
+            fh.write(json.dumps(rows[-1]) + "\n")
         if len(examples) < args.grid:
             examples.append((clean, protected))
         bar.set_postfix(s=f"{seconds:.1f}", psnr=f"{rows[-1]['psnr']:.1f}")
@@ -239,7 +268,13 @@ def main() -> None:  # noqa: PLR0915 - one linear script
             "linf_max_levels": int(max(r["linf"] for r in rows)),
         },
         "seconds_per_photo_ensemble": {"mean": float(secs.mean()), "median": float(np.median(secs)),
-                                       "max": float(secs.max()), "device": "cpu", "torch_threads": 1},
+                                       "p90": float(np.percentile(secs, 90)), "max": float(secs.max()),
+                                       "device": "cpu",
+                                       "torch_threads": sorted({r.get("torch_threads", 1) for r in rows}),
+                                       "load_average_median": float(np.median(
+                                           [r.get("load_average", float("nan")) for r in rows]))},
+        "rows_file": str(rows_path.relative_to(RESULTS_DIR.parent.parent)) if rows_path.is_relative_to(
+            RESULTS_DIR.parent.parent) else str(rows_path),
         "results": summarise(rows, encoders, thr),
         "per_photo": [{k: v for k, v in r.items() if k != "eval"} for r in rows],
     }

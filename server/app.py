@@ -152,6 +152,7 @@ class Sidecar:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log(_logger, logging.INFO, "serving", address=self.address, tls=self.tls, auth=self.servicer.auth.enabled,
             encoder=self.servicer.encoder.name, protection=self.servicer.protector is not None,
+            protection_method=self.servicer.protection_method,
             threshold=self.servicer.threshold,
             metrics=self.metrics_server.address if self.metrics_server is not None else None)
         if self.metrics_server is not None:

@@ -163,7 +163,7 @@ def build_labels(servicer: Any) -> dict[str, str]:
         "api": SERVICE_NAME.rsplit(".", 1)[0],
         "grpc": grpc.__version__,
         "encoder": str(servicer.encoder.name),
-        "protection": "advface" if servicer.protector is not None else "none",
+        "protection": str(getattr(servicer, "protection_method", "advface" if servicer.protector else "none")),
         "store_backend": type(servicer.store).__name__,
     }
 

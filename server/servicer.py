@@ -17,9 +17,12 @@ Every RPC validates its whole request before it changes anything (a rejected req
 - deadlines: DEADLINE_EXCEEDED before embedding, protecting or writing when the client's deadline has passed, so a
   request that timed out on the client is not stored after the fact.
 
-Protection: with ``protection.enabled``, every enrolled embedding is replaced by its AdvFace-protected version
-before it reaches the store; raw embeddings live only in memory for the duration of the call. Probes (Verify,
-Identify) are used raw and never stored: matching compares protected templates with raw probes.
+Protection: with ``protection.enabled``, every enrolled embedding is replaced by its protected version
+(``protection.method``: ``advface``, or identity-aware ``advface-id`` with the ``protection.shadows`` ensemble; one
+:class:`~advface.protect.TemplateProtector` built by :func:`build_protector`) before it reaches the store; raw
+embeddings live only in memory for the duration of the call. Probes (Verify, Identify) are used raw and never
+stored: matching compares protected templates with raw probes. Info reports the method; its threshold is calibrated
+for plain AdvFace only (advface-id: source ``uncalibrated`` unless ``matching.threshold`` is set).
 
 Keyed transform (``keyed_transform.enabled``, :mod:`advface.protect.tenant_transform`): after AdvFace, every
 template is mapped through its tenant's secret orthogonal transform (with norm equalisation, by default) before it
@@ -72,8 +75,20 @@ from advface.errors import (
 from advface.faces import FaceChipper, create_detector
 from advface.hashing import file_sha256
 from advface.images import load_image
-from advface.protect import AdvFaceConfig, Protector, shipped_shadow_path
-from advface.protect.tenant_transform import check_store_marker, keyed_threshold, transforms_from_config
+from advface.protect import (
+    AdvFaceConfig,
+    IdentityAwareConfig,
+    ProtectionSpec,
+    TemplateProtector,
+    load_protector,
+    shipped_shadow_path,
+)
+from advface.protect.tenant_transform import (
+    check_db_store_marker,
+    check_store_marker,
+    keyed_threshold,
+    transforms_from_config,
+)
 from advface.store import base as store_base
 from server.image_protection import ImageProtection, ImageProtectionFailure
 from server.interceptors import Authenticator, AuthError, Principal
@@ -251,28 +266,36 @@ def _rpc(name: str) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., A
     return wrap
 
 
-def resolve_threshold(matching_threshold: float | None, encoder: FaceEncoder, protected: bool) -> tuple[float, str, str]:
+def _uncalibrated_note(fallback: str) -> str:
+    return ("protection.method advface-id has no calibrated threshold (plain AdvFace's calibration does not apply); "
+            "using the one for unprotected templates -- measure one for your shadows and budget "
+            f"(benchmarks/identity_aware.py) and set matching.threshold. Fallback: {fallback}")
+
+
+def resolve_threshold(
+    matching_threshold: float | None, encoder: FaceEncoder, protected: bool, method: str = "advface"
+) -> tuple[float, str, str]:
     """The decision threshold and its provenance: ``(value, source, description)``.
 
-    ``matching.threshold`` from the config wins; then, for protected templates, :data:`CALIBRATED_THRESHOLDS`;
-    then the encoder's published threshold for raw embeddings. ConfigError when none is known.
+    ``matching.threshold`` from the config wins; then, for templates protected with plain AdvFace (``method``),
+    :data:`CALIBRATED_THRESHOLDS`; then the encoder's published threshold for raw embeddings (for ``advface-id``
+    with source ``uncalibrated``: no threshold was calibrated for it). ConfigError when none is known.
     """
     if matching_threshold is not None:
         value = float(matching_threshold)
         if not math.isfinite(value):
             raise ConfigError(f"matching.threshold must be a finite number, got {matching_threshold!r}")
         return value, "config", "matching.threshold from the server configuration"
-    if protected and encoder.name in CALIBRATED_THRESHOLDS:
+    if protected and method == "advface" and encoder.name in CALIBRATED_THRESHOLDS:
         source, note = THRESHOLD_PROVENANCE.get(
             encoder.name, ("calibrated", "calibrated on protected LFW templates (benchmarks/results/advface_lfw.json)")
         )
         return float(CALIBRATED_THRESHOLDS[encoder.name]), source, note
     if encoder.default_threshold is not None:
-        return (
-            float(encoder.default_threshold),
-            "encoder-default",
-            f"the published threshold of encoder {encoder.name} for raw embeddings",
-        )
+        note = f"the published threshold of encoder {encoder.name} for raw embeddings"
+        if protected and method != "advface":
+            return float(encoder.default_threshold), "uncalibrated", _uncalibrated_note(note)
+        return float(encoder.default_threshold), "encoder-default", note
     raise ConfigError(f"no decision threshold is known for encoder {encoder.name}: set matching.threshold")
 
 
@@ -309,23 +332,36 @@ def open_store(config: Any, dim: int, metric: str) -> Any:
     return SQLiteFaissStore(path, dim, metric, use_gpu=_opt(section, "use_gpu", "auto"), index=index, cipher=cipher)
 
 
-def build_protector(config: Any, encoder: FaceEncoder) -> tuple[Protector | None, Path | None]:
-    """The AdvFace protector of the config's ``protection`` section (None when disabled) and its shadow file."""
+def protection_spec(section: Any, encoder_name: str) -> ProtectionSpec:
+    """The :class:`ProtectionSpec` of a ``protection`` section (enabled or not): ``method`` advface (``shadow``, else
+    the shadow shipped for the encoder) or advface-id (``shadows``, ``jitter``); ``steps``, ``rel_l2``, ``seed``."""
+    method = str(_opt(section, "method", "advface"))
+    common = {"steps": int(_opt(section, "steps", 10)), "rel_l2": float(_opt(section, "rel_l2", 0.1)),
+              "seed": int(_opt(section, "seed", 0))}
+    if method == "advface-id":
+        shadows = tuple(str(Path(p).expanduser()) for p in (_opt(section, "shadows", ()) or ()))
+        if not shadows:
+            raise ConfigError("protection.method is advface-id but protection.shadows is empty")
+        jitter = _opt(section, "jitter", True)
+        return ProtectionSpec(method, shadows, IdentityAwareConfig(jitter=bool(jitter), **common),
+                              encoder=encoder_name)
+    if method != "advface":
+        raise ConfigError(f"protection.method {method!r} is not supported (use 'advface' or 'advface-id')")
+    shadow = _opt(section, "shadow", None)
+    path = Path(shadow).expanduser() if shadow else shipped_shadow_path(encoder_name)
+    if not path.is_file():
+        raise ConfigError(f"shadow model {path} not found")
+    return ProtectionSpec(method, (str(path),), AdvFaceConfig(**common), encoder=encoder_name)
+
+
+def build_protector(config: Any, encoder: FaceEncoder) -> TemplateProtector | None:
+    """The protector of the config's ``protection`` section (None when disabled), for either method
+    (:func:`advface.protect.load_protector`); ConfigError at start for a bad shadow or, with advface-id, an
+    encoder without a differentiable torch module."""
     section = _section(config, "protection")
     if not bool(_opt(section, "enabled", True)):
-        return None, None
-    method = str(_opt(section, "method", "advface"))
-    if method != "advface":
-        raise ConfigError(f"protection.method {method!r} is not supported (use 'advface')")
-    shadow = _opt(section, "shadow", None)
-    path = Path(shadow).expanduser() if shadow else shipped_shadow_path(encoder.name)
-    params = AdvFaceConfig(
-        steps=int(_opt(section, "steps", 10)),
-        rel_l2=float(_opt(section, "rel_l2", 0.1)),
-        seed=int(_opt(section, "seed", 0)),
-    )
-    protector = Protector.from_checkpoint(path, encoder_fingerprint=encoder.fingerprint, dim=encoder.dim, config=params)
-    return protector, path
+        return None
+    return load_protector(protection_spec(section, encoder.name), encoder=encoder)
 
 
 class ProtectionBatcher:
@@ -426,7 +462,7 @@ class AdvFaceServicer(pb_grpc.AdvFaceServicer):
         *,
         encoder: FaceEncoder | None = None,
         store: Any = None,
-        protector: Protector | None = None,
+        protector: TemplateProtector | None = None,
         authenticator: Authenticator | None = None,
     ) -> None:
         self.config = config
@@ -450,30 +486,39 @@ class AdvFaceServicer(pb_grpc.AdvFaceServicer):
         self.chipper = FaceChipper(create_detector(self.detector_name), self.encoder.chip, self.face_policy)
 
         self.protection_enabled = bool(_opt(prot_cfg, "enabled", True))
-        self.shadow_path: Path | None = None
         if self.protection_enabled:
             if protector is None:
-                protector, self.shadow_path = build_protector(config, self.encoder)
+                protector = build_protector(config, self.encoder)
+            assert protector is not None
             if protector.dim != self.dim:
                 raise ConfigError(f"protector takes dimension {protector.dim}, encoder gives {self.dim}")
         self.protector = protector if self.protection_enabled else None
+        #: "advface", "advface-id", or "none" (protection off)
+        self.protection_method = str(getattr(self.protector, "method", "advface")) if self.protector else "none"
         # keyed per-tenant transform (None: off); a missing or bad secret is a ConfigError here, at start
         self.transforms = transforms_from_config(_section(config, "keyed_transform"), self.dim, self.encoder.name)
 
         self.threshold, self.threshold_source, self.threshold_note = resolve_threshold(
-            _opt(match_cfg, "threshold", None), self.encoder, self.protection_enabled
+            _opt(match_cfg, "threshold", None), self.encoder, self.protection_enabled, self.protection_method
         )
         if _opt(match_cfg, "threshold", None) is None and self.transforms is not None:
-            keyed = keyed_threshold(self.transforms, self.encoder.name, self.protection_enabled)
+            # measured for plain AdvFace (or none): advface-id gets the unprotected one, flagged as such
+            calibrated_for = self.protection_method == "advface"
+            keyed = keyed_threshold(self.transforms, self.encoder.name, calibrated_for)
             if keyed is not None:  # norm equalisation changes scores: its own calibrated threshold
                 self.threshold, self.threshold_source, self.threshold_note = keyed
+                if self.protection_method == "advface-id":
+                    self.threshold_source, self.threshold_note = "uncalibrated", _uncalibrated_note(keyed[2])
         auth_cfg = _section(config, "auth")
         self.auth = authenticator if authenticator is not None else Authenticator.from_config(auth_cfg)
         self.store = store if store is not None else open_store(config, self.dim, self.metric)  # last: it locks
         store_cfg = _section(config, "store")
-        if store is None and str(_opt(store_cfg, "backend", "sqlite")) == "sqlite":
+        if store is None:
             try:  # the templates must have been issued under this transform configuration (or none)
-                check_store_marker(_opt(store_cfg, "data_dir", ""), self.transforms, int(self.store.count()))
+                if str(_opt(store_cfg, "backend", "sqlite")) == "sqlite":
+                    check_store_marker(_opt(store_cfg, "data_dir", ""), self.transforms, int(self.store.count()))
+                else:  # PostgreSQL: the marker is kept in the database, shared by every replica
+                    check_db_store_marker(self.store, self.transforms, int(self.store.count()))
             except BaseException:
                 self.store.close()
                 raise
@@ -895,12 +940,13 @@ class AdvFaceServicer(pb_grpc.AdvFaceServicer):
             return pb.ProtectionInfo(enabled=False, method="none")
         cfg = self.protector.config
         info = pb.ProtectionInfo(
-            enabled=True, method="advface", rel_l2=float(cfg.rel_l2), steps=int(cfg.steps), seed=int(cfg.seed),
-            lanes=int(cfg.lanes), linf=float(cfg.linf or 0.0),
+            enabled=True, method=self.protection_method, rel_l2=float(cfg.rel_l2), steps=int(cfg.steps),
+            seed=int(cfg.seed), lanes=int(cfg.lanes), linf=float(cfg.linf or 0.0),
         )
-        if self.shadow_path is not None:
-            info.shadow_model = self.shadow_path.name
-            info.shadow_sha256 = file_sha256(self.shadow_path)
+        paths = tuple(getattr(self.protector, "shadow_paths", ()) or ())
+        if paths:  # advface-id: the ensemble, comma-separated, in configuration order
+            info.shadow_model = ",".join(p.name for p in paths)
+            info.shadow_sha256 = ",".join(file_sha256(p) for p in paths)
         else:
-            info.shadow_model = str(self.protector.metadata.get("name", "custom"))
+            info.shadow_model = str(getattr(self.protector, "metadata", {}).get("name", "custom"))
         return info

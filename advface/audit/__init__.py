@@ -3,8 +3,9 @@ inference by a zoo of attackers), unlinkability (D_sys), renewability and perfor
 self-contained HTML page plus JSON.
 
 Modules: :mod:`advface.audit.attacks` (decoder, GAN-prior and adaptive attackers), :mod:`advface.audit.data`
-(dataset, victims and template sources), :mod:`advface.audit.metrics` (metric glue), :mod:`advface.audit.report`
-(HTML + JSON), :mod:`advface.audit.run` (orchestration).
+(dataset, victims and template files), :mod:`advface.audit.store` (a template store, opened as the sidecar does),
+:mod:`advface.audit.thief` (the database thief without keys), :mod:`advface.audit.metrics` (metric glue),
+:mod:`advface.audit.report` (HTML + JSON), :mod:`advface.audit.run` (orchestration).
 """
 
 from typing import Any

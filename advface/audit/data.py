@@ -1,6 +1,7 @@
 """Inputs of an audit: the face dataset (identity folders, optionally subsampled), its (embedding, face) pairs, the
 identity-disjoint split, the victims (evaluation photos with another photo of the same person when there is one)
-and the template database under audit (an embeddings file with ids, or a template store).
+and the template database under audit (an embeddings file with ids here; a template store is read by
+:mod:`advface.audit.store`, the way the sidecar opens it).
 
 Template ids of a database must be the dataset's photo ids (the path relative to the dataset root, e.g.
 ``Aaron_Peirsol/Aaron_Peirsol_0001.jpg``) so that each template can be paired with the photo it came from.
@@ -12,6 +13,7 @@ import copy
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -152,9 +154,16 @@ class TemplateDatabase:
     ids: list[str]
     vectors: np.ndarray
     source: str
+    #: Read from a template store (:mod:`advface.audit.store`): how it was opened and its layers; None for a file.
+    store: Any = None
+    #: Store with a keyed transform: the stored vectors through the tenant's inverse transform (what a thief holding
+    #: the transform key, or the sidecar's memory, sees); None otherwise.
+    untransformed: np.ndarray | None = None
 
 
-def _check_db(ids: list[str], vectors: np.ndarray, dim: int, source: str) -> TemplateDatabase:
+def check_db(ids: list[str], vectors: np.ndarray, dim: int, source: str) -> TemplateDatabase:
+    """A :class:`TemplateDatabase` of ``ids`` and ``vectors``; EmbeddingError when empty, of another dimension than
+    the encoder's ``dim`` or not finite."""
     vectors = np.asarray(vectors)
     if len(ids) == 0:
         raise EmbeddingError(f"{source}: the template database is empty")
@@ -171,44 +180,7 @@ def load_templates_file(path: str | Path, dim: int) -> TemplateDatabase:
     from advface.embeddings_file import load_embeddings
 
     data = load_embeddings(path)
-    return _check_db(data.ids, data.embeddings, dim, str(path))
-
-
-def load_templates_store(uri: str, tenant: str, dim: int, metric: str) -> TemplateDatabase:
-    """The first template of every subject of ``tenant`` in a store: ``sqlite:DATA_DIR`` (SQLite + faiss,
-    ``DATA_DIR/templates.sqlite3``, unencrypted) or a ``postgresql://`` DSN. Subject ids must be photo ids."""
-    if not tenant:
-        raise ConfigError("--store needs --tenant")
-    if uri.startswith("sqlite:"):
-        from advface.store.sqlite_faiss import SQLiteFaissStore
-
-        path = Path(uri.removeprefix("sqlite:")).expanduser()
-        db_file = path / "templates.sqlite3" if path.is_dir() else path
-        if not db_file.is_file():
-            raise ConfigError(f"no template database at {db_file}")
-        store_factory = lambda: SQLiteFaissStore(db_file, dim, metric)  # noqa: E731
-    elif uri.startswith(("postgresql://", "postgres://")):
-        from advface.store.postgres import PostgresStore
-
-        store_factory = lambda: PostgresStore(uri, dim, metric)  # noqa: E731
-    else:
-        raise ConfigError(f"unsupported store {uri!r}: use sqlite:DATA_DIR or a postgresql:// DSN")
-    ids: list[str] = []
-    vectors: list[np.ndarray] = []
-    with store_factory() as store:
-        token = ""
-        while True:
-            subjects, token = store.list_subjects(tenant, page_size=500, page_token=token)
-            for subject in subjects:
-                vecs = store.subject_vectors(tenant, subject.subject_id)
-                if len(vecs):
-                    ids.append(subject.subject_id)
-                    vectors.append(np.asarray(vecs[0]))
-            if not token:
-                break
-    if not ids:
-        raise EmbeddingError(f"{uri} tenant {tenant!r}: the template database is empty")
-    return _check_db(ids, np.stack(vectors), dim, f"{uri} (tenant {tenant})")
+    return check_db(data.ids, data.embeddings, dim, str(path))
 
 
 def match_templates(db: TemplateDatabase, victims: Victims) -> tuple[np.ndarray, np.ndarray, int]:

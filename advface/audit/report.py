@@ -159,6 +159,39 @@ def _attack_rows(attacks: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def _layers_html(r: dict[str, Any]) -> str:
+    """The layered-secrets section: the thief without keys, then each attacker against the layer meant to stop it."""
+    parts = ["<h2 id='layers'>Layered secrets: each attacker against each layer</h2>"]
+    thief = r.get("thief_without_keys")
+    if thief:
+        enc = "encrypted at rest" if thief.get("encrypted_at_rest") else "NOT encrypted at rest"
+        parts.append(f"<p class='thief'><b>Database thief without keys</b> (store {enc}): "
+                     f"<b>vectors recovered without keys: {thief['vectors_recovered']} of {thief['rows']} rows</b>. "
+                     f"Read: {html.escape(str(thief.get('read', '')))}; every byte offset decoded as float32 / "
+                     "float64; a row counts when a decoding matches a victim photo at FMR 0.1% or equals a stored "
+                     "template.</p>")
+        fb = thief.get("file_bytes")
+        if fb:
+            parts.append(f"<p>Raw bytes of {html.escape(', '.join(fb.get('files', [])))} "
+                         f"({fb['bytes_scanned']} bytes{', truncated' if fb.get('truncated') else ''}): "
+                         f"{fb['audited_templates_found']} of {fb['audited_templates']} audited templates found, "
+                         f"{fb['windows_matching_a_victim']} windows matching a victim photo.</p>")
+    rows = []
+    for layer in r.get("layers", []):
+        if "vectors_recovered" in layer:
+            result = f"{layer['vectors_recovered']} of {layer['rows']} rows recovered"
+        elif "type1_success_max" in layer:
+            result = f"best Type I @FMR 0.1%: {_fmt(layer['type1_success_max'], True)}"
+        else:
+            result = "&ndash;"
+        rows.append([html.escape(layer["attacker"]), html.escape(layer.get("holds", "")),
+                     html.escape(layer.get("layer", "")), html.escape(str(layer.get("templates", "")))
+                     if layer.get("templates") else "&ndash;", result, html.escape(layer.get("note", ""))])
+    if rows:
+        parts.append(_table(["attacker", "holds", "layer that should stop it", "templates", "result", "note"], rows))
+    return "".join(parts)
+
+
 _CSS = """body{font-family:sans-serif;margin:2em;max-width:1100px;color:#222}
 table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}
 th{background:#f0f0f0}.missing{background:#fff3cd;border:1px solid #e0c060;padding:0.5em 1em}
@@ -194,6 +227,8 @@ def render_html(result: dict[str, Any], figures: dict[str, str]) -> str:
                      "the given false-match rate.</p>")
         parts.append(_table(["attacker", "templates", "Type I @FMR 0.1%", "Type II @FMR 0.1%", "Type I @FMR 1%",
                              "Type II @FMR 1%", "SSIM", "PSNR (dB)", "n"], _attack_rows(r["attacks"])))
+    if r.get("layers") or r.get("thief_without_keys"):
+        parts.append(_layers_html(r))
     if "grid" in figures:
         parts.append(f"<h3>Reconstructions</h3><img alt='image grid' src='data:image/png;base64,{figures['grid']}'>")
     if "gan" in figures:

@@ -41,6 +41,7 @@ class AuditConfig:
     templates: Path | None = None
     store: str | None = None
     tenant: str | None = None
+    store_config: Path | None = None
     protection: str = "advface"
     rel_l2: float = 0.1
     steps: int = 10
@@ -83,8 +84,11 @@ class AuditConfig:
             raise ConfigError(f"--protection must be one of {', '.join(PROTECTIONS)}, got {self.protection!r}")
         if self.templates is not None and self.store is not None:
             raise ConfigError("give either --templates or --store, not both")
-        if self.store is not None and not self.tenant:
-            raise ConfigError("--store needs --tenant")
+        if self.store is not None and not self.tenant and not (
+                self.store.startswith("advface:") and "tenant=" in self.store):
+            raise ConfigError("--store needs --tenant (or an advface:DATA_DIR?tenant=NAME location)")
+        if self.store_config is not None and self.store is None:
+            raise ConfigError("--config (the sidecar's configuration) is read only with --store")
         if not 0 < self.rel_l2 <= 1:
             raise ConfigError(f"--rel-l2 must be in (0, 1], got {self.rel_l2}")
         for name in ("epochs", "batch_size", "per_identity", "gan_steps", "gan_restarts"):
@@ -130,6 +134,10 @@ class _Audit:
     def _config_summary(self) -> dict[str, Any]:
         c = asdict(self.config)
         c["attackers"] = ",".join(self.config.attackers)
+        if self.config.store:
+            from advface.reencode.uri import Location
+
+            c["store"] = Location("", "", {}, self.config.store).display()  # no password in the report
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in c.items() if v is not None}
 
     def missing(self, stage: str, reason: str) -> None:
@@ -163,7 +171,10 @@ class _Audit:
         if c.templates is not None:
             self.db = audit_data.load_templates_file(c.templates, self.encoder.dim)
         elif c.store is not None:
-            self.db = audit_data.load_templates_store(c.store, c.tenant or "", self.encoder.dim, self.encoder.metric)
+            from advface.audit.store import load_templates_store
+
+            self.db = load_templates_store(c.store, c.tenant, self.encoder.dim, self.encoder.metric,
+                                           config_path=c.store_config, encoder_name=c.encoder)
         with _env("ADVFACE_CACHE_DIR", str(self.cache)):
             faces = audit_data.dataset_faces(dataset, self.encoder, image_size=c.image_size,
                                              use_cache=c.pairs_cache, workers=c.workers, progress=c.progress)
@@ -196,8 +207,15 @@ class _Audit:
             self.rows, self.templates_db, unmatched = audit_data.match_templates(self.db, self.victims)
             self.result["data"]["database"] = {"source": self.db.source, "templates": len(self.db.ids),
                                                "audited": len(self.rows), "not_audited": unmatched}
+            self.untransformed_db = None
+            if self.db.untransformed is not None:
+                index = {photo_id: i for i, photo_id in enumerate(self.db.ids)}
+                picked = [index[pid] for pid in self.victims.pairs.ids[self.rows].tolist()]
+                self.untransformed_db = self.db.untransformed[picked]
+            if self.db.store is not None:
+                self.result["data"]["database"].update(self.db.store.describe())
         else:
-            self.rows, self.templates_db = np.arange(len(self.victims.pairs)), None
+            self.rows, self.templates_db, self.untransformed_db = np.arange(len(self.victims.pairs)), None, None
         v = self.victims
         self.result["data"].update({
             "split": split.describe(), "victims": len(self.rows),
@@ -217,22 +235,44 @@ class _Audit:
         self.protect_fn = self._make_protect()
         raw = self.victims.pairs.embeddings[self.rows]
         self.raw = raw
-        self.protected = self.templates_db if self.templates_db is not None else self.protect(raw, c.seed)
-        if c.key_file is not None:
-            from advface.crypto import load_key_file
-
-            secret, key_note = load_key_file(c.key_file), f"key file {c.key_file}"
+        transforms = self.db.store.transforms if self.db is not None and self.db.store is not None else None
+        if transforms is not None:
+            # the store's own keyed transform: stored vectors are T_tenant(AdvFace(z)) ("protected+key", what a
+            # thief with the database but without the transform key holds); through T_tenant^-1 they are the
+            # AdvFace output ("protected", what a thief with every key or the sidecar's memory holds)
+            if c.key_file is not None:
+                raise ConfigError("--key-file cannot be used with a store whose --config has a keyed transform: the "
+                                  "audit uses the store's own transform (keyed_transform section)")
+            tenant = self.db.store.tenant
+            self.protected = self.untransformed_db
+            self.key_a = transforms.for_tenant(tenant)
+            self.key_b = transforms.for_tenant(f"audit-b:{tenant}")  # another tenant of the same deployment
+            self.key_a2 = transforms.for_tenant(tenant, version=transforms.version + 1)
+            self.keyed = np.asarray(self.templates_db, np.float32)
+            norm = transforms.norm
+            key_note = (f"the store's keyed transform (tenant {tenant!r}, version {transforms.version}, key id "
+                        f"{self.key_a.key_id})")
+            templates_note = ("database as stored (protected+key) and through the tenant's inverse transform "
+                              "(protected)" + (": with norm equalisation only the direction of the AdvFace output "
+                                               "comes back" if norm is not None else ""))
         else:
-            secret, key_note = os.urandom(32), "ephemeral random key (no --key-file)"
-        norm = self._key_norm()
-        dim = self.encoder.dim
-        self.key_a = KeyedTransform.from_secret(secret, "audit-a", dim, norm=norm)
-        self.key_b = KeyedTransform.from_secret(secret, "audit-b", dim, norm=norm)
-        self.key_a2 = KeyedTransform.from_secret(secret, "audit-a", dim, version=2, norm=norm)
-        self.keyed = self.key_a.apply(self.protected)
+            self.protected = self.templates_db if self.templates_db is not None else self.protect(raw, c.seed)
+            if c.key_file is not None:
+                from advface.crypto import load_key_file
+
+                secret, key_note = load_key_file(c.key_file), f"key file {c.key_file}"
+            else:
+                secret, key_note = os.urandom(32), "ephemeral random key (no --key-file)"
+            norm = self._key_norm()
+            dim = self.encoder.dim
+            self.key_a = KeyedTransform.from_secret(secret, "audit-a", dim, norm=norm)
+            self.key_b = KeyedTransform.from_secret(secret, "audit-b", dim, norm=norm)
+            self.key_a2 = KeyedTransform.from_secret(secret, "audit-a", dim, version=2, norm=norm)
+            self.keyed = self.key_a.apply(self.protected)
+            templates_note = "database as stored" if self.db is not None else "protected here"
         self.result["protection"] = {"method": c.protection, "rel_l2": c.rel_l2, "steps": c.steps,
-                                     "key": key_note, "key_norm_equalisation": norm,
-                                     "templates": "database as stored" if self.db is not None else "protected here"}
+                                     "key": key_note, "key_norm_equalisation": norm, "templates": templates_note,
+                                     "store_keyed_transform": transforms is not None}
 
     def _key_norm(self) -> float | None:
         """Norm equalisation of the keyed transform: the sidecar's calibrated norm for the encoder
@@ -442,9 +482,68 @@ class _Audit:
                         "rekey)",
         }
 
+    # --------------------------------------------------------------------------------------- layered secrets
+    def run_thief_scan(self) -> None:
+        """The database thief without keys (:mod:`advface.audit.thief`) on the audited store's storage."""
+        from advface.audit import thief
+
+        info = self.db.store
+        ref = thief.Reference(victims=self.victims.pairs.embeddings, threshold=float(self.thresholds["1e-3"]),
+                              metric=self.encoder.metric, stored=self.db.vectors)
+        if info.backend == "sqlite":
+            scan = thief.scan_sqlite(info.database_file, ref)
+        else:
+            scan = thief.scan_postgres(str(info.dsn), ref)
+        scan.update(encrypted_at_rest=info.encrypted, threshold_fmr="1e-3",
+                    summary=f"vectors recovered without keys: {scan['vectors_recovered']} of {scan['rows']} rows")
+        self.result["thief_without_keys"] = scan
+
+    def summarise_layers(self) -> None:
+        """``layers``: each attacker of the threat model against the layer that should stop it, with the audit's
+        numbers (best Type I @FMR 0.1% over the attackers run, vectors recovered without keys)."""
+        attacks = self.result.get("attacks", {})
+
+        def best(setting: str) -> dict[str, Any]:
+            by = {name: e["type1_success"][setting] for name, e in attacks.items()
+                  if isinstance(e.get("type1_success"), dict) and setting in e["type1_success"]}
+            return {"templates": setting, "type1_success_max": max(by.values()) if by else None,
+                    "type1_success": by}
+
+        store = self.db.store if getattr(self, "db", None) is not None else None
+        store_transform = bool(self.result.get("protection", {}).get("store_keyed_transform"))
+        thief = self.result.get("thief_without_keys")
+        layers: list[dict[str, Any]] = []
+        first: dict[str, Any] = {"attacker": "database thief without keys",
+                                 "holds": "the database file(s), a backup or a dump; no key",
+                                 "layer": "encryption at rest"}
+        if thief is not None:
+            first.update(vectors_recovered=thief["vectors_recovered"], rows=thief["rows"],
+                         encrypted_at_rest=thief["encrypted_at_rest"], note=thief["summary"])
+        else:
+            first["note"] = ("not measured: no store audited (--store)" if store is None
+                             else "not measured: the thief scan failed (see missing)")
+        layers.append(first)
+        if store is not None and not store_transform:
+            second = best("protected")
+            second["note"] = ("the store has no keyed transform: the thief holds the stored AdvFace templates "
+                              "(protected); protected+key shows what the keyed transform would add")
+        else:
+            second = best("protected+key")
+            second["note"] = ("the store's templates as stored, i.e. after its keyed transform" if store_transform else
+                              "keyed transform simulated by the audit on the protected templates")
+        layers.append({"attacker": "thief with the database (and the encryption key), without the transform key",
+                       "holds": "stored templates", "layer": "keyed per-tenant transform, then AdvFace", **second})
+        layers.append({"attacker": "thief with every key, or the sidecar's process memory",
+                       "holds": "AdvFace templates", "layer": "AdvFace", **best("protected")})
+        layers.append({"attacker": "no advface (baseline)", "holds": "raw embeddings", "layer": "none",
+                       **best("raw")})
+        self.result["layers"] = layers
+
     # ----------------------------------------------------------------------------------------------- report
     def finish(self) -> tuple[Path, Path]:
         c = self.config
+        if "attacks" in self.result or "thief_without_keys" in self.result:
+            self.summarise_layers()
         if c.images and hasattr(self, "rows") and len(self.rows) and self.artifacts.grid_rows:
             self.artifacts.grid_originals = self.victims.pairs.faces[self.rows[:GRID_COLUMNS]]
         if not c.images:
@@ -463,8 +562,9 @@ def run_audit(config: AuditConfig) -> tuple[Path, Path, dict[str, Any]]:
     partial report naming the problem was written."""
     config.check()
     audit = _Audit(config)
-    stages = ["inputs", "protection", *[f"attacker {a}" for a in config.attackers], "verification",
-              "unlinkability", "report"]
+    thief = config.store is not None
+    stages = ["inputs", "protection", *(["database thief"] if thief else []),
+              *[f"attacker {a}" for a in config.attackers], "verification", "unlinkability", "report"]
     bar = tqdm(total=len(stages), desc="audit", unit="stage", disable=not config.progress)
     try:
         bar.set_postfix_str("inputs")
@@ -478,6 +578,11 @@ def run_audit(config: AuditConfig) -> tuple[Path, Path, dict[str, Any]]:
             audit.missing("inputs", str(exc))
             audit.finish()
             raise
+        if thief:
+            bar.set_postfix_str("database thief")
+            with audit.stage("database thief"):
+                audit.run_thief_scan()
+            bar.update(1)
         for name in config.attackers:
             bar.set_postfix_str(f"attacker {name}")
             with audit.stage(f"attacker {name}"):

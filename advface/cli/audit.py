@@ -3,8 +3,10 @@
 and performance preservation. Writes OUT/report.html (self-contained) and OUT/report.json.
 
 Templates under audit: an embeddings file (--templates, ids = photo paths relative to the dataset root), a store
-(--store sqlite:DATA_DIR or postgresql://..., --tenant), or, with neither, the dataset's own photos protected with
---protection. Attackers train on identities disjoint from the audited people and are cached (--cache-dir).
+(--store advface:DATA_DIR?tenant=T, or sqlite:DATA_DIR / postgresql://... with --tenant; opened exactly as the
+sidecar opens it from --config: encryption at rest and keyed transform included), or, with neither, the dataset's own
+photos protected with --protection. Attackers train on identities disjoint from the audited people and are cached
+(--cache-dir). A store is also attacked by a database thief without keys (its raw rows and file bytes).
 """
 
 from __future__ import annotations
@@ -33,8 +35,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--templates", type=Path,
                         help="embeddings file (.npz with ids) holding the templates to audit")
-    source.add_argument("--store", help="template store to audit: sqlite:DATA_DIR or a postgresql:// DSN")
-    parser.add_argument("--tenant", help="tenant of --store")
+    source.add_argument("--store",
+                        help="template store to audit, opened like the sidecar from --config: "
+                             "advface:DATA_DIR?tenant=T (advface:?tenant=T: the configuration's own store, e.g. "
+                             "PostgreSQL); sqlite:DATA_DIR "
+                             "(= advface:DATA_DIR with store.backend sqlite) or a postgresql:// DSN (= the "
+                             "configuration with store.backend postgresql and that store.dsn) with --tenant. "
+                             "Subject ids must be photo ids")
+    parser.add_argument("--tenant", help="tenant of --store (or ?tenant= of an advface: location)")
+    parser.add_argument("--config", dest="store_config", type=Path, metavar="FILE",
+                        help="the sidecar's configuration (advface.yaml) for --store: encryption key "
+                             "(encryption), keyed per-tenant transform (keyed_transform), store backend; default: "
+                             "defaults and ADVFACE_* variables, like advface serve")
     parser.add_argument("--protection", choices=PROTECTIONS, default="advface",
                         help="protection applied to the dataset's templates and used for unlinkability "
                              "(default advface)")
@@ -42,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=10, help="AdvFace steps (default 10)")
     parser.add_argument("--shadow", type=Path, help="shadow checkpoint (default: the shipped one for the encoder)")
     parser.add_argument("--key-file", type=Path,
-                        help="secret of the keyed transform (advface keygen file); default: an ephemeral random key")
+                        help="secret of the keyed transform (advface keygen file); default: an ephemeral random key; "
+                             "not with a --store whose --config has a keyed transform (the store's own is used)")
     parser.add_argument("--attackers", nargs="+",
                         help=f"attackers to run (default full: {' '.join(FULL_ATTACKERS)}; decoder archs: deconv, "
                              "resup, pixelshuffle, tokens, modconv, each optionally +id; gan-prior; adaptive)")
@@ -72,6 +85,7 @@ def config_from_args(args: argparse.Namespace) -> AuditConfig:
 
     overrides = dict(
         encoder=args.encoder, templates=args.templates, store=args.store, tenant=args.tenant,
+        store_config=args.store_config,
         protection=args.protection, rel_l2=args.rel_l2, steps=args.steps, shadow=args.shadow, key_file=args.key_file,
         attackers=tuple(args.attackers) if args.attackers else None, cache_dir=args.cache_dir,
         pairs_cache=not args.no_pairs_cache, images=not args.no_images, image_size=args.image_size,
@@ -95,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
         t1 = entry["type1_success"]
         print(f"{name}: Type I @FMR 0.1% raw {100 * t1['raw']:.1f}%, protected {100 * t1['protected']:.1f}%, "
               f"protected+key {100 * t1['protected+key']:.1f}%")
+    if "thief_without_keys" in result:
+        print(f"database thief: {result['thief_without_keys']['summary']}")
     if "unlinkability" in result:
         print("unlinkability D_sys:", {k: round(v, 3) for k, v in result["unlinkability"]["d_sys"].items()})
     for item in result.get("missing", []):

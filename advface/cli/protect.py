@@ -20,13 +20,21 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
 from advface.embeddings_file import EmbeddingsFile, load_embeddings, save_embeddings
 from advface.errors import ConfigError
-from advface.protect import AdvFaceConfig, Protector, perturbation_stats, shipped_shadow_path
+from advface.protect import (
+    AdvFaceConfig,
+    IdentityAwareConfig,
+    ProtectionSpec,
+    Protector,
+    load_protector,
+    perturbation_stats,
+    shipped_shadow_path,
+)
 
 NAME = "protect"
 HELP = "embeddings file -> AdvFace-protected embeddings file (.npz)"
@@ -77,62 +85,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Execute ``advface protect``."""
-    if args.method == "advface-id":
-        return _run_identity_aware(args)
-    if args.shadow and len(args.shadow) > 1:
+    plain = args.method == "advface"
+    if plain and args.shadow and len(args.shadow) > 1:
         raise ConfigError("--method advface takes one --shadow (several are for --method advface-id)")
-    config = AdvFaceConfig(
-        steps=args.steps, rel_l2=args.rel_l2, linf=args.linf, step_size=args.step_size,
-        seed=args.seed, batch_size=args.batch_size, lanes=args.lanes,
-    )
+    params: dict[str, Any] = dict(steps=args.steps, rel_l2=args.rel_l2, linf=args.linf, step_size=args.step_size,
+                                  seed=args.seed, batch_size=args.batch_size, lanes=args.lanes)
+    config = AdvFaceConfig(**params) if plain else IdentityAwareConfig(**params)
     data = load_embeddings(args.input)
     encoder = args.encoder or data.encoder or "dlib"
-    shadow_path = Path(args.shadow[0]) if args.shadow else shipped_shadow_path(encoder)
+    shadows = tuple(args.shadow) if args.shadow else (str(shipped_shadow_path(encoder)),)
     dim = int(data.embeddings.shape[1])
-    protector = Protector.from_checkpoint(
-        shadow_path, encoder_fingerprint=data.fingerprint, dim=dim, config=config, device=args.device
-    )
-    trained_for = protector.metadata.get("encoder")
-    if trained_for and str(trained_for) != encoder and not (data.fingerprint and protector.encoder_fingerprint):
-        raise ConfigError(
-            f"shadow model {shadow_path} was trained for encoder {trained_for}, but the templates are from {encoder}"
-        )
+    protector = load_protector(ProtectionSpec(args.method, shadows, config, encoder), device=args.device,
+                               templates=(data.fingerprint, dim))
+    paths = ", ".join(str(p) for p in protector.shadow_paths)
+    if isinstance(protector, Protector):  # plain AdvFace: its shadow's encoder name, when fingerprints are missing
+        trained_for = protector.metadata.get("encoder")
+        if trained_for and str(trained_for) != encoder and not (data.fingerprint and protector.encoder_fingerprint):
+            raise ConfigError(
+                f"shadow model {paths} was trained for encoder {trained_for}, but the templates are from {encoder}"
+            )
 
-    n = len(data.ids)
     start = time.perf_counter()
-    with tqdm(total=n, desc=f"protect ({encoder})", unit="template", disable=args.quiet) as bar:
+    desc = f"protect ({encoder})" if plain else f"protect advface-id ({encoder})"
+    with tqdm(total=len(data.ids), desc=desc, unit="template", disable=args.quiet) as bar:
         protected = protector.protect(data.embeddings, progress=bar.update)
-    _write(args, data, protected, time.perf_counter() - start, config.rel_l2, f"shadow {shadow_path}")
-    return 0
-
-
-def _run_identity_aware(args: argparse.Namespace) -> int:
-    from advface.encoders import create_encoder
-    from advface.inversion import check_compatible, load_decoder
-    from advface.protect.identity_aware import IdentityAwareConfig, protect_identity_aware
-
-    config = IdentityAwareConfig(steps=args.steps, rel_l2=args.rel_l2, linf=args.linf, step_size=args.step_size,
-                                 seed=args.seed, batch_size=args.batch_size, lanes=args.lanes)
-    data = load_embeddings(args.input)
-    encoder_name = args.encoder or data.encoder or "dlib"
-    encoder = create_encoder(encoder_name)
-    module = encoder.torch_module(args.device)
-    if module is None:
-        raise ConfigError(f"encoder {encoder_name} has no differentiable torch module: advface-id needs one")
-    dim = int(data.embeddings.shape[1])
-    paths = [Path(p) for p in args.shadow] if args.shadow else [shipped_shadow_path(encoder_name)]
-    shadows = []
-    for path in paths:
-        shadow, _metadata = load_decoder(path, device=args.device)
-        check_compatible(shadow, data.fingerprint, dim)
-        shadows.append(shadow)
-    start = time.perf_counter()
-    with tqdm(total=len(data.ids), desc=f"protect advface-id ({encoder_name})", unit="template",
-              disable=args.quiet) as bar:
-        protected = protect_identity_aware(data.embeddings, shadows, module, config,
-                                           chip_size=encoder.chip.size, device=args.device, progress=bar.update)
-    names = ", ".join(str(p) for p in paths)
-    _write(args, data, protected, time.perf_counter() - start, config.rel_l2, f"advface-id shadows {names}")
+    how = f"shadow {paths}" if plain else f"advface-id shadows {paths}"
+    _write(args, data, protected, time.perf_counter() - start, config.rel_l2, how)
     return 0
 
 

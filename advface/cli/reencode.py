@@ -3,13 +3,23 @@
 Sources and destinations (same forms for both; see the README, "Re-encoding an existing database"):
 ``npz:PATH``, ``npy:VECTORS.npy[?ids=IDS.txt]``, ``parquet:PATH[?id_column=id&vector_column=embedding]``,
 ``sqlite:PATH?table=T[&id_column=..&vector_column=..&vector_format=blob|json]``,
-``postgresql://USER@HOST:PORT/DB?table=T[&id_column=..&vector_column=..]`` (pgvector).
+``postgresql://USER@HOST:PORT/DB?table=T[&id_column=..&vector_column=..]`` (pgvector), and advface's own template
+store ``advface:DATA_DIR?tenant=T`` (``advface:?tenant=T``: the store of --config as it is), opened exactly as
+``advface serve --config`` opens it (store backend, encryption, keyed per-tenant transform of --config). As a
+destination each source id becomes a subject with one template ``T_tenant(AdvFace(z))``, written chunk by chunk
+(idempotently: a resumed run replaces, never duplicates); the tenant must be empty (--overwrite deletes its
+subjects first). As a source it yields the stored, protected vectors (never raw ones).
 
 The source is streamed in chunks (--chunk-size); progress is committed per chunk, so the same command resumes a
 killed run, and the output is identical to an uninterrupted run's (each template's protection depends only on the
 template and the parameters). The destination is written atomically at the end, then verified against the source
 (same ids, no NaN, within budget, matching on a sample); --swap then replaces the source. Protection parameters
 come from the flags, else from --config's ``protection`` section, else the defaults.
+
+``--method advface-id`` (or ``protection.method: advface-id`` in --config) re-encodes with identity-aware AdvFace:
+one ``--shadow`` per ensemble member (else ``protection.shadows``; required), the differentiable torch module of
+--encoder, ``--no-jitter`` (else ``protection.jitter``). It is deterministic per template like plain AdvFace
+(resume, chunk size and engine do not change the output) but costs far more per template (``--dry-run``).
 """
 
 from __future__ import annotations
@@ -18,12 +28,12 @@ import argparse
 from pathlib import Path
 
 from advface.errors import ConfigError
-from advface.protect import AdvFaceConfig, shipped_shadow_path
+from advface.protect import METHODS, AdvFaceConfig, IdentityAwareConfig, shipped_shadow_path
 from advface.reencode.job import Job, JobOptions
 from advface.reencode.verify import VerifyOptions
 
 NAME = "reencode"
-HELP = "re-encode a template database (npz/npy/parquet/sqlite/postgresql) with AdvFace, resumably"
+HELP = "re-encode a template database (npz/npy/parquet/sqlite/postgresql/advface store) with AdvFace, resumably"
 
 _DLIB_DISTANCE_THRESHOLD = 0.6  # dlib's published same-person distance (advface.encoders.dlib_runtime)
 
@@ -37,9 +47,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-cpus", type=int, default=None, help="ray: CPUs of the local Ray instance")
     parser.add_argument("--ray-address", default=None, help="ray: address of an existing cluster (default: local)")
     parser.add_argument("--chunk-size", type=int, default=1024, help="templates per chunk/commit (default 1024)")
-    parser.add_argument("--config", default=None, metavar="YAML", help="take protection.* from this advface config")
-    parser.add_argument("--encoder", default=None, help="encoder of the templates (picks the shipped shadow; dlib)")
-    parser.add_argument("--shadow", default=None, metavar="CKPT", help="shadow model (default: shipped for encoder)")
+    parser.add_argument("--config", default=None, metavar="YAML",
+                        help="advface config: protection.* (method, shadow(s), jitter, rel_l2, steps, seed); for an "
+                             "advface: store also "
+                             "store.*, encryption and keyed_transform, exactly as `advface serve --config` uses them")
+    parser.add_argument("--encoder", default=None,
+                        help="encoder of the templates (picks the shipped shadow; advface-id runs its torch "
+                             "module; default dlib)")
+    parser.add_argument("--method", choices=list(METHODS), default=None,
+                        help="advface (default; pixel objective, one shadow) or advface-id (identity-aware, an "
+                             "ensemble: one --shadow each); default: --config's protection.method")
+    parser.add_argument("--shadow", action="append", default=None, metavar="CKPT",
+                        help="shadow model (default: shipped for encoder); repeat for advface-id's ensemble "
+                             "(default: --config's protection.shadows)")
+    parser.add_argument("--no-jitter", action="store_true",
+                        help="advface-id: no pixel-shift schedule (default: --config's protection.jitter, else on)")
     parser.add_argument("--seed", type=int, default=None, help=f"random-start seed (default {d.seed})")
     parser.add_argument("--rel-l2", type=float, default=None, metavar="E", help=f"budget (default {d.rel_l2})")
     parser.add_argument("--steps", type=int, default=None, help=f"ascent steps (default {d.steps})")
@@ -48,7 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lanes", type=int, default=d.lanes, help=f"rows per shadow call (default {d.lanes})")
     parser.add_argument("--device", default=None,
                         help="torch device (default: cuda when present, else cpu; ray: cuda when the cluster has GPUs)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing destination (advface: store: delete the tenant's subjects first)")
     parser.add_argument("--restart", action="store_true", help="discard an unfinished run's progress")
     parser.add_argument("--swap", action="store_true",
                         help="after verification passes, replace the source by the destination (atomically)")
@@ -70,10 +93,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
 
 
-def protection_config(args: argparse.Namespace) -> tuple[AdvFaceConfig, str | None]:
-    """Flags over ``--config``'s protection section over the defaults; also the config's shadow path."""
+def protection_config(
+    args: argparse.Namespace,
+) -> tuple[AdvFaceConfig | IdentityAwareConfig, str | None, str, tuple[str, ...]]:
+    """Flags over ``--config``'s protection section over the defaults: ``(parameters, config's shadow, method,
+    config's shadows)``."""
     base: dict[str, object] = {}
-    shadow = None
+    shadow, method, shadows, jitter = None, "advface", (), True
     if args.config:
         from advface.config import load_config
 
@@ -81,20 +107,37 @@ def protection_config(args: argparse.Namespace) -> tuple[AdvFaceConfig, str | No
         if not section.enabled:
             raise ConfigError(f"{args.config}: protection.enabled is false; nothing to re-encode with")
         base = {"rel_l2": section.rel_l2, "steps": section.steps, "seed": section.seed}
-        shadow = section.shadow
+        shadow, method, shadows, jitter = section.shadow, section.method, section.shadows, section.jitter
+    method = args.method or method
     for key in ("seed", "rel_l2", "steps", "linf", "step_size"):
         value = getattr(args, key)
         if value is not None:
             base[key] = value
     base["lanes"] = args.lanes
-    return AdvFaceConfig(**base), shadow  # type: ignore[arg-type]
+    if method == "advface-id":
+        base.setdefault("rel_l2", AdvFaceConfig.rel_l2)  # one default budget for both methods (the flag's)
+        base["jitter"] = bool(jitter) and not args.no_jitter
+        return IdentityAwareConfig(**base), shadow, method, tuple(shadows)  # type: ignore[arg-type]
+    if args.no_jitter:
+        raise ConfigError("--no-jitter is for --method advface-id")
+    if args.shadow and len(args.shadow) > 1:
+        raise ConfigError("--method advface takes one --shadow (several are for --method advface-id)")
+    return AdvFaceConfig(**base), shadow, method, tuple(shadows)  # type: ignore[arg-type]
 
 
 def build_job(args: argparse.Namespace) -> Job:
     """The :class:`Job` the flags describe."""
-    config, config_shadow = protection_config(args)
+    config, config_shadow, method, config_shadows = protection_config(args)
     encoder = args.encoder or "dlib"
-    shadow = Path(args.shadow or config_shadow or shipped_shadow_path(encoder))
+    shadows: tuple[Path, ...] = ()
+    if method == "advface-id":
+        shadows = tuple(Path(p) for p in (args.shadow or config_shadows))
+        if not shadows:
+            raise ConfigError("--method advface-id needs its shadow ensemble: one --shadow per member (or "
+                              "protection.shadows in --config)")
+        shadow = shadows[0]
+    else:
+        shadow = Path(args.shadow[0] if args.shadow else config_shadow or shipped_shadow_path(encoder))
     metric = args.match_metric or ("euclidean" if encoder in ("dlib", "dlib-torch") else "cosine")
     threshold = args.match_threshold
     if threshold is None and metric == "euclidean" and encoder in ("dlib", "dlib-torch"):
@@ -108,6 +151,8 @@ def build_job(args: argparse.Namespace) -> Job:
         device=args.device, overwrite=args.overwrite, restart=args.restart, swap=args.swap,
         work_dir=Path(args.work_dir) if args.work_dir else None,
         summary=Path(args.summary) if args.summary else None, quiet=args.quiet,
+        store_config=Path(args.config) if args.config else None,
+        method=method, shadows=shadows, encoder=encoder,
     ))
 
 

@@ -10,13 +10,20 @@ needs it any more.
 
 Encrypting an unencrypted store: give only ``--new-key-file`` (the store records that a migration is under way;
 an interrupted migration also resumes with the same command).
+
+PostgreSQL store: ``--dsn DSN`` (or ``--config advface.yaml`` with ``store.backend: postgresql``; its ``store.dsn``,
+or ``ADVFACE_STORE_DSN``). The same rules hold (one transaction per batch, resumable, every row readable under OLD
+or NEW); sidecars sharing the database may keep running if they are configured with NEW and OLD (previous key):
+re-encryption does not change any vector, so their indexes stay valid.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from advface.crypto import TemplateCipher, load_key_file
 from advface.errors import ConfigError
@@ -30,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--data-dir", help="the sidecar's store.data_dir (holds templates.sqlite3)")
     where.add_argument("--db", help="the SQLite template database itself")
+    where.add_argument("--dsn", help="a PostgreSQL store's connection string (tables <prefix>_*)")
+    where.add_argument("--config", help="the sidecar's configuration file (its store section: sqlite or postgresql)")
+    parser.add_argument("--table-prefix", default="advface", help="PostgreSQL table prefix (default advface)")
     parser.add_argument("--new-key-file", required=True, help="the key to encrypt under (advface keygen)")
     parser.add_argument(
         "--old-key-file", action="append", default=[], metavar="FILE",
@@ -49,27 +59,67 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise ConfigError("--batch-size must be >= 1")
+    dsn = args.dsn
+    if args.config:
+        from advface.config import load_config
+
+        store_cfg = load_config(args.config).store
+        if store_cfg.backend == "postgresql":
+            dsn = store_cfg.dsn or os.environ.get("ADVFACE_STORE_DSN")
+            if not dsn:
+                raise ConfigError(f"{args.config}: store.backend is postgresql but store.dsn is not set")
+        else:
+            args.data_dir = store_cfg.data_dir
+    if dsn:
+        return _run_postgres(args, dsn)
     path = Path(args.db).expanduser() if args.db else Path(args.data_dir).expanduser() / "templates.sqlite3"
-    meta = SQLiteFaissStore.read_meta(path)
+
+    def open_store(dim: int, metric: str, ring: TemplateCipher, migrate: bool) -> SQLiteFaissStore:
+        return SQLiteFaissStore(path, dim, metric, use_gpu=False, cipher=ring, migrate_plaintext=migrate)
+
+    return _rotate(args, SQLiteFaissStore.read_meta(path), str(path), str(path), open_store)
+
+
+def _run_postgres(args: argparse.Namespace, dsn: str) -> int:
+    """``advface rotate-key`` for a PostgreSQL store."""
+    from advface.store.postgres import PostgresStore, redact_dsn
+
+    def open_store(dim: int, metric: str, ring: TemplateCipher, migrate: bool) -> PostgresStore:
+        return PostgresStore(dsn, dim, metric, cipher=ring, table_prefix=args.table_prefix, pool_size=2,
+                             migrate_plaintext=migrate)
+
+    where = redact_dsn(dsn)
+    return _rotate(args, PostgresStore.read_meta(dsn, args.table_prefix), where,
+                   f"{where} (tables {args.table_prefix}_*)", open_store)
+
+
+def _rotate(
+    args: argparse.Namespace,
+    meta: Mapping[str, str],
+    where: str,
+    label: str,
+    open_store: Callable[[int, str, TemplateCipher, bool], Any],
+) -> int:
+    """Rotate (or encrypt) the store at ``where`` whose ``meta`` table was read; ``open_store(dim, metric, ring,
+    migrate_plaintext)`` opens it; the report names it ``label``."""
     try:
         dim, metric = int(meta["dim"]), meta["metric"]
     except (KeyError, ValueError):
-        raise ConfigError(f"{path} is not an advface template store (no dim/metric in meta)") from None
+        raise ConfigError(f"{where} is not an advface template store (no dim/metric in meta)") from None
     insecure = bool(args.allow_insecure_key_permissions)
     new_key = load_key_file(args.new_key_file, allow_insecure_permissions=insecure)
     old_keys = [load_key_file(f, allow_insecure_permissions=insecure) for f in args.old_key_file]
     new = TemplateCipher(new_key)
     encrypted = meta.get("encryption", "none") != "none"
     if not encrypted and old_keys:
-        raise ConfigError(f"{path} is not encrypted: omit --old-key-file to encrypt it under --new-key-file")
-    ring = TemplateCipher([new_key, *old_keys])
-    with SQLiteFaissStore(path, dim, metric, use_gpu=False, cipher=ring, migrate_plaintext=not encrypted) as store:
+        raise ConfigError(f"{where} is not encrypted: omit --old-key-file to encrypt it under --new-key-file")
+    with open_store(dim, metric, TemplateCipher([new_key, *old_keys]), not encrypted) as store:
         before = store.encryption_info()
         n = store.rotate(new, batch_size=args.batch_size, progress=not args.quiet and os.isatty(2))
         after = store.encryption_info()
     action = "encrypted" if not encrypted or before["plaintext_rows"] else "re-encrypted"
     print(
-        f"{action} {n} templates of {path} under key id {new.key_id}; key ids in use before: "
-        f"{', '.join(before['key_ids']) or '-'}, now: {', '.join(after['key_ids'])}"  # type: ignore[arg-type]
+        f"{action} {n} templates of {label} under key id {new.key_id}; key ids in use before: "
+        f"{', '.join(before['key_ids']) or '-'}, now: {', '.join(after['key_ids'])}"
     )
     return 0

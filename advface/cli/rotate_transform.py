@@ -1,4 +1,4 @@
-"""Re-issue every template of a sidecar's SQLite store under a new keyed-transform version (or secret, or norm).
+"""Re-issue every template of a sidecar's store (SQLite or PostgreSQL) under a new keyed-transform version (or secret, or norm).
 
 ``advface rotate-transform --config advface.yaml --new-version 2`` reads the store folder, encryption key, transform
 secret and norm from the sidecar's configuration file (its ``keyed_transform`` section describes the templates as
@@ -8,11 +8,16 @@ start on a half-rotated store. Afterwards set ``keyed_transform.version`` (and t
 new values. Stop the sidecar first (a store is opened by one process at a time).
 
 Without ``--config``: ``--data-dir`` and ``--secret-file`` (plus ``--encryption-key-file`` for an encrypted store).
+
+PostgreSQL store (``store.backend: postgresql`` in ``--config``, or ``--dsn``): the marker lives in the store's
+``meta`` table (every replica reads it at start), the job's progress too; each batch bumps the generations of its
+tenants, so running replicas refresh their indexes. Stop enrolment on every replica while it runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
@@ -26,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``advface rotate-transform``."""
     parser.add_argument("--config", help="the sidecar's configuration file (store, encryption, keyed_transform)")
     parser.add_argument("--data-dir", help="the store folder (default: store.data_dir of --config)")
+    parser.add_argument("--dsn", help="a PostgreSQL store's connection string (default: store.dsn of --config when "
+                                      "store.backend is postgresql, or ADVFACE_STORE_DSN)")
+    parser.add_argument("--table-prefix", default="advface", help="PostgreSQL table prefix (default advface)")
     parser.add_argument("--secret-file", help="the current transform secret (default: from --config)")
     parser.add_argument("--encryption-key-file", action="append", default=[], metavar="FILE",
                         help="key(s) of an encrypted store (default: the encryption section of --config)")
@@ -55,11 +63,16 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ConfigError("--batch-size must be >= 1")
     config = load_config(args.config) if args.config else default_config()
-    if config.store.backend != "sqlite":
-        raise ConfigError("rotate-transform supports the sqlite store only (re-encode a PostgreSQL store instead)")
+    dsn = args.dsn
+    if dsn is None and config.store.backend == "postgresql" and not args.data_dir:
+        dsn = config.store.dsn or os.environ.get("ADVFACE_STORE_DSN")
+        if not dsn:
+            raise ConfigError("store.backend is postgresql but store.dsn is not set (or ADVFACE_STORE_DSN)")
+    elif config.store.backend not in ("sqlite", "postgresql"):
+        raise ConfigError(f"rotate-transform does not support store.backend {config.store.backend!r}")
     data_dir = Path(args.data_dir).expanduser() if args.data_dir else Path(config.store.data_dir)
     path = data_dir / "templates.sqlite3"
-    if not path.is_file():
+    if dsn is None and not path.is_file():
         raise ConfigError(f"no template store at {path}")
     insecure = bool(args.allow_insecure_key_permissions)
     kt = config.keyed_transform
@@ -71,12 +84,20 @@ def run(args: argparse.Namespace) -> int:
         secret = load_transform_secret(kt)
     new_secret = load_key_file(args.new_secret_file, allow_insecure_permissions=insecure) if args.new_secret_file \
         else secret
-    recorded = read_marker(data_dir)
+    if dsn is not None:
+        from advface.store.postgres import PostgresStore, redact_dsn
+
+        meta = PostgresStore.read_meta(dsn, args.table_prefix)
+        recorded = json.loads(meta["keyed_transform"]) if "keyed_transform" in meta else None
+        where = f"{redact_dsn(dsn)} (tables {args.table_prefix}_*)"
+    else:
+        meta = SQLiteFaissStore.read_meta(path)
+        recorded = read_marker(data_dir)
+        where = str(data_dir)
     current = recorded.get("rotating_from", recorded) if recorded else None
     if not current or not current.get("enabled"):
-        raise ConfigError(f"{data_dir} holds no templates issued under a keyed transform (no marker); enable the "
+        raise ConfigError(f"{where} holds no templates issued under a keyed transform (no marker); enable the "
                           "transform on an empty store, or re-encode from raw templates")
-    meta = SQLiteFaissStore.read_meta(path)
     dim, metric = int(meta["dim"]), meta["metric"]
     old = TenantTransforms(secret, dim, version=int(current["version"]), norm=current.get("norm"))
     new_norm = old.norm if args.new_norm is None else resolve_norm(
@@ -87,11 +108,16 @@ def run(args: argparse.Namespace) -> int:
         cipher = TemplateCipher(keys)
     else:
         cipher = cipher_from_config(config.encryption)
-    with SQLiteFaissStore(path, dim, metric, use_gpu=False, cipher=cipher) as store:
-        n = rotate_store(store, data_dir, old, new, batch_size=args.batch_size,
-                         progress=not args.quiet and os.isatty(2))
+    progress = not args.quiet and os.isatty(2)
+    if dsn is not None:
+        with PostgresStore(dsn, dim, metric, cipher=cipher, table_prefix=args.table_prefix, pool_size=2) as pg:
+            n = rotate_store(pg, None, old, new, batch_size=args.batch_size, progress=progress)
+    else:
+        with SQLiteFaissStore(path, dim, metric, use_gpu=False, cipher=cipher) as store:
+            n = rotate_store(store, data_dir, old, new, batch_size=args.batch_size, progress=progress)
+        where = str(path)
     norm = "off" if new.norm is None else f"{new.norm:g}"
-    print(f"re-issued {n} templates of {path} under keyed transform version {new.version} (norm {norm}); set "
+    print(f"re-issued {n} templates of {where} under keyed transform version {new.version} (norm {norm}); set "
           f"keyed_transform.version: {new.version} in the sidecar's configuration"
           + (" and its secret to --new-secret-file" if args.new_secret_file else ""))
     return 0

@@ -2,7 +2,9 @@
 
 Without ``--config`` it serves on 127.0.0.1:50051 with the dlib encoder, AdvFace protection with the shadow model
 shipped for it, and the SQLite template store in the data folder (``--data-dir``, else ``$ADVFACE_DATA_DIR``, else
-``~/.local/share/advface``). ``ADVFACE_<SECTION>_<KEY>`` variables override the file; the flags override both.
+``~/.local/share/advface``). ``protection.method: advface-id`` with ``protection.shadows`` in the file selects
+identity-aware AdvFace (docs/advface.example.yaml). ``ADVFACE_<SECTION>_<KEY>`` variables override the file; the
+flags override both.
 Prints ``advface serving on HOST:PORT`` on stdout once requests are accepted (the standard gRPC health service
 then reports SERVING); SIGTERM or SIGINT stops it gracefully (``server.grace_seconds``).
 """

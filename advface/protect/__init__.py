@@ -6,20 +6,27 @@
 - :func:`perturbation_stats` -- how far protected templates moved;
 - :func:`shipped_shadow_path` -- the shadow model advface ships for an encoder;
 - :class:`IdentityAwareConfig`, :func:`protect_identity_aware` -- identity-aware AdvFace (an ensemble of shadows,
-  identity objective through the encoder's torch module).
+  identity objective through the encoder's torch module);
+- :data:`METHODS`, :class:`ProtectionSpec`, :func:`load_protector`, :class:`TemplateProtector` -- a protector of
+  either method built from a configuration (what the sidecar and ``advface reencode`` use).
 """
 
 from advface.protect.advface import AdvFaceConfig, Protector, perturbation_stats, protect_embeddings
 from advface.protect.identity_aware import IdentityAwareConfig, protect_identity_aware
+from advface.protect.methods import METHODS, ProtectionSpec, TemplateProtector, load_protector
 from advface.protect.shipped import SHIPPED_MODELS_DIR, shipped_shadow_path
 
 __all__ = [
+    "METHODS",
     "SHIPPED_MODELS_DIR",
     "AdvFaceConfig",
     "IdentityAwareConfig",
+    "ProtectionSpec",
     "Protector",
+    "TemplateProtector",
     "perturbation_stats",
     "protect_embeddings",
+    "load_protector",
     "protect_identity_aware",
     "shipped_shadow_path",
 ]

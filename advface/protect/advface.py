@@ -425,7 +425,12 @@ class Protector:
     """A shadow model, an :class:`AdvFaceConfig` and a device: what a server needs to protect templates.
 
     The shadow is put in eval mode and its parameters stop requiring gradients (the protector owns it).
+    ``method`` and ``shadow_paths`` (set by :meth:`from_checkpoint`) make it an
+    :class:`advface.protect.methods.TemplateProtector`.
     """
+
+    method = "advface"
+    shadow_paths: tuple[Path, ...] = ()
 
     def __init__(
         self,
@@ -492,4 +497,6 @@ class Protector:
                 f"templates have dimension {dim} but shadow model {path} was trained for dimension {model_dim}"
             )
         check_compatible(metadata, encoder_fingerprint, model_dim if dim is None else int(dim))
-        return cls(model, config, device, metadata)
+        protector = cls(model, config, device, metadata)
+        protector.shadow_paths = (path,)
+        return protector

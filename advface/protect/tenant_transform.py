@@ -39,6 +39,7 @@ __all__ = [
     "TenantTransforms",
     "keyed_threshold",
     "load_transform_secret",
+    "check_db_store_marker",
     "rotate_store",
     "resolve_norm",
     "transforms_from_config",
@@ -212,6 +213,29 @@ def check_store_marker(data_dir: str | os.PathLike[str], transforms: TenantTrans
             recorded = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{path}: unreadable keyed-transform marker ({exc})") from None
+    if _compare_marker(recorded, wanted, templates, f"the store in {path.parent}") and (
+        transforms is not None or path.is_file()
+    ):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(wanted, indent=2) + "\n", encoding="utf-8")
+        tmp.replace(path)
+
+
+def check_db_store_marker(store: Any, transforms: TenantTransforms | None, templates: int) -> None:
+    """:func:`check_store_marker` for a store that keeps the marker in its own database (the PostgreSQL store:
+    ``store.read_transform_marker()`` / ``store.write_transform_marker()``), so every replica sees it."""
+    recorded = store.read_transform_marker()
+    wanted = marker(transforms)
+    if _compare_marker(recorded, wanted, templates, f"the store {store!r}") and (
+        transforms is not None or recorded is not None
+    ):
+        store.write_transform_marker(wanted)
+
+
+def _compare_marker(recorded: dict[str, Any] | None, wanted: dict[str, Any], templates: int, where: str) -> bool:
+    """ConfigError when a store of ``templates`` templates issued under ``recorded`` cannot be matched with the
+    configuration ``wanted``; True when the recorded marker should be (re)written."""
     if templates > 0:
         if recorded is None:
             recorded = {"enabled": False}  # templates stored before the transform existed in this store
@@ -225,15 +249,11 @@ def check_store_marker(data_dir: str | os.PathLike[str], transforms: TenantTrans
                 norm = "off" if m.get("norm") is None else f"{m['norm']:g}"
                 return f"under keyed transform version {m.get('version')}, norm {norm}, check id {m.get('check_id')}"
             raise ConfigError(
-                f"the store in {path.parent} holds {templates} templates issued {say(recorded)}, but the "
+                f"{where} holds {templates} templates issued {say(recorded)}, but the "
                 f"configuration asks for templates {say(wanted)}; restore the secret / keyed_transform settings they "
                 "were issued under, or re-issue them (from raw templates: re-encoding, then enrol again)"
             )
-    if recorded != wanted and (transforms is not None or path.is_file()):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(wanted, indent=2) + "\n", encoding="utf-8")
-        tmp.replace(path)
+    return recorded != wanted
 
 
 def read_marker(data_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -257,10 +277,11 @@ def _write_marker(data_dir: str | os.PathLike[str], value: dict[str, Any]) -> No
     tmp.replace(path)
 
 
-def rotate_store(store: Any, data_dir: str | os.PathLike[str], old: TenantTransforms, new: TenantTransforms, *,
-                 batch_size: int = 1000, progress: bool = False) -> int:
-    """Re-issue every template of an SQLite store (``store``, in ``data_dir``) from ``old`` to ``new``:
-    ``new.apply(old.invert(v))`` per tenant. Returns the templates rewritten by this call.
+def rotate_store(store: Any, data_dir: str | os.PathLike[str] | None, old: TenantTransforms,
+                 new: TenantTransforms, *, batch_size: int = 1000, progress: bool = False) -> int:
+    """Re-issue every template of ``store`` from ``old`` to ``new``: ``new.apply(old.invert(v))`` per tenant.
+    Returns the templates rewritten by this call. The marker is the file in ``data_dir`` (SQLite store), or, with
+    ``data_dir=None``, the one the store keeps in its database (PostgreSQL store: ``read_transform_marker``).
 
     Resumable: the store records the job and its last committed row in the same transaction as each batch, and the
     folder's marker says "re-issue under way" until the end (the sidecar refuses to start meanwhile); a crash (even
@@ -281,23 +302,31 @@ def rotate_store(store: Any, data_dir: str | os.PathLike[str], old: TenantTransf
         raise ConfigError("the new transform equals the old one (same secret, version and norm): nothing to do")
     rotating = {"enabled": True, "rotating_from": before, "rotating_to": after}
     job = f"keyed transform {before['check_id']}/{before['version']} -> {after['check_id']}/{after['version']}"
-    recorded = read_marker(data_dir)
+    where = f"the store in {data_dir}" if data_dir is not None else f"the store {store!r}"
+
+    def write(value: dict[str, Any]) -> None:
+        if data_dir is None:
+            store.write_transform_marker(value)
+        else:
+            _write_marker(data_dir, value)
+
+    recorded = read_marker(data_dir) if data_dir is not None else store.read_transform_marker()
     unfinished = store.transform_job()
     if recorded == after and unfinished is None:
         return 0  # already done
     if recorded == before or (recorded is None and store.count() == 0):
         if unfinished is not None:
             raise ConfigError(f"the store has another unfinished re-issue job: {unfinished!r}")
-        _write_marker(data_dir, rotating)
+        write(rotating)
     elif recorded not in (rotating, after) and recorded is not None and "rotating_to" in recorded:
         raise ConfigError(
-            f"the store in {data_dir} has an unfinished re-issue from version "
+            f"{where} has an unfinished re-issue from version "
             f"{recorded['rotating_from'].get('version')} to {recorded['rotating_to'].get('version')}; run that one "
             "again (same secrets, versions and norms) to finish it first"
         )
     elif recorded not in (rotating, after):
         raise ConfigError(
-            f"the store in {data_dir} was not issued under the given old transform (version {old.version}, "
+            f"{where} was not issued under the given old transform (version {old.version}, "
             f"check id {before['check_id']}); its marker says: {recorded}"
         )
 
@@ -305,7 +334,7 @@ def rotate_store(store: Any, data_dir: str | os.PathLike[str], old: TenantTransf
         return new.for_tenant(tenant).apply(old.for_tenant(tenant).invert(vectors))
 
     done = store.transform_vectors(reissue, job=job, batch_size=batch_size, progress=progress)
-    _write_marker(data_dir, after)
+    write(after)
     store.finish_transform_job(job)
     return done
 

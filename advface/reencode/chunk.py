@@ -1,8 +1,10 @@
 """The one step both engines run on a chunk: check the raw templates, protect them. Pure: no I/O, no state.
 
-A template's protected value depends only on its float32 bytes and the protection parameters (see
-:mod:`advface.protect.advface`: the random start is seeded by ``(seed, row bytes)`` and the shadow always runs on
-exactly ``lanes`` rows), so the output does not depend on the chunk size, the order, or the engine.
+The protector is any :class:`~advface.protect.TemplateProtector` (plain ``advface`` or identity-aware
+``advface-id``, built by :func:`advface.protect.load_protector`). A template's protected value depends only on its
+float32 bytes and the protection parameters (both methods seed the random start by ``(seed, row bytes)`` and run
+the shadows -- and advface-id the encoder module -- on exactly ``lanes`` rows, with a data-independent jitter
+schedule), so the output does not depend on the chunk size, the order, or the engine.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from advface.errors import EmbeddingError
-from advface.protect import Protector
+from advface.protect import TemplateProtector
 
 
 def check_chunk(ids: list[str], vectors: np.ndarray, dim: int, where: str) -> np.ndarray:
@@ -42,7 +44,9 @@ def check_chunk(ids: list[str], vectors: np.ndarray, dim: int, where: str) -> np
     return v
 
 
-def reencode_chunk(ids: list[str], vectors: np.ndarray, protector: Protector) -> tuple[list[str], np.ndarray]:
+def reencode_chunk(
+    ids: list[str], vectors: np.ndarray, protector: TemplateProtector
+) -> tuple[list[str], np.ndarray]:
     """Protect one chunk: ``(ids, protected float32 vectors)`` in the same order (ids unchanged)."""
     v = check_chunk(list(ids), vectors, protector.dim, "chunk")
     return list(ids), protector.protect(v)

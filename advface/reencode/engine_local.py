@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from advface.protect import Protector
+from advface.protect import TemplateProtector
 from advface.reencode.chunk import reencode_chunk
 from advface.reencode.sources import RawChunk
 
@@ -15,11 +15,11 @@ Commit = Callable[[int, RawChunk, list[str], np.ndarray], None]
 
 
 class LocalEngine:
-    """Runs :func:`reencode_chunk` on each chunk with one :class:`Protector`."""
+    """Runs :func:`reencode_chunk` on each chunk with one protector (either method)."""
 
     name = "local"
 
-    def __init__(self, protector: Protector) -> None:
+    def __init__(self, protector: TemplateProtector) -> None:
         self.protector = protector
 
     def run(self, chunks: Iterator[tuple[int, RawChunk]], commit: Commit) -> None:

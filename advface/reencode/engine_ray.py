@@ -1,9 +1,11 @@
-"""The Ray engine: Ray Data ``map_batches`` over a pool of actors, each loading the shadow model once.
+"""The Ray engine: Ray Data ``map_batches`` over a pool of actors, each loading the protector once.
 
 The source is read by the driver in *windows* of a few chunks (memory stays bounded, progress is committed per
 chunk as on the local engine); each window becomes a small Ray dataset (rows: position, id, vector) mapped by
 :class:`ProtectActor` (a callable class: :func:`reencode_chunk` on its batch) and collected back in position order.
-Ray Data builds the actor pool per dataset, so the shadow is loaded once per actor per window: windows are
+Ray Data builds the actor pool per dataset, so the protector (the shadow; for advface-id every shadow of the
+ensemble and the encoder's torch module) is loaded once per actor per window, from its picklable
+:class:`~advface.protect.ProtectionSpec`: windows are
 ``window_chunks`` chunks long to amortise that. Without a cluster address Ray starts locally with ``num_cpus``
 CPUs; actors take one CPU (and one GPU when the cluster has GPUs) and run torch on one thread.
 """
@@ -14,13 +16,12 @@ import itertools
 import logging
 import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from advface.errors import ConfigError
-from advface.protect import AdvFaceConfig
+from advface.protect import ProtectionSpec
 from advface.reencode.engine_local import Commit
 from advface.reencode.sources import RawChunk
 
@@ -28,16 +29,17 @@ log = logging.getLogger(__name__)
 
 
 class ProtectActor:
-    """Ray Data callable class: loads the shadow once (per actor), protects each batch it is given."""
+    """Ray Data callable class: loads the protector once (per actor), protects each batch it is given."""
 
-    def __init__(self, shadow_path: str, config: dict[str, Any], dim: int, device: str, threads: int) -> None:
+    def __init__(self, spec: ProtectionSpec, dim: int, device: str, threads: int) -> None:
         import torch
 
-        from advface.protect import Protector
+        from advface.protect import load_protector
 
         torch.set_num_threads(threads)
-        self.protector = Protector.from_checkpoint(Path(shadow_path), dim=dim, config=AdvFaceConfig(**config),
-                                                   device=device)
+        self.protector = load_protector(spec, device=device)
+        if self.protector.dim != dim:
+            raise ConfigError(f"protector takes dimension {self.protector.dim}, the templates have {dim}")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from advface.reencode.chunk import reencode_chunk
@@ -52,15 +54,14 @@ class RayEngine:
 
     name = "ray"
 
-    def __init__(self, shadow_path: Path, config: AdvFaceConfig, dim: int, *, num_cpus: int | None = None,
+    def __init__(self, spec: ProtectionSpec, dim: int, *, num_cpus: int | None = None,
                  address: str | None = None, window_chunks: int | None = None, device: str | None = None) -> None:
         try:
             import ray  # noqa: F401
             import ray.data  # noqa: F401
         except ImportError as exc:  # pragma: no cover - ray is a dependency
             raise ConfigError(f"--engine ray needs Ray Data installed ({exc})") from None
-        self.shadow_path = Path(shadow_path).resolve()
-        self.config = config
+        self.spec = spec
         self.dim = dim
         self.num_cpus = num_cpus
         self.address = address
@@ -95,8 +96,7 @@ class RayEngine:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.execution_options.preserve_order = True
-        kwargs = {"shadow_path": str(self.shadow_path), "config": self.config.__dict__.copy(), "dim": self.dim,
-                  "device": device, "threads": 1}
+        kwargs = {"spec": self.spec, "dim": self.dim, "device": device, "threads": 1}
         try:
             while True:
                 batch = list(itertools.islice(chunks, window))

@@ -66,7 +66,13 @@ class PartSet:
 
 
 class Sink(abc.ABC):
-    """A destination for protected templates."""
+    """A destination for protected templates.
+
+    ``streaming`` sinks (advface's store, :mod:`advface.reencode.store_io`) take each chunk as it is protected
+    (``begin``, ``write_chunk``, ``finish``) instead of all parts at the end.
+    """
+
+    streaming = False
 
     def __init__(self, location: Location, overwrite: bool = False) -> None:
         self.location = location
@@ -89,6 +95,9 @@ class Sink(abc.ABC):
     @abc.abstractmethod
     def swap_into(self, source: Location) -> None:
         """Replace ``source`` by this (written, verified) destination, atomically; the destination name is gone."""
+
+    def close(self) -> None:
+        """Release connections (nothing to do for most sinks)."""
 
     @property
     def is_file(self) -> bool:
@@ -401,9 +410,17 @@ class PostgresSink(Sink):
                 conn.execute(f'ALTER TABLE {quote_pg_table(self.table)} RENAME TO "{src_table.rpartition(".")[2]}"')
 
 
-def open_sink(location: str | Location, overwrite: bool = False, retry: RetryPolicy | None = None) -> Sink:
-    """The sink for ``location`` (see :mod:`advface.reencode.uri`)."""
+def open_sink(location: str | Location, overwrite: bool = False, retry: RetryPolicy | None = None, *,
+              store_config: str | Path | None = None, dim: int | None = None) -> Sink:
+    """The sink for ``location`` (see :mod:`advface.reencode.uri`); an ``advface:`` store needs the sidecar's
+    configuration file ``store_config`` (None: defaults) and the templates' ``dim``."""
     loc = parse_location(location) if isinstance(location, str) else location
+    if loc.scheme == "advface":
+        from advface.reencode.store_io import open_store_sink
+
+        if dim is None:
+            raise ConfigError("an advface store destination needs the templates' dimension")
+        return open_store_sink(loc, overwrite, store_config, dim)
     if loc.scheme == "npz":
         return NpzSink(loc, overwrite)
     if loc.scheme == "npy":

@@ -500,9 +500,17 @@ def pg_column_types(conn: Any, table: str) -> dict[str, str]:
     return {r[0]: r[1] for r in rows}
 
 
-def open_source(location: str | Location, retry: RetryPolicy | None = None) -> Source:
-    """Open the source at ``location`` (see :mod:`advface.reencode.uri`)."""
+def open_source(location: str | Location, retry: RetryPolicy | None = None, *,
+                store_config: str | Path | None = None, dim: int | None = None,
+                untransform: bool = False) -> Source:
+    """Open the source at ``location`` (see :mod:`advface.reencode.uri`). An ``advface:`` store is opened from the
+    sidecar's configuration file ``store_config`` (None: defaults); ``dim`` is needed for a PostgreSQL store;
+    ``untransform`` reads it through the inverse keyed transform (verification)."""
     loc = parse_location(location) if isinstance(location, str) else location
+    if loc.scheme == "advface":
+        from advface.reencode.store_io import open_store_source
+
+        return open_store_source(loc, store_config, dim, untransform)
     if loc.scheme == "npz":
         return NpzSource(loc)
     if loc.scheme == "npy":

@@ -1,7 +1,9 @@
 """Parsing of source and destination locations: ``SCHEME:REST[?key=value&...]``.
 
 Schemes: ``npz:PATH``, ``npy:PATH[?ids=IDS]``, ``parquet:PATH``, ``sqlite:PATH?table=T``, ``postgresql:DSN`` (the
-whole ``postgresql://...`` URL, with ``table=`` among its query parameters). Options of advface itself (``table``,
+whole ``postgresql://...`` URL, with ``table=`` among its query parameters), ``advface:DATA_DIR?tenant=T`` (the
+sidecar's own template store, opened from ``--config``; see :mod:`advface.reencode.store_io`). Options of advface
+itself (``table``,
 ``id_column``, ``vector_column``, ``vector_format``, ``ids``) are taken out of the query; for PostgreSQL the other
 query parameters stay in the DSN (``sslmode=...``).
 """
@@ -14,7 +16,7 @@ from urllib.parse import parse_qsl, urlencode
 
 from advface.errors import ConfigError
 
-SCHEMES = ("npz", "npy", "parquet", "sqlite", "postgresql")
+SCHEMES = ("npz", "npy", "parquet", "sqlite", "postgresql", "advface")
 #: Query keys advface reads; anything else is an error (files, SQLite) or passed on in the DSN (PostgreSQL).
 OPTION_KEYS = ("table", "id_column", "vector_column", "vector_format", "ids")
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
@@ -57,6 +59,10 @@ def parse_location(text: str) -> Location:
         raise ConfigError(f"location {text!r}: unknown scheme {scheme!r}; known: {', '.join(SCHEMES)}")
     if scheme == "postgresql":
         return _parse_postgresql(text, rest)
+    if scheme == "advface":
+        from advface.reencode.store_io import parse_store_location
+
+        return parse_store_location(text, rest)
     path, _, query = rest.partition("?")
     if not path:
         raise ConfigError(f"location {text!r} has no path")

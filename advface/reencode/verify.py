@@ -44,6 +44,10 @@ class VerifyOptions:
     match_threshold: float | None = None
     min_match_fraction: float = 0.99
     chunk_size: int = 4096
+    #: The destination keeps only directions (a norm-equalising keyed transform, undone up to the norm): each
+    #: destination vector is first scaled to the point of its direction closest to the source, so the budget
+    #: check becomes sin(angle) <= rel_l2 (a necessary condition) and L-inf / matching use that point.
+    direction_only: bool = False
 
     def __post_init__(self) -> None:
         if self.match_metric not in ("euclidean", "cosine"):
@@ -124,6 +128,9 @@ def verify(
                         break
                     ok = np.isfinite(p).all(axis=1)
                     s, p = s[ok], p[ok]
+                    if options.direction_only:
+                        scale = (p * s).sum(axis=1) / np.maximum((p * p).sum(axis=1), 1e-300)
+                        p = p * scale[:, None]
                     kept_ids = [chunk.ids[i] for i, good in zip(keep, ok, strict=True) if good]
                     sn = np.linalg.norm(s, axis=1)
                     d = p - s
@@ -136,6 +143,8 @@ def verify(
                         over_linf += int(lbad.sum())
                         over |= lbad
                     same = ~d.any(axis=1)
+                    if options.direction_only:  # a raw template's direction comes back up to float rounding
+                        same = rel <= 1e-6
                     unchanged += int(same.sum())
                     unchanged_ids += [kept_ids[i] for i in np.flatnonzero(same)[: MAX_EXAMPLES - len(unchanged_ids)]]
                     over_budget += int(over.sum())

@@ -28,6 +28,16 @@ the tenant's index when another process changed the tenant. Several replicas may
 database, but each keeps a full copy of the index and rebuilds a tenant after every foreign write: it is meant for
 one replica per database (or rarely-written tenants).
 
+Keys and maintenance jobs (as in the SQLite store; rules shared in :mod:`advface.store.rotation`): ``meta`` records
+``key_ids`` (keys rows may be under; a cipher lacking one of the keys in use is refused at open, naming the missing
+key and an unfinished rotation), ``rotation`` (target of an unfinished :meth:`PostgresStore.rotate`),
+``plaintext_rows`` (a plaintext store opened with ``migrate_plaintext=True`` until ``rotate`` has encrypted it),
+``transform_job`` (progress of :meth:`PostgresStore.transform_vectors`) and ``keyed_transform`` (what the templates
+were issued under). Jobs run one batch per transaction, serialised across processes by an advisory lock. A
+re-issue (``transform_vectors``) locks each batch's tenants and bumps their generations, so other replicas rebuild
+their in-memory indexes; they must not enrol while it runs (their writes would use the old transform).
+:meth:`PostgresStore.bulk_add` loads large batches with COPY and an HNSW rebuild.
+
 Durability: autocommit is off and every method is one transaction; ``synchronous_commit`` is set to ``on`` on every
 connection (PostgreSQL's default), so a write is flushed to the server's WAL when its method returns.
 
@@ -64,8 +74,9 @@ from psycopg.adapt import Dumper, Loader
 from psycopg.pq import Format, TransactionStatus
 from psycopg.types import TypeInfo
 
-from advface.crypto import ENCRYPTION_SCHEME, template_aad
+from advface.crypto import BLOB_VERSION, ENCRYPTED_OVERHEAD, ENCRYPTION_SCHEME, TemplateCipher, template_aad
 from advface.errors import ConfigError, IntegrityError, NotFoundError, DatabaseUnavailableError
+from advface.store import rotation
 from advface.store.base import (
     MAX_PAGE_SIZE,
     Match,
@@ -95,6 +106,16 @@ HNSW_MAX_DIM = 2_000
 _MAX_SEARCH_K = 10_000_000
 _MAX_EF_SEARCH = 1000
 _WRITE_ATTEMPTS = 3
+#: Passes of :meth:`PostgresStore.rotate` over rows written under an old key meanwhile (by other replicas).
+_ROTATION_PASSES = 5
+#: :meth:`PostgresStore.bulk_add` rebuilds the HNSW index when a load adds at least this share of the table's rows
+#: (building the graph once cost about 1/20 per row of maintaining it row by row in the benchmark's side check:
+#: benchmarks/RESULTS.md, PostgreSQL store).
+BULK_REBUILD_FRACTION = 0.1
+#: ``maintenance_work_mem`` of a bulk load's index build (the graph is built in memory when it fits).
+BULK_MAINTENANCE_WORK_MEM = "512MB"
+#: ``meta`` key of the keyed-transform marker (what the templates were issued under; see tenant_transform).
+TRANSFORM_MARKER_KEY = "keyed_transform"
 _PREFIX_RE = re.compile(r"[a-z_][a-z0-9_]{0,39}")
 
 T = TypeVar("T")
@@ -221,7 +242,7 @@ class _Pool:
 # --------------------------------------------------------------------------------------------------- store
 
 
-class PostgresStore(TemplateStore):
+class PostgresStore(rotation.TemplateReissue, TemplateStore):
     """Templates in PostgreSQL + pgvector at ``dsn`` (tables created on first use); see the module docs.
 
     ``dim`` and ``metric`` must match those the tables were made with. ``cipher``: keep vectors only as ciphertext
@@ -230,7 +251,8 @@ class PostgresStore(TemplateStore):
     searched exactly. ``ef_search``: the smallest ``hnsw.ef_search`` used (raised to the candidates fetched, at
     most 1000; the default 200 gave recall@10 0.978 against exact search at 100k dlib-like templates, 100 gave
     0.936: ``benchmarks/RESULTS.md``). ``hnsw_m`` / ``hnsw_ef_construction``: index parameters, used when the
-    index is created.
+    index is created (or rebuilt by :meth:`bulk_add`). ``migrate_plaintext``: with a cipher, open a plaintext store
+    and switch it to encrypted mode (existing rows stay readable until :meth:`rotate` has encrypted them).
     """
 
     def __init__(
@@ -247,6 +269,7 @@ class PostgresStore(TemplateStore):
         hnsw_m: int = 16,
         hnsw_ef_construction: int = 64,
         connect_timeout: float = 10.0,
+        migrate_plaintext: bool = False,
     ) -> None:
         self.dim, self.metric = check_dim_metric(dim, metric)
         if self.dim > PGVECTOR_MAX_DIM:
@@ -271,6 +294,8 @@ class PostgresStore(TemplateStore):
         self.cipher = cipher
         self.prefix = table_prefix
         self._connect_timeout = connect_timeout
+        self._migrate_plaintext = bool(migrate_plaintext)
+        self._plaintext_rows = False  # an encryption migration is under way: rows with a `vector` are plaintext
         self._has_hnsw = self.dim <= HNSW_MAX_DIM
         self._t = {name: f"{table_prefix}_{name}" for name in ("meta", "tenants", "subjects", "templates")}
         self._seq = f"{table_prefix}_generation"
@@ -475,7 +500,79 @@ class PostgresStore(TemplateStore):
         if meta.get("encryption") != encryption:
             if encryption == "none":
                 raise ConfigError(f"{where} holds encrypted templates: open it with a cipher (the store's key)")
-            raise ConfigError(f"{where} holds plaintext templates: it cannot be opened in encrypted mode")
+            if not self._migrate_plaintext:
+                raise ConfigError(
+                    f"{where} holds plaintext templates: it cannot be opened in encrypted mode; encrypt it first with "
+                    "`advface rotate-key --new-key-file KEY` (or open it without a key)"
+                )
+            self._start_migration()
+        if self.cipher is not None:
+            self._check_keys()
+
+    # ----------------------------------------------------------------------------------------------- meta / keys
+
+    def _meta(self, conn: psycopg.Connection, *, lock: bool = False) -> dict[str, str]:
+        if lock:  # serialises the store's maintenance jobs (rotation, re-issue) across processes
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"advface-meta:{self.prefix}",))
+        return dict(conn.execute(f"SELECT key, value FROM {self._t['meta']}").fetchall())
+
+    def _set_meta(self, conn: psycopg.Connection, values: Mapping[str, str | None]) -> None:
+        for key, value in values.items():
+            if value is None:
+                conn.execute(f"DELETE FROM {self._t['meta']} WHERE key = %s", (key,))
+            else:
+                conn.execute(
+                    f"INSERT INTO {self._t['meta']} (key, value) VALUES (%s, %s) "
+                    "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                    (key, value),
+                )
+
+    def _start_migration(self) -> None:
+        """Switch a plaintext store to encrypted mode (``migrate_plaintext``); its rows stay readable as plaintext
+        until :meth:`rotate` has encrypted them."""
+        assert self.cipher is not None
+
+        def write(conn: psycopg.Connection) -> bool:
+            meta = self._meta(conn, lock=True)
+            if meta.get("encryption") != "none":
+                return meta.get("plaintext_rows") == "1"
+            has_rows = conn.execute(f"SELECT EXISTS (SELECT 1 FROM {self._t['templates']})").fetchone()[0]
+            self._set_meta(conn, {
+                "encryption": ENCRYPTION_SCHEME,
+                "key_ids": json.dumps([self.cipher.key_id]),
+                "plaintext_rows": "1" if has_rows else None,
+            })
+            return bool(has_rows)
+
+        if self._run(write, what="encryption migration"):
+            log.warning("template store %s: encrypting its existing templates (migration started)", self._where())
+
+    def _check_keys(self) -> None:
+        """ConfigError when rows are under keys the cipher lacks (wrong key, unfinished rotation); records the
+        cipher's primary key among ``key_ids`` (the keys rows may be under)."""
+        cipher = self.cipher
+        has_key = getattr(cipher, "has_key", None)
+        tt = self._t["templates"]
+
+        def check(conn: psycopg.Connection) -> None:
+            meta = self._meta(conn)
+            self._plaintext_rows = meta.get("plaintext_rows") == "1"
+            key_ids = [str(k) for k in json.loads(meta.get("key_ids", "[]"))]
+            if has_key is not None and ("key_ids" not in meta or any(not has_key(k) for k in key_ids)):
+                used = {
+                    bytes(r[0]).hex()
+                    for r in conn.execute(
+                        f"SELECT DISTINCT substring(ciphertext from 2 for 8) FROM {tt} WHERE ciphertext IS NOT NULL"
+                    )
+                }
+                configured = getattr(cipher, "key_ids", (cipher.key_id,))
+                rotation.check_keys_present(used, has_key, configured, meta, self._where())
+                key_ids = [k for k in key_ids if k in used] if "key_ids" in meta else sorted(used)
+            recorded = rotation.key_ids_at_open(meta, key_ids, cipher.key_id, self._where())
+            if recorded is not None:
+                self._set_meta(conn, {"key_ids": recorded})
+
+        self._run(check, what="open")
 
     # ----------------------------------------------------------------------------------------------- tenant rows
 
@@ -534,6 +631,39 @@ class PostgresStore(TemplateStore):
         *,
         replace: bool = False,
     ) -> list[list[str]]:
+        return self._add_many(tenant, items, replace=replace, bulk=None)
+
+    def bulk_add(
+        self,
+        tenant: str,
+        items: Sequence[tuple[str, np.ndarray, Mapping[str, str] | None]],
+        *,
+        rebuild_index: bool | None = None,
+    ) -> list[list[str]]:
+        """:meth:`add_many` (appending; one transaction, all or nothing) for large loads: the template rows go in
+        with one binary ``COPY ... FROM STDIN`` and, in plaintext mode, the HNSW index may be dropped before and
+        re-created after the load in the same transaction (a graph build is much cheaper per row than
+        maintaining the graph row by row; ``benchmarks/store_postgres.py --bulk``).
+
+        ``rebuild_index``: True / False, or None (default) to rebuild when the load adds at least
+        :data:`BULK_REBUILD_FRACTION` of the table's rows after it (the build covers the whole table, every
+        tenant). While the index is rebuilt the template table is locked exclusively: every replica's reads and
+        writes of it wait until the load commits (never see a missing index). Meant for initial loads and
+        migrations; small or frequent enrolments should use :meth:`add_many`.
+        """
+        if rebuild_index is not None and not isinstance(rebuild_index, bool):
+            raise ConfigError(f"rebuild_index must be a bool or None, got {rebuild_index!r}")
+        return self._add_many(tenant, items, replace=False, bulk=rebuild_index if rebuild_index is not None else "auto")
+
+    def _add_many(
+        self,
+        tenant: str,
+        items: Sequence[tuple[str, np.ndarray, Mapping[str, str] | None]],
+        *,
+        replace: bool,
+        bulk: bool | str | None,
+    ) -> list[list[str]]:
+        """add_many; ``bulk`` None: pipelined INSERTs, else COPY with an index rebuild (True, False or "auto")."""
         checked = check_add_many(tenant, items, self.dim, replace)
         self._check_open()
         if not checked:
@@ -599,6 +729,10 @@ class PostgresStore(TemplateStore):
                     columns = self._vector_columns(tenant, subject_id, template_id, vector)
                     params.append((template_id, tenant, pks[subject_id], *columns, now))
             added: list[tuple[int, str, str]] = []
+            if bulk is not None and self.cipher is None:
+                self._copy_templates(conn, params, bulk)
+                self._update_counts(conn, tenant, len(params) - len(removed), len(new))
+                return result, removed, added, generations
             with conn.cursor() as cur:
                 sql = (
                     f"INSERT INTO {tt} (template_id, tenant, subject, vector, ciphertext, created_at) "
@@ -624,6 +758,35 @@ class PostgresStore(TemplateStore):
             vectors_all = np.concatenate([c[1] for c in checked])
             self._apply(tenant, generations, removed, added, vectors_all)
         return result
+
+    def _copy_templates(self, conn: psycopg.Connection, params: Sequence[tuple], rebuild: bool | str) -> None:
+        """Insert plaintext template rows with one binary COPY, dropping and re-creating the HNSW index around it
+        when ``rebuild`` is True (or "auto" and the rows are a large enough part of the table)."""
+        tt = self._t["templates"]
+        hnsw = f"{tt}_hnsw"
+        if rebuild == "auto":
+            # reltuples: the planner's row estimate (-1: never analysed); a cheap, good enough size
+            estimate = conn.execute("SELECT reltuples FROM pg_class WHERE oid = to_regclass(%s)", (tt,)).fetchone()
+            rows = max(0.0, float(estimate[0])) if estimate else 0.0
+            rebuild = len(params) >= BULK_REBUILD_FRACTION * (rows + len(params))
+        rebuild = bool(rebuild) and self._has_hnsw
+        if rebuild:
+            conn.execute(f"LOCK TABLE {tt} IN ACCESS EXCLUSIVE MODE")
+            conn.execute(f"DROP INDEX IF EXISTS {hnsw}")
+        columns = "template_id, tenant, subject, vector, ciphertext, created_at"
+        with conn.cursor() as cur:
+            with cur.copy(f"COPY {tt} ({columns}) FROM STDIN (FORMAT BINARY)") as copy:
+                copy.set_types(["text", "text", "int8", self._vector_oid, "bytea", "float8"])
+                for row in params:
+                    copy.write_row(row)
+        if rebuild:
+            ops = "vector_cosine_ops" if self.metric == "cosine" else "vector_l2_ops"
+            conn.execute("SELECT set_config('maintenance_work_mem', %s, true)", (BULK_MAINTENANCE_WORK_MEM,))
+            conn.execute(
+                f"CREATE INDEX {hnsw} ON {tt} USING hnsw (vector {ops}) "
+                f"WITH (m = {self._hnsw_m}, ef_construction = {self._hnsw_ef_construction})"
+            )
+            conn.execute(f"ANALYZE {tt}")
 
     def _vector_columns(self, tenant: str, subject_id: str, template_id: str, vector: np.ndarray) -> tuple[Any, Any]:
         """``(vector, ciphertext)`` column values of one template (AAD: tenant, subject id, template id)."""
@@ -766,7 +929,7 @@ class PostgresStore(TemplateStore):
     ) -> np.ndarray:
         """One template's float32 vector, from its ``vector`` or (decrypted) ``ciphertext`` column."""
         if vector is not None:
-            if self.cipher is not None:
+            if self.cipher is not None and not self._plaintext_rows:
                 raise IntegrityError(f"template {template_id!r} is stored in plaintext in an encrypted store")
             return vector
         if self.cipher is None or blob is None:
@@ -1013,6 +1176,206 @@ class PostgresStore(TemplateStore):
                 ti = self._tenants.get(tenant)
                 return 0 if ti is None else ti.ntotal
             return sum(t.ntotal for t in self._tenants.values())
+
+    # ----------------------------------------------------------------------------------------------- maintenance
+
+    def encryption_info(self) -> dict[str, object]:
+        """The store's encryption state: ``encrypted``, ``key_ids`` (rows may be under), ``primary_key_id``,
+        ``rotation`` (target key id of an unfinished rotation, or None), ``plaintext_rows`` (migration unfinished)."""
+        return rotation.encryption_state(self._run(self._meta, what="encryption_info"), self.cipher)
+
+    def rotate(self, new_cipher: TemplateCipher, *, batch_size: int = 1000, progress: bool = False) -> int:
+        """Re-encrypt every template under ``new_cipher``'s primary key; returns the number of rows rewritten.
+
+        As :meth:`SQLiteFaissStore.rotate <advface.store.sqlite_faiss.SQLiteFaissStore.rotate>`: the store's
+        keyring stays readable until the end and new writes use the new key at once; each batch of ``batch_size``
+        rows (locked ``FOR UPDATE``) is one transaction, so a crash (even kill -9) loses at most the batch under way
+        and running ``rotate`` again (keyring with old and new key) resumes: rows already under the new key are
+        skipped. Also encrypts the plaintext rows of a store opened with ``migrate_plaintext=True``. Rows written
+        under an old key meanwhile by another replica are picked up by further passes; the rotation is recorded
+        as finished (``meta``: ``key_ids`` = the new key only) only when no row is left under another key. Vectors
+        do not change, so other replicas' indexes stay valid (no generation is bumped); they need both keys until
+        the end. IntegrityError (naming the row) if a row fails authentication; that batch is rolled back.
+        """
+        self._check_open()
+        batch_size, current = rotation.check_rotation(new_cipher, batch_size, self.cipher, self._where())
+        from tqdm.auto import tqdm
+
+        ring = new_cipher.with_previous(current)
+        tt, s = self._t["templates"], self._t["subjects"]
+        where = self._where()
+
+        def start(conn: psycopg.Connection) -> None:
+            meta = self._meta(conn, lock=True)
+            self._set_meta(conn, {"key_ids": rotation.merged_key_ids(meta, ring.key_id), "rotation": ring.key_id})
+
+        with self._write_mutex:
+            self._run(start, what="rotate")
+            self.cipher = ring
+        target = bytes([BLOB_VERSION]) + bytes.fromhex(ring.key_id)
+        pending = "(t.ciphertext IS NULL OR length(t.ciphertext) <> %s OR substring(t.ciphertext from 1 for 9) <> %s)"
+        pending_args = (4 * self.dim + ENCRYPTED_OVERHEAD, target)
+        count_sql = f"SELECT COUNT(*) FROM {tt} t WHERE {pending}"
+        total = int(self._run(lambda conn: conn.execute(count_sql, pending_args).fetchone()[0], what="rotate"))
+
+        def batch(conn: psycopg.Connection, last: int) -> list[int]:
+            self._meta(conn, lock=True)  # one maintenance job at a time
+            with conn.cursor(binary=True) as cur:
+                cur.execute(
+                    f"SELECT t.id, t.tenant, s.subject_id, t.template_id, t.vector, t.ciphertext FROM {tt} t "
+                    f"JOIN {s} s ON s.id = t.subject WHERE t.id > %s AND {pending} ORDER BY t.id LIMIT %s "
+                    "FOR UPDATE OF t",
+                    (last, *pending_args, batch_size),
+                )
+                rows = cur.fetchall()
+                updates = []
+                for rowid, tenant, subject_id, template_id, vector, blob in rows:
+                    aad = template_aad(tenant, template_id, subject_id)
+                    row = rotation.row_label(tenant, subject_id, template_id)
+                    if vector is not None:
+                        if not self._plaintext_rows:
+                            raise IntegrityError(f"template store {where}: {row} is stored in plaintext")
+                        updates.append((ring.encrypt(vector.astype("<f4").tobytes(), aad), rowid))
+                    else:
+                        updates.append((rotation.reencrypt(ring, blob, aad, row, where), rowid))
+                if updates:
+                    cur.executemany(f"UPDATE {tt} SET vector = NULL, ciphertext = %b WHERE id = %s", updates)
+            return [r[0] for r in rows]
+
+        def finish(conn: psycopg.Connection) -> int:
+            self._meta(conn, lock=True)
+            left = int(conn.execute(count_sql, pending_args).fetchone()[0])
+            if not left:
+                self._set_meta(conn, {"key_ids": json.dumps([ring.key_id]), "rotation": None, "plaintext_rows": None})
+            return left
+
+        done = 0
+        with tqdm(total=total, desc="re-encrypting templates", unit="tpl", disable=not progress) as bar:
+            for _ in range(_ROTATION_PASSES):
+                last = 0
+                while ids := self._run(lambda conn: batch(conn, last), what="rotate"):
+                    last = ids[-1]
+                    done += len(ids)
+                    bar.update(len(ids))
+                left = self._run(finish, what="rotate")
+                if not left:
+                    break
+                bar.total = (bar.total or 0) + left
+            else:
+                raise ConfigError(
+                    f"template store {where}: {left} template(s) keep being written under another key during the "
+                    "rotation; configure every replica with the new key (and the old one as previous) and run again"
+                )
+        self._plaintext_rows = False
+        self.cipher = new_cipher
+        log.info("template store %s: %d templates re-encrypted under key %s", where, done, ring.key_id)
+        return done
+
+    def _reissue_start(self, job: str) -> int:
+        self._check_open()
+        tt, where = self._t["templates"], self._where()
+
+        def start(conn: psycopg.Connection) -> int:
+            resumed = rotation.resume_point(self._meta(conn, lock=True).get("transform_job"), job, where)
+            if resumed is None:
+                self._set_meta(conn, {"transform_job": rotation.job_state(job, 0)})
+            return int(conn.execute(f"SELECT COUNT(*) FROM {tt} WHERE id > %s", (resumed or 0,)).fetchone()[0])
+
+        return int(self._run(start, what="transform_vectors"))
+
+    def _reissue_batch(self, fn: Callable[[str, np.ndarray], np.ndarray], job: str, batch_size: int) -> int:
+        """Also locks the rows' tenants (as writers do) and bumps their generations, so other replicas rebuild their
+        in-memory indexes (encrypted mode) and plaintext-mode searches see each batch atomically. Other replicas
+        must not enrol while a re-issue runs (their writes would use the old transform)."""
+        tt, s = self._t["templates"], self._t["subjects"]
+        where = self._where()
+
+        def batch(conn: psycopg.Connection) -> int:
+            last = rotation.resume_point(self._meta(conn, lock=True).get("transform_job"), job, where)
+            if last is None:
+                raise ConfigError(f"template store {where}: re-issue job {job!r} was finished by another process")
+            head = conn.execute(
+                f"SELECT id, tenant FROM {tt} WHERE id > %s ORDER BY id LIMIT %s", (last, batch_size)
+            ).fetchall()
+            if not head:
+                return 0
+            hi = int(head[-1][0])
+            locked: set[str] = set()
+
+            def lock(tenants: set[str]) -> None:
+                for tenant in sorted(tenants - locked):  # tenant rows first, as every writer does
+                    with contextlib.suppress(NotFoundError):  # deleted meanwhile: its rows are gone too
+                        self._lock_tenant(conn, tenant, create=False)
+                    locked.add(tenant)
+
+            lock({r[1] for r in head})
+            with conn.cursor(binary=True) as cur:
+                cur.execute(
+                    f"SELECT t.id, t.tenant, s.subject_id, t.template_id, t.vector, t.ciphertext FROM {tt} t "
+                    f"JOIN {s} s ON s.id = t.subject WHERE t.id > %s AND t.id <= %s ORDER BY t.id FOR UPDATE OF t",
+                    (last, hi),
+                )
+                rows = cur.fetchall()
+                lock({r[1] for r in rows})
+                updates = []
+                for tenant, items in rotation.group_by_tenant(rows, lambda r: r[1]).items():
+                    vectors = np.stack([self._decode(tenant, r[2], r[3], r[4], r[5]) for r in items])
+                    out = rotation.apply_transform(fn, tenant, vectors)
+                    for r, vec in zip(items, out):
+                        updates.append((*self._vector_columns(tenant, r[2], r[3], vec), r[0]))
+                if updates:
+                    cur.executemany(f"UPDATE {tt} SET vector = %b, ciphertext = %b WHERE id = %s", updates)
+            self._set_meta(conn, {"transform_job": rotation.job_state(job, hi)})
+            return len(rows) or -1  # -1: an empty id range (rows deleted meanwhile), go on
+
+        return int(self._run(batch, what="transform_vectors"))
+
+    def _reissue_end(self) -> None:
+        if self.cipher is not None:
+            with self._write_mutex:
+                self._rebuild_all()
+
+    def transform_job(self) -> str | None:
+        """The unfinished (or finished but not yet closed) :meth:`transform_vectors` job, if any."""
+        return rotation.recorded_job(self._run(self._meta, what="transform_job").get("transform_job"))
+
+    def finish_transform_job(self, job: str) -> None:
+        """Forget ``job``'s progress record (after every row was rewritten and the caller recorded the result)."""
+
+        def write(conn: psycopg.Connection) -> None:
+            rotation.check_finish(self._meta(conn, lock=True).get("transform_job"), job, self._where())
+            self._set_meta(conn, {"transform_job": None})
+
+        self._run(write, what="finish_transform_job")
+
+    def read_transform_marker(self) -> dict[str, Any] | None:
+        """What the templates were issued under (keyed-transform marker, kept in ``meta``; None: never recorded)."""
+        value = self._run(self._meta, what="read_transform_marker").get(TRANSFORM_MARKER_KEY)
+        if value is None:
+            return None
+        try:
+            return json.loads(value)
+        except ValueError as exc:
+            raise ConfigError(f"{self._where()}: unreadable keyed-transform marker ({exc})") from None
+
+    def write_transform_marker(self, value: Mapping[str, Any] | None) -> None:
+        """Record (None: remove) the keyed-transform marker in ``meta``, durably."""
+        text = None if value is None else json.dumps(dict(value), sort_keys=True)
+        self._run(lambda conn: self._set_meta(conn, {TRANSFORM_MARKER_KEY: text}), what="write_transform_marker")
+
+    @staticmethod
+    def read_meta(dsn: str, table_prefix: str = "advface", connect_timeout: float = 10.0) -> dict[str, str]:
+        """The ``meta`` table of a store (format, dim, metric, encryption...) without opening it."""
+        if not isinstance(table_prefix, str) or not _PREFIX_RE.fullmatch(table_prefix):
+            raise ConfigError(f"invalid table_prefix {table_prefix!r}")
+        table = f"{table_prefix}_meta"
+        try:
+            with psycopg.connect(dsn, connect_timeout=max(1, int(connect_timeout))) as conn:
+                if conn.execute("SELECT to_regclass(%s)", (table,)).fetchone()[0] is None:
+                    raise ConfigError(f"{redact_dsn(dsn)} holds no advface template store (no table {table})")
+                return dict(conn.execute(f"SELECT key, value FROM {table}").fetchall())
+        except psycopg.OperationalError as exc:
+            raise DatabaseUnavailableError(f"cannot connect to PostgreSQL at {redact_dsn(dsn)}: {exc}") from None
 
     # ----------------------------------------------------------------------------------------------- closing
 

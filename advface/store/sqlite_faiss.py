@@ -57,6 +57,7 @@ import numpy as np
 
 from advface.crypto import BLOB_VERSION, ENCRYPTED_OVERHEAD, ENCRYPTION_SCHEME, TemplateCipher, template_aad
 from advface.errors import ConfigError, IntegrityError, NotFoundError
+from advface.store import rotation
 from advface.store.base import (
     MAX_PAGE_SIZE,
     Match,
@@ -292,7 +293,7 @@ class _TenantIndex:
         self.gpu_ids = None
 
 
-class SQLiteFaissStore(TemplateStore):
+class SQLiteFaissStore(rotation.TemplateReissue, TemplateStore):
     """Templates in the SQLite database ``path`` (created if missing), searched with faiss; see the module docs.
 
     ``dim`` and ``metric`` must match those the database was made with. ``use_gpu``: ``"auto"`` (default),
@@ -809,7 +810,7 @@ class SQLiteFaissStore(TemplateStore):
             try:
                 out.append(cipher.decrypt(blob, template_aad(tenant, template_id, subject_id)))
             except IntegrityError as exc:
-                bad.append(f"tenant {tenant!r} subject {subject_id!r} template {template_id!r}: {exc}")
+                bad.append(f"{rotation.row_label(tenant, subject_id, template_id)}: {exc}")
         if bad:
             raise IntegrityError(f"template store {self.path}: {len(bad)} template(s) failed authentication: "
                                  + "; ".join(bad[:10]))
@@ -869,25 +870,11 @@ class SQLiteFaissStore(TemplateStore):
             self._plaintext_rows = meta.get("plaintext_rows") == "1"
             if any(not cipher.has_key(k) for k in key_ids):
                 used = self._row_key_ids(conn)
-                lacking = sorted(k for k in used if not cipher.has_key(k))
-                if lacking:
-                    rotation = meta.get("rotation")
-                    hint = (
-                        f"; a rotation to key {rotation} is unfinished: configure both keys (previous_key_files) "
-                        "and run `advface rotate-key` again"
-                        if rotation else "; wrong key?"
-                    )
-                    raise ConfigError(
-                        f"template store {self.path} holds templates encrypted under key id(s) {', '.join(lacking)}, "
-                        f"which the configured key(s) {', '.join(cipher.key_ids)} do not include{hint}"
-                    )
+                rotation.check_keys_present(used, cipher.has_key, cipher.key_ids, meta, str(self.path))
                 key_ids = [k for k in key_ids if k in used]
-            if cipher.key_id not in key_ids:
-                key_ids.insert(0, cipher.key_id)  # new rows will be written under it
-            if json.dumps(key_ids) != meta.get("key_ids"):
-                self._set_meta(conn, {"key_ids": json.dumps(key_ids)})
-            if meta.get("rotation") and meta["rotation"] != cipher.key_id:
-                log.warning("template store %s: a rotation to key %s is unfinished", self.path, meta["rotation"])
+            recorded = rotation.key_ids_at_open(meta, key_ids, cipher.key_id, str(self.path))
+            if recorded is not None:
+                self._set_meta(conn, {"key_ids": recorded})
 
     def encryption_info(self) -> dict[str, object]:
         """The store's encryption state: ``encrypted``, ``key_ids`` (rows may be under), ``primary_key_id``,
@@ -895,13 +882,7 @@ class SQLiteFaissStore(TemplateStore):
         conn = self._check_open()
         with self._db_lock:
             meta = self._meta(conn)
-        return {
-            "encrypted": meta.get("encryption", "none") != "none",
-            "key_ids": json.loads(meta.get("key_ids", "[]")),
-            "primary_key_id": None if self._cipher is None else self._cipher.key_id,
-            "rotation": meta.get("rotation"),
-            "plaintext_rows": meta.get("plaintext_rows") == "1",
-        }
+        return rotation.encryption_state(meta, self._cipher)
 
     def verify_integrity(self) -> list[tuple[str, str, str, str]]:
         """Decrypt every row; ``(tenant, subject id, template id, reason)`` of each one that fails (empty: all good,
@@ -928,7 +909,7 @@ class SQLiteFaissStore(TemplateStore):
 
     def _integrity_report(self) -> IntegrityError:
         bad = self.verify_integrity()
-        listed = "; ".join(f"tenant {t!r} subject {s!r} template {i!r}" for t, s, i, _ in bad[:20])
+        listed = "; ".join(rotation.row_label(t, s, i) for t, s, i, _ in bad[:20])
         more = f" and {len(bad) - 20} more" if len(bad) > 20 else ""
         return IntegrityError(
             f"template store {self.path}: {len(bad)} encrypted template(s) failed authentication (tampered, "
@@ -945,22 +926,14 @@ class SQLiteFaissStore(TemplateStore):
         of a store opened with ``migrate_plaintext=True``. IntegrityError (naming the row) if a row fails
         authentication; the batch is then rolled back.
         """
-        if not isinstance(new_cipher, TemplateCipher):
-            raise ConfigError(f"new_cipher must be a TemplateCipher, got {type(new_cipher).__name__}")
-        batch_size = check_positive_int(batch_size, "batch_size", 1_000_000)
-        if self._cipher is None:
-            raise ConfigError(
-                f"template store {self.path} is not encrypted; open it with a cipher and migrate_plaintext=True "
-                "to encrypt it"
-            )
+        batch_size, current = rotation.check_rotation(new_cipher, batch_size, self._cipher, str(self.path))
         from tqdm.auto import tqdm
 
         with self._write_mutex:
-            ring = new_cipher.with_previous(self._cipher)
+            ring = new_cipher.with_previous(current)
             with self._transaction() as conn:
-                key_ids = [str(k) for k in json.loads(self._meta(conn).get("key_ids", "[]"))]
-                key_ids = [ring.key_id] + [k for k in key_ids if k != ring.key_id]
-                self._set_meta(conn, {"key_ids": json.dumps(key_ids), "rotation": ring.key_id})
+                key_ids = rotation.merged_key_ids(self._meta(conn), ring.key_id)
+                self._set_meta(conn, {"key_ids": key_ids, "rotation": ring.key_id})
             self._cipher = ring
         target = bytes.fromhex("%02x" % BLOB_VERSION + ring.key_id)
         pending_sql = "NOT (length(t.vector) = ? AND substr(t.vector, 1, ?) = ?)"
@@ -983,16 +956,10 @@ class SQLiteFaissStore(TemplateStore):
                     for rowid, tenant, subject_id, template_id, blob in rows:
                         aad = template_aad(tenant, template_id, subject_id)
                         if self._plaintext_rows and len(blob) == 4 * self.dim:
-                            raw = blob
+                            updates.append((ring.encrypt(blob, aad), rowid))
                         else:
-                            try:
-                                raw = ring.decrypt(blob, aad)
-                            except IntegrityError as exc:
-                                raise IntegrityError(
-                                    f"template store {self.path}: tenant {tenant!r} subject {subject_id!r} template "
-                                    f"{template_id!r} failed authentication during rotation: {exc}"
-                                ) from None
-                        updates.append((ring.encrypt(raw, aad), rowid))
+                            row = rotation.row_label(tenant, subject_id, template_id)
+                            updates.append((rotation.reencrypt(ring, blob, aad, row, str(self.path)), rowid))
                     conn.executemany("UPDATE templates SET vector = ? WHERE id = ?", updates)
                 if not rows:
                     break
@@ -1008,87 +975,51 @@ class SQLiteFaissStore(TemplateStore):
         log.info("template store %s: %d templates re-encrypted under key %s", self.path, done, ring.key_id)
         return done
 
-    def transform_vectors(
-        self,
-        fn: Callable[[str, np.ndarray], np.ndarray],
-        *,
-        job: str,
-        batch_size: int = 1000,
-        progress: bool = False,
-    ) -> int:
-        """Rewrite every template ``v`` of tenant ``t`` as ``fn(t, V)`` (``N x dim`` -> ``N x dim``, batches of one
-        tenant); returns the rows rewritten by this call. Used to re-issue templates under a new keyed transform.
-
-        Rows are rewritten in row-id order, ``batch_size`` per transaction, each transaction also recording
-        ``job`` and its last row id in the store's meta (key ``transform_job``), so a crash loses at most the batch
-        under way and calling again with the same ``job`` resumes after the last committed row (no row is rewritten
-        twice). A different ``job`` while one is unfinished: ConfigError. Ids, subjects, metadata and encryption
-        are kept. Call :meth:`finish_transform_job` once the caller has recorded the result elsewhere.
-        """
-        batch_size = check_positive_int(batch_size, "batch_size", 1_000_000)
-        if not isinstance(job, str) or not job:
-            raise ConfigError("job must be a non-empty string")
-        from tqdm.auto import tqdm
-
+    def _reissue_start(self, job: str) -> int:
         with self._write_mutex, self._transaction() as conn:
-            state = self._meta(conn).get("transform_job")
-            last = 0
-            if state is not None:
-                recorded = json.loads(state)
-                if recorded.get("job") != job:
-                    raise ConfigError(
-                        f"template store {self.path} has an unfinished re-issue job {recorded.get('job')!r}; finish "
-                        f"it (same command) before starting {job!r}"
-                    )
-                last = int(recorded.get("last", 0))
-            else:
-                self._set_meta(conn, {"transform_job": json.dumps({"job": job, "last": 0})})
-            total = conn.execute("SELECT COUNT(*) FROM templates WHERE id > ?", (last,)).fetchone()[0]
-        done = 0
-        with tqdm(total=total, desc="re-issuing templates", unit="tpl", disable=not progress) as bar:
-            while True:
-                with self._write_mutex, self._transaction() as conn:
-                    rows = conn.execute(
-                        "SELECT t.id, s.tenant, s.subject_id, t.template_id, t.vector FROM templates t "
-                        "JOIN subjects s ON s.id = t.subject WHERE t.id > ? ORDER BY t.id LIMIT ?",
-                        (last, batch_size),
-                    ).fetchall()
-                    if not rows:
-                        break
-                    updates = []
-                    by_tenant: dict[str, list[tuple[int, str, str, bytes]]] = {}
-                    for rowid, tenant, subject_id, template_id, blob in rows:
-                        by_tenant.setdefault(tenant, []).append((rowid, subject_id, template_id, blob))
-                    for tenant, items in by_tenant.items():
-                        labels = [(i[1], i[2]) for i in items]
-                        vectors = self._blobs_to_array([i[3] for i in items], tenant, labels)
-                        out = np.asarray(fn(tenant, vectors), dtype=np.float32)
-                        if out.shape != vectors.shape or not np.isfinite(out).all():
-                            raise ConfigError(f"transform gave an unusable result of shape {out.shape}")
-                        for (rowid, subject_id, template_id, _), vec in zip(items, out):
-                            updates.append((self._encode_vector(vec, tenant, subject_id, template_id), rowid))
-                    conn.executemany("UPDATE templates SET vector = ? WHERE id = ?", updates)
-                    last = rows[-1][0]
-                    self._set_meta(conn, {"transform_job": json.dumps({"job": job, "last": last})})
-                done += len(rows)
-                bar.update(len(rows))
+            resumed = rotation.resume_point(self._meta(conn).get("transform_job"), job, str(self.path))
+            if resumed is None:
+                self._set_meta(conn, {"transform_job": rotation.job_state(job, 0)})
+            return int(conn.execute("SELECT COUNT(*) FROM templates WHERE id > ?", (resumed or 0,)).fetchone()[0])
+
+    def _reissue_batch(self, fn: Callable[[str, np.ndarray], np.ndarray], job: str, batch_size: int) -> int:
+        with self._write_mutex, self._transaction() as conn:
+            last = rotation.resume_point(self._meta(conn).get("transform_job"), job, str(self.path))
+            if last is None:
+                raise ConfigError(f"template store {self.path}: re-issue job {job!r} was finished meanwhile")
+            rows = conn.execute(
+                "SELECT t.id, s.tenant, s.subject_id, t.template_id, t.vector FROM templates t "
+                "JOIN subjects s ON s.id = t.subject WHERE t.id > ? ORDER BY t.id LIMIT ?",
+                (last, batch_size),
+            ).fetchall()
+            if not rows:
+                return 0
+            updates = []
+            for tenant, items in rotation.group_by_tenant(rows, lambda r: r[1]).items():
+                labels = [(i[2], i[3]) for i in items]
+                vectors = self._blobs_to_array([i[4] for i in items], tenant, labels)
+                out = rotation.apply_transform(fn, tenant, vectors)
+                for (rowid, _, subject_id, template_id, _), vec in zip(items, out):
+                    updates.append((self._encode_vector(vec, tenant, subject_id, template_id), rowid))
+            conn.executemany("UPDATE templates SET vector = ? WHERE id = ?", updates)
+            self._set_meta(conn, {"transform_job": rotation.job_state(job, rows[-1][0])})
+        return len(rows)
+
+    def _reissue_end(self) -> None:
         with self._write_mutex:
             self._rebuild()
             self._checkpoint()
-        return done
 
     def transform_job(self) -> str | None:
         """The unfinished (or finished but not yet closed) :meth:`transform_vectors` job, if any."""
         with self._db_lock:
             state = self._meta(self._check_open()).get("transform_job")
-        return None if state is None else str(json.loads(state).get("job"))
+        return rotation.recorded_job(state)
 
     def finish_transform_job(self, job: str) -> None:
         """Forget ``job``'s progress record (after every row was rewritten and the caller recorded the result)."""
         with self._write_mutex, self._transaction() as conn:
-            state = self._meta(conn).get("transform_job")
-            if state is not None and json.loads(state).get("job") != job:
-                raise ConfigError(f"template store {self.path}: the unfinished job is not {job!r}")
+            rotation.check_finish(self._meta(conn).get("transform_job"), job, str(self.path))
             self._set_meta(conn, {"transform_job": None})
 
     @staticmethod

@@ -5,34 +5,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from advface.errors import ConfigError, EmbeddingError
 from advface.inversion import build_decoder
 from advface.protect.identity_aware import IdentityAwareConfig, identity_distance, protect_identity_aware
+from advface.testing.tiny_models import TinyEncoder
 
 DIM = 16
 CHIP = 24
-
-
-class TinyEncoder(nn.Module):
-    """A small differentiable 'encoder': conv + pooling + linear, images -> DIM vectors."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(1)
-        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.Tanh(), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
-                                 nn.Linear(128, DIM))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
 
 
 @pytest.fixture(scope="module")
 def parts():
     torch.manual_seed(0)
     shadows = [build_decoder(arch, DIM, 16, width=0.1, hidden=32) for arch in ("deconv", "resup", "tokens")]
-    encoder = TinyEncoder()
+    encoder = TinyEncoder(DIM)
     # templates the encoder could have produced: embeddings of the shadows' own faces, so distances start small
     with torch.no_grad():
         z = encoder(torch.rand(12, 3, CHIP, CHIP)).numpy().astype(np.float32)

@@ -81,3 +81,44 @@ def read_all(uri: str) -> tuple[list[str], np.ndarray]:
             ids += chunk.ids
             vecs.append(chunk.vectors)
     return ids, np.concatenate(vecs) if vecs else np.zeros((0, 0), np.float32)
+
+
+def chunks_done(journal: Path) -> int:
+    """Chunks a re-encoding run has committed to its journal (0 while the journal is missing or unreadable)."""
+    if not journal.exists():
+        return 0
+    try:
+        conn = sqlite3.connect(f"file:{journal}?mode=ro", uri=True, timeout=1)
+        try:
+            return int(conn.execute("SELECT count(*) FROM chunks").fetchone()[0])
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return 0
+
+
+def kill_9_midway(args: list[str], work: Path, total: int, after: int = 4, timeout: float = 120.0) -> int:
+    """Run ``advface <args>`` in a child process, SIGKILL it once its journal (``work/journal.sqlite``) holds
+    ``after`` chunks; returns the chunks committed, checked to be at least ``after`` and fewer than ``total``."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    journal = work / "journal.sqlite"
+    proc = subprocess.Popen([sys.executable, "-m", "advface.cli.main", *args],
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    while chunks_done(journal) < after:
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        assert time.monotonic() < deadline, "the run made no progress"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    if proc.stderr:
+        proc.stderr.close()
+    done = chunks_done(journal)
+    assert after <= done < total, f"killed too late ({done} of {total} chunks done)"
+    return done

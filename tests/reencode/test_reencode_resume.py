@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import sqlite3
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-from reencode_helpers import make_templates, write_parquet, write_sqlite
+from reencode_helpers import kill_9_midway, make_templates, write_parquet, write_sqlite
 
 from advface.cli.main import main
 
@@ -45,19 +40,6 @@ def test_output_does_not_depend_on_chunk_size(tmp_path: Path, shadow_ckpt: Path)
     assert va.keys() == vb.keys() and all(np.array_equal(va[k], vb[k]) for k in va)
 
 
-def _chunks_done(journal: Path) -> int:
-    if not journal.exists():
-        return 0
-    try:
-        conn = sqlite3.connect(f"file:{journal}?mode=ro", uri=True, timeout=1)
-        try:
-            return int(conn.execute("SELECT count(*) FROM chunks").fetchone()[0])
-        finally:
-            conn.close()
-    except sqlite3.Error:
-        return 0
-
-
 @pytest.mark.parametrize("kind", ["parquet", "sqlite"])
 def test_kill_9_then_rerun_gives_identical_output(kind: str, tmp_path: Path, shadow_ckpt: Path) -> None:
     ids, vectors = make_templates(300)
@@ -71,18 +53,7 @@ def test_kill_9_then_rerun_gives_identical_output(kind: str, tmp_path: Path, sha
         work = tmp_path / "work"
     extra = [] if kind == "parquet" else ["--work-dir", str(work), "--summary", str(tmp_path / "s.json")]
     args = [*_args(shadow_ckpt, src, dest, 10, steps=12), *extra]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "advface.cli.main", *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while _chunks_done(work / "journal.sqlite") < 4:
-        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-        assert time.monotonic() < deadline, "the run made no progress"
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done = _chunks_done(work / "journal.sqlite")
-    assert 4 <= done < 30, f"killed too late ({done} of 30 chunks done)"
+    kill_9_midway(args, work, total=30)
     assert not Path(dest.split(":", 1)[1].split("?")[0]).exists() or kind == "sqlite"
 
     assert main(args) == 0  # resumes

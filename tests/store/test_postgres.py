@@ -504,7 +504,7 @@ def test_encrypted_mode_stores_no_vector_bytes(postgres_dsn: str, metric: str) -
     with PostgresStore(postgres_dsn, 128, metric, cipher=cipher) as enc:
         assert [enc.search("t", p, 5) for p in (items[0][1][0], items[7][1][0])] == before
         assert enc.index_size() == enc.count() == len(raws)
-    with pytest.raises(IntegrityError):
+    with pytest.raises(ConfigError, match="wrong key"):
         PostgresStore(postgres_dsn, 128, metric, cipher=TemplateCipher.generate())
     with pytest.raises(ConfigError, match="encrypted templates"):
         PostgresStore(postgres_dsn, 128, metric)

@@ -3,28 +3,16 @@ plaintext migration and key rotation (including a kill -9 in the middle of a rot
 
 from __future__ import annotations
 
-import os
 import sqlite3
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
+from rotation_helpers import DIM, check_rotation_survives_kill_9, fill
 
-from advface.crypto import TemplateCipher, blob_key_id, generate_key, write_key_file
+from advface.crypto import TemplateCipher, blob_key_id
 from advface.errors import ConfigError, IntegrityError
 from advface.store import SQLiteFaissStore
-
-DIM = 16
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _fill(store: SQLiteFaissStore, n: int, seed: int = 0, tenant: str = "t") -> dict[str, np.ndarray]:
-    x = np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
-    store.add_many(tenant, [(f"s{i}", x[i : i + 1], {"k": "v"}) for i in range(n)])
-    return {f"s{i}": x[i] for i in range(n)}
 
 
 def _file_bytes(path: Path) -> bytes:
@@ -48,7 +36,7 @@ def path(tmp_path: Path) -> Path:
 def test_round_trip_search_and_no_plaintext_on_disk(path: Path, metric: str) -> None:
     cipher = TemplateCipher.generate()
     with SQLiteFaissStore(path, DIM, metric, cipher=cipher) as s:  # type: ignore[arg-type]
-        vectors = _fill(s, 60)
+        vectors = fill(s, 60)
         assert s.search("t", vectors["s7"], 1)[0].subject_id == "s7"
         np.testing.assert_array_equal(s.subject_vectors("t", "s7")[0], vectors["s7"])
         info = s.encryption_info()
@@ -67,7 +55,7 @@ def test_round_trip_search_and_no_plaintext_on_disk(path: Path, metric: str) -> 
 def test_missing_wrong_key_and_plaintext_store(path: Path) -> None:
     cipher = TemplateCipher.generate()
     with SQLiteFaissStore(path, DIM, "cosine", cipher=cipher) as s:
-        _fill(s, 5)
+        fill(s, 5)
     with pytest.raises(ConfigError, match="is encrypted .* no encryption key is configured"):
         SQLiteFaissStore(path, DIM, "cosine")
     with pytest.raises(ConfigError, match=f"encrypted under key id\\(s\\) {cipher.key_id}.*wrong key"):
@@ -75,7 +63,7 @@ def test_missing_wrong_key_and_plaintext_store(path: Path) -> None:
     SQLiteFaissStore(path, DIM, "cosine", cipher=cipher).close()  # the failed opens released the lock
     plain = path.with_name("plain.sqlite3")
     with SQLiteFaissStore(plain, DIM, "cosine") as s:
-        _fill(s, 5)
+        fill(s, 5)
     with pytest.raises(ConfigError, match="unencrypted templates but an encryption key is configured"):
         SQLiteFaissStore(plain, DIM, "cosine", cipher=cipher)
     assert SQLiteFaissStore.read_meta(plain).get("encryption") is None  # the refused open changed nothing
@@ -86,7 +74,7 @@ def test_missing_wrong_key_and_plaintext_store(path: Path) -> None:
 def test_tampered_or_moved_ciphertext_is_reported_at_open(path: Path) -> None:
     cipher = TemplateCipher.generate()
     with SQLiteFaissStore(path, DIM, "cosine", cipher=cipher) as s:
-        _fill(s, 10)
+        fill(s, 10)
         ids = {sid: s.get_subject("t", sid).template_ids[0] for sid in ("s2", "s4", "s5")}
     conn = sqlite3.connect(path)
     blob = bytearray(conn.execute("SELECT vector FROM templates WHERE template_id = ?", (ids["s2"],)).fetchone()[0])
@@ -106,7 +94,7 @@ def test_tampered_or_moved_ciphertext_is_reported_at_open(path: Path) -> None:
 
 def test_plaintext_migration_leaves_no_plaintext(path: Path) -> None:
     with SQLiteFaissStore(path, DIM, "euclidean") as s:
-        vectors = _fill(s, 200)
+        vectors = fill(s, 200)
     cipher = TemplateCipher.generate()
     with SQLiteFaissStore(path, DIM, "euclidean", cipher=cipher, migrate_plaintext=True) as s:
         assert s.encryption_info()["plaintext_rows"]
@@ -125,10 +113,10 @@ def test_plaintext_migration_leaves_no_plaintext(path: Path) -> None:
 def test_rotation_online(path: Path) -> None:
     old, new = TemplateCipher.generate(), TemplateCipher.generate()
     with SQLiteFaissStore(path, DIM, "cosine", cipher=old) as s:
-        vectors = _fill(s, 50)
+        vectors = fill(s, 50)
     with SQLiteFaissStore(path, DIM, "cosine", cipher=new.with_previous(old)) as s:
         assert set(s.encryption_info()["key_ids"]) == {old.key_id, new.key_id}  # type: ignore[arg-type]
-        vectors.update(_fill(s, 3, seed=9, tenant="u"))  # new rows already under the new key
+        vectors.update(fill(s, 3, seed=9, tenant="u"))  # new rows already under the new key
         assert s.rotate(new, batch_size=7) == 50
         assert s.rotate(new) == 0  # nothing left
         assert s.encryption_info()["key_ids"] == [new.key_id] and s.encryption_info()["rotation"] is None
@@ -139,55 +127,8 @@ def test_rotation_online(path: Path) -> None:
         np.testing.assert_array_equal(s.subject_vectors("t", "s49")[0], vectors["s49"])
 
 
-_KILLER = textwrap.dedent(
-    """
-    import os, signal, sys
-    from advface.crypto import TemplateCipher, load_key_file
-    from advface.store import SQLiteFaissStore
-    old, new = load_key_file(sys.argv[2]), load_key_file(sys.argv[3])
-    calls = 0
-    encrypt = TemplateCipher.encrypt
-    def dying_encrypt(self, plaintext, aad):
-        global calls
-        calls += 1
-        if calls == int(sys.argv[4]):  # in the middle of a batch, inside its transaction
-            os.kill(os.getpid(), signal.SIGKILL)
-        return encrypt(self, plaintext, aad)
-    TemplateCipher.encrypt = dying_encrypt
-    store = SQLiteFaissStore(sys.argv[1], 16, "cosine", cipher=TemplateCipher([new, old]))
-    store.rotate(TemplateCipher(new), batch_size=10)
-    print("not killed")
-    """
-)
-
-
 def test_rotation_survives_kill_9_and_resumes(path: Path, tmp_path: Path) -> None:
-    old_key, new_key = generate_key(), generate_key()
-    old_file, new_file = write_key_file(tmp_path / "old.key", old_key), write_key_file(tmp_path / "new.key", new_key)
-    old, new = TemplateCipher(old_key), TemplateCipher(new_key)
-    with SQLiteFaissStore(path, DIM, "cosine", cipher=old) as s:
-        vectors = _fill(s, 95)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-c", _KILLER, str(path), str(old_file), str(new_file), "45"],
-        env=env, capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == -9, proc.stderr
-    key_ids = [blob_key_id(b) for b in _blobs(path)]
-    assert key_ids.count(new.key_id) == 40 and key_ids.count(old.key_id) == 55  # 4 batches committed, 5th lost
-    assert SQLiteFaissStore.read_meta(path)["rotation"] == new.key_id
-    with pytest.raises(ConfigError, match="rotation to key .* is unfinished"):
-        SQLiteFaissStore(path, DIM, "cosine", cipher=new)
-    with pytest.raises(ConfigError, match="rotation to key .* is unfinished"):
-        SQLiteFaissStore(path, DIM, "cosine", cipher=old)
-    with SQLiteFaissStore(path, DIM, "cosine", cipher=new.with_previous(old)) as s:  # every row readable
-        for sid in ("s0", "s44", "s94"):
-            np.testing.assert_array_equal(s.subject_vectors("t", sid)[0], vectors[sid])
-        assert s.rotate(new, batch_size=10) == 55  # resumes where it stopped
-    with SQLiteFaissStore(path, DIM, "cosine", cipher=new) as s:
-        assert s.index_size() == 95
-        for sid, v in vectors.items():
-            assert s.search("t", v, 1)[0].subject_id == sid
+    check_rotation_survives_kill_9(SQLiteFaissStore, path, tmp_path, lambda: [blob_key_id(b) for b in _blobs(path)])
 
 
 def test_cli_keygen_and_rotate_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -197,7 +138,7 @@ def test_cli_keygen_and_rotate_key(tmp_path: Path, capsys: pytest.CaptureFixture
     data.mkdir()
     db = data / "templates.sqlite3"
     with SQLiteFaissStore(db, DIM, "cosine") as s:
-        vectors = _fill(s, 30)
+        vectors = fill(s, 30)
     assert main(["keygen", "--out", str(tmp_path / "a.key")]) == 0
     assert (tmp_path / "a.key").stat().st_mode & 0o777 == 0o600
     assert main(["keygen", "--out", str(tmp_path / "a.key")]) == 2  # never overwrites a key
