@@ -34,7 +34,7 @@ Keys and defaults (``docs/advface.example.yaml`` is a commented example of every
       shadows: []                # advface-id: shadow checkpoints of the ensemble (required, each must exist)
       jitter: true               # advface-id: pixel-shift schedule (expectation over translations)
       rel_l2: 0.1                # ||delta|| / ||z|| budget, in (0, 1]
-      steps: 10                  # ascent steps (>= 0)
+      steps: 3                   # ascent steps (>= 0)
       seed: 0                    # in [0, 2**64)
       slots: 0                   # protection calls run at once (0: min(server.workers, CPU cores))
       threads: 0                 # torch threads per protection call (0: CPU cores / slots, at least 1)
@@ -234,7 +234,7 @@ class ProtectionConfig:
     shadows: tuple[str, ...] = ()
     jitter: bool = True
     rel_l2: float = 0.1
-    steps: int = 10
+    steps: int = 3
     seed: int = 0
     slots: int = 0
     threads: int = 0

@@ -64,7 +64,7 @@ def main() -> None:  # noqa: PLR0915 - one linear script
     parser.add_argument("--epochs", type=int, default=20, help="epochs of each trained decoder")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.3])
     parser.add_argument("--default-budget", type=float, default=0.1)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=AdvFaceConfig.steps)
     parser.add_argument("--per-identity", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--lfw-dir")

@@ -113,7 +113,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lfw-dir")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--budget", type=float, default=0.1, help="AdvFace rel-L2 budget (default 0.1)")
-    parser.add_argument("--steps", type=int, default=10, help="AdvFace steps (default 10)")
+    parser.add_argument("--steps", type=int, default=AdvFaceConfig.steps,
+                        help=f"AdvFace steps (default {AdvFaceConfig.steps})")
     parser.add_argument("--max-people", type=int, default=0, help="use at most this many tenant people (0: all)")
     parser.add_argument("--protect-only", action="store_true", help="only fill the AdvFace cache, then exit")
     parser.add_argument("--out")

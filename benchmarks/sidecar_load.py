@@ -4,7 +4,7 @@ Usage::
 
     nice -n 5 python benchmarks/sidecar_load.py --clients 1 8 32 --duration 20
 
-For each server variant (``--modes``: ``protected`` = the default configuration, AdvFace with 10 steps;
+For each server variant (``--modes``: ``protected`` = the default configuration, AdvFace with its default steps;
 ``plain`` = ``protection.enabled: false``) it starts the real sidecar (``python -m advface.cli.main serve`` on
 127.0.0.1 with a temporary data folder and config file), fills a gallery of ``--gallery`` subjects with
 ``EnrollBatch``, then drives it with N concurrent closed-loop clients (``--clients``; each sends its next request

@@ -98,12 +98,12 @@ T = TypeVar("T")
 
 # Decision thresholds for AdvFace-protected templates matched against raw probes, per encoder, on the score scale
 # (higher = more similar; dlib scores are minus the Euclidean distance).
-# Value: budget_sweep[rel_l2=0.1].utility.protected.threshold_at_far_1e-3 of benchmarks/results/advface_lfw.json
+# Value: budget_sweep[rel_l2=0.1].utility.protected.threshold_at_far_1e-3 of benchmarks/results/advface_lfw_steps3.json
 # (LFW View-2, 3,000 impostor pairs, protected template of photo a vs raw probe of photo b, default protection:
-# shipped shadow, rel_l2 0.1, 10 steps), rounded to 4 decimals; recompute with benchmarks/advface_lfw.py.
+# shipped shadow, rel_l2 0.1, 3 steps), rounded to 4 decimals; recompute with benchmarks/advface_lfw.py --budgets 0.1.
 CALIBRATED_THRESHOLDS: dict[str, float] = {
-    "dlib": -0.5689,
-    "dlib-torch": -0.5689,
+    "dlib": -0.5710,
+    "dlib-torch": -0.5710,
 }
 #: How each value of CALIBRATED_THRESHOLDS was obtained: (Info.threshold.source, Info.threshold.description).
 #: Update together with CALIBRATED_THRESHOLDS.
@@ -111,9 +111,9 @@ THRESHOLD_PROVENANCE: dict[str, tuple[str, str]] = {
     name: (
         "calibrated",
         (
-            "FAR 0.1% on LFW View-2 impostor pairs, AdvFace-protected template (shipped shadow, rel_l2 0.1, 10 steps) "
-            "vs raw probe: Euclidean distance 0.5689 (benchmarks/results/advface_lfw.json, 2026-11-23); "
-            "at this threshold TAR was 91.6%"
+            "FAR 0.1% on LFW View-2 impostor pairs, AdvFace-protected template (shipped shadow, rel_l2 0.1, 3 steps) "
+            "vs raw probe: Euclidean distance 0.5710 (benchmarks/results/advface_lfw_steps3.json, 2026-11-23); "
+            "at this threshold TAR was 91.9%"
         ),
     )
     for name in ("dlib", "dlib-torch")
@@ -336,8 +336,8 @@ def protection_spec(section: Any, encoder_name: str) -> ProtectionSpec:
     """The :class:`ProtectionSpec` of a ``protection`` section (enabled or not): ``method`` advface (``shadow``, else
     the shadow shipped for the encoder) or advface-id (``shadows``, ``jitter``); ``steps``, ``rel_l2``, ``seed``."""
     method = str(_opt(section, "method", "advface"))
-    common = {"steps": int(_opt(section, "steps", 10)), "rel_l2": float(_opt(section, "rel_l2", 0.1)),
-              "seed": int(_opt(section, "seed", 0))}
+    common = {"steps": int(_opt(section, "steps", AdvFaceConfig.steps)),
+              "rel_l2": float(_opt(section, "rel_l2", AdvFaceConfig.rel_l2)), "seed": int(_opt(section, "seed", 0))}
     if method == "advface-id":
         shadows = tuple(str(Path(p).expanduser()) for p in (_opt(section, "shadows", ()) or ()))
         if not shadows:
@@ -370,17 +370,26 @@ class ProtectionBatcher:
     AdvFace always runs the shadow on ``lanes`` rows (padding short calls), so one template costs as much as
     ``lanes`` of them, and each template's result depends only on that template and the parameters. Requests that
     arrive while ``slots`` protections are already running are therefore queued and protected together (up to
-    ``max_rows`` rows per call): same results, up to ``lanes`` times the throughput under load. Runs on the event
-    loop; the protection itself runs in ``executor``.
+    ``max_rows`` rows per call): same results, up to ``lanes`` times the throughput under load. A call takes its
+    share of the queue -- the queued rows divided among all ``slots``, rounded up to whole ``lanes`` -- so that
+    work spreads over the slots (8 queued rows, 2 slots, lanes 4: two calls of 4, not one of 8 beside an idle or
+    soon-free slot); a request is never split. Under load (another call running), a free slot waits up to
+    ``linger_s`` for a part-filled lane to fill before it starts: clients answered by one call send their next
+    requests a few milliseconds apart, and without the wait each would start its own padded call. Runs on the
+    event loop; the protection itself runs in ``executor``.
     """
 
     def __init__(
-        self, protect: Callable[[np.ndarray], np.ndarray], executor: ThreadPoolExecutor, slots: int, max_rows: int
+        self, protect: Callable[[np.ndarray], np.ndarray], executor: ThreadPoolExecutor, slots: int, max_rows: int,
+        lanes: int = 1, linger_s: float = 0.015,
     ) -> None:
         self._protect = protect
         self._executor = executor
         self._slots = max(1, int(slots))
         self._max_rows = max(1, int(max_rows))
+        self._lanes = max(1, int(lanes))
+        self._linger_s = max(0.0, float(linger_s))
+        self._linger: asyncio.TimerHandle | None = None
         self._queue: list[tuple[np.ndarray, asyncio.Future[np.ndarray]]] = []
         self._running = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -407,11 +416,31 @@ class ProtectionBatcher:
         self._start()
         return await future
 
-    def _start(self) -> None:
+    def _call_rows(self) -> int:
+        """Rows the next call takes: its share of the queued rows over all slots, rounded up to whole lanes."""
+        queued = sum(len(x) for x, _ in self._queue)
+        share = -(-queued // self._slots)  # ceil
+        return max(self._lanes, min(self._max_rows, -(-share // self._lanes) * self._lanes))
+
+    def _linger_over(self) -> None:
+        self._linger = None
+        self._start(linger=False)
+
+    def _start(self, *, linger: bool = True) -> None:
         while self._queue and self._running < self._slots:
+            if self._linger is not None:
+                if sum(len(x) for x, _ in self._queue) < self._lanes:
+                    return  # still filling; _linger_over starts the call
+                self._linger.cancel()
+                self._linger = None
+            elif (linger and self._linger_s > 0 and self._running > 0
+                  and sum(len(x) for x, _ in self._queue) < self._lanes):
+                self._linger = asyncio.get_running_loop().call_later(self._linger_s, self._linger_over)
+                return
+            limit = self._call_rows()
             batch = [self._queue.pop(0)]
             rows = len(batch[0][0])
-            while self._queue and rows + len(self._queue[0][0]) <= self._max_rows:
+            while self._queue and rows + len(self._queue[0][0]) <= limit:
                 rows += len(self._queue[0][0])
                 batch.append(self._queue.pop(0))
             batch = [(x, f) for x, f in batch if not f.cancelled()]
@@ -536,7 +565,8 @@ class AdvFaceServicer(pb_grpc.AdvFaceServicer):
             auto_threads = max(1, min(torch.get_num_threads(), cores // slots))
             self.protection_threads = int(_opt(prot_cfg, "threads", 0)) or auto_threads
             torch.set_num_threads(self.protection_threads)
-        self._batcher = ProtectionBatcher(self._protect_sync, self._pool, slots=slots, max_rows=PROTECT_CHUNK)
+        self._batcher = ProtectionBatcher(self._protect_sync, self._pool, slots=slots, max_rows=PROTECT_CHUNK,
+                                          lanes=self.protector.config.lanes if self.protector else 1)
         self._protection_info = self._make_protection_info()
         # ProtectImage: options and the lazily loaded encoder ensemble (server/image_protection.py)
         self.image_protection = ImageProtection.from_config(

@@ -27,6 +27,7 @@ from advface.audit import data as audit_data
 from advface.audit.metrics import attack_thresholds, evaluate_attack, linkage, verification
 from advface.audit.report import ReportArtifacts, write_report
 from advface.errors import AdvfaceError, ConfigError
+from advface.protect.advface import AdvFaceConfig
 
 GRID_COLUMNS = 6
 
@@ -44,7 +45,7 @@ class AuditConfig:
     store_config: Path | None = None
     protection: str = "advface"
     rel_l2: float = 0.1
-    steps: int = 10
+    steps: int = AdvFaceConfig.steps
     shadow: Path | None = None
     key_file: Path | None = None
     attackers: tuple[str, ...] = FULL_ATTACKERS
@@ -299,7 +300,7 @@ class _Audit:
         check_compatible(shadow, self.encoder.fingerprint, self.encoder.dim)
         self.protection_key = f"{c.protection}|{file_sha256(path)[:16]}|{c.rel_l2}|{c.steps}|{c.seed}"
         if c.protection == "advface":
-            from advface.protect import AdvFaceConfig, protect_embeddings
+            from advface.protect import protect_embeddings
 
             return lambda z, seed: protect_embeddings(z, shadow, AdvFaceConfig(rel_l2=c.rel_l2, steps=c.steps,
                                                                                seed=seed), progress=self._bar)

@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="protection applied to the dataset's templates and used for unlinkability "
                              "(default advface)")
     parser.add_argument("--rel-l2", type=float, default=0.1, help="AdvFace budget ||delta|| / ||z|| (default 0.1)")
-    parser.add_argument("--steps", type=int, default=10, help="AdvFace steps (default 10)")
+    parser.add_argument("--steps", type=int, help="AdvFace steps (default: the library default, as the sidecar)")
     parser.add_argument("--shadow", type=Path, help="shadow checkpoint (default: the shipped one for the encoder)")
     parser.add_argument("--key-file", type=Path,
                         help="secret of the keyed transform (advface keygen file); default: an ephemeral random key; "

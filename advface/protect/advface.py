@@ -88,7 +88,7 @@ class AdvFaceConfig:
       template costs 4 rows of work (120 ms); raise it on a GPU for throughput.
     """
 
-    steps: int = 10
+    steps: int = 3
     rel_l2: float = 0.1
     linf: float | None = None
     step_size: float | None = None

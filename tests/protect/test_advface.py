@@ -81,9 +81,9 @@ def test_config_rejects_bad_values(kwargs):
 
 def test_config_defaults():
     cfg = AdvFaceConfig()
-    assert (cfg.steps, cfg.rel_l2, cfg.linf, cfg.random_start, cfg.seed) == (10, 0.1, None, True, 0)
+    assert (cfg.steps, cfg.rel_l2, cfg.linf, cfg.random_start, cfg.seed) == (3, 0.1, None, True, 0)
     assert (cfg.batch_size, cfg.lanes) == (256, 4)
-    assert cfg.effective_step_size == pytest.approx(0.25)
+    assert cfg.effective_step_size == pytest.approx(2.5 / 3)
     assert AdvFaceConfig(steps=4, step_size=0.1).effective_step_size == 0.1
     with pytest.raises(ConfigError):
         protect_embeddings(_templates(2), TinyDecoder(), {"steps": 3})  # type: ignore[arg-type]

@@ -78,3 +78,20 @@ def test_cancelled_request_does_not_break_the_others() -> None:
                 await second
 
     asyncio.run(main())
+
+
+def test_queue_is_shared_among_slots_in_whole_lanes() -> None:
+    calls: list[int] = []
+
+    async def main() -> None:
+        with ThreadPoolExecutor(2) as pool:
+            batcher = ProtectionBatcher(_slow_double(calls), pool, slots=2, max_rows=32, lanes=4)
+            first = [asyncio.ensure_future(batcher.protect(np.ones((1, 3), np.float32))) for _ in range(2)]
+            await asyncio.sleep(0.05)  # both slots busy with one row each; ten single-row requests queue behind
+            rest = [asyncio.ensure_future(batcher.protect(np.full((1, 3), i, np.float32))) for i in range(10)]
+            outs = await asyncio.gather(*first, *rest)
+            assert all((o == 2 * x).all() for o, x in zip(outs[2:], [np.full((1, 3), i) for i in range(10)]))
+
+    asyncio.run(main())
+    # the ten queued rows: 10 / 2 slots = 5 -> 8 (whole lanes) for the first slot to free, the other 2 for the next
+    assert calls[:2] == [1, 1] and sorted(calls[2:]) == [2, 8]
