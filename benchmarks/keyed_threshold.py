@@ -25,20 +25,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from advface.protect import AdvFaceConfig, shipped_shadow_path  # noqa: E402
+from advface.protect import shipped_shadow_path  # noqa: E402
 from advface.protect.keyed import KeyedTransform  # noqa: E402
 from advface.protect.tenant_transform import CALIBRATED_NORMS  # noqa: E402
 from benchmarks.common import view2_verification, write_results  # noqa: E402
-from benchmarks.keyed_transform import ProtectedCache, load_faces  # noqa: E402
+from benchmarks.keyed_transform import ProtectedCache, add_template_arguments, load_faces  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--lfw-dir")
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--budget", type=float, default=0.1, help="AdvFace rel-L2 budget (default 0.1)")
-    parser.add_argument("--steps", type=int, default=AdvFaceConfig.steps,
-                        help=f"AdvFace steps (default {AdvFaceConfig.steps})")
+    add_template_arguments(parser)
     parser.add_argument("--out")
     return parser.parse_args(argv)
 

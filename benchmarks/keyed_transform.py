@@ -108,13 +108,18 @@ class ProtectedCache:
         return np.stack([done[pid] for pid in ids.tolist()])
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_template_arguments(parser: argparse.ArgumentParser) -> None:
+    """The LFW and AdvFace options shared with benchmarks/keyed_threshold.py (same cache of protected templates)."""
     parser.add_argument("--lfw-dir")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--budget", type=float, default=0.1, help="AdvFace rel-L2 budget (default 0.1)")
     parser.add_argument("--steps", type=int, default=AdvFaceConfig.steps,
                         help=f"AdvFace steps (default {AdvFaceConfig.steps})")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_template_arguments(parser)
     parser.add_argument("--max-people", type=int, default=0, help="use at most this many tenant people (0: all)")
     parser.add_argument("--protect-only", action="store_true", help="only fill the AdvFace cache, then exit")
     parser.add_argument("--out")

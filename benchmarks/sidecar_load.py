@@ -29,7 +29,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -42,10 +41,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from advface.api.v1 import advface_pb2 as pb  # noqa: E402
 from advface.api.v1 import advface_pb2_grpc as pb_grpc  # noqa: E402
+from advface.testing.serve import wait_ready  # noqa: E402
 from benchmarks.common import write_results  # noqa: E402
 from benchmarks.face_vectors import SyntheticFaces  # noqa: E402
 
-READY = "advface serving on "
 TENANT = "load"
 ENROL_TARGET_MS = 250.0
 
@@ -77,22 +76,11 @@ class Server:
         self.metrics_url = self._metrics_url()
 
     def _wait_ready(self) -> str:
-        found: list[str] = []
-
-        def read() -> None:
-            assert self.proc.stdout is not None
-            for line in self.proc.stdout:
-                if line.startswith(READY):
-                    found.append(line[len(READY):].strip())
-                    return
-
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        reader.join(300)
-        if not found:
+        address = wait_ready(self.proc, 300)
+        if address is None:
             self.close()
             raise RuntimeError(f"advface serve did not start; log:\n{self.log_path.read_text()[-3000:]}")
-        return found[0]
+        return address
 
     def _metrics_url(self) -> str | None:
         for _ in range(50):

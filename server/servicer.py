@@ -416,9 +416,8 @@ class ProtectionBatcher:
         self._start()
         return await future
 
-    def _call_rows(self) -> int:
-        """Rows the next call takes: its share of the queued rows over all slots, rounded up to whole lanes."""
-        queued = sum(len(x) for x, _ in self._queue)
+    def _call_rows(self, queued: int) -> int:
+        """Rows the next call takes: its share of ``queued`` rows over all slots, rounded up to whole lanes."""
         share = -(-queued // self._slots)  # ceil
         return max(self._lanes, min(self._max_rows, -(-share // self._lanes) * self._lanes))
 
@@ -428,16 +427,16 @@ class ProtectionBatcher:
 
     def _start(self, *, linger: bool = True) -> None:
         while self._queue and self._running < self._slots:
+            queued = sum(len(x) for x, _ in self._queue)
             if self._linger is not None:
-                if sum(len(x) for x, _ in self._queue) < self._lanes:
+                if queued < self._lanes:
                     return  # still filling; _linger_over starts the call
                 self._linger.cancel()
                 self._linger = None
-            elif (linger and self._linger_s > 0 and self._running > 0
-                  and sum(len(x) for x, _ in self._queue) < self._lanes):
+            elif linger and self._linger_s > 0 and self._running > 0 and queued < self._lanes:
                 self._linger = asyncio.get_running_loop().call_later(self._linger_s, self._linger_over)
                 return
-            limit = self._call_rows()
+            limit = self._call_rows(queued)
             batch = [self._queue.pop(0)]
             rows = len(batch[0][0])
             while self._queue and rows + len(self._queue[0][0]) <= limit:

@@ -18,8 +18,8 @@ import pytest
 from sidecar_harness import random_embedding
 
 from advface.client import AdvFaceClient, AdvFaceRpcError
+from advface.testing.serve import wait_ready
 
-READY = "advface serving on "
 
 
 class ServeProcess:
@@ -37,22 +37,11 @@ class ServeProcess:
         self.address = self._wait_ready()
 
     def _wait_ready(self) -> str:
-        found: list[str] = []
-
-        def read() -> None:
-            assert self.proc.stdout is not None
-            for line in self.proc.stdout:
-                if line.startswith(READY):
-                    found.append(line[len(READY):].strip())
-                    return
-
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        reader.join(120)
-        if not found:
+        address = wait_ready(self.proc, 120)
+        if address is None:
             self.proc.kill()
             pytest.fail(f"advface serve did not become ready; log:\n{self.log_path.read_text()[-3000:]}")
-        return found[0]
+        return address
 
     def close(self) -> None:
         if self.proc.poll() is None:
