@@ -41,7 +41,7 @@ from advface.paths import cache_dir  # noqa: E402
 from advface.protect import AdvFaceConfig, perturbation_stats, protect_embeddings  # noqa: E402
 from advface.protect.shipped import shipped_shadow_path  # noqa: E402
 from benchmarks.advface_lfw import evaluation_set  # noqa: E402
-from benchmarks.common import RESULTS_DIR, view2_verification, write_results  # noqa: E402
+from benchmarks.common import view2_verification, write_results  # noqa: E402
 from shadow_training.pairs import FacePairs, build_face_pairs  # noqa: E402
 from shadow_training.run import train_on_group  # noqa: E402
 from shadow_training.splits import split_identities  # noqa: E402
@@ -124,13 +124,15 @@ def main() -> None:  # noqa: PLR0915 - one linear script
                         help="budgets of identity-aware AdvFace (slow: fewer points)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--per-identity", type=int, default=2)
-    parser.add_argument("--view2-folds", type=int, default=3, help="View-2 folds for utility (of 10)")
+    parser.add_argument("--view2-folds", type=int, default=3, help="View-2 folds for utility (of 10; 0: privacy only, no utility, no plot)")
     parser.add_argument("--methods", nargs="+", default=["advface", "advface-id"])
     parser.add_argument("--max-templates", type=int, default=0,
                         help="evaluate on a seeded random subset of this many victims (0: all)")
     parser.add_argument("--adaptive", action="store_true",
                         help="also fine-tune and test the adaptive attacker (protects the attacker group: slow)")
     parser.add_argument("--adaptive-budget", type=float, default=0.2)
+    parser.add_argument("--adaptive-epochs", type=int, default=1,
+                        help="epochs of the adaptive fine-tuning (default 1, like the attackers' identity phase)")
     parser.add_argument("--lfw-dir")
     parser.add_argument("--out")
     args = parser.parse_args()
@@ -172,27 +174,34 @@ def main() -> None:  # noqa: PLR0915 - one linear script
     raw = {i: e for i, e in zip(clean.ids.tolist(), clean.embeddings)}
     needed = sorted(i for i in {p.a for p in view2} | {p.b for p in view2} if i in raw)
 
-    # Adaptive attacker: the tokens attacker fine-tuned on identity-aware-protected templates of its identities.
-    adaptive_file = _work() / f"adaptive-tokens-id-b{args.adaptive_budget}-s{args.steps}.pt"
+    # Adaptive attacker: the identity-aware tokens attacker fine-tuned again, with the same recipe as its identity
+    # phase (the same ID_PAIRS pairs of its identities, L1 + identity loss), on their identity-aware-protected
+    # templates: an insider who enrolled those people and read the stored templates back.
+    adaptive_file = _work() / (f"adaptive-tokens-id-b{args.adaptive_budget}-s{args.steps}"
+                               f"-e{args.adaptive_epochs}-p{ID_PAIRS}.pt")
     if adaptive_file.is_file():
         attackers["adaptive-tokens-id"] = load_decoder(adaptive_file)[0]
     elif args.adaptive and "advface-id" in args.methods:
-        own = pairs.of_identities(split.attacker)
+        own = _id_subset(pairs, split.attacker)
         prot = FacePairs(own.ids, own.identities, protect("advface-id", own.embeddings, args.adaptive_budget),
                          own.faces, own.flipped)
-        config = TrainConfig(arch="tokens", image_size=args.image_size, epochs=2, lr=5e-4, seed=0,
+        config = TrainConfig(arch="tokens", image_size=args.image_size, epochs=args.adaptive_epochs, lr=5e-4, seed=0,
                              id_weight=ID_WEIGHT, init_from=str(_work() / "attacker-tokens-id.pt"))
         attackers["adaptive-tokens-id"] = train_on_group(
             prot, split, "attacker", encoder, config, out=adaptive_file,
-            dataset_name="lfw (identity-aware AdvFace templates)", work_dir=_work() / adaptive_file.stem)[0]
+            dataset_name=f"lfw ({len(own)} pairs of the group, identity-aware AdvFace E={args.adaptive_budget} "
+                         "templates)", work_dir=_work() / adaptive_file.stem)[0]
 
     results: dict = {
         "encoder": encoder.fingerprint, "split": split.describe(), "threshold_fmr_1e-3": threshold,
         "evaluation_templates": len(z), "steps": args.steps, "view2_folds": args.view2_folds,
-        "view2_pairs": len(view2), "id_weight": ID_WEIGHT,
+        "view2_pairs": len(view2), "id_weight": ID_WEIGHT, "per_identity": args.per_identity,
+        "adaptive": ({"file": adaptive_file.name, "budget": args.adaptive_budget, "epochs": args.adaptive_epochs,
+                      "pairs": ID_PAIRS, "init": "attacker-tokens-id"}
+                     if "adaptive-tokens-id" in attackers else None),
         "decoders": {n: {k: d.metadata.get(k) for k in ("arch", "loss", "training_data", "metrics")}
                      for n, d in decoders.items()},
-        "utility_raw": view2_verification(encoder, view2, raw, raw),
+        "utility_raw": view2_verification(encoder, view2, raw, raw) if view2 else None,
         "privacy_raw": {n: attack_success(encoder, reconstruct(d, z), z, z_other, evalset.faces,
                                           threshold).as_dict() for n, d in attackers.items()},
         "sweep": [],
@@ -203,10 +212,11 @@ def main() -> None:  # noqa: PLR0915 - one linear script
             t0 = time.perf_counter()
             z_prot = protect(method, z, budget)
             seconds_per_template = (time.perf_counter() - t0) / len(z)
-            prot_view2 = dict(zip(needed, protect(method, np.stack([raw[i] for i in needed]), budget)))
+            prot_view2 = dict(zip(needed, protect(method, np.stack([raw[i] for i in needed]), budget))) if view2 else {}
             entry = {"method": method, "rel_l2": budget, "perturbation": perturbation_stats(z, z_prot),
                      "seconds_per_template": round(seconds_per_template, 4),
-                     "utility": view2_verification(encoder, view2, prot_view2, raw), "privacy": {}}
+                     "utility": view2_verification(encoder, view2, prot_view2, raw) if view2 else None,
+                     "privacy": {}}
             for name, decoder in attackers.items():
                 if name.startswith("adaptive") and not (method == "advface-id" and budget == args.adaptive_budget):
                     continue
@@ -214,17 +224,19 @@ def main() -> None:  # noqa: PLR0915 - one linear script
                                                         evalset.faces, threshold).as_dict()
             results["sweep"].append(entry)
             write_results("identity_aware", {**results, "complete": False}, args.out)  # partial, in case of a stop
-            print(f"{method} E={budget}: acc {100 * entry['utility']['accuracy_mean']:.2f}% "
-                  f"TAR {100 * entry['utility']['tar_at_far_1e-3']:.2f}% "
+            utility = entry["utility"]
+            print(f"{method} E={budget}: " + (f"acc {100 * utility['accuracy_mean']:.2f}% "
+                                              f"TAR {100 * utility['tar_at_far_1e-3']:.2f}% " if utility else "")
                   + " ".join(f"{n}:{100 * r['type1_success']:.1f}%" for n, r in entry["privacy"].items()),
                   flush=True)
     results["seconds"] = round(time.perf_counter() - started, 1)
     out = write_results("identity_aware", {**results, "complete": True}, args.out)
     print("wrote", out)
-    _plot(results, out.parent if args.out else RESULTS_DIR)
+    if results["utility_raw"] is not None:  # the frontier needs utility
+        _plot(results, out.parent / f"{out.stem}_frontier.png")
 
 
-def _plot(results: dict, folder: Path) -> None:
+def _plot(results: dict, path: Path) -> None:
     """Frontier: mean Type-I success of the independent identity-aware attackers vs accuracy drop, per method."""
     import matplotlib
 
@@ -247,7 +259,7 @@ def _plot(results: dict, folder: Path) -> None:
     ax.set_ylabel("Type-I success of identity-aware attackers (%)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(folder / "identity_aware_frontier.png", dpi=120)
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -75,14 +75,7 @@ from advface.errors import (
 from advface.faces import FaceChipper, create_detector
 from advface.hashing import file_sha256
 from advface.images import load_image
-from advface.protect import (
-    AdvFaceConfig,
-    IdentityAwareConfig,
-    ProtectionSpec,
-    TemplateProtector,
-    load_protector,
-    shipped_shadow_path,
-)
+from advface.protect import TemplateProtector, load_protector, spec_from_config
 from advface.protect.tenant_transform import (
     check_db_store_marker,
     check_store_marker,
@@ -332,36 +325,12 @@ def open_store(config: Any, dim: int, metric: str) -> Any:
     return SQLiteFaissStore(path, dim, metric, use_gpu=_opt(section, "use_gpu", "auto"), index=index, cipher=cipher)
 
 
-def protection_spec(section: Any, encoder_name: str) -> ProtectionSpec:
-    """The :class:`ProtectionSpec` of a ``protection`` section (enabled or not): ``method`` advface (``shadow``, else
-    the shadow shipped for the encoder) or advface-id (``shadows``, ``jitter``); ``steps``, ``rel_l2``, ``seed``."""
-    method = str(_opt(section, "method", "advface"))
-    common = {"steps": int(_opt(section, "steps", AdvFaceConfig.steps)),
-              "rel_l2": float(_opt(section, "rel_l2", AdvFaceConfig.rel_l2)), "seed": int(_opt(section, "seed", 0))}
-    if method == "advface-id":
-        shadows = tuple(str(Path(p).expanduser()) for p in (_opt(section, "shadows", ()) or ()))
-        if not shadows:
-            raise ConfigError("protection.method is advface-id but protection.shadows is empty")
-        jitter = _opt(section, "jitter", True)
-        return ProtectionSpec(method, shadows, IdentityAwareConfig(jitter=bool(jitter), **common),
-                              encoder=encoder_name)
-    if method != "advface":
-        raise ConfigError(f"protection.method {method!r} is not supported (use 'advface' or 'advface-id')")
-    shadow = _opt(section, "shadow", None)
-    path = Path(shadow).expanduser() if shadow else shipped_shadow_path(encoder_name)
-    if not path.is_file():
-        raise ConfigError(f"shadow model {path} not found")
-    return ProtectionSpec(method, (str(path),), AdvFaceConfig(**common), encoder=encoder_name)
-
-
 def build_protector(config: Any, encoder: FaceEncoder) -> TemplateProtector | None:
     """The protector of the config's ``protection`` section (None when disabled), for either method
     (:func:`advface.protect.load_protector`); ConfigError at start for a bad shadow or, with advface-id, an
     encoder without a differentiable torch module."""
-    section = _section(config, "protection")
-    if not bool(_opt(section, "enabled", True)):
-        return None
-    return load_protector(protection_spec(section, encoder.name), encoder=encoder)
+    spec = spec_from_config(_section(config, "protection"), encoder.name)
+    return None if spec is None else load_protector(spec, encoder=encoder)
 
 
 class ProtectionBatcher:

@@ -180,6 +180,10 @@ def _layers_html(r: dict[str, Any]) -> str:
     for layer in r.get("layers", []):
         if "vectors_recovered" in layer:
             result = f"{layer['vectors_recovered']} of {layer['rows']} rows recovered"
+        elif "api_stored_vector_rpcs" in layer:
+            leaks = layer["api_stored_vector_rpcs"]
+            result = (f"RPCs returning stored templates: {html.escape(', '.join(leaks)) if leaks else 'none'}; "
+                      f"score-search bound, best Type I @FMR 0.1%: {_fmt(layer.get('type1_success_max'), True)}")
         elif "type1_success_max" in layer:
             result = f"best Type I @FMR 0.1%: {_fmt(layer['type1_success_max'], True)}"
         else:

@@ -9,6 +9,7 @@ partial report that names the problem.
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime as _dt
 import hashlib
 import os
@@ -43,10 +44,10 @@ class AuditConfig:
     store: str | None = None
     tenant: str | None = None
     store_config: Path | None = None
-    protection: str = "advface"
-    rel_l2: float = 0.1
-    steps: int = AdvFaceConfig.steps
-    shadow: Path | None = None
+    protection: str | None = None
+    rel_l2: float | None = None
+    steps: int | None = None
+    shadows: tuple[Path, ...] = ()
     key_file: Path | None = None
     attackers: tuple[str, ...] = FULL_ATTACKERS
     cache_dir: Path | None = None
@@ -81,7 +82,7 @@ class AuditConfig:
 
     def check(self) -> None:
         """ConfigError for contradictory or out-of-range settings."""
-        if self.protection not in PROTECTIONS:
+        if self.protection is not None and self.protection not in PROTECTIONS:
             raise ConfigError(f"--protection must be one of {', '.join(PROTECTIONS)}, got {self.protection!r}")
         if self.templates is not None and self.store is not None:
             raise ConfigError("give either --templates or --store, not both")
@@ -90,10 +91,15 @@ class AuditConfig:
             raise ConfigError("--store needs --tenant (or an advface:DATA_DIR?tenant=NAME location)")
         if self.store_config is not None and self.store is None:
             raise ConfigError("--config (the sidecar's configuration) is read only with --store")
-        if not 0 < self.rel_l2 <= 1:
+        flags = [f for f, v in (("--protection", self.protection), ("--rel-l2", self.rel_l2),
+                                ("--steps", self.steps), ("--shadow", self.shadows or None)) if v is not None]
+        if self.store is not None and flags:
+            raise ConfigError(f"{', '.join(flags)}: with --store the audit protects as the store's sidecar does, "
+                              "from the protection section of --config; drop these flags")
+        if self.rel_l2 is not None and not 0 < self.rel_l2 <= 1:
             raise ConfigError(f"--rel-l2 must be in (0, 1], got {self.rel_l2}")
-        for name in ("epochs", "batch_size", "per_identity", "gan_steps", "gan_restarts"):
-            if getattr(self, name) < 1:
+        for name in ("epochs", "batch_size", "per_identity", "gan_steps", "gan_restarts", "steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be >= 1")
         if not 16 <= self.image_size <= 256:
             raise ConfigError(f"--image-size must be in [16, 256], got {self.image_size}")
@@ -271,7 +277,7 @@ class _Audit:
             self.key_a2 = KeyedTransform.from_secret(secret, "audit-a", dim, version=2, norm=norm)
             self.keyed = self.key_a.apply(self.protected)
             templates_note = "database as stored" if self.db is not None else "protected here"
-        self.result["protection"] = {"method": c.protection, "rel_l2": c.rel_l2, "steps": c.steps,
+        self.result["protection"] = {**self.protection_info,
                                      "key": key_note, "key_norm_equalisation": norm, "templates": templates_note,
                                      "store_keyed_transform": transforms is not None}
 
@@ -286,31 +292,53 @@ class _Audit:
             public = self.pairs.of_identities(self.split.attacker).embeddings
             return float(np.linalg.norm(public, axis=1).mean()) if len(public) else None
 
-    def _make_protect(self) -> Callable[[np.ndarray, int], np.ndarray]:
+    def _protection_spec(self) -> Any:
+        """The protection the audit applies (None: none): the store configuration's ``protection`` section when a
+        store is audited (what its sidecar ran), else the audit's flags (``--protection``, ``--rel-l2``,
+        ``--steps``, ``--shadow``; defaults: plain AdvFace with the shipped shadow, the library's budget and steps)."""
+        from advface.protect import IdentityAwareConfig, ProtectionSpec, shipped_shadow_path, spec_from_config
+
         c = self.config
-        if c.protection == "none":
-            self.protection_key = "none"
-            return lambda z, seed: np.asarray(z, np.float32).copy()
+        store = self.db.store if self.db is not None else None
+        if store is not None:
+            self.protection_source = "the store's configuration (protection section of --config)"
+            return spec_from_config(store.protection, c.encoder)
+        self.protection_source = "audit flags"
+        method = c.protection or "advface"
+        if method == "none":
+            return None
+        shadows = tuple(str(p) for p in c.shadows) or (str(shipped_shadow_path(c.encoder)),)
+        params = {"rel_l2": c.rel_l2 if c.rel_l2 is not None else AdvFaceConfig.rel_l2,
+                  "steps": c.steps if c.steps is not None else AdvFaceConfig.steps, "seed": c.seed}
+        config = AdvFaceConfig(**params) if method == "advface" else IdentityAwareConfig(**params)
+        return ProtectionSpec(method, shadows, config, encoder=c.encoder)
+
+    def _make_protect(self) -> Callable[[np.ndarray, int], np.ndarray]:
+        """``protect(z, seed)`` with the protection of :meth:`_protection_spec` (the identity for none); sets
+        ``protection_key`` (what the adaptive attacker's cache depends on) and ``protection_info``."""
         from advface.hashing import file_sha256
-        from advface.inversion import check_compatible, load_decoder
-        from advface.protect import shipped_shadow_path
+        from advface.protect import load_protector
 
-        path = Path(c.shadow) if c.shadow else shipped_shadow_path(c.encoder)
-        shadow, _meta = load_decoder(path)
-        check_compatible(shadow, self.encoder.fingerprint, self.encoder.dim)
-        self.protection_key = f"{c.protection}|{file_sha256(path)[:16]}|{c.rel_l2}|{c.steps}|{c.seed}"
-        if c.protection == "advface":
-            from advface.protect import protect_embeddings
+        spec = self._protection_spec()
+        if spec is None:
+            self.protection_key = "none"
+            self.protection_info = {"method": "none", "source": self.protection_source}
+            return lambda z, seed: np.asarray(z, np.float32).copy()
+        protector = load_protector(spec, encoder=self.encoder)  # ConfigError for a shadow of another encoder
+        p = spec.config
+        jitter = getattr(p, "jitter", None)
+        self.protection_key = (f"{spec.method}|{'+'.join(file_sha256(s)[:16] for s in spec.shadows)}|{p.rel_l2}|"
+                               f"{p.steps}|{self.config.seed}" + ("|no-jitter" if jitter is False else ""))
+        self.protection_info = {"method": spec.method, "rel_l2": p.rel_l2, "steps": p.steps,
+                                "shadows": [Path(s).name for s in spec.shadows], "source": self.protection_source,
+                                **({"jitter": jitter} if jitter is not None else {})}
 
-            return lambda z, seed: protect_embeddings(z, shadow, AdvFaceConfig(rel_l2=c.rel_l2, steps=c.steps,
-                                                                               seed=seed), progress=self._bar)
-        from advface.protect import IdentityAwareConfig, protect_identity_aware
+        def protect(z: np.ndarray, seed: int) -> np.ndarray:
+            seeded = copy.copy(protector)
+            seeded.config = replace(p, seed=seed)
+            return seeded.protect(z, progress=self._bar)
 
-        module = self.encoder.torch_module()
-        if module is None:
-            raise ConfigError(f"--protection advface-id needs an encoder with a differentiable module ({c.encoder})")
-        return lambda z, seed: protect_identity_aware(z, [shadow], module, IdentityAwareConfig(
-            rel_l2=c.rel_l2, steps=c.steps, seed=seed), chip_size=self.encoder.chip.size, progress=self._bar)
+        return protect
 
     _bar_obj: Any = None
 
@@ -319,7 +347,7 @@ class _Audit:
             self._bar_obj.update(n)
 
     def protect(self, z: np.ndarray, seed: int, what: str = "templates") -> np.ndarray:
-        with tqdm(total=len(z), desc=f"protect {what} ({self.config.protection})", unit="template",
+        with tqdm(total=len(z), desc=f"protect {what} ({self.protection_info['method']})", unit="template",
                   disable=not self.config.progress, leave=False) as bar:
             self._bar_obj = bar
             try:
@@ -459,7 +487,7 @@ class _Audit:
             self.artifacts.linkages[name] = lk
         self.result["unlinkability"] = {
             "d_sys": {k: v["d_sys"] for k, v in details.items()}, "details": details,
-            "protection": c.protection,
+            "protection": self.protection_info["method"],
             "protocol": "database A: first evaluation photo of each person, database B: second photo; protected "
                         "independently (AdvFace seeds differ; keys of two tenants); linker: the system's comparator",
             "target_d_sys_max": 0.05,
@@ -504,9 +532,10 @@ class _Audit:
         numbers (best Type I @FMR 0.1% over the attackers run, vectors recovered without keys)."""
         attacks = self.result.get("attacks", {})
 
-        def best(setting: str) -> dict[str, Any]:
+        def best(setting: str, kind: str | None = None) -> dict[str, Any]:
             by = {name: e["type1_success"][setting] for name, e in attacks.items()
-                  if isinstance(e.get("type1_success"), dict) and setting in e["type1_success"]}
+                  if isinstance(e.get("type1_success"), dict) and setting in e["type1_success"]
+                  and (kind is None or e.get("kind") == kind)}
             return {"templates": setting, "type1_success_max": max(by.values()) if by else None,
                     "type1_success": by}
 
@@ -536,9 +565,37 @@ class _Audit:
                        "holds": "stored templates", "layer": "keyed per-tenant transform, then AdvFace", **second})
         layers.append({"attacker": "thief with every key, or the sidecar's process memory",
                        "holds": "AdvFace templates", "layer": "AdvFace", **best("protected")})
+        insider = best("protected", "adaptive")
+        insider["note"] = ("the adaptive attacker: trains on (own embedding, protected template) pairs of its own "
+                           "enrolments; a keyed transform does not stop it (its own pairs reveal the linear map)"
+                           if insider["type1_success"] else "not measured: no adaptive attacker in --attackers")
+        layers.append({"attacker": "insider who can enrol faces and read back stored templates",
+                       "holds": "AdvFace templates + its own enrolments", "layer": "AdvFace", **insider})
+        layers.append(self._api_only_layer(best("protected", "gan-prior")))
         layers.append({"attacker": "no advface (baseline)", "holds": "raw embeddings", "layer": "none",
                        **best("raw")})
         self.result["layers"] = layers
+
+    @staticmethod
+    def _api_only_layer(search: dict[str, Any]) -> dict[str, Any]:
+        """The client with API access only: which RPCs return vectors (:mod:`advface.audit.api_surface`), and the
+        GAN-prior search on the protected templates as the bound of a score-oracle search."""
+        from advface.audit.api_surface import api_exposure
+
+        api = api_exposure()
+        leaks = api["stored_vectors"]
+        note = ("stored templates returned by the API: " + (", ".join(leaks) if leaks else "none") +
+                f" (vectors only in {', '.join(api['caller_input_vectors']) or 'no RPC'}, computed from the caller's "
+                f"own input); scores returned by {', '.join(api['score_rpcs'])}: a client searching a face whose "
+                "score rises needs one query per step; ")
+        if search["type1_success"]:
+            note += ("the GAN-prior search with the protected template in hand (gradients, no query limit) bounds "
+                     "such a search with the same prior")
+        else:
+            note += "score-oracle bound not measured: no gan-prior attacker in --attackers"
+        return {"attacker": "client with API access only", "holds": "match scores of its own probes",
+                "layer": "the API returns no stored template", "api_stored_vector_rpcs": leaks,
+                "api": api, **search, "note": note}
 
     # ----------------------------------------------------------------------------------------------- report
     def finish(self) -> tuple[Path, Path]:

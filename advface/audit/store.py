@@ -43,6 +43,7 @@ class StoreInfo:
     tenant: str
     encrypted: bool
     transforms: Any  # advface.protect.tenant_transform.TenantTransforms | None
+    protection: Any  # the configuration's protection section: how the sidecar protected what it stored
     data_dir: Path | None
     dsn: str | None
     templates: int
@@ -154,7 +155,8 @@ def load_templates_store(store: str, tenant: str | None, dim: int, metric: str, 
         db.untransformed = transforms.for_tenant(target.tenant).invert(db.vectors)
     db.store = StoreInfo(
         where=where, backend=target.backend, tenant=target.tenant,
-        encrypted=bool(target.config.encryption.enabled), transforms=transforms, data_dir=target.data_dir,
+        encrypted=bool(target.config.encryption.enabled), transforms=transforms,
+        protection=target.config.protection, data_dir=target.data_dir,
         dsn=str(target.config.store.dsn) if target.backend == "postgresql" else None, templates=templates,
     )
     return db

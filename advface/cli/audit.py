@@ -47,12 +47,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the sidecar's configuration (advface.yaml) for --store: encryption key "
                              "(encryption), keyed per-tenant transform (keyed_transform), store backend; default: "
                              "defaults and ADVFACE_* variables, like advface serve")
-    parser.add_argument("--protection", choices=PROTECTIONS, default="advface",
-                        help="protection applied to the dataset's templates and used for unlinkability "
-                             "(default advface)")
-    parser.add_argument("--rel-l2", type=float, default=0.1, help="AdvFace budget ||delta|| / ||z|| (default 0.1)")
+    parser.add_argument("--protection", choices=PROTECTIONS,
+                        help="protection applied to the dataset's templates and used for unlinkability, "
+                             "renewability and the adaptive attacker's enrolments (default advface). Not with "
+                             "--store: a store is audited with the protection section of its --config")
+    parser.add_argument("--rel-l2", type=float, help="AdvFace budget ||delta|| / ||z|| (default: the library's, 0.1)")
     parser.add_argument("--steps", type=int, help="AdvFace steps (default: the library default, as the sidecar)")
-    parser.add_argument("--shadow", type=Path, help="shadow checkpoint (default: the shipped one for the encoder)")
+    parser.add_argument("--shadow", type=Path, action="append", dest="shadows",
+                        help="shadow checkpoint (default: the shipped one for the encoder); repeat for the "
+                             "advface-id ensemble")
     parser.add_argument("--key-file", type=Path,
                         help="secret of the keyed transform (advface keygen file); default: an ephemeral random key; "
                              "not with a --store whose --config has a keyed transform (the store's own is used)")
@@ -86,7 +89,8 @@ def config_from_args(args: argparse.Namespace) -> AuditConfig:
     overrides = dict(
         encoder=args.encoder, templates=args.templates, store=args.store, tenant=args.tenant,
         store_config=args.store_config,
-        protection=args.protection, rel_l2=args.rel_l2, steps=args.steps, shadow=args.shadow, key_file=args.key_file,
+        protection=args.protection, rel_l2=args.rel_l2, steps=args.steps,
+        shadows=tuple(args.shadows) if args.shadows else None, key_file=args.key_file,
         attackers=tuple(args.attackers) if args.attackers else None, cache_dir=args.cache_dir,
         pairs_cache=not args.no_pairs_cache, images=not args.no_images, image_size=args.image_size,
         epochs=args.epochs, batch_size=args.batch_size, max_identities=args.max_identities, max_photos=args.max_photos,

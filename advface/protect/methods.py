@@ -186,6 +186,36 @@ def load_protector(
                                   device=device, shadow_paths=[Path(p) for p in spec.shadows])
 
 
+def spec_from_config(section: Any, encoder_name: str) -> ProtectionSpec | None:
+    """The :class:`ProtectionSpec` of a configuration's ``protection`` section (a dataclass, a mapping or None for
+    the defaults); None when ``enabled`` is false. ``method`` advface (``shadow``, else the shadow shipped for the
+    encoder) or advface-id (``shadows``, ``jitter``); ``steps``, ``rel_l2``, ``seed``. ConfigError for an unknown
+    method, an advface-id section without shadows or a missing shadow file."""
+
+    def opt(name: str, default: Any) -> Any:
+        value = section.get(name) if isinstance(section, Mapping) else getattr(section, name, None)
+        return default if value is None else value
+
+    if not bool(opt("enabled", True)):
+        return None
+    method = str(opt("method", "advface"))
+    common = {"steps": int(opt("steps", AdvFaceConfig.steps)), "rel_l2": float(opt("rel_l2", AdvFaceConfig.rel_l2)),
+              "seed": int(opt("seed", 0))}
+    if method == "advface-id":
+        shadows = tuple(str(Path(p).expanduser()) for p in (opt("shadows", ()) or ()))
+        if not shadows:
+            raise ConfigError("protection.method is advface-id but protection.shadows is empty")
+        return ProtectionSpec(method, shadows, IdentityAwareConfig(jitter=bool(opt("jitter", True)), **common),
+                              encoder=encoder_name)
+    if method != "advface":
+        raise ConfigError(f"protection.method {method!r} is not supported (use one of {', '.join(METHODS)})")
+    from advface.protect.shipped import shipped_shadow_path
+
+    shadow = opt("shadow", None)
+    path = Path(shadow).expanduser() if shadow else shipped_shadow_path(encoder_name)
+    return ProtectionSpec(method, (str(path),), AdvFaceConfig(**common), encoder=encoder_name)
+
+
 def _create_encoder(spec: str | Mapping[str, Any]) -> Any:
     from advface.encoders import create_encoder
 

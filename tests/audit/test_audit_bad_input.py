@@ -85,7 +85,6 @@ def test_store_with_single_photo_people_skips_type2(audit_dataset: Path, audit_c
         store.add_many("acme", [(i, v, None) for i, v in zip(data.ids, data.embeddings)])
     out = tmp_path / "out"
     rc = _audit(["--data", str(audit_dataset), "--out", str(out), "--store", f"sqlite:{store_dir}", "--tenant", "acme",
-                 "--protection", "none",
                  "--attackers", "deconv", "--cache-dir", str(audit_cache), "--no-images"])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
@@ -94,6 +93,6 @@ def test_store_with_single_photo_people_skips_type2(audit_dataset: Path, audit_c
     deconv = report["attacks"]["deconv"]["protected"]
     assert deconv["type2_skipped_single_photo"] == 3 and deconv["type2_n"] == len(data.ids) - 3
     assert any(m["stage"] == "type2" and "3 identities" in m["reason"] for m in report["missing"])
-    # with --protection none and raw templates in the database, "protected" is the raw case
+    # the database holds raw templates: "protected" (the templates as stored) is the raw case
     attack = report["attacks"]["deconv"]
     assert attack["protected"]["type1_success"] == attack["raw"]["type1_success"]

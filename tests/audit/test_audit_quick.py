@@ -43,6 +43,22 @@ def test_quick_audit_writes_json_with_required_keys(quick_report: Path) -> None:
     assert report["thresholds"]["1e-2"] <= report["thresholds"]["1e-3"]
 
 
+def test_quick_audit_layers_name_every_attacker_of_the_threat_model(quick_report: Path) -> None:
+    report = _report(quick_report)
+    layers = {layer["attacker"]: layer for layer in report["layers"]}
+    attacks = report["attacks"]
+    insider = layers["insider who can enrol faces and read back stored templates"]
+    assert insider["type1_success_max"] == attacks["adaptive"]["type1_success"]["protected"]
+    api = layers["client with API access only"]
+    assert api["api_stored_vector_rpcs"] == []
+    assert api["type1_success_max"] == attacks["gan-prior"]["type1_success"]["protected"]
+    every_key = layers["thief with every key, or the sidecar's process memory"]
+    assert every_key["type1_success_max"] == max(e["type1_success"]["protected"] for e in attacks.values())
+    assert report["protection"]["method"] == "advface" and report["protection"]["source"] == "audit flags"
+    page = (quick_report / "report.html").read_text()
+    assert "RPCs returning stored templates: none" in page
+
+
 def test_quick_audit_counts_unreadable_images(quick_report: Path) -> None:
     report = _report(quick_report)
     assert report["data"]["photos_failed"] == 1

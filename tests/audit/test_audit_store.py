@@ -29,7 +29,8 @@ def _config(tmp_path: Path, *, encrypted: bool, keyed: bool, store: dict[str, An
     from advface.crypto import generate_key, write_key_file
 
     cfg: dict[str, Any] = {"store": store or {"backend": "sqlite", "data_dir": str(tmp_path / "store"),
-                                              "use_gpu": False}}
+                                              "use_gpu": False},
+                           "protection": {"enabled": False}}  # _enrol stores the vectors it is given
     if encrypted:
         write_key_file(tmp_path / "at-rest.key", generate_key())
         cfg["encryption"] = {"key_file": str(tmp_path / "at-rest.key")}
@@ -107,6 +108,26 @@ def test_store_errors_are_clear(tmp_path: Path) -> None:
         load_templates_store(store, None, 128, "euclidean", config_path=config)
 
 
+def test_store_audit_protects_as_its_configuration(tmp_path: Path) -> None:
+    """With --store the audit's own protection (unlinkability, renewal, adaptive enrolments) is the store
+    configuration's protection section; protection flags are refused rather than silently ignored."""
+    from types import SimpleNamespace
+
+    from advface.audit.run import AuditConfig, _Audit
+
+    base = dict(data=tmp_path, out=tmp_path / "out", store=f"advface:{tmp_path}?tenant={TENANT}")
+    for flag, value in (("protection", "advface"), ("rel_l2", 0.2), ("steps", 5), ("shadows", (tmp_path,))):
+        with pytest.raises(ConfigError, match="protection section of --config"):
+            AuditConfig(**base, **{flag: value}).check()
+    audit = _Audit(AuditConfig(**base))
+    audit.db = SimpleNamespace(store=SimpleNamespace(protection={"rel_l2": 0.05, "steps": 2}))
+    spec = audit._protection_spec()
+    assert spec.method == "advface" and (spec.config.rel_l2, spec.config.steps) == (0.05, 2)
+    assert "configuration" in audit.protection_source
+    audit.db = SimpleNamespace(store=SimpleNamespace(protection={"enabled": False}))
+    assert audit._protection_spec() is None
+
+
 @pytest.mark.parametrize("encrypted", [True, False])
 def test_thief_without_keys_sqlite(tmp_path: Path, encrypted: bool) -> None:
     ids, raw = _templates()
@@ -167,13 +188,14 @@ def test_end_to_end_encrypted_keyed_store(audit_dataset: Path, audit_cache: Path
     out = tmp_path / "out"
     rc = main(["audit", "--quick", "--quiet", "--data", str(audit_dataset), "--out", str(out),
                "--store", f"advface:{tmp_path / 'store'}?tenant={TENANT}", "--config", str(config),
-               "--protection", "none", "--attackers", "deconv", "--cache-dir", str(audit_cache), "--no-images"])
+               "--attackers", "deconv", "--cache-dir", str(audit_cache), "--no-images"])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     n = len(data.ids)
     assert report["data"]["database"]["encrypted_at_rest"] is True
     assert report["data"]["database"]["audited"] == n
     assert report["protection"]["store_keyed_transform"] is True
+    assert report["protection"]["method"] == "none" and "configuration" in report["protection"]["source"]
     assert report["thief_without_keys"]["vectors_recovered"] == 0 and report["thief_without_keys"]["rows"] == n
     attack = report["attacks"]["deconv"]
     # stored raw embeddings through a pure rotation: un-transformed they are the raw ones again

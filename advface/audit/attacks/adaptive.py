@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from advface.audit.attacks.decoder import DecoderAttacker, cache_key, train_or_load, training_digest
+from advface.audit.attacks.decoder import DecoderAttacker, cache_key, parse_attacker, train_or_load, training_digest
 from advface.encoders.base import FaceEncoder
 from advface.inversion.models import InversionDecoder
 from shadow_training.pairs import FacePairs
@@ -44,10 +44,13 @@ def train_or_load_adaptive(
     batch_size: int = 64,
     progress: bool = True,
 ) -> tuple[InversionDecoder, dict, bool]:
-    """The adaptive attacker's decoder (``arch``, pixel loss) trained on protected templates of the attacker group;
-    ``protection_key`` must identify the protection (method, shadow file hash, budget, steps, seed) for caching.
-    Protecting the training templates is skipped when the decoder is cached."""
-    attacker = DecoderAttacker(f"adaptive-{arch}", arch)
+    """The adaptive attacker's decoder trained on protected templates of the attacker group: ``arch`` is a decoder
+    spec as :func:`~advface.audit.attacks.decoder.parse_attacker` reads it (``deconv``: pixel loss; ``resup+id``:
+    pixel + identity loss, the strongest insider). ``protection_key`` must identify the protection (method, shadow
+    file hash, budget, steps, seed) for caching. Protecting the training templates is skipped when the decoder is
+    cached."""
+    spec = parse_attacker(arch)
+    attacker = DecoderAttacker(f"adaptive-{arch}", spec.arch, spec.id_weight)
     train = pairs.of_identities(split.attacker)
     key = cache_key(encoder.fingerprint, training_digest(train), attacker, image_size=image_size, epochs=epochs,
                     seed=seed, batch_size=batch_size, extra=f"adaptive|{protection_key}")
