@@ -102,6 +102,10 @@ def make_split(pairs: FacePairs, seed: int, eval_fraction: float, evaluation: se
         rest = _rank(sorted(set(names) - evaluation), seed)
         split = IdentitySplit(frozenset(rest[0::2]), frozenset(rest[1::2]), frozenset(evaluation), seed)
     if not split.attacker:
+        if evaluation is not None:
+            raise ConfigError("the attacker group is empty: every identity of the dataset has a template in the "
+                              "audited database, and attackers must train on people outside it (use a dataset with "
+                              "more people than the database, or audit a part of the database)")
         raise ConfigError("too few identities: the attacker group is empty (use a dataset with more people)")
     return split
 
