@@ -789,6 +789,15 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, tuple[str, str
     return out
 
 
+def section_value(section: Any, name: str, default: Any = None) -> Any:
+    """``name`` of a configuration section given as a dataclass (:class:`Config`'s sections), a mapping or None
+    (the defaults); ``default`` when the section has no such key or its value is None."""
+    if section is None:
+        return default
+    value = section.get(name, default) if isinstance(section, Mapping) else getattr(section, name, default)
+    return default if value is None else value
+
+
 def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] = os.environ) -> Config:
     """Read the YAML file ``path`` (None: no file), apply ``ADVFACE_<SECTION>_<KEY>`` overrides from ``env`` and
     validate; ConfigError names the file or variable and the key of the first problem (see module docs)."""

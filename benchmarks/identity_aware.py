@@ -124,7 +124,8 @@ def main() -> None:  # noqa: PLR0915 - one linear script
                         help="budgets of identity-aware AdvFace (slow: fewer points)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--per-identity", type=int, default=2)
-    parser.add_argument("--view2-folds", type=int, default=3, help="View-2 folds for utility (of 10; 0: privacy only, no utility, no plot)")
+    parser.add_argument("--view2-folds", type=int, default=3,
+                        help="View-2 folds for utility (of 10; 0: privacy only, no utility, no plot)")
     parser.add_argument("--methods", nargs="+", default=["advface", "advface-id"])
     parser.add_argument("--max-templates", type=int, default=0,
                         help="evaluate on a seeded random subset of this many victims (0: all)")

@@ -25,11 +25,12 @@ from grpc_reflection.v1alpha import reflection
 from advface.api.v1 import SERVICE_NAME
 from advface.api.v1 import advface_pb2 as pb
 from advface.api.v1 import advface_pb2_grpc as pb_grpc
+from advface.config import section_value
 from advface.errors import ConfigError
 from server.interceptors import AuthInterceptor
 from server.logs import LOGGER_NAME, configure_logging, log
 from server.metrics import MetricsServer, SidecarMetrics, build_labels, store_counter
-from server.servicer import AdvFaceServicer, _opt, _section
+from server.servicer import AdvFaceServicer, _section
 
 _logger = logging.getLogger(LOGGER_NAME)
 
@@ -51,9 +52,9 @@ def _read(path: Any, what: str) -> bytes:
 def server_credentials(tls_config: Any) -> grpc.ServerCredentials | None:
     """TLS credentials from the ``tls`` section: ``cert_file`` + ``key_file`` (PEM) enable TLS; ``client_ca_file``
     also requires and verifies client certificates (mTLS). None when no certificate is configured."""
-    cert = _opt(tls_config, "cert_file", None)
-    key = _opt(tls_config, "key_file", None)
-    client_ca = _opt(tls_config, "client_ca_file", None)
+    cert = section_value(tls_config, "cert_file", None)
+    key = section_value(tls_config, "key_file", None)
+    client_ca = section_value(tls_config, "client_ca_file", None)
     if not cert and not key:
         if client_ca:
             raise ConfigError("tls.client_ca_file needs tls.cert_file and tls.key_file")
@@ -78,11 +79,11 @@ class Sidecar:
     def __init__(self, config: Any, *, servicer: AdvFaceServicer | None = None) -> None:
         server_cfg = _section(config, "server")
         self.config = config
-        self.host = str(_opt(server_cfg, "host", "127.0.0.1"))
-        requested_port = int(_opt(server_cfg, "port", 50051))
-        self.grace_seconds = float(_opt(server_cfg, "grace_seconds", 5.0))
-        max_receive = int(float(_opt(server_cfg, "max_receive_mb", 4)) * 1024 * 1024)
-        max_send = int(float(_opt(server_cfg, "max_send_mb", 4)) * 1024 * 1024)
+        self.host = str(section_value(server_cfg, "host", "127.0.0.1"))
+        requested_port = int(section_value(server_cfg, "port", 50051))
+        self.grace_seconds = float(section_value(server_cfg, "grace_seconds", 5.0))
+        max_receive = int(float(section_value(server_cfg, "max_receive_mb", 4)) * 1024 * 1024)
+        max_send = int(float(section_value(server_cfg, "max_send_mb", 4)) * 1024 * 1024)
 
         self.servicer = servicer if servicer is not None else AdvFaceServicer(config)
         authenticator = self.servicer.auth
@@ -117,7 +118,7 @@ class Sidecar:
         self.metrics: SidecarMetrics | None = None
         self.metrics_server: MetricsServer | None = None
         metrics_cfg = _section(config, "metrics")
-        if bool(_opt(metrics_cfg, "enabled", True)):
+        if bool(section_value(metrics_cfg, "enabled", True)):
             self.metrics = SidecarMetrics(
                 build_labels(self.servicer),
                 store_counter(self.servicer),
@@ -130,8 +131,8 @@ class Sidecar:
             try:
                 self.metrics_server = MetricsServer(
                     self.metrics.registry,
-                    str(_opt(metrics_cfg, "host", "127.0.0.1")),
-                    int(_opt(metrics_cfg, "port", 9464)),
+                    str(section_value(metrics_cfg, "host", "127.0.0.1")),
+                    int(section_value(metrics_cfg, "port", 9464)),
                 )
             except ConfigError:
                 self.servicer.close()
@@ -206,7 +207,7 @@ async def serve_async(config: Any, *, ready: Callable[[Sidecar], None] | None = 
 def serve(config: Any, *, ready: Callable[[Sidecar], None] | None = None) -> None:
     """Configure logging from the config's ``logging`` section and run :func:`serve_async` to completion."""
     logging_cfg = _section(config, "logging")
-    configure_logging(str(_opt(logging_cfg, "level", "info")), bool(_opt(logging_cfg, "json", True)))
+    configure_logging(str(section_value(logging_cfg, "level", "info")), bool(section_value(logging_cfg, "json", True)))
     asyncio.run(serve_async(config, ready=ready))
 
 

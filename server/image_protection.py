@@ -18,13 +18,13 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from advface.api.v1 import advface_pb2 as pb
+from advface.config import section_value
 from advface.errors import ConfigError
 from server.logs import LOGGER_NAME, log
 
@@ -92,10 +92,7 @@ class ImageProtection:
         """From the config's ``image_protection`` section (a dataclass, a mapping or None: the defaults)."""
 
         def opt(name: str, default: Any) -> Any:
-            if section is None:
-                return default
-            value = section.get(name, default) if isinstance(section, Mapping) else getattr(section, name, default)
-            return default if value is None else value
+            return section_value(section, name, default)
 
         return cls(
             enabled=bool(opt("enabled", True)), steps=int(opt("steps", 60)), max_steps=int(opt("max_steps", 500)),

@@ -62,6 +62,7 @@ from advface import __version__
 from advface.api.v1 import SERVICE_NAME
 from advface.api.v1 import advface_pb2 as pb
 from advface.api.v1 import advface_pb2_grpc as pb_grpc
+from advface.config import section_value
 from advface.encoders import FaceEncoder, create_encoder, validate_embeddings
 from advface.errors import (
     AdvfaceError,
@@ -139,16 +140,6 @@ def _invalid(details: str) -> RpcFailure:
 
 def _section(config: Any, name: str) -> Any:
     return getattr(config, name, None)
-
-
-def _opt(section: Any, name: str, default: Any) -> Any:
-    if section is None:
-        return default
-    if isinstance(section, Mapping):
-        value = section.get(name, default)
-    else:
-        value = getattr(section, name, default)
-    return default if value is None else value
 
 
 # --------------------------------------------------------------------------------------------------- validation
@@ -296,12 +287,12 @@ def open_store(config: Any, dim: int, metric: str) -> Any:
     """The template store the config's ``store`` section names: ``sqlite`` (SQLite + faiss) or ``postgresql``
     (PostgreSQL + pgvector at ``store.dsn``); encrypted at rest when the ``encryption`` section names a key."""
     section = _section(config, "store")
-    backend = str(_opt(section, "backend", "sqlite"))
+    backend = str(section_value(section, "backend", "sqlite"))
     if backend == "postgresql":
         from advface.crypto import cipher_from_config
         from advface.store.postgres import PostgresStore
 
-        dsn = _opt(section, "dsn", None)
+        dsn = section_value(section, "dsn", None)
         if not dsn:
             raise ConfigError("store.backend is postgresql but store.dsn is not set (or ADVFACE_STORE_DSN)")
         return PostgresStore(str(dsn), dim, metric, cipher=cipher_from_config(_section(config, "encryption")))
@@ -309,20 +300,20 @@ def open_store(config: Any, dim: int, metric: str) -> Any:
         raise ConfigError(f"store backend {backend!r} is not supported by this server (use 'sqlite' or 'postgresql')")
     from advface.store.sqlite_faiss import IndexOptions, SQLiteFaissStore
 
-    data_dir = _opt(section, "data_dir", None)
+    data_dir = section_value(section, "data_dir", None)
     if not data_dir:
         raise ConfigError("store.data_dir is not set")
     path = getattr(section, "database_path", None) or Path(data_dir).expanduser() / "templates.sqlite3"
     index = IndexOptions(
-        kind=str(_opt(section, "index", "ivf")),
-        min_rows=int(_opt(section, "ivf_min_rows", 100_000)),
-        nlist=int(_opt(section, "ivf_nlist", 0)),
-        nprobe=int(_opt(section, "ivf_nprobe", 128)),
+        kind=str(section_value(section, "index", "ivf")),
+        min_rows=int(section_value(section, "ivf_min_rows", 100_000)),
+        nlist=int(section_value(section, "ivf_nlist", 0)),
+        nprobe=int(section_value(section, "ivf_nprobe", 128)),
     )
     from advface.crypto import cipher_from_config
 
     cipher = cipher_from_config(_section(config, "encryption"))  # None: templates at rest are not encrypted
-    return SQLiteFaissStore(path, dim, metric, use_gpu=_opt(section, "use_gpu", "auto"), index=index, cipher=cipher)
+    return SQLiteFaissStore(path, dim, metric, use_gpu=section_value(section, "use_gpu", "auto"), index=index, cipher=cipher)
 
 
 def build_protector(config: Any, encoder: FaceEncoder) -> TemplateProtector | None:
@@ -467,22 +458,22 @@ class AdvFaceServicer(pb_grpc.AdvFaceServicer):
         enc_cfg = _section(config, "encoder")
         prot_cfg = _section(config, "protection")
         match_cfg = _section(config, "matching")
-        self.max_batch = int(_opt(server_cfg, "max_batch", 1000))
-        self.top_k_max = int(_opt(match_cfg, "top_k_max", 100))
-        self.max_receive_bytes = int(float(_opt(server_cfg, "max_receive_mb", 4)) * 1024 * 1024)
-        self.max_send_bytes = int(float(_opt(server_cfg, "max_send_mb", 4)) * 1024 * 1024)
-        workers = int(_opt(server_cfg, "workers", 4))
+        self.max_batch = int(section_value(server_cfg, "max_batch", 1000))
+        self.top_k_max = int(section_value(match_cfg, "top_k_max", 100))
+        self.max_receive_bytes = int(float(section_value(server_cfg, "max_receive_mb", 4)) * 1024 * 1024)
+        self.max_send_bytes = int(float(section_value(server_cfg, "max_send_mb", 4)) * 1024 * 1024)
+        workers = int(section_value(server_cfg, "workers", 4))
         if workers < 1:
             raise ConfigError(f"server.workers must be >= 1, got {workers}")
 
-        self.encoder = encoder if encoder is not None else create_encoder(_opt(enc_cfg, "name", "dlib"))
+        self.encoder = encoder if encoder is not None else create_encoder(section_value(enc_cfg, "name", "dlib"))
         self.dim = int(self.encoder.dim)
         self.metric = str(self.encoder.metric)
-        self.detector_name = str(_opt(enc_cfg, "detector", "dlib"))
-        self.face_policy = str(_opt(enc_cfg, "face_policy", "largest"))
+        self.detector_name = str(section_value(enc_cfg, "detector", "dlib"))
+        self.face_policy = str(section_value(enc_cfg, "face_policy", "largest"))
         self.chipper = FaceChipper(create_detector(self.detector_name), self.encoder.chip, self.face_policy)
 
-        self.protection_enabled = bool(_opt(prot_cfg, "enabled", True))
+        self.protection_enabled = bool(section_value(prot_cfg, "enabled", True))
         if self.protection_enabled:
             if protector is None:
                 protector = build_protector(config, self.encoder)
@@ -496,9 +487,9 @@ class AdvFaceServicer(pb_grpc.AdvFaceServicer):
         self.transforms = transforms_from_config(_section(config, "keyed_transform"), self.dim, self.encoder.name)
 
         self.threshold, self.threshold_source, self.threshold_note = resolve_threshold(
-            _opt(match_cfg, "threshold", None), self.encoder, self.protection_enabled, self.protection_method
+            section_value(match_cfg, "threshold", None), self.encoder, self.protection_enabled, self.protection_method
         )
-        if _opt(match_cfg, "threshold", None) is None and self.transforms is not None:
+        if section_value(match_cfg, "threshold", None) is None and self.transforms is not None:
             # measured for plain AdvFace (or none): advface-id gets the unprotected one, flagged as such
             calibrated_for = self.protection_method == "advface"
             keyed = keyed_threshold(self.transforms, self.encoder.name, calibrated_for)
@@ -512,8 +503,8 @@ class AdvFaceServicer(pb_grpc.AdvFaceServicer):
         store_cfg = _section(config, "store")
         if store is None:
             try:  # the templates must have been issued under this transform configuration (or none)
-                if str(_opt(store_cfg, "backend", "sqlite")) == "sqlite":
-                    check_store_marker(_opt(store_cfg, "data_dir", ""), self.transforms, int(self.store.count()))
+                if str(section_value(store_cfg, "backend", "sqlite")) == "sqlite":
+                    check_store_marker(section_value(store_cfg, "data_dir", ""), self.transforms, int(self.store.count()))
                 else:  # PostgreSQL: the marker is kept in the database, shared by every replica
                     check_db_store_marker(self.store, self.transforms, int(self.store.count()))
             except BaseException:
@@ -526,12 +517,12 @@ class AdvFaceServicer(pb_grpc.AdvFaceServicer):
         self._face_lock = threading.Lock()  # dlib's detector and encoder are not thread-safe
         # at most one protection per core at a time: later requests queue and share shadow calls
         cores = os.cpu_count() or 1
-        slots = int(_opt(prot_cfg, "slots", 0)) or min(workers, cores)
+        slots = int(section_value(prot_cfg, "slots", 0)) or min(workers, cores)
         self.protection_threads = 0
         if self.protector is not None:
             # concurrent protection calls each start their own OpenMP team: keep slots x threads <= cores
             auto_threads = max(1, min(torch.get_num_threads(), cores // slots))
-            self.protection_threads = int(_opt(prot_cfg, "threads", 0)) or auto_threads
+            self.protection_threads = int(section_value(prot_cfg, "threads", 0)) or auto_threads
             torch.set_num_threads(self.protection_threads)
         self._batcher = ProtectionBatcher(self._protect_sync, self._pool, slots=slots, max_rows=PROTECT_CHUNK,
                                           lanes=self.protector.config.lanes if self.protector else 1)

@@ -7,6 +7,7 @@ A template can only leak through such a field; scores and thresholds are scalars
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
@@ -24,28 +25,28 @@ def _is_repeated(field: FieldDescriptor) -> bool:
     return field.label == FieldDescriptor.LABEL_REPEATED
 
 
-def vector_fields(message: Descriptor, prefix: str = "", seen: frozenset[str] = frozenset()) -> list[str]:
-    """Paths of the repeated float/double fields reachable from ``message`` (``a.b.values``)."""
+def _matching_fields(message: Descriptor, match: Callable[[FieldDescriptor], bool], prefix: str = "",
+                     seen: frozenset[str] = frozenset()) -> list[str]:
+    """Paths (``a.b.values``) of the fields reachable from ``message`` for which ``match`` is true; a message type
+    already on the path is not entered again (recursive messages)."""
     out: list[str] = []
     for field in message.fields:
         path = f"{prefix}{field.name}"
-        if field.type in _FLOATS and _is_repeated(field):
+        if match(field):
             out.append(path)
         elif field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type.full_name not in seen:
-            out.extend(vector_fields(field.message_type, f"{path}.", seen | {message.full_name}))
+            out.extend(_matching_fields(field.message_type, match, f"{path}.", seen | {message.full_name}))
     return out
 
 
-def scalar_score_fields(message: Descriptor, prefix: str = "", seen: frozenset[str] = frozenset()) -> list[str]:
-    """Paths of the single (not repeated) fields named ``score`` reachable from ``message``."""
-    out: list[str] = []
-    for field in message.fields:
-        path = f"{prefix}{field.name}"
-        if field.name == "score" and field.type in _FLOATS and not _is_repeated(field):
-            out.append(path)
-        elif field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type.full_name not in seen:
-            out.extend(scalar_score_fields(field.message_type, f"{path}.", seen | {message.full_name}))
-    return out
+def vector_fields(message: Descriptor) -> list[str]:
+    """Paths of the repeated float/double fields (embeddings) reachable from ``message``."""
+    return _matching_fields(message, lambda f: f.type in _FLOATS and _is_repeated(f))
+
+
+def scalar_score_fields(message: Descriptor) -> list[str]:
+    """Paths of the single (not repeated) float/double fields named ``score`` reachable from ``message``."""
+    return _matching_fields(message, lambda f: f.name == "score" and f.type in _FLOATS and not _is_repeated(f))
 
 
 def api_exposure() -> dict[str, Any]:

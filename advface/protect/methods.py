@@ -191,10 +191,10 @@ def spec_from_config(section: Any, encoder_name: str) -> ProtectionSpec | None:
     the defaults); None when ``enabled`` is false. ``method`` advface (``shadow``, else the shadow shipped for the
     encoder) or advface-id (``shadows``, ``jitter``); ``steps``, ``rel_l2``, ``seed``. ConfigError for an unknown
     method, an advface-id section without shadows or a missing shadow file."""
+    from advface.config import section_value
 
     def opt(name: str, default: Any) -> Any:
-        value = section.get(name) if isinstance(section, Mapping) else getattr(section, name, None)
-        return default if value is None else value
+        return section_value(section, name, default)
 
     if not bool(opt("enabled", True)):
         return None

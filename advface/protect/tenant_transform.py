@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from advface.config import section_value
 from advface.errors import ConfigError
 from advface.protect.keyed import KeyedTransform
 
@@ -109,19 +110,12 @@ def keyed_threshold(transforms: TenantTransforms | None, encoder_name: str,
     return value, "calibrated", note
 
 
-def _get(section: Any, name: str, default: Any = None) -> Any:
-    if section is None:
-        return default
-    value = section.get(name, default) if isinstance(section, Mapping) else getattr(section, name, default)
-    return default if value is None else value
-
-
 def load_transform_secret(section: Any, env: Mapping[str, str] | None = None) -> bytes:
     """The 32-byte deployment secret of a ``keyed_transform`` section (exactly one of ``secret_file``,
     ``secret_env``, ``kms_hook``), read with ``advface.crypto``'s key loaders. ConfigError naming the section."""
     from advface.crypto import key_from_env, key_from_kms_hook, load_key_file
 
-    sources = {k: _get(section, k) for k in ("secret_file", "secret_env", "kms_hook")}
+    sources = {k: section_value(section, k) for k in ("secret_file", "secret_env", "kms_hook")}
     given = [k for k, v in sources.items() if v]
     if len(given) != 1:
         raise ConfigError(
@@ -131,7 +125,7 @@ def load_transform_secret(section: Any, env: Mapping[str, str] | None = None) ->
     try:
         if sources["secret_file"]:
             return load_key_file(
-                sources["secret_file"], allow_insecure_permissions=bool(_get(section, "allow_insecure_secret_file"))
+                sources["secret_file"], allow_insecure_permissions=bool(section_value(section, "allow_insecure_secret_file"))
             )
         if sources["secret_env"]:
             return key_from_env(str(sources["secret_env"]), env)
@@ -343,13 +337,13 @@ def transforms_from_config(section: Any, dim: int, encoder_name: str,
                            env: Mapping[str, str] | None = None) -> TenantTransforms | None:
     """The transforms of a ``keyed_transform`` section (None when ``enabled`` is false). Enabled without a
     usable secret, or with ``norm: auto`` for an uncalibrated encoder: ConfigError (at start; never silently off)."""
-    if not bool(_get(section, "enabled", False)):
+    if not bool(section_value(section, "enabled", False)):
         return None
     secret = load_transform_secret(section, env)
     # an explicit null means "no equalisation"; only a missing key means the default "auto"
     setting = section.get("norm", "auto") if isinstance(section, Mapping) else getattr(section, "norm", "auto")
     norm = resolve_norm(setting, encoder_name)
-    version = _get(section, "version", 1)
+    version = section_value(section, "version", 1)
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise ConfigError(f"keyed_transform.version must be an integer >= 1, got {version!r}")
     return TenantTransforms(secret, dim, version=version, norm=norm)
