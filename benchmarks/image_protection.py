@@ -86,6 +86,25 @@ class Evaluator:
             return None
         return self.protector.embed_standard(image, face)
 
+    def cells(
+        self, image: np.ndarray, ref: dict[str, np.ndarray], other: dict[str, np.ndarray] | None
+    ) -> dict[str, dict | None]:
+        """Per encoder: ISM against ``ref`` (the clean photo's embeddings) and the native scores against ``ref``
+        (``score_self``) and the other photo (``score_other``); None where no face is found in ``image``."""
+        emb = self.embed(image)
+        out: dict[str, dict | None] = {}
+        for m in self.protector.members:
+            if emb is None:
+                out[m.name] = None
+                continue
+            e, r = emb[m.name], ref[m.name]
+            out[m.name] = {
+                "ism": float(np.dot(e, r) / (np.linalg.norm(e) * np.linalg.norm(r))),
+                "score_self": float(m.encoder.score(r, e)[0]),
+                "score_other": None if other is None else float(m.encoder.score(other[m.name], e)[0]),
+            }
+        return out
+
 
 def summarise(rows: list[dict], encoders: list[str], thr: dict[str, dict]) -> dict[str, dict]:
     """Per condition and encoder: mean/median ISM, match rates, faces not found."""
@@ -145,6 +164,8 @@ def main() -> None:  # noqa: PLR0915 - one linear script
     parser.add_argument("--epsilon", type=str, default="8/255")
     parser.add_argument("--steps", type=int, default=ProtectConfig.steps)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--feature-weight", type=float, default=ProtectConfig.feature_weight,
+                        help="weight of the feature-level term (0: embeddings only, the method before 2026-12-03)")
     parser.add_argument("--no-loo", action="store_true", help="skip the leave-one-out (single-encoder) runs")
     parser.add_argument("--grid", type=int, default=4, help="faces in the image grid")
     parser.add_argument("--lfw-dir")
@@ -164,7 +185,7 @@ def main() -> None:  # noqa: PLR0915 - one linear script
     encoders = protector.encoder_names
     thr = thresholds(encoders)
     evaluator = Evaluator(protector)
-    config = ProtectConfig(epsilon=epsilon, steps=args.steps, seed=args.seed)
+    config = ProtectConfig(epsilon=epsilon, steps=args.steps, seed=args.seed, feature_weight=args.feature_weight)
 
     denoiser_cfg = DenoiserConfig()
     model, denoiser_info = load_or_train_denoiser(root, [p for p, _, _ in people], denoiser_cfg)
@@ -180,7 +201,7 @@ def main() -> None:  # noqa: PLR0915 - one linear script
 
     loo = not args.no_loo and len(encoders) > 1
     rows_path = Path(args.rows_file) if args.rows_file else (
-        RESULTS_DIR / "local" / f"image_protection_rows-l{config.levels}-s{config.steps}-seed{args.seed}"
+        RESULTS_DIR / "local" / f"image_protection_rows-l{config.levels}-s{config.steps}-seed{args.seed}-fw{config.feature_weight:g}"
         f"{'' if loo else '-noloo'}.jsonl")
     done = _load_rows(rows_path)
     rows_path.parent.mkdir(parents=True, exist_ok=True)
@@ -212,20 +233,7 @@ def main() -> None:  # noqa: PLR0915 - one linear script
         for name, fn in purifiers.items():
             images[f"ensemble+{name}"] = fn(protected)
             images[f"clean+{name}"] = fn(clean)
-        evals: dict[str, dict] = {}
-        for cond, img in images.items():
-            emb = evaluator.embed(img)
-            evals[cond] = {}
-            for m in protector.members:
-                if emb is None:
-                    evals[cond][m.name] = None
-                    continue
-                e = emb[m.name]
-                evals[cond][m.name] = {
-                    "ism": float(np.dot(e, ref[m.name]) / (np.linalg.norm(e) * np.linalg.norm(ref[m.name]))),
-                    "score_self": float(m.encoder.score(ref[m.name], e)[0]),
-                    "score_other": None if other is None else float(m.encoder.score(other[m.name], e)[0]),
-                }
+        evals = {cond: evaluator.cells(img, ref, other) for cond, img in images.items()}
         rows.append({"person": person, "photo": photo.name, "seconds": seconds, "psnr": psnr(clean, protected),
                      "ssim": ssim(clean, protected), "linf": report.linf_levels, "eval": evals,
                      "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg()[0]})
@@ -255,7 +263,8 @@ def main() -> None:  # noqa: PLR0915 - one linear script
         "wall_seconds": round(wall, 1),
         "config": {"epsilon": epsilon, "epsilon_levels": config.levels, "steps": config.steps,
                    "step_fraction": config.step_fraction, "eot": config.eot, "eot_config": vars(config.eot_config),
-                   "random_start": config.random_start, "seed": args.seed},
+                   "random_start": config.random_start, "feature_weight": config.feature_weight,
+                   "feature_layers": {m.name: list(m.feature_layers) for m in protector.members}, "seed": args.seed},
         "encoders": encoders,
         "ensemble_notes": protector.notes,
         "thresholds": thr,

@@ -66,6 +66,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-eot", action="store_true", help="no random transforms during optimisation (faster, less robust)"
     )
+    parser.add_argument(
+        "--feature-weight", type=float, default=defaults.feature_weight, metavar="W",
+        help=f"weight of the feature-level term on encoders that name feature layers (dlib-torch); it makes the "
+        f"protection carry over to encoders outside the ensemble; 0 attacks embeddings only "
+        f"(default {defaults.feature_weight:g})",
+    )
     parser.add_argument("--batch-size", type=int, default=4, help="photos of equal size optimised together (default 4)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument(
@@ -113,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = ProtectConfig(
         epsilon=parse_epsilon(args.epsilon), steps=args.steps, seed=args.seed, eot=not args.no_eot,
-        target_similarity=args.target_similarity,
+        target_similarity=args.target_similarity, feature_weight=args.feature_weight,
     )
     config.validate()
     if args.batch_size < 1:
@@ -201,6 +207,7 @@ def run(args: argparse.Namespace) -> int:
         "seconds": round(time.perf_counter() - start, 2),
         "config": {"epsilon": config.epsilon, "epsilon_levels": config.levels, "steps": config.steps,
                    "seed": config.seed, "eot": config.eot, "target_similarity": config.target_similarity,
+                   "feature_weight": config.feature_weight,
                    "detector": args.detector, "policy": args.policy},
         "encoders": protector.encoder_names,
         "notes": protector.notes,

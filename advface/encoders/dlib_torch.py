@@ -173,12 +173,19 @@ class DlibResNet(nn.Module):
     """
 
     strict_fp32: bool = True
+    #: Feature maps that image protection disrupts next to the descriptor (its feature-level term): the output of
+    #: the third stage (128 x 8 x 8, after the ReLU of its last residual unit). Chosen by measurement among stages
+    #: 1-3 (``benchmarks/image_transfer.py``); mid-level features transfer to other encoders better than the
+    #: descriptor alone.
+    transfer_layers: tuple[str, ...] = ("net.23",)
 
     def __init__(self, network: DlibNetwork) -> None:
         super().__init__()
         self.input_size = network.input_size
         self.register_buffer("means", torch.tensor(network.input_means, dtype=torch.float32).view(1, 3, 1, 1))
         self.net = _build(network.layers)
+        if len(self.net) <= 23:  # another layout than dlib's published network: no known feature layer
+            self.transfer_layers = ()
         self.requires_grad_(False)
         self.eval()
 

@@ -17,7 +17,8 @@ from advface.errors import ConfigError, ImageError, NoFaceError
 from advface.faces.align import alignment_matrix, warp_to_chip
 from advface.images import load_image
 from advface.protect.image import ImageProtector, ProtectConfig, build_ensemble, protect_image
-from advface.protect.image.denoiser import DenoiserConfig, denoise, load_or_train_denoiser
+from advface.protect.image.core import capture_outputs
+from advface.protect.image.denoiser import DenoiserConfig, denoise, load_or_train_denoiser, train_pair_denoiser
 from advface.protect.image.io import load_for_protection, save_png
 from advface.protect.image.purify import standard_purifications
 from advface.protect.image.quality import psnr, ssim
@@ -106,6 +107,21 @@ def test_denoiser_trains_caches_and_runs(lfw_dir: Path, tmp_path: Path, photo: n
     assert out.shape == photo.shape and out.dtype == np.uint8
 
 
+def test_pair_denoiser_learns_to_undo_a_degradation(photo: np.ndarray) -> None:
+    """The adaptive purifier's trainer: on (clean + fixed checkerboard, clean) pairs it learns to remove the pattern."""
+    clean = photo[60:188, 60:188].copy()
+    checker = (np.indices(clean.shape[:2]).sum(axis=0) % 2 * 16 - 8)[:, :, None]
+    degraded = np.clip(clean.astype(np.int16) + checker, 0, 255).astype(np.uint8)
+    config = DenoiserConfig(steps=300, batch=4, patch=24, depth=3, width=16, lr=3e-3)
+    model, info = train_pair_denoiser([(degraded, clean)], config, progress=False)
+    assert info["train_pairs"] == 1 and info["final_mse"] < 0.5 * info["noisy_input_mse"]
+    assert psnr(clean, denoise(model, degraded)) > psnr(clean, degraded) + 3
+    with pytest.raises(ValueError, match="at least one"):
+        train_pair_denoiser([], config)
+    with pytest.raises(ValueError, match="shapes differ"):
+        train_pair_denoiser([(degraded, clean[:-1])], config)
+
+
 def test_quality_metrics(photo: np.ndarray) -> None:
     assert psnr(photo, photo) == float("inf") and ssim(photo, photo) == pytest.approx(1.0)
     noisy = np.clip(photo.astype(np.int16) + 8, 0, 255).astype(np.uint8)
@@ -157,6 +173,27 @@ def test_default_ensemble_without_mobilefacenet_says_so(monkeypatch: pytest.Monk
     assert notes and "mobilefacenet" in notes[0]
     with pytest.raises(ConfigError):
         build_ensemble(["mobilefacenet"], "cpu")
+
+
+def test_feature_layers_of_the_ensemble(protector: ImageProtector) -> None:
+    dlib_member, mfn_member = protector.members
+    assert dlib_member.feature_layers == ("net.23",) and mfn_member.feature_layers == ()
+    with torch.no_grad(), capture_outputs(dlib_member.module, dlib_member.feature_layers) as maps:
+        dlib_member.module(torch.rand(2, 3, 150, 150))
+    assert [tuple(m.shape) for m in maps] == [(2, 128, 8, 8)]
+
+
+def test_feature_term_changes_the_step_and_leaves_no_hooks(protector: ImageProtector, photo: np.ndarray) -> None:
+    sub = protector.subset(["dlib-torch"])
+    plain = sub.protect([photo], ProtectConfig(steps=3, seed=5, feature_weight=0.0))[0][0]
+    featured = sub.protect([photo], ProtectConfig(steps=3, seed=5))[0][0]
+    assert not np.array_equal(plain, featured)
+    assert np.abs(featured.astype(np.int16) - photo).max() <= 8
+    module = sub.members[0].module
+    assert not any(m._forward_hooks for m in module.modules())  # the feature taps are removed after each step
+    for weight in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="feature_weight"):
+            ProtectConfig(feature_weight=weight).validate()
 
 
 def test_protect_image_function(protector: ImageProtector, photo: np.ndarray) -> None:

@@ -5,7 +5,11 @@ becomes an ``affine_grid`` warp, so the perturbation lives on the whole photo an
 differentiable crop. Each step draws one random transform (EOT, :mod:`advface.protect.image.transforms`), computes
 for every encoder the cosine between the clean and the perturbed embedding, L2-normalises each encoder's gradient
 and sums them (no encoder dominates), and takes a signed step that lowers the sum; the perturbation is kept in the
-L-inf ball of radius ``epsilon`` and in [0, 1]. The result is rounded to uint8 inside the same ball, so every pixel of
+L-inf ball of radius ``epsilon`` and in [0, 1]. Encoders whose module names intermediate feature maps
+(``transfer_layers``, dlib's ResNet) add a feature-level term: the cosine between the clean and the perturbed
+feature maps, its gradient normalised the same way and weighted by ``feature_weight``. Disrupting mid-level features
+rather than only the final embedding is what makes a perturbation found on one encoder fool others (measured:
+``benchmarks/RESULTS.md``, image-level protection). The result is rounded to uint8 inside the same ball, so every pixel of
 the written photo differs from the original by at most ``floor(255 * epsilon)`` levels.
 
 Randomness (start point, transforms) comes from a generator seeded by ``seed`` and the photo's own bytes, so a photo
@@ -14,11 +18,12 @@ gets the same protection whatever batch or order it is processed in (up to float
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +60,9 @@ class ProtectConfig:
     seed: int = 0
     #: Start from uniform noise in the ball (costs PSNR: the noise stays on pixels no encoder sees).
     random_start: bool = False
+    #: Weight of the feature-level term (intermediate feature maps of encoders that name ``transfer_layers``)
+    #: relative to the embedding term; 0 attacks the embeddings only.
+    feature_weight: float = 1.0
 
     def validate(self) -> None:
         """Raise ConfigError for out-of-range settings."""
@@ -70,6 +78,8 @@ class ProtectConfig:
             raise ConfigError(f"target_similarity must be in [-1, 1], got {self.target_similarity}")
         if self.check_every < 1:
             raise ConfigError(f"check_every must be >= 1, got {self.check_every}")
+        if not (math.isfinite(self.feature_weight) and self.feature_weight >= 0):
+            raise ConfigError(f"feature_weight must be a finite number >= 0, got {self.feature_weight}")
 
     @property
     def levels(self) -> int:
@@ -259,11 +269,19 @@ class ImageProtector:
             for m, th, ref in zip(self.members, thetas, clean):
                 if config.eot:
                     th = torch.stack([jitter_theta(th[i], config.eot_config, gens[i]) for i in range(b)])
-                emb = m.module(warp_chips(adv, th, m.chip.size))
-                cos = F.cosine_similarity(emb, ref, dim=1)
-                (grad,) = torch.autograd.grad(cos.sum(), delta, retain_graph=True)
-                norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(b, 1, 1, 1)
-                total += grad / norm
+                layers = m.feature_layers if config.feature_weight > 0 else ()
+                if layers:
+                    with torch.no_grad(), capture_outputs(m.module, layers) as clean_maps:
+                        m.module(warp_chips(x, th, m.chip.size))
+                with capture_outputs(m.module, layers) as maps:
+                    emb = m.module(warp_chips(adv, th, m.chip.size))
+                terms = [(F.cosine_similarity(emb, ref, dim=1), 1.0)]
+                terms += [(F.cosine_similarity(f.flatten(1), c.flatten(1), dim=1), config.feature_weight)
+                          for f, c in zip(maps, clean_maps if layers else [])]
+                for cos, weight in terms:
+                    (grad,) = torch.autograd.grad(cos.sum(), delta, retain_graph=True)
+                    norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(b, 1, 1, 1)
+                    total += weight * grad / norm
             with torch.no_grad():
                 delta = delta.detach() - alpha * torch.sign(total) * active.view(b, 1, 1, 1)
                 delta = self._project(x, delta, eps, gray_mask)
@@ -320,6 +338,19 @@ class ImageProtector:
             ssim=ssim(clean, protected), linf_levels=linf(clean, protected), steps=steps, seconds=seconds,
             epsilon=config.epsilon, grayscale=gray, notes=list(self.notes),
         )
+
+
+@contextlib.contextmanager
+def capture_outputs(module: torch.nn.Module, paths: Sequence[str]) -> Iterator[list[torch.Tensor]]:
+    """Within the block, the outputs of ``module``'s submodules ``paths`` are appended (in call order) to the list
+    it yields; the hooks are removed on exit. No paths: an empty list and no hooks."""
+    captured: list[torch.Tensor] = []
+    handles = [module.get_submodule(p).register_forward_hook(lambda _m, _i, out: captured.append(out)) for p in paths]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:

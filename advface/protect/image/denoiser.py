@@ -1,9 +1,11 @@
-"""A small learned denoiser (DnCNN-like residual CNN) trained on LFW faces with Gaussian noise: a purification attack.
+"""A small learned denoiser (DnCNN-like residual CNN): a purification attack on protected photos.
 
 A thief who wants the identity back from a protected photo can run a denoiser first (AntiPure's concern). This one is
 trained here, on CPU in minutes: ``depth`` 3x3 convolutions of ``width`` channels predict the noise, which is
-subtracted (Zhang et al. 2017, residual learning). Training photos come from LFW people the caller names (keep them
-disjoint from the evaluation sample); the model is cached under ``<cache dir>/denoisers/`` keyed by its settings.
+subtracted (Zhang et al. 2017, residual learning). :func:`train_denoiser` learns to remove Gaussian noise from LFW
+photos of people the caller names (keep them disjoint from the evaluation sample; cached under
+``<cache dir>/denoisers/`` keyed by its settings); :func:`train_pair_denoiser` learns to undo the protection itself
+from (protected, clean) pairs, the adaptive purifier of a thief who owns the tool.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -77,11 +79,67 @@ def train_denoiser(
     lfw_dir: Path, exclude_people: Sequence[str] = (), config: DenoiserConfig = DenoiserConfig(),
     progress: bool = True,
 ) -> tuple[DnCNN, dict]:
-    """Train a :class:`DnCNN` on random patches of LFW photos (people in ``exclude_people`` left out)."""
-    torch.manual_seed(config.seed)
+    """Train a :class:`DnCNN` to remove Gaussian noise from random patches of LFW photos (people in
+    ``exclude_people`` left out)."""
     rng = np.random.default_rng(config.seed)
     files = _training_photos(Path(lfw_dir), set(exclude_people), config.photos, config.seed)
-    images = [torch.from_numpy(load_image(f).copy()).permute(2, 0, 1).float() / 255.0 for f in files]
+    images = [(_to_chw(load_image(f)),) for f in files]
+
+    def batch() -> tuple[torch.Tensor, torch.Tensor]:
+        (clean,) = _patch_batch(rng, images, config)
+        sigma = torch.from_numpy(rng.uniform(*config.sigma, size=(config.batch, 1, 1, 1))).float() / 255.0
+        return clean + sigma * torch.randn(clean.shape), clean
+
+    model, info = _fit(batch, config, progress)
+    return model, {**info, "train_photos": len(files)}
+
+
+def train_pair_denoiser(
+    pairs: Sequence[tuple[np.ndarray, np.ndarray]], config: DenoiserConfig = DenoiserConfig(), progress: bool = True
+) -> tuple[DnCNN, dict]:
+    """Train a :class:`DnCNN` to map each ``(degraded, clean)`` uint8 photo pair's first image to its second, on
+    aligned random patches: the *adaptive* purifier of a thief who protects photos of his own with the same tool
+    and learns to undo it (``config.sigma`` and ``config.photos`` are unused)."""
+    if not pairs:
+        raise ValueError("train_pair_denoiser needs at least one (degraded, clean) pair")
+    rng = np.random.default_rng(config.seed)
+    tensors = [(_to_chw(a), _to_chw(b)) for a, b in pairs]
+    for a, b in tensors:
+        if a.shape != b.shape:
+            raise ValueError(f"pair shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+
+    def batch() -> tuple[torch.Tensor, torch.Tensor]:
+        degraded, clean = _patch_batch(rng, tensors, config)
+        return degraded, clean
+
+    model, info = _fit(batch, config, progress)
+    return model, {**info, "train_pairs": len(pairs)}
+
+
+def _to_chw(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(image).copy()).permute(2, 0, 1).float() / 255.0
+
+
+def _patch_batch(
+    rng: np.random.Generator, items: Sequence[tuple[torch.Tensor, ...]], config: DenoiserConfig
+) -> list[torch.Tensor]:
+    """``config.batch`` random items, each cut to one random ``config.patch`` window (the same window for every
+    image of the item, mirrored half the time); one stacked batch per image position."""
+    cuts = []
+    for _ in range(config.batch):
+        images = items[int(rng.integers(len(items)))]
+        y = int(rng.integers(images[0].shape[1] - config.patch + 1))
+        x = int(rng.integers(images[0].shape[2] - config.patch + 1))
+        cut = [img[:, y : y + config.patch, x : x + config.patch] for img in images]
+        cuts.append([c.flip(2) for c in cut] if rng.random() < 0.5 else cut)
+    return [torch.stack(column) for column in zip(*cuts)]
+
+
+def _fit(
+    next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]], config: DenoiserConfig, progress: bool
+) -> tuple[DnCNN, dict]:
+    """Adam + cosine schedule on MSE(model(input), target) over ``config.steps`` batches."""
+    torch.manual_seed(config.seed)
     model = DnCNN(config.depth, config.width)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, config.steps)
@@ -89,25 +147,16 @@ def train_denoiser(
     losses: list[float] = []
     baseline: list[float] = []
     for _ in tqdm(range(config.steps), desc="train denoiser", disable=not progress, leave=False):
-        batch = []
-        for _ in range(config.batch):
-            img = images[int(rng.integers(len(images)))]
-            y = int(rng.integers(img.shape[1] - config.patch + 1))
-            x = int(rng.integers(img.shape[2] - config.patch + 1))
-            patch = img[:, y : y + config.patch, x : x + config.patch]
-            batch.append(patch.flip(2) if rng.random() < 0.5 else patch)
-        clean = torch.stack(batch)
-        sigma = torch.from_numpy(rng.uniform(*config.sigma, size=(config.batch, 1, 1, 1))).float() / 255.0
-        noisy = clean + sigma * torch.randn(clean.shape)
-        loss = F.mse_loss(model(noisy), clean)
-        baseline.append(float(F.mse_loss(noisy, clean)))
+        degraded, clean = next_batch()
+        loss = F.mse_loss(model(degraded), clean)
+        baseline.append(float(F.mse_loss(degraded, clean)))
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
         losses.append(float(loss.detach()))
     model.eval()
-    info = {"train_seconds": round(time.perf_counter() - start, 1), "train_photos": len(files),
+    info = {"train_seconds": round(time.perf_counter() - start, 1),
             "final_mse": float(np.mean(losses[-100:])), "noisy_input_mse": float(np.mean(baseline[-100:]))}
     return model, info
 

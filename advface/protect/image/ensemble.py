@@ -32,6 +32,12 @@ class EnsembleMember:
         """The aligned chip this encoder expects."""
         return self.encoder.chip
 
+    @property
+    def feature_layers(self) -> tuple[str, ...]:
+        """Submodule paths of intermediate feature maps for the feature-level term (the module's
+        ``transfer_layers``; empty when it names none, as for ONNX graphs)."""
+        return tuple(getattr(self.module, "transfer_layers", ()))
+
 
 EncoderSpec = str | Mapping[str, Any] | FaceEncoder
 
