@@ -201,7 +201,8 @@ def main() -> None:  # noqa: PLR0915 - one linear script
 
     loo = not args.no_loo and len(encoders) > 1
     rows_path = Path(args.rows_file) if args.rows_file else (
-        RESULTS_DIR / "local" / f"image_protection_rows-l{config.levels}-s{config.steps}-seed{args.seed}-fw{config.feature_weight:g}"
+        RESULTS_DIR / "local" / f"image_protection_rows-l{config.levels}-s{config.steps}-seed{args.seed}"
+        f"-fw{config.feature_weight:g}"
         f"{'' if loo else '-noloo'}.jsonl")
     done = _load_rows(rows_path)
     rows_path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,6 @@
-"""Leave-one-out transfer of image protection: which dlib feature layer makes a dlib-only perturbation fool MobileFaceNet.
+"""Leave-one-out transfer of image protection: which dlib feature layer carries a dlib-only perturbation over.
+
+The question: which layer makes a perturbation optimised on dlib alone fool MobileFaceNet, which it never sees.
 
 Usage (what produced ``benchmarks/results/image_transfer.json``)::
 

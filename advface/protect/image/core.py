@@ -9,8 +9,8 @@ L-inf ball of radius ``epsilon`` and in [0, 1]. Encoders whose module names inte
 (``transfer_layers``, dlib's ResNet) add a feature-level term: the cosine between the clean and the perturbed
 feature maps, its gradient normalised the same way and weighted by ``feature_weight``. Disrupting mid-level features
 rather than only the final embedding is what makes a perturbation found on one encoder fool others (measured:
-``benchmarks/RESULTS.md``, image-level protection). The result is rounded to uint8 inside the same ball, so every pixel of
-the written photo differs from the original by at most ``floor(255 * epsilon)`` levels.
+``benchmarks/RESULTS.md``, image-level protection). The result is rounded to uint8 inside the same ball, so every
+pixel of the written photo differs from the original by at most ``floor(255 * epsilon)`` levels.
 
 Randomness (start point, transforms) comes from a generator seeded by ``seed`` and the photo's own bytes, so a photo
 gets the same protection whatever batch or order it is processed in (up to float rounding of batched convolutions).
