@@ -35,7 +35,7 @@ from advface.paths import lfw_dir as resolve_lfw_dir  # noqa: E402
 from advface.protect.image import ImageProtector, ProtectConfig  # noqa: E402
 from advface.protect.image.quality import psnr  # noqa: E402
 from benchmarks.common import RESULTS_DIR, write_results  # noqa: E402
-from benchmarks.image_protection import Evaluator, sample_people, thresholds  # noqa: E402
+from benchmarks.image_protection import Evaluator, sample_people, summarise, thresholds  # noqa: E402
 
 #: Variant -> (feature_weight, dlib layers). Layer paths index ``DlibResNet.net`` (ReLU after a stage's last unit).
 VARIANTS: dict[str, tuple[float, tuple[str, ...]]] = {
@@ -69,7 +69,7 @@ def main() -> None:
     evaluator = Evaluator(protector)
     surrogate = protector.subset(["dlib-torch"])
     module = surrogate.members[0].module
-    cells: dict[str, list[dict]] = {v: [] for v in args.variants}
+    rows: list[dict] = []
     from tqdm import tqdm
 
     start = time.perf_counter()
@@ -78,37 +78,27 @@ def main() -> None:
         other = evaluator.embed(load_image(other_photo))
         face = protector.find_face(clean, photo.name)
         ref = protector.embed_standard(clean, face)
+        row: dict = {"person": person, "seconds": {}, "psnr": {}, "eval": {}}
         for variant in args.variants:
             weight, layers = VARIANTS[variant]
             module.transfer_layers = layers  # instance attribute: this benchmark's choice of layers
             t = time.perf_counter()
             out = surrogate.protect([clean], ProtectConfig(seed=args.seed, feature_weight=weight), faces=[face])[0][0]
-            seconds = time.perf_counter() - t
-            row: dict = {"person": person, "seconds": seconds, "psnr": psnr(clean, out)}
-            for name, cell in evaluator.cells(out, ref, other).items():
-                t = thr[name]["threshold"]
-                row[name] = None if cell is None else {
-                    "ism": cell["ism"], "match_self": cell["score_self"] >= t,
-                    "match_other": cell["score_other"] is not None and cell["score_other"] >= t}
-            cells[variant].append(row)
+            row["seconds"][variant] = time.perf_counter() - t
+            row["psnr"][variant] = psnr(clean, out)
+            row["eval"][variant] = evaluator.cells(out, ref, other)
+        rows.append(row)
     del module.transfer_layers  # back to the class default
 
-    summary: dict[str, dict] = {}
-    for variant, rows in cells.items():
-        entry: dict = {"feature_weight": VARIANTS[variant][0], "dlib_layers": list(VARIANTS[variant][1]),
-                       "photos": len(rows), "psnr_mean": float(np.mean([r["psnr"] for r in rows])),
-                       "seconds_mean": float(np.mean([r["seconds"] for r in rows]))}
-        for enc in protector.encoder_names:
-            found = [r[enc] for r in rows if r[enc] is not None]
-            entry[enc] = {"no_face": len(rows) - len(found),
-                          "ism_mean": float(np.mean([c["ism"] for c in found])),
-                          "match_self": float(np.sum([c["match_self"] for c in found]) / len(rows)),
-                          "match_other": float(np.sum([c["match_other"] for c in found]) / len(rows))}
-        summary[variant] = entry
-        print(f"{variant:10s} MobileFaceNet ISM {entry['mobilefacenet']['ism_mean']:.3f} "
-              f"match self {entry['mobilefacenet']['match_self']:.1%} other {entry['mobilefacenet']['match_other']:.1%}"
-              f" | dlib match self {entry['dlib-torch']['match_self']:.1%} | PSNR {entry['psnr_mean']:.2f} dB "
-              f"| {entry['seconds_mean']:.1f} s", flush=True)
+    summary = summarise(rows, protector.encoder_names, thr)
+    for variant, entry in summary.items():
+        entry.update({"feature_weight": VARIANTS[variant][0], "dlib_layers": list(VARIANTS[variant][1]),
+                      "photos": len(rows), "psnr_mean": float(np.mean([r["psnr"][variant] for r in rows])),
+                      "seconds_mean": float(np.mean([r["seconds"][variant] for r in rows]))})
+        mfn, dlib = entry["mobilefacenet"], entry["dlib-torch"]
+        print(f"{variant:10s} MobileFaceNet ISM {mfn['ism_mean']:.3f} match self {mfn['match_self']:.1%} "
+              f"other {mfn['match_other']:.1%} | dlib match self {dlib['match_self']:.1%} "
+              f"| PSNR {entry['psnr_mean']:.2f} dB | {entry['seconds_mean']:.1f} s", flush=True)
     payload = {
         "protocol": ("dlib-torch-only protection (60 steps, 8/255, EOT, seed), evaluated as image_protection.py; "
                      f"people {args.offset}..{args.offset + len(people) - 1} of the seeded LFW shuffle"),
@@ -117,7 +107,7 @@ def main() -> None:
         "wall_seconds": round(time.perf_counter() - start, 1),
         "thresholds": thr,
         "results": summary,
-        "per_photo": cells,
+        "per_photo": rows,
     }
     print("wrote", write_results("image_transfer", payload, Path(args.out) if args.out else None))
 

@@ -184,7 +184,10 @@ class DlibResNet(nn.Module):
         self.input_size = network.input_size
         self.register_buffer("means", torch.tensor(network.input_means, dtype=torch.float32).view(1, 3, 1, 1))
         self.net = _build(network.layers)
-        if len(self.net) <= 23:  # another layout than dlib's published network: no known feature layer
+        try:
+            for path in self.transfer_layers:
+                self.get_submodule(path)
+        except AttributeError:  # another layout than dlib's published network: no known feature layer
             self.transfer_layers = ()
         self.requires_grad_(False)
         self.eval()

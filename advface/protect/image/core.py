@@ -270,14 +270,15 @@ class ImageProtector:
                 if config.eot:
                     th = torch.stack([jitter_theta(th[i], config.eot_config, gens[i]) for i in range(b)])
                 layers = m.feature_layers if config.feature_weight > 0 else ()
-                if layers:
+                clean_maps: list[torch.Tensor] = []
+                if layers:  # the clean maps under this step's jittered alignment
                     with torch.no_grad(), capture_outputs(m.module, layers) as clean_maps:
                         m.module(warp_chips(x, th, m.chip.size))
                 with capture_outputs(m.module, layers) as maps:
                     emb = m.module(warp_chips(adv, th, m.chip.size))
                 terms = [(F.cosine_similarity(emb, ref, dim=1), 1.0)]
                 terms += [(F.cosine_similarity(f.flatten(1), c.flatten(1), dim=1), config.feature_weight)
-                          for f, c in zip(maps, clean_maps if layers else [])]
+                          for f, c in zip(maps, clean_maps)]
                 for cos, weight in terms:
                     (grad,) = torch.autograd.grad(cos.sum(), delta, retain_graph=True)
                     norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(b, 1, 1, 1)
