@@ -11,6 +11,11 @@ from pathlib import Path
 
 import pytest
 
+# The test process forks children (pg_ctl, advface serve) while gRPC servers and channels run in it; none of those
+# children use gRPC, so gRPC's fork handlers (which can abort a child forked while gRPC threads are busy) stay off.
+# Set before anything imports grpc.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 from advface.paths import ENV_LFW_DIR, ENV_MODELS_DIR
 
 

@@ -26,6 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import psycopg
+from psycopg import sql
+
 ENV_BINDIR = "ADVFACE_PG_BINDIR"
 
 
@@ -111,17 +114,14 @@ class LocalPostgres:
         self._run([str(self.bindir / "pg_ctl"), "-D", str(self.pgdata), "-l", str(self.root / "server.log"),
                    "-o", opts, "-w", "-t", "60", "start"])
         self._started = True
-        self._run([str(self.bindir / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", self.dsn,
-                   "-c", "CREATE EXTENSION IF NOT EXISTS vector"])
+        _execute(self.dsn, "CREATE EXTENSION IF NOT EXISTS vector")
         return self
 
     def create_database(self, name: str) -> str:
         """Create database ``name`` (with pgvector); returns its DSN."""
-        self._run([str(self.bindir / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", self.dsn,
-                   "-c", f'CREATE DATABASE "{name}"'])
+        _execute(self.dsn, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         dsn = self.dsn_for(name)
-        self._run([str(self.bindir / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", dsn,
-                   "-c", "CREATE EXTENSION IF NOT EXISTS vector"])
+        _execute(dsn, "CREATE EXTENSION IF NOT EXISTS vector")
         return dsn
 
     def stop(self, mode: str = "fast") -> None:
@@ -143,6 +143,13 @@ class LocalPostgres:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _execute(dsn: str, statement: str | sql.Composed) -> None:
+    """Run one statement outside a transaction, in process: no child process is forked, so it is safe while the
+    process runs gRPC's threads (a forked child can abort in gRPC's fork handlers)."""
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=30) as conn:
+        conn.execute(statement)
 
 
 def _allow_traverse(path: Path) -> None:
