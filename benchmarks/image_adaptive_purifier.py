@@ -37,6 +37,7 @@ from advface.images import load_image  # noqa: E402
 from advface.paths import lfw_dir as resolve_lfw_dir  # noqa: E402
 from advface.protect.image import ImageProtector, ProtectConfig  # noqa: E402
 from advface.protect.image.denoiser import DenoiserConfig, denoise, train_pair_denoiser  # noqa: E402
+from advface.protect.image.io import save_png  # noqa: E402
 from advface.protect.image.quality import psnr  # noqa: E402
 from benchmarks.common import RESULTS_DIR, write_results  # noqa: E402
 from benchmarks.image_protection import Evaluator, sample_people, summarise, thresholds  # noqa: E402
@@ -48,10 +49,7 @@ def protected_photo(protector: ImageProtector, config: ProtectConfig, photo: Pat
     if path.is_file():
         return np.asarray(Image.open(path).convert("RGB"))
     out = protector.protect([load_image(photo)], config, [photo.name])[0][0]
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    Image.fromarray(out).save(tmp)
-    tmp.replace(path)
+    save_png(out, path)
     return out
 
 
