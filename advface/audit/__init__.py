@@ -15,7 +15,8 @@ __all__ = ["FULL_ATTACKERS", "PROTECTIONS", "QUICK_ATTACKERS", "AuditConfig", "r
 #: Protections an audit can apply to the dataset's templates.
 PROTECTIONS = ("advface", "advface-id", "none")
 #: Attackers run by default (full mode); ``+id``: pixel + identity loss.
-FULL_ATTACKERS = ("deconv", "resup", "pixelshuffle", "tokens", "modconv", "resup+id", "gan-prior", "adaptive")
+FULL_ATTACKERS = ("deconv", "resup", "pixelshuffle", "tokens", "modconv", "resup+id", "gan-prior", "adaptive",
+                  "adaptive-resup+id")
 #: Attackers of ``--quick``.
 QUICK_ATTACKERS = ("deconv", "resup+id", "tokens", "gan-prior", "adaptive")
 

@@ -255,6 +255,13 @@ def render_html(result: dict[str, Any], figures: dict[str, str]) -> str:
         rows += [[f"renewability: {html.escape(k)}", _fmt(v["d_sys"]), _fmt(v.get("noise_floor")),
                   str(v["n_mated"])] for k, v in r.get("renewability", {}).get("details", {}).items()]
         parts.append(_table(["databases", "D_sys", "noise floor", "people"], rows))
+        across = unl.get("advface+key_across_keys")
+        if across:
+            verdict = "meets" if unl.get("key_meets_target") else "does not meet"
+            parts.append(f"<p>AdvFace + key over {across['key_pairs']} pairs of tenant keys: D_sys mean "
+                         f"{_fmt(across['mean'])}, worst {_fmt(across['max'])} (noise floor "
+                         f"{_fmt(across['noise_floor_mean'])}); the worst {verdict} the target "
+                         f"D_sys &le; {_fmt(unl.get('target_d_sys_max'))}.</p>")
     if "d_curve" in figures:
         parts.append(f"<img alt='D(s)' src='data:image/png;base64,{figures['d_curve']}'>")
     if "hist" in figures:

@@ -36,6 +36,12 @@ def test_quick_audit_writes_json_with_required_keys(quick_report: Path) -> None:
     # other photos of the same people, unprotected, are linkable by the face matcher; the key must lower that
     assert d_sys["raw"] > 0.5
     assert d_sys["advface+key"] < d_sys["raw"]
+    # the key's D_sys over three pairs of tenant keys (quick mode): the first pair is the one above, the others differ
+    across = report["unlinkability"]["advface+key_across_keys"]
+    assert across["key_pairs"] == 3 and across["d_sys"][0] == d_sys["advface+key"]
+    assert len(set(across["d_sys"])) > 1 and all(_rate(v) and v < d_sys["raw"] for v in across["d_sys"])
+    assert across["max"] == max(across["d_sys"])
+    assert report["unlinkability"]["key_meets_target"] == (across["max"] <= 0.05)
     assert set(report["renewability"]["d_sys"]) == {"advface", "advface+key"}
     for setting in ("raw", "protected", "protected+key"):
         v = report["verification"][setting]
