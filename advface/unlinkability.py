@@ -26,11 +26,14 @@ from advface.errors import ConfigError
 
 __all__ = ["DCurve", "d_sys", "default_bins"]
 
+#: Redraws of the pooled scores behind the noise floor (its mean uses the first 5, its 95th percentile all).
+NOISE_DRAWS = 40
+
 
 @dataclass(frozen=True)
 class DCurve:
     """The D(s) curve: bin ``edges`` (B+1), bin ``centers`` (B), ``d`` = D(s) per bin, the histogram densities
-    ``p_mated`` / ``p_nonmated``, score counts, ``omega``, and the noise floor (or None)."""
+    ``p_mated`` / ``p_nonmated``, score counts, ``omega``, and the noise floor with its 95th percentile (or None)."""
 
     edges: np.ndarray
     centers: np.ndarray
@@ -41,13 +44,14 @@ class DCurve:
     n_nonmated: int
     omega: float
     noise_floor: float | None = None
+    noise_floor_p95: float | None = None
 
     def as_dict(self) -> dict[str, object]:
         """JSON-able form (lists)."""
         return {
             "centers": self.centers.tolist(), "d": self.d.tolist(), "p_mated": self.p_mated.tolist(),
             "p_nonmated": self.p_nonmated.tolist(), "n_mated": self.n_mated, "n_nonmated": self.n_nonmated,
-            "omega": self.omega, "noise_floor": self.noise_floor,
+            "omega": self.omega, "noise_floor": self.noise_floor, "noise_floor_p95": self.noise_floor_p95,
         }
 
 
@@ -90,7 +94,9 @@ def d_sys(
     """``(D_sys, D(s) curve)`` of mated and non-mated linkage scores (higher or lower = more similar: either).
 
     ``bins``: histogram bins (default :func:`default_bins`). ``noise_floor``: also estimate the D_sys that
-    histogram noise alone gives for these sample sizes (mean over 5 draws of both sets from the pooled scores).
+    histogram noise alone gives for these sample sizes: both sets drawn again from the pooled scores (a truly
+    unlinkable system), the mean D_sys of the first 5 draws (``noise_floor``) and the 95th percentile of 40 draws
+    (``noise_floor_p95``: an unlinkable system reads above it one time in 20).
     """
     mated = _scores(mated_scores, "mated_scores")
     nonmated = _scores(nonmated_scores, "nonmated_scores")
@@ -104,14 +110,16 @@ def d_sys(
         hi = lo + 1.0
     edges = np.linspace(lo, hi, nb + 1)
     value, d, p_m, p_n = _d_sys(mated, nonmated, edges, float(omega))
-    floor = None
+    floor = floor_p95 = None
     if noise_floor:
         rng = np.random.default_rng(seed)
         pooled = np.concatenate([mated, nonmated])
         draws = []
-        for _ in range(5):
+        for _ in range(NOISE_DRAWS):
             perm = rng.permutation(pooled)
             draws.append(_d_sys(perm[: len(mated)], perm[len(mated) :], edges, float(omega))[0])
-        floor = float(np.mean(draws))
-    curve = DCurve(edges, (edges[:-1] + edges[1:]) / 2, d, p_m, p_n, len(mated), len(nonmated), float(omega), floor)
+        floor = float(np.mean(draws[:5]))
+        floor_p95 = float(np.percentile(draws, 95))
+    curve = DCurve(edges, (edges[:-1] + edges[1:]) / 2, d, p_m, p_n, len(mated), len(nonmated), float(omega), floor,
+                   floor_p95)
     return value, curve

@@ -45,3 +45,18 @@ def test_bad_input() -> None:
     with pytest.raises(ConfigError, match="bins"):
         d_sys([1.0], [1.0], bins=1)
     assert d_sys([1.0, 1.0], [1.0, 1.0])[0] == 0.0  # constant scores: nothing to tell apart
+
+
+def test_noise_floor_percentile_separates_chance_from_linkage() -> None:
+    """Unlinkable samples of 500 mated scores read above the null's 95th percentile rarely; a small real shift of
+    the mated scores reads above it."""
+    rng = np.random.default_rng(4)
+    above = 0
+    for _ in range(40):
+        value, curve = d_sys(rng.normal(size=500), rng.normal(size=20000), noise_floor=True,
+                             seed=int(rng.integers(1 << 30)))
+        assert curve.noise_floor_p95 is not None and curve.noise_floor_p95 >= curve.noise_floor
+        above += value > curve.noise_floor_p95
+    assert above <= 6  # 5% expected: 2 of 40
+    value, curve = d_sys(rng.normal(size=500) + 0.5, rng.normal(size=20000), noise_floor=True)
+    assert value > curve.noise_floor_p95

@@ -141,6 +141,7 @@ def linkage(db_a: np.ndarray, db_b: np.ndarray, metric: str, seed: int = 0) -> L
     mated = np.diag(scores).copy()
     nonmated = scores[~np.eye(len(scores), dtype=bool)]
     value, curve = d_sys(mated, nonmated, noise_floor=True, seed=seed)
-    metrics = {"d_sys": value, "noise_floor": curve.noise_floor, "n_mated": curve.n_mated,
+    metrics = {"d_sys": value, "noise_floor": curve.noise_floor, "noise_floor_p95": curve.noise_floor_p95,
+               "n_mated": curve.n_mated,
                "n_nonmated": curve.n_nonmated}
     return Linkage(metrics, mated, nonmated, curve)

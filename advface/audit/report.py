@@ -261,7 +261,9 @@ def render_html(result: dict[str, Any], figures: dict[str, str]) -> str:
             parts.append(f"<p>AdvFace + key over {across['key_pairs']} pairs of tenant keys: D_sys mean "
                          f"{_fmt(across['mean'])}, worst {_fmt(across['max'])} (noise floor "
                          f"{_fmt(across['noise_floor_mean'])}); the worst {verdict} the target "
-                         f"D_sys &le; {_fmt(unl.get('target_d_sys_max'))}.</p>")
+                         f"D_sys &le; {_fmt(unl.get('target_d_sys_max'))}. {across['above_noise_p95']} of "
+                         f"{across['key_pairs']} read above the 95th percentile of D_sys for unlinkable scores "
+                         "at these counts (one in 20 would by chance).</p>")
     if "d_curve" in figures:
         parts.append(f"<img alt='D(s)' src='data:image/png;base64,{figures['d_curve']}'>")
     if "hist" in figures:

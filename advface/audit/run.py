@@ -498,7 +498,9 @@ class _Audit:
             "d_sys": {k: v["d_sys"] for k, v in details.items()}, "details": details,
             "advface+key_across_keys": {
                 "key_pairs": len(values), "d_sys": values, "mean": float(np.mean(values)), "max": float(max(values)),
-                "noise_floor_mean": float(np.mean([m["noise_floor"] for m in across]))},
+                "noise_floor_mean": float(np.mean([m["noise_floor"] for m in across])),
+                # how many keys read above what an unlinkable system gives 95% of the time at these counts
+                "above_noise_p95": sum(m["d_sys"] > m["noise_floor_p95"] for m in across)},
             "protection": self.protection_info["method"],
             "protocol": "database A: first evaluation photo of each person, database B: second photo; protected "
                         "independently (AdvFace seeds differ; keys of two tenants, repeated for "

@@ -125,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
         across = unl["advface+key_across_keys"]
         print(f"AdvFace + key over {across['key_pairs']} key pairs: D_sys mean {across['mean']:.3f}, worst "
               f"{across['max']:.3f} (target <= {unl['target_d_sys_max']}: "
-              f"{'met' if unl['key_meets_target'] else 'not met'})")
+              f"{'met' if unl['key_meets_target'] else 'not met'}; {across['above_noise_p95']} above the 95th "
+              "percentile of unlinkable scores)")
     for item in result.get("missing", []):
         print(f"missing: {item['stage']}: {item['reason']}")
     print(f"wrote {html_path} and {json_path}")

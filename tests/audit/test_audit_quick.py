@@ -41,6 +41,7 @@ def test_quick_audit_writes_json_with_required_keys(quick_report: Path) -> None:
     assert across["key_pairs"] == 3 and across["d_sys"][0] == d_sys["advface+key"]
     assert len(set(across["d_sys"])) > 1 and all(_rate(v) and v < d_sys["raw"] for v in across["d_sys"])
     assert across["max"] == max(across["d_sys"])
+    assert 0 <= across["above_noise_p95"] <= 3
     assert report["unlinkability"]["key_meets_target"] == (across["max"] <= 0.05)
     assert set(report["renewability"]["d_sys"]) == {"advface", "advface+key"}
     for setting in ("raw", "protected", "protected+key"):
