@@ -142,6 +142,5 @@ def linkage(db_a: np.ndarray, db_b: np.ndarray, metric: str, seed: int = 0) -> L
     nonmated = scores[~np.eye(len(scores), dtype=bool)]
     value, curve = d_sys(mated, nonmated, noise_floor=True, seed=seed)
     metrics = {"d_sys": value, "noise_floor": curve.noise_floor, "noise_floor_p95": curve.noise_floor_p95,
-               "n_mated": curve.n_mated,
-               "n_nonmated": curve.n_nonmated}
+               "n_mated": curve.n_mated, "n_nonmated": curve.n_nonmated}
     return Linkage(metrics, mated, nonmated, curve)
