@@ -10,7 +10,7 @@ Modules: :mod:`advface.audit.attacks` (decoder, GAN-prior and adaptive attackers
 
 from typing import Any
 
-__all__ = ["FULL_ATTACKERS", "PROTECTIONS", "QUICK_ATTACKERS", "AuditConfig", "run_audit"]
+__all__ = ["FULL_ATTACKERS", "PROTECTIONS", "QUICK_ATTACKERS", "TARGET_D_SYS", "AuditConfig", "run_audit"]
 
 #: Protections an audit can apply to the dataset's templates.
 PROTECTIONS = ("advface", "advface-id", "none")
@@ -19,6 +19,8 @@ FULL_ATTACKERS = ("deconv", "resup", "pixelshuffle", "tokens", "modconv", "resup
                   "adaptive-resup+id")
 #: Attackers of ``--quick``.
 QUICK_ATTACKERS = ("deconv", "resup+id", "tokens", "gan-prior", "adaptive")
+#: Unlinkability target of the keyed transform: D_sys at most this for every pair of tenant keys measured.
+TARGET_D_SYS = 0.05
 
 
 def __getattr__(name: str) -> Any:  # lazy: importing the package does not load torch models

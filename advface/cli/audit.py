@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from advface.audit import FULL_ATTACKERS, PROTECTIONS
+from advface.audit import FULL_ATTACKERS, PROTECTIONS, TARGET_D_SYS
 
 if TYPE_CHECKING:  # pragma: no cover
     from advface.audit.run import AuditConfig
@@ -79,7 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gan-restarts", type=int, help="GAN-prior restarts per template (default 4, quick 2)")
     parser.add_argument("--link-keys", type=int,
                         help="pairs of tenant keys over which D_sys with the key is measured; the worst is held to "
-                             "the 0.05 target (default 5, quick 3)")
+                             f"the {TARGET_D_SYS} target (default 5, quick 3)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1, help="face-detection processes")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
