@@ -1,4 +1,15 @@
-"""Exceptions raised by advface. Every error names what was wrong, and where."""
+"""Exceptions raised by advface. Every error names what was wrong, and where.
+
+Two families of "bad value" errors, kept apart so that a caller can tell whose mistake it is:
+
+- :class:`ConfigError`: the operator's setup (a configuration key, a path, a model file, a key or secret, an
+  encoder specification, a command-line flag) is missing or invalid; raised before work starts.
+- :class:`ValidationError`: one request's input (an id, metadata, a vector, ``k``, a page size or token, a photo)
+  is invalid; nothing was changed. :class:`EmbeddingError` and :class:`ImageError` are the vector and photo cases.
+
+The service layer (:mod:`advface.service`) raises the others for request outcomes; the gRPC layer maps each class
+to one status code (``server/status.py``).
+"""
 
 from __future__ import annotations
 
@@ -8,10 +19,14 @@ class AdvfaceError(Exception):
 
 
 class ConfigError(AdvfaceError):
-    """A configuration value, path or encoder specification is missing or invalid."""
+    """A configuration value, path, model, key or encoder specification is missing or invalid."""
 
 
-class ImageError(AdvfaceError):
+class ValidationError(AdvfaceError):
+    """A request value (id, metadata, vector, k, page size or token, option) is invalid; nothing was changed."""
+
+
+class ImageError(ValidationError):
     """An image could not be used (unreadable, truncated, not an image, too large, no face...)."""
 
     def __init__(self, source: str, reason: str) -> None:
@@ -27,7 +42,7 @@ class NoFaceError(ImageError):
         super().__init__(source, "no face found")
 
 
-class EmbeddingError(AdvfaceError):
+class EmbeddingError(ValidationError):
     """An embedding is invalid (wrong shape, NaN/Inf, zero vector)."""
 
 
@@ -37,6 +52,18 @@ class NotFoundError(AdvfaceError):
 
 class AlreadyExistsError(AdvfaceError):
     """A record that must be new already exists."""
+
+
+class PreconditionError(AdvfaceError):
+    """The request is valid but this deployment cannot serve it (a feature is disabled or unavailable)."""
+
+
+class DeadlineExceededError(AdvfaceError):
+    """The caller's deadline passed before a stage started; the stage (and every later one) did not run."""
+
+
+class ClosedError(AdvfaceError):
+    """An object (a store, a service) was used after it was closed."""
 
 
 class IntegrityError(AdvfaceError):

@@ -6,7 +6,7 @@ Usage (full run, about an hour on 2 CPU cores; attackers and pairs are cached)::
 
     python benchmarks/advface_lfw.py --shadow advface/models/shadow_dlib.pt --epochs 20
 
-Identity groups come from ``shadow_training.splits`` (seed 0): the shadow is trained on *defender* identities,
+Identity groups come from ``advface.datasets.splits`` (seed 0): the shadow is trained on *defender* identities,
 attackers on *attacker* identities, privacy is measured on *evaluation* identities (at most ``--per-identity``
 photos each). Attackers: ``attacker-deconv`` and ``attacker-pixelshuffle`` (pixel L1, other architectures than the
 shadow), and ``adaptive-deconv``, trained on the protected templates of the attacker identities (an insider who
@@ -32,10 +32,9 @@ from advface.inversion import load_decoder  # noqa: E402
 from advface.paths import cache_dir  # noqa: E402
 from advface.protect import AdvFaceConfig, perturbation_stats, protect_embeddings  # noqa: E402
 from benchmarks.common import RESULTS_DIR, view2_verification, write_results  # noqa: E402
-from shadow_training.pairs import FacePairs, build_face_pairs  # noqa: E402
-from shadow_training.run import train_on_group  # noqa: E402
-from shadow_training.splits import split_identities  # noqa: E402
-from shadow_training.train import TrainConfig  # noqa: E402
+from advface.datasets.pairs import FacePairs, build_face_pairs  # noqa: E402
+from advface.datasets.splits import split_identities  # noqa: E402
+from advface.inversion.training import TrainConfig, train_on_group  # noqa: E402
 
 ATTACKERS = {"attacker-deconv": "deconv", "attacker-pixelshuffle": "pixelshuffle"}
 

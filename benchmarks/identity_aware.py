@@ -11,7 +11,7 @@ pixel-trained shadow) and identity-aware AdvFace (an ensemble of identity-aware 
   architecture and training identities differ from every shadow's, plus an adaptive attacker fine-tuned on
   templates protected by identity-aware AdvFace (an insider who enrols faces and reads their stored templates back).
 
-Decoders (identity groups from ``shadow_training.splits``, seed 0; shadows on *defender*, attackers on *attacker*,
+Decoders (identity groups from ``advface.datasets.splits``, seed 0; shadows on *defender*, attackers on *attacker*,
 victims from *evaluation*) are trained in two phases: pixel L1, then L1 + identity loss (fine-tuning). Train them in
 parallel processes with ``--train NAME`` (one decoder, then exit), then run without ``--train`` to evaluate::
 
@@ -42,10 +42,9 @@ from advface.protect import AdvFaceConfig, perturbation_stats, protect_embedding
 from advface.protect.shipped import shipped_shadow_path  # noqa: E402
 from benchmarks.advface_lfw import evaluation_set  # noqa: E402
 from benchmarks.common import view2_verification, write_results  # noqa: E402
-from shadow_training.pairs import FacePairs, build_face_pairs  # noqa: E402
-from shadow_training.run import train_on_group  # noqa: E402
-from shadow_training.splits import split_identities  # noqa: E402
-from shadow_training.train import TrainConfig  # noqa: E402
+from advface.datasets.pairs import FacePairs, build_face_pairs  # noqa: E402
+from advface.datasets.splits import split_identities  # noqa: E402
+from advface.inversion.training import TrainConfig, train_on_group  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ from advface.hashing import file_sha256  # noqa: E402
 from advface.inversion import load_decoder  # noqa: E402
 from advface.paths import cache_dir  # noqa: E402
 from advface.protect import AdvFaceConfig, protect_embeddings, shipped_shadow_path  # noqa: E402
-from shadow_training.pairs import FacePairs, build_face_pairs  # noqa: E402
+from advface.datasets.pairs import FacePairs, build_face_pairs  # noqa: E402
 
 
 def load_faces(args: argparse.Namespace) -> tuple[LFW, object, FacePairs]:

@@ -20,8 +20,8 @@ import numpy as np
 from advface.datasets.folders import IdentityFolderDataset
 from advface.encoders.base import FaceEncoder
 from advface.errors import AdvfaceError, ConfigError, EmbeddingError
-from shadow_training.pairs import FacePairs, build_face_pairs
-from shadow_training.splits import IdentitySplit, split_identities
+from advface.datasets.pairs import FacePairs, build_face_pairs
+from advface.datasets.splits import IdentitySplit, split_identities
 
 
 def open_dataset(path: str | Path) -> IdentityFolderDataset:
@@ -92,7 +92,7 @@ def dataset_faces(dataset: IdentityFolderDataset, encoder: FaceEncoder, *, image
 
 def make_split(pairs: FacePairs, seed: int, eval_fraction: float, evaluation: set[str] | None = None
                ) -> IdentitySplit:
-    """Identity-disjoint defender / attacker / evaluation groups (:func:`shadow_training.splits.split_identities`);
+    """Identity-disjoint defender / attacker / evaluation groups (:func:`advface.datasets.splits.split_identities`);
     with ``evaluation`` (the people of an audited database) those form the evaluation group and the other
     identities are dealt alternately to defender and attacker in hash order."""
     names = pairs.identities[~pairs.flipped].tolist()

@@ -20,7 +20,7 @@ from advface.attack_metrics import AttackResult, embed_faces, impostor_threshold
 from advface.encoders.base import FaceEncoder
 from advface.metrics import kfold_accuracy, roc_curve, tar_at_far
 from advface.unlinkability import d_sys
-from shadow_training.pairs import resize_faces
+from advface.datasets.pairs import resize_faces
 
 #: False-match rates at which attack success is reported, with their JSON labels.
 FMRS = {"1e-3": 1e-3, "1e-2": 1e-2}

@@ -2,7 +2,7 @@
 
 The dataset is a folder of identity sub-folders (``--dataset``) or LFW (``--lfw``). Photos are detected, aligned to
 the encoder's chip and embedded (cached under $ADVFACE_CACHE_DIR/pairs), the identities are split into disjoint
-defender / attacker / evaluation groups (see shadow_training.splits), and the decoder is trained on the chosen group
+defender / attacker / evaluation groups (see advface.datasets.splits), and the decoder is trained on the chosen group
 with the L1 pixel loss (plus an optional identity loss). Checkpoints are written every epoch to --work-dir, and a
 rerun with the same settings resumes.
 """
@@ -51,24 +51,20 @@ def run(args: argparse.Namespace) -> int:
     """Execute ``advface train-shadow``."""
     from advface.datasets import LFW, IdentityFolderDataset
     from advface.encoders import create_encoder
-    from shadow_training.run import dataset_pairs, train_on_group
-    from shadow_training.splits import split_identities
-    from shadow_training.train import TrainConfig
+    from advface.inversion.training import TrainConfig
+    from shadow_training.pipeline import train_shadow
 
     if args.epochs < 1 or args.batch_size < 1 or args.image_size < 16:
         raise AdvfaceError("--epochs and --batch-size must be >= 1 and --image-size >= 16")
     dataset = LFW(args.lfw_dir) if args.lfw else IdentityFolderDataset(args.dataset)
     params = {"models_dir": args.models_dir} if args.encoder == "mobilefacenet" and args.models_dir else {}
     encoder = create_encoder(args.encoder, **params)
-    pairs = dataset_pairs(dataset, encoder, image_size=args.image_size, detector=args.detector,
-                          workers=args.workers, progress=not args.quiet)
-    split = split_identities(pairs.identities[~pairs.flipped].tolist(), seed=args.seed)
     config = TrainConfig(arch=args.arch, image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size,
                          lr=args.lr, id_weight=args.id_weight, jitter=args.jitter, seed=args.seed,
                          device=args.device, init_from=args.init)
-    _model, metadata = train_on_group(pairs, split, args.group, encoder, config, out=args.out,
-                                      dataset_name="lfw" if args.lfw else str(args.dataset),
-                                      work_dir=args.work_dir, progress=not args.quiet)
+    _model, metadata = train_shadow(dataset, encoder, config, out=args.out, group=args.group,
+                                    dataset_name="lfw" if args.lfw else str(args.dataset), detector=args.detector,
+                                    workers=args.workers, work_dir=args.work_dir, progress=not args.quiet)
     print(f"wrote {args.out}: {metadata['training_data']['photos']} photos of group {args.group}, "
           f"val L1 {metadata['metrics']['val_l1_evaluation_group']:.4f}", file=sys.stderr)
     return 0

@@ -11,8 +11,8 @@ import pytest
 from advface.audit.attacks import adaptive
 from advface.audit.run import AuditConfig
 from advface.errors import ConfigError
-from shadow_training.pairs import FacePairs
-from shadow_training.splits import IdentitySplit
+from advface.datasets.pairs import FacePairs
+from advface.datasets.splits import IdentitySplit
 
 
 def test_adaptive_attacker_takes_a_decoder_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,8 +15,8 @@ import numpy as np
 from advface.audit.attacks.decoder import DecoderAttacker, cache_key, parse_attacker, train_or_load, training_digest
 from advface.encoders.base import FaceEncoder
 from advface.inversion.models import InversionDecoder
-from shadow_training.pairs import FacePairs
-from shadow_training.splits import IdentitySplit
+from advface.datasets.pairs import FacePairs
+from advface.datasets.splits import IdentitySplit
 
 #: Protects an ``N x D`` array of raw templates the way the audited database does.
 ProtectFn = Callable[[np.ndarray], np.ndarray]

@@ -1,7 +1,7 @@
 """Decoder inversion attackers: decoders of several architectures trained on the attacker group's (embedding, face)
 pairs, with a pixel loss and optionally the identity loss through the encoder's differentiable module.
 
-Training reuses :func:`shadow_training.run.train_on_group`; trained decoders are cached under
+Training reuses :func:`advface.inversion.training.train_on_group`; trained decoders are cached under
 ``<cache>/audit/decoders/<key>.pt`` where the key hashes the encoder fingerprint, the training photos (the split),
 the architecture, the loss, the image size, the epochs, the seed and any extra tag (the adaptive attacker adds its
 protection settings), so an audit re-run loads them instead of training again.
@@ -18,10 +18,10 @@ from advface.encoders.base import FaceEncoder
 from advface.errors import ConfigError
 from advface.inversion import available_decoders, load_decoder
 from advface.inversion.models import InversionDecoder
-from shadow_training.pairs import FacePairs
-from shadow_training.run import train_on_group
-from shadow_training.splits import IdentitySplit
-from shadow_training.train import TrainConfig
+from advface.datasets.pairs import FacePairs
+from advface.inversion.training import train_on_group
+from advface.datasets.splits import IdentitySplit
+from advface.inversion.training import TrainConfig
 
 
 @dataclass(frozen=True)

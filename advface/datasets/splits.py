@@ -40,7 +40,7 @@ class IdentitySplit:
         """JSON-able summary (sizes, seed, rule)."""
         return {
             "seed": self.seed,
-            "rule": "shadow_training.splits (sha256-ranked identities; evaluation from people with >= 2 photos)",
+            "rule": "advface.datasets.splits (sha256-ranked identities; evaluation from people with >= 2 photos)",
             **{name: len(self.group(name)) for name in GROUPS},
         }
 

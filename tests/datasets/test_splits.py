@@ -1,6 +1,6 @@
 import pytest
 
-from shadow_training.splits import split_identities
+from advface.datasets.splits import split_identities
 
 
 def _identities():

@@ -8,8 +8,8 @@ import torch
 
 from advface.datasets import IdentityFolderDataset
 from advface.encoders import create_encoder
-from shadow_training.pairs import build_face_pairs
-from shadow_training.train import TrainConfig, evaluate_l1, train_decoder
+from advface.datasets.pairs import build_face_pairs
+from advface.inversion.training import TrainConfig, evaluate_l1, train_decoder
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def test_training_lowers_the_loss_and_resumes(small_pairs, tmp_path: Path, monke
     assert len(history["epochs"]) == 4
 
     # interrupted during epoch 3 (after 2 saved epochs), then resumed: same weights as the uninterrupted run
-    import shadow_training.train as train_module
+    import advface.inversion.training as train_module
 
     calls = {"n": 0}
     real_eval = train_module.evaluate_l1

@@ -1,5 +1,8 @@
 """Training an inversion decoder (embedding -> face) on (embedding, face) pairs, resumable, seeded, CPU or CUDA.
 
+:func:`train_decoder` trains on given pairs; :func:`train_on_group` trains on one identity group of a split and
+saves the decoder with its full metadata (what ``advface train-shadow`` and the audit's attackers use).
+
 Losses: ``l1`` (the AdvFace poster's pixel objective) and optionally an identity term: the encoder's differentiable
 module embeds the reconstruction (with small random jitter, so the decoder keeps producing faces rather than
 adversarial patterns) and the distance to the input embedding, relative to its norm, is added with ``id_weight``.
@@ -7,6 +10,7 @@ adversarial patterns) and the distance to the input embedding, relative to its n
 
 from __future__ import annotations
 
+import datetime as _dt
 import math
 import os
 import time
@@ -18,7 +22,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from shadow_training.pairs import FacePairs
+from advface.datasets.pairs import FacePairs
+from advface.datasets.splits import IdentitySplit
+from advface.encoders.base import FaceEncoder
 
 
 @dataclass(frozen=True)
@@ -188,3 +194,37 @@ def train_decoder(
             os.replace(tmp, state_file)
     model.eval()
     return model, history
+
+
+def train_on_group(
+    pairs: FacePairs, split: IdentitySplit, group: str, encoder: FaceEncoder, config: TrainConfig, *,
+    out: str | os.PathLike[str], dataset_name: str, work_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> tuple[torch.nn.Module, dict]:
+    """Train a decoder on the photos of one split group (validated on the evaluation group, without mirrors) and
+    save it with full metadata (role, encoder, data split, training config, metrics, seed) to ``out``."""
+    from advface.inversion import save_decoder
+
+    train = pairs.of_identities(split.group(group))
+    val = pairs.of_identities(split.evaluation).without_flips()
+    module = encoder.torch_module() if config.id_weight > 0 else None
+    model, history = train_decoder(train, config, val=val, encoder_module=module,
+                                   encoder_chip_size=encoder.chip.size, work_dir=work_dir, progress=progress)
+    metadata = {
+        "role": "shadow" if group == "defender" else "attacker",
+        "encoder": encoder.name,
+        "encoder_fingerprint": encoder.fingerprint,
+        "dim": int(pairs.embeddings.shape[1]),
+        "image_size": config.image_size,
+        "face_chip": {"kind": encoder.chip.kind, "size": encoder.chip.size, "padding": encoder.chip.padding},
+        "training_data": {"dataset": dataset_name, "group": group, "split": split.describe(),
+                          "photos": int((~train.flipped).sum()), "pairs_with_flips": len(train)},
+        "train_config": asdict(config),
+        "loss": "l1" if config.id_weight == 0 else f"l1 + {config.id_weight} * identity",
+        "metrics": {"final_train_l1": history["epochs"][-1]["train_l1"],
+                    "val_l1_evaluation_group": evaluate_l1(model, val, device=config.resolved_device())},
+        "seed": config.seed,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    save_decoder(Path(out), model, metadata)
+    return model, metadata
