@@ -5,77 +5,10 @@ validates everything, raising :class:`~advface.errors.ConfigError` with a messag
 the key (``server.port``) for unknown sections or keys, wrong types and bad values. Token values never appear in
 messages. :func:`default_config` gives the defaults; ``Config.to_dict()`` the plain-dict (YAML-able) form.
 
-Keys and defaults (``docs/advface.example.yaml`` is a commented example of every key)::
-
-    server:
-      host: "127.0.0.1"          # address to listen on
-      port: 50051                # 0..65535 (0: any free port)
-      max_receive_mb: 4          # largest request, MiB (1..2047)
-      max_send_mb: 4             # largest response, MiB (1..2047)
-      max_batch: 1000            # most items in one batch request
-      grace_seconds: 5.0         # time given to running calls at shutdown (>= 0)
-      workers: 4                 # request-handling threads (1..1024)
-    auth:
-      enabled: false             # true: every call needs a bearer token listed below
-      tokens: {}                 # token -> {tenants: [ids] or "*", role: "admin" or "client" (default client)}
-      tokens_file: null          # YAML file holding {tokens: {...}} (same form), merged with `tokens`
-    tls:                         # all optional; cert_file + key_file turn TLS on
-      cert_file: null            # server certificate chain (PEM)
-      key_file: null             # its private key (PEM)
-      client_ca_file: null       # CA of client certificates: set -> mutual TLS (clients must present one)
-    encoder:
-      name: "dlib"               # spec string ("dlib", "dlib-torch", "onnx:/m.onnx", ...) or mapping {name: ...}
-      detector: "dlib"           # "dlib", "scrfd" or "scrfd:/path/model.onnx"
-      face_policy: "largest"     # largest, best-score, all, single, center
-    protection:
-      enabled: true              # false: templates are stored unprotected (testing only)
-      method: "advface"          # "advface" (pixel objective, one shadow) or "advface-id" (identity-aware, ensemble)
-      shadow: null               # advface: shadow model checkpoint; null: the model shipped for the encoder
-      shadows: []                # advface-id: shadow checkpoints of the ensemble (required, each must exist)
-      jitter: true               # advface-id: pixel-shift schedule (expectation over translations)
-      rel_l2: 0.1                # ||delta|| / ||z|| budget, in (0, 1]
-      steps: 3                   # ascent steps (>= 0)
-      seed: 0                    # in [0, 2**64)
-      slots: 0                   # protection calls run at once (0: min(server.workers, CPU cores))
-      threads: 0                 # torch threads per protection call (0: CPU cores / slots, at least 1)
-    image_protection:            # the ProtectImage RPC (photo -> protected PNG, advface.protect.image)
-      enabled: true              # false: ProtectImage answers FAILED_PRECONDITION (no encoder ensemble is loaded)
-      steps: 60                  # PGD steps when a request gives none (1..max_steps)
-      max_steps: 500             # most steps a request may ask for (1..100000)
-      max_pixels: 4000000        # larger photos (width x height) are INVALID_ARGUMENT (1..40000000)
-    store:
-      backend: "sqlite"          # "sqlite" (SQLite + faiss, in data_dir) or "postgresql" (PostgreSQL + pgvector)
-      dsn: null                  # PostgreSQL DSN, required by backend postgresql (password redacted in logs)
-      data_dir: "~/.local/share/advface"   # default: $ADVFACE_DATA_DIR when set
-      use_gpu: "auto"            # "auto", true or false: faiss search on a GPU
-      index: "ivf"               # "flat" (exact) or "ivf" (approximate IndexIVFFlat for large tenants)
-      ivf_min_rows: 100000       # tenants smaller than this are searched exactly (1..10**9)
-      ivf_nlist: 0               # IVF lists; 0: about sqrt(templates of the tenant)
-      ivf_nprobe: 128            # IVF lists visited per search (1..65536)
-    matching:
-      threshold: null            # decision threshold on scores; null: the encoder's calibrated default
-      top_k_max: 100             # largest k a search may ask for (1..10000)
-    logging:
-      level: "INFO"              # DEBUG, INFO, WARNING, ERROR, CRITICAL
-      json: true                 # one JSON object per line (false: plain text)
-    encryption:                  # templates at rest: AES-256-GCM (advface.crypto); off unless a key source is set
-      key_file: null             # key file (advface keygen; mode 0600)
-      key_env: null              # or: an environment variable holding the key (base64), e.g. ADVFACE_ENCRYPTION_KEY
-      kms_hook: null             # or: "package.module:function" returning the key bytes (KMS / vault)
-      previous_key_files: []     # older keys, decrypt-only, while `advface rotate-key` re-encrypts
-      allow_insecure_key_file: false   # accept key files readable by group/others
-    keyed_transform:             # secret per-tenant orthogonal transform on top of AdvFace (advface.protect.keyed)
-      enabled: false             # true: stored templates and probes go through the tenant's transform
-      secret_file: null          # deployment secret (32 bytes, as advface keygen writes; mode 0600)
-      secret_env: null           # or: an environment variable holding it (base64), e.g. ADVFACE_TRANSFORM_SECRET
-      kms_hook: null             # or: "package.module:function" returning the secret
-      allow_insecure_secret_file: false  # accept secret files readable by group/others
-      norm: "auto"               # norm equalisation: "auto" (encoder's calibrated norm), a number, or null (off)
-      version: 1                 # key version (>= 1); bump with `advface rotate-transform` to re-issue templates
-    metrics:
-      enabled: true              # Prometheus metrics over HTTP (GET /metrics)
-      host: "127.0.0.1"          # address of the metrics endpoint
-      port: 9464                 # 0..65535 (0: any free port, reported in the "metrics serving" log line)
+The dataclasses below (:class:`Config`, whose fields are the sections, and one frozen dataclass per section) are
+the single source of the defaults. ``docs/configuration.md`` documents every section and key: default, allowed
+values, meaning and environment variable (``tests/test_docs.py`` checks it against these dataclasses);
+``docs/advface.example.yaml`` is a commented example of every key.
 
 Environment overrides: ``ADVFACE_<SECTION>_<KEY>`` (upper case), e.g. ``ADVFACE_SERVER_PORT=50052``,
 ``ADVFACE_TLS_CERT_FILE=/etc/advface/cert.pem``, ``ADVFACE_STORE_USE_GPU=false``,
@@ -87,9 +20,9 @@ a known section and an unknown key is an error; other ``ADVFACE_*`` variables (`
 Overrides win over the file; ``$ADVFACE_DATA_DIR`` only changes the default of ``store.data_dir``.
 
 Relative paths in the file (``tls.*``, ``auth.tokens_file``, ``protection.shadow``, ``protection.shadows``,
-``store.data_dir``) are relative to the file's folder; in variables, to the working directory (``shadows`` in a
-variable: comma-separated). ``~`` is expanded. Files named by ``tls.*``, ``auth.tokens_file``, ``protection.shadow``
-and ``protection.shadows`` must exist when the configuration is loaded.
+``store.data_dir``, ``encryption.key_file``, ``encryption.previous_key_files``, ``keyed_transform.secret_file``) are
+relative to the file's folder; in variables, to the working directory (list keys in a variable: comma-separated).
+``~`` is expanded. Every one of these files but ``store.data_dir`` must exist when the configuration is loaded.
 
 ``protection.method: advface-id`` needs a non-empty ``protection.shadows`` and refuses ``protection.shadow``;
 ``advface`` refuses a non-empty ``shadows`` and ``jitter: false`` (a setting is never silently ignored).
@@ -112,7 +45,7 @@ from typing import Any, Literal
 
 import yaml
 
-from advface.errors import ConfigError
+from advface.errors import ConfigError, ValidationError
 
 log = logging.getLogger(__name__)
 
@@ -731,7 +664,7 @@ def _grants(value: Any, where: _Where) -> dict[str, TokenGrant]:
                 raise where.error(f"token #{index}: tenants must be a non-empty list of tenant ids or \"*\"")
             try:
                 parsed = tuple(check_id(t, "tenant") for t in tenants)
-            except ConfigError as exc:
+            except ValidationError as exc:
                 raise where.error(f"token #{index}: {exc}") from None
         role = grant.get("role", "client")
         if role not in ROLES:
@@ -787,15 +720,6 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, tuple[str, str
             raise ConfigError(f"{var}: unknown configuration key {section}.{key or '?'}; known: {known}")
         out.setdefault(section, {})[key] = (var, env[var])
     return out
-
-
-def section_value(section: Any, name: str, default: Any = None) -> Any:
-    """``name`` of a configuration section given as a dataclass (:class:`Config`'s sections), a mapping or None
-    (the defaults); ``default`` when the section has no such key or its value is None."""
-    if section is None:
-        return default
-    value = section.get(name, default) if isinstance(section, Mapping) else getattr(section, name, default)
-    return default if value is None else value
 
 
 def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] = os.environ) -> Config:

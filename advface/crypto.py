@@ -49,7 +49,6 @@ __all__ = [
     "KEY_BYTES",
     "TemplateCipher",
     "blob_key_id",
-    "cipher_from_config",
     "generate_key",
     "key_fingerprint",
     "key_from_env",
@@ -349,28 +348,3 @@ def load_cipher(
     for path in previous_key_files:
         keys.append(load_key_file(path, allow_insecure_permissions=allow_insecure_permissions))
     return TemplateCipher(keys)
-
-
-def cipher_from_config(section: object) -> TemplateCipher | None:
-    """The cipher of an ``encryption`` configuration section (a mapping or an object with attributes
-    ``key_file``, ``key_env``, ``kms_hook``, ``previous_key_files``, ``allow_insecure_key_file``); None when no key
-    source is set (templates are then stored unencrypted). Key problems raise ConfigError (at start)."""
-    if section is None:
-        return None
-
-    def get(name: str, default: object = None) -> object:
-        value = section.get(name, default) if isinstance(section, Mapping) else getattr(section, name, default)
-        return default if value is None else value
-
-    key_file, key_env, kms_hook = get("key_file"), get("key_env"), get("kms_hook")
-    if not (key_file or key_env or kms_hook):
-        if get("previous_key_files"):
-            raise ConfigError("encryption.previous_key_files is set but no current key (key_file, key_env, kms_hook)")
-        return None
-    return load_cipher(
-        key_file=key_file,  # type: ignore[arg-type]
-        key_env=key_env,  # type: ignore[arg-type]
-        kms_hook=kms_hook,  # type: ignore[arg-type]
-        previous_key_files=list(get("previous_key_files", ())),  # type: ignore[call-overload]
-        allow_insecure_permissions=bool(get("allow_insecure_key_file", False)),
-    )

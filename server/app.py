@@ -25,12 +25,12 @@ from grpc_reflection.v1alpha import reflection
 from advface.api.v1 import SERVICE_NAME
 from advface.api.v1 import advface_pb2 as pb
 from advface.api.v1 import advface_pb2_grpc as pb_grpc
-from advface.config import section_value
+from advface.config import Config, TLSConfig
 from advface.errors import ConfigError
 from server.interceptors import AuthInterceptor
 from server.logs import LOGGER_NAME, configure_logging, log
 from server.metrics import MetricsServer, SidecarMetrics, build_labels, store_counter
-from server.servicer import AdvFaceServicer, _section
+from server.servicer import AdvFaceServicer
 
 _logger = logging.getLogger(LOGGER_NAME)
 
@@ -49,12 +49,10 @@ def _read(path: Any, what: str) -> bytes:
         raise ConfigError(f"tls.{what}: cannot read {path} ({exc.strerror or exc})") from None
 
 
-def server_credentials(tls_config: Any) -> grpc.ServerCredentials | None:
+def server_credentials(tls_config: TLSConfig) -> grpc.ServerCredentials | None:
     """TLS credentials from the ``tls`` section: ``cert_file`` + ``key_file`` (PEM) enable TLS; ``client_ca_file``
     also requires and verifies client certificates (mTLS). None when no certificate is configured."""
-    cert = section_value(tls_config, "cert_file", None)
-    key = section_value(tls_config, "key_file", None)
-    client_ca = section_value(tls_config, "client_ca_file", None)
+    cert, key, client_ca = tls_config.cert_file, tls_config.key_file, tls_config.client_ca_file
     if not cert and not key:
         if client_ca:
             raise ConfigError("tls.client_ca_file needs tls.cert_file and tls.key_file")
@@ -76,16 +74,14 @@ class Sidecar:
     its store is closed by :meth:`stop` all the same.
     """
 
-    def __init__(self, config: Any, *, servicer: AdvFaceServicer | None = None) -> None:
-        server_cfg = _section(config, "server")
+    def __init__(self, config: Config, *, servicer: AdvFaceServicer | None = None) -> None:
         self.config = config
-        self.host = str(section_value(server_cfg, "host", "127.0.0.1"))
-        requested_port = int(section_value(server_cfg, "port", 50051))
-        self.grace_seconds = float(section_value(server_cfg, "grace_seconds", 5.0))
-        max_receive = int(float(section_value(server_cfg, "max_receive_mb", 4)) * 1024 * 1024)
-        max_send = int(float(section_value(server_cfg, "max_send_mb", 4)) * 1024 * 1024)
+        self.host = config.server.host
+        requested_port = config.server.port
+        self.grace_seconds = config.server.grace_seconds
 
         self.servicer = servicer if servicer is not None else AdvFaceServicer(config)
+        max_receive, max_send = self.servicer.max_receive_bytes, self.servicer.max_send_bytes
         authenticator = self.servicer.auth
         auth_interceptor = AuthInterceptor(authenticator)
         self.health = health.aio.HealthServicer()
@@ -102,7 +98,7 @@ class Sidecar:
         reflection.enable_server_reflection(REFLECTED_SERVICES, self.server)
 
         address = f"{self.host}:{requested_port}"
-        credentials = server_credentials(_section(config, "tls"))
+        credentials = server_credentials(config.tls)
         self.tls = credentials is not None
         try:
             if credentials is None:
@@ -117,23 +113,20 @@ class Sidecar:
             raise ConfigError(f"cannot listen on {address}")
         self.metrics: SidecarMetrics | None = None
         self.metrics_server: MetricsServer | None = None
-        metrics_cfg = _section(config, "metrics")
-        if bool(section_value(metrics_cfg, "enabled", True)):
+        metrics_cfg = config.metrics
+        service = self.servicer.service
+        if metrics_cfg.enabled:
             self.metrics = SidecarMetrics(
-                build_labels(self.servicer),
-                store_counter(self.servicer),
-                lambda: self.servicer._batcher.queued,
+                build_labels(service),
+                store_counter(service),
+                lambda: service.batcher.queued,
                 methods=tuple(pb.DESCRIPTOR.services_by_name[SERVICE_NAME.rsplit(".", 1)[-1]].methods_by_name),
             )
             self.servicer.metrics = self.metrics
-            self.servicer._batcher.on_batch = self.metrics.protection_batch
+            service.batcher.on_batch = self.metrics.protection_batch
             auth_interceptor.on_refused = self.metrics.rpc_refused
             try:
-                self.metrics_server = MetricsServer(
-                    self.metrics.registry,
-                    str(section_value(metrics_cfg, "host", "127.0.0.1")),
-                    int(section_value(metrics_cfg, "port", 9464)),
-                )
+                self.metrics_server = MetricsServer(self.metrics.registry, metrics_cfg.host, metrics_cfg.port)
             except ConfigError:
                 self.servicer.close()
                 raise
@@ -151,10 +144,11 @@ class Sidecar:
         await self.server.start()
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        service = self.servicer.service
         log(_logger, logging.INFO, "serving", address=self.address, tls=self.tls, auth=self.servicer.auth.enabled,
-            encoder=self.servicer.encoder.name, protection=self.servicer.protector is not None,
-            protection_method=self.servicer.protection_method,
-            threshold=self.servicer.threshold,
+            encoder=service.encoder.name, protection=service.protector is not None,
+            protection_method=service.protection_method,
+            threshold=service.threshold.value,
             metrics=self.metrics_server.address if self.metrics_server is not None else None)
         if self.metrics_server is not None:
             log(_logger, logging.INFO, "metrics serving", address=self.metrics_server.address,
@@ -176,12 +170,12 @@ class Sidecar:
         log(_logger, logging.INFO, "stopped")
 
 
-def build_server(config: Any, *, servicer: AdvFaceServicer | None = None) -> grpc.aio.Server:
+def build_server(config: Config, *, servicer: AdvFaceServicer | None = None) -> grpc.aio.Server:
     """A configured, bound, not yet started ``grpc.aio.Server`` (see :class:`Sidecar`; it is ``.sidecar``)."""
     return Sidecar(config, servicer=servicer).server
 
 
-async def serve_async(config: Any, *, ready: Callable[[Sidecar], None] | None = None) -> None:
+async def serve_async(config: Config, *, ready: Callable[[Sidecar], None] | None = None) -> None:
     """Serve until SIGTERM / SIGINT (or cancellation), then stop gracefully. ``ready(sidecar)`` is called once the
     server accepts requests."""
     sidecar = Sidecar(config)
@@ -204,10 +198,9 @@ async def serve_async(config: Any, *, ready: Callable[[Sidecar], None] | None = 
         await sidecar.stop()
 
 
-def serve(config: Any, *, ready: Callable[[Sidecar], None] | None = None) -> None:
+def serve(config: Config, *, ready: Callable[[Sidecar], None] | None = None) -> None:
     """Configure logging from the config's ``logging`` section and run :func:`serve_async` to completion."""
-    logging_cfg = _section(config, "logging")
-    configure_logging(str(section_value(logging_cfg, "level", "info")), bool(section_value(logging_cfg, "json", True)))
+    configure_logging(config.logging.level, config.logging.json)
     asyncio.run(serve_async(config, ready=ready))
 
 

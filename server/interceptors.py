@@ -23,6 +23,7 @@ import grpc
 
 from advface.config import AuthConfig, TokenGrant
 from server.logs import LOGGER_NAME, log
+from server.status import RpcFailure
 
 #: Services reachable without a token (load balancers and tooling need them).
 EXEMPT_PREFIXES = (
@@ -32,15 +33,6 @@ EXEMPT_PREFIXES = (
 )
 
 _access = logging.getLogger(LOGGER_NAME + ".access")
-
-
-class AuthError(Exception):
-    """Authentication or authorisation failed: ``code`` is UNAUTHENTICATED or PERMISSION_DENIED."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self.code = code
-        self.details = details
 
 
 @dataclass(frozen=True)
@@ -59,9 +51,9 @@ class Principal:
         return self.tenants is None or tenant in self.tenants
 
     def check_tenant(self, tenant: str) -> None:
-        """Raise AuthError(PERMISSION_DENIED) unless this principal may use ``tenant``."""
+        """Raise RpcFailure(PERMISSION_DENIED) unless this principal may use ``tenant``."""
         if not self.may_use(tenant):
-            raise AuthError(grpc.StatusCode.PERMISSION_DENIED, "this token may not use the requested tenant")
+            raise RpcFailure(grpc.StatusCode.PERMISSION_DENIED, "this token may not use the requested tenant")
 
 
 #: The caller when authentication is disabled.
@@ -94,7 +86,7 @@ class Authenticator:
         return cls(auth_config.enabled, auth_config.tokens)
 
     def authenticate(self, metadata: Iterable[tuple[str, Any]] | None) -> Principal:
-        """The principal of a call's metadata; AuthError(UNAUTHENTICATED) when auth is on and the token is
+        """The principal of a call's metadata; RpcFailure(UNAUTHENTICATED) when auth is on and the token is
         missing, malformed or unknown."""
         if not self.enabled:
             return ANONYMOUS
@@ -104,17 +96,17 @@ class Authenticator:
                 value = val.decode("utf-8", "replace") if isinstance(val, bytes) else str(val)
                 break
         if value is None:
-            raise AuthError(grpc.StatusCode.UNAUTHENTICATED, "missing 'authorization: Bearer <token>' metadata")
+            raise RpcFailure(grpc.StatusCode.UNAUTHENTICATED, "missing 'authorization: Bearer <token>' metadata")
         scheme, _, token = value.strip().partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise AuthError(grpc.StatusCode.UNAUTHENTICATED, "authorization metadata must be 'Bearer <token>'")
+            raise RpcFailure(grpc.StatusCode.UNAUTHENTICATED, "authorization metadata must be 'Bearer <token>'")
         principal = self._principals.get(_digest(token.strip()))
         if principal is None:
-            raise AuthError(grpc.StatusCode.UNAUTHENTICATED, "unknown token")
+            raise RpcFailure(grpc.StatusCode.UNAUTHENTICATED, "unknown token")
         return principal
 
     def principal(self, context: grpc.aio.ServicerContext) -> Principal:
-        """The principal of the call behind ``context`` (AuthError as :meth:`authenticate`)."""
+        """The principal of the call behind ``context`` (RpcFailure as :meth:`authenticate`)."""
         if not self.enabled:
             return ANONYMOUS
         return self.authenticate(context.invocation_metadata())
@@ -145,7 +137,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return await continuation(handler_call_details)
         try:
             self.authenticator.authenticate(handler_call_details.invocation_metadata)
-        except AuthError as exc:
+        except RpcFailure as exc:
             log(_access, logging.INFO, "rpc", rpc=method.rsplit("/", 1)[-1], code=exc.code.name, latency_ms=0.0)
             if self.on_refused is not None:
                 self.on_refused(method, exc.code.name)

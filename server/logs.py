@@ -17,6 +17,8 @@ from typing import Any
 
 #: Logger of the sidecar; request logs go to ``advface.server.access``.
 LOGGER_NAME = "advface.server"
+#: Loggers the sidecar's handler serves: its own and the service layer's (:mod:`advface.service`).
+LOGGER_NAMES = (LOGGER_NAME, "advface.service")
 
 
 class JsonFormatter(logging.Formatter):
@@ -51,17 +53,18 @@ class TextFormatter(logging.Formatter):
 
 
 def configure_logging(level: str | int = "info", json_lines: bool = True, stream: Any = None) -> None:
-    """Send the sidecar's logs (logger ``advface.server``) to ``stream`` (stderr) as JSON lines or text."""
-    logger = logging.getLogger(LOGGER_NAME)
+    """Send the sidecar's logs (:data:`LOGGER_NAMES`) to ``stream`` (stderr) as JSON lines or text."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if json_lines else TextFormatter())
-    for old in list(logger.handlers):
-        if getattr(old, "_advface", False):
-            logger.removeHandler(old)
     handler._advface = True  # type: ignore[attr-defined]
-    logger.addHandler(handler)
-    logger.setLevel(level.upper() if isinstance(level, str) else level)
-    logger.propagate = False
+    for name in LOGGER_NAMES:
+        logger = logging.getLogger(name)
+        for old in list(logger.handlers):
+            if getattr(old, "_advface", False):
+                logger.removeHandler(old)
+        logger.addHandler(handler)
+        logger.setLevel(level.upper() if isinstance(level, str) else level)
+        logger.propagate = False
 
 
 def log(logger: logging.Logger, level: int, msg: str, **fields: Any) -> None:

@@ -23,12 +23,15 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
 from advface.errors import ConfigError
 from server.logs import LOGGER_NAME, log
+
+if TYPE_CHECKING:
+    from advface.service import TemplateService
 
 _logger = logging.getLogger(LOGGER_NAME)
 
@@ -150,8 +153,8 @@ class MetricsServer:
             self._thread = None  # type: ignore[assignment]
 
 
-def build_labels(servicer: Any) -> dict[str, str]:
-    """``advface_build_info`` labels of a servicer (versions and configuration, nothing biometric)."""
+def build_labels(service: TemplateService) -> dict[str, str]:
+    """``advface_build_info`` labels of a service (versions and configuration, nothing biometric)."""
     import grpc
 
     from advface import __version__
@@ -162,15 +165,15 @@ def build_labels(servicer: Any) -> dict[str, str]:
         "version": __version__,
         "api": SERVICE_NAME.rsplit(".", 1)[0],
         "grpc": grpc.__version__,
-        "encoder": str(servicer.encoder.name),
-        "protection": str(getattr(servicer, "protection_method", "advface" if servicer.protector else "none")),
-        "store_backend": type(servicer.store).__name__,
+        "encoder": str(service.encoder.name),
+        "protection": service.protection_method,
+        "store_backend": type(service.store).__name__,
     }
 
 
-def store_counter(servicer: Any) -> Callable[[], tuple[int, int]]:
-    """``() -> (templates, subjects)`` of a servicer's store, all tenants."""
-    store = servicer.store
+def store_counter(service: TemplateService) -> Callable[[], tuple[int, int]]:
+    """``() -> (templates, subjects)`` of a service's store, all tenants."""
+    store = service.store
 
     def counts() -> tuple[int, int]:
         templates = store.index_size() if hasattr(store, "index_size") else store.count()

@@ -143,7 +143,7 @@ def test_kms_hook(monkeypatch: pytest.MonkeyPatch) -> None:
         crypto.key_from_kms_hook("no-colon")
 
 
-def test_load_cipher_and_config_section(tmp_path: Path) -> None:
+def test_load_cipher(tmp_path: Path) -> None:
     new, old = crypto.generate_key(), crypto.generate_key()
     crypto.write_key_file(tmp_path / "new", new)
     crypto.write_key_file(tmp_path / "old", old)
@@ -153,11 +153,6 @@ def test_load_cipher_and_config_section(tmp_path: Path) -> None:
         crypto.load_cipher()
     with pytest.raises(ConfigError, match="exactly one"):
         crypto.load_cipher(key_file=tmp_path / "new", key_env="X")
-    assert crypto.cipher_from_config(None) is None
-    assert crypto.cipher_from_config({"key_file": None}) is None
-    assert crypto.cipher_from_config({"key_file": str(tmp_path / "new")}).key_id == c.key_id  # type: ignore[union-attr]
-    with pytest.raises(ConfigError, match="previous_key_files"):
-        crypto.cipher_from_config({"previous_key_files": [str(tmp_path / "old")]})
 
 
 def test_config_section(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 """Re-encode an existing template database offline: raw templates in, AdvFace-protected templates out.
 
-Sources and destinations (same forms for both; see the README, "Re-encoding an existing database"):
+Sources and destinations (same forms for both; see docs/reencode.md):
 ``npz:PATH``, ``npy:VECTORS.npy[?ids=IDS.txt]``, ``parquet:PATH[?id_column=id&vector_column=embedding]``,
 ``sqlite:PATH?table=T[&id_column=..&vector_column=..&vector_format=blob|json]``,
 ``postgresql://USER@HOST:PORT/DB?table=T[&id_column=..&vector_column=..]`` (pgvector), and advface's own template

@@ -50,14 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Execute ``advface rotate-transform``."""
     from advface.config import default_config, load_config
-    from advface.crypto import TemplateCipher, cipher_from_config, load_key_file
-    from advface.protect.tenant_transform import (
-        TenantTransforms,
-        load_transform_secret,
-        read_marker,
-        resolve_norm,
-        rotate_store,
-    )
+    from advface.crypto import TemplateCipher, load_key_file
+    from advface.protect.tenant_transform import TenantTransforms, read_marker, resolve_norm, rotate_store
+    from advface.service.keys import cipher_from_config, load_transform_secret
     from advface.store.sqlite_faiss import SQLiteFaissStore
 
     if args.batch_size < 1:

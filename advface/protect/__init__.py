@@ -8,13 +8,12 @@
 - :class:`IdentityAwareConfig`, :func:`protect_identity_aware` -- identity-aware AdvFace (an ensemble of shadows,
   identity objective through the encoder's torch module);
 - :data:`METHODS`, :class:`ProtectionSpec`, :func:`load_protector`, :class:`TemplateProtector` -- a protector of
-  either method built from a configuration (what the sidecar and ``advface reencode`` use);
-  :func:`spec_from_config` -- the spec of a configuration's ``protection`` section (sidecar, audit).
+  either method built from its recipe (what the sidecar and ``advface reencode`` use).
 """
 
 from advface.protect.advface import AdvFaceConfig, Protector, perturbation_stats, protect_embeddings
 from advface.protect.identity_aware import IdentityAwareConfig, protect_identity_aware
-from advface.protect.methods import METHODS, ProtectionSpec, TemplateProtector, load_protector, spec_from_config
+from advface.protect.methods import METHODS, ProtectionSpec, TemplateProtector, load_protector
 from advface.protect.shipped import SHIPPED_MODELS_DIR, shipped_shadow_path
 
 __all__ = [
@@ -30,5 +29,4 @@ __all__ = [
     "load_protector",
     "protect_identity_aware",
     "shipped_shadow_path",
-    "spec_from_config",
 ]

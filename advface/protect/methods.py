@@ -8,7 +8,8 @@
 encoder); it is a small picklable value, so a Ray actor rebuilds its own protector from it.
 :func:`load_protector` builds it. Every protector satisfies :class:`TemplateProtector`: ``protect(z) -> z'``
 (``N x D`` float32 in, same shape out, each row depending only on that row and the parameters), plus ``method``,
-``dim``, ``config`` and ``shadow_paths``. The sidecar (servicer, batcher) and ``advface reencode`` (both engines,
+``dim``, ``config`` and ``shadow_paths``. :func:`advface.service.protection.protection_spec` makes the spec of a
+configuration's ``protection`` section. The sidecar (servicer, batcher) and ``advface reencode`` (both engines,
 through :func:`advface.reencode.chunk.reencode_chunk`) use only this interface.
 """
 
@@ -184,36 +185,6 @@ def load_protector(
         shadows.append(shadow)
     return IdentityAwareProtector(shadows, module, spec.config, chip_size=int(enc.chip.size),  # type: ignore[arg-type]
                                   device=device, shadow_paths=[Path(p) for p in spec.shadows])
-
-
-def spec_from_config(section: Any, encoder_name: str) -> ProtectionSpec | None:
-    """The :class:`ProtectionSpec` of a configuration's ``protection`` section (a dataclass, a mapping or None for
-    the defaults); None when ``enabled`` is false. ``method`` advface (``shadow``, else the shadow shipped for the
-    encoder) or advface-id (``shadows``, ``jitter``); ``steps``, ``rel_l2``, ``seed``. ConfigError for an unknown
-    method, an advface-id section without shadows or a missing shadow file."""
-    from advface.config import section_value
-
-    def opt(name: str, default: Any) -> Any:
-        return section_value(section, name, default)
-
-    if not bool(opt("enabled", True)):
-        return None
-    method = str(opt("method", "advface"))
-    common = {"steps": int(opt("steps", AdvFaceConfig.steps)), "rel_l2": float(opt("rel_l2", AdvFaceConfig.rel_l2)),
-              "seed": int(opt("seed", 0))}
-    if method == "advface-id":
-        shadows = tuple(str(Path(p).expanduser()) for p in (opt("shadows", ()) or ()))
-        if not shadows:
-            raise ConfigError("protection.method is advface-id but protection.shadows is empty")
-        return ProtectionSpec(method, shadows, IdentityAwareConfig(jitter=bool(opt("jitter", True)), **common),
-                              encoder=encoder_name)
-    if method != "advface":
-        raise ConfigError(f"protection.method {method!r} is not supported (use one of {', '.join(METHODS)})")
-    from advface.protect.shipped import shipped_shadow_path
-
-    shadow = opt("shadow", None)
-    path = Path(shadow).expanduser() if shadow else shipped_shadow_path(encoder_name)
-    return ProtectionSpec(method, (str(path),), AdvFaceConfig(**common), encoder=encoder_name)
 
 
 def _create_encoder(spec: str | Mapping[str, Any]) -> Any:

@@ -1,17 +1,17 @@
-"""The keyed per-tenant transform as the sidecar uses it: secret loading, default norm, one transform per tenant.
+"""The keyed per-tenant transform as the sidecar uses it: default norm, one transform per tenant, store markers.
 
 :class:`TenantTransforms` holds the deployment secret and hands out each tenant's
 :class:`~advface.protect.keyed.KeyedTransform` (derived on first use, kept in a small LRU cache). The sidecar applies
 it to every AdvFace template before storing it and to every probe before matching, so the store only ever holds
-``T_tenant(AdvFace(z))``. :func:`transforms_from_config` builds it from the ``keyed_transform`` configuration
-section; the secret comes from the same sources as the encryption key (``advface.crypto``'s loaders: a key file
-written by ``advface keygen``, an environment variable holding base64 / hex, or a KMS hook), 32 bytes.
+``T_tenant(AdvFace(z))``. :func:`advface.service.keys.transforms_from_config` builds it from the ``keyed_transform``
+configuration section (the secret: 32 bytes, from the same sources as the encryption key).
 
 Norm equalisation (``norm``): ``"auto"`` (default) uses :data:`CALIBRATED_NORMS` for the encoder, the setting under
 which the measured unlinkability D_sys is <= 0.05 (``benchmarks/RESULTS.md``, keyed transform); a number uses that
 norm; ``None`` keeps template norms (a pure rotation: every score, and so the calibrated threshold, unchanged, but
 D_sys 0.08 and a norm linker at 0.26). Scores change with norm equalisation; the sidecar then reports the threshold
-measured by ``benchmarks/keyed_threshold.py`` (:data:`CALIBRATED_EQUALISED_THRESHOLDS`).
+measured by ``benchmarks/keyed_threshold.py``
+(:data:`advface.service.thresholds.CALIBRATED_EQUALISED_THRESHOLDS`).
 
 Store bookkeeping: an SQLite store's folder records what its templates were issued under (:data:`MARKER_FILE`:
 version, norm, a public check id of the secret; :func:`check_store_marker`, run by the sidecar at start), and
@@ -24,50 +24,25 @@ import json
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from advface.config import section_value
 from advface.errors import ConfigError
 from advface.protect.keyed import KeyedTransform
 
 __all__ = [
-    "CALIBRATED_EQUALISED_THRESHOLDS",
     "CALIBRATED_NORMS",
     "TenantTransforms",
-    "keyed_threshold",
-    "load_transform_secret",
     "check_db_store_marker",
     "rotate_store",
     "resolve_norm",
-    "transforms_from_config",
 ]
 
 #: Norm every template is scaled to before the rotation, per encoder, for ``norm: auto``: the mean norm of the
 #: public-half LFW embeddings (``norm_equalisation_norm`` of benchmarks/results/keyed_transform.json, 4 decimals).
 CALIBRATED_NORMS: dict[str, float] = {"dlib": 1.4253, "dlib-torch": 1.4253}
-
-#: Decision thresholds (score scale, dlib: minus the euclidean distance) with the norm-equalised transform at the
-#: norm of CALIBRATED_NORMS, per (encoder, AdvFace protection on): FAR 0.1% on LFW View-2 impostor pairs, template of
-#: photo a (AdvFace-protected when protection is on) vs raw probe of photo b, both norm-equalised
-#: (``threshold_at_far_1e-3`` of benchmarks/results/keyed_threshold.json, runs "advface + norm-equalised keyed
-#: rotation" and "raw + norm-equalised keyed rotation", 4 decimals). Only valid for the norm of CALIBRATED_NORMS.
-_EQ_NOTE = (
-    "FAR 0.1% on LFW View-2 impostor pairs, {what} of photo a vs raw probe of photo b, both norm-equalised to "
-    "1.4253 and rotated by the keyed transform: Euclidean distance {d} (benchmarks/keyed_threshold.py -> "
-    "benchmarks/results/keyed_threshold.json, 2026-11-23); at this threshold TAR was {tar}"
-)
-CALIBRATED_EQUALISED_THRESHOLDS: dict[tuple[str, bool], tuple[float, str]] = {
-    (name, True): (-0.5874, _EQ_NOTE.format(what="AdvFace-protected template (shipped shadow, rel_l2 0.1, 3 steps)",
-                                            d="0.5874", tar="94.7%"))
-    for name in ("dlib", "dlib-torch")
-} | {
-    (name, False): (-0.5849, _EQ_NOTE.format(what="raw template (protection off)", d="0.5849", tar="95.2%"))
-    for name in ("dlib", "dlib-torch")
-}
 
 _CACHE_SIZE = 256
 
@@ -89,49 +64,6 @@ def resolve_norm(setting: Any, encoder_name: str) -> float | None:
     if isinstance(setting, bool) or not isinstance(setting, (int, float)) or not np.isfinite(setting) or setting <= 0:
         raise ConfigError(f"keyed_transform.norm must be 'auto', a positive number or null, got {setting!r}")
     return float(setting)
-
-
-def keyed_threshold(transforms: TenantTransforms | None, encoder_name: str,
-                    protected: bool) -> tuple[float, str, str] | None:
-    """The decision threshold ``(value, source, description)`` the transform calls for, or None when the
-    calibrated threshold without it still holds (no transform, or a pure rotation: scores unchanged). ConfigError
-    when norm equalisation is on with a norm or encoder no threshold was measured for (set matching.threshold)."""
-    if transforms is None or transforms.norm is None:
-        return None
-    norm = CALIBRATED_NORMS.get(encoder_name)
-    found = CALIBRATED_EQUALISED_THRESHOLDS.get((encoder_name, bool(protected)))
-    if found is None or norm is None or abs(transforms.norm - norm) > 1e-9:
-        raise ConfigError(
-            f"keyed_transform.norm {transforms.norm:g} changes scores and no decision threshold was measured for it "
-            f"with encoder {encoder_name!r}{' and AdvFace' if protected else ''}; set matching.threshold (measure "
-            "it like benchmarks/keyed_threshold.py), use norm: auto, or norm: null (pure rotation, scores unchanged)"
-        )
-    value, note = found
-    return value, "calibrated", note
-
-
-def load_transform_secret(section: Any, env: Mapping[str, str] | None = None) -> bytes:
-    """The 32-byte deployment secret of a ``keyed_transform`` section (exactly one of ``secret_file``,
-    ``secret_env``, ``kms_hook``), read with ``advface.crypto``'s key loaders. ConfigError naming the section."""
-    from advface.crypto import key_from_env, key_from_kms_hook, load_key_file
-
-    sources = {k: section_value(section, k) for k in ("secret_file", "secret_env", "kms_hook")}
-    given = [k for k, v in sources.items() if v]
-    if len(given) != 1:
-        raise ConfigError(
-            "keyed_transform needs exactly one secret source: secret_file, secret_env or kms_hook"
-            + (f" (got {', '.join(given)})" if given else " (none given)")
-        )
-    try:
-        if sources["secret_file"]:
-            return load_key_file(
-                sources["secret_file"], allow_insecure_permissions=bool(section_value(section, "allow_insecure_secret_file"))
-            )
-        if sources["secret_env"]:
-            return key_from_env(str(sources["secret_env"]), env)
-        return key_from_kms_hook(str(sources["kms_hook"]))
-    except ConfigError as exc:
-        raise ConfigError(f"keyed_transform secret: {exc}") from None
 
 
 class TenantTransforms:
@@ -332,18 +264,3 @@ def rotate_store(store: Any, data_dir: str | os.PathLike[str] | None, old: Tenan
     store.finish_transform_job(job)
     return done
 
-
-def transforms_from_config(section: Any, dim: int, encoder_name: str,
-                           env: Mapping[str, str] | None = None) -> TenantTransforms | None:
-    """The transforms of a ``keyed_transform`` section (None when ``enabled`` is false). Enabled without a
-    usable secret, or with ``norm: auto`` for an uncalibrated encoder: ConfigError (at start; never silently off)."""
-    if not bool(section_value(section, "enabled", False)):
-        return None
-    secret = load_transform_secret(section, env)
-    # an explicit null means "no equalisation"; only a missing key means the default "auto"
-    setting = section.get("norm", "auto") if isinstance(section, Mapping) else getattr(section, "norm", "auto")
-    norm = resolve_norm(setting, encoder_name)
-    version = section_value(section, "version", 1)
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise ConfigError(f"keyed_transform.version must be an integer >= 1, got {version!r}")
-    return TenantTransforms(secret, dim, version=version, norm=norm)

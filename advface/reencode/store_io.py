@@ -1,10 +1,10 @@
 """advface's own template store as a re-encoding destination and source: ``advface:DATA_DIR?tenant=T``.
 
-The store is opened exactly as ``advface serve --config X`` opens it (:func:`server.servicer.open_store`): the
-backend (``store.backend``: SQLite + faiss in ``store.data_dir``, or PostgreSQL + pgvector at ``store.dsn``), the
-encryption at rest of the ``encryption`` section and the keyed per-tenant transform of the ``keyed_transform``
-section (:func:`advface.protect.tenant_transform.transforms_from_config`, applied with
-:meth:`TenantTransforms.apply`, the function the sidecar's Enroll path uses after AdvFace). ``DATA_DIR`` replaces
+The store is opened exactly as ``advface serve --config X`` opens it (:func:`advface.service.open_checked_store`):
+the backend (``store.backend``: SQLite + faiss in ``store.data_dir``, or PostgreSQL + pgvector at ``store.dsn``),
+the encryption at rest of the ``encryption`` section and the keyed per-tenant transform of the ``keyed_transform``
+section (:func:`advface.service.transforms_from_config`, applied with :meth:`TenantTransforms.apply`, the
+function the sidecar's Enroll path uses after AdvFace), its marker checked for every backend. ``DATA_DIR`` replaces
 ``store.data_dir`` of the configuration (SQLite backend); an empty ``DATA_DIR`` (``advface:?tenant=T``) means the
 configuration's store as it is, which is the only form allowed with the PostgreSQL backend. The only option is
 ``tenant`` (required).
@@ -18,8 +18,8 @@ part files are written. The tenant must be empty unless the run resumes an unfin
 journal says the destination was started) or ``--overwrite`` is given (the tenant's subjects are then deleted when
 the run starts: not atomic). Unlike the file and table sinks the destination fills up while the run goes on; a
 sidecar on the same SQLite store cannot start meanwhile (the store is opened by one process at a time), one on a
-PostgreSQL store sees the tenant growing. ``--swap`` is refused. For an SQLite store the keyed-transform marker is
-checked and recorded like the sidecar does at start (:func:`check_store_marker`).
+PostgreSQL store sees the tenant growing. ``--swap`` is refused. The keyed-transform marker is checked and
+recorded like the sidecar does at start (:func:`advface.service.check_transform_marker`).
 
 As a source: one row per template, the stored (decrypted) vectors, i.e. protected ones (after the keyed transform
 when it is on), never raw. The id is the subject id, or ``SUBJECT#TEMPLATE_ID`` for subjects with several
@@ -38,15 +38,20 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 import numpy as np
 
-from advface.errors import AlreadyExistsError, ConfigError, EmbeddingError
+from advface.errors import AlreadyExistsError, ConfigError, EmbeddingError, ValidationError
 from advface.reencode.sinks import PartSet, Sink
 from advface.reencode.sources import RawChunk, Source
 from advface.reencode.uri import Location
+
+if TYPE_CHECKING:
+    from advface.config import Config
+    from advface.protect.tenant_transform import TenantTransforms
+    from advface.store.base import TemplateStore
 
 STORE_OPTION_KEYS = ("tenant",)
 #: Name recorded as the "part" of a chunk in the journal when it went straight into the store (no part file).
@@ -68,7 +73,7 @@ def parse_store_location(text: str, rest: str) -> Location:
         raise ConfigError(f"location {text!r}: an advface store needs ?tenant=NAME")
     try:
         check_id(options["tenant"], "tenant")
-    except ConfigError as exc:
+    except ValidationError as exc:
         raise ConfigError(f"location {text!r}: {exc}") from None
     return Location("advface", path, options, text)
 
@@ -78,7 +83,7 @@ class StoreTarget:
     """Everything needed to open the store of an ``advface:`` location the way the sidecar does."""
 
     location: Location
-    config: Any  # advface.config.Config, with store.data_dir replaced by the location's folder
+    config: Config  # with store.data_dir replaced by the location's folder
     tenant: str
     backend: str
     data_dir: Path | None
@@ -127,27 +132,18 @@ class StoreTarget:
         meta = SQLiteFaissStore.read_meta(self.data_dir / "templates.sqlite3")
         return int(meta["dim"]) if meta.get("dim") else None
 
-    def transforms(self, dim: int) -> Any:
+    def transforms(self, dim: int) -> TenantTransforms | None:
         """The tenant transforms of the ``keyed_transform`` section (None when off), as the sidecar builds them."""
-        from advface.protect.tenant_transform import transforms_from_config
+        from advface.service.keys import transforms_from_config
 
         return transforms_from_config(self.config.keyed_transform, dim, self.encoder_name)
 
-    def open(self, dim: int, transforms: Any) -> Any:
-        """The store, opened by the sidecar's own function; for SQLite the keyed-transform marker is checked (and
-        recorded on an empty store) as the sidecar does at start."""
-        from server.servicer import open_store
+    def open(self, dim: int, transforms: TenantTransforms | None) -> TemplateStore:
+        """The store, opened as the sidecar opens it: the keyed-transform marker checked (and recorded on an empty
+        store), whatever the backend."""
+        from advface.service.stores import open_checked_store
 
-        store = open_store(self.config, dim, self.metric)
-        if self.backend == "sqlite":
-            from advface.protect.tenant_transform import check_store_marker
-
-            try:
-                check_store_marker(str(self.data_dir), transforms, int(store.count()))
-            except BaseException:
-                store.close()
-                raise
-        return store
+        return open_checked_store(self.config, dim, self.metric, transforms)
 
 
 def _encoder_name_metric(spec: Any) -> tuple[str, str]:
@@ -231,7 +227,7 @@ class AdvfaceStoreSink(Sink):
         items = [(row_id, templates[i:i + 1], None) for i, row_id in enumerate(ids)]
         try:
             self.store.add_many(self.target.tenant, items, replace=True)
-        except ConfigError as exc:
+        except ValidationError as exc:
             raise EmbeddingError(f"{self.target.where()}: {exc}") from None
 
     def finish(self) -> None:

@@ -100,21 +100,3 @@ def test_plain_advface_spec(shadows: list[Path]) -> None:
     out = protector.protect(z)
     assert out.shape == z.shape and not np.array_equal(out, z)
 
-
-def test_spec_from_a_configuration_section(shadows: list[Path]) -> None:
-    from advface.protect import spec_from_config
-
-    assert spec_from_config({"enabled": False}, "tiny") is None
-    plain = spec_from_config({"shadow": str(shadows[0]), "steps": 2, "rel_l2": 0.2}, "tiny")
-    assert plain is not None and plain.method == "advface" and plain.shadows == (str(shadows[0]),)
-    assert (plain.config.steps, plain.config.rel_l2, plain.config.seed) == (2, 0.2, 0)
-    ident = spec_from_config(SimpleNamespace(enabled=True, method="advface-id", shadows=[str(p) for p in shadows],
-                                             jitter=False, steps=None, rel_l2=None, seed=3), "tiny")
-    assert ident is not None and isinstance(ident.config, IdentityAwareConfig)
-    assert (ident.config.jitter, ident.config.steps, ident.config.seed) == (False, AdvFaceConfig.steps, 3)
-    with pytest.raises(ConfigError, match="shadows is empty"):
-        spec_from_config({"method": "advface-id"}, "tiny")
-    with pytest.raises(ConfigError, match="not supported"):
-        spec_from_config({"method": "fawkes"}, "tiny")
-    with pytest.raises(ConfigError, match="not found"):
-        spec_from_config({"shadow": str(shadows[0]) + ".missing"}, "tiny")

@@ -1,4 +1,4 @@
-"""advface.protect.tenant_transform: secret loading, norm resolution, per-tenant transforms, thresholds, config."""
+"""advface.protect.tenant_transform: norm resolution, per-tenant transforms, store markers."""
 
 from __future__ import annotations
 
@@ -15,15 +15,7 @@ from advface.config import load_config
 from advface.crypto import generate_key, write_key_file
 from advface.errors import ConfigError
 from advface.protect.keyed import KeyedTransform
-from advface.protect.tenant_transform import (
-    CALIBRATED_EQUALISED_THRESHOLDS,
-    CALIBRATED_NORMS,
-    TenantTransforms,
-    keyed_threshold,
-    load_transform_secret,
-    resolve_norm,
-    transforms_from_config,
-)
+from advface.protect.tenant_transform import CALIBRATED_NORMS, TenantTransforms, resolve_norm
 
 
 def test_resolve_norm() -> None:
@@ -35,28 +27,6 @@ def test_resolve_norm() -> None:
     for bad in (0, -1.0, float("nan"), True, "big"):
         with pytest.raises(ConfigError, match="keyed_transform.norm"):
             resolve_norm(bad, "dlib")
-
-
-def test_secret_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    key = generate_key()
-    write_key_file(tmp_path / "t.key", key)
-    assert load_transform_secret({"secret_file": str(tmp_path / "t.key")}) == key
-    assert load_transform_secret({"secret_env": "MY_T"}, env={"MY_T": base64.b64encode(key).decode()}) == key
-    hook = types.ModuleType("_advface_test_transform_hook")
-    hook.secret = lambda: key  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, hook.__name__, hook)
-    assert load_transform_secret({"kms_hook": f"{hook.__name__}:secret"}) == key
-    with pytest.raises(ConfigError, match="exactly one secret source.*none given"):
-        load_transform_secret({})
-    with pytest.raises(ConfigError, match="got secret_file, secret_env"):
-        load_transform_secret({"secret_file": str(tmp_path / "t.key"), "secret_env": "MY_T"})
-    with pytest.raises(ConfigError, match="keyed_transform secret: environment variable MY_T"):
-        load_transform_secret({"secret_env": "MY_T"}, env={})
-    (tmp_path / "open.key").write_text(base64.b64encode(key).decode())
-    (tmp_path / "open.key").chmod(0o644)
-    with pytest.raises(ConfigError, match="accessible by group or others"):
-        load_transform_secret({"secret_file": str(tmp_path / "open.key")})
-    assert load_transform_secret({"secret_file": str(tmp_path / "open.key"), "allow_insecure_secret_file": True}) == key
 
 
 def test_tenant_transforms_match_keyed_transform_and_hide_the_secret() -> None:
@@ -77,44 +47,9 @@ def test_tenant_transforms_match_keyed_transform_and_hide_the_secret() -> None:
         TenantTransforms(b"short", 128)
 
 
-def test_keyed_threshold() -> None:
-    tt = TenantTransforms(generate_key(), 128, norm=None)
-    assert keyed_threshold(None, "dlib", True) is None
-    assert keyed_threshold(tt, "dlib", True) is None  # a pure rotation keeps every score
-    auto = TenantTransforms(generate_key(), 128, norm=CALIBRATED_NORMS["dlib"])
-    value, source, note = keyed_threshold(auto, "dlib", True)  # type: ignore[misc]
-    assert (value, note) == CALIBRATED_EQUALISED_THRESHOLDS[("dlib", True)] and source == "calibrated"
-    assert "keyed_threshold" in note
-    with pytest.raises(ConfigError, match="set matching.threshold"):
-        keyed_threshold(TenantTransforms(generate_key(), 128, norm=3.0), "dlib", True)
-    with pytest.raises(ConfigError, match="set matching.threshold"):
-        keyed_threshold(auto, "onnx-x", True)
-
-
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
-
-
-def test_config_section(tmp_path: Path) -> None:
-    write_key_file(tmp_path / "t.key", generate_key())
-    cfg = load_config(_write(tmp_path / "a.yaml", "keyed_transform: {enabled: true, secret_file: t.key, version: 3}\n"),
-                      env={})
-    kt = cfg.keyed_transform
-    assert kt.enabled and kt.secret_file == str(tmp_path / "t.key") and kt.norm == "auto" and kt.version == 3
-    tt = transforms_from_config(kt, 128, "dlib")
-    assert tt is not None and tt.version == 3 and tt.norm == CALIBRATED_NORMS["dlib"]
-    assert transforms_from_config(load_config(None, env={}).keyed_transform, 128, "dlib") is None
-    assert load_config(None, env={}).keyed_transform.enabled is False
-    # environment overrides (section name with an underscore)
-    env = {"ADVFACE_KEYED_TRANSFORM_ENABLED": "yes", "ADVFACE_KEYED_TRANSFORM_SECRET_ENV": "ADVFACE_TRANSFORM_SECRET",
-           "ADVFACE_KEYED_TRANSFORM_NORM": "null", "ADVFACE_KEYED_TRANSFORM_VERSION": "7",
-           "ADVFACE_TRANSFORM_SECRET": base64.b64encode(generate_key()).decode()}
-    kt = load_config(None, env=env).keyed_transform
-    assert (kt.enabled, kt.secret_env, kt.norm, kt.version) == (True, "ADVFACE_TRANSFORM_SECRET", None, 7)
-    assert transforms_from_config(kt, 128, "dlib", env=env).norm is None  # type: ignore[union-attr]
-    # round trip
-    assert load_config(_write(tmp_path / "b.yaml", __import__("yaml").safe_dump(cfg.to_dict())), env={}) == cfg
 
 
 @pytest.mark.parametrize(

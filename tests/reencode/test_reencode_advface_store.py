@@ -59,14 +59,14 @@ def _args(config: Path, source: str, dest: str, *extra: str, chunk: int = 16) ->
 
 def _sidecar_store(config: Path) -> Any:
     """The store as ``advface serve --config`` opens it (the tiny shadow makes 16-d templates; dlib: euclidean)."""
-    from server.servicer import open_store
+    from advface.service import open_store
 
     return open_store(load_config(config), DIM, "euclidean")
 
 
 def _probe(config: Path, raw: np.ndarray) -> np.ndarray:
     """A raw probe as the sidecar's Identify path prepares it (its keyed transform, when on)."""
-    from advface.protect.tenant_transform import transforms_from_config
+    from advface.service import transforms_from_config
 
     transforms = transforms_from_config(load_config(config).keyed_transform, DIM, "dlib")
     return raw[None, :] if transforms is None else transforms.apply(TENANT, raw[None, :])
@@ -151,17 +151,13 @@ def test_norm_equalised_transform_verifies_directions(tmp_path: Path, shadow_ckp
     np.testing.assert_allclose(norms, 1.4253, rtol=1e-5)  # dlib's calibrated norm
 
     # a store holding raw templates (passed through the transform only) fails verification: not protected
-    from advface.protect.tenant_transform import transforms_from_config
+    from advface.service import open_checked_store, transforms_from_config
 
     other = _config(tmp_path, shadow_ckpt, keyed="auto", store={"backend": "sqlite", "use_gpu": False,
                                                                 "data_dir": str(tmp_path / "bad")}, name="bad.yaml")
     transforms = transforms_from_config(load_config(other).keyed_transform, DIM, "dlib")
-    from server.servicer import open_store
-
-    from advface.protect.tenant_transform import check_store_marker
-
-    check_store_marker(tmp_path / "bad", transforms, 0)  # recorded while empty, as the sidecar does at start
-    with open_store(load_config(other), DIM, "euclidean") as store:
+    # the marker is recorded while the store is empty, as the sidecar does at start
+    with open_checked_store(load_config(other), DIM, "euclidean", transforms) as store:
         store.add_many(TENANT, [(i, transforms.apply(TENANT, v[None, :]), None) for i, v in zip(ids, vectors)])
     bad = tmp_path / "bad.json"
     assert main(_args(other, src, f"advface:{tmp_path / 'bad'}?tenant={TENANT}", "--verify-only",

@@ -17,7 +17,7 @@ from advface.api.v1 import SERVICE_NAME
 from advface.api.v1 import advface_pb2 as pb
 from advface.api.v1 import advface_pb2_grpc as pb_grpc
 from advface.client import AdvFaceClient, AdvFaceRpcError
-from server.servicer import CALIBRATED_THRESHOLDS
+from advface.service.thresholds import CALIBRATED_THRESHOLDS
 
 
 def _code(excinfo: pytest.ExceptionInfo) -> grpc.StatusCode:

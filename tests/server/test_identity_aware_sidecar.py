@@ -38,7 +38,7 @@ def test_enroll_protects_within_budget_and_verify_matches(srv: ServerThread, sha
     raw = random_embedding(11)
     with srv.client() as client:
         client.enroll("alice", embedding=raw, tenant="t")
-        stored = srv.servicer.store.subject_vectors("t", "alice")
+        stored = srv.servicer.service.store.subject_vectors("t", "alice")
         assert stored.shape == (1, DIM)
         rel = np.linalg.norm(stored[0] - raw) / np.linalg.norm(raw)
         assert 0.05 < rel <= BUDGET + 1e-5  # changed, within the budget
@@ -49,7 +49,7 @@ def test_enroll_protects_within_budget_and_verify_matches(srv: ServerThread, sha
         # gives the same bytes: deterministic per template, whatever the batch
         spec = ProtectionSpec("advface-id", tuple(map(str, shadows)), IdentityAwareConfig(steps=1, rel_l2=BUDGET,
                                                                                           seed=3), "dlib-torch")
-        expected = load_protector(spec, encoder=srv.servicer.encoder).protect(raw[None])
+        expected = load_protector(spec, encoder=srv.servicer.service.encoder).protect(raw[None])
         np.testing.assert_array_equal(stored, expected)
         batch = client.protect(np.stack([random_embedding(5), raw]))
         np.testing.assert_array_equal(batch[1], stored[0])
@@ -88,7 +88,7 @@ def test_keyed_transform_threshold_is_not_plain_advface_calibration(
 ) -> None:
     """advface-id + norm-equalising keyed transform: not the AdvFace-calibrated keyed threshold, and says so."""
     from advface.crypto import generate_key, write_key_file
-    from advface.protect.tenant_transform import CALIBRATED_EQUALISED_THRESHOLDS
+    from advface.service.thresholds import CALIBRATED_EQUALISED_THRESHOLDS
 
     secret = tmp_path / "transform.key"
     write_key_file(secret, generate_key())

@@ -13,7 +13,8 @@ from sidecar_harness import DIM, ServerThread, make_config
 from advface.crypto import generate_key, write_key_file
 from advface.errors import ConfigError
 from advface.protect.keyed import KeyedTransform
-from advface.protect.tenant_transform import CALIBRATED_EQUALISED_THRESHOLDS, CALIBRATED_NORMS
+from advface.protect.tenant_transform import CALIBRATED_NORMS
+from advface.service.thresholds import CALIBRATED_EQUALISED_THRESHOLDS
 
 PEOPLE = 5
 
@@ -64,7 +65,7 @@ def test_same_decisions_with_and_without_the_transform(
                                                                 **section}}
         server = start_server(make_config(tmp_path / name, **extra))
         runs[name] = _decisions(server, enrolled, probes)
-        runs[name]["threshold"] = server.servicer.threshold
+        runs[name]["threshold"] = server.servicer.service.threshold.value
         server.stop()
     off, rot, auto = runs["off"], runs["rotation"], runs["auto"]
     # the setup is meaningful: every owner accepted, every other person rejected, without the transform
@@ -88,7 +89,7 @@ def test_stored_templates_are_tenant_transformed(
     enrolled, probes = dlib_like_people(1)
     server: ServerThread = start_server(make_config(
         tmp_path, keyed_transform={"enabled": True, "secret_file": str(secret_file), "version": 2}))
-    servicer = server.servicer
+    service = server.servicer.service
     z = enrolled[:1]
     with server.client() as client:
         client.enroll("same", embedding=z[0], tenant="acme")
@@ -100,8 +101,8 @@ def test_stored_templates_are_tenant_transformed(
         assert client.delete(subject_id="same", tenant="acme") == 1
         assert [m.subject_id for m in client.identify(embedding=probes[0], top_k=3, tenant="acme")] == ["other"]
         assert client.verify("same", embedding=probes[0], tenant="globex").match
-    stored_globex = np.asarray(servicer.store.subject_vectors("globex", "same"))
-    advface = servicer.protector.protect(z)  # what AdvFace alone gives (deterministic for a seed)
+    stored_globex = np.asarray(service.store.subject_vectors("globex", "same"))
+    advface = service.protector.protect(z)  # what AdvFace alone gives (deterministic for a seed)
     secret = Path(secret_file)
     from advface.crypto import load_key_file
 
@@ -127,7 +128,7 @@ def test_stored_templates_are_tenant_transformed(
 def test_info_when_off(server: ServerThread, client) -> None:  # type: ignore[no-untyped-def]
     kt = client.info()["protection"]["keyed_transform"]
     assert kt == {"enabled": False, "version": 0, "norm": 0.0, "key_id": ""}
-    assert server.servicer.transforms is None
+    assert server.servicer.service.transforms is None
 
 
 def test_misconfiguration_stops_the_sidecar(
@@ -197,7 +198,7 @@ def test_rotate_transform_cli_reissues_a_sidecar_store(
     enrolled, probes = dlib_like_people(3)
     server = start_server(make_config(tmp_path / "srv", keyed_transform=on, encryption=enc))
     before = _decisions(server, enrolled, probes, tenant="acme")
-    stored_before = np.asarray(server.servicer.store.subject_vectors("acme", "p0"))
+    stored_before = np.asarray(server.servicer.service.store.subject_vectors("acme", "p0"))
     server.stop()
     config_file = tmp_path / "srv" / "advface.yaml"
     assert main(["rotate-transform", "--config", str(config_file), "--new-version", "2", "-q"]) == 0
@@ -205,7 +206,7 @@ def test_rotate_transform_cli_reissues_a_sidecar_store(
     with pytest.raises(ConfigError, match="issued under keyed transform version 2"):
         start_server(make_config(tmp_path / "srv", keyed_transform=on, encryption=enc))  # still version 1
     server = start_server(make_config(tmp_path / "srv", keyed_transform={**on, "version": 2}, encryption=enc))
-    stored_after = np.asarray(server.servicer.store.subject_vectors("acme", "p0"))
+    stored_after = np.asarray(server.servicer.service.store.subject_vectors("acme", "p0"))
     with server.client() as client:  # same scores and decisions under the new version; stored vectors renewed
         for i, probe in enumerate(probes):
             r = client.verify(f"p{i}", embedding=probe, tenant="acme")

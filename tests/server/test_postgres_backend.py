@@ -32,7 +32,7 @@ def test_sidecar_on_postgres_enrols_identifies_deletes(
     assert config.store.backend == "postgresql"
     first = start_server(config)
     second = start_server(make_config(tmp_path / "b", store={"backend": "postgresql", "dsn": postgres_dsn}))
-    assert isinstance(first.servicer.store, PostgresStore)
+    assert isinstance(first.servicer.service.store, PostgresStore)
     assert not (tmp_path / "a" / "data" / "templates.sqlite3").exists()  # nothing went to SQLite
     raws = {f"person{i}": random_embedding(200 + i) for i in range(6)}
     with first.client() as a, second.client() as b:
@@ -80,7 +80,7 @@ def test_sidecar_on_postgres_encrypted(
         tmp_path / "s", store={"backend": "postgresql", "dsn": postgres_dsn}, encryption={"key_file": str(key_file)}
     )
     server = start_server(config)
-    assert server.servicer.store.encrypted
+    assert server.servicer.service.store.encrypted
     raw = random_embedding(400)
     with server.client() as client:
         (template_id,) = client.enroll("secret", embedding=raw, tenant="enc")

@@ -79,8 +79,8 @@ def test_metrics_move_with_rpcs(tmp_path: Path, start_server) -> None:  # noqa: 
     assert value(after, "advface_rpc_in_flight", method="Enroll") == 0
     # store and protection
     assert value(after, "advface_store_templates") == 3 and value(after, "advface_store_subjects") == 3
-    assert value(after, "advface_protection_batch_rows_count") == sidecar.servicer._batcher.calls >= 1
-    assert value(after, "advface_protection_batch_rows_sum") == sidecar.servicer._batcher.rows == 3
+    assert value(after, "advface_protection_batch_rows_count") == sidecar.servicer.service.batcher.calls >= 1
+    assert value(after, "advface_protection_batch_rows_sum") == sidecar.servicer.service.batcher.rows == 3
     assert value(after, "advface_protection_batch_duration_seconds_sum") > 0
     # no ids or biometric data in any label
     for _, labels in after:

@@ -129,8 +129,8 @@ def test_protects_a_real_photo(server: ServerThread, client: AdvFaceClient, phot
 
     # independent check: the server's own encoder, detecting the face again on each photo
     servicer = server.servicer
-    with servicer._face_lock:
-        embed = lambda img: servicer.encoder.embed(servicer.chipper.chips(img, "t")[0][1])[0]  # noqa: E731
+    with servicer.service.face_lock:
+        embed = lambda img: servicer.service.encoder.embed(servicer.service.chipper.chips(img, "t")[0][1])[0]  # noqa: E731
         z_clean, z_protected = embed(clean), embed(protected)
         noisy = np.clip(clean.astype(np.int16) + np.random.default_rng(0).integers(-8, 9, clean.shape), 0, 255)
         z_noisy = embed(noisy.astype(np.uint8))
@@ -183,4 +183,4 @@ def test_disabled(start_server, tmp_path: Path, photo: bytes) -> None:  # noqa: 
     srv = start_server(make_config(tmp_path, image_protection={"enabled": False}))
     with srv.client() as c:
         assert _code(lambda: c.protect_image(photo, steps=1)) == grpc.StatusCode.FAILED_PRECONDITION
-    assert not srv.servicer.image_protection.loaded  # the ensemble is never loaded when disabled
+    assert not srv.servicer.service.image_protection.loaded  # the ensemble is never loaded when disabled

@@ -16,15 +16,15 @@ def test_slots_and_threads_from_config(tmp_path: Path, start_server) -> None:  #
     before = torch.get_num_threads()
     try:
         server = start_server(make_config(tmp_path / "a", protection={"slots": 1, "threads": 2}))
-        assert server.servicer._batcher._slots == 1
+        assert server.servicer.service.batcher.slots == 1
         # torch's thread count is per thread, taken from the global setting when a thread first uses torch:
         # what the protection workers see
-        assert server.servicer.protection_threads == 2 == server.servicer._pool.submit(torch.get_num_threads).result()
+        assert server.servicer.service.protection_threads == 2 == server.servicer.service.pool.submit(torch.get_num_threads).result()
         # auto: slots = min(workers, cores), threads = cores // slots (at least 1, at most the current setting)
         torch.set_num_threads(1)
         server = start_server(make_config(tmp_path / "b", server={"workers": 1}))
-        assert server.servicer._batcher._slots == 1 and server.servicer.protection_threads == 1
-        assert server.servicer._pool.submit(torch.get_num_threads).result() == 1
+        assert server.servicer.service.batcher.slots == 1 and server.servicer.service.protection_threads == 1
+        assert server.servicer.service.pool.submit(torch.get_num_threads).result() == 1
     finally:
         torch.set_num_threads(before)
 
@@ -46,7 +46,7 @@ def test_large_batch_uses_every_slot_with_the_same_templates(tmp_path: Path, sta
     from sidecar_harness import random_embedding
 
     server = start_server(make_config(tmp_path, server={"max_batch": 40, "workers": 2}, protection={"slots": 2}))
-    batcher = server.servicer._batcher
+    batcher = server.servicer.service.batcher
     protect = batcher._protect
     lock, active, most = threading.Lock(), [0], [0]
 
@@ -65,6 +65,6 @@ def test_large_batch_uses_every_slot_with_the_same_templates(tmp_path: Path, sta
     with server.client() as c:
         c.enroll_batch([(f"p{i}", raw[i]) for i in range(40)], tenant="big")
     assert batcher.calls == 2 and batcher.rows == 40 and most[0] == 2  # chunks of 32 and 8, at the same time
-    store = server.servicer.store
+    store = server.servicer.service.store
     stored = np.stack([store.subject_vectors("big", f"p{i}")[0] for i in range(40)])
-    np.testing.assert_array_equal(stored, server.servicer.protector.protect(raw))
+    np.testing.assert_array_equal(stored, server.servicer.service.protector.protect(raw))

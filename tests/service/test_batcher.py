@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from server.servicer import ProtectionBatcher
+from advface.service.batcher import ProtectionBatcher
 
 
 def _slow_double(calls: list[int]):

@@ -1,0 +1,422 @@
+"""The template service: a validated :class:`~advface.config.Config` in, enrol / verify / identify / delete out.
+
+:class:`TemplateService` builds, once, everything the pipeline needs (image -> detect/align -> encoder -> raw
+embedding, in memory only -> protect -> keyed transform -> store -> match): the encoder and face chipper, the
+protector of the ``protection`` section, the tenant transforms of ``keyed_transform``, the store of ``store`` and
+``encryption`` (its keyed-transform marker checked, whatever the backend) and the decision threshold. Its methods
+take arrays, photo bytes and ids, validate the whole request before changing anything, and return plain values
+(:class:`Verification`, :class:`Candidate`, :class:`~advface.store.base.SubjectInfo`...). Errors are advface's own
+(:mod:`advface.errors`): ValidationError, NotFoundError, AlreadyExistsError, PreconditionError,
+DeadlineExceededError; a transport maps each to its status (the gRPC sidecar: ``server/status.py``).
+
+Concurrency (methods are coroutines): CPU-heavy work (decoding and embedding photos, protection) runs in a pool of
+``server.workers`` threads, with concurrent protections coalesced into shared shadow calls
+(:class:`~advface.service.batcher.ProtectionBatcher`); store calls run in their own threads, so searches never queue
+behind protection. ``deadline`` arguments are ``time.monotonic()`` values: a stage (embedding, protecting, storing,
+deleting) that would start after it raises DeadlineExceededError, so a request the caller gave up on is not stored
+after the fact.
+
+Protection: every enrolled embedding is replaced by ``T_tenant(AdvFace(z))`` (AdvFace when ``protection.enabled``;
+the tenant's keyed transform when ``keyed_transform.enabled``) before it reaches the store; raw embeddings live
+only in memory for the duration of the call. Probes are used raw (through the tenant's transform when it is on) and
+never stored: matching compares protected templates with raw probes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from advface.config import Config
+from advface.encoders import FaceEncoder, create_encoder, validate_embeddings
+from advface.errors import (
+    ConfigError,
+    DeadlineExceededError,
+    ImageError,
+    NotFoundError,
+    PreconditionError,
+    ValidationError,
+)
+from advface.faces import FaceChipper, create_detector
+from advface.hashing import file_sha256
+from advface.images import load_image
+from advface.protect import TemplateProtector
+from advface.service.batcher import ProtectionBatcher
+from advface.service.image_protection import ImageProtectionService, ProtectedImage
+from advface.service.keys import transforms_from_config
+from advface.service.protection import build_protector, protection_parallelism
+from advface.service.stores import open_checked_store
+from advface.service.thresholds import Threshold, resolve_threshold
+from advface.service.validation import check_batch, check_embeddings, check_id, check_metadata
+from advface.store.base import MAX_PAGE_SIZE, Match, SubjectInfo, TemplateStore, decode_page_token
+
+T = TypeVar("T")
+
+#: Most templates protected per worker job (the deadline is checked between waves of chunks; concurrent requests
+#: are coalesced into jobs of up to this many rows).
+PROTECT_CHUNK = 32
+#: Subjects per ListSubjects page when the request gives no page size.
+DEFAULT_PAGE_SIZE = 100
+
+#: One face of a request: an embedding (a sequence of floats, validated against the encoder's dimension) or the
+#: encoded bytes of a photo holding exactly one face.
+Face = Sequence[float] | np.ndarray | bytes
+
+
+@dataclass(frozen=True)
+class Verification:
+    """The outcome of a 1:1 comparison: the best score over the subject's templates and whether it matches."""
+
+    match: bool
+    score: float
+    threshold: float
+    template_id: str
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One identification result: a subject, its best template, the score and whether it passes the threshold."""
+
+    subject_id: str
+    template_id: str
+    score: float
+    match: bool
+
+
+@dataclass(frozen=True)
+class EnrolItem:
+    """One subject of a batch enrolment."""
+
+    subject_id: str
+    face: Face
+    metadata: dict[str, str]
+
+
+@dataclass(frozen=True)
+class ProtectionSummary:
+    """What protects the stored templates (no secret): the method and its parameters, the shadow model(s) and,
+    when the keyed transform is on, its version, norm and the tenant's public key id."""
+
+    enabled: bool
+    method: str
+    rel_l2: float = 0.0
+    steps: int = 0
+    seed: int = 0
+    lanes: int = 0
+    linf: float = 0.0
+    shadow_model: str = ""
+    shadow_sha256: str = ""
+    keyed_transform: bool = False
+    transform_version: int = 0
+    transform_norm: float = 0.0
+    transform_key_id: str = ""
+
+
+def _check_deadline(deadline: float | None, before: str) -> None:
+    if deadline is not None and time.monotonic() >= deadline:
+        raise DeadlineExceededError(f"deadline exceeded before {before}")
+
+
+class TemplateService:
+    """The pipeline of one deployment (see the module docs). ``encoder``, ``store`` and ``protector`` may be
+    given (tests, benchmarks); otherwise they are built from ``config``. A given protector is used only when
+    ``protection.enabled``. The service owns the store and closes it in :meth:`close`."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        encoder: FaceEncoder | None = None,
+        store: TemplateStore | None = None,
+        protector: TemplateProtector | None = None,
+    ) -> None:
+        self.config = config
+        self.max_batch = config.server.max_batch
+        self.top_k_max = config.matching.top_k_max
+        self.encoder = encoder if encoder is not None else create_encoder(config.encoder.name)
+        self.dim = int(self.encoder.dim)
+        self.metric = str(self.encoder.metric)
+        self.detector_name = config.encoder.detector
+        self.face_policy = config.encoder.face_policy
+        self.chipper = FaceChipper(create_detector(self.detector_name), self.encoder.chip, self.face_policy)
+
+        self.protector: TemplateProtector | None = None
+        if config.protection.enabled:
+            self.protector = protector if protector is not None else build_protector(config.protection, self.encoder)
+            assert self.protector is not None
+            if self.protector.dim != self.dim:
+                raise ConfigError(f"protector takes dimension {self.protector.dim}, encoder gives {self.dim}")
+        #: "advface", "advface-id", or "none" (protection off)
+        self.protection_method = str(self.protector.method) if self.protector is not None else "none"
+        # keyed per-tenant transform (None: off); a missing or bad secret is a ConfigError here, at start
+        self.transforms = transforms_from_config(config.keyed_transform, self.dim, self.encoder.name)
+        self.threshold: Threshold = resolve_threshold(config.matching.threshold, self.encoder,
+                                                      self.protection_method, self.transforms)
+        # last: the store locks its files (SQLite); the keyed-transform marker is checked for every backend
+        self.store: TemplateStore = store if store is not None else open_checked_store(
+            config, self.dim, self.metric, self.transforms)
+
+        workers = config.server.workers
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="advface-worker")
+        self._store_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="advface-store")
+        self.face_lock = threading.Lock()  # dlib's detector and encoder are not thread-safe
+        parallel = protection_parallelism(config.protection, workers, torch.get_num_threads())
+        #: torch threads per protection call (0: protection off)
+        self.protection_threads = 0
+        if self.protector is not None:
+            self.protection_threads = parallel.threads
+            torch.set_num_threads(self.protection_threads)
+        self.batcher = ProtectionBatcher(self._protect_sync, self.pool, slots=parallel.slots, max_rows=PROTECT_CHUNK,
+                                         lanes=self.protector.config.lanes if self.protector else 1)
+        self.image_protection = ImageProtectionService(config.image_protection, self.detector_name, self.face_policy)
+        self._protection = self._describe_protection()
+        self._closed = False
+
+    # ------------------------------------------------------------------ lifecycle and plumbing
+
+    def close(self) -> None:
+        """Stop the worker threads and close the store (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self._store_pool.submit(self.store.close).result()
+        self._store_pool.shutdown(wait=True)
+
+    async def _work(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(fn, *args))
+
+    async def _stored(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._store_pool, functools.partial(fn, *args, **kwargs)
+        )
+
+    # ------------------------------------------------------------------ faces and protection
+
+    def check_face(self, face: Face, what: str) -> None:
+        """Validate a face's cheap parts (an embedding's values, a photo's presence) before any work."""
+        if isinstance(face, bytes):
+            if not face:
+                raise ValidationError(f"{what}: the image is empty")
+        else:
+            check_embeddings([face], self.dim, f"{what} embedding")
+
+    def _embed_image_sync(self, data: bytes) -> np.ndarray:
+        image = load_image(data)
+        with self.face_lock:
+            chips = self.chipper.chips(image, "image")
+            if len(chips) != 1:
+                raise ImageError("image", f"{len(chips)} faces found, expected one")
+            vector = self.encoder.embed(chips[0][1])
+        return validate_embeddings(vector, self.dim)
+
+    async def raw_vectors(self, faces: Sequence[Face], deadline: float | None, what: str) -> np.ndarray:
+        """Raw ``N x D`` embeddings of checked faces (photos embedded in the worker pool)."""
+        out = np.zeros((len(faces), self.dim), np.float32)
+        photos = []
+        for i, face in enumerate(faces):
+            if isinstance(face, bytes):
+                photos.append(i)
+            else:
+                out[i] = check_embeddings([face], self.dim, what)[0]
+        if photos:
+            _check_deadline(deadline, "embedding images")
+
+            async def one(i: int) -> None:
+                try:
+                    out[i] = await self._work(self._embed_image_sync, faces[i])
+                except ImageError as exc:
+                    where = f"{what} {i}" if len(faces) > 1 else what
+                    raise ImageError(where, exc.reason) from None
+
+            await asyncio.gather(*(one(i) for i in photos))
+        return out
+
+    def _protect_sync(self, x: np.ndarray) -> np.ndarray:
+        assert self.protector is not None
+        out = np.ascontiguousarray(self.protector.protect(x), dtype=np.float32)
+        if out.shape != x.shape or not np.isfinite(out).all():
+            raise RuntimeError("protection produced an unusable result")
+        return out
+
+    async def _advface(self, raw: np.ndarray, deadline: float | None) -> np.ndarray:
+        """AdvFace of ``raw`` (unchanged when protection is off), in chunks of :data:`PROTECT_CHUNK` rows, one wave
+        of as many chunks as the batcher has slots at a time (a large batch uses every core), the deadline checked
+        before each wave; chunks of concurrent calls share shadow calls."""
+        if self.protector is None or len(raw) == 0:
+            return raw
+        out = np.empty_like(raw)
+
+        async def chunk(start: int) -> None:
+            stop = min(start + PROTECT_CHUNK, len(raw))
+            out[start:stop] = await self.batcher.protect(raw[start:stop])
+
+        starts = list(range(0, len(raw), PROTECT_CHUNK))
+        for wave in range(0, len(starts), self.batcher.slots):
+            _check_deadline(deadline, "protecting")
+            await asyncio.gather(*(chunk(start) for start in starts[wave : wave + self.batcher.slots]))
+        return out
+
+    def keyed(self, tenant: str, vectors: np.ndarray) -> np.ndarray:
+        """``vectors`` through ``tenant``'s keyed transform (unchanged when the transform is off)."""
+        return vectors if self.transforms is None else self.transforms.apply(tenant, vectors)
+
+    async def templates(self, tenant: str, raw: np.ndarray, deadline: float | None) -> np.ndarray:
+        """What gets stored for ``raw`` embeddings of ``tenant``: ``T_tenant(AdvFace(raw))``."""
+        return self.keyed(tenant, await self._advface(raw, deadline))
+
+    # ------------------------------------------------------------------ operations
+
+    async def protect(self, embeddings: Sequence[Sequence[float]] | np.ndarray, tenant: str | None,
+                      deadline: float | None = None) -> np.ndarray:
+        """Stateless protection: ``AdvFace(z)``, then ``T_tenant`` when ``tenant`` is given and the keyed transform
+        is on. PreconditionError when protection is disabled."""
+        if self.protector is None:
+            raise PreconditionError("protection is disabled on this server")
+        check_batch(len(embeddings), self.max_batch, "embeddings")
+        raw = check_embeddings(embeddings, self.dim)
+        protected = await self._advface(raw, deadline)
+        return protected if tenant is None else self.keyed(tenant, protected)
+
+    async def enroll(self, tenant: str, subject_id: str, face: Face, metadata: dict[str, str], *,
+                     replace: bool = False, deadline: float | None = None) -> list[str]:
+        """Store the protected template of ``face`` for ``subject_id`` (a new subject, or one more template;
+        ``replace``: its templates and metadata replaced); returns the new template ids."""
+        subject_id = check_id(subject_id, "subject_id")
+        metadata = check_metadata(metadata)
+        self.check_face(face, "face")
+        raw = await self.raw_vectors([face], deadline, "face")
+        templates = await self.templates(tenant, raw, deadline)
+        del raw
+        _check_deadline(deadline, "storing")
+        return list(await self._stored(self.store.add, tenant, subject_id, templates, metadata, replace=replace))
+
+    async def enroll_batch(self, tenant: str, items: Sequence[EnrolItem],
+                           deadline: float | None = None) -> list[list[str]]:
+        """Enrol several new subjects in one transaction (distinct subject ids); template ids per item."""
+        check_batch(len(items), self.max_batch, "items")
+        seen: set[str] = set()
+        metadata = []
+        for i, item in enumerate(items):
+            subject_id = check_id(item.subject_id, f"items[{i}].subject_id")
+            if subject_id in seen:
+                raise ValidationError(f"items[{i}].subject_id repeats an earlier item's")
+            seen.add(subject_id)
+            metadata.append(check_metadata(item.metadata, f"items[{i}].metadata"))
+            self.check_face(item.face, f"items[{i}].face")
+        if not items:
+            return []
+        raw = await self.raw_vectors([item.face for item in items], deadline, "items face")
+        templates = await self.templates(tenant, raw, deadline)
+        del raw
+        _check_deadline(deadline, "storing")
+        entries = [(item.subject_id, templates[i : i + 1], metadata[i]) for i, item in enumerate(items)]
+        return [list(ids) for ids in await self._stored(self.store.add_many, tenant, entries)]
+
+    def _subject_templates(self, tenant: str, subject_id: str) -> tuple[np.ndarray, list[str]]:
+        ids = [str(t) for t in self.store.get_subject(tenant, subject_id).template_ids]
+        vectors = np.asarray(self.store.subject_vectors(tenant, subject_id), dtype=np.float32).reshape(-1, self.dim)
+        if len(ids) != len(vectors):  # pragma: no cover - a store bug
+            raise RuntimeError("store returned vectors and template ids of different lengths")
+        return vectors, ids
+
+    async def verify(self, tenant: str, subject_id: str, probe: Face, deadline: float | None = None) -> Verification:
+        """1:1: the raw probe against ``subject_id``'s protected templates (NOT_FOUND before the costly probe)."""
+        subject_id = check_id(subject_id, "subject_id")
+        self.check_face(probe, "probe")
+        vectors, template_ids = await self._stored(self._subject_templates, tenant, subject_id)
+        query = self.keyed(tenant, await self.raw_vectors([probe], deadline, "probe"))[0]
+        if len(vectors) == 0:
+            raise NotFoundError("the subject has no templates")
+        scores = self.encoder.score(np.repeat(query[None], len(vectors), axis=0), vectors)
+        best = int(np.argmax(scores))
+        score = float(scores[best])
+        return Verification(score >= self.threshold.value, score, self.threshold.value, template_ids[best])
+
+    async def identify(self, tenant: str, probe: Face, top_k: int, deadline: float | None = None) -> list[Candidate]:
+        """1:N: the ``top_k`` best subjects of ``tenant`` for the raw probe (``top_k`` 0 means 1)."""
+        top_k = int(top_k) or 1
+        if top_k > self.top_k_max:
+            raise ValidationError(f"top_k {top_k} is over the limit of {self.top_k_max}")
+        self.check_face(probe, "probe")
+        query = self.keyed(tenant, await self.raw_vectors([probe], deadline, "probe"))[0]
+        matches: list[Match] = await self._stored(self.store.search, tenant, query, top_k)
+        return [Candidate(m.subject_id, m.template_id, m.score, m.score >= self.threshold.value) for m in matches]
+
+    async def delete_subject(self, tenant: str, subject_id: str, deadline: float | None = None) -> int:
+        """Delete a subject and all its templates from the database and the index; the number deleted."""
+        subject_id = check_id(subject_id, "subject_id")
+        _check_deadline(deadline, "deleting")
+        return int(await self._stored(self.store.delete_subject, tenant, subject_id))
+
+    async def delete_template(self, tenant: str, template_id: str, deadline: float | None = None) -> str:
+        """Delete one template; the subject it belonged to."""
+        template_id = check_id(template_id, "template_id")
+        _check_deadline(deadline, "deleting")
+        return str(await self._stored(self.store.delete_template, tenant, template_id))
+
+    async def get_subject(self, tenant: str, subject_id: str) -> SubjectInfo:
+        """A subject's metadata and template ids (never vectors)."""
+        return await self._stored(self.store.get_subject, tenant, check_id(subject_id, "subject_id"))
+
+    async def list_subjects(self, tenant: str, page_size: int = 0, page_token: str = "") -> tuple[list[SubjectInfo], str]:
+        """One page of subjects in id order and the token of the next page ("" at the end)."""
+        page_size = min(int(page_size) or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        try:
+            decode_page_token(page_token)
+        except ValidationError:
+            raise ValidationError("page_token is not one this server issued") from None
+        subjects, token = await self._stored(self.store.list_subjects, tenant, page_size, page_token)
+        return list(subjects), token or ""
+
+    async def count(self, tenant: str | None = None, *, subjects: bool = False) -> int:
+        """Templates (or ``subjects``) of ``tenant``; of every tenant when None."""
+        return int(await self._stored(self.store.count, tenant, subjects=subjects))
+
+    async def protect_image(self, image: bytes, epsilon: float | None = None, steps: int | None = None, seed: int = 0,
+                            target_similarity: float | None = None, deadline: float | None = None) -> ProtectedImage:
+        """Protect the face of a photo against identity extraction (stateless; see
+        :class:`~advface.service.image_protection.ImageProtectionService`)."""
+        service = self.image_protection
+        options = service.options(image, epsilon, steps, seed, target_similarity)
+        _check_deadline(deadline, "protecting the image")
+        return await self._work(service.protect, image, options, deadline)
+
+    # ------------------------------------------------------------------ description
+
+    def protection(self, tenant: str | None = None) -> ProtectionSummary:
+        """What protects stored templates, with ``tenant``'s public transform key id when the transform is on."""
+        if self.transforms is None or tenant is None:
+            return self._protection
+        return dataclasses.replace(self._protection, transform_key_id=self.transforms.key_id(tenant))
+
+    def _describe_protection(self) -> ProtectionSummary:
+        keyed: dict[str, Any] = {}
+        if self.transforms is not None:
+            keyed = {"keyed_transform": True, "transform_version": self.transforms.version,
+                     "transform_norm": float(self.transforms.norm or 0.0)}
+        if self.protector is None:
+            return ProtectionSummary(enabled=False, method="none", **keyed)
+        cfg = self.protector.config
+        paths = tuple(Path(p) for p in (getattr(self.protector, "shadow_paths", ()) or ()))
+        if paths:  # every shadow file (advface-id: the ensemble), comma-separated, in configuration order
+            model, sha = ",".join(p.name for p in paths), ",".join(file_sha256(p) for p in paths)
+        else:
+            model, sha = str(getattr(self.protector, "metadata", {}).get("name", "custom")), ""
+        return ProtectionSummary(
+            enabled=True, method=self.protection_method, rel_l2=float(cfg.rel_l2), steps=int(cfg.steps),
+            seed=int(cfg.seed), lanes=int(cfg.lanes), linf=float(cfg.linf or 0.0), shadow_model=model,
+            shadow_sha256=sha, **keyed,
+        )
+

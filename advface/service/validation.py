@@ -1,0 +1,63 @@
+"""Checks of one request's values, before anything is computed or changed (ValidationError otherwise).
+
+Ids and metadata follow the template store's rules (:mod:`advface.store.base`: ids of 1-128 printable characters
+without leading or trailing whitespace; metadata of at most 32 keys); an empty tenant means :data:`DEFAULT_TENANT`.
+Embeddings must have the encoder's dimension, be finite, not all zero, and have a norm of at most
+:data:`~advface.store.base.MAX_VECTOR_NORM`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from advface.errors import ValidationError
+from advface.store import base as store_base
+
+DEFAULT_TENANT = "default"
+
+
+def check_id(value: str, what: str) -> str:
+    """``value`` if it is a usable id (the store's rules); ValidationError naming ``what`` otherwise."""
+    return store_base.check_id(value, what)
+
+
+def check_tenant(value: str) -> str:
+    """The request's tenant (empty -> ``"default"``), validated like an id."""
+    return check_id(value or DEFAULT_TENANT, "tenant")
+
+
+def check_metadata(metadata: Mapping[str, str], what: str = "metadata") -> dict[str, str]:
+    """A plain dict copy of a metadata map within the store's limits; ValidationError otherwise."""
+    return store_base.check_metadata(dict(metadata), what)
+
+
+def check_embeddings(rows: Sequence[Sequence[float]] | np.ndarray, dim: int, what: str = "embedding") -> np.ndarray:
+    """``N x dim`` float32 from ``rows`` (N may be 0); ValidationError for a wrong dimension, NaN/Inf, zero rows or
+    a norm above the store's limit. Messages name the row when there are several."""
+    if len(rows) == 0:
+        return np.zeros((0, dim), np.float32)
+    for i, row in enumerate(rows):
+        if len(row) != dim:
+            where = f"{what} {i}" if len(rows) > 1 else what
+            raise ValidationError(f"{where} has dimension {len(row)}, expected {dim}")
+    several = len(rows) > 1
+    x = np.array(rows, dtype=np.float32).reshape(len(rows), dim)
+    if not np.isfinite(x).all():
+        bad = np.flatnonzero(~np.isfinite(x).all(axis=1))[:10].tolist()
+        raise ValidationError(f"{what} rows {bad} contain NaN or Inf" if several else f"{what} contains NaN or Inf")
+    norms = np.linalg.norm(x.astype(np.float64), axis=1)
+    if (norms == 0).any():
+        bad = np.flatnonzero(norms == 0)[:10].tolist()
+        raise ValidationError(f"{what} rows {bad} are zero vectors" if several else f"{what} is a zero vector")
+    if (norms > store_base.MAX_VECTOR_NORM).any():
+        bad = np.flatnonzero(norms > store_base.MAX_VECTOR_NORM)[:10].tolist()
+        raise ValidationError(f"{what} rows {bad} have a norm above {store_base.MAX_VECTOR_NORM:g}")
+    return x
+
+
+def check_batch(size: int, limit: int, what: str) -> None:
+    """ValidationError when a batch of ``size`` ``what`` is over ``limit``."""
+    if size > limit:
+        raise ValidationError(f"batch of {size} {what} is over the limit of {limit}")
