@@ -34,11 +34,8 @@ one layer, to be measured, not a guarantee.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import math
-import numbers
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,28 +47,26 @@ from torch import nn
 
 from advface.encoders.base import validate_embeddings
 from advface.errors import ConfigError, EmbeddingError, ImageError
+from advface.protect.ascent import (
+    AscentParams,
+    check_ascent_config,
+    eval_mode,
+    finalize,
+    is_int,
+    lane_tensors,
+    project_np,
+    project_t,
+    shadow_device_dtype,
+    shadow_dim,
+    start_offsets,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import os
 
-_SEED_DOMAIN = b"advface.protect.random_start.v1\x00"
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_positive_real(value: Any) -> bool:
-    return (
-        isinstance(value, numbers.Real)
-        and not isinstance(value, bool)
-        and math.isfinite(float(value))
-        and float(value) > 0
-    )
-
 
 @dataclass(frozen=True)
-class AdvFaceConfig:
+class AdvFaceConfig(AscentParams):
     """Parameters of AdvFace protection.
 
     - ``steps``: sign-gradient ascent steps (0: random start only, i.e. the "random noise" baseline);
@@ -102,74 +97,16 @@ class AdvFaceConfig:
         if not isinstance(self.random_start, bool):
             raise ConfigError(f"AdvFace random_start must be a bool, got {self.random_start!r}")
 
-    @property
-    def effective_step_size(self) -> float:
-        """``step_size``, or its default ``2.5 / steps``."""
-        if self.step_size is not None:
-            return float(self.step_size)
-        return 2.5 / max(self.steps, 1)
 
 
 # --------------------------------------------------------------------------------------------------- helpers
 
 
-def check_ascent_config(config: Any, method: str) -> None:
-    """Validate the fields every sign-ascent protection config shares (steps, rel_l2, linf, step_size, seed,
-    batch_size, lanes); ConfigError naming ``method`` otherwise."""
-    if not _is_int(config.steps) or config.steps < 0:
-        raise ConfigError(f"{method} steps must be an integer >= 0, got {config.steps!r}")
-    if not _is_positive_real(config.rel_l2) or float(config.rel_l2) > 1:
-        raise ConfigError(f"{method} rel_l2 (||delta|| / ||z||) must be in (0, 1], got {config.rel_l2!r}")
-    if config.linf is not None and not _is_positive_real(config.linf):
-        raise ConfigError(f"{method} linf must be None or a finite number > 0, got {config.linf!r}")
-    if config.step_size is not None and not _is_positive_real(config.step_size):
-        raise ConfigError(f"{method} step_size must be None or a finite number > 0, got {config.step_size!r}")
-    if not _is_int(config.seed) or not 0 <= config.seed < 2**64:
-        raise ConfigError(f"{method} seed must be an integer in [0, 2**64), got {config.seed!r}")
-    for name in ("batch_size", "lanes"):
-        value = getattr(config, name)
-        if not _is_int(value) or value < 1:
-            raise ConfigError(f"{method} {name} must be an integer >= 1, got {value!r}")
-
-
-def _shadow_dim(shadow: nn.Module) -> int:
-    dim = getattr(shadow, "dim", None)
-    if not _is_int(dim) or dim < 1:
-        raise ConfigError(f"shadow model {type(shadow).__name__} has no valid 'dim' attribute (got {dim!r})")
-    return int(dim)
-
-
-def _shadow_device_dtype(shadow: nn.Module, device: str | torch.device | None) -> tuple[torch.device, torch.dtype]:
-    tensors = list(shadow.parameters()) or list(shadow.buffers())
-    float_tensors = [t for t in tensors if t.is_floating_point()]
-    dtype = float_tensors[0].dtype if float_tensors else torch.float32
-    own = tensors[0].device if tensors else None
-    if device is None:
-        return (own or torch.device("cpu")), dtype
-    wanted = torch.device(device)
-    if own is not None and (own.type != wanted.type or (wanted.index is not None and own.index != wanted.index)):
-        raise ConfigError(f"shadow model is on {own} but device {wanted} was requested; move it first")
-    return (own if own is not None else wanted), dtype
-
-
-@contextlib.contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
-    """Put ``module`` in eval mode for the block; restore training mode only if this changed it."""
-    was_training = module.training
-    if was_training:
-        module.eval()
-    try:
-        yield
-    finally:
-        if was_training:
-            module.train()
-
-
 def _image_hw(shadow: nn.Module) -> tuple[int, int] | None:
     size = getattr(shadow, "image_size", None)
-    if _is_int(size) and size > 0:
+    if is_int(size) and size > 0:
         return int(size), int(size)
-    if isinstance(size, tuple | list) and len(size) == 2 and all(_is_int(s) and s > 0 for s in size):
+    if isinstance(size, tuple | list) and len(size) == 2 and all(is_int(s) and s > 0 for s in size):
         return int(size[0]), int(size[1])
     return None
 
@@ -219,92 +156,7 @@ def _targets_lane(
     return t.to(dtype).contiguous()
 
 
-def _row_seed(seed: int, row: np.ndarray) -> int:
-    """A 256-bit seed from ``seed`` and the row's little-endian float32 bytes (independent of its position)."""
-    digest = hashlib.sha256(_SEED_DOMAIN + seed.to_bytes(8, "little") + row.astype("<f4").tobytes()).digest()
-    return int.from_bytes(digest, "little")
-
-
-def _random_start(z: np.ndarray, radius: np.ndarray, seed: int) -> np.ndarray:
-    """Per row: a uniformly random direction scaled to a uniformly random fraction of the row's radius."""
-    out = np.empty(z.shape, np.float64)
-    for i, row in enumerate(z):
-        rng = np.random.default_rng(_row_seed(seed, row))
-        direction = rng.standard_normal(z.shape[1])
-        direction /= max(float(np.linalg.norm(direction)), 1e-300)
-        out[i] = direction * (rng.random() * radius[i])
-    return out
-
-
-def _project_np(delta: np.ndarray, radius: np.ndarray, linf: float | None) -> np.ndarray:
-    """Onto the L2 ball of per-row ``radius``, then into the L-inf box (clipping never grows the L2 norm)."""
-    norms = np.linalg.norm(delta, axis=1)
-    scale = np.where(norms > radius, radius / np.maximum(norms, 1e-300), 1.0)
-    delta = delta * scale[:, None]
-    if linf is not None:
-        delta = np.clip(delta, -linf, linf)
-    return delta
-
-
-def _project_t(delta: torch.Tensor, radius: torch.Tensor, linf: float | None) -> torch.Tensor:
-    norms = delta.norm(dim=1, keepdim=True)
-    delta = delta * torch.where(norms > radius, radius / norms.clamp_min(1e-30), torch.ones_like(norms))
-    if linf is not None:
-        delta = delta.clamp(-linf, linf)
-    return delta
-
-
-def _finalize(z: np.ndarray, delta: np.ndarray, radius: np.ndarray, linf: float | None) -> np.ndarray:
-    """``z + delta`` in float32, with the bounds holding exactly for the float32 result (checked in float64).
-
-    Rounding ``z + delta`` to float32 moves each coordinate by up to half an ulp of ``z``, which can push a
-    template on the ball's boundary just outside it (relative excess ~ 1e-7 / rel_l2); such rows are pulled back
-    inside by a margin of a few rounding errors, and coordinates past the box step one ulp towards ``z``.
-    """
-    z64 = z.astype(np.float64)
-    delta = _project_np(delta.astype(np.float64), radius, linf)
-    out = (z64 + delta).astype(np.float32)
-    rounding = 0.5 * np.linalg.norm(np.spacing(np.abs(z) + np.abs(out)).astype(np.float64), axis=1)
-    for attempt in range(12):
-        actual = out.astype(np.float64) - z64
-        if linf is not None:
-            bad_box = np.abs(actual) > linf
-            if bad_box.any():
-                out = np.where(bad_box, np.nextafter(out, z), out)
-                actual = out.astype(np.float64) - z64
-        norms = np.linalg.norm(actual, axis=1)
-        over = norms > radius
-        if not over.any() and (linf is None or not (np.abs(actual) > linf).any()):
-            return out
-        if over.any():
-            target = np.maximum(radius[over] - (2.0**attempt) * 2.0 * rounding[over], 0.0)
-            shrink = target / norms[over]
-            out[over] = (z64[over] + actual[over] * shrink[:, None]).astype(np.float32)
-    # Only reachable when the budget is below float32 resolution; never return a template outside its bound.
-    actual = out.astype(np.float64) - z64
-    bad = np.linalg.norm(actual, axis=1) > radius
-    if linf is not None:
-        bad |= (np.abs(actual) > linf).any(axis=1)
-    out[bad] = z[bad]
-    return out
-
-
 # --------------------------------------------------------------------------------------------------- the method
-
-
-def _lane_tensors(
-    z: np.ndarray, delta0: np.ndarray, radius: np.ndarray, config: Any, device: torch.device, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(alpha, radius, z, delta)`` of one lane as tensors: per-row sign-step size ``step_size * min(radius /
-    sqrt(D), linf)`` and radius as ``L x 1`` columns, templates and start offsets as ``L x D``."""
-    per_coord = radius / math.sqrt(z.shape[1])
-    if config.linf is not None:
-        per_coord = np.minimum(per_coord, config.linf)
-    alpha = torch.from_numpy(config.effective_step_size * per_coord).to(device=device, dtype=dtype)[:, None]
-    radius_t = torch.from_numpy(radius).to(device=device, dtype=dtype)[:, None]
-    z_t = torch.from_numpy(z).to(device=device, dtype=dtype)
-    delta = torch.from_numpy(delta0).to(device=device, dtype=dtype)
-    return alpha, radius_t, z_t, delta
 
 
 def _ascend_lane(
@@ -318,7 +170,7 @@ def _ascend_lane(
     dtype: torch.dtype,
 ) -> np.ndarray:
     """Sign-gradient ascent for one shadow call's worth of rows (always ``config.lanes`` of them); returns delta."""
-    alpha, radius_t, z_t, delta = _lane_tensors(z, delta0, radius, config, device, dtype)
+    alpha, radius_t, z_t, delta = lane_tensors(z, delta0, radius, config, device, dtype)
     if target is None:
         with torch.no_grad():
             target = shadow(z_t)  # x~ = S(z): the shadow's stand-in for the enrolment photo
@@ -328,7 +180,7 @@ def _ascend_lane(
             loss = (shadow(z_t + delta) - target).abs().sum()  # rows are independent: per-sample L1, summed
             (grad,) = torch.autograd.grad(loss, delta)  # w.r.t. delta only: no gradient to the shadow's weights
         with torch.no_grad():
-            delta = _project_t(delta.detach() + alpha * grad.sign(), radius_t, config.linf)
+            delta = project_t(delta.detach() + alpha * grad.sign(), radius_t, config.linf)
     return delta.detach().cpu().double().numpy()
 
 
@@ -355,20 +207,20 @@ def protect_embeddings(
     if not isinstance(config, AdvFaceConfig):
         raise ConfigError(f"config must be an AdvFaceConfig, got {type(config).__name__}")
     raw = np.asarray(z)
-    x = np.ascontiguousarray(validate_embeddings(raw, _shadow_dim(shadow)), dtype=np.float32)
+    x = np.ascontiguousarray(validate_embeddings(raw, shadow_dim(shadow)), dtype=np.float32)
     images = _check_targets(target_images, len(x)) if target_images is not None else None
     if images is None and not config.random_start and config.steps > 0:
         raise ConfigError(
             "random_start=False needs target_images: with x~ = S(z) the L1 loss has zero gradient at z, "
             "so sign ascent would never move"
         )
-    run_device, dtype = _shadow_device_dtype(shadow, device)
+    run_device, dtype = shadow_device_dtype(shadow, device)
     out = np.empty_like(x)
     if len(x) == 0:
         return out.reshape(raw.shape) if raw.ndim == 1 else out
     radius = config.rel_l2 * np.linalg.norm(x.astype(np.float64), axis=1)
     lanes = config.lanes
-    with _eval_mode(shadow):
+    with eval_mode(shadow):
         hw = _image_hw(shadow) if images is not None else None
         if images is not None and hw is None:  # no image_size attribute: ask the shadow (fixed call shape too)
             with torch.no_grad():
@@ -377,7 +229,7 @@ def protect_embeddings(
         for start in range(0, len(x), config.batch_size):
             stop = min(start + config.batch_size, len(x))
             if config.random_start:
-                delta = _project_np(_random_start(x[start:stop], radius[start:stop], config.seed),
+                delta = project_np(start_offsets(x[start:stop], radius[start:stop], config.seed),
                                     radius[start:stop], config.linf)
             else:
                 delta = np.zeros((stop - start, x.shape[1]), np.float64)
@@ -392,7 +244,7 @@ def protect_embeddings(
                     d = _ascend_lane(x[padded], delta[padded - start], radius[padded], shadow, config, target,
                                      run_device, dtype)
                     delta[rows - start] = d[: len(rows)]
-            out[start:stop] = _finalize(x[start:stop], delta, radius[start:stop], config.linf)
+            out[start:stop] = finalize(x[start:stop], delta, radius[start:stop], config.linf)
             if progress is not None:
                 progress(stop - start)
     return out.reshape(raw.shape) if raw.ndim == 1 else out
@@ -439,7 +291,7 @@ class Protector:
         device: str | torch.device | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> None:
-        _shadow_dim(shadow)
+        shadow_dim(shadow)
         if device is not None:
             shadow = shadow.to(device)
         shadow.eval()
@@ -448,13 +300,13 @@ class Protector:
         self.config = AdvFaceConfig() if config is None else config
         if not isinstance(self.config, AdvFaceConfig):
             raise ConfigError(f"config must be an AdvFaceConfig, got {type(self.config).__name__}")
-        self.device, _ = _shadow_device_dtype(shadow, device)
+        self.device, _ = shadow_device_dtype(shadow, device)
         self.metadata: dict[str, Any] = dict(metadata or {})
 
     @property
     def dim(self) -> int:
         """Template dimension the shadow takes."""
-        return _shadow_dim(self.shadow)
+        return shadow_dim(self.shadow)
 
     @property
     def encoder_fingerprint(self) -> str | None:
@@ -491,7 +343,7 @@ class Protector:
         if not path.is_file():
             raise ConfigError(f"shadow model {path} not found")
         model, metadata = load_decoder(path, device=device)
-        model_dim = _shadow_dim(model)
+        model_dim = shadow_dim(model)
         if dim is not None and int(dim) != model_dim:
             raise ConfigError(
                 f"templates have dimension {dim} but shadow model {path} was trained for dimension {model_dim}"

@@ -34,17 +34,18 @@ from torch import nn
 
 from advface.encoders.base import validate_embeddings
 from advface.errors import ConfigError
-from advface.protect.advface import (
-    _eval_mode,
-    _finalize,
-    _is_int,
-    _lane_tensors,
-    _project_np,
-    _project_t,
-    _random_start,
-    _shadow_device_dtype,
-    _shadow_dim,
+from advface.protect.ascent import (
+    AscentParams,
     check_ascent_config,
+    eval_mode,
+    finalize,
+    is_int,
+    lane_tensors,
+    project_np,
+    project_t,
+    shadow_device_dtype,
+    start_offsets,
+    shadow_dim,
 )
 
 #: Pixel shifts (at the encoder's chip size) cycled through the steps: the expectation over translations.
@@ -52,7 +53,7 @@ JITTER_SCHEDULE: tuple[tuple[int, int], ...] = ((0, 0), (2, -1), (-2, 2), (1, 3)
 
 
 @dataclass(frozen=True)
-class IdentityAwareConfig:
+class IdentityAwareConfig(AscentParams):
     """Parameters of identity-aware AdvFace (same meaning as :class:`~advface.protect.AdvFaceConfig` where shared).
 
     - ``steps``, ``rel_l2``, ``linf``, ``step_size`` (None: ``2.5 / steps``), ``seed``, ``batch_size``, ``lanes``;
@@ -73,10 +74,6 @@ class IdentityAwareConfig:
         if not isinstance(self.jitter, bool):
             raise ConfigError(f"identity-aware AdvFace jitter must be a bool, got {self.jitter!r}")
 
-    @property
-    def effective_step_size(self) -> float:
-        """``step_size``, or its default ``2.5 / steps``."""
-        return float(self.step_size) if self.step_size is not None else 2.5 / max(self.steps, 1)
 
 
 def identity_distance(
@@ -97,7 +94,7 @@ def _ascend_lane(
     z: np.ndarray, delta0: np.ndarray, radius: np.ndarray, shadows: Sequence[nn.Module], encoder_module: nn.Module,
     config: IdentityAwareConfig, chip_size: int, device: torch.device, dtype: torch.dtype,
 ) -> np.ndarray:
-    alpha, radius_t, z_t, delta = _lane_tensors(z, delta0, radius, config, device, dtype)
+    alpha, radius_t, z_t, delta = lane_tensors(z, delta0, radius, config, device, dtype)
     for step in range(config.steps):
         shift = JITTER_SCHEDULE[step % len(JITTER_SCHEDULE)] if config.jitter else (0, 0)
         total = torch.zeros_like(delta)
@@ -108,7 +105,7 @@ def _ascend_lane(
                 (grad,) = torch.autograd.grad(loss, d)
             total += grad / grad.norm(dim=1, keepdim=True).clamp_min(1e-30)
         with torch.no_grad():
-            delta = _project_t(delta.detach() + alpha * total.sign(), radius_t, config.linf)
+            delta = project_t(delta.detach() + alpha * total.sign(), radius_t, config.linf)
     return delta.detach().cpu().double().numpy()
 
 
@@ -134,14 +131,14 @@ def protect_identity_aware(
         raise ConfigError(f"config must be an IdentityAwareConfig, got {type(config).__name__}")
     if not shadows:
         raise ConfigError("identity-aware AdvFace needs at least one shadow decoder")
-    dims = {_shadow_dim(s) for s in shadows}
+    dims = {shadow_dim(s) for s in shadows}
     if len(dims) != 1:
         raise ConfigError(f"shadow decoders disagree on the embedding dimension: {sorted(dims)}")
-    if not _is_int(chip_size) or chip_size < 8:
+    if not is_int(chip_size) or chip_size < 8:
         raise ConfigError(f"chip_size must be an integer >= 8, got {chip_size!r}")
     raw = np.asarray(z)
     x = np.ascontiguousarray(validate_embeddings(raw, dims.pop()), dtype=np.float32)
-    run_device, dtype = _shadow_device_dtype(shadows[0], device)
+    run_device, dtype = shadow_device_dtype(shadows[0], device)
     out = np.empty_like(x)
     if len(x) == 0:
         return out.reshape(raw.shape) if raw.ndim == 1 else out
@@ -153,10 +150,10 @@ def protect_identity_aware(
     try:
         with contextlib.ExitStack() as stack:
             for module in (*shadows, encoder_module):
-                stack.enter_context(_eval_mode(module))
+                stack.enter_context(eval_mode(module))
             for start in range(0, len(x), config.batch_size):
                 stop = min(start + config.batch_size, len(x))
-                delta = _project_np(_random_start(x[start:stop], radius[start:stop], config.seed),
+                delta = project_np(start_offsets(x[start:stop], radius[start:stop], config.seed),
                                     radius[start:stop], config.linf)
                 if config.steps > 0:
                     for lane in range(start, stop, lanes):
@@ -165,7 +162,7 @@ def protect_identity_aware(
                         d = _ascend_lane(x[padded], delta[padded - start], radius[padded], shadows, encoder_module,
                                          config, chip_size, run_device, dtype)
                         delta[rows - start] = d[: len(rows)]
-                out[start:stop] = _finalize(x[start:stop], delta, radius[start:stop], config.linf)
+                out[start:stop] = finalize(x[start:stop], delta, radius[start:stop], config.linf)
                 if progress is not None:
                     progress(stop - start)
     finally:

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from advface.errors import ConfigError
-from advface.protect.advface import AdvFaceConfig, Protector, _shadow_dim
+from advface.protect.advface import AdvFaceConfig, Protector
+from advface.protect.ascent import shadow_dim
 from advface.protect.identity_aware import IdentityAwareConfig, protect_identity_aware
 
 #: Method names accepted by ``protection.method`` and ``--method``.
@@ -74,7 +75,7 @@ class IdentityAwareProtector:
         self.config = IdentityAwareConfig() if config is None else config
         if not isinstance(self.config, IdentityAwareConfig):
             raise ConfigError(f"config must be an IdentityAwareConfig, got {type(self.config).__name__}")
-        dims = {_shadow_dim(s) for s in shadows}
+        dims = {shadow_dim(s) for s in shadows}
         if len(dims) != 1:
             raise ConfigError(f"shadow decoders disagree on the embedding dimension: {sorted(dims)}")
         self._dim = dims.pop()

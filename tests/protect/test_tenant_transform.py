@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import base64
 import pickle
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from advface.config import load_config
-from advface.crypto import generate_key, write_key_file
+from advface.crypto import generate_key
 from advface.errors import ConfigError
 from advface.protect.keyed import KeyedTransform
 from advface.protect.tenant_transform import CALIBRATED_NORMS, TenantTransforms, resolve_norm
