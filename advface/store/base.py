@@ -13,8 +13,9 @@ Errors (all subclasses of :class:`advface.errors.AdvfaceError`), raised before a
 
 - :class:`~advface.errors.EmbeddingError` -- vectors of the wrong shape or dimension, NaN/Inf, zero vectors, or
   vectors too large to compare in float32 (norm above :data:`MAX_VECTOR_NORM`);
-- :class:`~advface.errors.ConfigError` -- invalid ids, metadata, ``k``, page size or page token; a closed store;
-  a database made for another dimension or metric;
+- :class:`~advface.errors.ValidationError` -- invalid ids, metadata, ``k``, page size or page token;
+- :class:`~advface.errors.ClosedError` -- a closed store;
+- :class:`~advface.errors.ConfigError` -- a database made for another dimension or metric (when opening it);
 - :class:`~advface.errors.NotFoundError` -- an unknown subject or template (in the tenant given).
 
 Identifiers (tenant, subject id, metadata keys) must be strings of 1 to 128 (keys: 64) printable characters
@@ -35,7 +36,7 @@ from typing import Any, Literal
 import numpy as np
 
 from advface.encoders.base import validate_embeddings
-from advface.errors import ConfigError, EmbeddingError
+from advface.errors import ConfigError, EmbeddingError, ValidationError
 
 StoreMetric = Literal["euclidean", "cosine"]
 METRICS = ("euclidean", "cosine")
@@ -45,6 +46,8 @@ MAX_METADATA_KEYS = 32
 MAX_METADATA_KEY_CHARS = 64
 MAX_METADATA_VALUE_CHARS = 1024
 MAX_PAGE_SIZE = 1000
+#: Largest ``k`` of a search.
+MAX_SEARCH_K = 10_000_000
 MAX_DIM = 65536
 #: Largest accepted vector norm: squared distances between such vectors still fit in float32.
 MAX_VECTOR_NORM = 1e15
@@ -75,17 +78,17 @@ class SubjectInfo:
 
 
 def check_id(value: Any, what: str, max_chars: int = MAX_ID_CHARS) -> str:
-    """``value`` if it is a valid identifier (see module docs), else ConfigError naming ``what``."""
+    """``value`` if it is a valid identifier (see module docs), else ValidationError naming ``what``."""
     if not isinstance(value, str):
-        raise ConfigError(f"{what} must be a string, got {type(value).__name__}")
+        raise ValidationError(f"{what} must be a string, got {type(value).__name__}")
     if not value:
-        raise ConfigError(f"{what} must not be empty")
+        raise ValidationError(f"{what} must not be empty")
     if len(value) > max_chars:
-        raise ConfigError(f"{what} is {len(value)} characters long; at most {max_chars} are allowed")
+        raise ValidationError(f"{what} is {len(value)} characters long; at most {max_chars} are allowed")
     if not value.isprintable():
-        raise ConfigError(f"{what} {value[:40]!r} contains control or other non-printable characters")
+        raise ValidationError(f"{what} {value[:40]!r} contains control or other non-printable characters")
     if value != value.strip():
-        raise ConfigError(f"{what} {value[:40]!r} has leading or trailing whitespace")
+        raise ValidationError(f"{what} {value[:40]!r} has leading or trailing whitespace")
     _check_utf8(value, what)
     return value
 
@@ -94,24 +97,24 @@ def _check_utf8(value: str, what: str) -> None:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise ConfigError(f"{what} is not valid Unicode text (lone surrogate)") from None
+        raise ValidationError(f"{what} is not valid Unicode text (lone surrogate)") from None
 
 
 def check_metadata(metadata: Mapping[str, str] | None, what: str = "metadata") -> dict[str, str]:
-    """A copy of ``metadata`` (None -> ``{}``) after checking keys, values and sizes; ConfigError otherwise."""
+    """A copy of ``metadata`` (None -> ``{}``) after checking keys, values and sizes; ValidationError otherwise."""
     if metadata is None:
         return {}
     if not isinstance(metadata, Mapping):
-        raise ConfigError(f"{what} must be a mapping of strings to strings, got {type(metadata).__name__}")
+        raise ValidationError(f"{what} must be a mapping of strings to strings, got {type(metadata).__name__}")
     if len(metadata) > MAX_METADATA_KEYS:
-        raise ConfigError(f"{what} has {len(metadata)} keys; at most {MAX_METADATA_KEYS} are allowed")
+        raise ValidationError(f"{what} has {len(metadata)} keys; at most {MAX_METADATA_KEYS} are allowed")
     out: dict[str, str] = {}
     for key, value in metadata.items():
         check_id(key, f"{what} key", MAX_METADATA_KEY_CHARS)
         if not isinstance(value, str):
-            raise ConfigError(f"{what}[{key!r}] must be a string, got {type(value).__name__}")
+            raise ValidationError(f"{what}[{key!r}] must be a string, got {type(value).__name__}")
         if len(value) > MAX_METADATA_VALUE_CHARS:
-            raise ConfigError(
+            raise ValidationError(
                 f"{what}[{key!r}] is {len(value)} characters long; at most {MAX_METADATA_VALUE_CHARS} are allowed"
             )
         _check_utf8(value, f"{what}[{key!r}]")
@@ -151,18 +154,26 @@ def check_probe(probe: Any, dim: int) -> np.ndarray:
 
 
 def check_positive_int(value: Any, what: str, maximum: int | None = None) -> int:
-    """``value`` as an int in ``[1, maximum]``; ConfigError otherwise (bools are not integers)."""
+    """``value`` as an int in ``[1, maximum]``; ValidationError otherwise (bools are not integers)."""
     if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-        raise ConfigError(f"{what} must be an integer, got {value!r}")
+        raise ValidationError(f"{what} must be an integer, got {value!r}")
     if value < 1 or (maximum is not None and value > maximum):
         bound = f"in [1, {maximum}]" if maximum is not None else ">= 1"
-        raise ConfigError(f"{what} must be {bound}, got {value}")
+        raise ValidationError(f"{what} must be {bound}, got {value}")
     return int(value)
+
+
+def check_config_int(value: Any, what: str, maximum: int) -> int:
+    """:func:`check_positive_int` for an opening parameter (dimension, pool size...): ConfigError otherwise."""
+    try:
+        return check_positive_int(value, what, maximum)
+    except ValidationError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def check_dim_metric(dim: Any, metric: Any) -> tuple[int, StoreMetric]:
     """Validated ``(dim, metric)`` of a store."""
-    dim = check_positive_int(dim, "store dim", MAX_DIM)
+    dim = check_config_int(dim, "store dim", MAX_DIM)
     if metric not in METRICS:
         raise ConfigError(f"store metric must be one of {', '.join(METRICS)}, got {metric!r}")
     return dim, metric
@@ -175,9 +186,9 @@ def encode_page_token(last_subject_id: str) -> str:
 
 
 def decode_page_token(token: Any) -> str:
-    """The subject id a page token continues after (``""`` for the first page); ConfigError if malformed."""
+    """The subject id a page token continues after (``""`` for the first page); ValidationError if malformed."""
     if not isinstance(token, str):
-        raise ConfigError(f"page_token must be a string, got {type(token).__name__}")
+        raise ValidationError(f"page_token must be a string, got {type(token).__name__}")
     if token == "":
         return ""
     try:
@@ -188,36 +199,40 @@ def decode_page_token(token: Any) -> str:
             raise ValueError
         after = raw[len(_TOKEN_PREFIX) :].decode("utf-8")
         check_id(after, "page token subject")
-    except (ValueError, binascii.Error, UnicodeDecodeError, ConfigError):
-        raise ConfigError(f"invalid page_token {token[:40]!r}") from None
+    except (ValueError, binascii.Error, UnicodeDecodeError, ValidationError):
+        raise ValidationError(f"invalid page_token {token[:40]!r}") from None
     return after
 
 
 def check_items(items: Any, dim: int, replace: bool) -> list[tuple[str, np.ndarray, dict[str, str] | None]]:
     """Validate the items of :meth:`TemplateStore.add_many`: ``(subject_id, vectors[, metadata])`` tuples."""
     if isinstance(items, (str, bytes, Mapping)) or not isinstance(items, Iterable):
-        raise ConfigError(f"items must be a list of (subject_id, vectors, metadata) tuples, got {type(items).__name__}")
+        raise ValidationError(
+            f"items must be a list of (subject_id, vectors, metadata) tuples, got {type(items).__name__}"
+        )
     out: list[tuple[str, np.ndarray, dict[str, str] | None]] = []
     seen: set[str] = set()
     for i, item in enumerate(items):
         if not isinstance(item, Sequence) or isinstance(item, (str, bytes)) or len(item) not in (2, 3):
-            raise ConfigError(f"items[{i}] must be a (subject_id, vectors, metadata) tuple")
+            raise ValidationError(f"items[{i}] must be a (subject_id, vectors, metadata) tuple")
         subject_id = check_id(item[0], f"items[{i}] subject_id")
         vectors = check_vectors(item[1], dim, f"items[{i}] ({subject_id!r}) vectors")
         metadata = item[2] if len(item) == 3 else None
         checked = None if metadata is None else check_metadata(metadata, f"items[{i}] ({subject_id!r}) metadata")
         if replace and subject_id in seen:
-            raise ConfigError(f"items[{i}]: subject {subject_id!r} appears twice in one replacing add")
+            raise ValidationError(f"items[{i}]: subject {subject_id!r} appears twice in one replacing add")
         seen.add(subject_id)
         out.append((subject_id, vectors, checked))
     return out
 
 
-def check_add_many(tenant: Any, items: Any, dim: int, replace: Any) -> list[tuple[str, np.ndarray, dict[str, str] | None]]:
+def check_add_many(
+    tenant: Any, items: Any, dim: int, replace: Any
+) -> list[tuple[str, np.ndarray, dict[str, str] | None]]:
     """Validate all arguments of :meth:`TemplateStore.add_many`; returns the checked items."""
     check_id(tenant, "tenant")
     if not isinstance(replace, bool):
-        raise ConfigError(f"replace must be a bool, got {replace!r}")
+        raise ValidationError(f"replace must be a bool, got {replace!r}")
     return check_items(items, dim, replace)
 
 
@@ -301,7 +316,7 @@ class TemplateStore(abc.ABC):
 
     @abc.abstractmethod
     def close(self) -> None:
-        """Release files and memory; later calls raise ConfigError. Calling it twice is harmless."""
+        """Release files and memory; later calls raise ClosedError. Calling it twice is harmless."""
 
     def __enter__(self) -> TemplateStore:
         return self

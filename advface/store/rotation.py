@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from advface.crypto import TemplateCipher
-from advface.errors import ConfigError, IntegrityError
+from advface.errors import ConfigError, IntegrityError, ValidationError
 from advface.store.base import check_positive_int
 
 R = TypeVar("R", bound=Sequence[Any])
@@ -29,14 +29,14 @@ MAX_BATCH = 1_000_000
 
 
 def check_batch_size(batch_size: Any) -> int:
-    """``batch_size`` as an int in ``[1, MAX_BATCH]`` (ConfigError otherwise)."""
+    """``batch_size`` as an int in ``[1, MAX_BATCH]`` (ValidationError otherwise)."""
     return check_positive_int(batch_size, "batch_size", MAX_BATCH)
 
 
 def check_rotation(new_cipher: Any, batch_size: Any, current: Any, where: str) -> tuple[int, TemplateCipher]:
     """Check the arguments of a store's ``rotate``: ``new_cipher`` a TemplateCipher, the store at ``where`` opened
-    with a TemplateCipher keyring (``current``). Returns ``batch_size`` checked and ``current``; ConfigError
-    otherwise."""
+    with a TemplateCipher keyring (``current``). Returns ``batch_size`` checked and ``current``. ConfigError for the
+    ciphers (the operator's keys), ValidationError for ``batch_size``."""
     if not isinstance(new_cipher, TemplateCipher):
         raise ConfigError(f"new_cipher must be a TemplateCipher, got {type(new_cipher).__name__}")
     batch_size = check_batch_size(batch_size)
@@ -97,9 +97,9 @@ def row_label(tenant: str, subject_id: str, template_id: str) -> str:
 
 
 def check_job_name(job: Any) -> str:
-    """``job`` if it is a non-empty string (ConfigError otherwise)."""
+    """``job`` if it is a non-empty string (ValidationError otherwise)."""
     if not isinstance(job, str) or not job:
-        raise ConfigError("job must be a non-empty string")
+        raise ValidationError("job must be a non-empty string")
     return job
 
 
@@ -183,9 +183,10 @@ class TemplateReissue(abc.ABC):
         Rows are rewritten in row-id order, ``batch_size`` per transaction, each transaction also recording
         ``job`` and its last row id in the store's meta (key ``transform_job``), so a crash loses at most the batch
         under way and calling again with the same ``job`` resumes after the last committed row (no row is rewritten
-        twice). A different ``job`` while one is unfinished: ConfigError. Ids, subjects, metadata and encryption
-        are kept. Call ``finish_transform_job`` once the caller has recorded the result elsewhere. What a store
-        adds (locks, other replicas): its :meth:`_reissue_batch`.
+        twice). A different ``job`` while one is unfinished, or an unusable result of ``fn``: ConfigError; a bad
+        ``batch_size`` or ``job``: ValidationError. Ids, subjects, metadata and encryption are kept. Call
+        ``finish_transform_job`` once the caller has recorded the result elsewhere. What a store adds (locks, other
+        replicas): its :meth:`_reissue_batch`.
         """
         batch_size = check_batch_size(batch_size)
         job = check_job_name(job)

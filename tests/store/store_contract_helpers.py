@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from advface.encoders.base import pair_scores
-from advface.errors import AdvfaceError, ConfigError, EmbeddingError, NotFoundError
+from advface.errors import AdvfaceError, EmbeddingError, NotFoundError, ValidationError
 from advface.store import Match, SubjectInfo
 
 DIM = 16
@@ -189,12 +189,12 @@ def check_add_many_is_atomic(store: Store, after_rollbacks: Hook = _nothing) -> 
         store.add_many("t", [("a", vectors(rng, 1), None), ("b", vectors(rng, 2), None), ("c", bad, None)])
     assert snapshot(store) == before
     # a failure found inside the transaction (merged metadata too large) rolls back the earlier items too
-    with pytest.raises(ConfigError, match="after merging"):
+    with pytest.raises(ValidationError, match="after merging"):
         store.add_many("t", [("a", vectors(rng, 1), None), ("existing", vectors(rng, 1), {"n1": "1", "n2": "2"})])
     assert snapshot(store) == before
     with pytest.raises(NotFoundError):
         store.get_subject("t", "a")
-    with pytest.raises(ConfigError, match="twice"):
+    with pytest.raises(ValidationError, match="twice"):
         store.add_many("t", [("a", vectors(rng, 1), None), ("a", vectors(rng, 1), None)], replace=True)
     assert snapshot(store) == before
     after_rollbacks()
@@ -279,42 +279,42 @@ def bad_calls(dim: int) -> list[tuple[str, Callable[[Store], object], type[Advfa
         ("huge vector", lambda s: s.add("t", "x", np.full((1, dim), 1e300)), EmbeddingError),
         ("float32 overflow", lambda s: s.add("t", "x", np.full((1, dim), 1e39)), EmbeddingError),
         ("float32 underflow", lambda s: s.add("t", "x", np.full((1, dim), 1e-50)), EmbeddingError),
-        ("empty subject", lambda s: s.add("t", "", good), ConfigError),
-        ("long subject", lambda s: s.add("t", "x" * 129, good), ConfigError),
-        ("control char", lambda s: s.add("t", "a\nb", good), ConfigError),
-        ("nul char", lambda s: s.add("t", "a\x00b", good), ConfigError),
-        ("bidi override", lambda s: s.add("t", "a\u202eb", good), ConfigError),
-        ("leading space", lambda s: s.add("t", " a", good), ConfigError),
-        ("non-str subject", lambda s: s.add("t", 12, good), ConfigError),
-        ("lone surrogate", lambda s: s.add("t", "a\ud800", good), ConfigError),
-        ("empty tenant", lambda s: s.add("", "x", good), ConfigError),
-        ("surrogate tenant", lambda s: s.add("t\udc80", "x", good), ConfigError),
-        ("surrogate metadata value", lambda s: s.add("t", "x", good, {"k": "\udc80"}), ConfigError),
-        ("long tenant", lambda s: s.add("t" * 129, "x", good), ConfigError),
-        ("33 metadata keys", lambda s: s.add("t", "x", good, many), ConfigError),
-        ("long metadata key", lambda s: s.add("t", "x", good, {"k" * 65: "v"}), ConfigError),
-        ("long metadata value", lambda s: s.add("t", "x", good, {"k": "v" * 1025}), ConfigError),
-        ("non-str metadata value", lambda s: s.add("t", "x", good, {"k": 1}), ConfigError),
-        ("metadata not a mapping", lambda s: s.add("t", "x", good, [("k", "v")]), ConfigError),
-        ("replace not bool", lambda s: s.add("t", "x", good, replace="yes"), ConfigError),
+        ("empty subject", lambda s: s.add("t", "", good), ValidationError),
+        ("long subject", lambda s: s.add("t", "x" * 129, good), ValidationError),
+        ("control char", lambda s: s.add("t", "a\nb", good), ValidationError),
+        ("nul char", lambda s: s.add("t", "a\x00b", good), ValidationError),
+        ("bidi override", lambda s: s.add("t", "a\u202eb", good), ValidationError),
+        ("leading space", lambda s: s.add("t", " a", good), ValidationError),
+        ("non-str subject", lambda s: s.add("t", 12, good), ValidationError),
+        ("lone surrogate", lambda s: s.add("t", "a\ud800", good), ValidationError),
+        ("empty tenant", lambda s: s.add("", "x", good), ValidationError),
+        ("surrogate tenant", lambda s: s.add("t\udc80", "x", good), ValidationError),
+        ("surrogate metadata value", lambda s: s.add("t", "x", good, {"k": "\udc80"}), ValidationError),
+        ("long tenant", lambda s: s.add("t" * 129, "x", good), ValidationError),
+        ("33 metadata keys", lambda s: s.add("t", "x", good, many), ValidationError),
+        ("long metadata key", lambda s: s.add("t", "x", good, {"k" * 65: "v"}), ValidationError),
+        ("long metadata value", lambda s: s.add("t", "x", good, {"k": "v" * 1025}), ValidationError),
+        ("non-str metadata value", lambda s: s.add("t", "x", good, {"k": 1}), ValidationError),
+        ("metadata not a mapping", lambda s: s.add("t", "x", good, [("k", "v")]), ValidationError),
+        ("replace not bool", lambda s: s.add("t", "x", good, replace="yes"), ValidationError),
         ("merged metadata too large", lambda s: s.add("t", "full", good, {f"n{i}": "v" for i in range(3)}),
-         ConfigError),
+         ValidationError),
         ("unknown subject", lambda s: s.delete_subject("t", "nobody"), NotFoundError),
         ("unknown subject in get", lambda s: s.get_subject("t", "nobody"), NotFoundError),
         ("unknown template", lambda s: s.delete_template("t", "0" * 32), NotFoundError),
-        ("bad template id", lambda s: s.delete_template("t", ""), ConfigError),
+        ("bad template id", lambda s: s.delete_template("t", ""), ValidationError),
         ("unknown tenant", lambda s: s.delete_subject("nobody", "full"), NotFoundError),
         ("probe nan", lambda s: s.search("t", nan[0], 1), EmbeddingError),
         ("probe zero", lambda s: s.search("t", zero[0], 1), EmbeddingError),
         ("probe wrong dim", lambda s: s.search("t", np.ones(dim + 1), 1), EmbeddingError),
         ("two probes", lambda s: s.search("t", np.ones((2, dim)), 1), EmbeddingError),
-        ("k zero", lambda s: s.search("t", good[0], 0), ConfigError),
-        ("k bool", lambda s: s.search("t", good[0], True), ConfigError),
-        ("k float", lambda s: s.search("t", good[0], 2.0), ConfigError),
-        ("page size zero", lambda s: s.list_subjects("t", page_size=0), ConfigError),
-        ("page size too big", lambda s: s.list_subjects("t", page_size=1001), ConfigError),
-        ("page token junk", lambda s: s.list_subjects("t", page_token="!!junk"), ConfigError),
-        ("page token base64 junk", lambda s: s.list_subjects("t", page_token="YWJjZA"), ConfigError),
-        ("items not a list", lambda s: s.add_many("t", "abc"), ConfigError),
-        ("item too short", lambda s: s.add_many("t", [("x",)]), ConfigError),
+        ("k zero", lambda s: s.search("t", good[0], 0), ValidationError),
+        ("k bool", lambda s: s.search("t", good[0], True), ValidationError),
+        ("k float", lambda s: s.search("t", good[0], 2.0), ValidationError),
+        ("page size zero", lambda s: s.list_subjects("t", page_size=0), ValidationError),
+        ("page size too big", lambda s: s.list_subjects("t", page_size=1001), ValidationError),
+        ("page token junk", lambda s: s.list_subjects("t", page_token="!!junk"), ValidationError),
+        ("page token base64 junk", lambda s: s.list_subjects("t", page_token="YWJjZA"), ValidationError),
+        ("items not a list", lambda s: s.add_many("t", "abc"), ValidationError),
+        ("item too short", lambda s: s.add_many("t", [("x",)]), ValidationError),
     ]

@@ -79,9 +79,9 @@ def test_hnsw_path_uses_the_index(postgres_dsn: str) -> None:
         with store._pool.connection() as conn:
             store._hnsw_settings(conn, 40)
             q = vectors(rng, 1)[0]
-            from advface.store.postgres import _PgVector
+            from advface.store.postgres.connection import PgVector
 
-            store_vector = _PgVector(q)
+            store_vector = PgVector(q)
             params = (store_vector, "t", store_vector, 40)
             plan = "\n".join(r[0] for r in conn.execute("EXPLAIN " + store._hnsw_sql(), params))
             conn.rollback()

@@ -8,7 +8,7 @@ import psycopg
 import pytest
 
 from advface.crypto import TemplateCipher
-from advface.errors import ConfigError, EmbeddingError
+from advface.errors import EmbeddingError, ValidationError
 from advface.store.postgres import PostgresStore
 
 DIM = 16
@@ -58,7 +58,7 @@ def test_bulk_add_bad_input_changes_nothing(postgres_dsn: str) -> None:
         bad[3] = (bad[3][0], np.full((1, DIM), np.nan, np.float32), None)
         with pytest.raises(EmbeddingError):
             s.bulk_add("t", bad)
-        with pytest.raises(ConfigError, match="rebuild_index"):
+        with pytest.raises(ValidationError, match="rebuild_index"):
             s.bulk_add("t", _items(2, 3), rebuild_index="yes")  # type: ignore[arg-type]
         assert s.count("t") == 20 and _hnsw_exists(postgres_dsn)
 

@@ -31,7 +31,7 @@ from store_contract_helpers import (
 
 from advface.errors import ConfigError
 from advface.store import SQLiteFaissStore
-from advface.store import sqlite_faiss
+from advface.store import faiss_index
 
 @pytest.fixture(params=METRICS)
 def metric(request: pytest.FixtureRequest) -> str:
@@ -230,8 +230,8 @@ def test_gpu_search_path_matches_cpu(tmp_path: Path, metric: str, monkeypatch: p
     items = [(f"s{i}", vectors(rng, 1 + i % 2), None) for i in range(30)]
     probes = vectors(rng, 4)
     cpu = SQLiteFaissStore(tmp_path / "cpu.sqlite", DIM, metric, use_gpu=False)
-    monkeypatch.setattr(sqlite_faiss, "_gpu_count", lambda: 1)
-    monkeypatch.setattr(sqlite_faiss, "_GpuBackend", _FakeGpu)
+    monkeypatch.setattr(faiss_index, "gpu_count", lambda: 1)
+    monkeypatch.setattr(faiss_index, "GpuBackend", _FakeGpu)
     gpu = SQLiteFaissStore(tmp_path / "gpu.sqlite", DIM, metric, use_gpu=True)
     auto = SQLiteFaissStore(tmp_path / "auto.sqlite", DIM, metric)  # "auto": small tenants stay on the CPU
     _FakeGpu.clones = 0

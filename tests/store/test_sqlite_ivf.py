@@ -136,7 +136,7 @@ def test_index_options_and_config(tmp_path: Path) -> None:
 
 
 def test_server_opens_the_configured_index(tmp_path: Path) -> None:
-    from server.servicer import open_store
+    from advface.service import open_store
 
     path = tmp_path / "c.yaml"
     path.write_text(f"store: {{data_dir: {tmp_path / 'data'}, index: ivf, ivf_min_rows: 300, ivf_nprobe: 7}}")

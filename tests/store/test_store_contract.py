@@ -29,7 +29,7 @@ from store_contract_helpers import (
     vectors,
 )
 
-from advface.errors import ConfigError, NotFoundError
+from advface.errors import ClosedError, ConfigError, NotFoundError
 from advface.store.postgres import PostgresStore
 from advface.store.sqlite_faiss import SQLiteFaissStore
 
@@ -147,9 +147,9 @@ def test_open_errors_and_closing(open_store: Callable[..., Store]) -> None:
     s = open_store()
     s.close()
     s.close()  # twice is harmless
-    with pytest.raises(ConfigError, match="closed"):
+    with pytest.raises(ClosedError, match="closed"):
         s.count()
-    with pytest.raises(ConfigError, match="closed"):
+    with pytest.raises(ClosedError, match="closed"):
         s.add("t", "x", np.ones(DIM))
 
 

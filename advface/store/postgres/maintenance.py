@@ -1,0 +1,239 @@
+"""Maintenance of a :class:`~advface.store.postgres.PostgresStore`: ``VACUUM FULL``, key rotation
+(:meth:`~PostgresMaintenance.rotate`), template re-issue
+(:meth:`~advface.store.rotation.TemplateReissue.transform_vectors`) with its job record, and the keyed-transform
+marker. Jobs run one batch per transaction, serialised across processes by the advisory lock that
+``_meta(conn, lock=True)`` takes; rules shared with the SQLite store are in :mod:`advface.store.rotation`."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import psycopg
+
+from advface.crypto import BLOB_VERSION, ENCRYPTED_OVERHEAD, TemplateCipher, template_aad
+from advface.errors import ConfigError, DatabaseUnavailableError, IntegrityError, NotFoundError
+from advface.store import rotation
+
+log = logging.getLogger(__name__)
+
+#: Passes of :meth:`PostgresMaintenance.rotate` over rows written under an old key meanwhile (by other replicas).
+ROTATION_PASSES = 5
+#: ``meta`` key of the keyed-transform marker (what the templates were issued under; see tenant_transform).
+TRANSFORM_MARKER_KEY = "keyed_transform"
+
+
+class PostgresMaintenance(rotation.TemplateReissue):
+    """Vacuum, key rotation, re-issue and the transform marker of :class:`~advface.store.postgres.PostgresStore`
+    (a mixin; uses the store's transactions, ``meta`` table, tenant locks, vector columns and index rebuild)."""
+
+    dsn: str
+    dim: int
+    cipher: Any
+    _t: dict[str, str]
+    _connect_timeout: float
+    _plaintext_rows: bool
+    _write_mutex: threading.Lock
+
+    def vacuum(self) -> None:
+        """``VACUUM FULL`` the subject and template tables: rewrites them and their indexes without the dead
+        tuples of deleted or replaced rows (see :mod:`advface.store.postgres`). Locks the tables exclusively while it
+        runs."""
+        self._check_open()
+        try:
+            with psycopg.connect(self.dsn, autocommit=True, connect_timeout=max(1, int(self._connect_timeout))) as conn:
+                for table in (self._t["templates"], self._t["subjects"]):
+                    conn.execute(f"VACUUM FULL {table}")
+        except psycopg.OperationalError as exc:
+            raise DatabaseUnavailableError(f"vacuum: PostgreSQL is unavailable: {exc}") from None
+
+    def encryption_info(self) -> dict[str, object]:
+        """The store's encryption state: ``encrypted``, ``key_ids`` (rows may be under), ``primary_key_id``,
+        ``rotation`` (target key id of an unfinished rotation, or None), ``plaintext_rows`` (migration unfinished)."""
+        return rotation.encryption_state(self._run(self._meta, what="encryption_info"), self.cipher)
+
+    def rotate(self, new_cipher: TemplateCipher, *, batch_size: int = 1000, progress: bool = False) -> int:
+        """Re-encrypt every template under ``new_cipher``'s primary key; returns the number of rows rewritten.
+
+        As :meth:`SQLiteFaissStore.rotate <advface.store.sqlite_faiss.SQLiteFaissStore.rotate>`: the store's
+        keyring stays readable until the end and new writes use the new key at once; each batch of ``batch_size``
+        rows (locked ``FOR UPDATE``) is one transaction, so a crash (even kill -9) loses at most the batch under way
+        and running ``rotate`` again (keyring with old and new key) resumes: rows already under the new key are
+        skipped. Also encrypts the plaintext rows of a store opened with ``migrate_plaintext=True``. Rows written
+        under an old key meanwhile by another replica are picked up by further passes; the rotation is recorded
+        as finished (``meta``: ``key_ids`` = the new key only) only when no row is left under another key. Vectors
+        do not change, so other replicas' indexes stay valid (no generation is bumped); they need both keys until
+        the end. IntegrityError (naming the row) if a row fails authentication; that batch is rolled back.
+        ConfigError when the store is not encrypted or ``new_cipher`` is not a TemplateCipher; ValidationError for
+        a bad ``batch_size``.
+        """
+        self._check_open()
+        batch_size, current = rotation.check_rotation(new_cipher, batch_size, self.cipher, self._where())
+        from tqdm.auto import tqdm
+
+        ring = new_cipher.with_previous(current)
+        tt, s = self._t["templates"], self._t["subjects"]
+        where = self._where()
+
+        def start(conn: psycopg.Connection) -> None:
+            meta = self._meta(conn, lock=True)
+            self._set_meta(conn, {"key_ids": rotation.merged_key_ids(meta, ring.key_id), "rotation": ring.key_id})
+
+        with self._write_mutex:
+            self._run(start, what="rotate")
+            self.cipher = ring
+        target = bytes([BLOB_VERSION]) + bytes.fromhex(ring.key_id)
+        pending = "(t.ciphertext IS NULL OR length(t.ciphertext) <> %s OR substring(t.ciphertext from 1 for 9) <> %s)"
+        pending_args = (4 * self.dim + ENCRYPTED_OVERHEAD, target)
+        count_sql = f"SELECT COUNT(*) FROM {tt} t WHERE {pending}"
+        total = int(self._run(lambda conn: conn.execute(count_sql, pending_args).fetchone()[0], what="rotate"))
+
+        def batch(conn: psycopg.Connection, last: int) -> list[int]:
+            self._meta(conn, lock=True)  # one maintenance job at a time
+            with conn.cursor(binary=True) as cur:
+                cur.execute(
+                    f"SELECT t.id, t.tenant, s.subject_id, t.template_id, t.vector, t.ciphertext FROM {tt} t "
+                    f"JOIN {s} s ON s.id = t.subject WHERE t.id > %s AND {pending} ORDER BY t.id LIMIT %s "
+                    "FOR UPDATE OF t",
+                    (last, *pending_args, batch_size),
+                )
+                rows = cur.fetchall()
+                updates = []
+                for rowid, tenant, subject_id, template_id, vector, blob in rows:
+                    aad = template_aad(tenant, template_id, subject_id)
+                    row = rotation.row_label(tenant, subject_id, template_id)
+                    if vector is not None:
+                        if not self._plaintext_rows:
+                            raise IntegrityError(f"template store {where}: {row} is stored in plaintext")
+                        updates.append((ring.encrypt(vector.astype("<f4").tobytes(), aad), rowid))
+                    else:
+                        updates.append((rotation.reencrypt(ring, blob, aad, row, where), rowid))
+                if updates:
+                    cur.executemany(f"UPDATE {tt} SET vector = NULL, ciphertext = %b WHERE id = %s", updates)
+            return [r[0] for r in rows]
+
+        def finish(conn: psycopg.Connection) -> int:
+            self._meta(conn, lock=True)
+            left = int(conn.execute(count_sql, pending_args).fetchone()[0])
+            if not left:
+                self._set_meta(conn, {"key_ids": json.dumps([ring.key_id]), "rotation": None, "plaintext_rows": None})
+            return left
+
+        done = 0
+        with tqdm(total=total, desc="re-encrypting templates", unit="tpl", disable=not progress) as bar:
+            for _ in range(ROTATION_PASSES):
+                last = 0
+                while ids := self._run(lambda conn: batch(conn, last), what="rotate"):
+                    last = ids[-1]
+                    done += len(ids)
+                    bar.update(len(ids))
+                left = self._run(finish, what="rotate")
+                if not left:
+                    break
+                bar.total = (bar.total or 0) + left
+            else:
+                raise ConfigError(
+                    f"template store {where}: {left} template(s) keep being written under another key during the "
+                    "rotation; configure every replica with the new key (and the old one as previous) and run again"
+                )
+        self._plaintext_rows = False
+        self.cipher = new_cipher
+        log.info("template store %s: %d templates re-encrypted under key %s", where, done, ring.key_id)
+        return done
+
+    def _reissue_start(self, job: str) -> int:
+        self._check_open()
+        tt, where = self._t["templates"], self._where()
+
+        def start(conn: psycopg.Connection) -> int:
+            resumed = rotation.resume_point(self._meta(conn, lock=True).get("transform_job"), job, where)
+            if resumed is None:
+                self._set_meta(conn, {"transform_job": rotation.job_state(job, 0)})
+            return int(conn.execute(f"SELECT COUNT(*) FROM {tt} WHERE id > %s", (resumed or 0,)).fetchone()[0])
+
+        return int(self._run(start, what="transform_vectors"))
+
+    def _reissue_batch(self, fn: Callable[[str, np.ndarray], np.ndarray], job: str, batch_size: int) -> int:
+        """Also locks the rows' tenants (as writers do) and bumps their generations, so other replicas rebuild their
+        in-memory indexes (encrypted mode) and plaintext-mode searches see each batch atomically. Other replicas
+        must not enrol while a re-issue runs (their writes would use the old transform)."""
+        tt, s = self._t["templates"], self._t["subjects"]
+        where = self._where()
+
+        def batch(conn: psycopg.Connection) -> int:
+            last = rotation.resume_point(self._meta(conn, lock=True).get("transform_job"), job, where)
+            if last is None:
+                raise ConfigError(f"template store {where}: re-issue job {job!r} was finished by another process")
+            head = conn.execute(
+                f"SELECT id, tenant FROM {tt} WHERE id > %s ORDER BY id LIMIT %s", (last, batch_size)
+            ).fetchall()
+            if not head:
+                return 0
+            hi = int(head[-1][0])
+            locked: set[str] = set()
+
+            def lock(tenants: set[str]) -> None:
+                for tenant in sorted(tenants - locked):  # tenant rows first, as every writer does
+                    with contextlib.suppress(NotFoundError):  # deleted meanwhile: its rows are gone too
+                        self._lock_tenant(conn, tenant, create=False)
+                    locked.add(tenant)
+
+            lock({r[1] for r in head})
+            with conn.cursor(binary=True) as cur:
+                cur.execute(
+                    f"SELECT t.id, t.tenant, s.subject_id, t.template_id, t.vector, t.ciphertext FROM {tt} t "
+                    f"JOIN {s} s ON s.id = t.subject WHERE t.id > %s AND t.id <= %s ORDER BY t.id FOR UPDATE OF t",
+                    (last, hi),
+                )
+                rows = cur.fetchall()
+                lock({r[1] for r in rows})
+                updates = []
+                for tenant, items in rotation.group_by_tenant(rows, lambda r: r[1]).items():
+                    vectors = np.stack([self._decode(tenant, r[2], r[3], r[4], r[5]) for r in items])
+                    out = rotation.apply_transform(fn, tenant, vectors)
+                    for r, vec in zip(items, out):
+                        updates.append((*self._vector_columns(tenant, r[2], r[3], vec), r[0]))
+                if updates:
+                    cur.executemany(f"UPDATE {tt} SET vector = %b, ciphertext = %b WHERE id = %s", updates)
+            self._set_meta(conn, {"transform_job": rotation.job_state(job, hi)})
+            return len(rows) or -1  # -1: an empty id range (rows deleted meanwhile), go on
+
+        return int(self._run(batch, what="transform_vectors"))
+
+    def _reissue_end(self) -> None:
+        if self.cipher is not None:
+            with self._write_mutex:
+                self._rebuild_all()
+
+    def transform_job(self) -> str | None:
+        """The unfinished (or finished but not yet closed) :meth:`transform_vectors` job, if any."""
+        return rotation.recorded_job(self._run(self._meta, what="transform_job").get("transform_job"))
+
+    def finish_transform_job(self, job: str) -> None:
+        """Forget ``job``'s progress record (after every row was rewritten and the caller recorded the result)."""
+
+        def write(conn: psycopg.Connection) -> None:
+            rotation.check_finish(self._meta(conn, lock=True).get("transform_job"), job, self._where())
+            self._set_meta(conn, {"transform_job": None})
+
+        self._run(write, what="finish_transform_job")
+
+    def read_transform_marker(self) -> dict[str, Any] | None:
+        """What the templates were issued under (keyed-transform marker, kept in ``meta``; None: never recorded)."""
+        value = self._run(self._meta, what="read_transform_marker").get(TRANSFORM_MARKER_KEY)
+        if value is None:
+            return None
+        try:
+            return json.loads(value)
+        except ValueError as exc:
+            raise ConfigError(f"{self._where()}: unreadable keyed-transform marker ({exc})") from None
+
+    def write_transform_marker(self, value: Mapping[str, Any] | None) -> None:
+        """Record (None: remove) the keyed-transform marker in ``meta``, durably."""
+        text = None if value is None else json.dumps(dict(value), sort_keys=True)
+        self._run(lambda conn: self._set_meta(conn, {TRANSFORM_MARKER_KEY: text}), what="write_transform_marker")
