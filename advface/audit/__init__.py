@@ -5,12 +5,15 @@ self-contained HTML page plus JSON.
 Modules: :mod:`advface.audit.attacks` (decoder, GAN-prior and adaptive attackers), :mod:`advface.audit.data`
 (dataset, victims and template files), :mod:`advface.audit.store` (a template store, opened as the sidecar does),
 :mod:`advface.audit.thief` (the database thief without keys), :mod:`advface.audit.metrics` (metric glue),
-:mod:`advface.audit.report` (HTML + JSON), :mod:`advface.audit.run` (orchestration).
+:mod:`advface.audit.config` (the run's settings), :mod:`advface.audit.stages` (one module per stage),
+:mod:`advface.audit.results` (the stages' typed results and ``report.json``), :mod:`advface.audit.report`
+(HTML + JSON), :mod:`advface.audit.run` (orchestration).
 """
 
 from typing import Any
 
-__all__ = ["FULL_ATTACKERS", "PROTECTIONS", "QUICK_ATTACKERS", "TARGET_D_SYS", "AuditConfig", "run_audit"]
+__all__ = ["FULL_ATTACKERS", "PROTECTIONS", "QUICK_ATTACKERS", "TARGET_D_SYS", "AuditConfig", "AuditResult",
+           "run_audit"]
 
 #: Protections an audit can apply to the dataset's templates.
 PROTECTIONS = ("advface", "advface-id", "none")
@@ -24,7 +27,7 @@ TARGET_D_SYS = 0.05
 
 
 def __getattr__(name: str) -> Any:  # lazy: importing the package does not load torch models
-    if name in ("AuditConfig", "run_audit"):
+    if name in ("AuditConfig", "AuditResult", "run_audit"):
         from advface.audit import run
 
         return getattr(run, name)

@@ -16,11 +16,12 @@ from typing import Any
 import numpy as np
 from scipy.spatial.distance import cdist
 
-from advface.attack_metrics import AttackResult, embed_faces, impostor_threshold, psnr, ssim
+from advface.attack_metrics import embed_faces, impostor_threshold, psnr, ssim
+from advface.audit.results import LinkageMetrics, ReconstructionResult, SuccessAtFmr, VerificationMetrics
+from advface.datasets.pairs import resize_faces
 from advface.encoders.base import FaceEncoder
 from advface.metrics import kfold_accuracy, roc_curve, tar_at_far
 from advface.unlinkability import d_sys
-from advface.datasets.pairs import resize_faces
 
 #: False-match rates at which attack success is reported, with their JSON labels.
 FMRS = {"1e-3": 1e-3, "1e-2": 1e-2}
@@ -36,12 +37,13 @@ def attack_thresholds(embeddings: np.ndarray, identities: np.ndarray, metric: st
 
 
 def evaluate_attack(encoder: FaceEncoder, reconstructions: np.ndarray, own: np.ndarray, other: np.ndarray,
-                    has_other: np.ndarray, originals: np.ndarray, thresholds: dict[str, float]) -> dict[str, Any]:
+                    has_other: np.ndarray, originals: np.ndarray, thresholds: dict[str, float]
+                    ) -> ReconstructionResult:
     """Success of one attacker's ``reconstructions`` of templates whose photos have raw embeddings ``own``.
 
     ``other[i]`` is the raw embedding of another photo of the same person where ``has_other[i]`` (Type II; the
-    others are skipped and counted). The reconstructions are embedded once; ``type1_success`` /
-    ``type2_success`` at the top level are those at FMR 0.1%.
+    others are skipped and counted). The reconstructions are embedded once; success is measured at each of
+    ``thresholds`` (FMR label -> threshold).
     """
     emb = embed_faces(encoder, reconstructions)
     s1 = encoder.score(emb, own)
@@ -49,26 +51,19 @@ def evaluate_attack(encoder: FaceEncoder, reconstructions: np.ndarray, own: np.n
     originals = resize_faces(originals, reconstructions.shape[1])
     q_ssim = float(ssim(reconstructions, originals).mean())
     q_psnr = float(psnr(reconstructions, originals).mean())
-    out: dict[str, Any] = {"n": len(reconstructions), "type2_n": int(has_other.sum()),
-                           "type2_skipped_single_photo": int((~has_other).sum()), "ssim": q_ssim, "psnr": q_psnr,
-                           "mean_score_to_own": float(s1.mean())}
-    for label, t in thresholds.items():
-        result = AttackResult(float((s1 >= t).mean()), float((s2 >= t).mean()) if len(s2) else float("nan"),
-                              q_ssim, q_psnr, t, len(reconstructions))
-        entry = result.as_dict()
-        if not len(s2):
-            entry["type2_success"] = None
-        out[f"fmr_{label}"] = entry
-    out["type1_success"] = out["fmr_1e-3"]["type1_success"]
-    out["type2_success"] = out["fmr_1e-3"]["type2_success"]
-    return out
+    at_fmr = {label: SuccessAtFmr(float((s1 >= t).mean()), float((s2 >= t).mean()) if len(s2) else None, q_ssim,
+                                  q_psnr, t, len(reconstructions))
+              for label, t in thresholds.items()}
+    return ReconstructionResult(n=len(reconstructions), type2_n=int(has_other.sum()),
+                                type2_skipped_single_photo=int((~has_other).sum()), ssim=q_ssim, psnr=q_psnr,
+                                mean_score_to_own=float(s1.mean()), at_fmr=at_fmr)
 
 
 @dataclass
 class Verification:
     """Verification metrics and the scores behind them (for the ROC / DET and histogram plots)."""
 
-    metrics: dict[str, Any]
+    metrics: VerificationMetrics
     scores: np.ndarray
     same: np.ndarray
 
@@ -99,9 +94,9 @@ def verification(encoder: FaceEncoder, enrolled: np.ndarray, probes: np.ndarray,
     acc = kfold_accuracy(scores, same, folds)
     tar3, t3 = tar_at_far(scores, same, 1e-3)
     tar2, t2 = tar_at_far(scores, same, 1e-2)
-    metrics = {"accuracy_mean": acc.mean, "accuracy_std": acc.std, "tar_at_far_1e-3": tar3,
-               "threshold_at_far_1e-3": t3, "tar_at_far_1e-2": tar2, "threshold_at_far_1e-2": t2,
-               "mated_pairs": int(same.sum()), "nonmated_pairs": int((~same).sum())}
+    metrics = VerificationMetrics(accuracy_mean=acc.mean, accuracy_std=acc.std, tar_at_far_1e_3=tar3,
+                                  threshold_at_far_1e_3=t3, tar_at_far_1e_2=tar2, threshold_at_far_1e_2=t2,
+                                  mated_pairs=int(same.sum()), nonmated_pairs=int((~same).sum()))
     return Verification(metrics, scores, same)
 
 
@@ -126,7 +121,7 @@ def score_matrix(a: np.ndarray, b: np.ndarray, metric: str) -> np.ndarray:
 class Linkage:
     """D_sys of two databases (row i of each: the same person) and the scores behind it."""
 
-    metrics: dict[str, Any]
+    metrics: LinkageMetrics
     mated: np.ndarray
     nonmated: np.ndarray
     curve: Any
@@ -141,6 +136,7 @@ def linkage(db_a: np.ndarray, db_b: np.ndarray, metric: str, seed: int = 0) -> L
     mated = np.diag(scores).copy()
     nonmated = scores[~np.eye(len(scores), dtype=bool)]
     value, curve = d_sys(mated, nonmated, noise_floor=True, seed=seed)
-    metrics = {"d_sys": value, "noise_floor": curve.noise_floor, "noise_floor_p95": curve.noise_floor_p95,
-               "n_mated": curve.n_mated, "n_nonmated": curve.n_nonmated}
+    assert curve.noise_floor is not None and curve.noise_floor_p95 is not None  # estimated: noise_floor=True
+    metrics = LinkageMetrics(d_sys=value, noise_floor=curve.noise_floor, noise_floor_p95=curve.noise_floor_p95,
+                             n_mated=curve.n_mated, n_nonmated=curve.n_nonmated)
     return Linkage(metrics, mated, nonmated, curve)

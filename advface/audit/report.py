@@ -20,6 +20,10 @@ from typing import Any
 import numpy as np
 
 from advface.audit.metrics import Linkage, Verification, roc_points
+from advface.audit.results import TEMPLATE_KINDS, AttackResult, AuditResult, LayersResult, ThiefScanResult
+
+#: Photos (columns) of the image grid.
+GRID_COLUMNS = 6
 
 
 @dataclass
@@ -95,7 +99,7 @@ def plot_d_curves(linkages: dict[str, Linkage]) -> str:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.4))
     for name, lk in linkages.items():
-        ax.plot(lk.curve.centers, lk.curve.d, label=f"{name}: D_sys={lk.metrics['d_sys']:.3f}")
+        ax.plot(lk.curve.centers, lk.curve.d, label=f"{name}: D_sys={lk.metrics.d_sys:.3f}")
     ax.set(xlabel="score s", ylabel="D(s)", ylim=(-0.02, 1.02), title="Local linkability D(s)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -145,52 +149,59 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _attack_rows(attacks: dict[str, Any]) -> list[list[str]]:
+def _attack_rows(attacks: dict[str, AttackResult]) -> list[list[str]]:
     rows = []
-    for name, entry in attacks.items():
-        for setting in ("raw", "protected", "protected+key"):
-            r = entry.get(setting)
-            if not isinstance(r, dict):
+    for name, attack in attacks.items():
+        for kind in TEMPLATE_KINDS:
+            r = attack.by_templates.get(kind)
+            if r is None:
                 continue
-            rows.append([html.escape(name), setting, _fmt(r["fmr_1e-3"]["type1_success"], True),
-                         _fmt(r["fmr_1e-3"]["type2_success"], True), _fmt(r["fmr_1e-2"]["type1_success"], True),
-                         _fmt(r["fmr_1e-2"]["type2_success"], True), _fmt(r["ssim"]), f"{r['psnr']:.2f}",
-                         str(r["n"])])
+            strict, loose = r.at_fmr["1e-3"], r.at_fmr["1e-2"]
+            rows.append([html.escape(name), kind, _fmt(strict.type1_success, True), _fmt(strict.type2_success, True),
+                         _fmt(loose.type1_success, True), _fmt(loose.type2_success, True), _fmt(r.ssim),
+                         f"{r.psnr:.2f}", str(r.n)])
     return rows
 
 
-def _layers_html(r: dict[str, Any]) -> str:
+def _thief_html(thief: ThiefScanResult) -> str:
+    """The database thief without keys: vectors recovered from the rows, and from the raw bytes of the files."""
+    enc = "encrypted at rest" if thief.encrypted_at_rest else "NOT encrypted at rest"
+    out = (f"<p class='thief'><b>Database thief without keys</b> (store {enc}): "
+           f"<b>vectors recovered without keys: {thief.vectors_recovered} of {thief.rows} rows</b>. "
+           f"Read: {html.escape(str(thief.read))}; every byte offset decoded as float32 / "
+           "float64; a row counts when a decoding matches a victim photo at FMR 0.1% or equals a stored "
+           "template.</p>")
+    fb = thief.file_bytes
+    if fb:
+        out += (f"<p>Raw bytes of {html.escape(', '.join(fb.get('files', [])))} "
+                f"({fb['bytes_scanned']} bytes{', truncated' if fb.get('truncated') else ''}): "
+                f"{fb['audited_templates_found']} of {fb['audited_templates']} audited templates found, "
+                f"{fb['windows_matching_a_victim']} windows matching a victim photo.</p>")
+    return out
+
+
+def _layers_html(thief: ThiefScanResult | None, layers: LayersResult | None) -> str:
     """The layered-secrets section: the thief without keys, then each attacker against the layer meant to stop it."""
     parts = ["<h2 id='layers'>Layered secrets: each attacker against each layer</h2>"]
-    thief = r.get("thief_without_keys")
-    if thief:
-        enc = "encrypted at rest" if thief.get("encrypted_at_rest") else "NOT encrypted at rest"
-        parts.append(f"<p class='thief'><b>Database thief without keys</b> (store {enc}): "
-                     f"<b>vectors recovered without keys: {thief['vectors_recovered']} of {thief['rows']} rows</b>. "
-                     f"Read: {html.escape(str(thief.get('read', '')))}; every byte offset decoded as float32 / "
-                     "float64; a row counts when a decoding matches a victim photo at FMR 0.1% or equals a stored "
-                     "template.</p>")
-        fb = thief.get("file_bytes")
-        if fb:
-            parts.append(f"<p>Raw bytes of {html.escape(', '.join(fb.get('files', [])))} "
-                         f"({fb['bytes_scanned']} bytes{', truncated' if fb.get('truncated') else ''}): "
-                         f"{fb['audited_templates_found']} of {fb['audited_templates']} audited templates found, "
-                         f"{fb['windows_matching_a_victim']} windows matching a victim photo.</p>")
+    if thief is not None:
+        parts.append(_thief_html(thief))
     rows = []
-    for layer in r.get("layers", []):
-        if "vectors_recovered" in layer:
-            result = f"{layer['vectors_recovered']} of {layer['rows']} rows recovered"
-        elif "api_stored_vector_rpcs" in layer:
-            leaks = layer["api_stored_vector_rpcs"]
+    for layer in layers.layers if layers is not None else []:
+        best = layer.best
+        if layer.thief is not None:
+            result = f"{layer.thief.vectors_recovered} of {layer.thief.rows} rows recovered"
+        elif layer.api is not None:
+            leaks = layer.api_stored_vector_rpcs
             result = (f"RPCs returning stored templates: {html.escape(', '.join(leaks)) if leaks else 'none'}; "
-                      f"score-search bound, best Type I @FMR 0.1%: {_fmt(layer.get('type1_success_max'), True)}")
-        elif "type1_success_max" in layer:
-            result = f"best Type I @FMR 0.1%: {_fmt(layer['type1_success_max'], True)}"
+                      "score-search bound, best Type I @FMR 0.1%: "
+                      f"{_fmt(best.type1_success_max if best else None, True)}")
+        elif best is not None:
+            result = f"best Type I @FMR 0.1%: {_fmt(best.type1_success_max, True)}"
         else:
             result = "&ndash;"
-        rows.append([html.escape(layer["attacker"]), html.escape(layer.get("holds", "")),
-                     html.escape(layer.get("layer", "")), html.escape(str(layer.get("templates", "")))
-                     if layer.get("templates") else "&ndash;", result, html.escape(layer.get("note", ""))])
+        rows.append([html.escape(layer.attacker), html.escape(layer.holds), html.escape(layer.layer),
+                     html.escape(best.templates) if best is not None and best.templates else "&ndash;", result,
+                     html.escape(layer.note or "")])
     if rows:
         parts.append(_table(["attacker", "holds", "layer that should stop it", "templates", "result", "note"], rows))
     return "".join(parts)
@@ -202,74 +213,77 @@ th{background:#f0f0f0}.missing{background:#fff3cd;border:1px solid #e0c060;paddi
 img{max-width:100%}code{background:#f4f4f4;padding:0 3px}"""
 
 
-def render_html(result: dict[str, Any], figures: dict[str, str]) -> str:
-    """The report page for ``result`` (the JSON document) with ``figures`` (name -> base64 PNG)."""
+def _figure(figures: dict[str, str], name: str, alt: str, heading: str = "") -> str:
+    """The ``<img>`` of figure ``name`` (after ``heading``), empty when the figure was not drawn."""
+    if name not in figures:
+        return ""
+    return f"{heading}<img alt='{alt}' src='data:image/png;base64,{figures[name]}'>"
+
+
+def _key_value_table(header: str, section: dict[str, Any], nested: bool = True) -> str:
+    """A two-column table of a report section's entries (``nested`` False: scalar entries only)."""
+    return _table([header, "value"], [[html.escape(k), _fmt(v)] for k, v in section.items()
+                                      if nested or not isinstance(v, (dict, list))])
+
+
+def render_html(result: AuditResult, figures: dict[str, str]) -> str:
+    """The report page for ``result`` with ``figures`` (name -> base64 PNG)."""
     r = result
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>advface audit</title><style>{_CSS}</style>"
-             "</head><body><h1>advface audit report</h1>"]
-    cfg = r.get("config", {})
+    parts = [(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>advface audit</title><style>{_CSS}</style>"
+              "</head><body><h1>advface audit report</h1>")]
     parts.append("<p>" + ", ".join(f"{html.escape(str(k))}: <code>{html.escape(str(v))}</code>"
-                                   for k, v in cfg.items()) + "</p>")
-    if r.get("missing"):
-        items = "".join(f"<li><b>{html.escape(m['stage'])}</b>: {html.escape(m['reason'])}</li>"
-                        for m in r["missing"])
+                                   for k, v in r.config.items()) + "</p>")
+    if r.missing:
+        items = "".join(f"<li><b>{html.escape(m.stage)}</b>: {html.escape(m.reason)}</li>" for m in r.missing)
         parts.append(f"<div class='missing'><b>Partial report</b>, missing:<ul>{items}</ul></div>")
-    data = r.get("data", {})
-    if data:
-        parts.append("<h2>Data</h2>" + _table(["item", "value"], [[html.escape(k), _fmt(v)] for k, v in data.items()
-                                                                    if not isinstance(v, (dict, list))]))
-    if data.get("database"):
-        parts.append(_table(["database", "value"], [[html.escape(k), _fmt(v)] for k, v in data["database"].items()]))
-    if r.get("thresholds"):
+    if r.data is not None:
+        parts.append("<h2>Data</h2>" + _key_value_table("item", r.data.to_json(), nested=False))
+        if r.data.database is not None:
+            parts.append(_key_value_table("database", r.data.database.to_json()))
+    if r.thresholds:
         parts.append("<p>Decision thresholds on the encoder's score, fixed on non-mated pairs of the dataset's clean "
                      "embeddings: " + ", ".join(f"FMR {html.escape(k)}: <code>{v:.4f}</code>"
-                                                for k, v in r["thresholds"].items()) + "</p>")
-    if r.get("attacks"):
+                                                for k, v in r.thresholds.items()) + "</p>")
+    if r.attacks:
         parts.append("<h2>Irreversibility: identity inference from reconstructions</h2>"
                      "<p>Type I: reconstruction vs the template's own photo; Type II: vs another photo of the same "
                      "person (people with a single photo are skipped and counted). Thresholds fixed on clean data at "
                      "the given false-match rate.</p>")
         parts.append(_table(["attacker", "templates", "Type I @FMR 0.1%", "Type II @FMR 0.1%", "Type I @FMR 1%",
-                             "Type II @FMR 1%", "SSIM", "PSNR (dB)", "n"], _attack_rows(r["attacks"])))
-    if r.get("layers") or r.get("thief_without_keys"):
-        parts.append(_layers_html(r))
-    if "grid" in figures:
-        parts.append(f"<h3>Reconstructions</h3><img alt='image grid' src='data:image/png;base64,{figures['grid']}'>")
-    if "gan" in figures:
-        parts.append(f"<img alt='GAN prior progress' src='data:image/png;base64,{figures['gan']}'>")
-    if r.get("verification"):
+                             "Type II @FMR 1%", "SSIM", "PSNR (dB)", "n"], _attack_rows(r.attacks)))
+    if (r.layers is not None and r.layers.layers) or r.thief_without_keys is not None:
+        parts.append(_layers_html(r.thief_without_keys, r.layers))
+    parts.append(_figure(figures, "grid", "image grid", "<h3>Reconstructions</h3>"))
+    parts.append(_figure(figures, "gan", "GAN prior progress"))
+    if r.verification is not None:
         parts.append("<h2>Performance preservation: verification</h2>")
-        rows = [[html.escape(k), _fmt(v["accuracy_mean"], True), _fmt(v["tar_at_far_1e-2"], True),
-                 _fmt(v["tar_at_far_1e-3"], True), str(v["mated_pairs"]), str(v["nonmated_pairs"])]
-                for k, v in r["verification"].items() if isinstance(v, dict) and "accuracy_mean" in v]
+        rows = [[html.escape(k), _fmt(v.accuracy_mean, True), _fmt(v.tar_at_far_1e_2, True),
+                 _fmt(v.tar_at_far_1e_3, True), str(v.mated_pairs), str(v.nonmated_pairs)]
+                for k, v in r.verification.by_templates.items()]
         parts.append(_table(["enrolled templates (probe: raw)", "accuracy", "TAR@FAR 1e-2", "TAR@FAR 1e-3",
                              "mated", "non-mated"], rows))
-    if "roc" in figures:
-        parts.append(f"<img alt='ROC and DET' src='data:image/png;base64,{figures['roc']}'>")
-    unl = r.get("unlinkability")
-    if unl:
+    parts.append(_figure(figures, "roc", "ROC and DET"))
+    unl = r.unlinkability
+    if unl is not None:
         parts.append("<h2>Unlinkability and renewability</h2><p>D_sys (Gomez-Barrero et al.): 0 = unlinkable, "
                      "1 = fully linkable; the noise floor is what histogram noise alone gives for these counts.</p>")
-        rows = [[html.escape(k), _fmt(v["d_sys"]), _fmt(v.get("noise_floor")), str(v["n_mated"])]
-                for k, v in unl.get("details", {}).items()]
-        rows += [[f"renewability: {html.escape(k)}", _fmt(v["d_sys"]), _fmt(v.get("noise_floor")),
-                  str(v["n_mated"])] for k, v in r.get("renewability", {}).get("details", {}).items()]
+        rows = [[html.escape(k), _fmt(v.d_sys), _fmt(v.noise_floor), str(v.n_mated)] for k, v in unl.details.items()]
+        renewal = r.renewability.details if r.renewability is not None else {}
+        rows += [[f"renewability: {html.escape(k)}", _fmt(v.d_sys), _fmt(v.noise_floor), str(v.n_mated)]
+                 for k, v in renewal.items()]
         parts.append(_table(["databases", "D_sys", "noise floor", "people"], rows))
-        across = unl.get("advface+key_across_keys")
-        if across:
-            verdict = "meets" if unl.get("key_meets_target") else "does not meet"
-            parts.append(f"<p>AdvFace + key over {across['key_pairs']} pairs of tenant keys: D_sys mean "
-                         f"{_fmt(across['mean'])}, worst {_fmt(across['max'])} (noise floor "
-                         f"{_fmt(across['noise_floor_mean'])}); the worst {verdict} the target "
-                         f"D_sys &le; {_fmt(unl.get('target_d_sys_max'))}. {across['above_noise_p95']} of "
-                         f"{across['key_pairs']} read above the 95th percentile of D_sys for unlinkable scores "
-                         "at these counts (one in 20 would by chance).</p>")
-    if "d_curve" in figures:
-        parts.append(f"<img alt='D(s)' src='data:image/png;base64,{figures['d_curve']}'>")
-    if "hist" in figures:
-        parts.append(f"<h3>Score histograms</h3><img alt='histograms' src='data:image/png;base64,{figures['hist']}'>")
-    parts.append(f"<p style='color:#777;font-size:12px'>generated {html.escape(str(r.get('date', '')))} in "
-                 f"{_fmt(r.get('seconds'))} s</p></body></html>")
+        across = unl.across_keys
+        verdict = "meets" if unl.key_meets_target else "does not meet"
+        parts.append(f"<p>AdvFace + key over {across.key_pairs} pairs of tenant keys: D_sys mean "
+                     f"{_fmt(across.mean)}, worst {_fmt(across.worst)} (noise floor "
+                     f"{_fmt(across.noise_floor_mean)}); the worst {verdict} the target "
+                     f"D_sys &le; {_fmt(unl.target_d_sys_max)}. {across.above_noise_p95} of "
+                     f"{across.key_pairs} read above the 95th percentile of D_sys for unlinkable scores "
+                     "at these counts (one in 20 would by chance).</p>")
+    parts.append(_figure(figures, "d_curve", "D(s)"))
+    parts.append(_figure(figures, "hist", "histograms", "<h3>Score histograms</h3>"))
+    parts.append(f"<p style='color:#777;font-size:12px'>generated {html.escape(str(r.date or ''))} in "
+                 f"{_fmt(r.seconds)} s</p></body></html>")
     return "".join(parts)
 
 
@@ -281,8 +295,9 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
-def write_report(result: dict[str, Any], artifacts: ReportArtifacts, out_dir: Path) -> tuple[Path, Path]:
-    """Write ``report.json`` and ``report.html`` into ``out_dir``; a plot that fails is listed as missing."""
+def write_report(result: AuditResult, artifacts: ReportArtifacts, out_dir: Path) -> tuple[Path, Path]:
+    """Write ``report.json`` (``result.to_json()``) and ``report.html`` into ``out_dir``; a plot that fails is
+    listed as missing."""
     out_dir.mkdir(parents=True, exist_ok=True)
     figures: dict[str, str] = {}
     jobs = [
@@ -300,9 +315,9 @@ def write_report(result: dict[str, Any], artifacts: ReportArtifacts, out_dir: Pa
         try:
             figures[name] = make()
         except Exception as exc:  # noqa: BLE001 - a plot must not lose the report
-            result.setdefault("missing", []).append({"stage": f"plot {name}", "reason": f"{type(exc).__name__}: {exc}"})
+            result.add_missing(f"plot {name}", f"{type(exc).__name__}: {exc}")
     json_path = out_dir / "report.json"
-    json_path.write_text(json.dumps(result, indent=2, default=_json_default, allow_nan=True) + "\n")
+    json_path.write_text(json.dumps(result.to_json(), indent=2, default=_json_default, allow_nan=True) + "\n")
     html_path = out_dir / "report.html"
     html_path.write_text(render_html(result, figures), encoding="utf-8")
     return html_path, json_path

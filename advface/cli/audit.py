@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from advface.audit import FULL_ATTACKERS, PROTECTIONS, TARGET_D_SYS
 
 if TYPE_CHECKING:  # pragma: no cover
-    from advface.audit.run import AuditConfig
+    from advface.audit.config import AuditConfig
 
 NAME = "audit"
 HELP = "audit templates against reconstruction attacks; HTML + JSON report (irreversibility, unlinkability, ...)"
@@ -87,7 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> AuditConfig:
     """The :class:`AuditConfig` the flags describe."""
-    from advface.audit.run import AuditConfig
+    from advface.audit.config import AuditConfig
 
     overrides = dict(
         encoder=args.encoder, templates=args.templates, store=args.store, tenant=args.tenant,
@@ -113,21 +113,21 @@ def run(args: argparse.Namespace) -> int:
     from advface.audit.run import run_audit
 
     html_path, json_path, result = run_audit(config_from_args(args))
-    for name, entry in result.get("attacks", {}).items():
-        t1 = entry["type1_success"]
+    for name, attack in result.attacks.items():
+        t1 = attack.type1_success
         print(f"{name}: Type I @FMR 0.1% raw {100 * t1['raw']:.1f}%, protected {100 * t1['protected']:.1f}%, "
               f"protected+key {100 * t1['protected+key']:.1f}%")
-    if "thief_without_keys" in result:
-        print(f"database thief: {result['thief_without_keys']['summary']}")
-    if "unlinkability" in result:
-        unl = result["unlinkability"]
-        print("unlinkability D_sys:", {k: round(v, 3) for k, v in unl["d_sys"].items()})
-        across = unl["advface+key_across_keys"]
-        print(f"AdvFace + key over {across['key_pairs']} key pairs: D_sys mean {across['mean']:.3f}, worst "
-              f"{across['max']:.3f} (target <= {unl['target_d_sys_max']}: "
-              f"{'met' if unl['key_meets_target'] else 'not met'}; {across['above_noise_p95']} above the 95th "
+    if result.thief_without_keys is not None:
+        print(f"database thief: {result.thief_without_keys.summary}")
+    if result.unlinkability is not None:
+        unl = result.unlinkability
+        print("unlinkability D_sys:", {k: round(v, 3) for k, v in unl.d_sys.items()})
+        across = unl.across_keys
+        print(f"AdvFace + key over {across.key_pairs} key pairs: D_sys mean {across.mean:.3f}, worst "
+              f"{across.worst:.3f} (target <= {unl.target_d_sys_max}: "
+              f"{'met' if unl.key_meets_target else 'not met'}; {across.above_noise_p95} above the 95th "
               "percentile of unlinkable scores)")
-    for item in result.get("missing", []):
-        print(f"missing: {item['stage']}: {item['reason']}")
+    for item in result.missing:
+        print(f"missing: {item.stage}: {item.reason}")
     print(f"wrote {html_path} and {json_path}")
     return 0

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from advface.audit.attacks import adaptive
-from advface.audit.run import AuditConfig
-from advface.errors import ConfigError
+from advface.audit.config import AuditConfig
 from advface.datasets.pairs import FacePairs
 from advface.datasets.splits import IdentitySplit
+from advface.errors import ConfigError
 
 
 def test_adaptive_attacker_takes_a_decoder_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -27,6 +27,7 @@ def test_dimension_mismatch(audit_dataset: Path, audit_cache: Path, tmp_path: Pa
     assert "dimension 64" in capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
     assert report["missing"][0]["stage"] == "inputs" and "dimension" in report["missing"][0]["reason"]
+    assert report["format_version"] == 2
     assert "Partial report" in (out / "report.html").read_text()
 
 

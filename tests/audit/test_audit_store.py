@@ -46,15 +46,12 @@ def _enrol(config: Path, ids: list[str], raw: np.ndarray, dim: int = DIM, *, ext
     """Store ``raw`` as the sidecar does (its store, its keyed transform, its marker); returns what is stored.
     ``extra``: also a second template for the first subject (the audit must use the first one)."""
     from advface.config import load_config
-    from advface.protect.tenant_transform import check_store_marker, transforms_from_config
-    from server.servicer import open_store
+    from advface.service import open_checked_store, transforms_from_config
 
     conf = load_config(config)
     transforms = transforms_from_config(conf.keyed_transform, dim, "dlib")
     stored = raw if transforms is None else transforms.apply(TENANT, raw)
-    with open_store(conf, dim, "euclidean") as store:
-        if conf.store.backend == "sqlite":
-            check_store_marker(conf.store.data_dir, transforms, 0)
+    with open_checked_store(conf, dim, "euclidean", transforms) as store:
         store.add_many(TENANT, [(i, stored[k:k + 1], None) for k, i in enumerate(ids)])
         if extra:
             store.add(TENANT, ids[0], stored[1:2] + 5.0)
@@ -113,19 +110,21 @@ def test_store_audit_protects_as_its_configuration(tmp_path: Path) -> None:
     configuration's protection section; protection flags are refused rather than silently ignored."""
     from types import SimpleNamespace
 
-    from advface.audit.run import AuditConfig, _Audit
+    from advface.audit.config import AuditConfig
+    from advface.audit.stages.protection import choose_protection
+    from advface.config import ProtectionConfig
 
     base = dict(data=tmp_path, out=tmp_path / "out", store=f"advface:{tmp_path}?tenant={TENANT}")
     for flag, value in (("protection", "advface"), ("rel_l2", 0.2), ("steps", 5), ("shadows", (tmp_path,))):
         with pytest.raises(ConfigError, match="protection section of --config"):
             AuditConfig(**base, **{flag: value}).check()
-    audit = _Audit(AuditConfig(**base))
-    audit.db = SimpleNamespace(store=SimpleNamespace(protection={"rel_l2": 0.05, "steps": 2}))
-    spec = audit._protection_spec()
+    config = AuditConfig(**base)
+    store = SimpleNamespace(protection=ProtectionConfig(rel_l2=0.05, steps=2))  # what StoreInfo.protection holds
+    spec, source = choose_protection(config, store)
     assert spec.method == "advface" and (spec.config.rel_l2, spec.config.steps) == (0.05, 2)
-    assert "configuration" in audit.protection_source
-    audit.db = SimpleNamespace(store=SimpleNamespace(protection={"enabled": False}))
-    assert audit._protection_spec() is None
+    assert "configuration" in source
+    spec, _ = choose_protection(config, SimpleNamespace(protection=ProtectionConfig(enabled=False)))
+    assert spec is None
 
 
 @pytest.mark.parametrize("encrypted", [True, False])
@@ -209,3 +208,14 @@ def test_end_to_end_encrypted_keyed_store(audit_dataset: Path, audit_cache: Path
     assert layers["database thief without keys"]["vectors_recovered"] == 0
     page = (out / "report.html").read_text()
     assert f"vectors recovered without keys: 0 of {n} rows" in page
+    # the format-1 keys of the parts only a store audit writes (the store's and the thief's own entries aside)
+    assert report["format_version"] == 2
+    assert list(report["data"]) == ["dataset", "photos", "identities", "photos_with_face", "photos_failed",
+                                    "failed_examples", "encoder", "database", "split", "victims",
+                                    "single_photo_identities"]
+    assert list(report["data"]["database"])[:4] == ["source", "templates", "audited", "not_audited"]
+    assert list(report["protection"]) == ["method", "source", "key", "key_norm_equalisation", "templates",
+                                          "store_keyed_transform"]
+    assert list(report["thief_without_keys"])[-3:] == ["encrypted_at_rest", "threshold_fmr", "summary"]
+    assert list(report["layers"][0]) == ["attacker", "holds", "layer", "vectors_recovered", "rows",
+                                         "encrypted_at_rest", "note"]

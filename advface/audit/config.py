@@ -1,0 +1,105 @@
+"""Settings of an audit run (:class:`AuditConfig`, the flags of ``advface audit``) and the summary of them the report
+starts with."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from advface.audit import FULL_ATTACKERS, PROTECTIONS, QUICK_ATTACKERS
+from advface.errors import ConfigError
+
+
+@dataclass
+class AuditConfig:
+    """Everything an audit run depends on (see ``advface audit --help``)."""
+
+    data: Path
+    out: Path
+    encoder: str = "dlib"
+    templates: Path | None = None
+    store: str | None = None
+    tenant: str | None = None
+    store_config: Path | None = None
+    protection: str | None = None
+    rel_l2: float | None = None
+    steps: int | None = None
+    shadows: tuple[Path, ...] = ()
+    key_file: Path | None = None
+    attackers: tuple[str, ...] = FULL_ATTACKERS
+    cache_dir: Path | None = None
+    pairs_cache: bool = True
+    quick: bool = False
+    image_size: int = 64
+    epochs: int = 20
+    batch_size: int = 64
+    max_identities: int = 0
+    max_photos: int = 0
+    per_identity: int = 3
+    max_victims: int = 0
+    train_identities: int = 0
+    gan_templates: int = 48
+    gan_steps: int = 60
+    gan_restarts: int = 4
+    link_keys: int = 5
+    eval_fraction: float = 0.3
+    seed: int = 0
+    images: bool = True
+    workers: int = 1
+    progress: bool = True
+
+    @classmethod
+    def quick_mode(cls, data: Path, out: Path, **overrides: Any) -> AuditConfig:
+        """Small subsets for a run of minutes on a CPU: 40 identities (6 photos each), 32x32 decoders trained two
+        epochs in batches of 16, 2 victim photos per person, GAN prior on 4 templates with 2 restarts of 8 steps."""
+        base: dict[str, Any] = {
+            "quick": True, "attackers": QUICK_ATTACKERS, "image_size": 32, "epochs": 2, "batch_size": 16,
+            "max_identities": 40, "max_photos": 6, "per_identity": 2, "max_victims": 40, "gan_templates": 4,
+            "gan_steps": 8, "gan_restarts": 2, "link_keys": 3, "eval_fraction": 0.5}
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(data=data, out=out, **base)
+
+    def check(self) -> None:
+        """ConfigError for contradictory or out-of-range settings."""
+        if self.protection is not None and self.protection not in PROTECTIONS:
+            raise ConfigError(f"--protection must be one of {', '.join(PROTECTIONS)}, got {self.protection!r}")
+        if self.templates is not None and self.store is not None:
+            raise ConfigError("give either --templates or --store, not both")
+        if self.store is not None and not self.tenant and not (
+                self.store.startswith("advface:") and "tenant=" in self.store):
+            raise ConfigError("--store needs --tenant (or an advface:DATA_DIR?tenant=NAME location)")
+        if self.store_config is not None and self.store is None:
+            raise ConfigError("--config (the sidecar's configuration) is read only with --store")
+        flags = [f for f, v in (("--protection", self.protection), ("--rel-l2", self.rel_l2),
+                                ("--steps", self.steps), ("--shadow", self.shadows or None)) if v is not None]
+        if self.store is not None and flags:
+            raise ConfigError(f"{', '.join(flags)}: with --store the audit protects as the store's sidecar does, "
+                              "from the protection section of --config; drop these flags")
+        if self.rel_l2 is not None and not 0 < self.rel_l2 <= 1:
+            raise ConfigError(f"--rel-l2 must be in (0, 1], got {self.rel_l2}")
+        for name in ("epochs", "batch_size", "per_identity", "gan_steps", "gan_restarts", "steps", "link_keys"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name.replace('_', '-')} must be >= 1")
+        if not 16 <= self.image_size <= 256:
+            raise ConfigError(f"--image-size must be in [16, 256], got {self.image_size}")
+        if not self.attackers:
+            raise ConfigError("no attacker selected")
+        from advface.audit.attacks.decoder import parse_attacker
+
+        for name in self.attackers:
+            if name == "gan-prior" or name == "adaptive":
+                continue
+            parse_attacker(name.removeprefix("adaptive-"))  # ConfigError for an unknown attacker
+
+
+def config_summary(config: AuditConfig) -> dict[str, Any]:
+    """The settings as the report shows them: every field that is set, paths as text, the attackers joined by commas
+    and a store location without its password."""
+    summary = asdict(config)
+    summary["attackers"] = ",".join(config.attackers)
+    if config.store:
+        from advface.reencode.uri import Location
+
+        summary["store"] = Location("", "", {}, config.store).display()  # no password in the report
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in summary.items() if v is not None}

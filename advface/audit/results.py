@@ -1,0 +1,559 @@
+"""Typed results of the audit's stages and their JSON form (``report.json``).
+
+Each stage of :mod:`advface.audit.stages` returns one of these dataclasses; :class:`AuditResult` holds them all, with
+the run's settings, what is ``missing`` and the timings. The HTML report and the CLI read the attributes;
+``report.json`` is ``AuditResult.to_json()``, each class writing its own section with ``to_json()``.
+
+Format of ``report.json`` (:data:`FORMAT_VERSION`): 1 = the earlier format, without a ``format_version`` field;
+2 = the same keys and value shapes, plus the top-level ``format_version``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+#: Version of the ``report.json`` format (1: the format before the field existed; 2: format 1 + ``format_version``).
+FORMAT_VERSION = 2
+#: The kinds of template each attacker and the verification are run on: raw embeddings, AdvFace output
+#: ("protected") and AdvFace output through the keyed transform ("protected+key").
+TEMPLATE_KINDS = ("raw", "protected", "protected+key")
+#: False-match-rate label (see :data:`advface.audit.metrics.FMRS`) of the headline ``type1_success`` /
+#: ``type2_success`` numbers.
+HEADLINE_FMR = "1e-3"
+
+JsonDict = dict[str, Any]
+
+
+@dataclass
+class Missing:
+    """A part of the audit that did not run or ran incompletely, and why."""
+
+    stage: str
+    reason: str
+
+    def to_json(self) -> JsonDict:
+        """``{"stage", "reason"}``."""
+        return {"stage": self.stage, "reason": self.reason}
+
+
+# ------------------------------------------------------------------------------------------------------- inputs
+@dataclass
+class DatabaseSummary:
+    """The template database under audit: where it came from, how many of its templates are audited."""
+
+    source: str
+    templates: int
+    audited: int
+    not_audited: int
+    #: A template store's own description (:meth:`advface.audit.store.StoreInfo.describe`), None for a file.
+    store: JsonDict | None = None
+
+    def to_json(self) -> JsonDict:
+        """The ``data.database`` section: the counts, then the store's description."""
+        return {"source": self.source, "templates": self.templates, "audited": self.audited,
+                "not_audited": self.not_audited, **(self.store or {})}
+
+
+@dataclass
+class DatasetSummary:
+    """The ``data`` section: the dataset read, the database audited, the identity split and the victims.
+
+    The fields after ``encoder`` are None when the audit stopped on bad input before choosing the victims."""
+
+    dataset: str
+    photos: int
+    identities: int
+    photos_with_face: int
+    photos_failed: int
+    #: Up to 10 photos that gave no face chip: photo id -> reason.
+    failed_examples: dict[str, str]
+    encoder: str
+    database: DatabaseSummary | None = None
+    #: :meth:`advface.datasets.splits.IdentitySplit.describe` of the defender / attacker / evaluation groups.
+    split: JsonDict | None = None
+    victims: int | None = None
+    single_photo_identities: int | None = None
+
+    def to_json(self) -> JsonDict:
+        """The ``data`` section (the parts not measured yet are left out)."""
+        out: JsonDict = {"dataset": self.dataset, "photos": self.photos, "identities": self.identities,
+                         "photos_with_face": self.photos_with_face, "photos_failed": self.photos_failed,
+                         "failed_examples": self.failed_examples, "encoder": self.encoder}
+        if self.database is not None:
+            out["database"] = self.database.to_json()
+        for name in ("split", "victims", "single_photo_identities"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        return out
+
+
+# --------------------------------------------------------------------------------------------------- protection
+@dataclass
+class ProtectorSummary:
+    """The protection the audit applies: method and, for AdvFace, its parameters and shadow checkpoints."""
+
+    method: str
+    #: Where the protection comes from: the audit's flags or the store's configuration.
+    source: str
+    rel_l2: float | None = None
+    steps: int | None = None
+    #: File names of the shadow checkpoints; None for the method ``none``.
+    shadows: list[str] | None = None
+    #: The identity-aware protector's jitter setting, None where the protector has none.
+    jitter: bool | None = None
+
+    def to_json(self) -> JsonDict:
+        """``method`` (``rel_l2``, ``steps``, ``shadows`` for a protector), ``source`` (``jitter``)."""
+        out: JsonDict = {"method": self.method}
+        if self.shadows is not None:
+            out.update(rel_l2=self.rel_l2, steps=self.steps, shadows=self.shadows)
+        out["source"] = self.source
+        if self.jitter is not None:
+            out["jitter"] = self.jitter
+        return out
+
+
+@dataclass
+class ProtectionResult:
+    """The ``protection`` section: the protector, the keyed transform's key and what the audited templates are."""
+
+    protector: ProtectorSummary
+    #: Where the transform key comes from (key file, ephemeral key, the store's transform).
+    key: str
+    key_norm_equalisation: float | None
+    #: What the audited templates are (protected here, the database as stored, ...).
+    templates: str
+    #: Whether the keyed transform is the audited store's own.
+    store_keyed_transform: bool
+
+    @property
+    def method(self) -> str:
+        """The protection method (``advface``, ``advface-id``, ``none``)."""
+        return self.protector.method
+
+    def to_json(self) -> JsonDict:
+        """The protector's summary, then the key and templates notes."""
+        return {**self.protector.to_json(), "key": self.key, "key_norm_equalisation": self.key_norm_equalisation,
+                "templates": self.templates, "store_keyed_transform": self.store_keyed_transform}
+
+
+# ------------------------------------------------------------------------------------------------------ attacks
+@dataclass
+class SuccessAtFmr:
+    """Type I / Type II identity-inference success at the threshold of one false-match rate."""
+
+    type1_success: float
+    #: None when no reconstructed template's person has another photo.
+    type2_success: float | None
+    ssim: float
+    psnr: float
+    threshold: float
+    n: int
+
+    def to_json(self) -> JsonDict:
+        """The ``fmr_<label>`` entry."""
+        return {"type1_success": self.type1_success, "type2_success": self.type2_success, "ssim": self.ssim,
+                "psnr": self.psnr, "threshold": self.threshold, "n": self.n}
+
+
+@dataclass
+class ReconstructionResult:
+    """One attacker's reconstructions of one kind of template: success at each FMR, image quality."""
+
+    n: int
+    #: Reconstructions whose person has another photo (Type II), and those skipped for want of one.
+    type2_n: int
+    type2_skipped_single_photo: int
+    ssim: float
+    psnr: float
+    mean_score_to_own: float
+    #: FMR label (``1e-3``, ``1e-2``) -> success at that rate's threshold.
+    at_fmr: dict[str, SuccessAtFmr]
+
+    @property
+    def type1_success(self) -> float:
+        """Type I success at the headline FMR (0.1%)."""
+        return self.at_fmr[HEADLINE_FMR].type1_success
+
+    @property
+    def type2_success(self) -> float | None:
+        """Type II success at the headline FMR (0.1%)."""
+        return self.at_fmr[HEADLINE_FMR].type2_success
+
+    def to_json(self) -> JsonDict:
+        """Counts and quality, ``fmr_<label>`` per FMR, then the headline ``type1_success`` / ``type2_success``."""
+        out: JsonDict = {"n": self.n, "type2_n": self.type2_n,
+                         "type2_skipped_single_photo": self.type2_skipped_single_photo, "ssim": self.ssim,
+                         "psnr": self.psnr, "mean_score_to_own": self.mean_score_to_own}
+        out.update({f"fmr_{label}": s.to_json() for label, s in self.at_fmr.items()})
+        out.update(type1_success=self.type1_success, type2_success=self.type2_success)
+        return out
+
+
+@dataclass(kw_only=True)
+class AttackResult:
+    """One attacker's success on each kind of template (:data:`TEMPLATE_KINDS`)."""
+
+    #: ``decoder``, ``adaptive`` or ``gan-prior``.
+    kind: str
+    by_templates: dict[str, ReconstructionResult]
+
+    @property
+    def type1_success(self) -> dict[str, float]:
+        """Template kind -> Type I success at FMR 0.1%."""
+        return {k: r.type1_success for k, r in self.by_templates.items()}
+
+    @property
+    def type2_success(self) -> dict[str, float | None]:
+        """Template kind -> Type II success at FMR 0.1%."""
+        return {k: r.type2_success for k, r in self.by_templates.items()}
+
+    def details(self) -> JsonDict:
+        """What the attacker is (architecture, training, search settings): the keys after ``kind``."""
+        return {}
+
+    def to_json(self) -> JsonDict:
+        """The ``attacks.<name>`` entry: one entry per template kind, the headline rates, kind and details."""
+        return {**{k: r.to_json() for k, r in self.by_templates.items()}, "type1_success": self.type1_success,
+                "type2_success": self.type2_success, "kind": self.kind, **self.details()}
+
+
+@dataclass(kw_only=True)
+class DecoderAttackResult(AttackResult):
+    """A trained decoder: on raw templates of the attacker group (``decoder``) or on protected ones of its own
+    enrolments (``adaptive``)."""
+
+    arch: str
+    loss: str | None
+    #: Loaded from the cache rather than trained by this run.
+    cached: bool
+    trained_on: str
+
+    def details(self) -> JsonDict:
+        """``arch``, ``loss``, ``cached``, ``trained_on``."""
+        return {"arch": self.arch, "loss": self.loss, "cached": self.cached, "trained_on": self.trained_on}
+
+
+@dataclass(kw_only=True)
+class GanPriorAttackResult(AttackResult):
+    """The GAN-prior latent search (on the first ``templates`` audited templates)."""
+
+    kind: str = "gan-prior"
+    prior: str
+    templates: int
+    steps: int
+    restarts: int
+    #: Mean best similarity to the raw templates per search step.
+    similarity_history_raw: list[float]
+
+    def details(self) -> JsonDict:
+        """``prior``, ``templates``, ``steps``, ``restarts``, ``similarity_history_raw``."""
+        return {"prior": self.prior, "templates": self.templates, "steps": self.steps, "restarts": self.restarts,
+                "similarity_history_raw": self.similarity_history_raw}
+
+
+# ------------------------------------------------------------------------------------------------- verification
+@dataclass
+class VerificationMetrics:
+    """Verification of enrolled templates of one kind against raw probes of other photos."""
+
+    accuracy_mean: float
+    accuracy_std: float
+    tar_at_far_1e_3: float
+    threshold_at_far_1e_3: float
+    tar_at_far_1e_2: float
+    threshold_at_far_1e_2: float
+    mated_pairs: int
+    nonmated_pairs: int
+
+    def to_json(self) -> JsonDict:
+        """Accuracy, TAR and thresholds at FAR 1e-3 / 1e-2, pair counts."""
+        return {"accuracy_mean": self.accuracy_mean, "accuracy_std": self.accuracy_std,
+                "tar_at_far_1e-3": self.tar_at_far_1e_3, "threshold_at_far_1e-3": self.threshold_at_far_1e_3,
+                "tar_at_far_1e-2": self.tar_at_far_1e_2, "threshold_at_far_1e-2": self.threshold_at_far_1e_2,
+                "mated_pairs": self.mated_pairs, "nonmated_pairs": self.nonmated_pairs}
+
+
+@dataclass
+class VerificationResult:
+    """The ``verification`` section: performance preservation per kind of enrolled template."""
+
+    #: Template kind (:data:`TEMPLATE_KINDS`) -> its verification.
+    by_templates: dict[str, VerificationMetrics]
+
+    @property
+    def accuracy_change_points(self) -> dict[str, float]:
+        """Accuracy change against raw templates, in percentage points, of protected and protected+key."""
+        raw = self.by_templates["raw"].accuracy_mean
+        return {name: round(100 * (self.by_templates[name].accuracy_mean - raw), 3)
+                for name in ("protected", "protected+key")}
+
+    @property
+    def key_accuracy_change_vs_protected_points(self) -> float:
+        """What the keyed transform changes in accuracy over the protected templates, in percentage points."""
+        return round(100 * (self.by_templates["protected+key"].accuracy_mean
+                            - self.by_templates["protected"].accuracy_mean), 3)
+
+    def to_json(self) -> JsonDict:
+        """One entry per template kind, then the accuracy changes."""
+        return {**{k: m.to_json() for k, m in self.by_templates.items()},
+                "accuracy_change_points": self.accuracy_change_points,
+                "key_accuracy_change_vs_protected_points": self.key_accuracy_change_vs_protected_points}
+
+
+# -------------------------------------------------------------------------------------- unlinkability, renewal
+@dataclass
+class LinkageMetrics:
+    """D_sys of two databases of the same people, with the noise floor of these counts."""
+
+    d_sys: float
+    #: Mean D_sys of unlinkable scores at these counts, and its 95th percentile.
+    noise_floor: float
+    noise_floor_p95: float
+    n_mated: int
+    n_nonmated: int
+
+    def to_json(self) -> JsonDict:
+        """``d_sys``, ``noise_floor``, ``noise_floor_p95``, ``n_mated``, ``n_nonmated``."""
+        return {"d_sys": self.d_sys, "noise_floor": self.noise_floor, "noise_floor_p95": self.noise_floor_p95,
+                "n_mated": self.n_mated, "n_nonmated": self.n_nonmated}
+
+
+@dataclass
+class KeyPairsLinkage:
+    """D_sys of AdvFace + key measured over several pairs of tenant keys."""
+
+    #: D_sys of each pair of keys (the first: the pair of ``UnlinkabilityResult.details["advface+key"]``).
+    d_sys: list[float]
+    mean: float
+    worst: float
+    noise_floor_mean: float
+    #: Key pairs whose D_sys is above the 95th percentile of unlinkable scores at these counts.
+    above_noise_p95: int
+
+    @classmethod
+    def of(cls, linkages: list[LinkageMetrics]) -> KeyPairsLinkage:
+        """Summary of the linkages of each pair of keys."""
+        values = [m.d_sys for m in linkages]
+        return cls(d_sys=values, mean=float(np.mean(values)), worst=float(max(values)),
+                   noise_floor_mean=float(np.mean([m.noise_floor for m in linkages])),
+                   above_noise_p95=sum(m.d_sys > m.noise_floor_p95 for m in linkages))
+
+    @property
+    def key_pairs(self) -> int:
+        """How many pairs of keys were measured."""
+        return len(self.d_sys)
+
+    def to_json(self) -> JsonDict:
+        """The ``advface+key_across_keys`` entry (``max``: the worst pair)."""
+        return {"key_pairs": self.key_pairs, "d_sys": self.d_sys, "mean": self.mean, "max": self.worst,
+                "noise_floor_mean": self.noise_floor_mean, "above_noise_p95": self.above_noise_p95}
+
+
+def _d_sys_of(details: dict[str, LinkageMetrics]) -> dict[str, float]:
+    return {name: m.d_sys for name, m in details.items()}
+
+
+@dataclass
+class UnlinkabilityResult:
+    """The ``unlinkability`` section: D_sys of two databases of the same people (raw, AdvFace, AdvFace + key)."""
+
+    #: ``raw`` / ``advface`` / ``advface+key`` -> linkage of database A and database B.
+    details: dict[str, LinkageMetrics]
+    across_keys: KeyPairsLinkage
+    #: The protection method of the two databases.
+    protection: str
+    protocol: str
+    target_d_sys_max: float
+
+    @property
+    def d_sys(self) -> dict[str, float]:
+        """Setting -> D_sys."""
+        return _d_sys_of(self.details)
+
+    @property
+    def key_meets_target(self) -> bool:
+        """The worst pair of keys is at most the D_sys target."""
+        return bool(self.across_keys.worst <= self.target_d_sys_max)
+
+    def to_json(self) -> JsonDict:
+        """D_sys per setting, details, the key pairs, protocol and target."""
+        return {"d_sys": self.d_sys, "details": {k: m.to_json() for k, m in self.details.items()},
+                "advface+key_across_keys": self.across_keys.to_json(), "protection": self.protection,
+                "protocol": self.protocol, "target_d_sys_max": self.target_d_sys_max,
+                "key_meets_target": self.key_meets_target}
+
+
+@dataclass
+class RenewabilityResult:
+    """The ``renewability`` section: D_sys of revoked templates against the re-issued ones."""
+
+    #: ``advface`` / ``advface+key`` -> linkage of revoked and re-issued templates.
+    details: dict[str, LinkageMetrics]
+    protocol: str
+
+    @property
+    def d_sys(self) -> dict[str, float]:
+        """Setting -> D_sys."""
+        return _d_sys_of(self.details)
+
+    def to_json(self) -> JsonDict:
+        """D_sys per setting, details, protocol."""
+        return {"d_sys": self.d_sys, "details": {k: m.to_json() for k, m in self.details.items()},
+                "protocol": self.protocol}
+
+
+# --------------------------------------------------------------------------------------------- layered secrets
+@dataclass
+class ThiefScanResult:
+    """The ``thief_without_keys`` section: what a database thief without keys recovers from the store."""
+
+    #: What :func:`advface.audit.thief.scan_sqlite` / ``scan_postgres`` measured (rows, vectors recovered, ...).
+    scan: JsonDict
+    encrypted_at_rest: bool
+    #: FMR label of the threshold a decoded vector must reach to match a victim.
+    threshold_fmr: str
+    summary: str
+
+    @property
+    def rows(self) -> int:
+        """Rows of the tenant read."""
+        return self.scan["rows"]
+
+    @property
+    def vectors_recovered(self) -> int:
+        """Rows whose vector was recovered without keys."""
+        return self.scan["vectors_recovered"]
+
+    @property
+    def read(self) -> str:
+        """What was read (tables, columns)."""
+        return self.scan.get("read", "")
+
+    @property
+    def file_bytes(self) -> JsonDict | None:
+        """The raw-bytes scan of the database files (SQLite), None where there is none."""
+        return self.scan.get("file_bytes")
+
+    def to_json(self) -> JsonDict:
+        """The scan, then ``encrypted_at_rest``, ``threshold_fmr``, ``summary``."""
+        return {**self.scan, "encrypted_at_rest": self.encrypted_at_rest, "threshold_fmr": self.threshold_fmr,
+                "summary": self.summary}
+
+
+@dataclass
+class BestAttack:
+    """The attackers' Type I success at FMR 0.1% on one kind of template, and the best of them."""
+
+    #: The template kind (:data:`TEMPLATE_KINDS`).
+    templates: str
+    #: Attacker name -> Type I success.
+    type1_success: dict[str, float]
+
+    @property
+    def type1_success_max(self) -> float | None:
+        """The best attacker's success, None when no attacker ran on these templates."""
+        return max(self.type1_success.values()) if self.type1_success else None
+
+    def to_json(self) -> JsonDict:
+        """``templates``, ``type1_success_max``, ``type1_success``."""
+        return {"templates": self.templates, "type1_success_max": self.type1_success_max,
+                "type1_success": self.type1_success}
+
+
+@dataclass
+class LayerResult:
+    """One attacker of the threat model against the layer that should stop it, with what the audit measured."""
+
+    attacker: str
+    holds: str
+    layer: str
+    #: The database thief's scan (the thief without keys), when measured.
+    thief: ThiefScanResult | None = None
+    #: :func:`advface.audit.api_surface.api_exposure` (the client with API access only).
+    api: JsonDict | None = None
+    #: The attackers' success on the templates this attacker holds.
+    best: BestAttack | None = None
+    note: str | None = None
+
+    @property
+    def api_stored_vector_rpcs(self) -> list[str]:
+        """RPCs returning stored templates (empty without an API exposure)."""
+        return list(self.api["stored_vectors"]) if self.api is not None else []
+
+    def to_json(self) -> JsonDict:
+        """``attacker``, ``holds``, ``layer``, then what was measured, then ``note``."""
+        out: JsonDict = {"attacker": self.attacker, "holds": self.holds, "layer": self.layer}
+        if self.thief is not None:
+            out.update(vectors_recovered=self.thief.vectors_recovered, rows=self.thief.rows,
+                       encrypted_at_rest=self.thief.encrypted_at_rest)
+        if self.api is not None:
+            out.update(api_stored_vector_rpcs=self.api["stored_vectors"], api=self.api)
+        if self.best is not None:
+            out.update(self.best.to_json())
+        if self.note is not None:
+            out["note"] = self.note
+        return out
+
+
+@dataclass
+class LayersResult:
+    """The ``layers`` section: each attacker of the threat model, in the order of the report."""
+
+    layers: list[LayerResult]
+
+    def to_json(self) -> list[JsonDict]:
+        """One entry per layer."""
+        return [layer.to_json() for layer in self.layers]
+
+
+# ---------------------------------------------------------------------------------------------------- the audit
+@dataclass
+class AuditResult:
+    """Everything an audit measured: the ``report.json`` document. A section is None (left out of the JSON) when
+    its stage did not run; ``missing`` says why."""
+
+    #: The run's settings (:func:`advface.audit.config.config_summary`).
+    config: JsonDict
+    missing: list[Missing] = field(default_factory=list)
+    data: DatasetSummary | None = None
+    #: FMR label -> threshold on the encoder's score, fixed on non-mated pairs of clean embeddings.
+    thresholds: dict[str, float] | None = None
+    protection: ProtectionResult | None = None
+    thief_without_keys: ThiefScanResult | None = None
+    #: Attacker name -> result, in the order they ran (only those that ran).
+    attacks: dict[str, AttackResult] = field(default_factory=dict)
+    verification: VerificationResult | None = None
+    unlinkability: UnlinkabilityResult | None = None
+    renewability: RenewabilityResult | None = None
+    layers: LayersResult | None = None
+    #: When the report was written (UTC), and the run's duration in seconds.
+    date: str | None = None
+    seconds: float | None = None
+
+    def add_missing(self, stage: str, reason: str) -> None:
+        """Record a stage that did not run or ran incompletely."""
+        self.missing.append(Missing(stage, reason))
+
+    def to_json(self) -> JsonDict:
+        """The ``report.json`` document: ``format_version``, then every section that was measured."""
+        out: JsonDict = {"format_version": FORMAT_VERSION, "config": self.config,
+                         "missing": [m.to_json() for m in self.missing]}
+        sections: list[tuple[str, Any]] = [
+            ("data", self.data), ("thresholds", self.thresholds), ("protection", self.protection),
+            ("thief_without_keys", self.thief_without_keys), ("attacks", self.attacks or None),
+            ("verification", self.verification), ("unlinkability", self.unlinkability),
+            ("renewability", self.renewability), ("layers", self.layers), ("date", self.date),
+            ("seconds", self.seconds)]
+        for name, section in sections:
+            if section is None:
+                continue
+            if isinstance(section, dict):
+                section = {k: v.to_json() if hasattr(v, "to_json") else v for k, v in section.items()}
+            elif hasattr(section, "to_json"):
+                section = section.to_json()
+            out[name] = section
+        return out
