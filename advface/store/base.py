@@ -157,10 +157,11 @@ def check_positive_int(value: Any, what: str, maximum: int | None = None) -> int
     """``value`` as an int in ``[1, maximum]``; ValidationError otherwise (bools are not integers)."""
     if not isinstance(value, numbers.Integral) or isinstance(value, bool):
         raise ValidationError(f"{what} must be an integer, got {value!r}")
-    if value < 1 or (maximum is not None and value > maximum):
+    number = int(value)
+    if number < 1 or (maximum is not None and number > maximum):
         bound = f"in [1, {maximum}]" if maximum is not None else ">= 1"
         raise ValidationError(f"{what} must be {bound}, got {value}")
-    return int(value)
+    return number
 
 
 def check_config_int(value: Any, what: str, maximum: int) -> int:

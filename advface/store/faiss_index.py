@@ -242,9 +242,10 @@ class TenantIndex:
         self.drop_gpu()
         if len(rowids):
             ids = np.ascontiguousarray(rowids, dtype=np.int64)
-            self.index.remove_ids(ids)
+            # faiss's Python wrapper takes an id array (its stubs only list the IDSelector overload)
+            self.index.remove_ids(ids)  # type: ignore[arg-type]
             if self.ivf is not None:
-                self.ivf.remove_ids(ids)
+                self.ivf.remove_ids(ids)  # type: ignore[arg-type]
         for rowid in rowids.tolist():
             self.labels.pop(rowid, None)
         self.update_approx()
@@ -266,6 +267,7 @@ class TenantIndex:
         sample = vectors
         if n > 64 * nlist:  # faiss k-means uses at most 256 points per centroid; 64 are plenty
             sample = vectors[np.sort(np.random.default_rng(0).choice(n, 64 * nlist, replace=False))]
+        quantizer: faiss.IndexFlat
         if self.metric == "euclidean":
             quantizer, metric = faiss.IndexFlatL2(self.dim), faiss.METRIC_L2
         else:

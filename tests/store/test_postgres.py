@@ -28,6 +28,7 @@ from advface.errors import ConfigError, DatabaseUnavailableError, IntegrityError
 from advface.store import Match, SQLiteFaissStore
 from advface.store.postgres import PostgresStore, redact_dsn
 
+
 def _clustered(rng: np.random.Generator, subjects: int, per: int, dim: int = DIM) -> list[tuple[str, np.ndarray, None]]:
     """Subjects whose templates are perturbed copies of one centre (like several photos of one person)."""
     centres = vectors(rng, subjects, dim)

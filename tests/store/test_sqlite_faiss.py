@@ -30,8 +30,8 @@ from store_contract_helpers import (
 )
 
 from advface.errors import ConfigError
-from advface.store import SQLiteFaissStore
-from advface.store import faiss_index
+from advface.store import SQLiteFaissStore, faiss_index
+
 
 @pytest.fixture(params=METRICS)
 def metric(request: pytest.FixtureRequest) -> str:

@@ -1,5 +1,6 @@
 """Connections of a :class:`~advface.store.postgres.PostgresStore`: DSNs (and their redaction in messages), the
-connection pool, pgvector's binary ``vector`` type, and running one transaction with retries."""
+connection pool, pgvector's binary ``vector`` type, running one transaction with retries and reading the value of a
+one-row query (:func:`scalar`)."""
 
 from __future__ import annotations
 
@@ -134,6 +135,14 @@ class ConnectionPool:
 # --------------------------------------------------------------------------------------------------- transactions
 
 
+def scalar(cursor: psycopg.Cursor[Any]) -> Any:
+    """The first column of the row of a query that always returns one (``SELECT COUNT(*)``, ``SELECT EXISTS``,
+    ``UPDATE ... RETURNING`` of a row locked earlier in the transaction...)."""
+    row = cursor.fetchone()
+    assert row is not None, "the query returned no row"
+    return row[0]
+
+
 class PostgresConnection:
     """How a :class:`~advface.store.postgres.PostgresStore` talks to PostgreSQL (a mixin): new connections, the
     pool's transactions (``_run``) and the store's name in messages (``_where``, password redacted)."""
@@ -159,17 +168,18 @@ class PostgresConnection:
             conn.execute("SET synchronous_commit = on")
             conn.commit()
             if self._vector_oid is not None:
-                self._register_vector(conn)
+                self._register_vector(conn, self._vector_oid)
         except BaseException:
             conn.close()
             raise
         return conn
 
-    def _register_vector(self, conn: psycopg.Connection) -> None:
-        """Send :class:`PgVector` and read ``vector`` columns in binary on ``conn``."""
-        dumper = type("_BoundVectorDumper", (VectorDumper,), {"oid": self._vector_oid})
+    @staticmethod
+    def _register_vector(conn: psycopg.Connection, oid: int) -> None:
+        """Send :class:`PgVector` and read ``vector`` columns (type ``oid``) in binary on ``conn``."""
+        dumper = type("_BoundVectorDumper", (VectorDumper,), {"oid": oid})
         conn.adapters.register_dumper(PgVector, dumper)
-        conn.adapters.register_loader(self._vector_oid, VectorLoader)
+        conn.adapters.register_loader(oid, VectorLoader)
 
     def _check_open(self) -> None:
         """ClosedError once the store is closed."""

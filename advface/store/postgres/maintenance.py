@@ -6,10 +6,11 @@ marker. Jobs run one batch per transaction, serialised across processes by the a
 
 from __future__ import annotations
 
+import abc
 import contextlib
+import functools
 import json
 import logging
-import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -19,6 +20,9 @@ import psycopg
 from advface.crypto import BLOB_VERSION, ENCRYPTED_OVERHEAD, TemplateCipher, template_aad
 from advface.errors import ConfigError, DatabaseUnavailableError, IntegrityError, NotFoundError
 from advface.store import rotation
+from advface.store.postgres.connection import scalar
+from advface.store.postgres.schema import PostgresSchema
+from advface.store.postgres.search import PostgresSearch
 
 log = logging.getLogger(__name__)
 
@@ -28,17 +32,18 @@ ROTATION_PASSES = 5
 TRANSFORM_MARKER_KEY = "keyed_transform"
 
 
-class PostgresMaintenance(rotation.TemplateReissue):
+class PostgresMaintenance(PostgresSearch, PostgresSchema, rotation.TemplateReissue):
     """Vacuum, key rotation, re-issue and the transform marker of :class:`~advface.store.postgres.PostgresStore`
-    (a mixin; uses the store's transactions, ``meta`` table, tenant locks, vector columns and index rebuild)."""
+    (a mixin; uses the store's transactions, ``meta`` table, index rebuild and its tenant locks and vector columns:
+    :meth:`_lock_tenant`, :meth:`_vector_columns`)."""
 
-    dsn: str
-    dim: int
-    cipher: Any
-    _t: dict[str, str]
-    _connect_timeout: float
-    _plaintext_rows: bool
-    _write_mutex: threading.Lock
+    @abc.abstractmethod
+    def _lock_tenant(self, conn: psycopg.Connection, tenant: str, *, create: bool) -> tuple[int, int]:
+        """Lock the tenant's row and give it a new generation: ``(old, new)`` (the store's)."""
+
+    @abc.abstractmethod
+    def _vector_columns(self, tenant: str, subject_id: str, template_id: str, vector: np.ndarray) -> tuple[Any, Any]:
+        """``(vector, ciphertext)`` column values of one template (the store's)."""
 
     def vacuum(self) -> None:
         """``VACUUM FULL`` the subject and template tables: rewrites them and their indexes without the dead
@@ -91,7 +96,7 @@ class PostgresMaintenance(rotation.TemplateReissue):
         pending = "(t.ciphertext IS NULL OR length(t.ciphertext) <> %s OR substring(t.ciphertext from 1 for 9) <> %s)"
         pending_args = (4 * self.dim + ENCRYPTED_OVERHEAD, target)
         count_sql = f"SELECT COUNT(*) FROM {tt} t WHERE {pending}"
-        total = int(self._run(lambda conn: conn.execute(count_sql, pending_args).fetchone()[0], what="rotate"))
+        total = int(self._run(lambda conn: scalar(conn.execute(count_sql, pending_args)), what="rotate"))
 
         def batch(conn: psycopg.Connection, last: int) -> list[int]:
             self._meta(conn, lock=True)  # one maintenance job at a time
@@ -119,7 +124,7 @@ class PostgresMaintenance(rotation.TemplateReissue):
 
         def finish(conn: psycopg.Connection) -> int:
             self._meta(conn, lock=True)
-            left = int(conn.execute(count_sql, pending_args).fetchone()[0])
+            left = int(scalar(conn.execute(count_sql, pending_args)))
             if not left:
                 self._set_meta(conn, {"key_ids": json.dumps([ring.key_id]), "rotation": None, "plaintext_rows": None})
             return left
@@ -128,7 +133,7 @@ class PostgresMaintenance(rotation.TemplateReissue):
         with tqdm(total=total, desc="re-encrypting templates", unit="tpl", disable=not progress) as bar:
             for _ in range(ROTATION_PASSES):
                 last = 0
-                while ids := self._run(lambda conn: batch(conn, last), what="rotate"):
+                while ids := self._run(functools.partial(batch, last=last), what="rotate"):
                     last = ids[-1]
                     done += len(ids)
                     bar.update(len(ids))
@@ -154,7 +159,7 @@ class PostgresMaintenance(rotation.TemplateReissue):
             resumed = rotation.resume_point(self._meta(conn, lock=True).get("transform_job"), job, where)
             if resumed is None:
                 self._set_meta(conn, {"transform_job": rotation.job_state(job, 0)})
-            return int(conn.execute(f"SELECT COUNT(*) FROM {tt} WHERE id > %s", (resumed or 0,)).fetchone()[0])
+            return int(scalar(conn.execute(f"SELECT COUNT(*) FROM {tt} WHERE id > %s", (resumed or 0,))))
 
         return int(self._run(start, what="transform_vectors"))
 

@@ -18,7 +18,7 @@ from advface.crypto import ENCRYPTION_SCHEME
 from advface.errors import ConfigError, DatabaseUnavailableError
 from advface.store import rotation
 from advface.store.base import StoreMetric
-from advface.store.postgres.connection import redact_dsn
+from advface.store.postgres.connection import PostgresConnection, redact_dsn, scalar
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +31,12 @@ HNSW_MAX_DIM = 2_000
 TABLE_PREFIX_RE = re.compile(r"[a-z_][a-z0-9_]{0,39}")
 
 
-class PostgresSchema:
-    """The tables of a :class:`~advface.store.postgres.PostgresStore` (a mixin): schema, ``meta`` and the checks
-    made when the store opens (ConfigError on a mismatch)."""
+class PostgresSchema(PostgresConnection):
+    """The tables of a :class:`~advface.store.postgres.PostgresStore` (a mixin over its connections): schema,
+    ``meta`` and the checks made when the store opens (ConfigError on a mismatch)."""
 
-    dsn: str
     dim: int
     metric: StoreMetric
-    prefix: str
     cipher: Any
     _t: dict[str, str]  # table names: meta, tenants, subjects, templates
     _seq: str  # the generation sequence
@@ -47,7 +45,6 @@ class PostgresSchema:
     _hnsw_ef_construction: int
     _migrate_plaintext: bool
     _plaintext_rows: bool
-    _vector_oid: int | None
 
     def _schema(self) -> list[str]:
         """The statements that create the store's tables, sequence and indexes."""
@@ -110,7 +107,7 @@ class PostgresSchema:
                         f"PostgreSQL at {redact_dsn(self.dsn)} lacks the pgvector extension and it cannot be "
                         f"created ({type(exc).__name__}: {exc}); install pgvector and run CREATE EXTENSION vector"
                     ) from None
-            exists = conn.execute("SELECT to_regclass(%s)", (meta_table,)).fetchone()[0]
+            exists = scalar(conn.execute("SELECT to_regclass(%s)", (meta_table,)))
             if exists is None:
                 for statement in self._schema():
                     conn.execute(statement)
@@ -198,7 +195,7 @@ class PostgresSchema:
             meta = self._meta(conn, lock=True)
             if meta.get("encryption") != "none":
                 return meta.get("plaintext_rows") == "1"
-            has_rows = conn.execute(f"SELECT EXISTS (SELECT 1 FROM {self._t['templates']})").fetchone()[0]
+            has_rows = scalar(conn.execute(f"SELECT EXISTS (SELECT 1 FROM {self._t['templates']})"))
             self._set_meta(conn, {
                 "encryption": ENCRYPTION_SCHEME,
                 "key_ids": json.dumps([self.cipher.key_id]),
@@ -244,7 +241,7 @@ class PostgresSchema:
         table = f"{table_prefix}_meta"
         try:
             with psycopg.connect(dsn, connect_timeout=max(1, int(connect_timeout))) as conn:
-                if conn.execute("SELECT to_regclass(%s)", (table,)).fetchone()[0] is None:
+                if scalar(conn.execute("SELECT to_regclass(%s)", (table,))) is None:
                     raise ConfigError(f"{redact_dsn(dsn)} holds no advface template store (no table {table})")
                 return dict(conn.execute(f"SELECT key, value FROM {table}").fetchall())
         except psycopg.OperationalError as exc:

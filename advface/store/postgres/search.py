@@ -8,6 +8,7 @@ generation shows another process's write; searched with :func:`~advface.store.fa
 
 from __future__ import annotations
 
+import abc
 import logging
 import threading
 from collections.abc import Sequence
@@ -18,16 +19,18 @@ import psycopg
 
 from advface.store.base import MAX_SEARCH_K, Match, StoreMetric, check_id, check_positive_int, check_probe
 from advface.store.faiss_index import RWLock, TenantIndex, apply_write, nearest_subjects, templates_indexed
-from advface.store.postgres.connection import PgVector
+from advface.store.postgres.connection import PgVector, PostgresConnection
 
 log = logging.getLogger(__name__)
 
 #: Largest ``hnsw.ef_search`` (pgvector's limit).
 MAX_EF_SEARCH = 1000
 
-class PostgresSearch:
-    """Search of a :class:`~advface.store.postgres.PostgresStore` (a mixin): SQL in plaintext mode, in-memory faiss
-    indexes (``_tenants``, their ``_generations``, guarded by ``_index_lock``) in encrypted mode."""
+
+class PostgresSearch(PostgresConnection):
+    """Search of a :class:`~advface.store.postgres.PostgresStore` (a mixin over its connections): SQL in plaintext
+    mode, in-memory faiss indexes (``_tenants``, their ``_generations``, guarded by ``_index_lock``) in encrypted
+    mode, built from the rows the store decodes (:meth:`_decode`)."""
 
     dim: int
     metric: StoreMetric
@@ -40,6 +43,12 @@ class PostgresSearch:
     _index_lock: RWLock
     _tenants: dict[str, TenantIndex]
     _generations: dict[str, int]
+
+    @abc.abstractmethod
+    def _decode(
+        self, tenant: str, subject_id: str, template_id: str, vector: np.ndarray | None, blob: bytes | None
+    ) -> np.ndarray:
+        """One template's float32 vector, from its ``vector`` or (decrypted) ``ciphertext`` column (the store's)."""
 
     def _new_tenant_index(self) -> TenantIndex:
         """An empty index for one tenant (exact: flat, on the CPU)."""

@@ -32,7 +32,7 @@ from advface.store.base import (
     encode_page_token,
 )
 from advface.store.faiss_index import RWLock, TenantIndex
-from advface.store.postgres.connection import ConnectionPool, PgVector, PostgresConnection, redact_dsn
+from advface.store.postgres.connection import ConnectionPool, PgVector, PostgresConnection, redact_dsn, scalar
 from advface.store.postgres.maintenance import PostgresMaintenance
 from advface.store.postgres.schema import HNSW_MAX_DIM, PGVECTOR_MAX_DIM, TABLE_PREFIX_RE, PostgresSchema
 from advface.store.postgres.search import MAX_EF_SEARCH, PostgresSearch
@@ -158,10 +158,10 @@ class PostgresStore(PostgresMaintenance, PostgresSearch, PostgresSchema, Postgre
         while True:
             row = conn.execute(f"SELECT generation FROM {t} WHERE tenant = %s FOR UPDATE", (tenant,)).fetchone()
             if row is not None:
-                new = conn.execute(
+                new = scalar(conn.execute(
                     f"UPDATE {t} SET generation = nextval('{self._seq}') WHERE tenant = %s RETURNING generation",
                     (tenant,),
-                ).fetchone()[0]
+                ))
                 return int(row[0]), int(new)
             if not create:
                 raise NotFoundError(f"tenant {tenant!r} holds no subjects")
@@ -178,10 +178,10 @@ class PostgresStore(PostgresMaintenance, PostgresSearch, PostgresSchema, Postgre
         """Apply count deltas to the (locked) tenant row; removes the row when no subject is left. True if
         the tenant still exists."""
         t = self._t["tenants"]
-        left = conn.execute(
+        left = scalar(conn.execute(
             f"UPDATE {t} SET templates = templates + %s, subjects = subjects + %s WHERE tenant = %s RETURNING subjects",
             (templates, subjects, tenant),
-        ).fetchone()[0]
+        ))
         if left <= 0:
             conn.execute(f"DELETE FROM {t} WHERE tenant = %s", (tenant,))
             return False
@@ -321,7 +321,7 @@ class PostgresStore(PostgresMaintenance, PostgresSearch, PostgresSchema, Postgre
                     cur.executemany(sql + " RETURNING id", params, returning=True)
                     rowids: list[int] = []
                     while True:
-                        rowids.append(int(cur.fetchone()[0]))
+                        rowids.append(int(scalar(cur)))
                         if not cur.nextset():
                             break
                     added = [(rowid, *label) for rowid, label in zip(rowids, labels)]
@@ -351,9 +351,11 @@ class PostgresStore(PostgresMaintenance, PostgresSearch, PostgresSchema, Postgre
             conn.execute(f"LOCK TABLE {tt} IN ACCESS EXCLUSIVE MODE")
             conn.execute(f"DROP INDEX IF EXISTS {hnsw}")
         columns = "template_id, tenant, subject, vector, ciphertext, created_at"
+        vector_oid = self._vector_oid
+        assert vector_oid is not None  # learnt when the store opened
         with conn.cursor() as cur:
             with cur.copy(f"COPY {tt} ({columns}) FROM STDIN (FORMAT BINARY)") as copy:
-                copy.set_types(["text", "text", "int8", self._vector_oid, "bytea", "float8"])
+                copy.set_types(["text", "text", "int8", vector_oid, "bytea", "float8"])
                 for row in params:
                     copy.write_row(row)
         if rebuild:
@@ -413,7 +415,7 @@ class PostgresStore(PostgresMaintenance, PostgresSearch, PostgresSchema, Postgre
             rowid, pk, subject_id = row
             conn.execute(f"DELETE FROM {tt} WHERE id = %s", (rowid,))
             gone = 0
-            if conn.execute(f"SELECT NOT EXISTS (SELECT 1 FROM {tt} WHERE subject = %s)", (pk,)).fetchone()[0]:
+            if scalar(conn.execute(f"SELECT NOT EXISTS (SELECT 1 FROM {tt} WHERE subject = %s)", (pk,))):
                 conn.execute(f"DELETE FROM {s} WHERE id = %s", (pk,))
                 gone = 1
             alive = self._update_counts(conn, tenant, -1, -gone)
@@ -508,10 +510,11 @@ class PostgresStore(PostgresMaintenance, PostgresSearch, PostgresSchema, Postgre
         if tenant is not None:
             check_id(tenant, "tenant")
         column = "subjects" if subjects else "templates"
-        sql, args = f"SELECT COALESCE(SUM({column}), 0) FROM {self._t['tenants']}", ()
+        sql = f"SELECT COALESCE(SUM({column}), 0) FROM {self._t['tenants']}"
+        args: tuple[str, ...] = ()
         if tenant is not None:
             sql, args = sql + " WHERE tenant = %s", (tenant,)
-        return int(self._run(lambda conn: conn.execute(sql, args).fetchone()[0], what="count"))
+        return int(self._run(lambda conn: scalar(conn.execute(sql, args)), what="count"))
 
     def tenants(self) -> list[str]:
         sql = f"SELECT tenant FROM {self._t['tenants']} WHERE subjects > 0 ORDER BY tenant"

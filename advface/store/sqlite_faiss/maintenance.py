@@ -5,33 +5,36 @@ integrity checks, key rotation (:meth:`~SQLiteMaintenance.rotate`) and template 
 
 from __future__ import annotations
 
+import abc
 import json
 import logging
 import sqlite3
 import threading
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 
 from advface.crypto import BLOB_VERSION, ENCRYPTED_OVERHEAD, ENCRYPTION_SCHEME, TemplateCipher, template_aad
 from advface.errors import ConfigError, IntegrityError
 from advface.store import rotation
+from advface.store.sqlite_faiss.search import SQLiteSearch
 
 log = logging.getLogger(__name__)
 
 
-class SQLiteMaintenance(rotation.TemplateReissue):
+class SQLiteMaintenance(SQLiteSearch, rotation.TemplateReissue):
     """Encryption checks, integrity, key rotation and re-issue of :class:`~advface.store.sqlite_faiss.SQLiteFaissStore`
-    (a mixin; uses the store's transactions, ``meta`` table, vector codec and index rebuild)."""
+    (a mixin; uses the store's transactions, ``meta`` table, index rebuild and its vector codec:
+    :meth:`_blobs_to_array`, :meth:`_encode_vector`)."""
 
-    path: Path
-    dim: int
     _cipher: TemplateCipher | None
     _migrate_plaintext: bool
     _plaintext_rows: bool  # an encryption migration is under way: rows of 4*dim bytes are plaintext
     _write_mutex: threading.Lock
-    _db_lock: threading.Lock
+
+    @abc.abstractmethod
+    def _encode_vector(self, vector: np.ndarray, tenant: str, subject_id: str, template_id: str) -> bytes:
+        """The BLOB stored for ``vector``, encrypted when the store has a cipher (the store's)."""
 
     def _row_key_ids(self, conn: sqlite3.Connection) -> set[str]:
         """Ids of the keys the encrypted rows are under (a full scan)."""
@@ -144,7 +147,7 @@ class SQLiteMaintenance(rotation.TemplateReissue):
                 key_ids = rotation.merged_key_ids(self._meta(conn), ring.key_id)
                 self._set_meta(conn, {"key_ids": key_ids, "rotation": ring.key_id})
             self._cipher = ring
-        target = bytes.fromhex("%02x" % BLOB_VERSION + ring.key_id)
+        target = bytes.fromhex(f"{BLOB_VERSION:02x}" + ring.key_id)
         pending_sql = "NOT (length(t.vector) = ? AND substr(t.vector, 1, ?) = ?)"
         pending_args = (4 * self.dim + ENCRYPTED_OVERHEAD, len(target), target)
         with self._db_lock:

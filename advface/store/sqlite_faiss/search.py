@@ -5,15 +5,13 @@ every committed write, and searched for the best template of each subject
 
 from __future__ import annotations
 
+import abc
 import logging
-import sqlite3
-import threading
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
-from advface.store.base import MAX_SEARCH_K, Match, StoreMetric, check_id, check_positive_int, check_probe
+from advface.store.base import MAX_SEARCH_K, Match, check_id, check_positive_int, check_probe
 from advface.store.faiss_index import (
     GpuSearch,
     IndexOptions,
@@ -23,23 +21,26 @@ from advface.store.faiss_index import (
     nearest_subjects,
     templates_indexed,
 )
+from advface.store.sqlite_faiss.database import SQLiteDatabase
 
 log = logging.getLogger(__name__)
 
 
-class SQLiteSearch:
-    """The faiss side of :class:`~advface.store.sqlite_faiss.SQLiteFaissStore` (a mixin): the per-tenant indexes
-    (``_tenants``, guarded by ``_index_lock``) and search. Uses the store's ``_blobs_to_array`` to read vectors."""
+class SQLiteSearch(SQLiteDatabase):
+    """The faiss side of :class:`~advface.store.sqlite_faiss.SQLiteFaissStore` (a mixin over its database): the
+    per-tenant indexes (``_tenants``, guarded by ``_index_lock``) and search. Uses the store's
+    :meth:`_blobs_to_array` to read vectors."""
 
-    path: Path
-    dim: int
-    metric: StoreMetric
     index_options: IndexOptions
-    _conn: sqlite3.Connection | None
-    _db_lock: threading.Lock
     _index_lock: RWLock  # self._tenants
     _tenants: dict[str, TenantIndex]
     _gpu: GpuSearch | None
+
+    @abc.abstractmethod
+    def _blobs_to_array(
+        self, blobs: Sequence[bytes], tenant: str = "", labels: Sequence[tuple[str, str]] = ()
+    ) -> np.ndarray:
+        """Stored BLOBs -> ``N x dim`` float32, decrypted first when the store is encrypted (the store's)."""
 
     def _new_tenant_index(self) -> TenantIndex:
         """An empty index for one tenant, with the store's index options."""

@@ -204,6 +204,7 @@ class SQLiteFaissStore(SQLiteMaintenance, SQLiteSearch, SQLiteDatabase, Template
                             "INSERT INTO templates (template_id, subject, vector, created_at) VALUES (?, ?, ?, ?)",
                             (template_id, pk, self._encode_vector(vector, tenant, subject_id, template_id), now),
                         ).lastrowid
+                        assert rowid is not None  # set by every INSERT
                         ids.append(template_id)
                         added.append((int(rowid), subject_id, template_id))
                     result.append(ids)
@@ -296,12 +297,13 @@ class SQLiteFaissStore(SQLiteMaintenance, SQLiteSearch, SQLiteDatabase, Template
         if tenant is not None:
             check_id(tenant, "tenant")
         conn = self._check_open()
+        args: tuple[str, ...] = ()
         if subjects:
-            sql, args = "SELECT COUNT(*) FROM subjects", ()
+            sql = "SELECT COUNT(*) FROM subjects"
             if tenant is not None:
                 sql, args = sql + " WHERE tenant = ?", (tenant,)
         else:
-            sql, args = "SELECT COUNT(*) FROM templates", ()
+            sql = "SELECT COUNT(*) FROM templates"
             if tenant is not None:
                 sql = "SELECT COUNT(*) FROM templates t JOIN subjects s ON s.id = t.subject WHERE s.tenant = ?"
                 args = (tenant,)
