@@ -323,9 +323,10 @@ def _int(value: Any, where: _Where, lo: int, hi: int) -> int:
             raise where.error(f"expected an integer, got {value!r}") from None
     if not isinstance(value, numbers.Integral) or isinstance(value, bool):
         raise where.error(f"expected an integer, got {value!r} ({_type_name(value)})")
-    if not lo <= value <= hi:
+    number = int(value)
+    if not lo <= number <= hi:
         raise where.error(f"must be in [{lo}, {hi}], got {value}")
-    return int(value)
+    return number
 
 
 def _float(value: Any, where: _Where, lo: float, hi: float, *, lo_open: bool = False) -> float:
@@ -735,12 +736,12 @@ def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] = os
             raw = {}
         if not isinstance(raw, Mapping):
             raise ConfigError(f"{source}: the top level must be a mapping of sections, got {_type_name(raw)}")
-    for section, values in raw.items():
+    for section, given in raw.items():
         if section not in _KEYS:
             raise ConfigError(f"{source}: unknown section {section!r}; known: {', '.join(_KEYS)}")
-        if values is not None and not isinstance(values, Mapping):
-            raise ConfigError(f"{source}: {section}: expected a mapping of keys, got {_type_name(values)}")
-        for key in values or {}:
+        if given is not None and not isinstance(given, Mapping):
+            raise ConfigError(f"{source}: {section}: expected a mapping of keys, got {_type_name(given)}")
+        for key in given or {}:
             if key not in _KEYS[section]:
                 raise ConfigError(f"{source}: {section}.{key}: unknown key; known: {', '.join(_KEYS[section])}")
     overrides = _env_overrides(env)

@@ -35,6 +35,7 @@ import secrets
 import stat
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -318,7 +319,7 @@ class TemplateCipher:
     def __repr__(self) -> str:
         return f"TemplateCipher(primary={self.key_id}, keys={list(self.key_ids)})"
 
-    def __reduce__(self):  # type: ignore[no-untyped-def]
+    def __reduce__(self) -> NoReturn:
         raise TypeError("TemplateCipher holds secret keys and cannot be pickled")
 
 

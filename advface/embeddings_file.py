@@ -52,7 +52,7 @@ def save_embeddings(path: str | os.PathLike[str], data: EmbeddingsFile) -> Path:
         arrays["encoder"] = np.asarray(data.encoder)
     if data.fingerprint:
         arrays["fingerprint"] = np.asarray(data.fingerprint)
-    np.savez(tmp, **arrays)
+    np.savez(tmp, **arrays)  # type: ignore[arg-type]  # numpy stub: **kwds could bind keyword-only allow_pickle
     os.replace(tmp, path)
     return path
 

@@ -131,8 +131,8 @@ class ImageEmbedder:
         contents: list[tuple[str, Path, bytes | None, str | None]] = []
         for path, image_id in files:
             try:
-                data = Path(path).read_bytes()
-                contents.append((image_id, Path(path), data, EmbeddingCache.content_key(data)))
+                raw = Path(path).read_bytes()
+                contents.append((image_id, Path(path), raw, EmbeddingCache.content_key(raw)))
             except OSError as exc:
                 contents.append((image_id, Path(path), None, None))
                 failed[image_id] = f"cannot read file ({exc.strerror or exc})"
@@ -183,7 +183,7 @@ class ImageEmbedder:
         flush()
         bar.close()
 
-        for image_id, _path, _data, _key in contents:
+        for image_id, *_rest in contents:
             outcome = results.get(image_id)
             if outcome is None:
                 continue

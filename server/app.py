@@ -130,7 +130,7 @@ class Sidecar:
             except ConfigError:
                 self.servicer.close()
                 raise
-        self.server.sidecar = self  # type: ignore[attr-defined]
+        self.server.sidecar = self
         self._stopped = False
 
     @property

@@ -14,8 +14,8 @@ Metrics (labels never carry request data: no subject, template or tenant ids, no
   ``advface_protection_queue_requests`` -- requests waiting for protection;
 - ``advface_build_info{service, version, api, grpc, encoder, protection, store_backend}`` -- constant 1.
 
-Config section ``metrics``: ``enabled`` (default true), ``host`` (127.0.0.1), ``port`` (9464; 0 picks a free
-one, reported in the ``metrics serving`` log line and :attr:`MetricsServer.port`).
+Config section ``metrics`` (``enabled``, ``host``, ``port``: docs/configuration.md); port 0 picks a free one,
+reported in the ``metrics serving`` log line and :attr:`MetricsServer.port`.
 """
 
 from __future__ import annotations

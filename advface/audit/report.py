@@ -300,14 +300,15 @@ def write_report(result: AuditResult, artifacts: ReportArtifacts, out_dir: Path)
     listed as missing."""
     out_dir.mkdir(parents=True, exist_ok=True)
     figures: dict[str, str] = {}
+    originals = artifacts.grid_originals
     jobs = [
         ("roc", lambda: plot_roc_det(artifacts.verifications), bool(artifacts.verifications)),
         ("hist", lambda: plot_histograms(artifacts.verifications, artifacts.linkages),
          bool(artifacts.verifications or artifacts.linkages)),
         ("d_curve", lambda: plot_d_curves(artifacts.linkages), bool(artifacts.linkages)),
         ("gan", lambda: plot_gan_history(artifacts.gan_history), bool(artifacts.gan_history)),
-        ("grid", lambda: plot_grid(artifacts.grid_originals, artifacts.grid_rows),
-         artifacts.grid_originals is not None and bool(artifacts.grid_rows)),
+        ("grid", lambda: plot_grid(originals, artifacts.grid_rows) if originals is not None else "",
+         originals is not None and bool(artifacts.grid_rows)),
     ]
     for name, make, wanted in jobs:
         if not wanted:

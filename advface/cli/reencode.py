@@ -99,7 +99,9 @@ def protection_config(
     """Flags over ``--config``'s protection section over the defaults: ``(parameters, config's shadow, method,
     config's shadows)``."""
     base: dict[str, object] = {}
-    shadow, method, shadows, jitter = None, "advface", (), True
+    shadow: str | None = None
+    shadows: tuple[str, ...] = ()
+    method, jitter = "advface", True
     if args.config:
         from advface.config import load_config
 

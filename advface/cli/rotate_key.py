@@ -23,10 +23,13 @@ import argparse
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from advface.crypto import TemplateCipher, load_key_file
 from advface.errors import ConfigError
+
+if TYPE_CHECKING:
+    from advface.store.base import StoreMetric
 
 NAME = "rotate-key"
 HELP = "re-encrypt a template store under a new key (or encrypt an unencrypted one)"
@@ -74,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         return _run_postgres(args, dsn)
     path = Path(args.db).expanduser() if args.db else Path(args.data_dir).expanduser() / "templates.sqlite3"
 
-    def open_store(dim: int, metric: str, ring: TemplateCipher, migrate: bool) -> SQLiteFaissStore:
+    def open_store(dim: int, metric: StoreMetric, ring: TemplateCipher, migrate: bool) -> SQLiteFaissStore:
         return SQLiteFaissStore(path, dim, metric, use_gpu=False, cipher=ring, migrate_plaintext=migrate)
 
     return _rotate(args, SQLiteFaissStore.read_meta(path), str(path), str(path), open_store)
@@ -84,7 +87,7 @@ def _run_postgres(args: argparse.Namespace, dsn: str) -> int:
     """``advface rotate-key`` for a PostgreSQL store."""
     from advface.store.postgres import PostgresStore, redact_dsn
 
-    def open_store(dim: int, metric: str, ring: TemplateCipher, migrate: bool) -> PostgresStore:
+    def open_store(dim: int, metric: StoreMetric, ring: TemplateCipher, migrate: bool) -> PostgresStore:
         return PostgresStore(dsn, dim, metric, cipher=ring, table_prefix=args.table_prefix, pool_size=2,
                              migrate_plaintext=migrate)
 
@@ -98,12 +101,13 @@ def _rotate(
     meta: Mapping[str, str],
     where: str,
     label: str,
-    open_store: Callable[[int, str, TemplateCipher, bool], Any],
+    open_store: Callable[[int, StoreMetric, TemplateCipher, bool], Any],
 ) -> int:
     """Rotate (or encrypt) the store at ``where`` whose ``meta`` table was read; ``open_store(dim, metric, ring,
     migrate_plaintext)`` opens it; the report names it ``label``."""
     try:
-        dim, metric = int(meta["dim"]), meta["metric"]
+        # the metric is checked by the store's constructor (ConfigError for an unknown one)
+        dim, metric = int(meta["dim"]), cast("StoreMetric", meta["metric"])
     except (KeyError, ValueError):
         raise ConfigError(f"{where} is not an advface template store (no dim/metric in meta)") from None
     insecure = bool(args.allow_insecure_key_permissions)

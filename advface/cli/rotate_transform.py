@@ -20,8 +20,12 @@ import argparse
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from advface.errors import ConfigError
+
+if TYPE_CHECKING:
+    from advface.store.base import StoreMetric
 
 NAME = "rotate-transform"
 HELP = "re-issue a store's templates under a new keyed-transform version (resumable)"
@@ -93,11 +97,13 @@ def run(args: argparse.Namespace) -> int:
     if not current or not current.get("enabled"):
         raise ConfigError(f"{where} holds no templates issued under a keyed transform (no marker); enable the "
                           "transform on an empty store, or re-encode from raw templates")
-    dim, metric = int(meta["dim"]), meta["metric"]
+    # the metric is checked by the store's constructor (ConfigError for an unknown one)
+    dim, metric = int(meta["dim"]), cast("StoreMetric", meta["metric"])
     old = TenantTransforms(secret, dim, version=int(current["version"]), norm=current.get("norm"))
     new_norm = old.norm if args.new_norm is None else resolve_norm(
         _norm_arg(args.new_norm), str(config.encoder.name if isinstance(config.encoder.name, str) else "custom"))
     new = TenantTransforms(new_secret, dim, version=args.new_version, norm=new_norm)
+    cipher: TemplateCipher | None
     if args.encryption_key_file:
         keys = [load_key_file(f, allow_insecure_permissions=insecure) for f in args.encryption_key_file]
         cipher = TemplateCipher(keys)

@@ -66,7 +66,7 @@ class EmbeddingCache:
 
     def put_many(self, pipeline: str, results: dict[str, CachedResult]) -> None:
         """Store results (one transaction)."""
-        rows = []
+        rows: list[tuple[str, str, int | None, bytes | None, str | None]] = []
         for content, result in results.items():
             if result.embedding is not None:
                 vec = np.asarray(result.embedding, dtype=np.float32)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Set
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +41,7 @@ class FacePairs:
         return FacePairs(self.ids[mask], self.identities[mask], self.embeddings[mask], self.faces[mask],
                          self.flipped[mask])
 
-    def of_identities(self, names: set[str] | list[str]) -> FacePairs:
+    def of_identities(self, names: Set[str] | list[str]) -> FacePairs:
         """Rows of the given identities."""
         return self.subset(np.isin(self.identities, list(names)))
 

@@ -14,6 +14,7 @@ outermost inwards, each writing its own details after the layers below it.
 
 from __future__ import annotations
 
+import builtins
 import math
 import os
 from dataclasses import dataclass, field
@@ -103,12 +104,12 @@ class _Reader:
             raise self.fail(f"bad bool byte 0x{byte:02x}")
         return byte == ord("1")
 
-    def version(self, expected: int, what: str) -> None:
+    def version(self, expected: builtins.int, what: str) -> None:
         got = self.int()
         if got != expected:
             raise self.fail(f"{what}: expected version {expected}, got {got}")
 
-    def dims(self) -> tuple[int, int, int, int]:
+    def dims(self) -> tuple[builtins.int, builtins.int, builtins.int, builtins.int]:
         dims = (self.int(), self.int(), self.int(), self.int())
         if any(d < 0 for d in dims):
             raise self.fail(f"negative tensor dimension in {dims}")
@@ -122,7 +123,7 @@ class _Reader:
         raw = self.take(4 * count)
         return np.frombuffer(raw, dtype="<f4", count=count).astype(np.float32).reshape(dims)
 
-    def alias(self) -> tuple[int, int, int, int]:
+    def alias(self) -> tuple[builtins.int, builtins.int, builtins.int, builtins.int]:
         """A shape-only tensor (an alias into a layer's params)."""
         self.version(1, "alias tensor")
         return self.dims()

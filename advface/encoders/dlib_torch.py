@@ -102,6 +102,7 @@ def _simple_module(layer: DlibLayer) -> nn.Module:
         weight = p["weight"]
         conv = nn.Conv2d(weight.shape[1], weight.shape[0], weight.shape[2:], stride=p["stride"], padding=p["padding"])
         with torch.no_grad():
+            assert conv.bias is not None  # nn.Conv2d has a bias by default
             conv.weight.copy_(torch.from_numpy(weight))
             conv.bias.copy_(torch.from_numpy(p["bias"]))
         return conv
@@ -178,6 +179,7 @@ class DlibResNet(nn.Module):
     #: 1-3 (``benchmarks/image_transfer.py``); mid-level features transfer to other encoders better than the
     #: descriptor alone.
     transfer_layers: tuple[str, ...] = ("net.23",)
+    means: torch.Tensor  # registered buffer
 
     def __init__(self, network: DlibNetwork) -> None:
         super().__init__()

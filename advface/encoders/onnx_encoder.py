@@ -67,6 +67,9 @@ def default_providers() -> list[str]:
 class NormalizedEncoder(nn.Module):
     """Wraps a converted graph: ``[0, 1]`` RGB input -> ``(pixel - mean) / std`` -> ``N x dim`` embeddings."""
 
+    mean: torch.Tensor  # registered buffers
+    std: torch.Tensor
+
     def __init__(self, core: nn.Module, mean: np.ndarray, std: np.ndarray, channel_order: ChannelOrder = "rgb") -> None:
         super().__init__()
         self.core = core

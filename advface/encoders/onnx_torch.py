@@ -221,7 +221,7 @@ def _op_max_pool(node: _Node, xs: Inputs) -> list[Tensor]:
     nd = len(kernel)
     pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[nd]
     ceil = bool(node.attrs.get("ceil_mode", 0))
-    padding: Sequence[int] | int = pads[:nd]
+    padding: list[int] | int = pads[:nd]
     if pads[:nd] != pads[nd:] or any(2 * p > k for p, k in zip(pads[:nd], kernel)):
         x = F.pad(x, _torch_pad(pads), value=-math.inf)
         padding = 0

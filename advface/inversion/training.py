@@ -16,6 +16,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,6 +26,9 @@ from tqdm import tqdm
 from advface.datasets.pairs import FacePairs
 from advface.datasets.splits import IdentitySplit
 from advface.encoders.base import FaceEncoder
+
+if TYPE_CHECKING:
+    from advface.inversion.models import InversionDecoder
 
 
 @dataclass(frozen=True)
@@ -75,10 +79,11 @@ def _schedule(optimizer: torch.optim.Optimizer, lr: float, total_steps: int) -> 
     return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps, pct_start=pct_start)
 
 
-def _initial_weights(config: TrainConfig, model: torch.nn.Module) -> dict:
+def _initial_weights(config: TrainConfig, model: InversionDecoder) -> dict:
     from advface.errors import ConfigError
     from advface.inversion import load_decoder
 
+    assert config.init_from is not None  # only called with an init checkpoint
     init, _meta = load_decoder(config.init_from)
     if init.config() != model.config():
         raise ConfigError(f"--init {config.init_from}: a {init.config()} decoder cannot initialise {model.config()}")
@@ -107,7 +112,7 @@ def train_decoder(
     encoder_chip_size: int = 150,
     work_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
-) -> tuple[torch.nn.Module, dict]:
+) -> tuple[InversionDecoder, dict]:
     """Train a decoder of ``config.arch`` on ``train``; returns (model in eval mode, history).
 
     With ``work_dir`` a checkpoint is written after every epoch and a rerun with the same config resumes from it.
@@ -162,6 +167,7 @@ def train_decoder(
             l1 = (recon - x).abs().mean()
             loss = l1
             if config.id_weight > 0:
+                assert encoder_module is not None  # checked on entry
                 id_loss = _identity_loss(recon, z, encoder_module, encoder_chip_size, config.jitter, generator)
                 loss = loss + config.id_weight * id_loss
                 totals["id"] += float(id_loss.detach()) * len(idx)
@@ -200,7 +206,7 @@ def train_on_group(
     pairs: FacePairs, split: IdentitySplit, group: str, encoder: FaceEncoder, config: TrainConfig, *,
     out: str | os.PathLike[str], dataset_name: str, work_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
-) -> tuple[torch.nn.Module, dict]:
+) -> tuple[InversionDecoder, dict]:
     """Train a decoder on the photos of one split group (validated on the evaluation group, without mirrors) and
     save it with full metadata (role, encoder, data split, training config, metrics, seed) to ``out``."""
     from advface.inversion import save_decoder

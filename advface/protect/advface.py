@@ -103,7 +103,7 @@ class AdvFaceConfig(AscentParams):
 
 
 def _image_hw(shadow: nn.Module) -> tuple[int, int] | None:
-    size = getattr(shadow, "image_size", None)
+    size: Any = getattr(shadow, "image_size", None)
     if is_int(size) and size > 0:
         return int(size), int(size)
     if isinstance(size, tuple | list) and len(size) == 2 and all(is_int(s) and s > 0 for s in size):
@@ -116,7 +116,7 @@ def _check_targets(target_images: np.ndarray | torch.Tensor, n: int) -> np.ndarr
     if isinstance(target_images, torch.Tensor):
         images: np.ndarray | torch.Tensor = target_images.detach()
         is_uint8 = images.dtype == torch.uint8
-        is_float = images.is_floating_point()
+        is_float = target_images.is_floating_point()
     else:
         images = np.asarray(target_images)
         is_uint8 = images.dtype == np.uint8
@@ -225,7 +225,7 @@ def protect_embeddings(
         if images is not None and hw is None:  # no image_size attribute: ask the shadow (fixed call shape too)
             with torch.no_grad():
                 probe = torch.from_numpy(np.repeat(x[:1], lanes, axis=0)).to(run_device, dtype)
-                hw = tuple(shadow(probe).shape[2:])  # type: ignore[assignment]
+                hw = tuple(shadow(probe).shape[2:])
         for start in range(0, len(x), config.batch_size):
             stop = min(start + config.batch_size, len(x))
             if config.random_start:

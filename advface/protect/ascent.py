@@ -69,14 +69,14 @@ def check_ascent_config(config: Any, method: str) -> None:
 
 
 def shadow_dim(shadow: nn.Module) -> int:
-    dim = getattr(shadow, "dim", None)
+    dim: Any = getattr(shadow, "dim", None)
     if not is_int(dim) or dim < 1:
         raise ConfigError(f"shadow model {type(shadow).__name__} has no valid 'dim' attribute (got {dim!r})")
     return int(dim)
 
 
 def shadow_device_dtype(shadow: nn.Module, device: str | torch.device | None) -> tuple[torch.device, torch.dtype]:
-    tensors = list(shadow.parameters()) or list(shadow.buffers())
+    tensors: list[torch.Tensor] = list(shadow.parameters()) or list(shadow.buffers())
     float_tensors = [t for t in tensors if t.is_floating_point()]
     dtype = float_tensors[0].dtype if float_tensors else torch.float32
     own = tensors[0].device if tensors else None

@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import numpy as np
 
@@ -148,7 +149,7 @@ class KeyedTransform:
         return (f"KeyedTransform(tenant={self.tenant!r}, dim={self.dim}, version={self.version}, "
                 f"key_id={self.key_id}{norm})")
 
-    def __reduce__(self):  # type: ignore[no-untyped-def]
+    def __reduce__(self) -> NoReturn:
         raise TypeError("KeyedTransform holds a secret matrix and cannot be pickled")
 
 

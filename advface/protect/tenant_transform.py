@@ -25,7 +25,7 @@ import os
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -109,7 +109,7 @@ class TenantTransforms:
         norm = "off" if self.norm is None else f"{self.norm:g}"
         return f"TenantTransforms(dim={self.dim}, version={self.version}, norm={norm})"
 
-    def __reduce__(self):  # type: ignore[no-untyped-def]
+    def __reduce__(self) -> NoReturn:
         raise TypeError("TenantTransforms holds a secret and cannot be pickled")
 
 

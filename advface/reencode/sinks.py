@@ -82,8 +82,9 @@ class Sink(abc.ABC):
     def exists(self) -> bool:
         """Whether the destination already exists."""
 
-    def check_writable(self) -> None:
-        """AlreadyExistsError if the destination exists and ``overwrite`` is off."""
+    def check_writable(self, resuming: bool = False) -> None:
+        """AlreadyExistsError if the destination exists and ``overwrite`` is off (``resuming``, an unfinished run
+        already started writing the destination, matters to streaming sinks only)."""
         if self.exists() and not self.overwrite:
             raise AlreadyExistsError(f"destination {self.location.display()} already exists; pass --overwrite to "
                                      "replace it")
@@ -98,6 +99,20 @@ class Sink(abc.ABC):
 
     def close(self) -> None:
         """Release connections (nothing to do for most sinks)."""
+
+    # the streaming interface (``streaming`` sinks only)
+
+    def begin(self) -> None:
+        """Prepare the destination for :meth:`write_chunk` calls."""
+        raise NotImplementedError(f"{type(self).__name__} is not a streaming sink")
+
+    def write_chunk(self, ids: list[str], protected: np.ndarray) -> None:
+        """Write one chunk of protected templates."""
+        raise NotImplementedError(f"{type(self).__name__} is not a streaming sink")
+
+    def finish(self) -> None:
+        """Complete the destination after the last :meth:`write_chunk`."""
+        raise NotImplementedError(f"{type(self).__name__} is not a streaming sink")
 
     @property
     def is_file(self) -> bool:

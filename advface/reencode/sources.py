@@ -282,7 +282,7 @@ class ParquetSource(Source):
     def _pieces(self, rows_done: int, batch_rows: int) -> Iterator[tuple[list[str], np.ndarray]]:
         meta = self._file.metadata
         skip = rows_done
-        groups = []
+        groups: list[int] = []
         for g in range(meta.num_row_groups):
             n = meta.row_group(g).num_rows
             if skip >= n and not groups:

@@ -309,6 +309,7 @@ class AdvfaceStoreSource(Source):
     def _view(self, rows: list[np.ndarray]) -> np.ndarray:
         vectors = np.ascontiguousarray(np.stack(rows), dtype=np.float32)
         if self.untransform:
+            assert self.transforms is not None  # untransform is only set with transforms
             vectors = self.transforms.for_tenant(self.target.tenant).invert(vectors)
         return vectors
 

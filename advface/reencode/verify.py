@@ -81,7 +81,10 @@ def verify(
             db.execute("PRAGMA synchronous=OFF")
             db.execute("PRAGMA temp_store=FILE")
             db.execute("CREATE TABLE d (id TEXT PRIMARY KEY, v BLOB NOT NULL)")
-            dest_count, dup_ids, nonfinite_ids, dims = 0, [], [], set()
+            dest_count = 0
+            dup_ids: list[str] = []
+            nonfinite_ids: list[str] = []
+            dims: set[int] = set()
             dup_count = nonfinite_count = 0
             for chunk in dest.chunks(options.chunk_size):
                 dest_count += len(chunk.ids)
@@ -100,8 +103,10 @@ def verify(
                 db.execute("COMMIT")
             source_count = source.count()
             fraction = min(1.0, options.sample / max(source_count, 1))
-            missing, missing_ids, over_budget, over_ids, over_linf = 0, [], 0, [], 0
-            unchanged, unchanged_ids = 0, []
+            missing = over_budget = over_linf = unchanged = 0
+            missing_ids: list[str] = []
+            over_ids: list[str] = []
+            unchanged_ids: list[str] = []
             rel_max, linf_max, rel_sum, cos_min, checked = 0.0, 0.0, 0.0, 1.0, 0
             sample_src: list[np.ndarray] = []
             sample_dst: list[np.ndarray] = []
@@ -131,7 +136,8 @@ def verify(
                     if options.direction_only:
                         scale = (p * s).sum(axis=1) / np.maximum((p * p).sum(axis=1), 1e-300)
                         p = p * scale[:, None]
-                    kept_ids = [chunk.ids[i] for i, good in zip(keep, ok, strict=True) if good]
+                    # numpy stubs: ndarray.all(axis=...) is typed as scalar | array
+                    kept_ids = [chunk.ids[i] for i, good in zip(keep, ok, strict=True) if good]  # type: ignore[arg-type]
                     sn = np.linalg.norm(s, axis=1)
                     d = p - s
                     rel = np.linalg.norm(d, axis=1) / np.maximum(sn, 1e-300)

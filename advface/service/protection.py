@@ -31,17 +31,19 @@ def protection_spec(section: ProtectionConfig, encoder_name: str) -> ProtectionS
     ConfigError for an unknown method, an advface-id section without shadows or a missing shadow file."""
     if not section.enabled:
         return None
-    common = {"steps": section.steps, "rel_l2": section.rel_l2, "seed": section.seed}
     if section.method == "advface-id":
         shadows = tuple(str(Path(p).expanduser()) for p in section.shadows)
         if not shadows:
             raise ConfigError("protection.method is advface-id but protection.shadows is empty")
-        return ProtectionSpec(section.method, shadows, IdentityAwareConfig(jitter=section.jitter, **common),
-                              encoder=encoder_name)
+        config = IdentityAwareConfig(steps=section.steps, rel_l2=section.rel_l2, seed=section.seed,
+                                     jitter=section.jitter)
+        return ProtectionSpec(section.method, shadows, config, encoder=encoder_name)
     if section.method != "advface":
         raise ConfigError(f"protection.method {section.method!r} is not supported (use one of {', '.join(METHODS)})")
     path = Path(section.shadow).expanduser() if section.shadow else shipped_shadow_path(encoder_name)
-    return ProtectionSpec(section.method, (str(path),), AdvFaceConfig(**common), encoder=encoder_name)
+    return ProtectionSpec(section.method, (str(path),),
+                          AdvFaceConfig(steps=section.steps, rel_l2=section.rel_l2, seed=section.seed),
+                          encoder=encoder_name)
 
 
 def build_protector(section: ProtectionConfig, encoder: FaceEncoder) -> TemplateProtector | None:

@@ -11,12 +11,13 @@ the sidecar, ``advface reencode`` and ``advface audit`` open stores through it.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 from advface.config import Config, StoreConfig
 from advface.errors import ConfigError
 from advface.protect.tenant_transform import TenantTransforms, check_db_store_marker, check_store_marker
 from advface.service.keys import cipher_from_config
-from advface.store.base import TemplateStore
+from advface.store.base import StoreMetric, TemplateStore
 
 
 def open_store(config: Config, dim: int, metric: str) -> TemplateStore:
@@ -24,12 +25,13 @@ def open_store(config: Config, dim: int, metric: str) -> TemplateStore:
     ``config.encryption`` (None: not encrypted). ConfigError for a bad location, key or an incompatible store."""
     section = config.store
     cipher = cipher_from_config(config.encryption)
+    store_metric = cast(StoreMetric, metric)  # checked by the store's constructor (ConfigError for an unknown one)
     if section.backend == "postgresql":
         from advface.store.postgres import PostgresStore
 
         if not section.dsn:
             raise ConfigError("store.backend is postgresql but store.dsn is not set (or ADVFACE_STORE_DSN)")
-        return PostgresStore(section.dsn, dim, metric, cipher=cipher)
+        return PostgresStore(section.dsn, dim, store_metric, cipher=cipher)
     if section.backend != "sqlite":
         raise ConfigError(f"store backend {section.backend!r} is not supported (use 'sqlite' or 'postgresql')")
     from advface.store.sqlite_faiss import IndexOptions, SQLiteFaissStore
@@ -38,7 +40,8 @@ def open_store(config: Config, dim: int, metric: str) -> TemplateStore:
         raise ConfigError("store.data_dir is not set")
     index = IndexOptions(kind=section.index, min_rows=section.ivf_min_rows, nlist=section.ivf_nlist,
                          nprobe=section.ivf_nprobe)
-    return SQLiteFaissStore(section.database_path.expanduser(), dim, metric, use_gpu=section.use_gpu, index=index, cipher=cipher)
+    return SQLiteFaissStore(section.database_path.expanduser(), dim, store_metric, use_gpu=section.use_gpu,
+                            index=index, cipher=cipher)
 
 
 def check_transform_marker(section: StoreConfig, store: TemplateStore, transforms: TenantTransforms | None) -> None:

@@ -33,7 +33,9 @@ def check_metadata(metadata: Mapping[str, str], what: str = "metadata") -> dict[
     return store_base.check_metadata(dict(metadata), what)
 
 
-def check_embeddings(rows: Sequence[Sequence[float]] | np.ndarray, dim: int, what: str = "embedding") -> np.ndarray:
+def check_embeddings(
+    rows: Sequence[Sequence[float] | np.ndarray] | np.ndarray, dim: int, what: str = "embedding"
+) -> np.ndarray:
     """``N x dim`` float32 from ``rows`` (N may be 0); ValidationError for a wrong dimension, NaN/Inf, zero rows or
     a norm above the store's limit. Messages name the row when there are several."""
     if len(rows) == 0:

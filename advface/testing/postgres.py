@@ -90,10 +90,11 @@ class LocalPostgres:
     def _run(self, args: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
         # user=/group= (not a preexec_fn): no Python code runs in the forked child, which matters when the process
         # has gRPC's threads (a preexec_fn child aborts in gRPC's fork handlers)
-        who = {"user": self._user.pw_uid, "group": self._user.pw_gid} if self._user is not None else {}
+        uid = self._user.pw_uid if self._user is not None else None
+        gid = self._user.pw_gid if self._user is not None else None
         env = dict(os.environ, LC_ALL="C", LANG="C")
         proc = subprocess.run(
-            args, capture_output=True, text=True, timeout=timeout, env=env, check=False, **who
+            args, capture_output=True, text=True, timeout=timeout, env=env, check=False, user=uid, group=gid
         )
         if proc.returncode != 0:
             raise RuntimeError(f"{Path(args[0]).name} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")

@@ -66,6 +66,7 @@ def test_store_needs_tenant_and_existing_database(audit_dataset: Path, tmp_path:
     assert not (tmp_path / "none").exists()  # nothing created
 
 
+@pytest.mark.slow
 def test_store_with_single_photo_people_skips_type2(audit_dataset: Path, audit_cache: Path,
                                                      tmp_path: Path) -> None:
     """A SQLite + faiss template store (subject ids = photo paths) including people with one photo: Type II is

@@ -8,8 +8,12 @@ import math
 import re
 from pathlib import Path
 
+import pytest
+
 from advface.audit import QUICK_ATTACKERS
 from advface.cli.main import main
+
+pytestmark = pytest.mark.slow  # the session's quick audit run (~20 s on 2 cores)
 
 
 def _report(folder: Path) -> dict:

@@ -172,6 +172,7 @@ def test_thief_without_keys_postgres(tmp_path: Path, postgres_server: Any, postg
     assert scan["vectors_recovered"] == len(ids) == scan["rows_matching_a_victim"]
 
 
+@pytest.mark.slow
 def test_end_to_end_encrypted_keyed_store(audit_dataset: Path, audit_cache: Path, tmp_path: Path) -> None:
     """One quick audit (deconv only) of an encrypted store whose templates went through the keyed transform."""
     from advface.cli.main import main

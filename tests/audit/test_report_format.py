@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from advface.audit.results import FORMAT_VERSION, AuditResult
 
 # Expected shapes: a dict lists its keys in order with the shape of each value; a type is the JSON value's Python
@@ -113,6 +115,7 @@ def assert_shape(value: Any, expected: Any, path: str = "report") -> None:
         assert type(value) is expected, f"{path}: {type(value).__name__} is not {expected.__name__}"
 
 
+@pytest.mark.slow
 def test_quick_report_has_the_format_1_keys_and_a_format_version(quick_report: Path) -> None:
     report = json.loads((quick_report / "report.json").read_text())
     assert next(iter(report)) == "format_version" and report["format_version"] == FORMAT_VERSION == 2

@@ -68,6 +68,7 @@ def test_embed_errors_are_clear(tmp_path: Path, capsys):
     assert "unknown encoder 'nope'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_every_subcommand_has_help():
     parser = build_parser()
     actions = [a for a in parser._actions if a.dest == "command"]

@@ -51,6 +51,7 @@ def _to_input(chips: np.ndarray, device: str = "cpu") -> torch.Tensor:
     return torch.from_numpy(chips).permute(0, 3, 1, 2).float().div(255.0).to(device)
 
 
+@pytest.mark.slow
 def test_matches_dlib_on_lfw(model: DlibResNet, chips: np.ndarray, dlib_descriptors: np.ndarray) -> None:
     with torch.inference_mode():
         ours = model(_to_input(chips)).numpy()
@@ -115,6 +116,7 @@ def test_cuda_matches_dlib(chips: np.ndarray, dlib_descriptors: np.ndarray) -> N
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_registered_encoder_matches_dlib_encoder(chips: np.ndarray) -> None:
     port = create_encoder("dlib-torch", device="cpu", batch_size=16)
     runtime = create_encoder("dlib")

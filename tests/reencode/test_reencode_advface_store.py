@@ -280,6 +280,7 @@ def test_postgresql_store(tmp_path: Path, shadow_ckpt: Path, postgres_dsn: str) 
     _assert_found_by_search(config, ids, vectors)
 
 
+@pytest.mark.slow
 def test_kill_9_then_rerun_equals_uninterrupted(tmp_path: Path, shadow_ckpt: Path) -> None:
     ids, vectors = make_templates(300)
     src = write_parquet(tmp_path / "raw.parquet", ids, vectors)

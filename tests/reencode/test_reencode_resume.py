@@ -40,6 +40,7 @@ def test_output_does_not_depend_on_chunk_size(tmp_path: Path, shadow_ckpt: Path)
     assert va.keys() == vb.keys() and all(np.array_equal(va[k], vb[k]) for k in va)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["parquet", "sqlite"])
 def test_kill_9_then_rerun_gives_identical_output(kind: str, tmp_path: Path, shadow_ckpt: Path) -> None:
     ids, vectors = make_templates(300)

@@ -50,6 +50,7 @@ class ServeProcess:
         self._log.close()
 
 
+@pytest.mark.slow
 def test_serve_crash_restart_and_graceful_stop(tmp_path: Path) -> None:
     data_dir, log_path = tmp_path / "data", tmp_path / "serve.log"
     first = ServeProcess(data_dir, log_path)

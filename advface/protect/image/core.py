@@ -210,9 +210,9 @@ class ImageProtector:
         n = len(images)
         sources = list(sources) if sources is not None else [f"<image {i}>" for i in range(n)]
         images = [check_image(img, src) for img, src in zip(images, sources)]
-        faces_list = list(faces) if faces is not None else [None] * n
+        given: list[Face | None] = list(faces) if faces is not None else [None] * n
         faces_list = [
-            f if f is not None else self.find_face(img, src) for img, src, f in zip(images, sources, faces_list)
+            f if f is not None else self.find_face(img, src) for img, src, f in zip(images, sources, given)
         ]
         gray = list(grayscale) if grayscale is not None else [False] * n
         results: list[tuple[np.ndarray, ProtectionReport] | None] = [None] * n

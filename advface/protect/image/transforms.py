@@ -39,6 +39,8 @@ def jpeg_uint8(image: np.ndarray, quality: int) -> np.ndarray:
     if not ok:  # pragma: no cover - OpenCV always encodes a valid uint8 image
         raise RuntimeError("JPEG encoding failed")
     out = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED if image.ndim == 2 else cv2.IMREAD_COLOR)
+    if out is None:  # pragma: no cover - OpenCV decodes the buffer it just encoded
+        raise RuntimeError("JPEG decoding failed")
     return out[:, :, ::-1] if image.ndim == 3 else out
 
 
