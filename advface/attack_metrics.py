@@ -19,8 +19,9 @@ from advface.encoders.base import FaceEncoder, pair_scores
 from advface.metrics import threshold_at_far
 
 
-def reconstruct(decoder: torch.nn.Module, embeddings: np.ndarray, *, batch_size: int = 256,
-                device: str | None = None) -> np.ndarray:
+def reconstruct(
+    decoder: torch.nn.Module, embeddings: np.ndarray, *, batch_size: int = 256, device: str | None = None
+) -> np.ndarray:
     """Faces decoded from ``embeddings``: ``N x S x S x 3`` uint8."""
     device = device or next(decoder.parameters()).device.type
     decoder = decoder.to(device).eval()
@@ -45,8 +46,15 @@ def embed_faces(encoder: FaceEncoder, faces: np.ndarray, batch_size: int = 256) 
     return np.concatenate(out) if out else np.zeros((0, encoder.dim), np.float32)
 
 
-def impostor_threshold(embeddings: np.ndarray, identities: np.ndarray, metric: str, *, fmr: float = 1e-3,
-                       pairs: int = 200_000, seed: int = 0) -> float:
+def impostor_threshold(
+    embeddings: np.ndarray,
+    identities: np.ndarray,
+    metric: str,
+    *,
+    fmr: float = 1e-3,
+    pairs: int = 200_000,
+    seed: int = 0,
+) -> float:
     """Threshold giving false-match rate ``fmr`` over random non-mated pairs of clean embeddings."""
     rng = np.random.default_rng(seed)
     a = rng.integers(0, len(embeddings), pairs * 2)
@@ -80,8 +88,14 @@ class AttackResult:
 
     def as_dict(self) -> dict[str, float]:
         """JSON-able form."""
-        return {"type1_success": self.type1_success, "type2_success": self.type2_success, "ssim": self.ssim,
-                "psnr": self.psnr, "threshold": self.threshold, "n": self.n}
+        return {
+            "type1_success": self.type1_success,
+            "type2_success": self.type2_success,
+            "ssim": self.ssim,
+            "psnr": self.psnr,
+            "threshold": self.threshold,
+            "n": self.n,
+        }
 
 
 def attack_success(

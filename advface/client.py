@@ -286,7 +286,10 @@ class AdvFaceClient:
         """Enrol one template (a raw ``embedding``, or a face ``image``: path or encoded bytes); returns the new
         template ids. ``replace`` drops the subject's previous templates and metadata."""
         request = pb.EnrollRequest(
-            tenant=tenant, subject_id=subject_id, face=_face(embedding, image), metadata=dict(metadata or {}),
+            tenant=tenant,
+            subject_id=subject_id,
+            face=_face(embedding, image),
+            metadata=dict(metadata or {}),
             replace=replace,
         )
         return list(self._call("Enroll", request, timeout).template_ids)
@@ -399,8 +402,9 @@ class AdvFaceClient:
 
         stub = health_pb2_grpc.HealthStub(self._channel)
         try:
-            r = stub.Check(health_pb2.HealthCheckRequest(service=service),
-                           timeout=self.timeout if timeout is None else timeout)
+            r = stub.Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=self.timeout if timeout is None else timeout
+            )
         except grpc.RpcError as exc:
             raise AdvFaceRpcError(exc.code(), exc.details() or "") from exc
         return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
@@ -415,4 +419,3 @@ __all__ = [
     "TlsOptions",
     "VerifyResult",
 ]
-

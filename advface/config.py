@@ -662,7 +662,7 @@ def _grants(value: Any, where: _Where) -> dict[str, TokenGrant]:
             parsed: tuple[str, ...] | Literal["*"] = "*"
         else:
             if isinstance(tenants, str) or not isinstance(tenants, (list, tuple)) or not tenants:
-                raise where.error(f"token #{index}: tenants must be a non-empty list of tenant ids or \"*\"")
+                raise where.error(f'token #{index}: tenants must be a non-empty list of tenant ids or "*"')
             try:
                 parsed = tuple(check_id(t, "tenant") for t in tenants)
             except ValidationError as exc:

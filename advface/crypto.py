@@ -97,8 +97,9 @@ def _check_key(key: bytes, source: str) -> bytes:
     if len(key) != KEY_BYTES:
         raise ConfigError(f"{source}: an encryption key must be {KEY_BYTES} bytes, got {len(key)}")
     if len(set(key)) <= 2:
-        raise ConfigError(f"{source}: the encryption key is degenerate (almost all bytes equal); generate one with "
-                          "`advface keygen`")
+        raise ConfigError(
+            f"{source}: the encryption key is degenerate (almost all bytes equal); generate one with `advface keygen`"
+        )
     return key
 
 
@@ -299,9 +300,9 @@ class TemplateCipher:
                 f"encrypted template is under key id {kid.hex()}, which is not in the keyring "
                 f"({', '.join(self.key_ids)})"
             )
-        nonce = blob[_HEADER_BYTES:_HEADER_BYTES + _NONCE_BYTES]
+        nonce = blob[_HEADER_BYTES : _HEADER_BYTES + _NONCE_BYTES]
         try:
-            return aead.decrypt(nonce, blob[_HEADER_BYTES + _NONCE_BYTES:], header + bytes(aad))
+            return aead.decrypt(nonce, blob[_HEADER_BYTES + _NONCE_BYTES :], header + bytes(aad))
         except InvalidTag:
             raise IntegrityError(
                 f"encrypted template failed authentication under key id {kid.hex()} "

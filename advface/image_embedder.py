@@ -22,7 +22,6 @@ from advface.errors import ImageError
 from advface.faces import FaceChipper, FacePolicy, create_detector
 from advface.images import load_image
 
-
 #: Bumped whenever detection or alignment changes behaviour, so cached embeddings are recomputed.
 PIPELINE_VERSION = 2
 
@@ -87,7 +86,8 @@ class ImageEmbedder:
     def pipeline_fingerprint(self) -> str:
         """Identifies everything that determines an embedding: encoder, detector, chip and policy."""
         chip = self._spec.chip
-        return f"v{PIPELINE_VERSION}|{self.encoder.fingerprint}|{self._spec.detector}|{chip.kind}{chip.size}p{chip.padding}|{self._spec.policy}"
+        chip_id = f"{chip.kind}{chip.size}p{chip.padding}"
+        return f"v{PIPELINE_VERSION}|{self.encoder.fingerprint}|{self._spec.detector}|{chip_id}|{self._spec.policy}"
 
     def _chip_stream(self, jobs: list[tuple[bytes, str]]) -> Iterator[list[np.ndarray] | str]:
         if self.workers == 1 or len(jobs) < 2 * self.workers:
@@ -143,7 +143,7 @@ class ImageEmbedder:
 
         results: dict[str, list[np.ndarray] | str] = {}
         todo: list[tuple[str, bytes, str]] = []
-        for image_id, path, data, key in contents:
+        for image_id, _path, data, key in contents:
             if data is None or key is None:
                 bar.update(1)
             elif key in cached and self._spec.policy != "all":

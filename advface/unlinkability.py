@@ -49,9 +49,15 @@ class DCurve:
     def as_dict(self) -> dict[str, object]:
         """JSON-able form (lists)."""
         return {
-            "centers": self.centers.tolist(), "d": self.d.tolist(), "p_mated": self.p_mated.tolist(),
-            "p_nonmated": self.p_nonmated.tolist(), "n_mated": self.n_mated, "n_nonmated": self.n_nonmated,
-            "omega": self.omega, "noise_floor": self.noise_floor, "noise_floor_p95": self.noise_floor_p95,
+            "centers": self.centers.tolist(),
+            "d": self.d.tolist(),
+            "p_mated": self.p_mated.tolist(),
+            "p_nonmated": self.p_nonmated.tolist(),
+            "n_mated": self.n_mated,
+            "n_nonmated": self.n_nonmated,
+            "omega": self.omega,
+            "noise_floor": self.noise_floor,
+            "noise_floor_p95": self.noise_floor_p95,
         }
 
 
@@ -69,8 +75,9 @@ def _scores(x: object, what: str) -> np.ndarray:
     return a
 
 
-def _d_sys(mated: np.ndarray, nonmated: np.ndarray, edges: np.ndarray, omega: float) -> tuple[float, np.ndarray,
-                                                                                              np.ndarray, np.ndarray]:
+def _d_sys(
+    mated: np.ndarray, nonmated: np.ndarray, edges: np.ndarray, omega: float
+) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
     widths = np.diff(edges)
     mass_m = np.histogram(mated, edges)[0] / len(mated)
     mass_n = np.histogram(nonmated, edges)[0] / len(nonmated)
@@ -120,6 +127,7 @@ def d_sys(
             draws.append(_d_sys(perm[: len(mated)], perm[len(mated) :], edges, float(omega))[0])
         floor = float(np.mean(draws[:5]))
         floor_p95 = float(np.percentile(draws, 95))
-    curve = DCurve(edges, (edges[:-1] + edges[1:]) / 2, d, p_m, p_n, len(mated), len(nonmated), float(omega), floor,
-                   floor_p95)
+    curve = DCurve(
+        edges, (edges[:-1] + edges[1:]) / 2, d, p_m, p_n, len(mated), len(nonmated), float(omega), floor, floor_p95
+    )
     return value, curve

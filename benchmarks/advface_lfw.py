@@ -26,15 +26,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from advface.attack_metrics import attack_success, impostor_threshold, reconstruct  # noqa: E402
 from advface.datasets import LFW  # noqa: E402
+from advface.datasets.pairs import FacePairs, build_face_pairs  # noqa: E402
+from advface.datasets.splits import split_identities  # noqa: E402
 from advface.encoders import create_encoder  # noqa: E402
 from advface.hashing import file_sha256  # noqa: E402
 from advface.inversion import load_decoder  # noqa: E402
+from advface.inversion.training import TrainConfig, train_on_group  # noqa: E402
 from advface.paths import cache_dir  # noqa: E402
 from advface.protect import AdvFaceConfig, perturbation_stats, protect_embeddings  # noqa: E402
 from benchmarks.common import RESULTS_DIR, view2_verification, write_results  # noqa: E402
-from advface.datasets.pairs import FacePairs, build_face_pairs  # noqa: E402
-from advface.datasets.splits import split_identities  # noqa: E402
-from advface.inversion.training import TrainConfig, train_on_group  # noqa: E402
 
 ATTACKERS = {"attacker-deconv": "deconv", "attacker-pixelshuffle": "pixelshuffle"}
 
@@ -67,8 +67,11 @@ def main() -> None:  # noqa: PLR0915 - one linear script
     parser.add_argument("--per-identity", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--lfw-dir")
-    parser.add_argument("--train-only", choices=["attacker-deconv", "attacker-pixelshuffle", "adaptive-deconv"],
-                        help="only train (and cache) this attacker, then exit: lets attackers train in parallel")
+    parser.add_argument(
+        "--train-only",
+        choices=["attacker-deconv", "attacker-pixelshuffle", "adaptive-deconv"],
+        help="only train (and cache) this attacker, then exit: lets attackers train in parallel",
+    )
     parser.add_argument("--out")
     args = parser.parse_args()
     started = time.perf_counter()
@@ -89,8 +92,16 @@ def main() -> None:  # noqa: PLR0915 - one linear script
         if ckpt.is_file():
             decoders[name] = load_decoder(ckpt)[0]
         else:
-            decoders[name] = train_on_group(pairs, split, "attacker", encoder, TrainConfig(arch=arch, **train_config),
-                                            out=ckpt, dataset_name="lfw", work_dir=work / name)[0]
+            decoders[name] = train_on_group(
+                pairs,
+                split,
+                "attacker",
+                encoder,
+                TrainConfig(arch=arch, **train_config),
+                out=ckpt,
+                dataset_name="lfw",
+                work_dir=work / name,
+            )[0]
 
     def protect(z: np.ndarray, budget: float) -> np.ndarray:
         return protect_embeddings(z, shadow, AdvFaceConfig(rel_l2=budget, steps=args.steps, seed=0))
@@ -100,9 +111,16 @@ def main() -> None:  # noqa: PLR0915 - one linear script
     if args.shadow:
         shadow, shadow_meta = load_decoder(args.shadow)
     else:
-        shadow, shadow_meta = train_on_group(pairs, split, "defender", encoder,
-                                             TrainConfig(arch="resup", **train_config),
-                                             out=work / "shadow.pt", dataset_name="lfw", work_dir=work / "shadow")
+        shadow, shadow_meta = train_on_group(
+            pairs,
+            split,
+            "defender",
+            encoder,
+            TrainConfig(arch="resup", **train_config),
+            out=work / "shadow.pt",
+            dataset_name="lfw",
+            work_dir=work / "shadow",
+        )
     decoders = {"shadow": shadow, **decoders}
     # Adaptive attacker: trains on protected templates of its own (attacker-group) identities.
     shadow_id = file_sha256(args.shadow or work / "shadow.pt")[:12]
@@ -112,12 +130,23 @@ def main() -> None:  # noqa: PLR0915 - one linear script
         decoders["adaptive-deconv"] = load_decoder(adaptive_ckpt)[0]
     else:
         attacker_pairs = pairs.of_identities(split.attacker)
-        protected_pairs = FacePairs(attacker_pairs.ids, attacker_pairs.identities,
-                                    protect(attacker_pairs.embeddings, args.default_budget),
-                                    attacker_pairs.faces, attacker_pairs.flipped)
+        protected_pairs = FacePairs(
+            attacker_pairs.ids,
+            attacker_pairs.identities,
+            protect(attacker_pairs.embeddings, args.default_budget),
+            attacker_pairs.faces,
+            attacker_pairs.flipped,
+        )
         decoders["adaptive-deconv"] = train_on_group(
-            protected_pairs, split, "attacker", encoder, TrainConfig(arch="deconv", **train_config),
-            out=adaptive_ckpt, dataset_name="lfw (protected templates)", work_dir=work / adaptive_name)[0]
+            protected_pairs,
+            split,
+            "attacker",
+            encoder,
+            TrainConfig(arch="deconv", **train_config),
+            out=adaptive_ckpt,
+            dataset_name="lfw (protected templates)",
+            work_dir=work / adaptive_name,
+        )[0]
     if args.train_only:
         return
 
@@ -134,10 +163,16 @@ def main() -> None:  # noqa: PLR0915 - one linear script
     needed = [i for i in needed if i in raw]
     utility_raw = view2_verification(encoder, view2, raw, raw)
 
-    results: dict = {"encoder": encoder.fingerprint, "split": split.describe(), "threshold_fmr_1e-3": threshold,
-                     "evaluation_templates": len(z), "steps": args.steps, "default_budget": args.default_budget,
-                     "shadow": {k: shadow_meta.get(k) for k in ("arch", "loss", "training_data", "metrics")},
-                     "budget_sweep": []}
+    results: dict = {
+        "encoder": encoder.fingerprint,
+        "split": split.describe(),
+        "threshold_fmr_1e-3": threshold,
+        "evaluation_templates": len(z),
+        "steps": args.steps,
+        "default_budget": args.default_budget,
+        "shadow": {k: shadow_meta.get(k) for k in ("arch", "loss", "training_data", "metrics")},
+        "budget_sweep": [],
+    }
     for budget in args.budgets:
         t0 = time.perf_counter()
         z_prot = protect(z, budget)
@@ -145,27 +180,36 @@ def main() -> None:  # noqa: PLR0915 - one linear script
         entry = {
             "rel_l2": budget,
             "perturbation": perturbation_stats(z, z_prot),
-            "utility": {"protected": view2_verification(encoder, view2, prot_view2, raw),
-                        "protected_vs_protected": view2_verification(encoder, view2, prot_view2, prot_view2)},
+            "utility": {
+                "protected": view2_verification(encoder, view2, prot_view2, raw),
+                "protected_vs_protected": view2_verification(encoder, view2, prot_view2, prot_view2),
+            },
             "privacy": {},
         }
         for name, decoder in decoders.items():
             if name == "adaptive-deconv" and budget != args.default_budget:
                 continue
-            entry["privacy"][name] = attack_success(encoder, reconstruct(decoder, z_prot), z, z[other],
-                                                    evalset.faces, threshold).as_dict()
+            entry["privacy"][name] = attack_success(
+                encoder, reconstruct(decoder, z_prot), z, z[other], evalset.faces, threshold
+            ).as_dict()
         entry["seconds"] = round(time.perf_counter() - t0, 1)
         results["budget_sweep"].append(entry)
-        print(f"E={budget}: acc {100 * entry['utility']['protected']['accuracy_mean']:.2f}% "
-              + " ".join(f"{n}:{100 * r['type1_success']:.1f}%" for n, r in entry["privacy"].items()), flush=True)
+        print(
+            f"E={budget}: acc {100 * entry['utility']['protected']['accuracy_mean']:.2f}% "
+            + " ".join(f"{n}:{100 * r['type1_success']:.1f}%" for n, r in entry["privacy"].items()),
+            flush=True,
+        )
 
     # Enrolment photo as the target x~ instead of S(z) (the poster's online mode), at the default budget.
-    z_img = protect_embeddings(z, shadow, AdvFaceConfig(rel_l2=args.default_budget, steps=args.steps, seed=0),
-                               target_images=evalset.faces)
+    z_img = protect_embeddings(
+        z, shadow, AdvFaceConfig(rel_l2=args.default_budget, steps=args.steps, seed=0), target_images=evalset.faces
+    )
     results["with_enrolment_image"] = {
         "rel_l2": args.default_budget,
-        "privacy": {name: attack_success(encoder, reconstruct(decoder, z_img), z, z[other], evalset.faces,
-                                         threshold).as_dict() for name, decoder in decoders.items()},
+        "privacy": {
+            name: attack_success(encoder, reconstruct(decoder, z_img), z, z[other], evalset.faces, threshold).as_dict()
+            for name, decoder in decoders.items()
+        },
     }
 
     default = next(e for e in results["budget_sweep"] if e["rel_l2"] == args.default_budget)
@@ -173,9 +217,12 @@ def main() -> None:  # noqa: PLR0915 - one linear script
     results["privacy"] = {}
     for name, decoder in decoders.items():
         raw_attack = attack_success(encoder, reconstruct(decoder, z), z, z[other], evalset.faces, threshold)
-        results["privacy"][name] = {"raw": raw_attack.as_dict(), "protected": default["privacy"][name],
-                                    "adaptive": name.startswith("adaptive"),
-                                    "role": "shadow" if name == "shadow" else "attacker"}
+        results["privacy"][name] = {
+            "raw": raw_attack.as_dict(),
+            "protected": default["privacy"][name],
+            "adaptive": name.startswith("adaptive"),
+            "role": "shadow" if name == "shadow" else "attacker",
+        }
     results["seconds"] = round(time.perf_counter() - started, 1)
     out = write_results("advface_lfw", results, args.out)
     print("wrote", out)
@@ -191,8 +238,10 @@ def _plots(results, decoders, evalset, z, protect, args, folder: Path) -> None: 
 
     sweep = results["budget_sweep"]
     fig, ax = plt.subplots(figsize=(6, 4))
-    drops = [100 * (results["utility"]["raw"]["tar_at_far_1e-3"] - e["utility"]["protected"]["tar_at_far_1e-3"])
-             for e in sweep]
+    drops = [
+        100 * (results["utility"]["raw"]["tar_at_far_1e-3"] - e["utility"]["protected"]["tar_at_far_1e-3"])
+        for e in sweep
+    ]
     for name in decoders:
         pts = [(d, 100 * e["privacy"][name]["type1_success"]) for d, e in zip(drops, sweep) if name in e["privacy"]]
         ax.plot(*zip(*pts), "o-", label=name)

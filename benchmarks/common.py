@@ -52,7 +52,7 @@ def write_results(name: str, payload: dict[str, Any], out: str | os.PathLike[str
     path.parent.mkdir(parents=True, exist_ok=True)
     document = {
         "command": command_line(),
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
         **payload,
     }

@@ -38,7 +38,8 @@ def lfw_dlib_embeddings(lfw_dir: str | os.PathLike[str] | None = None) -> tuple[
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
         pipelines = [
-            r[0] for r in conn.execute("SELECT DISTINCT pipeline FROM embeddings")
+            r[0]
+            for r in conn.execute("SELECT DISTINCT pipeline FROM embeddings")
             if "dlib-resnet-v1:" in r[0] and "|dlib|" in r[0]
         ]
         best: tuple[np.ndarray, np.ndarray] | None = None
@@ -94,8 +95,12 @@ class SyntheticFaces:
     @classmethod
     def fallback(cls) -> SyntheticFaces:
         """Isotropic model at dlib's scale (used when no real embeddings are available)."""
-        return cls(np.zeros(DIM), np.eye(DIM) * (0.62 / np.sqrt(2 * DIM)), np.eye(DIM) * (0.40 / np.sqrt(2 * DIM)),
-                   "isotropic fallback (no cached LFW embeddings)")
+        return cls(
+            np.zeros(DIM),
+            np.eye(DIM) * (0.62 / np.sqrt(2 * DIM)),
+            np.eye(DIM) * (0.40 / np.sqrt(2 * DIM)),
+            "isotropic fallback (no cached LFW embeddings)",
+        )
 
     @classmethod
     def load(cls, lfw_dir: str | os.PathLike[str] | None = None) -> tuple[SyntheticFaces, np.ndarray | None]:

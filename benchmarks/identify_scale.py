@@ -70,8 +70,13 @@ def build(db: Path, size: int, batch: int, seed: int) -> dict[str, Any]:
             store.add_many(TENANT, [(f"s{start + i:08d}", photos[i : i + 1], None) for i in range(stop - start)])
         count = store.count(TENANT)
     seconds = time.perf_counter() - started
-    return {"templates": count, "insert_seconds": round(seconds, 1), "insert_per_second": round(count / seconds),
-            "database_mib": round(db.stat().st_size / 2**20, 1), "vectors": model.source}
+    return {
+        "templates": count,
+        "insert_seconds": round(seconds, 1),
+        "insert_per_second": round(count / seconds),
+        "database_mib": round(db.stat().st_size / 2**20, 1),
+        "vectors": model.source,
+    }
 
 
 def measure(db: Path, kind: str, queries: int, k: int, seed: int, nprobe: int, min_rows: int) -> dict[str, Any]:
@@ -83,8 +88,9 @@ def measure(db: Path, kind: str, queries: int, k: int, seed: int, nprobe: int, m
     probes = model.photos(centres[targets], rng)
     rss_before = _status_kib("VmRSS")
     started = time.perf_counter()
-    store = SQLiteFaissStore(db, 128, "euclidean", use_gpu=False,
-                             index=IndexOptions(kind, min_rows=min_rows, nprobe=nprobe))
+    store = SQLiteFaissStore(
+        db, 128, "euclidean", use_gpu=False, index=IndexOptions(kind, min_rows=min_rows, nprobe=nprobe)
+    )
     open_seconds = time.perf_counter() - started
     try:
         for probe in probes[: min(20, queries)]:  # warm-up
@@ -128,12 +134,19 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--nprobe", type=int, nargs="+", default=[64, 128, 256])
-    parser.add_argument("--min-rows", type=int, default=IndexOptions().min_rows,
-                        help="store.ivf_min_rows: smaller tenants are searched exactly")
+    parser.add_argument(
+        "--min-rows",
+        type=int,
+        default=IndexOptions().min_rows,
+        help="store.ivf_min_rows: smaller tenants are searched exactly",
+    )
     parser.add_argument("--batch", type=int, default=50_000, help="templates per add_many call")
     parser.add_argument("--work-dir", help="where the stores are built (default: a temporary folder, removed)")
-    parser.add_argument("--reuse", action="store_true",
-                        help="keep the stores in --work-dir and reuse them on the next run (same sizes and seed)")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep the stores in --work-dir and reuse them on the next run (same sizes and seed)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -161,24 +174,41 @@ def main() -> None:
                 for path in work.glob(f"store-{size}.*"):
                     path.unlink()
                 print(f"building {size} templates...", file=sys.stderr, flush=True)
-                built = _child(["--batch", str(args.batch), "--seed", str(args.seed), "--child", "build", str(db),
-                                str(size)])
+                built = _child(
+                    ["--batch", str(args.batch), "--seed", str(args.seed), "--child", "build", str(db), str(size)]
+                )
                 built_file.write_text(json.dumps(built))
-            common = ["--queries", str(args.queries), "--k", str(args.k), "--seed", str(args.seed),
-                      "--min-rows", str(args.min_rows)]
+            common = [
+                "--queries",
+                str(args.queries),
+                "--k",
+                str(args.k),
+                "--seed",
+                str(args.seed),
+                "--min-rows",
+                str(args.min_rows),
+            ]
             exact = _child([*common, "--child", "flat", str(db), str(IndexOptions().nprobe)])
             run: dict[str, Any] = {"templates": size, "build": built, "flat": exact, "ivf": []}
-            print(f"{size}: flat p50 {exact['latency']['p50_ms']} ms p99 {exact['latency']['p99_ms']} ms",
-                  file=sys.stderr, flush=True)
+            print(
+                f"{size}: flat p50 {exact['latency']['p50_ms']} ms p99 {exact['latency']['p99_ms']} ms",
+                file=sys.stderr,
+                flush=True,
+            )
             for nprobe in args.nprobe:
                 approx = _child([*common, "--child", "ivf", str(db), str(nprobe)])
-                recall = np.mean([len(set(a) & set(b)) / max(len(b), 1)
-                                  for a, b in zip(approx["results"], exact["results"])])
+                recall = np.mean(
+                    [len(set(a) & set(b)) / max(len(b), 1) for a, b in zip(approx["results"], exact["results"])]
+                )
                 approx["recall_at_k_vs_exact"] = round(float(recall), 4)
                 del approx["results"]
                 run["ivf"].append(approx)
-                print(f"{size}: {approx['index']} nprobe {nprobe} p50 {approx['latency']['p50_ms']} ms "
-                      f"p99 {approx['latency']['p99_ms']} ms recall {recall:.4f}", file=sys.stderr, flush=True)
+                print(
+                    f"{size}: {approx['index']} nprobe {nprobe} p50 {approx['latency']['p50_ms']} ms "
+                    f"p99 {approx['latency']['p99_ms']} ms recall {recall:.4f}",
+                    file=sys.stderr,
+                    flush=True,
+                )
             del exact["results"]
             runs.append(run)
             if not args.reuse:

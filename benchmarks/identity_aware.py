@@ -35,16 +35,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from advface.attack_metrics import attack_success, impostor_threshold, reconstruct  # noqa: E402
 from advface.datasets import LFW  # noqa: E402
+from advface.datasets.pairs import FacePairs, build_face_pairs  # noqa: E402
+from advface.datasets.splits import split_identities  # noqa: E402
 from advface.encoders import create_encoder  # noqa: E402
 from advface.inversion import load_decoder  # noqa: E402
+from advface.inversion.training import TrainConfig, train_on_group  # noqa: E402
 from advface.paths import cache_dir  # noqa: E402
 from advface.protect import AdvFaceConfig, perturbation_stats, protect_embeddings  # noqa: E402
 from advface.protect.shipped import shipped_shadow_path  # noqa: E402
 from benchmarks.advface_lfw import evaluation_set  # noqa: E402
 from benchmarks.common import view2_verification, write_results  # noqa: E402
-from advface.datasets.pairs import FacePairs, build_face_pairs  # noqa: E402
-from advface.datasets.splits import split_identities  # noqa: E402
-from advface.inversion.training import TrainConfig, train_on_group  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -96,13 +96,35 @@ def train_spec(name: str, pairs: FacePairs, split, encoder, *, image_size: int) 
     else:
         init = str(work / f"{name}-pixel.pt")
         if not Path(init).is_file():
-            train_on_group(pairs, split, spec.group, encoder,
-                           TrainConfig(arch=spec.arch, image_size=image_size, epochs=spec.pixel_epochs, seed=0),
-                           out=init, dataset_name="lfw", work_dir=work / f"{name}-pixel")
-    config = TrainConfig(arch=spec.arch, image_size=image_size, epochs=spec.id_epochs, lr=5e-4, seed=0,
-                         id_weight=ID_WEIGHT, init_from=init)
-    return train_on_group(_id_subset(pairs, split.group(spec.group)), split, spec.group, encoder, config, out=final,
-                          dataset_name=f"lfw ({ID_PAIRS} random pairs of the group)", work_dir=work / name)
+            train_on_group(
+                pairs,
+                split,
+                spec.group,
+                encoder,
+                TrainConfig(arch=spec.arch, image_size=image_size, epochs=spec.pixel_epochs, seed=0),
+                out=init,
+                dataset_name="lfw",
+                work_dir=work / f"{name}-pixel",
+            )
+    config = TrainConfig(
+        arch=spec.arch,
+        image_size=image_size,
+        epochs=spec.id_epochs,
+        lr=5e-4,
+        seed=0,
+        id_weight=ID_WEIGHT,
+        init_from=init,
+    )
+    return train_on_group(
+        _id_subset(pairs, split.group(spec.group)),
+        split,
+        spec.group,
+        encoder,
+        config,
+        out=final,
+        dataset_name=f"lfw ({ID_PAIRS} random pairs of the group)",
+        work_dir=work / name,
+    )
 
 
 def _id_subset(pairs: FacePairs, identities: frozenset[str]) -> FacePairs:
@@ -119,20 +141,37 @@ def main() -> None:  # noqa: PLR0915 - one linear script
     parser.add_argument("--train", choices=sorted(SPECS), help="only train (and cache) this decoder, then exit")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.2, 0.3], help="budgets of plain AdvFace")
-    parser.add_argument("--id-budgets", type=float, nargs="+", default=[0.2, 0.3],
-                        help="budgets of identity-aware AdvFace (slow: fewer points)")
+    parser.add_argument(
+        "--id-budgets",
+        type=float,
+        nargs="+",
+        default=[0.2, 0.3],
+        help="budgets of identity-aware AdvFace (slow: fewer points)",
+    )
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--per-identity", type=int, default=2)
-    parser.add_argument("--view2-folds", type=int, default=3,
-                        help="View-2 folds for utility (of 10; 0: privacy only, no utility, no plot)")
+    parser.add_argument(
+        "--view2-folds",
+        type=int,
+        default=3,
+        help="View-2 folds for utility (of 10; 0: privacy only, no utility, no plot)",
+    )
     parser.add_argument("--methods", nargs="+", default=["advface", "advface-id"])
-    parser.add_argument("--max-templates", type=int, default=0,
-                        help="evaluate on a seeded random subset of this many victims (0: all)")
-    parser.add_argument("--adaptive", action="store_true",
-                        help="also fine-tune and test the adaptive attacker (protects the attacker group: slow)")
+    parser.add_argument(
+        "--max-templates", type=int, default=0, help="evaluate on a seeded random subset of this many victims (0: all)"
+    )
+    parser.add_argument(
+        "--adaptive",
+        action="store_true",
+        help="also fine-tune and test the adaptive attacker (protects the attacker group: slow)",
+    )
     parser.add_argument("--adaptive-budget", type=float, default=0.2)
-    parser.add_argument("--adaptive-epochs", type=int, default=1,
-                        help="epochs of the adaptive fine-tuning (default 1, like the attackers' identity phase)")
+    parser.add_argument(
+        "--adaptive-epochs",
+        type=int,
+        default=1,
+        help="epochs of the adaptive fine-tuning (default 1, like the attackers' identity phase)",
+    )
     parser.add_argument("--lfw-dir")
     parser.add_argument("--out")
     args = parser.parse_args()
@@ -159,8 +198,7 @@ def main() -> None:  # noqa: PLR0915 - one linear script
             return protect_embeddings(z, plain_shadow, AdvFaceConfig(rel_l2=budget, steps=args.steps, seed=0))
         config = IdentityAwareConfig(rel_l2=budget, steps=args.steps, seed=0)
         with tqdm(total=len(z), desc=f"advface-id E={budget}", unit="template") as bar:
-            return protect_identity_aware(z, shadows, module, config, chip_size=encoder.chip.size,
-                                          progress=bar.update)
+            return protect_identity_aware(z, shadows, module, config, chip_size=encoder.chip.size, progress=bar.update)
 
     clean = pairs.without_flips()
     threshold = impostor_threshold(clean.embeddings, clean.identities, encoder.metric, fmr=1e-3)
@@ -177,33 +215,66 @@ def main() -> None:  # noqa: PLR0915 - one linear script
     # Adaptive attacker: the identity-aware tokens attacker fine-tuned again, with the same recipe as its identity
     # phase (the same ID_PAIRS pairs of its identities, L1 + identity loss), on their identity-aware-protected
     # templates: an insider who enrolled those people and read the stored templates back.
-    adaptive_file = _work() / (f"adaptive-tokens-id-b{args.adaptive_budget}-s{args.steps}"
-                               f"-e{args.adaptive_epochs}-p{ID_PAIRS}.pt")
+    adaptive_file = _work() / (
+        f"adaptive-tokens-id-b{args.adaptive_budget}-s{args.steps}-e{args.adaptive_epochs}-p{ID_PAIRS}.pt"
+    )
     if adaptive_file.is_file():
         attackers["adaptive-tokens-id"] = load_decoder(adaptive_file)[0]
     elif args.adaptive and "advface-id" in args.methods:
         own = _id_subset(pairs, split.attacker)
-        prot = FacePairs(own.ids, own.identities, protect("advface-id", own.embeddings, args.adaptive_budget),
-                         own.faces, own.flipped)
-        config = TrainConfig(arch="tokens", image_size=args.image_size, epochs=args.adaptive_epochs, lr=5e-4, seed=0,
-                             id_weight=ID_WEIGHT, init_from=str(_work() / "attacker-tokens-id.pt"))
+        prot = FacePairs(
+            own.ids, own.identities, protect("advface-id", own.embeddings, args.adaptive_budget), own.faces, own.flipped
+        )
+        config = TrainConfig(
+            arch="tokens",
+            image_size=args.image_size,
+            epochs=args.adaptive_epochs,
+            lr=5e-4,
+            seed=0,
+            id_weight=ID_WEIGHT,
+            init_from=str(_work() / "attacker-tokens-id.pt"),
+        )
         attackers["adaptive-tokens-id"] = train_on_group(
-            prot, split, "attacker", encoder, config, out=adaptive_file,
+            prot,
+            split,
+            "attacker",
+            encoder,
+            config,
+            out=adaptive_file,
             dataset_name=f"lfw ({len(own)} pairs of the group, identity-aware AdvFace E={args.adaptive_budget} "
-                         "templates)", work_dir=_work() / adaptive_file.stem)[0]
+            "templates)",
+            work_dir=_work() / adaptive_file.stem,
+        )[0]
 
     results: dict = {
-        "encoder": encoder.fingerprint, "split": split.describe(), "threshold_fmr_1e-3": threshold,
-        "evaluation_templates": len(z), "steps": args.steps, "view2_folds": args.view2_folds,
-        "view2_pairs": len(view2), "id_weight": ID_WEIGHT, "per_identity": args.per_identity,
-        "adaptive": ({"file": adaptive_file.name, "budget": args.adaptive_budget, "epochs": args.adaptive_epochs,
-                      "pairs": ID_PAIRS, "init": "attacker-tokens-id"}
-                     if "adaptive-tokens-id" in attackers else None),
-        "decoders": {n: {k: d.metadata.get(k) for k in ("arch", "loss", "training_data", "metrics")}
-                     for n, d in decoders.items()},
+        "encoder": encoder.fingerprint,
+        "split": split.describe(),
+        "threshold_fmr_1e-3": threshold,
+        "evaluation_templates": len(z),
+        "steps": args.steps,
+        "view2_folds": args.view2_folds,
+        "view2_pairs": len(view2),
+        "id_weight": ID_WEIGHT,
+        "per_identity": args.per_identity,
+        "adaptive": (
+            {
+                "file": adaptive_file.name,
+                "budget": args.adaptive_budget,
+                "epochs": args.adaptive_epochs,
+                "pairs": ID_PAIRS,
+                "init": "attacker-tokens-id",
+            }
+            if "adaptive-tokens-id" in attackers
+            else None
+        ),
+        "decoders": {
+            n: {k: d.metadata.get(k) for k in ("arch", "loss", "training_data", "metrics")} for n, d in decoders.items()
+        },
         "utility_raw": view2_verification(encoder, view2, raw, raw) if view2 else None,
-        "privacy_raw": {n: attack_success(encoder, reconstruct(d, z), z, z_other, evalset.faces,
-                                          threshold).as_dict() for n, d in attackers.items()},
+        "privacy_raw": {
+            n: attack_success(encoder, reconstruct(d, z), z, z_other, evalset.faces, threshold).as_dict()
+            for n, d in attackers.items()
+        },
         "sweep": [],
     }
     print("raw:", {n: round(100 * r["type1_success"], 1) for n, r in results["privacy_raw"].items()}, flush=True)
@@ -213,22 +284,33 @@ def main() -> None:  # noqa: PLR0915 - one linear script
             z_prot = protect(method, z, budget)
             seconds_per_template = (time.perf_counter() - t0) / len(z)
             prot_view2 = dict(zip(needed, protect(method, np.stack([raw[i] for i in needed]), budget))) if view2 else {}
-            entry = {"method": method, "rel_l2": budget, "perturbation": perturbation_stats(z, z_prot),
-                     "seconds_per_template": round(seconds_per_template, 4),
-                     "utility": view2_verification(encoder, view2, prot_view2, raw) if view2 else None,
-                     "privacy": {}}
+            entry = {
+                "method": method,
+                "rel_l2": budget,
+                "perturbation": perturbation_stats(z, z_prot),
+                "seconds_per_template": round(seconds_per_template, 4),
+                "utility": view2_verification(encoder, view2, prot_view2, raw) if view2 else None,
+                "privacy": {},
+            }
             for name, decoder in attackers.items():
                 if name.startswith("adaptive") and not (method == "advface-id" and budget == args.adaptive_budget):
                     continue
-                entry["privacy"][name] = attack_success(encoder, reconstruct(decoder, z_prot), z, z_other,
-                                                        evalset.faces, threshold).as_dict()
+                entry["privacy"][name] = attack_success(
+                    encoder, reconstruct(decoder, z_prot), z, z_other, evalset.faces, threshold
+                ).as_dict()
             results["sweep"].append(entry)
             write_results("identity_aware", {**results, "complete": False}, args.out)  # partial, in case of a stop
             utility = entry["utility"]
-            print(f"{method} E={budget}: " + (f"acc {100 * utility['accuracy_mean']:.2f}% "
-                                              f"TAR {100 * utility['tar_at_far_1e-3']:.2f}% " if utility else "")
-                  + " ".join(f"{n}:{100 * r['type1_success']:.1f}%" for n, r in entry["privacy"].items()),
-                  flush=True)
+            print(
+                f"{method} E={budget}: "
+                + (
+                    f"acc {100 * utility['accuracy_mean']:.2f}% TAR {100 * utility['tar_at_far_1e-3']:.2f}% "
+                    if utility
+                    else ""
+                )
+                + " ".join(f"{n}:{100 * r['type1_success']:.1f}%" for n, r in entry["privacy"].items()),
+                flush=True,
+            )
     results["seconds"] = round(time.perf_counter() - started, 1)
     out = write_results("identity_aware", {**results, "complete": True}, args.out)
     print("wrote", out)
@@ -248,8 +330,10 @@ def _plot(results: dict, path: Path) -> None:
     for method in sorted({e["method"] for e in results["sweep"]}):
         rows = [e for e in results["sweep"] if e["method"] == method]
         drop = [100 * (base_acc - e["utility"]["accuracy_mean"]) for e in rows]
-        succ = [100 * np.mean([r["type1_success"] for n, r in e["privacy"].items() if not n.startswith("adaptive")])
-                for e in rows]
+        succ = [
+            100 * np.mean([r["type1_success"] for n, r in e["privacy"].items() if not n.startswith("adaptive")])
+            for e in rows
+        ]
         ax.plot(drop, succ, "o-", label=method)
         for e, x, y in zip(rows, drop, succ):
             ax.annotate(f"E={e['rel_l2']}", (x, y), fontsize=8)

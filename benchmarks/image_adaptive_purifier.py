@@ -78,13 +78,19 @@ def main() -> None:
     thr = thresholds(encoders)
     evaluator = Evaluator(protector)
     config = ProtectConfig(seed=args.seed)
-    cache = RESULTS_DIR / "local" / "adaptive_purifier" / (
-        f"l{config.levels}-s{config.steps}-fw{config.feature_weight:g}-seed{args.seed}-{'-'.join(encoders)}")
+    cache = (
+        RESULTS_DIR
+        / "local"
+        / "adaptive_purifier"
+        / (f"l{config.levels}-s{config.steps}-fw{config.feature_weight:g}-seed{args.seed}-{'-'.join(encoders)}")
+    )
     from tqdm import tqdm
 
     start = time.perf_counter()
-    pairs = [(protected_photo(protector, config, photo, cache), load_image(photo))
-             for _, photo, _ in tqdm(thief_people, desc="thief protects", unit="photo")]
+    pairs = [
+        (protected_photo(protector, config, photo, cache), load_image(photo))
+        for _, photo, _ in tqdm(thief_people, desc="thief protects", unit="photo")
+    ]
     purifier_cfg = DenoiserConfig(steps=args.steps, patch=args.patch, seed=args.seed)
     model, info = train_pair_denoiser(pairs, purifier_cfg)
     print(f"adaptive purifier trained: {info}", flush=True)
@@ -97,8 +103,11 @@ def main() -> None:
         ref = protector.embed_standard(clean, face)
         other = evaluator.embed(load_image(other_photo))
         protected = protected_photo(protector, config, photo, cache)
-        images = {"protected": protected, "protected+adaptive": denoise(model, protected),
-                  "clean+adaptive": denoise(model, clean)}
+        images = {
+            "protected": protected,
+            "protected+adaptive": denoise(model, protected),
+            "clean+adaptive": denoise(model, clean),
+        }
         evals = {}
         for cond, img in images.items():
             quality[cond].append(psnr(clean, img))
@@ -107,19 +116,32 @@ def main() -> None:
 
     results = summarise(rows, encoders, thr)
     for cond, per_encoder in results.items():
-        print(cond, {enc: {k: round(v, 3) for k, v in cell.items() if isinstance(v, float)}
-                     for enc, cell in per_encoder.items()}, flush=True)
+        print(
+            cond,
+            {
+                enc: {k: round(v, 3) for k, v in cell.items() if isinstance(v, float)}
+                for enc, cell in per_encoder.items()
+            },
+            flush=True,
+        )
     payload = {
-        "protocol": ("thief: protect-image defaults on the first photo of people "
-                     f"{args.train_offset}..{args.train_offset + len(thief_people) - 1} of the seeded LFW shuffle, "
-                     "DnCNN trained on (protected, clean) patches; victims: people 0.."
-                     f"{len(victims) - 1}, protected with the same defaults, purified, evaluated as "
-                     "image_protection.py"),
+        "protocol": (
+            "thief: protect-image defaults on the first photo of people "
+            f"{args.train_offset}..{args.train_offset + len(thief_people) - 1} of the seeded LFW shuffle, "
+            "DnCNN trained on (protected, clean) patches; victims: people 0.."
+            f"{len(victims) - 1}, protected with the same defaults, purified, evaluated as "
+            "image_protection.py"
+        ),
         "shared_machine": args.shared_machine,
         "torch_threads": torch.get_num_threads(),
         "wall_seconds": round(time.perf_counter() - start, 1),
-        "protection": {"epsilon_levels": config.levels, "steps": config.steps, "feature_weight": config.feature_weight,
-                       "encoders": encoders, "seed": args.seed},
+        "protection": {
+            "epsilon_levels": config.levels,
+            "steps": config.steps,
+            "feature_weight": config.feature_weight,
+            "encoders": encoders,
+            "seed": args.seed,
+        },
         "purifier": {**info, "config": vars(purifier_cfg)},
         "thresholds": thr,
         "psnr_vs_clean_mean": {cond: float(np.mean(v)) for cond, v in quality.items()},

@@ -68,8 +68,11 @@ def thresholds(names: list[str]) -> dict[str, dict]:
         entry = data.get(name)
         if entry is None:
             raise SystemExit(f"{VERIFICATION_JSON} has no entry for {name}; run benchmarks/lfw_verification.py")
-        out[name] = {"threshold": entry["threshold_at_far_1e-3"], "detector": entry["detector"],
-                     "tar_at_far_1e-3": entry["tar_at_far_1e-3"]}
+        out[name] = {
+            "threshold": entry["threshold_at_far_1e-3"],
+            "detector": entry["detector"],
+            "tar_at_far_1e-3": entry["tar_at_far_1e-3"],
+        }
     return out
 
 
@@ -123,8 +126,9 @@ def summarise(rows: list[dict], encoders: list[str], thr: dict[str, dict]) -> di
                 "ism_mean": float(np.mean(ism)) if ism else None,
                 "ism_median": float(np.median(ism)) if ism else None,
                 "match_self": float(np.mean([c is not None and c["score_self"] >= t for c in cells])),
-                "match_other": float(np.mean([c is not None and c["score_other"] is not None
-                                              and c["score_other"] >= t for c in cells])),
+                "match_other": float(
+                    np.mean([c is not None and c["score_other"] is not None and c["score_other"] >= t for c in cells])
+                ),
             }
     return out
 
@@ -164,17 +168,27 @@ def main() -> None:  # noqa: PLR0915 - one linear script
     parser.add_argument("--epsilon", type=str, default="8/255")
     parser.add_argument("--steps", type=int, default=ProtectConfig.steps)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--feature-weight", type=float, default=ProtectConfig.feature_weight,
-                        help="weight of the feature-level term (0: embeddings only, the method before 2026-12-03)")
+    parser.add_argument(
+        "--feature-weight",
+        type=float,
+        default=ProtectConfig.feature_weight,
+        help="weight of the feature-level term (0: embeddings only, the method before 2026-12-03)",
+    )
     parser.add_argument("--no-loo", action="store_true", help="skip the leave-one-out (single-encoder) runs")
     parser.add_argument("--grid", type=int, default=4, help="faces in the image grid")
     parser.add_argument("--lfw-dir")
     parser.add_argument("--out", help="output JSON (default benchmarks/results/image_protection.json)")
-    parser.add_argument("--grid-out", help="grid PNG (default benchmarks/results/local/image_protection_grid.png, "
-                        "not committed: LFW photos are not redistributed)")
+    parser.add_argument(
+        "--grid-out",
+        help="grid PNG (default benchmarks/results/local/image_protection_grid.png, "
+        "not committed: LFW photos are not redistributed)",
+    )
     parser.add_argument("--shared-machine", action="store_true", help="record that other jobs shared the CPU")
-    parser.add_argument("--rows-file", help="per-photo results, appended as each photo finishes and reused by a rerun "
-                        "with the same settings (default benchmarks/results/local/image_protection_rows-*.jsonl)")
+    parser.add_argument(
+        "--rows-file",
+        help="per-photo results, appended as each photo finishes and reused by a rerun "
+        "with the same settings (default benchmarks/results/local/image_protection_rows-*.jsonl)",
+    )
     args = parser.parse_args()
     num, _, den = args.epsilon.partition("/")
     epsilon = float(num) / float(den or 1)
@@ -200,10 +214,15 @@ def main() -> None:  # noqa: PLR0915 - one linear script
     from tqdm import tqdm
 
     loo = not args.no_loo and len(encoders) > 1
-    rows_path = Path(args.rows_file) if args.rows_file else (
-        RESULTS_DIR / "local" / f"image_protection_rows-l{config.levels}-s{config.steps}-seed{args.seed}"
-        f"-fw{config.feature_weight:g}"
-        f"{'' if loo else '-noloo'}.jsonl")
+    rows_path = (
+        Path(args.rows_file)
+        if args.rows_file
+        else (
+            RESULTS_DIR / "local" / f"image_protection_rows-l{config.levels}-s{config.steps}-seed{args.seed}"
+            f"-fw{config.feature_weight:g}"
+            f"{'' if loo else '-noloo'}.jsonl"
+        )
+    )
     done = _load_rows(rows_path)
     rows_path.parent.mkdir(parents=True, exist_ok=True)
     bar = tqdm(people[: args.count], desc="protect", unit="photo")
@@ -235,9 +254,19 @@ def main() -> None:  # noqa: PLR0915 - one linear script
             images[f"ensemble+{name}"] = fn(protected)
             images[f"clean+{name}"] = fn(clean)
         evals = {cond: evaluator.cells(img, ref, other) for cond, img in images.items()}
-        rows.append({"person": person, "photo": photo.name, "seconds": seconds, "psnr": psnr(clean, protected),
-                     "ssim": ssim(clean, protected), "linf": report.linf_levels, "eval": evals,
-                     "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg()[0]})
+        rows.append(
+            {
+                "person": person,
+                "photo": photo.name,
+                "seconds": seconds,
+                "psnr": psnr(clean, protected),
+                "ssim": ssim(clean, protected),
+                "linf": report.linf_levels,
+                "eval": evals,
+                "torch_threads": torch.get_num_threads(),
+                "load_average": os.getloadavg()[0],
+            }
+        )
         with rows_path.open("a") as fh:
             fh.write(json.dumps(rows[-1]) + "\n")
         if len(examples) < args.grid:
@@ -262,10 +291,18 @@ def main() -> None:  # noqa: PLR0915 - one linear script
         "stopped_by_time_limit": len(rows) + len(skipped) < min(args.count, len(people)),
         "max_minutes": args.max_minutes,
         "wall_seconds": round(wall, 1),
-        "config": {"epsilon": epsilon, "epsilon_levels": config.levels, "steps": config.steps,
-                   "step_fraction": config.step_fraction, "eot": config.eot, "eot_config": vars(config.eot_config),
-                   "random_start": config.random_start, "feature_weight": config.feature_weight,
-                   "feature_layers": {m.name: list(m.feature_layers) for m in protector.members}, "seed": args.seed},
+        "config": {
+            "epsilon": epsilon,
+            "epsilon_levels": config.levels,
+            "steps": config.steps,
+            "step_fraction": config.step_fraction,
+            "eot": config.eot,
+            "eot_config": vars(config.eot_config),
+            "random_start": config.random_start,
+            "feature_weight": config.feature_weight,
+            "feature_layers": {m.name: list(m.feature_layers) for m in protector.members},
+            "seed": args.seed,
+        },
         "encoders": encoders,
         "ensemble_notes": protector.notes,
         "thresholds": thr,
@@ -277,14 +314,18 @@ def main() -> None:  # noqa: PLR0915 - one linear script
             "ssim_min": float(np.min([r["ssim"] for r in rows])),
             "linf_max_levels": int(max(r["linf"] for r in rows)),
         },
-        "seconds_per_photo_ensemble": {"mean": float(secs.mean()), "median": float(np.median(secs)),
-                                       "p90": float(np.percentile(secs, 90)), "max": float(secs.max()),
-                                       "device": "cpu",
-                                       "torch_threads": sorted({r.get("torch_threads", 1) for r in rows}),
-                                       "load_average_median": float(np.median(
-                                           [r.get("load_average", float("nan")) for r in rows]))},
-        "rows_file": str(rows_path.relative_to(RESULTS_DIR.parent.parent)) if rows_path.is_relative_to(
-            RESULTS_DIR.parent.parent) else str(rows_path),
+        "seconds_per_photo_ensemble": {
+            "mean": float(secs.mean()),
+            "median": float(np.median(secs)),
+            "p90": float(np.percentile(secs, 90)),
+            "max": float(secs.max()),
+            "device": "cpu",
+            "torch_threads": sorted({r.get("torch_threads", 1) for r in rows}),
+            "load_average_median": float(np.median([r.get("load_average", float("nan")) for r in rows])),
+        },
+        "rows_file": str(rows_path.relative_to(RESULTS_DIR.parent.parent))
+        if rows_path.is_relative_to(RESULTS_DIR.parent.parent)
+        else str(rows_path),
         "results": summarise(rows, encoders, thr),
         "per_photo": [{k: v for k, v in r.items() if k != "eval"} for r in rows],
     }

@@ -34,7 +34,7 @@ from advface.images import load_image  # noqa: E402
 from advface.paths import lfw_dir as resolve_lfw_dir  # noqa: E402
 from advface.protect.image import ImageProtector, ProtectConfig  # noqa: E402
 from advface.protect.image.quality import psnr  # noqa: E402
-from benchmarks.common import RESULTS_DIR, write_results  # noqa: E402
+from benchmarks.common import write_results  # noqa: E402
 from benchmarks.image_protection import Evaluator, sample_people, summarise, thresholds  # noqa: E402
 
 #: Variant -> (feature_weight, dlib layers). Layer paths index ``DlibResNet.net`` (ReLU after a stage's last unit).
@@ -92,16 +92,27 @@ def main() -> None:
 
     summary = summarise(rows, protector.encoder_names, thr)
     for variant, entry in summary.items():
-        entry.update({"feature_weight": VARIANTS[variant][0], "dlib_layers": list(VARIANTS[variant][1]),
-                      "photos": len(rows), "psnr_mean": float(np.mean([r["psnr"][variant] for r in rows])),
-                      "seconds_mean": float(np.mean([r["seconds"][variant] for r in rows]))})
+        entry.update(
+            {
+                "feature_weight": VARIANTS[variant][0],
+                "dlib_layers": list(VARIANTS[variant][1]),
+                "photos": len(rows),
+                "psnr_mean": float(np.mean([r["psnr"][variant] for r in rows])),
+                "seconds_mean": float(np.mean([r["seconds"][variant] for r in rows])),
+            }
+        )
         mfn, dlib = entry["mobilefacenet"], entry["dlib-torch"]
-        print(f"{variant:10s} MobileFaceNet ISM {mfn['ism_mean']:.3f} match self {mfn['match_self']:.1%} "
-              f"other {mfn['match_other']:.1%} | dlib match self {dlib['match_self']:.1%} "
-              f"| PSNR {entry['psnr_mean']:.2f} dB | {entry['seconds_mean']:.1f} s", flush=True)
+        print(
+            f"{variant:10s} MobileFaceNet ISM {mfn['ism_mean']:.3f} match self {mfn['match_self']:.1%} "
+            f"other {mfn['match_other']:.1%} | dlib match self {dlib['match_self']:.1%} "
+            f"| PSNR {entry['psnr_mean']:.2f} dB | {entry['seconds_mean']:.1f} s",
+            flush=True,
+        )
     payload = {
-        "protocol": ("dlib-torch-only protection (60 steps, 8/255, EOT, seed), evaluated as image_protection.py; "
-                     f"people {args.offset}..{args.offset + len(people) - 1} of the seeded LFW shuffle"),
+        "protocol": (
+            "dlib-torch-only protection (60 steps, 8/255, EOT, seed), evaluated as image_protection.py; "
+            f"people {args.offset}..{args.offset + len(people) - 1} of the seeded LFW shuffle"
+        ),
         "shared_machine": args.shared_machine,
         "torch_threads": torch.get_num_threads(),
         "wall_seconds": round(time.perf_counter() - start, 1),

@@ -61,8 +61,14 @@ def main(argv: list[str] | None = None) -> None:
         ids = list(vectors)
         return dict(zip(ids, t.apply(np.stack([vectors[i] for i in ids]))))
 
-    keep = ("accuracy_mean", "tar_at_far_1e-3", "threshold_at_far_1e-3", "tar_at_far_1e-2", "threshold_at_far_1e-2",
-            "pairs_with_failed_photo")
+    keep = (
+        "accuracy_mean",
+        "tar_at_far_1e-3",
+        "threshold_at_far_1e-3",
+        "tar_at_far_1e-2",
+        "threshold_at_far_1e-2",
+        "pairs_with_failed_photo",
+    )
     runs = {
         "raw": (raw, raw),
         "advface": (protected, raw),
@@ -72,8 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     }
     results: dict = {
         "protocol": "LFW View-2, 6000 pairs; side a: AdvFace template (shipped dlib shadow) of photo a, side b: raw "
-                    "probe of photo b, both through the keyed transform where named; pairs whose photo had no face "
-                    "count as rejections",
+        "probe of photo b, both through the keyed transform where named; pairs whose photo had no face "
+        "count as rejections",
         "advface": {"shadow": "shipped dlib shadow", "rel_l2": args.budget, "steps": args.steps, "seed": 0},
         "norm": norm,
         "machine_shared": "2 CPU cores shared with other jobs (nice 10, OMP_NUM_THREADS=1)",

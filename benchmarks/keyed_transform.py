@@ -38,12 +38,12 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from advface.datasets import LFW  # noqa: E402
+from advface.datasets.pairs import FacePairs, build_face_pairs  # noqa: E402
 from advface.encoders import create_encoder  # noqa: E402
 from advface.hashing import file_sha256  # noqa: E402
 from advface.inversion import load_decoder  # noqa: E402
 from advface.paths import cache_dir  # noqa: E402
 from advface.protect import AdvFaceConfig, protect_embeddings, shipped_shadow_path  # noqa: E402
-from advface.datasets.pairs import FacePairs, build_face_pairs  # noqa: E402
 
 
 def load_faces(args: argparse.Namespace) -> tuple[LFW, object, FacePairs]:
@@ -113,8 +113,9 @@ def add_template_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lfw-dir")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--budget", type=float, default=0.1, help="AdvFace rel-L2 budget (default 0.1)")
-    parser.add_argument("--steps", type=int, default=AdvFaceConfig.steps,
-                        help=f"AdvFace steps (default {AdvFaceConfig.steps})")
+    parser.add_argument(
+        "--steps", type=int, default=AdvFaceConfig.steps, help=f"AdvFace steps (default {AdvFaceConfig.steps})"
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -160,9 +161,13 @@ def _linkage(scores: np.ndarray) -> dict:
     mated = np.diag(scores)
     nonmated = scores[~np.eye(len(scores), dtype=bool)]
     value, curve = d_sys(mated, nonmated, noise_floor=True)
-    return {"d_sys": value, "noise_floor": curve.noise_floor, "n_mated": curve.n_mated,
-            "n_nonmated": curve.n_nonmated, "curve": {"s": curve.centers.round(4).tolist(),
-                                                      "d": curve.d.round(4).tolist()}}
+    return {
+        "d_sys": value,
+        "noise_floor": curve.noise_floor,
+        "n_mated": curve.n_mated,
+        "n_nonmated": curve.n_nonmated,
+        "curve": {"s": curve.centers.round(4).tolist(), "d": curve.d.round(4).tolist()},
+    }
 
 
 def _verification(encoder: object, enrolled: np.ndarray, probes: np.ndarray) -> dict:
@@ -176,13 +181,20 @@ def _verification(encoder: object, enrolled: np.ndarray, probes: np.ndarray) -> 
     tar3, _ = tar_at_far(s, y, 1e-3)
     tar2, _ = tar_at_far(s, y, 1e-2)
     t = encoder.default_threshold  # type: ignore[attr-defined]
-    return {"tar_at_far_1e-3": tar3, "tar_at_far_1e-2": tar2, "tar_at_default_threshold": float(np.mean(s[y] >= t)),
-            "far_at_default_threshold": float(np.mean(s[~y] >= t)), "genuine": int(y.sum()),
-            "impostor": int((~y).sum()), "_scores": scores}
+    return {
+        "tar_at_far_1e-3": tar3,
+        "tar_at_far_1e-2": tar2,
+        "tar_at_default_threshold": float(np.mean(s[y] >= t)),
+        "far_at_default_threshold": float(np.mean(s[~y] >= t)),
+        "genuine": int(y.sum()),
+        "impostor": int((~y).sum()),
+        "_scores": scores,
+    }
 
 
-def accuracy_section(lfw: LFW, encoder: object, faces: FacePairs, protected: dict, key_a: object,
-                     key_norm: object) -> dict:
+def accuracy_section(
+    lfw: LFW, encoder: object, faces: FacePairs, protected: dict, key_a: object, key_norm: object
+) -> dict:
     """View-2 with and without the key (raw embeddings), and AdvFace (+ key) verification on the tenant people."""
     from benchmarks.common import view2_verification
 
@@ -192,8 +204,10 @@ def accuracy_section(lfw: LFW, encoder: object, faces: FacePairs, protected: dic
     plain = view2_verification(encoder, view2, raw, raw)
     with_key = view2_verification(encoder, view2, keyed, keyed)
     common = [p for p in view2 if p.a in raw and p.b in raw]
-    diff = np.abs(encoder.score(np.stack([raw[p.a] for p in common]), np.stack([raw[p.b] for p in common]))
-                  - encoder.score(np.stack([keyed[p.a] for p in common]), np.stack([keyed[p.b] for p in common])))
+    diff = np.abs(
+        encoder.score(np.stack([raw[p.a] for p in common]), np.stack([raw[p.b] for p in common]))
+        - encoder.score(np.stack([keyed[p.a] for p in common]), np.stack([keyed[p.b] for p in common]))
+    )
     two = protected["second"] >= 0
     enrolled = protected["p0_seed0"][two]
     probes = faces.embeddings[protected["second"][two]]
@@ -205,15 +219,18 @@ def accuracy_section(lfw: LFW, encoder: object, faces: FacePairs, protected: dic
     keep = ("accuracy_mean", "accuracy_std", "tar_at_far_1e-3", "tar_at_far_1e-2", "pairs_with_failed_photo")
     normed = dict(zip(faces.ids.tolist(), key_norm.apply(faces.embeddings)))  # type: ignore[attr-defined]
     with_norm_key = view2_verification(encoder, view2, normed, normed)
-    adv_norm_key = _verification(encoder, key_norm.apply(enrolled),  # type: ignore[attr-defined]
-                                 key_norm.apply(probes))  # type: ignore[attr-defined]
+    adv_norm_key = _verification(
+        encoder,
+        key_norm.apply(enrolled),  # type: ignore[attr-defined]
+        key_norm.apply(probes),
+    )  # type: ignore[attr-defined]
     adv_norm_key.pop("_scores")
     return {
         "lfw_view2_raw_with_norm_equalised_key": {k: with_norm_key[k] for k in keep},
-        "lfw_view2_accuracy_change_points_norm_equalised_key":
-            100 * (with_norm_key["accuracy_mean"] - plain["accuracy_mean"]),
-        "lfw_view2_tar_at_far_1e-3_change_points_norm_equalised_key":
-            100 * (with_norm_key["tar_at_far_1e-3"] - plain["tar_at_far_1e-3"]),
+        "lfw_view2_accuracy_change_points_norm_equalised_key": 100
+        * (with_norm_key["accuracy_mean"] - plain["accuracy_mean"]),
+        "lfw_view2_tar_at_far_1e-3_change_points_norm_equalised_key": 100
+        * (with_norm_key["tar_at_far_1e-3"] - plain["tar_at_far_1e-3"]),
         "tenant_people_advface_with_norm_equalised_key": adv_norm_key,
         "lfw_view2_raw": {k: plain[k] for k in keep},
         "lfw_view2_raw_with_key": {k: with_key[k] for k in keep},
@@ -237,13 +254,17 @@ def unlinkability_section(encoder: object, faces: FacePairs, protected: dict, ke
     for name, b in databases.items():
         out[f"AdvFace alone, {name}"] = _linkage(_score_matrix(encoder, a, b))
         out[f"AdvFace + keys of two tenants, {name}"] = _linkage(
-            _score_matrix(encoder, keys["a"].apply(a), keys["b"].apply(b)))
+            _score_matrix(encoder, keys["a"].apply(a), keys["b"].apply(b))
+        )
         out[f"AdvFace + key versions 1 and 2 of one tenant (renewability), {name}"] = _linkage(
-            _score_matrix(encoder, keys["a"].apply(a), keys["a2"].apply(b)))
+            _score_matrix(encoder, keys["a"].apply(a), keys["a2"].apply(b))
+        )
         out[f"AdvFace + norm-equalised keys of two tenants, {name}"] = _linkage(
-            _score_matrix(encoder, keys["a_n"].apply(a), keys["b_n"].apply(b)))
+            _score_matrix(encoder, keys["a_n"].apply(a), keys["b_n"].apply(b))
+        )
         out[f"AdvFace + norm-equalised key versions 1 and 2 of one tenant (renewability), {name}"] = _linkage(
-            _score_matrix(encoder, keys["a_n"].apply(a), keys["a2_n"].apply(b)))
+            _score_matrix(encoder, keys["a_n"].apply(a), keys["a2_n"].apply(b))
+        )
     # linkers that do not use the system's scores: template norms (kept by any rotation), and distances to each
     # database's own mean (kept by any isometry, whatever the norms)
     b = databases["different photos"]
@@ -251,15 +272,24 @@ def unlinkability_section(encoder: object, faces: FacePairs, protected: dict, ke
         ta, tb = ka.apply(a), kb.apply(b)
         na, nb = np.linalg.norm(ta, axis=1), np.linalg.norm(tb, axis=1)
         out[f"AdvFace + {label}keys of two tenants, different photos, norm linker"] = _linkage(
-            -np.abs(na[:, None] - nb[None, :]))
+            -np.abs(na[:, None] - nb[None, :])
+        )
         ca, cb = np.linalg.norm(ta - ta.mean(0), axis=1), np.linalg.norm(tb - tb.mean(0), axis=1)
         out[f"AdvFace + {label}keys of two tenants, different photos, distance-to-mean linker"] = _linkage(
-            -np.abs(ca[:, None] - cb[None, :]))
+            -np.abs(ca[:, None] - cb[None, :])
+        )
     return out
 
 
-def key_recovery_section(encoder: object, faces: FacePairs, protected: dict, keys: dict, public: np.ndarray,
-                         sizes: list[int], threshold: float) -> dict:
+def key_recovery_section(
+    encoder: object,
+    faces: FacePairs,
+    protected: dict,
+    keys: dict,
+    public: np.ndarray,
+    sizes: list[int],
+    threshold: float,
+) -> dict:
     """The thief (statistics) and the insider (known pairs) against tenant A's key; linking after recovery."""
     from advface.attacks.key_recovery import Recovery, evaluate_recovery, recover_from_pairs, recover_from_statistics
 
@@ -273,7 +303,7 @@ def key_recovery_section(encoder: object, faces: FacePairs, protected: dict, key
 
     def rank1(back: np.ndarray, rows: np.ndarray) -> float:
         """Share of mapped-back templates whose nearest tenant raw embedding (photo 0) is the owner's."""
-        d2 = (np.sum(back**2, 1)[:, None] - 2 * back @ raw.T + np.sum(raw**2, 1)[None, :])
+        d2 = np.sum(back**2, 1)[:, None] - 2 * back @ raw.T + np.sum(raw**2, 1)[None, :]
         return float(np.mean(np.argmin(d2, 1) == rows))
 
     def score(rec: Recovery, rows: np.ndarray) -> dict:
@@ -284,13 +314,16 @@ def key_recovery_section(encoder: object, faces: FacePairs, protected: dict, key
     chance_q = np.linalg.qr(rng.standard_normal((dim, dim)))[0]
     everyone = np.arange(len(stolen))
     result: dict = {
-        "stolen_templates_available": len(stolen), "public_embeddings": len(public), "threshold": threshold,
+        "stolen_templates_available": len(stolen),
+        "public_embeddings": len(public),
+        "threshold": threshold,
         "baselines": {
             "true key (upper bound: plain AdvFace templates)": score(Recovery(key.matrix, "true"), everyone),
             "random orthogonal guess": score(Recovery(chance_q, "random"), everyone),
             "no inversion (use stolen templates as they are)": score(Recovery(np.eye(dim), "identity"), everyone),
         },
-        "thief": {}, "insider": {},
+        "thief": {},
+        "insider": {},
     }
     for n in sizes:
         rows = np.sort(order[: min(n, len(stolen))])
@@ -300,8 +333,11 @@ def key_recovery_section(encoder: object, faces: FacePairs, protected: dict, key
         seconds = time.perf_counter() - t0
         result["thief"][str(len(rows))] = {
             "moments": score(moments, rows),
-            "moments + Procrustes": {**score(full, rows), "seconds": round(seconds, 1),
-                                     "mean_nn_distance_history": [round(h, 4) for h in full.history]},
+            "moments + Procrustes": {
+                **score(full, rows),
+                "seconds": round(seconds, 1),
+                "mean_nn_distance_history": [round(h, 4) for h in full.history],
+            },
         }
         print(f"thief n={len(rows)}: {result['thief'][str(len(rows))]['moments + Procrustes']}", flush=True)
     rest = order[256:]
@@ -319,7 +355,8 @@ def linking_after_recovery(encoder: object, protected: dict, key_a: object, key_
     two = protected["second"] >= 0
     db_a = key_a.apply(protected["p0_seed0"])  # type: ignore[attr-defined]  # all of tenant A's templates
     db_b = key_b.apply(  # type: ignore[attr-defined]
-        np.concatenate([protected["p1_seed0"], protected["p0_seed0"][~two]]))
+        np.concatenate([protected["p1_seed0"], protected["p0_seed0"][~two]])
+    )
     if getattr(key_a, "norm", None):  # the thief equalises its public embeddings the same way (the norm is public)
         public = public * (key_a.norm / np.linalg.norm(public, axis=1, keepdims=True))  # type: ignore[attr-defined]
     qa = recover_from_statistics(db_a, public, refine_steps=25)
@@ -342,22 +379,32 @@ def main(argv: list[str] | None = None) -> None:
     from benchmarks.common import write_results
 
     secret = hashlib.sha256(b"advface keyed-transform benchmark secret").digest()  # a fixed, published test secret
-    keys = {"a": KeyedTransform.from_secret(secret, "tenant-a", 128),
-            "b": KeyedTransform.from_secret(secret, "tenant-b", 128),
-            "a2": KeyedTransform.from_secret(secret, "tenant-a", 128, version=2)}
+    keys = {
+        "a": KeyedTransform.from_secret(secret, "tenant-a", 128),
+        "b": KeyedTransform.from_secret(secret, "tenant-b", 128),
+        "a2": KeyedTransform.from_secret(secret, "tenant-a", 128, version=2),
+    }
     _, public_people = split_people(faces.identities)
     public = faces.embeddings[np.isin(faces.identities, sorted(public_people))]
     norm = float(np.mean(np.linalg.norm(public, axis=1)))  # calibrated on public embeddings, not on the tenant
-    keys.update({"a_n": KeyedTransform.from_secret(secret, "tenant-a", 128, norm=norm),
-                 "b_n": KeyedTransform.from_secret(secret, "tenant-b", 128, norm=norm),
-                 "a2_n": KeyedTransform.from_secret(secret, "tenant-a", 128, version=2, norm=norm)})
+    keys.update(
+        {
+            "a_n": KeyedTransform.from_secret(secret, "tenant-a", 128, norm=norm),
+            "b_n": KeyedTransform.from_secret(secret, "tenant-b", 128, norm=norm),
+            "a2_n": KeyedTransform.from_secret(secret, "tenant-a", 128, version=2, norm=norm),
+        }
+    )
     # dlib publishes -0.6 (scores are negated distances); the attack measures distances
     threshold = abs(float(encoder.default_threshold))  # type: ignore[attr-defined]
     results: dict = {
         "encoder": encoder.fingerprint,  # type: ignore[attr-defined]
         "advface": {"shadow": "shipped dlib shadow", "rel_l2": args.budget, "steps": args.steps},
-        "split": {"tenant_people": len(protected["first"]), "tenant_people_with_two_photos":
-                  int((protected["second"] >= 0).sum()), "public_embeddings": len(public), "seed": 0},
+        "split": {
+            "tenant_people": len(protected["first"]),
+            "tenant_people_with_two_photos": int((protected["second"] >= 0).sum()),
+            "public_embeddings": len(public),
+            "seed": 0,
+        },
         "machine_shared": "2 CPU cores shared with other jobs (nice 10, OMP_NUM_THREADS=1)",
         "norm_equalisation_norm": norm,
     }
@@ -365,15 +412,20 @@ def main(argv: list[str] | None = None) -> None:
     results["accuracy"] = accuracy_section(lfw, encoder, faces, protected, keys["a"], keys["a_n"])
     print("accuracy:", {k: v for k, v in results["accuracy"].items() if "change" in k}, flush=True)
     results["unlinkability"] = unlinkability_section(encoder, faces, protected, keys)
-    print("unlinkability:", {k: round(v["d_sys"], 4) for k, v in results["unlinkability"].items()
-                             if isinstance(v, dict)}, flush=True)
-    results["key_recovery"] = key_recovery_section(encoder, faces, protected, keys, public,
-                                                   [250, 1000, len(protected["first"])], threshold)
+    print(
+        "unlinkability:",
+        {k: round(v["d_sys"], 4) for k, v in results["unlinkability"].items() if isinstance(v, dict)},
+        flush=True,
+    )
+    results["key_recovery"] = key_recovery_section(
+        encoder, faces, protected, keys, public, [250, 1000, len(protected["first"])], threshold
+    )
     results["unlinkability"]["AdvFace + keys of two tenants, different photos, after key recovery by a thief"] = (
-        linking_after_recovery(encoder, protected, keys["a"], keys["b"], public))
+        linking_after_recovery(encoder, protected, keys["a"], keys["b"], public)
+    )
     results["unlinkability"][
-        "AdvFace + norm-equalised keys of two tenants, different photos, after key recovery by a thief"] = (
-        linking_after_recovery(encoder, protected, keys["a_n"], keys["b_n"], public))
+        "AdvFace + norm-equalised keys of two tenants, different photos, after key recovery by a thief"
+    ] = linking_after_recovery(encoder, protected, keys["a_n"], keys["b_n"], public)
     results["analysis_seconds"] = round(time.perf_counter() - t0, 1)
     results["seconds"] = round(time.perf_counter() - started, 1)
     out = write_results("keyed_transform", results, args.out)

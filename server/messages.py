@@ -62,17 +62,27 @@ def protection_info(summary: ProtectionSummary) -> pb.ProtectionInfo:
     """A ProtectionInfo message."""
     if summary.enabled:
         info = pb.ProtectionInfo(
-            enabled=True, method=summary.method, rel_l2=summary.rel_l2, steps=summary.steps, seed=summary.seed,
-            lanes=summary.lanes, linf=summary.linf, shadow_model=summary.shadow_model,
+            enabled=True,
+            method=summary.method,
+            rel_l2=summary.rel_l2,
+            steps=summary.steps,
+            seed=summary.seed,
+            lanes=summary.lanes,
+            linf=summary.linf,
+            shadow_model=summary.shadow_model,
             shadow_sha256=summary.shadow_sha256,
         )
     else:
         info = pb.ProtectionInfo(enabled=False, method="none")
     if summary.keyed_transform:
-        info.keyed_transform.CopyFrom(pb.KeyedTransformInfo(
-            enabled=True, version=summary.transform_version, norm=summary.transform_norm,
-            key_id=summary.transform_key_id,
-        ))
+        info.keyed_transform.CopyFrom(
+            pb.KeyedTransformInfo(
+                enabled=True,
+                version=summary.transform_version,
+                norm=summary.transform_norm,
+                key_id=summary.transform_key_id,
+            )
+        )
     return info
 
 
@@ -83,13 +93,26 @@ def image_report(result: ProtectedImage) -> pb.ImageProtectionReport:
     for name in report.encoders:
         entry = report.similarity[name]
         has_threshold = "score_after" in entry
-        similarity.append(pb.EncoderSimilarity(
-            encoder=name, cosine_after=float(entry["cosine_after"]), cosine_random=float(entry["cosine_random"]),
-            has_threshold=has_threshold, score_after=float(entry.get("score_after", 0.0)),
-            matched_after=bool(entry.get("matched_after", False)),
-        ))
+        similarity.append(
+            pb.EncoderSimilarity(
+                encoder=name,
+                cosine_after=float(entry["cosine_after"]),
+                cosine_random=float(entry["cosine_random"]),
+                has_threshold=has_threshold,
+                score_after=float(entry.get("score_after", 0.0)),
+                matched_after=bool(entry.get("matched_after", False)),
+            )
+        )
     return pb.ImageProtectionReport(
-        similarity=similarity, psnr=report.psnr if math.isfinite(report.psnr) else 0.0, ssim=report.ssim,
-        linf_levels=report.linf_levels, epsilon=report.epsilon, steps=report.steps, seconds=report.seconds,
-        width=result.width, height=result.height, grayscale=report.grayscale, notes=list(report.notes),
+        similarity=similarity,
+        psnr=report.psnr if math.isfinite(report.psnr) else 0.0,
+        ssim=report.ssim,
+        linf_levels=report.linf_levels,
+        epsilon=report.epsilon,
+        steps=report.steps,
+        seconds=report.seconds,
+        width=result.width,
+        height=result.height,
+        grayscale=report.grayscale,
+        notes=list(report.notes),
     )

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
@@ -58,17 +58,29 @@ class SidecarMetrics:
         self.methods = frozenset(methods)
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("advface_rpc_requests", "RPCs finished, by method and gRPC status code",
-                                ["method", "code"], registry=r)
-        self.latency = Histogram("advface_rpc_duration_seconds", "RPC latency in seconds, by method", ["method"],
-                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.requests = Counter(
+            "advface_rpc_requests", "RPCs finished, by method and gRPC status code", ["method", "code"], registry=r
+        )
+        self.latency = Histogram(
+            "advface_rpc_duration_seconds",
+            "RPC latency in seconds, by method",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.in_flight = Gauge("advface_rpc_in_flight", "RPCs being handled, by method", ["method"], registry=r)
-        self.batch_rows = Histogram("advface_protection_batch_rows",
-                                    "Templates protected per AdvFace shadow call (concurrent requests coalesced)",
-                                    buckets=BATCH_ROW_BUCKETS, registry=r)
-        self.batch_seconds = Histogram("advface_protection_batch_duration_seconds",
-                                       "Duration of one AdvFace protection call in seconds",
-                                       buckets=PROTECTION_BUCKETS, registry=r)
+        self.batch_rows = Histogram(
+            "advface_protection_batch_rows",
+            "Templates protected per AdvFace shadow call (concurrent requests coalesced)",
+            buckets=BATCH_ROW_BUCKETS,
+            registry=r,
+        )
+        self.batch_seconds = Histogram(
+            "advface_protection_batch_duration_seconds",
+            "Duration of one AdvFace protection call in seconds",
+            buckets=PROTECTION_BUCKETS,
+            registry=r,
+        )
         self._counts_lock = threading.Lock()
         self._store_counts = store_counts
         templates = Gauge("advface_store_templates", "Templates stored, all tenants", registry=r)

@@ -93,8 +93,11 @@ class AdvFaceServicer(pb_grpc.AdvFaceServicer):
     ) -> None:
         self.config = config
         self.auth = authenticator if authenticator is not None else Authenticator.from_config(config.auth)
-        self.service = service if service is not None else TemplateService(
-            config, encoder=encoder, store=store, protector=protector)
+        self.service = (
+            service
+            if service is not None
+            else TemplateService(config, encoder=encoder, store=store, protector=protector)
+        )
         self.max_receive_bytes = config.server.max_receive_mb * 1024 * 1024
         self.max_send_bytes = config.server.max_send_mb * 1024 * 1024
         #: server.metrics.SidecarMetrics, set by the Sidecar when metrics are enabled
@@ -157,10 +160,11 @@ class AdvFaceServicer(pb_grpc.AdvFaceServicer):
         call.items = len(request.embeddings)
         # the tenant matters (and is checked) only when templates go through its keyed transform
         tenant = self._tenant(request, context, call) if self.service.transforms is not None else None
-        protected = await self.service.protect(messages.embedding_rows(request.embeddings), tenant,
-                                               _deadline(context))
-        return pb.ProtectResponse(embeddings=messages.embeddings(protected),
-                                  protection=messages.protection_info(self.service.protection(tenant)))
+        protected = await self.service.protect(messages.embedding_rows(request.embeddings), tenant, _deadline(context))
+        return pb.ProtectResponse(
+            embeddings=messages.embeddings(protected),
+            protection=messages.protection_info(self.service.protection(tenant)),
+        )
 
     @_rpc("ProtectImage")
     async def ProtectImage(
@@ -189,42 +193,57 @@ class AdvFaceServicer(pb_grpc.AdvFaceServicer):
     async def Enroll(self, request: pb.EnrollRequest, context: grpc.aio.ServicerContext, call: _Call) -> Any:
         tenant = self._tenant(request, context, call)
         call.items = 1
-        ids = await self.service.enroll(tenant, request.subject_id, messages.face_input(request.face, "face"),
-                                        dict(request.metadata), replace=bool(request.replace),
-                                        deadline=_deadline(context))
-        return pb.EnrollResponse(subject_id=request.subject_id, template_ids=ids,
-                                 protected=self.service.protector is not None)
+        ids = await self.service.enroll(
+            tenant,
+            request.subject_id,
+            messages.face_input(request.face, "face"),
+            dict(request.metadata),
+            replace=bool(request.replace),
+            deadline=_deadline(context),
+        )
+        return pb.EnrollResponse(
+            subject_id=request.subject_id, template_ids=ids, protected=self.service.protector is not None
+        )
 
     @_rpc("EnrollBatch")
     async def EnrollBatch(self, request: pb.EnrollBatchRequest, context: grpc.aio.ServicerContext, call: _Call) -> Any:
         tenant = self._tenant(request, context, call)
         call.items = len(request.items)
-        items = [EnrolItem(item.subject_id, messages.face_input(item.face, f"items[{i}].face"), dict(item.metadata))
-                 for i, item in enumerate(request.items)]
+        items = [
+            EnrolItem(item.subject_id, messages.face_input(item.face, f"items[{i}].face"), dict(item.metadata))
+            for i, item in enumerate(request.items)
+        ]
         ids = await self.service.enroll_batch(tenant, items, _deadline(context))
         protected = self.service.protector is not None
-        return pb.EnrollBatchResponse(results=[
-            pb.EnrollResponse(subject_id=item.subject_id, template_ids=t, protected=protected)
-            for item, t in zip(items, ids)
-        ])
+        return pb.EnrollBatchResponse(
+            results=[
+                pb.EnrollResponse(subject_id=item.subject_id, template_ids=t, protected=protected)
+                for item, t in zip(items, ids)
+            ]
+        )
 
     @_rpc("Verify")
     async def Verify(self, request: pb.VerifyRequest, context: grpc.aio.ServicerContext, call: _Call) -> Any:
         tenant = self._tenant(request, context, call)
-        result = await self.service.verify(tenant, request.subject_id, messages.face_input(request.probe, "probe"),
-                                           _deadline(context))
-        return pb.VerifyResponse(match=result.match, score=result.score, threshold=result.threshold,
-                                 template_id=result.template_id)
+        result = await self.service.verify(
+            tenant, request.subject_id, messages.face_input(request.probe, "probe"), _deadline(context)
+        )
+        return pb.VerifyResponse(
+            match=result.match, score=result.score, threshold=result.threshold, template_id=result.template_id
+        )
 
     @_rpc("Identify")
     async def Identify(self, request: pb.IdentifyRequest, context: grpc.aio.ServicerContext, call: _Call) -> Any:
         tenant = self._tenant(request, context, call)
-        candidates = await self.service.identify(tenant, messages.face_input(request.probe, "probe"),
-                                                 int(request.top_k), _deadline(context))
+        candidates = await self.service.identify(
+            tenant, messages.face_input(request.probe, "probe"), int(request.top_k), _deadline(context)
+        )
         call.items = len(candidates)
         return pb.IdentifyResponse(
-            matches=[pb.Match(subject_id=c.subject_id, template_id=c.template_id, score=c.score, match=c.match)
-                     for c in candidates],
+            matches=[
+                pb.Match(subject_id=c.subject_id, template_id=c.template_id, score=c.score, match=c.match)
+                for c in candidates
+            ],
             threshold=self.service.threshold.value,
         )
 
@@ -272,20 +291,34 @@ class AdvFaceServicer(pb_grpc.AdvFaceServicer):
         encoder, threshold = service.encoder, service.threshold
         return pb.InfoResponse(
             encoder=pb.EncoderInfo(
-                name=encoder.name, dim=service.dim, metric=service.metric, fingerprint=encoder.fingerprint,
-                detector=service.detector_name, face_policy=service.face_policy,
+                name=encoder.name,
+                dim=service.dim,
+                metric=service.metric,
+                fingerprint=encoder.fingerprint,
+                detector=service.detector_name,
+                face_policy=service.face_policy,
             ),
             protection=messages.protection_info(service.protection(tenant)),
-            threshold=pb.ThresholdInfo(value=threshold.value, source=threshold.source,
-                                       description=threshold.description),
+            threshold=pb.ThresholdInfo(
+                value=threshold.value, source=threshold.source, description=threshold.description
+            ),
             versions=pb.Versions(
-                advface=__version__, api=SERVICE_NAME.rsplit(".", 1)[0], grpc=grpc.__version__,
+                advface=__version__,
+                api=SERVICE_NAME.rsplit(".", 1)[0],
+                grpc=grpc.__version__,
                 store_backend=type(service.store).__name__,
             ),
-            counts=pb.Counts(tenant_templates=tenant_templates, total_templates=total_templates,
-                             tenant_subjects=tenant_subjects, total_subjects=total_subjects),
+            counts=pb.Counts(
+                tenant_templates=tenant_templates,
+                total_templates=total_templates,
+                tenant_subjects=tenant_subjects,
+                total_subjects=total_subjects,
+            ),
             limits=pb.Limits(
-                max_batch=service.max_batch, top_k_max=service.top_k_max, max_receive_bytes=self.max_receive_bytes,
-                max_send_bytes=self.max_send_bytes, max_id_chars=MAX_ID_CHARS,
+                max_batch=service.max_batch,
+                top_k_max=service.top_k_max,
+                max_receive_bytes=self.max_receive_bytes,
+                max_send_bytes=self.max_send_bytes,
+                max_id_chars=MAX_ID_CHARS,
             ),
         )

@@ -22,17 +22,27 @@ from advface.inversion.training import TrainConfig, train_on_group
 
 
 def train_shadow(
-    dataset: IdentityFolderDataset, encoder: FaceEncoder, config: TrainConfig, *, out: str | os.PathLike[str],
-    dataset_name: str, group: str = "defender", detector: str = "dlib", workers: int = 1,
-    work_dir: str | os.PathLike[str] | None = None, progress: bool = True,
+    dataset: IdentityFolderDataset,
+    encoder: FaceEncoder,
+    config: TrainConfig,
+    *,
+    out: str | os.PathLike[str],
+    dataset_name: str,
+    group: str = "defender",
+    detector: str = "dlib",
+    workers: int = 1,
+    work_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
 ) -> tuple[torch.nn.Module, dict]:
     """Train a shadow (``group`` defender) or an attacker (``group`` attacker) decoder for ``encoder`` on
     ``dataset`` and save it to ``out``; the split uses ``config.seed``. Returns the model and its metadata."""
-    pairs = build_face_pairs(dataset, encoder, detector=detector, image_size=config.image_size, workers=workers,
-                             progress=progress)
+    pairs = build_face_pairs(
+        dataset, encoder, detector=detector, image_size=config.image_size, workers=workers, progress=progress
+    )
     split = split_identities(pairs.identities[~pairs.flipped].tolist(), seed=config.seed)
-    return train_on_group(pairs, split, group, encoder, config, out=out, dataset_name=dataset_name,
-                          work_dir=work_dir, progress=progress)
+    return train_on_group(
+        pairs, split, group, encoder, config, out=out, dataset_name=dataset_name, work_dir=work_dir, progress=progress
+    )
 
 
 __all__ = ["train_shadow"]

@@ -47,16 +47,22 @@ def test_shadows_from_the_environment(tmp_path: Path, ckpts: list[Path]) -> None
         ({"method": "advface-x"}, r"protection\.method: must be one of advface, advface-id; got 'advface-x'"),
         ({"method": "advface-id"}, r"protection\.method is advface-id but protection\.shadows is empty"),
         ({"method": "advface-id", "shadows": []}, r"protection\.shadows is empty"),
-        ({"method": "advface-id", "shadows": ["m/a.pt", "m/nope.pt"]},
-         r"protection\.shadows: file .*nope\.pt not found"),
+        (
+            {"method": "advface-id", "shadows": ["m/a.pt", "m/nope.pt"]},
+            r"protection\.shadows: file .*nope\.pt not found",
+        ),
         ({"method": "advface-id", "shadows": "m/a.pt"}, r"protection\.shadows: expected a list"),
         ({"method": "advface-id", "shadows": ["m/a.pt", "m/a.pt"]}, r"same shadow checkpoint twice"),
-        ({"method": "advface-id", "shadows": ["m/a.pt"], "shadow": "m/b.pt"},
-         r"protection\.shadow is for method advface"),
+        (
+            {"method": "advface-id", "shadows": ["m/a.pt"], "shadow": "m/b.pt"},
+            r"protection\.shadow is for method advface",
+        ),
         ({"shadows": ["m/a.pt"]}, r"protection\.shadows is only used by protection\.method advface-id"),
         ({"method": "advface", "jitter": False}, r"protection\.jitter is only used by protection\.method advface-id"),
-        ({"method": "advface-id", "shadows": ["m/a.pt"], "jitter": "yes"},
-         r"protection\.jitter: expected true or false"),
+        (
+            {"method": "advface-id", "shadows": ["m/a.pt"], "jitter": "yes"},
+            r"protection\.jitter: expected true or false",
+        ),
     ],
 )
 def test_bad_protection_method_settings(tmp_path: Path, ckpts: list[Path], protection: dict, message: str) -> None:

@@ -258,13 +258,16 @@ def test_reference_check_catches_mistakes() -> None:
     assert removed != text and "key not documented: store.ivf_nprobe" in check_reference(removed)
     changed = text.replace("| `port` | `50051` |", "| `port` | `50052` |")
     assert changed != text and any(p.startswith("server.port: documented default") for p in check_reference(changed))
-    typed = text.replace("| `grace_seconds` | `5.0` |", "| `grace_seconds` | `\"5.0\"` |")
+    typed = text.replace("| `grace_seconds` | `5.0` |", '| `grace_seconds` | `"5.0"` |')
     assert typed != text and any(p.startswith("server.grace_seconds") for p in check_reference(typed))
     data_dir = text.replace("`~/.local/share/advface`", "`~/.local/share/other`")
     assert data_dir != text and any(p.startswith("store.data_dir") for p in check_reference(data_dir))
     unknown = text.replace("| `top_k_max` |", "| `top_k_min` |")
     problems = check_reference(unknown)
-    assert "unknown key documented: matching.top_k_min" in problems and "key not documented: matching.top_k_max" in problems
+    assert (
+        "unknown key documented: matching.top_k_min" in problems
+        and "key not documented: matching.top_k_max" in problems
+    )
     env = text.replace("`ADVFACE_METRICS_PORT`", "`ADVFACE_METRIC_PORT`")
     assert env != text and any(p.startswith("metrics.port: environment variable") for p in check_reference(env))
     gone = text.replace("## `logging`", "## Logging")

@@ -53,8 +53,9 @@ def test_noise_floor_percentile_separates_chance_from_linkage() -> None:
     rng = np.random.default_rng(4)
     above = 0
     for _ in range(40):
-        value, curve = d_sys(rng.normal(size=500), rng.normal(size=20000), noise_floor=True,
-                             seed=int(rng.integers(1 << 30)))
+        value, curve = d_sys(
+            rng.normal(size=500), rng.normal(size=20000), noise_floor=True, seed=int(rng.integers(1 << 30))
+        )
         assert curve.noise_floor_p95 is not None and curve.noise_floor_p95 >= curve.noise_floor
         above += value > curve.noise_floor_p95
     assert above <= 6  # 5% expected: 2 of 40

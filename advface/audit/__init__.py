@@ -12,14 +12,30 @@ Modules: :mod:`advface.audit.attacks` (decoder, GAN-prior and adaptive attackers
 
 from typing import Any
 
-__all__ = ["FULL_ATTACKERS", "PROTECTIONS", "QUICK_ATTACKERS", "TARGET_D_SYS", "AuditConfig", "AuditResult",
-           "run_audit"]
+__all__ = [
+    "FULL_ATTACKERS",
+    "PROTECTIONS",
+    "QUICK_ATTACKERS",
+    "TARGET_D_SYS",
+    "AuditConfig",
+    "AuditResult",
+    "run_audit",
+]
 
 #: Protections an audit can apply to the dataset's templates.
 PROTECTIONS = ("advface", "advface-id", "none")
 #: Attackers run by default (full mode); ``+id``: pixel + identity loss.
-FULL_ATTACKERS = ("deconv", "resup", "pixelshuffle", "tokens", "modconv", "resup+id", "gan-prior", "adaptive",
-                  "adaptive-resup+id")
+FULL_ATTACKERS = (
+    "deconv",
+    "resup",
+    "pixelshuffle",
+    "tokens",
+    "modconv",
+    "resup+id",
+    "gan-prior",
+    "adaptive",
+    "adaptive-resup+id",
+)
 #: Attackers of ``--quick``.
 QUICK_ATTACKERS = ("deconv", "resup+id", "tokens", "gan-prior", "adaptive")
 #: Unlinkability target of the keyed transform: D_sys at most this for every pair of tenant keys measured.

@@ -25,8 +25,9 @@ def _is_repeated(field: FieldDescriptor) -> bool:
     return field.label == FieldDescriptor.LABEL_REPEATED
 
 
-def _matching_fields(message: Descriptor, match: Callable[[FieldDescriptor], bool], prefix: str = "",
-                     seen: frozenset[str] = frozenset()) -> list[str]:
+def _matching_fields(
+    message: Descriptor, match: Callable[[FieldDescriptor], bool], prefix: str = "", seen: frozenset[str] = frozenset()
+) -> list[str]:
     """Paths (``a.b.values``) of the fields reachable from ``message`` for which ``match`` is true; a message type
     already on the path is not entered again (recursive messages)."""
     out: list[str] = []
@@ -58,9 +59,15 @@ def api_exposure() -> dict[str, Any]:
     service = pb.DESCRIPTOR.services_by_name[SERVICE_NAME.rsplit(".", 1)[-1]]
     rpcs = {}
     for method in service.methods:
-        rpcs[method.name] = {"vectors": vector_fields(method.output_type),
-                             "scores": scalar_score_fields(method.output_type)}
+        rpcs[method.name] = {
+            "vectors": vector_fields(method.output_type),
+            "scores": scalar_score_fields(method.output_type),
+        }
     stored = sorted(name for name, r in rpcs.items() if r["vectors"] and name not in CALLER_INPUT_RPCS)
-    return {"service": SERVICE_NAME, "rpcs": rpcs, "stored_vectors": stored,
-            "caller_input_vectors": sorted(n for n, r in rpcs.items() if r["vectors"] and n in CALLER_INPUT_RPCS),
-            "score_rpcs": sorted(n for n, r in rpcs.items() if r["scores"])}
+    return {
+        "service": SERVICE_NAME,
+        "rpcs": rpcs,
+        "stored_vectors": stored,
+        "caller_input_vectors": sorted(n for n, r in rpcs.items() if r["vectors"] and n in CALLER_INPUT_RPCS),
+        "score_rpcs": sorted(n for n, r in rpcs.items() if r["scores"]),
+    }

@@ -54,9 +54,21 @@ class AuditConfig:
         """Small subsets for a run of minutes on a CPU: 40 identities (6 photos each), 32x32 decoders trained two
         epochs in batches of 16, 2 victim photos per person, GAN prior on 4 templates with 2 restarts of 8 steps."""
         base: dict[str, Any] = {
-            "quick": True, "attackers": QUICK_ATTACKERS, "image_size": 32, "epochs": 2, "batch_size": 16,
-            "max_identities": 40, "max_photos": 6, "per_identity": 2, "max_victims": 40, "gan_templates": 4,
-            "gan_steps": 8, "gan_restarts": 2, "link_keys": 3, "eval_fraction": 0.5}
+            "quick": True,
+            "attackers": QUICK_ATTACKERS,
+            "image_size": 32,
+            "epochs": 2,
+            "batch_size": 16,
+            "max_identities": 40,
+            "max_photos": 6,
+            "per_identity": 2,
+            "max_victims": 40,
+            "gan_templates": 4,
+            "gan_steps": 8,
+            "gan_restarts": 2,
+            "link_keys": 3,
+            "eval_fraction": 0.5,
+        }
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(data=data, out=out, **base)
 
@@ -66,16 +78,29 @@ class AuditConfig:
             raise ConfigError(f"--protection must be one of {', '.join(PROTECTIONS)}, got {self.protection!r}")
         if self.templates is not None and self.store is not None:
             raise ConfigError("give either --templates or --store, not both")
-        if self.store is not None and not self.tenant and not (
-                self.store.startswith("advface:") and "tenant=" in self.store):
+        if (
+            self.store is not None
+            and not self.tenant
+            and not (self.store.startswith("advface:") and "tenant=" in self.store)
+        ):
             raise ConfigError("--store needs --tenant (or an advface:DATA_DIR?tenant=NAME location)")
         if self.store_config is not None and self.store is None:
             raise ConfigError("--config (the sidecar's configuration) is read only with --store")
-        flags = [f for f, v in (("--protection", self.protection), ("--rel-l2", self.rel_l2),
-                                ("--steps", self.steps), ("--shadow", self.shadows or None)) if v is not None]
+        flags = [
+            f
+            for f, v in (
+                ("--protection", self.protection),
+                ("--rel-l2", self.rel_l2),
+                ("--steps", self.steps),
+                ("--shadow", self.shadows or None),
+            )
+            if v is not None
+        ]
         if self.store is not None and flags:
-            raise ConfigError(f"{', '.join(flags)}: with --store the audit protects as the store's sidecar does, "
-                              "from the protection section of --config; drop these flags")
+            raise ConfigError(
+                f"{', '.join(flags)}: with --store the audit protects as the store's sidecar does, "
+                "from the protection section of --config; drop these flags"
+            )
         if self.rel_l2 is not None and not 0 < self.rel_l2 <= 1:
             raise ConfigError(f"--rel-l2 must be in (0, 1], got {self.rel_l2}")
         for name in ("epochs", "batch_size", "per_identity", "gan_steps", "gan_restarts", "steps", "link_keys"):

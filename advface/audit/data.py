@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 
 from advface.datasets.folders import IdentityFolderDataset
-from advface.encoders.base import FaceEncoder
-from advface.errors import AdvfaceError, ConfigError, EmbeddingError
 from advface.datasets.pairs import FacePairs, build_face_pairs
 from advface.datasets.splits import IdentitySplit, split_identities
+from advface.encoders.base import FaceEncoder
+from advface.errors import AdvfaceError, ConfigError, EmbeddingError
 
 
 def open_dataset(path: str | Path) -> IdentityFolderDataset:
@@ -36,8 +36,9 @@ def _rank(names: list[str], seed: int) -> list[str]:
     return sorted(names, key=lambda n: hashlib.sha256(f"audit:{seed}:{n}".encode()).hexdigest())
 
 
-def subsample(dataset: IdentityFolderDataset, max_identities: int, max_photos: int, seed: int = 0
-              ) -> IdentityFolderDataset:
+def subsample(
+    dataset: IdentityFolderDataset, max_identities: int, max_photos: int, seed: int = 0
+) -> IdentityFolderDataset:
     """At most ``max_identities`` identities (about 60% of them with two or more photos when the dataset has
     enough, so that Type II and unlinkability have people to work with) and ``max_photos`` photos each; 0: all."""
     groups = dataset.by_identity()
@@ -74,24 +75,32 @@ def _failure_reason(path: Path) -> str:
     return "no face found"
 
 
-def dataset_faces(dataset: IdentityFolderDataset, encoder: FaceEncoder, *, image_size: int, use_cache: bool,
-                  workers: int = 1, progress: bool = True) -> DatasetFaces:
+def dataset_faces(
+    dataset: IdentityFolderDataset,
+    encoder: FaceEncoder,
+    *,
+    image_size: int,
+    use_cache: bool,
+    workers: int = 1,
+    progress: bool = True,
+) -> DatasetFaces:
     """Detect, align and embed every photo (cached pairs when ``use_cache``); ConfigError when no photo is usable."""
     try:
-        pairs = build_face_pairs(dataset, encoder, image_size=image_size, use_cache=use_cache, workers=workers,
-                                 progress=progress)
+        pairs = build_face_pairs(
+            dataset, encoder, image_size=image_size, use_cache=use_cache, workers=workers, progress=progress
+        )
     except ValueError as exc:  # np.stack of nothing: no photo gave a face
         if "at least one array" not in str(exc):
             raise
-        raise ConfigError(f"no usable face in the {len(dataset)} photos under {dataset.root} "
-                          "(unreadable images or no face found)") from exc
+        raise ConfigError(
+            f"no usable face in the {len(dataset)} photos under {dataset.root} (unreadable images or no face found)"
+        ) from exc
     found = set(pairs.ids[~pairs.flipped].tolist())
     failed = {item.id: _failure_reason(item.path) for item in dataset if item.id not in found}
     return DatasetFaces(pairs, failed)
 
 
-def make_split(pairs: FacePairs, seed: int, eval_fraction: float, evaluation: set[str] | None = None
-               ) -> IdentitySplit:
+def make_split(pairs: FacePairs, seed: int, eval_fraction: float, evaluation: set[str] | None = None) -> IdentitySplit:
     """Identity-disjoint defender / attacker / evaluation groups (:func:`advface.datasets.splits.split_identities`);
     with ``evaluation`` (the people of an audited database) those form the evaluation group and the other
     identities are dealt alternately to defender and attacker in hash order."""
@@ -103,9 +112,11 @@ def make_split(pairs: FacePairs, seed: int, eval_fraction: float, evaluation: se
         split = IdentitySplit(frozenset(rest[0::2]), frozenset(rest[1::2]), frozenset(evaluation), seed)
     if not split.attacker:
         if evaluation is not None:
-            raise ConfigError("the attacker group is empty: every identity of the dataset has a template in the "
-                              "audited database, and attackers must train on people outside it (use a dataset with "
-                              "more people than the database, or audit a part of the database)")
+            raise ConfigError(
+                "the attacker group is empty: every identity of the dataset has a template in the "
+                "audited database, and attackers must train on people outside it (use a dataset with "
+                "more people than the database, or audit a part of the database)"
+            )
         raise ConfigError("too few identities: the attacker group is empty (use a dataset with more people)")
     return split
 
@@ -125,8 +136,9 @@ class Victims:
         return self.other >= 0
 
 
-def choose_victims(pairs: FacePairs, identities: frozenset[str] | set[str], per_identity: int,
-                   max_victims: int = 0) -> Victims:
+def choose_victims(
+    pairs: FacePairs, identities: frozenset[str] | set[str], per_identity: int, max_victims: int = 0
+) -> Victims:
     """Up to ``per_identity`` photos of each identity (sorted), at most ``max_victims`` in all (0: no cap); each
     paired with the next photo of the same person among those chosen (like ``benchmarks/advface_lfw.py``), except
     that identities with one photo are kept (Type I only) and counted."""
@@ -172,8 +184,10 @@ def check_db(ids: list[str], vectors: np.ndarray, dim: int, source: str) -> Temp
     if len(ids) == 0:
         raise EmbeddingError(f"{source}: the template database is empty")
     if vectors.ndim != 2 or vectors.shape[1] != dim:
-        raise EmbeddingError(f"{source}: templates have dimension {vectors.shape[-1] if vectors.ndim else '?'} "
-                             f"but the encoder produces {dim}-d embeddings (wrong encoder or database?)")
+        raise EmbeddingError(
+            f"{source}: templates have dimension {vectors.shape[-1] if vectors.ndim else '?'} "
+            f"but the encoder produces {dim}-d embeddings (wrong encoder or database?)"
+        )
     if not np.all(np.isfinite(vectors)):
         raise EmbeddingError(f"{source}: templates contain NaN or Inf")
     return TemplateDatabase(list(ids), vectors.astype(np.float32), source)
@@ -192,7 +206,9 @@ def match_templates(db: TemplateDatabase, victims: Victims) -> tuple[np.ndarray,
     index = {photo_id: i for i, photo_id in enumerate(db.ids)}
     rows = np.array([i for i, pid in enumerate(victims.pairs.ids.tolist()) if pid in index], dtype=int)
     if len(rows) == 0:
-        raise ConfigError(f"{db.source}: no template id is the id of an evaluation photo of the dataset; template "
-                          "ids must be photo paths relative to the dataset root (e.g. Person/Person_0001.jpg)")
+        raise ConfigError(
+            f"{db.source}: no template id is the id of an evaluation photo of the dataset; template "
+            "ids must be photo paths relative to the dataset root (e.g. Person/Person_0001.jpg)"
+        )
     vectors = db.vectors[[index[pid] for pid in victims.pairs.ids[rows].tolist()]]
     return rows, vectors, len(db.ids) - len(rows)

@@ -27,18 +27,24 @@ from advface.unlinkability import d_sys
 FMRS = {"1e-3": 1e-3, "1e-2": 1e-2}
 
 
-def attack_thresholds(embeddings: np.ndarray, identities: np.ndarray, metric: str, seed: int = 0
-                      ) -> dict[str, float]:
+def attack_thresholds(embeddings: np.ndarray, identities: np.ndarray, metric: str, seed: int = 0) -> dict[str, float]:
     """Thresholds on the encoder's score giving FMR 0.1% and 1% over non-mated pairs of clean embeddings."""
     if len(set(identities.tolist())) < 2:
         raise ValueError("at least two identities are needed to fix a false-match threshold")
-    return {label: impostor_threshold(embeddings, identities, metric, fmr=fmr, seed=seed)
-            for label, fmr in FMRS.items()}
+    return {
+        label: impostor_threshold(embeddings, identities, metric, fmr=fmr, seed=seed) for label, fmr in FMRS.items()
+    }
 
 
-def evaluate_attack(encoder: FaceEncoder, reconstructions: np.ndarray, own: np.ndarray, other: np.ndarray,
-                    has_other: np.ndarray, originals: np.ndarray, thresholds: dict[str, float]
-                    ) -> ReconstructionResult:
+def evaluate_attack(
+    encoder: FaceEncoder,
+    reconstructions: np.ndarray,
+    own: np.ndarray,
+    other: np.ndarray,
+    has_other: np.ndarray,
+    originals: np.ndarray,
+    thresholds: dict[str, float],
+) -> ReconstructionResult:
     """Success of one attacker's ``reconstructions`` of templates whose photos have raw embeddings ``own``.
 
     ``other[i]`` is the raw embedding of another photo of the same person where ``has_other[i]`` (Type II; the
@@ -51,12 +57,26 @@ def evaluate_attack(encoder: FaceEncoder, reconstructions: np.ndarray, own: np.n
     originals = resize_faces(originals, reconstructions.shape[1])
     q_ssim = float(ssim(reconstructions, originals).mean())
     q_psnr = float(psnr(reconstructions, originals).mean())
-    at_fmr = {label: SuccessAtFmr(float((s1 >= t).mean()), float((s2 >= t).mean()) if len(s2) else None, q_ssim,
-                                  q_psnr, t, len(reconstructions))
-              for label, t in thresholds.items()}
-    return ReconstructionResult(n=len(reconstructions), type2_n=int(has_other.sum()),
-                                type2_skipped_single_photo=int((~has_other).sum()), ssim=q_ssim, psnr=q_psnr,
-                                mean_score_to_own=float(s1.mean()), at_fmr=at_fmr)
+    at_fmr = {
+        label: SuccessAtFmr(
+            float((s1 >= t).mean()),
+            float((s2 >= t).mean()) if len(s2) else None,
+            q_ssim,
+            q_psnr,
+            t,
+            len(reconstructions),
+        )
+        for label, t in thresholds.items()
+    }
+    return ReconstructionResult(
+        n=len(reconstructions),
+        type2_n=int(has_other.sum()),
+        type2_skipped_single_photo=int((~has_other).sum()),
+        ssim=q_ssim,
+        psnr=q_psnr,
+        mean_score_to_own=float(s1.mean()),
+        at_fmr=at_fmr,
+    )
 
 
 @dataclass
@@ -68,8 +88,9 @@ class Verification:
     same: np.ndarray
 
 
-def verification_pairs(identities: np.ndarray, seed: int = 0, nonmated_per_mated: int = 10,
-                       min_nonmated: int = 2000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def verification_pairs(
+    identities: np.ndarray, seed: int = 0, nonmated_per_mated: int = 10, min_nonmated: int = 2000
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(a, b, same)``: every mated pair of distinct photos (a < b) and random non-mated pairs."""
     n = len(identities)
     ia, ib = np.triu_indices(n, k=1)
@@ -83,8 +104,9 @@ def verification_pairs(identities: np.ndarray, seed: int = 0, nonmated_per_mated
     return ia[idx], ib[idx], same_all[idx]
 
 
-def verification(encoder: FaceEncoder, enrolled: np.ndarray, probes: np.ndarray, identities: np.ndarray,
-                 seed: int = 0) -> Verification:
+def verification(
+    encoder: FaceEncoder, enrolled: np.ndarray, probes: np.ndarray, identities: np.ndarray, seed: int = 0
+) -> Verification:
     """Accuracy (10 random folds, threshold fit on 9), TAR at FAR 1e-2 / 1e-3: ``enrolled[a]`` vs ``probes[b]``."""
     a, b, same = verification_pairs(identities, seed)
     if not same.any() or same.all():
@@ -94,9 +116,16 @@ def verification(encoder: FaceEncoder, enrolled: np.ndarray, probes: np.ndarray,
     acc = kfold_accuracy(scores, same, folds)
     tar3, t3 = tar_at_far(scores, same, 1e-3)
     tar2, t2 = tar_at_far(scores, same, 1e-2)
-    metrics = VerificationMetrics(accuracy_mean=acc.mean, accuracy_std=acc.std, tar_at_far_1e_3=tar3,
-                                  threshold_at_far_1e_3=t3, tar_at_far_1e_2=tar2, threshold_at_far_1e_2=t2,
-                                  mated_pairs=int(same.sum()), nonmated_pairs=int((~same).sum()))
+    metrics = VerificationMetrics(
+        accuracy_mean=acc.mean,
+        accuracy_std=acc.std,
+        tar_at_far_1e_3=tar3,
+        threshold_at_far_1e_3=t3,
+        tar_at_far_1e_2=tar2,
+        threshold_at_far_1e_2=t2,
+        mated_pairs=int(same.sum()),
+        nonmated_pairs=int((~same).sum()),
+    )
     return Verification(metrics, scores, same)
 
 
@@ -137,6 +166,11 @@ def linkage(db_a: np.ndarray, db_b: np.ndarray, metric: str, seed: int = 0) -> L
     nonmated = scores[~np.eye(len(scores), dtype=bool)]
     value, curve = d_sys(mated, nonmated, noise_floor=True, seed=seed)
     assert curve.noise_floor is not None and curve.noise_floor_p95 is not None  # estimated: noise_floor=True
-    metrics = LinkageMetrics(d_sys=value, noise_floor=curve.noise_floor, noise_floor_p95=curve.noise_floor_p95,
-                             n_mated=curve.n_mated, n_nonmated=curve.n_nonmated)
+    metrics = LinkageMetrics(
+        d_sys=value,
+        noise_floor=curve.noise_floor,
+        noise_floor_p95=curve.noise_floor_p95,
+        n_mated=curve.n_mated,
+        n_nonmated=curve.n_nonmated,
+    )
     return Linkage(metrics, mated, nonmated, curve)

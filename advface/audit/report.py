@@ -88,7 +88,7 @@ def plot_histograms(verifications: dict[str, Verification], linkages: dict[str, 
         ax.set_title(title, fontsize=8)
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=6)
-    for ax in axes.ravel()[len(panels):]:
+    for ax in axes.ravel()[len(panels) :]:
         ax.axis("off")
     fig.tight_layout()
     return _png(fig)
@@ -157,26 +157,40 @@ def _attack_rows(attacks: dict[str, AttackResult]) -> list[list[str]]:
             if r is None:
                 continue
             strict, loose = r.at_fmr["1e-3"], r.at_fmr["1e-2"]
-            rows.append([html.escape(name), kind, _fmt(strict.type1_success, True), _fmt(strict.type2_success, True),
-                         _fmt(loose.type1_success, True), _fmt(loose.type2_success, True), _fmt(r.ssim),
-                         f"{r.psnr:.2f}", str(r.n)])
+            rows.append(
+                [
+                    html.escape(name),
+                    kind,
+                    _fmt(strict.type1_success, True),
+                    _fmt(strict.type2_success, True),
+                    _fmt(loose.type1_success, True),
+                    _fmt(loose.type2_success, True),
+                    _fmt(r.ssim),
+                    f"{r.psnr:.2f}",
+                    str(r.n),
+                ]
+            )
     return rows
 
 
 def _thief_html(thief: ThiefScanResult) -> str:
     """The database thief without keys: vectors recovered from the rows, and from the raw bytes of the files."""
     enc = "encrypted at rest" if thief.encrypted_at_rest else "NOT encrypted at rest"
-    out = (f"<p class='thief'><b>Database thief without keys</b> (store {enc}): "
-           f"<b>vectors recovered without keys: {thief.vectors_recovered} of {thief.rows} rows</b>. "
-           f"Read: {html.escape(str(thief.read))}; every byte offset decoded as float32 / "
-           "float64; a row counts when a decoding matches a victim photo at FMR 0.1% or equals a stored "
-           "template.</p>")
+    out = (
+        f"<p class='thief'><b>Database thief without keys</b> (store {enc}): "
+        f"<b>vectors recovered without keys: {thief.vectors_recovered} of {thief.rows} rows</b>. "
+        f"Read: {html.escape(str(thief.read))}; every byte offset decoded as float32 / "
+        "float64; a row counts when a decoding matches a victim photo at FMR 0.1% or equals a stored "
+        "template.</p>"
+    )
     fb = thief.file_bytes
     if fb:
-        out += (f"<p>Raw bytes of {html.escape(', '.join(fb.get('files', [])))} "
-                f"({fb['bytes_scanned']} bytes{', truncated' if fb.get('truncated') else ''}): "
-                f"{fb['audited_templates_found']} of {fb['audited_templates']} audited templates found, "
-                f"{fb['windows_matching_a_victim']} windows matching a victim photo.</p>")
+        out += (
+            f"<p>Raw bytes of {html.escape(', '.join(fb.get('files', [])))} "
+            f"({fb['bytes_scanned']} bytes{', truncated' if fb.get('truncated') else ''}): "
+            f"{fb['audited_templates_found']} of {fb['audited_templates']} audited templates found, "
+            f"{fb['windows_matching_a_victim']} windows matching a victim photo.</p>"
+        )
     return out
 
 
@@ -192,16 +206,25 @@ def _layers_html(thief: ThiefScanResult | None, layers: LayersResult | None) -> 
             result = f"{layer.thief.vectors_recovered} of {layer.thief.rows} rows recovered"
         elif layer.api is not None:
             leaks = layer.api_stored_vector_rpcs
-            result = (f"RPCs returning stored templates: {html.escape(', '.join(leaks)) if leaks else 'none'}; "
-                      "score-search bound, best Type I @FMR 0.1%: "
-                      f"{_fmt(best.type1_success_max if best else None, True)}")
+            result = (
+                f"RPCs returning stored templates: {html.escape(', '.join(leaks)) if leaks else 'none'}; "
+                "score-search bound, best Type I @FMR 0.1%: "
+                f"{_fmt(best.type1_success_max if best else None, True)}"
+            )
         elif best is not None:
             result = f"best Type I @FMR 0.1%: {_fmt(best.type1_success_max, True)}"
         else:
             result = "&ndash;"
-        rows.append([html.escape(layer.attacker), html.escape(layer.holds), html.escape(layer.layer),
-                     html.escape(best.templates) if best is not None and best.templates else "&ndash;", result,
-                     html.escape(layer.note or "")])
+        rows.append(
+            [
+                html.escape(layer.attacker),
+                html.escape(layer.holds),
+                html.escape(layer.layer),
+                html.escape(best.templates) if best is not None and best.templates else "&ndash;",
+                result,
+                html.escape(layer.note or ""),
+            ]
+        )
     if rows:
         parts.append(_table(["attacker", "holds", "layer that should stop it", "templates", "result", "note"], rows))
     return "".join(parts)
@@ -222,17 +245,26 @@ def _figure(figures: dict[str, str], name: str, alt: str, heading: str = "") -> 
 
 def _key_value_table(header: str, section: dict[str, Any], nested: bool = True) -> str:
     """A two-column table of a report section's entries (``nested`` False: scalar entries only)."""
-    return _table([header, "value"], [[html.escape(k), _fmt(v)] for k, v in section.items()
-                                      if nested or not isinstance(v, (dict, list))])
+    return _table(
+        [header, "value"],
+        [[html.escape(k), _fmt(v)] for k, v in section.items() if nested or not isinstance(v, (dict, list))],
+    )
 
 
 def render_html(result: AuditResult, figures: dict[str, str]) -> str:
     """The report page for ``result`` with ``figures`` (name -> base64 PNG)."""
     r = result
-    parts = [(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>advface audit</title><style>{_CSS}</style>"
-              "</head><body><h1>advface audit report</h1>")]
-    parts.append("<p>" + ", ".join(f"{html.escape(str(k))}: <code>{html.escape(str(v))}</code>"
-                                   for k, v in r.config.items()) + "</p>")
+    parts = [
+        (
+            f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>advface audit</title><style>{_CSS}</style>"
+            "</head><body><h1>advface audit report</h1>"
+        )
+    ]
+    parts.append(
+        "<p>"
+        + ", ".join(f"{html.escape(str(k))}: <code>{html.escape(str(v))}</code>" for k, v in r.config.items())
+        + "</p>"
+    )
     if r.missing:
         items = "".join(f"<li><b>{html.escape(m.stage)}</b>: {html.escape(m.reason)}</li>" for m in r.missing)
         parts.append(f"<div class='missing'><b>Partial report</b>, missing:<ul>{items}</ul></div>")
@@ -241,49 +273,88 @@ def render_html(result: AuditResult, figures: dict[str, str]) -> str:
         if r.data.database is not None:
             parts.append(_key_value_table("database", r.data.database.to_json()))
     if r.thresholds:
-        parts.append("<p>Decision thresholds on the encoder's score, fixed on non-mated pairs of the dataset's clean "
-                     "embeddings: " + ", ".join(f"FMR {html.escape(k)}: <code>{v:.4f}</code>"
-                                                for k, v in r.thresholds.items()) + "</p>")
+        parts.append(
+            "<p>Decision thresholds on the encoder's score, fixed on non-mated pairs of the dataset's clean "
+            "embeddings: "
+            + ", ".join(f"FMR {html.escape(k)}: <code>{v:.4f}</code>" for k, v in r.thresholds.items())
+            + "</p>"
+        )
     if r.attacks:
-        parts.append("<h2>Irreversibility: identity inference from reconstructions</h2>"
-                     "<p>Type I: reconstruction vs the template's own photo; Type II: vs another photo of the same "
-                     "person (people with a single photo are skipped and counted). Thresholds fixed on clean data at "
-                     "the given false-match rate.</p>")
-        parts.append(_table(["attacker", "templates", "Type I @FMR 0.1%", "Type II @FMR 0.1%", "Type I @FMR 1%",
-                             "Type II @FMR 1%", "SSIM", "PSNR (dB)", "n"], _attack_rows(r.attacks)))
+        parts.append(
+            "<h2>Irreversibility: identity inference from reconstructions</h2>"
+            "<p>Type I: reconstruction vs the template's own photo; Type II: vs another photo of the same "
+            "person (people with a single photo are skipped and counted). Thresholds fixed on clean data at "
+            "the given false-match rate.</p>"
+        )
+        parts.append(
+            _table(
+                [
+                    "attacker",
+                    "templates",
+                    "Type I @FMR 0.1%",
+                    "Type II @FMR 0.1%",
+                    "Type I @FMR 1%",
+                    "Type II @FMR 1%",
+                    "SSIM",
+                    "PSNR (dB)",
+                    "n",
+                ],
+                _attack_rows(r.attacks),
+            )
+        )
     if (r.layers is not None and r.layers.layers) or r.thief_without_keys is not None:
         parts.append(_layers_html(r.thief_without_keys, r.layers))
     parts.append(_figure(figures, "grid", "image grid", "<h3>Reconstructions</h3>"))
     parts.append(_figure(figures, "gan", "GAN prior progress"))
     if r.verification is not None:
         parts.append("<h2>Performance preservation: verification</h2>")
-        rows = [[html.escape(k), _fmt(v.accuracy_mean, True), _fmt(v.tar_at_far_1e_2, True),
-                 _fmt(v.tar_at_far_1e_3, True), str(v.mated_pairs), str(v.nonmated_pairs)]
-                for k, v in r.verification.by_templates.items()]
-        parts.append(_table(["enrolled templates (probe: raw)", "accuracy", "TAR@FAR 1e-2", "TAR@FAR 1e-3",
-                             "mated", "non-mated"], rows))
+        rows = [
+            [
+                html.escape(k),
+                _fmt(v.accuracy_mean, True),
+                _fmt(v.tar_at_far_1e_2, True),
+                _fmt(v.tar_at_far_1e_3, True),
+                str(v.mated_pairs),
+                str(v.nonmated_pairs),
+            ]
+            for k, v in r.verification.by_templates.items()
+        ]
+        parts.append(
+            _table(
+                ["enrolled templates (probe: raw)", "accuracy", "TAR@FAR 1e-2", "TAR@FAR 1e-3", "mated", "non-mated"],
+                rows,
+            )
+        )
     parts.append(_figure(figures, "roc", "ROC and DET"))
     unl = r.unlinkability
     if unl is not None:
-        parts.append("<h2>Unlinkability and renewability</h2><p>D_sys (Gomez-Barrero et al.): 0 = unlinkable, "
-                     "1 = fully linkable; the noise floor is what histogram noise alone gives for these counts.</p>")
+        parts.append(
+            "<h2>Unlinkability and renewability</h2><p>D_sys (Gomez-Barrero et al.): 0 = unlinkable, "
+            "1 = fully linkable; the noise floor is what histogram noise alone gives for these counts.</p>"
+        )
         rows = [[html.escape(k), _fmt(v.d_sys), _fmt(v.noise_floor), str(v.n_mated)] for k, v in unl.details.items()]
         renewal = r.renewability.details if r.renewability is not None else {}
-        rows += [[f"renewability: {html.escape(k)}", _fmt(v.d_sys), _fmt(v.noise_floor), str(v.n_mated)]
-                 for k, v in renewal.items()]
+        rows += [
+            [f"renewability: {html.escape(k)}", _fmt(v.d_sys), _fmt(v.noise_floor), str(v.n_mated)]
+            for k, v in renewal.items()
+        ]
         parts.append(_table(["databases", "D_sys", "noise floor", "people"], rows))
         across = unl.across_keys
         verdict = "meets" if unl.key_meets_target else "does not meet"
-        parts.append(f"<p>AdvFace + key over {across.key_pairs} pairs of tenant keys: D_sys mean "
-                     f"{_fmt(across.mean)}, worst {_fmt(across.worst)} (noise floor "
-                     f"{_fmt(across.noise_floor_mean)}); the worst {verdict} the target "
-                     f"D_sys &le; {_fmt(unl.target_d_sys_max)}. {across.above_noise_p95} of "
-                     f"{across.key_pairs} read above the 95th percentile of D_sys for unlinkable scores "
-                     "at these counts (one in 20 would by chance).</p>")
+        parts.append(
+            f"<p>AdvFace + key over {across.key_pairs} pairs of tenant keys: D_sys mean "
+            f"{_fmt(across.mean)}, worst {_fmt(across.worst)} (noise floor "
+            f"{_fmt(across.noise_floor_mean)}); the worst {verdict} the target "
+            f"D_sys &le; {_fmt(unl.target_d_sys_max)}. {across.above_noise_p95} of "
+            f"{across.key_pairs} read above the 95th percentile of D_sys for unlinkable scores "
+            "at these counts (one in 20 would by chance).</p>"
+        )
     parts.append(_figure(figures, "d_curve", "D(s)"))
     parts.append(_figure(figures, "hist", "histograms", "<h3>Score histograms</h3>"))
-    parts.append(f"<p style='color:#777;font-size:12px'>generated {html.escape(str(r.date or ''))} in "
-                 f"{_fmt(r.seconds)} s</p></body></html>")
+    parts.append(
+        f"<p style='color:#777;font-size:12px'>generated {html.escape(str(r.date or ''))} in "
+        f"{_fmt(r.seconds)} s</p></body></html>"
+    )
     return "".join(parts)
 
 
@@ -303,12 +374,18 @@ def write_report(result: AuditResult, artifacts: ReportArtifacts, out_dir: Path)
     originals = artifacts.grid_originals
     jobs = [
         ("roc", lambda: plot_roc_det(artifacts.verifications), bool(artifacts.verifications)),
-        ("hist", lambda: plot_histograms(artifacts.verifications, artifacts.linkages),
-         bool(artifacts.verifications or artifacts.linkages)),
+        (
+            "hist",
+            lambda: plot_histograms(artifacts.verifications, artifacts.linkages),
+            bool(artifacts.verifications or artifacts.linkages),
+        ),
         ("d_curve", lambda: plot_d_curves(artifacts.linkages), bool(artifacts.linkages)),
         ("gan", lambda: plot_gan_history(artifacts.gan_history), bool(artifacts.gan_history)),
-        ("grid", lambda: plot_grid(originals, artifacts.grid_rows) if originals is not None else "",
-         originals is not None and bool(artifacts.grid_rows)),
+        (
+            "grid",
+            lambda: plot_grid(originals, artifacts.grid_rows) if originals is not None else "",
+            originals is not None and bool(artifacts.grid_rows),
+        ),
     ]
     for name, make, wanted in jobs:
         if not wanted:

@@ -53,8 +53,13 @@ class DatabaseSummary:
 
     def to_json(self) -> JsonDict:
         """The ``data.database`` section: the counts, then the store's description."""
-        return {"source": self.source, "templates": self.templates, "audited": self.audited,
-                "not_audited": self.not_audited, **(self.store or {})}
+        return {
+            "source": self.source,
+            "templates": self.templates,
+            "audited": self.audited,
+            "not_audited": self.not_audited,
+            **(self.store or {}),
+        }
 
 
 @dataclass
@@ -79,9 +84,15 @@ class DatasetSummary:
 
     def to_json(self) -> JsonDict:
         """The ``data`` section (the parts not measured yet are left out)."""
-        out: JsonDict = {"dataset": self.dataset, "photos": self.photos, "identities": self.identities,
-                         "photos_with_face": self.photos_with_face, "photos_failed": self.photos_failed,
-                         "failed_examples": self.failed_examples, "encoder": self.encoder}
+        out: JsonDict = {
+            "dataset": self.dataset,
+            "photos": self.photos,
+            "identities": self.identities,
+            "photos_with_face": self.photos_with_face,
+            "photos_failed": self.photos_failed,
+            "failed_examples": self.failed_examples,
+            "encoder": self.encoder,
+        }
         if self.database is not None:
             out["database"] = self.database.to_json()
         for name in ("split", "victims", "single_photo_identities"):
@@ -136,8 +147,13 @@ class ProtectionResult:
 
     def to_json(self) -> JsonDict:
         """The protector's summary, then the key and templates notes."""
-        return {**self.protector.to_json(), "key": self.key, "key_norm_equalisation": self.key_norm_equalisation,
-                "templates": self.templates, "store_keyed_transform": self.store_keyed_transform}
+        return {
+            **self.protector.to_json(),
+            "key": self.key,
+            "key_norm_equalisation": self.key_norm_equalisation,
+            "templates": self.templates,
+            "store_keyed_transform": self.store_keyed_transform,
+        }
 
 
 # ------------------------------------------------------------------------------------------------------ attacks
@@ -155,8 +171,14 @@ class SuccessAtFmr:
 
     def to_json(self) -> JsonDict:
         """The ``fmr_<label>`` entry."""
-        return {"type1_success": self.type1_success, "type2_success": self.type2_success, "ssim": self.ssim,
-                "psnr": self.psnr, "threshold": self.threshold, "n": self.n}
+        return {
+            "type1_success": self.type1_success,
+            "type2_success": self.type2_success,
+            "ssim": self.ssim,
+            "psnr": self.psnr,
+            "threshold": self.threshold,
+            "n": self.n,
+        }
 
 
 @dataclass
@@ -185,9 +207,14 @@ class ReconstructionResult:
 
     def to_json(self) -> JsonDict:
         """Counts and quality, ``fmr_<label>`` per FMR, then the headline ``type1_success`` / ``type2_success``."""
-        out: JsonDict = {"n": self.n, "type2_n": self.type2_n,
-                         "type2_skipped_single_photo": self.type2_skipped_single_photo, "ssim": self.ssim,
-                         "psnr": self.psnr, "mean_score_to_own": self.mean_score_to_own}
+        out: JsonDict = {
+            "n": self.n,
+            "type2_n": self.type2_n,
+            "type2_skipped_single_photo": self.type2_skipped_single_photo,
+            "ssim": self.ssim,
+            "psnr": self.psnr,
+            "mean_score_to_own": self.mean_score_to_own,
+        }
         out.update({f"fmr_{label}": s.to_json() for label, s in self.at_fmr.items()})
         out.update(type1_success=self.type1_success, type2_success=self.type2_success)
         return out
@@ -217,8 +244,13 @@ class AttackResult:
 
     def to_json(self) -> JsonDict:
         """The ``attacks.<name>`` entry: one entry per template kind, the headline rates, kind and details."""
-        return {**{k: r.to_json() for k, r in self.by_templates.items()}, "type1_success": self.type1_success,
-                "type2_success": self.type2_success, "kind": self.kind, **self.details()}
+        return {
+            **{k: r.to_json() for k, r in self.by_templates.items()},
+            "type1_success": self.type1_success,
+            "type2_success": self.type2_success,
+            "kind": self.kind,
+            **self.details(),
+        }
 
 
 @dataclass(kw_only=True)
@@ -251,8 +283,13 @@ class GanPriorAttackResult(AttackResult):
 
     def details(self) -> JsonDict:
         """``prior``, ``templates``, ``steps``, ``restarts``, ``similarity_history_raw``."""
-        return {"prior": self.prior, "templates": self.templates, "steps": self.steps, "restarts": self.restarts,
-                "similarity_history_raw": self.similarity_history_raw}
+        return {
+            "prior": self.prior,
+            "templates": self.templates,
+            "steps": self.steps,
+            "restarts": self.restarts,
+            "similarity_history_raw": self.similarity_history_raw,
+        }
 
 
 # ------------------------------------------------------------------------------------------------- verification
@@ -271,10 +308,16 @@ class VerificationMetrics:
 
     def to_json(self) -> JsonDict:
         """Accuracy, TAR and thresholds at FAR 1e-3 / 1e-2, pair counts."""
-        return {"accuracy_mean": self.accuracy_mean, "accuracy_std": self.accuracy_std,
-                "tar_at_far_1e-3": self.tar_at_far_1e_3, "threshold_at_far_1e-3": self.threshold_at_far_1e_3,
-                "tar_at_far_1e-2": self.tar_at_far_1e_2, "threshold_at_far_1e-2": self.threshold_at_far_1e_2,
-                "mated_pairs": self.mated_pairs, "nonmated_pairs": self.nonmated_pairs}
+        return {
+            "accuracy_mean": self.accuracy_mean,
+            "accuracy_std": self.accuracy_std,
+            "tar_at_far_1e-3": self.tar_at_far_1e_3,
+            "threshold_at_far_1e-3": self.threshold_at_far_1e_3,
+            "tar_at_far_1e-2": self.tar_at_far_1e_2,
+            "threshold_at_far_1e-2": self.threshold_at_far_1e_2,
+            "mated_pairs": self.mated_pairs,
+            "nonmated_pairs": self.nonmated_pairs,
+        }
 
 
 @dataclass
@@ -288,20 +331,25 @@ class VerificationResult:
     def accuracy_change_points(self) -> dict[str, float]:
         """Accuracy change against raw templates, in percentage points, of protected and protected+key."""
         raw = self.by_templates["raw"].accuracy_mean
-        return {name: round(100 * (self.by_templates[name].accuracy_mean - raw), 3)
-                for name in ("protected", "protected+key")}
+        return {
+            name: round(100 * (self.by_templates[name].accuracy_mean - raw), 3)
+            for name in ("protected", "protected+key")
+        }
 
     @property
     def key_accuracy_change_vs_protected_points(self) -> float:
         """What the keyed transform changes in accuracy over the protected templates, in percentage points."""
-        return round(100 * (self.by_templates["protected+key"].accuracy_mean
-                            - self.by_templates["protected"].accuracy_mean), 3)
+        return round(
+            100 * (self.by_templates["protected+key"].accuracy_mean - self.by_templates["protected"].accuracy_mean), 3
+        )
 
     def to_json(self) -> JsonDict:
         """One entry per template kind, then the accuracy changes."""
-        return {**{k: m.to_json() for k, m in self.by_templates.items()},
-                "accuracy_change_points": self.accuracy_change_points,
-                "key_accuracy_change_vs_protected_points": self.key_accuracy_change_vs_protected_points}
+        return {
+            **{k: m.to_json() for k, m in self.by_templates.items()},
+            "accuracy_change_points": self.accuracy_change_points,
+            "key_accuracy_change_vs_protected_points": self.key_accuracy_change_vs_protected_points,
+        }
 
 
 # -------------------------------------------------------------------------------------- unlinkability, renewal
@@ -318,8 +366,13 @@ class LinkageMetrics:
 
     def to_json(self) -> JsonDict:
         """``d_sys``, ``noise_floor``, ``noise_floor_p95``, ``n_mated``, ``n_nonmated``."""
-        return {"d_sys": self.d_sys, "noise_floor": self.noise_floor, "noise_floor_p95": self.noise_floor_p95,
-                "n_mated": self.n_mated, "n_nonmated": self.n_nonmated}
+        return {
+            "d_sys": self.d_sys,
+            "noise_floor": self.noise_floor,
+            "noise_floor_p95": self.noise_floor_p95,
+            "n_mated": self.n_mated,
+            "n_nonmated": self.n_nonmated,
+        }
 
 
 @dataclass
@@ -338,9 +391,13 @@ class KeyPairsLinkage:
     def of(cls, linkages: list[LinkageMetrics]) -> KeyPairsLinkage:
         """Summary of the linkages of each pair of keys."""
         values = [m.d_sys for m in linkages]
-        return cls(d_sys=values, mean=float(np.mean(values)), worst=float(max(values)),
-                   noise_floor_mean=float(np.mean([m.noise_floor for m in linkages])),
-                   above_noise_p95=sum(m.d_sys > m.noise_floor_p95 for m in linkages))
+        return cls(
+            d_sys=values,
+            mean=float(np.mean(values)),
+            worst=float(max(values)),
+            noise_floor_mean=float(np.mean([m.noise_floor for m in linkages])),
+            above_noise_p95=sum(m.d_sys > m.noise_floor_p95 for m in linkages),
+        )
 
     @property
     def key_pairs(self) -> int:
@@ -349,8 +406,14 @@ class KeyPairsLinkage:
 
     def to_json(self) -> JsonDict:
         """The ``advface+key_across_keys`` entry (``max``: the worst pair)."""
-        return {"key_pairs": self.key_pairs, "d_sys": self.d_sys, "mean": self.mean, "max": self.worst,
-                "noise_floor_mean": self.noise_floor_mean, "above_noise_p95": self.above_noise_p95}
+        return {
+            "key_pairs": self.key_pairs,
+            "d_sys": self.d_sys,
+            "mean": self.mean,
+            "max": self.worst,
+            "noise_floor_mean": self.noise_floor_mean,
+            "above_noise_p95": self.above_noise_p95,
+        }
 
 
 def _d_sys_of(details: dict[str, LinkageMetrics]) -> dict[str, float]:
@@ -381,10 +444,15 @@ class UnlinkabilityResult:
 
     def to_json(self) -> JsonDict:
         """D_sys per setting, details, the key pairs, protocol and target."""
-        return {"d_sys": self.d_sys, "details": {k: m.to_json() for k, m in self.details.items()},
-                "advface+key_across_keys": self.across_keys.to_json(), "protection": self.protection,
-                "protocol": self.protocol, "target_d_sys_max": self.target_d_sys_max,
-                "key_meets_target": self.key_meets_target}
+        return {
+            "d_sys": self.d_sys,
+            "details": {k: m.to_json() for k, m in self.details.items()},
+            "advface+key_across_keys": self.across_keys.to_json(),
+            "protection": self.protection,
+            "protocol": self.protocol,
+            "target_d_sys_max": self.target_d_sys_max,
+            "key_meets_target": self.key_meets_target,
+        }
 
 
 @dataclass
@@ -402,8 +470,11 @@ class RenewabilityResult:
 
     def to_json(self) -> JsonDict:
         """D_sys per setting, details, protocol."""
-        return {"d_sys": self.d_sys, "details": {k: m.to_json() for k, m in self.details.items()},
-                "protocol": self.protocol}
+        return {
+            "d_sys": self.d_sys,
+            "details": {k: m.to_json() for k, m in self.details.items()},
+            "protocol": self.protocol,
+        }
 
 
 # --------------------------------------------------------------------------------------------- layered secrets
@@ -440,8 +511,12 @@ class ThiefScanResult:
 
     def to_json(self) -> JsonDict:
         """The scan, then ``encrypted_at_rest``, ``threshold_fmr``, ``summary``."""
-        return {**self.scan, "encrypted_at_rest": self.encrypted_at_rest, "threshold_fmr": self.threshold_fmr,
-                "summary": self.summary}
+        return {
+            **self.scan,
+            "encrypted_at_rest": self.encrypted_at_rest,
+            "threshold_fmr": self.threshold_fmr,
+            "summary": self.summary,
+        }
 
 
 @dataclass
@@ -460,8 +535,11 @@ class BestAttack:
 
     def to_json(self) -> JsonDict:
         """``templates``, ``type1_success_max``, ``type1_success``."""
-        return {"templates": self.templates, "type1_success_max": self.type1_success_max,
-                "type1_success": self.type1_success}
+        return {
+            "templates": self.templates,
+            "type1_success_max": self.type1_success_max,
+            "type1_success": self.type1_success,
+        }
 
 
 @dataclass
@@ -488,8 +566,11 @@ class LayerResult:
         """``attacker``, ``holds``, ``layer``, then what was measured, then ``note``."""
         out: JsonDict = {"attacker": self.attacker, "holds": self.holds, "layer": self.layer}
         if self.thief is not None:
-            out.update(vectors_recovered=self.thief.vectors_recovered, rows=self.thief.rows,
-                       encrypted_at_rest=self.thief.encrypted_at_rest)
+            out.update(
+                vectors_recovered=self.thief.vectors_recovered,
+                rows=self.thief.rows,
+                encrypted_at_rest=self.thief.encrypted_at_rest,
+            )
         if self.api is not None:
             out.update(api_stored_vector_rpcs=self.api["stored_vectors"], api=self.api)
         if self.best is not None:
@@ -540,14 +621,24 @@ class AuditResult:
 
     def to_json(self) -> JsonDict:
         """The ``report.json`` document: ``format_version``, then every section that was measured."""
-        out: JsonDict = {"format_version": FORMAT_VERSION, "config": self.config,
-                         "missing": [m.to_json() for m in self.missing]}
+        out: JsonDict = {
+            "format_version": FORMAT_VERSION,
+            "config": self.config,
+            "missing": [m.to_json() for m in self.missing],
+        }
         sections: list[tuple[str, Any]] = [
-            ("data", self.data), ("thresholds", self.thresholds), ("protection", self.protection),
-            ("thief_without_keys", self.thief_without_keys), ("attacks", self.attacks or None),
-            ("verification", self.verification), ("unlinkability", self.unlinkability),
-            ("renewability", self.renewability), ("layers", self.layers), ("date", self.date),
-            ("seconds", self.seconds)]
+            ("data", self.data),
+            ("thresholds", self.thresholds),
+            ("protection", self.protection),
+            ("thief_without_keys", self.thief_without_keys),
+            ("attacks", self.attacks or None),
+            ("verification", self.verification),
+            ("unlinkability", self.unlinkability),
+            ("renewability", self.renewability),
+            ("layers", self.layers),
+            ("date", self.date),
+            ("seconds", self.seconds),
+        ]
         for name, section in sections:
             if section is None:
                 continue

@@ -78,8 +78,9 @@ def _load_inputs(config: AuditConfig, result: AuditResult) -> AuditInputs:
     return inputs
 
 
-def _finish(config: AuditConfig, result: AuditResult, artifacts: ReportArtifacts, inputs: AuditInputs | None,
-            started: float) -> tuple[Path, Path]:
+def _finish(
+    config: AuditConfig, result: AuditResult, artifacts: ReportArtifacts, inputs: AuditInputs | None, started: float
+) -> tuple[Path, Path]:
     """Summarise the layers, date the result, name the attackers that did not run and write the report."""
     c = config
     if result.attacks or result.thief_without_keys is not None:
@@ -104,8 +105,15 @@ def run_audit(config: AuditConfig) -> tuple[Path, Path, AuditResult]:
     result = AuditResult(config=config_summary(config))
     artifacts = ReportArtifacts()
     scan_store = config.store is not None
-    stage_names = ["inputs", "protection", *(["database thief"] if scan_store else []),
-                   *[f"attacker {a}" for a in config.attackers], "verification", "unlinkability", "report"]
+    stage_names = [
+        "inputs",
+        "protection",
+        *(["database thief"] if scan_store else []),
+        *[f"attacker {a}" for a in config.attackers],
+        "verification",
+        "unlinkability",
+        "report",
+    ]
     stages = _StageRunner(stage_names, result, config.progress)
     inputs: AuditInputs | None = None
     try:

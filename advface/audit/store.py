@@ -57,9 +57,13 @@ class StoreInfo:
         """What the report says about the store (no secret, no password)."""
         t = self.transforms
         return {
-            "store": self.where, "backend": self.backend, "tenant": self.tenant, "encrypted_at_rest": self.encrypted,
-            "keyed_transform": None if t is None else {"version": t.version, "norm": t.norm,
-                                                       "key_id": t.key_id(self.tenant)},
+            "store": self.where,
+            "backend": self.backend,
+            "tenant": self.tenant,
+            "encrypted_at_rest": self.encrypted,
+            "keyed_transform": None
+            if t is None
+            else {"version": t.version, "norm": t.norm, "key_id": t.key_id(self.tenant)},
             "tenant_templates": self.templates,
         }
 
@@ -70,8 +74,7 @@ def _tenant_of(store: str, tenant: str | None) -> str:
     raise ConfigError(f"--store {store.split('?')[0]!r} needs --tenant (or write advface:DATA_DIR?tenant=NAME)")
 
 
-def store_target(store: str, tenant: str | None, config_path: str | Path | None, encoder_name: str,
-                 metric: str) -> Any:
+def store_target(store: str, tenant: str | None, config_path: str | Path | None, encoder_name: str, metric: str) -> Any:
     """The :class:`~advface.reencode.store_io.StoreTarget` of ``--store`` (see the module docs), with the audit's
     encoder name and metric; ConfigError for a malformed location or a tenant given twice differently."""
     from advface.config import load_config
@@ -97,8 +100,9 @@ def store_target(store: str, tenant: str | None, config_path: str | Path | None,
         elif path.is_file():
             raise ConfigError(f"--store {store!r}: give the store's folder (the one holding templates.sqlite3)")
         config = load_config(config_path)
-        config = dataclasses.replace(config, store=dataclasses.replace(config.store, backend="sqlite",
-                                                                       data_dir=str(path)))
+        config = dataclasses.replace(
+            config, store=dataclasses.replace(config.store, backend="sqlite", data_dir=str(path))
+        )
         location = Location("advface", str(path), {"tenant": name}, f"advface:{path}?tenant={name}")
         return StoreTarget(location, config, name, "sqlite", path, encoder_name, metric)
     if store.startswith(("postgresql://", "postgres://")):
@@ -106,16 +110,23 @@ def store_target(store: str, tenant: str | None, config_path: str | Path | None,
 
         name = check_id(_tenant_of("postgresql://...", tenant), "tenant")
         config = load_config(config_path)
-        config = dataclasses.replace(config, store=dataclasses.replace(config.store, backend="postgresql",
-                                                                       dsn=store))
+        config = dataclasses.replace(config, store=dataclasses.replace(config.store, backend="postgresql", dsn=store))
         location = Location("advface", "", {"tenant": name}, f"{store} (tenant {name})")
         return StoreTarget(location, config, name, "postgresql", None, encoder_name, metric)
-    raise ConfigError(f"unsupported --store {store!r}: use advface:DATA_DIR?tenant=T, sqlite:DATA_DIR or a "
-                      "postgresql:// DSN")
+    raise ConfigError(
+        f"unsupported --store {store!r}: use advface:DATA_DIR?tenant=T, sqlite:DATA_DIR or a postgresql:// DSN"
+    )
 
 
-def load_templates_store(store: str, tenant: str | None, dim: int, metric: str, *,
-                         config_path: str | Path | None = None, encoder_name: str = "dlib") -> TemplateDatabase:
+def load_templates_store(
+    store: str,
+    tenant: str | None,
+    dim: int,
+    metric: str,
+    *,
+    config_path: str | Path | None = None,
+    encoder_name: str = "dlib",
+) -> TemplateDatabase:
     """The first template of every subject of the tenant, as stored (decrypted; after the keyed transform when the
     configuration has one, with the un-transformed vectors beside them). ConfigError when the store does not exist
     or cannot be opened with this configuration (an encrypted store without its key, another transform secret);
@@ -128,8 +139,14 @@ def load_templates_store(store: str, tenant: str | None, dim: int, metric: str, 
     try:
         source = AdvfaceStoreSource(target.location, target, dim)
     except ConfigError as exc:
-        hint = "" if config_path else (" (the store is opened like `advface serve --config FILE`: pass the sidecar's "
-                                       "configuration with --config)")
+        hint = (
+            ""
+            if config_path
+            else (
+                " (the store is opened like `advface serve --config FILE`: pass the sidecar's "
+                "configuration with --config)"
+            )
+        )
         raise ConfigError(f"{target.where()}: {exc}{hint}") from None
     ids: list[str] = []
     vectors: list[np.ndarray] = []
@@ -154,9 +171,14 @@ def load_templates_store(store: str, tenant: str | None, dim: int, metric: str, 
     if transforms is not None:
         db.untransformed = transforms.for_tenant(target.tenant).invert(db.vectors)
     db.store = StoreInfo(
-        where=where, backend=target.backend, tenant=target.tenant,
-        encrypted=bool(target.config.encryption.enabled), transforms=transforms,
-        protection=target.config.protection, data_dir=target.data_dir,
-        dsn=str(target.config.store.dsn) if target.backend == "postgresql" else None, templates=templates,
+        where=where,
+        backend=target.backend,
+        tenant=target.tenant,
+        encrypted=bool(target.config.encryption.enabled),
+        transforms=transforms,
+        protection=target.config.protection,
+        data_dir=target.data_dir,
+        dsn=str(target.config.store.dsn) if target.backend == "postgresql" else None,
+        templates=templates,
     )
     return db

@@ -68,18 +68,19 @@ class Reference:
         stored = np.asarray(self.stored, np.float64)
         stored_norm = np.maximum(np.linalg.norm(stored, axis=1), 1e-12)
         for start in range(0, len(cand), _BLOCK):
-            c = cand[start:start + _BLOCK]
+            c = cand[start : start + _BLOCK]
             with np.errstate(all="ignore"):
                 scores = score_matrix(c, self.victims, self.metric)
-                match[start:start + len(c)] = np.nan_to_num(scores, nan=-np.inf).max(axis=1) >= self.threshold
+                match[start : start + len(c)] = np.nan_to_num(scores, nan=-np.inf).max(axis=1) >= self.threshold
                 if len(stored):
-                    dist = np.sqrt(np.maximum(
-                        (c * c).sum(1)[:, None] - 2 * c @ stored.T + (stored * stored).sum(1)[None, :], 0))
+                    dist = np.sqrt(
+                        np.maximum((c * c).sum(1)[:, None] - 2 * c @ stored.T + (stored * stored).sum(1)[None, :], 0)
+                    )
                     rel = dist / stored_norm[None, :]
                     best = np.nan_to_num(rel, nan=np.inf).argmin(axis=1)
                     ok = rel[np.arange(len(c)), best] <= EQUAL_TOLERANCE
-                    equal[start:start + len(c)] = ok
-                    which[start:start + len(c)] = np.where(ok, best, -1)
+                    equal[start : start + len(c)] = ok
+                    which[start : start + len(c)] = np.where(ok, best, -1)
         return match, equal, which
 
 
@@ -148,10 +149,14 @@ class RowScan:
 def _rows_report(scan: RowScan, ref: Reference, what: str) -> dict[str, Any]:
     scan.flush()
     return {
-        "read": what, "rows": scan.rows, "vectors_recovered": scan.recovered,
-        "rows_matching_a_victim": scan.matching_victim, "rows_equal_to_a_stored_template": scan.equal_to_stored,
+        "read": what,
+        "rows": scan.rows,
+        "vectors_recovered": scan.recovered,
+        "rows_matching_a_victim": scan.matching_victim,
+        "rows_equal_to_a_stored_template": scan.equal_to_stored,
         "rows_with_a_finite_decoding": scan.rows_with_finite_decoding,
-        "audited_templates_found": len(scan.stored_templates_found), "audited_templates": len(ref.stored),
+        "audited_templates_found": len(scan.stored_templates_found),
+        "audited_templates": len(ref.stored),
     }
 
 
@@ -180,9 +185,13 @@ def scan_bytes(buffers: Iterable[bytes], ref: Reference) -> dict[str, Any]:
         scanned += len(whole)
         for start in range(0, max(len(whole), 1), _SEGMENT):
             # segments overlap by one window less a byte: each window start is scanned exactly once
-            matching += _scan_segment(whole[start:start + _SEGMENT + 4 * dim - 1], ref, low, high, found)
-    return {"bytes_scanned": scanned, "windows_matching_a_victim": matching,
-            "audited_templates_found": len(found), "audited_templates": len(ref.stored)}
+            matching += _scan_segment(whole[start : start + _SEGMENT + 4 * dim - 1], ref, low, high, found)
+    return {
+        "bytes_scanned": scanned,
+        "windows_matching_a_victim": matching,
+        "audited_templates_found": len(found),
+        "audited_templates": len(ref.stored),
+    }
 
 
 def _scan_segment(buf: bytes, ref: Reference, low: float, high: float, found: set[int]) -> int:
@@ -205,7 +214,7 @@ def _scan_segment(buf: bytes, ref: Reference, low: float, high: float, found: se
         ok = (csum_bad[dim:] - csum_bad[:-dim] == 0) & (norms >= low) & (norms <= high)
         starts = np.flatnonzero(ok)
         for s in range(0, len(starts), _BLOCK):
-            idx = starts[s:s + _BLOCK]
+            idx = starts[s : s + _BLOCK]
             windows = np.lib.stride_tricks.sliding_window_view(a, dim)[idx]
             match, _equal, which = ref.judge(windows)
             matching += int(match.sum())

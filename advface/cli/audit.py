@@ -28,43 +28,65 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``advface audit``."""
     parser.add_argument("--data", required=True, help="face dataset: identity folders (or an LFW root)")
     parser.add_argument("--out", required=True, help="folder for report.html and report.json")
-    parser.add_argument("--quick", action="store_true",
-                        help="small subsets (40 identities, 32x32 decoders, 2 epochs, short GAN search): "
-                             "minutes on a CPU")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="small subsets (40 identities, 32x32 decoders, 2 epochs, short GAN search): minutes on a CPU",
+    )
     parser.add_argument("--encoder", default="dlib", help="face encoder (default dlib)")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--templates", type=Path,
-                        help="embeddings file (.npz with ids) holding the templates to audit")
-    source.add_argument("--store",
-                        help="template store to audit, opened like the sidecar from --config: "
-                             "advface:DATA_DIR?tenant=T (advface:?tenant=T: the configuration's own store, e.g. "
-                             "PostgreSQL); sqlite:DATA_DIR "
-                             "(= advface:DATA_DIR with store.backend sqlite) or a postgresql:// DSN (= the "
-                             "configuration with store.backend postgresql and that store.dsn) with --tenant. "
-                             "Subject ids must be photo ids")
+    source.add_argument("--templates", type=Path, help="embeddings file (.npz with ids) holding the templates to audit")
+    source.add_argument(
+        "--store",
+        help="template store to audit, opened like the sidecar from --config: "
+        "advface:DATA_DIR?tenant=T (advface:?tenant=T: the configuration's own store, e.g. "
+        "PostgreSQL); sqlite:DATA_DIR "
+        "(= advface:DATA_DIR with store.backend sqlite) or a postgresql:// DSN (= the "
+        "configuration with store.backend postgresql and that store.dsn) with --tenant. "
+        "Subject ids must be photo ids",
+    )
     parser.add_argument("--tenant", help="tenant of --store (or ?tenant= of an advface: location)")
-    parser.add_argument("--config", dest="store_config", type=Path, metavar="FILE",
-                        help="the sidecar's configuration (advface.yaml) for --store: encryption key "
-                             "(encryption), keyed per-tenant transform (keyed_transform), store backend; default: "
-                             "defaults and ADVFACE_* variables, like advface serve")
-    parser.add_argument("--protection", choices=PROTECTIONS,
-                        help="protection applied to the dataset's templates and used for unlinkability, "
-                             "renewability and the adaptive attacker's enrolments (default advface). Not with "
-                             "--store: a store is audited with the protection section of its --config")
+    parser.add_argument(
+        "--config",
+        dest="store_config",
+        type=Path,
+        metavar="FILE",
+        help="the sidecar's configuration (advface.yaml) for --store: encryption key "
+        "(encryption), keyed per-tenant transform (keyed_transform), store backend; default: "
+        "defaults and ADVFACE_* variables, like advface serve",
+    )
+    parser.add_argument(
+        "--protection",
+        choices=PROTECTIONS,
+        help="protection applied to the dataset's templates and used for unlinkability, "
+        "renewability and the adaptive attacker's enrolments (default advface). Not with "
+        "--store: a store is audited with the protection section of its --config",
+    )
     parser.add_argument("--rel-l2", type=float, help="AdvFace budget ||delta|| / ||z|| (default: the library's, 0.1)")
     parser.add_argument("--steps", type=int, help="AdvFace steps (default: the library default, as the sidecar)")
-    parser.add_argument("--shadow", type=Path, action="append", dest="shadows",
-                        help="shadow checkpoint (default: the shipped one for the encoder); repeat for the "
-                             "advface-id ensemble")
-    parser.add_argument("--key-file", type=Path,
-                        help="secret of the keyed transform (advface keygen file); default: an ephemeral random key; "
-                             "not with a --store whose --config has a keyed transform (the store's own is used)")
-    parser.add_argument("--attackers", nargs="+",
-                        help=f"attackers to run (default full: {' '.join(FULL_ATTACKERS)}; decoder archs: deconv, "
-                             "resup, pixelshuffle, tokens, modconv, each optionally +id; gan-prior; adaptive)")
+    parser.add_argument(
+        "--shadow",
+        type=Path,
+        action="append",
+        dest="shadows",
+        help="shadow checkpoint (default: the shipped one for the encoder); repeat for the advface-id ensemble",
+    )
+    parser.add_argument(
+        "--key-file",
+        type=Path,
+        help="secret of the keyed transform (advface keygen file); default: an ephemeral random key; "
+        "not with a --store whose --config has a keyed transform (the store's own is used)",
+    )
+    parser.add_argument(
+        "--attackers",
+        nargs="+",
+        help=f"attackers to run (default full: {' '.join(FULL_ATTACKERS)}; decoder archs: deconv, "
+        "resup, pixelshuffle, tokens, modconv, each optionally +id; gan-prior; adaptive)",
+    )
     parser.add_argument("--cache-dir", type=Path, help="cache of pairs and trained attackers (default advface cache)")
-    parser.add_argument("--no-pairs-cache", action="store_true",
-                        help="do not cache the dataset's (embedding, face) pairs on disk")
+    parser.add_argument(
+        "--no-pairs-cache", action="store_true", help="do not cache the dataset's (embedding, face) pairs on disk"
+    )
     parser.add_argument("--no-images", action="store_true", help="leave the image grid out of the report")
     parser.add_argument("--image-size", type=int, help="decoder output size (default 64, quick 32)")
     parser.add_argument("--epochs", type=int, help="training epochs of each decoder (default 20, quick 1)")
@@ -77,9 +99,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gan-templates", type=int, help="templates attacked by the GAN prior (default 48, quick 4)")
     parser.add_argument("--gan-steps", type=int, help="GAN-prior search steps (default 60, quick 8)")
     parser.add_argument("--gan-restarts", type=int, help="GAN-prior restarts per template (default 4, quick 2)")
-    parser.add_argument("--link-keys", type=int,
-                        help="pairs of tenant keys over which D_sys with the key is measured; the worst is held to "
-                             f"the {TARGET_D_SYS} target (default 5, quick 3)")
+    parser.add_argument(
+        "--link-keys",
+        type=int,
+        help="pairs of tenant keys over which D_sys with the key is measured; the worst is held to "
+        f"the {TARGET_D_SYS} target (default 5, quick 3)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1, help="face-detection processes")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -90,22 +115,41 @@ def config_from_args(args: argparse.Namespace) -> AuditConfig:
     from advface.audit.config import AuditConfig
 
     overrides = dict(
-        encoder=args.encoder, templates=args.templates, store=args.store, tenant=args.tenant,
+        encoder=args.encoder,
+        templates=args.templates,
+        store=args.store,
+        tenant=args.tenant,
         store_config=args.store_config,
-        protection=args.protection, rel_l2=args.rel_l2, steps=args.steps,
-        shadows=tuple(args.shadows) if args.shadows else None, key_file=args.key_file,
-        attackers=tuple(args.attackers) if args.attackers else None, cache_dir=args.cache_dir,
-        pairs_cache=not args.no_pairs_cache, images=not args.no_images, image_size=args.image_size,
-        epochs=args.epochs, batch_size=args.batch_size, max_identities=args.max_identities, max_photos=args.max_photos,
-        per_identity=args.per_identity, max_victims=args.max_victims, train_identities=args.train_identities,
-        gan_templates=args.gan_templates, gan_steps=args.gan_steps, gan_restarts=args.gan_restarts,
-        link_keys=args.link_keys, seed=args.seed,
-        workers=args.workers, progress=not args.quiet,
+        protection=args.protection,
+        rel_l2=args.rel_l2,
+        steps=args.steps,
+        shadows=tuple(args.shadows) if args.shadows else None,
+        key_file=args.key_file,
+        attackers=tuple(args.attackers) if args.attackers else None,
+        cache_dir=args.cache_dir,
+        pairs_cache=not args.no_pairs_cache,
+        images=not args.no_images,
+        image_size=args.image_size,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        max_identities=args.max_identities,
+        max_photos=args.max_photos,
+        per_identity=args.per_identity,
+        max_victims=args.max_victims,
+        train_identities=args.train_identities,
+        gan_templates=args.gan_templates,
+        gan_steps=args.gan_steps,
+        gan_restarts=args.gan_restarts,
+        link_keys=args.link_keys,
+        seed=args.seed,
+        workers=args.workers,
+        progress=not args.quiet,
     )
     if args.quick:
         return AuditConfig.quick_mode(Path(args.data), Path(args.out), **overrides)
-    return AuditConfig(data=Path(args.data), out=Path(args.out),
-                       **{k: v for k, v in overrides.items() if v is not None})
+    return AuditConfig(
+        data=Path(args.data), out=Path(args.out), **{k: v for k, v in overrides.items() if v is not None}
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -115,18 +159,22 @@ def run(args: argparse.Namespace) -> int:
     html_path, json_path, result = run_audit(config_from_args(args))
     for name, attack in result.attacks.items():
         t1 = attack.type1_success
-        print(f"{name}: Type I @FMR 0.1% raw {100 * t1['raw']:.1f}%, protected {100 * t1['protected']:.1f}%, "
-              f"protected+key {100 * t1['protected+key']:.1f}%")
+        print(
+            f"{name}: Type I @FMR 0.1% raw {100 * t1['raw']:.1f}%, protected {100 * t1['protected']:.1f}%, "
+            f"protected+key {100 * t1['protected+key']:.1f}%"
+        )
     if result.thief_without_keys is not None:
         print(f"database thief: {result.thief_without_keys.summary}")
     if result.unlinkability is not None:
         unl = result.unlinkability
         print("unlinkability D_sys:", {k: round(v, 3) for k, v in unl.d_sys.items()})
         across = unl.across_keys
-        print(f"AdvFace + key over {across.key_pairs} key pairs: D_sys mean {across.mean:.3f}, worst "
-              f"{across.worst:.3f} (target <= {unl.target_d_sys_max}: "
-              f"{'met' if unl.key_meets_target else 'not met'}; {across.above_noise_p95} above the 95th "
-              "percentile of unlinkable scores)")
+        print(
+            f"AdvFace + key over {across.key_pairs} key pairs: D_sys mean {across.mean:.3f}, worst "
+            f"{across.worst:.3f} (target <= {unl.target_d_sys_max}: "
+            f"{'met' if unl.key_meets_target else 'not met'}; {across.above_noise_p95} above the 95th "
+            "percentile of unlinkable scores)"
+        )
     for item in result.missing:
         print(f"missing: {item.stage}: {item.reason}")
     print(f"wrote {html_path} and {json_path}")

@@ -26,15 +26,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
     parser.add_argument("--out", "-o", required=True, help="output .npz file")
     parser.add_argument(
-        "--encoder", default="dlib",
+        "--encoder",
+        default="dlib",
         help="encoder: dlib (default), dlib-torch, mobilefacenet, onnx:/path/to/model.onnx",
     )
     parser.add_argument(
-        "--detector", default="dlib",
+        "--detector",
+        default="dlib",
         help="face detector: dlib (HOG, default), scrfd (from --models-dir), scrfd:/path/to/model.onnx",
     )
     parser.add_argument(
-        "--policy", default="largest", choices=["largest", "best-score", "center", "all", "single"],
+        "--policy",
+        default="largest",
+        choices=["largest", "best-score", "center", "all", "single"],
         help="several faces in a photo: embed the largest (default), the most confident, the one nearest the "
         "image centre, all (ids get #k), or fail the photo (single)",
     )
@@ -42,7 +46,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="chips per encoder batch (default 64)")
     parser.add_argument("--workers", type=int, default=1, help="processes for detection/alignment (default 1)")
     parser.add_argument(
-        "--cache", nargs="?", const="", default=None, metavar="DIR",
+        "--cache",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="DIR",
         help="reuse/store embeddings in an on-disk cache (DIR, default $ADVFACE_CACHE_DIR or ~/.cache/advface); "
         "for public datasets only",
     )

@@ -8,24 +8,38 @@ import sys
 from collections.abc import Sequence
 
 from advface import __version__
-from advface.cli import embed, protect, serve, train_shadow
-from advface.cli import keygen, rotate_key
-from advface.cli import rotate_transform
-from advface.cli import reencode
-from advface.cli import protect_image
-from advface.cli import audit
+from advface.cli import (
+    audit,
+    embed,
+    keygen,
+    protect,
+    protect_image,
+    reencode,
+    rotate_key,
+    rotate_transform,
+    serve,
+    train_shadow,
+)
 from advface.errors import AdvfaceError
 
 #: Subcommand modules; each has ``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``.
-SUBCOMMANDS = [embed, protect, train_shadow, serve, keygen, rotate_key, reencode, protect_image, audit,
-               rotate_transform]
+SUBCOMMANDS = [
+    embed,
+    protect,
+    train_shadow,
+    serve,
+    keygen,
+    rotate_key,
+    reencode,
+    protect_image,
+    audit,
+    rotate_transform,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (used by ``main`` and by the docs)."""
-    parser = argparse.ArgumentParser(
-        prog="advface", description="Template protection for face-recognition systems."
-    )
+    parser = argparse.ArgumentParser(prog="advface", description="Template protection for face-recognition systems.")
     parser.add_argument("--version", action="version", version=f"advface {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -46,21 +46,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--in", dest="input", required=True, metavar="IN.npz", help="input embeddings file")
     parser.add_argument("--out", "-o", required=True, metavar="OUT.npz", help="output embeddings file")
     parser.add_argument(
-        "--encoder", default=None,
+        "--encoder",
+        default=None,
         help="encoder the templates come from (picks the shipped shadow); default: the file's, else dlib",
     )
     parser.add_argument(
-        "--method", choices=["advface", "advface-id"], default="advface",
+        "--method",
+        choices=["advface", "advface-id"],
+        default="advface",
         help="advface (pixel objective, one shadow; default) or advface-id (identity objective, shadow ensemble)",
     )
     parser.add_argument(
-        "--shadow", action="append", default=None, metavar="CKPT",
+        "--shadow",
+        action="append",
+        default=None,
+        metavar="CKPT",
         help="shadow model checkpoint (advface.inversion format; repeat for advface-id's ensemble); "
         "default: the one shipped for the encoder",
     )
     parser.add_argument("--seed", type=int, default=defaults.seed, help=f"random-start seed (default {defaults.seed})")
     parser.add_argument(
-        "--rel-l2", type=float, default=defaults.rel_l2, metavar="E",
+        "--rel-l2",
+        type=float,
+        default=defaults.rel_l2,
+        metavar="E",
         help=f"budget ||delta|| / ||z|| per template (default {defaults.rel_l2})",
     )
     parser.add_argument("--steps", type=int, default=defaults.steps, help=f"ascent steps (default {defaults.steps})")
@@ -68,15 +77,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--linf", type=float, default=None, metavar="X", help="also bound every coordinate of delta by X (absolute)"
     )
     parser.add_argument(
-        "--step-size", type=float, default=None, metavar="F",
+        "--step-size",
+        type=float,
+        default=None,
+        metavar="F",
         help="L2 length of one sign step as a fraction of the radius (default 2.5 / steps)",
     )
     parser.add_argument(
-        "--batch-size", type=int, default=defaults.batch_size,
+        "--batch-size",
+        type=int,
+        default=defaults.batch_size,
         help=f"templates per chunk (default {defaults.batch_size}; does not change the result)",
     )
     parser.add_argument(
-        "--lanes", type=int, default=defaults.lanes,
+        "--lanes",
+        type=int,
+        default=defaults.lanes,
         help=f"rows per shadow call (default {defaults.lanes}); changes the result slightly: keep it per database",
     )
     parser.add_argument("--device", default=None, help="torch device for the shadow (default cpu)")
@@ -88,15 +104,23 @@ def run(args: argparse.Namespace) -> int:
     plain = args.method == "advface"
     if plain and args.shadow and len(args.shadow) > 1:
         raise ConfigError("--method advface takes one --shadow (several are for --method advface-id)")
-    params: dict[str, Any] = dict(steps=args.steps, rel_l2=args.rel_l2, linf=args.linf, step_size=args.step_size,
-                                  seed=args.seed, batch_size=args.batch_size, lanes=args.lanes)
+    params: dict[str, Any] = dict(
+        steps=args.steps,
+        rel_l2=args.rel_l2,
+        linf=args.linf,
+        step_size=args.step_size,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        lanes=args.lanes,
+    )
     config = AdvFaceConfig(**params) if plain else IdentityAwareConfig(**params)
     data = load_embeddings(args.input)
     encoder = args.encoder or data.encoder or "dlib"
     shadows = tuple(args.shadow) if args.shadow else (str(shipped_shadow_path(encoder)),)
     dim = int(data.embeddings.shape[1])
-    protector = load_protector(ProtectionSpec(args.method, shadows, config, encoder), device=args.device,
-                               templates=(data.fingerprint, dim))
+    protector = load_protector(
+        ProtectionSpec(args.method, shadows, config, encoder), device=args.device, templates=(data.fingerprint, dim)
+    )
     paths = ", ".join(str(p) for p in protector.shadow_paths)
     if isinstance(protector, Protector):  # plain AdvFace: its shadow's encoder name, when fingerprints are missing
         trained_for = protector.metadata.get("encoder")
@@ -114,13 +138,22 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write(args: argparse.Namespace, data: EmbeddingsFile, protected, seconds: float, budget: float,  # noqa: ANN001
-           how: str) -> None:
+def _write(
+    args: argparse.Namespace,
+    data: EmbeddingsFile,
+    protected,
+    seconds: float,
+    budget: float,  # noqa: ANN001
+    how: str,
+) -> None:
     stats = perturbation_stats(data.embeddings, protected)
     out = save_embeddings(
         args.out,
         EmbeddingsFile(
-            ids=list(data.ids), embeddings=protected, encoder=data.encoder, fingerprint=data.fingerprint,
+            ids=list(data.ids),
+            embeddings=protected,
+            encoder=data.encoder,
+            fingerprint=data.fingerprint,
             failed=dict(data.failed),
         ),
     )

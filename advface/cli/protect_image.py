@@ -54,20 +54,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=defaults.steps, help=f"PGD steps (default {defaults.steps})")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the random transforms (default 0)")
     parser.add_argument(
-        "--encoders", nargs="+", default=None, metavar="SPEC",
+        "--encoders",
+        nargs="+",
+        default=None,
+        metavar="SPEC",
         help=f"encoders to confuse (default: {' '.join(DEFAULT_ENCODERS)}; any differentiable encoder spec)",
     )
     parser.add_argument("--detector", default="dlib", help="face detector: dlib (default), scrfd, scrfd:PATH")
     parser.add_argument("--policy", default="largest", help="which face: largest (default), center, best-score, single")
     parser.add_argument(
-        "--target-similarity", type=float, default=None, metavar="COS",
+        "--target-similarity",
+        type=float,
+        default=None,
+        metavar="COS",
         help="stop a photo early once every encoder's cosine (clean vs protected) is at or below COS",
     )
     parser.add_argument(
         "--no-eot", action="store_true", help="no random transforms during optimisation (faster, less robust)"
     )
     parser.add_argument(
-        "--feature-weight", type=float, default=defaults.feature_weight, metavar="W",
+        "--feature-weight",
+        type=float,
+        default=defaults.feature_weight,
+        metavar="W",
         help=f"weight of the feature-level term on encoders that name feature layers (dlib-torch); it makes the "
         f"protection carry over to encoders outside the ensemble; 0 attacks embeddings only "
         f"(default {defaults.feature_weight:g})",
@@ -75,7 +84,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=4, help="photos of equal size optimised together (default 4)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument(
-        "--report", default=None, metavar="JSON",
+        "--report",
+        default=None,
+        metavar="JSON",
         help="run report path (default OUT_DIR/protect-image-report-<UTC time>.json)",
     )
     parser.add_argument("--overwrite", action="store_true", help="protect again photos whose output exists")
@@ -118,8 +129,12 @@ def run(args: argparse.Namespace) -> int:
     from advface.protect.image.io import load_for_protection, save_png
 
     config = ProtectConfig(
-        epsilon=parse_epsilon(args.epsilon), steps=args.steps, seed=args.seed, eot=not args.no_eot,
-        target_similarity=args.target_similarity, feature_weight=args.feature_weight,
+        epsilon=parse_epsilon(args.epsilon),
+        steps=args.steps,
+        seed=args.seed,
+        eot=not args.no_eot,
+        target_similarity=args.target_similarity,
+        feature_weight=args.feature_weight,
     )
     config.validate()
     if args.batch_size < 1:
@@ -132,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     protector = ImageProtector(args.encoders, detector=args.detector, policy=args.policy, device=args.device)
     for note in protector.notes:
         print(f"advface protect-image: note: {note}", file=sys.stderr)
-    started = _dt.datetime.now(_dt.timezone.utc)
+    started = _dt.datetime.now(_dt.UTC)
     entries: list[dict[str, Any]] = []
     inputs_resolved = {src.resolve() for src, _ in jobs}
     seen_outputs: set[Path] = set()
@@ -147,8 +162,11 @@ def run(args: argparse.Namespace) -> int:
     def flush(items: list[_Pending]) -> None:
         try:
             results = protector.protect(
-                [p.photo.image for p in items], config, [str(p.source) for p in items],
-                faces=[p.face for p in items], grayscale=[p.photo.grayscale for p in items],
+                [p.photo.image for p in items],
+                config,
+                [str(p.source) for p in items],
+                faces=[p.face for p in items],
+                grayscale=[p.photo.grayscale for p in items],
             )
         except Exception as exc:  # noqa: BLE001 - one bad batch must not stop the run
             for p in items:
@@ -199,16 +217,26 @@ def run(args: argparse.Namespace) -> int:
         flush(group)
     bar.close()
 
-    report_path = Path(args.report) if args.report else out_dir / (
-        f"protect-image-report-{started.strftime('%Y%m%dT%H%M%SZ')}.json")
+    report_path = (
+        Path(args.report)
+        if args.report
+        else out_dir / (f"protect-image-report-{started.strftime('%Y%m%dT%H%M%SZ')}.json")
+    )
     document = {
         "command": "advface protect-image",
         "started": started.isoformat(timespec="seconds"),
         "seconds": round(time.perf_counter() - start, 2),
-        "config": {"epsilon": config.epsilon, "epsilon_levels": config.levels, "steps": config.steps,
-                   "seed": config.seed, "eot": config.eot, "target_similarity": config.target_similarity,
-                   "feature_weight": config.feature_weight,
-                   "detector": args.detector, "policy": args.policy},
+        "config": {
+            "epsilon": config.epsilon,
+            "epsilon_levels": config.levels,
+            "steps": config.steps,
+            "seed": config.seed,
+            "eot": config.eot,
+            "target_similarity": config.target_similarity,
+            "feature_weight": config.feature_weight,
+            "detector": args.detector,
+            "policy": args.policy,
+        },
         "encoders": protector.encoder_names,
         "notes": protector.notes,
         "summary": counts,
@@ -216,6 +244,8 @@ def run(args: argparse.Namespace) -> int:
     }
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(json.dumps(document, indent=2) + "\n")
-    print(f"protected {counts['protected']}, skipped {counts['skipped']} (already done), failed {counts['failed']}; "
-          f"report {report_path}")
+    print(
+        f"protected {counts['protected']}, skipped {counts['skipped']} (already done), failed {counts['failed']}; "
+        f"report {report_path}"
+    )
     return 1 if args.strict and counts["failed"] else 0

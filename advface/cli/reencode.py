@@ -47,48 +47,94 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-cpus", type=int, default=None, help="ray: CPUs of the local Ray instance")
     parser.add_argument("--ray-address", default=None, help="ray: address of an existing cluster (default: local)")
     parser.add_argument("--chunk-size", type=int, default=1024, help="templates per chunk/commit (default 1024)")
-    parser.add_argument("--config", default=None, metavar="YAML",
-                        help="advface config: protection.* (method, shadow(s), jitter, rel_l2, steps, seed); for an "
-                             "advface: store also "
-                             "store.*, encryption and keyed_transform, exactly as `advface serve --config` uses them")
-    parser.add_argument("--encoder", default=None,
-                        help="encoder of the templates (picks the shipped shadow; advface-id runs its torch "
-                             "module; default dlib)")
-    parser.add_argument("--method", choices=list(METHODS), default=None,
-                        help="advface (default; pixel objective, one shadow) or advface-id (identity-aware, an "
-                             "ensemble: one --shadow each); default: --config's protection.method")
-    parser.add_argument("--shadow", action="append", default=None, metavar="CKPT",
-                        help="shadow model (default: shipped for encoder); repeat for advface-id's ensemble "
-                             "(default: --config's protection.shadows)")
-    parser.add_argument("--no-jitter", action="store_true",
-                        help="advface-id: no pixel-shift schedule (default: --config's protection.jitter, else on)")
+    parser.add_argument(
+        "--config",
+        default=None,
+        metavar="YAML",
+        help="advface config: protection.* (method, shadow(s), jitter, rel_l2, steps, seed); for an "
+        "advface: store also "
+        "store.*, encryption and keyed_transform, exactly as `advface serve --config` uses them",
+    )
+    parser.add_argument(
+        "--encoder",
+        default=None,
+        help="encoder of the templates (picks the shipped shadow; advface-id runs its torch module; default dlib)",
+    )
+    parser.add_argument(
+        "--method",
+        choices=list(METHODS),
+        default=None,
+        help="advface (default; pixel objective, one shadow) or advface-id (identity-aware, an "
+        "ensemble: one --shadow each); default: --config's protection.method",
+    )
+    parser.add_argument(
+        "--shadow",
+        action="append",
+        default=None,
+        metavar="CKPT",
+        help="shadow model (default: shipped for encoder); repeat for advface-id's ensemble "
+        "(default: --config's protection.shadows)",
+    )
+    parser.add_argument(
+        "--no-jitter",
+        action="store_true",
+        help="advface-id: no pixel-shift schedule (default: --config's protection.jitter, else on)",
+    )
     parser.add_argument("--seed", type=int, default=None, help=f"random-start seed (default {d.seed})")
     parser.add_argument("--rel-l2", type=float, default=None, metavar="E", help=f"budget (default {d.rel_l2})")
     parser.add_argument("--steps", type=int, default=None, help=f"ascent steps (default {d.steps})")
     parser.add_argument("--linf", type=float, default=None, metavar="X", help="L-inf bound on delta (absolute)")
     parser.add_argument("--step-size", type=float, default=None, metavar="F", help="sign step (default 2.5/steps)")
     parser.add_argument("--lanes", type=int, default=d.lanes, help=f"rows per shadow call (default {d.lanes})")
-    parser.add_argument("--device", default=None,
-                        help="torch device (default: cuda when present, else cpu; ray: cuda when the cluster has GPUs)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing destination (advface: store: delete the tenant's subjects first)")
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="torch device (default: cuda when present, else cpu; ray: cuda when the cluster has GPUs)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing destination (advface: store: delete the tenant's subjects first)",
+    )
     parser.add_argument("--restart", action="store_true", help="discard an unfinished run's progress")
-    parser.add_argument("--swap", action="store_true",
-                        help="after verification passes, replace the source by the destination (atomically)")
+    parser.add_argument(
+        "--swap",
+        action="store_true",
+        help="after verification passes, replace the source by the destination (atomically)",
+    )
     parser.add_argument("--verify-only", action="store_true", help="only verify an existing destination")
     parser.add_argument("--dry-run", action="store_true", help="time a sample, estimate the run, write nothing")
     parser.add_argument("--dry-run-sample", type=int, default=32, help="templates timed by --dry-run (default 32)")
-    parser.add_argument("--work-dir", default=None, help="progress folder (default: beside a file destination, "
-                        "else ~/.cache/advface/reencode/<hash>)")
-    parser.add_argument("--summary", default=None, metavar="JSON", help="verification summary path "
-                        "(default DEST.verify.json, or reencode-<table>.verify.json)")
+    parser.add_argument(
+        "--work-dir",
+        default=None,
+        help="progress folder (default: beside a file destination, else ~/.cache/advface/reencode/<hash>)",
+    )
+    parser.add_argument(
+        "--summary",
+        default=None,
+        metavar="JSON",
+        help="verification summary path (default DEST.verify.json, or reencode-<table>.verify.json)",
+    )
     parser.add_argument("--verify-sample", type=int, default=1000, help="templates in the matching sample")
-    parser.add_argument("--match-metric", choices=["euclidean", "cosine"], default=None,
-                        help="matching check metric (default euclidean for dlib, else cosine)")
-    parser.add_argument("--match-threshold", type=float, default=None,
-                        help="same-person threshold (default 0.6 euclidean for dlib; none otherwise: not checked)")
-    parser.add_argument("--min-match-fraction", type=float, default=0.99,
-                        help="share of the sample that must still match its source (default 0.99)")
+    parser.add_argument(
+        "--match-metric",
+        choices=["euclidean", "cosine"],
+        default=None,
+        help="matching check metric (default euclidean for dlib, else cosine)",
+    )
+    parser.add_argument(
+        "--match-threshold",
+        type=float,
+        default=None,
+        help="same-person threshold (default 0.6 euclidean for dlib; none otherwise: not checked)",
+    )
+    parser.add_argument(
+        "--min-match-fraction",
+        type=float,
+        default=0.99,
+        help="share of the sample that must still match its source (default 0.99)",
+    )
     parser.add_argument("--tolerance", type=float, default=1e-6, help="slack on the budget checks (default 1e-6)")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
 
@@ -135,8 +181,10 @@ def build_job(args: argparse.Namespace) -> Job:
     if method == "advface-id":
         shadows = tuple(Path(p) for p in (args.shadow or config_shadows))
         if not shadows:
-            raise ConfigError("--method advface-id needs its shadow ensemble: one --shadow per member (or "
-                              "protection.shadows in --config)")
+            raise ConfigError(
+                "--method advface-id needs its shadow ensemble: one --shadow per member (or "
+                "protection.shadows in --config)"
+            )
         shadow = shadows[0]
     else:
         shadow = Path(args.shadow[0] if args.shadow else config_shadow or shipped_shadow_path(encoder))
@@ -144,18 +192,39 @@ def build_job(args: argparse.Namespace) -> Job:
     threshold = args.match_threshold
     if threshold is None and metric == "euclidean" and encoder in ("dlib", "dlib-torch"):
         threshold = _DLIB_DISTANCE_THRESHOLD
-    verify = VerifyOptions(rel_l2=config.rel_l2, linf=config.linf, tolerance=args.tolerance,
-                           sample=args.verify_sample, match_metric=metric, match_threshold=threshold,
-                           min_match_fraction=args.min_match_fraction)
-    return Job(JobOptions(
-        source=args.source, dest=args.dest, shadow=shadow, config=config, verify=verify,
-        chunk_size=args.chunk_size, engine=args.engine, num_cpus=args.num_cpus, ray_address=args.ray_address,
-        device=args.device, overwrite=args.overwrite, restart=args.restart, swap=args.swap,
-        work_dir=Path(args.work_dir) if args.work_dir else None,
-        summary=Path(args.summary) if args.summary else None, quiet=args.quiet,
-        store_config=Path(args.config) if args.config else None,
-        method=method, shadows=shadows, encoder=encoder,
-    ))
+    verify = VerifyOptions(
+        rel_l2=config.rel_l2,
+        linf=config.linf,
+        tolerance=args.tolerance,
+        sample=args.verify_sample,
+        match_metric=metric,
+        match_threshold=threshold,
+        min_match_fraction=args.min_match_fraction,
+    )
+    return Job(
+        JobOptions(
+            source=args.source,
+            dest=args.dest,
+            shadow=shadow,
+            config=config,
+            verify=verify,
+            chunk_size=args.chunk_size,
+            engine=args.engine,
+            num_cpus=args.num_cpus,
+            ray_address=args.ray_address,
+            device=args.device,
+            overwrite=args.overwrite,
+            restart=args.restart,
+            swap=args.swap,
+            work_dir=Path(args.work_dir) if args.work_dir else None,
+            summary=Path(args.summary) if args.summary else None,
+            quiet=args.quiet,
+            store_config=Path(args.config) if args.config else None,
+            method=method,
+            shadows=shadows,
+            encoder=encoder,
+        )
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -45,12 +45,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--table-prefix", default="advface", help="PostgreSQL table prefix (default advface)")
     parser.add_argument("--new-key-file", required=True, help="the key to encrypt under (advface keygen)")
     parser.add_argument(
-        "--old-key-file", action="append", default=[], metavar="FILE",
+        "--old-key-file",
+        action="append",
+        default=[],
+        metavar="FILE",
         help="a key the store is (partly) encrypted under; repeat for several; omit to encrypt an unencrypted store",
     )
     parser.add_argument("--batch-size", type=int, default=1000, help="templates per transaction (default 1000)")
     parser.add_argument(
-        "--allow-insecure-key-permissions", action="store_true",
+        "--allow-insecure-key-permissions",
+        action="store_true",
         help="accept key files readable by group or others",
     )
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -88,12 +92,18 @@ def _run_postgres(args: argparse.Namespace, dsn: str) -> int:
     from advface.store.postgres import PostgresStore, redact_dsn
 
     def open_store(dim: int, metric: StoreMetric, ring: TemplateCipher, migrate: bool) -> PostgresStore:
-        return PostgresStore(dsn, dim, metric, cipher=ring, table_prefix=args.table_prefix, pool_size=2,
-                             migrate_plaintext=migrate)
+        return PostgresStore(
+            dsn, dim, metric, cipher=ring, table_prefix=args.table_prefix, pool_size=2, migrate_plaintext=migrate
+        )
 
     where = redact_dsn(dsn)
-    return _rotate(args, PostgresStore.read_meta(dsn, args.table_prefix), where,
-                   f"{where} (tables {args.table_prefix}_*)", open_store)
+    return _rotate(
+        args,
+        PostgresStore.read_meta(dsn, args.table_prefix),
+        where,
+        f"{where} (tables {args.table_prefix}_*)",
+        open_store,
+    )
 
 
 def _rotate(

@@ -1,4 +1,5 @@
-"""Re-issue every template of a sidecar's store (SQLite or PostgreSQL) under a new keyed-transform version (or secret, or norm).
+"""Re-issue every template of a sidecar's store (SQLite or PostgreSQL) under a new keyed-transform version
+(or secret, or norm).
 
 ``advface rotate-transform --config advface.yaml --new-version 2`` reads the store folder, encryption key, transform
 secret and norm from the sidecar's configuration file (its ``keyed_transform`` section describes the templates as
@@ -35,19 +36,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``advface rotate-transform``."""
     parser.add_argument("--config", help="the sidecar's configuration file (store, encryption, keyed_transform)")
     parser.add_argument("--data-dir", help="the store folder (default: store.data_dir of --config)")
-    parser.add_argument("--dsn", help="a PostgreSQL store's connection string (default: store.dsn of --config when "
-                                      "store.backend is postgresql, or ADVFACE_STORE_DSN)")
+    parser.add_argument(
+        "--dsn",
+        help="a PostgreSQL store's connection string (default: store.dsn of --config when "
+        "store.backend is postgresql, or ADVFACE_STORE_DSN)",
+    )
     parser.add_argument("--table-prefix", default="advface", help="PostgreSQL table prefix (default advface)")
     parser.add_argument("--secret-file", help="the current transform secret (default: from --config)")
-    parser.add_argument("--encryption-key-file", action="append", default=[], metavar="FILE",
-                        help="key(s) of an encrypted store (default: the encryption section of --config)")
+    parser.add_argument(
+        "--encryption-key-file",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="key(s) of an encrypted store (default: the encryption section of --config)",
+    )
     parser.add_argument("--new-version", type=int, required=True, help="key version to re-issue under (>= 1)")
     parser.add_argument("--new-secret-file", help="re-issue under another secret too (default: the same secret)")
-    parser.add_argument("--new-norm", help="norm equalisation of the new transform: 'auto', a number or 'null' "
-                                           "(default: the current norm)")
+    parser.add_argument(
+        "--new-norm",
+        help="norm equalisation of the new transform: 'auto', a number or 'null' (default: the current norm)",
+    )
     parser.add_argument("--batch-size", type=int, default=1000, help="templates per transaction (default 1000)")
-    parser.add_argument("--allow-insecure-key-permissions", action="store_true",
-                        help="accept secret / key files readable by group or others")
+    parser.add_argument(
+        "--allow-insecure-key-permissions",
+        action="store_true",
+        help="accept secret / key files readable by group or others",
+    )
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
 
@@ -81,8 +95,9 @@ def run(args: argparse.Namespace) -> int:
         if not kt.enabled:
             raise ConfigError("give --secret-file, or --config with keyed_transform enabled (the current secret)")
         secret = load_transform_secret(kt)
-    new_secret = load_key_file(args.new_secret_file, allow_insecure_permissions=insecure) if args.new_secret_file \
-        else secret
+    new_secret = (
+        load_key_file(args.new_secret_file, allow_insecure_permissions=insecure) if args.new_secret_file else secret
+    )
     if dsn is not None:
         from advface.store.postgres import PostgresStore, redact_dsn
 
@@ -95,13 +110,20 @@ def run(args: argparse.Namespace) -> int:
         where = str(data_dir)
     current = recorded.get("rotating_from", recorded) if recorded else None
     if not current or not current.get("enabled"):
-        raise ConfigError(f"{where} holds no templates issued under a keyed transform (no marker); enable the "
-                          "transform on an empty store, or re-encode from raw templates")
+        raise ConfigError(
+            f"{where} holds no templates issued under a keyed transform (no marker); enable the "
+            "transform on an empty store, or re-encode from raw templates"
+        )
     # the metric is checked by the store's constructor (ConfigError for an unknown one)
     dim, metric = int(meta["dim"]), cast("StoreMetric", meta["metric"])
     old = TenantTransforms(secret, dim, version=int(current["version"]), norm=current.get("norm"))
-    new_norm = old.norm if args.new_norm is None else resolve_norm(
-        _norm_arg(args.new_norm), str(config.encoder.name if isinstance(config.encoder.name, str) else "custom"))
+    new_norm = (
+        old.norm
+        if args.new_norm is None
+        else resolve_norm(
+            _norm_arg(args.new_norm), str(config.encoder.name if isinstance(config.encoder.name, str) else "custom")
+        )
+    )
     new = TenantTransforms(new_secret, dim, version=args.new_version, norm=new_norm)
     cipher: TemplateCipher | None
     if args.encryption_key_file:
@@ -118,9 +140,11 @@ def run(args: argparse.Namespace) -> int:
             n = rotate_store(store, data_dir, old, new, batch_size=args.batch_size, progress=progress)
         where = str(path)
     norm = "off" if new.norm is None else f"{new.norm:g}"
-    print(f"re-issued {n} templates of {where} under keyed transform version {new.version} (norm {norm}); set "
-          f"keyed_transform.version: {new.version} in the sidecar's configuration"
-          + (" and its secret to --new-secret-file" if args.new_secret_file else ""))
+    print(
+        f"re-issued {n} templates of {where} under keyed transform version {new.version} (norm {norm}); set "
+        f"keyed_transform.version: {new.version} in the sidecar's configuration"
+        + (" and its secret to --new-secret-file" if args.new_secret_file else "")
+    )
     return 0
 
 

@@ -33,13 +33,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--id-weight", type=float, default=0.0,
-                        help="weight of the identity loss through the encoder's torch module (default 0: L1 only)")
+    parser.add_argument(
+        "--id-weight",
+        type=float,
+        default=0.0,
+        help="weight of the identity loss through the encoder's torch module (default 0: L1 only)",
+    )
     parser.add_argument("--init", help="start from this checkpoint's weights (fine-tuning; same architecture)")
-    parser.add_argument("--jitter", type=int, default=4,
-                        help="max pixel shift before the identity loss, so faces stay faces (default 4)")
-    parser.add_argument("--group", default="defender", choices=["defender", "attacker"],
-                        help="identity group to train on (default defender)")
+    parser.add_argument(
+        "--jitter",
+        type=int,
+        default=4,
+        help="max pixel shift before the identity loss, so faces stay faces (default 4)",
+    )
+    parser.add_argument(
+        "--group",
+        default="defender",
+        choices=["defender", "attacker"],
+        help="identity group to train on (default defender)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the split and of training")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--work-dir", help="folder for per-epoch resumable checkpoints")
@@ -59,12 +71,33 @@ def run(args: argparse.Namespace) -> int:
     dataset = LFW(args.lfw_dir) if args.lfw else IdentityFolderDataset(args.dataset)
     params = {"models_dir": args.models_dir} if args.encoder == "mobilefacenet" and args.models_dir else {}
     encoder = create_encoder(args.encoder, **params)
-    config = TrainConfig(arch=args.arch, image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size,
-                         lr=args.lr, id_weight=args.id_weight, jitter=args.jitter, seed=args.seed,
-                         device=args.device, init_from=args.init)
-    _model, metadata = train_shadow(dataset, encoder, config, out=args.out, group=args.group,
-                                    dataset_name="lfw" if args.lfw else str(args.dataset), detector=args.detector,
-                                    workers=args.workers, work_dir=args.work_dir, progress=not args.quiet)
-    print(f"wrote {args.out}: {metadata['training_data']['photos']} photos of group {args.group}, "
-          f"val L1 {metadata['metrics']['val_l1_evaluation_group']:.4f}", file=sys.stderr)
+    config = TrainConfig(
+        arch=args.arch,
+        image_size=args.image_size,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        id_weight=args.id_weight,
+        jitter=args.jitter,
+        seed=args.seed,
+        device=args.device,
+        init_from=args.init,
+    )
+    _model, metadata = train_shadow(
+        dataset,
+        encoder,
+        config,
+        out=args.out,
+        group=args.group,
+        dataset_name="lfw" if args.lfw else str(args.dataset),
+        detector=args.detector,
+        workers=args.workers,
+        work_dir=args.work_dir,
+        progress=not args.quiet,
+    )
+    print(
+        f"wrote {args.out}: {metadata['training_data']['photos']} photos of group {args.group}, "
+        f"val L1 {metadata['metrics']['val_l1_evaluation_group']:.4f}",
+        file=sys.stderr,
+    )
     return 0

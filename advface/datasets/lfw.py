@@ -22,7 +22,8 @@ class Pair:
 
 
 class LFW(IdentityFolderDataset):
-    """LFW at ``root`` (``images/<Person>/<Person>_NNNN.jpg`` + ``pairs.txt``); root defaults to ``$ADVFACE_LFW_DIR``."""
+    """LFW at ``root`` (``images/<Person>/<Person>_NNNN.jpg`` + ``pairs.txt``); ``root`` defaults to
+    ``$ADVFACE_LFW_DIR``."""
 
     def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
         self.lfw_root = lfw_dir(root)

@@ -38,8 +38,9 @@ class FacePairs:
 
     def subset(self, mask: np.ndarray) -> FacePairs:
         """Rows where ``mask`` is true (or the given indices)."""
-        return FacePairs(self.ids[mask], self.identities[mask], self.embeddings[mask], self.faces[mask],
-                         self.flipped[mask])
+        return FacePairs(
+            self.ids[mask], self.identities[mask], self.embeddings[mask], self.faces[mask], self.flipped[mask]
+        )
 
     def of_identities(self, names: Set[str] | list[str]) -> FacePairs:
         """Rows of the given identities."""
@@ -94,8 +95,9 @@ def build_face_pairs(
     flags: list[bool] = []
     chips: list[np.ndarray] = []
     files = [(item.path, item.id) for item in dataset]
-    for image_id, result in tqdm(embedder.iter_chips(files), total=len(files), desc="align", unit="img",
-                                 disable=not progress):
+    for image_id, result in tqdm(
+        embedder.iter_chips(files), total=len(files), desc="align", unit="img", disable=not progress
+    ):
         if isinstance(result, str):
             continue
         chips.append(result[0])
@@ -106,10 +108,12 @@ def build_face_pairs(
             ids.append(image_id + "#flip")
             flags.append(True)
     all_chips = np.stack(chips)
-    embeddings = np.concatenate([
-        encoder.embed(all_chips[i : i + batch_size])
-        for i in tqdm(range(0, len(all_chips), batch_size), desc=f"embed ({encoder.name})", disable=not progress)
-    ])
+    embeddings = np.concatenate(
+        [
+            encoder.embed(all_chips[i : i + batch_size])
+            for i in tqdm(range(0, len(all_chips), batch_size), desc=f"embed ({encoder.name})", disable=not progress)
+        ]
+    )
     pairs = FacePairs(
         ids=np.asarray(ids, dtype=np.str_),
         identities=np.asarray([identity_of[i.removesuffix("#flip")] for i in ids], dtype=np.str_),
@@ -120,7 +124,13 @@ def build_face_pairs(
     if use_cache:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_name(cache_file.stem + ".tmp.npz")
-        np.savez(tmp, ids=pairs.ids, identities=pairs.identities, embeddings=pairs.embeddings,
-                 faces=pairs.faces, flipped=pairs.flipped)
+        np.savez(
+            tmp,
+            ids=pairs.ids,
+            identities=pairs.identities,
+            embeddings=pairs.embeddings,
+            faces=pairs.faces,
+            flipped=pairs.flipped,
+        )
         os.replace(tmp, cache_file)
     return pairs

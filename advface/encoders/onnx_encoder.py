@@ -60,8 +60,11 @@ def default_normalization(path: str | os.PathLike[str]) -> str:
 def default_providers() -> list[str]:
     """CUDA when this onnxruntime build offers it, with CPU as fallback."""
     available = ort.get_available_providers()
-    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if "CUDAExecutionProvider" in available \
+    return (
+        ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        if "CUDAExecutionProvider" in available
         else ["CPUExecutionProvider"]
+    )
 
 
 class NormalizedEncoder(nn.Module):
@@ -141,7 +144,8 @@ class OnnxEncoder(FaceEncoder):
             self.normalization = preset
         else:
             self.normalization = "mean={}/std={}".format(
-                ",".join(f"{v:g}" for v in self.mean), ",".join(f"{v:g}" for v in self.std))
+                ",".join(f"{v:g}" for v in self.mean), ",".join(f"{v:g}" for v in self.std)
+            )
 
     @staticmethod
     def _channels(what: str, values: Sequence[float]) -> np.ndarray:
@@ -200,7 +204,7 @@ class OnnxEncoder(FaceEncoder):
 
     def _embed(self, chips: np.ndarray) -> np.ndarray:
         step = self.fixed_batch or self.batch_size
-        return np.concatenate([self._run(chips[i:i + step]) for i in range(0, len(chips), step)])
+        return np.concatenate([self._run(chips[i : i + step]) for i in range(0, len(chips), step)])
 
     def torch_module(self, device: str | None = None) -> NormalizedEncoder:
         """The graph converted to PyTorch (:func:`~advface.encoders.onnx_torch.onnx_to_torch`), any batch size.

@@ -67,8 +67,9 @@ def _div(a: Tensor, b: Tensor) -> Tensor:
     return torch.div(a, b, rounding_mode="trunc")
 
 
-def _spatial_pads(node: _Node, x: Tensor, kernel: Sequence[int], strides: Sequence[int],
-                  dilations: Sequence[int]) -> list[int]:
+def _spatial_pads(
+    node: _Node, x: Tensor, kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int]
+) -> list[int]:
     """ONNX ``pads`` (``[b1, b2, ..., e1, e2, ...]``) resolved from ``auto_pad`` for input ``x``."""
     nd = len(kernel)
     auto_pad = node.attrs.get("auto_pad", "NOTSET")
@@ -249,7 +250,7 @@ def _op_gather(node: _Node, xs: Inputs) -> list[Tensor]:
     axis = _axis(node.attrs.get("axis", 0), x.dim())
     idx = idx.to(torch.int64) % x.shape[axis]
     flat = x.index_select(axis, idx.reshape(-1))
-    return [flat.reshape((*x.shape[:axis], *idx.shape, *x.shape[axis + 1:]))]
+    return [flat.reshape((*x.shape[:axis], *idx.shape, *x.shape[axis + 1 :]))]
 
 
 def _axes_arg(node: _Node, xs: Inputs, since: int) -> list[int] | None:
@@ -480,8 +481,12 @@ class OnnxModule(nn.Module):
                 opset=opset,
             )
             self._check(node)
-            if node.op_type == "Reshape" and batch is not None and node.inputs[0] in dynamic \
-                    and node.inputs[1] in self._slots:
+            if (
+                node.op_type == "Reshape"
+                and batch is not None
+                and node.inputs[0] in dynamic
+                and node.inputs[1] in self._slots
+            ):
                 node.batch_fixup = batch
             if any(i in dynamic for i in node.inputs):
                 dynamic.update(node.outputs)
@@ -509,8 +514,9 @@ class OnnxModule(nn.Module):
 
     def forward(self, *inputs: Tensor) -> Tensor | tuple[Tensor, ...]:
         if len(inputs) != len(self.input_names):
-            raise TypeError(f"expected {len(self.input_names)} inputs ({', '.join(self.input_names)}), "
-                            f"got {len(inputs)}")
+            raise TypeError(
+                f"expected {len(self.input_names)} inputs ({', '.join(self.input_names)}), got {len(inputs)}"
+            )
         values: dict[str, Tensor] = {name: getattr(self, slot) for name, slot in self._slots.items()}
         values.update(zip(self.input_names, inputs))
         for node in self._nodes:

@@ -216,8 +216,11 @@ class ScrfdDetector(FaceDetector):
         size = (self.input_size, self.input_size)
         dets, kpss = self._model.detect(bgr, input_size=size, det_thresh=self.score_threshold)
         return [
-            Face(box=(float(det[0]), float(det[1]), float(det[2]), float(det[3])), score=float(det[4]),
-                 landmarks=kps.astype(np.float32))
+            Face(
+                box=(float(det[0]), float(det[1]), float(det[2]), float(det[3])),
+                score=float(det[4]),
+                landmarks=kps.astype(np.float32),
+            )
             for det, kps in zip(dets, kpss)
         ]
 

@@ -12,7 +12,7 @@ from advface.faces.align import align_face
 from advface.faces.detect import Face, FaceDetector, check_image, create_detector
 
 
-class FacePolicy(str, Enum):
+class FacePolicy(str, Enum):  # noqa: UP042 - str(policy) stays 'FacePolicy.X' as callers expect
     """Which faces of an image to use."""
 
     LARGEST = "largest"  #: the face with the largest box (default)

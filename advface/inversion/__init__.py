@@ -36,4 +36,5 @@ __all__ = [
     "check_compatible",
     "load_decoder",
     "plan_geometry",
+    "save_decoder",
 ]

@@ -390,12 +390,19 @@ class TokensDecoder(_ScheduledDecoder):
         stages: list[nn.Module] = []
         c_in = c
         for i in range(1, self.k - 1):
-            stages.append(nn.Sequential(nn.Upsample(scale_factor=2.0, mode="bilinear", align_corners=False),
-                                        nn.Conv2d(c_in, ch[i + 1], 3, 1, 1), _make_norm("group", ch[i + 1]), _act()))
+            stages.append(
+                nn.Sequential(
+                    nn.Upsample(scale_factor=2.0, mode="bilinear", align_corners=False),
+                    nn.Conv2d(c_in, ch[i + 1], 3, 1, 1),
+                    _make_norm("group", ch[i + 1]),
+                    _act(),
+                )
+            )
             c_in = ch[i + 1]
         self.stages = nn.Sequential(*stages)
-        self.to_rgb = nn.Sequential(nn.Upsample(scale_factor=2.0, mode="bilinear", align_corners=False),
-                                    nn.Conv2d(c_in, 3, 3, 1, 1))
+        self.to_rgb = nn.Sequential(
+            nn.Upsample(scale_factor=2.0, mode="bilinear", align_corners=False), nn.Conv2d(c_in, 3, 3, 1, 1)
+        )
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         x = self.stem(z)  # N x C x G x G

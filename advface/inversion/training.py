@@ -60,7 +60,11 @@ def faces_to_tensor(faces: np.ndarray, device: str | torch.device = "cpu") -> to
 
 
 def _identity_loss(
-    recon: torch.Tensor, target: torch.Tensor, encoder_module: torch.nn.Module, chip_size: int, jitter: int,
+    recon: torch.Tensor,
+    target: torch.Tensor,
+    encoder_module: torch.nn.Module,
+    chip_size: int,
+    jitter: int,
     generator: torch.Generator,
 ) -> torch.Tensor:
     x = F.interpolate(recon, size=(chip_size, chip_size), mode="bilinear", align_corners=False)
@@ -157,8 +161,7 @@ def train_decoder(
         order = torch.randperm(len(train), generator=generator)
         started = time.perf_counter()
         totals = {"l1": 0.0, "id": 0.0}
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress,
-                   leave=False)
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
         for step in bar:
             idx = order[step * config.batch_size : (step + 1) * config.batch_size]
             z = z_all[idx].to(device)
@@ -192,19 +195,34 @@ def train_decoder(
         if state_file is not None:
             state_file.parent.mkdir(parents=True, exist_ok=True)
             tmp = state_file.with_suffix(".tmp")
-            torch.save({
-                "config": asdict(config), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-                "torch_rng": torch.get_rng_state(), "history": history, "epoch": epoch,
-            }, tmp)
+            torch.save(
+                {
+                    "config": asdict(config),
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "generator": generator.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                    "history": history,
+                    "epoch": epoch,
+                },
+                tmp,
+            )
             os.replace(tmp, state_file)
     model.eval()
     return model, history
 
 
 def train_on_group(
-    pairs: FacePairs, split: IdentitySplit, group: str, encoder: FaceEncoder, config: TrainConfig, *,
-    out: str | os.PathLike[str], dataset_name: str, work_dir: str | os.PathLike[str] | None = None,
+    pairs: FacePairs,
+    split: IdentitySplit,
+    group: str,
+    encoder: FaceEncoder,
+    config: TrainConfig,
+    *,
+    out: str | os.PathLike[str],
+    dataset_name: str,
+    work_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
 ) -> tuple[InversionDecoder, dict]:
     """Train a decoder on the photos of one split group (validated on the evaluation group, without mirrors) and
@@ -214,8 +232,15 @@ def train_on_group(
     train = pairs.of_identities(split.group(group))
     val = pairs.of_identities(split.evaluation).without_flips()
     module = encoder.torch_module() if config.id_weight > 0 else None
-    model, history = train_decoder(train, config, val=val, encoder_module=module,
-                                   encoder_chip_size=encoder.chip.size, work_dir=work_dir, progress=progress)
+    model, history = train_decoder(
+        train,
+        config,
+        val=val,
+        encoder_module=module,
+        encoder_chip_size=encoder.chip.size,
+        work_dir=work_dir,
+        progress=progress,
+    )
     metadata = {
         "role": "shadow" if group == "defender" else "attacker",
         "encoder": encoder.name,
@@ -223,14 +248,21 @@ def train_on_group(
         "dim": int(pairs.embeddings.shape[1]),
         "image_size": config.image_size,
         "face_chip": {"kind": encoder.chip.kind, "size": encoder.chip.size, "padding": encoder.chip.padding},
-        "training_data": {"dataset": dataset_name, "group": group, "split": split.describe(),
-                          "photos": int((~train.flipped).sum()), "pairs_with_flips": len(train)},
+        "training_data": {
+            "dataset": dataset_name,
+            "group": group,
+            "split": split.describe(),
+            "photos": int((~train.flipped).sum()),
+            "pairs_with_flips": len(train),
+        },
         "train_config": asdict(config),
         "loss": "l1" if config.id_weight == 0 else f"l1 + {config.id_weight} * identity",
-        "metrics": {"final_train_l1": history["epochs"][-1]["train_l1"],
-                    "val_l1_evaluation_group": evaluate_l1(model, val, device=config.resolved_device())},
+        "metrics": {
+            "final_train_l1": history["epochs"][-1]["train_l1"],
+            "val_l1_evaluation_group": evaluate_l1(model, val, device=config.resolved_device()),
+        },
         "seed": config.seed,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
     save_decoder(Path(out), model, metadata)
     return model, metadata

@@ -98,7 +98,6 @@ class AdvFaceConfig(AscentParams):
             raise ConfigError(f"AdvFace random_start must be a bool, got {self.random_start!r}")
 
 
-
 # --------------------------------------------------------------------------------------------------- helpers
 
 
@@ -123,8 +122,9 @@ def _check_targets(target_images: np.ndarray | torch.Tensor, n: int) -> np.ndarr
         is_float = np.issubdtype(images.dtype, np.floating)
     shape = tuple(images.shape)
     if len(shape) != 4 or shape[0] != n:
-        raise ImageError("target_images", f"expected {n} images (N x H x W x 3 uint8 or N x 3 x H x W float), "
-                         f"got shape {shape}")
+        raise ImageError(
+            "target_images", f"expected {n} images (N x H x W x 3 uint8 or N x 3 x H x W float), got shape {shape}"
+        )
     if is_uint8:
         if shape[3] != 3:
             raise ImageError("target_images", f"uint8 images must be N x H x W x 3 RGB, got shape {shape}")
@@ -229,8 +229,9 @@ def protect_embeddings(
         for start in range(0, len(x), config.batch_size):
             stop = min(start + config.batch_size, len(x))
             if config.random_start:
-                delta = project_np(start_offsets(x[start:stop], radius[start:stop], config.seed),
-                                    radius[start:stop], config.linf)
+                delta = project_np(
+                    start_offsets(x[start:stop], radius[start:stop], config.seed), radius[start:stop], config.linf
+                )
             else:
                 delta = np.zeros((stop - start, x.shape[1]), np.float64)
             if config.steps > 0:
@@ -241,8 +242,9 @@ def protect_embeddings(
                     if images is not None:
                         assert hw is not None
                         target = _targets_lane(images, padded, hw, run_device, dtype)
-                    d = _ascend_lane(x[padded], delta[padded - start], radius[padded], shadow, config, target,
-                                     run_device, dtype)
+                    d = _ascend_lane(
+                        x[padded], delta[padded - start], radius[padded], shadow, config, target, run_device, dtype
+                    )
                     delta[rows - start] = d[: len(rows)]
             out[start:stop] = finalize(x[start:stop], delta, radius[start:stop], config.linf)
             if progress is not None:
@@ -257,8 +259,14 @@ def perturbation_stats(z: np.ndarray, z_protected: np.ndarray) -> dict[str, floa
     if a.shape != b.shape or a.ndim != 2:
         raise EmbeddingError(f"cannot compare embeddings of shapes {a.shape} and {b.shape}")
     if len(a) == 0:
-        return {"count": 0, "rel_l2_mean": 0.0, "rel_l2_max": 0.0, "linf_max": 0.0,
-                "cosine_mean": 1.0, "cosine_min": 1.0}
+        return {
+            "count": 0,
+            "rel_l2_mean": 0.0,
+            "rel_l2_max": 0.0,
+            "linf_max": 0.0,
+            "cosine_mean": 1.0,
+            "cosine_min": 1.0,
+        }
     na = np.linalg.norm(a, axis=1)
     d = b - a
     rel = np.linalg.norm(d, axis=1) / np.maximum(na, 1e-300)

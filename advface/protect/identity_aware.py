@@ -44,8 +44,8 @@ from advface.protect.ascent import (
     project_np,
     project_t,
     shadow_device_dtype,
-    start_offsets,
     shadow_dim,
+    start_offsets,
 )
 
 #: Pixel shifts (at the encoder's chip size) cycled through the steps: the expectation over translations.
@@ -75,9 +75,12 @@ class IdentityAwareConfig(AscentParams):
             raise ConfigError(f"identity-aware AdvFace jitter must be a bool, got {self.jitter!r}")
 
 
-
 def identity_distance(
-    shadow: nn.Module, encoder_module: nn.Module, z: torch.Tensor, target: torch.Tensor, chip_size: int,
+    shadow: nn.Module,
+    encoder_module: nn.Module,
+    z: torch.Tensor,
+    target: torch.Tensor,
+    chip_size: int,
     shift: tuple[int, int] = (0, 0),
 ) -> torch.Tensor:
     """Per row: ``||E(shift(resize(S(z)))) - target|| / ||target||`` (differentiable in ``z``)."""
@@ -91,8 +94,15 @@ def identity_distance(
 
 
 def _ascend_lane(
-    z: np.ndarray, delta0: np.ndarray, radius: np.ndarray, shadows: Sequence[nn.Module], encoder_module: nn.Module,
-    config: IdentityAwareConfig, chip_size: int, device: torch.device, dtype: torch.dtype,
+    z: np.ndarray,
+    delta0: np.ndarray,
+    radius: np.ndarray,
+    shadows: Sequence[nn.Module],
+    encoder_module: nn.Module,
+    config: IdentityAwareConfig,
+    chip_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> np.ndarray:
     alpha, radius_t, z_t, delta = lane_tensors(z, delta0, radius, config, device, dtype)
     for step in range(config.steps):
@@ -153,14 +163,24 @@ def protect_identity_aware(
                 stack.enter_context(eval_mode(module))
             for start in range(0, len(x), config.batch_size):
                 stop = min(start + config.batch_size, len(x))
-                delta = project_np(start_offsets(x[start:stop], radius[start:stop], config.seed),
-                                    radius[start:stop], config.linf)
+                delta = project_np(
+                    start_offsets(x[start:stop], radius[start:stop], config.seed), radius[start:stop], config.linf
+                )
                 if config.steps > 0:
                     for lane in range(start, stop, lanes):
                         rows = np.arange(lane, min(lane + lanes, stop))
                         padded = np.concatenate([rows, np.full(lanes - len(rows), rows[-1])])
-                        d = _ascend_lane(x[padded], delta[padded - start], radius[padded], shadows, encoder_module,
-                                         config, chip_size, run_device, dtype)
+                        d = _ascend_lane(
+                            x[padded],
+                            delta[padded - start],
+                            radius[padded],
+                            shadows,
+                            encoder_module,
+                            config,
+                            chip_size,
+                            run_device,
+                            dtype,
+                        )
                         delta[rows - start] = d[: len(rows)]
                 out[start:stop] = finalize(x[start:stop], delta, radius[start:stop], config.linf)
                 if progress is not None:
@@ -169,4 +189,3 @@ def protect_identity_aware(
         for p in frozen:
             p.requires_grad_(True)
     return out.reshape(raw.shape) if raw.ndim == 1 else out
-

@@ -57,7 +57,7 @@ def _hkdf_sha256(ikm: bytes, salt: bytes, info: bytes, length: int) -> bytes:
 
 
 def _info(tenant: str, dim: int, version: int, purpose: str) -> bytes:
-    return f"{purpose}\x00tenant={tenant}\x00dim={dim}\x00version={version}".encode("utf-8")
+    return f"{purpose}\x00tenant={tenant}\x00dim={dim}\x00version={version}".encode()
 
 
 def _check(secret: bytes, tenant: str, dim: int, version: int) -> bytes:
@@ -107,8 +107,9 @@ class KeyedTransform:
         key ``version`` (bump it to re-issue every template of the tenant with a fresh matrix); ``norm``: scale
         every vector to this norm before rotating it (see the module notes), None: keep norms."""
         secret = _check(secret, tenant, dim, version)
-        if norm is not None and not (isinstance(norm, (int, float)) and not isinstance(norm, bool)
-                                     and np.isfinite(norm) and norm > 0):
+        if norm is not None and not (
+            isinstance(norm, (int, float)) and not isinstance(norm, bool) and np.isfinite(norm) and norm > 0
+        ):
             raise ConfigError(f"norm must be a positive number or None, got {norm!r}")
         q = _orthogonal(derive_seed(secret, tenant, dim, version), dim)
         key_id = _hkdf_sha256(secret, _SALT, _info(tenant, dim, version, "key id"), 8).hex()
@@ -146,8 +147,10 @@ class KeyedTransform:
 
     def __repr__(self) -> str:
         norm = "" if self.norm is None else f", norm={self.norm:g}"
-        return (f"KeyedTransform(tenant={self.tenant!r}, dim={self.dim}, version={self.version}, "
-                f"key_id={self.key_id}{norm})")
+        return (
+            f"KeyedTransform(tenant={self.tenant!r}, dim={self.dim}, version={self.version}, "
+            f"key_id={self.key_id}{norm})"
+        )
 
     def __reduce__(self) -> NoReturn:
         raise TypeError("KeyedTransform holds a secret matrix and cannot be pickled")

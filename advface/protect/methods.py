@@ -99,8 +99,15 @@ class IdentityAwareProtector:
 
     def protect(self, z: np.ndarray, *, progress: Callable[[int], object] | None = None) -> np.ndarray:
         """Protect ``z`` (``N x D`` or ``D``); see :func:`~advface.protect.identity_aware.protect_identity_aware`."""
-        return protect_identity_aware(z, self.shadows, self.encoder_module, self.config, chip_size=self.chip_size,
-                                      device=self.device, progress=progress)
+        return protect_identity_aware(
+            z,
+            self.shadows,
+            self.encoder_module,
+            self.config,
+            chip_size=self.chip_size,
+            device=self.device,
+            progress=progress,
+        )
 
 
 @dataclass(frozen=True)
@@ -121,13 +128,16 @@ class ProtectionSpec:
             raise ConfigError(f"unknown protection method {self.method!r}; use one of {', '.join(METHODS)}")
         wanted = AdvFaceConfig if self.method == "advface" else IdentityAwareConfig
         if not isinstance(self.config, wanted):
-            raise ConfigError(f"protection method {self.method} needs {wanted.__name__} parameters, "
-                              f"got {type(self.config).__name__}")
+            raise ConfigError(
+                f"protection method {self.method} needs {wanted.__name__} parameters, got {type(self.config).__name__}"
+            )
         if not self.shadows:
             raise ConfigError(f"protection method {self.method} needs at least one shadow checkpoint")
         if self.method == "advface" and len(self.shadows) != 1:
-            raise ConfigError(f"protection method advface takes exactly one shadow, got {len(self.shadows)} "
-                              "(an ensemble is for advface-id)")
+            raise ConfigError(
+                f"protection method advface takes exactly one shadow, got {len(self.shadows)} "
+                "(an ensemble is for advface-id)"
+            )
         for path in self.shadows:
             if not Path(path).is_file():
                 raise ConfigError(f"shadow model {path} not found")
@@ -158,8 +168,10 @@ def load_protector(
         elif spec.check_encoder:
             enc = encoder if encoder is not None else _create_encoder(spec.encoder)
             fingerprint, dim = enc.fingerprint, int(enc.dim)
-        return Protector.from_checkpoint(spec.shadows[0], encoder_fingerprint=fingerprint, dim=dim,
-                                         config=spec.config, device=device)  # type: ignore[arg-type]
+        assert isinstance(spec.config, AdvFaceConfig)  # ProtectionSpec checks the config fits the method
+        return Protector.from_checkpoint(
+            spec.shadows[0], encoder_fingerprint=fingerprint, dim=dim, config=spec.config, device=device
+        )
 
     from advface.inversion import check_compatible, load_decoder  # lazy: optional at import time
 
@@ -170,8 +182,10 @@ def load_protector(
     except (OSError, RuntimeError, ImportError) as exc:
         raise ConfigError(f"encoder {name}: cannot load its differentiable torch module ({exc})") from None
     if module is None:
-        raise ConfigError(f"protection method advface-id needs an encoder with a differentiable torch module "
-                          f"(e.g. dlib, dlib-torch, onnx:...); encoder {name} has none")
+        raise ConfigError(
+            f"protection method advface-id needs an encoder with a differentiable torch module "
+            f"(e.g. dlib, dlib-torch, onnx:...); encoder {name} has none"
+        )
     expected = templates  # what the shadows must fit (None: not checked)
     if expected is None and spec.check_encoder:
         expected = (enc.fingerprint, int(enc.dim))
@@ -184,12 +198,18 @@ def load_protector(
             except ConfigError as exc:
                 raise ConfigError(f"shadow model {path}: {exc}") from None
         shadows.append(shadow)
-    return IdentityAwareProtector(shadows, module, spec.config, chip_size=int(enc.chip.size),  # type: ignore[arg-type]
-                                  device=device, shadow_paths=[Path(p) for p in spec.shadows])
+    assert isinstance(spec.config, IdentityAwareConfig)  # ProtectionSpec checks the config fits the method
+    return IdentityAwareProtector(
+        shadows,
+        module,
+        spec.config,
+        chip_size=int(enc.chip.size),
+        device=device,
+        shadow_paths=[Path(p) for p in spec.shadows],
+    )
 
 
 def _create_encoder(spec: str | Mapping[str, Any]) -> Any:
     from advface.encoders import create_encoder
 
     return create_encoder(spec)
-

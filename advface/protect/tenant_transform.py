@@ -122,8 +122,13 @@ def marker(transforms: TenantTransforms | None) -> dict[str, Any]:
     public key id of a fixed check tenant, so a changed secret is detected without storing anything secret)."""
     if transforms is None:
         return {"enabled": False}
-    return {"enabled": True, "version": transforms.version, "norm": transforms.norm, "dim": transforms.dim,
-            "check_id": transforms.key_id(_CHECK_TENANT)}
+    return {
+        "enabled": True,
+        "version": transforms.version,
+        "norm": transforms.norm,
+        "dim": transforms.dim,
+        "check_id": transforms.key_id(_CHECK_TENANT),
+    }
 
 
 def check_store_marker(data_dir: str | os.PathLike[str], transforms: TenantTransforms | None, templates: int) -> None:
@@ -166,14 +171,18 @@ def _compare_marker(recorded: dict[str, Any] | None, wanted: dict[str, Any], tem
         if recorded is None:
             recorded = {"enabled": False}  # templates stored before the transform existed in this store
         if recorded != wanted:
+
             def say(m: dict[str, Any]) -> str:
                 if "rotating_to" in m:
-                    return (f"partly re-issued to keyed transform version {m['rotating_to'].get('version')} "
-                            "(an unfinished `advface rotate-transform`: run it again to finish)")
+                    return (
+                        f"partly re-issued to keyed transform version {m['rotating_to'].get('version')} "
+                        "(an unfinished `advface rotate-transform`: run it again to finish)"
+                    )
                 if not m.get("enabled"):
                     return "without the keyed transform"
                 norm = "off" if m.get("norm") is None else f"{m['norm']:g}"
                 return f"under keyed transform version {m.get('version')}, norm {norm}, check id {m.get('check_id')}"
+
             raise ConfigError(
                 f"{where} holds {templates} templates issued {say(recorded)}, but the "
                 f"configuration asks for templates {say(wanted)}; restore the secret / keyed_transform settings they "
@@ -203,8 +212,15 @@ def _write_marker(data_dir: str | os.PathLike[str], value: dict[str, Any]) -> No
     tmp.replace(path)
 
 
-def rotate_store(store: Any, data_dir: str | os.PathLike[str] | None, old: TenantTransforms,
-                 new: TenantTransforms, *, batch_size: int = 1000, progress: bool = False) -> int:
+def rotate_store(
+    store: Any,
+    data_dir: str | os.PathLike[str] | None,
+    old: TenantTransforms,
+    new: TenantTransforms,
+    *,
+    batch_size: int = 1000,
+    progress: bool = False,
+) -> int:
     """Re-issue every template of ``store`` from ``old`` to ``new``: ``new.apply(old.invert(v))`` per tenant.
     Returns the templates rewritten by this call. The marker is the file in ``data_dir`` (SQLite store), or, with
     ``data_dir=None``, the one the store keeps in its database (PostgreSQL store: ``read_transform_marker``).
@@ -263,4 +279,3 @@ def rotate_store(store: Any, data_dir: str | os.PathLike[str] | None, old: Tenan
     write(after)
     store.finish_transform_job(job)
     return done
-

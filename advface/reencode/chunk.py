@@ -36,17 +36,17 @@ def check_chunk(ids: list[str], vectors: np.ndarray, dim: int, where: str) -> np
             seen.add(row_id)
     finite = np.isfinite(v).all(axis=1)
     if not finite.all():
-        raise EmbeddingError(f"{where}: id {ids[int(np.flatnonzero(~finite)[0])]} has NaN or Inf values "
-                             f"({int((~finite).sum())} such rows in this chunk)")
+        raise EmbeddingError(
+            f"{where}: id {ids[int(np.flatnonzero(~finite)[0])]} has NaN or Inf values "
+            f"({int((~finite).sum())} such rows in this chunk)"
+        )
     zero = ~v.any(axis=1)
     if zero.any():
         raise EmbeddingError(f"{where}: id {ids[int(np.flatnonzero(zero)[0])]} is an all-zero vector")
     return v
 
 
-def reencode_chunk(
-    ids: list[str], vectors: np.ndarray, protector: TemplateProtector
-) -> tuple[list[str], np.ndarray]:
+def reencode_chunk(ids: list[str], vectors: np.ndarray, protector: TemplateProtector) -> tuple[list[str], np.ndarray]:
     """Protect one chunk: ``(ids, protected float32 vectors)`` in the same order (ids unchanged)."""
     v = check_chunk(list(ids), vectors, protector.dim, "chunk")
     return list(ids), protector.protect(v)

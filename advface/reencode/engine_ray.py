@@ -54,8 +54,16 @@ class RayEngine:
 
     name = "ray"
 
-    def __init__(self, spec: ProtectionSpec, dim: int, *, num_cpus: int | None = None,
-                 address: str | None = None, window_chunks: int | None = None, device: str | None = None) -> None:
+    def __init__(
+        self,
+        spec: ProtectionSpec,
+        dim: int,
+        *,
+        num_cpus: int | None = None,
+        address: str | None = None,
+        window_chunks: int | None = None,
+        device: str | None = None,
+    ) -> None:
         try:
             import ray  # noqa: F401
             import ray.data  # noqa: F401
@@ -72,8 +80,12 @@ class RayEngine:
         import ray
 
         if not ray.is_initialized():
-            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
-                                      "ignore_reinit_error": True, "configure_logging": False}
+            kwargs: dict[str, Any] = {
+                "include_dashboard": False,
+                "log_to_driver": False,
+                "ignore_reinit_error": True,
+                "configure_logging": False,
+            }
             if self.address:
                 ray.init(address=self.address, **kwargs)
             else:
@@ -105,15 +117,24 @@ class RayEngine:
                 sizes = [len(raw.ids) for _, raw in batch]
                 ids = [i for _, raw in batch for i in raw.ids]
                 vectors = np.concatenate([raw.vectors for _, raw in batch]).astype(np.float32)
-                table = pa.table({"pos": np.arange(len(ids), dtype=np.int64), "id": pa.array(ids, pa.string()),
-                                  "vector": ArrowTensorArray.from_numpy(vectors)})
+                table = pa.table(
+                    {
+                        "pos": np.arange(len(ids), dtype=np.int64),
+                        "id": pa.array(ids, pa.string()),
+                        "vector": ArrowTensorArray.from_numpy(vectors),
+                    }
+                )
                 per_actor = max(1, -(-len(ids) // actors))
                 rows = min(per_actor, max(sizes))
                 blocks = [table.slice(start, rows) for start in range(0, len(ids), rows)]  # one block per batch
                 ds = ray.data.from_arrow(blocks).map_batches(
-                    ProtectActor, fn_constructor_kwargs=kwargs, batch_size=rows,
-                    batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=min(actors, len(blocks))),
-                    num_cpus=0 if gpus else 1, num_gpus=1 if gpus else 0,
+                    ProtectActor,
+                    fn_constructor_kwargs=kwargs,
+                    batch_size=rows,
+                    batch_format="numpy",
+                    compute=ray.data.ActorPoolStrategy(size=min(actors, len(blocks))),
+                    num_cpus=0 if gpus else 1,
+                    num_gpus=1 if gpus else 0,
                 )
                 protected = np.empty_like(vectors)
                 got = 0
@@ -124,7 +145,7 @@ class RayEngine:
                     raise RuntimeError(f"Ray returned {got} of {len(ids)} rows")
                 start = 0
                 for (index, raw), n in zip(batch, sizes, strict=True):
-                    commit(index, raw, raw.ids, protected[start:start + n])
+                    commit(index, raw, raw.ids, protected[start : start + n])
                     start += n
         finally:
             if not self.address:

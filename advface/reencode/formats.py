@@ -109,8 +109,9 @@ def read_npy_header(f: IO[bytes], what: str) -> tuple[tuple[int, ...], np.dtype]
     return tuple(shape), dtype
 
 
-def iter_npy_rows(f: IO[bytes], shape: tuple[int, ...], dtype: np.dtype, rows: int, skip: int = 0,
-                  what: str = "array") -> Iterator[np.ndarray]:
+def iter_npy_rows(
+    f: IO[bytes], shape: tuple[int, ...], dtype: np.dtype, rows: int, skip: int = 0, what: str = "array"
+) -> Iterator[np.ndarray]:
     """Yield ``rows``-row slices of the array whose data starts at ``f``'s position, after skipping ``skip`` rows."""
     row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
     total = shape[0]

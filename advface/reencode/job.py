@@ -135,7 +135,8 @@ class Job:
         self.src_loc = parse_location(options.source)
         self.dst_loc = parse_location(options.dest)
         if self.src_loc.text == self.dst_loc.text or (
-            self.src_loc.scheme == self.dst_loc.scheme and self.src_loc.path == self.dst_loc.path
+            self.src_loc.scheme == self.dst_loc.scheme
+            and self.src_loc.path == self.dst_loc.path
             and self.src_loc.options.get("table") == self.dst_loc.options.get("table")
             and self.src_loc.options.get("tenant") == self.dst_loc.options.get("tenant")
         ):
@@ -149,8 +150,13 @@ class Job:
         """What both engines build their protector from (absolute shadow paths: Ray actors load them too).
         advface-id checks its shadows against the encoder; advface, as before, does not load the encoder."""
         shadows = self.o.shadows if self.o.method == "advface-id" else (self.o.shadow,)
-        return ProtectionSpec(self.o.method, tuple(str(Path(p).expanduser().resolve()) for p in shadows),
-                              self.o.config, encoder=self.o.encoder, check_encoder=self.o.method == "advface-id")
+        return ProtectionSpec(
+            self.o.method,
+            tuple(str(Path(p).expanduser().resolve()) for p in shadows),
+            self.o.config,
+            encoder=self.o.encoder,
+            check_encoder=self.o.method == "advface-id",
+        )
 
     def protector(self) -> TemplateProtector:
         """The protector (loads the shadows) on ``--device``, else CUDA when present, else the CPU."""
@@ -163,11 +169,19 @@ class Job:
         """What a resumed run must share with the interrupted one."""
         cfg = asdict(self.o.config)
         cfg.pop("batch_size")  # does not change the output
-        out = {"source": self.src_loc.text, "dest": self.dst_loc.text, "chunk_size": self.o.chunk_size,
-               "protection": cfg, "shadow_sha256": file_sha256(self.o.shadow)}
+        out = {
+            "source": self.src_loc.text,
+            "dest": self.dst_loc.text,
+            "chunk_size": self.o.chunk_size,
+            "protection": cfg,
+            "shadow_sha256": file_sha256(self.o.shadow),
+        }
         if self.o.method != "advface":  # (plain AdvFace keeps the keys of earlier journals)
-            out |= {"method": self.o.method, "encoder": self.o.encoder,
-                    "shadows_sha256": [file_sha256(p) for p in self.o.shadows]}
+            out |= {
+                "method": self.o.method,
+                "encoder": self.o.encoder,
+                "shadows_sha256": [file_sha256(p) for p in self.o.shadows],
+            }
         if "advface" in (self.src_loc.scheme, self.dst_loc.scheme):
             out["store_config"] = str(self.o.store_config.resolve()) if self.o.store_config else None
         return out
@@ -224,8 +238,15 @@ class Job:
                     sink.begin()
                     journal.put("dest_started", True)
                 started = time.perf_counter()
-                with tqdm(total=total, initial=resume.rows, unit="template", desc=f"reencode ({o.engine})",
-                          disable=o.quiet, dynamic_ncols=True, smoothing=0.05) as bar:
+                with tqdm(
+                    total=total,
+                    initial=resume.rows,
+                    unit="template",
+                    desc=f"reencode ({o.engine})",
+                    disable=o.quiet,
+                    dynamic_ncols=True,
+                    smoothing=0.05,
+                ) as bar:
 
                     def commit(index: int, raw: RawChunk, ids: list[str], protected: Any) -> None:
                         if sink.streaming:  # into the destination (idempotently), no part file
@@ -245,19 +266,29 @@ class Job:
                     _log(f"protected and stored {done.rows - resume.rows} templates in {seconds:.1f} s")
                     sink.finish()
                 else:
-                    parts = PartSet(count=done.rows, dim=protector.dim, id_kind=str(journal.get("id_kind")),
-                                    max_id_chars=journal.max_id_chars(), chunks=journal.parts)
-                    _log(f"protected {done.rows - resume.rows} templates in {seconds:.1f} s; writing "
-                         f"{self.dst_loc.display()}")
+                    parts = PartSet(
+                        count=done.rows,
+                        dim=protector.dim,
+                        id_kind=str(journal.get("id_kind")),
+                        max_id_chars=journal.max_id_chars(),
+                        chunks=journal.parts,
+                    )
+                    _log(
+                        f"protected {done.rows - resume.rows} templates in {seconds:.1f} s; writing "
+                        f"{self.dst_loc.display()}"
+                    )
                     sink.write(parts)
             finally:
                 journal.close()
             summary = self._verify(source, protector.dim)
-        summary["reencode"] = {"engine": o.engine, "chunk_size": o.chunk_size, "templates": done.rows,
-                               "resumed_from": resume.rows,
-                               "protect_seconds": round(seconds, 3),
-                               "templates_per_second":
-                                   round((done.rows - resume.rows) / seconds, 3) if seconds else None}
+        summary["reencode"] = {
+            "engine": o.engine,
+            "chunk_size": o.chunk_size,
+            "templates": done.rows,
+            "resumed_from": resume.rows,
+            "protect_seconds": round(seconds, 3),
+            "templates_per_second": round((done.rows - resume.rows) / seconds, 3) if seconds else None,
+        }
         if o.swap:
             if summary["passed"]:
                 sink.swap_into(self.src_loc)
@@ -274,8 +305,13 @@ class Job:
         if self.o.engine == "ray":
             from advface.reencode.engine_ray import RayEngine
 
-            return RayEngine(self.protection_spec(), protector.dim, num_cpus=self.o.num_cpus,
-                             address=self.o.ray_address, device=self.o.device)
+            return RayEngine(
+                self.protection_spec(),
+                protector.dim,
+                num_cpus=self.o.num_cpus,
+                address=self.o.ray_address,
+                device=self.o.device,
+            )
         from advface.reencode.engine_local import LocalEngine
 
         return LocalEngine(protector)
@@ -285,8 +321,10 @@ class Job:
         for raw in source.chunks(self.o.chunk_size, resume.rows, resume.cursor):
             where = f"{self.src_loc.display()} (rows {resume.rows + 1}.., chunk {index})"
             if raw.vectors.ndim == 2 and len(raw.ids) and raw.vectors.shape[1] != dim:
-                raise EmbeddingError(f"{self.src_loc.display()}: templates have dimension {raw.vectors.shape[1]} "
-                                     f"but the shadow model {self.o.shadow} takes {dim} (wrong --encoder/--shadow?)")
+                raise EmbeddingError(
+                    f"{self.src_loc.display()}: templates have dimension {raw.vectors.shape[1]} "
+                    f"but the shadow model {self.o.shadow} takes {dim} (wrong --encoder/--shadow?)"
+                )
             raw.vectors = check_chunk(raw.ids, raw.vectors, dim, where)
             yield index, raw
             index += 1
@@ -295,9 +333,10 @@ class Job:
 
     def _verify(self, source: Source, dim: int | None = None) -> dict[str, Any]:
         options = self.o.verify
-        with self._open_source(self.dst_loc, dim, untransform=True) as dest, \
-                tqdm(total=source.count(), unit="template", desc="verify", disable=self.o.quiet,
-                     dynamic_ncols=True) as bar:
+        with (
+            self._open_source(self.dst_loc, dim, untransform=True) as dest,
+            tqdm(total=source.count(), unit="template", desc="verify", disable=self.o.quiet, dynamic_ncols=True) as bar,
+        ):
             if getattr(dest, "norm_equalised", False):  # advface store: only directions come back
                 options = replace(options, direction_only=True)
             summary = verify(source, dest, options, progress=bar.update)
@@ -318,8 +357,9 @@ class Job:
         sink = self._open_sink(protector.dim)
         try:
             if sink.streaming:
-                sink.check_writable(resuming=not self.o.restart
-                                    and _journal_value(self.work_dir, "dest_started") is True)
+                sink.check_writable(
+                    resuming=not self.o.restart and _journal_value(self.work_dir, "dest_started") is True
+                )
             else:
                 sink.check_writable()
         finally:
@@ -330,9 +370,11 @@ class Job:
                 raise EmbeddingError(f"source {self.src_loc.display()} is empty: nothing to re-encode")
             raw = next(iter(source.chunks(min(sample, total))))
         if raw.vectors.shape[1] != protector.dim:
-            raise EmbeddingError(f"{self.src_loc.display()}: templates have dimension {raw.vectors.shape[1]} "
-                                 f"but the shadow model {self.o.shadow} takes {protector.dim} "
-                                 "(wrong --encoder/--shadow?)")
+            raise EmbeddingError(
+                f"{self.src_loc.display()}: templates have dimension {raw.vectors.shape[1]} "
+                f"but the shadow model {self.o.shadow} takes {protector.dim} "
+                "(wrong --encoder/--shadow?)"
+            )
         vectors = check_chunk(raw.ids, raw.vectors, protector.dim, self.src_loc.display())
         reencode_chunk(raw.ids[:1], vectors[:1], protector)  # warm-up (first call allocates)
         started = time.perf_counter()
@@ -341,21 +383,34 @@ class Job:
         rate = len(raw.ids) / seconds
         workers = (self.o.num_cpus or 1) if self.o.engine == "ray" else 1
         estimate = total / (rate * workers)
-        out = {"templates": total, "sample": len(raw.ids), "sample_seconds": round(seconds, 3),
-               "templates_per_second_per_worker": round(rate, 3), "workers": workers,
-               "estimated_seconds": round(estimate, 1), "engine": self.o.engine}
-        _log(f"dry run: {len(raw.ids)} templates in {seconds:.2f} s = {rate:.1f}/s per worker; {total} templates "
-             f"with {workers} worker(s) (assuming linear scaling): about {_duration(estimate)}. Nothing written.")
+        out = {
+            "templates": total,
+            "sample": len(raw.ids),
+            "sample_seconds": round(seconds, 3),
+            "templates_per_second_per_worker": round(rate, 3),
+            "workers": workers,
+            "estimated_seconds": round(estimate, 1),
+            "engine": self.o.engine,
+        }
+        _log(
+            f"dry run: {len(raw.ids)} templates in {seconds:.2f} s = {rate:.1f}/s per worker; {total} templates "
+            f"with {workers} worker(s) (assuming linear scaling): about {_duration(estimate)}. Nothing written."
+        )
         return out
 
     def _print_summary(self, s: dict[str, Any]) -> None:
         m = s["matching"]
-        match = (f"{m.get('match_fraction', float('nan')):.4f} of {m['sample']} sampled match their source "
-                 f"({m['metric']} threshold {m['threshold']})" if m.get("passed") is not None
-                 else m.get("note", "not checked"))
-        _log(f"verify: {'PASSED' if s['passed'] else 'FAILED'}: {s['destination_count']}/{s['source_count']} "
-             f"templates, rel-L2 max {s['rel_l2_max']:.5f} (budget {s['options']['rel_l2']}), "
-             f"{s['over_budget']} over budget, {s['nonfinite_vectors']} NaN/Inf; matching: {match}")
+        match = (
+            f"{m.get('match_fraction', float('nan')):.4f} of {m['sample']} sampled match their source "
+            f"({m['metric']} threshold {m['threshold']})"
+            if m.get("passed") is not None
+            else m.get("note", "not checked")
+        )
+        _log(
+            f"verify: {'PASSED' if s['passed'] else 'FAILED'}: {s['destination_count']}/{s['source_count']} "
+            f"templates, rel-L2 max {s['rel_l2_max']:.5f} (budget {s['options']['rel_l2']}), "
+            f"{s['over_budget']} over budget, {s['nonfinite_vectors']} NaN/Inf; matching: {match}"
+        )
         for failure in s["failures"]:
             _log(f"  - {failure}")
 

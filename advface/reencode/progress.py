@@ -124,8 +124,7 @@ class Journal:
                     f"duplicate id {dup[0]} (rows of chunks {dup[1]} and {index}, chunk size "
                     f"{self.get('chunk_size')}); ids must be unique -- fix the source, then rerun with --restart"
                 ) from None
-            self._db.execute("INSERT INTO chunks VALUES (?, ?, ?, ?)",
-                             (index, len(ids), json.dumps(cursor), part.name))
+            self._db.execute("INSERT INTO chunks VALUES (?, ?, ?, ?)", (index, len(ids), json.dumps(cursor), part.name))
             self._db.execute("COMMIT")
         except BaseException:
             if self._db.in_transaction:
@@ -134,7 +133,7 @@ class Journal:
 
     def _first_seen(self, ids: list[str]) -> tuple[str, int]:
         for start in range(0, len(ids), 500):
-            batch = ids[start:start + 500]
+            batch = ids[start : start + 500]
             row = self._db.execute(
                 f"SELECT id, chunk FROM ids WHERE id IN ({','.join('?' * len(batch))}) LIMIT 1", batch
             ).fetchone()

@@ -50,8 +50,7 @@ class RetryPolicy:
                         "rerun the same command to resume"
                     ) from exc
                 delay = min(self.base_delay * 2**attempt, self.max_delay)
-                log.warning("%s: %s; retrying in %.1f s (attempt %d/%d)", what, exc, delay, attempt + 2,
-                            self.attempts)
+                log.warning("%s: %s; retrying in %.1f s (attempt %d/%d)", what, exc, delay, attempt + 2, self.attempts)
                 time.sleep(delay)
                 if on_retry is not None:
                     try:

@@ -86,8 +86,9 @@ class Sink(abc.ABC):
         """AlreadyExistsError if the destination exists and ``overwrite`` is off (``resuming``, an unfinished run
         already started writing the destination, matters to streaming sinks only)."""
         if self.exists() and not self.overwrite:
-            raise AlreadyExistsError(f"destination {self.location.display()} already exists; pass --overwrite to "
-                                     "replace it")
+            raise AlreadyExistsError(
+                f"destination {self.location.display()} already exists; pass --overwrite to replace it"
+            )
 
     @abc.abstractmethod
     def write(self, parts: PartSet) -> None:
@@ -97,7 +98,7 @@ class Sink(abc.ABC):
     def swap_into(self, source: Location) -> None:
         """Replace ``source`` by this (written, verified) destination, atomically; the destination name is gone."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release connections (nothing to do for most sinks)."""
 
     # the streaming interface (``streaming`` sinks only)
@@ -150,8 +151,9 @@ class _FileSink(Sink):
 
     def _check_swap(self, source: Location) -> Path:
         if source.scheme != self.location.scheme:
-            raise ConfigError(f"--swap needs source and destination of one kind, got {source.scheme} and "
-                              f"{self.location.scheme}")
+            raise ConfigError(
+                f"--swap needs source and destination of one kind, got {source.scheme} and {self.location.scheme}"
+            )
         return Path(source.path)
 
 
@@ -163,13 +165,15 @@ class NpzSink(_FileSink):
         tmp = _tmp_beside(self.path)
         try:
             with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-                id_dtype = np.dtype(f"<U{max(parts.max_id_chars, 1)}") if parts.id_kind == "text" \
-                    else np.dtype("<i8")
+                id_dtype = np.dtype(f"<U{max(parts.max_id_chars, 1)}") if parts.id_kind == "text" else np.dtype("<i8")
                 with zf.open(zipfile.ZipInfo("ids.npy", _ZIP_DATE), "w", force_zip64=True) as f:
                     write_npy_header(f, (parts.count,), id_dtype)
                     for ids, _ in parts.chunks():
-                        f.write(np.asarray([int(i) for i in ids] if parts.id_kind == "integer" else ids,
-                                           dtype=id_dtype).tobytes())
+                        f.write(
+                            np.asarray(
+                                [int(i) for i in ids] if parts.id_kind == "integer" else ids, dtype=id_dtype
+                            ).tobytes()
+                        )
                 with zf.open(zipfile.ZipInfo("embeddings.npy", _ZIP_DATE), "w", force_zip64=True) as f:
                     write_npy_header(f, (parts.count, parts.dim), np.dtype("<f4"))
                     for _, vectors in parts.chunks():
@@ -318,8 +322,10 @@ class SQLiteSink(Sink):
         conn = self._connect()
         try:
             conn.execute(f'DROP TABLE IF EXISTS "{stage}"')
-            conn.execute(f'CREATE TABLE "{stage}" ("{self.id_column}" {id_type} PRIMARY KEY NOT NULL, '
-                         f'"{self.vector_column}" {vec_type} NOT NULL)')
+            conn.execute(
+                f'CREATE TABLE "{stage}" ("{self.id_column}" {id_type} PRIMARY KEY NOT NULL, '
+                f'"{self.vector_column}" {vec_type} NOT NULL)'
+            )
             sql = f'INSERT INTO "{stage}" VALUES (?, ?)'
             for ids, vectors in parts.chunks():
                 keys: list[Any] = [int(i) for i in ids] if parts.id_kind == "integer" else ids
@@ -330,8 +336,9 @@ class SQLiteSink(Sink):
             if table_columns_sqlite(conn, self.table):
                 if not self.overwrite:
                     conn.execute("ROLLBACK")
-                    raise AlreadyExistsError(f"destination {self.location.display()} appeared meanwhile; "
-                                             "pass --overwrite to replace it")
+                    raise AlreadyExistsError(
+                        f"destination {self.location.display()} appeared meanwhile; pass --overwrite to replace it"
+                    )
                 conn.execute(f'DROP TABLE "{self.table}"')
             conn.execute(f'ALTER TABLE "{stage}" RENAME TO "{self.table}"')
             conn.execute("COMMIT")
@@ -344,9 +351,12 @@ class SQLiteSink(Sink):
         src_table = source.options["table"]
         conn = self._connect()
         try:
-            _check_swap_columns(table_columns_sqlite(conn, src_table),
-                                source.option("id_column", DEFAULT_ID_COLUMN),
-                                source.option("vector_column", DEFAULT_VECTOR_COLUMN), src_table)
+            _check_swap_columns(
+                table_columns_sqlite(conn, src_table),
+                source.option("id_column", DEFAULT_ID_COLUMN),
+                source.option("vector_column", DEFAULT_VECTOR_COLUMN),
+                src_table,
+            )
             conn.execute("BEGIN IMMEDIATE")
             conn.execute(f'DROP TABLE "{src_table}"')  # secure_delete: the raw vectors' pages are zeroed
             conn.execute(f'ALTER TABLE "{self.table}" RENAME TO "{src_table}"')
@@ -369,8 +379,10 @@ class PostgresSink(Sink):
     def _connect(self) -> Any:
         import psycopg
 
-        return self.retry.call(lambda: psycopg.connect(self.dsn, autocommit=True, connect_timeout=10),
-                               f"{self.location.display()}: connect")
+        return self.retry.call(
+            lambda: psycopg.connect(self.dsn, autocommit=True, connect_timeout=10),
+            f"{self.location.display()}: connect",
+        )
 
     def exists(self) -> bool:
         with self._connect() as conn:
@@ -389,12 +401,17 @@ class PostgresSink(Sink):
         def load() -> None:
             with self._connect() as conn:
                 conn.execute(f"DROP TABLE IF EXISTS {stage}")
-                conn.execute(f'CREATE TABLE {stage} ("{self.id_column}" {id_type} NOT NULL, '
-                             f'"{self.vector_column}" vector({parts.dim}) NOT NULL, '
-                             f'CONSTRAINT "{pk}" PRIMARY KEY ("{self.id_column}"))')
-                with conn.cursor() as cur, cur.copy(
-                    f'COPY {stage} ("{self.id_column}", "{self.vector_column}") FROM STDIN (FORMAT BINARY)'
-                ) as copy:
+                conn.execute(
+                    f'CREATE TABLE {stage} ("{self.id_column}" {id_type} NOT NULL, '
+                    f'"{self.vector_column}" vector({parts.dim}) NOT NULL, '
+                    f'CONSTRAINT "{pk}" PRIMARY KEY ("{self.id_column}"))'
+                )
+                with (
+                    conn.cursor() as cur,
+                    cur.copy(
+                        f'COPY {stage} ("{self.id_column}", "{self.vector_column}") FROM STDIN (FORMAT BINARY)'
+                    ) as copy,
+                ):
                     copy.write(PGCOPY_HEADER)
                     for ids, vectors in parts.chunks():
                         copy.write(pgcopy_rows(ids, vectors, parts.id_kind == "integer"))
@@ -402,8 +419,10 @@ class PostgresSink(Sink):
                 with conn.transaction():
                     if pg_column_types(conn, self.table):
                         if not self.overwrite:
-                            raise AlreadyExistsError(f"destination {self.location.display()} appeared meanwhile; "
-                                                     "pass --overwrite to replace it")
+                            raise AlreadyExistsError(
+                                f"destination {self.location.display()} appeared meanwhile; "
+                                "pass --overwrite to replace it"
+                            )
                         conn.execute(f"DROP TABLE {quote_pg_table(self.table)}")
                     conn.execute(f'ALTER TABLE {stage} RENAME TO "{target_name}"')
 
@@ -411,22 +430,33 @@ class PostgresSink(Sink):
 
     def swap_into(self, source: Location) -> None:
         if source.scheme != "postgresql" or source.path != self.location.path:
-            raise ConfigError("--swap of a PostgreSQL table needs the destination table in the source's database "
-                              "(same connection string)")
+            raise ConfigError(
+                "--swap of a PostgreSQL table needs the destination table in the source's database "
+                "(same connection string)"
+            )
         src_table = source.options["table"]
         if src_table.rpartition(".")[0] != self.table.rpartition(".")[0]:
             raise ConfigError("--swap needs source and destination tables in one schema")
         with self._connect() as conn:
-            _check_swap_columns(list(pg_column_types(conn, src_table)),
-                                source.option("id_column", DEFAULT_ID_COLUMN),
-                                source.option("vector_column", DEFAULT_VECTOR_COLUMN), src_table)
+            _check_swap_columns(
+                list(pg_column_types(conn, src_table)),
+                source.option("id_column", DEFAULT_ID_COLUMN),
+                source.option("vector_column", DEFAULT_VECTOR_COLUMN),
+                src_table,
+            )
             with conn.transaction():
                 conn.execute(f"DROP TABLE {quote_pg_table(src_table)}")
                 conn.execute(f'ALTER TABLE {quote_pg_table(self.table)} RENAME TO "{src_table.rpartition(".")[2]}"')
 
 
-def open_sink(location: str | Location, overwrite: bool = False, retry: RetryPolicy | None = None, *,
-              store_config: str | Path | None = None, dim: int | None = None) -> Sink:
+def open_sink(
+    location: str | Location,
+    overwrite: bool = False,
+    retry: RetryPolicy | None = None,
+    *,
+    store_config: str | Path | None = None,
+    dim: int | None = None,
+) -> Sink:
     """The sink for ``location`` (see :mod:`advface.reencode.uri`); an ``advface:`` store needs the sidecar's
     configuration file ``store_config`` (None: defaults) and the templates' ``dim``."""
     loc = parse_location(location) if isinstance(location, str) else location

@@ -10,6 +10,7 @@ that SQL and Parquet sinks write them back as integers.
 from __future__ import annotations
 
 import abc
+import functools
 import sqlite3
 import zipfile
 from collections.abc import Iterator
@@ -53,7 +54,7 @@ class Source(abc.ABC):
     def chunks(self, chunk_size: int, rows_done: int = 0, cursor: Any = None) -> Iterator[RawChunk]:
         """Chunks of ``chunk_size`` rows, starting after ``rows_done`` rows (files) or after ``cursor`` (SQL)."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release files and connections."""
 
     def __enter__(self) -> Source:
@@ -70,8 +71,7 @@ def stack_rows(ids: list[str], rows: list[np.ndarray], where: str) -> np.ndarray
     dim = len(rows[0])
     for row_id, row in zip(ids, rows, strict=True):
         if row.ndim != 1 or len(row) != dim:
-            raise EmbeddingError(f"{where}: mixed dimensions: id {row_id} has {row.size} values, "
-                                 f"id {ids[0]} has {dim}")
+            raise EmbeddingError(f"{where}: mixed dimensions: id {row_id} has {row.size} values, id {ids[0]} has {dim}")
     return np.stack(rows).astype(np.float32, copy=False)
 
 
@@ -245,17 +245,20 @@ class ParquetSource(Source):
         schema = self._file.schema_arrow
         missing = [c for c in (self.id_column, self.vector_column) if c not in schema.names]
         if missing:
-            raise EmbeddingError(f"{self.path}: missing column(s) {', '.join(missing)} "
-                                 f"(has: {', '.join(schema.names)}); "
-                                 "name them with ?id_column=...&vector_column=...")
+            raise EmbeddingError(
+                f"{self.path}: missing column(s) {', '.join(missing)} "
+                f"(has: {', '.join(schema.names)}); "
+                "name them with ?id_column=...&vector_column=..."
+            )
         id_type = schema.field(self.id_column).type
         if pa.types.is_integer(id_type):
             self.id_kind = "integer"
         elif not (pa.types.is_string(id_type) or pa.types.is_large_string(id_type)):
             raise EmbeddingError(f"{self.path}: id column {self.id_column} is {id_type}, need string or integer")
         vtype = schema.field(self.vector_column).type
-        if not (pa.types.is_list(vtype) or pa.types.is_large_list(vtype) or pa.types.is_fixed_size_list(vtype)) \
-                or not pa.types.is_floating(vtype.value_type):
+        if not (
+            pa.types.is_list(vtype) or pa.types.is_large_list(vtype) or pa.types.is_fixed_size_list(vtype)
+        ) or not pa.types.is_floating(vtype.value_type):
             raise EmbeddingError(f"{self.path}: vector column {self.vector_column} is {vtype}, need a list of floats")
 
     def count(self) -> int:
@@ -270,8 +273,9 @@ class ParquetSource(Source):
         lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
         if len(lengths) and (lengths != lengths[0]).any():
             i = int(np.flatnonzero(lengths != lengths[0])[0])
-            raise EmbeddingError(f"{self.path}: mixed dimensions: id {ids[i]} has {lengths[i]} values, "
-                                 f"id {ids[0]} has {lengths[0]}")
+            raise EmbeddingError(
+                f"{self.path}: mixed dimensions: id {ids[i]} has {lengths[i]} values, id {ids[0]} has {lengths[0]}"
+            )
         flat = pc.list_flatten(column)
         if flat.null_count:
             raise EmbeddingError(f"{self.path}: a vector holds null values (near id {ids[0]})")
@@ -308,8 +312,9 @@ class ParquetSource(Source):
         # One row group at a time: iter_batches over many groups keeps buffers alive (RSS grew ~0.5 GB per 1M
         # templates); per group, memory stays at one row group's worth.
         for g in groups:
-            yield from self._file.iter_batches(batch_size=batch_rows, row_groups=[g],
-                                               columns=[self.id_column, self.vector_column])
+            yield from self._file.iter_batches(
+                batch_size=batch_rows, row_groups=[g], columns=[self.id_column, self.vector_column]
+            )
 
     def chunks(self, chunk_size: int, rows_done: int = 0, cursor: Any = None) -> Iterator[RawChunk]:
         yield from _rechunk(self._pieces(rows_done, chunk_size), chunk_size, rows_done)
@@ -339,8 +344,9 @@ class SQLiteSource(Source):
             raise ConfigError(f"{self.path}: no table {self.table}")
         missing = [c for c in (self.id_column, self.vector_column) if c not in columns]
         if missing:
-            raise EmbeddingError(f"{self.path}: table {self.table} has no column(s) {', '.join(missing)} "
-                                 f"(has: {', '.join(columns)})")
+            raise EmbeddingError(
+                f"{self.path}: table {self.table} has no column(s) {', '.join(missing)} (has: {', '.join(columns)})"
+            )
         first = self._conn.execute(f'SELECT typeof("{self.id_column}") FROM "{self.table}" LIMIT 1').fetchone()
         self.id_kind = "integer" if first and first[0] == "integer" else "text"
 
@@ -354,21 +360,30 @@ class SQLiteSource(Source):
             self._conn = self._connect()
 
     def count(self) -> int:
-        return int(self.retry.call(lambda: self._conn.execute(f'SELECT count(*) FROM "{self.table}"').fetchone()[0],
-                                   f"{self.path}: count", self._reconnect))
+        return int(
+            self.retry.call(
+                lambda: self._conn.execute(f'SELECT count(*) FROM "{self.table}"').fetchone()[0],
+                f"{self.path}: count",
+                self._reconnect,
+            )
+        )
 
     def chunks(self, chunk_size: int, rows_done: int = 0, cursor: Any = None) -> Iterator[RawChunk]:
         last = -(2**63) if cursor is None else int(cursor)
-        sql = (f'SELECT rowid, "{self.id_column}", "{self.vector_column}" FROM "{self.table}" '
-               "WHERE rowid > ? ORDER BY rowid LIMIT ?")
+        sql = (
+            f'SELECT rowid, "{self.id_column}", "{self.vector_column}" FROM "{self.table}" '
+            "WHERE rowid > ? ORDER BY rowid LIMIT ?"
+        )
+
+        def read(after: int) -> list[Any]:
+            return self._conn.execute(sql, (after, chunk_size)).fetchall()
+
         while True:
-            rows = self.retry.call(lambda: self._conn.execute(sql, (last, chunk_size)).fetchall(),
-                                   f"{self.path}: read {self.table}", self._reconnect)
+            rows = self.retry.call(functools.partial(read, last), f"{self.path}: read {self.table}", self._reconnect)
             if not rows:
                 return
             ids = [_sql_id(r[1], self.id_kind, str(self.path)) for r in rows]
-            vectors = stack_rows(ids, [blob_to_vector(r[2], i) for r, i in zip(rows, ids, strict=True)],
-                                 str(self.path))
+            vectors = stack_rows(ids, [blob_to_vector(r[2], i) for r, i in zip(rows, ids, strict=True)], str(self.path))
             last = int(rows[-1][0])
             yield RawChunk(ids, vectors, last)
             if len(rows) < chunk_size:
@@ -421,11 +436,15 @@ class PostgresSource(Source):
             raise ConfigError(f"{location.display()}: no table {self.table}")
         missing = [c for c in (self.id_column, self.vector_column) if c not in types]
         if missing:
-            raise EmbeddingError(f"{location.display()}: table {self.table} has no column(s) {', '.join(missing)} "
-                                 f"(has: {', '.join(types)})")
+            raise EmbeddingError(
+                f"{location.display()}: table {self.table} has no column(s) {', '.join(missing)} "
+                f"(has: {', '.join(types)})"
+            )
         if types[self.vector_column] != "vector":
-            raise EmbeddingError(f"{location.display()}: column {self.vector_column} is {types[self.vector_column]}, "
-                                 "need a pgvector vector")
+            raise EmbeddingError(
+                f"{location.display()}: column {self.vector_column} is {types[self.vector_column]}, "
+                "need a pgvector vector"
+            )
         self.id_kind = "integer" if types[self.id_column] in ("int2", "int4", "int8") else "text"
 
     def _reconnect(self) -> None:
@@ -500,9 +519,14 @@ def pg_column_types(conn: Any, table: str) -> dict[str, str]:
     return {r[0]: r[1] for r in rows}
 
 
-def open_source(location: str | Location, retry: RetryPolicy | None = None, *,
-                store_config: str | Path | None = None, dim: int | None = None,
-                untransform: bool = False) -> Source:
+def open_source(
+    location: str | Location,
+    retry: RetryPolicy | None = None,
+    *,
+    store_config: str | Path | None = None,
+    dim: int | None = None,
+    untransform: bool = False,
+) -> Source:
     """Open the source at ``location`` (see :mod:`advface.reencode.uri`). An ``advface:`` store is opened from the
     sidecar's configuration file ``store_config`` (None: defaults); ``dim`` is needed for a PostgreSQL store;
     ``untransform`` reads it through the inverse keyed transform (verification)."""

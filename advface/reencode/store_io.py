@@ -67,8 +67,9 @@ def parse_store_location(text: str, rest: str) -> Location:
     options = dict(parse_qsl(query, keep_blank_values=True)) if query else {}
     unknown = sorted(set(options) - set(STORE_OPTION_KEYS))
     if unknown:
-        raise ConfigError(f"location {text!r}: unknown option(s) {', '.join(unknown)}; an advface store takes "
-                          f"only ?tenant=NAME")
+        raise ConfigError(
+            f"location {text!r}: unknown option(s) {', '.join(unknown)}; an advface store takes only ?tenant=NAME"
+        )
     if "tenant" not in options:
         raise ConfigError(f"location {text!r}: an advface store needs ?tenant=NAME")
     try:
@@ -119,8 +120,9 @@ class StoreTarget:
 
     def database_exists(self) -> bool:
         """Whether the store exists (SQLite: its database file; PostgreSQL: assumed, the DSN is checked on open)."""
-        return self.backend != "sqlite" or (self.data_dir is not None
-                                            and (self.data_dir / "templates.sqlite3").is_file())
+        return self.backend != "sqlite" or (
+            self.data_dir is not None and (self.data_dir / "templates.sqlite3").is_file()
+        )
 
     def stored_dim(self) -> int | None:
         """The dimension an existing SQLite store was made with (None: no such store, or PostgreSQL)."""
@@ -174,8 +176,10 @@ class AdvfaceStoreSink(Sink):
         self.target = target
         stored = target.stored_dim()
         if stored is not None and stored != dim:
-            raise ConfigError(f"{target.where()}: the store holds {stored}-d templates, the shadow model makes "
-                              f"{dim}-d ones (wrong --config, --shadow or --encoder?)")
+            raise ConfigError(
+                f"{target.where()}: the store holds {stored}-d templates, the shadow model makes "
+                f"{dim}-d ones (wrong --config, --shadow or --encoder?)"
+            )
         self.dim = dim
         self.transforms = target.transforms(dim)
         self._store: Any = None
@@ -224,7 +228,7 @@ class AdvfaceStoreSink(Sink):
             return
         templates = protected if self.transforms is None else self.transforms.apply(self.target.tenant, protected)
         templates = np.ascontiguousarray(templates, dtype=np.float32)
-        items = [(row_id, templates[i:i + 1], None) for i, row_id in enumerate(ids)]
+        items = [(row_id, templates[i : i + 1], None) for i, row_id in enumerate(ids)]
         try:
             self.store.add_many(self.target.tenant, items, replace=True)
         except ValidationError as exc:
@@ -243,8 +247,10 @@ class AdvfaceStoreSink(Sink):
         self.finish()
 
     def swap_into(self, source: Location) -> None:
-        raise ConfigError("--swap is not supported with an advface store destination: the sidecar's store is "
-                          "filled in place; remove the raw source yourself once verification passed")
+        raise ConfigError(
+            "--swap is not supported with an advface store destination: the sidecar's store is "
+            "filled in place; remove the raw source yourself once verification passed"
+        )
 
     def close(self) -> None:
         """Release the store (its lock, for SQLite)."""
@@ -322,8 +328,8 @@ def open_store_sink(location: Location, overwrite: bool, config_path: str | Path
     return AdvfaceStoreSink(location, overwrite, StoreTarget.resolve(location, config_path), dim)
 
 
-def open_store_source(location: Location, config_path: str | Path | None, dim: int | None = None,
-                      untransform: bool = False) -> AdvfaceStoreSource:
+def open_store_source(
+    location: Location, config_path: str | Path | None, dim: int | None = None, untransform: bool = False
+) -> AdvfaceStoreSource:
     """The source of an ``advface:`` location (``dim`` is needed only for a PostgreSQL store)."""
     return AdvfaceStoreSource(location, StoreTarget.resolve(location, config_path), dim, untransform)
-

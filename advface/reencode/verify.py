@@ -115,12 +115,12 @@ def verify(
                 seen_source += len(chunk.ids)
                 found: dict[str, bytes] = {}
                 for start in range(0, len(chunk.ids), 500):
-                    batch = chunk.ids[start:start + 500]
+                    batch = chunk.ids[start : start + 500]
                     marks = ",".join("?" * len(batch))
                     found.update(db.execute(f"SELECT id, v FROM d WHERE id IN ({marks})", batch).fetchall())
                 found_total += len(found)
                 keep = [i for i, row_id in enumerate(chunk.ids) if row_id in found]
-                for i, row_id in enumerate(chunk.ids):
+                for row_id in chunk.ids:
                     if row_id not in found:
                         missing += 1
                         if len(missing_ids) < MAX_EXAMPLES:
@@ -188,15 +188,20 @@ def verify(
     if len(dims) > 1:
         failures.append(f"destination has mixed dimensions {sorted(dims)}")
     if over_budget:
-        failures.append(f"{over_budget} vector(s) outside the protection budget rel_l2={options.rel_l2}"
-                        + (f", linf={options.linf}" if options.linf is not None else "")
-                        + f" (e.g. {', '.join(over_ids)})")
+        failures.append(
+            f"{over_budget} vector(s) outside the protection budget rel_l2={options.rel_l2}"
+            + (f", linf={options.linf}" if options.linf is not None else "")
+            + f" (e.g. {', '.join(over_ids)})"
+        )
     if unchanged:
-        failures.append(f"{unchanged} destination vector(s) equal their raw source: not protected "
-                        f"(e.g. {', '.join(unchanged_ids)})")
+        failures.append(
+            f"{unchanged} destination vector(s) equal their raw source: not protected (e.g. {', '.join(unchanged_ids)})"
+        )
     if matching.get("passed") is False:
-        failures.append(f"matching: only {matching['match_fraction']:.4f} of {matching['sample']} sampled templates "
-                        f"match their source (need {options.min_match_fraction})")
+        failures.append(
+            f"matching: only {matching['match_fraction']:.4f} of {matching['sample']} sampled templates "
+            f"match their source (need {options.min_match_fraction})"
+        )
     return {
         "passed": not failures,
         "failures": failures,

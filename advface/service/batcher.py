@@ -32,8 +32,13 @@ class ProtectionBatcher:
     """
 
     def __init__(
-        self, protect: Callable[[np.ndarray], np.ndarray], executor: ThreadPoolExecutor, slots: int, max_rows: int,
-        lanes: int = 1, linger_s: float = 0.015,
+        self,
+        protect: Callable[[np.ndarray], np.ndarray],
+        executor: ThreadPoolExecutor,
+        slots: int,
+        max_rows: int,
+        lanes: int = 1,
+        linger_s: float = 0.015,
     ) -> None:
         self._protect = protect
         self._executor = executor

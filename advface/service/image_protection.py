@@ -54,8 +54,9 @@ class ImageProtectionService:
 
     def __init__(self, config: ImageProtectionConfig, detector: str = "dlib", face_policy: str = "largest") -> None:
         if not 1 <= config.steps <= config.max_steps:
-            raise ConfigError(f"image_protection.steps must be in [1, max_steps={config.max_steps}], "
-                              f"got {config.steps}")
+            raise ConfigError(
+                f"image_protection.steps must be in [1, max_steps={config.max_steps}], got {config.steps}"
+            )
         self.config = config
         self.detector = detector
         self.face_policy = face_policy if face_policy in _ONE_FACE_POLICIES else "largest"
@@ -74,8 +75,14 @@ class ImageProtectionService:
         """Whether the encoder ensemble has been built."""
         return self._protector is not None
 
-    def options(self, image: bytes, epsilon: float | None = None, steps: int | None = None, seed: int = 0,
-                target_similarity: float | None = None) -> ProtectConfig:
+    def options(
+        self,
+        image: bytes,
+        epsilon: float | None = None,
+        steps: int | None = None,
+        seed: int = 0,
+        target_similarity: float | None = None,
+    ) -> ProtectConfig:
         """The protection options of one request (None: the default); PreconditionError when image protection is
         disabled, ValidationError for an empty photo or out-of-range options."""
         from advface.protect.image import ProtectConfig
@@ -92,8 +99,9 @@ class ImageProtectionService:
             raise ValidationError(f"steps must be in [1, {self.config.max_steps}], got {steps}")
         if target_similarity is not None and not (math.isfinite(target_similarity) and -1 <= target_similarity <= 1):
             raise ValidationError(f"target_similarity must be in [-1, 1], got {target_similarity:g}")
-        options = ProtectConfig(epsilon=float(epsilon), steps=steps, seed=int(seed),
-                                target_similarity=target_similarity)
+        options = ProtectConfig(
+            epsilon=float(epsilon), steps=steps, seed=int(seed), target_similarity=target_similarity
+        )
         try:
             options.validate()
         except ConfigError as exc:  # pragma: no cover - the checks above are stricter
@@ -109,15 +117,23 @@ class ImageProtectionService:
             try:
                 self._protector = ImageProtector(detector=self.detector, policy=self.face_policy)
             except Exception as exc:  # noqa: BLE001 - a server-side problem, not the request's
-                _logger.error("image protection unavailable",
-                              extra={"fields": {"error": f"{type(exc).__name__}: {exc}"}})
+                _logger.error(
+                    "image protection unavailable", extra={"fields": {"error": f"{type(exc).__name__}: {exc}"}}
+                )
                 raise PreconditionError(
                     "image protection is unavailable on this server: its encoder ensemble could not be loaded"
                 ) from None
             self.load_seconds = time.perf_counter() - started
-            _logger.info("image protection loaded", extra={"fields": {
-                "encoders": self._protector.encoder_names, "notes": self._protector.notes,
-                "seconds": round(self.load_seconds, 2)}})
+            _logger.info(
+                "image protection loaded",
+                extra={
+                    "fields": {
+                        "encoders": self._protector.encoder_names,
+                        "notes": self._protector.notes,
+                        "seconds": round(self.load_seconds, 2),
+                    }
+                },
+            )
         return self._protector
 
     def protect(self, data: bytes, options: ProtectConfig, deadline: float | None = None) -> ProtectedImage:

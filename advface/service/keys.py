@@ -51,8 +51,9 @@ def load_transform_secret(section: KeyedTransformConfig, env: Mapping[str, str] 
         raise ConfigError(f"keyed_transform secret: {exc}") from None
 
 
-def transforms_from_config(section: KeyedTransformConfig, dim: int, encoder_name: str,
-                           env: Mapping[str, str] | None = None) -> TenantTransforms | None:
+def transforms_from_config(
+    section: KeyedTransformConfig, dim: int, encoder_name: str, env: Mapping[str, str] | None = None
+) -> TenantTransforms | None:
     """The tenant transforms of the ``keyed_transform`` section (None when ``enabled`` is false). Enabled without a
     usable secret, or with ``norm: auto`` for an uncalibrated encoder: ConfigError (never silently off)."""
     if not section.enabled:

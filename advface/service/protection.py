@@ -35,15 +35,19 @@ def protection_spec(section: ProtectionConfig, encoder_name: str) -> ProtectionS
         shadows = tuple(str(Path(p).expanduser()) for p in section.shadows)
         if not shadows:
             raise ConfigError("protection.method is advface-id but protection.shadows is empty")
-        config = IdentityAwareConfig(steps=section.steps, rel_l2=section.rel_l2, seed=section.seed,
-                                     jitter=section.jitter)
+        config = IdentityAwareConfig(
+            steps=section.steps, rel_l2=section.rel_l2, seed=section.seed, jitter=section.jitter
+        )
         return ProtectionSpec(section.method, shadows, config, encoder=encoder_name)
     if section.method != "advface":
         raise ConfigError(f"protection.method {section.method!r} is not supported (use one of {', '.join(METHODS)})")
     path = Path(section.shadow).expanduser() if section.shadow else shipped_shadow_path(encoder_name)
-    return ProtectionSpec(section.method, (str(path),),
-                          AdvFaceConfig(steps=section.steps, rel_l2=section.rel_l2, seed=section.seed),
-                          encoder=encoder_name)
+    return ProtectionSpec(
+        section.method,
+        (str(path),),
+        AdvFaceConfig(steps=section.steps, rel_l2=section.rel_l2, seed=section.seed),
+        encoder=encoder_name,
+    )
 
 
 def build_protector(section: ProtectionConfig, encoder: FaceEncoder) -> TemplateProtector | None:
@@ -61,8 +65,9 @@ class Parallelism:
     threads: int
 
 
-def protection_parallelism(section: ProtectionConfig, workers: int, torch_threads: int,
-                           cores: int | None = None) -> Parallelism:
+def protection_parallelism(
+    section: ProtectionConfig, workers: int, torch_threads: int, cores: int | None = None
+) -> Parallelism:
     """``protection.slots`` (0: ``min(workers, cores)``) and ``protection.threads`` (0: ``cores // slots``, at
     most ``torch_threads``, at least 1): concurrent protection calls each start their own OpenMP team, so
     ``slots x threads`` stays within the cores."""

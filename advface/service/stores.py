@@ -38,10 +38,12 @@ def open_store(config: Config, dim: int, metric: str) -> TemplateStore:
 
     if not section.data_dir:
         raise ConfigError("store.data_dir is not set")
-    index = IndexOptions(kind=section.index, min_rows=section.ivf_min_rows, nlist=section.ivf_nlist,
-                         nprobe=section.ivf_nprobe)
-    return SQLiteFaissStore(section.database_path.expanduser(), dim, store_metric, use_gpu=section.use_gpu,
-                            index=index, cipher=cipher)
+    index = IndexOptions(
+        kind=section.index, min_rows=section.ivf_min_rows, nlist=section.ivf_nlist, nprobe=section.ivf_nprobe
+    )
+    return SQLiteFaissStore(
+        section.database_path.expanduser(), dim, store_metric, use_gpu=section.use_gpu, index=index, cipher=cipher
+    )
 
 
 def check_transform_marker(section: StoreConfig, store: TemplateStore, transforms: TenantTransforms | None) -> None:

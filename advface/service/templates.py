@@ -161,11 +161,13 @@ class TemplateService:
         self.protection_method = str(self.protector.method) if self.protector is not None else "none"
         # keyed per-tenant transform (None: off); a missing or bad secret is a ConfigError here, at start
         self.transforms = transforms_from_config(config.keyed_transform, self.dim, self.encoder.name)
-        self.threshold: Threshold = resolve_threshold(config.matching.threshold, self.encoder,
-                                                      self.protection_method, self.transforms)
+        self.threshold: Threshold = resolve_threshold(
+            config.matching.threshold, self.encoder, self.protection_method, self.transforms
+        )
         # last: the store locks its files (SQLite); the keyed-transform marker is checked for every backend
-        self.store: TemplateStore = store if store is not None else open_checked_store(
-            config, self.dim, self.metric, self.transforms)
+        self.store: TemplateStore = (
+            store if store is not None else open_checked_store(config, self.dim, self.metric, self.transforms)
+        )
 
         workers = config.server.workers
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="advface-worker")
@@ -177,8 +179,13 @@ class TemplateService:
         if self.protector is not None:
             self.protection_threads = parallel.threads
             torch.set_num_threads(self.protection_threads)
-        self.batcher = ProtectionBatcher(self._protect_sync, self.pool, slots=parallel.slots, max_rows=PROTECT_CHUNK,
-                                         lanes=self.protector.config.lanes if self.protector else 1)
+        self.batcher = ProtectionBatcher(
+            self._protect_sync,
+            self.pool,
+            slots=parallel.slots,
+            max_rows=PROTECT_CHUNK,
+            lanes=self.protector.config.lanes if self.protector else 1,
+        )
         self.image_protection = ImageProtectionService(config.image_protection, self.detector_name, self.face_policy)
         self._protection = self._describe_protection()
         self._closed = False
@@ -278,8 +285,9 @@ class TemplateService:
 
     # ------------------------------------------------------------------ operations
 
-    async def protect(self, embeddings: Sequence[Sequence[float]] | np.ndarray, tenant: str | None,
-                      deadline: float | None = None) -> np.ndarray:
+    async def protect(
+        self, embeddings: Sequence[Sequence[float]] | np.ndarray, tenant: str | None, deadline: float | None = None
+    ) -> np.ndarray:
         """Stateless protection: ``AdvFace(z)``, then ``T_tenant`` when ``tenant`` is given and the keyed transform
         is on. PreconditionError when protection is disabled."""
         if self.protector is None:
@@ -289,8 +297,16 @@ class TemplateService:
         protected = await self._advface(raw, deadline)
         return protected if tenant is None else self.keyed(tenant, protected)
 
-    async def enroll(self, tenant: str, subject_id: str, face: Face, metadata: dict[str, str], *,
-                     replace: bool = False, deadline: float | None = None) -> list[str]:
+    async def enroll(
+        self,
+        tenant: str,
+        subject_id: str,
+        face: Face,
+        metadata: dict[str, str],
+        *,
+        replace: bool = False,
+        deadline: float | None = None,
+    ) -> list[str]:
         """Store the protected template of ``face`` for ``subject_id`` (a new subject, or one more template;
         ``replace``: its templates and metadata replaced); returns the new template ids."""
         subject_id = check_id(subject_id, "subject_id")
@@ -302,8 +318,9 @@ class TemplateService:
         _check_deadline(deadline, "storing")
         return list(await self._stored(self.store.add, tenant, subject_id, templates, metadata, replace=replace))
 
-    async def enroll_batch(self, tenant: str, items: Sequence[EnrolItem],
-                           deadline: float | None = None) -> list[list[str]]:
+    async def enroll_batch(
+        self, tenant: str, items: Sequence[EnrolItem], deadline: float | None = None
+    ) -> list[list[str]]:
         """Enrol several new subjects in one transaction (distinct subject ids); template ids per item."""
         check_batch(len(items), self.max_batch, "items")
         seen: set[str] = set()
@@ -370,7 +387,9 @@ class TemplateService:
         """A subject's metadata and template ids (never vectors)."""
         return await self._stored(self.store.get_subject, tenant, check_id(subject_id, "subject_id"))
 
-    async def list_subjects(self, tenant: str, page_size: int = 0, page_token: str = "") -> tuple[list[SubjectInfo], str]:
+    async def list_subjects(
+        self, tenant: str, page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[SubjectInfo], str]:
         """One page of subjects in id order and the token of the next page ("" at the end)."""
         page_size = min(int(page_size) or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         try:
@@ -384,8 +403,15 @@ class TemplateService:
         """Templates (or ``subjects``) of ``tenant``; of every tenant when None."""
         return int(await self._stored(self.store.count, tenant, subjects=subjects))
 
-    async def protect_image(self, image: bytes, epsilon: float | None = None, steps: int | None = None, seed: int = 0,
-                            target_similarity: float | None = None, deadline: float | None = None) -> ProtectedImage:
+    async def protect_image(
+        self,
+        image: bytes,
+        epsilon: float | None = None,
+        steps: int | None = None,
+        seed: int = 0,
+        target_similarity: float | None = None,
+        deadline: float | None = None,
+    ) -> ProtectedImage:
         """Protect the face of a photo against identity extraction (stateless; see
         :class:`~advface.service.image_protection.ImageProtectionService`)."""
         service = self.image_protection
@@ -404,8 +430,11 @@ class TemplateService:
     def _describe_protection(self) -> ProtectionSummary:
         keyed: dict[str, Any] = {}
         if self.transforms is not None:
-            keyed = {"keyed_transform": True, "transform_version": self.transforms.version,
-                     "transform_norm": float(self.transforms.norm or 0.0)}
+            keyed = {
+                "keyed_transform": True,
+                "transform_version": self.transforms.version,
+                "transform_norm": float(self.transforms.norm or 0.0),
+            }
         if self.protector is None:
             return ProtectionSummary(enabled=False, method="none", **keyed)
         cfg = self.protector.config
@@ -415,8 +444,14 @@ class TemplateService:
         else:
             model, sha = str(getattr(self.protector, "metadata", {}).get("name", "custom")), ""
         return ProtectionSummary(
-            enabled=True, method=self.protection_method, rel_l2=float(cfg.rel_l2), steps=int(cfg.steps),
-            seed=int(cfg.seed), lanes=int(cfg.lanes), linf=float(cfg.linf or 0.0), shadow_model=model,
-            shadow_sha256=sha, **keyed,
+            enabled=True,
+            method=self.protection_method,
+            rel_l2=float(cfg.rel_l2),
+            steps=int(cfg.steps),
+            seed=int(cfg.seed),
+            lanes=int(cfg.lanes),
+            linf=float(cfg.linf or 0.0),
+            shadow_model=model,
+            shadow_sha256=sha,
+            **keyed,
         )
-

@@ -45,8 +45,12 @@ _EQ_NOTE = (
 #: benchmarks/results/keyed_threshold.json, runs "advface + norm-equalised keyed rotation" and "raw + norm-equalised
 #: keyed rotation", 4 decimals). Only valid for the norm of CALIBRATED_NORMS.
 CALIBRATED_EQUALISED_THRESHOLDS: dict[tuple[str, bool], tuple[float, str]] = {
-    (name, True): (-0.5874, _EQ_NOTE.format(what="AdvFace-protected template (shipped shadow, rel_l2 0.1, 3 steps)",
-                                            d="0.5874", tar="94.7%"))
+    (name, True): (
+        -0.5874,
+        _EQ_NOTE.format(
+            what="AdvFace-protected template (shipped shadow, rel_l2 0.1, 3 steps)", d="0.5874", tar="94.7%"
+        ),
+    )
     for name in ("dlib", "dlib-torch")
 } | {
     (name, False): (-0.5849, _EQ_NOTE.format(what="raw template (protection off)", d="0.5849", tar="95.2%"))
@@ -65,9 +69,11 @@ class Threshold:
 
 
 def _uncalibrated_note(fallback: str) -> str:
-    return ("protection.method advface-id has no calibrated threshold (plain AdvFace's calibration does not apply); "
-            "using the one for unprotected templates -- measure one for your shadows and budget "
-            f"(benchmarks/identity_aware.py) and set matching.threshold. Fallback: {fallback}")
+    return (
+        "protection.method advface-id has no calibrated threshold (plain AdvFace's calibration does not apply); "
+        "using the one for unprotected templates -- measure one for your shadows and budget "
+        f"(benchmarks/identity_aware.py) and set matching.threshold. Fallback: {fallback}"
+    )
 
 
 def keyed_threshold(transforms: TenantTransforms | None, encoder_name: str, protected: bool) -> Threshold | None:
@@ -114,4 +120,3 @@ def resolve_threshold(
             return Threshold(float(encoder.default_threshold), "uncalibrated", _uncalibrated_note(note))
         return Threshold(float(encoder.default_threshold), "encoder-default", note)
     raise ConfigError(f"no decision threshold is known for encoder {encoder.name}: set matching.threshold")
-

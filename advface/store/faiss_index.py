@@ -218,8 +218,9 @@ class TenantIndex:
         """``"ivf"`` when searches use the approximate index, else ``"flat"``."""
         return "ivf" if self.ivf is not None else "flat"
 
-    def add(self, rowids: np.ndarray, vectors: np.ndarray, labels: Sequence[tuple[str, str]], *,
-            update_approx: bool = True) -> None:
+    def add(
+        self, rowids: np.ndarray, vectors: np.ndarray, labels: Sequence[tuple[str, str]], *, update_approx: bool = True
+    ) -> None:
         """Add templates: their row ids, vectors (as stored: normalised here for cosine) and (subject id, template
         id) labels. ``update_approx=False`` leaves the IVF index to a later :meth:`update_approx` (bulk loads)."""
         vectors = index_vectors(vectors, self.metric)
@@ -301,9 +302,7 @@ class TenantIndex:
 # --------------------------------------------------------------------------------------------------- store helpers
 
 
-def nearest_subjects(
-    index: TenantIndex | None, probe: np.ndarray, k: int, gpu: GpuSearch | None = None
-) -> list[Match]:
+def nearest_subjects(index: TenantIndex | None, probe: np.ndarray, k: int, gpu: GpuSearch | None = None) -> list[Match]:
     """The ``k`` subjects of ``index`` nearest to ``probe`` (``1 x dim``, as given to the store), best first, each
     with its best template; fewer when the tenant has fewer subjects (none for a missing or empty index).
 

@@ -71,7 +71,8 @@ def check_keys_present(
         hint = (
             f"; a rotation to key {rotation_to} is unfinished: configure both keys (previous_key_files) "
             "and run `advface rotate-key` again"
-            if rotation_to else "; wrong key?"
+            if rotation_to
+            else "; wrong key?"
         )
         raise ConfigError(
             f"template store {where} holds templates encrypted under key id(s) {', '.join(lacking)}, "

@@ -23,7 +23,6 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import psycopg
@@ -108,12 +107,37 @@ class LocalPostgres:
                 os.chown(path, self._user.pw_uid, self._user.pw_gid)
             _allow_traverse(self.bindir)
         if not (self.pgdata / "PG_VERSION").exists():
-            self._run([str(self.bindir / "initdb"), "-D", str(self.pgdata), "-U", "postgres", "-A", "trust",
-                       "-E", "UTF8", "--no-instructions"])
+            self._run(
+                [
+                    str(self.bindir / "initdb"),
+                    "-D",
+                    str(self.pgdata),
+                    "-U",
+                    "postgres",
+                    "-A",
+                    "trust",
+                    "-E",
+                    "UTF8",
+                    "--no-instructions",
+                ]
+            )
         sock = self.root  # unix socket beside the data, never in a shared /tmp path
         opts = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {sock} -c fsync=on -c max_connections=200"
-        self._run([str(self.bindir / "pg_ctl"), "-D", str(self.pgdata), "-l", str(self.root / "server.log"),
-                   "-o", opts, "-w", "-t", "60", "start"])
+        self._run(
+            [
+                str(self.bindir / "pg_ctl"),
+                "-D",
+                str(self.pgdata),
+                "-l",
+                str(self.root / "server.log"),
+                "-o",
+                opts,
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ]
+        )
         self._started = True
         _execute(self.dsn, "CREATE EXTENSION IF NOT EXISTS vector")
         return self

@@ -18,7 +18,7 @@ def wait_ready(proc: subprocess.Popen, timeout: float) -> str | None:
         assert proc.stdout is not None
         for line in proc.stdout:
             if line.startswith(READY):
-                found.append(line[len(READY):].strip())
+                found.append(line[len(READY) :].strip())
                 return
 
     reader = threading.Thread(target=read, daemon=True)

@@ -21,8 +21,9 @@ class TinyEncoder(nn.Module):
     def __init__(self, dim: int, seed: int = 1) -> None:
         super().__init__()
         torch.manual_seed(seed)
-        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.Tanh(), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
-                                 nn.Linear(128, dim))
+        self.net = nn.Sequential(
+            nn.Conv2d(3, 8, 3, 2, 1), nn.Tanh(), nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(128, dim)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Templates of the images ``x``."""

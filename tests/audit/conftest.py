@@ -48,7 +48,18 @@ def quick_report(audit_dataset: Path, audit_cache: Path, tmp_path_factory: pytes
     from advface.cli.main import main
 
     out = tmp_path_factory.mktemp("audit_out")
-    rc = main(["audit", "--quick", "--data", str(audit_dataset), "--out", str(out), "--cache-dir", str(audit_cache),
-               "--quiet"])
+    rc = main(
+        [
+            "audit",
+            "--quick",
+            "--data",
+            str(audit_dataset),
+            "--out",
+            str(out),
+            "--cache-dir",
+            str(audit_cache),
+            "--quiet",
+        ]
+    )
     assert rc == 0
     return out

@@ -17,12 +17,14 @@ def _audit(args: list[str]) -> int:
     return main(["audit", "--quick", "--quiet", *args])
 
 
-def test_dimension_mismatch(audit_dataset: Path, audit_cache: Path, tmp_path: Path,
-                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_dimension_mismatch(
+    audit_dataset: Path, audit_cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     db = save_embeddings(tmp_path / "db.npz", EmbeddingsFile(["a/a_0001.jpg"], np.ones((1, 64), np.float32)))
     out = tmp_path / "out"
-    rc = _audit(["--data", str(audit_dataset), "--out", str(out), "--templates", str(db),
-                 "--cache-dir", str(audit_cache)])
+    rc = _audit(
+        ["--data", str(audit_dataset), "--out", str(out), "--templates", str(db), "--cache-dir", str(audit_cache)]
+    )
     assert rc == 2
     assert "dimension 64" in capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
@@ -56,19 +58,32 @@ def test_unknown_attacker(audit_dataset: Path, tmp_path: Path, capsys: pytest.Ca
     assert not (tmp_path / "o").exists()
 
 
-def test_store_needs_tenant_and_existing_database(audit_dataset: Path, tmp_path: Path,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_store_needs_tenant_and_existing_database(
+    audit_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert _audit(["--data", str(audit_dataset), "--out", str(tmp_path / "o"), "--store", "sqlite:/x"]) == 2
     assert "--tenant" in capsys.readouterr().err
-    assert _audit(["--data", str(audit_dataset), "--out", str(tmp_path / "o"), "--store",
-                   f"sqlite:{tmp_path / 'none'}", "--tenant", "t"]) == 2
+    assert (
+        _audit(
+            [
+                "--data",
+                str(audit_dataset),
+                "--out",
+                str(tmp_path / "o"),
+                "--store",
+                f"sqlite:{tmp_path / 'none'}",
+                "--tenant",
+                "t",
+            ]
+        )
+        == 2
+    )
     assert "no template database" in capsys.readouterr().err
     assert not (tmp_path / "none").exists()  # nothing created
 
 
 @pytest.mark.slow
-def test_store_with_single_photo_people_skips_type2(audit_dataset: Path, audit_cache: Path,
-                                                     tmp_path: Path) -> None:
+def test_store_with_single_photo_people_skips_type2(audit_dataset: Path, audit_cache: Path, tmp_path: Path) -> None:
     """A SQLite + faiss template store (subject ids = photo paths) including people with one photo: Type II is
     skipped for them and counted; the store's templates are attacked as stored."""
     from advface.encoders import create_encoder
@@ -86,8 +101,23 @@ def test_store_with_single_photo_people_skips_type2(audit_dataset: Path, audit_c
     with SQLiteFaissStore(store_dir / "templates.sqlite3", 128, "euclidean", use_gpu=False) as store:
         store.add_many("acme", [(i, v, None) for i, v in zip(data.ids, data.embeddings)])
     out = tmp_path / "out"
-    rc = _audit(["--data", str(audit_dataset), "--out", str(out), "--store", f"sqlite:{store_dir}", "--tenant", "acme",
-                 "--attackers", "deconv", "--cache-dir", str(audit_cache), "--no-images"])
+    rc = _audit(
+        [
+            "--data",
+            str(audit_dataset),
+            "--out",
+            str(out),
+            "--store",
+            f"sqlite:{store_dir}",
+            "--tenant",
+            "acme",
+            "--attackers",
+            "deconv",
+            "--cache-dir",
+            str(audit_cache),
+            "--no-images",
+        ]
+    )
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     assert report["data"]["single_photo_identities"] == 3

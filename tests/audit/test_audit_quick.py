@@ -88,10 +88,25 @@ def test_quick_audit_html_is_self_contained_with_plots(quick_report: Path) -> No
     assert "image grid" in page
 
 
-def test_rerun_loads_cached_attackers(quick_report: Path, audit_dataset: Path, audit_cache: Path,
-                                      tmp_path: Path) -> None:
-    rc = main(["audit", "--quick", "--data", str(audit_dataset), "--out", str(tmp_path), "--cache-dir",
-               str(audit_cache), "--attackers", "deconv", "--no-images", "--quiet"])
+def test_rerun_loads_cached_attackers(
+    quick_report: Path, audit_dataset: Path, audit_cache: Path, tmp_path: Path
+) -> None:
+    rc = main(
+        [
+            "audit",
+            "--quick",
+            "--data",
+            str(audit_dataset),
+            "--out",
+            str(tmp_path),
+            "--cache-dir",
+            str(audit_cache),
+            "--attackers",
+            "deconv",
+            "--no-images",
+            "--quiet",
+        ]
+    )
     assert rc == 0
     again = _report(tmp_path)
     first = _report(quick_report)

@@ -28,9 +28,10 @@ def _config(tmp_path: Path, *, encrypted: bool, keyed: bool, store: dict[str, An
     and a keyed transform without norm equalisation (a pure rotation)."""
     from advface.crypto import generate_key, write_key_file
 
-    cfg: dict[str, Any] = {"store": store or {"backend": "sqlite", "data_dir": str(tmp_path / "store"),
-                                              "use_gpu": False},
-                           "protection": {"enabled": False}}  # _enrol stores the vectors it is given
+    cfg: dict[str, Any] = {
+        "store": store or {"backend": "sqlite", "data_dir": str(tmp_path / "store"), "use_gpu": False},
+        "protection": {"enabled": False},
+    }  # _enrol stores the vectors it is given
     if encrypted:
         write_key_file(tmp_path / "at-rest.key", generate_key())
         cfg["encryption"] = {"key_file": str(tmp_path / "at-rest.key")}
@@ -52,7 +53,7 @@ def _enrol(config: Path, ids: list[str], raw: np.ndarray, dim: int = DIM, *, ext
     transforms = transforms_from_config(conf.keyed_transform, dim, "dlib")
     stored = raw if transforms is None else transforms.apply(TENANT, raw)
     with open_checked_store(conf, dim, "euclidean", transforms) as store:
-        store.add_many(TENANT, [(i, stored[k:k + 1], None) for k, i in enumerate(ids)])
+        store.add_many(TENANT, [(i, stored[k : k + 1], None) for k, i in enumerate(ids)])
         if extra:
             store.add(TENANT, ids[0], stored[1:2] + 5.0)
     return np.asarray(stored, np.float32)
@@ -72,8 +73,9 @@ def test_encrypted_keyed_store_loads_decrypted_vectors(tmp_path: Path) -> None:
     ids, raw = _templates()
     config = _config(tmp_path, encrypted=True, keyed=True)
     stored = _enrol(config, ids, raw, extra=True)
-    db = load_templates_store(f"advface:{tmp_path / 'store'}?tenant={TENANT}", None, DIM, "euclidean",
-                              config_path=config)
+    db = load_templates_store(
+        f"advface:{tmp_path / 'store'}?tenant={TENANT}", None, DIM, "euclidean", config_path=config
+    )
     assert db.ids == ids  # subject ids (photo ids), first template of each subject
     np.testing.assert_allclose(db.vectors, stored, atol=1e-6)
     np.testing.assert_allclose(db.untransformed, raw, atol=1e-5)  # through T_tenant^-1
@@ -132,8 +134,9 @@ def test_thief_without_keys_sqlite(tmp_path: Path, encrypted: bool) -> None:
     ids, raw = _templates()
     config = _config(tmp_path, encrypted=encrypted, keyed=False)
     _enrol(config, ids, raw)
-    db = load_templates_store(f"advface:{tmp_path / 'store'}?tenant={TENANT}", None, DIM, "euclidean",
-                              config_path=config)
+    db = load_templates_store(
+        f"advface:{tmp_path / 'store'}?tenant={TENANT}", None, DIM, "euclidean", config_path=config
+    )
     scan = thief.scan_sqlite(db.store.database_file, _reference(raw, db.vectors))
     assert scan["rows"] == len(ids)
     if encrypted:
@@ -164,8 +167,9 @@ def test_thief_without_keys_postgres(tmp_path: Path, postgres_server: Any, postg
     assert scan["rows"] == len(ids) and scan["vectors_recovered"] == 0
 
     plain_dsn = postgres_server.create_database(f"audit_plain_{uuid.uuid4().hex[:8]}")
-    _enrol(_config(plain_dir, encrypted=False, keyed=False,
-                   store={"backend": "postgresql", "dsn": plain_dsn}), ids, raw)
+    _enrol(
+        _config(plain_dir, encrypted=False, keyed=False, store={"backend": "postgresql", "dsn": plain_dsn}), ids, raw
+    )
     db = load_templates_store(plain_dsn, TENANT, DIM, "euclidean")
     assert db.ids == ids and db.store.encrypted is False
     scan = thief.scan_postgres(plain_dsn, _reference(raw, db.vectors))
@@ -186,9 +190,26 @@ def test_end_to_end_encrypted_keyed_store(audit_dataset: Path, audit_cache: Path
     config = _config(tmp_path, encrypted=True, keyed=True)
     _enrol(config, list(data.ids), np.asarray(data.embeddings, np.float32), dim=128)
     out = tmp_path / "out"
-    rc = main(["audit", "--quick", "--quiet", "--data", str(audit_dataset), "--out", str(out),
-               "--store", f"advface:{tmp_path / 'store'}?tenant={TENANT}", "--config", str(config),
-               "--attackers", "deconv", "--cache-dir", str(audit_cache), "--no-images"])
+    rc = main(
+        [
+            "audit",
+            "--quick",
+            "--quiet",
+            "--data",
+            str(audit_dataset),
+            "--out",
+            str(out),
+            "--store",
+            f"advface:{tmp_path / 'store'}?tenant={TENANT}",
+            "--config",
+            str(config),
+            "--attackers",
+            "deconv",
+            "--cache-dir",
+            str(audit_cache),
+            "--no-images",
+        ]
+    )
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     n = len(data.ids)
@@ -211,12 +232,35 @@ def test_end_to_end_encrypted_keyed_store(audit_dataset: Path, audit_cache: Path
     assert f"vectors recovered without keys: 0 of {n} rows" in page
     # the format-1 keys of the parts only a store audit writes (the store's and the thief's own entries aside)
     assert report["format_version"] == 2
-    assert list(report["data"]) == ["dataset", "photos", "identities", "photos_with_face", "photos_failed",
-                                    "failed_examples", "encoder", "database", "split", "victims",
-                                    "single_photo_identities"]
+    assert list(report["data"]) == [
+        "dataset",
+        "photos",
+        "identities",
+        "photos_with_face",
+        "photos_failed",
+        "failed_examples",
+        "encoder",
+        "database",
+        "split",
+        "victims",
+        "single_photo_identities",
+    ]
     assert list(report["data"]["database"])[:4] == ["source", "templates", "audited", "not_audited"]
-    assert list(report["protection"]) == ["method", "source", "key", "key_norm_equalisation", "templates",
-                                          "store_keyed_transform"]
+    assert list(report["protection"]) == [
+        "method",
+        "source",
+        "key",
+        "key_norm_equalisation",
+        "templates",
+        "store_keyed_transform",
+    ]
     assert list(report["thief_without_keys"])[-3:] == ["encrypted_at_rest", "threshold_fmr", "summary"]
-    assert list(report["layers"][0]) == ["attacker", "holds", "layer", "vectors_recovered", "rows",
-                                         "encrypted_at_rest", "note"]
+    assert list(report["layers"][0]) == [
+        "attacker",
+        "holds",
+        "layer",
+        "vectors_recovered",
+        "rows",
+        "encrypted_at_rest",
+        "note",
+    ]

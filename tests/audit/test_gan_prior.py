@@ -41,8 +41,9 @@ def test_generator_loads_from_package_files() -> None:
 
 def test_latent_search_improves_similarity(encoder, templates: np.ndarray) -> None:  # noqa: ANN001
     config = GanPriorConfig(steps=6, restarts=2, batch_size=2, seed=0)
-    result = invert_templates(templates, encoder.torch_module(), chip_size=encoder.chip.size, metric=encoder.metric,
-                              config=config)
+    result = invert_templates(
+        templates, encoder.torch_module(), chip_size=encoder.chip.size, metric=encoder.metric, config=config
+    )
     assert result.faces.shape == (2, 64, 64, 3) and result.faces.dtype == np.uint8
     assert len(result.history) == config.steps + 1
     assert result.history[-1] > result.history[0]

@@ -16,41 +16,94 @@ from advface.audit.results import FORMAT_VERSION, AuditResult
 # type (``list`` / ``dict``: any list / dict); ``[T]``: a non-empty list of T; a list of dicts: exactly those items.
 
 CONFIG = {
-    "data": str, "out": str, "encoder": str, "shadows": list, "attackers": str, "cache_dir": str,
-    "pairs_cache": bool, "quick": bool, "image_size": int, "epochs": int, "batch_size": int,
-    "max_identities": int, "max_photos": int, "per_identity": int, "max_victims": int, "train_identities": int,
-    "gan_templates": int, "gan_steps": int, "gan_restarts": int, "link_keys": int, "eval_fraction": float,
-    "seed": int, "images": bool, "workers": int, "progress": bool,
+    "data": str,
+    "out": str,
+    "encoder": str,
+    "shadows": list,
+    "attackers": str,
+    "cache_dir": str,
+    "pairs_cache": bool,
+    "quick": bool,
+    "image_size": int,
+    "epochs": int,
+    "batch_size": int,
+    "max_identities": int,
+    "max_photos": int,
+    "per_identity": int,
+    "max_victims": int,
+    "train_identities": int,
+    "gan_templates": int,
+    "gan_steps": int,
+    "gan_restarts": int,
+    "link_keys": int,
+    "eval_fraction": float,
+    "seed": int,
+    "images": bool,
+    "workers": int,
+    "progress": bool,
 }
 DATA = {
-    "dataset": str, "photos": int, "identities": int, "photos_with_face": int, "photos_failed": int,
-    "failed_examples": {"Zz_Broken_Person/Zz_Broken_Person_0001.jpg": str}, "encoder": str,
+    "dataset": str,
+    "photos": int,
+    "identities": int,
+    "photos_with_face": int,
+    "photos_failed": int,
+    "failed_examples": {"Zz_Broken_Person/Zz_Broken_Person_0001.jpg": str},
+    "encoder": str,
     "split": {"seed": int, "rule": str, "defender": int, "attacker": int, "evaluation": int},
-    "victims": int, "single_photo_identities": int,
+    "victims": int,
+    "single_photo_identities": int,
 }
 PROTECTION = {
-    "method": str, "rel_l2": float, "steps": int, "shadows": [str], "source": str, "key": str,
-    "key_norm_equalisation": float, "templates": str, "store_keyed_transform": bool,
+    "method": str,
+    "rel_l2": float,
+    "steps": int,
+    "shadows": [str],
+    "source": str,
+    "key": str,
+    "key_norm_equalisation": float,
+    "templates": str,
+    "store_keyed_transform": bool,
 }
 AT_FMR = {"type1_success": float, "type2_success": float, "ssim": float, "psnr": float, "threshold": float, "n": int}
 PER_TEMPLATES = {
-    "n": int, "type2_n": int, "type2_skipped_single_photo": int, "ssim": float, "psnr": float,
-    "mean_score_to_own": float, "fmr_1e-3": AT_FMR, "fmr_1e-2": AT_FMR, "type1_success": float,
+    "n": int,
+    "type2_n": int,
+    "type2_skipped_single_photo": int,
+    "ssim": float,
+    "psnr": float,
+    "mean_score_to_own": float,
+    "fmr_1e-3": AT_FMR,
+    "fmr_1e-2": AT_FMR,
+    "type1_success": float,
     "type2_success": float,
 }
 BY_KIND = {"raw": float, "protected": float, "protected+key": float}
-ATTACK = {"raw": PER_TEMPLATES, "protected": PER_TEMPLATES, "protected+key": PER_TEMPLATES,
-          "type1_success": BY_KIND, "type2_success": BY_KIND, "kind": str}
+ATTACK = {
+    "raw": PER_TEMPLATES,
+    "protected": PER_TEMPLATES,
+    "protected+key": PER_TEMPLATES,
+    "type1_success": BY_KIND,
+    "type2_success": BY_KIND,
+    "kind": str,
+}
 DECODER = {**ATTACK, "arch": str, "loss": str, "cached": bool, "trained_on": str}
-GAN_PRIOR = {**ATTACK, "prior": str, "templates": int, "steps": int, "restarts": int,
-             "similarity_history_raw": [float]}
+GAN_PRIOR = {**ATTACK, "prior": str, "templates": int, "steps": int, "restarts": int, "similarity_history_raw": [float]}
 ATTACKS = {"deconv": DECODER, "resup+id": DECODER, "tokens": DECODER, "gan-prior": GAN_PRIOR, "adaptive": DECODER}
 VERIFICATION_ENTRY = {
-    "accuracy_mean": float, "accuracy_std": float, "tar_at_far_1e-3": float, "threshold_at_far_1e-3": float,
-    "tar_at_far_1e-2": float, "threshold_at_far_1e-2": float, "mated_pairs": int, "nonmated_pairs": int,
+    "accuracy_mean": float,
+    "accuracy_std": float,
+    "tar_at_far_1e-3": float,
+    "threshold_at_far_1e-3": float,
+    "tar_at_far_1e-2": float,
+    "threshold_at_far_1e-2": float,
+    "mated_pairs": int,
+    "nonmated_pairs": int,
 }
 VERIFICATION = {
-    "raw": VERIFICATION_ENTRY, "protected": VERIFICATION_ENTRY, "protected+key": VERIFICATION_ENTRY,
+    "raw": VERIFICATION_ENTRY,
+    "protected": VERIFICATION_ENTRY,
+    "protected+key": VERIFICATION_ENTRY,
     "accuracy_change_points": {"protected": float, "protected+key": float},
     "key_accuracy_change_vs_protected_points": float,
 }
@@ -58,9 +111,18 @@ LINKAGE = {"d_sys": float, "noise_floor": float, "noise_floor_p95": float, "n_ma
 UNLINKABILITY = {
     "d_sys": {"raw": float, "advface": float, "advface+key": float},
     "details": {"raw": LINKAGE, "advface": LINKAGE, "advface+key": LINKAGE},
-    "advface+key_across_keys": {"key_pairs": int, "d_sys": [float], "mean": float, "max": float,
-                                "noise_floor_mean": float, "above_noise_p95": int},
-    "protection": str, "protocol": str, "target_d_sys_max": float, "key_meets_target": bool,
+    "advface+key_across_keys": {
+        "key_pairs": int,
+        "d_sys": [float],
+        "mean": float,
+        "max": float,
+        "noise_floor_mean": float,
+        "above_noise_p95": int,
+    },
+    "protection": str,
+    "protocol": str,
+    "target_d_sys_max": float,
+    "key_meets_target": bool,
 }
 RENEWABILITY = {
     "d_sys": {"advface": float, "advface+key": float},
@@ -75,8 +137,7 @@ LAYERS = [
     {**LAYER, **BEST, "type1_success": ALL_ATTACKERS, "note": str},
     {**LAYER, **BEST, "type1_success": ALL_ATTACKERS},
     {**LAYER, **BEST, "type1_success": {"adaptive": float}, "note": str},
-    {**LAYER, "api_stored_vector_rpcs": list, "api": dict, **BEST, "type1_success": {"gan-prior": float},
-     "note": str},
+    {**LAYER, "api_stored_vector_rpcs": list, "api": dict, **BEST, "type1_success": {"gan-prior": float}, "note": str},
     {**LAYER, **BEST, "type1_success": ALL_ATTACKERS},
 ]
 #: ``report.json`` of ``advface audit --quick`` on the audit_dataset fixture, as format 1 wrote it.
@@ -131,6 +192,10 @@ def test_a_report_without_measurements_has_its_format_version() -> None:
     result = AuditResult(config={"data": "x"})
     result.add_missing("inputs", "no dataset")
     result.date, result.seconds = "2024-01-01 00:00 UTC", 0.1
-    assert result.to_json() == {"format_version": 2, "config": {"data": "x"},
-                                "missing": [{"stage": "inputs", "reason": "no dataset"}],
-                                "date": "2024-01-01 00:00 UTC", "seconds": 0.1}
+    assert result.to_json() == {
+        "format_version": 2,
+        "config": {"data": "x"},
+        "missing": [{"stage": "inputs", "reason": "no dataset"}],
+        "date": "2024-01-01 00:00 UTC",
+        "seconds": 0.1,
+    }

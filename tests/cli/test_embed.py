@@ -73,5 +73,7 @@ def test_every_subcommand_has_help():
     parser = build_parser()
     actions = [a for a in parser._actions if a.dest == "command"]
     for name in actions[0].choices:
-        result = subprocess.run([sys.executable, "-m", "advface.cli.main", name, "--help"], capture_output=True, text=True)
+        result = subprocess.run(
+            [sys.executable, "-m", "advface.cli.main", name, "--help"], capture_output=True, text=True
+        )
         assert result.returncode == 0 and "usage:" in result.stdout

@@ -23,18 +23,23 @@ def shadow_ckpt(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = inversion.build_decoder("deconv", DIM, 16, width=0.05, hidden=0)
     path = tmp_path_factory.mktemp("shadow") / "shadow.pt"
-    return inversion.save_decoder(
-        path, model, {"encoder": "dlib", "encoder_fingerprint": "fp-test", "role": "shadow"}
-    )
+    return inversion.save_decoder(path, model, {"encoder": "dlib", "encoder_fingerprint": "fp-test", "role": "shadow"})
 
 
-def _write(path: Path, n: int = 10, dim: int = DIM, encoder: str | None = "dlib", fingerprint: str | None = "fp-test",
-           corrupt: bool = False) -> Path:
+def _write(
+    path: Path,
+    n: int = 10,
+    dim: int = DIM,
+    encoder: str | None = "dlib",
+    fingerprint: str | None = "fp-test",
+    corrupt: bool = False,
+) -> Path:
     emb = (np.random.default_rng(0).standard_normal((n, dim)) * 0.1).astype(np.float32)
     if corrupt:
         emb[3, 2] = np.nan
-    data = EmbeddingsFile([f"person{i}/img.jpg" for i in range(n)], emb, encoder, fingerprint,
-                          {"bad.jpg": "no face found"})
+    data = EmbeddingsFile(
+        [f"person{i}/img.jpg" for i in range(n)], emb, encoder, fingerprint, {"bad.jpg": "no face found"}
+    )
     return save_embeddings(path, data)
 
 
@@ -131,16 +136,46 @@ def test_identity_aware_method(tmp_path: Path, capsys):
         paths.append(inversion.save_decoder(tmp_path / f"{arch}.pt", model, {"encoder": "dlib", "role": "shadow"}))
     src = _write(tmp_path / "raw.npz", n=3, dim=128, fingerprint=None)
     out = tmp_path / "protected.npz"
-    args = ["protect", "--in", str(src), "--out", str(out), "--method", "advface-id", "--steps", "1",
-            "--lanes", "1", "--rel-l2", "0.2", "-q"]
+    args = [
+        "protect",
+        "--in",
+        str(src),
+        "--out",
+        str(out),
+        "--method",
+        "advface-id",
+        "--steps",
+        "1",
+        "--lanes",
+        "1",
+        "--rel-l2",
+        "0.2",
+        "-q",
+    ]
     for path in paths:
         args += ["--shadow", str(path)]
     assert main(args) == 0
     raw, prot = load_embeddings(src), load_embeddings(out)
     rel = np.linalg.norm(prot.embeddings.astype(np.float64) - raw.embeddings, axis=1) / np.linalg.norm(
-        raw.embeddings.astype(np.float64), axis=1)
+        raw.embeddings.astype(np.float64), axis=1
+    )
     assert prot.ids == raw.ids and rel.max() <= 0.2 + 1e-6 and rel.min() > 0.1
     assert "advface-id shadows" in capsys.readouterr().err
     # plain advface refuses an ensemble
-    assert main(["protect", "--in", str(src), "--out", str(tmp_path / "x.npz"), "--shadow", str(paths[0]),
-                 "--shadow", str(paths[1]), "-q"]) == 2
+    assert (
+        main(
+            [
+                "protect",
+                "--in",
+                str(src),
+                "--out",
+                str(tmp_path / "x.npz"),
+                "--shadow",
+                str(paths[0]),
+                "--shadow",
+                str(paths[1]),
+                "-q",
+            ]
+        )
+        == 2
+    )

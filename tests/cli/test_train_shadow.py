@@ -16,8 +16,22 @@ def test_train_shadow_then_protect(lfw_sample: list[Path], tmp_path: Path, monke
         (root / path.parent.name).mkdir(parents=True, exist_ok=True)
         (root / path.parent.name / path.name).write_bytes(path.read_bytes())
     ckpt = tmp_path / "shadow.pt"
-    args = ["train-shadow", "--dataset", str(root), "--out", str(ckpt), "--encoder", "dlib-torch",
-            "--image-size", "32", "--epochs", "1", "--batch-size", "8", "-q"]
+    args = [
+        "train-shadow",
+        "--dataset",
+        str(root),
+        "--out",
+        str(ckpt),
+        "--encoder",
+        "dlib-torch",
+        "--image-size",
+        "32",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "-q",
+    ]
     assert main(args) == 0
     model, meta = load_decoder(ckpt)
     assert meta["encoder"] == "dlib-torch" and meta["dim"] == 128 and meta["image_size"] == 32
@@ -26,9 +40,24 @@ def test_train_shadow_then_protect(lfw_sample: list[Path], tmp_path: Path, monke
 
     rng = np.random.default_rng(0)
     z = rng.normal(size=(5, 128)).astype(np.float32) * 0.1
-    save_embeddings(tmp_path / "in.npz", EmbeddingsFile([f"t{i}" for i in range(5)], z, "dlib-torch", meta["encoder_fingerprint"]))
-    assert main(["protect", "--in", str(tmp_path / "in.npz"), "--out", str(tmp_path / "out.npz"),
-                 "--shadow", str(ckpt), "-q"]) == 0
+    save_embeddings(
+        tmp_path / "in.npz", EmbeddingsFile([f"t{i}" for i in range(5)], z, "dlib-torch", meta["encoder_fingerprint"])
+    )
+    assert (
+        main(
+            [
+                "protect",
+                "--in",
+                str(tmp_path / "in.npz"),
+                "--out",
+                str(tmp_path / "out.npz"),
+                "--shadow",
+                str(ckpt),
+                "-q",
+            ]
+        )
+        == 0
+    )
     out = load_embeddings(tmp_path / "out.npz")
     assert out.ids == [f"t{i}" for i in range(5)]
     rel = np.linalg.norm(out.embeddings - z, axis=1) / np.linalg.norm(z, axis=1)

@@ -46,7 +46,14 @@ def test_network_structure(network: DlibNetwork) -> None:
 
     kinds = Counter(layer.kind for layer in network.layers)
     assert kinds == {
-        "con": 29, "affine": 29, "relu": 29, "tag": 22, "add_prev": 14, "avg_pool": 5, "max_pool": 1, "fc": 1,
+        "con": 29,
+        "affine": 29,
+        "relu": 29,
+        "tag": 22,
+        "add_prev": 14,
+        "avg_pool": 5,
+        "max_pool": 1,
+        "fc": 1,
     }
     convs = [layer.params for layer in network.layers if layer.kind == "con"]
     stem = convs[0]

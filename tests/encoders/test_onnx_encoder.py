@@ -10,8 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from advface.encoders import create_encoder, pair_scores
-from advface.encoders import onnx_encoder
+from advface.encoders import create_encoder, onnx_encoder, pair_scores
 from advface.encoders.onnx_encoder import NORMALIZATIONS, OnnxEncoder, default_providers
 from advface.errors import ConfigError
 from advface.images import load_image
@@ -23,7 +22,11 @@ def _crop(path: Path) -> np.ndarray:
 
 
 def _tiny_encoder_file(
-    tmp_path: Path, name: str = "tiny.onnx", batch: int | str = "N", size: int = 8, channels: int = 3,
+    tmp_path: Path,
+    name: str = "tiny.onnx",
+    batch: int | str = "N",
+    size: int = 8,
+    channels: int = 3,
     sub_mul_head: bool = False,
 ) -> Path:
     """A small conv -> pool -> linear ONNX encoder (6-d output) saved under ``tmp_path``."""
@@ -42,12 +45,15 @@ def _tiny_encoder_file(
     if sub_mul_head:  # MXNet-style graph that normalises its input itself
         nodes[0].input[0] = "xm"
         nodes = [helper.make_node("Sub", ["x", "m"], ["xs"]), helper.make_node("Mul", ["xs", "s"], ["xm"])] + nodes
-        inits += [numpy_helper.from_array(np.array(127.5, np.float32), "m"),
-                  numpy_helper.from_array(np.array(1 / 128, np.float32), "s")]
+        inits += [
+            numpy_helper.from_array(np.array(127.5, np.float32), "m"),
+            numpy_helper.from_array(np.array(1 / 128, np.float32), "s"),
+        ]
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, channels, size, size])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 6])
-    model = helper.make_model(helper.make_graph(nodes, "tiny", [x], [y], inits),
-                              opset_imports=[helper.make_opsetid("", 13)])
+    model = helper.make_model(
+        helper.make_graph(nodes, "tiny", [x], [y], inits), opset_imports=[helper.make_opsetid("", 13)]
+    )
     model.ir_version = 8
     path = tmp_path / name
     onnx.save(model, str(path))

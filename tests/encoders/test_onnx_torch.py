@@ -40,7 +40,7 @@ def _ort_run(model: onnx.ModelProto, *xs: np.ndarray) -> list[np.ndarray]:
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     if session.get_inputs()[0].shape[0] == 1 and len(xs[0]) > 1:
-        rows = [session.run(None, dict(zip(names, [x[i:i + 1] for x in xs]))) for i in range(len(xs[0]))]
+        rows = [session.run(None, dict(zip(names, [x[i : i + 1] for x in xs]))) for i in range(len(xs[0]))]
         return [np.concatenate(parts) for parts in zip(*rows)]
     return session.run(None, dict(zip(names, xs)))
 
@@ -86,15 +86,25 @@ def _conv_net(batch: int | str) -> onnx.ModelProto:
         helper.make_node("Reshape", ["centred", "out_shape"], ["y"]),
     ]
     inits = [
-        _init("w1", _rand(c, 3, 3, 3)), _init("b1", _rand(c)),
-        _init("g", 1 + _rand(c)), _init("beta", _rand(c)), _init("mu", _rand(c)), _init("var", 0.5 + np.abs(_rand(c))),
-        _init("slope", np.abs(_rand(c, 1, 1))), _init("wd", _rand(c, 1, 3, 3)),
-        _init("lo", np.array(0.0, np.float32)), _init("hi", np.array(6.0, np.float32)),
-        _init("scale", 1 + _rand(c)), _init("scale_shape", np.array([1, c, 1, 1], np.int64)),
+        _init("w1", _rand(c, 3, 3, 3)),
+        _init("b1", _rand(c)),
+        _init("g", 1 + _rand(c)),
+        _init("beta", _rand(c)),
+        _init("mu", _rand(c)),
+        _init("var", 0.5 + np.abs(_rand(c))),
+        _init("slope", np.abs(_rand(c, 1, 1))),
+        _init("wd", _rand(c, 1, 3, 3)),
+        _init("lo", np.array(0.0, np.float32)),
+        _init("hi", np.array(6.0, np.float32)),
+        _init("scale", 1 + _rand(c)),
+        _init("scale_shape", np.array([1, c, 1, 1], np.int64)),
         _init("w2", _rand(6, c, 1, 1)),
-        _init("fc_w", _rand(5, 6)), _init("fc_b", _rand(5)),
-        _init("g6", 1 + _rand(5)), _init("beta6", _rand(5)),
-        _init("mu6", _rand(5)), _init("var6", 1 + np.abs(_rand(5))),
+        _init("fc_w", _rand(5, 6)),
+        _init("fc_b", _rand(5)),
+        _init("g6", 1 + _rand(5)),
+        _init("beta6", _rand(5)),
+        _init("mu6", _rand(5)),
+        _init("var6", 1 + np.abs(_rand(5))),
         _init("half", np.array([0.5], np.float32)),
     ]
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 15, 15])
@@ -141,11 +151,16 @@ def test_shape_ops_dynamic_batch() -> None:
         helper.make_node("Concat", ["ident", "picked"], ["y"], axis=1),
     ]
     inits = [
-        _init("zero", np.array(0, np.int64)), _init("axes0", np.array([0], np.int64)),
-        _init("minus1", np.array([-1], np.int64)), _init("w", _rand(36, 3)), _init("two", np.array(2.0, np.float32)),
+        _init("zero", np.array(0, np.int64)),
+        _init("axes0", np.array([0], np.int64)),
+        _init("minus1", np.array([-1], np.int64)),
+        _init("w", _rand(36, 3)),
+        _init("two", np.array(2.0, np.float32)),
         _init("pads", np.array([0, 1, 1, 0, 0, 1, 0, 0], np.int64)),
-        _init("pads2", np.array([0, 2, 0, 0, 0, 0, 1, 0], np.int64)), _init("padval", np.array(0.5, np.float32)),
-        _init("axes12", np.array([1, 2], np.int64)), _init("cols", np.array([3, -1], np.int64)),
+        _init("pads2", np.array([0, 2, 0, 0, 0, 0, 1, 0], np.int64)),
+        _init("padval", np.array(0.5, np.float32)),
+        _init("axes12", np.array([1, 2], np.int64)),
+        _init("cols", np.array([3, -1], np.int64)),
     ]
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 3, 3])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])

@@ -124,8 +124,12 @@ def test_scrfd_blank_and_tiny_images(models_dir: Path) -> None:
 
 @pytest.mark.parametrize(
     "image",
-    [np.zeros((10, 10), np.uint8), np.zeros((10, 10, 4), np.uint8), np.zeros((10, 10, 3), np.float32),
-     np.zeros((0, 10, 3), np.uint8)],
+    [
+        np.zeros((10, 10), np.uint8),
+        np.zeros((10, 10, 4), np.uint8),
+        np.zeros((10, 10, 3), np.float32),
+        np.zeros((0, 10, 3), np.uint8),
+    ],
     ids=["gray", "rgba", "float", "empty"],
 )
 def test_bad_arrays_are_image_errors(image: np.ndarray, light_detector: DlibDetector) -> None:

@@ -159,9 +159,11 @@ def test_default_size_at_64(arch: str) -> None:
     assert (1_000_000 if arch == "modconv" else 2_000_000) <= n <= 8_000_000, n
     state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     assert state_bytes < 25_000_000
-    assert build_decoder(arch, 128, 64, width=0.5).num_parameters() < n < build_decoder(
-        arch, 128, 64, width=1.5
-    ).num_parameters()
+    assert (
+        build_decoder(arch, 128, 64, width=0.5).num_parameters()
+        < n
+        < build_decoder(arch, 128, 64, width=1.5).num_parameters()
+    )
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from advface.datasets import IdentityFolderDataset
-from advface.encoders import create_encoder
 from advface.datasets.pairs import build_face_pairs
+from advface.encoders import create_encoder
 from advface.inversion.training import TrainConfig, evaluate_l1, train_decoder
 
 
@@ -72,6 +72,7 @@ def test_identity_loss_needs_the_encoder_module(small_pairs):
     config = TrainConfig(arch="resup", image_size=32, epochs=1, batch_size=16, id_weight=0.5, device="cpu")
     with pytest.raises(ValueError, match="encoder"):
         train_decoder(pairs, config, progress=False)
-    model, history = train_decoder(pairs.subset(np.arange(16)), config, encoder_module=encoder.torch_module(),
-                                   progress=False)
+    model, history = train_decoder(
+        pairs.subset(np.arange(16)), config, encoder_module=encoder.torch_module(), progress=False
+    )
     assert "train_id" in history["epochs"][0]

@@ -69,9 +69,23 @@ FAST = AdvFaceConfig(steps=5)
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"steps": -1}, {"steps": 2.5}, {"steps": True}, {"rel_l2": 0}, {"rel_l2": -0.1}, {"rel_l2": 1.5},
-        {"rel_l2": float("nan")}, {"linf": 0}, {"linf": float("inf")}, {"step_size": 0}, {"step_size": -1.0},
-        {"seed": -1}, {"seed": 2**64}, {"seed": 1.0}, {"batch_size": 0}, {"lanes": 0}, {"random_start": 1},
+        {"steps": -1},
+        {"steps": 2.5},
+        {"steps": True},
+        {"rel_l2": 0},
+        {"rel_l2": -0.1},
+        {"rel_l2": 1.5},
+        {"rel_l2": float("nan")},
+        {"linf": 0},
+        {"linf": float("inf")},
+        {"step_size": 0},
+        {"step_size": -1.0},
+        {"seed": -1},
+        {"seed": 2**64},
+        {"seed": 1.0},
+        {"batch_size": 0},
+        {"lanes": 0},
+        {"random_start": 1},
     ],
 )
 def test_config_rejects_bad_values(kwargs):

@@ -41,11 +41,13 @@ def test_deterministic_per_template(parts) -> None:
     shadows, encoder, z = parts
     config = IdentityAwareConfig(rel_l2=0.2, steps=3, lanes=4)
     full = protect_identity_aware(z, shadows, encoder, config, chip_size=CHIP)
-    part = protect_identity_aware(z[5:8], shadows, encoder, IdentityAwareConfig(rel_l2=0.2, steps=3, lanes=4,
-                                                                                 batch_size=2), chip_size=CHIP)
+    part = protect_identity_aware(
+        z[5:8], shadows, encoder, IdentityAwareConfig(rel_l2=0.2, steps=3, lanes=4, batch_size=2), chip_size=CHIP
+    )
     np.testing.assert_array_equal(full[5:8], part)
-    other_seed = protect_identity_aware(z[:4], shadows, encoder, IdentityAwareConfig(rel_l2=0.2, steps=3, lanes=4,
-                                                                                     seed=7), chip_size=CHIP)
+    other_seed = protect_identity_aware(
+        z[:4], shadows, encoder, IdentityAwareConfig(rel_l2=0.2, steps=3, lanes=4, seed=7), chip_size=CHIP
+    )
     assert not np.array_equal(other_seed, full[:4])
 
 
@@ -55,11 +57,14 @@ def test_moves_identity_more_than_random_start(parts) -> None:
 
     def mean_distance(v: np.ndarray) -> float:
         with torch.no_grad():
-            return float(np.mean([identity_distance(s, encoder, torch.from_numpy(v), zt, CHIP).mean() for s in shadows]))
+            return float(
+                np.mean([identity_distance(s, encoder, torch.from_numpy(v), zt, CHIP).mean() for s in shadows])
+            )
 
     random_only = protect_identity_aware(z, shadows, encoder, IdentityAwareConfig(rel_l2=0.3, steps=0), chip_size=CHIP)
-    ascended = protect_identity_aware(z, shadows, encoder, IdentityAwareConfig(rel_l2=0.3, steps=10, lanes=4),
-                                      chip_size=CHIP)
+    ascended = protect_identity_aware(
+        z, shadows, encoder, IdentityAwareConfig(rel_l2=0.3, steps=10, lanes=4), chip_size=CHIP
+    )
     assert mean_distance(ascended) > mean_distance(random_only) > 0
 
 

@@ -251,19 +251,54 @@ def test_cli_end_to_end(lfw_dir: Path, models_dir: Path, tmp_path: Path, capsys:
     mtime = result.stat().st_mtime_ns
     # Resume: the done photo is skipped; without --strict the failures do not change the exit status.
     report2 = tmp_path / "second.json"
-    assert cli_main(["protect-image", str(src / "person.jpg"), "--out", str(out), "--steps", "2",
-                     "--encoders", "dlib-torch", "--report", str(report2)]) == 0
+    assert (
+        cli_main(
+            [
+                "protect-image",
+                str(src / "person.jpg"),
+                "--out",
+                str(out),
+                "--steps",
+                "2",
+                "--encoders",
+                "dlib-torch",
+                "--report",
+                str(report2),
+            ]
+        )
+        == 0
+    )
     assert json.loads(report2.read_text())["summary"]["skipped"] == 1 and result.stat().st_mtime_ns == mtime
-    assert cli_main(["protect-image", str(src / "pers*.jpg"), "--out", str(out), "--steps", "2",
-                     "--encoders", "dlib-torch", "--overwrite", "--report", str(report2)]) == 0
+    assert (
+        cli_main(
+            [
+                "protect-image",
+                str(src / "pers*.jpg"),
+                "--out",
+                str(out),
+                "--steps",
+                "2",
+                "--encoders",
+                "dlib-torch",
+                "--overwrite",
+                "--report",
+                str(report2),
+            ]
+        )
+        == 0
+    )
     assert json.loads(report2.read_text())["summary"]["protected"] == 1
     assert _digest(src) == before
     # An output that would replace an input is refused.
     png_in = tmp_path / "pngs"
     png_in.mkdir()
     Image.open(lfw_dir / PHOTO2).save(png_in / "x.png")
-    assert cli_main(["protect-image", str(png_in), "--out", str(png_in), "--steps", "1",
-                     "--encoders", "dlib-torch", "--strict"]) == 1
+    assert (
+        cli_main(
+            ["protect-image", str(png_in), "--out", str(png_in), "--steps", "1", "--encoders", "dlib-torch", "--strict"]
+        )
+        == 1
+    )
     assert "overwrite an input" in capsys.readouterr().err
 
 

@@ -28,14 +28,24 @@ CHIP = 24
 
 def fake_encoder(module: nn.Module | None, fingerprint: str = "tiny-fp") -> SimpleNamespace:
     """What load_protector reads of a FaceEncoder."""
-    return SimpleNamespace(name="tiny", dim=DIM, fingerprint=fingerprint, chip=SimpleNamespace(size=CHIP),
-                           torch_module=lambda device=None: module)
+    return SimpleNamespace(
+        name="tiny",
+        dim=DIM,
+        fingerprint=fingerprint,
+        chip=SimpleNamespace(size=CHIP),
+        torch_module=lambda device=None: module,
+    )
 
 
 @pytest.fixture(scope="module")
 def shadows(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    return tiny_shadow_files(tmp_path_factory.mktemp("shadows"), DIM, ("deconv", "resup", "tokens"),
-                             encoder="tiny", encoder_fingerprint="tiny-fp")
+    return tiny_shadow_files(
+        tmp_path_factory.mktemp("shadows"),
+        DIM,
+        ("deconv", "resup", "tokens"),
+        encoder="tiny",
+        encoder_fingerprint="tiny-fp",
+    )
 
 
 def _z(n: int = 6) -> np.ndarray:
@@ -86,8 +96,13 @@ def test_shadow_for_another_encoder_is_refused(shadows: list[Path]) -> None:
     spec = ProtectionSpec("advface-id", tuple(map(str, shadows)), IdentityAwareConfig(), encoder="unused")
     with pytest.raises(ConfigError, match=str(shadows[0].name)):
         load_protector(spec, encoder=fake_encoder(TinyEncoder(DIM), fingerprint="other-fp"))
-    unchecked = ProtectionSpec("advface-id", tuple(map(str, shadows)), IdentityAwareConfig(steps=1, lanes=2),
-                               encoder="unused", check_encoder=False)
+    unchecked = ProtectionSpec(
+        "advface-id",
+        tuple(map(str, shadows)),
+        IdentityAwareConfig(steps=1, lanes=2),
+        encoder="unused",
+        check_encoder=False,
+    )
     assert load_protector(unchecked, encoder=fake_encoder(TinyEncoder(DIM), fingerprint="other-fp")).dim == DIM
 
 
@@ -99,4 +114,3 @@ def test_plain_advface_spec(shadows: list[Path]) -> None:
     z = _z()
     out = protector.protect(z)
     assert out.shape == z.shape and not np.array_equal(out, z)
-

@@ -112,19 +112,27 @@ def test_rotate_store_resumes_after_a_crash(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="unfinished re-issue from version 1 to 2"):  # no other job over it
         rotate_store(store, tmp_path, old, TenantTransforms(secret, 128, version=3, norm=1.4), batch_size=2)
     assert rotate_store(store, tmp_path, old, new, batch_size=2) == 5  # the rest: 7 - 2
-    assert read_marker(tmp_path) == {"enabled": True, "version": 2, "norm": 1.4, "dim": 128,
-                                     "check_id": new.key_id("advface-transform-check")}
+    assert read_marker(tmp_path) == {
+        "enabled": True,
+        "version": 2,
+        "norm": 1.4,
+        "dim": 128,
+        "check_id": new.key_id("advface-transform-check"),
+    }
     check_store_marker(tmp_path, new, store.count())
     assert store.transform_job() is None
     for (tenant, subject), z in originals.items():  # every row re-issued exactly once
-        np.testing.assert_allclose(store.subject_vectors(tenant, subject)[0], new.apply(tenant, z[None])[0],
-                                   atol=1e-5)
+        np.testing.assert_allclose(store.subject_vectors(tenant, subject)[0], new.apply(tenant, z[None])[0], atol=1e-5)
     hit = store.search("a", new.apply("a", originals[("a", "s3")][None])[0], 1)[0]  # the index was rebuilt
     assert hit.subject_id == "s3" and abs(hit.score) < 1e-4
     assert rotate_store(store, tmp_path, old, new) == 0  # done: a rerun does nothing
     with pytest.raises(ConfigError, match="not issued under the given old transform"):
-        rotate_store(store, tmp_path, TenantTransforms(generate_key(), 128, version=2, norm=1.4),
-                     TenantTransforms(secret, 128, version=3, norm=1.4))
+        rotate_store(
+            store,
+            tmp_path,
+            TenantTransforms(generate_key(), 128, version=2, norm=1.4),
+            TenantTransforms(secret, 128, version=3, norm=1.4),
+        )
     with pytest.raises(ConfigError, match="original norms are not stored"):
         rotate_store(store, tmp_path, new, TenantTransforms(secret, 128, version=3, norm=None))
     store.close()

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 DIM = 16
 
 
@@ -18,8 +17,9 @@ def make_templates(n: int = 200, dim: int = DIM, seed: int = 0) -> tuple[list[st
     return [f"person{i:05d}/img.jpg" for i in range(n)], (rng.standard_normal((n, dim)) * 0.3).astype(np.float32)
 
 
-def write_parquet(path: Path, ids: list, vectors: list | np.ndarray, id_column: str = "id",
-                  vector_column: str = "embedding") -> str:
+def write_parquet(
+    path: Path, ids: list, vectors: list | np.ndarray, id_column: str = "id", vector_column: str = "embedding"
+) -> str:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -39,13 +39,15 @@ def write_npy(path: Path, ids: list[str], vectors: np.ndarray) -> str:
     return f"npy:{path}"
 
 
-def write_sqlite(path: Path, ids: list, vectors: np.ndarray, table: str = "templates", fmt: str = "blob",
-                 extra_column: bool = False) -> str:
+def write_sqlite(
+    path: Path, ids: list, vectors: np.ndarray, table: str = "templates", fmt: str = "blob", extra_column: bool = False
+) -> str:
     conn = sqlite3.connect(path)
     extra = ", subject TEXT" if extra_column else ""
     id_type = "INTEGER" if ids and isinstance(ids[0], int) else "TEXT"
-    conn.execute(f"CREATE TABLE {table} (id {id_type} PRIMARY KEY, embedding {'TEXT' if fmt == 'json' else 'BLOB'}"
-                 f"{extra})")
+    conn.execute(
+        f"CREATE TABLE {table} (id {id_type} PRIMARY KEY, embedding {'TEXT' if fmt == 'json' else 'BLOB'}{extra})"
+    )
     for i, v in zip(ids, vectors, strict=True):
         cell = json.dumps(np.asarray(v, np.float64).tolist()) if fmt == "json" else np.asarray(v, "<f4").tobytes()
         if extra_column:
@@ -65,9 +67,10 @@ def write_postgres(dsn: str, ids: list, vectors: np.ndarray, table: str = "templ
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(f"CREATE TABLE {table} (id {id_type} PRIMARY KEY, embedding vector({dim}))")
         with conn.cursor() as cur:
-            cur.executemany(f"INSERT INTO {table} VALUES (%s, %s::vector)",
-                            [(i, "[" + ",".join(repr(float(x)) for x in v) + "]") for i, v in zip(ids, vectors,
-                                                                                           strict=True)])
+            cur.executemany(
+                f"INSERT INTO {table} VALUES (%s, %s::vector)",
+                [(i, "[" + ",".join(repr(float(x)) for x in v) + "]") for i, v in zip(ids, vectors, strict=True)],
+            )
     return f"{dsn}?table={table}"
 
 
@@ -107,9 +110,12 @@ def kill_9_midway(args: list[str], work: Path, total: int, after: int = 4, timeo
     import time
 
     journal = work / "journal.sqlite"
-    proc = subprocess.Popen([sys.executable, "-m", "advface.cli.main", *args],
-                            env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "advface.cli.main", *args],
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + timeout
     while chunks_done(journal) < after:
         assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""

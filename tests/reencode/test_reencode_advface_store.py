@@ -26,8 +26,15 @@ from advface.reencode.store_io import AdvfaceStoreSink
 TENANT = "acme"
 
 
-def _config(tmp_path: Path, shadow: Path, *, encrypted: bool = False, keyed: str | None = None,
-            store: dict[str, Any] | None = None, name: str = "advface.yaml") -> Path:
+def _config(
+    tmp_path: Path,
+    shadow: Path,
+    *,
+    encrypted: bool = False,
+    keyed: str | None = None,
+    store: dict[str, Any] | None = None,
+    name: str = "advface.yaml",
+) -> Path:
     """A sidecar configuration: sqlite store in tmp_path/store (unless ``store``), optional encryption key and
     keyed transform (``keyed``: "null" for a pure rotation, "auto" for norm equalisation)."""
     from advface.crypto import generate_key, write_key_file
@@ -45,16 +52,32 @@ def _config(tmp_path: Path, shadow: Path, *, encrypted: bool = False, keyed: str
         secret = tmp_path / "transform.key"
         if not secret.exists():
             write_key_file(secret, generate_key())
-        cfg["keyed_transform"] = {"enabled": True, "secret_file": str(secret),
-                                  "norm": None if keyed == "null" else keyed}
+        cfg["keyed_transform"] = {
+            "enabled": True,
+            "secret_file": str(secret),
+            "norm": None if keyed == "null" else keyed,
+        }
     path = tmp_path / name
     path.write_text(yaml.safe_dump(cfg))
     return path
 
 
 def _args(config: Path, source: str, dest: str, *extra: str, chunk: int = 16) -> list[str]:
-    return ["reencode", "--source", source, "--dest", dest, "--config", str(config), "--chunk-size", str(chunk),
-            "--match-threshold", "1.0", "-q", *extra]
+    return [
+        "reencode",
+        "--source",
+        source,
+        "--dest",
+        dest,
+        "--config",
+        str(config),
+        "--chunk-size",
+        str(chunk),
+        "--match-threshold",
+        "1.0",
+        "-q",
+        *extra,
+    ]
 
 
 def _sidecar_store(config: Path) -> Any:
@@ -94,12 +117,10 @@ def _assert_found_by_search(config: Path, ids: list[str], vectors: np.ndarray) -
 
 
 @pytest.mark.parametrize("setting", ["plain", "encrypted+rotation"])
-def test_parquet_into_store_then_sidecar_finds_each_subject(tmp_path: Path, shadow_ckpt: Path,
-                                                            setting: str) -> None:
+def test_parquet_into_store_then_sidecar_finds_each_subject(tmp_path: Path, shadow_ckpt: Path, setting: str) -> None:
     ids, vectors = make_templates(60)
     src = write_parquet(tmp_path / "raw.parquet", ids, vectors)
-    config = _config(tmp_path, shadow_ckpt, encrypted=setting != "plain",
-                     keyed="null" if setting != "plain" else None)
+    config = _config(tmp_path, shadow_ckpt, encrypted=setting != "plain", keyed="null" if setting != "plain" else None)
     dest = f"advface:{tmp_path / 'store'}?tenant={TENANT}"
     assert main(_args(config, src, dest)) == 0
     _assert_found_by_search(config, ids, vectors)
@@ -153,27 +174,41 @@ def test_norm_equalised_transform_verifies_directions(tmp_path: Path, shadow_ckp
     # a store holding raw templates (passed through the transform only) fails verification: not protected
     from advface.service import open_checked_store, transforms_from_config
 
-    other = _config(tmp_path, shadow_ckpt, keyed="auto", store={"backend": "sqlite", "use_gpu": False,
-                                                                "data_dir": str(tmp_path / "bad")}, name="bad.yaml")
+    other = _config(
+        tmp_path,
+        shadow_ckpt,
+        keyed="auto",
+        store={"backend": "sqlite", "use_gpu": False, "data_dir": str(tmp_path / "bad")},
+        name="bad.yaml",
+    )
     transforms = transforms_from_config(load_config(other).keyed_transform, DIM, "dlib")
     # the marker is recorded while the store is empty, as the sidecar does at start
     with open_checked_store(load_config(other), DIM, "euclidean", transforms) as store:
         store.add_many(TENANT, [(i, transforms.apply(TENANT, v[None, :]), None) for i, v in zip(ids, vectors)])
     bad = tmp_path / "bad.json"
-    assert main(_args(other, src, f"advface:{tmp_path / 'bad'}?tenant={TENANT}", "--verify-only",
-                      "--summary", str(bad))) == 1
+    assert (
+        main(_args(other, src, f"advface:{tmp_path / 'bad'}?tenant={TENANT}", "--verify-only", "--summary", str(bad)))
+        == 1
+    )
     assert json.loads(bad.read_text())["unchanged"] == len(ids)
 
 
-def test_crash_between_store_and_journal_commit_then_resume(tmp_path: Path, shadow_ckpt: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_crash_between_store_and_journal_commit_then_resume(
+    tmp_path: Path, shadow_ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The worst moment: a chunk is in the store but not yet in the journal. The rerun writes it again (replacing
     its subjects) and the result equals an uninterrupted run's."""
     ids, vectors = make_templates(70)
     src = write_parquet(tmp_path / "raw.parquet", ids, vectors)
     config = _config(tmp_path, shadow_ckpt, encrypted=True, keyed="null")
-    ref_config = _config(tmp_path, shadow_ckpt, encrypted=True, keyed="null", name="ref.yaml",
-                         store={"backend": "sqlite", "data_dir": str(tmp_path / "ref"), "use_gpu": False})
+    ref_config = _config(
+        tmp_path,
+        shadow_ckpt,
+        encrypted=True,
+        keyed="null",
+        name="ref.yaml",
+        store={"backend": "sqlite", "data_dir": str(tmp_path / "ref"), "use_gpu": False},
+    )
     assert main(_args(ref_config, src, f"advface:{tmp_path / 'ref'}?tenant={TENANT}")) == 0
 
     dest = f"advface:{tmp_path / 'store'}?tenant={TENANT}"
@@ -209,8 +244,9 @@ def test_crash_between_store_and_journal_commit_then_resume(tmp_path: Path, shad
     _assert_found_by_search(config, ids, vectors)
 
 
-def test_bad_locations_and_non_empty_tenant(tmp_path: Path, shadow_ckpt: Path,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_locations_and_non_empty_tenant(
+    tmp_path: Path, shadow_ckpt: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     ids, vectors = make_templates(20)
     src = write_parquet(tmp_path / "raw.parquet", ids, vectors)
     config = _config(tmp_path, shadow_ckpt)
@@ -244,8 +280,9 @@ def test_bad_locations_and_non_empty_tenant(tmp_path: Path, shadow_ckpt: Path,
     assert set(_stored(config)) == set(ids)
 
     # PostgreSQL backend: the store is store.dsn, a folder is refused
-    pg = _config(tmp_path, shadow_ckpt, store={"backend": "postgresql", "dsn": "postgresql://u@127.0.0.1:1/db"},
-                 name="pg.yaml")
+    pg = _config(
+        tmp_path, shadow_ckpt, store={"backend": "postgresql", "dsn": "postgresql://u@127.0.0.1:1/db"}, name="pg.yaml"
+    )
     assert main(_args(pg, src, f"advface:{store_dir}?tenant={TENANT}")) == 2
     assert "advface:?tenant=" in capsys.readouterr().err
 
@@ -272,8 +309,9 @@ def test_sink_refuses_dimension_of_another_store(tmp_path: Path, shadow_ckpt: Pa
 def test_postgresql_store(tmp_path: Path, shadow_ckpt: Path, postgres_dsn: str) -> None:
     ids, vectors = make_templates(30)
     src = write_parquet(tmp_path / "raw.parquet", ids, vectors)
-    config = _config(tmp_path, shadow_ckpt, encrypted=True, keyed="null",
-                     store={"backend": "postgresql", "dsn": postgres_dsn})
+    config = _config(
+        tmp_path, shadow_ckpt, encrypted=True, keyed="null", store={"backend": "postgresql", "dsn": postgres_dsn}
+    )
     summary_path = tmp_path / "s.json"
     assert main(_args(config, src, f"advface:?tenant={TENANT}", "--summary", str(summary_path))) == 0
     assert json.loads(summary_path.read_text())["passed"]
@@ -298,10 +336,17 @@ def test_kill_9_then_rerun_equals_uninterrupted(tmp_path: Path, shadow_ckpt: Pat
     summary = json.loads(summary_path.read_text())
     assert summary["passed"] and summary["reencode"]["resumed_from"] >= 40 and not work.exists()
 
-    ref_config = _config(tmp_path, shadow_ckpt, encrypted=True, keyed="null", name="ref.yaml",
-                         store={"backend": "sqlite", "data_dir": str(tmp_path / "ref"), "use_gpu": False})
-    assert main(_args(ref_config, src, f"advface:{tmp_path / 'ref'}?tenant={TENANT}", "--steps", "12",
-                      chunk=10)) == 0  # uninterrupted
+    ref_config = _config(
+        tmp_path,
+        shadow_ckpt,
+        encrypted=True,
+        keyed="null",
+        name="ref.yaml",
+        store={"backend": "sqlite", "data_dir": str(tmp_path / "ref"), "use_gpu": False},
+    )
+    assert (
+        main(_args(ref_config, src, f"advface:{tmp_path / 'ref'}?tenant={TENANT}", "--steps", "12", chunk=10)) == 0
+    )  # uninterrupted
     got, ref = _stored(config), _stored(ref_config)
     assert got.keys() == ref.keys() == set(ids)
     assert all(np.array_equal(got[k], ref[k]) for k in ids)

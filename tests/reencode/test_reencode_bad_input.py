@@ -12,8 +12,25 @@ from advface.cli.main import main
 
 
 def _run(shadow: Path, source: str, dest: str, *extra: str) -> int:
-    return main(["reencode", "--source", source, "--dest", dest, "--shadow", str(shadow), "--steps", "1",
-                 "--chunk-size", "20", "--match-threshold", "1.0", "-q", *extra])
+    return main(
+        [
+            "reencode",
+            "--source",
+            source,
+            "--dest",
+            dest,
+            "--shadow",
+            str(shadow),
+            "--steps",
+            "1",
+            "--chunk-size",
+            "20",
+            "--match-threshold",
+            "1.0",
+            "-q",
+            *extra,
+        ]
+    )
 
 
 def _assert_failed(capsys: pytest.CaptureFixture[str], code: int, dest: Path, *words: str) -> None:
@@ -27,8 +44,14 @@ def _assert_failed(capsys: pytest.CaptureFixture[str], code: int, dest: Path, *w
 def test_missing_columns(tmp_path: Path, shadow_ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ids, v = make_templates(10)
     src = write_parquet(tmp_path / "in.parquet", ids, v, vector_column="vec")
-    _assert_failed(capsys, _run(shadow_ckpt, src, f"parquet:{tmp_path / 'o.parquet'}"), tmp_path / "o.parquet",
-                   "missing column", "embedding", "vector_column")
+    _assert_failed(
+        capsys,
+        _run(shadow_ckpt, src, f"parquet:{tmp_path / 'o.parquet'}"),
+        tmp_path / "o.parquet",
+        "missing column",
+        "embedding",
+        "vector_column",
+    )
 
 
 def test_mixed_dimensions(tmp_path: Path, shadow_ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -36,15 +59,25 @@ def test_mixed_dimensions(tmp_path: Path, shadow_ckpt: Path, capsys: pytest.Capt
     rows = list(v)
     rows[45] = rows[45][:10]
     src = write_parquet(tmp_path / "in.parquet", ids, rows)
-    _assert_failed(capsys, _run(shadow_ckpt, src, f"parquet:{tmp_path / 'o.parquet'}"), tmp_path / "o.parquet",
-                   "mixed dimensions", ids[45])
+    _assert_failed(
+        capsys,
+        _run(shadow_ckpt, src, f"parquet:{tmp_path / 'o.parquet'}"),
+        tmp_path / "o.parquet",
+        "mixed dimensions",
+        ids[45],
+    )
 
 
 def test_wrong_dimension_for_the_shadow(tmp_path: Path, shadow_ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ids, v = make_templates(10, dim=8)
     src = write_parquet(tmp_path / "in.parquet", ids, v)
-    _assert_failed(capsys, _run(shadow_ckpt, src, f"parquet:{tmp_path / 'o.parquet'}"), tmp_path / "o.parquet",
-                   "dimension 8", "takes 16")
+    _assert_failed(
+        capsys,
+        _run(shadow_ckpt, src, f"parquet:{tmp_path / 'o.parquet'}"),
+        tmp_path / "o.parquet",
+        "dimension 8",
+        "takes 16",
+    )
 
 
 def test_nan_row(tmp_path: Path, shadow_ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -59,19 +92,25 @@ def test_duplicate_ids_across_chunks(tmp_path: Path, shadow_ckpt: Path, capsys: 
     ids, v = make_templates(70)
     ids[65] = ids[3]  # chunk 0 and chunk 3 (of 20 rows)
     src = write_parquet(tmp_path / "in.parquet", ids, v)
-    _assert_failed(capsys, _run(shadow_ckpt, src, f"parquet:{tmp_path / 'o.parquet'}"), tmp_path / "o.parquet",
-                   "duplicate id", ids[3], "chunks 0 and 3")
+    _assert_failed(
+        capsys,
+        _run(shadow_ckpt, src, f"parquet:{tmp_path / 'o.parquet'}"),
+        tmp_path / "o.parquet",
+        "duplicate id",
+        ids[3],
+        "chunks 0 and 3",
+    )
 
 
 def test_empty_source(tmp_path: Path, shadow_ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src = write_parquet(tmp_path / "in.parquet", [], [])
-    _assert_failed(capsys, _run(shadow_ckpt, src, f"parquet:{tmp_path / 'o.parquet'}"), tmp_path / "o.parquet",
-                   "empty")
+    _assert_failed(capsys, _run(shadow_ckpt, src, f"parquet:{tmp_path / 'o.parquet'}"), tmp_path / "o.parquet", "empty")
     assert not (tmp_path / ".o.parquet.reencode").exists()
 
 
-def test_existing_destination_needs_overwrite(tmp_path: Path, shadow_ckpt: Path,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_existing_destination_needs_overwrite(
+    tmp_path: Path, shadow_ckpt: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     ids, v = make_templates(30)
     src = write_parquet(tmp_path / "in.parquet", ids, v)
     dest = tmp_path / "o.parquet"
@@ -82,14 +121,43 @@ def test_existing_destination_needs_overwrite(tmp_path: Path, shadow_ckpt: Path,
     assert dest.read_bytes() != b"precious"
     # an existing table too
     db_src = write_sqlite(tmp_path / "db.sqlite", ids, v)
-    assert _run(shadow_ckpt, db_src, f"sqlite:{tmp_path / 'db.sqlite'}?table=templates2", "--work-dir",
-                str(tmp_path / "w"), "--summary", str(tmp_path / "s.json")) == 0
-    assert _run(shadow_ckpt, db_src, f"sqlite:{tmp_path / 'db.sqlite'}?table=templates2", "--work-dir",
-                str(tmp_path / "w"), "--summary", str(tmp_path / "s.json")) == 2
+    assert (
+        _run(
+            shadow_ckpt,
+            db_src,
+            f"sqlite:{tmp_path / 'db.sqlite'}?table=templates2",
+            "--work-dir",
+            str(tmp_path / "w"),
+            "--summary",
+            str(tmp_path / "s.json"),
+        )
+        == 0
+    )
+    assert (
+        _run(
+            shadow_ckpt,
+            db_src,
+            f"sqlite:{tmp_path / 'db.sqlite'}?table=templates2",
+            "--work-dir",
+            str(tmp_path / "w"),
+            "--summary",
+            str(tmp_path / "s.json"),
+        )
+        == 2
+    )
 
 
-@pytest.mark.parametrize("location", ["foo:bar", "parquet:", "sqlite:/x.db", "sqlite:/x.db?table=a;drop",
-                                      "parquet:/x?colour=red", "postgresql://u@h/db"])
+@pytest.mark.parametrize(
+    "location",
+    [
+        "foo:bar",
+        "parquet:",
+        "sqlite:/x.db",
+        "sqlite:/x.db?table=a;drop",
+        "parquet:/x?colour=red",
+        "postgresql://u@h/db",
+    ],
+)
 def test_bad_locations(location: str, tmp_path: Path, shadow_ckpt: Path) -> None:
     from advface.errors import ConfigError
     from advface.reencode.uri import parse_location

@@ -17,11 +17,26 @@ def test_ray_engine_matches_local(tmp_path: Path, shadow_ckpt: Path) -> None:
     pytest.importorskip("ray.data")
     ids, vectors = make_templates(160)
     src = write_parquet(tmp_path / "in.parquet", ids, vectors)
-    common = ["--source", src, "--shadow", str(shadow_ckpt), "--steps", "3", "--chunk-size", "25",
-              "--match-threshold", "1.0", "-q"]
+    common = [
+        "--source",
+        src,
+        "--shadow",
+        str(shadow_ckpt),
+        "--steps",
+        "3",
+        "--chunk-size",
+        "25",
+        "--match-threshold",
+        "1.0",
+        "-q",
+    ]
     assert main(["reencode", *common, "--dest", f"parquet:{tmp_path / 'local.parquet'}"]) == 0
-    assert main(["reencode", *common, "--dest", f"parquet:{tmp_path / 'ray.parquet'}", "--engine", "ray",
-                 "--num-cpus", "2"]) == 0
+    assert (
+        main(
+            ["reencode", *common, "--dest", f"parquet:{tmp_path / 'ray.parquet'}", "--engine", "ray", "--num-cpus", "2"]
+        )
+        == 0
+    )
     assert (tmp_path / "local.parquet").read_bytes() == (tmp_path / "ray.parquet").read_bytes()
     summary = json.loads((tmp_path / "ray.parquet.verify.json").read_text())
     assert summary["passed"] and summary["reencode"]["engine"] == "ray"

@@ -33,8 +33,24 @@ def source(tmp_path: Path) -> tuple[str, list[str], np.ndarray]:
 
 
 def _args(shadows: list[Path], src: str, dest: str, chunk: int) -> list[str]:
-    out = ["reencode", "--source", src, "--dest", dest, "--method", "advface-id", "--encoder", "dlib-torch",
-           "--steps", "1", "--lanes", "4", "--chunk-size", str(chunk), "-q"]
+    out = [
+        "reencode",
+        "--source",
+        src,
+        "--dest",
+        dest,
+        "--method",
+        "advface-id",
+        "--encoder",
+        "dlib-torch",
+        "--steps",
+        "1",
+        "--lanes",
+        "4",
+        "--chunk-size",
+        str(chunk),
+        "-q",
+    ]
     for p in shadows:
         out += ["--shadow", str(p)]
     return out
@@ -52,20 +68,41 @@ def test_deterministic_across_chunk_sizes_and_equal_to_the_library(
     assert outputs[0] == outputs[1]
     got_ids, got = read_all(f"parquet:{tmp_path / 'out5.parquet'}")
     assert got_ids == ids
-    spec = ProtectionSpec("advface-id", tuple(map(str, shadows)), IdentityAwareConfig(steps=1, lanes=4, rel_l2=0.1),
-                          encoder="dlib-torch")
+    spec = ProtectionSpec(
+        "advface-id", tuple(map(str, shadows)), IdentityAwareConfig(steps=1, lanes=4, rel_l2=0.1), encoder="dlib-torch"
+    )
     np.testing.assert_array_equal(got, load_protector(spec).protect(vectors))
     rel = np.linalg.norm(got - vectors, axis=1) / np.linalg.norm(vectors, axis=1)
     assert (rel > 0.05).all() and (rel <= 0.1 + 1e-5).all()
     # not plain AdvFace with the first shadow
     plain = tmp_path / "plain.parquet"
-    assert main(["reencode", "--source", src, "--dest", f"parquet:{plain}", "--shadow", str(shadows[0]), "--steps",
-                 "1", "--lanes", "4", "-q"]) == 0
+    assert (
+        main(
+            [
+                "reencode",
+                "--source",
+                src,
+                "--dest",
+                f"parquet:{plain}",
+                "--shadow",
+                str(shadows[0]),
+                "--steps",
+                "1",
+                "--lanes",
+                "4",
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert not np.array_equal(read_all(f"parquet:{plain}")[1], got)
 
 
 def test_resume_after_a_crash_gives_the_same_bytes(
-    tmp_path: Path, shadows: list[Path], source: tuple[str, list[str], np.ndarray], monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    shadows: list[Path],
+    source: tuple[str, list[str], np.ndarray],
+    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     import advface.reencode.engine_local as engine_local
@@ -98,17 +135,36 @@ def test_selected_by_config_and_other_method_refused_on_resume(
 ) -> None:
     src, _, _ = source
     config = tmp_path / "advface.yaml"
-    config.write_text(yaml.safe_dump({"protection": {"method": "advface-id", "shadows": [str(p) for p in shadows],
-                                                     "steps": 1}}))
+    config.write_text(
+        yaml.safe_dump({"protection": {"method": "advface-id", "shadows": [str(p) for p in shadows], "steps": 1}})
+    )
     by_flags, by_config = tmp_path / "flags.parquet", tmp_path / "config.parquet"
     assert main(_args(shadows, src, f"parquet:{by_flags}", 7)) == 0
-    assert main(["reencode", "--source", src, "--dest", f"parquet:{by_config}", "--config", str(config),
-                 "--encoder", "dlib-torch", "--lanes", "4", "-q"]) == 0
+    assert (
+        main(
+            [
+                "reencode",
+                "--source",
+                src,
+                "--dest",
+                f"parquet:{by_config}",
+                "--config",
+                str(config),
+                "--encoder",
+                "dlib-torch",
+                "--lanes",
+                "4",
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert by_flags.read_bytes() == by_config.read_bytes()
 
 
-def test_bad_input(tmp_path: Path, shadows: list[Path], source: tuple[str, list[str], np.ndarray],
-                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_input(
+    tmp_path: Path, shadows: list[Path], source: tuple[str, list[str], np.ndarray], capsys: pytest.CaptureFixture[str]
+) -> None:
     src, _, _ = source
     dest = f"parquet:{tmp_path / 'out.parquet'}"
     base = ["reencode", "--source", src, "--dest", dest, "--encoder", "dlib-torch", "-q"]
@@ -124,8 +180,9 @@ def test_bad_input(tmp_path: Path, shadows: list[Path], source: tuple[str, list[
 
 
 @pytest.mark.slow
-def test_ray_engine_matches_local(tmp_path: Path, shadows: list[Path],
-                                  source: tuple[str, list[str], np.ndarray]) -> None:
+def test_ray_engine_matches_local(
+    tmp_path: Path, shadows: list[Path], source: tuple[str, list[str], np.ndarray]
+) -> None:
     """Each Ray actor loads the ensemble and the encoder module once; the bytes equal the local engine's."""
     pytest.importorskip("ray.data")
     src, _, _ = source

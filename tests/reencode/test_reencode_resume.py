@@ -12,8 +12,22 @@ from advface.cli.main import main
 
 
 def _args(shadow: Path, source: str, dest: str, chunk: int, steps: int = 2) -> list[str]:
-    return ["reencode", "--source", source, "--dest", dest, "--shadow", str(shadow), "--steps", str(steps),
-            "--chunk-size", str(chunk), "--match-threshold", "1.0", "-q"]
+    return [
+        "reencode",
+        "--source",
+        source,
+        "--dest",
+        dest,
+        "--shadow",
+        str(shadow),
+        "--steps",
+        str(steps),
+        "--chunk-size",
+        str(chunk),
+        "--match-threshold",
+        "1.0",
+        "-q",
+    ]
 
 
 def test_output_does_not_depend_on_chunk_size(tmp_path: Path, shadow_ckpt: Path) -> None:
@@ -33,8 +47,10 @@ def test_output_does_not_depend_on_chunk_size(tmp_path: Path, shadow_ckpt: Path)
     perm = np.random.default_rng(1).permutation(len(ids))
     src2 = write_parquet(tmp_path / "shuffled.parquet", [ids[i] for i in perm], vectors[perm])
     assert main(_args(shadow_ckpt, src2, f"parquet:{tmp_path / 'outs.parquet'}", 33)) == 0
-    with open_source(f"parquet:{tmp_path / 'out7.parquet'}") as a, \
-            open_source(f"parquet:{tmp_path / 'outs.parquet'}") as b:
+    with (
+        open_source(f"parquet:{tmp_path / 'out7.parquet'}") as a,
+        open_source(f"parquet:{tmp_path / 'outs.parquet'}") as b,
+    ):
         va = {i: v for c in a.chunks(1000) for i, v in zip(c.ids, c.vectors, strict=True)}
         vb = {i: v for c in b.chunks(1000) for i, v in zip(c.ids, c.vectors, strict=True)}
     assert va.keys() == vb.keys() and all(np.array_equal(va[k], vb[k]) for k in va)
@@ -63,8 +79,11 @@ def test_kill_9_then_rerun_gives_identical_output(kind: str, tmp_path: Path, sha
 
     summary = json.loads(summary_path.read_text())
     assert summary["passed"] and summary["reencode"]["resumed_from"] >= 40
-    ref_extra = [] if kind == "parquet" else ["--work-dir", str(tmp_path / "work-ref"),
-                                              "--summary", str(tmp_path / "s-ref.json")]
+    ref_extra = (
+        []
+        if kind == "parquet"
+        else ["--work-dir", str(tmp_path / "work-ref"), "--summary", str(tmp_path / "s-ref.json")]
+    )
     assert main([*_args(shadow_ckpt, src, ref, 10, steps=12), *ref_extra]) == 0  # uninterrupted
     if kind == "parquet":
         assert (tmp_path / "out.parquet").read_bytes() == (tmp_path / "ref.parquet").read_bytes()
@@ -84,8 +103,11 @@ def test_rerun_with_other_parameters_is_refused(tmp_path: Path, shadow_ckpt: Pat
     ids, vectors = make_templates(50)
     src = write_parquet(tmp_path / "in.parquet", ids, vectors)
     dest = f"parquet:{tmp_path / 'out.parquet'}"
-    job = Job(JobOptions(source=src, dest=dest, shadow=shadow_ckpt, config=AdvFaceConfig(steps=2),
-                         verify=VerifyOptions(rel_l2=0.1)))
+    job = Job(
+        JobOptions(
+            source=src, dest=dest, shadow=shadow_ckpt, config=AdvFaceConfig(steps=2), verify=VerifyOptions(rel_l2=0.1)
+        )
+    )
     Journal(job.work_dir, job.params()).close()  # an unfinished run with steps=2
     assert main(_args(shadow_ckpt, src, dest, 10, steps=3)) == 2
     assert not (tmp_path / "out.parquet").exists()

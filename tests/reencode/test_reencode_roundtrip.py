@@ -20,8 +20,25 @@ def _expected(shadow: Path, vectors: np.ndarray) -> np.ndarray:
 
 
 def _reencode(shadow: Path, source: str, dest: str, *extra: str) -> int:
-    return main(["reencode", "--source", source, "--dest", dest, "--shadow", str(shadow), "--steps", str(STEPS),
-                 "--chunk-size", "64", "--match-threshold", "1.0", "-q", *extra])
+    return main(
+        [
+            "reencode",
+            "--source",
+            source,
+            "--dest",
+            dest,
+            "--shadow",
+            str(shadow),
+            "--steps",
+            str(STEPS),
+            "--chunk-size",
+            "64",
+            "--match-threshold",
+            "1.0",
+            "-q",
+            *extra,
+        ]
+    )
 
 
 @pytest.mark.parametrize("kind", ["npz", "npy", "parquet", "sqlite", "sqlite-json"])
@@ -68,29 +85,45 @@ def test_cross_kind_and_integer_ids(tmp_path: Path, shadow_ckpt: Path) -> None:
     assert table.column_names == ["template", "vec"]
     assert str(table.schema.field("template").type) == "int64"
     assert table.column("template").to_pylist() == int_ids
-    np.testing.assert_array_equal(np.asarray(table.column("vec").to_pylist(), np.float32),
-                                  _expected(shadow_ckpt, vectors))
+    np.testing.assert_array_equal(
+        np.asarray(table.column("vec").to_pylist(), np.float32), _expected(shadow_ckpt, vectors)
+    )
 
 
 def test_postgres_round_trip(postgres_dsn: str, tmp_path: Path, shadow_ckpt: Path) -> None:
     ids, vectors = make_templates(130)
     src = write_postgres(postgres_dsn, ids, vectors)
     dst = f"{postgres_dsn}?table=protected"
-    assert _reencode(shadow_ckpt, src, dst, "--work-dir", str(tmp_path / "work"),
-                     "--summary", str(tmp_path / "s.json")) == 0
+    assert (
+        _reencode(shadow_ckpt, src, dst, "--work-dir", str(tmp_path / "work"), "--summary", str(tmp_path / "s.json"))
+        == 0
+    )
     out_ids, out = read_all(dst)
     order = np.argsort(ids)  # PostgreSQL is read in id order
     assert out_ids == sorted(ids)
     np.testing.assert_array_equal(out, _expected(shadow_ckpt, vectors)[order])
     # and back out of PostgreSQL into a file, integer ids into bigint
     int_src = write_postgres(postgres_dsn, list(range(130)), vectors, table="ints")
-    assert _reencode(shadow_ckpt, int_src, f"{postgres_dsn}?table=ints_protected",
-                     "--work-dir", str(tmp_path / "work2"), "--summary", str(tmp_path / "s2.json")) == 0
+    assert (
+        _reencode(
+            shadow_ckpt,
+            int_src,
+            f"{postgres_dsn}?table=ints_protected",
+            "--work-dir",
+            str(tmp_path / "work2"),
+            "--summary",
+            str(tmp_path / "s2.json"),
+        )
+        == 0
+    )
     import psycopg
 
     with psycopg.connect(postgres_dsn) as conn:
-        types = dict(conn.execute("SELECT column_name, data_type FROM information_schema.columns "
-                                  "WHERE table_name = 'ints_protected'").fetchall())
+        types = dict(
+            conn.execute(
+                "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = 'ints_protected'"
+            ).fetchall()
+        )
     assert types["id"] == "bigint"
 
 
@@ -104,8 +137,10 @@ def test_postgres_connection_loss_is_retried(postgres_dsn: str, shadow_ckpt: Pat
     ids, vectors = make_templates(100)
     src = write_postgres(postgres_dsn, ids, vectors)
     got: list[str] = []
-    with open_source(src, RetryPolicy(attempts=3, base_delay=0.05)) as source, \
-            psycopg.connect(postgres_dsn, autocommit=True) as admin:
+    with (
+        open_source(src, RetryPolicy(attempts=3, base_delay=0.05)) as source,
+        psycopg.connect(postgres_dsn, autocommit=True) as admin,
+    ):
         for n, chunk in enumerate(source.chunks(30)):
             got += chunk.ids
             if n == 1:

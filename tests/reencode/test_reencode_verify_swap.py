@@ -14,16 +14,43 @@ from advface.cli.main import main
 
 
 def _args(shadow: Path, source: str, dest: str, *extra: str) -> list[str]:
-    return ["reencode", "--source", source, "--dest", dest, "--shadow", str(shadow), "--steps", "2",
-            "--chunk-size", "40", "--match-threshold", "1.0", "-q", *extra]
+    return [
+        "reencode",
+        "--source",
+        source,
+        "--dest",
+        dest,
+        "--shadow",
+        str(shadow),
+        "--steps",
+        "2",
+        "--chunk-size",
+        "40",
+        "--match-threshold",
+        "1.0",
+        "-q",
+        *extra,
+    ]
 
 
 @pytest.fixture()
 def reencoded(tmp_path: Path, shadow_ckpt: Path) -> tuple[str, Path, list[str], np.ndarray]:
     ids, vectors = make_templates(120)
     src = write_sqlite(tmp_path / "db.sqlite", ids, vectors)
-    assert main(_args(shadow_ckpt, src, f"sqlite:{tmp_path / 'db.sqlite'}?table=protected",
-                      "--work-dir", str(tmp_path / "w"), "--summary", str(tmp_path / "s.json"))) == 0
+    assert (
+        main(
+            _args(
+                shadow_ckpt,
+                src,
+                f"sqlite:{tmp_path / 'db.sqlite'}?table=protected",
+                "--work-dir",
+                str(tmp_path / "w"),
+                "--summary",
+                str(tmp_path / "s.json"),
+            )
+        )
+        == 0
+    )
     return src, tmp_path / "db.sqlite", ids, vectors
 
 
@@ -40,8 +67,12 @@ def test_verify_only_passes_on_untouched_output(reencoded, shadow_ckpt: Path, tm
 
 
 @pytest.mark.parametrize("tamper", ["over_budget", "nan", "missing", "extra", "raw_copy"])
-def test_verify_only_catches_tampering(tamper: str, reencoded, shadow_ckpt: Path,  # noqa: ANN001
-                                       tmp_path: Path) -> None:
+def test_verify_only_catches_tampering(
+    tamper: str,
+    reencoded,
+    shadow_ckpt: Path,  # noqa: ANN001
+    tmp_path: Path,
+) -> None:
     src, db, ids, vectors = reencoded
     conn = sqlite3.connect(db)
     if tamper == "over_budget":
@@ -61,17 +92,38 @@ def test_verify_only_catches_tampering(tamper: str, reencoded, shadow_ckpt: Path
     code, summary = _verify(shadow_ckpt, src, db, tmp_path / "v.json")
     assert code == 1 and not summary["passed"]
     text = " ".join(summary["failures"])
-    expected = {"over_budget": ids[5], "nan": ids[7], "missing": ids[9], "extra": "intruder",
-                "raw_copy": "not protected"}[tamper]
+    expected = {
+        "over_budget": ids[5],
+        "nan": ids[7],
+        "missing": ids[9],
+        "extra": "intruder",
+        "raw_copy": "not protected",
+    }[tamper]
     assert expected in text
 
 
-def test_swap_sqlite_replaces_source_after_verification(reencoded, shadow_ckpt: Path,  # noqa: ANN001
-                                                        tmp_path: Path) -> None:
+def test_swap_sqlite_replaces_source_after_verification(
+    reencoded,
+    shadow_ckpt: Path,  # noqa: ANN001
+    tmp_path: Path,
+) -> None:
     _, db, ids, vectors = reencoded
     src = write_sqlite(tmp_path / "db2.sqlite", ids, vectors)
-    assert main(_args(shadow_ckpt, src, f"sqlite:{tmp_path / 'db2.sqlite'}?table=new", "--swap",
-                      "--work-dir", str(tmp_path / "w2"), "--summary", str(tmp_path / "s2.json"))) == 0
+    assert (
+        main(
+            _args(
+                shadow_ckpt,
+                src,
+                f"sqlite:{tmp_path / 'db2.sqlite'}?table=new",
+                "--swap",
+                "--work-dir",
+                str(tmp_path / "w2"),
+                "--summary",
+                str(tmp_path / "s2.json"),
+            )
+        )
+        == 0
+    )
     conn = sqlite3.connect(tmp_path / "db2.sqlite")
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert tables == {"templates"}
@@ -84,8 +136,18 @@ def test_swap_sqlite_replaces_source_after_verification(reencoded, shadow_ckpt: 
 def test_swap_refused_when_table_has_other_columns(tmp_path: Path, shadow_ckpt: Path) -> None:
     ids, vectors = make_templates(30)
     src = write_sqlite(tmp_path / "db.sqlite", ids, vectors, extra_column=True)
-    code = main(_args(shadow_ckpt, src, f"sqlite:{tmp_path / 'db.sqlite'}?table=new", "--swap",
-                      "--work-dir", str(tmp_path / "w"), "--summary", str(tmp_path / "s.json")))
+    code = main(
+        _args(
+            shadow_ckpt,
+            src,
+            f"sqlite:{tmp_path / 'db.sqlite'}?table=new",
+            "--swap",
+            "--work-dir",
+            str(tmp_path / "w"),
+            "--summary",
+            str(tmp_path / "s.json"),
+        )
+    )
     assert code == 2
     _, raw = read_all(src)
     np.testing.assert_array_equal(raw, vectors)  # the source is untouched
@@ -95,8 +157,9 @@ def test_swap_not_done_when_verification_fails(tmp_path: Path, shadow_ckpt: Path
     ids, vectors = make_templates(60)
     src = write_parquet(tmp_path / "in.parquet", ids, vectors)
     before = (tmp_path / "in.parquet").read_bytes()
-    code = main(_args(shadow_ckpt, src, f"parquet:{tmp_path / 'out.parquet'}", "--swap",
-                      "--match-threshold", "1e-9"))  # nothing can match: verification fails
+    code = main(
+        _args(shadow_ckpt, src, f"parquet:{tmp_path / 'out.parquet'}", "--swap", "--match-threshold", "1e-9")
+    )  # nothing can match: verification fails
     assert code == 1
     assert (tmp_path / "in.parquet").read_bytes() == before
     summary = json.loads((tmp_path / "out.parquet.verify.json").read_text())
@@ -112,8 +175,21 @@ def test_swap_parquet_and_postgres(tmp_path: Path, shadow_ckpt: Path, postgres_d
     assert got_ids == ids and not np.array_equal(got, vectors)
 
     pg_src = write_postgres(postgres_dsn, ids, vectors)
-    assert main(_args(shadow_ckpt, pg_src, f"{postgres_dsn}?table=new", "--swap", "--work-dir",
-                      str(tmp_path / "w"), "--summary", str(tmp_path / "s.json"))) == 0
+    assert (
+        main(
+            _args(
+                shadow_ckpt,
+                pg_src,
+                f"{postgres_dsn}?table=new",
+                "--swap",
+                "--work-dir",
+                str(tmp_path / "w"),
+                "--summary",
+                str(tmp_path / "s.json"),
+            )
+        )
+        == 0
+    )
     pg_ids, pg = read_all(pg_src)
     order = {i: k for k, i in enumerate(ids)}
     np.testing.assert_array_equal(pg, got[[order[i] for i in pg_ids]])

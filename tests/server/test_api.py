@@ -67,15 +67,29 @@ def test_reflection_lists_and_describes_the_service(server: ServerThread) -> Non
         assert {SERVICE_NAME, "grpc.health.v1.Health"} <= names
         pool = DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
         methods = {m.name for m in pool.FindServiceByName(SERVICE_NAME).methods}
-    assert methods == {"Protect", "Enroll", "EnrollBatch", "Verify", "Identify", "Delete", "GetSubject",
-                       "ListSubjects", "Info", "ProtectImage"}
+    assert methods == {
+        "Protect",
+        "Enroll",
+        "EnrollBatch",
+        "Verify",
+        "Identify",
+        "Delete",
+        "GetSubject",
+        "ListSubjects",
+        "Info",
+        "ProtectImage",
+    }
 
 
 def test_info_fields(client: AdvFaceClient) -> None:
     info = client.info()
     assert info["encoder"] == {
-        "name": "dlib-torch", "dim": DIM, "metric": "euclidean", "fingerprint": info["encoder"]["fingerprint"],
-        "detector": "dlib", "face_policy": "largest",
+        "name": "dlib-torch",
+        "dim": DIM,
+        "metric": "euclidean",
+        "fingerprint": info["encoder"]["fingerprint"],
+        "detector": "dlib",
+        "face_policy": "largest",
     }
     assert info["encoder"]["fingerprint"].startswith("dlib-resnet-v1:")
     protection = info["protection"]
@@ -118,8 +132,9 @@ def test_enroll_verify_identify_delete_with_lfw_photos(
     names = sorted(lfw_people)
     # the person whose two photos are closest, and the person farthest from them
     same = min(names, key=lambda n: np.linalg.norm(lfw_people[n][0][1] - lfw_people[n][1][1]))
-    other = max((n for n in names if n != same),
-                key=lambda n: np.linalg.norm(lfw_people[n][1][1] - lfw_people[same][0][1]))
+    other = max(
+        (n for n in names if n != same), key=lambda n: np.linalg.norm(lfw_people[n][1][1] - lfw_people[same][0][1])
+    )
     assert np.linalg.norm(lfw_people[same][0][1] - lfw_people[same][1][1]) < 0.5  # a clear genuine pair
     assert np.linalg.norm(lfw_people[other][1][1] - lfw_people[same][0][1]) > 0.7  # a clear impostor
 

@@ -43,8 +43,9 @@ def test_missing_or_unknown_token_is_unauthenticated(auth_server: ServerThread) 
         from advface.api.v1 import advface_pb2_grpc as pb_grpc
 
         with pytest.raises(grpc.RpcError) as err:
-            pb_grpc.AdvFaceStub(channel).Info(pb.InfoRequest(tenant="acme"), metadata=(("authorization", ACME),),
-                                               timeout=30)
+            pb_grpc.AdvFaceStub(channel).Info(
+                pb.InfoRequest(tenant="acme"), metadata=(("authorization", ACME),), timeout=30
+            )
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
@@ -96,14 +97,55 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if shutil.which("openssl") is None:
         pytest.skip("openssl not found")
     d = tmp_path_factory.mktemp("pki")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-             "-subj", "/CN=advface test CA", cwd=d)
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=advface test CA",
+        cwd=d,
+    )
     (d / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
     for name in ("server", "client"):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                 "-subj", f"/CN={name}", cwd=d)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                 "-out", f"{name}.pem", "-days", "2", "-extfile", "san.ext", cwd=d)
+        _openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN={name}",
+            cwd=d,
+        )
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+            cwd=d,
+        )
     return d
 
 
@@ -117,8 +159,9 @@ def test_tls_and_mutual_tls(tmp_path: Path, pki: Path, start_server) -> None:
         assert _code_of(lambda: plain.info()) == grpc.StatusCode.UNAVAILABLE
 
     srv = start_server(make_config(tmp_path / "mtls", tls={**tls, "client_ca_file": str(pki / "ca.pem")}))
-    with srv.client(tls={"ca_file": pki / "ca.pem", "cert_file": pki / "client.pem",
-                         "key_file": pki / "client.key"}, timeout=20) as c:
+    with srv.client(
+        tls={"ca_file": pki / "ca.pem", "cert_file": pki / "client.pem", "key_file": pki / "client.key"}, timeout=20
+    ) as c:
         assert c.info()["encoder"]["dim"] == 128
     with AdvFaceClient(srv.address, tls=TlsOptions(ca_file=pki / "ca.pem"), timeout=20) as no_cert:
         assert _code_of(lambda: no_cert.info()) == grpc.StatusCode.UNAVAILABLE

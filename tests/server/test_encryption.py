@@ -45,10 +45,12 @@ def test_sidecar_end_to_end_with_encryption(tmp_path: Path, start_server) -> Non
     with pytest.raises(ConfigError, match="wrong key"):
         start_server(make_config(tmp_path / "srv", encryption={"key_file": str(tmp_path / "other.key")}))
     # the new key with the old one as previous: starts, reads everything, writes under the new key
-    server = start_server(make_config(
-        tmp_path / "srv",
-        encryption={"key_file": str(tmp_path / "other.key"), "previous_key_files": [str(tmp_path / "k.key")]},
-    ))
+    server = start_server(
+        make_config(
+            tmp_path / "srv",
+            encryption={"key_file": str(tmp_path / "other.key"), "previous_key_files": [str(tmp_path / "k.key")]},
+        )
+    )
     with server.client() as client:
         assert client.verify("p1", embedding=raws[1], tenant="enc").match
     server.stop()

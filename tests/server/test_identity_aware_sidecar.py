@@ -26,9 +26,16 @@ def shadows(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory, shadows: list[Path]) -> ServerThread:
-    config = make_config(tmp_path_factory.mktemp("server"), protection={
-        "method": "advface-id", "shadows": [str(p) for p in shadows], "steps": 1, "rel_l2": BUDGET, "seed": 3,
-    })
+    config = make_config(
+        tmp_path_factory.mktemp("server"),
+        protection={
+            "method": "advface-id",
+            "shadows": [str(p) for p in shadows],
+            "steps": 1,
+            "rel_l2": BUDGET,
+            "seed": 3,
+        },
+    )
     server = ServerThread(config)
     yield server
     server.stop()
@@ -47,8 +54,9 @@ def test_enroll_protects_within_budget_and_verify_matches(srv: ServerThread, sha
         assert not client.verify("alice", embedding=random_embedding(12), tenant="t").match
         # the stored template is identity-aware AdvFace of the raw one (same spec, computed here), and Protect
         # gives the same bytes: deterministic per template, whatever the batch
-        spec = ProtectionSpec("advface-id", tuple(map(str, shadows)), IdentityAwareConfig(steps=1, rel_l2=BUDGET,
-                                                                                          seed=3), "dlib-torch")
+        spec = ProtectionSpec(
+            "advface-id", tuple(map(str, shadows)), IdentityAwareConfig(steps=1, rel_l2=BUDGET, seed=3), "dlib-torch"
+        )
         expected = load_protector(spec, encoder=srv.servicer.service.encoder).protect(raw[None])
         np.testing.assert_array_equal(stored, expected)
         batch = client.protect(np.stack([random_embedding(5), raw]))
@@ -69,8 +77,13 @@ def test_info_reports_the_method_and_an_uncalibrated_threshold(srv: ServerThread
 
 
 def test_configured_threshold_wins(tmp_path: Path, shadows: list[Path], start_server) -> None:  # noqa: ANN001
-    server = start_server(make_config(tmp_path, protection={"method": "advface-id", "shadows": [str(shadows[0])],
-                                                            "steps": 0}, matching={"threshold": -0.55}))
+    server = start_server(
+        make_config(
+            tmp_path,
+            protection={"method": "advface-id", "shadows": [str(shadows[0])], "steps": 0},
+            matching={"threshold": -0.55},
+        )
+    )
     with server.client() as client:
         info = client.info()
     assert info["threshold"]["source"] == "config" and info["threshold"]["value"] == pytest.approx(-0.55)
@@ -84,7 +97,9 @@ def test_shadow_for_another_dimension_fails_at_start(tmp_path: Path) -> None:
 
 
 def test_keyed_transform_threshold_is_not_plain_advface_calibration(
-    tmp_path: Path, shadows: list[Path], start_server  # noqa: ANN001
+    tmp_path: Path,
+    shadows: list[Path],
+    start_server,  # noqa: ANN001
 ) -> None:
     """advface-id + norm-equalising keyed transform: not the AdvFace-calibrated keyed threshold, and says so."""
     from advface.crypto import generate_key, write_key_file
@@ -92,10 +107,13 @@ def test_keyed_transform_threshold_is_not_plain_advface_calibration(
 
     secret = tmp_path / "transform.key"
     write_key_file(secret, generate_key())
-    server = start_server(make_config(
-        tmp_path / "srv", protection={"method": "advface-id", "shadows": [str(shadows[0])], "steps": 0},
-        keyed_transform={"enabled": True, "secret_file": str(secret)},
-    ))
+    server = start_server(
+        make_config(
+            tmp_path / "srv",
+            protection={"method": "advface-id", "shadows": [str(shadows[0])], "steps": 0},
+            keyed_transform={"enabled": True, "secret_file": str(secret)},
+        )
+    )
     with server.client() as client:
         threshold = client.info()["threshold"]
     assert threshold["source"] == "uncalibrated" and "advface-id" in threshold["description"]

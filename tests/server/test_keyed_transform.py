@@ -46,8 +46,9 @@ def _decisions(server: ServerThread, enrolled: np.ndarray, probes: np.ndarray, t
             for j in (i, (i + 1) % len(probes)):
                 r = client.verify(f"p{j}", embedding=probe, tenant=tenant)
                 out["verify"].append((r.match, r.score))
-            out["identify"].append([(m.subject_id, m.score, m.match)
-                                    for m in client.identify(embedding=probe, top_k=3, tenant=tenant)])
+            out["identify"].append(
+                [(m.subject_id, m.score, m.match) for m in client.identify(embedding=probe, top_k=3, tenant=tenant)]
+            )
     return out
 
 
@@ -56,13 +57,18 @@ def _ranked(run: dict) -> list:
 
 
 def test_same_decisions_with_and_without_the_transform(
-    tmp_path: Path, start_server, secret_file: Path  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+    start_server,
+    secret_file: Path,  # type: ignore[no-untyped-def]
 ) -> None:
     enrolled, probes = dlib_like_people()
     runs = {}
     for name, section in (("off", None), ("rotation", {"norm": None}), ("auto", {})):
-        extra = {} if section is None else {"keyed_transform": {"enabled": True, "secret_file": str(secret_file),
-                                                                **section}}
+        extra = (
+            {}
+            if section is None
+            else {"keyed_transform": {"enabled": True, "secret_file": str(secret_file), **section}}
+        )
         server = start_server(make_config(tmp_path / name, **extra))
         runs[name] = _decisions(server, enrolled, probes)
         runs[name]["threshold"] = server.servicer.service.threshold.value
@@ -84,11 +90,14 @@ def test_same_decisions_with_and_without_the_transform(
 
 
 def test_stored_templates_are_tenant_transformed(
-    tmp_path: Path, start_server, secret_file: Path  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+    start_server,
+    secret_file: Path,  # type: ignore[no-untyped-def]
 ) -> None:
     enrolled, probes = dlib_like_people(1)
-    server: ServerThread = start_server(make_config(
-        tmp_path, keyed_transform={"enabled": True, "secret_file": str(secret_file), "version": 2}))
+    server: ServerThread = start_server(
+        make_config(tmp_path, keyed_transform={"enabled": True, "secret_file": str(secret_file), "version": 2})
+    )
     service = server.servicer.service
     z = enrolled[:1]
     with server.client() as client:
@@ -132,13 +141,16 @@ def test_info_when_off(server: ServerThread, client) -> None:  # type: ignore[no
 
 
 def test_misconfiguration_stops_the_sidecar(
-    tmp_path: Path, start_server, secret_file: Path  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+    start_server,
+    secret_file: Path,  # type: ignore[no-untyped-def]
 ) -> None:
     with pytest.raises(ConfigError, match="no secret is configured"):
         make_config(tmp_path / "a", keyed_transform={"enabled": True})
     with pytest.raises(ConfigError, match="environment variable ADVFACE_NO_SUCH_SECRET"):
-        start_server(make_config(tmp_path / "b", keyed_transform={"enabled": True,
-                                                                  "secret_env": "ADVFACE_NO_SUCH_SECRET"}))
+        start_server(
+            make_config(tmp_path / "b", keyed_transform={"enabled": True, "secret_env": "ADVFACE_NO_SUCH_SECRET"})
+        )
     loose = tmp_path / "loose.key"
     loose.write_bytes(Path(secret_file).read_bytes())
     loose.chmod(0o644)
@@ -146,18 +158,25 @@ def test_misconfiguration_stops_the_sidecar(
         start_server(make_config(tmp_path / "c", keyed_transform={"enabled": True, "secret_file": str(loose)}))
     # a norm no threshold was measured for: refused unless the operator sets the threshold
     with pytest.raises(ConfigError, match="set matching.threshold"):
-        start_server(make_config(tmp_path / "d", keyed_transform={"enabled": True, "secret_file": str(secret_file),
-                                                                  "norm": 3.0}))
-    server = start_server(make_config(tmp_path / "e", keyed_transform={"enabled": True, "norm": 3.0,
-                                                                       "secret_file": str(secret_file)},
-                                      matching={"threshold": -1.2}))
+        start_server(
+            make_config(tmp_path / "d", keyed_transform={"enabled": True, "secret_file": str(secret_file), "norm": 3.0})
+        )
+    server = start_server(
+        make_config(
+            tmp_path / "e",
+            keyed_transform={"enabled": True, "norm": 3.0, "secret_file": str(secret_file)},
+            matching={"threshold": -1.2},
+        )
+    )
     with server.client() as client:
         info = client.info()
     assert info["threshold"]["source"] == "config" and info["protection"]["keyed_transform"]["norm"] == 3.0
 
 
 def test_store_remembers_what_its_templates_were_issued_under(
-    tmp_path: Path, start_server, secret_file: Path  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+    start_server,
+    secret_file: Path,  # type: ignore[no-untyped-def]
 ) -> None:
     other = tmp_path / "other.key"
     write_key_file(other, generate_key())
@@ -175,8 +194,11 @@ def test_store_remembers_what_its_templates_were_issued_under(
     with server.client() as client:
         client.enroll("p0", embedding=enrolled[0])
     server.stop()
-    for changed, match in (({"secret_file": str(other)}, "check id"), ({"version": 2}, "version 2"),
-                           ({"norm": None, "enabled": True}, "norm off")):
+    for changed, match in (
+        ({"secret_file": str(other)}, "check id"),
+        ({"version": 2}, "version 2"),
+        ({"norm": None, "enabled": True}, "norm off"),
+    ):
         with pytest.raises(ConfigError, match=match):
             start_server(make_config(tmp_path / "keyed", keyed_transform={**on, **changed}))
     with pytest.raises(ConfigError, match="asks for templates without the keyed transform"):
@@ -187,7 +209,10 @@ def test_store_remembers_what_its_templates_were_issued_under(
 
 
 def test_rotate_transform_cli_reissues_a_sidecar_store(
-    tmp_path: Path, start_server, secret_file: Path, capsys: pytest.CaptureFixture[str]  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+    start_server,
+    secret_file: Path,
+    capsys: pytest.CaptureFixture[str],  # type: ignore[no-untyped-def]
 ) -> None:
     from advface.cli.main import main
 

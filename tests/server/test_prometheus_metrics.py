@@ -73,8 +73,11 @@ def test_metrics_move_with_rpcs(tmp_path: Path, start_server) -> None:  # noqa: 
     assert value(after, "advface_rpc_duration_seconds_count", method="Enroll") == 4
     assert value(after, "advface_rpc_duration_seconds_bucket", method="Enroll", le="+Inf") == 4
     assert value(after, "advface_rpc_duration_seconds_sum", method="Enroll") > 0
-    edges = sorted(float(dict(k[1])["le"]) for k in after
-                   if k[0] == "advface_rpc_duration_seconds_bucket" and dict(k[1])["method"] == "Enroll")
+    edges = sorted(
+        float(dict(k[1])["le"])
+        for k in after
+        if k[0] == "advface_rpc_duration_seconds_bucket" and dict(k[1])["method"] == "Enroll"
+    )
     assert edges[0] == LATENCY_BUCKETS[0] == 0.001 and edges[-2] == 10.0
     assert value(after, "advface_rpc_in_flight", method="Enroll") == 0
     # store and protection
@@ -116,8 +119,9 @@ def test_metrics_disabled_and_port_in_use(tmp_path: Path, start_server) -> None:
 def test_metrics_config_keys(tmp_path: Path) -> None:
     cfg = load_config(None, env={})
     assert (cfg.metrics.enabled, cfg.metrics.host, cfg.metrics.port) == (True, "127.0.0.1", 9464)
-    cfg = load_config(None, env={"ADVFACE_METRICS_PORT": "0", "ADVFACE_METRICS_ENABLED": "false",
-                                 "ADVFACE_METRICS_HOST": "::1"})
+    cfg = load_config(
+        None, env={"ADVFACE_METRICS_PORT": "0", "ADVFACE_METRICS_ENABLED": "false", "ADVFACE_METRICS_HOST": "::1"}
+    )
     assert (cfg.metrics.enabled, cfg.metrics.host, cfg.metrics.port) == (False, "::1", 0)
     path = tmp_path / "c.yaml"
     for text, message in [

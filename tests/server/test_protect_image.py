@@ -35,7 +35,8 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(folder: Path) -> Iterator[ServerThread]:
     config = make_config(
-        folder, auth={"enabled": True, "tokens": TOKENS},
+        folder,
+        auth={"enabled": True, "tokens": TOKENS},
         image_protection={"enabled": True, "steps": 20, "max_steps": 50, "max_pixels": MAX_PIXELS},
     )
     srv = ServerThread(config)
@@ -69,8 +70,7 @@ def _png(image: Image.Image) -> bytes:
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     return {
-        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
-        for p in folder.rglob("*") if p.is_file()
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()
     }
 
 
@@ -104,8 +104,15 @@ def test_protects_a_real_photo(server: ServerThread, client: AdvFaceClient, phot
     access = [r for r in records.records if getattr(r, "fields", {}).get("rpc") == "ProtectImage"]
     assert len(access) == 1 and access[0].fields["code"] == "OK"
     for record in records.records:  # log lines name the call, never its data
-        assert set(getattr(record, "fields", {})) <= {"rpc", "code", "latency_ms", "items", "encoders", "notes",
-                                                       "seconds"}, record.fields
+        assert set(getattr(record, "fields", {})) <= {
+            "rpc",
+            "code",
+            "latency_ms",
+            "items",
+            "encoders",
+            "notes",
+            "seconds",
+        }, record.fields
 
     decoded = Image.open(io.BytesIO(png))
     assert decoded.format == "PNG"
@@ -162,8 +169,15 @@ def test_bad_inputs(client: AdvFaceClient, photo: bytes) -> None:
     gif = io.BytesIO()
     frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:])
     assert _code(lambda: client.protect_image(gif.getvalue())) == invalid  # animated
-    for options in ({"epsilon": 0.0}, {"epsilon": 0.5}, {"epsilon": float("nan")}, {"epsilon": 0.5 / 255},
-                    {"steps": 0}, {"steps": 51}, {"target_similarity": 1.5}):
+    for options in (
+        {"epsilon": 0.0},
+        {"epsilon": 0.5},
+        {"epsilon": float("nan")},
+        {"epsilon": 0.5 / 255},
+        {"steps": 0},
+        {"steps": 51},
+        {"target_similarity": 1.5},
+    ):
         with pytest.raises(AdvFaceRpcError) as err:
             client.protect_image(photo, **options)
         assert err.value.code() == invalid, options

@@ -19,7 +19,11 @@ def test_slots_and_threads_from_config(tmp_path: Path, start_server) -> None:  #
         assert server.servicer.service.batcher.slots == 1
         # torch's thread count is per thread, taken from the global setting when a thread first uses torch:
         # what the protection workers see
-        assert server.servicer.service.protection_threads == 2 == server.servicer.service.pool.submit(torch.get_num_threads).result()
+        assert (
+            server.servicer.service.protection_threads
+            == 2
+            == server.servicer.service.pool.submit(torch.get_num_threads).result()
+        )
         # auto: slots = min(workers, cores), threads = cores // slots (at least 1, at most the current setting)
         torch.set_num_threads(1)
         server = start_server(make_config(tmp_path / "b", server={"workers": 1}))

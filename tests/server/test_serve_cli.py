@@ -21,18 +21,35 @@ from advface.client import AdvFaceClient, AdvFaceRpcError
 from advface.testing.serve import wait_ready
 
 
-
 class ServeProcess:
     def __init__(self, data_dir: Path, log_path: Path) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("ADVFACE_") or k.endswith("_DIR")}
-        env.update(ADVFACE_ENCODER_NAME="dlib-torch", ADVFACE_PROTECTION_STEPS="2", OMP_NUM_THREADS="1",
-                   ADVFACE_SERVER_GRACE_SECONDS="2", ADVFACE_METRICS_PORT="0")
+        env.update(
+            ADVFACE_ENCODER_NAME="dlib-torch",
+            ADVFACE_PROTECTION_STEPS="2",
+            OMP_NUM_THREADS="1",
+            ADVFACE_SERVER_GRACE_SECONDS="2",
+            ADVFACE_METRICS_PORT="0",
+        )
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "advface.cli.main", "serve", "--host", "127.0.0.1", "--port", "0",
-             "--data-dir", str(data_dir)],
-            stdout=subprocess.PIPE, stderr=self._log, env=env, text=True,
+            [
+                sys.executable,
+                "-m",
+                "advface.cli.main",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--data-dir",
+                str(data_dir),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            env=env,
+            text=True,
         )
         self.address = self._wait_ready()
 
@@ -115,8 +132,7 @@ def test_serve_crash_restart_and_graceful_stop(tmp_path: Path) -> None:
     records = [json.loads(line) for line in lines if line.startswith("{")]
     rpcs = [r for r in records if r.get("msg") == "rpc"]
     assert {"Enroll", "Identify", "ListSubjects", "Info"} <= {r["rpc"] for r in rpcs}
-    assert all(set(r) <= {"ts", "level", "logger", "msg", "rpc", "code", "latency_ms", "tenant", "items"}
-               for r in rpcs)
+    assert all(set(r) <= {"ts", "level", "logger", "msg", "rpc", "code", "latency_ms", "tenant", "items"} for r in rpcs)
     assert any(r.get("msg") == "stopped" for r in records)
     text = log_path.read_text()
     assert "w0-0" not in text  # no subject ids ...

@@ -52,7 +52,10 @@ def test_max_rows_and_errors_reach_every_request_of_the_call() -> None:
             good = np.ones((2, 3), np.float32)
             bad = -np.ones((1, 3), np.float32)
             results = await asyncio.gather(
-                batcher.protect(good), batcher.protect(good), batcher.protect(bad), batcher.protect(good),
+                batcher.protect(good),
+                batcher.protect(good),
+                batcher.protect(bad),
+                batcher.protect(good),
                 return_exceptions=True,
             )
             assert isinstance(results[0], np.ndarray)

@@ -23,8 +23,9 @@ def test_cipher_from_the_encryption_section(tmp_path: Path) -> None:
     crypto.write_key_file(tmp_path / "new", new)
     crypto.write_key_file(tmp_path / "old", old)
     assert cipher_from_config(EncryptionConfig()) is None
-    cipher = cipher_from_config(EncryptionConfig(key_file=str(tmp_path / "new"),
-                                                 previous_key_files=(str(tmp_path / "old"),)))
+    cipher = cipher_from_config(
+        EncryptionConfig(key_file=str(tmp_path / "new"), previous_key_files=(str(tmp_path / "old"),))
+    )
     assert cipher is not None and cipher.key_id == crypto.key_fingerprint(new)
     assert crypto.key_fingerprint(old) in cipher.key_ids
     env = {"MY_KEY": base64.b64encode(new).decode()}
@@ -37,8 +38,10 @@ def test_secret_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     key = generate_key()
     write_key_file(tmp_path / "t.key", key)
     assert load_transform_secret(KeyedTransformConfig(secret_file=str(tmp_path / "t.key"))) == key
-    assert load_transform_secret(KeyedTransformConfig(secret_env="MY_T"),
-                                 env={"MY_T": base64.b64encode(key).decode()}) == key
+    assert (
+        load_transform_secret(KeyedTransformConfig(secret_env="MY_T"), env={"MY_T": base64.b64encode(key).decode()})
+        == key
+    )
     hook = types.ModuleType("_advface_test_transform_hook")
     hook.secret = lambda: key  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, hook.__name__, hook)
@@ -53,8 +56,12 @@ def test_secret_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     (tmp_path / "open.key").chmod(0o644)
     with pytest.raises(ConfigError, match="accessible by group or others"):
         load_transform_secret(KeyedTransformConfig(secret_file=str(tmp_path / "open.key")))
-    assert load_transform_secret(KeyedTransformConfig(secret_file=str(tmp_path / "open.key"),
-                                                      allow_insecure_secret_file=True)) == key
+    assert (
+        load_transform_secret(
+            KeyedTransformConfig(secret_file=str(tmp_path / "open.key"), allow_insecure_secret_file=True)
+        )
+        == key
+    )
 
 
 def test_transforms_from_the_keyed_transform_section(tmp_path: Path) -> None:
@@ -68,9 +75,13 @@ def test_transforms_from_the_keyed_transform_section(tmp_path: Path) -> None:
     assert transforms_from_config(load_config(None, env={}).keyed_transform, 128, "dlib") is None
     assert load_config(None, env={}).keyed_transform.enabled is False
     # environment overrides (section name with an underscore)
-    env = {"ADVFACE_KEYED_TRANSFORM_ENABLED": "yes", "ADVFACE_KEYED_TRANSFORM_SECRET_ENV": "ADVFACE_TRANSFORM_SECRET",
-           "ADVFACE_KEYED_TRANSFORM_NORM": "null", "ADVFACE_KEYED_TRANSFORM_VERSION": "7",
-           "ADVFACE_TRANSFORM_SECRET": base64.b64encode(generate_key()).decode()}
+    env = {
+        "ADVFACE_KEYED_TRANSFORM_ENABLED": "yes",
+        "ADVFACE_KEYED_TRANSFORM_SECRET_ENV": "ADVFACE_TRANSFORM_SECRET",
+        "ADVFACE_KEYED_TRANSFORM_NORM": "null",
+        "ADVFACE_KEYED_TRANSFORM_VERSION": "7",
+        "ADVFACE_TRANSFORM_SECRET": base64.b64encode(generate_key()).decode(),
+    }
     kt = load_config(None, env=env).keyed_transform
     assert (kt.enabled, kt.secret_env, kt.norm, kt.version) == (True, "ADVFACE_TRANSFORM_SECRET", None, 7)
     assert transforms_from_config(kt, 128, "dlib", env=env).norm is None  # type: ignore[union-attr]

@@ -18,8 +18,9 @@ DIM = 16
 
 @pytest.fixture(scope="module")
 def shadows(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    return tiny_shadow_files(tmp_path_factory.mktemp("shadows"), DIM, ("deconv", "resup"), encoder="tiny",
-                             encoder_fingerprint="tiny-fp")
+    return tiny_shadow_files(
+        tmp_path_factory.mktemp("shadows"), DIM, ("deconv", "resup"), encoder="tiny", encoder_fingerprint="tiny-fp"
+    )
 
 
 def test_spec_from_the_protection_section(shadows: list[Path]) -> None:
@@ -29,8 +30,9 @@ def test_spec_from_the_protection_section(shadows: list[Path]) -> None:
     assert isinstance(plain.config, AdvFaceConfig)
     assert (plain.config.steps, plain.config.rel_l2, plain.config.seed) == (2, 0.2, 0)
     assert plain.encoder == "tiny"
-    ident = protection_spec(ProtectionConfig(method="advface-id", shadows=tuple(str(p) for p in shadows),
-                                             jitter=False, seed=3), "tiny")
+    ident = protection_spec(
+        ProtectionConfig(method="advface-id", shadows=tuple(str(p) for p in shadows), jitter=False, seed=3), "tiny"
+    )
     assert ident is not None and isinstance(ident.config, IdentityAwareConfig)
     assert (ident.config.jitter, ident.config.steps, ident.config.seed) == (False, ProtectionConfig.steps, 3)
     assert ident.shadows == tuple(str(p) for p in shadows)
@@ -55,7 +57,8 @@ def test_spec_from_the_protection_section(shadows: list[Path]) -> None:
         (1, 3, 4, 8, 2, Parallelism(1, 3)),  # explicit settings win
     ],
 )
-def test_parallelism(slots: int, threads: int, workers: int, torch_threads: int, cores: int,
-                     expected: Parallelism) -> None:
+def test_parallelism(
+    slots: int, threads: int, workers: int, torch_threads: int, cores: int, expected: Parallelism
+) -> None:
     section = ProtectionConfig(slots=slots, threads=threads)
     assert protection_parallelism(section, workers, torch_threads, cores) == expected

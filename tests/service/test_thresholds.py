@@ -38,15 +38,17 @@ def test_keyed_threshold() -> None:
 
 def test_order_of_sources() -> None:
     dlib = _encoder()
-    assert resolve_threshold(-0.5, dlib, "advface") == Threshold(-0.5, "config",
-                                                                 "matching.threshold from the server configuration")
+    assert resolve_threshold(-0.5, dlib, "advface") == Threshold(
+        -0.5, "config", "matching.threshold from the server configuration"
+    )
     with pytest.raises(ConfigError, match="finite"):
         resolve_threshold(float("nan"), dlib, "advface")
     plain = resolve_threshold(None, dlib, "advface")
     assert (plain.value, plain.source) == (CALIBRATED_THRESHOLDS["dlib"], "calibrated")
     assert "advface_lfw_steps3.json" in plain.description
     assert resolve_threshold(None, dlib, "none") == Threshold(
-        -0.6, "encoder-default", "the published threshold of encoder dlib for raw embeddings")
+        -0.6, "encoder-default", "the published threshold of encoder dlib for raw embeddings"
+    )
     ident = resolve_threshold(None, dlib, "advface-id")
     assert (ident.value, ident.source) == (-0.6, "uncalibrated") and "set matching.threshold" in ident.description
     other = resolve_threshold(None, _encoder("onnx-x", 0.3), "advface")

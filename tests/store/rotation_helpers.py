@@ -65,9 +65,21 @@ def check_rotation_survives_kill_9(
         vectors = fill(s, 95)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-c", _KILLER, store_cls.__module__, store_cls.__name__, str(target), str(old_file),
-         str(new_file), "45"],
-        env=env, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-c",
+            _KILLER,
+            store_cls.__module__,
+            store_cls.__name__,
+            str(target),
+            str(old_file),
+            str(new_file),
+            "45",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == -9, proc.stderr
     keys = key_ids()

@@ -297,8 +297,11 @@ def bad_calls(dim: int) -> list[tuple[str, Callable[[Store], object], type[Advfa
         ("non-str metadata value", lambda s: s.add("t", "x", good, {"k": 1}), ValidationError),
         ("metadata not a mapping", lambda s: s.add("t", "x", good, [("k", "v")]), ValidationError),
         ("replace not bool", lambda s: s.add("t", "x", good, replace="yes"), ValidationError),
-        ("merged metadata too large", lambda s: s.add("t", "full", good, {f"n{i}": "v" for i in range(3)}),
-         ValidationError),
+        (
+            "merged metadata too large",
+            lambda s: s.add("t", "full", good, {f"n{i}": "v" for i in range(3)}),
+            ValidationError,
+        ),
         ("unknown subject", lambda s: s.delete_subject("t", "nobody"), NotFoundError),
         ("unknown subject in get", lambda s: s.get_subject("t", "nobody"), NotFoundError),
         ("unknown template", lambda s: s.delete_template("t", "0" * 32), NotFoundError),

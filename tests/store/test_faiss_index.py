@@ -36,8 +36,9 @@ def metric(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
-def filled(metric: str, rows: list[tuple[str, np.ndarray]], options: IndexOptions | None = None,
-           first_rowid: int = 1) -> tuple[TenantIndex, list[tuple[int, str, str, np.ndarray]]]:
+def filled(
+    metric: str, rows: list[tuple[str, np.ndarray]], options: IndexOptions | None = None, first_rowid: int = 1
+) -> tuple[TenantIndex, list[tuple[int, str, str, np.ndarray]]]:
     """A TenantIndex holding ``(subject id, vectors)`` rows; returns it and ``(row id, subject, template, vector)``
     of every template, row ids counting from ``first_rowid``."""
     templates = []
@@ -55,8 +56,9 @@ def filled(metric: str, rows: list[tuple[str, np.ndarray]], options: IndexOption
     return index, templates
 
 
-def brute_force(templates: list[tuple[int, str, str, np.ndarray]], probe: np.ndarray, metric: str,
-                k: int) -> list[tuple[str, str, float]]:
+def brute_force(
+    templates: list[tuple[int, str, str, np.ndarray]], probe: np.ndarray, metric: str, k: int
+) -> list[tuple[str, str, float]]:
     """(subject, best template, score) of the k best subjects, by pair_scores over every template."""
     vectors = np.stack([t[3] for t in templates])
     scores = pair_scores(np.repeat(probe[None], len(templates), 0), vectors, metric)

@@ -267,8 +267,12 @@ def _all_cells(dsn: str) -> bytes:
                 cur.execute(f"SELECT * FROM {table}")
                 for row in cur:
                     out += b"".join(
-                        v if isinstance(v, bytes) else np.asarray(v, ">f4").tobytes() if isinstance(v, np.ndarray)
-                        else str(v).encode() for v in row
+                        v
+                        if isinstance(v, bytes)
+                        else np.asarray(v, ">f4").tobytes()
+                        if isinstance(v, np.ndarray)
+                        else str(v).encode()
+                        for v in row
                     )
     return out
 
@@ -315,7 +319,9 @@ def test_encrypted_mode_stores_no_vector_bytes(postgres_dsn: str, metric: str) -
 
 
 def test_encrypted_mode_matches_plaintext_and_refreshes(
-    postgres_dsn: str, postgres_server, metric: str  # noqa: ANN001
+    postgres_dsn: str,
+    postgres_server,
+    metric: str,  # noqa: ANN001
 ) -> None:
     """Encrypted search equals plaintext search; a second store object (another replica) sees the first one's
     writes and deletions at its next search."""

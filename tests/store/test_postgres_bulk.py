@@ -27,8 +27,10 @@ def _hnsw_exists(dsn: str) -> bool:
 @pytest.mark.parametrize("rebuild", [None, True, False])
 def test_bulk_add_equals_add_many(postgres_dsn: str, rebuild: bool | None) -> None:
     first, second = _items(300, 1), _items(40, 2)
-    with PostgresStore(postgres_dsn, DIM, "cosine", exact_max=0, table_prefix="bulk") as bulk, \
-            PostgresStore(postgres_dsn, DIM, "cosine", exact_max=0, table_prefix="plain") as plain:
+    with (
+        PostgresStore(postgres_dsn, DIM, "cosine", exact_max=0, table_prefix="bulk") as bulk,
+        PostgresStore(postgres_dsn, DIM, "cosine", exact_max=0, table_prefix="plain") as plain,
+    ):
         ids = bulk.bulk_add("t", first, rebuild_index=rebuild)
         assert [len(i) for i in ids] == [2] * 300 and len({t for i in ids for t in i}) == 600
         bulk.bulk_add("t", second, rebuild_index=rebuild)  # appends, merging metadata of a known subject too

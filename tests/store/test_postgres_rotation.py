@@ -103,8 +103,10 @@ def test_replica_during_rotation_and_interrupted_reissue(postgres_dsn: str) -> N
     with PostgresStore(postgres_dsn, DIM, "cosine", cipher=old) as s:
         vectors = fill(s, 30)
     ring = new.with_previous(old)
-    with PostgresStore(postgres_dsn, DIM, "cosine", cipher=ring) as admin, \
-            PostgresStore(postgres_dsn, DIM, "cosine", cipher=ring) as replica:
+    with (
+        PostgresStore(postgres_dsn, DIM, "cosine", cipher=ring) as admin,
+        PostgresStore(postgres_dsn, DIM, "cosine", cipher=ring) as replica,
+    ):
         before = [replica.search("t", v, 3) for v in vectors.values()]
         assert admin.rotate(new, batch_size=8) == 30
         assert [replica.search("t", v, 3) for v in vectors.values()] == before
@@ -132,8 +134,9 @@ def test_replica_during_rotation_and_interrupted_reissue(postgres_dsn: str) -> N
         # the replica refreshes its index: probes through the new transform find the same subjects, same scores
         after = [replica.search("t", v @ q, 3) for v in vectors.values()]
         assert [[m.subject_id for m in r] for r in after] == [[m.subject_id for m in r] for r in before]
-        np.testing.assert_allclose([[m.score for m in r] for r in after], [[m.score for m in r] for r in before],
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            [[m.score for m in r] for r in after], [[m.score for m in r] for r in before], atol=1e-5
+        )
 
 
 def test_transform_vectors_plaintext_mode(postgres_dsn: str) -> None:
@@ -176,10 +179,23 @@ def test_cli_rotate_key_postgresql(postgres_dsn: str, tmp_path: Path, capsys: py
     assert "encrypted 30 templates" in out and "password" not in out
     assert main(["rotate-key", "--dsn", postgres_dsn, "--new-key-file", str(tmp_path / "b.key")]) == 2  # no old key
     assert "wrong key" in capsys.readouterr().err
-    assert main([
-        "rotate-key", "--dsn", postgres_dsn, "--old-key-file", str(tmp_path / "a.key"),
-        "--new-key-file", str(tmp_path / "b.key"), "--batch-size", "4", "-q",
-    ]) == 0
+    assert (
+        main(
+            [
+                "rotate-key",
+                "--dsn",
+                postgres_dsn,
+                "--old-key-file",
+                str(tmp_path / "a.key"),
+                "--new-key-file",
+                str(tmp_path / "b.key"),
+                "--batch-size",
+                "4",
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert "re-encrypted 30 templates" in capsys.readouterr().out
     b = TemplateCipher(load_key_file(tmp_path / "b.key"))
     assert set(_row_keys(postgres_dsn)) == {b.key_id}
@@ -187,8 +203,7 @@ def test_cli_rotate_key_postgresql(postgres_dsn: str, tmp_path: Path, capsys: py
         np.testing.assert_array_equal(s.subject_vectors("t", "s3")[0], vectors["s3"])
 
 
-def test_cli_rotate_transform_postgresql(postgres_dsn: str, tmp_path: Path,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_rotate_transform_postgresql(postgres_dsn: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Templates issued under keyed transform v1 (marker in the database), re-issued under v2 by the command:
     search results for probes through the new transform are those of the old probes through the old one."""
     from advface.cli.main import main
@@ -208,7 +223,10 @@ def test_cli_rotate_transform_postgresql(postgres_dsn: str, tmp_path: Path,
         before = {t: [s.search(t, old.apply(t, p[None])[0], 5) for p in probes] for t in ("a", "b")}
         with pytest.raises(ConfigError, match="was not issued under the given old transform"):
             rotate_store(s, None, new, TenantTransforms(secret, DIM, version=3, norm=1.4))
-    config = _config(tmp_path, postgres_dsn, textwrap.dedent(f"""\
+    config = _config(
+        tmp_path,
+        postgres_dsn,
+        textwrap.dedent(f"""\
         encryption:
           key_file: {str(enc_file)!r}
         keyed_transform:
@@ -216,7 +234,8 @@ def test_cli_rotate_transform_postgresql(postgres_dsn: str, tmp_path: Path,
           secret_file: {str(secret_file)!r}
           version: 1
           norm: 1.4
-        """))
+        """),
+    )
     assert main(["rotate-transform", "--config", str(config), "--new-version", "2", "--batch-size", "5", "-q"]) == 0
     assert "re-issued 48 templates" in capsys.readouterr().out
     with PostgresStore(postgres_dsn, DIM, "euclidean", cipher=cipher) as s:
@@ -227,8 +246,9 @@ def test_cli_rotate_transform_postgresql(postgres_dsn: str, tmp_path: Path,
         for t in ("a", "b"):
             after = [s.search(t, new.apply(t, p[None])[0], 5) for p in probes]
             assert [[m.subject_id for m in r] for r in after] == [[m.subject_id for m in r] for r in before[t]]
-            np.testing.assert_allclose([[m.score for m in r] for r in after],
-                                       [[m.score for m in r] for r in before[t]], atol=1e-4)
+            np.testing.assert_allclose(
+                [[m.score for m in r] for r in after], [[m.score for m in r] for r in before[t]], atol=1e-4
+            )
     # done: the store's marker now says version 2, so a rerun has nothing to do (and changes nothing)
     assert main(["rotate-transform", "--config", str(config), "--new-version", "2", "-q"]) == 2
     assert "nothing to do" in capsys.readouterr().err

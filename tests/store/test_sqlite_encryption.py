@@ -149,10 +149,23 @@ def test_cli_keygen_and_rotate_key(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "encrypted 30 templates" in capsys.readouterr().out
     assert main(["rotate-key", "--db", str(db), "--new-key-file", str(tmp_path / "b.key")]) == 2  # old key missing
     assert "a.key" not in capsys.readouterr().err
-    assert main([
-        "rotate-key", "--data-dir", str(data), "--old-key-file", str(tmp_path / "a.key"),
-        "--new-key-file", str(tmp_path / "b.key"), "--batch-size", "4", "-q",
-    ]) == 0
+    assert (
+        main(
+            [
+                "rotate-key",
+                "--data-dir",
+                str(data),
+                "--old-key-file",
+                str(tmp_path / "a.key"),
+                "--new-key-file",
+                str(tmp_path / "b.key"),
+                "--batch-size",
+                "4",
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert "re-encrypted 30 templates" in capsys.readouterr().out
     from advface.crypto import load_key_file
 

@@ -133,7 +133,6 @@ def test_database_schema_and_pragmas(store: SQLiteFaissStore) -> None:
     assert store._conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
 
 
-
 # --------------------------------------------------------------------------------------------------- durability
 
 

@@ -38,10 +38,12 @@ def data() -> tuple[np.ndarray, np.ndarray]:
 
 def test_small_tenants_stay_exact(tmp_path: Path, data: tuple[np.ndarray, np.ndarray]) -> None:
     x, probes = data
-    with SQLiteFaissStore(tmp_path / "flat.db", DIM, "euclidean", use_gpu=False,
-                          index=IndexOptions("flat")) as flat, \
-         SQLiteFaissStore(tmp_path / "ivf.db", DIM, "euclidean", use_gpu=False,
-                          index=IndexOptions("ivf", min_rows=10_000)) as ivf:
+    with (
+        SQLiteFaissStore(tmp_path / "flat.db", DIM, "euclidean", use_gpu=False, index=IndexOptions("flat")) as flat,
+        SQLiteFaissStore(
+            tmp_path / "ivf.db", DIM, "euclidean", use_gpu=False, index=IndexOptions("ivf", min_rows=10_000)
+        ) as ivf,
+    ):
         fill(flat, x[:1000])
         fill(ivf, x[:1000])
         assert ivf.index_kind("t") == "flat" and ivf.index_kind("nobody") == "flat"
@@ -49,12 +51,13 @@ def test_small_tenants_stay_exact(tmp_path: Path, data: tuple[np.ndarray, np.nda
 
 
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
-def test_ivf_probing_every_list_equals_exact(tmp_path: Path, data: tuple[np.ndarray, np.ndarray],
-                                             metric: str) -> None:
+def test_ivf_probing_every_list_equals_exact(tmp_path: Path, data: tuple[np.ndarray, np.ndarray], metric: str) -> None:
     x, probes = data
     opts = IndexOptions("ivf", min_rows=500, nlist=16, nprobe=16)
-    with SQLiteFaissStore(tmp_path / "flat.db", DIM, metric, use_gpu=False, index=IndexOptions("flat")) as flat, \
-         SQLiteFaissStore(tmp_path / "ivf.db", DIM, metric, use_gpu=False, index=opts) as ivf:
+    with (
+        SQLiteFaissStore(tmp_path / "flat.db", DIM, metric, use_gpu=False, index=IndexOptions("flat")) as flat,
+        SQLiteFaissStore(tmp_path / "ivf.db", DIM, metric, use_gpu=False, index=opts) as ivf,
+    ):
         fill(flat, x[:2000])
         fill(ivf, x[:2000])
         assert ivf.index_kind("t") == "ivf"
@@ -65,9 +68,12 @@ def test_ivf_probing_every_list_equals_exact(tmp_path: Path, data: tuple[np.ndar
 
 def test_ivf_recall_on_a_larger_set(tmp_path: Path, data: tuple[np.ndarray, np.ndarray]) -> None:
     x, probes = data
-    with SQLiteFaissStore(tmp_path / "flat.db", DIM, "euclidean", use_gpu=False, index=IndexOptions("flat")) as flat, \
-         SQLiteFaissStore(tmp_path / "ivf.db", DIM, "euclidean", use_gpu=False,
-                          index=IndexOptions("ivf", min_rows=1000, nprobe=32)) as ivf:
+    with (
+        SQLiteFaissStore(tmp_path / "flat.db", DIM, "euclidean", use_gpu=False, index=IndexOptions("flat")) as flat,
+        SQLiteFaissStore(
+            tmp_path / "ivf.db", DIM, "euclidean", use_gpu=False, index=IndexOptions("ivf", min_rows=1000, nprobe=32)
+        ) as ivf,
+    ):
         fill(flat, x)
         fill(ivf, x)
         assert ivf.index_kind("t") == "ivf"
@@ -123,7 +129,11 @@ def test_index_options_and_config(tmp_path: Path) -> None:
     assert IndexOptions().nlist_for(1_000_000) == 1000 and IndexOptions(nlist=50).nlist_for(1000) == 25
     cfg = load_config(None, env={})
     assert (cfg.store.index, cfg.store.ivf_min_rows, cfg.store.ivf_nlist, cfg.store.ivf_nprobe) == (
-        "ivf", IndexOptions().min_rows, 0, IndexOptions().nprobe)
+        "ivf",
+        IndexOptions().min_rows,
+        0,
+        IndexOptions().nprobe,
+    )
     cfg = load_config(None, env={"ADVFACE_STORE_INDEX": "flat", "ADVFACE_STORE_IVF_NPROBE": "8"})
     assert cfg.store.index == "flat" and cfg.store.ivf_nprobe == 8
     path = tmp_path / "c.yaml"

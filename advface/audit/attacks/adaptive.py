@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from advface.audit.attacks.decoder import DecoderAttacker, cache_key, parse_attacker, train_or_load, training_digest
-from advface.encoders.base import FaceEncoder
-from advface.inversion.models import InversionDecoder
 from advface.datasets.pairs import FacePairs
 from advface.datasets.splits import IdentitySplit
+from advface.encoders.base import FaceEncoder
+from advface.inversion.models import InversionDecoder
 
 #: Protects an ``N x D`` array of raw templates the way the audited database does.
 ProtectFn = Callable[[np.ndarray], np.ndarray]
@@ -25,8 +25,9 @@ ProtectFn = Callable[[np.ndarray], np.ndarray]
 def protected_pairs(pairs: FacePairs, split: IdentitySplit, protect: ProtectFn) -> FacePairs:
     """The attacker group's pairs with every embedding replaced by its protected template."""
     train = pairs.of_identities(split.attacker)
-    return FacePairs(train.ids, train.identities, protect(train.embeddings).astype(np.float32), train.faces,
-                     train.flipped)
+    return FacePairs(
+        train.ids, train.identities, protect(train.embeddings).astype(np.float32), train.faces, train.flipped
+    )
 
 
 def train_or_load_adaptive(
@@ -52,13 +53,42 @@ def train_or_load_adaptive(
     spec = parse_attacker(arch)
     attacker = DecoderAttacker(f"adaptive-{arch}", spec.arch, spec.id_weight)
     train = pairs.of_identities(split.attacker)
-    key = cache_key(encoder.fingerprint, training_digest(train), attacker, image_size=image_size, epochs=epochs,
-                    seed=seed, batch_size=batch_size, extra=f"adaptive|{protection_key}")
+    key = cache_key(
+        encoder.fingerprint,
+        training_digest(train),
+        attacker,
+        image_size=image_size,
+        epochs=epochs,
+        seed=seed,
+        batch_size=batch_size,
+        extra=f"adaptive|{protection_key}",
+    )
     if (cache_dir / "audit" / "decoders" / f"{key}.pt").is_file():
-        return train_or_load(attacker, pairs, split, encoder, image_size=image_size, epochs=epochs, seed=seed,
-                             cache_dir=cache_dir, extra_key=f"adaptive|{protection_key}", batch_size=batch_size,
-                             progress=progress)
+        return train_or_load(
+            attacker,
+            pairs,
+            split,
+            encoder,
+            image_size=image_size,
+            epochs=epochs,
+            seed=seed,
+            cache_dir=cache_dir,
+            extra_key=f"adaptive|{protection_key}",
+            batch_size=batch_size,
+            progress=progress,
+        )
     protected = protected_pairs(pairs, split, protect)
-    return train_or_load(attacker, protected, split, encoder, image_size=image_size, epochs=epochs, seed=seed,
-                         cache_dir=cache_dir, extra_key=f"adaptive|{protection_key}", batch_size=batch_size,
-                         dataset_name="audit dataset (protected templates)", progress=progress)
+    return train_or_load(
+        attacker,
+        protected,
+        split,
+        encoder,
+        image_size=image_size,
+        epochs=epochs,
+        seed=seed,
+        cache_dir=cache_dir,
+        extra_key=f"adaptive|{protection_key}",
+        batch_size=batch_size,
+        dataset_name="audit dataset (protected templates)",
+        progress=progress,
+    )

@@ -14,14 +14,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from advface.datasets.pairs import FacePairs
+from advface.datasets.splits import IdentitySplit
 from advface.encoders.base import FaceEncoder
 from advface.errors import ConfigError
 from advface.inversion import available_decoders, load_decoder
 from advface.inversion.models import InversionDecoder
-from advface.datasets.pairs import FacePairs
-from advface.inversion.training import train_on_group
-from advface.datasets.splits import IdentitySplit
-from advface.inversion.training import TrainConfig
+from advface.inversion.training import TrainConfig, train_on_group
 
 
 @dataclass(frozen=True)
@@ -42,8 +41,10 @@ def parse_attacker(spec: str) -> DecoderAttacker:
     """``"deconv"`` (pixel loss) or ``"resup+id"`` (pixel + identity loss, weight 1) -> :class:`DecoderAttacker`."""
     arch, plus, loss = spec.partition("+")
     if arch not in available_decoders():
-        raise ConfigError(f"unknown decoder attacker {spec!r}; architectures: {', '.join(available_decoders())} "
-                          "(append '+id' for the identity loss)")
+        raise ConfigError(
+            f"unknown decoder attacker {spec!r}; architectures: {', '.join(available_decoders())} "
+            "(append '+id' for the identity loss)"
+        )
     if plus and loss != "id":
         raise ConfigError(f"decoder attacker {spec!r}: only '+id' may follow the architecture")
     return DecoderAttacker(spec, arch, 1.0 if plus else 0.0)
@@ -57,11 +58,31 @@ def training_digest(pairs: FacePairs) -> str:
     return digest.hexdigest()[:16]
 
 
-def cache_key(encoder_fingerprint: str, train_digest: str, attacker: DecoderAttacker, *, image_size: int,
-              epochs: int, seed: int, batch_size: int = 64, extra: str = "") -> str:
+def cache_key(
+    encoder_fingerprint: str,
+    train_digest: str,
+    attacker: DecoderAttacker,
+    *,
+    image_size: int,
+    epochs: int,
+    seed: int,
+    batch_size: int = 64,
+    extra: str = "",
+) -> str:
     """File stem of a cached attacker: readable prefix plus a hash of everything that determines the weights."""
-    blob = json.dumps([encoder_fingerprint, train_digest, attacker.arch, attacker.id_weight, image_size, epochs,
-                       seed, batch_size, extra])
+    blob = json.dumps(
+        [
+            encoder_fingerprint,
+            train_digest,
+            attacker.arch,
+            attacker.id_weight,
+            image_size,
+            epochs,
+            seed,
+            batch_size,
+            extra,
+        ]
+    )
     tag = attacker.name.replace("+", "-")
     return f"{tag}-{image_size}px-e{epochs}-s{seed}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
@@ -90,16 +111,39 @@ def train_or_load(
         raise ConfigError("the attacker group has no photos: the dataset needs more identities to train attackers")
     if attacker.id_weight > 0 and encoder.torch_module() is None:
         raise ConfigError(f"attacker {attacker.name}: encoder {encoder.name} has no differentiable module")
-    key = cache_key(encoder.fingerprint, training_digest(train), attacker, image_size=image_size, epochs=epochs,
-                    seed=seed, batch_size=batch_size, extra=extra_key)
+    key = cache_key(
+        encoder.fingerprint,
+        training_digest(train),
+        attacker,
+        image_size=image_size,
+        epochs=epochs,
+        seed=seed,
+        batch_size=batch_size,
+        extra=extra_key,
+    )
     folder = cache_dir / "audit" / "decoders"
     ckpt = folder / f"{key}.pt"
     if ckpt.is_file():
         model, meta = load_decoder(ckpt)
         return model, meta, True
     folder.mkdir(parents=True, exist_ok=True)
-    config = TrainConfig(arch=attacker.arch, image_size=image_size, epochs=epochs, seed=seed,
-                         id_weight=attacker.id_weight, batch_size=batch_size)
-    model, meta = train_on_group(pairs, split, "attacker", encoder, config, out=ckpt, dataset_name=dataset_name,
-                                 work_dir=folder / f"{key}.work", progress=progress)
+    config = TrainConfig(
+        arch=attacker.arch,
+        image_size=image_size,
+        epochs=epochs,
+        seed=seed,
+        id_weight=attacker.id_weight,
+        batch_size=batch_size,
+    )
+    model, meta = train_on_group(
+        pairs,
+        split,
+        "attacker",
+        encoder,
+        config,
+        out=ckpt,
+        dataset_name=dataset_name,
+        work_dir=folder / f"{key}.work",
+        progress=progress,
+    )
     return model.eval(), meta, False

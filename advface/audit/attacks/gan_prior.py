@@ -36,8 +36,9 @@ def load_generator(device: str | torch.device = "cpu") -> nn.Module:
 
         from gan_face_generate.models import Generator
     except ImportError as exc:
-        raise ConfigError("the GAN-prior attack needs the package gan-face-generate "
-                          "(pip install --no-deps gan-face-generate)") from exc
+        raise ConfigError(
+            "the GAN-prior attack needs the package gan-face-generate (pip install --no-deps gan-face-generate)"
+        ) from exc
     weights = files("gan_face_generate") / "weights.tar"
     if not weights.is_file():
         raise ConfigError(f"gan-face-generate is installed without its weights file ({weights})")
@@ -122,8 +123,9 @@ def invert_templates(
         history = []
         for _step in range(config.steps + 1):
             image = (generator(latent) + 1) / 2
-            emb = encoder_module(F.interpolate(image, size=(chip_size, chip_size), mode="bilinear",
-                                               align_corners=False))
+            emb = encoder_module(
+                F.interpolate(image, size=(chip_size, chip_size), mode="bilinear", align_corners=False)
+            )
             sim = _similarity(emb, target_rep, metric)
             with torch.no_grad():  # similarity of the latent *before* this step's update
                 better = sim.detach() > best_sim
@@ -146,5 +148,6 @@ def invert_templates(
         if progress is not None:
             progress(n)
     history_all = np.concatenate(histories, axis=1).mean(axis=1)
-    return GanPriorResult(np.concatenate(faces_out), np.concatenate(sims_out).astype(np.float64),
-                          [float(v) for v in history_all])
+    return GanPriorResult(
+        np.concatenate(faces_out), np.concatenate(sims_out).astype(np.float64), [float(v) for v in history_all]
+    )

@@ -33,8 +33,9 @@ Reconstruct = Callable[[np.ndarray], np.ndarray]
 GRID_KINDS = ("raw", "protected")
 
 
-def _evaluate(inputs: AuditInputs, protection: ProtectionSetup, reconstruct: Reconstruct,
-              rows: np.ndarray | None = None) -> tuple[dict[str, ReconstructionResult], dict[str, np.ndarray]]:
+def _evaluate(
+    inputs: AuditInputs, protection: ProtectionSetup, reconstruct: Reconstruct, rows: np.ndarray | None = None
+) -> tuple[dict[str, ReconstructionResult], dict[str, np.ndarray]]:
     """Reconstruct the audited templates of each kind (``rows`` of them, default all) and score them; also returns
     the first reconstructions of each kind for the image grid."""
     sel = np.arange(len(inputs.rows)) if rows is None else rows
@@ -49,28 +50,41 @@ def _evaluate(inputs: AuditInputs, protection: ProtectionSetup, reconstruct: Rec
     grid: dict[str, np.ndarray] = {}
     for kind, of_kind in templates.items():
         recon = reconstruct(of_kind[sel])
-        results[kind] = evaluate_attack(inputs.encoder, recon, own, other, other_rows >= 0, originals,
-                                        inputs.thresholds)
+        results[kind] = evaluate_attack(
+            inputs.encoder, recon, own, other, other_rows >= 0, originals, inputs.thresholds
+        )
         grid[kind] = recon[:GRID_COLUMNS]
     return results, grid
 
 
-def _decoder_attack(name: str, config: AuditConfig, inputs: AuditInputs, protection: ProtectionSetup
-                    ) -> tuple[DecoderAttackResult, dict[str, np.ndarray]]:
+def _decoder_attack(
+    name: str, config: AuditConfig, inputs: AuditInputs, protection: ProtectionSetup
+) -> tuple[DecoderAttackResult, dict[str, np.ndarray]]:
     """A trained decoder: the adaptive insider (``adaptive``, ``adaptive-ARCH``) or one trained on raw templates."""
     from advface.attack_metrics import reconstruct
 
     c = config
-    common: dict[str, Any] = {"image_size": c.image_size, "epochs": c.epochs, "seed": c.seed,
-                              "cache_dir": inputs.cache, "batch_size": c.batch_size, "progress": c.progress}
+    common: dict[str, Any] = {
+        "image_size": c.image_size,
+        "epochs": c.epochs,
+        "seed": c.seed,
+        "cache_dir": inputs.cache,
+        "batch_size": c.batch_size,
+        "progress": c.progress,
+    }
     if name == "adaptive" or name.startswith("adaptive-"):
         from advface.audit.attacks.adaptive import train_or_load_adaptive
 
         kind, arch = "adaptive", name.removeprefix("adaptive").removeprefix("-") or "deconv"
         decoder, meta, cached = train_or_load_adaptive(
-            arch, inputs.pairs, inputs.split, inputs.encoder,
-            lambda z: protection.protect(z, c.seed, "attacker enrolments"), protection.protector.cache_key,
-            **common)
+            arch,
+            inputs.pairs,
+            inputs.split,
+            inputs.encoder,
+            lambda z: protection.protect(z, c.seed, "attacker enrolments"),
+            protection.protector.cache_key,
+            **common,
+        )
         loss, trained_on = meta.get("loss"), "protected templates of the attacker group"
     else:
         from advface.audit.attacks.decoder import parse_attacker, train_or_load
@@ -79,12 +93,14 @@ def _decoder_attack(name: str, config: AuditConfig, inputs: AuditInputs, protect
         decoder, meta, cached = train_or_load(attacker, inputs.pairs, inputs.split, inputs.encoder, **common)
         kind, arch, loss, trained_on = "decoder", attacker.arch, attacker.loss, "raw templates of the attacker group"
     by_templates, grid = _evaluate(inputs, protection, lambda z: reconstruct(decoder, z))
-    return DecoderAttackResult(kind=kind, by_templates=by_templates, arch=arch, loss=loss, cached=cached,
-                               trained_on=trained_on), grid
+    return DecoderAttackResult(
+        kind=kind, by_templates=by_templates, arch=arch, loss=loss, cached=cached, trained_on=trained_on
+    ), grid
 
 
-def _gan_prior_attack(config: AuditConfig, inputs: AuditInputs, protection: ProtectionSetup
-                      ) -> tuple[GanPriorAttackResult, dict[str, np.ndarray]]:
+def _gan_prior_attack(
+    config: AuditConfig, inputs: AuditInputs, protection: ProtectionSetup
+) -> tuple[GanPriorAttackResult, dict[str, np.ndarray]]:
     """The GAN-prior latent search on the first ``--gan-templates`` audited templates of each kind."""
     from advface.audit.attacks.gan_prior import GanPriorConfig, invert_templates, load_generator
 
@@ -98,23 +114,36 @@ def _gan_prior_attack(config: AuditConfig, inputs: AuditInputs, protection: Prot
     histories: list[list[float]] = []
 
     def reconstruct(templates: np.ndarray) -> np.ndarray:
-        with tqdm(total=len(templates), desc="GAN-prior search", unit="template", disable=not c.progress,
-                  leave=False) as bar:
-            res = invert_templates(templates, module, chip_size=inputs.encoder.chip.size,
-                                   metric=inputs.encoder.metric, config=search, generator=generator,
-                                   progress=bar.update)
+        with tqdm(
+            total=len(templates), desc="GAN-prior search", unit="template", disable=not c.progress, leave=False
+        ) as bar:
+            res = invert_templates(
+                templates,
+                module,
+                chip_size=inputs.encoder.chip.size,
+                metric=inputs.encoder.metric,
+                config=search,
+                generator=generator,
+                progress=bar.update,
+            )
         histories.append(res.history)
         return res.faces
 
     by_templates, grid = _evaluate(inputs, protection, reconstruct, rows)
-    result = GanPriorAttackResult(by_templates=by_templates, prior="gan-face-generate DCGAN 64x64 (DigiFace1M)",
-                                  templates=len(rows), steps=c.gan_steps, restarts=c.gan_restarts,
-                                  similarity_history_raw=histories[0] if histories else [])
+    result = GanPriorAttackResult(
+        by_templates=by_templates,
+        prior="gan-face-generate DCGAN 64x64 (DigiFace1M)",
+        templates=len(rows),
+        steps=c.gan_steps,
+        restarts=c.gan_restarts,
+        similarity_history_raw=histories[0] if histories else [],
+    )
     return result, grid
 
 
-def run_attacker(name: str, config: AuditConfig, inputs: AuditInputs, protection: ProtectionSetup,
-                 artifacts: ReportArtifacts) -> AttackResult:
+def run_attacker(
+    name: str, config: AuditConfig, inputs: AuditInputs, protection: ProtectionSetup, artifacts: ReportArtifacts
+) -> AttackResult:
     """Run the attacker ``name`` on the audited templates of each kind; its reconstructions of raw and protected
     templates (and the GAN-prior search progress) go to ``artifacts`` for the report's plots."""
     result: AttackResult

@@ -101,8 +101,14 @@ def _open_database(config: AuditConfig, encoder: FaceEncoder) -> TemplateDatabas
     if config.store is not None:
         from advface.audit.store import load_templates_store
 
-        return load_templates_store(config.store, config.tenant, encoder.dim, encoder.metric,
-                                    config_path=config.store_config, encoder_name=config.encoder)
+        return load_templates_store(
+            config.store,
+            config.tenant,
+            encoder.dim,
+            encoder.metric,
+            config_path=config.store_config,
+            encoder_name=config.encoder,
+        )
     return None
 
 
@@ -119,17 +125,28 @@ def load_dataset(config: AuditConfig) -> LoadedDataset:
     dataset = audit_data.subsample(dataset, c.max_identities, c.max_photos, c.seed)
     db = _open_database(c, encoder)
     with _env("ADVFACE_CACHE_DIR", str(cache)):
-        faces = audit_data.dataset_faces(dataset, encoder, image_size=c.image_size, use_cache=c.pairs_cache,
-                                         workers=c.workers, progress=c.progress)
+        faces = audit_data.dataset_faces(
+            dataset, encoder, image_size=c.image_size, use_cache=c.pairs_cache, workers=c.workers, progress=c.progress
+        )
     failed = list(faces.failed.items())
     summary = DatasetSummary(
-        dataset=str(c.data), photos=len(dataset), identities=len(dataset.identities()),
-        photos_with_face=len(faces.pairs.without_flips()), photos_failed=len(faces.failed),
-        failed_examples=dict(failed[:FAILED_EXAMPLES]), encoder=encoder.fingerprint)
+        dataset=str(c.data),
+        photos=len(dataset),
+        identities=len(dataset.identities()),
+        photos_with_face=len(faces.pairs.without_flips()),
+        photos_failed=len(faces.failed),
+        failed_examples=dict(failed[:FAILED_EXAMPLES]),
+        encoder=encoder.fingerprint,
+    )
     notes = []
     if failed:
-        notes.append(Missing("data", f"{len(failed)} photo(s) gave no face (unreadable or no face found), e.g. "
-                             + "; ".join(f"{k}: {v}" for k, v in failed[:3])))
+        notes.append(
+            Missing(
+                "data",
+                f"{len(failed)} photo(s) gave no face (unreadable or no face found), e.g. "
+                + "; ".join(f"{k}: {v}" for k, v in failed[:3]),
+            )
+        )
     return LoadedDataset(encoder, faces.pairs, db, cache, summary, notes)
 
 
@@ -141,12 +158,13 @@ def _split(config: AuditConfig, pairs: FacePairs, db: TemplateDatabase | None) -
         id_of = dict(zip(originals.ids.tolist(), originals.identities.tolist()))
         evaluation = {id_of[i] for i in db.ids if i in id_of}
         if not evaluation:
-            raise ConfigError(f"{db.source}: no template id is a photo id of the dataset; template ids "
-                              "must be photo paths relative to the dataset root (e.g. Person/Person_0001.jpg)")
+            raise ConfigError(
+                f"{db.source}: no template id is a photo id of the dataset; template ids "
+                "must be photo paths relative to the dataset root (e.g. Person/Person_0001.jpg)"
+            )
     split = audit_data.make_split(pairs, config.seed, config.eval_fraction, evaluation)
     if config.train_identities and len(split.attacker) > config.train_identities:
-        ranked = sorted(split.attacker,
-                        key=lambda n: hashlib.sha256(f"{config.seed}:{n}".encode()).hexdigest())
+        ranked = sorted(split.attacker, key=lambda n: hashlib.sha256(f"{config.seed}:{n}".encode()).hexdigest())
         split = replace(split, attacker=frozenset(ranked[: config.train_identities]))
     return split
 
@@ -162,20 +180,43 @@ def select_victims(config: AuditConfig, loaded: LoadedDataset) -> AuditInputs:
     database = templates_db = untransformed_db = None
     if db is not None:
         rows, templates_db, unmatched = audit_data.match_templates(db, victims)
-        database = DatabaseSummary(db.source, len(db.ids), len(rows), unmatched,
-                                   db.store.describe() if db.store is not None else None)
+        database = DatabaseSummary(
+            db.source, len(db.ids), len(rows), unmatched, db.store.describe() if db.store is not None else None
+        )
         if db.untransformed is not None:
             index = {photo_id: i for i, photo_id in enumerate(db.ids)}
             untransformed_db = db.untransformed[[index[pid] for pid in victims.pairs.ids[rows].tolist()]]
     else:
         rows = np.arange(len(victims.pairs))
-    summary = replace(loaded.summary, database=database, split=split.describe(), victims=len(rows),
-                      single_photo_identities=len(victims.single_photo_identities))
+    summary = replace(
+        loaded.summary,
+        database=database,
+        split=split.describe(),
+        victims=len(rows),
+        single_photo_identities=len(victims.single_photo_identities),
+    )
     notes = []
     if victims.single_photo_identities:
-        notes.append(Missing("type2", f"Type II skipped for {len(victims.single_photo_identities)} identities with "
-                             "a single photo (no other photo to compare with)"))
+        notes.append(
+            Missing(
+                "type2",
+                f"Type II skipped for {len(victims.single_photo_identities)} identities with "
+                "a single photo (no other photo to compare with)",
+            )
+        )
     originals = loaded.pairs.without_flips()
     thresholds = attack_thresholds(originals.embeddings, originals.identities, loaded.encoder.metric, c.seed)
-    return AuditInputs(loaded.encoder, loaded.pairs, split, victims, rows, db, templates_db, untransformed_db,
-                       thresholds, loaded.cache, summary, notes)
+    return AuditInputs(
+        loaded.encoder,
+        loaded.pairs,
+        split,
+        victims,
+        rows,
+        db,
+        templates_db,
+        untransformed_db,
+        thresholds,
+        loaded.cache,
+        summary,
+        notes,
+    )

@@ -10,19 +10,29 @@ from advface.audit.results import AuditResult, BestAttack, LayerResult, LayersRe
 
 def best_attack(result: AuditResult, templates: str, kind: str | None = None) -> BestAttack:
     """Type I success of the attackers (of ``kind``, default all) that ran on ``templates``."""
-    return BestAttack(templates, {name: attack.type1_success[templates] for name, attack in result.attacks.items()
-                                  if templates in attack.by_templates and (kind is None or attack.kind == kind)})
+    return BestAttack(
+        templates,
+        {
+            name: attack.type1_success[templates]
+            for name, attack in result.attacks.items()
+            if templates in attack.by_templates and (kind is None or attack.kind == kind)
+        },
+    )
 
 
 def _thief_layer(result: AuditResult, store: Any) -> LayerResult:
-    layer = LayerResult("database thief without keys", "the database file(s), a backup or a dump; no key",
-                        "encryption at rest")
+    layer = LayerResult(
+        "database thief without keys", "the database file(s), a backup or a dump; no key", "encryption at rest"
+    )
     thief = result.thief_without_keys
     if thief is not None:
         layer.thief, layer.note = thief, thief.summary
     else:
-        layer.note = ("not measured: no store audited (--store)" if store is None
-                      else "not measured: the thief scan failed (see missing)")
+        layer.note = (
+            "not measured: no store audited (--store)"
+            if store is None
+            else "not measured: the thief scan failed (see missing)"
+        )
     return layer
 
 
@@ -30,23 +40,41 @@ def _transform_key_layer(result: AuditResult, store: Any) -> LayerResult:
     store_transform = result.protection is not None and result.protection.store_keyed_transform
     if store is not None and not store_transform:
         best = best_attack(result, "protected")
-        note = ("the store has no keyed transform: the thief holds the stored AdvFace templates (protected); "
-                "protected+key shows what the keyed transform would add")
+        note = (
+            "the store has no keyed transform: the thief holds the stored AdvFace templates (protected); "
+            "protected+key shows what the keyed transform would add"
+        )
     else:
         best = best_attack(result, "protected+key")
-        note = ("the store's templates as stored, i.e. after its keyed transform" if store_transform else
-                "keyed transform simulated by the audit on the protected templates")
-    return LayerResult("thief with the database (and the encryption key), without the transform key",
-                       "stored templates", "keyed per-tenant transform, then AdvFace", best=best, note=note)
+        note = (
+            "the store's templates as stored, i.e. after its keyed transform"
+            if store_transform
+            else "keyed transform simulated by the audit on the protected templates"
+        )
+    return LayerResult(
+        "thief with the database (and the encryption key), without the transform key",
+        "stored templates",
+        "keyed per-tenant transform, then AdvFace",
+        best=best,
+        note=note,
+    )
 
 
 def _insider_layer(result: AuditResult) -> LayerResult:
     best = best_attack(result, "protected", "adaptive")
-    note = ("the adaptive attacker: trains on (own embedding, protected template) pairs of its own enrolments; a "
-            "keyed transform does not stop it (its own pairs reveal the linear map)"
-            if best.type1_success else "not measured: no adaptive attacker in --attackers")
-    return LayerResult("insider who can enrol faces and read back stored templates",
-                       "AdvFace templates + its own enrolments", "AdvFace", best=best, note=note)
+    note = (
+        "the adaptive attacker: trains on (own embedding, protected template) pairs of its own enrolments; a "
+        "keyed transform does not stop it (its own pairs reveal the linear map)"
+        if best.type1_success
+        else "not measured: no adaptive attacker in --attackers"
+    )
+    return LayerResult(
+        "insider who can enrol faces and read back stored templates",
+        "AdvFace templates + its own enrolments",
+        "AdvFace",
+        best=best,
+        note=note,
+    )
 
 
 def api_only_layer(search: BestAttack) -> LayerResult:
@@ -56,28 +84,45 @@ def api_only_layer(search: BestAttack) -> LayerResult:
 
     api = api_exposure()
     leaks = api["stored_vectors"]
-    note = ("stored templates returned by the API: " + (", ".join(leaks) if leaks else "none") +
-            f" (vectors only in {', '.join(api['caller_input_vectors']) or 'no RPC'}, computed from the caller's "
-            f"own input); scores returned by {', '.join(api['score_rpcs'])}: a client searching a face whose "
-            "score rises needs one query per step; ")
+    note = (
+        "stored templates returned by the API: "
+        + (", ".join(leaks) if leaks else "none")
+        + f" (vectors only in {', '.join(api['caller_input_vectors']) or 'no RPC'}, computed from the caller's "
+        f"own input); scores returned by {', '.join(api['score_rpcs'])}: a client searching a face whose "
+        "score rises needs one query per step; "
+    )
     if search.type1_success:
-        note += ("the GAN-prior search with the protected template in hand (gradients, no query limit) bounds "
-                 "such a search with the same prior")
+        note += (
+            "the GAN-prior search with the protected template in hand (gradients, no query limit) bounds "
+            "such a search with the same prior"
+        )
     else:
         note += "score-oracle bound not measured: no gan-prior attacker in --attackers"
-    return LayerResult("client with API access only", "match scores of its own probes",
-                       "the API returns no stored template", api=api, best=search, note=note)
+    return LayerResult(
+        "client with API access only",
+        "match scores of its own probes",
+        "the API returns no stored template",
+        api=api,
+        best=search,
+        note=note,
+    )
 
 
 def summarise_layers(result: AuditResult, store: Any) -> LayersResult:
     """The layers of the threat model from the audit's results so far; ``store``: the audited store's
     :class:`advface.audit.store.StoreInfo` (None without a store)."""
-    return LayersResult([
-        _thief_layer(result, store),
-        _transform_key_layer(result, store),
-        LayerResult("thief with every key, or the sidecar's process memory", "AdvFace templates", "AdvFace",
-                    best=best_attack(result, "protected")),
-        _insider_layer(result),
-        api_only_layer(best_attack(result, "protected", "gan-prior")),
-        LayerResult("no advface (baseline)", "raw embeddings", "none", best=best_attack(result, "raw")),
-    ])
+    return LayersResult(
+        [
+            _thief_layer(result, store),
+            _transform_key_layer(result, store),
+            LayerResult(
+                "thief with every key, or the sidecar's process memory",
+                "AdvFace templates",
+                "AdvFace",
+                best=best_attack(result, "protected"),
+            ),
+            _insider_layer(result),
+            api_only_layer(best_attack(result, "protected", "gan-prior")),
+            LayerResult("no advface (baseline)", "raw embeddings", "none", best=best_attack(result, "raw")),
+        ]
+    )

@@ -36,8 +36,13 @@ class AuditProtector:
 
     def protect_with_bar(self, z: np.ndarray, seed: int, what: str, progress: bool) -> np.ndarray:
         """``z`` protected with ``seed``, with a progress bar (when ``progress``) naming ``what``."""
-        with tqdm(total=len(z), desc=f"protect {what} ({self.summary.method})", unit="template",
-                  disable=not progress, leave=False) as bar:
+        with tqdm(
+            total=len(z),
+            desc=f"protect {what} ({self.summary.method})",
+            unit="template",
+            disable=not progress,
+            leave=False,
+        ) as bar:
             return self.protect(z, seed, bar.update)
 
 
@@ -100,15 +105,19 @@ def make_protector(config: AuditConfig, encoder: FaceEncoder, store: Any) -> Aud
 
     spec, source = choose_protection(config, store)
     if spec is None:
-        return AuditProtector(lambda z, seed, progress: np.asarray(z, np.float32).copy(), "none",
-                              ProtectorSummary("none", source))
+        return AuditProtector(
+            lambda z, seed, progress: np.asarray(z, np.float32).copy(), "none", ProtectorSummary("none", source)
+        )
     protector = load_protector(spec, encoder=encoder)  # ConfigError for a shadow of another encoder
     p = spec.config
     jitter = getattr(p, "jitter", None)
-    cache_key = (f"{spec.method}|{'+'.join(file_sha256(s)[:16] for s in spec.shadows)}|{p.rel_l2}|"
-                 f"{p.steps}|{config.seed}" + ("|no-jitter" if jitter is False else ""))
-    summary = ProtectorSummary(spec.method, source, rel_l2=p.rel_l2, steps=p.steps,
-                               shadows=[Path(s).name for s in spec.shadows], jitter=jitter)
+    cache_key = (
+        f"{spec.method}|{'+'.join(file_sha256(s)[:16] for s in spec.shadows)}|{p.rel_l2}|"
+        f"{p.steps}|{config.seed}" + ("|no-jitter" if jitter is False else "")
+    )
+    summary = ProtectorSummary(
+        spec.method, source, rel_l2=p.rel_l2, steps=p.steps, shadows=[Path(s).name for s in spec.shadows], jitter=jitter
+    )
 
     def protect(z: np.ndarray, seed: int, progress: Callable[[int], None]) -> np.ndarray:
         seeded = copy.copy(protector)
@@ -147,11 +156,14 @@ def _store_keys(store: Any, stored: np.ndarray) -> _Keys:
     transforms, tenant = store.transforms, store.tenant
     key_a = transforms.for_tenant(tenant)
     return _Keys(
-        key_a=key_a, key_a2=transforms.for_tenant(tenant, version=transforms.version + 1),
+        key_a=key_a,
+        key_a2=transforms.for_tenant(tenant, version=transforms.version + 1),
         # other tenants of the same deployment (database B of the unlinkability test, one per key pair)
         other_key=lambda i: transforms.for_tenant(f"audit-b{i or ''}:{tenant}"),
-        keyed=np.asarray(stored, np.float32), norm=transforms.norm,
-        note=f"the store's keyed transform (tenant {tenant!r}, version {transforms.version}, key id {key_a.key_id})")
+        keyed=np.asarray(stored, np.float32),
+        norm=transforms.norm,
+        note=f"the store's keyed transform (tenant {tenant!r}, version {transforms.version}, key id {key_a.key_id})",
+    )
 
 
 def _audit_keys(config: AuditConfig, inputs: AuditInputs, protected: np.ndarray) -> _Keys:
@@ -168,9 +180,14 @@ def _audit_keys(config: AuditConfig, inputs: AuditInputs, protected: np.ndarray)
     norm = _key_norm(config, inputs)
     dim = inputs.encoder.dim
     key_a = KeyedTransform.from_secret(secret, "audit-a", dim, norm=norm)
-    return _Keys(key_a=key_a, key_a2=KeyedTransform.from_secret(secret, "audit-a", dim, version=2, norm=norm),
-                 other_key=lambda i: KeyedTransform.from_secret(secret, f"audit-b{i or ''}", dim, norm=norm),
-                 keyed=key_a.apply(protected), norm=norm, note=note)
+    return _Keys(
+        key_a=key_a,
+        key_a2=KeyedTransform.from_secret(secret, "audit-a", dim, version=2, norm=norm),
+        other_key=lambda i: KeyedTransform.from_secret(secret, f"audit-b{i or ''}", dim, norm=norm),
+        keyed=key_a.apply(protected),
+        norm=norm,
+        note=note,
+    )
 
 
 def setup_protection(config: AuditConfig, inputs: AuditInputs) -> ProtectionSetup:
@@ -184,20 +201,29 @@ def setup_protection(config: AuditConfig, inputs: AuditInputs) -> ProtectionSetu
         # thief with the database but without the transform key holds); through T_tenant^-1 they are the
         # AdvFace output ("protected", what a thief with every key or the sidecar's memory holds)
         if c.key_file is not None:
-            raise ConfigError("--key-file cannot be used with a store whose --config has a keyed transform: the "
-                              "audit uses the store's own transform (keyed_transform section)")
+            raise ConfigError(
+                "--key-file cannot be used with a store whose --config has a keyed transform: the "
+                "audit uses the store's own transform (keyed_transform section)"
+            )
         protected, stored = inputs.untransformed_db, inputs.templates_db
         assert protected is not None and stored is not None  # a store with a keyed transform gives both
         keys = _store_keys(inputs.store, stored)
-        templates_note = ("database as stored (protected+key) and through the tenant's inverse transform "
-                          "(protected)" + (": with norm equalisation only the direction of the AdvFace output "
-                                           "comes back" if keys.norm is not None else ""))
+        templates_note = "database as stored (protected+key) and through the tenant's inverse transform (protected)" + (
+            ": with norm equalisation only the direction of the AdvFace output comes back"
+            if keys.norm is not None
+            else ""
+        )
     else:
-        protected = (inputs.templates_db if inputs.templates_db is not None
-                     else protector.protect_with_bar(raw, c.seed, "templates", c.progress))
+        protected = (
+            inputs.templates_db
+            if inputs.templates_db is not None
+            else protector.protect_with_bar(raw, c.seed, "templates", c.progress)
+        )
         keys = _audit_keys(c, inputs, protected)
         templates_note = "database as stored" if inputs.db is not None else "protected here"
-    result = ProtectionResult(protector.summary, keys.note, keys.norm, templates_note,
-                              store_keyed_transform=store_transform)
-    return ProtectionSetup(protector, raw, protected, keys.keyed, keys.key_a, keys.key_a2, keys.other_key,
-                           c.progress, result)
+    result = ProtectionResult(
+        protector.summary, keys.note, keys.norm, templates_note, store_keyed_transform=store_transform
+    )
+    return ProtectionSetup(
+        protector, raw, protected, keys.keyed, keys.key_a, keys.key_a2, keys.other_key, c.progress, result
+    )

@@ -17,12 +17,19 @@ def scan_store_without_keys(inputs: AuditInputs) -> ThiefScanResult:
     db = inputs.db
     assert db is not None and db.store is not None, "the thief scan reads a store (--store)"
     info = db.store
-    ref = thief.Reference(victims=inputs.victims.pairs.embeddings, threshold=float(inputs.thresholds[THIEF_FMR]),
-                          metric=inputs.encoder.metric, stored=db.vectors)
+    ref = thief.Reference(
+        victims=inputs.victims.pairs.embeddings,
+        threshold=float(inputs.thresholds[THIEF_FMR]),
+        metric=inputs.encoder.metric,
+        stored=db.vectors,
+    )
     if info.backend == "sqlite":
         scan = thief.scan_sqlite(info.database_file, ref)
     else:
         scan = thief.scan_postgres(str(info.dsn), ref)
-    return ThiefScanResult(scan, encrypted_at_rest=info.encrypted, threshold_fmr=THIEF_FMR,
-                           summary=f"vectors recovered without keys: {scan['vectors_recovered']} of {scan['rows']} "
-                                   "rows")
+    return ThiefScanResult(
+        scan,
+        encrypted_at_rest=info.encrypted,
+        threshold_fmr=THIEF_FMR,
+        summary=f"vectors recovered without keys: {scan['vectors_recovered']} of {scan['rows']} rows",
+    )

@@ -43,8 +43,13 @@ def _two_photos_each(identities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.array([first[p] for p in people]), np.array([second[p] for p in people])
 
 
-def _linkages(settings: dict[str, tuple[np.ndarray, np.ndarray]], metric: str, seed: int,
-              artifacts: ReportArtifacts, label: str = "") -> dict[str, LinkageMetrics]:
+def _linkages(
+    settings: dict[str, tuple[np.ndarray, np.ndarray]],
+    metric: str,
+    seed: int,
+    artifacts: ReportArtifacts,
+    label: str = "",
+) -> dict[str, LinkageMetrics]:
     """D_sys of each pair of databases; the scores go to ``artifacts`` under ``label`` + the setting's name."""
     details = {}
     for name, (x, y) in settings.items():
@@ -54,8 +59,9 @@ def _linkages(settings: dict[str, tuple[np.ndarray, np.ndarray]], metric: str, s
     return details
 
 
-def measure_unlinkability(config: AuditConfig, inputs: AuditInputs, protection: ProtectionSetup,
-                          artifacts: ReportArtifacts) -> tuple[UnlinkabilityResult, DatabaseA]:
+def measure_unlinkability(
+    config: AuditConfig, inputs: AuditInputs, protection: ProtectionSetup, artifacts: ReportArtifacts
+) -> tuple[UnlinkabilityResult, DatabaseA]:
     """D_sys of databases A and B of the same people: raw, AdvFace, AdvFace + key; the key's D_sys over
     ``--link-keys`` pairs of tenant keys, the worst held to :data:`advface.audit.TARGET_D_SYS`."""
     c = config
@@ -73,20 +79,29 @@ def measure_unlinkability(config: AuditConfig, inputs: AuditInputs, protection: 
     details = _linkages(settings, metric, c.seed, artifacts)
     # D_sys is a property of a random pair of keys: measure it for link_keys pairs (database B under the key of
     # another tenant each time; pair 0 is the one above) and hold the worst to the target
-    across = [details["advface+key"]] + [linkage(keyed_a, protection.other_key(i).apply(prot_b), metric,
-                                                 c.seed).metrics for i in range(1, c.link_keys)]
+    across = [details["advface+key"]] + [
+        linkage(keyed_a, protection.other_key(i).apply(prot_b), metric, c.seed).metrics for i in range(1, c.link_keys)
+    ]
     across_keys = KeyPairsLinkage.of(across)
     result = UnlinkabilityResult(
-        details=details, across_keys=across_keys, protection=protection.method,
+        details=details,
+        across_keys=across_keys,
+        protection=protection.method,
         protocol="database A: first evaluation photo of each person, database B: second photo; protected "
-                 "independently (AdvFace seeds differ; keys of two tenants, repeated for "
-                 f"{across_keys.key_pairs} pairs of tenant keys); linker: the system's comparator",
-        target_d_sys_max=TARGET_D_SYS)
+        "independently (AdvFace seeds differ; keys of two tenants, repeated for "
+        f"{across_keys.key_pairs} pairs of tenant keys); linker: the system's comparator",
+        target_d_sys_max=TARGET_D_SYS,
+    )
     return result, DatabaseA(raw_a, prot_a)
 
 
-def measure_renewability(config: AuditConfig, inputs: AuditInputs, protection: ProtectionSetup,
-                         database_a: DatabaseA, artifacts: ReportArtifacts) -> RenewabilityResult:
+def measure_renewability(
+    config: AuditConfig,
+    inputs: AuditInputs,
+    protection: ProtectionSetup,
+    database_a: DatabaseA,
+    artifacts: ReportArtifacts,
+) -> RenewabilityResult:
     """D_sys of database A's templates against re-issued ones: AdvFace re-run with another seed; with the key, the
     protected templates re-keyed to key version 2."""
     from advface.protect.keyed import rekey
@@ -94,11 +109,14 @@ def measure_renewability(config: AuditConfig, inputs: AuditInputs, protection: P
     c = config
     reissued = protection.protect(database_a.raw, c.seed + 3, "re-issued templates")
     revoked_keyed = protection.key_a.apply(database_a.protected)
-    renew = {"advface": (database_a.protected, reissued),
-             "advface+key": (revoked_keyed, rekey(revoked_keyed, protection.key_a, protection.key_a2))}
+    renew = {
+        "advface": (database_a.protected, reissued),
+        "advface+key": (revoked_keyed, rekey(revoked_keyed, protection.key_a, protection.key_a2)),
+    }
     details = _linkages(renew, inputs.encoder.metric, c.seed, artifacts, "renewal ")
     return RenewabilityResult(
         details=details,
         protocol="revoked template vs the re-issued one of the same enrolment: AdvFace re-run with another "
-                 "seed; with the key: the protected template re-keyed to key version 2 (advface.protect.keyed."
-                 "rekey)")
+        "seed; with the key: the protected template re-keyed to key version 2 (advface.protect.keyed."
+        "rekey)",
+    )

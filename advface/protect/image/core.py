@@ -109,10 +109,17 @@ class ProtectionReport:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary."""
         return {
-            "source": self.source, "encoders": self.encoders, "similarity": self.similarity,
-            "psnr": round(self.psnr, 3) if math.isfinite(self.psnr) else None, "ssim": round(self.ssim, 5),
-            "linf_levels": self.linf_levels, "epsilon": self.epsilon, "steps": self.steps,
-            "seconds": round(self.seconds, 3), "grayscale": self.grayscale, "notes": self.notes,
+            "source": self.source,
+            "encoders": self.encoders,
+            "similarity": self.similarity,
+            "psnr": round(self.psnr, 3) if math.isfinite(self.psnr) else None,
+            "ssim": round(self.ssim, 5),
+            "linf_levels": self.linf_levels,
+            "epsilon": self.epsilon,
+            "steps": self.steps,
+            "seconds": round(self.seconds, 3),
+            "grayscale": self.grayscale,
+            "notes": self.notes,
         }
 
 
@@ -211,9 +218,7 @@ class ImageProtector:
         sources = list(sources) if sources is not None else [f"<image {i}>" for i in range(n)]
         images = [check_image(img, src) for img, src in zip(images, sources)]
         given: list[Face | None] = list(faces) if faces is not None else [None] * n
-        faces_list = [
-            f if f is not None else self.find_face(img, src) for img, src, f in zip(images, sources, given)
-        ]
+        faces_list = [f if f is not None else self.find_face(img, src) for img, src, f in zip(images, sources, given)]
         gray = list(grayscale) if grayscale is not None else [False] * n
         results: list[tuple[np.ndarray, ProtectionReport] | None] = [None] * n
         if batch_size < 1:
@@ -224,8 +229,9 @@ class ImageProtector:
         chunks = [g[k : k + batch_size] for g in groups.values() for k in range(0, len(g), batch_size)]
         for idx in chunks:
             start = time.perf_counter()
-            outs, steps = self._optimise([images[i] for i in idx], [faces_list[i] for i in idx],
-                                         [gray[i] for i in idx], config)
+            outs, steps = self._optimise(
+                [images[i] for i in idx], [faces_list[i] for i in idx], [gray[i] for i in idx], config
+            )
             seconds = (time.perf_counter() - start) / len(idx)
             for j, i in enumerate(idx):
                 report = self._report(images[i], outs[j], faces_list[i], sources[i], steps[j], seconds, config, gray[i])
@@ -243,9 +249,9 @@ class ImageProtector:
         eps = config.levels / 255.0
         gens = [torch.Generator().manual_seed(image_seed(config.seed, img)) for img in images]
         thetas = [
-            torch.from_numpy(
-                np.stack([chip_theta(alignment_matrix(f, m.chip), hw, m.chip.size) for f in faces])
-            ).to(dev)
+            torch.from_numpy(np.stack([chip_theta(alignment_matrix(f, m.chip), hw, m.chip.size) for f in faces])).to(
+                dev
+            )
             for m in self.members
         ]
         gray_mask = torch.tensor(gray, device=dev).view(b, 1, 1, 1)
@@ -277,8 +283,10 @@ class ImageProtector:
                 with capture_outputs(m.module, layers) as maps:
                     emb = m.module(warp_chips(adv, th, m.chip.size))
                 terms = [(F.cosine_similarity(emb, ref, dim=1), 1.0)]
-                terms += [(F.cosine_similarity(f.flatten(1), c.flatten(1), dim=1), config.feature_weight)
-                          for f, c in zip(maps, clean_maps)]
+                terms += [
+                    (F.cosine_similarity(f.flatten(1), c.flatten(1), dim=1), config.feature_weight)
+                    for f, c in zip(maps, clean_maps)
+                ]
                 for cos, weight in terms:
                     (grad,) = torch.autograd.grad(cos.sum(), delta, retain_graph=True)
                     norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(b, 1, 1, 1)
@@ -307,14 +315,23 @@ class ImageProtector:
     def _similarity(self, adv: torch.Tensor, thetas: list[torch.Tensor], clean: list[torch.Tensor]) -> torch.Tensor:
         """``members x N`` cosines of clean vs ``adv`` (uint8-rounded) through the differentiable warps, no EOT."""
         adv = torch.round(adv.clamp(0, 1) * 255.0) / 255.0
-        return torch.stack([
-            F.cosine_similarity(m.module(warp_chips(adv, th, m.chip.size)), ref, dim=1)
-            for m, th, ref in zip(self.members, thetas, clean)
-        ])
+        return torch.stack(
+            [
+                F.cosine_similarity(m.module(warp_chips(adv, th, m.chip.size)), ref, dim=1)
+                for m, th, ref in zip(self.members, thetas, clean)
+            ]
+        )
 
     def _report(
-        self, clean: np.ndarray, protected: np.ndarray, face: Face, source: str, steps: int, seconds: float,
-        config: ProtectConfig, gray: bool,
+        self,
+        clean: np.ndarray,
+        protected: np.ndarray,
+        face: Face,
+        source: str,
+        steps: int,
+        seconds: float,
+        config: ProtectConfig,
+        gray: bool,
     ) -> ProtectionReport:
         before = self.embed_standard(clean, face)
         after = self.embed_standard(protected, face)
@@ -335,9 +352,17 @@ class ImageProtector:
                 entry["matched_after"] = bool(score >= threshold)
             similarity[m.name] = entry
         return ProtectionReport(
-            source=source, encoders=self.encoder_names, similarity=similarity, psnr=psnr(clean, protected),
-            ssim=ssim(clean, protected), linf_levels=linf(clean, protected), steps=steps, seconds=seconds,
-            epsilon=config.epsilon, grayscale=gray, notes=list(self.notes),
+            source=source,
+            encoders=self.encoder_names,
+            similarity=similarity,
+            psnr=psnr(clean, protected),
+            ssim=ssim(clean, protected),
+            linf_levels=linf(clean, protected),
+            steps=steps,
+            seconds=seconds,
+            epsilon=config.epsilon,
+            grayscale=gray,
+            notes=list(self.notes),
         )
 
 

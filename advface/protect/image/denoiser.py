@@ -76,7 +76,9 @@ def _training_photos(lfw_dir: Path, exclude_people: set[str], count: int, seed: 
 
 
 def train_denoiser(
-    lfw_dir: Path, exclude_people: Sequence[str] = (), config: DenoiserConfig = DenoiserConfig(),
+    lfw_dir: Path,
+    exclude_people: Sequence[str] = (),
+    config: DenoiserConfig = DenoiserConfig(),
     progress: bool = True,
 ) -> tuple[DnCNN, dict]:
     """Train a :class:`DnCNN` to remove Gaussian noise from random patches of LFW photos (people in
@@ -156,13 +158,18 @@ def _fit(
         sched.step()
         losses.append(float(loss.detach()))
     model.eval()
-    info = {"train_seconds": round(time.perf_counter() - start, 1),
-            "final_mse": float(np.mean(losses[-100:])), "noisy_input_mse": float(np.mean(baseline[-100:]))}
+    info = {
+        "train_seconds": round(time.perf_counter() - start, 1),
+        "final_mse": float(np.mean(losses[-100:])),
+        "noisy_input_mse": float(np.mean(baseline[-100:])),
+    }
     return model, info
 
 
 def load_or_train_denoiser(
-    lfw_dir: Path, exclude_people: Sequence[str] = (), config: DenoiserConfig = DenoiserConfig(),
+    lfw_dir: Path,
+    exclude_people: Sequence[str] = (),
+    config: DenoiserConfig = DenoiserConfig(),
     cache: Path | None = None,
 ) -> tuple[DnCNN, dict]:
     """The cached denoiser for these settings and excluded people, trained now when absent."""

@@ -22,8 +22,15 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
         raise ValueError(f"images differ in shape: {a.shape} vs {b.shape}")
     channel_axis = 2 if a.ndim == 3 else None
     return float(
-        structural_similarity(a, b, data_range=255, channel_axis=channel_axis, gaussian_weights=True, sigma=1.5,
-                              use_sample_covariance=False)
+        structural_similarity(
+            a,
+            b,
+            data_range=255,
+            channel_axis=channel_axis,
+            gaussian_weights=True,
+            sigma=1.5,
+            use_sample_covariance=False,
+        )
     )
 
 

@@ -108,11 +108,7 @@ class ConnectionPool:
             yield conn
         finally:
             if conn is not None:
-                healthy = (
-                    not conn.closed
-                    and not conn.broken
-                    and conn.info.transaction_status == TransactionStatus.IDLE
-                )
+                healthy = not conn.closed and not conn.broken and conn.info.transaction_status == TransactionStatus.IDLE
                 with self._lock:
                     if healthy and not self._closed:
                         self._idle.append(conn)

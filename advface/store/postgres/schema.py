@@ -52,23 +52,23 @@ class PostgresSchema(PostgresConnection):
         statements = [
             f"CREATE TABLE {t['meta']} (key text PRIMARY KEY, value text NOT NULL)",
             f"CREATE SEQUENCE {self._seq}",
-            f"""CREATE TABLE {t['tenants']} (
+            f"""CREATE TABLE {t["tenants"]} (
                 tenant text COLLATE "C" PRIMARY KEY,
                 generation bigint NOT NULL,
                 templates bigint NOT NULL DEFAULT 0,
                 subjects bigint NOT NULL DEFAULT 0)""",
-            f"""CREATE TABLE {t['subjects']} (
+            f"""CREATE TABLE {t["subjects"]} (
                 id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
                 tenant text COLLATE "C" NOT NULL,
                 subject_id text COLLATE "C" NOT NULL,
                 metadata text NOT NULL,
                 created_at double precision NOT NULL,
                 UNIQUE (tenant, subject_id))""",
-            f"""CREATE TABLE {t['templates']} (
+            f"""CREATE TABLE {t["templates"]} (
                 id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
                 template_id text NOT NULL UNIQUE,
                 tenant text COLLATE "C" NOT NULL,
-                subject bigint NOT NULL REFERENCES {t['subjects']} (id) ON DELETE CASCADE,
+                subject bigint NOT NULL REFERENCES {t["subjects"]} (id) ON DELETE CASCADE,
                 vector vector({dim}),
                 ciphertext bytea,
                 created_at double precision NOT NULL,
@@ -196,11 +196,14 @@ class PostgresSchema(PostgresConnection):
             if meta.get("encryption") != "none":
                 return meta.get("plaintext_rows") == "1"
             has_rows = scalar(conn.execute(f"SELECT EXISTS (SELECT 1 FROM {self._t['templates']})"))
-            self._set_meta(conn, {
-                "encryption": ENCRYPTION_SCHEME,
-                "key_ids": json.dumps([self.cipher.key_id]),
-                "plaintext_rows": "1" if has_rows else None,
-            })
+            self._set_meta(
+                conn,
+                {
+                    "encryption": ENCRYPTION_SCHEME,
+                    "key_ids": json.dumps([self.cipher.key_id]),
+                    "plaintext_rows": "1" if has_rows else None,
+                },
+            )
             return bool(has_rows)
 
         if self._run(write, what="encryption migration"):

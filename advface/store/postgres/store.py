@@ -158,10 +158,12 @@ class PostgresStore(PostgresMaintenance, PostgresSearch, PostgresSchema, Postgre
         while True:
             row = conn.execute(f"SELECT generation FROM {t} WHERE tenant = %s FOR UPDATE", (tenant,)).fetchone()
             if row is not None:
-                new = scalar(conn.execute(
-                    f"UPDATE {t} SET generation = nextval('{self._seq}') WHERE tenant = %s RETURNING generation",
-                    (tenant,),
-                ))
+                new = scalar(
+                    conn.execute(
+                        f"UPDATE {t} SET generation = nextval('{self._seq}') WHERE tenant = %s RETURNING generation",
+                        (tenant,),
+                    )
+                )
                 return int(row[0]), int(new)
             if not create:
                 raise NotFoundError(f"tenant {tenant!r} holds no subjects")
@@ -178,10 +180,13 @@ class PostgresStore(PostgresMaintenance, PostgresSearch, PostgresSchema, Postgre
         """Apply count deltas to the (locked) tenant row; removes the row when no subject is left. True if
         the tenant still exists."""
         t = self._t["tenants"]
-        left = scalar(conn.execute(
-            f"UPDATE {t} SET templates = templates + %s, subjects = subjects + %s WHERE tenant = %s RETURNING subjects",
-            (templates, subjects, tenant),
-        ))
+        left = scalar(
+            conn.execute(
+                f"UPDATE {t} SET templates = templates + %s, subjects = subjects + %s WHERE tenant = %s "
+                "RETURNING subjects",
+                (templates, subjects, tenant),
+            )
+        )
         if left <= 0:
             conn.execute(f"DELETE FROM {t} WHERE tenant = %s", (tenant,))
             return False

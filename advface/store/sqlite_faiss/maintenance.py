@@ -60,11 +60,14 @@ class SQLiteMaintenance(SQLiteSearch, rotation.TemplateReissue):
                         f"template store {self.path} holds unencrypted templates but an encryption key is configured; "
                         "encrypt it first with `advface rotate-key --new-key-file KEY` (or open it without a key)"
                     )
-                self._set_meta(conn, {
-                    "encryption": ENCRYPTION_SCHEME,
-                    "key_ids": json.dumps([cipher.key_id]),
-                    "plaintext_rows": "1" if has_rows else None,
-                })
+                self._set_meta(
+                    conn,
+                    {
+                        "encryption": ENCRYPTION_SCHEME,
+                        "key_ids": json.dumps([cipher.key_id]),
+                        "plaintext_rows": "1" if has_rows else None,
+                    },
+                )
                 self._plaintext_rows = has_rows
                 if has_rows:
                     log.warning("template store %s: encrypting its existing templates (migration started)", self.path)
@@ -151,9 +154,11 @@ class SQLiteMaintenance(SQLiteSearch, rotation.TemplateReissue):
         pending_sql = "NOT (length(t.vector) = ? AND substr(t.vector, 1, ?) = ?)"
         pending_args = (4 * self.dim + ENCRYPTED_OVERHEAD, len(target), target)
         with self._db_lock:
-            total = self._check_open().execute(
-                f"SELECT COUNT(*) FROM templates t WHERE {pending_sql}", pending_args
-            ).fetchone()[0]
+            total = (
+                self._check_open()
+                .execute(f"SELECT COUNT(*) FROM templates t WHERE {pending_sql}", pending_args)
+                .fetchone()[0]
+            )
         done = 0
         last = 0
         with tqdm(total=total, desc="re-encrypting templates", unit="tpl", disable=not progress) as bar:

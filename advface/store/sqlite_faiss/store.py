@@ -143,8 +143,9 @@ class SQLiteFaissStore(SQLiteMaintenance, SQLiteSearch, SQLiteDatabase, Template
             except IntegrityError as exc:
                 bad.append(f"{rotation.row_label(tenant, subject_id, template_id)}: {exc}")
         if bad:
-            raise IntegrityError(f"template store {self.path}: {len(bad)} template(s) failed authentication: "
-                                 + "; ".join(bad[:10]))
+            raise IntegrityError(
+                f"template store {self.path}: {len(bad)} template(s) failed authentication: " + "; ".join(bad[:10])
+            )
         return out
 
     def _subject_row(self, conn: sqlite3.Connection, tenant: str, subject_id: str) -> tuple[int, str, float]:
