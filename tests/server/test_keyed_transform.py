@@ -15,19 +15,9 @@ from advface.errors import ConfigError
 from advface.protect.keyed import KeyedTransform
 from advface.protect.tenant_transform import CALIBRATED_NORMS
 from advface.service.thresholds import CALIBRATED_EQUALISED_THRESHOLDS
+from advface.testing.synthetic import dlib_like_people
 
 PEOPLE = 5
-
-
-def dlib_like_people(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(enrolment photos, probe photos) of PEOPLE synthetic identities with dlib's geometry: norms about 1.4,
-    mated distances about 0.44, non-mated about 0.8."""
-    rng = np.random.default_rng(seed)
-    mean = rng.normal(size=DIM)
-    mean *= 1.35 / np.linalg.norm(mean)
-    centres = mean + rng.normal(scale=0.05, size=(PEOPLE, DIM))
-    photos = centres[:, None, :] + rng.normal(scale=0.0275, size=(PEOPLE, 2, DIM))
-    return photos[:, 0].astype(np.float32), photos[:, 1].astype(np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +51,7 @@ def test_same_decisions_with_and_without_the_transform(
     start_server,
     secret_file: Path,  # type: ignore[no-untyped-def]
 ) -> None:
-    enrolled, probes = dlib_like_people()
+    enrolled, probes = dlib_like_people(PEOPLE)
     runs = {}
     for name, section in (("off", None), ("rotation", {"norm": None}), ("auto", {})):
         extra = (
@@ -94,7 +84,7 @@ def test_stored_templates_are_tenant_transformed(
     start_server,
     secret_file: Path,  # type: ignore[no-untyped-def]
 ) -> None:
-    enrolled, probes = dlib_like_people(1)
+    enrolled, probes = dlib_like_people(PEOPLE, 1)
     server: ServerThread = start_server(
         make_config(tmp_path, keyed_transform={"enabled": True, "secret_file": str(secret_file), "version": 2})
     )
@@ -181,7 +171,7 @@ def test_store_remembers_what_its_templates_were_issued_under(
     other = tmp_path / "other.key"
     write_key_file(other, generate_key())
     on = {"enabled": True, "secret_file": str(secret_file)}
-    enrolled, probes = dlib_like_people(2)
+    enrolled, probes = dlib_like_people(PEOPLE, 2)
     # templates stored without the transform: turning it on is refused (matching would silently fail)
     server = start_server(make_config(tmp_path / "plain"))
     with server.client() as client:
@@ -220,7 +210,7 @@ def test_rotate_transform_cli_reissues_a_sidecar_store(
     write_key_file(key, generate_key())
     on = {"enabled": True, "secret_file": str(secret_file)}
     enc = {"key_file": str(key)}
-    enrolled, probes = dlib_like_people(3)
+    enrolled, probes = dlib_like_people(PEOPLE, 3)
     server = start_server(make_config(tmp_path / "srv", keyed_transform=on, encryption=enc))
     before = _decisions(server, enrolled, probes, tenant="acme")
     stored_before = np.asarray(server.servicer.service.store.subject_vectors("acme", "p0"))

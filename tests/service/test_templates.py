@@ -21,6 +21,7 @@ from advface.errors import (
     ValidationError,
 )
 from advface.service import EnrolItem, TemplateService
+from advface.testing.synthetic import dlib_like_people
 
 DIM = 128
 
@@ -40,16 +41,6 @@ def _config(folder: Path, **sections: dict) -> Config:
     return load_config(folder / "advface.yaml", env={})
 
 
-def _people(n: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(enrolment, probe) embeddings of ``n`` synthetic people with dlib's geometry (mated distance ~0.4)."""
-    rng = np.random.default_rng(seed)
-    mean = rng.normal(size=DIM)
-    mean *= 1.35 / np.linalg.norm(mean)
-    centres = mean + rng.normal(scale=0.05, size=(n, DIM))
-    photos = centres[:, None, :] + rng.normal(scale=0.0275, size=(n, 2, DIM))
-    return photos[:, 0].astype(np.float32), photos[:, 1].astype(np.float32)
-
-
 def run(coro):  # noqa: ANN001, ANN201
     return asyncio.run(coro)
 
@@ -62,7 +53,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TemplateServic
 
 
 def test_enrol_verify_identify_delete_on_arrays(service: TemplateService) -> None:
-    enrolled, probes = _people()
+    enrolled, probes = dlib_like_people(4)
     for i, z in enumerate(enrolled):
         ids = run(service.enroll("t", f"p{i}", z, {"badge": str(i)}))
         assert len(ids) == 1 and len(ids[0]) == 32
@@ -86,7 +77,7 @@ def test_enrol_verify_identify_delete_on_arrays(service: TemplateService) -> Non
 
 
 def test_batch_enrolment_and_stateless_protection(service: TemplateService) -> None:
-    enrolled, _ = _people(3, seed=1)
+    enrolled, _ = dlib_like_people(3, seed=1)
     items = [EnrolItem(f"b{i}", z, {}) for i, z in enumerate(enrolled)]
     ids = run(service.enroll_batch("batch", items))
     assert [len(t) for t in ids] == [1, 1, 1]
@@ -97,7 +88,7 @@ def test_batch_enrolment_and_stateless_protection(service: TemplateService) -> N
 
 
 def test_every_request_is_validated_before_anything_changes(service: TemplateService) -> None:
-    z = _people(1, seed=2)[0][0]
+    z = dlib_like_people(1, seed=2)[0][0]
     before = run(service.count())
     bad_requests = [
         service.enroll("t", "", z, {}),  # empty id
@@ -124,7 +115,7 @@ def test_every_request_is_validated_before_anything_changes(service: TemplateSer
 
 
 def test_a_passed_deadline_stops_before_storing(service: TemplateService) -> None:
-    z = _people(1, seed=3)[0][0]
+    z = dlib_like_people(1, seed=3)[0][0]
     with pytest.raises(DeadlineExceededError, match="before protecting"):
         run(service.enroll("late", "x", z, {}, deadline=time.monotonic() - 1))
     with pytest.raises(DeadlineExceededError, match="before deleting"):
@@ -135,7 +126,7 @@ def test_a_passed_deadline_stops_before_storing(service: TemplateService) -> Non
 def test_protection_off_and_photo_protection_off(tmp_path: Path) -> None:
     svc = TemplateService(_config(tmp_path, protection={"enabled": False}, image_protection={"enabled": False}))
     try:
-        z = _people(1, seed=4)[0][0]
+        z = dlib_like_people(1, seed=4)[0][0]
         run(svc.enroll("t", "raw", z, {}))
         np.testing.assert_allclose(np.asarray(svc.store.subject_vectors("t", "raw"))[0], z)
         assert svc.protection_method == "none" and svc.threshold.source == "encoder-default"
@@ -155,7 +146,7 @@ def test_keyed_transform_marker_is_checked_at_start(tmp_path: Path) -> None:
     keyed = {"enabled": True, "secret_file": str(secret)}
     svc = TemplateService(_config(tmp_path, keyed_transform=keyed))
     try:
-        run(svc.enroll("acme", "a", _people(1, seed=5)[0][0], {}))
+        run(svc.enroll("acme", "a", dlib_like_people(1, seed=5)[0][0], {}))
         summary = svc.protection("acme")
         assert summary.keyed_transform and summary.transform_key_id == svc.transforms.key_id("acme")  # type: ignore[union-attr]
         assert svc.protection().transform_key_id == ""
