@@ -11,6 +11,7 @@ from advface import __version__
 from advface.cli import (
     audit,
     embed,
+    generate,
     keygen,
     protect,
     protect_image,
@@ -18,6 +19,7 @@ from advface.cli import (
     rotate_key,
     rotate_transform,
     serve,
+    train_generator,
     train_shadow,
 )
 from advface.errors import AdvfaceError
@@ -27,6 +29,8 @@ SUBCOMMANDS = [
     embed,
     protect,
     train_shadow,
+    train_generator,
+    generate,
     serve,
     keygen,
     rotate_key,

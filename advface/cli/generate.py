@@ -1,0 +1,110 @@
+"""Generate faces of an identity with advface's generator: the training-free personalisation threat.
+
+``--from-photo IMG`` (repeatable): each photo is detected, aligned and embedded by the generator's encoder, and
+``--n`` new faces of that identity are written as ``OUT/<photo stem>_<k>.png``. ``--from-embeddings IN.npz``: the
+embeddings of an ``advface embed`` / ``advface protect`` file (e.g. stolen templates) are used directly, one set of
+faces per id (``OUT/<row>_<k>.png``; ids can be names, so files are numbered by row). ``--personalise`` learns the
+identity condition from all ``--from-photo`` photos together (training-based threat, textual-inversion analogue)
+instead of using their embeddings. The model's encoder must match ``--encoder`` (checked by fingerprint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from advface.encoders.base import FaceEncoder
+
+NAME = "generate"
+HELP = "generate faces of an identity (photo, embeddings or a few photos) with advface's generator"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``advface generate``."""
+    parser.add_argument("--model", required=True, help="generator checkpoint (advface train-generator)")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--from-photo", action="append", metavar="IMG", help="photo of the person (repeatable)")
+    src.add_argument("--from-embeddings", metavar="NPZ", help="embeddings file (ids + embeddings)")
+    parser.add_argument("--out", "-o", required=True, help="output folder for PNG files")
+    parser.add_argument("--n", type=int, default=4, help="faces per identity (default 4)")
+    parser.add_argument(
+        "--personalise",
+        action="store_true",
+        help="learn one identity condition from all --from-photo photos (training-based threat)",
+    )
+    parser.add_argument("--encoder", default="dlib", help="encoder of the photos' embeddings (default dlib)")
+    parser.add_argument("--models-dir", help="ONNX models folder (default $ADVFACE_MODELS_DIR)")
+    parser.add_argument("--detector", default="dlib", help="face detector (default dlib)")
+    parser.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
+    parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Execute ``advface generate``."""
+    import numpy as np
+
+    from advface.errors import ConfigError
+    from advface.generative.model import load_generator
+    from advface.generative.threats import personalise
+    from advface.protect.image.io import save_png
+
+    if args.n < 1 or args.steps < 1:
+        raise ConfigError("--n and --steps must be >= 1")
+    if args.personalise and not args.from_photo:
+        raise ConfigError("--personalise learns from --from-photo photos")
+    out = Path(args.out)
+    if args.from_embeddings:
+        from advface.embeddings_file import load_embeddings
+
+        data = load_embeddings(args.from_embeddings)
+        generator = load_generator(args.model, device=args.device, encoder_fingerprint=data.fingerprint)
+        names = [str(i) for i in range(len(data.ids))]
+        faces = generator.generate(data.embeddings, args.n, steps=args.steps, guidance=args.guidance, seed=args.seed)
+    else:
+        from advface.encoders import create_encoder
+
+        params = {"models_dir": args.models_dir} if args.encoder == "mobilefacenet" and args.models_dir else {}
+        encoder = create_encoder(args.encoder, **params)
+        generator = load_generator(args.model, device=args.device, encoder_fingerprint=encoder.fingerprint)
+        chips = _chips(args.from_photo, encoder, args.detector)
+        if args.personalise:
+            size = generator.image_size
+            small = np.stack([_resize(c, size) for c in chips])
+            faces = personalise(generator, small, args.n, steps=args.steps, guidance=args.guidance, seed=args.seed)[
+                None
+            ]
+            names = ["personalised"]
+        else:
+            embeddings = encoder.embed(np.stack(chips))
+            faces = generator.generate(embeddings, args.n, steps=args.steps, guidance=args.guidance, seed=args.seed)
+            names = [Path(p).stem for p in args.from_photo]
+    written = 0
+    for name, group in zip(names, faces, strict=True):
+        for k, face in enumerate(group):
+            save_png(face, out / f"{name}_{k}.png")
+            written += 1
+    print(f"wrote {written} faces to {out}", file=sys.stderr)
+    return 0
+
+
+def _chips(photos: list[str], encoder: FaceEncoder, detector: str) -> list[np.ndarray]:
+    """The encoder chip of the largest face of each photo; ImageError naming a photo without a face."""
+    from advface.faces import FaceChipper, FacePolicy, create_detector
+    from advface.images import load_image
+
+    chipper = FaceChipper(create_detector(detector), encoder.chip, FacePolicy("largest"))
+    return [chipper.chips(load_image(p), p)[0][1] for p in photos]
+
+
+def _resize(chip: np.ndarray, size: int) -> np.ndarray:
+    """A chip resized to the generator's face size."""
+    from advface.datasets.pairs import resize_faces
+
+    return resize_faces(chip[None], size)[0]

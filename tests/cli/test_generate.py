@@ -1,0 +1,93 @@
+"""`advface train-generator` then `advface generate` (photo, embeddings, personalisation) on a few real LFW photos."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from advface.cli.main import main
+from advface.embeddings_file import EmbeddingsFile, save_embeddings
+from advface.generative.model import load_generator
+
+
+@pytest.mark.slow
+def test_train_generator_then_generate(lfw_sample: list[Path], tmp_path: Path, monkeypatch, capsys) -> None:  # noqa: ANN001
+    monkeypatch.setenv("ADVFACE_CACHE_DIR", str(tmp_path / "cache"))
+    root = tmp_path / "faces"
+    for path in lfw_sample[:24]:
+        (root / path.parent.name).mkdir(parents=True, exist_ok=True)
+        (root / path.parent.name / path.name).write_bytes(path.read_bytes())
+    model = tmp_path / "generator.pt"
+    train = [
+        "train-generator",
+        "--dataset",
+        str(root),
+        "--group",
+        "defender",
+        "--out",
+        str(model),
+        "--encoder",
+        "dlib-torch",
+        "--image-size",
+        "16",
+        "--ae-steps",
+        "2",
+        "--steps",
+        "3",
+        "--batch",
+        "4",
+        "--width",
+        "8",
+        "-q",
+    ]
+    assert main(train) == 0
+    generator = load_generator(model)
+    meta = generator.metadata
+    assert meta["encoder"] == "dlib-torch" and meta["role"] == "defender" and meta["image_size"] == 16
+    assert meta["training_data"]["group"] == "defender" and meta["training_data"]["photos"] > 0
+    assert (tmp_path / "generator.pt.work" / "state.pt").is_file()
+    assert main(train) == 0  # a finished work folder: nothing left to train, same model written again
+
+    photo = lfw_sample[0]
+    out = tmp_path / "out"
+    common = ["--model", str(model), "--encoder", "dlib-torch", "--steps", "2", "--n", "2"]
+    assert main(["generate", *common, "--from-photo", str(photo), "--out", str(out)]) == 0
+    files = sorted(out.glob("*.png"))
+    assert [f.name for f in files] == [f"{photo.stem}_0.png", f"{photo.stem}_1.png"]
+    assert Image.open(files[0]).size == (16, 16)
+
+    assert (
+        main(
+            [
+                "generate",
+                *common,
+                "--from-photo",
+                str(lfw_sample[0]),
+                "--from-photo",
+                str(lfw_sample[1]),
+                "--personalise",
+                "--out",
+                str(tmp_path / "pers"),
+            ]
+        )
+        == 0
+    )
+    assert len(list((tmp_path / "pers").glob("personalised_*.png"))) == 2
+
+    z = np.random.default_rng(0).normal(size=(3, 128)).astype(np.float32)
+    save_embeddings(tmp_path / "t.npz", EmbeddingsFile(["a", "b", "c"], z, "dlib-torch", meta["encoder_fingerprint"]))
+    assert main(["generate", *common, "--from-embeddings", str(tmp_path / "t.npz"), "--out", str(tmp_path / "e")]) == 0
+    assert len(list((tmp_path / "e").glob("*.png"))) == 6
+
+    # bad input: another encoder's embeddings, a photo without a face, a missing model
+    save_embeddings(tmp_path / "o.npz", EmbeddingsFile(["a"], z[:1], "onnx", "another-fingerprint"))
+    assert main(["generate", *common, "--from-embeddings", str(tmp_path / "o.npz"), "--out", str(tmp_path / "x")]) == 2
+    assert "not of this encoder" in capsys.readouterr().err
+    blank = tmp_path / "blank.png"
+    Image.new("RGB", (120, 120), (200, 200, 200)).save(blank)
+    assert main(["generate", *common, "--from-photo", str(blank), "--out", str(tmp_path / "x")]) == 2
+    assert "blank.png" in capsys.readouterr().err
+    assert main(["generate", "--model", str(tmp_path / "none.pt"), "--from-photo", str(photo), "--out", "x"]) == 2
