@@ -18,6 +18,8 @@ class AuditConfig:
     data: Path
     out: Path
     encoder: str = "dlib"
+    #: Second encoder judging every reconstruction (``auto``: MobileFaceNet for dlib, dlib otherwise; ``none``).
+    transfer_encoder: str = "auto"
     templates: Path | None = None
     store: str | None = None
     tenant: str | None = None
@@ -48,6 +50,10 @@ class AuditConfig:
     images: bool = True
     workers: int = 1
     progress: bool = True
+    #: ``diffusion`` attacker: a trained generator checkpoint to use instead of training one (None: train), and
+    #: the scale of its reconstruction guidance by the encoder's torch module (None: 0, no guidance).
+    generator: Path | None = None
+    diffusion_guidance: float | None = None
 
     @classmethod
     def quick_mode(cls, data: Path, out: Path, **overrides: Any) -> AuditConfig:
@@ -108,12 +114,18 @@ class AuditConfig:
                 raise ConfigError(f"{name.replace('_', '-')} must be >= 1")
         if not 16 <= self.image_size <= 256:
             raise ConfigError(f"--image-size must be in [16, 256], got {self.image_size}")
+        if not self.transfer_encoder:
+            raise ConfigError("--transfer-encoder needs an encoder name, 'auto' or 'none'")
         if not self.attackers:
             raise ConfigError("no attacker selected")
         from advface.audit.attacks.decoder import parse_attacker
 
+        if self.diffusion_guidance is not None and self.diffusion_guidance < 0:
+            raise ConfigError(f"--diffusion-guidance must be >= 0, got {self.diffusion_guidance}")
+        if self.generator is not None and not Path(self.generator).is_file():
+            raise ConfigError(f"--generator: no file {self.generator}")
         for name in self.attackers:
-            if name == "gan-prior" or name == "adaptive":
+            if name in ("gan-prior", "adaptive", "diffusion"):
                 continue
             parse_attacker(name.removeprefix("adaptive-"))  # ConfigError for an unknown attacker
 

@@ -11,17 +11,27 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy.spatial.distance import cdist
 
 from advface.attack_metrics import embed_faces, impostor_threshold, psnr, ssim
-from advface.audit.results import LinkageMetrics, ReconstructionResult, SuccessAtFmr, VerificationMetrics
+from advface.audit.results import (
+    LinkageMetrics,
+    ReconstructionResult,
+    SuccessAtFmr,
+    TransferAtFmr,
+    TransferResult,
+    VerificationMetrics,
+)
 from advface.datasets.pairs import resize_faces
 from advface.encoders.base import FaceEncoder
 from advface.metrics import kfold_accuracy, roc_curve, tar_at_far
 from advface.unlinkability import d_sys
+
+if TYPE_CHECKING:  # pragma: no cover
+    from advface.audit.transfer import TransferJudge
 
 #: False-match rates at which attack success is reported, with their JSON labels.
 FMRS = {"1e-3": 1e-3, "1e-2": 1e-2}
@@ -44,12 +54,14 @@ def evaluate_attack(
     has_other: np.ndarray,
     originals: np.ndarray,
     thresholds: dict[str, float],
+    transfer: TransferResult | None = None,
 ) -> ReconstructionResult:
     """Success of one attacker's ``reconstructions`` of templates whose photos have raw embeddings ``own``.
 
     ``other[i]`` is the raw embedding of another photo of the same person where ``has_other[i]`` (Type II; the
     others are skipped and counted). The reconstructions are embedded once; success is measured at each of
-    ``thresholds`` (FMR label -> threshold).
+    ``thresholds`` (FMR label -> threshold). ``transfer``: the transfer judge's view of the same reconstructions
+    (:func:`evaluate_transfer`), attached to the result.
     """
     emb = embed_faces(encoder, reconstructions)
     s1 = encoder.score(emb, own)
@@ -76,6 +88,34 @@ def evaluate_attack(
         psnr=q_psnr,
         mean_score_to_own=float(s1.mean()),
         at_fmr=at_fmr,
+        transfer=transfer,
+    )
+
+
+def _rate(scores: np.ndarray, threshold: float) -> float | None:
+    return float((scores >= threshold).mean()) if len(scores) else None
+
+
+def evaluate_transfer(
+    judge: TransferJudge, reconstructions: np.ndarray, own_ids: np.ndarray, other_ids: np.ndarray
+) -> TransferResult:
+    """Success of ``reconstructions`` as the transfer judge sees them: each is mapped into the judge's chip frame,
+    embedded, and compared with the judge's clean embedding of the template's photo ``own_ids[i]`` (Type I) and of
+    another photo of the person ``other_ids[i]`` (Type II; ``""`` where there is none), at the judge's thresholds.
+    Photos the judge's detector found no face in are left out (counted by ``type1_n`` / ``type2_n``)."""
+    emb = judge.embed_reconstructions(reconstructions)
+    own_rows = judge.rows_of(own_ids)
+    other_rows = judge.rows_of(other_ids)
+    has_own, has_other = own_rows >= 0, other_rows >= 0
+    s1 = judge.encoder.score(emb[has_own], judge.embeddings[own_rows[has_own]]) if has_own.any() else np.zeros(0)
+    s2 = (
+        judge.encoder.score(emb[has_other], judge.embeddings[other_rows[has_other]]) if has_other.any() else np.zeros(0)
+    )
+    return TransferResult(
+        type1_n=len(s1),
+        type2_n=len(s2),
+        mean_score_to_own=float(s1.mean()) if len(s1) else None,
+        at_fmr={label: TransferAtFmr(_rate(s1, t), _rate(s2, t), t) for label, t in judge.thresholds.items()},
     )
 
 

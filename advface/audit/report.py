@@ -20,7 +20,14 @@ from typing import Any
 import numpy as np
 
 from advface.audit.metrics import Linkage, Verification, roc_points
-from advface.audit.results import TEMPLATE_KINDS, AttackResult, AuditResult, LayersResult, ThiefScanResult
+from advface.audit.results import (
+    TEMPLATE_KINDS,
+    AttackResult,
+    AuditResult,
+    LayersResult,
+    ReconstructionResult,
+    ThiefScanResult,
+)
 
 #: Photos (columns) of the image grid.
 GRID_COLUMNS = 6
@@ -149,7 +156,8 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _attack_rows(attacks: dict[str, AttackResult]) -> list[list[str]]:
+def _attack_rows(attacks: dict[str, AttackResult], transfer: bool = False) -> list[list[str]]:
+    """One row per attacker and template kind; with ``transfer`` the transfer judge's Type I / II at FMR 0.1%."""
     rows = []
     for name, attack in attacks.items():
         for kind in TEMPLATE_KINDS:
@@ -165,12 +173,21 @@ def _attack_rows(attacks: dict[str, AttackResult]) -> list[list[str]]:
                     _fmt(strict.type2_success, True),
                     _fmt(loose.type1_success, True),
                     _fmt(loose.type2_success, True),
+                    *(_transfer_cells(r) if transfer else []),
                     _fmt(r.ssim),
                     f"{r.psnr:.2f}",
                     str(r.n),
                 ]
             )
     return rows
+
+
+def _transfer_cells(r: ReconstructionResult) -> list[str]:
+    """The transfer judge's Type I / Type II at FMR 0.1% (dashes where it did not judge)."""
+    if r.transfer is None:
+        return ["&ndash;", "&ndash;"]
+    strict = r.transfer.at_fmr["1e-3"]
+    return [_fmt(strict.type1_success, True), _fmt(strict.type2_success, True)]
 
 
 def _thief_html(thief: ThiefScanResult) -> str:
@@ -279,12 +296,34 @@ def render_html(result: AuditResult, figures: dict[str, str]) -> str:
             + ", ".join(f"FMR {html.escape(k)}: <code>{v:.4f}</code>" for k, v in r.thresholds.items())
             + "</p>"
         )
+    if r.transfer is not None:
+        parts.append(
+            f"<p>Transfer judge <code>{html.escape(r.transfer.encoder)}</code> (its own detection and alignment, "
+            f"{r.transfer.photos} photos): thresholds "
+            + ", ".join(f"FMR {html.escape(k)}: <code>{v:.4f}</code>" for k, v in r.transfer.thresholds.items())
+            + "</p>"
+        )
     if r.attacks:
         parts.append(
             "<h2>Irreversibility: identity inference from reconstructions</h2>"
             "<p>Type I: reconstruction vs the template's own photo; Type II: vs another photo of the same "
             "person (people with a single photo are skipped and counted). Thresholds fixed on clean data at "
             "the given false-match rate.</p>"
+        )
+        system = html.escape(str(r.config.get("encoder", "")))
+        judge = r.transfer
+        if judge is not None:
+            parts.append(
+                f"<p>Judged by the system encoder <code>{system}</code> (impersonation: would the system accept "
+                f"the reconstruction?) and by the transfer judge <code>{html.escape(judge.encoder)}</code>, an "
+                "encoder neither the attacker nor the protection touched (visual identity leakage: does the "
+                "reconstruction look like the person to another face matcher?). The transfer judge's columns "
+                "use its own thresholds; reconstructions are mapped into its chip frame first.</p>"
+            )
+        else:
+            parts.append(f"<p>Judged by the system encoder <code>{system}</code> only (no transfer judge).</p>")
+        transfer_header = (
+            [f"Type I @FMR 0.1% ({judge.encoder})", f"Type II @FMR 0.1% ({judge.encoder})"] if judge else []
         )
         parts.append(
             _table(
@@ -295,11 +334,12 @@ def render_html(result: AuditResult, figures: dict[str, str]) -> str:
                     "Type II @FMR 0.1%",
                     "Type I @FMR 1%",
                     "Type II @FMR 1%",
+                    *transfer_header,
                     "SSIM",
                     "PSNR (dB)",
                     "n",
                 ],
-                _attack_rows(r.attacks),
+                _attack_rows(r.attacks, judge is not None),
             )
         )
     if (r.layers is not None and r.layers.layers) or r.thief_without_keys is not None:

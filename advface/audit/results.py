@@ -5,7 +5,9 @@ the run's settings, what is ``missing`` and the timings. The HTML report and the
 ``report.json`` is ``AuditResult.to_json()``, each class writing its own section with ``to_json()``.
 
 Format of ``report.json`` (:data:`FORMAT_VERSION`): 1 = the earlier format, without a ``format_version`` field;
-2 = the same keys and value shapes, plus the top-level ``format_version``.
+2 = the same keys and value shapes, plus the top-level ``format_version``; 3 = format 2 plus the transfer judge:
+``config.transfer_encoder``, ``thresholds.transfer`` and a ``transfer`` entry in each attacker's template kinds
+(added keys only).
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from typing import Any
 
 import numpy as np
 
-#: Version of the ``report.json`` format (1: the format before the field existed; 2: format 1 + ``format_version``).
-FORMAT_VERSION = 2
+#: Version of the ``report.json`` format (1: the format before the field existed; 2: format 1 + ``format_version``;
+#: 3: format 2 + the transfer judge's keys).
+FORMAT_VERSION = 3
 #: The kinds of template each attacker and the verification are run on: raw embeddings, AdvFace output
 #: ("protected") and AdvFace output through the keyed transform ("protected+key").
 TEMPLATE_KINDS = ("raw", "protected", "protected+key")
@@ -182,6 +185,55 @@ class SuccessAtFmr:
 
 
 @dataclass
+class TransferAtFmr:
+    """The transfer judge's Type I / Type II success at its threshold for one false-match rate."""
+
+    #: None when the judge has no clean embedding of any reconstructed template's photo (or other photo).
+    type1_success: float | None
+    type2_success: float | None
+    threshold: float
+
+    def to_json(self) -> JsonDict:
+        """The ``transfer.fmr_<label>`` entry."""
+        return {"type1_success": self.type1_success, "type2_success": self.type2_success, "threshold": self.threshold}
+
+
+@dataclass
+class TransferResult:
+    """One attacker's reconstructions of one kind of template as the transfer judge sees them (mapped into its chip
+    frame, compared with its own embeddings of the photos)."""
+
+    #: Reconstructions compared (Type I: the judge has an embedding of the template's photo; Type II: of the other).
+    type1_n: int
+    type2_n: int
+    mean_score_to_own: float | None
+    #: FMR label -> success at the judge's threshold for that rate.
+    at_fmr: dict[str, TransferAtFmr]
+
+    def to_json(self) -> JsonDict:
+        """Counts, mean score, then ``fmr_<label>`` per FMR."""
+        out: JsonDict = {"type1_n": self.type1_n, "type2_n": self.type2_n, "mean_score_to_own": self.mean_score_to_own}
+        out.update({f"fmr_{label}": s.to_json() for label, s in self.at_fmr.items()})
+        return out
+
+
+@dataclass
+class TransferThresholds:
+    """The ``thresholds.transfer`` entry: which encoder judged and its thresholds on clean data."""
+
+    encoder: str
+    fingerprint: str
+    #: FMR label -> threshold on the judge's score, fixed on non-mated pairs of its clean embeddings.
+    thresholds: dict[str, float]
+    #: Dataset photos the judge's own detection found a face in.
+    photos: int
+
+    def to_json(self) -> JsonDict:
+        """``encoder``, ``fingerprint``, ``photos``, then one threshold per FMR label."""
+        return {"encoder": self.encoder, "fingerprint": self.fingerprint, "photos": self.photos, **self.thresholds}
+
+
+@dataclass
 class ReconstructionResult:
     """One attacker's reconstructions of one kind of template: success at each FMR, image quality."""
 
@@ -194,6 +246,8 @@ class ReconstructionResult:
     mean_score_to_own: float
     #: FMR label (``1e-3``, ``1e-2``) -> success at that rate's threshold.
     at_fmr: dict[str, SuccessAtFmr]
+    #: The transfer judge's view of the same reconstructions; None without a transfer judge.
+    transfer: TransferResult | None = None
 
     @property
     def type1_success(self) -> float:
@@ -217,6 +271,8 @@ class ReconstructionResult:
         }
         out.update({f"fmr_{label}": s.to_json() for label, s in self.at_fmr.items()})
         out.update(type1_success=self.type1_success, type2_success=self.type2_success)
+        if self.transfer is not None:
+            out["transfer"] = self.transfer.to_json()
         return out
 
 
@@ -289,6 +345,36 @@ class GanPriorAttackResult(AttackResult):
             "steps": self.steps,
             "restarts": self.restarts,
             "similarity_history_raw": self.similarity_history_raw,
+        }
+
+
+@dataclass(kw_only=True)
+class DiffusionAttackResult(AttackResult):
+    """The identity-conditioned generator (one seeded sample per template)."""
+
+    kind: str = "diffusion"
+    #: Where the generator comes from: trained by the audit on the attacker group, or a ``--generator`` file.
+    generator: str
+    #: Loaded from the cache (or given) rather than trained by this run.
+    cached: bool
+    trained_on: str
+    image_size: int
+    sample_steps: int
+    cfg_scale: float
+    #: Scale of the reconstruction guidance by the encoder's module (0: none).
+    guidance_scale: float
+
+    def details(self) -> JsonDict:
+        """``generator``, ``cached``, ``trained_on``, ``image_size``, ``sample_steps``, ``cfg_scale``,
+        ``guidance_scale``."""
+        return {
+            "generator": self.generator,
+            "cached": self.cached,
+            "trained_on": self.trained_on,
+            "image_size": self.image_size,
+            "sample_steps": self.sample_steps,
+            "cfg_scale": self.cfg_scale,
+            "guidance_scale": self.guidance_scale,
         }
 
 
@@ -603,6 +689,8 @@ class AuditResult:
     data: DatasetSummary | None = None
     #: FMR label -> threshold on the encoder's score, fixed on non-mated pairs of clean embeddings.
     thresholds: dict[str, float] | None = None
+    #: The transfer judge and its thresholds (``thresholds.transfer``); None without a transfer judge.
+    transfer: TransferThresholds | None = None
     protection: ProtectionResult | None = None
     thief_without_keys: ThiefScanResult | None = None
     #: Attacker name -> result, in the order they ran (only those that ran).
@@ -626,9 +714,12 @@ class AuditResult:
             "config": self.config,
             "missing": [m.to_json() for m in self.missing],
         }
+        thresholds: JsonDict | None = dict(self.thresholds) if self.thresholds is not None else None
+        if thresholds is not None and self.transfer is not None:
+            thresholds["transfer"] = self.transfer.to_json()
         sections: list[tuple[str, Any]] = [
             ("data", self.data),
-            ("thresholds", self.thresholds),
+            ("thresholds", thresholds),
             ("protection", self.protection),
             ("thief_without_keys", self.thief_without_keys),
             ("attacks", self.attacks or None),

@@ -2,6 +2,9 @@
 unlinkability -> layers -> report. Each stage is a function of :mod:`advface.audit.stages` returning a typed
 result (:mod:`advface.audit.results`); :func:`run_audit` assembles them into an :class:`AuditResult`.
 
+Every attacker's reconstructions are also scored by a transfer judge (:mod:`advface.audit.transfer`), a second
+encoder untouched by attacker and protection; an unavailable judge is listed under ``missing``.
+
 Every stage after the inputs are read runs on its own: a stage that fails (a missing package, an attacker that
 cannot train) is recorded under ``missing`` and the report is still written, saying what it lacks. Bad inputs
 (no dataset, an empty or mismatched database, no usable photo) stop the audit with a clear error, after writing a
@@ -30,6 +33,7 @@ from advface.audit.stages.protection import setup_protection
 from advface.audit.stages.thief_scan import scan_store_without_keys
 from advface.audit.stages.unlinkability import measure_renewability, measure_unlinkability
 from advface.audit.stages.verification import run_verification
+from advface.audit.transfer import TransferJudge, build_transfer_judge, resolve_transfer_encoder
 from advface.errors import AdvfaceError
 
 
@@ -78,6 +82,25 @@ def _load_inputs(config: AuditConfig, result: AuditResult) -> AuditInputs:
     return inputs
 
 
+def _transfer_judge(config: AuditConfig, inputs: AuditInputs, name: str) -> TransferJudge:
+    """The transfer judge ``name`` on the audit's dataset (its pairs cached in the audit's cache)."""
+    from advface.audit.stages.inputs import _env
+
+    if inputs.dataset is None:  # pragma: no cover - load_dataset always keeps it
+        raise ValueError("the transfer judge needs the audit's dataset")
+    with _env("ADVFACE_CACHE_DIR", str(inputs.cache)):
+        return build_transfer_judge(
+            name,
+            inputs.dataset,
+            inputs.encoder.chip,
+            seed=config.seed,
+            image_size=config.image_size,
+            use_cache=config.pairs_cache,
+            workers=config.workers,
+            progress=config.progress,
+        )
+
+
 def _finish(
     config: AuditConfig, result: AuditResult, artifacts: ReportArtifacts, inputs: AuditInputs | None, started: float
 ) -> tuple[Path, Path]:
@@ -105,9 +128,11 @@ def run_audit(config: AuditConfig) -> tuple[Path, Path, AuditResult]:
     result = AuditResult(config=config_summary(config))
     artifacts = ReportArtifacts()
     scan_store = config.store is not None
+    transfer_name = resolve_transfer_encoder(config.transfer_encoder, config.encoder)
     stage_names = [
         "inputs",
         "protection",
+        *(["transfer judge"] if transfer_name else []),
         *(["database thief"] if scan_store else []),
         *[f"attacker {a}" for a in config.attackers],
         "verification",
@@ -120,6 +145,10 @@ def run_audit(config: AuditConfig) -> tuple[Path, Path, AuditResult]:
         try:
             with stages.required("inputs"):
                 inputs = _load_inputs(config, result)
+            if config.generator is not None and "diffusion" in config.attackers:
+                from advface.audit.attacks.diffusion import load_given_generator
+
+                load_given_generator(config.generator, inputs.encoder)  # another encoder's model: a clear error
             with stages.required("protection"):
                 protection = setup_protection(config, inputs)
                 result.protection = protection.result
@@ -127,12 +156,17 @@ def run_audit(config: AuditConfig) -> tuple[Path, Path, AuditResult]:
             result.add_missing("inputs", str(exc))
             _finish(config, result, artifacts, inputs, started)
             raise
+        judge: TransferJudge | None = None
+        if transfer_name:
+            with stages.optional("transfer judge"):
+                judge = _transfer_judge(config, inputs, transfer_name)
+                result.transfer = judge.summary()
         if scan_store:
             with stages.optional("database thief"):
                 result.thief_without_keys = scan_store_without_keys(inputs)
         for name in config.attackers:
             with stages.optional(f"attacker {name}"):
-                result.attacks[name] = run_attacker(name, config, inputs, protection, artifacts)
+                result.attacks[name] = run_attacker(name, config, inputs, protection, artifacts, judge)
         with stages.optional("verification"):
             result.verification = run_verification(config, inputs, protection, artifacts)
         with stages.optional("unlinkability"):

@@ -34,6 +34,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="small subsets (40 identities, 32x32 decoders, 2 epochs, short GAN search): minutes on a CPU",
     )
     parser.add_argument("--encoder", default="dlib", help="face encoder (default dlib)")
+    parser.add_argument(
+        "--transfer-encoder",
+        default="auto",
+        metavar="NAME",
+        help="second encoder that judges every reconstruction too, untouched by attackers and protection (visual "
+        "identity leakage): default auto = mobilefacenet (mobilefacenet_128d.onnx in $ADVFACE_MODELS_DIR) for "
+        "dlib templates, dlib for others; none: no transfer judge",
+    )
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--templates", type=Path, help="embeddings file (.npz with ids) holding the templates to audit")
     source.add_argument(
@@ -81,7 +89,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--attackers",
         nargs="+",
         help=f"attackers to run (default full: {' '.join(FULL_ATTACKERS)}; decoder archs: deconv, "
-        "resup, pixelshuffle, tokens, modconv, each optionally +id; gan-prior; adaptive)",
+        "resup, pixelshuffle, tokens, modconv, each optionally +id; gan-prior; adaptive; diffusion: the "
+        "identity-conditioned generator of advface.generative, trained on the attacker group or --generator)",
     )
     parser.add_argument("--cache-dir", type=Path, help="cache of pairs and trained attackers (default advface cache)")
     parser.add_argument(
@@ -105,6 +114,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="pairs of tenant keys over which D_sys with the key is measured; the worst is held to "
         f"the {TARGET_D_SYS} target (default 5, quick 3)",
     )
+    parser.add_argument(
+        "--generator",
+        type=Path,
+        metavar="CKPT",
+        help="diffusion attacker: a trained generator checkpoint (advface train-generator) of the audit's encoder "
+        "instead of training one on the attacker group",
+    )
+    parser.add_argument(
+        "--diffusion-guidance",
+        type=float,
+        metavar="SCALE",
+        help="diffusion attacker: reconstruction guidance by the encoder's torch module on the decoded face "
+        "(default 0: none)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1, help="face-detection processes")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -116,6 +139,7 @@ def config_from_args(args: argparse.Namespace) -> AuditConfig:
 
     overrides = dict(
         encoder=args.encoder,
+        transfer_encoder=args.transfer_encoder,
         templates=args.templates,
         store=args.store,
         tenant=args.tenant,
@@ -141,6 +165,8 @@ def config_from_args(args: argparse.Namespace) -> AuditConfig:
         gan_steps=args.gan_steps,
         gan_restarts=args.gan_restarts,
         link_keys=args.link_keys,
+        generator=args.generator,
+        diffusion_guidance=args.diffusion_guidance,
         seed=args.seed,
         workers=args.workers,
         progress=not args.quiet,
@@ -159,10 +185,18 @@ def run(args: argparse.Namespace) -> int:
     html_path, json_path, result = run_audit(config_from_args(args))
     for name, attack in result.attacks.items():
         t1 = attack.type1_success
-        print(
+        line = (
             f"{name}: Type I @FMR 0.1% raw {100 * t1['raw']:.1f}%, protected {100 * t1['protected']:.1f}%, "
             f"protected+key {100 * t1['protected+key']:.1f}%"
         )
+        if result.transfer is not None:
+            judged = [
+                f"{kind} {100 * value:.1f}%"
+                for kind, r in attack.by_templates.items()
+                if r.transfer is not None and (value := r.transfer.at_fmr["1e-3"].type1_success) is not None
+            ]
+            line += f"; judged by {result.transfer.encoder}: " + ", ".join(judged)
+        print(line)
     if result.thief_without_keys is not None:
         print(f"database thief: {result.thief_without_keys.summary}")
     if result.unlinkability is not None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from advface.audit.results import FORMAT_VERSION
 from advface.cli.main import main
 from advface.embeddings_file import EmbeddingsFile, save_embeddings
 
@@ -29,7 +30,7 @@ def test_dimension_mismatch(
     assert "dimension 64" in capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
     assert report["missing"][0]["stage"] == "inputs" and "dimension" in report["missing"][0]["reason"]
-    assert report["format_version"] == 2
+    assert report["format_version"] == FORMAT_VERSION == 3
     assert "Partial report" in (out / "report.html").read_text()
 
 

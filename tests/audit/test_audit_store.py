@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from advface.audit import thief
+from advface.audit.results import FORMAT_VERSION
 from advface.audit.store import load_templates_store
 from advface.errors import ConfigError
 
@@ -231,7 +232,7 @@ def test_end_to_end_encrypted_keyed_store(audit_dataset: Path, audit_cache: Path
     page = (out / "report.html").read_text()
     assert f"vectors recovered without keys: 0 of {n} rows" in page
     # the format-1 keys of the parts only a store audit writes (the store's and the thief's own entries aside)
-    assert report["format_version"] == 2
+    assert report["format_version"] == FORMAT_VERSION == 3
     assert list(report["data"]) == [
         "dataset",
         "photos",

@@ -1,6 +1,7 @@
 """``report.json`` keeps its format across the typed results (advface.audit.results): the quick audit's report has
 the keys, key order and value types that the audit wrote before its results were typed (format 1, recorded from a
-quick run of that code on the same dataset), plus ``format_version`` 2 first."""
+quick run of that code on the same dataset), plus ``format_version`` first (2) and the transfer judge's keys (3:
+added keys only, every format-1 key keeps its place)."""
 
 from __future__ import annotations
 
@@ -157,6 +158,52 @@ QUICK_REPORT_FORMAT_1 = {
 }
 
 
+# Format 3: format 1 plus the transfer judge (``config.transfer_encoder``, ``thresholds.transfer``, a ``transfer``
+# entry after the headline rates of each attacker's template kinds).
+TRANSFER_AT_FMR = {"type1_success": float, "type2_success": float, "threshold": float}
+TRANSFER = {
+    "type1_n": int,
+    "type2_n": int,
+    "mean_score_to_own": float,
+    "fmr_1e-3": TRANSFER_AT_FMR,
+    "fmr_1e-2": TRANSFER_AT_FMR,
+}
+PER_TEMPLATES_3 = {**PER_TEMPLATES, "transfer": TRANSFER}
+ATTACKS_3 = {
+    name: {**shape, **{kind: PER_TEMPLATES_3 for kind in ("raw", "protected", "protected+key")}}
+    for name, shape in ATTACKS.items()
+}
+CONFIG_3 = {k: v for k, v in CONFIG.items() if k in ("data", "out", "encoder")}
+CONFIG_3["transfer_encoder"] = str
+CONFIG_3.update(CONFIG)
+QUICK_REPORT_FORMAT_3 = {
+    **QUICK_REPORT_FORMAT_1,
+    "config": CONFIG_3,
+    "thresholds": {
+        "1e-3": float,
+        "1e-2": float,
+        "transfer": {"encoder": str, "fingerprint": str, "photos": int, "1e-3": float, "1e-2": float},
+    },
+    "attacks": ATTACKS_3,
+}
+
+
+def _only_adds_keys(new: Any, old: Any, path: str = "report") -> None:
+    """Every key of the shape ``old`` is in ``new``, in the same order, with a shape that only adds keys."""
+    if not isinstance(old, dict):
+        assert new == old, path
+        return
+    assert isinstance(new, dict), path
+    assert [k for k in new if k in old] == list(old), f"{path}: format-1 keys moved or missing"
+    for key, shape in old.items():
+        _only_adds_keys(new[key], shape, f"{path}.{key}")
+
+
+def test_format_3_only_adds_keys_to_format_1() -> None:
+    _only_adds_keys(QUICK_REPORT_FORMAT_3, QUICK_REPORT_FORMAT_1)
+    assert QUICK_REPORT_FORMAT_3 != QUICK_REPORT_FORMAT_1
+
+
 def assert_shape(value: Any, expected: Any, path: str = "report") -> None:
     """``value`` (parsed JSON) has the shape ``expected`` (see the module's conventions)."""
     if isinstance(expected, dict):
@@ -177,11 +224,11 @@ def assert_shape(value: Any, expected: Any, path: str = "report") -> None:
 
 
 @pytest.mark.slow
-def test_quick_report_has_the_format_1_keys_and_a_format_version(quick_report: Path) -> None:
+def test_quick_report_has_the_format_3_keys_and_a_format_version(quick_report: Path, models_dir: Path) -> None:
     report = json.loads((quick_report / "report.json").read_text())
-    assert next(iter(report)) == "format_version" and report["format_version"] == FORMAT_VERSION == 2
-    format_1 = {k: v for k, v in report.items() if k != "format_version"}
-    assert_shape(format_1, QUICK_REPORT_FORMAT_1)
+    assert next(iter(report)) == "format_version" and report["format_version"] == FORMAT_VERSION == 3
+    format_3 = {k: v for k, v in report.items() if k != "format_version"}
+    assert_shape(format_3, QUICK_REPORT_FORMAT_3)
     from advface.audit.api_surface import api_exposure
 
     assert report["layers"][4]["api"] == api_exposure()
@@ -193,7 +240,7 @@ def test_a_report_without_measurements_has_its_format_version() -> None:
     result.add_missing("inputs", "no dataset")
     result.date, result.seconds = "2024-01-01 00:00 UTC", 0.1
     assert result.to_json() == {
-        "format_version": 2,
+        "format_version": 3,
         "config": {"data": "x"},
         "missing": [{"stage": "inputs", "reason": "no dataset"}],
         "date": "2024-01-01 00:00 UTC",

@@ -2,8 +2,10 @@
 reconstructions are scored for identity inference (:func:`advface.audit.metrics.evaluate_attack`).
 
 Attackers: trained decoders (``deconv``, ``resup+id``, ...: trained on raw templates of the attacker group), the
-adaptive insider (``adaptive``, ``adaptive-ARCH``: trained on protected templates of its own enrolments) and the
-GAN-prior latent search (``gan-prior``)."""
+adaptive insider (``adaptive``, ``adaptive-ARCH``: trained on protected templates of its own enrolments), the
+GAN-prior latent search (``gan-prior``) and the identity-conditioned generator (``diffusion``). With a transfer
+judge (:mod:`advface.audit.transfer`) every reconstruction is also scored by a second encoder that neither the
+attacker nor the protection touched."""
 
 from __future__ import annotations
 
@@ -14,17 +16,19 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from advface.audit.config import AuditConfig
-from advface.audit.metrics import evaluate_attack
+from advface.audit.metrics import evaluate_attack, evaluate_transfer
 from advface.audit.report import GRID_COLUMNS, ReportArtifacts
 from advface.audit.results import (
     TEMPLATE_KINDS,
     AttackResult,
     DecoderAttackResult,
+    DiffusionAttackResult,
     GanPriorAttackResult,
     ReconstructionResult,
 )
 from advface.audit.stages.inputs import AuditInputs
 from advface.audit.stages.protection import ProtectionSetup
+from advface.audit.transfer import TransferJudge
 from advface.errors import ConfigError
 
 #: A reconstruction attack: templates -> face images.
@@ -34,10 +38,14 @@ GRID_KINDS = ("raw", "protected")
 
 
 def _evaluate(
-    inputs: AuditInputs, protection: ProtectionSetup, reconstruct: Reconstruct, rows: np.ndarray | None = None
+    inputs: AuditInputs,
+    protection: ProtectionSetup,
+    reconstruct: Reconstruct,
+    rows: np.ndarray | None = None,
+    transfer: TransferJudge | None = None,
 ) -> tuple[dict[str, ReconstructionResult], dict[str, np.ndarray]]:
-    """Reconstruct the audited templates of each kind (``rows`` of them, default all) and score them; also returns
-    the first reconstructions of each kind for the image grid."""
+    """Reconstruct the audited templates of each kind (``rows`` of them, default all) and score them (also by the
+    ``transfer`` judge when there is one); also returns the first reconstructions of each kind for the image grid."""
     sel = np.arange(len(inputs.rows)) if rows is None else rows
     v = inputs.victims
     own_rows = inputs.rows[sel]
@@ -45,20 +53,27 @@ def _evaluate(
     own = v.pairs.embeddings[own_rows]
     other = v.pairs.embeddings[np.maximum(other_rows, 0)]
     originals = v.pairs.faces[own_rows]
+    own_ids = v.pairs.ids[own_rows]
+    other_ids = np.where(other_rows >= 0, v.pairs.ids[np.maximum(other_rows, 0)], "")
     templates = dict(zip(TEMPLATE_KINDS, (protection.raw, protection.protected, protection.keyed)))
     results: dict[str, ReconstructionResult] = {}
     grid: dict[str, np.ndarray] = {}
     for kind, of_kind in templates.items():
         recon = reconstruct(of_kind[sel])
+        judged = evaluate_transfer(transfer, recon, own_ids, other_ids) if transfer is not None else None
         results[kind] = evaluate_attack(
-            inputs.encoder, recon, own, other, other_rows >= 0, originals, inputs.thresholds
+            inputs.encoder, recon, own, other, other_rows >= 0, originals, inputs.thresholds, judged
         )
         grid[kind] = recon[:GRID_COLUMNS]
     return results, grid
 
 
 def _decoder_attack(
-    name: str, config: AuditConfig, inputs: AuditInputs, protection: ProtectionSetup
+    name: str,
+    config: AuditConfig,
+    inputs: AuditInputs,
+    protection: ProtectionSetup,
+    transfer: TransferJudge | None = None,
 ) -> tuple[DecoderAttackResult, dict[str, np.ndarray]]:
     """A trained decoder: the adaptive insider (``adaptive``, ``adaptive-ARCH``) or one trained on raw templates."""
     from advface.attack_metrics import reconstruct
@@ -92,14 +107,14 @@ def _decoder_attack(
         attacker = parse_attacker(name)
         decoder, meta, cached = train_or_load(attacker, inputs.pairs, inputs.split, inputs.encoder, **common)
         kind, arch, loss, trained_on = "decoder", attacker.arch, attacker.loss, "raw templates of the attacker group"
-    by_templates, grid = _evaluate(inputs, protection, lambda z: reconstruct(decoder, z))
+    by_templates, grid = _evaluate(inputs, protection, lambda z: reconstruct(decoder, z), transfer=transfer)
     return DecoderAttackResult(
         kind=kind, by_templates=by_templates, arch=arch, loss=loss, cached=cached, trained_on=trained_on
     ), grid
 
 
 def _gan_prior_attack(
-    config: AuditConfig, inputs: AuditInputs, protection: ProtectionSetup
+    config: AuditConfig, inputs: AuditInputs, protection: ProtectionSetup, transfer: TransferJudge | None = None
 ) -> tuple[GanPriorAttackResult, dict[str, np.ndarray]]:
     """The GAN-prior latent search on the first ``--gan-templates`` audited templates of each kind."""
     from advface.audit.attacks.gan_prior import GanPriorConfig, invert_templates, load_generator
@@ -129,7 +144,7 @@ def _gan_prior_attack(
         histories.append(res.history)
         return res.faces
 
-    by_templates, grid = _evaluate(inputs, protection, reconstruct, rows)
+    by_templates, grid = _evaluate(inputs, protection, reconstruct, rows, transfer)
     result = GanPriorAttackResult(
         by_templates=by_templates,
         prior="gan-face-generate DCGAN 64x64 (DigiFace1M)",
@@ -141,17 +156,74 @@ def _gan_prior_attack(
     return result, grid
 
 
+def _diffusion_attack(
+    config: AuditConfig, inputs: AuditInputs, protection: ProtectionSetup, transfer: TransferJudge | None = None
+) -> tuple[DiffusionAttackResult, dict[str, np.ndarray]]:
+    """The identity-conditioned generator: trained on the attacker group (cached) or ``--generator``."""
+    from advface.audit.attacks import diffusion
+
+    c = config
+    scale = c.diffusion_guidance or 0.0
+    if c.generator is not None:
+        generator = diffusion.load_given_generator(c.generator, inputs.encoder)
+        cached, source = True, str(c.generator)
+        trained_on = str(generator.metadata.get("training_data", {}).get("group", "unknown")) + " group (given)"
+    else:
+        train_config = diffusion.diffusion_train_config(c.image_size, c.seed, c.quick)
+        generator, cached = diffusion.train_or_load_generator(
+            inputs.pairs, inputs.split, inputs.encoder, train_config, cache_dir=inputs.cache, progress=c.progress
+        )
+        source, trained_on = "trained by the audit", "(face, raw template) pairs of the attacker group"
+    module = inputs.encoder.torch_module(str(generator.device)) if scale > 0 else None
+    if scale > 0 and module is None:
+        raise ConfigError(f"--diffusion-guidance needs an encoder with a differentiable module ({c.encoder})")
+    steps = diffusion.QUICK_SAMPLE_STEPS if c.quick else diffusion.SAMPLE_STEPS
+
+    def reconstruct(templates: np.ndarray) -> np.ndarray:
+        return diffusion.reconstruct_templates(
+            generator,
+            templates,
+            seed=c.seed,
+            steps=steps,
+            guide_scale=scale,
+            module=module,
+            chip_size=inputs.encoder.chip.size,
+            metric=inputs.encoder.metric,
+        )
+
+    by_templates, grid = _evaluate(inputs, protection, reconstruct, transfer=transfer)
+    result = DiffusionAttackResult(
+        by_templates=by_templates,
+        generator=source,
+        cached=cached,
+        trained_on=trained_on,
+        image_size=generator.image_size,
+        sample_steps=steps,
+        cfg_scale=diffusion.CFG_SCALE,
+        guidance_scale=scale,
+    )
+    return result, grid
+
+
 def run_attacker(
-    name: str, config: AuditConfig, inputs: AuditInputs, protection: ProtectionSetup, artifacts: ReportArtifacts
+    name: str,
+    config: AuditConfig,
+    inputs: AuditInputs,
+    protection: ProtectionSetup,
+    artifacts: ReportArtifacts,
+    transfer: TransferJudge | None = None,
 ) -> AttackResult:
-    """Run the attacker ``name`` on the audited templates of each kind; its reconstructions of raw and protected
-    templates (and the GAN-prior search progress) go to ``artifacts`` for the report's plots."""
+    """Run the attacker ``name`` on the audited templates of each kind, scored by the system encoder and the
+    ``transfer`` judge (None: none); its reconstructions of raw and protected templates (and the GAN-prior search
+    progress) go to ``artifacts`` for the report's plots."""
     result: AttackResult
     if name == "gan-prior":
-        result, grid = _gan_prior_attack(config, inputs, protection)
+        result, grid = _gan_prior_attack(config, inputs, protection, transfer)
         artifacts.gan_history = result.similarity_history_raw
+    elif name == "diffusion":
+        result, grid = _diffusion_attack(config, inputs, protection, transfer)
     else:
-        result, grid = _decoder_attack(name, config, inputs, protection)
+        result, grid = _decoder_attack(name, config, inputs, protection, transfer)
     for kind in GRID_KINDS:
         artifacts.grid_rows.append((f"{name} ({kind})", grid[kind]))
     return result

@@ -19,6 +19,7 @@ from advface.audit.config import AuditConfig
 from advface.audit.data import TemplateDatabase, Victims
 from advface.audit.metrics import attack_thresholds
 from advface.audit.results import DatabaseSummary, DatasetSummary, Missing
+from advface.datasets.folders import IdentityFolderDataset
 from advface.datasets.pairs import FacePairs
 from advface.datasets.splits import IdentitySplit
 from advface.encoders.base import FaceEncoder
@@ -55,6 +56,8 @@ class LoadedDataset:
     cache: Path
     summary: DatasetSummary
     notes: list[Missing] = field(default_factory=list)
+    #: The (subsampled) dataset the pairs were built from.
+    dataset: IdentityFolderDataset | None = None
 
 
 @dataclass
@@ -77,6 +80,8 @@ class AuditInputs:
     cache: Path
     summary: DatasetSummary
     notes: list[Missing] = field(default_factory=list)
+    #: The (subsampled) dataset the pairs were built from (the transfer judge embeds its photos too).
+    dataset: IdentityFolderDataset | None = None
 
     @property
     def raw(self) -> np.ndarray:
@@ -147,7 +152,7 @@ def load_dataset(config: AuditConfig) -> LoadedDataset:
                 + "; ".join(f"{k}: {v}" for k, v in failed[:3]),
             )
         )
-    return LoadedDataset(encoder, faces.pairs, db, cache, summary, notes)
+    return LoadedDataset(encoder, faces.pairs, db, cache, summary, notes, dataset)
 
 
 def _split(config: AuditConfig, pairs: FacePairs, db: TemplateDatabase | None) -> IdentitySplit:
@@ -219,4 +224,5 @@ def select_victims(config: AuditConfig, loaded: LoadedDataset) -> AuditInputs:
         loaded.cache,
         summary,
         notes,
+        loaded.dataset,
     )

@@ -1,0 +1,181 @@
+"""The ``diffusion`` attacker: advface's identity-conditioned face generator (:mod:`advface.generative`) trained on the
+attacker group's (face, embedding) pairs, or a given checkpoint (``--generator``); the reconstruction of a stolen
+template is the generator's sample conditioned on it (one seeded sample per template), optionally with
+reconstruction guidance by the system encoder's differentiable module on the decoded face
+(``--diffusion-guidance``).
+
+Trained generators are cached under ``<cache>/audit/generators/<key>.pt``, the key hashing the encoder fingerprint,
+the training photos (the split), the training configuration and the seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from advface.datasets.pairs import FacePairs, resize_faces
+from advface.datasets.splits import IdentitySplit
+from advface.encoders.base import FaceEncoder
+from advface.errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from advface.generative.config import GeneratorTrainConfig
+    from advface.generative.model import IdentityGenerator
+
+#: DDIM steps and classifier-free guidance of the attacker's samples (the generator's defaults).
+SAMPLE_STEPS, CFG_SCALE = 25, 3.0
+#: DDIM steps in quick mode.
+QUICK_SAMPLE_STEPS = 10
+
+
+def diffusion_train_config(image_size: int, seed: int, quick: bool) -> GeneratorTrainConfig:
+    """The generator's training settings for an audit: the library defaults (at the audit's image size, rounded to
+    a multiple of 16 for the denoiser's three resolutions), or in quick mode a tiny model trained a few hundred
+    steps."""
+    from advface.generative.config import GeneratorTrainConfig
+
+    size = max(16, image_size // 16 * 16)
+    if not quick:
+        return GeneratorTrainConfig(image_size=size, seed=seed)
+    return GeneratorTrainConfig(
+        image_size=size,
+        ae_width=16,
+        ae_steps=150,
+        ae_batch=16,
+        width=16,
+        multipliers=(1, 2, 4),
+        steps=300,
+        batch=32,
+        warmup=30,
+        ema_decay=0.99,
+        seed=seed,
+        checkpoint_minutes=60.0,
+    )
+
+
+def generator_key(encoder_fingerprint: str, train_digest: str, config: GeneratorTrainConfig) -> str:
+    """File stem of a cached generator: readable prefix plus a hash of everything that determines the weights."""
+    blob = json.dumps([encoder_fingerprint, train_digest, config.identity()], sort_keys=True, default=str)
+    return f"diffusion-{config.image_size}px-s{config.seed}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+
+
+def train_or_load_generator(
+    pairs: FacePairs,
+    split: IdentitySplit,
+    encoder: FaceEncoder,
+    config: GeneratorTrainConfig,
+    *,
+    cache_dir: Path,
+    progress: bool = True,
+) -> tuple[IdentityGenerator, bool]:
+    """The generator trained on the ``attacker`` group of ``split`` in ``pairs`` (mirrors included), from cache when
+    there; returns ``(generator, loaded_from_cache)``."""
+    from advface.audit.attacks.decoder import training_digest
+    from advface.generative.model import load_generator, save_generator
+    from advface.generative.training import GeneratorTrainer, TrainingData
+
+    train = pairs.of_identities(split.attacker)
+    if len(train) == 0:
+        raise ConfigError("the attacker group has no photos: the dataset needs more identities to train attackers")
+    key = generator_key(encoder.fingerprint, training_digest(train), config)
+    folder = cache_dir / "audit" / "generators"
+    ckpt = folder / f"{key}.pt"
+    if ckpt.is_file():
+        return load_generator(ckpt, encoder_fingerprint=encoder.fingerprint), True
+    folder.mkdir(parents=True, exist_ok=True)
+    data = TrainingData(
+        resize_faces(train.faces, config.image_size),
+        train.embeddings,
+        {
+            "dataset": "audit dataset",
+            "group": "attacker",
+            "photos": int((~train.flipped).sum()),
+            "identities": len(set(train.identities.tolist())),
+            "encoder": encoder.name,
+        },
+    )
+    metadata = {"role": "attacker", "encoder": encoder.name, "encoder_fingerprint": encoder.fingerprint}
+    trainer = GeneratorTrainer(config, data, folder / f"{key}.work", metadata, progress=progress)
+    generator = trainer.run()
+    save_generator(ckpt, generator)
+    return generator, False
+
+
+def load_given_generator(path: Path, encoder: FaceEncoder) -> IdentityGenerator:
+    """The checkpoint given with ``--generator``: ConfigError when it was trained on another encoder's embeddings
+    (or has no encoder fingerprint to check)."""
+    from advface.generative.model import load_generator
+
+    generator = load_generator(path, encoder_fingerprint=encoder.fingerprint)
+    if generator.metadata.get("encoder_fingerprint") is None:
+        raise ConfigError(f"{path}: the generator checkpoint does not say which encoder it was trained for")
+    if generator.dim != encoder.dim:
+        raise ConfigError(f"{path}: the generator takes {generator.dim}-d embeddings, the encoder gives {encoder.dim}")
+    return generator
+
+
+def _identity_guide(
+    generator: IdentityGenerator, module: torch.nn.Module, targets: torch.Tensor, chip_size: int, metric: str
+) -> Any:
+    """Loss on predicted clean latents: distance of the decoded face's embedding (system encoder, on the face
+    resized to its chip) to the stolen template."""
+    import torch.nn.functional as F
+
+    def guide(latents: torch.Tensor) -> torch.Tensor:
+        images = generator.autoencoder.decode(latents)
+        if images.shape[-1] != chip_size:
+            images = F.interpolate(images, size=(chip_size, chip_size), mode="bilinear", align_corners=False)
+        emb = module(images)
+        if metric == "cosine":
+            return 1 - F.cosine_similarity(emb, targets, dim=1)
+        return (emb - targets).norm(dim=1)
+
+    return guide
+
+
+def reconstruct_templates(
+    generator: IdentityGenerator,
+    templates: np.ndarray,
+    *,
+    seed: int,
+    steps: int = SAMPLE_STEPS,
+    guidance: float = CFG_SCALE,
+    guide_scale: float = 0.0,
+    module: torch.nn.Module | None = None,
+    chip_size: int = 150,
+    metric: str = "euclidean",
+    batch_size: int = 32,
+) -> np.ndarray:
+    """One sample per template (``N x S x S x 3`` uint8), seeded per batch from ``seed``; with ``guide_scale`` > 0
+    each DDIM step's predicted face is pulled towards the template by the encoder's ``module``."""
+    import torch
+
+    faces = []
+    for start in range(0, len(templates), batch_size):
+        batch = np.asarray(templates[start : start + batch_size], np.float32)
+        guide = None
+        if guide_scale > 0:
+            if module is None:
+                raise ConfigError("--diffusion-guidance needs an encoder with a differentiable module")
+            targets = torch.from_numpy(batch).to(generator.device)
+            guide = _identity_guide(generator, module, targets, chip_size, metric)
+        out = generator.generate(
+            batch,
+            1,
+            steps=steps,
+            guidance=guidance,
+            seed=seed + start,
+            guide=guide,
+            guide_scale=guide_scale,
+            batch_size=len(batch),
+        )
+        faces.append(out[:, 0])
+    if not faces:
+        return np.zeros((0, generator.image_size, generator.image_size, 3), np.uint8)
+    return np.concatenate(faces)
