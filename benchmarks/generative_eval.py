@@ -1,0 +1,250 @@
+"""Identity fidelity, realism and cost of advface's face generator, judged by the encoder that conditions it (the
+system judge) and by a transfer encoder the generator never used.
+
+Usage::
+
+    python benchmarks/generative_eval.py --model generator_attacker.pt [--people 100] [--n 4] [--steps 25]
+        [--guidance 3] [--personalise-photos 3] [--out benchmarks/results/generative.json]
+
+Evaluation people: LFW identities of the project's *evaluation* group (split seed 0; never in any generator's
+training data) with two or more photos, in name order.
+
+- **training-free** (IP-Adapter-FaceID / Arc2Face analogue): the generator is conditioned on photo A's system
+  embedding; each of ``--n`` generated faces is compared with *another* photo B of the person (Type II) by the system
+  encoder at its FMR 0.1% threshold on clean LFW, and by the transfer judge (MobileFaceNet for dlib) at its own FMR
+  0.1% threshold on its own clean embeddings; ``*_match`` = share accepted, ``ism_*`` = mean cosine similarity;
+- **training-based** (textual-inversion analogue): people with at least ``--personalise-photos + 1`` photos; the
+  condition is learned from the first ``--personalise-photos`` (:func:`advface.generative.threats.learn_condition`,
+  no encoder involved), the generated faces are compared with a held-out photo the same way;
+- **realism**: share of generated faces in which dlib's detector finds a face (faces upscaled 2x), and the Frechet
+  distance in the transfer encoder's embedding space between generated faces and real faces of the same people
+  (lower is better), beside the same distance for the DCGAN of ``gan-face-generate`` (its faces are not aligned like
+  chips: resized straight to the judge's chip, so that figure is an upper bound);
+- **cost**: seconds per generated face at ``--steps`` on this machine.
+
+Generated faces are written to ``benchmarks/results/local/generative/`` (not committed: they are likenesses of LFW
+people).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.linalg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from advface.audit.metrics import attack_thresholds  # noqa: E402
+from advface.audit.transfer import build_transfer_judge, default_transfer_encoder  # noqa: E402
+from advface.datasets import LFW  # noqa: E402
+from advface.datasets.pairs import build_face_pairs, resize_faces  # noqa: E402
+from advface.datasets.splits import split_identities  # noqa: E402
+from advface.encoders import create_encoder  # noqa: E402
+from advface.generative.model import IdentityGenerator, load_generator  # noqa: E402
+from advface.generative.threats import PersonaliseConfig, learn_condition  # noqa: E402
+from advface.protect.image.io import save_png  # noqa: E402
+from benchmarks.common import write_results  # noqa: E402
+
+LOCAL = Path(__file__).resolve().parent / "results" / "local" / "generative"
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity."""
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return (a * b).sum(axis=1)
+
+
+def frechet(a: np.ndarray, b: np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to the rows of ``a`` and ``b``."""
+    mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = scipy.linalg.sqrtm(cov_a @ cov_b)
+    root = root.real if np.iscomplexobj(root) else root
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
+
+
+class Judges:
+    """The system judge (the conditioning encoder) and the transfer judge, with their FMR 0.1% thresholds."""
+
+    def __init__(self, generator: IdentityGenerator, dataset: LFW, models_dir: str | None) -> None:
+        name = str(generator.metadata.get("encoder", "dlib"))
+        self.encoder = create_encoder(name)
+        # dlib-torch gives dlib's embeddings, batched: used to score generated faces
+        self.scorer = create_encoder("dlib-torch") if name == "dlib" else self.encoder
+        self.pairs = build_face_pairs(dataset, self.encoder, image_size=generator.image_size)
+        clean = self.pairs.without_flips()
+        self.system_threshold = attack_thresholds(clean.embeddings, clean.identities, self.encoder.metric)["1e-3"]
+        self.transfer = build_transfer_judge(
+            default_transfer_encoder(name),
+            dataset,
+            self.encoder.chip,
+            seed=0,
+            image_size=generator.image_size,
+            use_cache=True,
+            models_dir=models_dir,
+        )
+
+    def score(self, faces: np.ndarray, photo_ids: list[str]) -> dict[str, np.ndarray]:
+        """Per generated face (``N x S x S x 3``, chip frame of the system encoder) and the photo it is compared
+        with: system and transfer scores and cosines (NaN where the transfer judge has no embedding of the photo)."""
+        clean = self.pairs.without_flips()
+        row_of = {pid: i for i, pid in enumerate(clean.ids.tolist())}
+        target = clean.embeddings[[row_of[p] for p in photo_ids]]
+        emb = self.scorer.embed(resize_faces(faces, self.scorer.chip.size))
+        system = self.scorer.score(emb, target)
+        t_emb = self.transfer.embed_reconstructions(faces)
+        rows = self.transfer.rows_of(np.asarray(photo_ids))
+        t_score = np.full(len(faces), np.nan)
+        t_cos = np.full(len(faces), np.nan)
+        ok = rows >= 0
+        if ok.any():
+            t_target = self.transfer.embeddings[rows[ok]]
+            t_score[ok] = self.transfer.encoder.score(t_emb[ok], t_target)
+            t_cos[ok] = cosine(t_emb[ok], t_target)
+        return {
+            "system": system,
+            "system_cos": cosine(emb, target),
+            "transfer": t_score,
+            "transfer_cos": t_cos,
+            "transfer_emb": t_emb,
+        }
+
+    def summary(self, scored: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Match rates at FMR 0.1% and mean cosines."""
+        t = scored["transfer"]
+        valid = ~np.isnan(t)
+        return {
+            "faces": len(scored["system"]),
+            "system_match": float((scored["system"] >= self.system_threshold).mean()),
+            "transfer_match": float((t[valid] >= self.transfer.thresholds["1e-3"]).mean()) if valid.any() else None,
+            "ism_system": float(scored["system_cos"].mean()),
+            "ism_transfer": float(np.nanmean(scored["transfer_cos"])) if valid.any() else None,
+            "transfer_faces": int(valid.sum()),
+        }
+
+
+def main() -> None:
+    """Measure and write benchmarks/results/generative.json."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="generator checkpoint (best: the attacker model)")
+    parser.add_argument("--lfw-dir", help="LFW root (default $ADVFACE_LFW_DIR)")
+    parser.add_argument("--models-dir", help="ONNX models folder (default $ADVFACE_MODELS_DIR)")
+    parser.add_argument("--people", type=int, default=100, help="evaluation people (default 100)")
+    parser.add_argument("--n", type=int, default=4, help="faces per person (default 4)")
+    parser.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
+    parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance (default 3)")
+    parser.add_argument("--personalise-photos", type=int, default=3, help="photos per person to learn from")
+    parser.add_argument("--personalise-steps", type=int, default=PersonaliseConfig.steps)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+
+    dataset = LFW(args.lfw_dir)
+    generator = load_generator(args.model)
+    judges = Judges(generator, dataset, args.models_dir)
+    clean = judges.pairs.without_flips()
+    split = split_identities(judges.pairs.identities[~judges.pairs.flipped].tolist(), seed=0)
+    photos: dict[str, list[int]] = {}
+    for i, person in enumerate(clean.identities.tolist()):
+        if person in split.evaluation:
+            photos.setdefault(person, []).append(i)
+    people = sorted(p for p, rows in photos.items() if len(rows) >= 2)[: args.people]
+    LOCAL.mkdir(parents=True, exist_ok=True)
+
+    # training-free: condition on photo A, compare with photo B
+    conditions = np.stack([clean.embeddings[photos[p][0]] for p in people])
+    started = time.perf_counter()
+    faces = generator.generate(conditions, args.n, steps=args.steps, guidance=args.guidance, seed=args.seed)
+    seconds = (time.perf_counter() - started) / faces[:, :, 0, 0, 0].size
+    flat = faces.reshape(-1, *faces.shape[2:])
+    compare = [str(clean.ids[photos[p][1]]) for p in people for _ in range(args.n)]
+    free = judges.score(flat, compare)
+    for k, face in enumerate(flat[: 8 * args.n]):
+        save_png(face, LOCAL / f"free_{k // args.n:03d}_{k % args.n}.png")
+
+    # training-based: learn from the first k photos, compare with the next one
+    k = args.personalise_photos
+    rich = [p for p in people if len(photos[p]) >= k + 1]
+    based_faces, based_compare = [], []
+    for p in rich:
+        condition = learn_condition(
+            generator, clean.faces[photos[p][:k]], PersonaliseConfig(steps=args.personalise_steps, seed=args.seed)
+        )
+        based_faces.append(
+            generator.generate(condition[None], args.n, steps=args.steps, guidance=args.guidance, seed=args.seed)[0]
+        )
+        based_compare += [str(clean.ids[photos[p][k]])] * args.n
+    based = judges.summary(judges.score(np.concatenate(based_faces), based_compare)) if rich else None
+
+    # realism: detection rate, Frechet distance in the transfer judge's space
+    from advface.faces import create_detector
+
+    detector = create_detector("dlib")
+    detected = float(np.mean([len(detector.detect(resize_faces(f[None], 2 * f.shape[0])[0])) > 0 for f in flat]))
+    real = judges.transfer.embeddings[
+        [
+            judges.transfer.index[i]
+            for i in clean.ids[sum((photos[p] for p in people), [])].tolist()
+            if i in judges.transfer.index
+        ]
+    ]
+    realism: dict[str, Any] = {
+        "detection_rate": detected,
+        "frechet_transfer": {"generator": frechet(free["transfer_emb"], real)},
+    }
+    try:
+        import torch
+
+        from advface.audit.attacks.gan_prior import LATENT_DIM
+        from advface.audit.attacks.gan_prior import load_generator as load_dcgan
+
+        dcgan = load_dcgan()
+        with torch.no_grad():
+            z = torch.randn(len(flat), LATENT_DIM, 1, 1, generator=torch.Generator().manual_seed(args.seed))
+            images = ((dcgan(z) + 1) / 2).clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).numpy()
+        chips = resize_faces(images, judges.transfer.encoder.chip.size)
+        realism["frechet_transfer"]["dcgan_unaligned"] = frechet(judges.transfer.encoder.embed(chips), real)
+    except Exception as exc:  # noqa: BLE001 - the baseline is optional
+        realism["frechet_transfer"]["dcgan_unaligned"] = f"not measured: {type(exc).__name__}: {exc}"
+
+    payload = {
+        "model": {
+            "path": str(args.model),
+            **{
+                key: generator.metadata.get(key)
+                for key in ("role", "encoder", "training_data", "steps", "parameters", "seconds")
+            },
+        },
+        "settings": {
+            "people": len(people),
+            "n": args.n,
+            "steps": args.steps,
+            "guidance": args.guidance,
+            "personalise_photos": k,
+            "personalise_steps": args.personalise_steps,
+            "seed": args.seed,
+        },
+        "thresholds": {
+            "system_fmr_1e-3": judges.system_threshold,
+            "transfer": {"encoder": judges.transfer.name, "fmr_1e-3": judges.transfer.thresholds["1e-3"]},
+        },
+        "training_free": judges.summary(free),
+        "training_based": based,
+        "realism": realism,
+        "sample_seconds_cpu": seconds,
+    }
+    out = write_results("generative", payload, args.out)
+    print(
+        f"training-free: system {payload['training_free']['system_match']:.3f}, transfer "
+        f"{payload['training_free']['transfer_match']}; wrote {out}"
+    )
+
+
+if __name__ == "__main__":
+    main()
