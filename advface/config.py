@@ -51,8 +51,11 @@ log = logging.getLogger(__name__)
 
 ENV_PREFIX = "ADVFACE_"
 ENV_DATA_DIR = "ADVFACE_DATA_DIR"
+ENV_CONFIG_HOME = "XDG_CONFIG_HOME"
 ENV_ENCRYPTION_KEY = "ADVFACE_ENCRYPTION_KEY"  # the key itself (read by advface.crypto), not an override
 DEFAULT_DATA_DIR = "~/.local/share/advface"
+#: The key folder's default inside ``$XDG_CONFIG_HOME`` (else ``~/.config``): outside the data folder.
+DEFAULT_KEYS_SUBDIR = "advface/keys"
 ROLES = ("admin", "client")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 #: protection.method values (advface.protect.methods.METHODS; not imported here: loading a config needs no torch)
@@ -100,6 +103,8 @@ class ServerConfig:
     max_batch: int = 1000
     grace_seconds: float = 5.0
     workers: int = 4
+    #: largest photo of any image-taking RPC, width x height (read from the header, before decoding)
+    max_image_pixels: int = 12_000_000
 
 
 @dataclass(frozen=True)
@@ -124,6 +129,10 @@ class AuthConfig:
     #: token -> grant: the tokens of the file and of ``tokens_file``, merged
     tokens: Mapping[str, TokenGrant] = field(default_factory=FrozenMap)
     tokens_file: str | None = None
+    #: requests per second per token (anonymous callers share one budget when auth is off); 0: no limit
+    rate_per_second: float = 1000.0
+    #: requests of one token being handled at once; 0: no limit
+    max_in_flight: int = 64
 
     def lookup(self, token: str) -> TokenGrant | None:
         """The grant of ``token`` (None if unknown), comparing against every token in constant time."""
@@ -168,7 +177,8 @@ class ProtectionConfig:
     jitter: bool = True
     rel_l2: float = 0.1
     steps: int = 3
-    seed: int = 0
+    #: None: the deployment's own random seed from the key folder (``keys.auto``), else 0
+    seed: int | None = None
     slots: int = 0
     threads: int = 0
 
@@ -183,6 +193,11 @@ class ImageProtectionConfig:
 
 def _default_data_dir() -> str:
     return str(Path(DEFAULT_DATA_DIR).expanduser())
+
+
+def _default_keys_dir() -> str:
+    base = os.environ.get(ENV_CONFIG_HOME) or "~/.config"
+    return str((Path(base).expanduser() / DEFAULT_KEYS_SUBDIR).absolute())
 
 
 @dataclass(frozen=True)
@@ -237,8 +252,19 @@ class EncryptionConfig:
 
 
 @dataclass(frozen=True)
+class KeysConfig:
+    """The key folder (:mod:`advface.service.key_folder`): with ``auto`` the first start creates the encryption
+    key, the keyed-transform secret and the AdvFace seed there, and every section that names no key of its own uses
+    them."""
+
+    auto: bool = True
+    dir: str = field(default_factory=_default_keys_dir)
+
+
+@dataclass(frozen=True)
 class KeyedTransformConfig:
-    enabled: bool = False
+    #: None: on with the key folder's secret when ``keys.auto`` (a new store), else off
+    enabled: bool | None = None
     secret_file: str | None = None
     secret_env: str | None = None
     kms_hook: str | None = None
@@ -261,6 +287,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     encryption: EncryptionConfig = field(default_factory=EncryptionConfig)
     keyed_transform: KeyedTransformConfig = field(default_factory=KeyedTransformConfig)
+    keys: KeysConfig = field(default_factory=KeysConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def to_dict(self, *, redact_secrets: bool = False) -> dict[str, Any]:
@@ -550,11 +577,14 @@ _KEYS: dict[str, dict[str, _Check]] = {
         "max_batch": lambda v, w: _int(v, w, 1, 1_000_000),
         "grace_seconds": lambda v, w: _float(v, w, 0.0, 3600.0),
         "workers": lambda v, w: _int(v, w, 1, 1024),
+        "max_image_pixels": lambda v, w: _int(v, w, 1, 80_000_000),
     },
     "auth": {
         "enabled": _bool,
         "tokens": _no_env,
         "tokens_file": _optional_path,
+        "rate_per_second": lambda v, w: _float(v, w, 0.0, 1e6),
+        "max_in_flight": lambda v, w: _int(v, w, 0, 1_000_000),
     },
     "tls": {
         "cert_file": _optional_path,
@@ -574,7 +604,7 @@ _KEYS: dict[str, dict[str, _Check]] = {
         "jitter": _bool,
         "rel_l2": lambda v, w: _float(v, w, 0.0, 1.0, lo_open=True),
         "steps": lambda v, w: _int(v, w, 0, 100_000),
-        "seed": lambda v, w: _int(v, w, 0, 2**64 - 1),
+        "seed": lambda v, w: None if _is_null(v, w) else _int(v, w, 0, 2**64 - 1),
         "slots": lambda v, w: _int(v, w, 0, 1024),
         "threads": lambda v, w: _int(v, w, 0, 1024),
     },
@@ -610,13 +640,17 @@ _KEYS: dict[str, dict[str, _Check]] = {
         "allow_insecure_key_file": _bool,
     },
     "keyed_transform": {
-        "enabled": _bool,
+        "enabled": lambda v, w: None if _is_null(v, w) else _bool(v, w),
         "secret_file": _optional_path,
         "secret_env": _env_name,
         "kms_hook": _kms_hook,
         "allow_insecure_secret_file": _bool,
         "norm": _transform_norm,
         "version": lambda v, w: _int(v, w, 1, 2**31 - 1),
+    },
+    "keys": {
+        "auto": _bool,
+        "dir": lambda v, w: _default_keys_dir() if _is_null(v, w) else _data_dir(v, w),
     },
     "metrics": {
         "enabled": _bool,
@@ -823,11 +857,13 @@ def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] = os
             f"{source}: keyed_transform.enabled is true but no secret is configured (keyed_transform.secret_file, "
             "secret_env or kms_hook; create one with `advface keygen`)"
         )
-    if kt_sources and not kt.get("enabled"):
+    if kt_sources and kt.get("enabled") is False:
         raise ConfigError(
             f"{source}: keyed_transform.{kt_sources[0]} is set but keyed_transform.enabled is false; set enabled: "
             "true (or remove the secret) -- the transform is never turned off silently"
         )
+    if kt_sources:
+        kt["enabled"] = True  # a configured secret means the transform is on (enabled left unset)
 
     return Config(**{name: SECTIONS[name](**values) for name, values in sections.items()})
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from advface.errors import ImageError
 
-#: Images above this many pixels are refused before decoding (decompression bombs, huge scans).
+#: Images above this many pixels are refused before decoding (decompression bombs, huge scans); the library's
+#: default (the sidecar uses its own, smaller ``server.max_image_pixels``).
 MAX_PIXELS = 40_000_000
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"})
 
@@ -22,7 +25,8 @@ def load_image(source: str | os.PathLike[str] | bytes, *, max_pixels: int = MAX_
 
     EXIF orientation is applied; grayscale, palette, RGBA (composited on white)
     and 16-bit images are converted. Raises :class:`ImageError` naming the source for unreadable, truncated,
-    non-image or oversized (> ``max_pixels``) input.
+    non-image, oversized (> ``max_pixels``) or animated / multi-frame input (GIF, APNG, WebP, multi-page TIFF:
+    :func:`frame_count`), so no caller silently uses a first frame.
     """
     name = "<bytes>" if isinstance(source, bytes) else str(source)
     try:
@@ -31,21 +35,59 @@ def load_image(source: str | os.PathLike[str] | bytes, *, max_pixels: int = MAX_
         raise ImageError(name, f"cannot read file ({exc.strerror or exc})") from exc
     if not data:
         raise ImageError(name, "empty file")
+    with _reading(name):
+        image = _open_checked(data, name, max_pixels)
+        frames = frame_count(image)
+        if frames > 1:
+            raise ImageError(name, f"animated or multi-frame image ({frames} frames); send one still photo")
+        image.load()
+    return _to_rgb(ImageOps.exif_transpose(image) or image)
+
+
+@contextlib.contextmanager
+def _reading(name: str) -> Iterator[None]:
+    """Turn every way Pillow fails on bad input into an ImageError naming ``name`` (decompression-bomb warnings
+    are errors inside)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageError(name, f"image too large ({width}x{height} = {width * height} px > {max_pixels})")
-            image.load()
+            yield
     except ImageError:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(name, f"not a readable image ({exc.__class__.__name__})") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(name, f"corrupt or truncated image ({exc})") from exc
-    return _to_rgb(ImageOps.exif_transpose(image) or image)
+
+
+def _open_checked(data: bytes, name: str, max_pixels: int) -> Image.Image:
+    """The lazily opened image of ``data`` (header read, no pixel decoded); ImageError over ``max_pixels``."""
+    image = Image.open(io.BytesIO(data))
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageError(
+            name, f"image too large ({width}x{height} = {width * height} px > the limit of {max_pixels} px)"
+        )
+    return image
+
+
+def image_size(data: bytes, *, max_pixels: int = MAX_PIXELS, name: str = "<bytes>") -> tuple[int, int]:
+    """``(width, height)`` of encoded image ``data`` read from its header alone, nothing decoded (microseconds for
+    any size): ImageError when ``data`` is empty, its header unreadable or the image over ``max_pixels``, so a
+    decompression bomb or a huge scan is refused before a worker spends time or memory on it. :func:`load_image`
+    makes the same check (and the rest of its checks) before it decodes."""
+    if not data:
+        raise ImageError(name, "empty file")
+    with _reading(name), _open_checked(data, name, max_pixels) as image:
+        return image.size
+
+
+def frame_count(image: Image.Image) -> int:
+    """Frames of an opened image that would each be a picture: ``n_frames``, except 1 for a JPEG with a
+    multi-picture (MPO) extension, whose first frame is the photo (cameras append previews or depth maps)."""
+    if image.format == "MPO":
+        return 1
+    return int(getattr(image, "n_frames", 1) or 1)
 
 
 def _to_rgb(image: Image.Image) -> np.ndarray:

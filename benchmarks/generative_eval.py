@@ -4,7 +4,7 @@ system judge) and by a transfer encoder the generator never used.
 Usage::
 
     python benchmarks/generative_eval.py --model generator_attacker.pt [--people 100] [--n 4] [--steps 25]
-        [--guidance 3] [--personalise-photos 3] [--out benchmarks/results/generative.json]
+        [--guidance 3] [--identity-guidance 0] [--personalise-photos 3] [--out benchmarks/results/generative.json]
 
 Evaluation people: LFW identities of the project's *evaluation* group (split seed 0; never in any generator's
 training data) with two or more photos, in name order.
@@ -13,6 +13,10 @@ training data) with two or more photos, in name order.
   embedding; each of ``--n`` generated faces is compared with *another* photo B of the person (Type II) by the system
   encoder at its FMR 0.1% threshold on clean LFW, and by the transfer judge (MobileFaceNet for dlib) at its own FMR
   0.1% threshold on its own clean embeddings; ``*_match`` = share accepted, ``ism_*`` = mean cosine similarity;
+- **training-free, identity-guided** (``--identity-guidance S`` > 0; ``training_free_guided``): the same faces, each
+  sampling step also pulling the predicted face towards photo A's embedding through the system encoder's gradient
+  (:func:`advface.generative.threats.identity_guide`: the white-box attacker). The system judge then scores an
+  optimisation it took part in; the transfer judge is the honest check of likeness;
 - **training-based** (textual-inversion analogue): people with at least ``--personalise-photos + 1`` photos; the
   condition is learned from the first ``--personalise-photos`` (:func:`advface.generative.threats.learn_condition`,
   no encoder involved), the generated faces are compared with a held-out photo the same way;
@@ -46,7 +50,7 @@ from advface.datasets.pairs import build_face_pairs, resize_faces  # noqa: E402
 from advface.datasets.splits import split_identities  # noqa: E402
 from advface.encoders import create_encoder  # noqa: E402
 from advface.generative.model import IdentityGenerator, load_generator  # noqa: E402
-from advface.generative.threats import PersonaliseConfig, learn_condition  # noqa: E402
+from advface.generative.threats import PersonaliseConfig, generate_from_embeddings, learn_condition  # noqa: E402
 from advface.protect.image.io import save_png  # noqa: E402
 from benchmarks.common import write_results  # noqa: E402
 
@@ -139,6 +143,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=4, help="faces per person (default 4)")
     parser.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
     parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance (default 3)")
+    parser.add_argument(
+        "--identity-guidance", type=float, default=0.0, help="also sample identity-guided faces at this scale (0: no)"
+    )
     parser.add_argument("--personalise-photos", type=int, default=3, help="photos per person to learn from")
     parser.add_argument("--personalise-steps", type=int, default=PersonaliseConfig.steps)
     parser.add_argument("--seed", type=int, default=0)
@@ -167,6 +174,22 @@ def main() -> None:
     free = judges.score(flat, compare)
     for k, face in enumerate(flat[: 8 * args.n]):
         save_png(face, LOCAL / f"free_{k // args.n:03d}_{k % args.n}.png")
+
+    guided = None
+    if args.identity_guidance > 0:
+        started = time.perf_counter()
+        guided_faces = generate_from_embeddings(
+            generator,
+            conditions,
+            args.n,
+            steps=args.steps,
+            guidance=args.guidance,
+            seed=args.seed,
+            encoder=judges.scorer,
+            guide_scale=args.identity_guidance,
+        )
+        guided = judges.summary(judges.score(guided_faces.reshape(flat.shape), compare))
+        guided["sample_seconds_cpu"] = (time.perf_counter() - started) / len(flat)
 
     # training-based: learn from the first k photos, compare with the next one
     k = args.personalise_photos
@@ -226,6 +249,7 @@ def main() -> None:
             "n": args.n,
             "steps": args.steps,
             "guidance": args.guidance,
+            "identity_guidance": args.identity_guidance,
             "personalise_photos": k,
             "personalise_steps": args.personalise_steps,
             "seed": args.seed,
@@ -235,6 +259,7 @@ def main() -> None:
             "transfer": {"encoder": judges.transfer.name, "fmr_1e-3": judges.transfer.thresholds["1e-3"]},
         },
         "training_free": judges.summary(free),
+        "training_free_guided": guided,
         "training_based": based,
         "realism": realism,
         "sample_seconds_cpu": seconds,

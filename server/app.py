@@ -27,7 +27,7 @@ from advface.api.v1 import advface_pb2 as pb
 from advface.api.v1 import advface_pb2_grpc as pb_grpc
 from advface.config import Config, TLSConfig
 from advface.errors import ConfigError
-from server.interceptors import AuthInterceptor
+from server.interceptors import AuthInterceptor, DecodeGuard
 from server.logs import LOGGER_NAME, configure_logging, log
 from server.metrics import MetricsServer, SidecarMetrics, build_labels, store_counter
 from server.servicer import AdvFaceServicer
@@ -67,6 +67,18 @@ def server_credentials(tls_config: TLSConfig) -> grpc.ServerCredentials | None:
     )
 
 
+def score_convention(metric: str, threshold: float) -> dict[str, str]:
+    """How to read scores and the threshold (fields of the ``serving`` log line): ``score`` says what a score is,
+    ``match`` when a probe matches. Scores are "higher = more similar"; with the Euclidean metric that makes them
+    minus the distance, so thresholds are negative."""
+    if metric == "euclidean":
+        return {
+            "score": "minus the Euclidean distance (higher = more similar)",
+            "match": f"score >= {threshold:g}, i.e. Euclidean distance <= {-threshold:g}",
+        }
+    return {"score": f"{metric} similarity (higher = more similar)", "match": f"score >= {threshold:g}"}
+
+
 class Sidecar:
     """A configured AdvFace server: servicer, health, reflection, auth, TLS, limits; bound to its port.
 
@@ -84,9 +96,10 @@ class Sidecar:
         max_receive, max_send = self.servicer.max_receive_bytes, self.servicer.max_send_bytes
         authenticator = self.servicer.auth
         auth_interceptor = AuthInterceptor(authenticator)
+        decode_guard = DecodeGuard()  # after auth: a refused call is never decoded
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(
-            interceptors=[auth_interceptor],
+            interceptors=[auth_interceptor, decode_guard],
             options=[
                 ("grpc.max_receive_message_length", max_receive),
                 ("grpc.max_send_message_length", max_send),
@@ -125,6 +138,7 @@ class Sidecar:
             self.servicer.metrics = self.metrics
             service.batcher.on_batch = self.metrics.protection_batch
             auth_interceptor.on_refused = self.metrics.rpc_refused
+            decode_guard.on_refused = self.metrics.rpc_refused
             try:
                 self.metrics_server = MetricsServer(self.metrics.registry, metrics_cfg.host, metrics_cfg.port)
             except ConfigError:
@@ -156,6 +170,8 @@ class Sidecar:
             protection=service.protector is not None,
             protection_method=service.protection_method,
             threshold=service.threshold.value,
+            threshold_source=service.threshold.source,
+            **score_convention(service.metric, service.threshold.value),
             metrics=self.metrics_server.address if self.metrics_server is not None else None,
         )
         if self.metrics_server is not None:
@@ -217,4 +233,12 @@ def serve(config: Config, *, ready: Callable[[Sidecar], None] | None = None) -> 
     asyncio.run(serve_async(config, ready=ready))
 
 
-__all__ = ["REFLECTED_SERVICES", "Sidecar", "build_server", "serve", "serve_async", "server_credentials"]
+__all__ = [
+    "REFLECTED_SERVICES",
+    "Sidecar",
+    "build_server",
+    "score_convention",
+    "serve",
+    "serve_async",
+    "server_credentials",
+]

@@ -4,7 +4,8 @@ Every server has its own :class:`~prometheus_client.CollectorRegistry` (several 
 Metrics (labels never carry request data: no subject, template or tenant ids, no vectors):
 
 - ``advface_rpc_requests_total{method, code}`` -- RPCs finished, by method (``Enroll``...) and gRPC status code
-  name (``OK``, ``INVALID_ARGUMENT``, ``UNAUTHENTICATED``...); calls refused by the auth interceptor included;
+  name (``OK``, ``INVALID_ARGUMENT``, ``UNAUTHENTICATED``...); calls refused by the auth interceptor, requests that
+  did not decode (INVALID_ARGUMENT) and calls of unknown methods (UNIMPLEMENTED, method ``other``) included;
 - ``advface_rpc_duration_seconds{method}`` -- latency histogram, 1 ms to 10 s;
 - ``advface_rpc_in_flight{method}`` -- RPCs being handled now;
 - ``advface_store_templates`` / ``advface_store_subjects`` -- templates and subjects stored, all tenants
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
 from advface.errors import ConfigError
+from server.interceptors import OTHER, OTHER_KNOWN_METHODS, rpc_label
 from server.logs import LOGGER_NAME, log
 
 if TYPE_CHECKING:
@@ -35,6 +37,8 @@ if TYPE_CHECKING:
 
 _logger = logging.getLogger(LOGGER_NAME)
 
+#: Labels of the health and reflection methods (counted only when the server answers them itself, e.g. malformed).
+OTHER_KNOWN_LABELS = frozenset(path[1:] for path in OTHER_KNOWN_METHODS)
 #: RPC latency buckets, seconds: 1 ms .. 10 s.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 #: Rows per protection call (the batcher's calls are at most ``PROTECT_CHUNK`` rows).
@@ -95,7 +99,6 @@ class SidecarMetrics:
             {k: str(v) for k, v in build.items()}
         )
         self._last_counts: tuple[int, int] | None = None
-        self._prefix = f"/{build.get('service', '')}/"
 
     def _count(self, which: int) -> float:
         # Scrapes read templates then subjects: one store query serves both.
@@ -119,11 +122,12 @@ class SidecarMetrics:
         self.rpc_refused(method, code, seconds)
 
     def rpc_refused(self, method: str, code: str, seconds: float = 0.0) -> None:
-        """Count an RPC (one refused before it started, e.g. by the auth interceptor). ``method`` is an RPC name or
-        a full path (``/advface.v1.AdvFace/Enroll``); names outside ``methods`` are counted as ``other``."""
-        name = method.rsplit("/", 1)[-1]
-        if self.methods and (name not in self.methods or ("/" in method and not method.startswith(self._prefix))):
-            name = "other"
+        """Count an RPC (one refused before it started, e.g. by the auth interceptor, or one whose request did not
+        decode). ``method`` is an RPC name or a full path (``/advface.v1.AdvFace/Enroll``), labelled as
+        :func:`server.interceptors.rpc_label` says; names outside ``methods`` are counted as ``other``."""
+        name = rpc_label(method)
+        if self.methods and name not in self.methods and name not in OTHER_KNOWN_LABELS:
+            name = OTHER
         self.requests.labels(name, code).inc()
         self.latency.labels(name).observe(max(seconds, 0.0))
 

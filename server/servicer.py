@@ -5,7 +5,10 @@ service layer's values (:mod:`server.messages`), calls one method of :class:`adv
 turns the result back into a response. The service validates the whole request before it changes anything (ids,
 metadata, embeddings, batch sizes, photos: INVALID_ARGUMENT; unknown subjects: NOT_FOUND; a deadline passed before
 embedding, protecting, storing or deleting: DEADLINE_EXCEEDED, so a request that timed out on the client is not
-stored after the fact); :func:`server.status.status_of` maps its errors to status codes. An empty tenant means
+stored after the fact); :func:`server.status.status_of` maps its errors to status codes. Before any of that, each
+call is admitted under its caller's request-rate and in-flight limits (:class:`server.interceptors.RequestLimiter`:
+RESOURCE_EXHAUSTED over either). A call the client cancels, or whose deadline passes, is cancelled here too; the
+service then abandons its photos between stages. An empty tenant means
 ``"default"``. Each call writes one access-log line (RPC, tenant, code, latency, item count; never request data)
 and updates the Prometheus metrics when they are on.
 
@@ -37,7 +40,7 @@ from advface.protect import TemplateProtector
 from advface.service import DEFAULT_TENANT, EnrolItem, TemplateService, check_tenant
 from advface.store.base import MAX_ID_CHARS, TemplateStore
 from server import messages
-from server.interceptors import Authenticator, Principal
+from server.interceptors import Authenticator, Principal, RequestLimiter
 from server.logs import LOGGER_NAME, log
 from server.status import RpcFailure, status_of
 
@@ -93,6 +96,8 @@ class AdvFaceServicer(pb_grpc.AdvFaceServicer):
     ) -> None:
         self.config = config
         self.auth = authenticator if authenticator is not None else Authenticator.from_config(config.auth)
+        #: per-caller request rate and in-flight limits (``auth.rate_per_second``, ``auth.max_in_flight``)
+        self.limiter = RequestLimiter.from_config(config.auth)
         self.service = (
             service
             if service is not None
@@ -126,7 +131,11 @@ class AdvFaceServicer(pb_grpc.AdvFaceServicer):
         if self.metrics is not None:
             self.metrics.rpc_started(name)
         code, details, response = grpc.StatusCode.OK, "", None
+        caller: str | None = None
         try:
+            key = self._principal(context).key_id
+            self.limiter.admit(key)  # RESOURCE_EXHAUSTED over the caller's rate or in-flight limit, before any work
+            caller = key
             response = await fn(self, request, context, call)
         except asyncio.CancelledError:
             self._log(name, call, grpc.StatusCode.CANCELLED, start)
@@ -135,6 +144,9 @@ class AdvFaceServicer(pb_grpc.AdvFaceServicer):
             code, details = status_of(exc)
             if code is grpc.StatusCode.INTERNAL and not isinstance(exc, AdvfaceError):
                 _logger.exception("internal error", extra={"fields": {"rpc": name, "exc": type(exc).__name__}})
+        finally:
+            if caller is not None:
+                self.limiter.release(caller)
         self._log(name, call, code, start)
         if code is not grpc.StatusCode.OK:
             await context.abort(code, details)

@@ -6,7 +6,10 @@ is not configured, except under ``CI=true`` where a missing dataset or model is 
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,7 +19,13 @@ import pytest
 # Set before anything imports grpc.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
-from advface.paths import ENV_LFW_DIR, ENV_MODELS_DIR
+# The key folder's default ($XDG_CONFIG_HOME/advface/keys): a private temporary folder for the whole run, never the
+# user's own keys. Tests of the key folder itself name theirs (keys.dir).
+_CONFIG_HOME = tempfile.mkdtemp(prefix="advface-test-config-")
+os.environ["XDG_CONFIG_HOME"] = _CONFIG_HOME
+atexit.register(shutil.rmtree, _CONFIG_HOME, ignore_errors=True)
+
+from advface.paths import ENV_LFW_DIR, ENV_MODELS_DIR  # noqa: E402 - after the environment is set
 
 
 def _require(env: str, check) -> Path:  # noqa: ANN001

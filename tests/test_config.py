@@ -39,7 +39,7 @@ def test_defaults() -> None:
     assert (cfg.tls.cert_file, cfg.tls.key_file, cfg.tls.client_ca_file, cfg.tls.enabled) == (None, None, None, False)
     assert (cfg.encoder.name, cfg.encoder.detector, cfg.encoder.face_policy) == ("dlib", "dlib", "largest")
     p = cfg.protection
-    assert (p.enabled, p.method, p.shadow, p.rel_l2, p.steps, p.seed) == (True, "advface", None, 0.1, 3, 0)
+    assert (p.enabled, p.method, p.shadow, p.rel_l2, p.steps, p.seed) == (True, "advface", None, 0.1, 3, None)
     assert cfg.store.backend == "sqlite" and cfg.store.use_gpu == "auto"
     assert cfg.store.data_dir == str(Path("~/.local/share/advface").expanduser())
     assert cfg.store.database_path == Path(cfg.store.data_dir) / "templates.sqlite3"

@@ -138,6 +138,11 @@ def _check_default(section: str, key: str, cell: str, default: Any) -> list[str]
         if written != cfg.DEFAULT_DATA_DIR or str(Path(written).expanduser()) != default:
             return [f"store.data_dir: documented default {written!r}, code {cfg.DEFAULT_DATA_DIR!r} -> {default!r}"]
         return []
+    if (section, key) == ("keys", "dir"):
+        # computed when the dataclass is built: $XDG_CONFIG_HOME (else ~/.config) / DEFAULT_KEYS_SUBDIR
+        if written != f"$XDG_CONFIG_HOME/{cfg.DEFAULT_KEYS_SUBDIR}" or not default.endswith(cfg.DEFAULT_KEYS_SUBDIR):
+            return [f"keys.dir: documented default {written!r}, code {default!r}"]
+        return []
     try:
         value = yaml.safe_load(written)
     except yaml.YAMLError as exc:

@@ -80,6 +80,7 @@ def store_target(store: str, tenant: str | None, config_path: str | Path | None,
     from advface.config import load_config
     from advface.reencode.store_io import StoreTarget
     from advface.reencode.uri import Location, parse_location
+    from advface.service.key_folder import resolve_key_folder
 
     if store.startswith("advface:"):
         text = store
@@ -103,6 +104,7 @@ def store_target(store: str, tenant: str | None, config_path: str | Path | None,
         config = dataclasses.replace(
             config, store=dataclasses.replace(config.store, backend="sqlite", data_dir=str(path))
         )
+        config = resolve_key_folder(config, create=False)
         location = Location("advface", str(path), {"tenant": name}, f"advface:{path}?tenant={name}")
         return StoreTarget(location, config, name, "sqlite", path, encoder_name, metric)
     if store.startswith(("postgresql://", "postgres://")):
@@ -111,6 +113,7 @@ def store_target(store: str, tenant: str | None, config_path: str | Path | None,
         name = check_id(_tenant_of("postgresql://...", tenant), "tenant")
         config = load_config(config_path)
         config = dataclasses.replace(config, store=dataclasses.replace(config.store, backend="postgresql", dsn=store))
+        config = resolve_key_folder(config, create=False)
         location = Location("advface", "", {"tenant": name}, f"{store} (tenant {name})")
         return StoreTarget(location, config, name, "postgresql", None, encoder_name, metric)
     raise ConfigError(
@@ -133,20 +136,20 @@ def load_templates_store(
     EmbeddingError when it is empty or of another dimension."""
     from advface.reencode.store_io import AdvfaceStoreSource
 
-    target = store_target(store, tenant, config_path, encoder_name, metric)
+    hint = (
+        ""
+        if config_path
+        else " (the store is opened like `advface serve --config FILE`: pass the sidecar's configuration with --config)"
+    )
+    try:
+        target = store_target(store, tenant, config_path, encoder_name, metric)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}{hint}") from None
     if target.backend == "sqlite" and not target.database_exists():
         raise ConfigError(f"no template database at {target.data_dir / 'templates.sqlite3'}")
     try:
         source = AdvfaceStoreSource(target.location, target, dim)
     except ConfigError as exc:
-        hint = (
-            ""
-            if config_path
-            else (
-                " (the store is opened like `advface serve --config FILE`: pass the sidecar's "
-                "configuration with --config)"
-            )
-        )
         raise ConfigError(f"{target.where()}: {exc}{hint}") from None
     ids: list[str] = []
     vectors: list[np.ndarray] = []
@@ -167,7 +170,8 @@ def load_templates_store(
     where = target.where()
     if not ids:
         raise EmbeddingError(f"{where}: the template database is empty")
-    db = check_db(ids, np.stack(vectors), dim, where)
+    order = sorted(range(len(ids)), key=ids.__getitem__)  # by subject id, whatever order the store pages in
+    db = check_db([ids[i] for i in order], np.stack([vectors[i] for i in order]), dim, where)
     if transforms is not None:
         db.untransformed = transforms.for_tenant(target.tenant).invert(db.vectors)
     db.store = StoreInfo(

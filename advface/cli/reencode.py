@@ -10,6 +10,10 @@ destination each source id becomes a subject with one template ``T_tenant(AdvFac
 (idempotently: a resumed run replaces, never duplicates); the tenant must be empty (--overwrite deletes its
 subjects first). As a source it yields the stored, protected vectors (never raw ones).
 
+--threads N (local engine; default: --config's protection.threads when set, else 1) protects N lanes at once,
+each on one thread: the output does not depend on it. Without --lanes each method uses its own default (advface 4,
+advface-id 16, as the sidecar does).
+
 The source is streamed in chunks (--chunk-size); progress is committed per chunk, so the same command resumes a
 killed run, and the output is identical to an uninterrupted run's (each template's protection depends only on the
 template and the parameters). The destination is written atomically at the end, then verified against the source
@@ -31,6 +35,7 @@ from advface.errors import ConfigError
 from advface.protect import METHODS, AdvFaceConfig, IdentityAwareConfig, shipped_shadow_path
 from advface.reencode.job import Job, JobOptions
 from advface.reencode.verify import VerifyOptions
+from advface.threads import DEFAULT_THREADS, add_threads_argument, apply_threads, check_threads
 
 NAME = "reencode"
 HELP = "re-encode a template database (npz/npy/parquet/sqlite/postgresql/advface store) with AdvFace, resumably"
@@ -85,7 +90,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help=f"ascent steps (default {d.steps})")
     parser.add_argument("--linf", type=float, default=None, metavar="X", help="L-inf bound on delta (absolute)")
     parser.add_argument("--step-size", type=float, default=None, metavar="F", help="sign step (default 2.5/steps)")
-    parser.add_argument("--lanes", type=int, default=d.lanes, help=f"rows per shadow call (default {d.lanes})")
+    parser.add_argument(
+        "--lanes",
+        type=int,
+        default=None,
+        help=f"rows per shadow call (default {d.lanes}; advface-id {IdentityAwareConfig.lanes}, as the sidecar)",
+    )
+    add_threads_argument(
+        parser,
+        "local engine: that many lanes protected at once, each on one thread; does not change the result "
+        "(Ray actors always run on one thread each: size the pool with --num-cpus)",
+        default=None,
+        default_text="default: --config's protection.threads when set, else 1",
+    )
     parser.add_argument(
         "--device",
         default=None,
@@ -150,18 +167,23 @@ def protection_config(
     method, jitter = "advface", True
     if args.config:
         from advface.config import load_config
+        from advface.service.key_folder import resolve_key_folder
+        from advface.service.protection import UNSET_SEED
 
-        section = load_config(args.config).protection
+        # the deployment's own seed (key folder) when protection.seed is unset: what its sidecar would issue
+        section = resolve_key_folder(load_config(args.config)).protection
         if not section.enabled:
             raise ConfigError(f"{args.config}: protection.enabled is false; nothing to re-encode with")
-        base = {"rel_l2": section.rel_l2, "steps": section.steps, "seed": section.seed}
+        seed = UNSET_SEED if section.seed is None else section.seed
+        base = {"rel_l2": section.rel_l2, "steps": section.steps, "seed": seed}
         shadow, method, shadows, jitter = section.shadow, section.method, section.shadows, section.jitter
     method = args.method or method
     for key in ("seed", "rel_l2", "steps", "linf", "step_size"):
         value = getattr(args, key)
         if value is not None:
             base[key] = value
-    base["lanes"] = args.lanes
+    if args.lanes is not None:
+        base["lanes"] = args.lanes  # else the method's own default (advface 4, advface-id 16: the sidecar's)
     if method == "advface-id":
         base.setdefault("rel_l2", AdvFaceConfig.rel_l2)  # one default budget for both methods (the flag's)
         base["jitter"] = bool(jitter) and not args.no_jitter
@@ -227,10 +249,31 @@ def build_job(args: argparse.Namespace) -> Job:
     )
 
 
+def torch_thread_count(args: argparse.Namespace) -> int:
+    """``--threads``, else ``--config``'s ``protection.threads`` when set, else 1; the Ray engine: 1 (its actors, and
+    the driver's --dry-run that times one of them, run on one thread)."""
+    if args.engine == "ray":
+        if args.threads not in (None, 1):
+            raise ConfigError(
+                "--threads is for the local engine; the Ray engine runs one single-threaded actor per CPU (--num-cpus)"
+            )
+        return 1
+    if args.threads is not None:
+        return check_threads(args.threads)
+    if args.config:
+        from advface.config import load_config
+
+        configured = load_config(args.config).protection.threads
+        if configured:
+            return int(configured)
+    return DEFAULT_THREADS
+
+
 def run(args: argparse.Namespace) -> int:
     """Execute ``advface reencode``: 0 when done and verified, 1 when verification failed."""
     if sum([args.verify_only, args.dry_run]) > 1:
         raise ConfigError("--verify-only and --dry-run exclude each other")
+    apply_threads(torch_thread_count(args))
     job = build_job(args)
     if args.dry_run:
         job.dry_run(args.dry_run_sample)

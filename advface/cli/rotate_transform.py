@@ -18,6 +18,7 @@ tenants, so running replicas refresh their indexes. Stop enrolment on every repl
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -70,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
     from advface.config import default_config, load_config
     from advface.crypto import TemplateCipher, load_key_file
     from advface.protect.tenant_transform import TenantTransforms, read_marker, resolve_norm, rotate_store
+    from advface.service.key_folder import resolve_key_folder
     from advface.service.keys import cipher_from_config, load_transform_secret
     from advface.store.sqlite_faiss import SQLiteFaissStore
 
@@ -87,6 +89,13 @@ def run(args: argparse.Namespace) -> int:
     path = data_dir / "templates.sqlite3"
     if dsn is None and not path.is_file():
         raise ConfigError(f"no template store at {path}")
+    # the key folder's transform secret and encryption key, for the store given
+    where_store = (
+        dataclasses.replace(config.store, backend="postgresql", dsn=dsn)
+        if dsn is not None
+        else dataclasses.replace(config.store, backend="sqlite", data_dir=str(data_dir))
+    )
+    config = resolve_key_folder(dataclasses.replace(config, store=where_store), create=False)
     insecure = bool(args.allow_insecure_key_permissions)
     kt = config.keyed_transform
     if args.secret_file:

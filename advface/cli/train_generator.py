@@ -50,6 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"minutes between work-folder checkpoints (default {C.checkpoint_minutes:g})",
     )
     parser.add_argument("--workers", type=int, default=1, help="processes for face detection")
+    parser.add_argument(
+        "--snapshot",
+        action="store_true",
+        help="write OUT from the work folder's last checkpoint (the model as trained so far, EMA weights) and stop, "
+        "without training; a running training is not disturbed",
+    )
     parser.add_argument("--quiet", "-q", action="store_true")
 
 
@@ -57,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
     """Execute ``advface train-generator``."""
     from advface.datasets import LFW, IdentityFolderDataset
     from advface.encoders import create_encoder
+    from advface.errors import ConfigError
     from advface.generative.config import GeneratorTrainConfig
     from advface.generative.data import group_training_data
     from advface.generative.model import save_generator
@@ -91,6 +98,12 @@ def run(args: argparse.Namespace) -> int:
     work_dir = Path(args.work_dir) if args.work_dir else Path(str(args.out) + ".work")
     metadata = {"role": args.group, "encoder": encoder.name, "encoder_fingerprint": encoder.fingerprint}
     trainer = GeneratorTrainer(config, data, work_dir, metadata, progress=not args.quiet)
+    if args.snapshot:
+        if trainer.stage == "autoencoder":
+            raise ConfigError(f"{work_dir}: no denoiser checkpoint yet (stage autoencoder, step {trainer.step})")
+        save_generator(args.out, trainer.generator())
+        print(f"wrote {args.out}: snapshot at {trainer.stage} step {trainer.step}", file=sys.stderr)
+        return 0
     generator = trainer.run()
     save_generator(args.out, generator)
     print(

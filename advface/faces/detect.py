@@ -3,12 +3,20 @@
 Every detector returns :class:`Face` records whose ``landmarks`` are the five ArcFace points, so any face can be
 aligned to any encoder's chip (see :mod:`advface.faces.align`). Coordinates are image pixels, ``(x, y)``, with
 integer values at pixel centres.
+
+Large photos: a detector with a ``max_side`` (dlib's default: :data:`DETECT_MAX_SIDE`) looks for faces in a copy of
+the image downscaled to that longest side (dlib's HOG costs time and memory in proportion to the pixels: about 1.6 s
+and 120 MB for 1600 x 1600 on one core, 17 s and 2 GB for 6000 x 6000); the faces it returns are in the coordinates
+of the image given, and dlib's landmarks are predicted on the full-resolution image, so the chips of a large photo
+are as sharp as before (``benchmarks/large_photos.py``). Detectors are not thread-safe (one instance per thread);
+dlib's landmark models are loaded once per process and shared by every :class:`DlibDetector` (they are read-only).
 """
 
 from __future__ import annotations
 
 import abc
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +35,39 @@ SCRFD_FILE = "scrfd_2.5g_bnkps.onnx"
 
 #: Names of the five landmarks, in ArcFace order ("left"/"right" as seen in the image).
 LANDMARK_NAMES = ("left_eye", "right_eye", "nose_tip", "left_mouth", "right_mouth")
+#: Longest side dlib's HOG detector looks at: larger photos are downscaled for detection only (module docs).
+DETECT_MAX_SIDE = 1600
+
+_predictors: dict[str, Any] = {}
+_predictors_lock = threading.Lock()
+
+
+def shared_predictor(file: str) -> Any:
+    """dlib's shape predictor ``file`` (from the dlib models folder), loaded once per process and shared: a predictor
+    is read-only once loaded (dlib's ``shape_predictor::operator()`` is const), so threads may use it together."""
+    with _predictors_lock:
+        if file not in _predictors:
+            import dlib
+
+            _predictors[file] = dlib.shape_predictor(str(dlib_model_file(file)))
+        return _predictors[file]
+
+
+def detection_size(height: int, width: int, max_side: int | None) -> tuple[int, int]:
+    """``(height, width)`` of the copy of an image that detection looks at: the image's own size when ``max_side``
+    is None or not exceeded, else downscaled (aspect kept) so the longest side is ``max_side``."""
+    longest = max(height, width)
+    if max_side is None or longest <= max_side:
+        return height, width
+    scale = max_side / longest
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def downscale(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``image`` resized to ``(height, width)`` with area averaging (no aliasing)."""
+    import cv2
+
+    return np.ascontiguousarray(cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_AREA))
 
 
 @dataclass
@@ -49,6 +90,34 @@ class Face:
         x1, y1, x2, y2 = self.box
         return max(0.0, x2 - x1) * max(0.0, y2 - y1)
 
+    def scaled(self, sx: float, sy: float) -> Face:
+        """This face in an image ``sx`` times as wide and ``sy`` times as high (pixel edges scale, so pixel centres
+        map as ``(x + 0.5) * sx - 0.5``); a ``dlib_shape`` is scaled too."""
+        x1, y1, x2, y2 = self.box
+        shift = np.array([0.5 * sx - 0.5, 0.5 * sy - 0.5], np.float64)
+        factor = np.array([sx, sy], np.float64)
+        landmarks = (np.asarray(self.landmarks, np.float64) * factor + shift).astype(np.float32)
+        shape = None
+        if self.dlib_shape is not None:
+            import dlib
+
+            rect = _scaled_rect(self.dlib_shape.rect, sx, sy)
+            points = np.array([(p.x, p.y) for p in self.dlib_shape.parts()], np.float64) * factor + shift
+            shape = dlib.full_object_detection(rect, [dlib.point(round(x), round(y)) for x, y in points])
+        return Face((x1 * sx, y1 * sy, x2 * sx, y2 * sy), self.score, landmarks, shape)
+
+
+def _scaled_rect(rect: dlib.rectangle, sx: float, sy: float) -> dlib.rectangle:
+    """A dlib rectangle (inclusive corners) of an image scaled by ``sx``, ``sy`` (its edges scale)."""
+    import dlib
+
+    return dlib.rectangle(
+        round(rect.left() * sx),
+        round(rect.top() * sy),
+        max(round(rect.left() * sx), round((rect.right() + 1) * sx) - 1),
+        max(round(rect.top() * sy), round((rect.bottom() + 1) * sy) - 1),
+    )
+
 
 def check_image(image: np.ndarray, source: str = "<array>") -> np.ndarray:
     """Return ``image`` as a contiguous ``H x W x 3`` uint8 array; raise ImageError otherwise."""
@@ -63,17 +132,29 @@ def check_image(image: np.ndarray, source: str = "<array>") -> np.ndarray:
 
 
 class FaceDetector(abc.ABC):
-    """Finds faces in RGB uint8 images."""
+    """Finds faces in RGB uint8 images. ``max_side`` (None: never) is the longest side detection looks at: larger
+    images are downscaled first and the faces mapped back (module docs)."""
 
     name: str
+    max_side: int | None = None
 
     @abc.abstractmethod
     def _detect(self, image: np.ndarray) -> list[Face]:
         """Detect faces in a validated contiguous RGB uint8 image, in any order."""
 
+    def _detect_downscaled(self, image: np.ndarray, small: np.ndarray) -> list[Face]:
+        """Faces of ``image`` found in ``small``, its downscaled copy (default: detected there, scaled back)."""
+        sy, sx = image.shape[0] / small.shape[0], image.shape[1] / small.shape[1]
+        return [face.scaled(sx, sy) for face in self._detect(small)]
+
     def detect(self, image: np.ndarray) -> list[Face]:
         """Faces in an ``H x W x 3`` RGB uint8 image, largest box first (empty list when none)."""
-        faces = self._detect(check_image(image))
+        image = check_image(image)
+        size = detection_size(image.shape[0], image.shape[1], self.max_side)
+        if size == image.shape[:2]:
+            faces = self._detect(image)
+        else:
+            faces = self._detect_downscaled(image, downscale(image, size))
         return sorted(faces, key=lambda f: f.area, reverse=True)
 
     def __repr__(self) -> str:
@@ -98,6 +179,11 @@ class DlibDetector(FaceDetector):
     the HOG score threshold (negative finds more, less certain faces). When nothing is found, detection is tried
     once more with ``retry_threshold`` (default -0.5; None disables): on the 40 LFW View-2 photos where the default
     threshold finds no face, the retry found one in 18 of the first 20.
+
+    ``max_side`` (default :data:`DETECT_MAX_SIDE`; None: never downscale): images with a longer side are searched
+    for faces at that size; the boxes found are scaled back and the landmarks predicted on the full image. The
+    landmark models are shared by every instance (:func:`shared_predictor`); the HOG detector is the instance's own
+    (dlib's detector is not thread-safe).
     """
 
     name = "dlib"
@@ -108,32 +194,47 @@ class DlibDetector(FaceDetector):
         arcface_landmarks: bool = True,
         adjust_threshold: float = 0.0,
         retry_threshold: float | None = -0.5,
+        max_side: int | None = DETECT_MAX_SIDE,
     ) -> None:
         import dlib
 
         if upsample < 0:
             raise ConfigError(f"upsample must be >= 0, got {upsample}")
+        if max_side is not None and max_side < 80:
+            raise ConfigError(f"max_side must be at least 80 (dlib's detection window) or None, got {max_side}")
         self.upsample = int(upsample)
         self.arcface_landmarks = bool(arcface_landmarks)
         self.adjust_threshold = float(adjust_threshold)
         self.retry_threshold = None if retry_threshold is None else float(retry_threshold)
+        self.max_side = None if max_side is None else int(max_side)
         self._detector = dlib.get_frontal_face_detector()
-        self._shape5 = dlib.shape_predictor(str(dlib_model_file(SHAPE5_FILE)))
+        self._shape5 = shared_predictor(SHAPE5_FILE)
         self._shape68: Any = None
         self._lock = threading.Lock()
 
     def _predictor68(self) -> Any:
         with self._lock:
             if self._shape68 is None:
-                import dlib
-
-                self._shape68 = dlib.shape_predictor(str(dlib_model_file(SHAPE68_FILE)))
+                self._shape68 = shared_predictor(SHAPE68_FILE)
             return self._shape68
 
-    def _detect(self, image: np.ndarray) -> list[Face]:
+    def _rects(self, image: np.ndarray) -> tuple[Sequence[Any], Sequence[float]]:
+        """dlib's face rectangles in ``image`` and their scores (retried at ``retry_threshold`` when none)."""
         rects, scores, _ = self._detector.run(image, self.upsample, self.adjust_threshold)
         if not rects and self.retry_threshold is not None and self.retry_threshold < self.adjust_threshold:
             rects, scores, _ = self._detector.run(image, self.upsample, self.retry_threshold)
+        return rects, scores
+
+    def _detect(self, image: np.ndarray) -> list[Face]:
+        return self._faces(image, *self._rects(image))
+
+    def _detect_downscaled(self, image: np.ndarray, small: np.ndarray) -> list[Face]:
+        rects, scores = self._rects(small)
+        sy, sx = image.shape[0] / small.shape[0], image.shape[1] / small.shape[1]
+        return self._faces(image, [_scaled_rect(rect, sx, sy) for rect in rects], scores)
+
+    def _faces(self, image: np.ndarray, rects: Sequence[Any], scores: Sequence[float]) -> list[Face]:
+        """Faces of ``image`` at dlib rectangles ``rects``: landmarks predicted on ``image``."""
         faces = []
         for rect, score in zip(rects, scores):
             shape5 = self._shape5(image, rect)

@@ -10,14 +10,40 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from advface.encoders.base import FaceEncoder
 from advface.errors import ConfigError
 from advface.generative.diffusion import v_loss
 from advface.generative.model import IdentityGenerator
+
+#: Faces sampled at once (under identity guidance each holds the encoder's activations for its gradient).
+SAMPLE_BATCH = 32
+
+
+def identity_guide(
+    generator: IdentityGenerator, module: torch.nn.Module, targets: torch.Tensor, chip_size: int, metric: str
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Reconstruction guidance towards identity embeddings: a loss on predicted clean latents, the distance of the
+    decoded faces' embeddings (``module``: the encoder's differentiable module, fed the faces resized to its
+    ``chip_size``) to ``targets`` (one per latent; ``metric`` ``cosine`` or ``euclidean``). The white-box attacker's
+    tool: it holds the encoder."""
+    import torch.nn.functional as F
+
+    def guide(latents: torch.Tensor) -> torch.Tensor:
+        images = generator.autoencoder.decode(latents)
+        if images.shape[-1] != chip_size:
+            images = F.interpolate(images, size=(chip_size, chip_size), mode="bilinear", align_corners=False)
+        emb = module(images)
+        if metric == "cosine":
+            return 1 - F.cosine_similarity(emb, targets, dim=1)
+        return (emb - targets).norm(dim=1)
+
+    return guide
 
 
 def generate_from_embeddings(
@@ -28,9 +54,40 @@ def generate_from_embeddings(
     steps: int = 25,
     guidance: float = 3.0,
     seed: int = 0,
+    encoder: FaceEncoder | None = None,
+    guide_scale: float = 0.0,
 ) -> np.ndarray:
-    """Training-free: ``n`` faces per embedding (``len x n x S x S x 3`` uint8)."""
-    return generator.generate(embeddings, n, steps=steps, guidance=guidance, seed=seed)
+    """Training-free: ``n`` faces per embedding (``len x n x S x S x 3`` uint8), seeded per batch of
+    :data:`SAMPLE_BATCH` from ``seed`` (deterministic). With ``guide_scale`` > 0 every
+    sampling step also pulls the predicted face towards its embedding through ``encoder``'s differentiable module
+    (:func:`identity_guide`; ConfigError without one)."""
+    module = None
+    if guide_scale > 0:
+        module = encoder.torch_module(str(generator.device)) if encoder is not None else None
+        if encoder is None or module is None:
+            raise ConfigError("identity guidance needs an encoder with a differentiable torch module")
+    rows = np.repeat(np.asarray(embeddings, np.float32), n, axis=0)
+    faces = []
+    for start in range(0, len(rows), SAMPLE_BATCH):  # seeded per batch; a guide's targets are its batch's rows
+        batch = rows[start : start + SAMPLE_BATCH]
+        guide = None
+        if module is not None and encoder is not None:
+            targets = torch.from_numpy(batch).to(generator.device)
+            guide = identity_guide(generator, module, targets, encoder.chip.size, str(encoder.metric))
+        out = generator.generate(
+            batch,
+            1,
+            steps=steps,
+            guidance=guidance,
+            seed=seed + start,
+            guide=guide,
+            guide_scale=guide_scale,
+            batch_size=len(batch),
+        )
+        faces.append(out[:, 0])
+    if not faces:
+        return np.zeros((len(rows), n, generator.image_size, generator.image_size, 3), np.uint8)
+    return np.concatenate(faces).reshape(len(embeddings), n, *faces[0].shape[1:])
 
 
 @dataclass(frozen=True)

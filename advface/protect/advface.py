@@ -22,7 +22,9 @@ enrolment photo itself when the caller has it. Choices the poster leaves open, a
   conv decoder: 384 of 5,120 coordinates differed between calls of 40 rows and calls of 5 or 7 rows (on this
   CPU, row results agree between call sizes that are multiples of 4). With a fixed call shape, protecting a
   database in any chunking or order gives bit-identical templates (on one machine and software stack: another
-  CPU, GPU or torch version may round differently);
+  CPU, GPU or torch version may round differently). On a CPU every lane is computed by one thread on one torch
+  thread, up to torch's thread count of lanes at once (:func:`advface.protect.ascent.run_lanes`), so the thread
+  count does not change the output either;
 - the per-coordinate sign step is ``step_size * c`` with ``c = min(radius / sqrt(D), linf)``; the default
   ``step_size = 2.5 / steps`` (the PGD convention): one step then moves ``2.5 / steps`` of the radius in L2, so
   the iterate can cross the ball's diameter within the available steps and ends on its boundary, and it still
@@ -34,6 +36,7 @@ one layer, to be measured, not a guarantee.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,6 +59,7 @@ from advface.protect.ascent import (
     lane_tensors,
     project_np,
     project_t,
+    run_lanes,
     shadow_device_dtype,
     shadow_dim,
     start_offsets,
@@ -184,6 +188,29 @@ def _ascend_lane(
     return delta.detach().cpu().double().numpy()
 
 
+def _protect_lane(
+    rows: np.ndarray,
+    *,
+    x: np.ndarray,
+    delta: np.ndarray,
+    start: int,
+    radius: np.ndarray,
+    shadow: nn.Module,
+    config: AdvFaceConfig,
+    images: np.ndarray | torch.Tensor | None,
+    hw: tuple[int, int] | None,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> np.ndarray:
+    """Delta of the lane of ``rows`` (of the chunk starting at ``start``), padded to ``config.lanes`` rows."""
+    padded = np.concatenate([rows, np.full(config.lanes - len(rows), rows[-1])])  # fixed call shape
+    target = None
+    if images is not None:
+        assert hw is not None
+        target = _targets_lane(images, padded, hw, device, dtype)
+    return _ascend_lane(x[padded], delta[padded - start], radius[padded], shadow, config, target, device, dtype)
+
+
 def protect_embeddings(
     z: np.ndarray,
     shadow: nn.Module,
@@ -235,16 +262,21 @@ def protect_embeddings(
             else:
                 delta = np.zeros((stop - start, x.shape[1]), np.float64)
             if config.steps > 0:
-                for lane in range(start, stop, lanes):
-                    rows = np.arange(lane, min(lane + lanes, stop))
-                    padded = np.concatenate([rows, np.full(lanes - len(rows), rows[-1])])  # fixed call shape
-                    target = None
-                    if images is not None:
-                        assert hw is not None
-                        target = _targets_lane(images, padded, hw, run_device, dtype)
-                    d = _ascend_lane(
-                        x[padded], delta[padded - start], radius[padded], shadow, config, target, run_device, dtype
-                    )
+                lane_rows = [np.arange(lane, min(lane + lanes, stop)) for lane in range(start, stop, lanes)]
+                one_lane = functools.partial(
+                    _protect_lane,
+                    x=x,
+                    delta=delta,
+                    start=start,
+                    radius=radius,
+                    shadow=shadow,
+                    config=config,
+                    images=images,
+                    hw=hw,
+                    device=run_device,
+                    dtype=dtype,
+                )
+                for rows, d in zip(lane_rows, run_lanes(one_lane, lane_rows, run_device), strict=True):
                     delta[rows - start] = d[: len(rows)]
             out[start:stop] = finalize(x[start:stop], delta, radius[start:stop], config.linf)
             if progress is not None:

@@ -15,7 +15,13 @@ pixel shifts (expectation over translations, so the perturbation does not hinge 
 
 Determinism follows :mod:`advface.protect.advface`: random start from a hash of ``(seed, row bytes)``, shadows and
 encoder always called on exactly ``lanes`` rows, the jitter schedule independent of the data -- each template's
-result depends only on its bytes and the configuration.
+result depends only on its bytes and the configuration. Not on torch's thread count either: a multi-threaded CPU
+team resizes the shadow's faces to the encoder's chip (bilinear ``F.interpolate``) with different last-ulp
+rounding than one thread; the encoder's max-pooling then picks another maximum among near-ties, a few gradient
+coordinates change sign, and the sign steps diverge (up to 0.023 per coordinate between 1 and 2 threads, dlib's
+ResNet and the shipped shadow). So each lane runs on one thread with one torch thread, and a CPU's cores serve
+several lanes at once (:func:`advface.protect.ascent.run_lanes`; ``benchmarks/protect_threads.py`` measures the
+cost).
 
 Cost: every step runs each shadow and the encoder forward and backward; with three 64x64 shadows and dlib's ResNet
 this is tens to hundreds of times plain AdvFace's cost on a CPU (``benchmarks/identity_aware.py`` measures it).
@@ -24,6 +30,7 @@ this is tens to hundreds of times plain AdvFace's cost on a CPU (``benchmarks/id
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -43,6 +50,7 @@ from advface.protect.ascent import (
     lane_tensors,
     project_np,
     project_t,
+    run_lanes,
     shadow_device_dtype,
     shadow_dim,
     start_offsets,
@@ -119,6 +127,27 @@ def _ascend_lane(
     return delta.detach().cpu().double().numpy()
 
 
+def _protect_lane(
+    rows: np.ndarray,
+    *,
+    x: np.ndarray,
+    delta: np.ndarray,
+    start: int,
+    radius: np.ndarray,
+    shadows: Sequence[nn.Module],
+    encoder_module: nn.Module,
+    config: IdentityAwareConfig,
+    chip_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> np.ndarray:
+    """Delta of the lane of ``rows`` (of the chunk starting at ``start``), padded to ``config.lanes`` rows."""
+    padded = np.concatenate([rows, np.full(config.lanes - len(rows), rows[-1])])
+    return _ascend_lane(
+        x[padded], delta[padded - start], radius[padded], shadows, encoder_module, config, chip_size, device, dtype
+    )
+
+
 def protect_identity_aware(
     z: np.ndarray,
     shadows: Sequence[nn.Module],
@@ -167,20 +196,21 @@ def protect_identity_aware(
                     start_offsets(x[start:stop], radius[start:stop], config.seed), radius[start:stop], config.linf
                 )
                 if config.steps > 0:
-                    for lane in range(start, stop, lanes):
-                        rows = np.arange(lane, min(lane + lanes, stop))
-                        padded = np.concatenate([rows, np.full(lanes - len(rows), rows[-1])])
-                        d = _ascend_lane(
-                            x[padded],
-                            delta[padded - start],
-                            radius[padded],
-                            shadows,
-                            encoder_module,
-                            config,
-                            chip_size,
-                            run_device,
-                            dtype,
-                        )
+                    lane_rows = [np.arange(lane, min(lane + lanes, stop)) for lane in range(start, stop, lanes)]
+                    one_lane = functools.partial(
+                        _protect_lane,
+                        x=x,
+                        delta=delta,
+                        start=start,
+                        radius=radius,
+                        shadows=shadows,
+                        encoder_module=encoder_module,
+                        config=config,
+                        chip_size=chip_size,
+                        device=run_device,
+                        dtype=dtype,
+                    )
+                    for rows, d in zip(lane_rows, run_lanes(one_lane, lane_rows, run_device), strict=True):
                         delta[rows - start] = d[: len(rows)]
                 out[start:stop] = finalize(x[start:stop], delta, radius[start:stop], config.linf)
                 if progress is not None:

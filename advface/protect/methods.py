@@ -69,6 +69,7 @@ class IdentityAwareProtector:
         chip_size: int,
         device: str | torch.device | None = None,
         shadow_paths: Sequence[Path] = (),
+        shadow_metadata: Sequence[Mapping[str, Any]] = (),
     ) -> None:
         if not shadows:
             raise ConfigError("identity-aware AdvFace needs at least one shadow decoder")
@@ -91,6 +92,8 @@ class IdentityAwareProtector:
         self.chip_size = int(chip_size)
         self.device = device
         self.shadow_paths = tuple(Path(p) for p in shadow_paths)
+        #: each shadow checkpoint's metadata (when loaded from checkpoints), e.g. its ``train_config``
+        self.shadow_metadata: tuple[dict[str, Any], ...] = tuple(dict(m) for m in shadow_metadata)
 
     @property
     def dim(self) -> int:
@@ -189,9 +192,10 @@ def load_protector(
     expected = templates  # what the shadows must fit (None: not checked)
     if expected is None and spec.check_encoder:
         expected = (enc.fingerprint, int(enc.dim))
-    shadows = []
+    shadows, metadata = [], []
     for path in spec.shadows:
-        shadow, _metadata = load_decoder(path, device=device)
+        shadow, meta = load_decoder(path, device=device)
+        metadata.append(meta)
         if expected is not None:
             try:
                 check_compatible(shadow, *expected)
@@ -206,7 +210,20 @@ def load_protector(
         chip_size=int(enc.chip.size),
         device=device,
         shadow_paths=[Path(p) for p in spec.shadows],
+        shadow_metadata=metadata,
     )
+
+
+def trained_with_identity_loss(metadata: Mapping[str, Any]) -> bool | None:
+    """Whether a shadow checkpoint was trained with an identity loss (``advface train-shadow --id-weight W``,
+    W > 0), from the training configuration its metadata records; None when it records none."""
+    train = metadata.get("train_config")
+    if not isinstance(train, Mapping) or "id_weight" not in train:
+        return None
+    try:
+        return float(train["id_weight"]) > 0
+    except (TypeError, ValueError):
+        return None
 
 
 def _create_encoder(spec: str | Mapping[str, Any]) -> Any:

@@ -32,11 +32,10 @@ class ProtectActor:
     """Ray Data callable class: loads the protector once (per actor), protects each batch it is given."""
 
     def __init__(self, spec: ProtectionSpec, dim: int, device: str, threads: int) -> None:
-        import torch
-
         from advface.protect import load_protector
+        from advface.threads import apply_threads
 
-        torch.set_num_threads(threads)
+        apply_threads(threads)
         self.protector = load_protector(spec, device=device)
         if self.protector.dim != dim:
             raise ConfigError(f"protector takes dimension {self.protector.dim}, the templates have {dim}")

@@ -107,6 +107,9 @@ class StoreTarget:
                 f"{location.display()}: the configuration's store is PostgreSQL (store.dsn), which has no folder; "
                 f"write advface:?tenant={location.options['tenant']}"
             )
+        from advface.service.key_folder import resolve_key_folder
+
+        config = resolve_key_folder(config)  # the sidecar's key folder: the store is written as it would write it
         encoder_name, metric = _encoder_name_metric(config.encoder.name)
         return cls(location, config, location.options["tenant"], backend, data_dir, encoder_name, metric)
 

@@ -3,7 +3,8 @@
 :func:`protection_spec` turns the section into a :class:`~advface.protect.ProtectionSpec` (``advface``: one shadow,
 ``protection.shadow`` or the model shipped for the encoder; ``advface-id``: the ``protection.shadows`` ensemble);
 :func:`build_protector` loads it for the service's encoder; :func:`protection_parallelism` sizes the protection
-slots and torch threads so that concurrent protections never oversubscribe the cores.
+slots and torch threads so that concurrent protections never oversubscribe the cores (one torch thread per slot
+unless ``protection.threads`` says otherwise).
 """
 
 from __future__ import annotations
@@ -24,6 +25,14 @@ from advface.protect import (
     load_protector,
     shipped_shadow_path,
 )
+from advface.threads import DEFAULT_THREADS
+
+#: AdvFace's seed when ``protection.seed`` is unset and no key folder gave the deployment its own.
+UNSET_SEED = 0
+
+
+def _seed(section: ProtectionConfig) -> int:
+    return UNSET_SEED if section.seed is None else section.seed
 
 
 def protection_spec(section: ProtectionConfig, encoder_name: str) -> ProtectionSpec | None:
@@ -36,7 +45,7 @@ def protection_spec(section: ProtectionConfig, encoder_name: str) -> ProtectionS
         if not shadows:
             raise ConfigError("protection.method is advface-id but protection.shadows is empty")
         config = IdentityAwareConfig(
-            steps=section.steps, rel_l2=section.rel_l2, seed=section.seed, jitter=section.jitter
+            steps=section.steps, rel_l2=section.rel_l2, seed=_seed(section), jitter=section.jitter
         )
         return ProtectionSpec(section.method, shadows, config, encoder=encoder_name)
     if section.method != "advface":
@@ -45,7 +54,7 @@ def protection_spec(section: ProtectionConfig, encoder_name: str) -> ProtectionS
     return ProtectionSpec(
         section.method,
         (str(path),),
-        AdvFaceConfig(steps=section.steps, rel_l2=section.rel_l2, seed=section.seed),
+        AdvFaceConfig(steps=section.steps, rel_l2=section.rel_l2, seed=_seed(section)),
         encoder=encoder_name,
     )
 
@@ -68,10 +77,13 @@ class Parallelism:
 def protection_parallelism(
     section: ProtectionConfig, workers: int, torch_threads: int, cores: int | None = None
 ) -> Parallelism:
-    """``protection.slots`` (0: ``min(workers, cores)``) and ``protection.threads`` (0: ``cores // slots``, at
-    most ``torch_threads``, at least 1): concurrent protection calls each start their own OpenMP team, so
-    ``slots x threads`` stays within the cores."""
+    """``protection.slots`` (0: ``min(workers, cores)``) and ``protection.threads`` (0:
+    :data:`~advface.threads.DEFAULT_THREADS`, one, at most ``torch_threads``): each protection call runs
+    ``threads`` lanes at once, each on one torch thread (:func:`advface.protect.ascent.run_lanes`), so ``slots x
+    threads`` stays within the cores, and one thread per slot keeps a machine that other jobs also use from
+    stalling (multi-threaded torch teams collapse there: ``benchmarks/protect_threads.py``). The sidecar's
+    worker threads, photo protection included, run torch on ``threads`` threads."""
     cores = cores or os.cpu_count() or 1
     slots = section.slots or min(workers, cores)
-    threads = section.threads or max(1, min(torch_threads, cores // slots))
+    threads = section.threads or max(1, min(torch_threads, DEFAULT_THREADS))
     return Parallelism(slots, threads)

@@ -16,6 +16,16 @@ behind protection. ``deadline`` arguments are ``time.monotonic()`` values: a sta
 deleting) that would start after it raises DeadlineExceededError, so a request the caller gave up on is not stored
 after the fact.
 
+Photos: a photo over ``server.max_image_pixels`` is refused from its header before any work is queued (ProtectImage:
+also over ``image_protection.max_pixels``; ProtectImage calls take turns before they take a worker thread). Each
+worker thread detects faces with a detector of its own (a pool of ``server.workers`` detectors: dlib's detector is
+not thread-safe, and one slow photo must not hold up the others); only the encoder, fast on its fixed-size chip, is
+shared under :attr:`TemplateService.face_lock`. Large photos are searched for faces downscaled
+(:data:`~advface.faces.detect.DETECT_MAX_SIDE`) and cut from the full image. A photo is checked against its
+request's deadline, and whether the request was abandoned (the client cancelled, its deadline passed, another photo
+of the request failed), before each stage: decoding, detection, embedding; a photo whose request's deadline passed
+while it waited for a worker is never decoded.
+
 Protection: every enrolled embedding is replaced by ``T_tenant(AdvFace(z))`` (AdvFace when ``protection.enabled``;
 the tenant's keyed transform when ``keyed_transform.enabled``) before it reaches the store; raw embeddings live
 only in memory for the duration of the call. Probes are used raw (through the tenant's transform when it is on) and
@@ -27,13 +37,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -48,18 +59,22 @@ from advface.errors import (
     PreconditionError,
     ValidationError,
 )
-from advface.faces import FaceChipper, create_detector
+from advface.faces import FaceChipper, align_face, create_detector
 from advface.hashing import file_sha256
-from advface.images import load_image
+from advface.images import image_size, load_image
 from advface.protect import TemplateProtector
 from advface.service.batcher import ProtectionBatcher
 from advface.service.image_protection import ImageProtectionService, ProtectedImage
+from advface.service.key_folder import resolve_key_folder
 from advface.service.keys import transforms_from_config
 from advface.service.protection import build_protector, protection_parallelism
 from advface.service.stores import open_checked_store
 from advface.service.thresholds import Threshold, resolve_threshold
 from advface.service.validation import check_batch, check_embeddings, check_id, check_metadata
 from advface.store.base import MAX_PAGE_SIZE, Match, SubjectInfo, TemplateStore, decode_page_token
+
+if TYPE_CHECKING:
+    from advface.protect.image import ProtectConfig
 
 T = TypeVar("T")
 
@@ -123,7 +138,11 @@ class ProtectionSummary:
     transform_key_id: str = ""
 
 
-def _check_deadline(deadline: float | None, before: str) -> None:
+def _check_deadline(deadline: float | None, before: str, abandoned: threading.Event | None = None) -> None:
+    """DeadlineExceededError when ``deadline`` has passed or the request was ``abandoned`` (set when its client
+    cancelled, or another part of it failed), so the stage ``before`` is not started."""
+    if abandoned is not None and abandoned.is_set():
+        raise DeadlineExceededError(f"request abandoned before {before}")
     if deadline is not None and time.monotonic() >= deadline:
         raise DeadlineExceededError(f"deadline exceeded before {before}")
 
@@ -141,14 +160,17 @@ class TemplateService:
         store: TemplateStore | None = None,
         protector: TemplateProtector | None = None,
     ) -> None:
+        config = resolve_key_folder(config)  # the key folder's secrets (first start: creates them)
         self.config = config
         self.max_batch = config.server.max_batch
+        self.max_image_pixels = config.server.max_image_pixels
         self.top_k_max = config.matching.top_k_max
         self.encoder = encoder if encoder is not None else create_encoder(config.encoder.name)
         self.dim = int(self.encoder.dim)
         self.metric = str(self.encoder.metric)
         self.detector_name = config.encoder.detector
         self.face_policy = config.encoder.face_policy
+        #: a chipper for direct use (tests, tools), with the encoder under face_lock; requests use :attr:`chippers`
         self.chipper = FaceChipper(create_detector(self.detector_name), self.encoder.chip, self.face_policy)
 
         self.protector: TemplateProtector | None = None
@@ -172,7 +194,15 @@ class TemplateService:
         workers = config.server.workers
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="advface-worker")
         self._store_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="advface-store")
-        self.face_lock = threading.Lock()  # dlib's detector and encoder are not thread-safe
+        self.face_lock = threading.Lock()  # guards the encoder (dlib's is not thread-safe)
+        #: one detector per worker thread (dlib's detector is not thread-safe); a photo borrows a free one
+        self.chippers = tuple(
+            FaceChipper(create_detector(self.detector_name), self.encoder.chip, self.face_policy)
+            for _ in range(workers)
+        )
+        self._free_chippers: queue.SimpleQueue[FaceChipper] = queue.SimpleQueue()
+        for chipper in self.chippers:
+            self._free_chippers.put(chipper)
         parallel = protection_parallelism(config.protection, workers, torch.get_num_threads())
         #: torch threads per protection call (0: protection off)
         self.protection_threads = 0
@@ -187,6 +217,8 @@ class TemplateService:
             lanes=self.protector.config.lanes if self.protector else 1,
         )
         self.image_protection = ImageProtectionService(config.image_protection, self.detector_name, self.face_policy)
+        # ProtectImage calls run one at a time; the others wait on the event loop, not on a worker thread
+        self._image_turn: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
         self._protection = self._describe_protection()
         self._closed = False
 
@@ -212,24 +244,45 @@ class TemplateService:
     # ------------------------------------------------------------------ faces and protection
 
     def check_face(self, face: Face, what: str) -> None:
-        """Validate a face's cheap parts (an embedding's values, a photo's presence) before any work."""
+        """Validate a face's cheap parts before any work: an embedding's values; a photo's presence and, from its
+        header alone, its size (over ``server.max_image_pixels``: ImageError, nothing decoded)."""
         if isinstance(face, bytes):
             if not face:
                 raise ValidationError(f"{what}: the image is empty")
+            image_size(face, max_pixels=self.max_image_pixels, name=what)
         else:
             check_embeddings([face], self.dim, f"{what} embedding")
 
-    def _embed_image_sync(self, data: bytes) -> np.ndarray:
-        image = load_image(data)
-        with self.face_lock:
-            chips = self.chipper.chips(image, "image")
-            if len(chips) != 1:
-                raise ImageError("image", f"{len(chips)} faces found, expected one")
-            vector = self.encoder.embed(chips[0][1])
-        return validate_embeddings(vector, self.dim)
+    def _embed_image_sync(
+        self, data: bytes, deadline: float | None = None, abandoned: threading.Event | None = None
+    ) -> np.ndarray:
+        """The raw embedding of the one face of a photo; each stage starts only while the request is live. A
+        failure sets ``abandoned`` here, in the worker, so the request's photos queued behind it are dropped."""
+        try:
+            _check_deadline(deadline, "decoding the image", abandoned)  # queued past the deadline: never started
+            image = load_image(data, max_pixels=self.max_image_pixels)
+            chipper = self._free_chippers.get()  # never waits while photos run only on the worker threads
+            try:
+                _check_deadline(deadline, "detecting faces", abandoned)
+                faces = chipper.select(image, "image")
+            finally:
+                self._free_chippers.put(chipper)
+            if len(faces) != 1:
+                raise ImageError("image", f"{len(faces)} faces found, expected one")
+            _check_deadline(deadline, "embedding the face", abandoned)
+            chip = align_face(image, faces[0], self.encoder.chip)
+            del image
+            with self.face_lock:
+                vector = self.encoder.embed(chip)
+            return validate_embeddings(vector, self.dim)
+        except BaseException:
+            if abandoned is not None:
+                abandoned.set()
+            raise
 
     async def raw_vectors(self, faces: Sequence[Face], deadline: float | None, what: str) -> np.ndarray:
-        """Raw ``N x D`` embeddings of checked faces (photos embedded in the worker pool)."""
+        """Raw ``N x D`` embeddings of checked faces (photos embedded in the worker pool). When the call ends early
+        (cancelled, or one photo failed) the request's other photos are abandoned between stages."""
         out = np.zeros((len(faces), self.dim), np.float32)
         photos = []
         for i, face in enumerate(faces):
@@ -239,15 +292,20 @@ class TemplateService:
                 out[i] = check_embeddings([face], self.dim, what)[0]
         if photos:
             _check_deadline(deadline, "embedding images")
+            abandoned = threading.Event()
 
             async def one(i: int) -> None:
                 try:
-                    out[i] = await self._work(self._embed_image_sync, faces[i])
+                    out[i] = await self._work(self._embed_image_sync, faces[i], deadline, abandoned)
                 except ImageError as exc:
                     where = f"{what} {i}" if len(faces) > 1 else what
                     raise ImageError(where, exc.reason) from None
 
-            await asyncio.gather(*(one(i) for i in photos))
+            try:
+                await asyncio.gather(*(one(i) for i in photos))
+            except BaseException:  # CancelledError included: the client is gone
+                abandoned.set()
+                raise
         return out
 
     def _protect_sync(self, x: np.ndarray) -> np.ndarray:
@@ -416,8 +474,22 @@ class TemplateService:
         :class:`~advface.service.image_protection.ImageProtectionService`)."""
         service = self.image_protection
         options = service.options(image, epsilon, steps, seed, target_similarity)
+        image_size(image, max_pixels=min(self.max_image_pixels, service.config.max_pixels), name="image")
         _check_deadline(deadline, "protecting the image")
-        return await self._work(service.protect, image, options, deadline)
+        async with self._image_protection_turn():  # waiting ones hold no worker: photos of other RPCs go on
+            _check_deadline(deadline, "protecting the image")
+            return await self._work(self._protect_image_sync, image, options, deadline)
+
+    def _image_protection_turn(self) -> asyncio.Lock:
+        """The lock ProtectImage calls take turns on (one per event loop: a service may outlive a loop)."""
+        loop = asyncio.get_running_loop()
+        if self._image_turn is None or self._image_turn[0] is not loop:
+            self._image_turn = (loop, asyncio.Lock())
+        return self._image_turn[1]
+
+    def _protect_image_sync(self, image: bytes, options: ProtectConfig, deadline: float | None) -> ProtectedImage:
+        _check_deadline(deadline, "protecting the image")  # queued past the deadline: never started
+        return self.image_protection.protect(image, options, deadline)
 
     # ------------------------------------------------------------------ description
 

@@ -53,6 +53,8 @@ MAX_DIM = 65536
 MAX_VECTOR_NORM = 1e15
 
 _TOKEN_PREFIX = b"advface.page.v1\x00"
+#: Longest page token: base64 of the prefix and the longest id (MAX_ID_CHARS characters of up to 4 UTF-8 bytes).
+_MAX_TOKEN_CHARS = 4 * ((len(_TOKEN_PREFIX) + 4 * MAX_ID_CHARS + 2) // 3)
 
 
 @dataclass(frozen=True)
@@ -193,7 +195,7 @@ def decode_page_token(token: Any) -> str:
     if token == "":
         return ""
     try:
-        if len(token) > 4 * MAX_ID_CHARS + 64 or not token.isascii():
+        if len(token) > _MAX_TOKEN_CHARS or not token.isascii():
             raise ValueError
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         if not raw.startswith(_TOKEN_PREFIX):
@@ -294,8 +296,9 @@ class TemplateStore(abc.ABC):
 
     @abc.abstractmethod
     def list_subjects(self, tenant: str, page_size: int = 100, page_token: str = "") -> tuple[list[SubjectInfo], str]:
-        """One page of the tenant's subjects, ordered by subject id, and the token of the next page (``""`` at the
-        end). ``page_size`` is in ``[1, 1000]``."""
+        """One page of the tenant's subjects, ordered by subject id (stores that seal subject ids at rest: by their
+        keyed hash, a fixed order), and the token of the next page (``""`` at the end). ``page_size`` is in
+        ``[1, 1000]``."""
 
     @abc.abstractmethod
     def subject_vectors(self, tenant: str, subject_id: str) -> np.ndarray:

@@ -21,9 +21,9 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
 
+from advface._faiss import faiss
 from advface.errors import ConfigError
 from advface.store.base import Match, StoreMetric
 

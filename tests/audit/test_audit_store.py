@@ -88,13 +88,14 @@ def test_encrypted_keyed_store_loads_decrypted_vectors(tmp_path: Path) -> None:
     assert alias.ids == db.ids and np.array_equal(alias.vectors, db.vectors)
 
 
-def test_store_errors_are_clear(tmp_path: Path) -> None:
+def test_store_errors_are_clear(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ADVFACE_KEYS_DIR", str(tmp_path / "empty-key-folder"))  # the defaults' key folder: no key
     ids, raw = _templates()
     config = _config(tmp_path, encrypted=True, keyed=False)
     _enrol(config, ids, raw)
     store = f"advface:{tmp_path / 'store'}?tenant={TENANT}"
     before = sorted(p.name for p in (tmp_path / "store").iterdir())
-    with pytest.raises(ConfigError, match=r"is encrypted .* no encryption key is configured.*--config"):
+    with pytest.raises(ConfigError, match=r"is encrypted .* holds no encryption.key.*--config"):
         load_templates_store(store, None, DIM, "euclidean")  # no configuration: no key
     assert sorted(p.name for p in (tmp_path / "store").iterdir()) == before  # nothing written
     with pytest.raises(ConfigError, match="differs from the tenant"):

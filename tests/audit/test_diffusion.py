@@ -56,9 +56,7 @@ def test_samples_are_seeded_and_guidance_moves_them(tiny_generator: IdentityGene
         seed=0,
         steps=2,
         guide_scale=1.0,
-        module=encoder.torch_module("cpu"),
-        chip_size=encoder.chip.size,
-        metric=encoder.metric,
+        encoder=encoder,
     )
     assert guided.shape == (1, 32, 32, 3) and not np.array_equal(guided[0], a[0])
 

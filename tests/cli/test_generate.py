@@ -50,6 +50,12 @@ def test_train_generator_then_generate(lfw_sample: list[Path], tmp_path: Path, m
     assert meta["training_data"]["group"] == "defender" and meta["training_data"]["photos"] > 0
     assert (tmp_path / "generator.pt.work" / "state.pt").is_file()
     assert main(train) == 0  # a finished work folder: nothing left to train, same model written again
+    snapshot = tmp_path / "snapshot.pt"
+    assert (
+        main([*train[:6], str(snapshot), *train[7:], "--work-dir", str(tmp_path / "generator.pt.work"), "--snapshot"])
+        == 0
+    )
+    assert load_generator(snapshot).metadata["steps"] == meta["steps"]  # the work folder's model, not retrained
 
     photo = lfw_sample[0]
     out = tmp_path / "out"

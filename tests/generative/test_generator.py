@@ -14,7 +14,7 @@ from advface.generative.config import AutoencoderConfig, DenoiserConfig, Generat
 from advface.generative.denoiser import LatentDenoiser
 from advface.generative.diffusion import alpha_sigma, v_loss
 from advface.generative.model import load_generator, save_generator
-from advface.generative.threats import PersonaliseConfig, learn_condition, personalise
+from advface.generative.threats import PersonaliseConfig, generate_from_embeddings, learn_condition, personalise
 from advface.generative.training import STATE_FILE, GeneratorTrainer, TrainingData
 
 DIM = 8
@@ -163,3 +163,39 @@ def test_personalisation_learns_a_condition_that_fits_the_photos(trained: Path) 
     assert personalise(generator, photos, 2, config=PersonaliseConfig(steps=2), steps=2).shape == (2, 16, 16, 3)
     with pytest.raises(ConfigError):
         learn_condition(generator, photos[:0])
+
+
+class _TinyEncoder:
+    """Stands in for a FaceEncoder with a differentiable module: a fixed random conv net, 16 px chips, 8-d."""
+
+    metric = "euclidean"
+
+    def __init__(self) -> None:
+        torch.manual_seed(5)
+        self.module = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 4, 3, stride=2), torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.LazyLinear(DIM)
+        )
+        self.module(torch.zeros(1, 3, 16, 16))
+        self.chip = type("Chip", (), {"size": 16})()
+
+    def torch_module(self, device: str | None = None) -> torch.nn.Module:
+        return self.module
+
+
+def test_identity_guidance_pulls_faces_towards_their_embeddings(trained: Path) -> None:
+    generator = load_generator(trained)
+    encoder = _TinyEncoder()
+    targets = np.random.default_rng(4).normal(size=(3, DIM)).astype(np.float32)
+
+    def distance(faces: np.ndarray) -> float:
+        images = torch.from_numpy(faces.reshape(-1, 16, 16, 3)).permute(0, 3, 1, 2).float() / 255
+        with torch.no_grad():
+            emb = encoder.module(images).numpy()
+        return float(np.linalg.norm(emb - np.repeat(targets, 2, axis=0), axis=1).mean())
+
+    plain = generate_from_embeddings(generator, targets, 2, steps=4, seed=1)
+    guided = generate_from_embeddings(generator, targets, 2, steps=4, seed=1, encoder=encoder, guide_scale=2.0)  # type: ignore[arg-type]
+    assert guided.shape == plain.shape == (3, 2, 16, 16, 3)
+    assert distance(guided) < distance(plain)
+    with pytest.raises(ConfigError, match="differentiable"):
+        generate_from_embeddings(generator, targets, 1, steps=2, guide_scale=1.0)

@@ -53,7 +53,7 @@ def _write(path: Path, text: str) -> Path:
     ("text", "env", "match"),
     [
         ("keyed_transform: {enabled: true}\n", {}, "enabled is true but no secret is configured"),
-        ("keyed_transform: {secret_env: X}\n", {}, "secret_env is set but keyed_transform.enabled is false"),
+        ("keyed_transform: {secret_env: X, enabled: false}\n", {}, "secret_env is set but .*enabled is false"),
         ("keyed_transform: {enabled: true, secret_env: X, kms_hook: 'a.b:c'}\n", {}, "set only one of"),
         ("keyed_transform: {enabled: true, secret_env: X, norm: -2}\n", {}, "keyed_transform.norm"),
         ("keyed_transform: {enabled: true, secret_env: X, norm: big}\n", {}, "keyed_transform.norm"),

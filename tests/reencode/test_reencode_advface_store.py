@@ -42,6 +42,7 @@ def _config(
     cfg: dict[str, Any] = {
         "store": store or {"backend": "sqlite", "data_dir": str(tmp_path / "store"), "use_gpu": False},
         "protection": {"shadow": str(shadow), "steps": 2, "rel_l2": 0.1, "seed": 0},
+        "keys": {"auto": False},  # exactly the keys below (the key folder's defaults: tests/service/test_key_folder.py)
     }
     if encrypted:
         key = tmp_path / "at-rest.key"

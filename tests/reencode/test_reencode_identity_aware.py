@@ -136,7 +136,9 @@ def test_selected_by_config_and_other_method_refused_on_resume(
     src, _, _ = source
     config = tmp_path / "advface.yaml"
     config.write_text(
-        yaml.safe_dump({"protection": {"method": "advface-id", "shadows": [str(p) for p in shadows], "steps": 1}})
+        yaml.safe_dump(
+            {"protection": {"method": "advface-id", "shadows": [str(p) for p in shadows], "steps": 1, "seed": 0}}
+        )
     )
     by_flags, by_config = tmp_path / "flags.parquet", tmp_path / "config.parquet"
     assert main(_args(shadows, src, f"parquet:{by_flags}", 7)) == 0

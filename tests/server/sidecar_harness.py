@@ -33,7 +33,8 @@ def _merge(base: dict, extra: dict) -> dict:
 
 def make_config(folder: Path, **sections: dict) -> Config:
     """A Config for tests: loopback, any free port, small batches, fast encoder and protection, data in
-    ``folder/data``; ``sections`` override keys (``server={"max_batch": 3}``)."""
+    ``folder/data``; ``sections`` override keys (``server={"max_batch": 3}``). The key folder is off (plain AdvFace
+    templates, seed 0) unless ``keys={"auto": True, ...}``: test_secure_defaults.py covers the defaults."""
     base = {
         "server": {"host": "127.0.0.1", "port": 0, "max_batch": 5, "grace_seconds": 1.0, "workers": 2},
         "encoder": {"name": "dlib-torch", "detector": "dlib", "face_policy": "largest"},
@@ -42,6 +43,7 @@ def make_config(folder: Path, **sections: dict) -> Config:
         "matching": {"top_k_max": 10},
         "logging": {"level": "INFO", "json": True},
         "metrics": {"port": 0},
+        "keys": {"auto": False},
     }
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "advface.yaml"

@@ -24,7 +24,7 @@ def test_slots_and_threads_from_config(tmp_path: Path, start_server) -> None:  #
             == 2
             == server.servicer.service.pool.submit(torch.get_num_threads).result()
         )
-        # auto: slots = min(workers, cores), threads = cores // slots (at least 1, at most the current setting)
+        # auto: slots = min(workers, cores), one torch thread each
         torch.set_num_threads(1)
         server = start_server(make_config(tmp_path / "b", server={"workers": 1}))
         assert server.servicer.service.batcher.slots == 1 and server.servicer.service.protection_threads == 1

@@ -73,7 +73,7 @@ def test_transforms_from_the_keyed_transform_section(tmp_path: Path) -> None:
     tt = transforms_from_config(kt, 128, "dlib")
     assert tt is not None and tt.version == 3 and tt.norm == CALIBRATED_NORMS["dlib"]
     assert transforms_from_config(load_config(None, env={}).keyed_transform, 128, "dlib") is None
-    assert load_config(None, env={}).keyed_transform.enabled is False
+    assert load_config(None, env={}).keyed_transform.enabled is None  # unset: the key folder decides
     # environment overrides (section name with an underscore)
     env = {
         "ADVFACE_KEYED_TRANSFORM_ENABLED": "yes",

@@ -49,11 +49,11 @@ def test_spec_from_the_protection_section(shadows: list[Path]) -> None:
 @pytest.mark.parametrize(
     ("slots", "threads", "workers", "torch_threads", "cores", "expected"),
     [
-        (0, 0, 4, 8, 2, Parallelism(2, 1)),  # auto: min(workers, cores) slots, cores // slots threads
-        (0, 0, 1, 8, 8, Parallelism(1, 8)),
-        (0, 0, 1, 2, 8, Parallelism(1, 2)),  # never more threads than torch has now
+        (0, 0, 4, 8, 2, Parallelism(2, 1)),  # auto: min(workers, cores) slots, one torch thread each
+        (0, 0, 1, 8, 8, Parallelism(1, 1)),  # even on many cores: other jobs may use them (advface.threads)
         (0, 0, 8, 4, 3, Parallelism(3, 1)),
-        (2, 0, 4, 8, 16, Parallelism(2, 8)),
+        (2, 0, 4, 8, 16, Parallelism(2, 1)),
+        (0, 4, 1, 8, 8, Parallelism(1, 4)),  # an idle machine: protection.threads
         (1, 3, 4, 8, 2, Parallelism(1, 3)),  # explicit settings win
     ],
 )

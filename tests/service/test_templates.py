@@ -33,6 +33,7 @@ def _config(folder: Path, **sections: dict) -> Config:
         "protection": {"steps": 2},
         "store": {"data_dir": str(folder / "data"), "use_gpu": False},
         "matching": {"top_k_max": 10},
+        "keys": {"auto": False},  # plain AdvFace templates (the key folder's defaults: test_key_folder.py)
     }
     for name, values in sections.items():
         base[name] = {**base.get(name, {}), **values}

@@ -175,3 +175,77 @@ def test_cli_keygen_and_rotate_key(tmp_path: Path, capsys: pytest.CaptureFixture
     (tmp_path / "b.key").chmod(0o644)
     assert main(["rotate-key", "--db", str(db), "--new-key-file", str(tmp_path / "b.key")]) == 2
     assert "chmod 600" in capsys.readouterr().err
+
+
+def _subject_columns(path: Path) -> list[tuple[str, str]]:
+    conn = sqlite3.connect(path)
+    try:
+        return [(r[0], r[1]) for r in conn.execute("SELECT subject_id, metadata FROM subjects ORDER BY id")]
+    finally:
+        conn.close()
+
+
+def test_a_store_created_encrypted_seals_subject_ids_and_metadata(path: Path) -> None:
+    cipher = TemplateCipher.generate()
+    rng = np.random.default_rng(3)
+    names = [f"Jane Doe {i}" for i in range(12)]
+    x = rng.standard_normal((12, DIM)).astype(np.float32)
+    with SQLiteFaissStore(path, DIM, "cosine", cipher=cipher) as s:
+        assert s.sealed_names
+        s.add_many("acme", [(n, x[i : i + 1], {"badge": f"B-{i:04d}-secret"}) for i, n in enumerate(names)])
+        s.add("acme", names[0], x[:1] + 0.01, {"desk": "4th floor"})  # a second template, metadata merged
+        assert s.get_subject("acme", names[0]).metadata == {"badge": "B-0000-secret", "desk": "4th floor"}
+        assert s.delete_template("acme", s.get_subject("acme", names[1]).template_ids[0]) == names[1]
+        on_disk = _file_bytes(path)
+    for text in [*names, "B-0005-secret", "4th floor", "badge"]:
+        assert text.encode() not in on_disk
+    stored = _subject_columns(path)
+    assert all(len(sid) == 32 and meta.startswith('{"sealed": ') for sid, meta in stored)
+    with SQLiteFaissStore(path, DIM, "cosine", cipher=cipher) as s:  # the index rebuilt from sealed rows
+        assert s.search("acme", x[7], 1)[0].subject_id == names[7]
+        listed = []
+        page, token = s.list_subjects("acme", page_size=5)
+        while True:
+            listed += [p.subject_id for p in page]
+            if not token:
+                break
+            page, token = s.list_subjects("acme", page_size=5, page_token=token)
+        assert sorted(listed) == sorted(names[:1] + names[2:])
+        assert s.delete_subject("acme", names[0]) == 2
+    conn = sqlite3.connect(path)
+    try:  # a sealed row moved to another subject's place fails authentication, never opens as the other
+        (a_id, a_meta), (b_id, _) = _subject_columns(path)[:2]
+        conn.execute("UPDATE subjects SET metadata = ? WHERE subject_id = ?", (a_meta, b_id))
+        conn.commit()
+    finally:
+        conn.close()
+    with pytest.raises(IntegrityError):
+        with SQLiteFaissStore(path, DIM, "cosine", cipher=cipher) as s:
+            s.list_subjects("acme", page_size=100)
+
+
+def test_rotation_reseals_subjects_and_keeps_their_ids(path: Path) -> None:
+    old, new = TemplateCipher.generate(), TemplateCipher.generate()
+    with SQLiteFaissStore(path, DIM, "euclidean", cipher=old) as s:
+        vectors = fill(s, 30)
+    before = [sid for sid, _ in _subject_columns(path)]
+    with SQLiteFaissStore(path, DIM, "euclidean", cipher=new.with_previous(old)) as s:
+        assert s.rotate(new, batch_size=8) == 30
+    from advface.store.sealing import sealed_blob
+
+    assert [sid for sid, _ in _subject_columns(path)] == before  # lookups unchanged
+    assert {blob_key_id(sealed_blob(meta)) for _, meta in _subject_columns(path)} == {new.key_id}
+    with SQLiteFaissStore(path, DIM, "euclidean", cipher=new) as s:
+        assert s.get_subject("t", "s17").metadata == {"k": "v"}
+        assert s.search("t", vectors["s17"], 1)[0].subject_id == "s17"
+
+
+def test_a_store_encrypted_after_it_held_subjects_keeps_plain_names(path: Path) -> None:
+    with SQLiteFaissStore(path, DIM, "euclidean") as s:
+        fill(s, 3)
+    cipher = TemplateCipher.generate()
+    with SQLiteFaissStore(path, DIM, "euclidean", cipher=cipher, migrate_plaintext=True) as s:
+        s.rotate(cipher)
+        assert not s.sealed_names
+    with SQLiteFaissStore(path, DIM, "euclidean", cipher=cipher) as s:
+        assert not s.sealed_names and s.get_subject("t", "s1").metadata == {"k": "v"}

@@ -29,11 +29,12 @@ from store_contract_helpers import (
     vectors,
 )
 
+from advface.crypto import TemplateCipher
 from advface.errors import ClosedError, ConfigError, NotFoundError
 from advface.store.postgres import PostgresStore
 from advface.store.sqlite_faiss import SQLiteFaissStore
 
-BACKENDS = ["sqlite", "postgresql"]
+BACKENDS = ["sqlite", "sqlite-sealed", "postgresql"]  # sealed: encrypted from creation (advface.store.sealing)
 
 
 @pytest.fixture(params=METRICS)
@@ -47,6 +48,9 @@ def open_store(request: pytest.FixtureRequest, tmp_path: Path, metric: str) -> C
     if request.param == "sqlite":
         path = tmp_path / "store" / "templates.sqlite"
         return lambda dim=DIM, metric=metric: SQLiteFaissStore(path, dim, metric, use_gpu=False)
+    if request.param == "sqlite-sealed":
+        path, cipher = tmp_path / "store" / "templates.sqlite", TemplateCipher.generate()
+        return lambda dim=DIM, metric=metric: SQLiteFaissStore(path, dim, metric, use_gpu=False, cipher=cipher)
     dsn = request.getfixturevalue("postgres_dsn")  # only PostgreSQL cases need the server
     return lambda dim=DIM, metric=metric: PostgresStore(dsn, dim, metric)
 
@@ -160,8 +164,9 @@ def test_open_errors_and_closing(open_store: Callable[..., Store]) -> None:
 def shared_store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     """One store per backend and metric for the bad-input cases (which must leave it unchanged)."""
     backend, metric = request.param
-    if backend == "sqlite":
-        s = SQLiteFaissStore(tmp_path_factory.mktemp("bad") / "t.sqlite", DIM, metric, use_gpu=False)
+    if backend.startswith("sqlite"):
+        cipher = TemplateCipher.generate() if backend == "sqlite-sealed" else None
+        s = SQLiteFaissStore(tmp_path_factory.mktemp("bad") / "t.sqlite", DIM, metric, use_gpu=False, cipher=cipher)
     else:
         dsn = request.getfixturevalue("postgres_server").create_database(f"bad_{metric}_{uuid.uuid4().hex[:8]}")
         s = PostgresStore(dsn, DIM, metric)

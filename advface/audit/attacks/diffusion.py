@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -23,8 +23,6 @@ from advface.encoders.base import FaceEncoder
 from advface.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
-
     from advface.generative.config import GeneratorTrainConfig
     from advface.generative.model import IdentityGenerator
 
@@ -120,25 +118,6 @@ def load_given_generator(path: Path, encoder: FaceEncoder) -> IdentityGenerator:
     return generator
 
 
-def _identity_guide(
-    generator: IdentityGenerator, module: torch.nn.Module, targets: torch.Tensor, chip_size: int, metric: str
-) -> Any:
-    """Loss on predicted clean latents: distance of the decoded face's embedding (system encoder, on the face
-    resized to its chip) to the stolen template."""
-    import torch.nn.functional as F
-
-    def guide(latents: torch.Tensor) -> torch.Tensor:
-        images = generator.autoencoder.decode(latents)
-        if images.shape[-1] != chip_size:
-            images = F.interpolate(images, size=(chip_size, chip_size), mode="bilinear", align_corners=False)
-        emb = module(images)
-        if metric == "cosine":
-            return 1 - F.cosine_similarity(emb, targets, dim=1)
-        return (emb - targets).norm(dim=1)
-
-    return guide
-
-
 def reconstruct_templates(
     generator: IdentityGenerator,
     templates: np.ndarray,
@@ -147,35 +126,17 @@ def reconstruct_templates(
     steps: int = SAMPLE_STEPS,
     guidance: float = CFG_SCALE,
     guide_scale: float = 0.0,
-    module: torch.nn.Module | None = None,
-    chip_size: int = 150,
-    metric: str = "euclidean",
-    batch_size: int = 32,
+    encoder: FaceEncoder | None = None,
 ) -> np.ndarray:
-    """One sample per template (``N x S x S x 3`` uint8), seeded per batch from ``seed``; with ``guide_scale`` > 0
-    each DDIM step's predicted face is pulled towards the template by the encoder's ``module``."""
-    import torch
+    """One sample per template (``N x S x S x 3`` uint8; :func:`advface.generative.threats.generate_from_embeddings`,
+    deterministic for ``seed``); with ``guide_scale`` > 0 each DDIM step's predicted face is pulled towards the
+    template by ``encoder``'s differentiable module (ConfigError without one: ``--diffusion-guidance``)."""
+    from advface.generative.threats import generate_from_embeddings
 
-    faces = []
-    for start in range(0, len(templates), batch_size):
-        batch = np.asarray(templates[start : start + batch_size], np.float32)
-        guide = None
-        if guide_scale > 0:
-            if module is None:
-                raise ConfigError("--diffusion-guidance needs an encoder with a differentiable module")
-            targets = torch.from_numpy(batch).to(generator.device)
-            guide = _identity_guide(generator, module, targets, chip_size, metric)
-        out = generator.generate(
-            batch,
-            1,
-            steps=steps,
-            guidance=guidance,
-            seed=seed + start,
-            guide=guide,
-            guide_scale=guide_scale,
-            batch_size=len(batch),
+    try:
+        faces = generate_from_embeddings(
+            generator, templates, 1, steps=steps, guidance=guidance, seed=seed, encoder=encoder, guide_scale=guide_scale
         )
-        faces.append(out[:, 0])
-    if not faces:
-        return np.zeros((0, generator.image_size, generator.image_size, 3), np.uint8)
-    return np.concatenate(faces)
+    except ConfigError as exc:
+        raise ConfigError(f"--diffusion-guidance: {exc}") from None
+    return faces[:, 0]

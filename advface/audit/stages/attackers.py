@@ -174,8 +174,7 @@ def _diffusion_attack(
             inputs.pairs, inputs.split, inputs.encoder, train_config, cache_dir=inputs.cache, progress=c.progress
         )
         source, trained_on = "trained by the audit", "(face, raw template) pairs of the attacker group"
-    module = inputs.encoder.torch_module(str(generator.device)) if scale > 0 else None
-    if scale > 0 and module is None:
+    if scale > 0 and inputs.encoder.torch_module(str(generator.device)) is None:
         raise ConfigError(f"--diffusion-guidance needs an encoder with a differentiable module ({c.encoder})")
     steps = diffusion.QUICK_SAMPLE_STEPS if c.quick else diffusion.SAMPLE_STEPS
 
@@ -186,9 +185,7 @@ def _diffusion_attack(
             seed=c.seed,
             steps=steps,
             guide_scale=scale,
-            module=module,
-            chip_size=inputs.encoder.chip.size,
-            metric=inputs.encoder.metric,
+            encoder=inputs.encoder,
         )
 
     by_templates, grid = _evaluate(inputs, protection, reconstruct, transfer=transfer)

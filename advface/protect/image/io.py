@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from advface.errors import ImageError
-from advface.images import MAX_PIXELS, load_image
+from advface.images import MAX_PIXELS, frame_count, load_image
 
 #: PIL modes of grey photos: they are protected with one perturbation shared by the channels and written grey.
 GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
@@ -49,7 +49,7 @@ def decode_for_protection(data: bytes, name: str = "image", *, max_pixels: int =
     notes: list[str] = []
     try:
         with Image.open(io.BytesIO(data)) as probe:
-            frames = int(getattr(probe, "n_frames", 1) or 1)
+            frames = frame_count(probe)
             mode = probe.mode
             orientation = probe.getexif().get(_EXIF_ORIENTATION, 1)
     except Exception:  # noqa: BLE001 - load_image below gives the precise message

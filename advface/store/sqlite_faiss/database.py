@@ -183,12 +183,15 @@ class SQLiteDatabase:
 
     @staticmethod
     def read_meta(path: str | os.PathLike[str]) -> dict[str, str]:
-        """The ``meta`` table of a store's database file (format, dim, metric, encryption...) without opening it."""
+        """The ``meta`` table of a store's database file (format, dim, metric, encryption...) without opening it
+        (read-only; a cleanly closed database gains no -wal / -shm files)."""
         p = Path(path).expanduser()
         if not p.is_file():
             raise ConfigError(f"template store {p} does not exist")
+        # without a -wal file the database file holds everything: read it as immutable, creating no -wal / -shm
+        immutable = "" if p.with_name(p.name + "-wal").exists() else "&immutable=1"
         try:
-            conn = sqlite3.connect(f"file:{p}?mode=ro", uri=True)
+            conn = sqlite3.connect(f"file:{p}?mode=ro{immutable}", uri=True)
             try:
                 return dict(conn.execute("SELECT key, value FROM meta").fetchall())
             finally:

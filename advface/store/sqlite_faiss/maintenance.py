@@ -17,6 +17,16 @@ import numpy as np
 from advface.crypto import BLOB_VERSION, ENCRYPTED_OVERHEAD, ENCRYPTION_SCHEME, TemplateCipher, template_aad
 from advface.errors import ConfigError, IntegrityError
 from advface.store import rotation
+from advface.store.sealing import (
+    NAMES_KEY_META,
+    NAMES_META,
+    SEALED,
+    PlainNames,
+    SealedNames,
+    new_names_key,
+    unwrap_names_key,
+    wrap_names_key,
+)
 from advface.store.sqlite_faiss.search import SQLiteSearch
 
 log = logging.getLogger(__name__)
@@ -60,14 +70,16 @@ class SQLiteMaintenance(SQLiteSearch, rotation.TemplateReissue):
                         f"template store {self.path} holds unencrypted templates but an encryption key is configured; "
                         "encrypt it first with `advface rotate-key --new-key-file KEY` (or open it without a key)"
                     )
-                self._set_meta(
-                    conn,
-                    {
-                        "encryption": ENCRYPTION_SCHEME,
-                        "key_ids": json.dumps([cipher.key_id]),
-                        "plaintext_rows": "1" if has_rows else None,
-                    },
-                )
+                values = {
+                    "encryption": ENCRYPTION_SCHEME,
+                    "key_ids": json.dumps([cipher.key_id]),
+                    "plaintext_rows": "1" if has_rows else None,
+                }
+                if not has_rows:  # a new store: subject ids and metadata sealed too (advface.store.sealing)
+                    names_key = new_names_key()
+                    values.update({NAMES_META: SEALED, NAMES_KEY_META: wrap_names_key(cipher, names_key)})
+                    self._names = SealedNames(cipher, names_key)
+                self._set_meta(conn, values)
                 self._plaintext_rows = has_rows
                 if has_rows:
                     log.warning("template store %s: encrypting its existing templates (migration started)", self.path)
@@ -88,6 +100,7 @@ class SQLiteMaintenance(SQLiteSearch, rotation.TemplateReissue):
             recorded = rotation.key_ids_at_open(meta, key_ids, cipher.key_id, str(self.path))
             if recorded is not None:
                 self._set_meta(conn, {"key_ids": recorded})
+            self._names = _names_of(meta, cipher, str(self.path))
 
     def encryption_info(self) -> dict[str, object]:
         """The store's encryption state: ``encrypted``, ``key_ids`` (rows may be under), ``primary_key_id``,
@@ -148,7 +161,12 @@ class SQLiteMaintenance(SQLiteSearch, rotation.TemplateReissue):
             ring = new_cipher.with_previous(current)
             with self._transaction() as conn:
                 key_ids = rotation.merged_key_ids(self._meta(conn), ring.key_id)
-                self._set_meta(conn, {"key_ids": key_ids, "rotation": ring.key_id})
+                values = {"key_ids": key_ids, "rotation": ring.key_id}
+                names = self._names
+                if isinstance(names, SealedNames):  # the names key re-wrapped first: it never changes
+                    values[NAMES_KEY_META] = wrap_names_key(ring, names.key)
+                    self._names = SealedNames(ring, names.key)
+                self._set_meta(conn, values)
             self._cipher = ring
         target = bytes.fromhex(f"{BLOB_VERSION:02x}" + ring.key_id)
         pending_sql = "NOT (length(t.vector) = ? AND substr(t.vector, 1, ?) = ?)"
@@ -183,14 +201,46 @@ class SQLiteMaintenance(SQLiteSearch, rotation.TemplateReissue):
                 last = rows[-1][0]
                 done += len(rows)
                 bar.update(len(rows))
+        done_subjects = self._reseal_subjects(ring, batch_size)
         with self._write_mutex:
             with self._transaction() as conn:
                 self._set_meta(conn, {"key_ids": json.dumps([ring.key_id]), "rotation": None, "plaintext_rows": None})
             self._plaintext_rows = False
             self._cipher = new_cipher
+            if isinstance(self._names, SealedNames):
+                self._names = SealedNames(new_cipher, self._names.key)
             self._checkpoint()  # old ciphertexts / plaintexts leave the -wal file (secure_delete clears the pages)
-        log.info("template store %s: %d templates re-encrypted under key %s", self.path, done, ring.key_id)
+        log.info(
+            "template store %s: %d templates and %d subject rows re-encrypted under key %s",
+            self.path,
+            done,
+            done_subjects,
+            ring.key_id,
+        )
         return done
+
+    def _reseal_subjects(self, ring: TemplateCipher, batch_size: int) -> int:
+        """Re-encrypt the sealed subject rows not yet under ``ring``'s primary key (one transaction per batch)."""
+        names = self._names
+        if not isinstance(names, SealedNames):
+            return 0
+        done, last = 0, 0
+        while True:
+            with self._write_mutex, self._transaction() as conn:
+                rows = conn.execute(
+                    "SELECT id, tenant, subject_id, metadata FROM subjects WHERE id > ? ORDER BY id LIMIT ?",
+                    (last, batch_size),
+                ).fetchall()
+                updates = [
+                    (names.reseal(tenant, stored, text, ring), pk)
+                    for pk, tenant, stored, text in rows
+                    if names.key_id_of(text) != ring.key_id
+                ]
+                conn.executemany("UPDATE subjects SET metadata = ? WHERE id = ?", updates)
+            if not rows:
+                return done
+            last = rows[-1][0]
+            done += len(updates)
 
     def _reissue_start(self, job: str) -> int:
         with self._write_mutex, self._transaction() as conn:
@@ -238,3 +288,16 @@ class SQLiteMaintenance(SQLiteSearch, rotation.TemplateReissue):
         with self._write_mutex, self._transaction() as conn:
             rotation.check_finish(self._meta(conn).get("transform_job"), job, str(self.path))
             self._set_meta(conn, {"transform_job": None})
+
+
+def _names_of(meta: dict[str, str], cipher: TemplateCipher, where: str) -> PlainNames | SealedNames:
+    """How an encrypted store keeps subject ids: sealed (its names key unwrapped with ``cipher``) or plain."""
+    if meta.get(NAMES_META) != SEALED:
+        return PlainNames()
+    wrapped = meta.get(NAMES_KEY_META)
+    if not wrapped:
+        raise ConfigError(f"template store {where} seals subject ids but its names key is missing")
+    try:
+        return SealedNames(cipher, unwrap_names_key(cipher, wrapped))
+    except IntegrityError as exc:
+        raise IntegrityError(f"template store {where}: its names key cannot be opened ({exc})") from None

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from advface.errors import IntegrityError
 from advface.store.base import MAX_SEARCH_K, Match, check_id, check_positive_int, check_probe
 from advface.store.faiss_index import (
     GpuSearch,
@@ -21,9 +22,14 @@ from advface.store.faiss_index import (
     nearest_subjects,
     templates_indexed,
 )
+from advface.store.sealing import SubjectNames
 from advface.store.sqlite_faiss.database import SQLiteDatabase
 
 log = logging.getLogger(__name__)
+
+
+class SealedRowError(IntegrityError):
+    """A sealed subject row failed authentication while the index was built (reported as it is)."""
 
 
 class SQLiteSearch(SQLiteDatabase):
@@ -35,6 +41,7 @@ class SQLiteSearch(SQLiteDatabase):
     _index_lock: RWLock  # self._tenants
     _tenants: dict[str, TenantIndex]
     _gpu: GpuSearch | None
+    _names: SubjectNames  # how subject ids and metadata are kept (advface.store.sealing)
 
     @abc.abstractmethod
     def _blobs_to_array(
@@ -53,9 +60,10 @@ class SQLiteSearch(SQLiteDatabase):
         tenants: dict[str, TenantIndex] = {}
         with self._db_lock:
             cursor = conn.execute(
-                "SELECT s.tenant, t.id, s.subject_id, t.template_id, t.vector "
+                "SELECT s.tenant, t.id, s.subject_id, t.template_id, t.vector, s.id, s.metadata "
                 "FROM templates t JOIN subjects s ON s.id = t.subject ORDER BY s.tenant, t.id"
             )
+            names: dict[int, str] = {}  # subject row -> subject id (sealed rows are opened once)
             while rows := cursor.fetchmany(16384):
                 start = 0
                 while start < len(rows):  # one run of a single tenant at a time
@@ -67,7 +75,8 @@ class SQLiteSearch(SQLiteDatabase):
                     ti = tenants.get(tenant) or tenants.setdefault(tenant, self._new_tenant_index())
                     vectors = self._blobs_to_array([r[4] for r in run], tenant, [(r[2], r[3]) for r in run])
                     rowids = np.fromiter((r[1] for r in run), dtype=np.int64, count=len(run))
-                    ti.add(rowids, vectors, [(r[2], r[3]) for r in run], update_approx=False)
+                    labels = [(self._subject_name(names, tenant, r[5], r[2], r[6]), r[3]) for r in run]
+                    ti.add(rowids, vectors, labels, update_approx=False)
                     start = end
         for ti in tenants.values():
             ti.update_approx()
@@ -79,17 +88,34 @@ class SQLiteSearch(SQLiteDatabase):
         assert conn is not None
         with self._db_lock:
             rows = conn.execute(
-                "SELECT t.id, s.subject_id, t.template_id, t.vector FROM templates t "
+                "SELECT t.id, s.subject_id, t.template_id, t.vector, s.id, s.metadata FROM templates t "
                 "JOIN subjects s ON s.id = t.subject WHERE s.tenant = ? ORDER BY t.id",
                 (tenant,),
             ).fetchall()
         ti = self._new_tenant_index()
         if rows:
             vectors = self._blobs_to_array([r[3] for r in rows], tenant, [(r[1], r[2]) for r in rows])
-            ti.add(np.array([r[0] for r in rows], np.int64), vectors, [(r[1], r[2]) for r in rows])
+            names: dict[int, str] = {}
+            labels = [(self._subject_name(names, tenant, r[4], r[1], r[5]), r[2]) for r in rows]
+            ti.add(np.array([r[0] for r in rows], np.int64), vectors, labels)
             self._tenants[tenant] = ti
         else:
             self._tenants.pop(tenant, None)
+
+    def _subject_name(self, names: dict[int, str], tenant: str, pk: int, stored: str, metadata: str) -> str:
+        """The subject id of subject row ``pk`` (memoised in ``names``; sealed rows are decrypted)."""
+        if not self._names.sealed:
+            return stored
+        if pk not in names:
+            try:
+                names[pk] = self._names.unpack(tenant, stored, metadata)[0]
+            except IntegrityError as exc:
+                raise SealedRowError(
+                    f"template store {self.path}: the sealed subject row {pk} of tenant {tenant!r} failed "
+                    f"authentication ({exc}: tampered, or moved between rows). The store was not opened; restore it "
+                    "from a backup"
+                ) from None
+        return names[pk]
 
     def _update_index(
         self,

@@ -4,7 +4,6 @@ closing; its database, search and maintenance are mixins (see :mod:`advface.stor
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import sqlite3
@@ -33,9 +32,10 @@ from advface.store.base import (
     encode_page_token,
 )
 from advface.store.faiss_index import GpuSearch, IndexOptions, RWLock, TenantIndex
+from advface.store.sealing import PlainNames, SubjectNames
 from advface.store.sqlite_faiss.database import SQLiteDatabase
 from advface.store.sqlite_faiss.maintenance import SQLiteMaintenance
-from advface.store.sqlite_faiss.search import SQLiteSearch
+from advface.store.sqlite_faiss.search import SealedRowError, SQLiteSearch
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ class SQLiteFaissStore(SQLiteMaintenance, SQLiteSearch, SQLiteDatabase, Template
         self._cipher = cipher
         self._migrate_plaintext = bool(migrate_plaintext)
         self._plaintext_rows = False  # an encryption migration is under way: rows of 4*dim bytes are plaintext
+        self._names: SubjectNames = PlainNames()  # sealed in stores created encrypted (set by _check_encryption)
         if use_gpu not in ("auto", True, False):
             raise ConfigError(f"use_gpu must be 'auto', true or false, got {use_gpu!r}")
         self.path = Path(path).expanduser()
@@ -90,6 +91,8 @@ class SQLiteFaissStore(SQLiteMaintenance, SQLiteSearch, SQLiteDatabase, Template
             started = time.perf_counter()
             try:
                 self._rebuild()
+            except SealedRowError:
+                raise
             except IntegrityError:
                 raise self._integrity_report() from None
             log.debug(
@@ -102,6 +105,12 @@ class SQLiteFaissStore(SQLiteMaintenance, SQLiteSearch, SQLiteDatabase, Template
         except BaseException:
             self._release()
             raise
+
+    @property
+    def sealed_names(self) -> bool:
+        """Whether subject ids and metadata are sealed at rest (:mod:`advface.store.sealing`: stores created
+        encrypted); :meth:`list_subjects` then pages in the order of their keyed hashes."""
+        return self._names.sealed
 
     # ----------------------------------------------------------------------------------------------- vector codec
 
@@ -148,14 +157,15 @@ class SQLiteFaissStore(SQLiteMaintenance, SQLiteSearch, SQLiteDatabase, Template
             )
         return out
 
-    def _subject_row(self, conn: sqlite3.Connection, tenant: str, subject_id: str) -> tuple[int, str, float]:
-        """``(row id, metadata JSON, created_at)`` of a subject; NotFoundError if unknown."""
+    def _subject_row(self, conn: sqlite3.Connection, tenant: str, subject_id: str) -> tuple[int, str, str, float]:
+        """``(row id, stored id, metadata column, created_at)`` of a subject; NotFoundError if unknown."""
+        stored = self._names.stored_id(tenant, subject_id)
         row = conn.execute(
-            "SELECT id, metadata, created_at FROM subjects WHERE tenant = ? AND subject_id = ?", (tenant, subject_id)
+            "SELECT id, metadata, created_at FROM subjects WHERE tenant = ? AND subject_id = ?", (tenant, stored)
         ).fetchone()
         if row is None:
             raise NotFoundError(f"subject {subject_id!r} not found in tenant {tenant!r}")
-        return row
+        return row[0], stored, row[1], row[2]
 
     # ----------------------------------------------------------------------------------------------- writes
 
@@ -174,16 +184,18 @@ class SQLiteFaissStore(SQLiteMaintenance, SQLiteSearch, SQLiteDatabase, Template
         added: list[tuple[int, str, str]] = []
         removed: list[int] = []
         now = time.time()
+        names = self._names
         with self._write_mutex:
             with self._transaction() as conn:
                 for subject_id, vectors, metadata in checked:
+                    stored = names.stored_id(tenant, subject_id)
                     row = conn.execute(
-                        "SELECT id, metadata FROM subjects WHERE tenant = ? AND subject_id = ?", (tenant, subject_id)
+                        "SELECT id, metadata FROM subjects WHERE tenant = ? AND subject_id = ?", (tenant, stored)
                     ).fetchone()
                     if row is None:
                         pk = conn.execute(
                             "INSERT INTO subjects (tenant, subject_id, metadata, created_at) VALUES (?, ?, ?, ?)",
-                            (tenant, subject_id, json.dumps(metadata or {}, sort_keys=True), now),
+                            (tenant, stored, names.pack(tenant, stored, subject_id, dict(metadata or {})), now),
                         ).lastrowid
                     else:
                         pk = row[0]
@@ -193,17 +205,18 @@ class SQLiteFaissStore(SQLiteMaintenance, SQLiteSearch, SQLiteDatabase, Template
                             removed.extend(old)
                             merged = dict(metadata or {})
                         else:
-                            merged = {**json.loads(row[1]), **(metadata or {})}
+                            merged = {**names.unpack(tenant, stored, row[1])[1], **(metadata or {})}
                         merged = check_metadata(merged, f"metadata of subject {subject_id!r} after merging")
                         conn.execute(
-                            "UPDATE subjects SET metadata = ? WHERE id = ?", (json.dumps(merged, sort_keys=True), pk)
+                            "UPDATE subjects SET metadata = ? WHERE id = ?",
+                            (names.pack(tenant, stored, subject_id, merged), pk),
                         )
                     ids: list[str] = []
                     for vector in vectors:
                         template_id = uuid.uuid4().hex
                         rowid = conn.execute(
                             "INSERT INTO templates (template_id, subject, vector, created_at) VALUES (?, ?, ?, ?)",
-                            (template_id, pk, self._encode_vector(vector, tenant, subject_id, template_id), now),
+                            (template_id, pk, self._encode_vector(vector, tenant, stored, template_id), now),
                         ).lastrowid
                         assert rowid is not None  # set by every INSERT
                         ids.append(template_id)
@@ -234,13 +247,14 @@ class SQLiteFaissStore(SQLiteMaintenance, SQLiteSearch, SQLiteDatabase, Template
         with self._write_mutex:
             with self._transaction() as conn:
                 row = conn.execute(
-                    "SELECT t.id, t.subject, s.subject_id FROM templates t JOIN subjects s ON s.id = t.subject "
-                    "WHERE t.template_id = ? AND s.tenant = ?",
+                    "SELECT t.id, t.subject, s.subject_id, s.metadata FROM templates t "
+                    "JOIN subjects s ON s.id = t.subject WHERE t.template_id = ? AND s.tenant = ?",
                     (template_id, tenant),
                 ).fetchone()
                 if row is None:
                     raise NotFoundError(f"template {template_id!r} not found in tenant {tenant!r}")
-                rowid, pk, subject_id = row
+                rowid, pk = row[0], row[1]
+                subject_id = self._names.unpack(tenant, row[2], row[3])[0]
                 conn.execute("DELETE FROM templates WHERE id = ?", (rowid,))
                 if conn.execute("SELECT COUNT(*) FROM templates WHERE subject = ?", (pk,)).fetchone()[0] == 0:
                     conn.execute("DELETE FROM subjects WHERE id = ?", (pk,))
@@ -255,9 +269,9 @@ class SQLiteFaissStore(SQLiteMaintenance, SQLiteSearch, SQLiteDatabase, Template
         check_id(subject_id, "subject_id")
         conn = self._check_open()
         with self._db_lock:
-            pk, metadata, created_at = self._subject_row(conn, tenant, subject_id)
+            pk, stored, metadata, created_at = self._subject_row(conn, tenant, subject_id)
             ids = [r[0] for r in conn.execute("SELECT template_id FROM templates WHERE subject = ? ORDER BY id", (pk,))]
-        return SubjectInfo(subject_id, json.loads(metadata), ids, float(created_at))
+        return SubjectInfo(subject_id, self._names.unpack(tenant, stored, metadata)[1], ids, float(created_at))
 
     def list_subjects(self, tenant: str, page_size: int = 100, page_token: str = "") -> tuple[list[SubjectInfo], str]:
         check_id(tenant, "tenant")
@@ -280,7 +294,10 @@ class SQLiteFaissStore(SQLiteMaintenance, SQLiteSearch, SQLiteDatabase, Template
                     [r[0] for r in rows],
                 ):
                     templates[pk].append(template_id)
-        page = [SubjectInfo(r[1], json.loads(r[2]), templates[r[0]], float(r[3])) for r in rows]
+        page = []
+        for pk, stored, metadata, created_at in rows:
+            subject_id, values = self._names.unpack(tenant, stored, metadata)
+            page.append(SubjectInfo(subject_id, values, templates[pk], float(created_at)))
         return page, (encode_page_token(rows[-1][1]) if more else "")
 
     def subject_vectors(self, tenant: str, subject_id: str) -> np.ndarray:
@@ -288,11 +305,11 @@ class SQLiteFaissStore(SQLiteMaintenance, SQLiteSearch, SQLiteDatabase, Template
         check_id(subject_id, "subject_id")
         conn = self._check_open()
         with self._db_lock:
-            pk = self._subject_row(conn, tenant, subject_id)[0]
+            pk, stored = self._subject_row(conn, tenant, subject_id)[:2]
             rows = conn.execute(
                 "SELECT vector, template_id FROM templates WHERE subject = ? ORDER BY id", (pk,)
             ).fetchall()
-        return self._blobs_to_array([r[0] for r in rows], tenant, [(subject_id, r[1]) for r in rows])
+        return self._blobs_to_array([r[0] for r in rows], tenant, [(stored, r[1]) for r in rows])
 
     def count(self, tenant: str | None = None, *, subjects: bool = False) -> int:
         if tenant is not None:

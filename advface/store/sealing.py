@@ -1,0 +1,133 @@
+"""Subject ids and metadata at rest: plain, or sealed under the store's encryption key.
+
+A store keeps, per subject, an id column (looked up by equality, ordered for paging) and a metadata text column.
+:class:`PlainNames` stores the caller's subject id and ``json.dumps(metadata)`` as they are. :class:`SealedNames`
+(stores created encrypted) stores instead:
+
+- the id column: ``HMAC-SHA256(names key, tenant NUL subject id)``, first 16 bytes as 32 hex digits: equal ids
+  still find their row, but the column reveals neither the id nor its order;
+- the metadata column: ``{"sealed": base64(AES-256-GCM(JSON {"id": subject id, "metadata": {...}}))}``, bound to
+  its tenant and stored id (associated data), so a blob moved to another row fails to open.
+
+The *names key* (32 random bytes) is made when the store is created and kept in the store's ``meta`` table wrapped
+(encrypted) under the store's encryption key (:func:`wrap_names_key`), so it survives key rotation: rotation re-wraps
+it and re-encrypts the metadata blobs, and the stored ids never change. A thief of the database without the
+encryption key gets keyed hashes and ciphertext only.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import secrets
+from typing import Protocol
+
+from advface.crypto import KEY_BYTES, TemplateCipher, blob_key_id
+from advface.errors import IntegrityError
+
+#: ``meta`` key naming how subject ids are kept: ``sealed`` (absent: plain).
+NAMES_META = "subject_names"
+#: ``meta`` key of the wrapped names key (base64 of the cipher's blob).
+NAMES_KEY_META = "names_key"
+SEALED = "sealed"
+_WRAP_AAD = b"advface-names-key-v1"
+_DOMAIN = b"advface-subject-id-v1\x00"
+
+
+class SubjectNames(Protocol):
+    """How a store writes and reads a subject's id and metadata columns."""
+
+    sealed: bool
+
+    def stored_id(self, tenant: str, subject_id: str) -> str:
+        """The id column's value for ``subject_id``."""
+
+    def pack(self, tenant: str, stored_id: str, subject_id: str, metadata: dict[str, str]) -> str:
+        """The metadata column's text for a subject."""
+
+    def unpack(self, tenant: str, stored_id: str, text: str) -> tuple[str, dict[str, str]]:
+        """``(subject id, metadata)`` from a row's id and metadata columns."""
+
+
+class PlainNames:
+    """Subject ids and metadata stored as given (plaintext stores, and stores encrypted after they held subjects)."""
+
+    sealed = False
+
+    def stored_id(self, tenant: str, subject_id: str) -> str:
+        return subject_id
+
+    def pack(self, tenant: str, stored_id: str, subject_id: str, metadata: dict[str, str]) -> str:
+        return json.dumps(metadata, sort_keys=True)
+
+    def unpack(self, tenant: str, stored_id: str, text: str) -> tuple[str, dict[str, str]]:
+        return stored_id, json.loads(text)
+
+
+class SealedNames:
+    """Keyed-hash ids and encrypted metadata (see module docs); ``cipher`` may be a keyring during rotation."""
+
+    sealed = True
+
+    def __init__(self, cipher: TemplateCipher, names_key: bytes) -> None:
+        if len(names_key) != KEY_BYTES:
+            raise ValueError("the names key must be 32 bytes")
+        self.cipher = cipher
+        self.key = names_key
+
+    def stored_id(self, tenant: str, subject_id: str) -> str:
+        message = _DOMAIN + tenant.encode("utf-8") + b"\x00" + subject_id.encode("utf-8")
+        return hmac.new(self.key, message, hashlib.sha256).digest()[:16].hex()
+
+    def pack(self, tenant: str, stored_id: str, subject_id: str, metadata: dict[str, str]) -> str:
+        plain = json.dumps({"id": subject_id, "metadata": metadata}, sort_keys=True).encode("utf-8")
+        blob = self.cipher.encrypt(plain, _row_aad(tenant, stored_id))
+        return json.dumps({SEALED: base64.b64encode(blob).decode("ascii")})
+
+    def unpack(self, tenant: str, stored_id: str, text: str) -> tuple[str, dict[str, str]]:
+        plain = self.cipher.decrypt(sealed_blob(text), _row_aad(tenant, stored_id))
+        value = json.loads(plain)
+        return str(value["id"]), dict(value["metadata"])
+
+    def key_id_of(self, text: str) -> str:
+        """The id of the key a sealed metadata column is under."""
+        return blob_key_id(sealed_blob(text))
+
+    def reseal(self, tenant: str, stored_id: str, text: str, cipher: TemplateCipher) -> str:
+        """The metadata column re-encrypted under ``cipher``'s primary key (key rotation)."""
+        plain = self.cipher.decrypt(sealed_blob(text), _row_aad(tenant, stored_id))
+        return json.dumps({SEALED: base64.b64encode(cipher.encrypt(plain, _row_aad(tenant, stored_id))).decode()})
+
+
+def sealed_blob(text: str) -> bytes:
+    """The ciphertext inside a sealed metadata column (IntegrityError when it is not one)."""
+    try:
+        return base64.b64decode(json.loads(text)[SEALED], validate=True)
+    except (ValueError, KeyError, TypeError, binascii.Error):
+        raise IntegrityError("a sealed subject row is malformed") from None
+
+
+def _row_aad(tenant: str, stored_id: str) -> bytes:
+    return b"advface-subject-v1\x00" + tenant.encode("utf-8") + b"\x00" + stored_id.encode("ascii")
+
+
+def new_names_key() -> bytes:
+    """A fresh names key (32 random bytes)."""
+    return secrets.token_bytes(KEY_BYTES)
+
+
+def wrap_names_key(cipher: TemplateCipher, names_key: bytes) -> str:
+    """``names_key`` encrypted under ``cipher``'s primary key, as text for the ``meta`` table."""
+    return base64.b64encode(cipher.encrypt(names_key, _WRAP_AAD)).decode("ascii")
+
+
+def unwrap_names_key(cipher: TemplateCipher, wrapped: str) -> bytes:
+    """The names key from :func:`wrap_names_key`'s text (IntegrityError for a wrong key or tampering)."""
+    try:
+        blob = base64.b64decode(wrapped, validate=True)
+    except (ValueError, binascii.Error):
+        raise IntegrityError("the store's wrapped names key is malformed") from None
+    return cipher.decrypt(blob, _WRAP_AAD)
