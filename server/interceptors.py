@@ -219,6 +219,13 @@ def _denier(code: grpc.StatusCode, details: str) -> grpc.RpcMethodHandler:
     return grpc.unary_unary_rpc_method_handler(deny)
 
 
+def record_refusal(method: str, code: grpc.StatusCode, on_refused: Callable[[str, str], None] | None) -> None:
+    """A call an interceptor answers itself, before any handler: one access-log line and ``on_refused`` (metrics)."""
+    log(_access, logging.INFO, "rpc", rpc=rpc_label(method), code=code.name, latency_ms=0.0)
+    if on_refused is not None:
+        on_refused(method, code.name)
+
+
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Rejects calls without a valid bearer token (UNAUTHENTICATED) before they reach a handler."""
 
@@ -238,9 +245,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         try:
             self.authenticator.authenticate(handler_call_details.invocation_metadata)
         except RpcFailure as exc:
-            log(_access, logging.INFO, "rpc", rpc=rpc_label(method), code=exc.code.name, latency_ms=0.0)
-            if self.on_refused is not None:
-                self.on_refused(method, exc.code.name)
+            record_refusal(method, exc.code, self.on_refused)
             return _denier(exc.code, exc.details)
         return await continuation(handler_call_details)
 
@@ -282,9 +287,7 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
         self.on_refused: Callable[[str, str], None] | None = None
 
     def _refuse(self, method: str, code: grpc.StatusCode) -> None:
-        log(_access, logging.INFO, "rpc", rpc=rpc_label(method), code=code.name, latency_ms=0.0)
-        if self.on_refused is not None:
-            self.on_refused(method, code.name)
+        record_refusal(method, code, self.on_refused)
 
     async def _reject(self, method: str, context: grpc.aio.ServicerContext) -> None:
         self._refuse(method, grpc.StatusCode.INVALID_ARGUMENT)

@@ -168,14 +168,13 @@ def protection_config(
     if args.config:
         from advface.config import load_config
         from advface.service.key_folder import resolve_key_folder
-        from advface.service.protection import UNSET_SEED
+        from advface.service.protection import protection_seed
 
         # the deployment's own seed (key folder) when protection.seed is unset: what its sidecar would issue
         section = resolve_key_folder(load_config(args.config)).protection
         if not section.enabled:
             raise ConfigError(f"{args.config}: protection.enabled is false; nothing to re-encode with")
-        seed = UNSET_SEED if section.seed is None else section.seed
-        base = {"rel_l2": section.rel_l2, "steps": section.steps, "seed": seed}
+        base = {"rel_l2": section.rel_l2, "steps": section.steps, "seed": protection_seed(section)}
         shadow, method, shadows, jitter = section.shadow, section.method, section.shadows, section.jitter
     method = args.method or method
     for key in ("seed", "rel_l2", "steps", "linf", "step_size"):

@@ -31,7 +31,8 @@ from advface.threads import DEFAULT_THREADS
 UNSET_SEED = 0
 
 
-def _seed(section: ProtectionConfig) -> int:
+def protection_seed(section: ProtectionConfig) -> int:
+    """The AdvFace seed of the ``protection`` section (:data:`UNSET_SEED` when it is unset)."""
     return UNSET_SEED if section.seed is None else section.seed
 
 
@@ -45,7 +46,7 @@ def protection_spec(section: ProtectionConfig, encoder_name: str) -> ProtectionS
         if not shadows:
             raise ConfigError("protection.method is advface-id but protection.shadows is empty")
         config = IdentityAwareConfig(
-            steps=section.steps, rel_l2=section.rel_l2, seed=_seed(section), jitter=section.jitter
+            steps=section.steps, rel_l2=section.rel_l2, seed=protection_seed(section), jitter=section.jitter
         )
         return ProtectionSpec(section.method, shadows, config, encoder=encoder_name)
     if section.method != "advface":
@@ -54,7 +55,7 @@ def protection_spec(section: ProtectionConfig, encoder_name: str) -> ProtectionS
     return ProtectionSpec(
         section.method,
         (str(path),),
-        AdvFaceConfig(steps=section.steps, rel_l2=section.rel_l2, seed=_seed(section)),
+        AdvFaceConfig(steps=section.steps, rel_l2=section.rel_l2, seed=protection_seed(section)),
         encoder=encoder_name,
     )
 
