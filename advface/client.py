@@ -19,7 +19,7 @@ Needs ``grpcio`` (a dependency of advface); the rest of the library does not imp
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from fractions import Fraction
@@ -249,6 +249,7 @@ class AdvFaceClient:
         steps: int | None = None,
         seed: int | None = None,
         target_similarity: float | None = None,
+        guidance: Sequence[str] | None = None,
         timeout: float | None = PROTECT_IMAGE_TIMEOUT,
     ) -> tuple[bytes, dict[str, Any]]:
         """Protect an enrolment photo (bytes of an encoded image, or a path): ``(png_bytes, report)``.
@@ -257,7 +258,8 @@ class AdvFaceClient:
         ``"8/255"``; default 8/255) so that face encoders no longer recognise the person, and returns a lossless PNG
         without the input's metadata, plus a report dict (``similarity`` per encoder: ``cosine_after``,
         ``cosine_random``...; ``psnr``, ``ssim``, ``linf_levels``, ``steps``, ``seconds``, ``notes``). Options left
-        None take the server's defaults. Slow on CPUs: ``timeout`` defaults to PROTECT_IMAGE_TIMEOUT seconds.
+        None take the server's defaults; ``guidance`` names the terms (``["encoders", "deflection"]``; the report's
+        ``guidance`` lists those that ran). Slow on CPUs: ``timeout`` defaults to PROTECT_IMAGE_TIMEOUT seconds.
         Stateless: nothing is stored.
         """
         request = pb.ProtectImageRequest(image=_image_bytes(image))
@@ -269,6 +271,8 @@ class AdvFaceClient:
             request.seed = int(seed)
         if target_similarity is not None:
             request.target_similarity = float(target_similarity)
+        if guidance:
+            request.guidance.extend(str(g) for g in guidance)
         response = self._call("ProtectImage", request, timeout)
         return bytes(response.image), _to_dict(response.report)
 

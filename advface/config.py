@@ -189,6 +189,12 @@ class ImageProtectionConfig:
     steps: int = 60
     max_steps: int = 500
     max_pixels: int = 4_000_000
+    #: Guidance terms (``advface protect-image --guidance``); None: the library's default.
+    guidance: tuple[str, ...] | None = None
+    #: Defender surrogate checkpoint for the deflection term; None: the one shipped with advface.
+    surrogate: str | None = None
+    #: Budget shape (``advface protect-image --budget``: uniform or perceptual); None: the library's default.
+    budget: str | None = None
 
 
 def _default_data_dir() -> str:
@@ -211,6 +217,15 @@ class StoreConfig:
     ivf_min_rows: int = 100_000
     ivf_nlist: int = 0
     ivf_nprobe: int = 128
+    #: "encrypted": templates stored as CKKS ciphertexts, matched through the key service (docs/encrypted-matching.md)
+    matching: str = "plain"
+    encrypted_keys_dir: str | None = None
+    keyservice_address: str | None = None
+    keyservice_timeout_s: float = 5.0
+    #: TLS to the key service: its CA (enables TLS); the sidecar's client certificate and key (mTLS)
+    keyservice_ca_file: str | None = None
+    keyservice_cert_file: str | None = None
+    keyservice_key_file: str | None = None
 
     @property
     def database_path(self) -> Path:
@@ -519,6 +534,29 @@ def _existing_paths(value: Any, where: _Where, what: str) -> tuple[str, ...]:
     return tuple(_path(v, where, must_exist=True) for v in value)
 
 
+def _guidance(value: Any, where: _Where) -> tuple[str, ...] | None:
+    """Image-protection guidance terms: a YAML list or a comma-separated string; null: the library's default."""
+    if _is_null(value, where):
+        return None
+    if not isinstance(value, (str, list, tuple)):
+        raise where.error(f"expected a list of guidance terms, got {_type_name(value)}")
+    from advface.protect.image.guidance import parse_guidance
+
+    try:
+        return parse_guidance(value if isinstance(value, str) else [_str(v, where) for v in value])
+    except ConfigError as exc:
+        raise where.error(str(exc)) from None
+
+
+def _budget(value: Any, where: _Where) -> str | None:
+    """Image-protection budget shape (uniform, perceptual); null: the library's default."""
+    if _is_null(value, where):
+        return None
+    from advface.protect.image.perceptual import BUDGETS
+
+    return _str(value, where, BUDGETS)
+
+
 def _shadow_list(value: Any, where: _Where) -> tuple[str, ...]:
     paths = _existing_paths(value, where, "shadow checkpoint paths")
     if len(set(paths)) != len(paths):
@@ -613,6 +651,9 @@ _KEYS: dict[str, dict[str, _Check]] = {
         "steps": lambda v, w: _int(v, w, 1, 100_000),
         "max_steps": lambda v, w: _int(v, w, 1, 100_000),
         "max_pixels": lambda v, w: _int(v, w, 1, 40_000_000),
+        "guidance": _guidance,
+        "surrogate": _optional_path,
+        "budget": _budget,
     },
     "store": {
         "backend": lambda v, w: _str(v, w, ("sqlite", "postgresql")),
@@ -623,6 +664,13 @@ _KEYS: dict[str, dict[str, _Check]] = {
         "ivf_min_rows": lambda v, w: _int(v, w, 1, 10**9),
         "ivf_nlist": lambda v, w: _int(v, w, 0, 65536),
         "ivf_nprobe": lambda v, w: _int(v, w, 1, 65536),
+        "matching": lambda v, w: _str(v, w, ("plain", "encrypted")),
+        "encrypted_keys_dir": lambda v, w: None if _is_null(v, w) else _path(v, w, must_exist=False),
+        "keyservice_address": lambda v, w: None if _is_null(v, w) else _host(v, w),
+        "keyservice_timeout_s": lambda v, w: _float(v, w, 0.0, 600.0, lo_open=True),
+        "keyservice_ca_file": _optional_path,
+        "keyservice_cert_file": _optional_path,
+        "keyservice_key_file": _optional_path,
     },
     "matching": {
         "threshold": _threshold,

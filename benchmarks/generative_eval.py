@@ -17,9 +17,11 @@ training data) with two or more photos, in name order.
   sampling step also pulling the predicted face towards photo A's embedding through the system encoder's gradient
   (:func:`advface.generative.threats.identity_guide`: the white-box attacker). The system judge then scores an
   optimisation it took part in; the transfer judge is the honest check of likeness;
-- **training-based** (textual-inversion analogue): people with at least ``--personalise-photos + 1`` photos; the
-  condition is learned from the first ``--personalise-photos`` (:func:`advface.generative.threats.learn_condition`,
-  no encoder involved), the generated faces are compared with a held-out photo the same way;
+- **training-based**: people with at least ``--personalise-photos + 1`` photos; a copy of the generator and an
+  identity condition are fine-tuned on the first ``--personalise-photos`` (``--personalise finetune``, DreamBooth
+  analogue, :func:`advface.generative.threats.finetune`) or only the condition is learned (``--personalise
+  condition``, textual-inversion analogue, :func:`advface.generative.threats.learn_condition`); no encoder involved;
+  the generated faces are compared with a held-out photo the same way;
 - **realism**: share of generated faces in which dlib's detector finds a face (faces upscaled 2x), and the Frechet
   distance in the transfer encoder's embedding space between generated faces and real faces of the same people
   (lower is better), beside the same distance for the DCGAN of ``gan-face-generate`` (its faces are not aligned like
@@ -50,7 +52,13 @@ from advface.datasets.pairs import build_face_pairs, resize_faces  # noqa: E402
 from advface.datasets.splits import split_identities  # noqa: E402
 from advface.encoders import create_encoder  # noqa: E402
 from advface.generative.model import IdentityGenerator, load_generator  # noqa: E402
-from advface.generative.threats import PersonaliseConfig, generate_from_embeddings, learn_condition  # noqa: E402
+from advface.generative.threats import (  # noqa: E402
+    FinetuneConfig,
+    PersonaliseConfig,
+    finetune,
+    generate_from_embeddings,
+    learn_condition,
+)
 from advface.protect.image.io import save_png  # noqa: E402
 from benchmarks.common import write_results  # noqa: E402
 
@@ -147,7 +155,10 @@ def main() -> None:
         "--identity-guidance", type=float, default=0.0, help="also sample identity-guided faces at this scale (0: no)"
     )
     parser.add_argument("--personalise-photos", type=int, default=3, help="photos per person to learn from")
-    parser.add_argument("--personalise-steps", type=int, default=PersonaliseConfig.steps)
+    parser.add_argument("--personalise", choices=("finetune", "condition"), default="finetune")
+    parser.add_argument(
+        "--personalise-steps", type=int, default=None, help="steps (default: FinetuneConfig's or PersonaliseConfig's)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out")
     args = parser.parse_args()
@@ -196,11 +207,15 @@ def main() -> None:
     rich = [p for p in people if len(photos[p]) >= k + 1]
     based_faces, based_compare = [], []
     for p in rich:
-        condition = learn_condition(
-            generator, clean.faces[photos[p][:k]], PersonaliseConfig(steps=args.personalise_steps, seed=args.seed)
-        )
+        faces = clean.faces[photos[p][:k]]
+        model = generator
+        steps = {"steps": args.personalise_steps} if args.personalise_steps else {}
+        if args.personalise == "finetune":
+            model, condition = finetune(generator, faces, FinetuneConfig(seed=args.seed, **steps))
+        else:
+            condition = learn_condition(generator, faces, PersonaliseConfig(seed=args.seed, **steps))
         based_faces.append(
-            generator.generate(condition[None], args.n, steps=args.steps, guidance=args.guidance, seed=args.seed)[0]
+            model.generate(condition[None], args.n, steps=args.steps, guidance=args.guidance, seed=args.seed)[0]
         )
         based_compare += [str(clean.ids[photos[p][k]])] * args.n
     based = judges.summary(judges.score(np.concatenate(based_faces), based_compare)) if rich else None
@@ -251,6 +266,7 @@ def main() -> None:
             "guidance": args.guidance,
             "identity_guidance": args.identity_guidance,
             "personalise_photos": k,
+            "personalise": args.personalise,
             "personalise_steps": args.personalise_steps,
             "seed": args.seed,
         },

@@ -19,3 +19,15 @@ for f in advface_pb2.py advface_pb2.pyi advface_pb2_grpc.py; do
     sed -e 's/^from advface\.v1 import advface_pb2 as/from . import advface_pb2 as/' "$out/advface/v1/$f" > "$dest/$f"
 done
 echo "generated $dest/advface_pb2.py, advface_pb2.pyi, advface_pb2_grpc.py with $("$PYTHON" -m grpc_tools.protoc --version)"
+
+# the key service of encrypted matching (advface.keyservice.v1): advface/api/keyservice/v1/
+"$PYTHON" -m grpc_tools.protoc -I proto \
+    --python_out="$out" --pyi_out="$out" --grpc_python_out="$out" \
+    proto/advface/keyservice/v1/keyservice.proto
+dest=advface/api/keyservice/v1
+mkdir -p "$dest"
+for f in keyservice_pb2.py keyservice_pb2.pyi keyservice_pb2_grpc.py; do
+    sed -e 's/^from advface\.keyservice\.v1 import keyservice_pb2 as/from . import keyservice_pb2 as/' \
+        "$out/advface/keyservice/v1/$f" > "$dest/$f"
+done
+echo "generated $dest/keyservice_pb2.py, keyservice_pb2.pyi, keyservice_pb2_grpc.py"

@@ -115,4 +115,5 @@ def image_report(result: ProtectedImage) -> pb.ImageProtectionReport:
         height=result.height,
         grayscale=report.grayscale,
         notes=list(report.notes),
+        guidance=list(report.guidance),
     )

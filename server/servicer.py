@@ -192,6 +192,7 @@ class AdvFaceServicer(pb_grpc.AdvFaceServicer):
             seed=int(request.seed),
             target_similarity=request.target_similarity if request.HasField("target_similarity") else None,
             deadline=_deadline(context),
+            guidance=list(request.guidance),
         )
         if len(result.png) + _RESPONSE_OVERHEAD > self.max_send_bytes:
             raise RpcFailure(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import grpc
 
+from advface.encrypted.errors import KeyServiceUnavailableError, RateLimitedError, RefusedError
 from advface.errors import (
     AdvfaceError,
     AlreadyExistsError,
@@ -51,4 +52,10 @@ def status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
             return code, str(exc)
     if isinstance(exc, (DatabaseUnavailableError, ClosedError)):  # the store lost its server, or is shutting down
         return grpc.StatusCode.UNAVAILABLE, "template database unavailable, retry later"
+    if isinstance(exc, KeyServiceUnavailableError):  # encrypted matching: nothing was decided or changed
+        return grpc.StatusCode.UNAVAILABLE, "key service unavailable, retry later"
+    if isinstance(exc, RateLimitedError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, "key service rate limit reached, retry later"
+    if isinstance(exc, RefusedError):  # e.g. top_k above the key service's limit, or sidecar and key service disagree
+        return grpc.StatusCode.FAILED_PRECONDITION, f"the key service refused the request ({exc})"
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__})"

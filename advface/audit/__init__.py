@@ -6,8 +6,9 @@ Modules: :mod:`advface.audit.attacks` (decoder, GAN-prior and adaptive attackers
 (dataset, victims and template files), :mod:`advface.audit.store` (a template store, opened as the sidecar does),
 :mod:`advface.audit.thief` (the database thief without keys), :mod:`advface.audit.metrics` (metric glue),
 :mod:`advface.audit.config` (the run's settings), :mod:`advface.audit.stages` (one module per stage),
-:mod:`advface.audit.results` (the stages' typed results and ``report.json``), :mod:`advface.audit.report`
-(HTML + JSON), :mod:`advface.audit.run` (orchestration).
+:mod:`advface.audit.results` (the stages' typed results and ``report.json``), :mod:`advface.audit.field_metrics`
+(FNMR at FMR, BTPBench renewability), :mod:`advface.audit.report` (HTML + JSON), :mod:`advface.audit.manifest` (the
+reproducibility bundle, ``manifest.json``), :mod:`advface.audit.run` (orchestration).
 """
 
 from typing import Any
@@ -17,6 +18,7 @@ __all__ = [
     "PROTECTIONS",
     "QUICK_ATTACKERS",
     "TARGET_D_SYS",
+    "TARGET_TYPE1",
     "AuditConfig",
     "AuditResult",
     "run_audit",
@@ -40,6 +42,9 @@ FULL_ATTACKERS = (
 QUICK_ATTACKERS = ("deconv", "resup+id", "tokens", "gan-prior", "adaptive")
 #: Unlinkability target of the keyed transform: D_sys at most this for every pair of tenant keys measured.
 TARGET_D_SYS = 0.05
+#: Irreversibility target of the verdict (default of ``--target-type1``): an attacker's best Type I success at FMR 0.1%
+#: at most this, by the system encoder and by the transfer judge.
+TARGET_TYPE1 = 0.05
 
 
 def __getattr__(name: str) -> Any:  # lazy: importing the package does not load torch models

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from advface.audit import FULL_ATTACKERS, PROTECTIONS, QUICK_ATTACKERS
+from advface.audit import FULL_ATTACKERS, PROTECTIONS, QUICK_ATTACKERS, TARGET_TYPE1
 from advface.errors import ConfigError
 
 
@@ -54,6 +54,16 @@ class AuditConfig:
     #: the scale of its reconstruction guidance by the encoder's torch module (None: 0, no guidance).
     generator: Path | None = None
     diffusion_guidance: float | None = None
+    #: ``manifest.json``: the SHA-256 of every dataset file, not only the hash over their names and sizes.
+    manifest_hashes: bool = False
+    #: The verdict's irreversibility target: best Type I success at FMR 0.1% at most this (both judges).
+    target_type1: float = TARGET_TYPE1
+    #: Another protection scheme under audit (:mod:`advface.audit.schemes`): ``biohash``, ``MODULE:ATTR`` or an entry
+    #: point name; or a shell command with ``{in}`` / ``{out}`` embeddings files and an optional ``{key}`` file.
+    scheme: str | None = None
+    protect_cmd: str | None = None
+    #: The scheme's templates are compared with raw probes (True), not with probes through the scheme (None/False).
+    raw_probes: bool | None = None
 
     @classmethod
     def quick_mode(cls, data: Path, out: Path, **overrides: Any) -> AuditConfig:
@@ -102,11 +112,25 @@ class AuditConfig:
             )
             if v is not None
         ]
+        if self.scheme is not None or self.protect_cmd is not None:
+            which = "--scheme" if self.scheme is not None else "--protect-cmd"
+            if self.scheme is not None and self.protect_cmd is not None:
+                raise ConfigError("give either --scheme or --protect-cmd, not both")
+            if self.store is not None or flags:
+                raise ConfigError(
+                    f"{which} replaces the protection: not with --store or {', '.join(flags) or '--store'}"
+                )
+            if self.protect_cmd is not None and ("{in}" not in self.protect_cmd or "{out}" not in self.protect_cmd):
+                raise ConfigError("--protect-cmd needs {in} and {out} in the command")
+        elif self.raw_probes:
+            raise ConfigError("--raw-probes is for --scheme / --protect-cmd")
         if self.store is not None and flags:
             raise ConfigError(
                 f"{', '.join(flags)}: with --store the audit protects as the store's sidecar does, "
                 "from the protection section of --config; drop these flags"
             )
+        if not 0 <= self.target_type1 <= 1:
+            raise ConfigError(f"--target-type1 must be in [0, 1], got {self.target_type1}")
         if self.rel_l2 is not None and not 0 < self.rel_l2 <= 1:
             raise ConfigError(f"--rel-l2 must be in (0, 1], got {self.rel_l2}")
         for name in ("epochs", "batch_size", "per_identity", "gan_steps", "gan_restarts", "steps", "link_keys"):

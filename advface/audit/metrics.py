@@ -212,5 +212,7 @@ def linkage(db_a: np.ndarray, db_b: np.ndarray, metric: str, seed: int = 0) -> L
         noise_floor_p95=curve.noise_floor_p95,
         n_mated=curve.n_mated,
         n_nonmated=curve.n_nonmated,
+        bins=len(curve.centers),
+        score_range=(float(curve.edges[0]), float(curve.edges[-1])),
     )
     return Linkage(metrics, mated, nonmated, curve)

@@ -27,6 +27,8 @@ from advface.audit.results import (
     LayersResult,
     ReconstructionResult,
     ThiefScanResult,
+    UtilityResult,
+    VerdictResult,
 )
 
 #: Photos (columns) of the image grid.
@@ -247,10 +249,62 @@ def _layers_html(thief: ThiefScanResult | None, layers: LayersResult | None) -> 
     return "".join(parts)
 
 
+def _verdict_html(verdict: VerdictResult) -> str:
+    """The first table of the page: one row per attacker of the threat model, with a met / not met mark."""
+    marks = {True: ("met", "met"), False: ("not met", "notmet"), None: ("not measured", "unmeasured")}
+    rows = []
+    for row in verdict.rows:
+        text, css = marks[row.met]
+        rows.append(
+            [
+                f"<b>{html.escape(row.attacker)}</b>",
+                html.escape(row.holds),
+                html.escape(row.recovers),
+                html.escape(row.target),
+                f"<span class='{css}'>{text}</span>",
+            ]
+        )
+    return (
+        "<h2 id='verdict'>Verdict</h2>"
+        + _table(["attacker", "holds", "recovers", "target", "verdict"], rows)
+        + "<p class='note'>Recovered faces are judged by the system encoder (would the system accept them?) and by "
+        "the transfer judge (another face matcher); the details follow below.</p>"
+    )
+
+
+def _utility_html(utility: UtilityResult) -> str:
+    """FNMR at FMR 0.1% / 0.01% per kind of enrolled template, with the comparisons and 95% intervals."""
+    rows = []
+    for label, kinds in utility.by_fmr.items():
+        for kind, m in kinds.items():
+            lo, hi = m.fnmr_ci95
+            rows.append(
+                [
+                    html.escape(kind),
+                    f"FMR {html.escape(label)}",
+                    _fmt(m.fnmr, True),
+                    f"{100 * lo:.1f}&ndash;{100 * hi:.1f}%",
+                    str(m.genuine_comparisons),
+                    str(m.impostor_comparisons) + ("" if m.impostors_sufficient else " (too few)"),
+                    f"{100 * m.fmr_achieved:.3f}%",
+                ]
+            )
+    return (
+        "<h3>FNMR at fixed FMR</h3>"
+        + _table(
+            ["enrolled templates", "at", "FNMR", "95% interval", "genuine", "impostor", "FMR achieved"],
+            rows,
+        )
+        + f"<p class='note'>{html.escape(utility.protocol)}. {html.escape(utility.interval)}.</p>"
+    )
+
+
 _CSS = """body{font-family:sans-serif;margin:2em;max-width:1100px;color:#222}
 table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}
 th{background:#f0f0f0}.missing{background:#fff3cd;border:1px solid #e0c060;padding:0.5em 1em}
-img{max-width:100%}code{background:#f4f4f4;padding:0 3px}"""
+img{max-width:100%}code{background:#f4f4f4;padding:0 3px}.note{color:#555;font-size:13px}
+.met{color:#1a7f37;font-weight:bold}.notmet{color:#c62828;font-weight:bold}.unmeasured{color:#777}
+@media print{body{margin:0;max-width:none}img{page-break-inside:avoid}}"""
 
 
 def _figure(figures: dict[str, str], name: str, alt: str, heading: str = "") -> str:
@@ -277,6 +331,8 @@ def render_html(result: AuditResult, figures: dict[str, str]) -> str:
             "</head><body><h1>advface audit report</h1>"
         )
     ]
+    if r.verdict is not None:
+        parts.append(_verdict_html(r.verdict))
     parts.append(
         "<p>"
         + ", ".join(f"{html.escape(str(k))}: <code>{html.escape(str(v))}</code>" for k, v in r.config.items())
@@ -365,6 +421,8 @@ def render_html(result: AuditResult, figures: dict[str, str]) -> str:
                 rows,
             )
         )
+    if r.utility is not None:
+        parts.append(_utility_html(r.utility))
     parts.append(_figure(figures, "roc", "ROC and DET"))
     unl = r.unlinkability
     if unl is not None:
@@ -372,13 +430,22 @@ def render_html(result: AuditResult, figures: dict[str, str]) -> str:
             "<h2>Unlinkability and renewability</h2><p>D_sys (Gomez-Barrero et al.): 0 = unlinkable, "
             "1 = fully linkable; the noise floor is what histogram noise alone gives for these counts.</p>"
         )
-        rows = [[html.escape(k), _fmt(v.d_sys), _fmt(v.noise_floor), str(v.n_mated)] for k, v in unl.details.items()]
         renewal = r.renewability.details if r.renewability is not None else {}
-        rows += [
-            [f"renewability: {html.escape(k)}", _fmt(v.d_sys), _fmt(v.noise_floor), str(v.n_mated)]
-            for k, v in renewal.items()
+        settings = [(html.escape(k), v) for k, v in unl.details.items()]
+        settings += [(f"renewability: {html.escape(k)}", v) for k, v in renewal.items()]
+        rows = [
+            [
+                name,
+                _fmt(v.d_sys),
+                _fmt(v.noise_floor),
+                str(v.n_mated),
+                str(v.n_nonmated),
+                str(v.bins) if v.bins is not None else "&ndash;",
+                f"{v.score_range[0]:.3f} to {v.score_range[1]:.3f}" if v.score_range is not None else "&ndash;",
+            ]
+            for name, v in settings
         ]
-        parts.append(_table(["databases", "D_sys", "noise floor", "people"], rows))
+        parts.append(_table(["databases", "D_sys", "noise floor", "people", "non-mated", "bins", "score range"], rows))
         across = unl.across_keys
         verdict = "meets" if unl.key_meets_target else "does not meet"
         parts.append(
@@ -388,6 +455,27 @@ def render_html(result: AuditResult, figures: dict[str, str]) -> str:
             f"D_sys &le; {_fmt(unl.target_d_sys_max)}. {across.above_noise_p95} of "
             f"{across.key_pairs} read above the 95th percentile of D_sys for unlinkable scores "
             "at these counts (one in 20 would by chance).</p>"
+        )
+    renew = r.renewability
+    sets = renew.largest_nonmatching_set if renew is not None else None
+    if renew is not None and sets:
+        parts.append(
+            "<h3>Renewability (BTPBench): largest set of mutually non-matching templates</h3>"
+            + _table(
+                ["templates", "keys per person", "people", "worst person", "mean", "all keys non-matching"],
+                [
+                    [
+                        html.escape(k),
+                        str(m.keys),
+                        str(m.people),
+                        str(m.min),
+                        f"{m.mean:.2f}",
+                        _fmt(m.all_keys_fraction, True),
+                    ]
+                    for k, m in sets.items()
+                ],
+            )
+            + f"<p class='note'>{html.escape(renew.largest_nonmatching_set_protocol or '')}</p>"
         )
     parts.append(_figure(figures, "d_curve", "D(s)"))
     parts.append(_figure(figures, "hist", "histograms", "<h3>Score histograms</h3>"))

@@ -7,7 +7,9 @@ the run's settings, what is ``missing`` and the timings. The HTML report and the
 Format of ``report.json`` (:data:`FORMAT_VERSION`): 1 = the earlier format, without a ``format_version`` field;
 2 = the same keys and value shapes, plus the top-level ``format_version``; 3 = format 2 plus the transfer judge:
 ``config.transfer_encoder``, ``thresholds.transfer`` and a ``transfer`` entry in each attacker's template kinds
-(added keys only).
+(added keys only); 4 = format 3 plus ``config.manifest_hashes`` (and ``manifest.json`` beside the report), the field's
+utility metrics (``utility``), D_sys's bins and score range, BTPBench renewability and the ``verdict`` (added keys
+only).
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from typing import Any
 import numpy as np
 
 #: Version of the ``report.json`` format (1: the format before the field existed; 2: format 1 + ``format_version``;
-#: 3: format 2 + the transfer judge's keys).
-FORMAT_VERSION = 3
+#: 3: format 2 + the transfer judge's keys; 4: format 3 + manifest setting, utility, D_sys bins, verdict).
+FORMAT_VERSION = 4
 #: The kinds of template each attacker and the verification are run on: raw embeddings, AdvFace output
 #: ("protected") and AdvFace output through the keyed transform ("protected+key").
 TEMPLATE_KINDS = ("raw", "protected", "protected+key")
@@ -319,6 +321,8 @@ class DecoderAttackResult(AttackResult):
     #: Loaded from the cache rather than trained by this run.
     cached: bool
     trained_on: str
+    #: File stem of the cached decoder (``manifest.json``'s ``attacker_cache_keys``; not in ``report.json``).
+    cache_key: str | None = None
 
     def details(self) -> JsonDict:
         """``arch``, ``loss``, ``cached``, ``trained_on``."""
@@ -438,6 +442,63 @@ class VerificationResult:
         }
 
 
+@dataclass
+class FnmrAtFmr:
+    """FNMR at the threshold giving at most one false-match rate, with the counts and a 95% interval behind it."""
+
+    fmr: float
+    fnmr: float
+    #: Wilson score interval of the FNMR over the genuine comparisons (the threshold taken as fixed).
+    fnmr_ci95: tuple[float, float]
+    threshold: float
+    #: The false-match rate the threshold gives over the impostor comparisons (at most ``fmr``).
+    fmr_achieved: float
+    genuine_comparisons: int
+    impostor_comparisons: int
+    #: At least ``1 / fmr`` impostor comparisons: the rate can be resolved at all.
+    impostors_sufficient: bool
+
+    def to_json(self) -> JsonDict:
+        """FNMR and interval, threshold and achieved FMR, comparison counts."""
+        return {
+            "fnmr": self.fnmr,
+            "fnmr_ci95": list(self.fnmr_ci95),
+            "threshold": self.threshold,
+            "fmr_achieved": self.fmr_achieved,
+            "genuine_comparisons": self.genuine_comparisons,
+            "impostor_comparisons": self.impostor_comparisons,
+            "impostors_sufficient": self.impostors_sufficient,
+        }
+
+
+#: FMR label -> rate of the ``utility`` section (its keys are ``fnmr_at_fmr_<label>``).
+UTILITY_FMRS = {"1e-3": 1e-3, "1e-4": 1e-4}
+
+
+@dataclass
+class UtilityResult:
+    """The ``utility`` section: FNMR at FMR 0.1% and 0.01% of each kind of enrolled template (probes raw; through
+    the same key for protected+key), over every pair of distinct evaluation photos."""
+
+    #: FMR label -> template kind -> FNMR at that FMR.
+    by_fmr: dict[str, dict[str, FnmrAtFmr]]
+    protocol: str
+    interval: str
+
+    def fnmr(self, label: str, kind: str) -> FnmrAtFmr | None:
+        """FNMR of ``kind`` at FMR ``label`` (None when not measured)."""
+        return self.by_fmr.get(label, {}).get(kind)
+
+    def to_json(self) -> JsonDict:
+        """``fnmr_at_fmr_<label>`` per FMR (one entry per template kind), then protocol and interval method."""
+        out: JsonDict = {
+            f"fnmr_at_fmr_{label}": {kind: m.to_json() for kind, m in kinds.items()}
+            for label, kinds in self.by_fmr.items()
+        }
+        out.update(protocol=self.protocol, interval=self.interval)
+        return out
+
+
 # -------------------------------------------------------------------------------------- unlinkability, renewal
 @dataclass
 class LinkageMetrics:
@@ -449,16 +510,24 @@ class LinkageMetrics:
     noise_floor_p95: float
     n_mated: int
     n_nonmated: int
+    #: Histogram bins of the score densities and the score range they span.
+    bins: int | None = None
+    score_range: tuple[float, float] | None = None
 
     def to_json(self) -> JsonDict:
-        """``d_sys``, ``noise_floor``, ``noise_floor_p95``, ``n_mated``, ``n_nonmated``."""
-        return {
+        """``d_sys``, ``noise_floor``, ``noise_floor_p95``, ``n_mated``, ``n_nonmated``, ``bins``, ``score_range``."""
+        out: JsonDict = {
             "d_sys": self.d_sys,
             "noise_floor": self.noise_floor,
             "noise_floor_p95": self.noise_floor_p95,
             "n_mated": self.n_mated,
             "n_nonmated": self.n_nonmated,
         }
+        if self.bins is not None:
+            out["bins"] = self.bins
+        if self.score_range is not None:
+            out["score_range"] = list(self.score_range)
+        return out
 
 
 @dataclass
@@ -542,12 +611,43 @@ class UnlinkabilityResult:
 
 
 @dataclass
+class NonMatchingSets:
+    """Renewability by BTPBench's definition: per person, the largest set of their templates under different keys
+    no two of which match at the system's threshold; summarised over the people."""
+
+    setting: str
+    #: Templates per person (one per key) and people measured.
+    keys: int
+    people: int
+    threshold: float
+    #: The smallest largest set over the people (the renewability the system guarantees), its mean, and the fraction
+    #: of people for whom all ``keys`` templates are mutually non-matching.
+    min: int
+    mean: float
+    all_keys_fraction: float
+
+    def to_json(self) -> JsonDict:
+        """``keys``, ``people``, ``threshold``, ``min``, ``mean``, ``all_keys_fraction``."""
+        return {
+            "keys": self.keys,
+            "people": self.people,
+            "threshold": self.threshold,
+            "min": self.min,
+            "mean": self.mean,
+            "all_keys_fraction": self.all_keys_fraction,
+        }
+
+
+@dataclass
 class RenewabilityResult:
     """The ``renewability`` section: D_sys of revoked templates against the re-issued ones."""
 
     #: ``advface`` / ``advface+key`` -> linkage of revoked and re-issued templates.
     details: dict[str, LinkageMetrics]
     protocol: str
+    #: BTPBench's largest non-matching sets per setting (``advface``: seeds as keys; ``advface+key``: tenant keys).
+    largest_nonmatching_set: dict[str, NonMatchingSets] | None = None
+    largest_nonmatching_set_protocol: str | None = None
 
     @property
     def d_sys(self) -> dict[str, float]:
@@ -555,12 +655,16 @@ class RenewabilityResult:
         return _d_sys_of(self.details)
 
     def to_json(self) -> JsonDict:
-        """D_sys per setting, details, protocol."""
-        return {
+        """D_sys per setting, details, protocol, then the largest non-matching sets (format 4)."""
+        out: JsonDict = {
             "d_sys": self.d_sys,
             "details": {k: m.to_json() for k, m in self.details.items()},
             "protocol": self.protocol,
         }
+        if self.largest_nonmatching_set is not None:
+            out["largest_nonmatching_set"] = {k: m.to_json() for k, m in self.largest_nonmatching_set.items()}
+            out["largest_nonmatching_set_protocol"] = self.largest_nonmatching_set_protocol
+        return out
 
 
 # --------------------------------------------------------------------------------------------- layered secrets
@@ -677,6 +781,50 @@ class LayersResult:
         return [layer.to_json() for layer in self.layers]
 
 
+# ------------------------------------------------------------------------------------------------------ verdict
+@dataclass
+class VerdictRow:
+    """One attacker of the threat model: what they hold, what the audit saw them recover, and whether the run's
+    targets are met (None: not measured by this run)."""
+
+    attacker: str
+    holds: str
+    #: What they recover, in words.
+    recovers: str
+    met: bool | None
+    #: The target the row is held to, in words.
+    target: str
+    #: Best Type I success at FMR 0.1% by the system encoder and by the transfer judge, and which attacker gave the
+    #: system's (None where not measured).
+    type1_system: float | None = None
+    type1_transfer: float | None = None
+    best_attacker: str | None = None
+
+    def to_json(self) -> JsonDict:
+        """``attacker``, ``holds``, ``recovers``, ``met``, then ``target`` and the numbers behind them."""
+        return {
+            "attacker": self.attacker,
+            "holds": self.holds,
+            "recovers": self.recovers,
+            "met": self.met,
+            "target": self.target,
+            "type1_system": self.type1_system,
+            "type1_transfer": self.type1_transfer,
+            "best_attacker": self.best_attacker,
+        }
+
+
+@dataclass
+class VerdictResult:
+    """The ``verdict`` section: one row per attacker of the threat model, in the order of the report's first table."""
+
+    rows: list[VerdictRow]
+
+    def to_json(self) -> list[JsonDict]:
+        """One entry per attacker."""
+        return [row.to_json() for row in self.rows]
+
+
 # ---------------------------------------------------------------------------------------------------- the audit
 @dataclass
 class AuditResult:
@@ -696,9 +844,13 @@ class AuditResult:
     #: Attacker name -> result, in the order they ran (only those that ran).
     attacks: dict[str, AttackResult] = field(default_factory=dict)
     verification: VerificationResult | None = None
+    #: FNMR at FMR 0.1% / 0.01% (format 4).
+    utility: UtilityResult | None = None
     unlinkability: UnlinkabilityResult | None = None
     renewability: RenewabilityResult | None = None
     layers: LayersResult | None = None
+    #: The verdict per attacker of the threat model (format 4).
+    verdict: VerdictResult | None = None
     #: When the report was written (UTC), and the run's duration in seconds.
     date: str | None = None
     seconds: float | None = None
@@ -724,9 +876,11 @@ class AuditResult:
             ("thief_without_keys", self.thief_without_keys),
             ("attacks", self.attacks or None),
             ("verification", self.verification),
+            ("utility", self.utility),
             ("unlinkability", self.unlinkability),
             ("renewability", self.renewability),
             ("layers", self.layers),
+            ("verdict", self.verdict),
             ("date", self.date),
             ("seconds", self.seconds),
         ]

@@ -1,13 +1,14 @@
 """Audit a template database against reconstruction attacks and for the ISO/IEC 24745 properties: irreversibility
 (Type-I/II identity inference by decoder, GAN-prior and adaptive attackers), unlinkability (D_sys), renewability
-and performance preservation. Writes OUT/report.html (self-contained) and OUT/report.json.
+and performance preservation. Writes OUT/report.html (self-contained), OUT/report.json and OUT/manifest.json (the
+run's reproducibility bundle: code revision, settings, key ids, dataset manifest, cache keys, seeds, timings, logs).
 
 Templates under audit: an embeddings file (--templates, ids = photo paths relative to the dataset root), a store
 (--store advface:DATA_DIR?tenant=T, or sqlite:DATA_DIR / postgresql://... with --tenant; opened exactly as the
 sidecar opens it from --config: encryption at rest and keyed transform included), or, with neither, the dataset's own
-photos protected with --protection. Attackers train on identities disjoint from the audited people and are cached
-(--cache-dir). A store is also attacked by a database thief without keys (its raw rows and file bytes).
-Torch runs on --threads threads (default 1: more pays off only on idle cores).
+photos protected with --protection (or another scheme: --scheme, --protect-cmd). Attackers train on identities
+disjoint from the audited people and are cached (--cache-dir). A store is also attacked by a database thief without
+keys (its raw rows and file bytes). Torch runs on --threads threads (default 1: more pays off only on idle cores).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from advface.audit import FULL_ATTACKERS, PROTECTIONS, TARGET_D_SYS
+from advface.audit import FULL_ATTACKERS, PROTECTIONS, TARGET_D_SYS, TARGET_TYPE1
 from advface.threads import add_threads_argument, apply_threads
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -71,6 +72,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="protection applied to the dataset's templates and used for unlinkability, "
         "renewability and the adaptive attacker's enrolments (default advface). Not with "
         "--store: a store is audited with the protection section of its --config",
+    )
+    scheme = parser.add_mutually_exclusive_group()
+    scheme.add_argument(
+        "--scheme",
+        metavar="NAME",
+        help="audit another protection scheme instead (docs/audit.md, 'Any scheme under audit'): biohash (the "
+        "reference BioHashing), polyprotect (PolyProtect-style), MODULE:ATTR (a ProtectionScheme or a callable "
+        "(templates, key) -> protected) or an advface.audit_schemes entry point",
+    )
+    scheme.add_argument(
+        "--protect-cmd",
+        metavar="CMD",
+        help="audit a scheme given as a shell command: {in} and {out} are embeddings files (.npz, ids and "
+        "embeddings), {key} (optional) a file holding the key as hex; e.g. 'python my_scheme.py {in} {out} {key}'",
+    )
+    parser.add_argument(
+        "--raw-probes",
+        action="store_true",
+        help="with --scheme / --protect-cmd: the scheme's templates are compared with raw probes (default: probes "
+        "go through the scheme with the enrolment's key)",
     )
     parser.add_argument("--rel-l2", type=float, help="AdvFace budget ||delta|| / ||z|| (default: the library's, 0.1)")
     parser.add_argument("--steps", type=int, help="AdvFace steps (default: the library default, as the sidecar)")
@@ -130,6 +151,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="diffusion attacker: reconstruction guidance by the encoder's torch module on the decoded face "
         "(default 0: none)",
     )
+    parser.add_argument(
+        "--target-type1",
+        type=float,
+        metavar="RATE",
+        help="the verdict's irreversibility target: each attacker's best Type I success at FMR 0.1%% at most RATE, "
+        f"by the system encoder and by the transfer judge (default {TARGET_TYPE1})",
+    )
+    parser.add_argument(
+        "--manifest-hashes",
+        action="store_true",
+        help="manifest.json (written beside the report): also the SHA-256 of every dataset file (default: one hash "
+        "over the sorted file names and sizes)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1, help="face-detection processes")
     add_threads_argument(parser, "attacker training, protection and attacks in this process")
@@ -170,6 +204,11 @@ def config_from_args(args: argparse.Namespace) -> AuditConfig:
         link_keys=args.link_keys,
         generator=args.generator,
         diffusion_guidance=args.diffusion_guidance,
+        manifest_hashes=args.manifest_hashes or None,
+        target_type1=args.target_type1,
+        scheme=args.scheme,
+        protect_cmd=args.protect_cmd,
+        raw_probes=args.raw_probes or None,
         seed=args.seed,
         workers=args.workers,
         progress=not args.quiet,
@@ -188,11 +227,8 @@ def run(args: argparse.Namespace) -> int:
     apply_threads(args.threads)
     html_path, json_path, result = run_audit(config_from_args(args))
     for name, attack in result.attacks.items():
-        t1 = attack.type1_success
-        line = (
-            f"{name}: Type I @FMR 0.1% raw {100 * t1['raw']:.1f}%, protected {100 * t1['protected']:.1f}%, "
-            f"protected+key {100 * t1['protected+key']:.1f}%"
-        )
+        t1 = attack.type1_success  # a kind is absent where a scheme's dimension does not fit the attacker
+        line = f"{name}: Type I @FMR 0.1% " + ", ".join(f"{kind} {100 * rate:.1f}%" for kind, rate in t1.items())
         if result.transfer is not None:
             judged = [
                 f"{kind} {100 * value:.1f}%"
@@ -213,7 +249,23 @@ def run(args: argparse.Namespace) -> int:
             f"{'met' if unl.key_meets_target else 'not met'}; {across.above_noise_p95} above the 95th "
             "percentile of unlinkable scores)"
         )
+    if result.utility is not None:
+        for label, kinds in result.utility.by_fmr.items():
+            print(
+                f"FNMR @FMR {label}: "
+                + ", ".join(
+                    f"{kind} {100 * m.fnmr:.1f}% [{100 * m.fnmr_ci95[0]:.1f}, {100 * m.fnmr_ci95[1]:.1f}]"
+                    for kind, m in kinds.items()
+                )
+                + f" ({next(iter(kinds.values())).genuine_comparisons} genuine, "
+                f"{next(iter(kinds.values())).impostor_comparisons} impostor comparisons)"
+            )
+    if result.verdict is not None:
+        marks = {True: "met", False: "NOT MET", None: "not measured"}
+        for row in result.verdict.rows:
+            recovers = row.recovers if row.met is not None else row.recovers.removeprefix("not measured: ")
+            print(f"verdict: {row.attacker}: {marks[row.met]}: {recovers}")
     for item in result.missing:
         print(f"missing: {item.stage}: {item.reason}")
-    print(f"wrote {html_path} and {json_path}")
+    print(f"wrote {html_path}, {json_path} and {json_path.parent / 'manifest.json'}")
     return 0

@@ -4,8 +4,10 @@
 ``--n`` new faces of that identity are written as ``OUT/<photo stem>_<k>.png``. ``--from-embeddings IN.npz``: the
 embeddings of an ``advface embed`` / ``advface protect`` file (e.g. stolen templates) are used directly, one set of
 faces per id (``OUT/<row>_<k>.png``; ids can be names, so files are numbered by row). ``--personalise`` learns the
-identity condition from all ``--from-photo`` photos together (training-based threat, textual-inversion analogue)
-instead of using their embeddings. The model's encoder must match ``--encoder`` (checked by fingerprint).
+person from all ``--from-photo`` photos together (training-based threat) instead of using their embeddings:
+``--personalise-method finetune`` (default, DreamBooth analogue: a copy of the model and an identity condition are
+fine-tuned on the photos) or ``condition`` (textual-inversion analogue: only the condition is learned). The model's
+encoder must match ``--encoder`` (checked by fingerprint).
 """
 
 from __future__ import annotations
@@ -35,7 +37,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--personalise",
         action="store_true",
-        help="learn one identity condition from all --from-photo photos (training-based threat)",
+        help="learn the person from all --from-photo photos (training-based threat)",
+    )
+    parser.add_argument(
+        "--personalise-method",
+        choices=("finetune", "condition"),
+        default="finetune",
+        help="finetune: fine-tune a copy of the model and a condition (DreamBooth analogue, default); condition: "
+        "learn only the condition (textual-inversion analogue)",
     )
     parser.add_argument("--encoder", default="dlib", help="encoder of the photos' embeddings (default dlib)")
     parser.add_argument("--models-dir", help="ONNX models folder (default $ADVFACE_MODELS_DIR)")
@@ -52,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
     from advface.errors import ConfigError
     from advface.generative.model import load_generator
-    from advface.generative.threats import personalise
+    from advface.generative.threats import FinetuneConfig, PersonaliseConfig, personalise
     from advface.protect.image.io import save_png
 
     if args.n < 1 or args.steps < 1:
@@ -77,9 +86,14 @@ def run(args: argparse.Namespace) -> int:
         if args.personalise:
             size = generator.image_size
             small = np.stack([_resize(c, size) for c in chips])
-            faces = personalise(generator, small, args.n, steps=args.steps, guidance=args.guidance, seed=args.seed)[
-                None
-            ]
+            how = (
+                FinetuneConfig(seed=args.seed)
+                if args.personalise_method == "finetune"
+                else PersonaliseConfig(seed=args.seed)
+            )
+            faces = personalise(
+                generator, small, args.n, config=how, steps=args.steps, guidance=args.guidance, seed=args.seed
+            )[None]
             names = ["personalised"]
         else:
             embeddings = encoder.embed(np.stack(chips))

@@ -13,6 +13,7 @@ from advface.cli import (
     embed,
     generate,
     keygen,
+    keyservice,
     protect,
     protect_image,
     reencode,
@@ -38,6 +39,7 @@ SUBCOMMANDS = [
     protect_image,
     audit,
     rotate_transform,
+    keyservice,
 ]
 
 

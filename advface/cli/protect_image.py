@@ -48,6 +48,7 @@ def parse_epsilon(text: str) -> float:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``advface protect-image``."""
     from advface.protect.image import DEFAULT_ENCODERS, ProtectConfig
+    from advface.protect.image.perceptual import BUDGETS
 
     defaults = ProtectConfig()
     parser.add_argument("inputs", nargs="+", metavar="IN", help="image files, folders or glob patterns")
@@ -82,6 +83,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"weight of the feature-level term on encoders that name feature layers (dlib-torch); it makes the "
         f"protection carry over to encoders outside the ensemble; 0 attacks embeddings only "
         f"(default {defaults.feature_weight:g})",
+    )
+    parser.add_argument(
+        "--guidance",
+        default=",".join(defaults.guidance),
+        metavar="TERMS",
+        help="comma-separated guidance terms: encoders (confuse the face encoders, IDGuardian stage 1), deflection "
+        "(steer the photo's latent away from its identity on the defender surrogate generator, IDGuardian stage 2) "
+        f"(default {','.join(defaults.guidance)})",
+    )
+    parser.add_argument(
+        "--surrogate",
+        default=None,
+        metavar="CKPT",
+        help="defender surrogate generator for the deflection term (default: the one shipped with advface)",
+    )
+    parser.add_argument(
+        "--budget",
+        choices=BUDGETS,
+        default=defaults.budget,
+        help=f"perceptual: each pixel's budget (at most --epsilon) follows a just-noticeable-difference map, smaller "
+        f"on smooth skin than on hair, edges and background (quieter, weaker protection); uniform: every pixel may "
+        f"change by --epsilon (default {defaults.budget})",
     )
     parser.add_argument("--batch-size", type=int, default=4, help="photos of equal size optimised together (default 4)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -129,6 +152,7 @@ class _Pending:
 def run(args: argparse.Namespace) -> int:
     """Protect every input; returns 1 under --strict when any photo failed, else 0."""
     from advface.protect.image import ImageProtector, ProtectConfig
+    from advface.protect.image.guidance import parse_guidance
     from advface.protect.image.io import load_for_protection, save_png
 
     config = ProtectConfig(
@@ -138,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
         eot=not args.no_eot,
         target_similarity=args.target_similarity,
         feature_weight=args.feature_weight,
+        budget=args.budget,
+        guidance=parse_guidance(args.guidance),
     )
     config.validate()
     threads = apply_threads(args.threads)
@@ -148,7 +174,10 @@ def run(args: argparse.Namespace) -> int:
     if not jobs:
         raise ConfigError("no input images found")
     out_dir.mkdir(parents=True, exist_ok=True)
-    protector = ImageProtector(args.encoders, detector=args.detector, policy=args.policy, device=args.device)
+    protector = ImageProtector(
+        args.encoders, detector=args.detector, policy=args.policy, device=args.device, surrogate=args.surrogate
+    )
+    protector.check_guidance(config)
     for note in protector.notes:
         print(f"advface protect-image: note: {note}", file=sys.stderr)
     started = _dt.datetime.now(_dt.UTC)
@@ -238,6 +267,7 @@ def run(args: argparse.Namespace) -> int:
             "eot": config.eot,
             "target_similarity": config.target_similarity,
             "feature_weight": config.feature_weight,
+            "budget": config.budget,
             "detector": args.detector,
             "policy": args.policy,
             "threads": threads,

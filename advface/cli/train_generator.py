@@ -56,6 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="write OUT from the work folder's last checkpoint (the model as trained so far, EMA weights) and stop, "
         "without training; a running training is not disturbed",
     )
+    parser.add_argument(
+        "--half",
+        action="store_true",
+        help="store OUT's weights in float16 (half the file; they are computed in float32 when loaded): how the "
+        "shipped defender surrogate is written",
+    )
     parser.add_argument("--quiet", "-q", action="store_true")
 
 
@@ -101,11 +107,11 @@ def run(args: argparse.Namespace) -> int:
     if args.snapshot:
         if trainer.stage == "autoencoder":
             raise ConfigError(f"{work_dir}: no denoiser checkpoint yet (stage autoencoder, step {trainer.step})")
-        save_generator(args.out, trainer.generator())
+        save_generator(args.out, trainer.generator(), half=args.half)
         print(f"wrote {args.out}: snapshot at {trainer.stage} step {trainer.step}", file=sys.stderr)
         return 0
     generator = trainer.run()
-    save_generator(args.out, generator)
+    save_generator(args.out, generator, half=args.half)
     print(
         f"wrote {args.out}: {data.description['photos']} photos of group {args.group} "
         f"({len(data.faces)} faces with mirrors), autoencoder {config.ae_steps} + denoiser {config.steps} steps",

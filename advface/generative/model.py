@@ -161,8 +161,14 @@ class IdentityGenerator:
         latents = purify(self.denoiser, self.encode(faces), t_star, steps=steps, generator=generator)
         return self.decode(latents)
 
-    def state(self) -> dict[str, Any]:
-        """The checkpoint payload (see the module docs)."""
+    def state(self, *, half: bool = False) -> dict[str, Any]:
+        """The checkpoint payload (see the module docs); ``half`` stores floating-point weights as float16 (loading
+        computes in float32 again)."""
+
+        def weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+            out = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+            return {k: v.half() if half and v.is_floating_point() else v for k, v in out.items()}
+
         meta = dict(self.metadata)
         meta.setdefault("embedding_dim", self.dim)
         meta.setdefault("image_size", self.image_size)
@@ -172,11 +178,11 @@ class IdentityGenerator:
             "version": FORMAT_VERSION,
             "autoencoder": {
                 "config": self.autoencoder.config.to_dict(),
-                "state_dict": {k: v.cpu() for k, v in self.autoencoder.state_dict().items()},
+                "state_dict": weights(self.autoencoder),
             },
             "denoiser": {
                 "config": self.denoiser.config.to_dict(),
-                "state_dict": {k: v.cpu() for k, v in self.denoiser.state_dict().items()},
+                "state_dict": weights(self.denoiser),
             },
             "metadata": json.loads(json.dumps(meta, default=_json_default)),
         }
@@ -207,9 +213,9 @@ def atomic_save(payload: Mapping[str, Any], path: str | os.PathLike[str]) -> Pat
     return target
 
 
-def save_generator(path: str | os.PathLike[str], generator: IdentityGenerator) -> Path:
-    """Write ``generator`` to ``path`` atomically."""
-    return atomic_save(generator.state(), path)
+def save_generator(path: str | os.PathLike[str], generator: IdentityGenerator, *, half: bool = False) -> Path:
+    """Write ``generator`` to ``path`` atomically (``half``: float16 weights, half the file)."""
+    return atomic_save(generator.state(half=half), path)
 
 
 def read_checkpoint(path: str | os.PathLike[str], tag: str) -> dict[str, Any]:

@@ -2,9 +2,10 @@
 
 - :func:`generate_from_embeddings` -- *training-free* personalisation (IP-Adapter-FaceID / Arc2Face analogue): an
   identity embedding (of a photo, or a stolen template) in, new faces of that identity out;
-- :func:`personalise` -- *training-based* personalisation (textual-inversion analogue): an identity condition is
-  learned from 3-5 photos of one person by minimising the generator's own denoising loss on their latents, with no
-  face encoder involved; then faces are generated from it;
+- :func:`personalise` -- *training-based* personalisation from 3-5 photos of one person: the textual-inversion
+  analogue learns an identity condition by minimising the generator's own denoising loss on their latents, with no
+  face encoder involved; the DreamBooth analogue (:func:`finetune`) also fine-tunes the denoiser on them (the
+  condition starting at the photos' mean embedding when the attacker has the encoder); then faces are generated;
 - :meth:`IdentityGenerator.purify` -- *diffusion purification* (DiffPure analogue), for photos before either threat.
 """
 
@@ -18,6 +19,7 @@ import torch
 
 from advface.encoders.base import FaceEncoder
 from advface.errors import ConfigError
+from advface.generative.denoiser import LatentDenoiser
 from advface.generative.diffusion import v_loss
 from advface.generative.model import IdentityGenerator
 
@@ -101,6 +103,26 @@ class PersonaliseConfig:
     seed: int = 0
 
 
+def _fit(
+    model: LatentDenoiser,
+    latents: torch.Tensor,
+    condition: torch.Tensor,
+    optimiser: torch.optim.Optimizer,
+    steps: int,
+    batch: int,
+    gen: torch.Generator,
+) -> None:
+    """``steps`` optimiser steps on the denoising loss of ``batch`` latents drawn from ``latents`` under
+    ``condition`` (whatever ``optimiser`` holds is what learns)."""
+    no_drop = torch.zeros(batch, dtype=torch.bool, device=latents.device)
+    for _ in range(steps):
+        rows = torch.randint(0, len(latents), (batch,), generator=gen, device=latents.device)
+        loss = v_loss(model, latents[rows], condition.expand(batch, -1), no_drop, gen)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+
+
 def learn_condition(
     generator: IdentityGenerator, faces: np.ndarray, config: PersonaliseConfig | None = None
 ) -> np.ndarray:
@@ -113,15 +135,53 @@ def learn_condition(
     gen = torch.Generator(device=generator.device).manual_seed(c.seed)
     condition = torch.randn(1, generator.dim, generator=gen, device=generator.device).requires_grad_(True)
     optimiser = torch.optim.Adam([condition], lr=c.lr)
-    model = generator.denoiser
-    no_drop = torch.zeros(c.batch, dtype=torch.bool, device=generator.device)
-    for _ in range(c.steps):
-        rows = torch.randint(0, len(latents), (c.batch,), generator=gen, device=generator.device)
-        loss = v_loss(model, latents[rows], condition.expand(c.batch, -1), no_drop, gen)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
+    _fit(generator.denoiser, latents, condition, optimiser, c.steps, c.batch, gen)
     return condition.detach()[0].cpu().numpy().astype(np.float32)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """DreamBooth analogue: ``steps`` of Adam on the denoiser's weights (learning rate ``lr``) and on the identity
+    condition (``condition_lr``), ``batch`` noisy copies of the photos' latents (mirrors included) per step."""
+
+    steps: int = 150
+    lr: float = 2e-4
+    condition_lr: float = 0.05
+    batch: int = 16
+    seed: int = 0
+
+
+def finetune(
+    generator: IdentityGenerator,
+    faces: np.ndarray,
+    config: FinetuneConfig | None = None,
+    *,
+    embeddings: np.ndarray | None = None,
+) -> tuple[IdentityGenerator, np.ndarray]:
+    """A copy of ``generator`` fine-tuned on ``faces`` (``N x S x S x 3`` uint8 of one person) and the identity
+    condition learned with it: ``(model, condition)``. ``embeddings`` (the photos' encoder embeddings, when the
+    attacker has the encoder) start the condition at their mean; else it starts random. ``generator`` is unchanged."""
+    import copy
+
+    c = config or FinetuneConfig()
+    if len(faces) < 1 or c.steps < 1:
+        raise ConfigError("fine-tuning needs at least one photo and one step")
+    tuned = copy.deepcopy(generator)
+    model = tuned.denoiser.train().requires_grad_(True)
+    mirrored = np.concatenate([faces, faces[:, :, ::-1]])
+    latents = tuned.encode(mirrored)
+    gen = torch.Generator(device=tuned.device).manual_seed(c.seed)
+    if embeddings is not None:
+        start = torch.from_numpy(tuned.check_embeddings(embeddings).mean(axis=0, keepdims=True)).to(tuned.device)
+    else:
+        start = torch.randn(1, tuned.dim, generator=gen, device=tuned.device)
+    condition = start.clone().requires_grad_(True)
+    optimiser = torch.optim.Adam(
+        [{"params": list(model.parameters()), "lr": c.lr}, {"params": [condition], "lr": c.condition_lr}]
+    )
+    _fit(model, latents, condition, optimiser, c.steps, c.batch, gen)
+    tuned.denoiser.eval().requires_grad_(False)
+    return tuned, condition.detach()[0].cpu().numpy().astype(np.float32)
 
 
 def personalise(
@@ -129,12 +189,17 @@ def personalise(
     faces: np.ndarray,
     n: int,
     *,
-    config: PersonaliseConfig | None = None,
+    config: PersonaliseConfig | FinetuneConfig | None = None,
+    embeddings: np.ndarray | None = None,
     steps: int = 25,
     guidance: float = 3.0,
     seed: int = 0,
 ) -> np.ndarray:
-    """Training-based: learn the person's condition from ``faces`` (:func:`learn_condition`), then generate ``n``
-    faces of it (``n x S x S x 3`` uint8)."""
+    """Training-based: learn the person from ``faces``, then generate ``n`` faces of it (``n x S x S x 3`` uint8).
+    A :class:`PersonaliseConfig` (default) learns only the condition (:func:`learn_condition`, textual-inversion
+    analogue); a :class:`FinetuneConfig` also fine-tunes the denoiser (:func:`finetune`, DreamBooth analogue)."""
+    if isinstance(config, FinetuneConfig):
+        tuned, condition = finetune(generator, faces, config, embeddings=embeddings)
+        return tuned.generate(condition[None], n, steps=steps, guidance=guidance, seed=seed)[0]
     condition = learn_condition(generator, faces, config)
     return generator.generate(condition[None], n, steps=steps, guidance=guidance, seed=seed)[0]

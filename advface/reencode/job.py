@@ -42,7 +42,7 @@ from advface.reencode.chunk import check_chunk, reencode_chunk
 from advface.reencode.progress import JOURNAL, Journal, write_part
 from advface.reencode.sinks import PartSet, Sink, open_sink
 from advface.reencode.sources import RawChunk, Source, open_source
-from advface.reencode.store_io import STORE_PART
+from advface.reencode.store_io import STORE_PART, AdvfaceStoreSource
 from advface.reencode.uri import Location, parse_location
 from advface.reencode.verify import VerifyOptions, verify
 
@@ -337,6 +337,10 @@ class Job:
             self._open_source(self.dst_loc, dim, untransform=True) as dest,
             tqdm(total=source.count(), unit="template", desc="verify", disable=self.o.quiet, dynamic_ncols=True) as bar,
         ):
+            if isinstance(dest, AdvfaceStoreSource) and dest.encrypted:  # ids, and matching through the key service
+                summary = dest.verify_against(source, options, progress=bar.update)
+                self._print_summary(summary)
+                return summary
             if getattr(dest, "norm_equalised", False):  # advface store: only directions come back
                 options = replace(options, direction_only=True)
             summary = verify(source, dest, options, progress=bar.update)
@@ -400,6 +404,20 @@ class Job:
 
     def _print_summary(self, s: dict[str, Any]) -> None:
         m = s["matching"]
+        if s.get("encrypted"):
+            match = (
+                f"{m['match_fraction']:.4f} of {m['sample']} sampled match their source (the key service decides)"
+                if m.get("passed") is not None
+                else m.get("note", "not checked")
+            )
+            _log(
+                f"verify (encrypted store): {'PASSED' if s['passed'] else 'FAILED'}: {s['destination_count']}/"
+                f"{s['source_count']} templates, {s['missing']} missing, {s['extra']} extra; budget {s['budget']}; "
+                f"matching: {match}"
+            )
+            for failure in s["failures"]:
+                _log(f"  - {failure}")
+            return
         match = (
             f"{m.get('match_fraction', float('nan')):.4f} of {m['sample']} sampled match their source "
             f"({m['metric']} threshold {m['threshold']})"

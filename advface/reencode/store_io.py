@@ -25,6 +25,12 @@ As a source: one row per template, the stored (decrypted) vectors, i.e. protecte
 when it is on), never raw. The id is the subject id, or ``SUBJECT#TEMPLATE_ID`` for subjects with several
 templates; rows come in subject-id order.
 
+An encrypted store (``store.matching: encrypted``, docs/encrypted-matching.md) is written the same way: each
+chunk's templates are encrypted into the tenant's blocks in one transaction (its subject ids sealed), a chunk
+written again replaces its subjects (their old slots become dead and are erased through the key service later);
+no key service is needed to write. Its templates cannot be read back: it is no source, and its verification checks
+ids and, through the key service, matching on a sample (:mod:`advface.reencode.verify_encrypted`).
+
 Verification of an ``advface:`` destination reads the vectors back through the inverse of the tenant's keyed
 transform. Without norm equalisation (``keyed_transform.norm: null``, or the transform off) that gives the AdvFace
 output itself and every check is the usual one. With norm equalisation the stored template keeps only the
@@ -36,7 +42,7 @@ and the L-inf and matching checks use the point of that direction closest to the
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
@@ -51,6 +57,7 @@ from advface.reencode.uri import Location
 if TYPE_CHECKING:
     from advface.config import Config
     from advface.protect.tenant_transform import TenantTransforms
+    from advface.reencode.verify import VerifyOptions
     from advface.store.base import TemplateStore
 
 STORE_OPTION_KEYS = ("tenant",)
@@ -121,11 +128,18 @@ class StoreTarget:
 
         return f"tenant {self.tenant!r} of the PostgreSQL store {redact_dsn(str(self.config.store.dsn))}"
 
+    @property
+    def encrypted(self) -> bool:
+        """Whether the store keeps CKKS ciphertexts (``store.matching: encrypted``)."""
+        return str(self.config.store.matching) == "encrypted"
+
+    def _database_file(self) -> Path:
+        assert self.data_dir is not None  # SQLite only
+        return self.data_dir / ("templates-encrypted.sqlite3" if self.encrypted else "templates.sqlite3")
+
     def database_exists(self) -> bool:
         """Whether the store exists (SQLite: its database file; PostgreSQL: assumed, the DSN is checked on open)."""
-        return self.backend != "sqlite" or (
-            self.data_dir is not None and (self.data_dir / "templates.sqlite3").is_file()
-        )
+        return self.backend != "sqlite" or (self.data_dir is not None and self._database_file().is_file())
 
     def stored_dim(self) -> int | None:
         """The dimension an existing SQLite store was made with (None: no such store, or PostgreSQL)."""
@@ -133,8 +147,7 @@ class StoreTarget:
             return None
         from advface.store.sqlite_faiss import SQLiteFaissStore
 
-        assert self.data_dir is not None
-        meta = SQLiteFaissStore.read_meta(self.data_dir / "templates.sqlite3")
+        meta = SQLiteFaissStore.read_meta(self._database_file())  # the meta table of either kind of store
         return int(meta["dim"]) if meta.get("dim") else None
 
     def transforms(self, dim: int) -> TenantTransforms | None:
@@ -284,6 +297,26 @@ class AdvfaceStoreSource(Source):
         self._store = target.open(self.dim, self.transforms)
 
     @property
+    def encrypted(self) -> bool:
+        """Whether the store is encrypted (its templates cannot be read: no chunks; verified by
+        :meth:`verify_against`)."""
+        return self.target.encrypted
+
+    def verify_against(
+        self, source: Source, options: VerifyOptions, progress: Callable[[int], object] | None = None
+    ) -> dict[str, Any]:
+        """Verify this encrypted store's tenant against ``source`` (:mod:`advface.reencode.verify_encrypted`)."""
+        from advface.reencode.verify_encrypted import verify_encrypted_store
+
+        tenant, transforms = self.target.tenant, self.transforms
+
+        def probe_of(raw: np.ndarray) -> np.ndarray:
+            row = np.asarray(raw, dtype=np.float32)[None, :]
+            return (row if transforms is None else transforms.apply(tenant, row))[0]
+
+        return verify_encrypted_store(source, self._store, tenant, probe_of, options, progress=progress)
+
+    @property
     def norm_equalised(self) -> bool:
         """Whether the stored templates were norm-equalised by the keyed transform (only directions come back)."""
         return self.transforms is not None and self.transforms.norm is not None
@@ -294,6 +327,11 @@ class AdvfaceStoreSource(Source):
     def chunks(self, chunk_size: int, rows_done: int = 0, cursor: Any = None) -> Iterator[RawChunk]:
         from advface.store.base import encode_page_token
 
+        if self.encrypted:
+            raise ConfigError(
+                f"{self.target.where()} is an encrypted store (store.matching: encrypted): its templates cannot be "
+                "read back, so it cannot be a re-encoding source"
+            )
         tenant = self.target.tenant
         token = encode_page_token(str(cursor)) if cursor else ""
         ids: list[str] = []

@@ -18,6 +18,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -82,10 +83,12 @@ class ImageProtectionService:
         steps: int | None = None,
         seed: int = 0,
         target_similarity: float | None = None,
+        guidance: Sequence[str] | None = None,
     ) -> ProtectConfig:
-        """The protection options of one request (None: the default); PreconditionError when image protection is
-        disabled, ValidationError for an empty photo or out-of-range options."""
+        """The protection options of one request (None or empty: the default); PreconditionError when image
+        protection is disabled, ValidationError for an empty photo, out-of-range options or unknown guidance."""
         from advface.protect.image import ProtectConfig
+        from advface.protect.image.guidance import parse_guidance
 
         if not self.enabled:
             raise PreconditionError("image protection is disabled on this server")
@@ -99,8 +102,17 @@ class ImageProtectionService:
             raise ValidationError(f"steps must be in [1, {self.config.max_steps}], got {steps}")
         if target_similarity is not None and not (math.isfinite(target_similarity) and -1 <= target_similarity <= 1):
             raise ValidationError(f"target_similarity must be in [-1, 1], got {target_similarity:g}")
+        try:
+            terms = parse_guidance(guidance) if guidance else (self.config.guidance or ProtectConfig.guidance)
+        except ConfigError as exc:
+            raise ValidationError(str(exc)) from None
         options = ProtectConfig(
-            epsilon=float(epsilon), steps=steps, seed=int(seed), target_similarity=target_similarity
+            epsilon=float(epsilon),
+            steps=steps,
+            seed=int(seed),
+            target_similarity=target_similarity,
+            guidance=terms,
+            budget=self.config.budget or ProtectConfig.budget,
         )
         try:
             options.validate()
@@ -115,7 +127,9 @@ class ImageProtectionService:
 
             started = time.perf_counter()
             try:
-                self._protector = ImageProtector(detector=self.detector, policy=self.face_policy)
+                self._protector = ImageProtector(
+                    detector=self.detector, policy=self.face_policy, surrogate=self.config.surrogate
+                )
             except Exception as exc:  # noqa: BLE001 - a server-side problem, not the request's
                 _logger.error(
                     "image protection unavailable", extra={"fields": {"error": f"{type(exc).__name__}: {exc}"}}
@@ -146,6 +160,14 @@ class ImageProtectionService:
             protector = self._load()
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceededError("deadline exceeded before protecting the image")
+            try:
+                protector.check_guidance(options)
+            except ConfigError as exc:
+                _logger.error("image protection guidance unavailable", extra={"fields": {"error": str(exc)}})
+                raise PreconditionError(
+                    f"guidance {', '.join(options.guidance)} is unavailable on this server: its defender surrogate "
+                    "could not be loaded"
+                ) from None
             face = protector.find_face(photo.image, "image")
             protected, report = protector.protect(
                 [photo.image], options, ["image"], faces=[face], grayscale=[photo.grayscale]

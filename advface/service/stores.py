@@ -11,7 +11,7 @@ the sidecar, ``advface reencode`` and ``advface audit`` open stores through it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 from advface.config import Config, StoreConfig
 from advface.errors import ConfigError
@@ -24,8 +24,10 @@ def open_store(config: Config, dim: int, metric: str) -> TemplateStore:
     """The template store of ``config.store`` for ``dim``-d templates compared with ``metric``, with the cipher of
     ``config.encryption`` (None: not encrypted). ConfigError for a bad location, key or an incompatible store."""
     section = config.store
-    cipher = cipher_from_config(config.encryption)
     store_metric = cast(StoreMetric, metric)  # checked by the store's constructor (ConfigError for an unknown one)
+    if section.matching == "encrypted":
+        return open_encrypted_store(section, dim, store_metric)
+    cipher = cipher_from_config(config.encryption)
     if section.backend == "postgresql":
         from advface.store.postgres import PostgresStore
 
@@ -44,6 +46,76 @@ def open_store(config: Config, dim: int, metric: str) -> TemplateStore:
     return SQLiteFaissStore(
         section.database_path.expanduser(), dim, store_metric, use_gpu=section.use_gpu, index=index, cipher=cipher
     )
+
+
+def open_encrypted_store(section: StoreConfig, dim: int, metric: StoreMetric) -> TemplateStore:
+    """``store.matching: encrypted``: the SQLite store of CKKS ciphertexts (``templates-encrypted.sqlite3``) with a
+    client of the key service. ConfigError when a key file is missing or altered, or when the key service holds
+    another key pair (the sidecar refuses to start); a key service that is down only logs a warning (Verify and
+    Identify answer UNAVAILABLE until it is up). See docs/encrypted-matching.md."""
+    import hmac
+    import logging
+
+    from advface.encrypted.client import KeyServiceClient
+    from advface.encrypted.errors import KeyServiceUnavailableError
+    from advface.encrypted.keys import load_binding_key, load_sidecar_folder, read_token
+    from advface.encrypted.store import EncryptedSQLiteStore
+
+    if section.backend != "sqlite":
+        raise ConfigError("store.matching: encrypted needs store.backend: sqlite (PostgreSQL is not supported yet)")
+    if not section.encrypted_keys_dir or not section.keyservice_address:
+        raise ConfigError("store.matching: encrypted needs store.encrypted_keys_dir and store.keyservice_address")
+    folder = Path(section.encrypted_keys_dir).expanduser()
+    keys = load_sidecar_folder(folder)
+    binding = load_binding_key(folder)
+    client = KeyServiceClient(
+        section.keyservice_address,
+        read_token(None, folder),
+        timeout_s=section.keyservice_timeout_s,
+        **_keyservice_tls(section),
+    )
+    top_k_max = None
+    try:
+        top_k_max = int(client.handshake(keys.fingerprint).top_k_max)
+    except KeyServiceUnavailableError as exc:
+        logging.getLogger("advface.store").warning("key service not reachable at start: %s", exc)
+    except BaseException:
+        client.close()
+        raise
+    # block integrity (tamper detection) under a key derived from the binding key, which lives beside the public key
+    integrity = hmac.new(binding, b"advface encrypted store integrity", "sha256").digest()
+    path = Path(section.data_dir).expanduser() / "templates-encrypted.sqlite3"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        store = EncryptedSQLiteStore(path, keys, binding, dim, metric, keyservice=client, integrity_key=integrity)
+    except BaseException:
+        client.close()
+        raise
+    if top_k_max is not None:
+        store.handshake_done(top_k_max)
+    return store
+
+
+def _keyservice_tls(section: StoreConfig) -> dict[str, Any]:
+    """TLS options of the key-service client from ``store.keyservice_*_file`` (empty: plaintext gRPC)."""
+    ca, cert, key = section.keyservice_ca_file, section.keyservice_cert_file, section.keyservice_key_file
+    if (cert is None) != (key is None):
+        raise ConfigError("store.keyservice_cert_file and store.keyservice_key_file go together")
+    if cert is not None and ca is None:
+        raise ConfigError("mTLS to the key service needs store.keyservice_ca_file too")
+    if ca is None:
+        return {}
+
+    def read(path: str, what: str) -> bytes:
+        try:
+            return Path(path).expanduser().read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"store.{what}: cannot read {path} ({exc.strerror or exc})") from None
+
+    options: dict[str, Any] = {"root_certificates": read(ca, "keyservice_ca_file")}
+    if cert is not None and key is not None:
+        options["client_cert"] = (read(key, "keyservice_key_file"), read(cert, "keyservice_cert_file"))
+    return options
 
 
 def check_transform_marker(section: StoreConfig, store: TemplateStore, transforms: TenantTransforms | None) -> None:

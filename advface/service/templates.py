@@ -410,6 +410,12 @@ class TemplateService:
         """1:1: the raw probe against ``subject_id``'s protected templates (NOT_FOUND before the costly probe)."""
         subject_id = check_id(subject_id, "subject_id")
         self.check_face(probe, "probe")
+        if getattr(self.store, "matching", "plain") == "encrypted":  # decided by the key service (encrypted/store.py)
+            store: Any = self.store
+            await self._stored(store.get_subject, tenant, subject_id)  # NOT_FOUND before the costly probe
+            query = self.keyed(tenant, await self.raw_vectors([probe], deadline, "probe"))[0]
+            match, template_id, released = await self._stored(store.verify_encrypted, tenant, subject_id, query)
+            return Verification(match, float("nan") if released is None else released, float("nan"), template_id)
         vectors, template_ids = await self._stored(self._subject_templates, tenant, subject_id)
         query = self.keyed(tenant, await self.raw_vectors([probe], deadline, "probe"))[0]
         if len(vectors) == 0:
@@ -426,6 +432,10 @@ class TemplateService:
             raise ValidationError(f"top_k {top_k} is over the limit of {self.top_k_max}")
         self.check_face(probe, "probe")
         query = self.keyed(tenant, await self.raw_vectors([probe], deadline, "probe"))[0]
+        if getattr(self.store, "matching", "plain") == "encrypted":  # only candidates above the key service's threshold
+            encrypted: Any = self.store
+            found = await self._stored(encrypted.identify_encrypted, tenant, query, top_k)
+            return [Candidate(m.subject_id, m.template_id, m.score, True) for m in found]
         matches: list[Match] = await self._stored(self.store.search, tenant, query, top_k)
         return [Candidate(m.subject_id, m.template_id, m.score, m.score >= self.threshold.value) for m in matches]
 
@@ -469,11 +479,12 @@ class TemplateService:
         seed: int = 0,
         target_similarity: float | None = None,
         deadline: float | None = None,
+        guidance: Sequence[str] | None = None,
     ) -> ProtectedImage:
         """Protect the face of a photo against identity extraction (stateless; see
         :class:`~advface.service.image_protection.ImageProtectionService`)."""
         service = self.image_protection
-        options = service.options(image, epsilon, steps, seed, target_similarity)
+        options = service.options(image, epsilon, steps, seed, target_similarity, guidance)
         image_size(image, max_pixels=min(self.max_image_pixels, service.config.max_pixels), name="image")
         _check_deadline(deadline, "protecting the image")
         async with self._image_protection_turn():  # waiting ones hold no worker: photos of other RPCs go on

@@ -26,7 +26,7 @@ import secrets
 from typing import Protocol
 
 from advface.crypto import KEY_BYTES, TemplateCipher, blob_key_id
-from advface.errors import IntegrityError
+from advface.errors import ConfigError, IntegrityError
 
 #: ``meta`` key naming how subject ids are kept: ``sealed`` (absent: plain).
 NAMES_META = "subject_names"
@@ -131,3 +131,24 @@ def unwrap_names_key(cipher: TemplateCipher, wrapped: str) -> bytes:
     except (ValueError, binascii.Error):
         raise IntegrityError("the store's wrapped names key is malformed") from None
     return cipher.decrypt(blob, _WRAP_AAD)
+
+
+def new_sealed_names(cipher: TemplateCipher) -> tuple[SealedNames, dict[str, str]]:
+    """Sealed names for a new store: a fresh names key, and the ``meta`` values recording it (wrapped under
+    ``cipher``)."""
+    names_key = new_names_key()
+    return SealedNames(cipher, names_key), {NAMES_META: SEALED, NAMES_KEY_META: wrap_names_key(cipher, names_key)}
+
+
+def names_from_meta(meta: dict[str, str], cipher: TemplateCipher, where: str) -> PlainNames | SealedNames:
+    """How a store keeps subject ids, from its ``meta`` values: sealed (its names key unwrapped with ``cipher``) or
+    plain. ConfigError when the names key is missing, IntegrityError when it cannot be opened."""
+    if meta.get(NAMES_META) != SEALED:
+        return PlainNames()
+    wrapped = meta.get(NAMES_KEY_META)
+    if not wrapped:
+        raise ConfigError(f"template store {where} seals subject ids but its names key is missing")
+    try:
+        return SealedNames(cipher, unwrap_names_key(cipher, wrapped))
+    except IntegrityError as exc:
+        raise IntegrityError(f"template store {where}: its names key cannot be opened ({exc})") from None

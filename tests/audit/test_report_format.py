@@ -1,7 +1,7 @@
 """``report.json`` keeps its format across the typed results (advface.audit.results): the quick audit's report has
 the keys, key order and value types that the audit wrote before its results were typed (format 1, recorded from a
-quick run of that code on the same dataset), plus ``format_version`` first (2) and the transfer judge's keys (3:
-added keys only, every format-1 key keeps its place)."""
+quick run of that code on the same dataset), plus ``format_version`` first (2), the transfer judge's keys (3) and the
+field's metrics and verdict (4): added keys only, every format-1 key keeps its place."""
 
 from __future__ import annotations
 
@@ -188,6 +188,52 @@ QUICK_REPORT_FORMAT_3 = {
 }
 
 
+# Format 4: format 3 plus ``config.manifest_hashes`` / ``config.target_type1``, ``utility`` (FNMR at FMR 0.1% and
+# 0.01%), each D_sys's bins and score range, BTPBench renewability and the ``verdict``.
+FNMR = {
+    "fnmr": float,
+    "fnmr_ci95": [float],
+    "threshold": float,
+    "fmr_achieved": float,
+    "genuine_comparisons": int,
+    "impostor_comparisons": int,
+    "impostors_sufficient": bool,
+}
+BY_KIND_FNMR = {"raw": FNMR, "protected": FNMR, "protected+key": FNMR}
+UTILITY = {"fnmr_at_fmr_1e-3": BY_KIND_FNMR, "fnmr_at_fmr_1e-4": BY_KIND_FNMR, "protocol": str, "interval": str}
+LINKAGE_4 = {**LINKAGE, "bins": int, "score_range": [float]}
+NONMATCHING = {"keys": int, "people": int, "threshold": float, "min": int, "mean": float, "all_keys_fraction": float}
+VERDICT_ROW = {"attacker": str, "holds": str, "recovers": str, "met": bool, "target": str}
+MEASURED = {**VERDICT_ROW, "type1_system": float, "type1_transfer": float, "best_attacker": str}
+NOT_MEASURED = {**VERDICT_ROW, "met": type(None), "type1_system": type(None), "type1_transfer": type(None)}
+QUICK_REPORT_FORMAT_4 = {
+    **QUICK_REPORT_FORMAT_3,
+    "config": {**CONFIG_3, "manifest_hashes": bool, "target_type1": float},
+    "utility": UTILITY,
+    "unlinkability": {**UNLINKABILITY, "details": {"raw": LINKAGE_4, "advface": LINKAGE_4, "advface+key": LINKAGE_4}},
+    "renewability": {
+        "d_sys": {"advface": float, "advface+key": float},
+        "details": {"advface": LINKAGE_4, "advface+key": LINKAGE_4},
+        "protocol": str,
+        "largest_nonmatching_set": {"advface": NONMATCHING, "advface+key": NONMATCHING},
+        "largest_nonmatching_set_protocol": str,
+    },
+    "verdict": [{**NOT_MEASURED, "best_attacker": type(None)}, MEASURED, MEASURED, MEASURED, MEASURED],
+}
+# the new sections in the report's order: utility after verification, verdict after layers
+QUICK_REPORT_FORMAT_4 = {
+    k: QUICK_REPORT_FORMAT_4[k]
+    for k in [
+        *list(QUICK_REPORT_FORMAT_3)[:7],
+        "utility",
+        *list(QUICK_REPORT_FORMAT_3)[7:10],
+        "verdict",
+        "date",
+        "seconds",
+    ]
+}
+
+
 def _only_adds_keys(new: Any, old: Any, path: str = "report") -> None:
     """Every key of the shape ``old`` is in ``new``, in the same order, with a shape that only adds keys."""
     if not isinstance(old, dict):
@@ -202,6 +248,11 @@ def _only_adds_keys(new: Any, old: Any, path: str = "report") -> None:
 def test_format_3_only_adds_keys_to_format_1() -> None:
     _only_adds_keys(QUICK_REPORT_FORMAT_3, QUICK_REPORT_FORMAT_1)
     assert QUICK_REPORT_FORMAT_3 != QUICK_REPORT_FORMAT_1
+
+
+def test_format_4_only_adds_keys_to_format_3() -> None:
+    _only_adds_keys(QUICK_REPORT_FORMAT_4, QUICK_REPORT_FORMAT_3)
+    assert QUICK_REPORT_FORMAT_4 != QUICK_REPORT_FORMAT_3
 
 
 def assert_shape(value: Any, expected: Any, path: str = "report") -> None:
@@ -224,11 +275,11 @@ def assert_shape(value: Any, expected: Any, path: str = "report") -> None:
 
 
 @pytest.mark.slow
-def test_quick_report_has_the_format_3_keys_and_a_format_version(quick_report: Path, models_dir: Path) -> None:
+def test_quick_report_has_the_format_4_keys_and_a_format_version(quick_report: Path, models_dir: Path) -> None:
     report = json.loads((quick_report / "report.json").read_text())
-    assert next(iter(report)) == "format_version" and report["format_version"] == FORMAT_VERSION == 3
-    format_3 = {k: v for k, v in report.items() if k != "format_version"}
-    assert_shape(format_3, QUICK_REPORT_FORMAT_3)
+    assert next(iter(report)) == "format_version" and report["format_version"] == FORMAT_VERSION == 4
+    format_4 = {k: v for k, v in report.items() if k != "format_version"}
+    assert_shape(format_4, QUICK_REPORT_FORMAT_4)
     from advface.audit.api_surface import api_exposure
 
     assert report["layers"][4]["api"] == api_exposure()
@@ -240,7 +291,7 @@ def test_a_report_without_measurements_has_its_format_version() -> None:
     result.add_missing("inputs", "no dataset")
     result.date, result.seconds = "2024-01-01 00:00 UTC", 0.1
     assert result.to_json() == {
-        "format_version": 3,
+        "format_version": 4,
         "config": {"data": "x"},
         "missing": [{"stage": "inputs", "reason": "no dataset"}],
         "date": "2024-01-01 00:00 UTC",

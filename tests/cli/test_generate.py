@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from advface.cli.main import main
@@ -56,6 +57,11 @@ def test_train_generator_then_generate(lfw_sample: list[Path], tmp_path: Path, m
         == 0
     )
     assert load_generator(snapshot).metadata["steps"] == meta["steps"]  # the work folder's model, not retrained
+    half = tmp_path / "half.pt"
+    work = ["--work-dir", str(tmp_path / "generator.pt.work"), "--snapshot", "--half"]
+    assert main([*train[:6], str(half), *train[7:], *work]) == 0
+    assert half.stat().st_size < 0.6 * model.stat().st_size  # float16 weights
+    assert next(load_generator(half).denoiser.parameters()).dtype == torch.float32  # computed in float32
 
     photo = lfw_sample[0]
     out = tmp_path / "out"
@@ -82,6 +88,9 @@ def test_train_generator_then_generate(lfw_sample: list[Path], tmp_path: Path, m
         == 0
     )
     assert len(list((tmp_path / "pers").glob("personalised_*.png"))) == 2
+    textual = [*common, "--from-photo", str(lfw_sample[0]), "--personalise", "--personalise-method", "condition"]
+    assert main(["generate", *textual, "--out", str(tmp_path / "cond")]) == 0
+    assert len(list((tmp_path / "cond").glob("personalised_*.png"))) == 2
 
     z = np.random.default_rng(0).normal(size=(3, 128)).astype(np.float32)
     save_embeddings(tmp_path / "t.npz", EmbeddingsFile(["a", "b", "c"], z, "dlib-torch", meta["encoder_fingerprint"]))

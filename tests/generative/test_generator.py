@@ -14,7 +14,14 @@ from advface.generative.config import AutoencoderConfig, DenoiserConfig, Generat
 from advface.generative.denoiser import LatentDenoiser
 from advface.generative.diffusion import alpha_sigma, v_loss
 from advface.generative.model import load_generator, save_generator
-from advface.generative.threats import PersonaliseConfig, generate_from_embeddings, learn_condition, personalise
+from advface.generative.threats import (
+    FinetuneConfig,
+    PersonaliseConfig,
+    finetune,
+    generate_from_embeddings,
+    learn_condition,
+    personalise,
+)
 from advface.generative.training import STATE_FILE, GeneratorTrainer, TrainingData
 
 DIM = 8
@@ -199,3 +206,31 @@ def test_identity_guidance_pulls_faces_towards_their_embeddings(trained: Path) -
     assert distance(guided) < distance(plain)
     with pytest.raises(ConfigError, match="differentiable"):
         generate_from_embeddings(generator, targets, 1, steps=2, guide_scale=1.0)
+
+
+def test_finetuning_fits_the_photos_and_leaves_the_original_alone(trained: Path) -> None:
+    generator = load_generator(trained)
+    before = {k: v.clone() for k, v in generator.denoiser.state_dict().items()}
+    photos = _data(3, seed=7).faces
+    embeddings = _data(3, seed=8).embeddings
+    latents = generator.encode(np.concatenate([photos, photos[:, :, ::-1]]))
+
+    def loss_of(model: torch.nn.Module, condition: np.ndarray) -> float:
+        gen = torch.Generator().manual_seed(0)
+        rows = torch.arange(len(latents)).repeat(8)
+        cond = torch.from_numpy(condition)[None].expand(len(rows), -1)
+        with torch.no_grad():
+            return float(v_loss(model, latents[rows], cond, torch.zeros(len(rows), dtype=torch.bool), gen))
+
+    config = FinetuneConfig(steps=30, lr=1e-3, batch=8)
+    tuned, condition = finetune(generator, photos, config, embeddings=embeddings)
+    start = embeddings.mean(axis=0)
+    assert condition.shape == (DIM,) and not np.allclose(condition, start)
+    assert loss_of(tuned.denoiser, condition) < loss_of(generator.denoiser, start)
+    for key, value in generator.denoiser.state_dict().items():
+        torch.testing.assert_close(value, before[key])  # the attacker's copy changed, the model did not
+    assert any(not torch.equal(v, before[k]) for k, v in tuned.denoiser.state_dict().items())
+    faces = personalise(generator, photos, 2, config=FinetuneConfig(steps=2, batch=4), steps=2)
+    assert faces.shape == (2, 16, 16, 3)
+    with pytest.raises(ConfigError):
+        finetune(generator, photos[:0])

@@ -198,3 +198,36 @@ def test_disabled(start_server, tmp_path: Path, photo: bytes) -> None:  # noqa: 
     with srv.client() as c:
         assert _code(lambda: c.protect_image(photo, steps=1)) == grpc.StatusCode.FAILED_PRECONDITION
     assert not srv.servicer.service.image_protection.loaded  # the ensemble is never loaded when disabled
+
+
+def test_guidance_selection(start_server, tmp_path: Path, photo: bytes) -> None:  # noqa: ANN001
+    import torch
+
+    from advface.generative.autoencoder import FaceAutoencoder
+    from advface.generative.config import AutoencoderConfig, DenoiserConfig
+    from advface.generative.denoiser import LatentDenoiser
+    from advface.generative.model import IdentityGenerator, save_generator
+
+    torch.manual_seed(0)
+    tiny = IdentityGenerator(
+        FaceAutoencoder(AutoencoderConfig(image_size=16, width=8)),
+        LatentDenoiser(DenoiserConfig(latent_size=4, cond_dim=128, width=8, multipliers=(1, 2), tokens=2)),
+        {"encoder": "dlib", "role": "defender"},
+    )
+    surrogate = save_generator(tmp_path / "surrogate.pt", tiny)
+    srv = start_server(make_config(tmp_path / "a", image_protection={"surrogate": str(surrogate)}))
+    with srv.client() as c:
+        _, report = c.protect_image(photo, steps=1)
+        assert report["guidance"] == ["encoders"]  # the library's default
+        _, report = c.protect_image(photo, steps=1, guidance=["deflection", "encoders"])
+        assert report["guidance"] == ["encoders", "deflection"]
+        assert _code(lambda: c.protect_image(photo, steps=1, guidance=["nope"])) == grpc.StatusCode.INVALID_ARGUMENT
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    srv = start_server(
+        make_config(tmp_path / "b", image_protection={"surrogate": str(broken), "guidance": ["encoders", "deflection"]})
+    )
+    with srv.client() as c:  # the server's default needs the surrogate it cannot load: refused, never downgraded
+        assert _code(lambda: c.protect_image(photo, steps=1)) == grpc.StatusCode.FAILED_PRECONDITION
+        _, report = c.protect_image(photo, steps=1, guidance=["encoders"])
+        assert report["guidance"] == ["encoders"]

@@ -339,18 +339,20 @@ class InfoResponse(_message.Message):
     def __init__(self, encoder: _Optional[_Union[EncoderInfo, _Mapping]] = ..., protection: _Optional[_Union[ProtectionInfo, _Mapping]] = ..., threshold: _Optional[_Union[ThresholdInfo, _Mapping]] = ..., versions: _Optional[_Union[Versions, _Mapping]] = ..., counts: _Optional[_Union[Counts, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ...) -> None: ...
 
 class ProtectImageRequest(_message.Message):
-    __slots__ = ("image", "epsilon", "steps", "seed", "target_similarity")
+    __slots__ = ("image", "epsilon", "steps", "seed", "target_similarity", "guidance")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     EPSILON_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     TARGET_SIMILARITY_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     epsilon: float
     steps: int
     seed: int
     target_similarity: float
-    def __init__(self, image: _Optional[bytes] = ..., epsilon: _Optional[float] = ..., steps: _Optional[int] = ..., seed: _Optional[int] = ..., target_similarity: _Optional[float] = ...) -> None: ...
+    guidance: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, image: _Optional[bytes] = ..., epsilon: _Optional[float] = ..., steps: _Optional[int] = ..., seed: _Optional[int] = ..., target_similarity: _Optional[float] = ..., guidance: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class EncoderSimilarity(_message.Message):
     __slots__ = ("encoder", "cosine_after", "cosine_random", "has_threshold", "score_after", "matched_after")
@@ -369,7 +371,7 @@ class EncoderSimilarity(_message.Message):
     def __init__(self, encoder: _Optional[str] = ..., cosine_after: _Optional[float] = ..., cosine_random: _Optional[float] = ..., has_threshold: _Optional[bool] = ..., score_after: _Optional[float] = ..., matched_after: _Optional[bool] = ...) -> None: ...
 
 class ImageProtectionReport(_message.Message):
-    __slots__ = ("similarity", "psnr", "ssim", "linf_levels", "epsilon", "steps", "seconds", "width", "height", "grayscale", "notes")
+    __slots__ = ("similarity", "psnr", "ssim", "linf_levels", "epsilon", "steps", "seconds", "width", "height", "grayscale", "notes", "guidance")
     SIMILARITY_FIELD_NUMBER: _ClassVar[int]
     PSNR_FIELD_NUMBER: _ClassVar[int]
     SSIM_FIELD_NUMBER: _ClassVar[int]
@@ -381,6 +383,7 @@ class ImageProtectionReport(_message.Message):
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     GRAYSCALE_FIELD_NUMBER: _ClassVar[int]
     NOTES_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_FIELD_NUMBER: _ClassVar[int]
     similarity: _containers.RepeatedCompositeFieldContainer[EncoderSimilarity]
     psnr: float
     ssim: float
@@ -392,7 +395,8 @@ class ImageProtectionReport(_message.Message):
     height: int
     grayscale: bool
     notes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, similarity: _Optional[_Iterable[_Union[EncoderSimilarity, _Mapping]]] = ..., psnr: _Optional[float] = ..., ssim: _Optional[float] = ..., linf_levels: _Optional[int] = ..., epsilon: _Optional[float] = ..., steps: _Optional[int] = ..., seconds: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., grayscale: _Optional[bool] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...
+    guidance: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, similarity: _Optional[_Iterable[_Union[EncoderSimilarity, _Mapping]]] = ..., psnr: _Optional[float] = ..., ssim: _Optional[float] = ..., linf_levels: _Optional[int] = ..., epsilon: _Optional[float] = ..., steps: _Optional[int] = ..., seconds: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., grayscale: _Optional[bool] = ..., notes: _Optional[_Iterable[str]] = ..., guidance: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ProtectImageResponse(_message.Message):
     __slots__ = ("image", "report")

@@ -104,7 +104,7 @@ def train_or_load(
 ) -> tuple[InversionDecoder, dict, bool]:
     """The attacker's decoder trained on the ``attacker`` group of ``split`` in ``pairs``, from cache when there.
 
-    Returns ``(decoder in eval mode, metadata, loaded_from_cache)``.
+    Returns ``(decoder in eval mode, metadata, loaded_from_cache)``; the metadata's ``cache_key`` is the file stem.
     """
     train = pairs.of_identities(split.attacker)
     if len(train) == 0:
@@ -125,7 +125,7 @@ def train_or_load(
     ckpt = folder / f"{key}.pt"
     if ckpt.is_file():
         model, meta = load_decoder(ckpt)
-        return model, meta, True
+        return model, {**meta, "cache_key": key}, True
     folder.mkdir(parents=True, exist_ok=True)
     config = TrainConfig(
         arch=attacker.arch,
@@ -146,4 +146,4 @@ def train_or_load(
         work_dir=folder / f"{key}.work",
         progress=progress,
     )
-    return model.eval(), meta, False
+    return model.eval(), {**meta, "cache_key": key}, False

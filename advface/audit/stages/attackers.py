@@ -29,7 +29,7 @@ from advface.audit.results import (
 from advface.audit.stages.inputs import AuditInputs
 from advface.audit.stages.protection import ProtectionSetup
 from advface.audit.transfer import TransferJudge
-from advface.errors import ConfigError
+from advface.errors import AdvfaceError, ConfigError
 
 #: A reconstruction attack: templates -> face images.
 Reconstruct = Callable[[np.ndarray], np.ndarray]
@@ -45,7 +45,10 @@ def _evaluate(
     transfer: TransferJudge | None = None,
 ) -> tuple[dict[str, ReconstructionResult], dict[str, np.ndarray]]:
     """Reconstruct the audited templates of each kind (``rows`` of them, default all) and score them (also by the
-    ``transfer`` judge when there is one); also returns the first reconstructions of each kind for the image grid."""
+    ``transfer`` judge when there is one); also returns the first reconstructions of each kind for the image grid.
+
+    When a scheme under audit changes the templates' dimension, an attacker that cannot take the templates of a kind
+    leaves that kind out (raises only when it can take none)."""
     sel = np.arange(len(inputs.rows)) if rows is None else rows
     v = inputs.victims
     own_rows = inputs.rows[sel]
@@ -58,13 +61,23 @@ def _evaluate(
     templates = dict(zip(TEMPLATE_KINDS, (protection.raw, protection.protected, protection.keyed)))
     results: dict[str, ReconstructionResult] = {}
     grid: dict[str, np.ndarray] = {}
+    dims_differ = len({t.shape[1] for t in templates.values()}) > 1
+    errors: list[str] = []
     for kind, of_kind in templates.items():
-        recon = reconstruct(of_kind[sel])
+        try:
+            recon = reconstruct(of_kind[sel])
+        except (AdvfaceError, RuntimeError) as exc:  # a decoder's EmbeddingError; torch's shape mismatch
+            if not dims_differ:
+                raise
+            errors.append(f"{kind} templates ({of_kind.shape[1]} values): {exc}")
+            continue
         judged = evaluate_transfer(transfer, recon, own_ids, other_ids) if transfer is not None else None
         results[kind] = evaluate_attack(
             inputs.encoder, recon, own, other, other_rows >= 0, originals, inputs.thresholds, judged
         )
         grid[kind] = recon[:GRID_COLUMNS]
+    if not results:
+        raise ConfigError("; ".join(errors))
     return results, grid
 
 
@@ -109,7 +122,13 @@ def _decoder_attack(
         kind, arch, loss, trained_on = "decoder", attacker.arch, attacker.loss, "raw templates of the attacker group"
     by_templates, grid = _evaluate(inputs, protection, lambda z: reconstruct(decoder, z), transfer=transfer)
     return DecoderAttackResult(
-        kind=kind, by_templates=by_templates, arch=arch, loss=loss, cached=cached, trained_on=trained_on
+        kind=kind,
+        by_templates=by_templates,
+        arch=arch,
+        loss=loss,
+        cached=cached,
+        trained_on=trained_on,
+        cache_key=meta.get("cache_key"),
     ), grid
 
 
@@ -222,5 +241,6 @@ def run_attacker(
     else:
         result, grid = _decoder_attack(name, config, inputs, protection, transfer)
     for kind in GRID_KINDS:
-        artifacts.grid_rows.append((f"{name} ({kind})", grid[kind]))
+        if kind in grid:  # a kind the attacker could not take (a scheme's dimension) has no row
+            artifacts.grid_rows.append((f"{name} ({kind})", grid[kind]))
     return result

@@ -33,6 +33,8 @@ class AuditProtector:
     #: Identifies the protection (method, shadows, budget, steps, seed) in the adaptive attacker's cache key.
     cache_key: str
     summary: ProtectorSummary
+    #: Probes through the protection (a scheme that transforms probes, with the enrolment's key); None: raw probes.
+    protect_probes: Callable[[np.ndarray], np.ndarray] | None = None
 
     def protect_with_bar(self, z: np.ndarray, seed: int, what: str, progress: bool) -> np.ndarray:
         """``z`` protected with ``seed``, with a progress bar (when ``progress``) naming ``what``."""
@@ -62,6 +64,13 @@ class ProtectionSetup:
     other_key: Callable[[int], Any]
     progress: bool
     result: ProtectionResult
+    #: The probes compared with the protected templates when the scheme transforms probes (None: raw probes).
+    protected_probes: np.ndarray | None = None
+
+    @property
+    def probes(self) -> np.ndarray:
+        """What the system compares protected templates with: raw probes, or probes through the scheme."""
+        return self.raw if self.protected_probes is None else self.protected_probes
 
     @property
     def method(self) -> str:
@@ -98,11 +107,40 @@ def choose_protection(config: AuditConfig, store: Any) -> tuple[Any, str]:
     return ProtectionSpec(method, shadows, protect_config, encoder=c.encoder), source
 
 
+def scheme_protector(config: AuditConfig) -> AuditProtector:
+    """The scheme of ``--scheme`` / ``--protect-cmd`` (:mod:`advface.audit.schemes`) as an :class:`AuditProtector`:
+    the key of each protection seed from :func:`advface.audit.schemes.scheme_key`; probes through the scheme with the
+    enrolment's key unless the scheme leaves them raw."""
+    from advface.audit.schemes import command_scheme, load_scheme, scheme_key
+
+    if config.protect_cmd is not None:
+        scheme = command_scheme(config.protect_cmd, transforms_probes=not config.raw_probes)
+        source = "--protect-cmd"
+    else:
+        assert config.scheme is not None
+        scheme = load_scheme(config.scheme)
+        source = f"--scheme {config.scheme}"
+        if config.raw_probes:
+            scheme = replace(scheme, transforms_probes=False)
+
+    def protect(z: np.ndarray, seed: int, progress: Callable[[int], None]) -> np.ndarray:
+        out = scheme.apply(z, scheme_key(seed))
+        progress(len(z))
+        return out
+
+    probes = (lambda z: scheme.apply(z, scheme_key(config.seed))) if scheme.transforms_probes else None
+    summary = ProtectorSummary(scheme.name, source)
+    return AuditProtector(protect, f"scheme|{scheme.identity}|{config.seed}", summary, probes)
+
+
 def make_protector(config: AuditConfig, encoder: FaceEncoder, store: Any) -> AuditProtector:
-    """The protection of :func:`choose_protection` as an :class:`AuditProtector` (the identity for none)."""
+    """The protection of :func:`choose_protection` as an :class:`AuditProtector` (the identity for none), or the
+    scheme of ``--scheme`` / ``--protect-cmd``."""
     from advface.hashing import file_sha256
     from advface.protect import load_protector
 
+    if config.scheme is not None or config.protect_cmd is not None:
+        return scheme_protector(config)
     spec, source = choose_protection(config, store)
     if spec is None:
         return AuditProtector(
@@ -178,7 +216,7 @@ def _audit_keys(config: AuditConfig, inputs: AuditInputs, protected: np.ndarray)
     else:
         secret, note = os.urandom(32), "ephemeral random key (no --key-file)"
     norm = _key_norm(config, inputs)
-    dim = inputs.encoder.dim
+    dim = protected.shape[1] if protected.ndim == 2 else inputs.encoder.dim  # a scheme may change the dimension
     key_a = KeyedTransform.from_secret(secret, "audit-a", dim, norm=norm)
     return _Keys(
         key_a=key_a,
@@ -224,6 +262,7 @@ def setup_protection(config: AuditConfig, inputs: AuditInputs) -> ProtectionSetu
     result = ProtectionResult(
         protector.summary, keys.note, keys.norm, templates_note, store_keyed_transform=store_transform
     )
+    probes = protector.protect_probes(raw) if protector.protect_probes is not None else None
     return ProtectionSetup(
-        protector, raw, protected, keys.keyed, keys.key_a, keys.key_a2, keys.other_key, c.progress, result
+        protector, raw, protected, keys.keyed, keys.key_a, keys.key_a2, keys.other_key, c.progress, result, probes
     )

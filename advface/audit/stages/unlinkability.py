@@ -2,7 +2,8 @@
 
 Unlinkability: database A holds the first evaluation photo of each person, database B the second, protected
 independently; D_sys of raw, AdvFace and AdvFace + key templates (the key measured over ``--link-keys`` pairs of
-tenant keys). Renewability: database A's templates against re-issued ones of the same enrolments."""
+tenant keys). Renewability: database A's templates against re-issued ones of the same enrolments (D_sys), and
+BTPBench's largest set of one person's templates under different keys that do not match one another."""
 
 from __future__ import annotations
 
@@ -12,9 +13,16 @@ import numpy as np
 
 from advface.audit import TARGET_D_SYS
 from advface.audit.config import AuditConfig
+from advface.audit.field_metrics import renewability_sets
 from advface.audit.metrics import linkage
 from advface.audit.report import ReportArtifacts
-from advface.audit.results import KeyPairsLinkage, LinkageMetrics, RenewabilityResult, UnlinkabilityResult
+from advface.audit.results import (
+    HEADLINE_FMR,
+    KeyPairsLinkage,
+    LinkageMetrics,
+    RenewabilityResult,
+    UnlinkabilityResult,
+)
 from advface.audit.stages.inputs import AuditInputs
 from advface.audit.stages.protection import ProtectionSetup
 from advface.errors import ConfigError
@@ -101,9 +109,12 @@ def measure_renewability(
     protection: ProtectionSetup,
     database_a: DatabaseA,
     artifacts: ReportArtifacts,
+    system_thresholds: dict[str, float] | None = None,
 ) -> RenewabilityResult:
     """D_sys of database A's templates against re-issued ones: AdvFace re-run with another seed; with the key, the
-    protected templates re-keyed to key version 2."""
+    protected templates re-keyed to key version 2. BTPBench's largest non-matching sets at ``system_thresholds``
+    (template kind -> the system's threshold at FMR 0.1% for it, from the verification; default: the threshold on
+    clean embeddings)."""
     from advface.protect.keyed import rekey
 
     c = config
@@ -114,9 +125,30 @@ def measure_renewability(
         "advface+key": (revoked_keyed, rekey(revoked_keyed, protection.key_a, protection.key_a2)),
     }
     details = _linkages(renew, inputs.encoder.metric, c.seed, artifacts, "renewal ")
+    clean = inputs.thresholds[HEADLINE_FMR]
+    thresholds = system_thresholds or {}
+    keys = [protection.key_a, protection.key_a2, *(protection.other_key(i) for i in range(c.link_keys))]
+    per_key = np.stack([key.apply(database_a.protected) for key in keys], axis=1)  # people x keys x dim
+    sets = {
+        "advface": renewability_sets(
+            np.stack([database_a.protected, reissued], axis=1),
+            inputs.encoder.metric,
+            thresholds.get("protected", clean),
+            "advface",
+        ),
+        "advface+key": renewability_sets(
+            per_key, inputs.encoder.metric, thresholds.get("protected+key", clean), "advface+key"
+        ),
+    }
     return RenewabilityResult(
         details=details,
         protocol="revoked template vs the re-issued one of the same enrolment: AdvFace re-run with another "
         "seed; with the key: the protected template re-keyed to key version 2 (advface.protect.keyed."
         "rekey)",
+        largest_nonmatching_set=sets,
+        largest_nonmatching_set_protocol="BTPBench: per person of database A, the largest set of their templates "
+        "no two of which match at the system's threshold at FMR 0.1% for these templates (the verification's, else "
+        "the clean embeddings'); advface: the two "
+        f"AdvFace runs (seeds as keys); advface+key: the protected template under {len(keys)} keys (tenant key, "
+        f"its version 2, {c.link_keys} other tenants' keys); min: the worst person",
     )

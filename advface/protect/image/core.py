@@ -10,7 +10,9 @@ L-inf ball of radius ``epsilon`` and in [0, 1]. Encoders whose module names inte
 feature maps, its gradient normalised the same way and weighted by ``feature_weight``. Disrupting mid-level features
 rather than only the final embedding is what makes a perturbation found on one encoder fool others (measured:
 ``benchmarks/RESULTS.md``, image-level protection). The result is rounded to uint8 inside the same ball, so every
-pixel of the written photo differs from the original by at most ``floor(255 * epsilon)`` levels.
+pixel of the written photo differs from the original by at most ``floor(255 * epsilon)`` levels. With
+``budget="perceptual"`` the ball is per pixel (:mod:`advface.protect.image.perceptual`: smaller on smooth skin than
+on hair, edges and background, at most that many levels) and the steps scale with it.
 
 Randomness (start point, transforms) comes from a generator seeded by ``seed`` and the photo's own bytes, so a photo
 gets the same protection whatever batch or order it is processed in (up to float rounding of batched convolutions).
@@ -21,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
 import time
 import zlib
 from collections.abc import Iterator, Sequence
@@ -35,8 +38,18 @@ from advface.errors import ConfigError, ImageError
 from advface.faces.align import align_face, alignment_matrix
 from advface.faces.detect import Face, FaceDetector, check_image, create_detector
 from advface.faces.pipeline import FacePolicy
+from advface.generative.model import IdentityGenerator
 from advface.protect.image.ensemble import EncoderSpec, build_ensemble
-from advface.protect.image.quality import linf, psnr, ssim
+from advface.protect.image.guidance import (
+    DEFLECTION,
+    ENCODERS,
+    GUIDANCE_NAMES,
+    NEEDS_SURROGATE,
+    DeflectionTerm,
+    parse_guidance,
+)
+from advface.protect.image.perceptual import BUDGETS, PerceptualBudget, budget_map
+from advface.protect.image.quality import gmsd, linf, psnr, ssim, ssim_face
 from advface.protect.image.transforms import EOTConfig, jitter_theta, random_transform
 from advface.protect.image.warp import chip_theta, warp_chips
 
@@ -63,6 +76,16 @@ class ProtectConfig:
     #: Weight of the feature-level term (intermediate feature maps of encoders that name ``transfer_layers``)
     #: relative to the embedding term; 0 attacks the embeddings only.
     feature_weight: float = 1.0
+    #: Guidance terms (:data:`advface.protect.image.guidance.GUIDANCE_NAMES`): ``encoders`` (stage 1, the face-encoder
+    #: ensemble) and ``deflection`` (IDGuardian stage 2, needs the defender surrogate).
+    guidance: tuple[str, ...] = ("encoders",)
+    #: Weight of the deflection term relative to the encoder terms (each term's gradient is normalised first).
+    deflection_weight: float = 1.0
+    #: ``uniform`` or ``perceptual`` (:data:`BUDGETS`); epsilon is the largest change of any pixel either way
+    #: (unless ``perceptual.ceiling`` > 1).
+    budget: str = "uniform"
+    #: Parameters of the perceptual budget map.
+    perceptual: PerceptualBudget = field(default_factory=PerceptualBudget)
 
     def validate(self) -> None:
         """Raise ConfigError for out-of-range settings."""
@@ -80,11 +103,28 @@ class ProtectConfig:
             raise ConfigError(f"check_every must be >= 1, got {self.check_every}")
         if not (math.isfinite(self.feature_weight) and self.feature_weight >= 0):
             raise ConfigError(f"feature_weight must be a finite number >= 0, got {self.feature_weight}")
+        if parse_guidance(self.guidance) != tuple(self.guidance):
+            raise ConfigError(f"guidance must be a tuple of names in the order {GUIDANCE_NAMES}, got {self.guidance}")
+        if not (math.isfinite(self.deflection_weight) and self.deflection_weight >= 0):
+            raise ConfigError(f"deflection_weight must be a finite number >= 0, got {self.deflection_weight}")
+        if self.budget not in BUDGETS:
+            raise ConfigError(f"budget must be one of {', '.join(BUDGETS)}, got {self.budget!r}")
+        for name in ("gain", "ceiling"):
+            value = getattr(self.perceptual, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"perceptual {name} must be a finite number > 0, got {value}")
 
     @property
     def levels(self) -> int:
         """The budget in uint8 levels: ``floor(255 * epsilon)``."""
         return math.floor(self.epsilon * 255 + 1e-6)
+
+    def pixel_levels(self, image: np.ndarray) -> int | np.ndarray:
+        """The budget of each pixel of the uint8 ``image`` in levels: :attr:`levels` (uniform) or an ``H x W x 1``
+        int16 map of at most that (perceptual)."""
+        if self.budget == "uniform":
+            return self.levels
+        return budget_map(image, self.levels, self.perceptual)[:, :, None]
 
 
 @dataclass
@@ -105,6 +145,14 @@ class ProtectionReport:
     epsilon: float
     grayscale: bool = False
     notes: list[str] = field(default_factory=list)
+    #: The guidance terms that ran (stage names, see ``ProtectConfig.guidance``).
+    guidance: list[str] = field(default_factory=lambda: [ENCODERS])
+    #: SSIM on the face box only (where a visible perturbation matters most).
+    ssim_face: float = math.nan
+    #: Gradient magnitude similarity deviation (0: identical; see :func:`advface.protect.image.quality.gmsd`).
+    gmsd: float = math.nan
+    #: The budget shape (``ProtectConfig.budget``).
+    budget: str = "uniform"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary."""
@@ -114,11 +162,15 @@ class ProtectionReport:
             "similarity": self.similarity,
             "psnr": round(self.psnr, 3) if math.isfinite(self.psnr) else None,
             "ssim": round(self.ssim, 5),
+            "ssim_face": round(self.ssim_face, 5) if math.isfinite(self.ssim_face) else None,
+            "gmsd": round(self.gmsd, 5) if math.isfinite(self.gmsd) else None,
+            "budget": self.budget,
             "linf_levels": self.linf_levels,
             "epsilon": self.epsilon,
             "steps": self.steps,
             "seconds": round(self.seconds, 3),
             "grayscale": self.grayscale,
+            "guidance": self.guidance,
             "notes": self.notes,
         }
 
@@ -133,8 +185,9 @@ def _to_tensor(images: Sequence[np.ndarray], device: torch.device) -> torch.Tens
     return torch.from_numpy(np.stack(images)).to(device).permute(0, 3, 1, 2).float() / 255.0
 
 
-def _quantise(clean: np.ndarray, adv: torch.Tensor, levels: int, gray: bool) -> np.ndarray:
-    """Round ``adv`` (``3 x H x W`` in [0, 1]) to uint8 within ``levels`` of ``clean`` (H x W x 3 uint8)."""
+def _quantise(clean: np.ndarray, adv: torch.Tensor, levels: int | np.ndarray, gray: bool) -> np.ndarray:
+    """Round ``adv`` (``3 x H x W`` in [0, 1]) to uint8 within ``levels`` of ``clean`` (H x W x 3 uint8); ``levels``
+    is one number or a per-pixel map that broadcasts to H x W x 3."""
     out = torch.round(adv.detach().clamp(0, 1) * 255.0).permute(1, 2, 0).cpu().numpy().astype(np.int16)
     base = clean.astype(np.int16)
     out = np.clip(out, base - levels, base + levels)
@@ -144,7 +197,11 @@ def _quantise(clean: np.ndarray, adv: torch.Tensor, levels: int, gray: bool) -> 
 
 
 class ImageProtector:
-    """Detector + encoder ensemble + settings; protects photos (:meth:`protect`), batching those of equal size."""
+    """Detector + encoder ensemble + settings; protects photos (:meth:`protect`), batching those of equal size.
+
+    ``surrogate``: the defender surrogate generator (an :class:`IdentityGenerator` or a checkpoint path) that the
+    diffusion guidance terms (``deflection``) run on; None: the one shipped with advface, loaded on first use. A
+    selected term whose surrogate cannot be loaded is a ConfigError, never a silent fallback to fewer stages."""
 
     def __init__(
         self,
@@ -153,9 +210,12 @@ class ImageProtector:
         policy: FacePolicy | str = FacePolicy.LARGEST,
         device: str | torch.device | None = None,
         min_face_size: int = MIN_FACE_SIZE,
+        surrogate: IdentityGenerator | str | os.PathLike[str] | None = None,
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.members, self.notes = build_ensemble(encoders, self.device)
+        self._surrogate = surrogate
+        self._deflection: DeflectionTerm | None = None
         self.detector = create_detector(detector)
         self.policy = FacePolicy.parse(policy)
         if self.policy is FacePolicy.ALL:
@@ -171,6 +231,41 @@ class ImageProtector:
         other = copy.copy(self)
         other.members = members
         return other
+
+    @property
+    def deflection(self) -> DeflectionTerm:
+        """The deflection term on the surrogate (loaded on first use, reusing the ensemble's module of the
+        surrogate's conditioning encoder); ConfigError when the surrogate cannot be loaded."""
+        if self._deflection is None:
+            self._deflection = self._deflection_term(self._surrogate)
+        return self._deflection
+
+    def _deflection_term(self, surrogate: IdentityGenerator | str | os.PathLike[str] | None) -> DeflectionTerm:
+        from advface.encoders.registry import create_encoder
+        from advface.generative.model import load_generator
+        from advface.generative.shipped import shipped_surrogate_path
+
+        if isinstance(surrogate, IdentityGenerator):
+            generator = surrogate
+        else:
+            generator = load_generator(surrogate if surrogate is not None else shipped_surrogate_path())
+        generator.to(self.device)
+        name = str(generator.metadata.get("encoder", "dlib"))
+        differentiable = "dlib-torch" if name == "dlib" else name
+        member = next((m for m in self.members if m.name in (name, differentiable)), None)
+        if member is not None:
+            encoder, module = member.encoder, member.module
+        else:
+            encoder = (
+                create_encoder(differentiable, device=str(self.device))
+                if differentiable == "dlib-torch"
+                else (create_encoder(differentiable))
+            )
+            found = encoder.torch_module(str(self.device))
+            if found is None:
+                raise ConfigError(f"the surrogate's encoder {name!r} has no differentiable module")
+            module = found.to(self.device).eval().requires_grad_(False)
+        return DeflectionTerm(generator, module, encoder.chip)
 
     @property
     def encoder_names(self) -> list[str]:
@@ -214,6 +309,7 @@ class ImageProtector:
         """
         config = config or ProtectConfig()
         config.validate()
+        self.check_guidance(config)
         n = len(images)
         sources = list(sources) if sources is not None else [f"<image {i}>" for i in range(n)]
         images = [check_image(img, src) for img, src in zip(images, sources)]
@@ -238,6 +334,15 @@ class ImageProtector:
                 results[i] = (outs[j], report)
         return [r for r in results if r is not None]
 
+    def check_guidance(self, config: ProtectConfig) -> None:
+        """ConfigError when ``config`` selects a guidance term this protector cannot run."""
+        needed = sorted(NEEDS_SURROGATE & set(config.guidance))
+        if needed:
+            try:
+                self.deflection  # noqa: B018 - loads the surrogate now, before any photo is touched
+            except ConfigError as exc:
+                raise ConfigError(f"guidance {', '.join(needed)} needs the defender surrogate: {exc}") from None
+
     def _optimise(
         self, images: list[np.ndarray], faces: list[Face], gray: list[bool], config: ProtectConfig
     ) -> tuple[list[np.ndarray], list[int]]:
@@ -246,7 +351,8 @@ class ImageProtector:
         b = len(images)
         hw = images[0].shape[:2]
         x = _to_tensor(images, dev)
-        eps = config.levels / 255.0
+        levels = [config.pixel_levels(img) for img in images]
+        eps = _eps(levels, dev)
         gens = [torch.Generator().manual_seed(image_seed(config.seed, img)) for img in images]
         thetas = [
             torch.from_numpy(np.stack([chip_theta(alignment_matrix(f, m.chip), hw, m.chip.size) for f in faces])).to(
@@ -257,10 +363,19 @@ class ImageProtector:
         gray_mask = torch.tensor(gray, device=dev).view(b, 1, 1, 1)
         with torch.no_grad():
             clean = [m.module(warp_chips(x, th, m.chip.size)) for m, th in zip(self.members, thetas)]
+        deflection = self.deflection if DEFLECTION in config.guidance else None
+        if deflection is not None:
+            deflection_theta = torch.from_numpy(
+                np.stack([chip_theta(alignment_matrix(f, deflection.chip), hw, deflection.chip.size) for f in faces])
+            ).to(dev)
+            deflection.prepare(x, deflection_theta)
+        use_encoders = ENCODERS in config.guidance
         delta = torch.zeros_like(x)
         if config.random_start:
             for i, g in enumerate(gens):
-                delta[i] = (torch.rand(x.shape[1:], generator=g) * 2 - 1).to(dev) * eps
+                delta[i] = (torch.rand(x.shape[1:], generator=g) * 2 - 1).to(dev) * (
+                    eps[i] if isinstance(eps, torch.Tensor) else eps
+                )
         delta = self._project(x, delta, eps, gray_mask)
         active = torch.ones(b, dtype=torch.bool, device=dev)
         steps_run = [config.steps] * b
@@ -272,7 +387,7 @@ class ImageProtector:
             if config.eot:
                 adv = torch.cat([random_transform(adv[i : i + 1], config.eot_config, gens[i]) for i in range(b)])
             total = torch.zeros_like(x)
-            for m, th, ref in zip(self.members, thetas, clean):
+            for m, th, ref in zip(self.members if use_encoders else [], thetas, clean):
                 if config.eot:
                     th = torch.stack([jitter_theta(th[i], config.eot_config, gens[i]) for i in range(b)])
                 layers = m.feature_layers if config.feature_weight > 0 else ()
@@ -291,6 +406,13 @@ class ImageProtector:
                     (grad,) = torch.autograd.grad(cos.sum(), delta, retain_graph=True)
                     norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(b, 1, 1, 1)
                     total += weight * grad / norm
+            if deflection is not None:
+                th = deflection_theta
+                if config.eot:
+                    th = torch.stack([jitter_theta(th[i], config.eot_config, gens[i]) for i in range(b)])
+                (grad,) = torch.autograd.grad(deflection.loss(adv, th, gens).sum(), delta)
+                norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(b, 1, 1, 1)
+                total += config.deflection_weight * grad / norm
             with torch.no_grad():
                 delta = delta.detach() - alpha * torch.sign(total) * active.view(b, 1, 1, 1)
                 delta = self._project(x, delta, eps, gray_mask)
@@ -302,14 +424,20 @@ class ImageProtector:
                     active &= ~done
                     if not active.any():
                         break
-        outs = [_quantise(images[i], (x + delta)[i], config.levels, gray[i]) for i in range(b)]
+        outs = [_quantise(images[i], (x + delta)[i], levels[i], gray[i]) for i in range(b)]
         return outs, steps_run
 
     @staticmethod
-    def _project(x: torch.Tensor, delta: torch.Tensor, eps: float, gray_mask: torch.Tensor) -> torch.Tensor:
-        """Into the L-inf ball and the [0, 1] box; grey photos get the channel mean as their one perturbation."""
+    def _project(
+        x: torch.Tensor, delta: torch.Tensor, eps: float | torch.Tensor, gray_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Into the L-inf ball (radius one number or a per-pixel ``N x 1 x H x W`` map) and the [0, 1] box; grey
+        photos get the channel mean as their one perturbation."""
         delta = torch.where(gray_mask, delta.mean(dim=1, keepdim=True).expand_as(delta), delta)
-        delta = delta.clamp(-eps, eps)
+        if isinstance(eps, torch.Tensor):  # a per-pixel ball
+            delta = torch.maximum(torch.minimum(delta, eps), -eps)
+        else:
+            delta = delta.clamp(-eps, eps)
         return (x + delta).clamp(0, 1) - x
 
     def _similarity(self, adv: torch.Tensor, thetas: list[torch.Tensor], clean: list[torch.Tensor]) -> torch.Tensor:
@@ -336,7 +464,8 @@ class ImageProtector:
         before = self.embed_standard(clean, face)
         after = self.embed_standard(protected, face)
         rng = np.random.default_rng(image_seed(config.seed + 1, clean))
-        noise = rng.integers(-config.levels, config.levels + 1, size=clean.shape)
+        levels = config.pixel_levels(clean)
+        noise = rng.integers(-levels, levels + 1, size=clean.shape)
         noisy = np.clip(clean.astype(np.int16) + noise, 0, 255).astype(np.uint8)
         random = self.embed_standard(noisy, face)
         similarity: dict[str, dict[str, float | bool]] = {}
@@ -357,12 +486,16 @@ class ImageProtector:
             similarity=similarity,
             psnr=psnr(clean, protected),
             ssim=ssim(clean, protected),
+            ssim_face=ssim_face(clean, protected, face.box),
+            gmsd=gmsd(clean, protected),
+            budget=config.budget,
             linf_levels=linf(clean, protected),
             steps=steps,
             seconds=seconds,
             epsilon=config.epsilon,
             grayscale=gray,
             notes=list(self.notes),
+            guidance=list(config.guidance),
         )
 
 
@@ -377,6 +510,16 @@ def capture_outputs(module: torch.nn.Module, paths: Sequence[str]) -> Iterator[l
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _eps(levels: Sequence[int | np.ndarray], device: torch.device) -> float | torch.Tensor:
+    """The L-inf radius on the 0..1 scale from each photo's budget in levels: one number when all are the same
+    uniform budget, else an ``N x 1 x H x W`` map."""
+    if all(isinstance(lv, int) for lv in levels) and len({int(lv) for lv in levels}) == 1:
+        return int(levels[0]) / 255.0
+    shape = next(lv.shape for lv in levels if isinstance(lv, np.ndarray))
+    maps = [np.broadcast_to(np.asarray(lv, dtype=np.float32), shape) for lv in levels]
+    return torch.from_numpy(np.stack(maps)).permute(0, 3, 1, 2).contiguous().to(device) / 255.0
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:

@@ -50,6 +50,22 @@ CREATE INDEX templates_by_subject ON templates (subject);
 """
 
 
+def acquire_process_lock(path: Path) -> int | None:
+    """Lock ``<path>.lock`` (one process per database file; close the descriptor to release it); the lock file's
+    descriptor (None where flock does not exist). ConfigError if another process, or this one, holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if fcntl is None:  # pragma: no cover
+        return None
+    lock_path = path.with_name(path.name + ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise ConfigError(f"template store {path} is already open (in this or another process)") from None
+    return fd
+
+
 class SQLiteDatabase:
     """The database side of :class:`~advface.store.sqlite_faiss.SQLiteFaissStore` (a mixin): opening and checking
     the file, one transaction at a time on its connection, and its ``meta`` table."""
@@ -63,17 +79,7 @@ class SQLiteDatabase:
 
     def _acquire_process_lock(self) -> int | None:
         """Lock ``<path>.lock`` (one process per database); the lock file's descriptor. ConfigError if held."""
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if fcntl is None:  # pragma: no cover
-            return None
-        lock_path = self.path.with_name(self.path.name + ".lock")
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise ConfigError(f"template store {self.path} is already open (in this or another process)") from None
-        return fd
+        return acquire_process_lock(self.path)
 
     def _open_database(self) -> sqlite3.Connection:
         """Connect (creating the file with mode 0600) and set the pragmas; ConfigError if that fails."""

@@ -17,16 +17,7 @@ import numpy as np
 from advface.crypto import BLOB_VERSION, ENCRYPTED_OVERHEAD, ENCRYPTION_SCHEME, TemplateCipher, template_aad
 from advface.errors import ConfigError, IntegrityError
 from advface.store import rotation
-from advface.store.sealing import (
-    NAMES_KEY_META,
-    NAMES_META,
-    SEALED,
-    PlainNames,
-    SealedNames,
-    new_names_key,
-    unwrap_names_key,
-    wrap_names_key,
-)
+from advface.store.sealing import NAMES_KEY_META, SealedNames, names_from_meta, new_sealed_names, wrap_names_key
 from advface.store.sqlite_faiss.search import SQLiteSearch
 
 log = logging.getLogger(__name__)
@@ -76,9 +67,8 @@ class SQLiteMaintenance(SQLiteSearch, rotation.TemplateReissue):
                     "plaintext_rows": "1" if has_rows else None,
                 }
                 if not has_rows:  # a new store: subject ids and metadata sealed too (advface.store.sealing)
-                    names_key = new_names_key()
-                    values.update({NAMES_META: SEALED, NAMES_KEY_META: wrap_names_key(cipher, names_key)})
-                    self._names = SealedNames(cipher, names_key)
+                    self._names, sealed = new_sealed_names(cipher)
+                    values.update(sealed)
                 self._set_meta(conn, values)
                 self._plaintext_rows = has_rows
                 if has_rows:
@@ -100,7 +90,7 @@ class SQLiteMaintenance(SQLiteSearch, rotation.TemplateReissue):
             recorded = rotation.key_ids_at_open(meta, key_ids, cipher.key_id, str(self.path))
             if recorded is not None:
                 self._set_meta(conn, {"key_ids": recorded})
-            self._names = _names_of(meta, cipher, str(self.path))
+            self._names = names_from_meta(meta, cipher, str(self.path))
 
     def encryption_info(self) -> dict[str, object]:
         """The store's encryption state: ``encrypted``, ``key_ids`` (rows may be under), ``primary_key_id``,
@@ -288,16 +278,3 @@ class SQLiteMaintenance(SQLiteSearch, rotation.TemplateReissue):
         with self._write_mutex, self._transaction() as conn:
             rotation.check_finish(self._meta(conn).get("transform_job"), job, str(self.path))
             self._set_meta(conn, {"transform_job": None})
-
-
-def _names_of(meta: dict[str, str], cipher: TemplateCipher, where: str) -> PlainNames | SealedNames:
-    """How an encrypted store keeps subject ids: sealed (its names key unwrapped with ``cipher``) or plain."""
-    if meta.get(NAMES_META) != SEALED:
-        return PlainNames()
-    wrapped = meta.get(NAMES_KEY_META)
-    if not wrapped:
-        raise ConfigError(f"template store {where} seals subject ids but its names key is missing")
-    try:
-        return SealedNames(cipher, unwrap_names_key(cipher, wrapped))
-    except IntegrityError as exc:
-        raise IntegrityError(f"template store {where}: its names key cannot be opened ({exc})") from None

@@ -1,0 +1,120 @@
+"""The verdict: one row per attacker of the threat model (thief without keys, thief with keys, insider, API client,
+full disclosure) with what they hold, what the audit saw them recover (by the system encoder and the transfer judge)
+and whether the run's targets are met; ``met`` is None where the run did not measure that attacker."""
+
+from __future__ import annotations
+
+from advface.audit.results import HEADLINE_FMR, AuditResult, VerdictResult, VerdictRow
+
+#: The attackers of the verdict, in order.
+THIEF_WITHOUT_KEYS = "thief without keys"
+THIEF_WITH_KEYS = "thief with keys"
+INSIDER = "insider"
+API_CLIENT = "API client"
+FULL_DISCLOSURE = "full disclosure"
+
+
+def _best(
+    result: AuditResult, templates: str, kind: str | None = None
+) -> tuple[str | None, float | None, float | None]:
+    """``(attacker, Type I by the system, best Type I by the transfer judge)`` over the attackers (of ``kind``) that
+    ran on ``templates`` (Nones when none did)."""
+    system: dict[str, float] = {}
+    transfer: list[float] = []
+    for name, attack in result.attacks.items():
+        r = attack.by_templates.get(templates)
+        if r is None or (kind is not None and attack.kind != kind):
+            continue
+        system[name] = r.type1_success
+        if r.transfer is not None and (t := r.transfer.at_fmr[HEADLINE_FMR].type1_success) is not None:
+            transfer.append(t)
+    if not system:
+        return None, None, None
+    name = max(system, key=lambda n: system[n])
+    return name, system[name], max(transfer) if transfer else None
+
+
+def _reconstruction_row(
+    result: AuditResult, attacker: str, holds: str, templates: str, target: float, kind: str | None = None
+) -> VerdictRow:
+    """A row judged on the attackers' reconstructions of ``templates``: met when the best Type I success at FMR
+    0.1% is at most ``target`` by the system encoder and (where it judged) by the transfer judge."""
+    name, system, transfer = _best(result, templates, kind)
+    target_text = f"best Type I @FMR 0.1% <= {100 * target:g}% (system and transfer judges)"
+    if system is None:
+        which = f"no {kind} attacker" if kind else "no attacker"
+        return VerdictRow(attacker, holds, f"not measured: {which} ran on {templates} templates", None, target_text)
+    encoder = str(result.config.get("encoder", "system"))
+    recovers = f"faces accepted as the person: {100 * system:.1f}% by {encoder} (best: {name})"
+    if transfer is not None and result.transfer is not None:
+        recovers += f", {100 * transfer:.1f}% by the transfer judge {result.transfer.encoder}"
+    else:
+        recovers += ", transfer judge not run"
+    met = system <= target and (transfer is None or transfer <= target)
+    return VerdictRow(attacker, holds, recovers, met, target_text, system, transfer, name)
+
+
+def _thief_row(result: AuditResult) -> VerdictRow:
+    thief = result.thief_without_keys
+    holds = "the database files, a backup or a dump; no key"
+    target = "0 stored vectors recovered without keys"
+    if thief is None:
+        return VerdictRow(THIEF_WITHOUT_KEYS, holds, "not measured: no store audited (--store)", None, target)
+    recovered = thief.vectors_recovered
+    return VerdictRow(THIEF_WITHOUT_KEYS, holds, f"{recovered} of {thief.rows} stored vectors", recovered == 0, target)
+
+
+def _thief_with_keys_row(result: AuditResult, store_audited: bool, target: float) -> VerdictRow:
+    """The thief with the database and its encryption key, not the transform key; also held to unlinkability
+    across tenant keys (linking one person's templates in two tenants' databases)."""
+    keyed = not store_audited or (result.protection is not None and result.protection.store_keyed_transform)
+    templates = "protected+key" if keyed else "protected"
+    holds = f"the database and its encryption key, not the transform key: stored templates ({templates})"
+    row = _reconstruction_row(result, THIEF_WITH_KEYS, holds, templates, target)
+    unl = result.unlinkability
+    if unl is not None and keyed:
+        worst = unl.across_keys.worst
+        row.recovers += f"; links tenants' databases with D_sys up to {worst:.3f}"
+        row.target += f"; D_sys across tenant keys <= {unl.target_d_sys_max:g}"
+        row.met = None if row.met is None else row.met and unl.key_meets_target
+    return row
+
+
+def _api_row(result: AuditResult, target: float) -> VerdictRow:
+    holds = "match scores of its own probes (no stored template)"
+    row = _reconstruction_row(result, API_CLIENT, holds, "protected", target, kind="gan-prior")
+    layer = next((x for x in result.layers.layers if x.api is not None), None) if result.layers else None
+    if layer is not None:
+        leaks = layer.api_stored_vector_rpcs
+        row.recovers = f"RPCs returning stored templates: {', '.join(leaks) or 'none'}; score-search bound: " + (
+            row.recovers
+        )
+        row.target = "no RPC returns a stored template; " + row.target
+        row.met = bool(not leaks and row.met) if row.met is not None else (False if leaks else None)
+    return row
+
+
+def build_verdict(result: AuditResult, target_type1: float, store_audited: bool) -> VerdictResult:
+    """The verdict rows from what ``result`` measured."""
+    return VerdictResult(
+        [
+            _thief_row(result),
+            _thief_with_keys_row(result, store_audited, target_type1),
+            _reconstruction_row(
+                result,
+                INSIDER,
+                "AdvFace templates and (own face, protected template) pairs of its own enrolments",
+                "protected",
+                target_type1,
+                kind="adaptive",
+            ),
+            _api_row(result, target_type1),
+            _reconstruction_row(
+                result,
+                FULL_DISCLOSURE,
+                "every key and the protection's parameters (or the sidecar's memory): the protected templates",
+                "protected",
+                target_type1,
+            ),
+        ]
+    )

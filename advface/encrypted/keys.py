@@ -1,0 +1,285 @@
+"""Key pairs of encrypted matching and their two folders.
+
+``advface`` splits the keys between two processes that never share a folder:
+
+- the **sidecar folder** (:func:`write_sidecar_folder`): ``ckks.json`` (parameters and the key pair's
+  fingerprint), ``ckks-public.seal`` (the public key: enough to encrypt templates and score probes) and
+  ``binding.key`` (the HMAC key that binds requests to the key service; mode 0600);
+- the **key-service folder** (:func:`write_keyservice_folder`): the same three files plus ``ckks-secret.seal``
+  (mode 0600), the only copy of the secret key.
+
+The fingerprint (SHA-256 of the parameters and the public key) names a key pair: galleries and requests carry it, so
+a gallery or a sidecar of another key pair is refused before anything is decrypted. Loading re-computes it from the
+files (a swapped or altered public key is refused), and the key service checks that its secret key decrypts what
+the public key encrypts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from advface.crypto import TemplateCipher, generate_key, load_key_file, write_key_file
+from advface.encrypted._seal import from_bytes, require, to_bytes
+from advface.encrypted.params import CkksParams, make_context
+from advface.errors import ConfigError, IntegrityError
+
+__all__ = [
+    "PublicKeys",
+    "SecretKeys",
+    "generate_keys",
+    "load_binding_key",
+    "read_token",
+    "load_keyservice_folder",
+    "load_sidecar_folder",
+    "write_keyservice_folder",
+    "write_sidecar_folder",
+]
+
+META_FILE = "ckks.json"
+PUBLIC_FILE = "ckks-public.seal"
+SECRET_FILE = "ckks-secret.seal"
+#: the secret key wrapped under a 32-byte key (AES-256-GCM), instead of SECRET_FILE
+WRAPPED_SECRET_FILE = "ckks-secret.seal.enc"
+_WRAP_AAD = b"advface ckks secret key\x00"
+BINDING_FILE = "binding.key"
+#: the key service's bearer token (written by `advface keyservice keygen` into both folders)
+TOKEN_FILE = "keyservice.token"
+TOKEN_ENV = "ADVFACE_KEYSERVICE_TOKEN"
+FORMAT = "advface.ckks.v1"
+
+
+@dataclass
+class PublicKeys:
+    """Parameters, SEAL context, public key and the key pair's fingerprint (what the sidecar holds)."""
+
+    params: CkksParams
+    context: Any
+    public_key: Any
+    fingerprint: str
+
+    def encryptor(self) -> Any:
+        return require().Encryptor(self.context, self.public_key)
+
+
+@dataclass
+class SecretKeys:
+    """The public half plus the secret key (what only the key service holds)."""
+
+    public: PublicKeys
+    secret_key: Any
+
+    @property
+    def fingerprint(self) -> str:
+        return self.public.fingerprint
+
+    def decryptor(self) -> Any:
+        return require().Decryptor(self.public.context, self.secret_key)
+
+
+def _fingerprint(params: CkksParams, public_bytes: bytes) -> str:
+    h = hashlib.sha256(b"advface ckks key pair\x00")
+    h.update(params.digest().encode())
+    h.update(public_bytes)
+    return h.hexdigest()[:32]
+
+
+def generate_keys(params: CkksParams | None = None) -> SecretKeys:
+    """A fresh key pair for ``params`` (defaults: :class:`CkksParams`)."""
+    seal = require()
+    params = params or CkksParams()
+    context = make_context(params)
+    keygen = seal.KeyGenerator(context)
+    public_key = seal.PublicKey()
+    keygen.create_public_key(public_key)
+    public = PublicKeys(params, context, public_key, _fingerprint(params, to_bytes(public_key)))
+    return SecretKeys(public, keygen.secret_key())
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _new_folder(folder: str | os.PathLike[str]) -> Path:
+    path = Path(folder).expanduser()
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for name in (META_FILE, PUBLIC_FILE, SECRET_FILE, BINDING_FILE):
+        if (path / name).exists():
+            raise ConfigError(f"{path / name} already exists; refusing to overwrite keys")
+    return path
+
+
+def _write_public_files(path: Path, keys: PublicKeys, binding_key: bytes) -> None:
+    meta = {"format": FORMAT, "params": keys.params.to_dict(), "fingerprint": keys.fingerprint}
+    _write_private(path / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
+    _write_private(path / PUBLIC_FILE, to_bytes(keys.public_key))
+    write_key_file(path / BINDING_FILE, binding_key)
+
+
+def write_sidecar_folder(folder: str | os.PathLike[str], keys: PublicKeys | SecretKeys, binding_key: bytes) -> Path:
+    """Write the sidecar's folder (no secret key, whatever ``keys`` holds); refuses to overwrite key files."""
+    public = keys.public if isinstance(keys, SecretKeys) else keys
+    path = _new_folder(folder)
+    _write_public_files(path, public, binding_key)
+    return path
+
+
+def write_keyservice_folder(
+    folder: str | os.PathLike[str], keys: SecretKeys, binding_key: bytes, wrap_key: bytes | None = None
+) -> Path:
+    """Write the key service's folder, secret key included (mode 0600); refuses to overwrite key files. With
+    ``wrap_key`` (32 bytes: from a file, the environment or a KMS hook) the secret key is stored only wrapped
+    (AES-256-GCM, ``ckks-secret.seal.enc``) and needs the same key to load."""
+    path = _new_folder(folder)
+    if (path / WRAPPED_SECRET_FILE).exists():
+        raise ConfigError(f"{path / WRAPPED_SECRET_FILE} already exists; refusing to overwrite keys")
+    _write_public_files(path, keys.public, binding_key)
+    secret_path = path / SECRET_FILE
+    if wrap_key is not None:
+        blob = TemplateCipher(wrap_key).encrypt(to_bytes(keys.secret_key), _WRAP_AAD + keys.fingerprint.encode())
+        _write_private(path / WRAPPED_SECRET_FILE, blob)
+        return path
+    _write_private(secret_path, b"")  # created 0600 before SEAL writes the key into it
+    keys.secret_key.save(str(secret_path))
+    return path
+
+
+def new_binding_key() -> bytes:
+    """32 random bytes for the request binding (HMAC-SHA256)."""
+    return generate_key()
+
+
+def load_binding_key(folder: str | os.PathLike[str]) -> bytes:
+    """The binding key of a sidecar or key-service folder (a 0600 file)."""
+    return load_key_file(Path(folder).expanduser() / BINDING_FILE)
+
+
+def load_sidecar_folder(folder: str | os.PathLike[str]) -> PublicKeys:
+    """The public keys of a folder; ConfigError when a file is missing, altered or of another key pair."""
+    path = Path(folder).expanduser()
+    meta_path = path / META_FILE
+    try:
+        meta = json.loads(meta_path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{meta_path} does not exist: not an encrypted-matching key folder") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{meta_path}: unreadable ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ConfigError(f"{meta_path}: not an {FORMAT} key description")
+    params = CkksParams.from_dict(meta.get("params"))
+    context = make_context(params)
+    public_path = path / PUBLIC_FILE
+    try:
+        public_bytes = public_path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{public_path}: {exc.strerror or exc}") from None
+    fingerprint = _fingerprint(params, public_bytes)
+    if not secrets.compare_digest(fingerprint, str(meta.get("fingerprint", ""))):
+        raise ConfigError(
+            f"{public_path} does not match the fingerprint in {meta_path}: altered, or from another key pair"
+        )
+    try:
+        public_key = from_bytes(require().PublicKey, context, public_bytes, str(public_path))
+    except IntegrityError as exc:
+        raise ConfigError(str(exc)) from None
+    return PublicKeys(params, context, public_key, fingerprint)
+
+
+def load_keyservice_folder(folder: str | os.PathLike[str], wrap_key: bytes | None = None) -> SecretKeys:
+    """The key service's keys; ConfigError when the secret key is missing, readable by others, wrapped under another
+    key (or ``wrap_key`` is missing), or not the secret half of the folder's public key."""
+    seal = require()
+    public = load_sidecar_folder(folder)
+    secret_path = Path(folder).expanduser() / SECRET_FILE
+    wrapped_path = Path(folder).expanduser() / WRAPPED_SECRET_FILE
+    if not secret_path.exists() and wrapped_path.exists():
+        return _load_wrapped(public, wrapped_path, wrap_key)
+    try:
+        mode = secret_path.stat().st_mode
+    except FileNotFoundError:
+        raise ConfigError(f"{secret_path} does not exist: not a key-service folder") from None
+    if os.name == "posix" and mode & 0o077:
+        raise ConfigError(
+            f"secret key {secret_path} is accessible by group or others (mode {stat.S_IMODE(mode):04o}); "
+            f"run `chmod 600 {secret_path}`"
+        )
+    secret_key = seal.SecretKey()
+    try:
+        secret_key.load(public.context, str(secret_path))
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError(f"{secret_path}: not a secret key for these parameters ({exc})") from None
+    keys = SecretKeys(public, secret_key)
+    check_pair(keys)
+    return keys
+
+
+def _load_wrapped(public: PublicKeys, path: Path, wrap_key: bytes | None) -> SecretKeys:
+    if wrap_key is None:
+        raise ConfigError(f"the secret key {path} is wrapped: give its wrapping key (file, environment or KMS hook)")
+    if os.name == "posix" and path.stat().st_mode & 0o077:
+        raise ConfigError(f"wrapped secret key {path} is accessible by group or others; run `chmod 600 {path}`")
+    try:
+        data = TemplateCipher(wrap_key).decrypt(path.read_bytes(), _WRAP_AAD + public.fingerprint.encode())
+    except IntegrityError:
+        raise ConfigError(f"{path}: cannot unwrap the secret key (another wrapping key, or altered)") from None
+    try:
+        secret_key = from_bytes(require().SecretKey, public.context, data, str(path))
+    except IntegrityError as exc:
+        raise ConfigError(str(exc)) from None
+    finally:
+        del data
+    keys = SecretKeys(public, secret_key)
+    check_pair(keys)
+    return keys
+
+
+def check_pair(keys: SecretKeys) -> None:
+    """ConfigError unless the secret key decrypts what the public key encrypts."""
+    seal = require()
+    context = keys.public.context
+    encoder = seal.CKKSEncoder(context)
+    probe = np.random.default_rng(secrets.randbits(64)).uniform(-1, 1, 16)
+    plain = seal.Plaintext()
+    encoder.encode(probe.tolist(), context.first_parms_id(), keys.public.params.template_scale, plain)
+    cipher = seal.Ciphertext(context)
+    keys.public.encryptor().encrypt(plain, cipher)
+    out = seal.Plaintext()
+    keys.decryptor().decrypt(cipher, out)
+    back = np.asarray(encoder.decode_double(out))[:16]
+    if not np.allclose(back, probe, atol=1e-3):
+        raise ConfigError("the secret key is not the secret half of the public key (wrong key pair)")
+
+
+def read_token(path: str | os.PathLike[str] | None, folder: str | os.PathLike[str] | None = None) -> str:
+    """The key-service token: ``path``, else ``folder/keyservice.token`` if it exists, else $ADVFACE_KEYSERVICE_TOKEN.
+    Files accessible by group or others are refused."""
+    candidate = Path(path) if path else (Path(folder) / TOKEN_FILE if folder else None)
+    if candidate is not None and (path or candidate.exists()):
+        try:
+            mode = candidate.stat().st_mode
+            text = candidate.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"key service token file {candidate}: {exc.strerror or exc}") from None
+        if os.name == "posix" and mode & 0o077:
+            raise ConfigError(f"key service token file {candidate} is accessible by group or others: chmod 600 it")
+    else:
+        text = os.environ.get(TOKEN_ENV, "").strip()
+        if not text:
+            raise ConfigError(f"no key service token: pass --token-file or set {TOKEN_ENV}")
+    if len(text) < 16:
+        raise ConfigError("the key service token must be at least 16 characters")
+    return text

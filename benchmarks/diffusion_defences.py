@@ -1,0 +1,415 @@
+"""Photo protection against diffusion personalisation, measured on a generator the protection never used.
+
+Usage::
+
+    python benchmarks/diffusion_defences.py --attacker generator_attacker.pt --surrogate generator_defender.pt
+        [--people 20] [--n 4] [--protect-steps 60] [--personalise-steps 150] [--purify 0.1,0.2,0.3]
+        [--configs encoders,deflection,encoders+deflection] [--out benchmarks/results/diffusion_defences.json]
+    python benchmarks/diffusion_defences.py --merge RUN1.json RUN2.json [--out ...]   # runs made side by side
+
+The result is rewritten after every configuration, so a long run's finished part is never lost.
+
+People: LFW identities of the project's *evaluation* group (never in either generator's training data) with at
+least four photos, in name order. Photos 1-3 of a person are protected as whole photos by ``advface protect-image``'s
+:class:`~advface.protect.image.core.ImageProtector` under each guidance configuration (``--configs``; the deflection
+term runs on the *defender surrogate* ``--surrogate``), and attacked on the *attacker model* ``--attacker``, as an
+attacker would: detect and align the photo (dlib), embed it, then
+
+- **training-free**: generate ``--n`` faces from each photo's embedding, each sampling step pulled towards that
+  embedding through the encoder's gradient (``--identity-guidance``; the white-box attacker of
+  ``benchmarks/generative_eval.py``, 0 for conditioning alone);
+- **training-based**: fine-tune a copy of the attacker model and an identity condition on the three photos' chips
+  (DreamBooth analogue, :func:`advface.generative.threats.finetune`, no encoder involved), generate ``--n`` faces;
+- **purified** (the ``--default-config`` only): the same two after the attacker model's diffusion purification of
+  the chips at each ``--purify`` noise level (the strongest, i.e. the one giving the attacker the most matches, is
+  reported as ``purified``).
+
+Each generated face is compared with the person's *fourth* photo, clean (Type II), by the system judge (the encoder
+conditioning the generator, dlib, FMR 0.1% on clean LFW) and the transfer judge (MobileFaceNet, its own FMR 0.1%);
+``match`` = share accepted, ``ism`` = mean cosine. ``clean`` = the same threats on the unprotected photos. Photos in
+which the attacker finds no face give no training-free faces (counted as not matched, reported as
+``no_face_rate``). Protected photos are cached under ``benchmarks/results/local/diffusion_defences/`` (not
+committed: LFW likenesses), so a rerun with the same settings reuses them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from advface.datasets import LFW  # noqa: E402
+from advface.datasets.pairs import resize_faces  # noqa: E402
+from advface.datasets.splits import split_identities  # noqa: E402
+from advface.errors import AdvfaceError  # noqa: E402
+from advface.faces.pipeline import FaceChipper  # noqa: E402
+from advface.generative.model import IdentityGenerator, load_generator  # noqa: E402
+from advface.generative.threats import FinetuneConfig, finetune, generate_from_embeddings  # noqa: E402
+from advface.images import load_image  # noqa: E402
+from advface.protect.image.core import ImageProtector, ProtectConfig  # noqa: E402
+from advface.protect.image.io import save_png  # noqa: E402
+from advface.protect.image.quality import psnr, ssim  # noqa: E402
+from benchmarks.common import write_results  # noqa: E402
+from benchmarks.generative_eval import Judges  # noqa: E402
+
+LOCAL = Path(__file__).resolve().parent / "results" / "local" / "diffusion_defences"
+PHOTOS_PER_PERSON = 3
+
+
+class Attacker:
+    """The attacker's pipeline on the attacker model: align and embed photos, then the two threats."""
+
+    def __init__(self, generator: IdentityGenerator, judges: Judges, args: argparse.Namespace) -> None:
+        self.generator = generator
+        self.encoder = judges.encoder
+        self.guide_encoder = judges.scorer  # the encoder's differentiable twin (dlib-torch for dlib)
+        self.chipper = FaceChipper("dlib", self.encoder.chip, "largest")
+        self.args = args
+
+    def chips(self, photo: np.ndarray) -> np.ndarray | None:
+        """The photo's face chip in the encoder's frame, or None when no face is found."""
+        try:
+            return self.chipper.chips(photo, "<photo>")[0][1]
+        except AdvfaceError:
+            return None
+
+    def training_free(self, chips: list[np.ndarray | None], seed: int) -> list[np.ndarray | None]:
+        """``n`` faces per chip (None where the photo had no face)."""
+        a = self.args
+        out: list[np.ndarray | None] = []
+        for k, chip in enumerate(chips):
+            if chip is None:
+                out.append(None)
+                continue
+            emb = self.encoder.embed(resize_faces(chip[None], self.encoder.chip.size))
+            faces = generate_from_embeddings(
+                self.generator,
+                emb,
+                a.n,
+                steps=a.steps,
+                guidance=a.guidance,
+                seed=seed + k,
+                encoder=self.guide_encoder,
+                guide_scale=a.identity_guidance,
+            )
+            out.append(faces[0])
+        return out
+
+    def training_based(self, chips: list[np.ndarray | None], seed: int) -> np.ndarray | None:
+        """``n`` faces of the condition learned from the chips (None when no photo had a face)."""
+        a = self.args
+        found = [c for c in chips if c is not None]
+        if not found:
+            return None
+        small = resize_faces(np.stack(found), self.generator.image_size)
+        tuned, condition = finetune(self.generator, small, FinetuneConfig(steps=a.personalise_steps, seed=seed))
+        return tuned.generate(condition[None], a.n, steps=a.steps, guidance=a.guidance, seed=seed)[0]
+
+    def purify(self, chips: list[np.ndarray | None], t_star: float, seed: int) -> list[np.ndarray | None]:
+        """The chips after the attacker model's diffusion purification at ``t_star`` (at the generator's size)."""
+        return [
+            None
+            if c is None
+            else self.generator.purify(resize_faces(c[None], self.generator.image_size), t_star, seed=seed)[0]
+            for c in chips
+        ]
+
+
+def evaluation_people(judges: Judges, need: int) -> list[tuple[str, list[str]]]:
+    """``(person, photo ids)`` of evaluation identities with at least ``need`` embedded photos, in name order."""
+    clean = judges.pairs.without_flips()
+    split = split_identities(judges.pairs.identities[~judges.pairs.flipped].tolist(), seed=0)
+    photos: dict[str, list[str]] = {}
+    for pid, person in zip(clean.ids.tolist(), clean.identities.tolist()):
+        if person in split.evaluation:
+            photos.setdefault(person, []).append(str(pid))
+    return [(p, sorted(ids)) for p, ids in sorted(photos.items()) if len(ids) >= need]
+
+
+class Tally:
+    """Generated faces and the photo each is compared with, per threat; summarised by both judges."""
+
+    def __init__(self, judges: Judges) -> None:
+        self.judges = judges
+        self.faces: dict[str, list[np.ndarray]] = {}
+        self.compare: dict[str, list[str]] = {}
+        self.missing: dict[str, int] = {}
+
+    def add(self, threat: str, faces: np.ndarray | None, reference: str, expected: int) -> None:
+        """Record ``faces`` of one threat run (None: no faces, ``expected`` counted as not matched)."""
+        self.faces.setdefault(threat, [])
+        self.compare.setdefault(threat, [])
+        self.missing.setdefault(threat, 0)
+        if faces is None:
+            self.missing[threat] += expected
+            return
+        self.faces[threat].append(faces)
+        self.compare[threat] += [reference] * len(faces)
+
+    def summary(self) -> dict[str, Any]:
+        """Per threat: system judge keys, and the same under ``transfer``."""
+        out: dict[str, Any] = {}
+        for threat, faces in self.faces.items():
+            missing = self.missing[threat]
+            if not faces:
+                out[threat] = {"faces": 0, "no_face": missing, "match": 0.0, "transfer": {"match": 0.0}}
+                continue
+            s = self.judges.summary(self.judges.score(np.concatenate(faces), self.compare[threat]))
+            total = s["faces"] + missing
+            t_total = (s["transfer_faces"] or 0) + missing
+            out[threat] = {
+                "faces": s["faces"],
+                "no_face": missing,
+                "match": s["system_match"] * s["faces"] / total,
+                "ism": s["ism_system"],
+                "transfer": {
+                    "match": (s["transfer_match"] or 0.0) * (s["transfer_faces"] or 0) / max(t_total, 1),
+                    "ism": s["ism_transfer"],
+                },
+            }
+        return out
+
+
+def protect_people(
+    protector: ImageProtector,
+    config: ProtectConfig,
+    people: list[tuple[str, list[str]]],
+    paths: dict[str, Path],
+    tag: str,
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Protected photos (photo id -> uint8), cached by ``tag``; and quality and cost summaries."""
+    folder = LOCAL / tag
+    folder.mkdir(parents=True, exist_ok=True)
+    out: dict[str, np.ndarray] = {}
+    psnrs, ssims, face_ssims, seconds = [], [], [], []
+    for _, ids in people:
+        for pid in ids[:PHOTOS_PER_PERSON]:
+            cached = folder / (hashlib.sha1(pid.encode()).hexdigest()[:16] + ".png")
+            clean = load_image(paths[pid])
+            if cached.is_file():
+                protected = load_image(cached)
+            else:
+                started = time.perf_counter()
+                protected, report = protector.protect([clean], config, sources=[pid])[0]
+                seconds.append(time.perf_counter() - started)
+                face_ssim = getattr(report, "ssim_face", None)
+                if face_ssim is not None:
+                    face_ssims.append(float(face_ssim))
+                save_png(protected, cached)
+            out[pid] = protected
+            psnrs.append(psnr(clean, protected))
+            ssims.append(ssim(clean, protected))
+    quality = {
+        "psnr_mean": float(np.mean(psnrs)),
+        "ssim_mean": float(np.mean(ssims)),
+        "ssim_face_mean": float(np.mean(face_ssims)) if face_ssims else None,
+        "seconds_per_photo_cpu": float(np.mean(seconds)) if seconds else None,
+        "photos": len(psnrs),
+    }
+    return out, quality
+
+
+def run_threats(
+    attacker: Attacker,
+    judges: Judges,
+    people: list[tuple[str, list[str]]],
+    photos: dict[str, np.ndarray],
+    args: Any,
+    purify: bool,
+) -> dict[str, Any]:
+    """Every threat on ``photos`` (photo id -> uint8; with ``purify`` also after purification), judged against each
+    person's fourth photo."""
+    tally = Tally(judges)
+    purify_levels = [float(t) for t in args.purify.split(",") if t.strip()] if purify else []
+    no_face = 0
+    for k, (_, ids) in enumerate(people):
+        reference = ids[PHOTOS_PER_PERSON]
+        chips = [attacker.chips(photos[pid]) for pid in ids[:PHOTOS_PER_PERSON]]
+        no_face += sum(c is None for c in chips)
+        seed = args.seed + 1000 * k
+        for faces in attacker.training_free(chips, seed):
+            tally.add("training_free", faces, reference, args.n)
+        tally.add("training_based", attacker.training_based(chips, seed), reference, args.n)
+        for t_star in purify_levels:
+            purified = attacker.purify(chips, t_star, seed)
+            upscaled = [None if c is None else resize_faces(c[None], attacker.encoder.chip.size)[0] for c in purified]
+            for faces in attacker.training_free(upscaled, seed):
+                tally.add(f"purified_{t_star:g}_training_free", faces, reference, args.n)
+            tally.add(f"purified_{t_star:g}_training_based", attacker.training_based(purified, seed), reference, args.n)
+    summary = tally.summary()
+    summary["no_face_rate"] = no_face / (len(people) * PHOTOS_PER_PERSON)
+    purified_keys = [key for key in summary if key.startswith("purified_")]
+    if purified_keys:
+        strongest = max(purified_keys, key=lambda key: summary[key]["match"])
+        summary["purified"] = {**summary[strongest], "threat": strongest}
+    return summary
+
+
+def main() -> None:
+    """Measure and write benchmarks/results/diffusion_defences.json."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--attacker", help="attacker model checkpoint (threats run on it; required to measure)")
+    parser.add_argument("--surrogate", help="defender surrogate checkpoint (deflection runs on it)")
+    parser.add_argument(
+        "--merge", nargs="+", metavar="JSON", help="write one result from runs that measured different configurations"
+    )
+    parser.add_argument("--lfw-dir", help="LFW root (default $ADVFACE_LFW_DIR)")
+    parser.add_argument("--models-dir", help="ONNX models folder (default $ADVFACE_MODELS_DIR)")
+    parser.add_argument("--people", type=int, default=20, help="evaluation people (default 20)")
+    parser.add_argument("--n", type=int, default=4, help="faces per threat run (default 4)")
+    parser.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
+    parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance (default 3)")
+    parser.add_argument(
+        "--identity-guidance", type=float, default=0.05, help="training-free identity guidance scale (0: none)"
+    )
+    parser.add_argument("--personalise-steps", type=int, default=FinetuneConfig.steps, help="fine-tuning steps")
+    parser.add_argument("--protect-steps", type=int, default=ProtectConfig.steps)
+    parser.add_argument("--encoders", default="dlib-torch,mobilefacenet", help="protection ensemble")
+    parser.add_argument(
+        "--configs", default="encoders,deflection,encoders+deflection", help="guidance configurations to measure"
+    )
+    parser.add_argument("--default-config", default="encoders+deflection", help="the configuration reported on top")
+    parser.add_argument(
+        "--deflection-weight", type=float, default=ProtectConfig.deflection_weight, help="weight of the deflection term"
+    )
+    parser.add_argument("--skip-clean", action="store_true", help="do not measure the unprotected photos")
+    parser.add_argument("--purify", default="0.1,0.2,0.3", help="attacker purification noise levels")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    if args.merge:
+        print(f"wrote {merge(args.merge, args.default_config, args.out)}")
+        return
+    if not (args.attacker and args.surrogate):
+        parser.error("--attacker and --surrogate are required to measure")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    dataset = LFW(args.lfw_dir)
+    paths = {item.id: Path(item.path) for item in dataset}
+    generator = load_generator(args.attacker)
+    judges = Judges(generator, dataset, args.models_dir)
+    attacker = Attacker(generator, judges, args)
+    people = evaluation_people(judges, PHOTOS_PER_PERSON + 1)[: args.people]
+    protector = ImageProtector(args.encoders.split(","), surrogate=args.surrogate)
+
+    surrogate = protector.deflection.generator.metadata
+    models = {
+        "attacker": {"path": args.attacker, **{k: generator.metadata.get(k) for k in ("role", "steps", "seed")}},
+        "surrogate": {"path": args.surrogate, **{k: surrogate.get(k) for k in ("role", "steps", "seed")}},
+    }
+    settings = {
+        "people": len(people),
+        "photos_per_person": PHOTOS_PER_PERSON,
+        "n": args.n,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "identity_guidance": args.identity_guidance,
+        "finetune_steps": args.personalise_steps,
+        "protect_steps": args.protect_steps,
+        "deflection_weight": args.deflection_weight,
+        "encoders": args.encoders,
+        "purify": args.purify,
+        "default_config": args.default_config,
+    }
+    thresholds = {
+        "system_fmr_1e-3": judges.system_threshold,
+        "transfer": {"encoder": judges.transfer.name, "fmr_1e-3": judges.transfer.thresholds["1e-3"]},
+    }
+    results: dict[str, Any] = {}
+    quality: dict[str, Any] = {}
+
+    def save() -> None:
+        document = {"models": models, "settings": settings, "thresholds": thresholds}
+        write_payload({**document, "ablation": results, "quality": quality}, args.out)
+
+    if not args.skip_clean:
+        clean_photos = {pid: load_image(paths[pid]) for _, ids in people for pid in ids[:PHOTOS_PER_PERSON]}
+        results["clean"] = run_threats(attacker, judges, people, clean_photos, args, purify=False)
+        print(f"clean: {results['clean']['training_based']['match']:.3f} training-based match", flush=True)
+        save()
+    for name in [c for c in args.configs.split(",") if c]:
+        config = ProtectConfig(
+            guidance=tuple(name.split("+")),
+            steps=args.protect_steps,
+            seed=args.seed,
+            deflection_weight=args.deflection_weight,
+        )
+        key = f"{name}|{args.encoders}|{args.surrogate}|{args.protect_steps}|{args.deflection_weight}|{args.seed}"
+        digest = hashlib.sha1(key.encode()).hexdigest()
+        photos, quality[name] = protect_people(protector, config, people, paths, f"{name}-{digest[:10]}")
+        results[name] = run_threats(attacker, judges, people, photos, args, purify=name == args.default_config)
+        print(f"{name}: {results[name]['training_based']['match']:.3f} training-based match", flush=True)
+        save()
+
+
+def summarise(document: dict[str, Any]) -> dict[str, Any]:
+    """The top-level keys (the default configuration vs the clean photos, both judges) of a run's ``ablation`` and
+    ``quality``."""
+    results, quality = document["ablation"], document["quality"]
+    default = document["settings"]["default_config"]
+    top: dict[str, Any] = {"transfer": {}}
+    for threat in ("training_free", "training_based"):
+        for side, source in (("clean", "clean"), ("protected", default)):
+            if source not in results:
+                continue
+            entry = results[source][threat]
+            top.setdefault(threat, {})[side] = {"match": entry["match"], "ism": entry.get("ism")}
+            top["transfer"].setdefault(threat, {})[side] = entry["transfer"]
+    if "purified" in results.get(default, {}):
+        strongest = results[default]["purified"]
+        top["purified"] = {"protected": {"match": strongest["match"], "threat": strongest["threat"]}}
+        top["transfer"]["purified"] = {"protected": strongest["transfer"]}
+    for key in ("psnr_mean", "ssim_face_mean", "seconds_per_photo_cpu"):
+        top[key] = quality[default][key] if default in quality else None
+    return top
+
+
+def write_payload(document: dict[str, Any], out: str | None) -> Path:
+    """Write the run (``models``, ``settings``, ``thresholds``, ``ablation``, ``quality``) with its summary."""
+    payload = {key: document[key] for key in ("models", "settings", "thresholds")}
+    payload.update(summarise(document))
+    payload["quality"], payload["ablation"] = document["quality"], document["ablation"]
+    if "merged_from" in document:
+        payload["merged_from"] = document["merged_from"]
+    return write_results("diffusion_defences", payload, out)
+
+
+def merge(files: list[str], default: str | None, out: str | None) -> Path:
+    """One result from runs of the same settings that measured different configurations (run side by side to use
+    both cores): their ``ablation`` and ``quality`` entries are united; settings must agree but for ``purify``."""
+    documents = [json.loads(Path(f).read_text()) for f in files]
+    first = documents[0]
+    ignore = {"purify", "default_config"}
+    for doc in documents[1:]:
+        mine = {k: v for k, v in first["settings"].items() if k not in ignore}
+        theirs = {k: v for k, v in doc["settings"].items() if k not in ignore}
+        if mine != theirs or doc["models"] != first["models"]:
+            raise SystemExit("the runs to merge differ in settings or models")
+    merged = {key: first[key] for key in ("models", "settings", "thresholds")}
+    merged["settings"] = dict(first["settings"])
+    merged["ablation"] = {k: v for doc in documents for k, v in doc["ablation"].items()}
+    merged["quality"] = {k: v for doc in documents for k, v in doc["quality"].items()}
+    if default:
+        merged["settings"]["default_config"] = default
+    merged["settings"]["purify"] = {
+        name: doc["settings"]["purify"] for doc in documents for name in doc["ablation"] if name != "clean"
+    }
+    merged["merged_from"] = [
+        {"file": f, "command": doc.get("command"), "date": doc.get("date")} for f, doc in zip(files, documents)
+    ]
+    return write_payload(merged, out)
+
+
+if __name__ == "__main__":
+    main()

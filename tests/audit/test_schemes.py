@@ -1,0 +1,181 @@
+"""Any scheme under audit (advface.audit.schemes): the reference BioHashing, schemes by name / MODULE:ATTR, and a
+scheme given only as a shell command audited end to end (quick settings, one decoder)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from advface.audit.config import AuditConfig
+from advface.audit.schemes import (
+    BIOHASH,
+    POLYPROTECT,
+    biohash,
+    command_scheme,
+    load_scheme,
+    polyprotect,
+    scheme_key,
+)
+from advface.errors import ConfigError
+
+#: A BioHashing-like scheme as a stand-alone script: numpy only, the key read from the {key} file; counts its calls.
+SCRIPT = """
+import sys, hashlib
+import numpy as np
+src, dst, key_file, calls = sys.argv[1:5]
+with np.load(src) as npz:
+    ids, z = npz["ids"], npz["embeddings"].astype(np.float64)
+key = bytes.fromhex(open(key_file).read().strip())
+rng = np.random.default_rng(int.from_bytes(hashlib.sha256(key).digest()[:8], "big"))
+q, _ = np.linalg.qr(rng.standard_normal((z.shape[1], z.shape[1])))
+bits = np.where(z @ q >= 0, 1.0, -1.0) / np.sqrt(z.shape[1])
+np.savez(dst, ids=ids, embeddings=bits.astype(np.float32))
+open(calls, "a").write(f"{len(ids)}\\n")
+"""
+
+
+def _script(tmp_path: Path) -> tuple[str, Path]:
+    script = tmp_path / "scheme.py"
+    script.write_text(textwrap.dedent(SCRIPT))
+    calls = tmp_path / "calls.txt"
+    command = (
+        f"{shlex.quote(sys.executable)} {shlex.quote(str(script))} {{in}} {{out}} {{key}} {shlex.quote(str(calls))}"
+    )
+    return command, calls
+
+
+def test_biohash_is_keyed_binary_and_keeps_neighbours() -> None:
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(50, 64)).astype(np.float32)
+    near = z + 0.05 * rng.normal(size=z.shape).astype(np.float32)
+    a, b = biohash(z, b"k1"), biohash(z, b"k2")
+    assert a.shape == (50, 64) and np.allclose(np.abs(a), 1 / 8)
+    assert np.array_equal(a, biohash(z, b"k1")) and not np.array_equal(a, b)
+    hamming_near = (np.sign(a) != np.sign(biohash(near, b"k1"))).mean()
+    hamming_keys = (np.sign(a) != np.sign(b)).mean()
+    assert hamming_near < 0.1 < 0.35 < hamming_keys  # another key: about half the bits differ
+    assert biohash(z, b"k1", bits=16).shape == (50, 16)
+
+
+def test_polyprotect_maps_windows_under_a_key() -> None:
+    z = np.random.default_rng(3).normal(size=(6, 128)).astype(np.float32) * 0.1
+    p = polyprotect(z, b"k")
+    assert p.shape == (6, 42)  # windows of 5, overlap 2: ceil((128 - 2) / 3)
+    assert np.array_equal(p, polyprotect(z, b"k")) and not np.array_equal(p, polyprotect(z, b"other"))
+    assert polyprotect(z, b"k", overlap=0).shape == (6, 26)
+    with pytest.raises(ConfigError):
+        polyprotect(z, b"k", overlap=5)
+
+
+def test_schemes_by_name_and_module() -> None:
+    assert load_scheme("biohash") is BIOHASH and load_scheme("polyprotect") is POLYPROTECT
+    wrapped = load_scheme("advface.audit.schemes:biohash")
+    z = np.random.default_rng(1).normal(size=(3, 8)).astype(np.float32)
+    assert np.array_equal(wrapped.apply(z, b"k"), biohash(z, b"k"))
+    with pytest.raises(ConfigError):
+        load_scheme("no-such-scheme")
+    with pytest.raises(ConfigError):
+        load_scheme("advface.audit.schemes:nothing_here")
+    assert scheme_key(1) != scheme_key(2) and len(scheme_key(0)) == 32
+
+
+def test_command_scheme_runs_the_command(tmp_path: Path) -> None:
+    command, calls = _script(tmp_path)
+    scheme = command_scheme(command)
+    z = np.random.default_rng(2).normal(size=(7, 16)).astype(np.float32)
+    out = scheme.apply(z, b"key")
+    assert out.shape == (7, 16) and np.allclose(np.abs(out), 0.25)
+    assert np.array_equal(out, scheme.apply(z, b"key")) and not np.array_equal(out, scheme.apply(z, b"other"))
+    assert calls.read_text().split() == ["7", "7", "7"]
+    with pytest.raises(ConfigError, match="exited"):
+        command_scheme("false {in} {out}").apply(z, b"k")
+    with pytest.raises(ConfigError, match="needs"):
+        command_scheme("cat {in}")
+
+
+def test_scheme_flags_are_checked(tmp_path: Path) -> None:
+    base = {"data": tmp_path, "out": tmp_path / "o"}
+    with pytest.raises(ConfigError, match="not with"):
+        AuditConfig(**base, scheme="biohash", protection="advface").check()
+    with pytest.raises(ConfigError, match="either"):
+        AuditConfig(**base, scheme="biohash", protect_cmd="x {in} {out}").check()
+    with pytest.raises(ConfigError, match="needs"):
+        AuditConfig(**base, protect_cmd="x {in}").check()
+    with pytest.raises(ConfigError, match="raw-probes"):
+        AuditConfig(**base, raw_probes=True).check()
+
+
+@pytest.mark.slow
+def test_a_scheme_given_only_as_a_shell_command_is_audited_end_to_end(
+    audit_dataset: Path, audit_cache: Path, tmp_path: Path
+) -> None:
+    from advface.cli.main import main
+
+    command, calls = _script(tmp_path)
+    out = tmp_path / "out"
+    rc = main(
+        [
+            "audit",
+            "--quick",
+            "--data",
+            str(audit_dataset),
+            "--out",
+            str(out),
+            "--cache-dir",
+            str(audit_cache),
+            "--protect-cmd",
+            command,
+            "--attackers",
+            "deconv",
+            "--transfer-encoder",
+            "none",
+            "--link-keys",
+            "2",
+            "--no-images",
+            "--quiet",
+        ]
+    )
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["protection"]["method"] == "command" and report["protection"]["source"] == "--protect-cmd"
+    # templates, probes, unlinkability databases A and B, re-issued templates: one call each
+    assert len(calls.read_text().split()) == 5
+    assert report["config"]["protect_cmd"] == command
+    # BioHashing keeps verification (probes through the same key) and other keys unlink the databases
+    verification = report["verification"]
+    assert verification["protected"]["accuracy_mean"] > 0.7
+    assert report["utility"]["fnmr_at_fmr_1e-3"]["protected"]["genuine_comparisons"] > 0
+    d_sys = report["unlinkability"]["d_sys"]
+    assert d_sys["advface"] < d_sys["raw"]
+    assert "deconv" in report["attacks"] and report["verdict"][4]["attacker"] == "full disclosure"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["protect_cmd"] == command
+    assert len(manifest["key_ids"]["scheme key of seed 0"]) == 16
+    assert "scheme" not in " ".join(m["stage"] for m in report["missing"])
+
+
+@pytest.mark.slow
+def test_a_scheme_that_changes_the_dimension_is_audited_by_the_attackers_that_fit(
+    audit_dataset: Path, audit_cache: Path, tmp_path: Path
+) -> None:
+    """PolyProtect's 42 values per template: the decoder trained on raw 128-d templates attacks only the raw ones, the
+    adaptive insider (trained on the scheme's output) only the protected ones; every other stage runs."""
+    from advface.cli.main import main
+
+    out = tmp_path / "out"
+    args = ["audit", "--quick", "--data", str(audit_dataset), "--out", str(out), "--cache-dir", str(audit_cache)]
+    args += ["--scheme", "polyprotect", "--attackers", "deconv", "adaptive", "--transfer-encoder", "none"]
+    assert main([*args, "--link-keys", "2", "--no-images", "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["protection"]["method"] == "polyprotect"
+    assert set(report["attacks"]["deconv"]["type1_success"]) == {"raw"}
+    assert set(report["attacks"]["adaptive"]["type1_success"]) == {"protected", "protected+key"}
+    assert not [m for m in report["missing"] if m["stage"] != "data"]
+    insider = report["verdict"][2]
+    assert insider["attacker"] == "insider" and insider["best_attacker"] == "adaptive"

@@ -1,0 +1,24 @@
+"""Shared fixtures of the encrypted-matching tests: one key pair per session (key generation takes ~20 ms, but
+galleries and key services built on it are reused where a test does not change them)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from advface.encrypted.keys import SecretKeys, generate_keys, new_binding_key
+
+
+@pytest.fixture(scope="session")
+def keys() -> SecretKeys:
+    return generate_keys()
+
+
+@pytest.fixture(scope="session")
+def binding_key() -> bytes:
+    return new_binding_key()
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
