@@ -61,7 +61,9 @@ def test_a_missing_surrogate_is_refused_before_any_photo_is_touched(tmp_path: Pa
         protector.protect([blank], ProtectConfig(guidance=("encoders", "deflection"), steps=1))
     with pytest.raises(ConfigError, match="not found"):
         protector.check_guidance(ProtectConfig(guidance=("deflection",)))
-    protector.check_guidance(ProtectConfig())  # the encoder stage alone needs no surrogate
+    protector.check_guidance(ProtectConfig(guidance=("encoders",)))  # the encoder stage alone needs no surrogate
+    with pytest.raises(ConfigError, match="needs the defender surrogate"):
+        protector.check_guidance(ProtectConfig())  # the default runs both stages
 
 
 def test_the_bridge_is_zero_at_the_clean_identity_and_pulls_the_latent_otherwise(
@@ -95,7 +97,7 @@ def test_the_bridge_is_zero_at_the_clean_identity_and_pulls_the_latent_otherwise
 def test_deflection_changes_the_protection_and_the_report_names_the_stages(
     protector: ImageProtector, photo: np.ndarray
 ) -> None:
-    budget = ProtectConfig(steps=4, seed=3)
+    budget = ProtectConfig(steps=4, seed=3, guidance=("encoders",))
     plain, plain_report = protector.protect([photo], budget)[0]
     both, report = protector.protect([photo], ProtectConfig(steps=4, seed=3, guidance=("encoders", "deflection")))[0]
     only, only_report = protector.protect([photo], ProtectConfig(steps=4, seed=3, guidance=("deflection",)))[0]

@@ -77,8 +77,8 @@ class ProtectConfig:
     #: relative to the embedding term; 0 attacks the embeddings only.
     feature_weight: float = 1.0
     #: Guidance terms (:data:`advface.protect.image.guidance.GUIDANCE_NAMES`): ``encoders`` (stage 1, the face-encoder
-    #: ensemble) and ``deflection`` (IDGuardian stage 2, needs the defender surrogate).
-    guidance: tuple[str, ...] = ("encoders",)
+    #: ensemble) and ``deflection`` (IDGuardian stage 2, on the defender surrogate shipped with advface).
+    guidance: tuple[str, ...] = ("encoders", "deflection")
     #: Weight of the deflection term relative to the encoder terms (each term's gradient is normalised first).
     deflection_weight: float = 1.0
     #: ``uniform`` or ``perceptual`` (:data:`BUDGETS`); epsilon is the largest change of any pixel either way
