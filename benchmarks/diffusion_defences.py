@@ -4,10 +4,12 @@ Usage::
 
     python benchmarks/diffusion_defences.py --attacker generator_attacker.pt --surrogate generator_defender.pt
         [--people 20] [--n 4] [--protect-steps 60] [--personalise-steps 150] [--purify 0.1,0.2,0.3]
-        [--configs encoders,deflection,encoders+deflection] [--out benchmarks/results/diffusion_defences.json]
+        [--classical jpeg75,blur1.0] [--configs encoders,deflection,encoders+deflection,encoders+deflection+antipure]
+        [--purify-configs encoders+deflection,encoders+deflection+antipure]
+        [--out benchmarks/results/diffusion_defences.json]
     python benchmarks/diffusion_defences.py --merge RUN1.json RUN2.json [--out ...]   # runs made side by side
 
-The result is rewritten after every configuration, so a long run's finished part is never lost.
+The result is rewritten after every configuration and purification level.
 
 People: LFW identities of the project's *evaluation* group (never in either generator's training data) with at
 least four photos, in name order. Photos 1-3 of a person are protected as whole photos by ``advface protect-image``'s
@@ -20,16 +22,19 @@ attacker would: detect and align the photo (dlib), embed it, then
   ``benchmarks/generative_eval.py``, 0 for conditioning alone);
 - **training-based**: fine-tune a copy of the attacker model and an identity condition on the three photos' chips
   (DreamBooth analogue, :func:`advface.generative.threats.finetune`, no encoder involved), generate ``--n`` faces;
-- **purified** (the ``--default-config`` only): the same two after the attacker model's diffusion purification of
-  the chips at each ``--purify`` noise level (the strongest, i.e. the one giving the attacker the most matches, is
-  reported as ``purified``).
+- **purified** (the ``--purify-configs``, default the ``--default-config`` only): the same two after the attacker
+  model's diffusion purification of the chips at each ``--purify`` noise level, and after each classical
+  purification of the whole photo (``--classical``: names of
+  :func:`advface.protect.image.purify.standard_purifications`, e.g. ``jpeg75``, ``blur1.0``, ``resize0.5``); the
+  strongest (the one giving the attacker the most matches, system judge) is reported as ``purified``.
 
 Each generated face is compared with the person's *fourth* photo, clean (Type II), by the system judge (the encoder
 conditioning the generator, dlib, FMR 0.1% on clean LFW) and the transfer judge (MobileFaceNet, its own FMR 0.1%);
 ``match`` = share accepted, ``ism`` = mean cosine. ``clean`` = the same threats on the unprotected photos. Photos in
 which the attacker finds no face give no training-free faces (counted as not matched, reported as
 ``no_face_rate``). Protected photos are cached under ``benchmarks/results/local/diffusion_defences/`` (not
-committed: LFW likenesses), so a rerun with the same settings reuses them.
+committed: LFW likenesses), so a rerun with the same settings (and the same surrogate file) reuses them. The result
+is rewritten after every purification level, so a long run's finished part is never lost.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import hashlib
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +59,11 @@ from advface.datasets.splits import split_identities  # noqa: E402
 from advface.errors import AdvfaceError  # noqa: E402
 from advface.faces.pipeline import FaceChipper  # noqa: E402
 from advface.generative.model import IdentityGenerator, load_generator  # noqa: E402
-from advface.generative.threats import FinetuneConfig, finetune, generate_from_embeddings  # noqa: E402
+from advface.generative.threats import FinetuneConfig, generate_from_embeddings, personalise  # noqa: E402
 from advface.images import load_image  # noqa: E402
 from advface.protect.image.core import ImageProtector, ProtectConfig  # noqa: E402
 from advface.protect.image.io import save_png  # noqa: E402
+from advface.protect.image.purify import standard_purifications  # noqa: E402
 from advface.protect.image.quality import psnr, ssim  # noqa: E402
 from benchmarks.common import write_results  # noqa: E402
 from benchmarks.generative_eval import Judges  # noqa: E402
@@ -111,8 +118,8 @@ class Attacker:
         if not found:
             return None
         small = resize_faces(np.stack(found), self.generator.image_size)
-        tuned, condition = finetune(self.generator, small, FinetuneConfig(steps=a.personalise_steps, seed=seed))
-        return tuned.generate(condition[None], a.n, steps=a.steps, guidance=a.guidance, seed=seed)[0]
+        config = FinetuneConfig(steps=a.personalise_steps, seed=seed)
+        return personalise(self.generator, small, a.n, config=config, steps=a.steps, guidance=a.guidance, seed=seed)
 
     def purify(self, chips: list[np.ndarray | None], t_star: float, seed: int) -> list[np.ndarray | None]:
         """The chips after the attacker model's diffusion purification at ``t_star`` (at the generator's size)."""
@@ -225,32 +232,45 @@ def run_threats(
     photos: dict[str, np.ndarray],
     args: Any,
     purify: bool,
+    on_level: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Every threat on ``photos`` (photo id -> uint8; with ``purify`` also after purification), judged against each
-    person's fourth photo."""
+    """Every threat on ``photos`` (photo id -> uint8; with ``purify`` also after each purification), judged against
+    each person's fourth photo. Levels run one after another (none, then each purification); ``on_level`` receives
+    the summary so far after each."""
     tally = Tally(judges)
-    purify_levels = [float(t) for t in args.purify.split(",") if t.strip()] if purify else []
+    levels: list[str] = [""]
+    if purify:
+        levels += [f"purified_{float(t):g}" for t in args.purify.split(",") if t.strip()]
+        levels += [f"purified_{name}" for name in args.classical.split(",") if name.strip()]
+    classical = standard_purifications()
     no_face = 0
-    for k, (_, ids) in enumerate(people):
-        reference = ids[PHOTOS_PER_PERSON]
-        chips = [attacker.chips(photos[pid]) for pid in ids[:PHOTOS_PER_PERSON]]
-        no_face += sum(c is None for c in chips)
-        seed = args.seed + 1000 * k
-        for faces in attacker.training_free(chips, seed):
-            tally.add("training_free", faces, reference, args.n)
-        tally.add("training_based", attacker.training_based(chips, seed), reference, args.n)
-        for t_star in purify_levels:
-            purified = attacker.purify(chips, t_star, seed)
-            upscaled = [None if c is None else resize_faces(c[None], attacker.encoder.chip.size)[0] for c in purified]
-            for faces in attacker.training_free(upscaled, seed):
-                tally.add(f"purified_{t_star:g}_training_free", faces, reference, args.n)
-            tally.add(f"purified_{t_star:g}_training_based", attacker.training_based(purified, seed), reference, args.n)
-    summary = tally.summary()
-    summary["no_face_rate"] = no_face / (len(people) * PHOTOS_PER_PERSON)
-    purified_keys = [key for key in summary if key.startswith("purified_")]
-    if purified_keys:
-        strongest = max(purified_keys, key=lambda key: summary[key]["match"])
-        summary["purified"] = {**summary[strongest], "threat": strongest}
+    summary: dict[str, Any] = {}
+    for level in levels:
+        prefix = f"{level}_" if level else ""
+        for k, (_, ids) in enumerate(people):
+            reference = ids[PHOTOS_PER_PERSON]
+            seed = args.seed + 1000 * k
+            name = level.removeprefix("purified_")
+            own = [photos[pid] for pid in ids[:PHOTOS_PER_PERSON]]
+            if name in classical:  # the whole photo, before the attacker's pipeline
+                own = [classical[name](photo) for photo in own]
+            chips = [attacker.chips(photo) for photo in own]
+            if not level:
+                no_face += sum(c is None for c in chips)
+            elif name not in classical:  # the attacker model's diffusion purification of the chips
+                small = attacker.purify(chips, float(name), seed)
+                chips = [None if c is None else resize_faces(c[None], attacker.encoder.chip.size)[0] for c in small]
+            for faces in attacker.training_free(chips, seed):
+                tally.add(f"{prefix}training_free", faces, reference, args.n)
+            tally.add(f"{prefix}training_based", attacker.training_based(chips, seed), reference, args.n)
+        summary = tally.summary()
+        summary["no_face_rate"] = no_face / (len(people) * PHOTOS_PER_PERSON)
+        purified_keys = [key for key in summary if key.startswith("purified_")]
+        if purified_keys:
+            strongest = max(purified_keys, key=lambda key: summary[key]["match"])
+            summary["purified"] = {**summary[strongest], "threat": strongest}
+        if on_level is not None:
+            on_level(summary)
     return summary
 
 
@@ -283,6 +303,12 @@ def main() -> None:
     )
     parser.add_argument("--skip-clean", action="store_true", help="do not measure the unprotected photos")
     parser.add_argument("--purify", default="0.1,0.2,0.3", help="attacker purification noise levels")
+    parser.add_argument(
+        "--classical", default="", help="classical purifications of the photo (names of standard_purifications)"
+    )
+    parser.add_argument(
+        "--purify-configs", default=None, help="configurations attacked after purification (default: the default)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--out")
@@ -295,6 +321,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    unknown = sorted(set(filter(None, args.classical.split(","))) - set(standard_purifications()))
+    if unknown:
+        parser.error(f"unknown classical purifications {unknown}; choose from {sorted(standard_purifications())}")
+    purify_configs = set((args.purify_configs or args.default_config).split(","))
     dataset = LFW(args.lfw_dir)
     paths = {item.id: Path(item.path) for item in dataset}
     generator = load_generator(args.attacker)
@@ -304,9 +334,14 @@ def main() -> None:
     protector = ImageProtector(args.encoders.split(","), surrogate=args.surrogate)
 
     surrogate = protector.deflection.generator.metadata
+    surrogate_digest = hashlib.sha256(Path(args.surrogate).read_bytes()).hexdigest()[:16]
     models = {
         "attacker": {"path": args.attacker, **{k: generator.metadata.get(k) for k in ("role", "steps", "seed")}},
-        "surrogate": {"path": args.surrogate, **{k: surrogate.get(k) for k in ("role", "steps", "seed")}},
+        "surrogate": {
+            "path": args.surrogate,
+            "sha256_16": surrogate_digest,
+            **{k: surrogate.get(k) for k in ("role", "steps", "seed")},
+        },
     }
     settings = {
         "people": len(people),
@@ -320,6 +355,7 @@ def main() -> None:
         "deflection_weight": args.deflection_weight,
         "encoders": args.encoders,
         "purify": args.purify,
+        "classical": args.classical,
         "default_config": args.default_config,
     }
     thresholds = {
@@ -335,7 +371,7 @@ def main() -> None:
 
     if not args.skip_clean:
         clean_photos = {pid: load_image(paths[pid]) for _, ids in people for pid in ids[:PHOTOS_PER_PERSON]}
-        results["clean"] = run_threats(attacker, judges, people, clean_photos, args, purify=False)
+        results["clean"] = run_threats(attacker, judges, people, clean_photos, args, purify="clean" in purify_configs)
         print(f"clean: {results['clean']['training_based']['match']:.3f} training-based match", flush=True)
         save()
     for name in [c for c in args.configs.split(",") if c]:
@@ -345,10 +381,15 @@ def main() -> None:
             seed=args.seed,
             deflection_weight=args.deflection_weight,
         )
-        key = f"{name}|{args.encoders}|{args.surrogate}|{args.protect_steps}|{args.deflection_weight}|{args.seed}"
+        key = f"{name}|{args.encoders}|{surrogate_digest}|{args.protect_steps}|{args.deflection_weight}|{args.seed}"
         digest = hashlib.sha1(key.encode()).hexdigest()
         photos, quality[name] = protect_people(protector, config, people, paths, f"{name}-{digest[:10]}")
-        results[name] = run_threats(attacker, judges, people, photos, args, purify=name == args.default_config)
+
+        def level_done(summary: dict[str, Any], name: str = name) -> None:
+            results[name] = summary
+            save()
+
+        run_threats(attacker, judges, people, photos, args, purify=name in purify_configs, on_level=level_done)
         print(f"{name}: {results[name]['training_based']['match']:.3f} training-based match", flush=True)
         save()
 
@@ -385,16 +426,24 @@ def write_payload(document: dict[str, Any], out: str | None) -> Path:
     return write_results("diffusion_defences", payload, out)
 
 
+def _models(document: dict[str, Any]) -> dict[str, Any]:
+    """The models a run used, by content where the run recorded it (paths may differ between runs)."""
+    return {
+        role: {k: v for k, v in entry.items() if not (k == "path" and "sha256_16" in entry)}
+        for role, entry in document["models"].items()
+    }
+
+
 def merge(files: list[str], default: str | None, out: str | None) -> Path:
     """One result from runs of the same settings that measured different configurations (run side by side to use
     both cores): their ``ablation`` and ``quality`` entries are united; settings must agree but for ``purify``."""
     documents = [json.loads(Path(f).read_text()) for f in files]
     first = documents[0]
-    ignore = {"purify", "default_config"}
+    ignore = {"purify", "classical", "default_config"}
     for doc in documents[1:]:
         mine = {k: v for k, v in first["settings"].items() if k not in ignore}
         theirs = {k: v for k, v in doc["settings"].items() if k not in ignore}
-        if mine != theirs or doc["models"] != first["models"]:
+        if mine != theirs or _models(doc) != _models(first):
             raise SystemExit("the runs to merge differ in settings or models")
     merged = {key: first[key] for key in ("models", "settings", "thresholds")}
     merged["settings"] = dict(first["settings"])
@@ -402,9 +451,10 @@ def merge(files: list[str], default: str | None, out: str | None) -> Path:
     merged["quality"] = {k: v for doc in documents for k, v in doc["quality"].items()}
     if default:
         merged["settings"]["default_config"] = default
-    merged["settings"]["purify"] = {
-        name: doc["settings"]["purify"] for doc in documents for name in doc["ablation"] if name != "clean"
-    }
+    for key in ("purify", "classical"):
+        merged["settings"][key] = {
+            name: doc["settings"].get(key, "") for doc in documents for name in doc["ablation"] if name != "clean"
+        }
     merged["merged_from"] = [
         {"file": f, "command": doc.get("command"), "date": doc.get("date")} for f, doc in zip(files, documents)
     ]

@@ -89,14 +89,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=",".join(defaults.guidance),
         metavar="TERMS",
         help="comma-separated guidance terms: encoders (confuse the face encoders, IDGuardian stage 1), deflection "
-        "(steer the photo's latent away from its identity on the defender surrogate generator, IDGuardian stage 2) "
+        "(steer the photo's latent away from its identity on the defender surrogate generator, IDGuardian stage 2), "
+        "antipure (make the protection survive diffusion purification, on the same surrogate) "
         f"(default {','.join(defaults.guidance)})",
     )
     parser.add_argument(
         "--surrogate",
         default=None,
         metavar="CKPT",
-        help="defender surrogate generator for the deflection term (default: the one shipped with advface)",
+        help="defender surrogate generator for the deflection and antipure terms (default: the one shipped with "
+        "advface)",
     )
     parser.add_argument(
         "--budget",

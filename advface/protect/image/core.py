@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import os
 import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,11 +35,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from advface.encoders.base import ChipSpec
 from advface.errors import ConfigError, ImageError
 from advface.faces.align import align_face, alignment_matrix
 from advface.faces.detect import Face, FaceDetector, check_image, create_detector
 from advface.faces.pipeline import FacePolicy
 from advface.generative.model import IdentityGenerator
+from advface.protect.image.antipure import ANTIPURE, AntiPureConfig, AntiPureTerm
 from advface.protect.image.ensemble import EncoderSpec, build_ensemble
 from advface.protect.image.guidance import (
     DEFLECTION,
@@ -52,6 +55,9 @@ from advface.protect.image.perceptual import BUDGETS, PerceptualBudget, budget_m
 from advface.protect.image.quality import gmsd, linf, psnr, ssim, ssim_face
 from advface.protect.image.transforms import EOTConfig, jitter_theta, random_transform
 from advface.protect.image.warp import chip_theta, warp_chips
+
+#: ``(perturbed photos, chip thetas, per-photo generators) -> [(per-photo loss, weight)]`` of a surrogate term.
+SurrogateLosses = Callable[[torch.Tensor, torch.Tensor, Sequence[torch.Generator]], list[tuple[torch.Tensor, float]]]
 
 #: Faces narrower than this (box width, pixels) are refused: too few pixels to align and protect reliably.
 MIN_FACE_SIZE = 40
@@ -77,10 +83,13 @@ class ProtectConfig:
     #: relative to the embedding term; 0 attacks the embeddings only.
     feature_weight: float = 1.0
     #: Guidance terms (:data:`advface.protect.image.guidance.GUIDANCE_NAMES`): ``encoders`` (stage 1, the face-encoder
-    #: ensemble) and ``deflection`` (IDGuardian stage 2, on the defender surrogate shipped with advface).
+    #: ensemble), ``deflection`` (IDGuardian stage 2) and ``antipure`` (AntiPure, against diffusion purification),
+    #: the last two on the defender surrogate shipped with advface.
     guidance: tuple[str, ...] = ("encoders", "deflection")
     #: Weight of the deflection term relative to the encoder terms (each term's gradient is normalised first).
     deflection_weight: float = 1.0
+    #: AntiPure's settings (used when ``guidance`` names ``antipure``).
+    antipure: AntiPureConfig = AntiPureConfig()
     #: ``uniform`` or ``perceptual`` (:data:`BUDGETS`); epsilon is the largest change of any pixel either way
     #: (unless ``perceptual.ceiling`` > 1).
     budget: str = "uniform"
@@ -107,6 +116,7 @@ class ProtectConfig:
             raise ConfigError(f"guidance must be a tuple of names in the order {GUIDANCE_NAMES}, got {self.guidance}")
         if not (math.isfinite(self.deflection_weight) and self.deflection_weight >= 0):
             raise ConfigError(f"deflection_weight must be a finite number >= 0, got {self.deflection_weight}")
+        self.antipure.validate()
         if self.budget not in BUDGETS:
             raise ConfigError(f"budget must be one of {', '.join(BUDGETS)}, got {self.budget!r}")
         for name in ("gain", "ceiling"):
@@ -215,7 +225,9 @@ class ImageProtector:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.members, self.notes = build_ensemble(encoders, self.device)
         self._surrogate = surrogate
+        self._surrogate_parts: tuple[IdentityGenerator, torch.nn.Module, ChipSpec] | None = None
         self._deflection: DeflectionTerm | None = None
+        self._antipure: AntiPureTerm | None = None
         self.detector = create_detector(detector)
         self.policy = FacePolicy.parse(policy)
         if self.policy is FacePolicy.ALL:
@@ -234,38 +246,38 @@ class ImageProtector:
 
     @property
     def deflection(self) -> DeflectionTerm:
-        """The deflection term on the surrogate (loaded on first use, reusing the ensemble's module of the
-        surrogate's conditioning encoder); ConfigError when the surrogate cannot be loaded."""
+        """The deflection term on the surrogate (loaded on first use); ConfigError when it cannot be loaded."""
         if self._deflection is None:
-            self._deflection = self._deflection_term(self._surrogate)
+            self._deflection = DeflectionTerm(*self._load_surrogate())
         return self._deflection
 
-    def _deflection_term(self, surrogate: IdentityGenerator | str | os.PathLike[str] | None) -> DeflectionTerm:
-        from advface.encoders.registry import create_encoder
-        from advface.generative.model import load_generator
-        from advface.generative.shipped import shipped_surrogate_path
+    @property
+    def antipure(self) -> AntiPureTerm:
+        """The AntiPure term on the surrogate (loaded on first use); ConfigError when it cannot be loaded."""
+        if self._antipure is None:
+            self._antipure = AntiPureTerm(*self._load_surrogate())
+        return self._antipure
 
-        if isinstance(surrogate, IdentityGenerator):
-            generator = surrogate
-        else:
-            generator = load_generator(surrogate if surrogate is not None else shipped_surrogate_path())
-        generator.to(self.device)
-        name = str(generator.metadata.get("encoder", "dlib"))
-        differentiable = "dlib-torch" if name == "dlib" else name
-        member = next((m for m in self.members if m.name in (name, differentiable)), None)
-        if member is not None:
-            encoder, module = member.encoder, member.module
-        else:
-            encoder = (
-                create_encoder(differentiable, device=str(self.device))
-                if differentiable == "dlib-torch"
-                else (create_encoder(differentiable))
-            )
-            found = encoder.torch_module(str(self.device))
-            if found is None:
-                raise ConfigError(f"the surrogate's encoder {name!r} has no differentiable module")
-            module = found.to(self.device).eval().requires_grad_(False)
-        return DeflectionTerm(generator, module, encoder.chip)
+    def _load_surrogate(self) -> tuple[IdentityGenerator, torch.nn.Module, ChipSpec]:
+        """``(generator, its conditioning encoder's differentiable module, that encoder's chip)``, loaded once;
+        the ensemble's member is reused when the ensemble has the encoder."""
+        if self._surrogate_parts is None:
+            from advface.generative.model import load_generator
+            from advface.generative.shipped import shipped_surrogate_path
+
+            surrogate = self._surrogate
+            if isinstance(surrogate, IdentityGenerator):
+                generator = surrogate
+            else:
+                generator = load_generator(surrogate if surrogate is not None else shipped_surrogate_path())
+            generator.to(self.device)
+            name = str(generator.metadata.get("encoder", "dlib"))
+            differentiable = "dlib-torch" if name == "dlib" else name
+            member = next((m for m in self.members if m.name in (name, differentiable)), None)
+            if member is None:
+                member = build_ensemble([differentiable], self.device)[0][0]
+            self._surrogate_parts = (generator, member.module, member.encoder.chip)
+        return self._surrogate_parts
 
     @property
     def encoder_names(self) -> list[str]:
@@ -339,7 +351,7 @@ class ImageProtector:
         needed = sorted(NEEDS_SURROGATE & set(config.guidance))
         if needed:
             try:
-                self.deflection  # noqa: B018 - loads the surrogate now, before any photo is touched
+                self._load_surrogate()  # now, before any photo is touched
             except ConfigError as exc:
                 raise ConfigError(f"guidance {', '.join(needed)} needs the defender surrogate: {exc}") from None
 
@@ -363,12 +375,14 @@ class ImageProtector:
         gray_mask = torch.tensor(gray, device=dev).view(b, 1, 1, 1)
         with torch.no_grad():
             clean = [m.module(warp_chips(x, th, m.chip.size)) for m, th in zip(self.members, thetas)]
-        deflection = self.deflection if DEFLECTION in config.guidance else None
-        if deflection is not None:
-            deflection_theta = torch.from_numpy(
-                np.stack([chip_theta(alignment_matrix(f, deflection.chip), hw, deflection.chip.size) for f in faces])
+        surrogate_terms = self._surrogate_terms(config)
+        if surrogate_terms:
+            chip = self._load_surrogate()[2]
+            surrogate_theta = torch.from_numpy(
+                np.stack([chip_theta(alignment_matrix(f, chip), hw, chip.size) for f in faces])
             ).to(dev)
-            deflection.prepare(x, deflection_theta)
+            for term, _, _ in surrogate_terms:
+                term.prepare(x, surrogate_theta)
         use_encoders = ENCODERS in config.guidance
         delta = torch.zeros_like(x)
         if config.random_start:
@@ -406,13 +420,15 @@ class ImageProtector:
                     (grad,) = torch.autograd.grad(cos.sum(), delta, retain_graph=True)
                     norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(b, 1, 1, 1)
                     total += weight * grad / norm
-            if deflection is not None:
-                th = deflection_theta
+            if surrogate_terms:
+                th = surrogate_theta
                 if config.eot:
                     th = torch.stack([jitter_theta(th[i], config.eot_config, gens[i]) for i in range(b)])
-                (grad,) = torch.autograd.grad(deflection.loss(adv, th, gens).sum(), delta)
-                norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(b, 1, 1, 1)
-                total += config.deflection_weight * grad / norm
+                losses = [(loss, w * weight) for _, fn, w in surrogate_terms for loss, weight in fn(adv, th, gens)]
+                for k, (loss, weight) in enumerate(losses):
+                    (grad,) = torch.autograd.grad(loss.sum(), delta, retain_graph=k < len(losses) - 1)
+                    norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(b, 1, 1, 1)
+                    total += weight * grad / norm
             with torch.no_grad():
                 delta = delta.detach() - alpha * torch.sign(total) * active.view(b, 1, 1, 1)
                 delta = self._project(x, delta, eps, gray_mask)
@@ -426,6 +442,18 @@ class ImageProtector:
                         break
         outs = [_quantise(images[i], (x + delta)[i], levels[i], gray[i]) for i in range(b)]
         return outs, steps_run
+
+    def _surrogate_terms(
+        self, config: ProtectConfig
+    ) -> list[tuple[DeflectionTerm | AntiPureTerm, SurrogateLosses, float]]:
+        """The selected terms that run on the surrogate: ``(term, its losses under config, outer weight)``."""
+        terms: list[tuple[DeflectionTerm | AntiPureTerm, SurrogateLosses, float]] = []
+        if DEFLECTION in config.guidance:
+            terms.append((self.deflection, self.deflection.losses, config.deflection_weight))
+        if ANTIPURE in config.guidance:
+            antipure = self.antipure
+            terms.append((antipure, functools.partial(antipure.losses, config=config.antipure), 1.0))
+        return terms
 
     @staticmethod
     def _project(

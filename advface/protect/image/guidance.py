@@ -33,14 +33,15 @@ from advface.encoders.base import ChipSpec
 from advface.errors import ConfigError
 from advface.generative.diffusion import add_noise, alpha_sigma
 from advface.generative.model import IdentityGenerator
+from advface.protect.image.antipure import ANTIPURE
 from advface.protect.image.warp import warp_chips
 
 #: Names accepted by ``--guidance`` (``ProtectConfig.guidance``): the face-encoder terms (stage 1) and the terms that
-#: need the defender surrogate.
+#: need the defender surrogate (IDGuardian's deflection, stage 2; AntiPure, :mod:`advface.protect.image.antipure`).
 ENCODERS, DEFLECTION = "encoders", "deflection"
-GUIDANCE_NAMES: tuple[str, ...] = (ENCODERS, DEFLECTION)
+GUIDANCE_NAMES: tuple[str, ...] = (ENCODERS, DEFLECTION, ANTIPURE)
 #: Guidance terms that need a generator (the defender surrogate).
-NEEDS_SURROGATE: frozenset[str] = frozenset({DEFLECTION})
+NEEDS_SURROGATE: frozenset[str] = frozenset({DEFLECTION, ANTIPURE})
 
 
 def parse_guidance(value: str | Sequence[str]) -> tuple[str, ...]:
@@ -106,3 +107,9 @@ class DeflectionTerm:
             # eps = sigma x_t + alpha v, so the noise difference at one x_t is alpha (v_adv - v_clean)
             bridge = -(alpha / sigma)[:, None, None, None] * (v_adv - v_clean)
         return -(z * bridge).flatten(1).sum(dim=1)
+
+    def losses(
+        self, adv: torch.Tensor, thetas: torch.Tensor, generators: Sequence[torch.Generator]
+    ) -> list[tuple[torch.Tensor, float]]:
+        """``[(per-photo loss, 1.0)]``: :meth:`loss` in the form every surrogate term shares."""
+        return [(self.loss(adv, thetas, generators), 1.0)]

@@ -1,0 +1,173 @@
+"""AntiPure: a protective perturbation that survives diffusion purification, on the defender surrogate.
+
+A thief can *purify* a protected photo before personalising it (DiffPure: noise the photo's latent to a small time
+``t*``, denoise it back without an identity condition; :meth:`advface.generative.model.IdentityGenerator.purify`).
+AntiPure (``../shared/papers/001_*``: only the abstract is available; what follows is advface's reading of its two
+mechanisms on advface's own latent generator) adds guidance that makes the perturbation persist through that pass.
+At each protection step, for every photo, the face chip is cut out in the generator's frame and encoded to a latent
+``z``; ``z`` is noised to a random ``t`` in the purification range and the surrogate's one-step unconditional
+estimate of the clean latent, decoded, stands in for the purified face ``P`` (a differentiable one-step
+approximation of the thief's multi-step pass). Three losses, each returned separately so the caller normalises
+their gradients as it does for every term:
+
+- **identity after purification** -- cosine between the conditioning encoder's embedding of ``P`` and of the clean
+  photo: descending it makes the *purified* face carry the perturbed identity, which is what the threats that follow
+  purification (training-free and training-based personalisation) read;
+- **patch-wise frequency guidance** -- the high-frequency content of ``P`` should equal the protected chip's, patch
+  by patch (each ``patch x patch`` block's 2-D DCT coefficients outside its lowest frequencies): the
+  purifier's influence over the high frequencies that carry the perturbation shrinks;
+- **erroneous timestep guidance** -- the surrogate's clean-latent prediction at the drawn time ``t`` is pulled
+  towards the one it makes when told a wrong, smaller time ``t' = wrong_time * t`` (held fixed): its denoising
+  strategy becomes that of a lower noise level, so purification removes less than the noise it added and the
+  perturbation stays.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from advface.encoders.base import ChipSpec
+from advface.errors import ConfigError
+from advface.generative.diffusion import alpha_sigma
+from advface.generative.model import IdentityGenerator
+from advface.protect.image.warp import warp_chips
+
+ANTIPURE = "antipure"
+
+
+@dataclass(frozen=True)
+class AntiPureConfig:
+    """AntiPure's settings: purification times drawn uniformly from ``t_range`` (the thief's ``t*``), DCT blocks of
+    ``patch`` pixels whose coefficients with both indices <= ``low_radius`` count as low, the relative weights of the
+    identity, frequency and timestep losses (each loss's gradient is normalised before weighting), and the wrong time
+    the timestep loss tells the surrogate, as a fraction ``wrong_time`` of the true one."""
+
+    t_range: tuple[float, float] = (0.05, 0.35)
+    patch: int = 8
+    low_radius: int = 1
+    identity_weight: float = 1.0
+    frequency_weight: float = 0.5
+    timestep_weight: float = 0.5
+    wrong_time: float = 0.3
+
+    def validate(self) -> None:
+        """ConfigError for settings outside their ranges."""
+        lo, hi = self.t_range
+        if not 0 < lo <= hi < 1:
+            raise ConfigError(f"antipure times must satisfy 0 < low <= high < 1, got {self.t_range}")
+        if self.patch < 2 or not 0 <= self.low_radius < self.patch - 1:
+            raise ConfigError(
+                f"antipure patch must be >= 2 and low_radius in [0, patch - 1), got {self.patch}, {self.low_radius}"
+            )
+        if not 0 < self.wrong_time < 1:
+            raise ConfigError(f"antipure wrong_time must be in (0, 1), got {self.wrong_time}")
+        weights = (self.identity_weight, self.frequency_weight, self.timestep_weight)
+        if any(not (0 <= w < float("inf")) for w in weights) or not any(weights):
+            raise ConfigError(f"antipure weights must be finite, >= 0 and not all 0, got {weights}")
+
+
+def dct_matrix(n: int, device: torch.device | None = None) -> torch.Tensor:
+    """The orthonormal DCT-II matrix of size ``n`` (rows: frequencies)."""
+    k = torch.arange(n, dtype=torch.float32, device=device)
+    m = torch.cos(math.pi / n * (k[None, :] + 0.5) * k[:, None]) * math.sqrt(2.0 / n)
+    m[0] /= math.sqrt(2.0)
+    return m
+
+
+def high_frequency(images: torch.Tensor, patch: int, low_radius: int) -> torch.Tensor:
+    """Per-block high-frequency content of ``images`` (``N x C x H x W``, H and W cropped to multiples of
+    ``patch``): the 2-D DCT of every ``patch x patch`` block with the coefficients whose two frequency indices are
+    both at most ``low_radius`` set to 0; shape ``N x C x blocks x patch x patch``. (A DCT, not an FFT: a block's
+    smooth gradient stays in the low coefficients instead of leaking through the wrap-around edge.)"""
+    n, c, h, w = images.shape
+    h, w = h - h % patch, w - w % patch
+    if h == 0 or w == 0:
+        raise ValueError(f"images of {tuple(images.shape[-2:])} are smaller than one {patch}-pixel block")
+    blocks = images[..., :h, :w].unfold(2, patch, patch).unfold(3, patch, patch).reshape(n, c, -1, patch, patch)
+    d = dct_matrix(patch, images.device)
+    coefficients = d @ blocks @ d.T
+    idx = torch.arange(patch, device=images.device)
+    low = (idx[:, None] <= low_radius) & (idx[None, :] <= low_radius)
+    return coefficients * (~low).to(coefficients.dtype)
+
+
+@dataclass
+class AntiPureTerm:
+    """AntiPure's losses on a generator (see the module docs); ``module`` is the conditioning encoder's
+    differentiable module and ``chip`` its chip."""
+
+    generator: IdentityGenerator
+    module: torch.nn.Module
+    chip: ChipSpec
+    name: str = ANTIPURE
+
+    def __post_init__(self) -> None:
+        self._clean: torch.Tensor | None = None
+
+    def _chips(self, images: torch.Tensor, thetas: torch.Tensor) -> torch.Tensor:
+        chips = warp_chips(images, thetas, self.chip.size)
+        size = self.generator.image_size
+        return chips if size == self.chip.size else F.interpolate(chips, size=(size, size), mode="area")
+
+    @torch.no_grad()
+    def prepare(self, clean: torch.Tensor, thetas: torch.Tensor) -> None:
+        """Remember the clean photos' identity embeddings (``clean``: ``N x 3 x H x W`` in [0, 1])."""
+        self._clean = self.module(warp_chips(clean, thetas, self.chip.size)).detach()
+
+    def purified(
+        self,
+        adv: torch.Tensor,
+        thetas: torch.Tensor,
+        generators: Sequence[torch.Generator],
+        t_range: tuple[float, float] = AntiPureConfig.t_range,
+        wrong_time: float = AntiPureConfig.wrong_time,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(small, P, shift)``: the perturbed chips at the generator's size, their one-step purification ``P``
+        (both ``N x 3 x S x S`` in [0, 1]) and, per photo, the squared distance between the clean-latent prediction
+        at the drawn time and the (fixed) one made at ``wrong_time`` x that time."""
+        small = self._chips(adv, thetas)
+        z = self.generator.autoencoder.encode(small)
+        lo, hi = t_range
+        t = torch.stack([torch.rand((), generator=g) for g in generators]).to(adv.device) * (hi - lo) + lo
+        noise = torch.stack([torch.randn(z.shape[1:], generator=g) for g in generators]).to(adv.device)
+        alpha, sigma = (s[:, None, None, None] for s in alpha_sigma(t))
+        x_t = alpha * z + sigma * noise
+        null = torch.zeros((len(z), self.generator.dim), device=adv.device)
+        drop = torch.ones(len(z), dtype=torch.bool, device=adv.device)
+        v = self.generator.denoiser(x_t, t, null, drop)
+        x0 = alpha * x_t - sigma * v
+        with torch.no_grad():
+            t_wrong = t * wrong_time
+            a_wrong, s_wrong = (s[:, None, None, None] for s in alpha_sigma(t_wrong))
+            x0_wrong = a_wrong * x_t - s_wrong * self.generator.denoiser(x_t, t_wrong, null, drop)
+        shift = (x0 - x0_wrong).pow(2).flatten(1).mean(dim=1)
+        return small, self.generator.autoencoder.decode(x0), shift
+
+    def losses(
+        self,
+        adv: torch.Tensor,
+        thetas: torch.Tensor,
+        generators: Sequence[torch.Generator],
+        config: AntiPureConfig = AntiPureConfig(),
+    ) -> list[tuple[torch.Tensor, float]]:
+        """``(per-photo loss, weight)`` of each loss with a non-zero weight under ``config``; lower is better for
+        the protection."""
+        if self._clean is None or len(self._clean) != len(adv):
+            raise RuntimeError("AntiPureTerm.prepare must be called on the batch first")
+        c = config
+        small, purified, shift = self.purified(adv, thetas, generators, c.t_range, c.wrong_time)
+        out: list[tuple[torch.Tensor, float]] = []
+        if c.identity_weight > 0:
+            chips = F.interpolate(purified, size=(self.chip.size,) * 2, mode="bilinear", align_corners=False)
+            out.append((F.cosine_similarity(self.module(chips), self._clean, dim=1), c.identity_weight))
+        if c.frequency_weight > 0:
+            gap = high_frequency(purified, c.patch, c.low_radius) - high_frequency(small, c.patch, c.low_radius)
+            out.append((gap.pow(2).flatten(1).mean(dim=1), c.frequency_weight))
+        if c.timestep_weight > 0:
+            out.append((shift, c.timestep_weight))
+        return out
