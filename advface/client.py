@@ -258,9 +258,9 @@ class AdvFaceClient:
         ``"8/255"``; default 8/255) so that face encoders no longer recognise the person, and returns a lossless PNG
         without the input's metadata, plus a report dict (``similarity`` per encoder: ``cosine_after``,
         ``cosine_random``...; ``psnr``, ``ssim``, ``linf_levels``, ``steps``, ``seconds``, ``notes``). Options left
-        None take the server's defaults; ``guidance`` names the terms (``["encoders", "deflection"]``; the report's
-        ``guidance`` lists those that ran). Slow on CPUs: ``timeout`` defaults to PROTECT_IMAGE_TIMEOUT seconds.
-        Stateless: nothing is stored.
+        None take the server's defaults; ``guidance`` names the terms (e.g. ``["encoders", "deflection",
+        "antipure"]``; the report's ``guidance`` lists those that ran). Slow on CPUs: ``timeout`` defaults to
+        PROTECT_IMAGE_TIMEOUT seconds. Stateless: nothing is stored.
         """
         request = pb.ProtectImageRequest(image=_image_bytes(image))
         if epsilon is not None:
@@ -396,7 +396,10 @@ class AdvFaceClient:
     def info(self, tenant: str | None = None, *, timeout: float | None = None) -> dict[str, Any]:
         """Server information as a nested dict (``encoder``, ``protection``, ``threshold``, ``versions``,
         ``counts``, ``limits``; field names as in the proto, every field present). ``counts`` are those of
-        ``tenant`` (None: ``"default"`` when the token may use it, else zero) and, for admin tokens, of the server."""
+        ``tenant`` (None: ``"default"`` when the token may use it, else zero) and, for admin tokens, of the server.
+        ``limits`` are those the server enforces: batch size, top k, message bytes, id length, photo pixels
+        (``max_image_pixels``, ``max_protect_image_pixels``), metadata keys and characters, embedding norms, and this
+        caller's ``rate_per_second`` / ``max_in_flight`` (0: no limit)."""
         r = self._call("Info", pb.InfoRequest(tenant=tenant or ""), timeout)
         return _to_dict(r)
 

@@ -7,9 +7,10 @@ false. Calls are run one at a time (one lock): a protection already uses every t
 models are not shared across threads. The photo lives only in memory: nothing of it is written to disk or logs.
 
 Deadlines: a call is refused (DeadlineExceededError) when its deadline has passed before the optimisation starts,
-including after waiting for the lock. The PGD loop has no time budget, so a started optimisation runs its steps to
-the end; callers bound the time with ``steps`` (and ``target_similarity``), the operator with
-``image_protection.max_steps`` and ``max_pixels``.
+including after waiting for the lock, and a started optimisation stops at the first step after its deadline passes
+or its caller goes away (``abandoned``), so a gone client does not hold the one protection slot; callers bound the
+time with ``steps`` (and ``target_similarity``), the operator with ``image_protection.max_steps`` and
+``max_pixels``.
 """
 
 from __future__ import annotations
@@ -150,9 +151,22 @@ class ImageProtectionService:
             )
         return self._protector
 
-    def protect(self, data: bytes, options: ProtectConfig, deadline: float | None = None) -> ProtectedImage:
+    def protect(
+        self,
+        data: bytes,
+        options: ProtectConfig,
+        deadline: float | None = None,
+        abandoned: threading.Event | None = None,
+    ) -> ProtectedImage:
         """Decode ``data``, protect its face, encode the PNG. ``deadline``: ``time.monotonic()`` value after which
-        the optimisation is not started. ImageError for bad photos (no face, tiny face, too many pixels...)."""
+        the optimisation stops (DeadlineExceededError), as it does once ``abandoned`` is set. ImageError for bad
+        photos (no face, tiny face, too many pixels...)."""
+
+        def should_stop() -> bool:
+            return (deadline is not None and time.monotonic() >= deadline) or (
+                abandoned is not None and abandoned.is_set()
+            )
+
         from advface.protect.image.io import decode_for_protection, encode_png
 
         photo = decode_for_protection(data, "image", max_pixels=self.config.max_pixels)
@@ -170,7 +184,7 @@ class ImageProtectionService:
                 ) from None
             face = protector.find_face(photo.image, "image")
             protected, report = protector.protect(
-                [photo.image], options, ["image"], faces=[face], grayscale=[photo.grayscale]
+                [photo.image], options, ["image"], faces=[face], grayscale=[photo.grayscale], should_stop=should_stop
             )[0]
         png = encode_png(protected, grayscale=photo.grayscale)
         report.notes = photo.notes + report.notes

@@ -489,7 +489,12 @@ class TemplateService:
         _check_deadline(deadline, "protecting the image")
         async with self._image_protection_turn():  # waiting ones hold no worker: photos of other RPCs go on
             _check_deadline(deadline, "protecting the image")
-            return await self._work(self._protect_image_sync, image, options, deadline)
+            abandoned = threading.Event()
+            try:
+                return await self._work(self._protect_image_sync, image, options, deadline, abandoned)
+            except BaseException:  # CancelledError included: the client is gone, so the optimisation stops
+                abandoned.set()
+                raise
 
     def _image_protection_turn(self) -> asyncio.Lock:
         """The lock ProtectImage calls take turns on (one per event loop: a service may outlive a loop)."""
@@ -498,9 +503,11 @@ class TemplateService:
             self._image_turn = (loop, asyncio.Lock())
         return self._image_turn[1]
 
-    def _protect_image_sync(self, image: bytes, options: ProtectConfig, deadline: float | None) -> ProtectedImage:
-        _check_deadline(deadline, "protecting the image")  # queued past the deadline: never started
-        return self.image_protection.protect(image, options, deadline)
+    def _protect_image_sync(
+        self, image: bytes, options: ProtectConfig, deadline: float | None, abandoned: threading.Event
+    ) -> ProtectedImage:
+        _check_deadline(deadline, "protecting the image", abandoned)  # queued past the deadline: never started
+        return self.image_protection.protect(image, options, deadline, abandoned)
 
     # ------------------------------------------------------------------ description
 

@@ -311,3 +311,41 @@ def test_batch_of_mixed_sizes_keeps_order(protector: ImageProtector, photo: np.n
     for clean, (out, report) in zip(inputs, results):
         assert out.shape == clean.shape
         assert np.abs(out.astype(np.int16) - clean).max() <= 8 and report.steps == 2
+
+
+def test_should_stop_ends_the_optimisation_at_the_next_step(protector: ImageProtector, photo: np.ndarray) -> None:
+    from advface.errors import DeadlineExceededError
+
+    asked: list[int] = []
+
+    def stop_at_third() -> bool:
+        asked.append(1)
+        return len(asked) >= 3
+
+    config = ProtectConfig(steps=50, guidance=("encoders",))
+    with pytest.raises(DeadlineExceededError, match="after 2 of 50 steps"):
+        protector.protect([photo], config, should_stop=stop_at_third)
+    assert len(asked) == 3  # asked once per step, and nothing ran after the answer
+
+
+def test_the_service_stops_a_protection_whose_caller_is_gone(protector: ImageProtector, photo: np.ndarray) -> None:
+    import threading
+    import time
+
+    from advface.config import ImageProtectionConfig
+    from advface.errors import DeadlineExceededError
+    from advface.protect.image.io import encode_png
+    from advface.service.image_protection import ImageProtectionService
+
+    service = ImageProtectionService(ImageProtectionConfig(guidance=("encoders",)))
+    service._protector = protector  # the module's protector, instead of loading the default ensemble
+    data = encode_png(photo)
+    options = service.options(data, steps=50)
+    gone = threading.Event()
+    gone.set()
+    with pytest.raises(DeadlineExceededError, match="after 0 of 50 steps"):
+        service.protect(data, options, abandoned=gone)
+    with pytest.raises(DeadlineExceededError, match="deadline exceeded before protecting"):
+        service.protect(data, options, deadline=time.monotonic() - 1)
+    png = service.protect(data, service.options(data, steps=1)).png
+    assert png.startswith(b"\x89PNG")

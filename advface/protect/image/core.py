@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from advface.encoders.base import ChipSpec
-from advface.errors import ConfigError, ImageError
+from advface.errors import ConfigError, DeadlineExceededError, ImageError
 from advface.faces.align import align_face, alignment_matrix
 from advface.faces.detect import Face, FaceDetector, check_image, create_detector
 from advface.faces.pipeline import FacePolicy
@@ -311,13 +311,16 @@ class ImageProtector:
         faces: Sequence[Face | None] | None = None,
         grayscale: Sequence[bool] | None = None,
         batch_size: int = 8,
+        should_stop: Callable[[], bool] | None = None,
     ) -> list[tuple[np.ndarray, ProtectionReport]]:
         """Protect RGB uint8 photos; returns ``(protected uint8, report)`` per photo, in order.
 
         Photos of the same size are optimised together, up to ``batch_size`` at a time. ``faces`` may give the
         face of a photo (else it is detected); a photo without a usable face raises ImageError (callers that must
         not stop catch it per photo, or call :meth:`find_face` first). ``grayscale[i]`` keeps photo i grey (one
-        perturbation for all channels).
+        perturbation for all channels). ``should_stop`` is asked before every optimisation step (a deadline passed,
+        the caller gone): when it answers True the work stops there with DeadlineExceededError and nothing is
+        returned.
         """
         config = config or ProtectConfig()
         config.validate()
@@ -338,7 +341,7 @@ class ImageProtector:
         for idx in chunks:
             start = time.perf_counter()
             outs, steps = self._optimise(
-                [images[i] for i in idx], [faces_list[i] for i in idx], [gray[i] for i in idx], config
+                [images[i] for i in idx], [faces_list[i] for i in idx], [gray[i] for i in idx], config, should_stop
             )
             seconds = (time.perf_counter() - start) / len(idx)
             for j, i in enumerate(idx):
@@ -356,7 +359,12 @@ class ImageProtector:
                 raise ConfigError(f"guidance {', '.join(needed)} needs the defender surrogate: {exc}") from None
 
     def _optimise(
-        self, images: list[np.ndarray], faces: list[Face], gray: list[bool], config: ProtectConfig
+        self,
+        images: list[np.ndarray],
+        faces: list[Face],
+        gray: list[bool],
+        config: ProtectConfig,
+        should_stop: Callable[[], bool] | None = None,
     ) -> tuple[list[np.ndarray], list[int]]:
         """Batched PGD over photos of one size; returns the uint8 photos and the steps each ran."""
         dev = self.device
@@ -395,6 +403,8 @@ class ImageProtector:
         steps_run = [config.steps] * b
         base_step = config.step_fraction * eps
         for step in range(config.steps):
+            if should_stop is not None and should_stop():
+                raise DeadlineExceededError(f"protection stopped after {step} of {config.steps} steps")
             alpha = base_step * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(1, config.steps))))
             delta.requires_grad_(True)
             adv = x + delta
