@@ -14,12 +14,13 @@ streamed and each chunk looked up there, so the two need not be in the same orde
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import sqlite3
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,23 @@ def _in_sample(row_id: str, fraction: float) -> bool:
     return h < fraction * 2.0**64
 
 
+@contextlib.contextmanager
+def scratch_database(columns: str, temp_dir: str | Path | None = None) -> Iterator[sqlite3.Connection]:
+    """A throw-away SQLite database (no journal, no syncing, temp data on disk) in a private temporary folder
+    under ``temp_dir``, with one table ``d`` of ``columns``; deleted on exit. Verification indexes a destination in
+    it so memory stays flat whatever the store's size."""
+    with tempfile.TemporaryDirectory(prefix="advface-verify-", dir=temp_dir) as tmp:
+        db = sqlite3.connect(Path(tmp) / "dest.sqlite", isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=OFF")
+            db.execute("PRAGMA synchronous=OFF")
+            db.execute("PRAGMA temp_store=FILE")
+            db.execute(f"CREATE TABLE d ({columns})")
+            yield db
+        finally:
+            db.close()
+
+
 def verify(
     source: Source,
     dest: Source,
@@ -74,103 +92,95 @@ def verify(
     """Compare ``dest`` with ``source``; returns the summary (``passed`` and the reasons when it did not)."""
     started = time.perf_counter()
     failures: list[str] = []
-    with tempfile.TemporaryDirectory(prefix="advface-verify-", dir=temp_dir) as tmp:
-        db = sqlite3.connect(Path(tmp) / "dest.sqlite", isolation_level=None)
-        try:
-            db.execute("PRAGMA journal_mode=OFF")
-            db.execute("PRAGMA synchronous=OFF")
-            db.execute("PRAGMA temp_store=FILE")
-            db.execute("CREATE TABLE d (id TEXT PRIMARY KEY, v BLOB NOT NULL)")
-            dest_count = 0
-            dup_ids: list[str] = []
-            nonfinite_ids: list[str] = []
-            dims: set[int] = set()
-            dup_count = nonfinite_count = 0
-            for chunk in dest.chunks(options.chunk_size):
-                dest_count += len(chunk.ids)
-                dims.add(int(chunk.vectors.shape[1]))
-                bad = ~np.isfinite(chunk.vectors).all(axis=1)
-                nonfinite_count += int(bad.sum())
-                nonfinite_ids += [chunk.ids[i] for i in np.flatnonzero(bad)[:MAX_EXAMPLES]]
-                db.execute("BEGIN")
-                for row_id, v in zip(chunk.ids, chunk.vectors, strict=True):
-                    try:
-                        db.execute("INSERT INTO d (id, v) VALUES (?, ?)", (row_id, np.asarray(v, "<f4").tobytes()))
-                    except sqlite3.IntegrityError:
-                        dup_count += 1
-                        if len(dup_ids) < MAX_EXAMPLES:
-                            dup_ids.append(row_id)
-                db.execute("COMMIT")
-            source_count = source.count()
-            fraction = min(1.0, options.sample / max(source_count, 1))
-            missing = over_budget = over_linf = unchanged = 0
-            missing_ids: list[str] = []
-            over_ids: list[str] = []
-            unchanged_ids: list[str] = []
-            rel_max, linf_max, rel_sum, cos_min, checked = 0.0, 0.0, 0.0, 1.0, 0
-            sample_src: list[np.ndarray] = []
-            sample_dst: list[np.ndarray] = []
-            seen_source = found_total = 0
-            for chunk in source.chunks(options.chunk_size):
-                seen_source += len(chunk.ids)
-                found: dict[str, bytes] = {}
-                for start in range(0, len(chunk.ids), 500):
-                    batch = chunk.ids[start : start + 500]
-                    marks = ",".join("?" * len(batch))
-                    found.update(db.execute(f"SELECT id, v FROM d WHERE id IN ({marks})", batch).fetchall())
-                found_total += len(found)
-                keep = [i for i, row_id in enumerate(chunk.ids) if row_id in found]
-                for row_id in chunk.ids:
-                    if row_id not in found:
-                        missing += 1
-                        if len(missing_ids) < MAX_EXAMPLES:
-                            missing_ids.append(row_id)
-                if keep:
-                    s = chunk.vectors[keep].astype(np.float64)
-                    p = np.stack([np.frombuffer(found[chunk.ids[i]], "<f4") for i in keep]).astype(np.float64)
-                    if p.shape[1] != s.shape[1]:
-                        failures.append(f"destination dimension {p.shape[1]} != source dimension {s.shape[1]}")
-                        break
-                    ok = np.isfinite(p).all(axis=1)
-                    s, p = s[ok], p[ok]
-                    if options.direction_only:
-                        scale = (p * s).sum(axis=1) / np.maximum((p * p).sum(axis=1), 1e-300)
-                        p = p * scale[:, None]
-                    # numpy stubs: ndarray.all(axis=...) is typed as scalar | array
-                    kept_ids = [chunk.ids[i] for i, good in zip(keep, ok, strict=True) if good]  # type: ignore[arg-type]
-                    sn = np.linalg.norm(s, axis=1)
-                    d = p - s
-                    rel = np.linalg.norm(d, axis=1) / np.maximum(sn, 1e-300)
-                    linf = np.abs(d).max(axis=1) if d.size else np.zeros(0)
-                    cos = (s * p).sum(axis=1) / np.maximum(sn * np.linalg.norm(p, axis=1), 1e-300)
-                    over = rel > options.rel_l2 + options.tolerance
-                    if options.linf is not None:
-                        lbad = linf > options.linf + options.tolerance
-                        over_linf += int(lbad.sum())
-                        over |= lbad
-                    same = ~d.any(axis=1)
-                    if options.direction_only:  # a raw template's direction comes back up to float rounding
-                        same = rel <= 1e-6
-                    unchanged += int(same.sum())
-                    unchanged_ids += [kept_ids[i] for i in np.flatnonzero(same)[: MAX_EXAMPLES - len(unchanged_ids)]]
-                    over_budget += int(over.sum())
-                    over_ids += [kept_ids[i] for i in np.flatnonzero(over)[: MAX_EXAMPLES - len(over_ids)]]
-                    if len(rel):
-                        rel_max = max(rel_max, float(rel.max()))
-                        linf_max = max(linf_max, float(linf.max()))
-                        cos_min = min(cos_min, float(cos.min()))
-                        rel_sum += float(rel.sum())
-                        checked += len(rel)
-                    for i, row_id in enumerate(kept_ids):
-                        if _in_sample(row_id, fraction):
-                            sample_src.append(s[i].copy())  # a copy: a view would keep the chunk alive
-                            sample_dst.append(p[i].copy())
-                if progress is not None:
-                    progress(len(chunk.ids))
-            extra = dest_count - dup_count - found_total  # distinct destination ids the source lacks
-            extra_ids = _extra_examples(db, source, options.chunk_size) if extra else []
-        finally:
-            db.close()
+    with scratch_database("id TEXT PRIMARY KEY, v BLOB NOT NULL", temp_dir) as db:
+        dest_count = 0
+        dup_ids: list[str] = []
+        nonfinite_ids: list[str] = []
+        dims: set[int] = set()
+        dup_count = nonfinite_count = 0
+        for chunk in dest.chunks(options.chunk_size):
+            dest_count += len(chunk.ids)
+            dims.add(int(chunk.vectors.shape[1]))
+            bad = ~np.isfinite(chunk.vectors).all(axis=1)
+            nonfinite_count += int(bad.sum())
+            nonfinite_ids += [chunk.ids[i] for i in np.flatnonzero(bad)[:MAX_EXAMPLES]]
+            db.execute("BEGIN")
+            for row_id, v in zip(chunk.ids, chunk.vectors, strict=True):
+                try:
+                    db.execute("INSERT INTO d (id, v) VALUES (?, ?)", (row_id, np.asarray(v, "<f4").tobytes()))
+                except sqlite3.IntegrityError:
+                    dup_count += 1
+                    if len(dup_ids) < MAX_EXAMPLES:
+                        dup_ids.append(row_id)
+            db.execute("COMMIT")
+        source_count = source.count()
+        fraction = min(1.0, options.sample / max(source_count, 1))
+        missing = over_budget = over_linf = unchanged = 0
+        missing_ids: list[str] = []
+        over_ids: list[str] = []
+        unchanged_ids: list[str] = []
+        rel_max, linf_max, rel_sum, cos_min, checked = 0.0, 0.0, 0.0, 1.0, 0
+        sample_src: list[np.ndarray] = []
+        sample_dst: list[np.ndarray] = []
+        seen_source = found_total = 0
+        for chunk in source.chunks(options.chunk_size):
+            seen_source += len(chunk.ids)
+            found: dict[str, bytes] = {}
+            for start in range(0, len(chunk.ids), 500):
+                batch = chunk.ids[start : start + 500]
+                marks = ",".join("?" * len(batch))
+                found.update(db.execute(f"SELECT id, v FROM d WHERE id IN ({marks})", batch).fetchall())
+            found_total += len(found)
+            keep = [i for i, row_id in enumerate(chunk.ids) if row_id in found]
+            for row_id in chunk.ids:
+                if row_id not in found:
+                    missing += 1
+                    if len(missing_ids) < MAX_EXAMPLES:
+                        missing_ids.append(row_id)
+            if keep:
+                s = chunk.vectors[keep].astype(np.float64)
+                p = np.stack([np.frombuffer(found[chunk.ids[i]], "<f4") for i in keep]).astype(np.float64)
+                if p.shape[1] != s.shape[1]:
+                    failures.append(f"destination dimension {p.shape[1]} != source dimension {s.shape[1]}")
+                    break
+                ok = np.isfinite(p).all(axis=1)
+                s, p = s[ok], p[ok]
+                if options.direction_only:
+                    scale = (p * s).sum(axis=1) / np.maximum((p * p).sum(axis=1), 1e-300)
+                    p = p * scale[:, None]
+                # numpy stubs: ndarray.all(axis=...) is typed as scalar | array
+                kept_ids = [chunk.ids[i] for i, good in zip(keep, ok, strict=True) if good]  # type: ignore[arg-type]
+                sn = np.linalg.norm(s, axis=1)
+                d = p - s
+                rel = np.linalg.norm(d, axis=1) / np.maximum(sn, 1e-300)
+                linf = np.abs(d).max(axis=1) if d.size else np.zeros(0)
+                cos = (s * p).sum(axis=1) / np.maximum(sn * np.linalg.norm(p, axis=1), 1e-300)
+                over = rel > options.rel_l2 + options.tolerance
+                if options.linf is not None:
+                    lbad = linf > options.linf + options.tolerance
+                    over_linf += int(lbad.sum())
+                    over |= lbad
+                same = ~d.any(axis=1)
+                if options.direction_only:  # a raw template's direction comes back up to float rounding
+                    same = rel <= 1e-6
+                unchanged += int(same.sum())
+                unchanged_ids += [kept_ids[i] for i in np.flatnonzero(same)[: MAX_EXAMPLES - len(unchanged_ids)]]
+                over_budget += int(over.sum())
+                over_ids += [kept_ids[i] for i in np.flatnonzero(over)[: MAX_EXAMPLES - len(over_ids)]]
+                if len(rel):
+                    rel_max = max(rel_max, float(rel.max()))
+                    linf_max = max(linf_max, float(linf.max()))
+                    cos_min = min(cos_min, float(cos.min()))
+                    rel_sum += float(rel.sum())
+                    checked += len(rel)
+                for i, row_id in enumerate(kept_ids):
+                    if _in_sample(row_id, fraction):
+                        sample_src.append(s[i].copy())  # a copy: a view would keep the chunk alive
+                        sample_dst.append(p[i].copy())
+            if progress is not None:
+                progress(len(chunk.ids))
+        extra = dest_count - dup_count - found_total  # distinct destination ids the source lacks
+        extra_ids = _extra_examples(db, source, options.chunk_size) if extra else []
 
     matching = _matching(sample_src, sample_dst, options)
     if seen_source == 0:

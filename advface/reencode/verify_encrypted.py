@@ -16,7 +16,6 @@ The stored templates are CKKS ciphertexts and cannot be read back, so the vector
 from __future__ import annotations
 
 import sqlite3
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from advface.reencode.sources import Source
-from advface.reencode.verify import MAX_EXAMPLES, VerifyOptions, _in_sample
+from advface.reencode.verify import MAX_EXAMPLES, VerifyOptions, _in_sample, scratch_database
 
 _PAGE = 1000  # subjects per list_subjects call (the stores' maximum)
 _RATE_WAITS = 30  # seconds waited at most, one at a time, for a rate-limited key service per sampled template
@@ -46,41 +45,34 @@ def verify_encrypted_store(
 
     started = time.perf_counter()
     failures: list[str] = []
-    with tempfile.TemporaryDirectory(prefix="advface-verify-", dir=temp_dir) as tmp:
-        db = sqlite3.connect(Path(tmp) / "dest.sqlite", isolation_level=None)
-        try:
-            db.execute("PRAGMA journal_mode=OFF")
-            db.execute("PRAGMA synchronous=OFF")
-            db.execute("CREATE TABLE d (id TEXT PRIMARY KEY, seen INTEGER NOT NULL DEFAULT 0)")
-            dest_count, several, several_ids = _index_destination(db, store, tenant)
-            source_count = source.count()
-            fraction = min(1.0, options.sample / max(source_count, 1))
-            missing = 0
-            missing_ids: list[str] = []
-            sampled = matched = 0
-            unchecked = ""
-            for chunk in source.chunks(options.chunk_size):
-                for row_id, raw in zip(chunk.ids, chunk.vectors, strict=True):
-                    if db.execute("UPDATE d SET seen=1 WHERE id=?", (row_id,)).rowcount == 0:
-                        missing += 1
-                        if len(missing_ids) < MAX_EXAMPLES:
-                            missing_ids.append(row_id)
-                        continue
-                    if unchecked or not _in_sample(row_id, fraction):
-                        continue
-                    try:
-                        match = _verify_one(store, tenant, row_id, probe_of(raw))
-                    except KeyServiceUnavailableError as exc:
-                        unchecked = f"not checked: the key service is unavailable ({exc})"
-                        continue
-                    sampled += 1
-                    matched += int(match)
-                if progress is not None:
-                    progress(len(chunk.ids))
-            extra = int(db.execute("SELECT COUNT(*) FROM d WHERE seen=0").fetchone()[0])
-            extra_ids = [r[0] for r in db.execute("SELECT id FROM d WHERE seen=0 LIMIT ?", (MAX_EXAMPLES,))]
-        finally:
-            db.close()
+    with scratch_database("id TEXT PRIMARY KEY, seen INTEGER NOT NULL DEFAULT 0", temp_dir) as db:
+        dest_count, several, several_ids = _index_destination(db, store, tenant)
+        source_count = source.count()
+        fraction = min(1.0, options.sample / max(source_count, 1))
+        missing = 0
+        missing_ids: list[str] = []
+        sampled = matched = 0
+        unchecked = ""
+        for chunk in source.chunks(options.chunk_size):
+            for row_id, raw in zip(chunk.ids, chunk.vectors, strict=True):
+                if db.execute("UPDATE d SET seen=1 WHERE id=?", (row_id,)).rowcount == 0:
+                    missing += 1
+                    if len(missing_ids) < MAX_EXAMPLES:
+                        missing_ids.append(row_id)
+                    continue
+                if unchecked or not _in_sample(row_id, fraction):
+                    continue
+                try:
+                    match = _verify_one(store, tenant, row_id, probe_of(raw))
+                except KeyServiceUnavailableError as exc:
+                    unchecked = f"not checked: the key service is unavailable ({exc})"
+                    continue
+                sampled += 1
+                matched += int(match)
+            if progress is not None:
+                progress(len(chunk.ids))
+        extra = int(db.execute("SELECT COUNT(*) FROM d WHERE seen=0").fetchone()[0])
+        extra_ids = [r[0] for r in db.execute("SELECT id FROM d WHERE seen=0 LIMIT ?", (MAX_EXAMPLES,))]
     if dest_count != source_count:
         failures.append(f"count differs: destination {dest_count}, source {source_count}")
     if missing:
