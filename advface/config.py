@@ -191,7 +191,7 @@ class ImageProtectionConfig:
     max_pixels: int = 4_000_000
     #: Guidance terms (``advface protect-image --guidance``); None: the library's default.
     guidance: tuple[str, ...] | None = None
-    #: Defender surrogate checkpoint for the deflection term; None: the one shipped with advface.
+    #: Defender surrogate checkpoint for the deflection and antipure terms; None: the one shipped with advface.
     surrogate: str | None = None
     #: Budget shape (``advface protect-image --budget``: uniform or perceptual); None: the library's default.
     budget: str | None = None

@@ -1,22 +1,31 @@
 """Attacker B against encrypted matching: a thief with the database file and a memory dump of the sidecar process,
-without the key service. How many enrolled templates can they read in plaintext?
+without the key service. How many enrolled templates (and probes) can they read in plaintext?
 
 Usage (a minute or two; Linux, reads ``/proc/PID/mem`` of its own child)::
 
-    python benchmarks/encrypted_memory_thief.py --templates 200
+    python benchmarks/encrypted_memory_thief.py --templates 200 --probes 200
 
 A child process plays the sidecar's storage path: it opens an :class:`EncryptedSQLiteStore` (public key and binding
 key only: no secret key in its memory), and enrols ``--templates`` 128-d float32 templates one call at a time, as
-Enroll does, each made fresh for its call (as a protector's output would be). With ``caller_zeroes`` the caller
-overwrites each template's buffer after the call, so that what remains comes from the store's own code path. Then
-it drops its references, collects garbage and waits; the parent reads every readable and writable mapping of the
-child (``/proc/PID/maps``, ``/proc/PID/mem``) and the database files, and looks for each template as exact
-float32 values (pairs of neighbouring coordinates, 8-byte aligned, as numpy lays them out) and as float64 values
-(what the gallery converts them to). A template counts as *recovered* when at least half of its 128 coordinates are
-found exactly; ``full`` counts templates with every coordinate found.
+Enroll does, each made fresh for its call (as a protector's output would be), then verifies ``--probes`` fresh
+probes against them (``verify_encrypted``; the key service is a stub answering "no match", so that no secret key
+is in the child's memory either). With ``caller_zeroes`` the caller overwrites each template's and probe's buffer
+after the call, so that what remains comes from the store's own code path. Then it drops its references, collects
+garbage and waits; the parent reads every readable and writable mapping of the child (``/proc/PID/maps``,
+``/proc/PID/mem``) and the database files, and looks for
+
+- each template and probe as exact float32 values (pairs of neighbouring coordinates, 8-byte aligned, as numpy lays
+  them out) and as float64 values (what the gallery converts them to); for probes also the quantised float64
+  coefficients the gallery encodes;
+- each template column's SEAL plaintext (the CKKS encoding of the column vector holding the coordinate at the
+  template's slot, which decodes without any key): its first two 64-bit coefficients.
+
+A template or probe counts as *recovered* when at least half of its 128 coordinates are found exactly (or, for
+``plaintexts``, half of its coordinate columns' encodings); ``full`` counts those with every coordinate found.
 
 What it does not cover: the rest of the sidecar (gRPC buffers, the protector's tensors, image decoding), which
-hold the raw and protected vectors of recent requests as well, so the numbers are a lower bound for a real sidecar.
+hold the raw and protected vectors of recent requests as well (docs/encrypted-matching.md says which of those
+cannot be wiped from Python).
 """
 
 from __future__ import annotations
@@ -38,18 +47,29 @@ DIM = 128
 SEED = 7
 
 _CHILD = r"""
-import gc, sys, tempfile, time
+import gc, sys, time
 import numpy as np
 from advface.encrypted.keys import generate_keys, new_binding_key
+from advface.encrypted.keyservice import VerifyDecision
 from advface.encrypted.store import EncryptedSQLiteStore
 
-n, zero, folder = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3]
+class NoMatch:
+    def verify(self, request):
+        return VerifyDecision(False)
+
+n, zero, folder, dim, probes = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3], int(sys.argv[5]), int(sys.argv[6])
 rng = np.random.default_rng(int(sys.argv[4]))
 store = EncryptedSQLiteStore(folder + "/templates-encrypted.sqlite3", generate_keys().public, new_binding_key(),
-                             int(sys.argv[5]), "euclidean", integrity_key=b"k" * 32)
+                             dim, "euclidean", integrity_key=b"k" * 32, keyservice=NoMatch(), auto_erase=False)
 for i in range(n):
-    x = (rng.standard_normal((1, int(sys.argv[5]))) * 0.05).astype(np.float32)
+    x = (rng.standard_normal((1, dim)) * 0.05).astype(np.float32)
     store.add("t", f"subject-{i}", x)
+    if zero:
+        x.fill(0)
+    del x
+for i in range(probes):
+    x = (rng.standard_normal((1, dim)) * 0.05).astype(np.float32)
+    store.verify_encrypted("t", f"subject-{i % n}", x)
     if zero:
         x.fill(0)
     del x
@@ -60,10 +80,11 @@ time.sleep(3600)
 """
 
 
-def templates(n: int) -> np.ndarray:
-    """The templates the child enrols (the same random stream)."""
+def templates(n: int, probes: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The templates and probes the child makes (the same random stream)."""
     rng = np.random.default_rng(SEED)
-    return np.concatenate([(rng.standard_normal((1, DIM)) * 0.05).astype(np.float32) for _ in range(n)])
+    draw = [(rng.standard_normal((1, DIM)) * 0.05).astype(np.float32) for _ in range(n + probes)]
+    return np.concatenate(draw[:n]), np.concatenate(draw[n:]) if probes else np.zeros((0, DIM), np.float32)
 
 
 def read_memory(pid: int) -> bytes:
@@ -82,20 +103,78 @@ def read_memory(pid: int) -> bytes:
     return b"".join(parts)
 
 
-def recovered(data: bytes, t: np.ndarray) -> dict[str, int]:
-    """Templates of ``t`` found in ``data`` (at least half of the coordinates / all of them, exactly)."""
-    words = np.frombuffer(data[: len(data) // 8 * 8], dtype=np.uint64)
+def _words(data: bytes) -> np.ndarray:
+    return np.frombuffer(data[: len(data) // 8 * 8], dtype=np.uint64)
+
+
+def recovered(data: bytes, t: np.ndarray, extra: np.ndarray | None = None) -> dict[str, int]:
+    """Rows of ``t`` found in ``data`` (at least half of the coordinates / all of them, exactly), each coordinate as
+    float32 (in 8-byte aligned pairs), as float64, or as the float64 of ``extra`` (same shape: e.g. a probe's
+    quantised coefficients)."""
+    if len(t) == 0:
+        return {"half": 0, "full": 0}
+    words = _words(data)
     pairs = np.ascontiguousarray(t).view(np.uint64)  # n x DIM/2: two float32 coordinates per word
-    doubles = t.astype(np.float64).view(np.uint64)  # n x DIM
-    wanted = np.unique(np.concatenate([pairs.ravel(), doubles.ravel()]))
+    forms = [t.astype(np.float64).view(np.uint64)]  # n x DIM
+    if extra is not None:
+        forms.append(np.ascontiguousarray(extra, np.float64).view(np.uint64))
+    wanted = np.unique(np.concatenate([pairs.ravel(), *(f.ravel() for f in forms)]))
     found = np.unique(words[np.isin(words, wanted)])
-    coords = np.maximum(np.repeat(np.isin(pairs, found), 2, axis=1), np.isin(doubles, found)).sum(axis=1)
+    hit = np.repeat(np.isin(pairs, found), 2, axis=1)
+    for f in forms:
+        hit |= np.isin(f, found)
+    coords = hit.sum(axis=1)
     return {"half": int((coords >= DIM // 2).sum()), "full": int((coords == DIM).sum())}
 
 
-def run_case(n: int, caller_zeroes: bool, folder: Path) -> dict[str, Any]:
+def plaintext_words(t: np.ndarray) -> np.ndarray:
+    """``n x DIM x 2``: the first two coefficients of the SEAL plaintext of each template column as the gallery
+    encodes it (template ``i`` alone in slot ``i`` of an otherwise zero column, the template scale)."""
+    import tenseal.sealapi as seal
+
+    from advface.encrypted.params import CkksParams, make_context
+
+    params = CkksParams()
+    context = make_context(params)
+    encoder = seal.CKKSEncoder(context)
+    out = np.zeros((len(t), DIM, 2), np.uint64)
+    for i, row in enumerate(t.astype(np.float64)):
+        for j, value in enumerate(row.tolist()):
+            vec = [0.0] * params.slots
+            vec[i % params.slots] = value
+            plain = seal.Plaintext()
+            encoder.encode(vec, context.first_parms_id(), params.template_scale, plain)
+            out[i, j] = (plain.data(0), plain.data(1))
+    return out
+
+
+def plaintexts_recovered(data: bytes, words: np.ndarray) -> dict[str, int]:
+    """Templates of which at least half (all) of the coordinate columns' plaintexts are found in ``data``."""
+    found = np.isin(words, _words(data)).any(axis=2).sum(axis=1)
+    return {"half": int((found >= DIM // 2).sum()), "full": int((found == DIM).sum())}
+
+
+def probe_coefficients(p: np.ndarray) -> np.ndarray:
+    """The quantised probe coefficients the Euclidean gallery encodes (``round(2 p 2^19) / 2^19``)."""
+    from advface.encrypted.params import CkksParams
+
+    scale = CkksParams().probe_scale
+    return np.round(2.0 * p.astype(np.float64) * scale) / scale
+
+
+def run_case(n: int, probes: int, caller_zeroes: bool, folder: Path) -> dict[str, Any]:
     folder.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-c", _CHILD, str(n), "1" if caller_zeroes else "0", str(folder), str(SEED), str(DIM)]
+    command = [
+        sys.executable,
+        "-c",
+        _CHILD,
+        str(n),
+        "1" if caller_zeroes else "0",
+        str(folder),
+        str(SEED),
+        str(DIM),
+        str(probes),
+    ]
     child = subprocess.Popen(command, stdout=subprocess.PIPE, cwd=Path(__file__).resolve().parent.parent)
     try:
         assert child.stdout is not None
@@ -106,14 +185,19 @@ def run_case(n: int, caller_zeroes: bool, folder: Path) -> dict[str, Any]:
         child.kill()
         child.wait()
     database = b"".join(p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file())
-    t = templates(n)
+    t, p = templates(n, probes)
+    words = plaintext_words(t)
     return {
         "caller_zeroes": caller_zeroes,
         "templates": n,
+        "probes": probes,
         "memory_mb": round(len(memory) / 1e6, 1),
         "memory_recovered": recovered(memory, t),
+        "memory_plaintexts_recovered": plaintexts_recovered(memory, words),
+        "memory_probes_recovered": recovered(memory, p, probe_coefficients(p)),
         "database_mb": round(len(database) / 1e6, 1),
         "database_recovered": recovered(database, t),
+        "database_plaintexts_recovered": plaintexts_recovered(database, words),
     }
 
 
@@ -122,19 +206,21 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--templates", type=int, default=200)
+    parser.add_argument("--probes", type=int, default=0, help="probes verified after the enrolment (default 0)")
     parser.add_argument("--out", help="results file (default benchmarks/results/encrypted_memory_thief.json)")
     args = parser.parse_args(argv)
     cases = []
     with tempfile.TemporaryDirectory() as tmp:
         for zero in (False, True):
-            case = run_case(args.templates, zero, Path(tmp) / f"zero-{int(zero)}")
+            case = run_case(args.templates, args.probes, zero, Path(tmp) / f"zero-{int(zero)}")
             print(case, flush=True)
             cases.append(case)
     payload = {
         "attacker": "database file + memory dump of the sidecar's storage path, no key service",
         "dim": DIM,
-        "recovered_means": "at least half (half) / all (full) of a template's coordinates found as exact float32 "
-        "or float64 values",
+        "recovered_means": "at least half (half) / all (full) of a template's (probe's) coordinates found as exact "
+        "float32 or float64 values (probes: or their quantised coefficients); plaintexts: of its coordinate columns' "
+        "SEAL plaintext encodings",
         "cases": cases,
     }
     print("wrote", write_results("encrypted_memory_thief", payload, args.out))

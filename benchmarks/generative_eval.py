@@ -20,7 +20,8 @@ training data) with two or more photos, in name order.
 - **training-based**: people with at least ``--personalise-photos + 1`` photos; a copy of the generator and an
   identity condition are fine-tuned on the first ``--personalise-photos`` (``--personalise finetune``, DreamBooth
   analogue, :func:`advface.generative.threats.finetune`) or only the condition is learned (``--personalise
-  condition``, textual-inversion analogue, :func:`advface.generative.threats.learn_condition`); no encoder involved;
+  condition``, textual-inversion analogue, :func:`advface.generative.threats.learn_condition`), both through
+  :func:`advface.generative.threats.personalise`; no encoder involved;
   the generated faces are compared with a held-out photo the same way;
 - **realism**: share of generated faces in which dlib's detector finds a face (faces upscaled 2x), and the Frechet
   distance in the transfer encoder's embedding space between generated faces and real faces of the same people
@@ -55,9 +56,8 @@ from advface.generative.model import IdentityGenerator, load_generator  # noqa: 
 from advface.generative.threats import (  # noqa: E402
     FinetuneConfig,
     PersonaliseConfig,
-    finetune,
     generate_from_embeddings,
-    learn_condition,
+    personalise,
 )
 from advface.protect.image.io import save_png  # noqa: E402
 from benchmarks.common import write_results  # noqa: E402
@@ -208,14 +208,16 @@ def main() -> None:
     based_faces, based_compare = [], []
     for p in rich:
         faces = clean.faces[photos[p][:k]]
-        model = generator
         steps = {"steps": args.personalise_steps} if args.personalise_steps else {}
-        if args.personalise == "finetune":
-            model, condition = finetune(generator, faces, FinetuneConfig(seed=args.seed, **steps))
-        else:
-            condition = learn_condition(generator, faces, PersonaliseConfig(seed=args.seed, **steps))
+        config = (
+            FinetuneConfig(seed=args.seed, **steps)
+            if args.personalise == "finetune"
+            else PersonaliseConfig(seed=args.seed, **steps)
+        )
         based_faces.append(
-            model.generate(condition[None], args.n, steps=args.steps, guidance=args.guidance, seed=args.seed)[0]
+            personalise(
+                generator, faces, args.n, config=config, steps=args.steps, guidance=args.guidance, seed=args.seed
+            )
         )
         based_compare += [str(clean.ids[photos[p][k]])] * args.n
     based = judges.summary(judges.score(np.concatenate(based_faces), based_compare)) if rich else None
@@ -251,6 +253,7 @@ def main() -> None:
     except Exception as exc:  # noqa: BLE001 - the baseline is optional
         realism["frechet_transfer"]["dcgan_unaligned"] = f"not measured: {type(exc).__name__}: {exc}"
 
+    free_summary = judges.summary(free)
     payload = {
         "model": {
             "path": str(args.model),
@@ -274,7 +277,7 @@ def main() -> None:
             "system_fmr_1e-3": judges.system_threshold,
             "transfer": {"encoder": judges.transfer.name, "fmr_1e-3": judges.transfer.thresholds["1e-3"]},
         },
-        "training_free": judges.summary(free),
+        "training_free": free_summary,
         "training_free_guided": guided,
         "training_based": based,
         "realism": realism,
@@ -282,8 +285,8 @@ def main() -> None:
     }
     out = write_results("generative", payload, args.out)
     print(
-        f"training-free: system {payload['training_free']['system_match']:.3f}, transfer "
-        f"{payload['training_free']['transfer_match']}; wrote {out}"
+        f"training-free: system {free_summary['system_match']:.3f}, transfer "
+        f"{free_summary['transfer_match']}; wrote {out}"
     )
 
 

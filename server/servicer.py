@@ -38,7 +38,15 @@ from advface.encoders import FaceEncoder
 from advface.errors import AdvfaceError, ValidationError
 from advface.protect import TemplateProtector
 from advface.service import DEFAULT_TENANT, EnrolItem, TemplateService, check_tenant
-from advface.store.base import MAX_ID_CHARS, TemplateStore
+from advface.service.validation import MAX_REQUEST_NORM, MIN_REQUEST_NORM
+from advface.store.base import (
+    MAX_ID_CHARS,
+    MAX_METADATA_KEY_CHARS,
+    MAX_METADATA_KEYS,
+    MAX_METADATA_VALUE_CHARS,
+    MAX_VECTOR_NORM,
+    TemplateStore,
+)
 from server import messages
 from server.interceptors import Authenticator, Principal, RequestLimiter
 from server.logs import LOGGER_NAME, log
@@ -327,11 +335,30 @@ class AdvFaceServicer(pb_grpc.AdvFaceServicer):
                 tenant_subjects=tenant_subjects,
                 total_subjects=total_subjects,
             ),
-            limits=pb.Limits(
-                max_batch=service.max_batch,
-                top_k_max=service.top_k_max,
-                max_receive_bytes=self.max_receive_bytes,
-                max_send_bytes=self.max_send_bytes,
-                max_id_chars=MAX_ID_CHARS,
-            ),
+            limits=self._limits(),
+        )
+
+    def _limits(self) -> pb.Limits:
+        """The request limits this server enforces (Info's ``limits``)."""
+        service, config = self.service, self.config
+        protect_pixels = (
+            min(config.server.max_image_pixels, config.image_protection.max_pixels)
+            if config.image_protection.enabled
+            else 0
+        )
+        return pb.Limits(
+            max_batch=service.max_batch,
+            top_k_max=service.top_k_max,
+            max_receive_bytes=self.max_receive_bytes,
+            max_send_bytes=self.max_send_bytes,
+            max_id_chars=MAX_ID_CHARS,
+            max_image_pixels=service.max_image_pixels,
+            max_protect_image_pixels=protect_pixels,
+            max_metadata_keys=MAX_METADATA_KEYS,
+            max_metadata_key_chars=MAX_METADATA_KEY_CHARS,
+            max_metadata_value_chars=MAX_METADATA_VALUE_CHARS,
+            min_embedding_norm=MIN_REQUEST_NORM,
+            max_embedding_norm=min(MAX_REQUEST_NORM, MAX_VECTOR_NORM),
+            rate_per_second=self.limiter.rate_per_second,
+            max_in_flight=self.limiter.max_in_flight,
         )

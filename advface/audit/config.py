@@ -64,11 +64,22 @@ class AuditConfig:
     protect_cmd: str | None = None
     #: The scheme's templates are compared with raw probes (True), not with probes through the scheme (None/False).
     raw_probes: bool | None = None
+    #: Scenarios (``scenarios`` of report.json): run them; the pool of the attacker group's (raw, protected) pairs
+    #: (full disclosure fits on all of it, known pairs on the first k); the known-pairs k; the score-exposure victims
+    #: and query budget per victim and way of querying.
+    scenarios: bool = True
+    scenario_pool: int = 2048
+    known_pairs_k: tuple[int, ...] = (1, 4, 16, 64, 256, 1024)
+    score_victims: int = 16
+    score_budget: int = 2000
+    #: Also write ``report.pdf`` (needs the ``pdf`` extra, fpdf2).
+    pdf: bool = False
 
     @classmethod
     def quick_mode(cls, data: Path, out: Path, **overrides: Any) -> AuditConfig:
         """Small subsets for a run of minutes on a CPU: 40 identities (6 photos each), 32x32 decoders trained two
-        epochs in batches of 16, 2 victim photos per person, GAN prior on 4 templates with 2 restarts of 8 steps."""
+        epochs in batches of 16, 2 victim photos per person, GAN prior on 4 templates with 2 restarts of 8 steps;
+        scenarios on a pool of 256 pairs, k up to 64, score exposure of 4 victims with 500 queries."""
         base: dict[str, Any] = {
             "quick": True,
             "attackers": QUICK_ATTACKERS,
@@ -84,6 +95,10 @@ class AuditConfig:
             "gan_restarts": 2,
             "link_keys": 3,
             "eval_fraction": 0.5,
+            "scenario_pool": 256,
+            "known_pairs_k": (1, 4, 16, 64),
+            "score_victims": 4,
+            "score_budget": 500,
         }
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(data=data, out=out, **base)
@@ -133,7 +148,24 @@ class AuditConfig:
             raise ConfigError(f"--target-type1 must be in [0, 1], got {self.target_type1}")
         if self.rel_l2 is not None and not 0 < self.rel_l2 <= 1:
             raise ConfigError(f"--rel-l2 must be in (0, 1], got {self.rel_l2}")
-        for name in ("epochs", "batch_size", "per_identity", "gan_steps", "gan_restarts", "steps", "link_keys"):
+        if self.pdf:
+            from advface.audit.pdf import require_fpdf
+
+            require_fpdf()  # before hours of work: a clear error when the extra is missing
+        if not self.known_pairs_k or min(self.known_pairs_k) < 1:
+            raise ConfigError(f"--known-pairs-k needs values >= 1, got {self.known_pairs_k}")
+        for name in (
+            "epochs",
+            "batch_size",
+            "per_identity",
+            "gan_steps",
+            "gan_restarts",
+            "steps",
+            "link_keys",
+            "scenario_pool",
+            "score_victims",
+            "score_budget",
+        ):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be >= 1")
         if not 16 <= self.image_size <= 256:

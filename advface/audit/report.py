@@ -24,8 +24,10 @@ from advface.audit.results import (
     TEMPLATE_KINDS,
     AttackResult,
     AuditResult,
+    JudgedTemplates,
     LayersResult,
     ReconstructionResult,
+    ScenariosResult,
     ThiefScanResult,
     UtilityResult,
     VerdictResult,
@@ -272,6 +274,67 @@ def _verdict_html(verdict: VerdictResult) -> str:
     )
 
 
+def _judged_cells(j: JudgedTemplates) -> list[str]:
+    return [
+        _fmt(j.template_match_rate, True),
+        _fmt(j.type1_success, True),
+        _fmt(j.type2_success, True),
+        _fmt(j.transfer_type1_success, True),
+    ]
+
+
+_JUDGED_HEADER = ["estimate matches raw", "faces Type I @FMR 0.1%", "faces Type II", "faces Type I (transfer judge)"]
+
+
+def _scenarios_html(sc: ScenariosResult) -> str:
+    """One section per scenario: full disclosure, known pairs (the curve over k), score exposure."""
+    parts = [
+        "<h2 id='scenarios'>Scenarios</h2>",
+        f"<p class='note'>On the {html.escape(sc.templates)} templates. {html.escape(sc.protocol)}.</p>",
+    ]
+    full = sc.full_disclosure
+    if full is not None:
+        parts.append(
+            "<h3>Full disclosure: the attacker holds every key</h3>"
+            f"<p>{html.escape(full.holds)}. Best of the audit's attackers on the protected templates: "
+            f"{html.escape(full.direct_attacker or 'none ran')} (Type I {_fmt(full.direct_type1_success, True)}); "
+            f"inverse map learned from {full.pairs} pairs made with the key, decoded by "
+            f"{html.escape(full.inverse.decoder or 'no decoder')}:</p>"
+            + _table(_JUDGED_HEADER, [_judged_cells(full.inverse)])
+            + f"<p>Scenario: Type I {_fmt(full.type1_success, True)}, Type II {_fmt(full.type2_success, True)} "
+            "(the better route).</p>"
+        )
+    if sc.known_pairs:
+        parts.append(
+            "<h3>Known pairs: an insider with k leaked (raw, protected) pairs</h3>"
+            + _table(
+                ["k", *_JUDGED_HEADER, "relative error"],
+                [[str(p.k), *_judged_cells(p.judged), _fmt(p.relative_error)] for p in sc.known_pairs],
+            )
+        )
+    exp = sc.score_exposure
+    if exp is not None:
+        rows = []
+        for label, run in (("scores", exp.with_scores), ("decisions only", exp.decisions_only)):
+            median = run.median_queries
+            rows.append(
+                [
+                    label,
+                    f"{sum(run.accepted)} of {exp.victims}",
+                    "&ndash;" if median is None else f"{median:.0f}",
+                    str(exp.budget),
+                ]
+            )
+        parts.append(
+            "<h3>Score exposure: a template rebuilt from the system's answers</h3>"
+            + _table(["answers", "accepted within the cap", "median queries (accepted)", "query cap"], rows)
+            + "<p>Faces from the templates rebuilt with scores:</p>"
+            + _table(_JUDGED_HEADER, [_judged_cells(exp.faces)])
+            + f"<p class='note'>{html.escape(exp.method)}; threshold {exp.threshold:.4f}.</p>"
+        )
+    return "".join(parts)
+
+
 def _utility_html(utility: UtilityResult) -> str:
     """FNMR at FMR 0.1% / 0.01% per kind of enrolled template, with the comparisons and 95% intervals."""
     rows = []
@@ -400,6 +463,8 @@ def render_html(result: AuditResult, figures: dict[str, str]) -> str:
         )
     if (r.layers is not None and r.layers.layers) or r.thief_without_keys is not None:
         parts.append(_layers_html(r.thief_without_keys, r.layers))
+    if r.scenarios is not None:
+        parts.append(_scenarios_html(r.scenarios))
     parts.append(_figure(figures, "grid", "image grid", "<h3>Reconstructions</h3>"))
     parts.append(_figure(figures, "gan", "GAN prior progress"))
     if r.verification is not None:

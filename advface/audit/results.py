@@ -9,7 +9,8 @@ Format of ``report.json`` (:data:`FORMAT_VERSION`): 1 = the earlier format, with
 ``config.transfer_encoder``, ``thresholds.transfer`` and a ``transfer`` entry in each attacker's template kinds
 (added keys only); 4 = format 3 plus ``config.manifest_hashes`` (and ``manifest.json`` beside the report), the field's
 utility metrics (``utility``), D_sys's bins and score range, BTPBench renewability and the ``verdict`` (added keys
-only).
+only); 5 = format 4 plus ``scenarios`` (full disclosure, known pairs, score exposure) and their settings under
+``config`` (added keys only).
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from typing import Any
 import numpy as np
 
 #: Version of the ``report.json`` format (1: the format before the field existed; 2: format 1 + ``format_version``;
-#: 3: format 2 + the transfer judge's keys; 4: format 3 + manifest setting, utility, D_sys bins, verdict).
-FORMAT_VERSION = 4
+#: 3: format 2 + the transfer judge's keys; 4: format 3 + manifest setting, utility, D_sys bins, verdict;
+#: 5: format 4 + ``scenarios`` and the scenario settings in ``config``).
+FORMAT_VERSION = 5
 #: The kinds of template each attacker and the verification are run on: raw embeddings, AdvFace output
 #: ("protected") and AdvFace output through the keyed transform ("protected+key").
 TEMPLATE_KINDS = ("raw", "protected", "protected+key")
@@ -825,6 +827,178 @@ class VerdictResult:
         return [row.to_json() for row in self.rows]
 
 
+# ---------------------------------------------------------------------------------------------------- scenarios
+@dataclass
+class JudgedTemplates:
+    """Estimated raw templates of the victims (a scenario's output) as the audit judges them: how many match the
+    victim's raw template at the system's FMR 0.1% threshold, and the faces the audit's best raw-template decoder
+    draws from them (system and transfer judges; None without a decoder)."""
+
+    template_match_rate: float
+    decoder: str | None = None
+    faces: ReconstructionResult | None = None
+
+    @property
+    def type1_success(self) -> float | None:
+        """Type I success of the decoded faces at FMR 0.1% (None without a decoder)."""
+        return self.faces.type1_success if self.faces is not None else None
+
+    @property
+    def type2_success(self) -> float | None:
+        """Type II success of the decoded faces at FMR 0.1%."""
+        return self.faces.type2_success if self.faces is not None else None
+
+    @property
+    def transfer_type1_success(self) -> float | None:
+        """The transfer judge's Type I success of the decoded faces at FMR 0.1% (None without a judge)."""
+        if self.faces is None or self.faces.transfer is None:
+            return None
+        return self.faces.transfer.at_fmr[HEADLINE_FMR].type1_success
+
+    def to_json(self) -> JsonDict:
+        """Headline rates, then the decoder and its faces' full entry."""
+        return {
+            "type1_success": self.type1_success,
+            "type2_success": self.type2_success,
+            "transfer_type1_success": self.transfer_type1_success,
+            "template_match_rate": self.template_match_rate,
+            "decoder": self.decoder,
+            "faces": self.faces.to_json() if self.faces is not None else None,
+        }
+
+
+@dataclass
+class FullDisclosureResult:
+    """``scenarios.full_disclosure``: the attacker holds every key and the scheme's parameters. They run the audit's
+    attackers on the protected templates (``direct``) and, holding the key, protect as many templates of their own as
+    they like and learn the inverse map from them (``inverse``); the scenario's success is the better of the two."""
+
+    holds: str
+    pairs: int
+    inverse: JudgedTemplates
+    direct_attacker: str | None
+    direct_type1_success: float | None
+    direct_type2_success: float | None
+
+    @property
+    def type1_success(self) -> float | None:
+        """The better Type I success at FMR 0.1% of the two routes (None when neither gave faces)."""
+        rates = [r for r in (self.inverse.type1_success, self.direct_type1_success) if r is not None]
+        return max(rates) if rates else None
+
+    @property
+    def type2_success(self) -> float | None:
+        """The better Type II success at FMR 0.1% of the two routes."""
+        rates = [r for r in (self.inverse.type2_success, self.direct_type2_success) if r is not None]
+        return max(rates) if rates else None
+
+    def to_json(self) -> JsonDict:
+        """``type1_success`` / ``type2_success`` first, then both routes."""
+        return {
+            "type1_success": self.type1_success,
+            "type2_success": self.type2_success,
+            "holds": self.holds,
+            "inverse": {"pairs": self.pairs, **self.inverse.to_json()},
+            "direct": {
+                "best_attacker": self.direct_attacker,
+                "type1_success": self.direct_type1_success,
+                "type2_success": self.direct_type2_success,
+            },
+        }
+
+
+@dataclass
+class KnownPairsPoint:
+    """One point of ``scenarios.known_pairs``: the inverse map learned from ``k`` leaked pairs."""
+
+    k: int
+    judged: JudgedTemplates
+    #: Mean ||estimate - raw|| / ||raw|| of the victims' estimated raw templates.
+    relative_error: float
+
+    def to_json(self) -> JsonDict:
+        """``k`` and ``type1_success`` first."""
+        return {"k": self.k, **self.judged.to_json(), "relative_error": self.relative_error}
+
+
+@dataclass
+class SearchSummary:
+    """One way of querying (scores or decisions only) over the score-exposure victims."""
+
+    #: Queries each victim's search spent (the budget where it was not accepted).
+    queries: list[int]
+    accepted: list[bool]
+
+    @property
+    def accepted_fraction(self) -> float:
+        """Victims for whom a probe was accepted within the budget."""
+        return float(np.mean(self.accepted)) if self.accepted else 0.0
+
+    @property
+    def median_queries(self) -> float | None:
+        """Median queries of the accepted searches (None when none was accepted)."""
+        done = [q for q, a in zip(self.queries, self.accepted) if a]
+        return float(np.median(done)) if done else None
+
+    def to_json(self) -> JsonDict:
+        """Fraction accepted, median queries of those, then per victim."""
+        return {
+            "accepted_fraction": self.accepted_fraction,
+            "median_queries_to_accept": self.median_queries,
+            "queries": self.queries,
+            "accepted": self.accepted,
+        }
+
+
+@dataclass
+class ScoreExposureResult:
+    """``scenarios.score_exposure``: an accepted template rebuilt from the system's answers to the attacker's probes
+    (:mod:`advface.audit.attacks.score_search`), with scores and with decisions only, and the faces the best decoder
+    draws from the templates rebuilt with scores."""
+
+    victims: int
+    budget: int
+    threshold: float
+    with_scores: SearchSummary
+    decisions_only: SearchSummary
+    faces: JudgedTemplates
+    method: str
+
+    def to_json(self) -> JsonDict:
+        """Settings, both searches, then the faces."""
+        return {
+            "victims": self.victims,
+            "query_budget": self.budget,
+            "threshold": self.threshold,
+            "with_scores": self.with_scores.to_json(),
+            "decisions_only": self.decisions_only.to_json(),
+            "faces_from_scores": self.faces.to_json(),
+            "method": self.method,
+        }
+
+
+@dataclass
+class ScenariosResult:
+    """The ``scenarios`` section (format 5): the field's attack scenarios on the ``protected`` templates."""
+
+    templates: str
+    protocol: str
+    full_disclosure: FullDisclosureResult | None = None
+    known_pairs: list[KnownPairsPoint] = field(default_factory=list)
+    score_exposure: ScoreExposureResult | None = None
+
+    def to_json(self) -> JsonDict:
+        """The three scenarios (those measured), the templates attacked and the protocol."""
+        out: JsonDict = {"templates": self.templates, "protocol": self.protocol}
+        if self.full_disclosure is not None:
+            out["full_disclosure"] = self.full_disclosure.to_json()
+        if self.known_pairs:
+            out["known_pairs"] = [p.to_json() for p in self.known_pairs]
+        if self.score_exposure is not None:
+            out["score_exposure"] = self.score_exposure.to_json()
+        return out
+
+
 # ---------------------------------------------------------------------------------------------------- the audit
 @dataclass
 class AuditResult:
@@ -851,6 +1025,8 @@ class AuditResult:
     layers: LayersResult | None = None
     #: The verdict per attacker of the threat model (format 4).
     verdict: VerdictResult | None = None
+    #: Full disclosure, known pairs and score exposure (format 5).
+    scenarios: ScenariosResult | None = None
     #: When the report was written (UTC), and the run's duration in seconds.
     date: str | None = None
     seconds: float | None = None
@@ -881,6 +1057,7 @@ class AuditResult:
             ("renewability", self.renewability),
             ("layers", self.layers),
             ("verdict", self.verdict),
+            ("scenarios", self.scenarios),
             ("date", self.date),
             ("seconds", self.seconds),
         ]

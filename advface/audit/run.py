@@ -1,6 +1,6 @@
 """Orchestration of ``advface audit``: inputs -> protection -> (database thief) -> attackers -> verification ->
-unlinkability -> layers -> report. Each stage is a function of :mod:`advface.audit.stages` returning a typed
-result (:mod:`advface.audit.results`); :func:`run_audit` assembles them into an :class:`AuditResult`.
+unlinkability -> scenarios -> layers -> report. Each stage is a function of :mod:`advface.audit.stages` returning a
+typed result (:mod:`advface.audit.results`); :func:`run_audit` assembles them into an :class:`AuditResult`.
 
 Every attacker's reconstructions are also scored by a transfer judge (:mod:`advface.audit.transfer`), a second
 encoder untouched by attacker and protection; an unavailable judge is listed under ``missing``.
@@ -197,6 +197,10 @@ def _finish(
         if name not in result.attacks and not any(m.stage == f"attacker {name}" for m in result.missing):
             result.add_missing(f"attacker {name}", "not run")
     paths = write_report(result, artifacts, Path(c.out))
+    if c.pdf:
+        from advface.audit.pdf import write_pdf
+
+        write_pdf(result, Path(c.out) / "report.pdf")
     try:
         _write_manifest(c, result, paths, protection, log)
     except OSError as exc:  # the report is written; say why its bundle is not
@@ -222,6 +226,7 @@ def run_audit(config: AuditConfig) -> tuple[Path, Path, AuditResult]:
         "verification",
         "utility",
         "unlinkability",
+        *(["scenarios"] if config.scenarios else []),
         "report",
     ]
     log = RunLog()
@@ -236,7 +241,8 @@ def run_audit(config: AuditConfig) -> tuple[Path, Path, AuditResult]:
             if config.generator is not None and "diffusion" in config.attackers:
                 from advface.audit.attacks.diffusion import load_given_generator
 
-                load_given_generator(config.generator, inputs.encoder)  # another encoder's model: a clear error
+                # another encoder's model, or one trained on audited people: a clear error
+                load_given_generator(config.generator, inputs.encoder, inputs.pairs, inputs.split)
             with stages.required("protection"):
                 protection = setup_protection(config, inputs)
                 result.protection = protection.result
@@ -269,6 +275,11 @@ def run_audit(config: AuditConfig) -> tuple[Path, Path, AuditResult]:
             result.renewability = measure_renewability(
                 config, inputs, protection, database_a, artifacts, system_thresholds
             )
+        if config.scenarios:
+            with stages.optional("scenarios"):
+                from advface.audit.stages.scenarios import run_scenarios
+
+                result.scenarios = run_scenarios(config, inputs, protection, result, judge)
         with stages.required("report"):
             html_path, json_path = _finish(config, result, artifacts, inputs, started, log, protection)
     finally:

@@ -7,8 +7,8 @@ scheme should write its bits as +-1 / sqrt(D'), for which both scores are monoto
 
 Sources of a scheme:
 
-- ``biohash`` / ``polyprotect``: the reference schemes of this module (BioHashing; a PolyProtect-style polynomial
-  mapping);
+- ``biohash`` / ``mlphash`` / ``polyprotect``: the reference schemes of this module (BioHashing; MLP-hash, a keyed
+  random MLP with ReLU and binarisation; a PolyProtect-style polynomial mapping);
 - ``MODULE:ATTR``: a :class:`ProtectionScheme`, or a callable ``(templates, key) -> protected``;
 - the name of an entry point of the group :data:`ENTRY_POINT_GROUP` (a package's ``pyproject.toml``:
   ``[project.entry-points."advface.audit_schemes"] NAME = "module:attr"``), loaded as ``MODULE:ATTR``;
@@ -110,13 +110,32 @@ def polyprotect(templates: np.ndarray, key: bytes, window: int = 5, overlap: int
     return (windows**exponents * coefficients).sum(axis=2).astype(np.float32)
 
 
+def mlphash(
+    templates: np.ndarray, key: bytes, hidden: tuple[int, ...] = (256, 256), bits: int | None = None
+) -> np.ndarray:
+    """MLP-hash (after Shahreza and Marcel): a random multi-layer perceptron drawn from ``key`` (Gaussian weights,
+    no biases, ReLU after each of the ``hidden`` layers), whose output layer of ``bits`` (default D) units is
+    binarised by sign; written as +-1 / sqrt(bits) like :func:`biohash`."""
+    z = np.asarray(templates, np.float64)
+    bits = z.shape[1] if bits is None else bits
+    if bits < 1 or any(h < 1 for h in hidden):
+        raise ConfigError(f"mlphash: layer sizes must be >= 1, got hidden {hidden} and bits {bits}")
+    rng = np.random.default_rng(int.from_bytes(hashlib.sha256(b"mlphash|" + key).digest()[:8], "big"))
+    h = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+    for width in hidden:
+        h = np.maximum(h @ rng.standard_normal((h.shape[1], width)) / np.sqrt(h.shape[1]), 0.0)
+    out = h @ rng.standard_normal((h.shape[1], bits))
+    return (np.where(out >= 0, 1.0, -1.0) / np.sqrt(bits)).astype(np.float32)
+
+
 #: The reference schemes of the package.
 BIOHASH = ProtectionScheme("biohash", biohash, transforms_probes=True, identity="advface.audit.schemes:biohash|v1")
 POLYPROTECT = ProtectionScheme(
     "polyprotect", polyprotect, transforms_probes=True, identity="advface.audit.schemes:polyprotect|v1"
 )
+MLPHASH = ProtectionScheme("mlphash", mlphash, transforms_probes=True, identity="advface.audit.schemes:mlphash|v1")
 #: Schemes known by name.
-SCHEMES = {s.name: s for s in (BIOHASH, POLYPROTECT)}
+SCHEMES = {s.name: s for s in (BIOHASH, POLYPROTECT, MLPHASH)}
 
 
 def _as_scheme(obj: object, name: str) -> ProtectionScheme:

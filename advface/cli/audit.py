@@ -78,8 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--scheme",
         metavar="NAME",
         help="audit another protection scheme instead (docs/audit.md, 'Any scheme under audit'): biohash (the "
-        "reference BioHashing), polyprotect (PolyProtect-style), MODULE:ATTR (a ProtectionScheme or a callable "
-        "(templates, key) -> protected) or an advface.audit_schemes entry point",
+        "reference BioHashing), mlphash (MLP-hash), polyprotect (PolyProtect-style), MODULE:ATTR (a "
+        "ProtectionScheme or a callable (templates, key) -> protected) or an advface.audit_schemes entry point",
     )
     scheme.add_argument(
         "--protect-cmd",
@@ -159,6 +159,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"by the system encoder and by the transfer judge (default {TARGET_TYPE1})",
     )
     parser.add_argument(
+        "--pdf",
+        action="store_true",
+        help="also write report.pdf (verdict first; needs the pdf extra: pip install 'advface[pdf]')",
+    )
+    parser.add_argument(
+        "--no-scenarios",
+        action="store_true",
+        help="leave out the scenarios (full disclosure, known pairs, score exposure; docs/audit.md, 'Scenarios')",
+    )
+    parser.add_argument(
+        "--scenario-pool",
+        type=int,
+        metavar="N",
+        help="scenarios: attacker-group photos whose (raw, protected) pairs full disclosure and known pairs learn "
+        "from (default 2048; --quick 256)",
+    )
+    parser.add_argument(
+        "--known-pairs-k",
+        type=int,
+        nargs="+",
+        metavar="K",
+        help="known pairs: the numbers of leaked pairs (default 1 4 16 64 256 1024; --quick 1 4 16 64; capped by "
+        "the pool)",
+    )
+    parser.add_argument(
+        "--score-victims",
+        type=int,
+        metavar="N",
+        help="score exposure: templates rebuilt from the system's answers (default 16; --quick 4)",
+    )
+    parser.add_argument(
+        "--score-budget",
+        type=int,
+        metavar="N",
+        help="score exposure: query cap per template and way of querying (default 2000; --quick 500)",
+    )
+    parser.add_argument(
         "--manifest-hashes",
         action="store_true",
         help="manifest.json (written beside the report): also the SHA-256 of every dataset file (default: one hash "
@@ -209,6 +246,12 @@ def config_from_args(args: argparse.Namespace) -> AuditConfig:
         scheme=args.scheme,
         protect_cmd=args.protect_cmd,
         raw_probes=args.raw_probes or None,
+        scenarios=False if args.no_scenarios else None,
+        pdf=args.pdf or None,
+        scenario_pool=args.scenario_pool,
+        known_pairs_k=tuple(args.known_pairs_k) if args.known_pairs_k else None,
+        score_victims=args.score_victims,
+        score_budget=args.score_budget,
         seed=args.seed,
         workers=args.workers,
         progress=not args.quiet,

@@ -26,6 +26,18 @@ folder) also re-encrypts blocks under the new public key (``Rotate``, ``--rotate
 advface.yaml --new-keys-dir S2`` (on the sidecar host, with the sidecar stopped) re-encrypts every block of the
 store through it, resumably, and swaps them at once; then point ``store.encrypted_keys_dir`` at ``S2`` and serve
 ``K2``. See docs/encrypted-matching.md.
+
+Rotation of the binding key (the HMAC key binding requests; the store's integrity key and the wrapping of its names
+key derive from it): ``rotate-binding start --dir K [--grace-s 86400] [--sidecar-dir S]`` (key-service host) makes a
+new binding key current in ``K`` and accepts the previous one for the grace period (a running ``serve`` picks it up
+by itself); the new key goes to the sidecar host as ``S/binding.key.next``. ``rotate-binding store --config
+advface.yaml`` (sidecar host, sidecar stopped) re-tags every block under the new key, re-wraps the names key and
+makes ``binding.key.next`` the sidecar's ``binding.key``; both steps resume when run again. ``rotate-binding finish
+--dir K`` refuses the previous key at once instead of at the end of the grace period.
+
+Forced erasure: ``erase --config advface.yaml`` (sidecar host, sidecar stopped, key service up) erases every
+removed template now and rewrites the database file (VACUUM, WAL checkpoint) so that no earlier version of a block
+is left on disk.
 """
 
 from __future__ import annotations
@@ -35,6 +47,10 @@ import os
 import secrets
 import stat
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from advface.config import Config
 
 NAME = "keyservice"
 HELP = "key service of encrypted matching: key generation, and the gRPC service that holds the secret key"
@@ -100,6 +116,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     rotate.add_argument("--config", help="the sidecar's configuration (its store and current key folder)")
     rotate.add_argument("--new-keys-dir", required=True, help="the next key pair's sidecar folder")
+    binding = actions.add_parser(
+        "rotate-binding",
+        help="rotate the binding key: start (key-service host), store (sidecar host), finish (end the grace period)",
+    )
+    steps = binding.add_subparsers(dest="step", metavar="STEP", required=True)
+    start = steps.add_parser("start", help="key-service host: a new binding key, the previous accepted for a while")
+    start.add_argument("--dir", required=True, help="the key-service folder")
+    start.add_argument(
+        "--grace-s",
+        type=float,
+        default=86400.0,
+        help="seconds the previous binding key stays accepted (default 86400: one day)",
+    )
+    start.add_argument(
+        "--sidecar-dir",
+        help="also write the new key as binding.key.next into this sidecar folder (when it is reachable from here)",
+    )
+    start.add_argument(
+        "--force",
+        action="store_true",
+        help="start although an earlier rotation's grace period runs (its previous key is refused at once)",
+    )
+    store = steps.add_parser(
+        "store", help="sidecar host, sidecar stopped: move the store and the sidecar folder to binding.key.next"
+    )
+    store.add_argument("--config", help="the sidecar's configuration (its store and key folder)")
+    finish = steps.add_parser("finish", help="key-service host: refuse the previous binding key from now on")
+    finish.add_argument("--dir", required=True, help="the key-service folder")
+    erase = actions.add_parser(
+        "erase",
+        help="erase removed templates now and rewrite the store's database file (sidecar host, sidecar stopped)",
+    )
+    erase.add_argument("--config", help="the sidecar's configuration (store.matching: encrypted)")
 
 
 def _add_wrap_flags(parser: argparse.ArgumentParser, what: str) -> None:
@@ -136,6 +185,10 @@ def run(args: argparse.Namespace) -> int:
         return _keygen(args)
     if args.action == "rotate-store":
         return _rotate_store(args)
+    if args.action == "rotate-binding":
+        return _rotate_binding(args)
+    if args.action == "erase":
+        return _erase(args)
     return _serve(args)
 
 
@@ -163,7 +216,7 @@ def _keygen(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from advface.config import TLSConfig
     from advface.encrypted.audit import AuditLog
-    from advface.encrypted.keys import load_binding_key, load_keyservice_folder, read_token
+    from advface.encrypted.keys import load_binding_key, load_binding_keyring, load_keyservice_folder, read_token
     from advface.encrypted.keyservice import DecisionPolicy, KeyServiceCore
     from advface.encrypted.ratelimit import RateLimiter
     from advface.errors import ConfigError
@@ -194,13 +247,14 @@ def _serve(args: argparse.Namespace) -> int:
             raise ConfigError(f"--next-dir {args.next_dir} has another binding key: make it with `keygen --next-of`")
     core = KeyServiceCore(
         keys,
-        binding,
+        load_binding_keyring(args.dir),
         policy,
         limiter=limiter,
         audit=AuditLog(args.audit_log) if args.audit_log else None,
         window_s=args.window_s,
         lock_after_refusals=args.lock_after_refusals or None,
         next_keys=next_keys,
+        reload_binding=lambda: load_binding_keyring(args.dir),  # picks up `rotate-binding start` while serving
     )
     from server.keyservice import serve_keyservice  # grpc is imported only here
 
@@ -238,6 +292,104 @@ def _rotate_store(args: argparse.Namespace) -> int:
         f"{args.new_keys_dir} and serve the new key-service folder"
     )
     return 0
+
+
+def _sidecar_section(config_path: str | None, what: str) -> tuple[Config, Path, Path]:
+    """``(config, key folder, database path)`` of a sidecar configuration with encrypted matching."""
+    from advface.config import load_config
+    from advface.errors import ConfigError
+
+    config = load_config(config_path)
+    section = config.store
+    if section.matching != "encrypted" or not section.encrypted_keys_dir:
+        raise ConfigError(f"{what} needs store.matching: encrypted (and store.encrypted_keys_dir) in --config")
+    folder = Path(section.encrypted_keys_dir).expanduser()
+    return config, folder, Path(section.data_dir).expanduser() / "templates-encrypted.sqlite3"
+
+
+def _rotate_binding(args: argparse.Namespace) -> int:
+    """``rotate-binding start | store | finish``."""
+    import time
+
+    from advface.encrypted import keys as k
+    from advface.errors import ConfigError
+
+    if args.step == "start":
+        new = k.start_binding_rotation(args.dir, args.grace_s, force=args.force)
+        until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(k.load_binding_keyring(args.dir).previous_until))
+        where = f"copy {Path(args.dir) / k.BINDING_FILE} to the sidecar folder as {k.BINDING_NEXT_FILE} (mode 0600)"
+        if args.sidecar_dir:
+            target = Path(args.sidecar_dir).expanduser() / k.BINDING_NEXT_FILE
+            if target.exists() and k.load_key_file(target) != new:
+                raise ConfigError(f"{target} holds another key; remove it if it is from an abandoned rotation")
+            if not target.exists():
+                k.write_key_file(target, new)
+            where = f"wrote {target}"
+        print(
+            f"binding key {k.binding_fingerprint(new)} is current; the previous one is accepted until {until}. "
+            f"Next: {where}, then run `advface keyservice rotate-binding store` on the sidecar host"
+        )
+        return 0
+    if args.step == "finish":
+        found = k.end_binding_grace(args.dir)
+        print("the previous binding key is refused from now on" if found else "no previous binding key was accepted")
+        return 0
+    return _rotate_binding_store(args)
+
+
+def _rotate_binding_store(args: argparse.Namespace) -> int:
+    """Move the sidecar's store to ``binding.key.next``, then make it the folder's binding key."""
+    from advface.encrypted import keys as k
+    from advface.encrypted.binding import binding_fingerprint
+    from advface.encrypted.store import BINDING_META, EncryptedSQLiteStore, integrity_key_for
+    from advface.store.base import check_dim_metric
+
+    _, folder, path = _sidecar_section(args.config, "rotate-binding store")
+    new = k.load_key_file(folder / k.BINDING_NEXT_FILE)
+    old = k.load_binding_key(folder)
+    blocks = 0
+    meta = _store_meta(path) if path.exists() else {}
+    if path.exists() and meta.get(BINDING_META) != binding_fingerprint(new):  # else: done before an interruption
+        dim, metric = check_dim_metric(int(meta["dim"]), meta.get("metric"))
+        store = EncryptedSQLiteStore(
+            path,
+            k.load_sidecar_folder(folder),
+            old,
+            dim,
+            metric,
+            integrity_key=integrity_key_for(old),
+            next_binding=(new, integrity_key_for(new)),
+        )
+        try:
+            blocks = store.rotate_binding_key(new, integrity_key_for(new))
+        finally:
+            store.close()
+    k.install_next_binding_key(folder)
+    print(
+        f"re-tagged {blocks} block(s); {folder / k.BINDING_FILE} is now binding key {binding_fingerprint(new)}: "
+        "start the sidecar"
+    )
+    return 0
+
+
+def _erase(args: argparse.Namespace) -> int:
+    """Erase removed templates now and compact the database file."""
+    from advface.encrypted.store import EncryptedSQLiteStore
+    from advface.service.stores import open_store
+
+    config, _, path = _sidecar_section(args.config, "erase")
+    meta = _store_meta(path)
+    store = open_store(config, int(meta["dim"]), meta["metric"])
+    try:
+        assert isinstance(store, EncryptedSQLiteStore)  # store.matching: encrypted
+        report = store.compact()
+    finally:
+        store.close()
+    print(
+        f"erased {report['erased']} removed template(s); {report['pending']} still pending; "
+        f"{path} rewritten ({report['bytes']} bytes)"
+    )
+    return 0 if report["pending"] == 0 else 1
 
 
 def _store_meta(path: Path) -> dict[str, str]:

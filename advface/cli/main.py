@@ -14,6 +14,7 @@ from advface.cli import (
     generate,
     keygen,
     keyservice,
+    persguard,
     protect,
     protect_image,
     reencode,
@@ -40,6 +41,7 @@ SUBCOMMANDS = [
     audit,
     rotate_transform,
     keyservice,
+    persguard,
 ]
 
 

@@ -27,7 +27,16 @@ from dataclasses import dataclass
 
 from advface.encrypted.errors import RefusedError
 
-__all__ = ["OPS", "BoundRequest", "ReplayGuard", "RequestItem", "bind", "check_mac"]
+__all__ = [
+    "OPS",
+    "BindingKeyring",
+    "BoundRequest",
+    "ReplayGuard",
+    "RequestItem",
+    "bind",
+    "binding_fingerprint",
+    "check_mac",
+]
 
 OPS = ("verify", "identify", "refresh", "rotate")
 _DOMAIN = b"advface.keyservice.request.v1\x00"
@@ -135,6 +144,38 @@ def check_mac(key: bytes, request: BoundRequest) -> None:
         raise RefusedError("malformed request") from None
     if not isinstance(request.mac, str) or not hmac.compare_digest(expected, request.mac):
         raise RefusedError("request is not bound by the sidecar (MAC mismatch)")
+
+
+def binding_fingerprint(key: bytes) -> str:
+    """A name for a binding key that reveals nothing of it (32 hex digits; recorded in stores and rotation files)."""
+    return hmac.new(key, b"advface binding key fingerprint", hashlib.sha256).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class BindingKeyring:
+    """The binding keys a key service accepts: the current one, and during a rotation's grace period the previous
+    one until ``previous_until`` (seconds since the epoch)."""
+
+    current: bytes
+    previous: bytes | None = None
+    previous_until: float = 0.0
+
+    def check(self, request: BoundRequest, now: float) -> bool:
+        """RefusedError unless ``request`` is bound under the current key, or under the previous one before the end
+        of its grace period; whether it was the previous one."""
+        try:
+            check_mac(self.current, request)
+            return False
+        except RefusedError:
+            if self.previous is None:
+                raise
+        try:
+            check_mac(self.previous, request)
+        except RefusedError:
+            raise RefusedError("request is not bound by the sidecar (MAC mismatch)") from None
+        if now >= self.previous_until:
+            raise RefusedError("request is bound under the previous binding key, whose grace period has ended")
+        return True
 
 
 class ReplayGuard:

@@ -29,7 +29,15 @@ from advface.encrypted.gallery import EncryptedGallery, GalleryMetric
 from advface.encrypted.keys import PublicKeys
 from advface.errors import IntegrityError
 
-__all__ = ["decode_block", "encode_block", "encode_block_data", "load_gallery", "save_gallery"]
+__all__ = [
+    "block_tag_ok",
+    "decode_block",
+    "encode_block",
+    "encode_block_data",
+    "load_gallery",
+    "retag_block",
+    "save_gallery",
+]
 
 MAGIC = b"ADVFACE-CKKS-BLOCK1\n"
 MANIFEST = "gallery.json"
@@ -75,6 +83,22 @@ def encode_block_data(
         parts += [struct.pack(">I", len(data)), data]
     body = b"".join(parts)
     return body + _tag(key, body)
+
+
+def block_tag_ok(data: bytes, key: bytes | None) -> bool:
+    """Whether ``data`` is a block authenticated under ``key`` (the tag only: nothing is parsed)."""
+    if len(data) < len(MAGIC) + 4 + _TAG or not data.startswith(MAGIC):
+        return False
+    return hmac.compare_digest(data[-_TAG:], _tag(key, data[:-_TAG]))
+
+
+def retag_block(data: bytes, old_key: bytes | None, new_key: bytes | None, what: str) -> bytes:
+    """The block ``data`` authenticated under ``new_key`` instead of ``old_key`` (same contents); IntegrityError
+    naming ``what`` when it does not authenticate under ``old_key``."""
+    if not block_tag_ok(data, old_key):
+        raise IntegrityError(f"{what}: authentication failed (tampered, truncated, or written under another key)")
+    body = data[:-_TAG]
+    return body + _tag(new_key, body)
 
 
 def decode_block(

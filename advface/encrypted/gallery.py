@@ -36,6 +36,7 @@ import numpy as np
 from advface.encoders.base import validate_embeddings
 from advface.encrypted._seal import from_bytes, require, to_bytes
 from advface.encrypted.keys import PublicKeys
+from advface.encrypted.memory import harden_allocator, scrub_caches, wipe, wipe_floats, wipe_plaintext
 from advface.errors import ConfigError, EmbeddingError, IntegrityError, NotFoundError, PreconditionError
 
 __all__ = ["FREE", "LIVE", "DEAD", "EncryptedGallery", "RefreshJob", "ScoreCiphertext", "SlotRef"]
@@ -108,6 +109,11 @@ class EncryptedGallery:
         self._evaluator = self.seal.Evaluator(keys.context)
         self._blocks: list[_Block] = []
         self._lock = threading.RLock()
+        self._zeros = [0.0] * self.slots
+        #: byte sizes of the small numpy buffers a template or probe occupies (float32 / float64, with or without
+        #: the norm column): the buckets of numpy's cache that :meth:`scrub` overwrites
+        self._cache_sizes = {width * n for width in (4, 8) for n in (dim, self.columns)}
+        harden_allocator()  # freed memory is overwritten from now on (glibc; see advface.encrypted.memory)
 
     # ------------------------------------------------------------------ sizes
 
@@ -141,41 +147,86 @@ class EncryptedGallery:
     # ------------------------------------------------------------------ encoding
 
     def template_values(self, vectors: Any) -> np.ndarray:
-        """The column values (``N x columns`` float64) stored for ``vectors``; EmbeddingError for bad vectors."""
-        x = validate_embeddings(vectors, self.dim).astype(np.float64)
-        norms = np.linalg.norm(x, axis=1)
+        """The column values (``N x columns`` float64) stored for ``vectors``; EmbeddingError for bad vectors.
+
+        The result is the only new buffer holding the values (no temporaries): the caller wipes it
+        (:func:`advface.encrypted.memory.wipe`) once it is encrypted."""
+        x = validate_embeddings(vectors, self.dim)
+        out = np.empty((len(x), self.columns))
+        try:
+            out[:, : self.dim] = x  # cast in place: no float64 temporary
+        finally:
+            if not _same_memory(x, vectors):
+                wipe(x)  # validate_embeddings made a float32 copy
+        norms = np.empty(len(out))
+        for i, row in enumerate(out[:, : self.dim]):  # one dot product per row: no temporary of squares
+            norms[i] = np.sqrt(np.dot(row, row))
         if self.metric == "cosine":
-            return x / norms[:, None]
+            for i, row in enumerate(out):
+                row /= norms[i]
+            wipe(norms)
+            return out
         too_big = norms > self.params.max_norm
         if too_big.any():
+            wipe(out, norms)
             rows = np.flatnonzero(too_big)[:10].tolist()
             raise EmbeddingError(
                 f"rows {rows} have a norm above the encrypted gallery's max_norm {self.params.max_norm}"
             )
-        return np.concatenate([x, (norms**2)[:, None]], axis=1)
+        np.multiply(norms, norms, out=out[:, self.dim])
+        wipe(norms)
+        return out
 
     def probe_coefficients(self, probe: Any) -> tuple[np.ndarray, float]:
-        """The quantised plaintext coefficients of each column and the constant added to every score."""
+        """The quantised plaintext coefficients of each column and the constant added to every score (the caller
+        wipes the coefficients once encoded)."""
         p = validate_embeddings(probe, self.dim)
         if len(p) != 1:
             raise EmbeddingError(f"expected one probe vector, got {len(p)}")
-        v = p[0].astype(np.float64)
+        v = np.empty(self.dim)
+        v[:] = p[0]
+        if not _same_memory(p, probe):
+            wipe(p)
         scale = self.params.probe_scale
+        norm = float(np.sqrt(np.dot(v, v)))
         if self.metric == "cosine":
-            coef = np.round(v / np.linalg.norm(v) * scale) / scale
-            return coef, 0.0
-        if np.linalg.norm(v) > self.params.max_norm:
+            v /= norm
+            v *= scale
+            np.round(v, out=v)
+            v /= scale
+            return v, 0.0
+        if norm > self.params.max_norm:
+            wipe(v)
             raise EmbeddingError(f"probe norm is above the encrypted gallery's max_norm {self.params.max_norm}")
-        doubled = np.round(2.0 * v * scale) / scale
-        half = doubled / 2.0
-        return np.concatenate([doubled, [-1.0]]), -float(half @ half)
+        coef = np.empty(self.columns)
+        doubled = coef[: self.dim]
+        np.multiply(v, 2.0 * scale, out=doubled)
+        wipe(v)
+        np.round(doubled, out=doubled)
+        doubled /= scale
+        coef[self.dim] = -1.0
+        constant = -float(np.dot(doubled, doubled)) / 4.0  # |doubled / 2|^2
+        return coef, constant
 
-    def _encrypt(self, values: np.ndarray) -> Any:
+    def _encode(self, values: list[float], scale: float) -> Any:
         plain = self.seal.Plaintext()
-        self._encoder.encode(values.tolist(), self._parms_id, self.params.template_scale, plain)
-        cipher = self.seal.Ciphertext(self._context)
-        self._encryptor.encrypt(plain, cipher)
-        return cipher
+        self._encoder.encode(values, self._parms_id, scale, plain)
+        return plain
+
+    def _encode_scalar(self, value: float, scale: float) -> Any:
+        plain = self.seal.Plaintext()
+        self._encoder.encode(value, self._parms_id, scale, plain)
+        return plain
+
+    def _scrub_encoder(self) -> None:
+        """Overwrite the encoder's scratch memory in SEAL's pool (the last encoding's transform) with zeros."""
+        wipe_plaintext(self._encode(self._zeros, self.params.template_scale))
+
+    def scrub(self) -> None:
+        """After a call that handled plaintext values: overwrite SEAL's encoding scratch and the calling thread's
+        allocator caches (:mod:`advface.encrypted.memory`)."""
+        self._scrub_encoder()
+        scrub_caches(self._cache_sizes)
 
     # ------------------------------------------------------------------ changes
 
@@ -188,28 +239,51 @@ class EncryptedGallery:
             for row, ref in enumerate(refs):
                 by_block.setdefault(ref.block, []).append(row)
             staged: dict[int, _Block] = {}
-            for block, rows in by_block.items():
-                slots = np.array([refs[r].slot for r in rows])
-                existing = self._blocks[block] if block < len(self._blocks) else None
-                state = existing.state.copy() if existing else np.zeros(self.slots, np.uint8)
-                state[slots] = LIVE
-                columns = []
-                for c in range(self.columns):
-                    vec = np.zeros(self.slots)
-                    vec[slots] = values[rows, c]
-                    delta = self._encrypt(vec)
-                    if existing is not None:
-                        out = self.seal.Ciphertext(self._context)
-                        self._evaluator.add(existing.columns[c], delta, out)
-                        delta = out
-                    columns.append(delta)
-                staged[block] = _Block(columns, state, existing.generation + 1 if existing else 0)
+            try:
+                for block, rows in by_block.items():
+                    staged[block] = self._added_block(block, rows, refs, values)
+            finally:
+                wipe(values)
+                self.scrub()
             for block in sorted(staged):
                 if block < len(self._blocks):
                     self._blocks[block] = staged[block]
                 else:
                     self._blocks.append(staged[block])
             return refs
+
+    def _added_block(self, block: int, rows: list[int], refs: list[SlotRef], values: np.ndarray) -> _Block:
+        """Block ``block`` with ``values[rows]`` encrypted into their slots (one encryption per column, added)."""
+        slots = [refs[r].slot for r in rows]
+        existing = self._blocks[block] if block < len(self._blocks) else None
+        state = existing.state.copy() if existing else np.zeros(self.slots, np.uint8)
+        state[slots] = LIVE
+        sub = values[rows]  # our copy: wiped below
+        columns = []
+        try:
+            for c in range(self.columns):
+                floats = sub[:, c].tolist()  # the only Python objects holding the values: wiped after encoding
+                vec = list(self._zeros)  # one shared 0.0 elsewhere
+                for s, f in zip(slots, floats):
+                    vec[s] = f
+                try:
+                    plain = self._encode(vec, self.params.template_scale)
+                finally:
+                    wipe_floats(floats)
+                    del vec, floats
+                delta = self.seal.Ciphertext(self._context)
+                try:
+                    self._encryptor.encrypt(plain, delta)
+                finally:
+                    wipe_plaintext(plain)
+                if existing is not None:
+                    out = self.seal.Ciphertext(self._context)
+                    self._evaluator.add(existing.columns[c], delta, out)
+                    delta = out
+                columns.append(delta)
+        finally:
+            wipe(sub)
+        return _Block(columns, state, existing.generation + 1 if existing else 0)
 
     def _free_slots(self, n: int) -> list[SlotRef]:
         refs: list[SlotRef] = []
@@ -256,20 +330,24 @@ class EncryptedGallery:
         else:
             for ref in refs:
                 if not (0 <= ref.block < len(blocks)) or blocks[ref.block].state[ref.slot] != LIVE:
+                    wipe(coef)
                     raise NotFoundError(f"encrypted gallery slot {ref.block}:{ref.slot} holds no template")
                 wanted.setdefault(ref.block, []).append(ref.slot)
-        plains = []
-        for c, value in enumerate(coef):
-            if value != 0.0:
-                plain = self.seal.Plaintext()
-                self._encoder.encode(float(value), self._parms_id, self.params.probe_scale, plain)
-                plains.append((c, plain))
+        plains: list[tuple[int, Any]] = []
+        constant_plain = None
+        values = coef.tolist()
+        try:
+            for c, value in enumerate(values):
+                if value != 0.0:
+                    plains.append((c, self._encode_scalar(value, self.params.probe_scale)))
+            if constant != 0.0:
+                constant_plain = self._encode_scalar(constant, self.params.score_scale)
+        finally:
+            wipe_floats([*values, constant])
+            wipe(coef)
+            del values
         if not plains:  # pragma: no cover - a normalised probe always has a coefficient above 2**-19
             raise EmbeddingError("probe rounds to zero at the probe scale")
-        constant_plain = None
-        if constant != 0.0:
-            constant_plain = self.seal.Plaintext()
-            self._encoder.encode(constant, self._parms_id, self.params.score_scale, constant_plain)
 
         def one(block: int) -> ScoreCiphertext:
             columns = blocks[block].columns
@@ -285,10 +363,17 @@ class EncryptedGallery:
             return ScoreCiphertext(block, acc, tuple(sorted(wanted[block])))
 
         order = sorted(wanted)
-        if threads > 1 and len(order) > 1:
-            with ThreadPoolExecutor(max_workers=threads) as pool:
-                return list(pool.map(one, order))
-        return [one(b) for b in order]
+        try:
+            if threads > 1 and len(order) > 1:
+                with ThreadPoolExecutor(max_workers=threads) as pool:
+                    return list(pool.map(one, order))
+            return [one(b) for b in order]
+        finally:
+            for _, plain in plains:
+                wipe_plaintext(plain)
+            if constant_plain is not None:
+                wipe_plaintext(constant_plain)
+            scrub_caches(self._cache_sizes)
 
     # ------------------------------------------------------------------ erasure
 
@@ -375,3 +460,8 @@ class EncryptedGallery:
             if block != len(self._blocks):
                 raise IntegrityError(f"encrypted gallery block {block} read out of order")
             self._blocks.append(_Block(list(columns), state.copy(), int(generation)))
+
+
+def _same_memory(array: np.ndarray, given: Any) -> bool:
+    """Whether ``array`` is (a view of) the caller's ``given`` array, which is not ours to wipe."""
+    return isinstance(given, np.ndarray) and np.shares_memory(array, given)

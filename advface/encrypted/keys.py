@@ -16,11 +16,13 @@ the public key encrypts.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
 import secrets
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,14 +31,19 @@ import numpy as np
 
 from advface.crypto import TemplateCipher, generate_key, load_key_file, write_key_file
 from advface.encrypted._seal import from_bytes, require, to_bytes
+from advface.encrypted.binding import BindingKeyring, binding_fingerprint
 from advface.encrypted.params import CkksParams, make_context
 from advface.errors import ConfigError, IntegrityError
 
 __all__ = [
     "PublicKeys",
     "SecretKeys",
+    "end_binding_grace",
     "generate_keys",
+    "install_next_binding_key",
     "load_binding_key",
+    "load_binding_keyring",
+    "start_binding_rotation",
     "read_token",
     "load_keyservice_folder",
     "load_sidecar_folder",
@@ -51,6 +58,13 @@ SECRET_FILE = "ckks-secret.seal"
 WRAPPED_SECRET_FILE = "ckks-secret.seal.enc"
 _WRAP_AAD = b"advface ckks secret key\x00"
 BINDING_FILE = "binding.key"
+#: key-service folder, binding-key rotation: the new key of a started rotation (until it becomes binding.key), the
+#: previous key and the end of its grace period
+BINDING_NEW_FILE = "binding.key.new"
+BINDING_PREVIOUS_FILE = "binding-previous.key"
+BINDING_ROTATION_FILE = "binding-rotation.json"
+#: sidecar folder: the new binding key, copied from the key-service host, until the store has switched to it
+BINDING_NEXT_FILE = "binding.key.next"
 #: the key service's bearer token (written by `advface keyservice keygen` into both folders)
 TOKEN_FILE = "keyservice.token"
 TOKEN_ENV = "ADVFACE_KEYSERVICE_TOKEN"
@@ -166,6 +180,112 @@ def new_binding_key() -> bytes:
 def load_binding_key(folder: str | os.PathLike[str]) -> bytes:
     """The binding key of a sidecar or key-service folder (a 0600 file)."""
     return load_key_file(Path(folder).expanduser() / BINDING_FILE)
+
+
+def load_binding_keyring(folder: str | os.PathLike[str], now: float | None = None) -> BindingKeyring:
+    """The binding keys a key service with this folder accepts: ``binding.key``, and during a rotation's grace period
+    (``binding-rotation.json``) the previous key until its end. ConfigError for unreadable or mismatched files."""
+    path = Path(folder).expanduser()
+    current = load_binding_key(path)
+    rotation = path / BINDING_ROTATION_FILE
+    if not rotation.exists():
+        return BindingKeyring(current)
+    try:
+        doc = json.loads(rotation.read_text())
+        until = float(doc["previous_until"])
+        previous_fp = str(doc["previous"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{rotation}: unreadable ({exc})") from None
+    if (now if now is not None else time.time()) >= until:
+        return BindingKeyring(current)  # the grace period is over: the previous key is refused
+    previous = load_key_file(path / BINDING_PREVIOUS_FILE)
+    if binding_fingerprint(previous) != previous_fp:
+        raise ConfigError(f"{path / BINDING_PREVIOUS_FILE} does not match {rotation}")
+    if previous == current:  # a rotation interrupted before its new key became current
+        return BindingKeyring(current)
+    return BindingKeyring(current, previous, until)
+
+
+def start_binding_rotation(
+    folder: str | os.PathLike[str], grace_s: float, *, now: float | None = None, force: bool = False
+) -> bytes:
+    """Make a new binding key current in a key-service folder and accept the previous one for ``grace_s`` more
+    seconds; returns the new key (for the sidecar host). Resumable: an interrupted run is finished with the same new
+    key. ConfigError while the grace period of an earlier rotation runs (unless ``force``: that earlier previous
+    key is then refused at once)."""
+    if not grace_s >= 0:
+        raise ConfigError(f"the grace period must be >= 0 seconds, got {grace_s}")
+    path = Path(folder).expanduser()
+    now = time.time() if now is None else now
+    current = load_binding_key(path)
+    new_path = path / BINDING_NEW_FILE
+    if new_path.exists():
+        new = load_key_file(new_path)  # resume an interrupted run with its key
+    else:
+        keyring = load_binding_keyring(path, now)
+        if keyring.previous is not None and not force:
+            raise ConfigError(
+                f"the grace period of the previous binding-key rotation of {path} runs until "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(keyring.previous_until))}: end it first "
+                "(`advface keyservice rotate-binding finish`) once the sidecar uses the current key"
+            )
+        new = new_binding_key()
+        _replace_private(new_path, base64.b64encode(new) + b"\n")
+    if current != new:  # else: interrupted after the swap; only the clean-up is left
+        _replace_private(path / BINDING_PREVIOUS_FILE, base64.b64encode(current) + b"\n")
+        doc = {
+            "previous": binding_fingerprint(current),
+            "current": binding_fingerprint(new),
+            "previous_until": now + float(grace_s),
+            "started": now,
+        }
+        _replace_private(path / BINDING_ROTATION_FILE, (json.dumps(doc, indent=2) + "\n").encode())
+        os.replace(new_path, path / BINDING_FILE)
+        _fsync_dir(path)
+    elif new_path.exists():
+        os.unlink(new_path)
+    return new
+
+
+def end_binding_grace(folder: str | os.PathLike[str]) -> bool:
+    """Refuse the previous binding key of a key-service folder from now on (delete it); whether there was one."""
+    path = Path(folder).expanduser()
+    if (path / BINDING_NEW_FILE).exists():
+        raise ConfigError(f"a binding-key rotation of {path} is unfinished: run `rotate-binding start` again first")
+    found = False
+    for name in (BINDING_ROTATION_FILE, BINDING_PREVIOUS_FILE):  # the marker first: a crash leaves no grace
+        try:
+            os.unlink(path / name)
+            found = True
+        except FileNotFoundError:
+            pass
+    _fsync_dir(path)
+    return found
+
+
+def install_next_binding_key(folder: str | os.PathLike[str]) -> bytes:
+    """Sidecar folder: make ``binding.key.next`` the binding key (atomic rename); returns it."""
+    path = Path(folder).expanduser()
+    new = load_key_file(path / BINDING_NEXT_FILE)
+    os.replace(path / BINDING_NEXT_FILE, path / BINDING_FILE)
+    _fsync_dir(path)
+    return new
+
+
+def _replace_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (0600 temporary file, fsync, rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)  # left by an interrupted write
+    _write_private(tmp, data)
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_sidecar_folder(folder: str | os.PathLike[str]) -> PublicKeys:

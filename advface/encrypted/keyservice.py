@@ -24,7 +24,7 @@ import numpy as np
 
 from advface.encrypted._seal import from_bytes, require, to_bytes
 from advface.encrypted.audit import AuditLog
-from advface.encrypted.binding import BoundRequest, ReplayGuard, check_mac
+from advface.encrypted.binding import BindingKeyring, BoundRequest, ReplayGuard
 from advface.encrypted.errors import RateLimitedError, RefusedError
 from advface.encrypted.keys import PublicKeys, SecretKeys
 from advface.encrypted.ratelimit import RateLimiter
@@ -34,6 +34,13 @@ __all__ = ["Decision", "DecisionPolicy", "KeyServiceCore", "VerifyDecision"]
 
 #: most slots one request may ask about (a 1M gallery plus room)
 MAX_SLOTS = 2_000_000
+#: least seconds between two re-readings of the binding keys prompted by requests failing their MAC
+RELOAD_INTERVAL_S = 2.0
+
+
+def _check_keyring(keyring: BindingKeyring) -> None:
+    if len(keyring.current) < 32 or (keyring.previous is not None and len(keyring.previous) < 32):
+        raise ConfigError("the binding key must be at least 32 bytes")
 
 
 @dataclass(frozen=True)
@@ -81,7 +88,7 @@ class KeyServiceCore:
     def __init__(
         self,
         keys: SecretKeys,
-        binding_key: bytes,
+        binding_key: bytes | BindingKeyring,
         policy: DecisionPolicy,
         *,
         limiter: RateLimiter | None = None,
@@ -90,16 +97,22 @@ class KeyServiceCore:
         clock: Callable[[], float] = time.time,
         lock_after_refusals: int | None = None,
         next_keys: PublicKeys | None = None,
+        reload_binding: Callable[[], BindingKeyring] | None = None,
     ) -> None:
-        if len(binding_key) < 32:
-            raise ConfigError("the binding key must be at least 32 bytes")
+        keyring = binding_key if isinstance(binding_key, BindingKeyring) else BindingKeyring(bytes(binding_key))
+        _check_keyring(keyring)
         self.seal = require()
         self.keys = keys
         self.params = keys.public.params
         self.policy = policy
         self.limiter = limiter
         self.audit = audit or AuditLog(None)
-        self._binding_key = bytes(binding_key)
+        self._keyring = keyring
+        #: re-reads the binding keys (e.g. from the key-service folder after `rotate-binding start`): called when a
+        #: request fails its MAC, at most every RELOAD_INTERVAL_S, so a running service picks up a rotation
+        self._reload_binding = reload_binding
+        self._reloaded_at = -math.inf
+        self._clock = clock
         self._replay = ReplayGuard(window_s, clock)
         if lock_after_refusals is not None and lock_after_refusals < 1:
             raise ConfigError(f"lock_after_refusals must be >= 1 or None, got {lock_after_refusals}")
@@ -239,7 +252,7 @@ class KeyServiceCore:
             raise RefusedError(f"not a {op} request")
         if request.fingerprint != self.fingerprint:
             raise RefusedError(f"request is for key pair {request.fingerprint!r}, this service has {self.fingerprint}")
-        check_mac(self._binding_key, request)
+        self._check_binding(request)
         self._replay.check(request)  # after the MAC: only the sidecar can spend a nonce
         try:
             return self._decrypt_checked(request, op, scale, check_range)
@@ -249,6 +262,39 @@ class KeyServiceCore:
                 if self.lock_after_refusals is not None and self.forged_requests >= self.lock_after_refusals:
                     self.locked = True
             raise
+
+    @property
+    def keyring(self) -> BindingKeyring:
+        """The binding keys accepted now."""
+        return self._keyring
+
+    def _check_binding(self, request: BoundRequest) -> None:
+        """The MAC under the accepted binding keys. A request that fails, or passes under the previous key only,
+        makes the service re-read its keys first (at most every RELOAD_INTERVAL_S): a rotation started, or its
+        grace period ended early, while the service runs."""
+        now = self._clock()
+        try:
+            if not self._keyring.check(request, now):
+                return
+        except RefusedError:
+            if not self._may_reload(now):
+                raise
+        else:
+            if not self._may_reload(now):
+                return
+        assert self._reload_binding is not None
+        keyring = self._reload_binding()
+        _check_keyring(keyring)
+        with self._lock:
+            self._keyring = keyring
+        keyring.check(request, now)
+
+    def _may_reload(self, now: float) -> bool:
+        with self._lock:
+            if self._reload_binding is None or now - self._reloaded_at < RELOAD_INTERVAL_S:
+                return False
+            self._reloaded_at = now
+            return True
 
     def _decrypt_checked(self, request: BoundRequest, op: str, scale: float, check_range: bool) -> list[np.ndarray]:
         """Slots, ciphertext structure and range of a bound request; the decrypted values."""

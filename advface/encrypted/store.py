@@ -33,6 +33,7 @@ through the key service, resumable, swapped in one transaction. Not yet: Postgre
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import math
@@ -41,7 +42,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -49,12 +50,13 @@ import numpy as np
 
 from advface.crypto import TemplateCipher
 from advface.encrypted._seal import to_bytes
-from advface.encrypted.binding import BoundRequest
-from advface.encrypted.blocks import decode_block, encode_block, encode_block_data
+from advface.encrypted.binding import BoundRequest, binding_fingerprint
+from advface.encrypted.blocks import block_tag_ok, decode_block, encode_block, encode_block_data, retag_block
 from advface.encrypted.errors import KeyServiceUnavailableError, RateLimitedError
-from advface.encrypted.gallery import FREE, LIVE, EncryptedGallery, GalleryMetric, SlotRef
+from advface.encrypted.gallery import DEAD, FREE, LIVE, EncryptedGallery, GalleryMetric, SlotRef
 from advface.encrypted.keys import PublicKeys
 from advface.encrypted.keyservice import Decision, VerifyDecision
+from advface.encrypted.memory import scrub_caches, wipe
 from advface.encrypted.requests import prepare_refresh, prepare_rotate, prepare_scores
 from advface.errors import ClosedError, ConfigError, IntegrityError, NotFoundError, PreconditionError
 from advface.store.base import (
@@ -72,10 +74,19 @@ from advface.store.base import (
     decode_page_token,
     encode_page_token,
 )
-from advface.store.sealing import NAMES_META, PlainNames, SealedNames, names_from_meta, new_sealed_names
+from advface.store.sealing import (
+    NAMES_KEY_META,
+    NAMES_META,
+    PlainNames,
+    SealedNames,
+    names_from_meta,
+    new_sealed_names,
+    unwrap_names_key,
+    wrap_names_key,
+)
 from advface.store.sqlite_faiss.database import acquire_process_lock
 
-__all__ = ["EncryptedSQLiteStore", "KeyServiceLike", "names_cipher"]
+__all__ = ["EncryptedSQLiteStore", "KeyServiceLike", "integrity_key_for", "names_cipher"]
 
 log = logging.getLogger("advface.store")
 
@@ -97,6 +108,9 @@ CREATE TABLE IF NOT EXISTS rotated (tenant TEXT NOT NULL, block INTEGER NOT NULL
 """
 #: ``meta`` key of the fingerprint of the key pair an unfinished rotation goes to
 ROTATION_META = "rotation_target"
+#: ``meta`` keys of the binding key's fingerprint, and of the new one during an unfinished binding-key rotation
+BINDING_META = "binding_fingerprint"
+BINDING_ROTATION_META = "binding_rotation_target"
 
 
 class KeyServiceLike(Protocol):
@@ -129,6 +143,7 @@ class EncryptedSQLiteStore(TemplateStore):
         threads: int = 1,
         auto_erase: bool = True,
         erase_retry_s: float = 30.0,
+        next_binding: tuple[bytes, bytes | None] | None = None,
     ) -> None:
         self.dim, self.metric = check_dim_metric(dim, metric)
         self.keys = keys
@@ -139,6 +154,9 @@ class EncryptedSQLiteStore(TemplateStore):
         self.threads = int(threads)
         self._binding_key = bytes(binding_key)
         self._integrity_key = integrity_key
+        #: (binding key, integrity key) of an unfinished binding-key rotation: blocks already re-tagged under it are
+        #: accepted (only :meth:`rotate_binding_key` and ``advface keyservice rotate-binding`` pass it)
+        self._next_binding = (bytes(next_binding[0]), next_binding[1]) if next_binding is not None else None
         self._names: PlainNames | SealedNames = PlainNames()  # set by _check_meta: sealed unless made before sealing
         self.path = Path(path)
         self._lock = threading.RLock()
@@ -185,8 +203,11 @@ class EncryptedSQLiteStore(TemplateStore):
         have = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
         if not have:
             self._names, sealed = new_sealed_names(names_cipher(self._binding_key))
+            recorded = {BINDING_META: binding_fingerprint(self._binding_key)}
             with self._transaction():
-                self._db.executemany("INSERT INTO meta VALUES (?, ?)", [*want.items(), *sealed.items()])
+                self._db.executemany(
+                    "INSERT INTO meta VALUES (?, ?)", [*want.items(), *sealed.items(), *recorded.items()]
+                )
             return
         if have.get("format") != FORMAT:
             raise ConfigError(f"{self.path} is not an encrypted template store ({have.get('format')!r})")
@@ -203,7 +224,9 @@ class EncryptedSQLiteStore(TemplateStore):
         for name in ("dim", "metric"):
             if have.get(name) != want[name]:
                 raise ConfigError(f"{self.path} was made for {name} {have.get(name)}, not {want[name]}")
-        cipher = names_cipher(self._binding_key)
+        self._check_binding_meta(have)
+        # during a binding-key rotation, subject rows already resealed under the new key open too
+        cipher = names_cipher(self._binding_key, *([self._next_binding[0]] if self._next_binding else []))
         if NAMES_META not in have and self._db.execute("SELECT 1 FROM subjects LIMIT 1").fetchone() is None:
             self._names, sealed = new_sealed_names(cipher)  # an empty store made before sealing: sealed from now on
             with self._transaction():
@@ -211,15 +234,35 @@ class EncryptedSQLiteStore(TemplateStore):
             return
         self._names = names_from_meta(have, cipher, str(self.path))
 
+    def _check_binding_meta(self, have: dict[str, str]) -> None:
+        """ConfigError when the store is under another binding key, or a binding-key rotation is unfinished and
+        this opening does not carry its new key."""
+        mine = binding_fingerprint(self._binding_key)
+        recorded = have.get(BINDING_META)
+        if recorded is not None and recorded != mine:
+            raise ConfigError(
+                f"{self.path} is under binding key {recorded}, not this sidecar's {mine}: if a binding-key rotation "
+                "was interrupted after the store switched, run `advface keyservice rotate-binding store` again "
+                "to finish it; otherwise use the store's key folder"
+            )
+        target = have.get(BINDING_ROTATION_META)
+        if target is None:
+            return
+        if self._next_binding is None:
+            raise ConfigError(
+                f"{self.path}: the rotation to binding key {target} is unfinished; run `advface keyservice "
+                "rotate-binding store` again to finish it"
+            )
+        if binding_fingerprint(self._next_binding[0]) != target:
+            raise ConfigError(f"{self.path}: an unfinished binding-key rotation goes to {target}, not to this key")
+
     @property
     def sealed_names(self) -> bool:
         """Whether subject ids and metadata are sealed at rest (every store made since sealing exists)."""
         return self._names.sealed
 
     def _tenant_key(self, tenant: str) -> bytes | None:
-        if self._integrity_key is None:
-            return None
-        return hmac.new(self._integrity_key, b"advface encrypted store tenant\x00" + tenant.encode(), "sha256").digest()
+        return _tenant_key(self._integrity_key, tenant)
 
     def _reload(self, tenant: str) -> None:
         """Rebuild a tenant's gallery and slot map from the database, checking every block."""
@@ -230,7 +273,12 @@ class EncryptedSQLiteStore(TemplateStore):
             what = f"{self.path} tenant {tenant!r} block {block}"
             if block != index:
                 raise IntegrityError(f"{what}: blocks are not contiguous (block {index} missing)")
-            header, state, columns = decode_block(gallery, bytes(data), key, what)
+            block_key = key
+            if self._next_binding is not None:  # a block re-tagged by an unfinished binding-key rotation
+                next_key = _tenant_key(self._next_binding[1], tenant)
+                if not block_tag_ok(bytes(data), key) and block_tag_ok(bytes(data), next_key):
+                    block_key = next_key
+            header, state, columns = decode_block(gallery, bytes(data), block_key, what)
             if header.get("block") != block:
                 raise IntegrityError(f"{what}: holds block {header.get('block')} (swapped)")
             gallery.import_block(block, int(header["generation"]), state, columns)
@@ -302,21 +350,30 @@ class EncryptedSQLiteStore(TemplateStore):
         checked = check_add_many(tenant, items, self.dim, replace)
         if not checked:
             return []
-        with self._lock:
-            self._check_open()
-            gallery = self._gallery(tenant)
-            gallery.template_values(np.concatenate([v for _, v, _ in checked]))  # EmbeddingError before any change
-            try:
-                return self._add(tenant, gallery, checked, replace)
-            except BaseException:
-                self._reload(tenant)
-                raise
+        # plaintext copies made here are wiped before returning (advface.encrypted.memory); the caller's arrays
+        # are the caller's to wipe
+        ours = [v for (_, v, _), item in zip(checked, items) if not _caller_owns(v, item)]
+        vectors = np.concatenate([v for _, v, _ in checked])
+        try:
+            with self._lock:
+                self._check_open()
+                gallery = self._gallery(tenant)
+                wipe(gallery.template_values(vectors))  # EmbeddingError before any change
+                try:
+                    return self._add(tenant, gallery, checked, vectors, replace)
+                except BaseException:
+                    self._reload(tenant)
+                    raise
+        finally:
+            wipe(vectors, *ours)
+            scrub_caches()
 
     def _add(
         self,
         tenant: str,
         gallery: EncryptedGallery,
         checked: list[tuple[str, np.ndarray, dict[str, str] | None]],
+        vectors: np.ndarray,
         replace: bool,
     ) -> list[list[str]]:
         slots = self._slots[tenant]
@@ -326,7 +383,7 @@ class EncryptedSQLiteStore(TemplateStore):
             removed = [ref for ref, (_, subject) in slots.items() if subject in wanted]
         if removed:
             gallery.remove(removed)
-        refs = gallery.add(np.concatenate([v for _, v, _ in checked]))
+        refs = gallery.add(vectors)
         ids: list[list[str]] = []
         now = time.time()
         names = self._names
@@ -557,6 +614,116 @@ class EncryptedSQLiteStore(TemplateStore):
             done += 1
         return done
 
+    # ------------------------------------------------------------------ binding-key rotation
+
+    def rotate_binding_key(self, new_binding_key: bytes, new_integrity_key: bytes | None) -> int:
+        """Move the store to a new binding key (the integrity key derived from it, :func:`integrity_key_for`):
+        every block is re-tagged under the new integrity key, one transaction per block, then one transaction
+        re-wraps the names key and records the new binding key's fingerprint. Returns the blocks re-tagged by this
+        call. Interrupted, it is resumed by calling it again (the store opened with the old key and
+        ``next_binding``): blocks already re-tagged are skipped. No key service is needed; the store's lock is held
+        throughout (run it with the sidecar stopped). Refused while a key-pair rotation is unfinished."""
+        new_binding_key = bytes(new_binding_key)
+        if len(new_binding_key) < 32:
+            raise ConfigError("the new binding key must be at least 32 bytes")
+        target = binding_fingerprint(new_binding_key)
+        if target == binding_fingerprint(self._binding_key):
+            raise ConfigError(f"the store is already under binding key {target}")
+        with self._lock:
+            self._check_open()
+            have = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+            if ROTATION_META in have or self._db.execute("SELECT 1 FROM rotated LIMIT 1").fetchone() is not None:
+                raise ConfigError(f"{self.path}: a key-pair rotation is unfinished; finish it first")
+            if have.get(BINDING_ROTATION_META) not in (None, target):
+                raise ConfigError(
+                    f"{self.path}: a rotation to binding key {have[BINDING_ROTATION_META]} is unfinished; finish it"
+                )
+            self._next_binding = (new_binding_key, new_integrity_key)
+            with self._transaction():
+                self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (BINDING_ROTATION_META, target))
+            done = 0
+            self._reseal_subjects(new_binding_key, have)
+            for tenant in sorted(self._galleries):
+                old_key, new_key = self._tenant_key(tenant), _tenant_key(new_integrity_key, tenant)
+                blocks = [
+                    b for (b,) in self._db.execute("SELECT block FROM blocks WHERE tenant=? ORDER BY block", (tenant,))
+                ]
+                for block in blocks:
+                    (data,) = self._db.execute(
+                        "SELECT data FROM blocks WHERE tenant=? AND block=?", (tenant, block)
+                    ).fetchone()
+                    if block_tag_ok(bytes(data), new_key):
+                        continue  # re-tagged by an earlier, interrupted run
+                    what = f"{self.path} tenant {tenant!r} block {block}"
+                    with self._transaction():
+                        self._db.execute(
+                            "UPDATE blocks SET data=? WHERE tenant=? AND block=?",
+                            (retag_block(bytes(data), old_key, new_key, what), tenant, block),
+                        )
+                    done += 1
+            new_meta = {BINDING_META: target}
+            if have.get(NAMES_KEY_META):
+                names_key = unwrap_names_key(names_cipher(self._binding_key), have[NAMES_KEY_META])
+                new_meta[NAMES_KEY_META] = wrap_names_key(names_cipher(new_binding_key), names_key)
+            with self._transaction():
+                self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", list(new_meta.items()))
+                self._db.execute("DELETE FROM meta WHERE key=?", (BINDING_ROTATION_META,))
+            self._binding_key, self._integrity_key, self._next_binding = new_binding_key, new_integrity_key, None
+            have = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+            self._names = names_from_meta(have, names_cipher(new_binding_key), str(self.path))
+            return done
+
+    def _reseal_subjects(self, new_binding_key: bytes, have: dict[str, str]) -> None:
+        """Re-encrypt sealed subject rows not yet under the new binding key's names cipher (one transaction per
+        tenant; rows done by an interrupted run are skipped)."""
+        if not isinstance(self._names, SealedNames):
+            return
+        new_cipher = names_cipher(new_binding_key)
+        names = names_from_meta(have, names_cipher(self._binding_key, new_binding_key), str(self.path))
+        assert isinstance(names, SealedNames)
+        self._names = names
+        tenants = [t for (t,) in self._db.execute("SELECT DISTINCT tenant FROM subjects ORDER BY tenant")]
+        for tenant in tenants:
+            rows = self._db.execute("SELECT subject_id, metadata FROM subjects WHERE tenant=?", (tenant,)).fetchall()
+            todo = [
+                (str(stored), str(text)) for stored, text in rows if names.key_id_of(str(text)) != new_cipher.key_id
+            ]
+            if not todo:
+                continue
+            with self._transaction():
+                self._db.executemany(
+                    "UPDATE subjects SET metadata=? WHERE tenant=? AND subject_id=?",
+                    [(names.reseal(tenant, stored, text, new_cipher), tenant, stored) for stored, text in todo],
+                )
+
+    # ------------------------------------------------------------------ forced erasure
+
+    def compact(self) -> dict[str, int]:
+        """Erase every removed template of every tenant now, through the key service (:meth:`erase`), then rewrite
+        the database file so that no earlier version of a block is left in it: ``VACUUM`` and a truncating WAL
+        checkpoint (``secure_delete`` already zeroes freed pages). Returns ``erased`` (slots erased by this call),
+        ``pending`` (dead slots left: a block that kept changing) and ``bytes`` (database file size).
+        KeyServiceUnavailableError when the key service is down (the database is then not rewritten); refused
+        while a key-pair rotation is unfinished (its table holds copies of blocks)."""
+        self._require_keyservice()
+        with self._lock:
+            self._check_open()
+            have = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+            if ROTATION_META in have or self._db.execute("SELECT 1 FROM rotated LIMIT 1").fetchone() is not None:
+                raise PreconditionError(f"{self.path}: a key-pair rotation is unfinished; finish it first")
+            tenants = sorted(self._galleries)
+        erased = sum(self.erase(tenant) for tenant in tenants)
+        with self._lock:
+            self._check_open()
+            pending = 0
+            for gallery in self._galleries.values():
+                pending += sum(int((gallery.state(b) == DEAD).sum()) for b in gallery.dirty_blocks())
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._db.execute("VACUUM")
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            size = self.path.stat().st_size
+        return {"erased": erased, "pending": pending, "bytes": size}
+
     # ------------------------------------------------------------------ matching
 
     def _require_keyservice(self) -> KeyServiceLike:
@@ -579,17 +746,17 @@ class EncryptedSQLiteStore(TemplateStore):
         subject's encrypted templates, decided by the key service (NotFoundError before any scoring)."""
         check_id(tenant, "tenant")
         check_id(subject_id, "subject_id")
-        query = check_probe(probe, self.dim)[0]
-        keyservice = self._require_keyservice()
-        with self._lock:
-            self._check_open()
-            slots = self._slots.get(tenant, {})
-            refs = sorted(ref for ref, (_, subject) in slots.items() if subject == subject_id)
-            if not refs:
-                raise NotFoundError(f"subject {subject_id!r} not found in tenant {tenant!r}")
-            prepared = prepare_scores(
-                self._galleries[tenant], self._binding_key, "verify", tenant, query, refs=refs, threads=self.threads
-            )
+        with _checked_probe(probe, self.dim) as query:
+            keyservice = self._require_keyservice()
+            with self._lock:
+                self._check_open()
+                slots = self._slots.get(tenant, {})
+                refs = sorted(ref for ref, (_, subject) in slots.items() if subject == subject_id)
+                if not refs:
+                    raise NotFoundError(f"subject {subject_id!r} not found in tenant {tenant!r}")
+                prepared = prepare_scores(
+                    self._galleries[tenant], self._binding_key, "verify", tenant, query, refs=refs, threads=self.threads
+                )
         decision = keyservice.verify(prepared.request)
         if not decision.match or decision.best is None:
             return False, "", None
@@ -604,19 +771,19 @@ class EncryptedSQLiteStore(TemplateStore):
         k = check_positive_int(k, "k", 1000)
         if self.keyservice_top_k_max is not None:
             k = min(k, self.keyservice_top_k_max)
-        query = check_probe(probe, self.dim)[0]
-        keyservice = self._require_keyservice()
-        with self._lock:
-            self._check_open()
-            gallery = self._galleries.get(tenant)
-            slots = dict(self._slots.get(tenant, {}))
-            if gallery is None or not slots:
-                return []
-            numbers: dict[str, int] = {}
-            groups = {ref: numbers.setdefault(subject, len(numbers)) for ref, (_, subject) in slots.items()}
-            prepared = prepare_scores(
-                gallery, self._binding_key, "identify", tenant, query, groups=groups, top_k=k, threads=self.threads
-            )
+        with _checked_probe(probe, self.dim) as query:
+            keyservice = self._require_keyservice()
+            with self._lock:
+                self._check_open()
+                gallery = self._galleries.get(tenant)
+                slots = dict(self._slots.get(tenant, {}))
+                if gallery is None or not slots:
+                    return []
+                numbers: dict[str, int] = {}
+                groups = {ref: numbers.setdefault(subject, len(numbers)) for ref, (_, subject) in slots.items()}
+                prepared = prepare_scores(
+                    gallery, self._binding_key, "identify", tenant, query, groups=groups, top_k=k, threads=self.threads
+                )
         out = []
         for decision in keyservice.identify(prepared.request):
             if not 0 <= decision.item < len(prepared.blocks) or prepared.ref(decision) not in slots:
@@ -722,9 +889,42 @@ class EncryptedSQLiteStore(TemplateStore):
             self._lock_fd = None
 
 
-def names_cipher(binding_key: bytes) -> TemplateCipher:
-    """The cipher wrapping an encrypted store's names key: a key derived from the binding key."""
-    return TemplateCipher(hmac.new(binding_key, b"advface encrypted store names", "sha256").digest())
+@contextlib.contextmanager
+def _checked_probe(probe: Any, dim: int) -> Iterator[np.ndarray]:
+    """The checked probe (``dim`` float32 values); a copy made by the check is wiped on leaving."""
+    checked = check_probe(probe, dim)
+    try:
+        yield checked[0]
+    finally:
+        if not (isinstance(probe, np.ndarray) and np.shares_memory(checked, probe)):
+            wipe(checked)
+
+
+def _caller_owns(checked: np.ndarray, item: Any) -> bool:
+    """Whether a checked vector array is (a view of) the array the caller passed in ``item``."""
+    given = item[1] if isinstance(item, Sequence) and len(item) > 1 else None
+    return isinstance(given, np.ndarray) and np.shares_memory(checked, given)
+
+
+def integrity_key_for(binding_key: bytes) -> bytes:
+    """The key that authenticates an encrypted store's blocks, derived from the sidecar's binding key (as
+    ``store.matching: encrypted`` opens it)."""
+    return hmac.new(binding_key, b"advface encrypted store integrity", "sha256").digest()
+
+
+def _tenant_key(integrity_key: bytes | None, tenant: str) -> bytes | None:
+    """The per-tenant block key under ``integrity_key`` (None: checksums only)."""
+    if integrity_key is None:
+        return None
+    return hmac.new(integrity_key, b"advface encrypted store tenant\x00" + tenant.encode(), "sha256").digest()
+
+
+def names_cipher(binding_key: bytes, *others: bytes) -> TemplateCipher:
+    """The cipher wrapping an encrypted store's names key and sealing its subject rows: a key derived from the
+    binding key (encrypting), plus keys derived from ``others`` (decrypting too: a binding-key rotation)."""
+    return TemplateCipher(
+        [hmac.new(k, b"advface encrypted store names", "sha256").digest() for k in (binding_key, *others)]
+    )
 
 
 class _Transaction:

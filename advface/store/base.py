@@ -31,7 +31,7 @@ import binascii
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import numpy as np
 
@@ -322,7 +322,7 @@ class TemplateStore(abc.ABC):
     def close(self) -> None:
         """Release files and memory; later calls raise ClosedError. Calling it twice is harmless."""
 
-    def __enter__(self) -> TemplateStore:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

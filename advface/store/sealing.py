@@ -13,6 +13,13 @@ The *names key* (32 random bytes) is made when the store is created and kept in 
 (encrypted) under the store's encryption key (:func:`wrap_names_key`), so it survives key rotation: rotation re-wraps
 it and re-encrypts the metadata blobs, and the stored ids never change. A thief of the database without the
 encryption key gets keyed hashes and ciphertext only.
+
+A store that held subjects before it was encrypted starts with plain ids; the stores' ``rotate`` (``advface
+rotate-key``) then seals them after the templates are encrypted (:func:`begin_sealing`, :func:`seal_plain_row`):
+``meta`` records ``subject_names = sealing``, the wrapped names key and the last subject row sealed
+(``names_sealed_upto``); each batch of subject rows (ids, metadata, and their templates' ciphertexts, whose
+associated data names the stored id) is one transaction that also records its progress, so a crash leaves every row
+readable and running the pass again (or opening the store with its key) resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -23,16 +30,27 @@ import hashlib
 import hmac
 import json
 import secrets
+from collections.abc import Callable
 from typing import Protocol
 
-from advface.crypto import KEY_BYTES, TemplateCipher, blob_key_id
+from advface.crypto import KEY_BYTES, TemplateCipher, blob_key_id, template_aad
 from advface.errors import ConfigError, IntegrityError
 
-#: ``meta`` key naming how subject ids are kept: ``sealed`` (absent: plain).
+#: ``meta`` key naming how subject ids are kept: ``sealed``, ``sealing`` (plain ids being sealed; absent: plain).
 NAMES_META = "subject_names"
 #: ``meta`` key of the wrapped names key (base64 of the cipher's blob).
 NAMES_KEY_META = "names_key"
+#: ``meta`` key of the last subject row (row id) sealed by an unfinished sealing pass.
+NAMES_PROGRESS_META = "names_sealed_upto"
 SEALED = "sealed"
+SEALING = "sealing"
+#: Subject rows per transaction when a store resumes an interrupted sealing pass at open.
+RESUME_BATCH = 1000
+#: Logged (``%s``: the store) when an encrypted store keeps plain subject ids (encrypted by an older advface).
+PLAIN_NAMES_WARNING = (
+    "template store %s is encrypted but keeps its subject ids and metadata in plain text (encrypted before advface "
+    "sealed them); seal them with `advface rotate-key` (the current key as --new-key-file re-encrypts nothing)"
+)
 _WRAP_AAD = b"advface-names-key-v1"
 _DOMAIN = b"advface-subject-id-v1\x00"
 
@@ -142,7 +160,12 @@ def new_sealed_names(cipher: TemplateCipher) -> tuple[SealedNames, dict[str, str
 
 def names_from_meta(meta: dict[str, str], cipher: TemplateCipher, where: str) -> PlainNames | SealedNames:
     """How a store keeps subject ids, from its ``meta`` values: sealed (its names key unwrapped with ``cipher``) or
-    plain. ConfigError when the names key is missing, IntegrityError when it cannot be opened."""
+    plain. ConfigError when the names key is missing or a sealing pass is unfinished (the store resumes it first),
+    IntegrityError when the names key cannot be opened."""
+    if meta.get(NAMES_META) == SEALING:
+        raise ConfigError(
+            f"template store {where}: sealing its subject ids is unfinished; run `advface rotate-key` again"
+        )
     if meta.get(NAMES_META) != SEALED:
         return PlainNames()
     wrapped = meta.get(NAMES_KEY_META)
@@ -152,3 +175,47 @@ def names_from_meta(meta: dict[str, str], cipher: TemplateCipher, where: str) ->
         return SealedNames(cipher, unwrap_names_key(cipher, wrapped))
     except IntegrityError as exc:
         raise IntegrityError(f"template store {where}: its names key cannot be opened ({exc})") from None
+
+
+def begin_sealing(
+    meta: dict[str, str], cipher: TemplateCipher, where: str
+) -> tuple[SealedNames, int, dict[str, str | None]]:
+    """Start (or resume) sealing the plain subject ids of an encrypted store: ``(sealed names, last subject row
+    already sealed, meta values to set)``. A new pass makes a names key (wrapped under ``cipher``); an unfinished one
+    (``meta``: ``sealing``) resumes with its recorded key and progress."""
+    if meta.get(NAMES_META) == SEALING:
+        wrapped = meta.get(NAMES_KEY_META)
+        if not wrapped:
+            raise ConfigError(f"template store {where} is sealing subject ids but its names key is missing")
+        try:
+            upto = int(meta.get(NAMES_PROGRESS_META, "0"))
+        except ValueError:
+            raise ConfigError(f"template store {where}: unreadable {NAMES_PROGRESS_META!r} in meta") from None
+        return SealedNames(cipher, unwrap_names_key(cipher, wrapped)), upto, {}
+    names_key = new_names_key()
+    values: dict[str, str | None] = {
+        NAMES_META: SEALING,
+        NAMES_KEY_META: wrap_names_key(cipher, names_key),
+        NAMES_PROGRESS_META: "0",
+    }
+    return SealedNames(cipher, names_key), 0, values
+
+
+def sealing_done() -> dict[str, str | None]:
+    """The ``meta`` values recording a finished sealing pass."""
+    return {NAMES_META: SEALED, NAMES_PROGRESS_META: None}
+
+
+def seal_plain_row(
+    names: SealedNames, tenant: str, subject_id: str, metadata_text: str
+) -> tuple[str, str, Callable[[bytes, str], bytes]]:
+    """Seal one plain subject row: ``(stored id, sealed metadata column, rebind)`` where ``rebind(blob,
+    template_id)`` re-encrypts one of its templates' ciphertexts for the stored id (the template AAD names it)."""
+    stored = names.stored_id(tenant, subject_id)
+    packed = names.pack(tenant, stored, subject_id, PlainNames().unpack(tenant, subject_id, metadata_text)[1])
+
+    def rebind(blob: bytes, template_id: str) -> bytes:
+        plain = names.cipher.decrypt(bytes(blob), template_aad(tenant, template_id, subject_id))
+        return names.cipher.encrypt(plain, template_aad(tenant, template_id, stored))
+
+    return stored, packed, rebind

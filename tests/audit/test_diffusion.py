@@ -1,5 +1,6 @@
 """The ``diffusion`` attacker of ``advface audit`` on tiny generators: trained on the attacker group and cached,
-seeded samples, guidance by the encoder's module, and a ``--generator`` of another encoder refused."""
+seeded samples, guidance by the encoder's module, a ``--generator`` of another encoder refused, and a
+``--generator`` trained on people who are audited (or of unknown people) refused."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ import numpy as np
 import pytest
 
 from advface.audit.attacks import diffusion
+from advface.audit.data import make_split
 from advface.cli.main import main
+from advface.datasets.pairs import FacePairs
+from advface.datasets.splits import split_identities
+from advface.errors import ConfigError
 from advface.generative.config import GeneratorTrainConfig
 from advface.generative.model import IdentityGenerator, save_generator
-
-pytestmark = pytest.mark.slow
 
 #: A generator small and short enough for a test: a few steps of each stage on 32 px faces.
 TINY = GeneratorTrainConfig(
@@ -39,6 +42,7 @@ def tiny_generator(tmp_path_factory: pytest.TempPathFactory) -> IdentityGenerato
     return _tiny_generator(tmp_path_factory.mktemp("tiny_generator"), "not-the-audited-encoder")
 
 
+@pytest.mark.slow
 def test_samples_are_seeded_and_guidance_moves_them(tiny_generator: IdentityGenerator) -> None:
     from advface.encoders import create_encoder
 
@@ -87,6 +91,7 @@ def _audit(audit_dataset: Path, audit_cache: Path, out: Path, *extra: str) -> in
     )
 
 
+@pytest.mark.slow
 def test_tiny_diffusion_attacker_trains_once_and_is_cached(
     audit_dataset: Path, audit_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -116,6 +121,7 @@ def test_tiny_diffusion_attacker_trains_once_and_is_cached(
     assert len(list((audit_cache / "audit" / "generators").glob("diffusion-32px-s0-*.pt"))) == 1
 
 
+@pytest.mark.slow
 def test_generator_of_another_encoder_is_a_clear_error(
     tiny_generator: IdentityGenerator,
     audit_dataset: Path,
@@ -129,3 +135,99 @@ def test_generator_of_another_encoder_is_a_clear_error(
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert any(m["stage"] == "inputs" and "generator" in m["reason"] for m in report["missing"])
     assert "attacks" not in report
+
+
+def _pairs(names_and_counts: dict[str, int]) -> FacePairs:
+    """Tiny pairs (no real faces): ``count`` photos of each named person, each also mirrored."""
+    identities = [name for name, count in names_and_counts.items() for _ in range(count)] * 2
+    n = len(identities)
+    return FacePairs(
+        np.array([f"{who}/{i}.jpg" for i, who in enumerate(identities)]),
+        np.array(identities),
+        np.zeros((n, 128), np.float32),
+        np.zeros((n, 4, 4, 3), np.uint8),
+        np.arange(n) >= n // 2,
+    )
+
+
+def _metadata(names: list[str], seed: int, group: str = "attacker") -> dict[str, dict[str, object]]:
+    """What ``advface train-generator --group GROUP`` records about its training people (split seed ``seed``)."""
+    split = split_identities(names, seed=seed)
+    return {"training_data": {"group": group, "split_seed": seed, "split": split.describe()}}
+
+
+PEOPLE = {f"Person_{i:02d}": 1 + i % 3 for i in range(60)}
+
+
+def test_generator_trained_on_the_audits_attacker_group_is_accepted() -> None:
+    pairs = _pairs(PEOPLE)
+    names = pairs.identities[~pairs.flipped].tolist()
+    split = make_split(pairs, 0, 0.3)
+    trained = diffusion.check_training_identities(_metadata(names, 0), pairs, split)
+    assert trained == split.attacker and not trained & split.evaluation
+
+
+def test_generator_trained_on_audited_people_is_refused() -> None:
+    pairs = _pairs(PEOPLE)
+    names = pairs.identities[~pairs.flipped].tolist()
+    split = make_split(pairs, 0, 0.3)
+    other_seed = _metadata(names, 1)  # the attacker group of another split holds some of this audit's people
+    assert split_identities(names, seed=1).attacker & split.evaluation
+    with pytest.raises(ConfigError, match=r"holds \d+ of the \d+ audited people"):
+        diffusion.check_training_identities(other_seed, pairs, split)
+    # the audit of a database: its people are the evaluation group, whatever the generator's split says
+    audited = set(sorted(split_identities(names, seed=0).attacker)[:2])
+    db_split = make_split(pairs, 0, 0.3, evaluation=audited)
+    with pytest.raises(ConfigError, match="holds 2 of the 2 audited people"):
+        diffusion.check_training_identities(_metadata(names, 0), pairs, db_split)
+
+
+@pytest.mark.parametrize(
+    ("metadata", "message"),
+    [
+        ({}, "does not say which identities"),
+        ({"training_data": {"group": "defender", "split_seed": 0, "split": {}}}, "trained on the defender group"),
+        ({"training_data": {"group": "attacker"}}, "does not record its identity split"),
+        ({"training_data": {"group": "attacker", "split_seed": 0, "split": {"attacker": 5}}}, "another dataset"),
+    ],
+)
+def test_generator_of_unknown_or_other_people_is_refused(metadata: dict[str, object], message: str) -> None:
+    pairs = _pairs(PEOPLE)
+    with pytest.raises(ConfigError, match=message):
+        diffusion.check_training_identities(metadata, pairs, make_split(pairs, 0, 0.3))
+
+
+@pytest.mark.slow
+def test_audit_refuses_a_generator_that_saw_audited_people(
+    audit_dataset: Path,
+    audit_cache: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from advface.audit.config import AuditConfig
+    from advface.audit.stages.inputs import load_dataset
+    from advface.encoders import create_encoder
+
+    config = AuditConfig.quick_mode(audit_dataset, tmp_path / "probe", cache_dir=audit_cache, progress=False)
+    pairs = load_dataset(config).pairs  # the quick audit's photos with a face (pairs cache of the session)
+    names = pairs.identities[~pairs.flipped].tolist()
+    audited = make_split(pairs, config.seed, config.eval_fraction).evaluation
+    assert split_identities(names, seed=1).attacker & audited
+    generator = _tiny_generator(tmp_path / "gen", create_encoder("dlib-torch").fingerprint)
+    generator.metadata.update(_metadata(names, 1))  # trained on the attacker group of another split
+    ckpt = save_generator(tmp_path / "seen.pt", generator)
+    assert _audit(audit_dataset, audit_cache, tmp_path / "out", "--generator", str(ckpt)) == 2
+    assert "audited people" in capsys.readouterr().err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert any(m["stage"] == "inputs" and "audited people" in m["reason"] for m in report["missing"])
+    assert "attacks" not in report
+    # the same model recorded as trained on the quick audit's own attacker group (its split, eval fraction) is used
+    generator.metadata["training_data"] = {
+        **_metadata(names, config.seed)["training_data"],
+        "eval_fraction": config.eval_fraction,
+        "split": split_identities(names, seed=config.seed, eval_fraction=config.eval_fraction).describe(),
+    }
+    ckpt = save_generator(tmp_path / "unseen.pt", generator)
+    assert _audit(audit_dataset, audit_cache, tmp_path / "ok", "--generator", str(ckpt)) == 0
+    attack = json.loads((tmp_path / "ok" / "report.json").read_text())["attacks"]["diffusion"]
+    assert attack["generator"] == str(ckpt) and attack["trained_on"] == "attacker group (given)"

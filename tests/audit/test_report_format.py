@@ -1,7 +1,7 @@
 """``report.json`` keeps its format across the typed results (advface.audit.results): the quick audit's report has
 the keys, key order and value types that the audit wrote before its results were typed (format 1, recorded from a
 quick run of that code on the same dataset), plus ``format_version`` first (2), the transfer judge's keys (3) and the
-field's metrics and verdict (4): added keys only, every format-1 key keeps its place."""
+field's metrics and verdict (4) and the scenarios (5): added keys only, every format-1 key keeps its place."""
 
 from __future__ import annotations
 
@@ -234,6 +234,57 @@ QUICK_REPORT_FORMAT_4 = {
 }
 
 
+# Format 5: format 4 plus the scenario settings in ``config`` and ``scenarios`` after the verdict (the known-pairs
+# list, whose length depends on the pool, and the searches' per-victim lists are checked apart).
+JUDGED = {
+    "type1_success": float,
+    "type2_success": float,
+    "transfer_type1_success": float,
+    "template_match_rate": float,
+    "decoder": str,
+    "faces": PER_TEMPLATES_3,
+}
+SCENARIOS = {
+    "templates": str,
+    "protocol": str,
+    "full_disclosure": {
+        "type1_success": float,
+        "type2_success": float,
+        "holds": str,
+        "inverse": {"pairs": int, **JUDGED},
+        "direct": {"best_attacker": str, "type1_success": float, "type2_success": float},
+    },
+    "known_pairs": list,
+    "score_exposure": {
+        "victims": int,
+        "query_budget": int,
+        "threshold": float,
+        "with_scores": dict,
+        "decisions_only": dict,
+        "faces_from_scores": JUDGED,
+        "method": str,
+    },
+}
+KNOWN_PAIR = {"k": int, **JUDGED, "relative_error": float}
+SEARCH = ["accepted_fraction", "median_queries_to_accept", "queries", "accepted"]
+QUICK_REPORT_FORMAT_5 = {
+    **QUICK_REPORT_FORMAT_4,
+    "config": {
+        **QUICK_REPORT_FORMAT_4["config"],
+        "scenarios": bool,
+        "scenario_pool": int,
+        "known_pairs_k": [int],
+        "score_victims": int,
+        "score_budget": int,
+        "pdf": bool,
+    },
+}
+QUICK_REPORT_FORMAT_5 = {
+    k: QUICK_REPORT_FORMAT_5.get(k, SCENARIOS)
+    for k in [*list(QUICK_REPORT_FORMAT_4)[:-2], "scenarios", "date", "seconds"]
+}
+
+
 def _only_adds_keys(new: Any, old: Any, path: str = "report") -> None:
     """Every key of the shape ``old`` is in ``new``, in the same order, with a shape that only adds keys."""
     if not isinstance(old, dict):
@@ -253,6 +304,11 @@ def test_format_3_only_adds_keys_to_format_1() -> None:
 def test_format_4_only_adds_keys_to_format_3() -> None:
     _only_adds_keys(QUICK_REPORT_FORMAT_4, QUICK_REPORT_FORMAT_3)
     assert QUICK_REPORT_FORMAT_4 != QUICK_REPORT_FORMAT_3
+
+
+def test_format_5_only_adds_keys_to_format_4() -> None:
+    _only_adds_keys(QUICK_REPORT_FORMAT_5, QUICK_REPORT_FORMAT_4)
+    assert "scenarios" in QUICK_REPORT_FORMAT_5 and "scenarios" not in QUICK_REPORT_FORMAT_4
 
 
 def assert_shape(value: Any, expected: Any, path: str = "report") -> None:
@@ -275,11 +331,16 @@ def assert_shape(value: Any, expected: Any, path: str = "report") -> None:
 
 
 @pytest.mark.slow
-def test_quick_report_has_the_format_4_keys_and_a_format_version(quick_report: Path, models_dir: Path) -> None:
+def test_quick_report_has_the_format_5_keys_and_a_format_version(quick_report: Path, models_dir: Path) -> None:
     report = json.loads((quick_report / "report.json").read_text())
-    assert next(iter(report)) == "format_version" and report["format_version"] == FORMAT_VERSION == 4
-    format_4 = {k: v for k, v in report.items() if k != "format_version"}
-    assert_shape(format_4, QUICK_REPORT_FORMAT_4)
+    assert next(iter(report)) == "format_version" and report["format_version"] == FORMAT_VERSION == 5
+    format_5 = {k: v for k, v in report.items() if k != "format_version"}
+    assert_shape(format_5, QUICK_REPORT_FORMAT_5)
+    scenarios = report["scenarios"]
+    for point in scenarios["known_pairs"]:
+        assert_shape(point, KNOWN_PAIR, "report.scenarios.known_pairs[]")
+    for search in ("with_scores", "decisions_only"):
+        assert list(scenarios["score_exposure"][search]) == SEARCH
     from advface.audit.api_surface import api_exposure
 
     assert report["layers"][4]["api"] == api_exposure()
@@ -291,7 +352,7 @@ def test_a_report_without_measurements_has_its_format_version() -> None:
     result.add_missing("inputs", "no dataset")
     result.date, result.seconds = "2024-01-01 00:00 UTC", 0.1
     assert result.to_json() == {
-        "format_version": 4,
+        "format_version": 5,
         "config": {"data": "x"},
         "missing": [{"stage": "inputs", "reason": "no dataset"}],
         "date": "2024-01-01 00:00 UTC",

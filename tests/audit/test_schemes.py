@@ -15,10 +15,12 @@ import pytest
 from advface.audit.config import AuditConfig
 from advface.audit.schemes import (
     BIOHASH,
+    MLPHASH,
     POLYPROTECT,
     biohash,
     command_scheme,
     load_scheme,
+    mlphash,
     polyprotect,
     scheme_key,
 )
@@ -71,6 +73,24 @@ def test_polyprotect_maps_windows_under_a_key() -> None:
     assert polyprotect(z, b"k", overlap=0).shape == (6, 26)
     with pytest.raises(ConfigError):
         polyprotect(z, b"k", overlap=5)
+
+
+def test_mlphash_is_keyed_binary_nonlinear_and_keeps_neighbours() -> None:
+    rng = np.random.default_rng(4)
+    z = rng.normal(size=(50, 64)).astype(np.float32)
+    near = z + 0.05 * rng.normal(size=z.shape).astype(np.float32)
+    a, b = mlphash(z, b"k1"), mlphash(z, b"k2")
+    assert a.shape == (50, 64) and np.allclose(np.abs(a), 1 / 8)
+    assert np.array_equal(a, mlphash(z, b"k1")) and not np.array_equal(a, b)
+    hamming_near = (np.sign(a) != np.sign(mlphash(near, b"k1"))).mean()
+    hamming_keys = (np.sign(a) != np.sign(b)).mean()
+    assert hamming_near < 0.15 < 0.35 < hamming_keys
+    # ReLU layers: unlike BioHashing's projection, -z is not hashed to the complement of z's bits
+    assert not np.array_equal(mlphash(-z, b"k1"), -a) and np.array_equal(biohash(-z, b"k1"), -biohash(z, b"k1"))
+    assert mlphash(z, b"k1", hidden=(32,), bits=16).shape == (50, 16)
+    assert load_scheme("mlphash") is MLPHASH
+    with pytest.raises(ConfigError):
+        mlphash(z, b"k", bits=0)
 
 
 def test_schemes_by_name_and_module() -> None:
@@ -137,12 +157,14 @@ def test_a_scheme_given_only_as_a_shell_command_is_audited_end_to_end(
             "none",
             "--link-keys",
             "2",
+            "--no-scenarios",
             "--no-images",
             "--quiet",
         ]
     )
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
+    assert "scenarios" not in report
     assert report["protection"]["method"] == "command" and report["protection"]["source"] == "--protect-cmd"
     # templates, probes, unlinkability databases A and B, re-issued templates: one call each
     assert len(calls.read_text().split()) == 5
@@ -178,4 +200,8 @@ def test_a_scheme_that_changes_the_dimension_is_audited_by_the_attackers_that_fi
     assert set(report["attacks"]["adaptive"]["type1_success"]) == {"protected", "protected+key"}
     assert not [m for m in report["missing"] if m["stage"] != "data"]
     insider = report["verdict"][2]
-    assert insider["attacker"] == "insider" and insider["best_attacker"] == "adaptive"
+    assert insider["attacker"] == "insider"
+    assert insider["best_attacker"] == "adaptive" or insider["best_attacker"].startswith("known pairs")
+    # the scenarios take the scheme's 42 values: the inverse map goes back to 128
+    scenarios = report["scenarios"]
+    assert scenarios["known_pairs"][0]["k"] == 1 and scenarios["full_disclosure"]["inverse"]["decoder"] == "deconv"

@@ -171,3 +171,56 @@ def test_rotation_to_a_next_key_pair_over_grpc(tmp_path: Path, capsys: pytest.Ca
             open_store(load_config(config(s1, port)), 8, "euclidean")
     finally:
         server.stop(0)
+
+
+def test_binding_rotation_and_erase_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """rotate-binding start (with a running key service that picks the new key up), store, finish; erase."""
+    import numpy as np
+    import yaml
+
+    from advface.config import load_config
+    from advface.encrypted.keys import BINDING_NEXT_FILE, load_binding_key, load_binding_keyring, load_keyservice_folder
+    from advface.encrypted.keyservice import DecisionPolicy, KeyServiceCore
+    from advface.encrypted.store import EncryptedSQLiteStore
+    from advface.service.stores import open_store
+    from server.keyservice import build_keyservice_server
+
+    s, k = tmp_path / "s", tmp_path / "k"
+    assert main(["keyservice", "keygen", "--sidecar-dir", str(s), "--keyservice-dir", str(k)]) == 0
+    old = load_binding_key(s)
+    core = KeyServiceCore(
+        load_keyservice_folder(k),
+        load_binding_keyring(k),
+        DecisionPolicy("euclidean", -0.3),
+        reload_binding=lambda: load_binding_keyring(k),
+    )
+    server, port = build_keyservice_server(core, read_token(None, k))
+    server.start()
+    store_section = {"data_dir": str(tmp_path / "data"), "use_gpu": False, "matching": "encrypted"}
+    store_section |= {"encrypted_keys_dir": str(s), "keyservice_address": f"127.0.0.1:{port}"}
+    config = tmp_path / "advface.yaml"
+    config.write_text(yaml.safe_dump({"store": store_section, "keys": {"auto": False}}))
+    people = np.random.default_rng(3).standard_normal((3, 8)) * 0.3
+    try:
+        with open_store(load_config(config), 8, "euclidean") as store:
+            store.add_many("t", [(f"p{i}", people[i][None], None) for i in range(3)])
+            store.delete_subject("t", "p2")
+        capsys.readouterr()
+        start = ["keyservice", "rotate-binding", "start", "--dir", str(k), "--grace-s", "3600", "--sidecar-dir", str(s)]
+        assert main(start) == 0
+        assert "accepted until" in capsys.readouterr().out and (s / BINDING_NEXT_FILE).exists()
+        assert main(start) == 2  # a second rotation while the grace period runs: refused
+        assert "grace period" in capsys.readouterr().err
+        assert main(["keyservice", "rotate-binding", "store", "--config", str(config)]) == 0
+        assert "re-tagged 1 block(s)" in capsys.readouterr().out
+        assert load_binding_key(s) == load_binding_key(k) != old and not (s / BINDING_NEXT_FILE).exists()
+        with open_store(load_config(config), 8, "euclidean") as store:  # the running key service took the new key
+            assert isinstance(store, EncryptedSQLiteStore)
+            assert store.verify_encrypted("t", "p1", people[1])[0]
+            assert not store.verify_encrypted("t", "p1", people[0])[0]
+        assert main(["keyservice", "erase", "--config", str(config)]) == 0
+        assert "0 still pending" in capsys.readouterr().out
+        assert main(["keyservice", "rotate-binding", "finish", "--dir", str(k)]) == 0
+        assert load_binding_keyring(k).previous is None
+    finally:
+        server.stop(0)

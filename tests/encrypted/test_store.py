@@ -123,7 +123,11 @@ def test_subject_ids_and_metadata_are_sealed_on_disk(tmp_path: Path, keys, bindi
         assert again.verify_encrypted("acme", names[0], people[0])[0]
         assert again.get_subject("acme", names[1]).metadata == {"badge": "B-0001-secret"}
         assert sorted(s.subject_id for s in again.list_subjects("acme")[0]) == names[:3]
-    with pytest.raises(IntegrityError, match="names key"):  # under another binding key: refused, nothing read
+    with pytest.raises(ConfigError, match="under binding key"):  # under another binding key: refused, nothing read
+        EncryptedSQLiteStore(db, keys.public, b"x" * 32, DIM, "euclidean", integrity_key=KEY)
+    raw.execute("DELETE FROM meta WHERE key='binding_fingerprint'")  # a store made before the fingerprint was kept
+    raw.commit()
+    with pytest.raises(IntegrityError, match="names key"):  # still refused: the names key does not unwrap
         EncryptedSQLiteStore(db, keys.public, b"x" * 32, DIM, "euclidean", integrity_key=KEY)
     # a sealed row moved to another subject's place fails authentication, never opens as the other
     raw.execute("UPDATE subjects SET metadata=? WHERE subject_id=?", (subjects[0][1], subjects[1][0]))

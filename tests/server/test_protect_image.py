@@ -218,7 +218,7 @@ def test_guidance_selection(start_server, tmp_path: Path, photo: bytes) -> None:
     srv = start_server(make_config(tmp_path / "a", image_protection={"surrogate": str(surrogate)}))
     with srv.client() as c:
         _, report = c.protect_image(photo, steps=1)
-        assert report["guidance"] == ["encoders", "deflection"]  # the library's default
+        assert report["guidance"] == ["encoders", "deflection", "antipure"]  # the library's default
         _, report = c.protect_image(photo, steps=1, guidance=["encoders"])
         assert report["guidance"] == ["encoders"]
         assert _code(lambda: c.protect_image(photo, steps=1, guidance=["nope"])) == grpc.StatusCode.INVALID_ARGUMENT

@@ -32,7 +32,7 @@ def test_rotate_round_trip_wrong_key_and_tampering(postgres_dsn: str) -> None:
         vectors = fill(s, 50)
         assert s.encryption_info()["key_ids"] == [old.key_id]
     with PostgresStore(postgres_dsn, DIM, "cosine", cipher=new.with_previous(old)) as s:
-        assert set(s.encryption_info()["key_ids"]) == {old.key_id, new.key_id}  # type: ignore[arg-type]
+        assert set(s.encryption_info()["key_ids"]) == {old.key_id, new.key_id}  # type: ignore[call-overload]
         extra = fill(s, 3, seed=9, tenant="u")  # new rows already under the new key
         assert _row_keys(postgres_dsn).count(new.key_id) == 3
         assert s.rotate(new, batch_size=7) == 50

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from rotation_helpers import DIM, check_rotation_survives_kill_9, fill
+from rotation_helpers import DIM, check_rotation_survives_kill_9, check_sealing_a_plain_store, fill, named_fill
 
 from advface.crypto import TemplateCipher, blob_key_id
 from advface.errors import ConfigError, IntegrityError
@@ -115,7 +115,7 @@ def test_rotation_online(path: Path) -> None:
     with SQLiteFaissStore(path, DIM, "cosine", cipher=old) as s:
         vectors = fill(s, 50)
     with SQLiteFaissStore(path, DIM, "cosine", cipher=new.with_previous(old)) as s:
-        assert set(s.encryption_info()["key_ids"]) == {old.key_id, new.key_id}  # type: ignore[arg-type]
+        assert set(s.encryption_info()["key_ids"]) == {old.key_id, new.key_id}  # type: ignore[call-overload]
         vectors.update(fill(s, 3, seed=9, tenant="u"))  # new rows already under the new key
         assert s.rotate(new, batch_size=7) == 50
         assert s.rotate(new) == 0  # nothing left
@@ -240,12 +240,46 @@ def test_rotation_reseals_subjects_and_keeps_their_ids(path: Path) -> None:
         assert s.search("t", vectors["s17"], 1)[0].subject_id == "s17"
 
 
-def test_a_store_encrypted_after_it_held_subjects_keeps_plain_names(path: Path) -> None:
+def test_a_store_encrypted_after_it_held_subjects_is_sealed_by_the_migration(path: Path) -> None:
     with SQLiteFaissStore(path, DIM, "euclidean") as s:
-        fill(s, 3)
+        vectors = named_fill(s, 12)
     cipher = TemplateCipher.generate()
     with SQLiteFaissStore(path, DIM, "euclidean", cipher=cipher, migrate_plaintext=True) as s:
+        assert not s.sealed_names  # plain until the migration's rotate
+        assert s.rotate(cipher, batch_size=5) == 16
+        assert s.sealed_names and s.get_subject("t", "Person 004").metadata == {"badge": "badge-004"}
+        assert s.search("t", vectors["Person 007"], 1)[0].subject_id == "Person 007"
+        s.add("t", "Person 100", vectors["Person 001"] + 1.0, {"badge": "badge-100"})
+    on_disk = _file_bytes(path)
+    for text in ["Person 0", "Person 100", "badge-0"]:
+        assert text.encode() not in on_disk
+    with SQLiteFaissStore(path, DIM, "euclidean", cipher=cipher) as s:
+        assert s.sealed_names and s.get_subject("t", "Person 100").metadata == {"badge": "badge-100"}
+        assert s.search("t", vectors["Person 011"], 1)[0].subject_id == "Person 011"
+
+
+def test_an_encrypted_store_with_plain_ids_is_sealed_by_its_next_rotation(
+    path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A store migrated before migrations sealed ids (encrypted, plain ids) warns at open with the command, and is
+    sealed by `advface rotate-key`."""
+    with SQLiteFaissStore(path, DIM, "euclidean") as s:
+        vectors = named_fill(s, 6)
+    cipher = TemplateCipher.generate()
+    with SQLiteFaissStore(path, DIM, "euclidean", cipher=cipher, migrate_plaintext=True) as s:
+        s._seal_names = lambda batch_size: 0  # type: ignore[method-assign]  # as an older advface migrated it
         s.rotate(cipher)
         assert not s.sealed_names
-    with SQLiteFaissStore(path, DIM, "euclidean", cipher=cipher) as s:
-        assert not s.sealed_names and s.get_subject("t", "s1").metadata == {"k": "v"}
+    assert {sid for sid, _ in _subject_columns(path)} == set(vectors)
+    new = TemplateCipher.generate()
+    with caplog.at_level("WARNING", logger="advface.store"):
+        with SQLiteFaissStore(path, DIM, "euclidean", cipher=new.with_previous(cipher)) as s:
+            assert "seal them with `advface rotate-key`" in caplog.text
+            assert s.rotate(new) == 8 and s.sealed_names
+    assert not any(sid.startswith("Person") for sid, _ in _subject_columns(path))
+    with SQLiteFaissStore(path, DIM, "euclidean", cipher=new) as s:
+        assert s.search("t", vectors["Person 005"], 1)[0].subject_id == "Person 005"
+
+
+def test_sealing_a_plain_store_survives_kill_9_and_resumes(path: Path, tmp_path: Path) -> None:
+    check_sealing_a_plain_store(SQLiteFaissStore, path, tmp_path, lambda: _subject_columns(path))

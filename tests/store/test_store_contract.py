@@ -34,7 +34,12 @@ from advface.errors import ClosedError, ConfigError, NotFoundError
 from advface.store.postgres import PostgresStore
 from advface.store.sqlite_faiss import SQLiteFaissStore
 
-BACKENDS = ["sqlite", "sqlite-sealed", "postgresql"]  # sealed: encrypted from creation (advface.store.sealing)
+BACKENDS = [
+    "sqlite",
+    "sqlite-sealed",
+    "postgresql",
+    "postgres-sealed",
+]  # sealed: encrypted from creation (advface.store.sealing)
 
 
 @pytest.fixture(params=METRICS)
@@ -52,6 +57,9 @@ def open_store(request: pytest.FixtureRequest, tmp_path: Path, metric: str) -> C
         path, cipher = tmp_path / "store" / "templates.sqlite", TemplateCipher.generate()
         return lambda dim=DIM, metric=metric: SQLiteFaissStore(path, dim, metric, use_gpu=False, cipher=cipher)
     dsn = request.getfixturevalue("postgres_dsn")  # only PostgreSQL cases need the server
+    if request.param == "postgres-sealed":
+        cipher = TemplateCipher.generate()
+        return lambda dim=DIM, metric=metric: PostgresStore(dsn, dim, metric, cipher=cipher)
     return lambda dim=DIM, metric=metric: PostgresStore(dsn, dim, metric)
 
 
@@ -164,12 +172,13 @@ def test_open_errors_and_closing(open_store: Callable[..., Store]) -> None:
 def shared_store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     """One store per backend and metric for the bad-input cases (which must leave it unchanged)."""
     backend, metric = request.param
+    s: SQLiteFaissStore | PostgresStore
     if backend.startswith("sqlite"):
         cipher = TemplateCipher.generate() if backend == "sqlite-sealed" else None
         s = SQLiteFaissStore(tmp_path_factory.mktemp("bad") / "t.sqlite", DIM, metric, use_gpu=False, cipher=cipher)
     else:
         dsn = request.getfixturevalue("postgres_server").create_database(f"bad_{metric}_{uuid.uuid4().hex[:8]}")
-        s = PostgresStore(dsn, DIM, metric)
+        s = PostgresStore(dsn, DIM, metric, cipher=TemplateCipher.generate() if backend == "postgres-sealed" else None)
     with s:
         fill_for_bad_input(s, np.random.default_rng(6))
         yield s

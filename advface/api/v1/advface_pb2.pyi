@@ -309,18 +309,36 @@ class Counts(_message.Message):
     def __init__(self, tenant_templates: _Optional[int] = ..., tenant_subjects: _Optional[int] = ..., total_templates: _Optional[int] = ..., total_subjects: _Optional[int] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_batch", "top_k_max", "max_receive_bytes", "max_send_bytes", "max_id_chars")
+    __slots__ = ("max_batch", "top_k_max", "max_receive_bytes", "max_send_bytes", "max_id_chars", "max_image_pixels", "max_protect_image_pixels", "max_metadata_keys", "max_metadata_key_chars", "max_metadata_value_chars", "min_embedding_norm", "max_embedding_norm", "rate_per_second", "max_in_flight")
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     TOP_K_MAX_FIELD_NUMBER: _ClassVar[int]
     MAX_RECEIVE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_SEND_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_ID_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGE_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    MAX_PROTECT_IMAGE_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    MAX_METADATA_KEYS_FIELD_NUMBER: _ClassVar[int]
+    MAX_METADATA_KEY_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MAX_METADATA_VALUE_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MIN_EMBEDDING_NORM_FIELD_NUMBER: _ClassVar[int]
+    MAX_EMBEDDING_NORM_FIELD_NUMBER: _ClassVar[int]
+    RATE_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    MAX_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     max_batch: int
     top_k_max: int
     max_receive_bytes: int
     max_send_bytes: int
     max_id_chars: int
-    def __init__(self, max_batch: _Optional[int] = ..., top_k_max: _Optional[int] = ..., max_receive_bytes: _Optional[int] = ..., max_send_bytes: _Optional[int] = ..., max_id_chars: _Optional[int] = ...) -> None: ...
+    max_image_pixels: int
+    max_protect_image_pixels: int
+    max_metadata_keys: int
+    max_metadata_key_chars: int
+    max_metadata_value_chars: int
+    min_embedding_norm: float
+    max_embedding_norm: float
+    rate_per_second: float
+    max_in_flight: int
+    def __init__(self, max_batch: _Optional[int] = ..., top_k_max: _Optional[int] = ..., max_receive_bytes: _Optional[int] = ..., max_send_bytes: _Optional[int] = ..., max_id_chars: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_protect_image_pixels: _Optional[int] = ..., max_metadata_keys: _Optional[int] = ..., max_metadata_key_chars: _Optional[int] = ..., max_metadata_value_chars: _Optional[int] = ..., min_embedding_norm: _Optional[float] = ..., max_embedding_norm: _Optional[float] = ..., rate_per_second: _Optional[float] = ..., max_in_flight: _Optional[int] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
     __slots__ = ("encoder", "protection", "threshold", "versions", "counts", "limits")

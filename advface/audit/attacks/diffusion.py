@@ -2,7 +2,8 @@
 attacker group's (face, embedding) pairs, or a given checkpoint (``--generator``); the reconstruction of a stolen
 template is the generator's sample conditioned on it (one seeded sample per template), optionally with
 reconstruction guidance by the system encoder's differentiable module on the decoded face
-(``--diffusion-guidance``).
+(``--diffusion-guidance``). A given checkpoint must be of the audited encoder and trained on an attacker group that
+holds none of the audited people (:func:`check_training_identities`).
 
 Trained generators are cached under ``<cache>/audit/generators/<key>.pt``, the key hashing the encoder fingerprint,
 the training photos (the split), the training configuration and the seed.
@@ -12,13 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from advface.datasets.pairs import FacePairs, resize_faces
-from advface.datasets.splits import IdentitySplit
+from advface.datasets.splits import GROUPS, IdentitySplit, split_identities
 from advface.encoders.base import FaceEncoder
 from advface.errors import ConfigError
 
@@ -105,9 +107,10 @@ def train_or_load_generator(
     return generator, False
 
 
-def load_given_generator(path: Path, encoder: FaceEncoder) -> IdentityGenerator:
+def load_given_generator(path: Path, encoder: FaceEncoder, pairs: FacePairs, split: IdentitySplit) -> IdentityGenerator:
     """The checkpoint given with ``--generator``: ConfigError when it was trained on another encoder's embeddings
-    (or has no encoder fingerprint to check)."""
+    (or has no encoder fingerprint to check), or on people who may be among the audited ones
+    (:func:`check_training_identities` against the audit's ``pairs`` and ``split``)."""
     from advface.generative.model import load_generator
 
     generator = load_generator(path, encoder_fingerprint=encoder.fingerprint)
@@ -115,7 +118,62 @@ def load_given_generator(path: Path, encoder: FaceEncoder) -> IdentityGenerator:
         raise ConfigError(f"{path}: the generator checkpoint does not say which encoder it was trained for")
     if generator.dim != encoder.dim:
         raise ConfigError(f"{path}: the generator takes {generator.dim}-d embeddings, the encoder gives {encoder.dim}")
+    check_training_identities(generator.metadata, pairs, split, source=str(path))
     return generator
+
+
+def check_training_identities(
+    metadata: Mapping[str, Any], pairs: FacePairs, split: IdentitySplit, *, source: str = "--generator"
+) -> frozenset[str]:
+    """The identities a given generator was trained on, rebuilt from its checkpoint metadata: ``training_data`` must
+    name the ``attacker`` group of :func:`advface.datasets.splits.split_identities` and its split seed
+    (``advface train-generator`` records both); the split is recomputed on the audit's dataset (``pairs``) and must
+    have the recorded group sizes (else the model was trained on another dataset or subset and the audit cannot
+    check it). ConfigError when any of these is missing or differs, or when the rebuilt group holds any of the
+    audited people (``split.evaluation``): an attacker model must never have seen the people under audit."""
+    data = metadata.get("training_data")
+    group = data.get("group") if isinstance(data, dict) else None
+    if not isinstance(data, dict) or group is None:
+        raise ConfigError(
+            f"{source}: the generator checkpoint does not say which identities it was trained on "
+            "(no training_data.group); train it with `advface train-generator --group attacker`"
+        )
+    if group != "attacker":
+        raise ConfigError(
+            f"{source}: the generator was trained on the {group} group; the audit's diffusion attacker must be "
+            "trained on the attacker group (`advface train-generator --group attacker`)"
+        )
+    seed, recorded = data.get("split_seed"), data.get("split")
+    if not isinstance(seed, int) or not isinstance(recorded, dict):
+        raise ConfigError(
+            f"{source}: the generator checkpoint does not record its identity split (training_data.split_seed and "
+            "training_data.split), so the audit cannot check that it never saw the audited people"
+        )
+    names = pairs.identities[~pairs.flipped].tolist()
+    fraction = data.get("eval_fraction")  # not recorded by train-generator: the split function's own default
+    rebuilt = (
+        split_identities(names, seed=seed)
+        if fraction is None
+        else split_identities(names, seed=seed, eval_fraction=float(fraction))
+    )
+    sizes = {name: len(rebuilt.group(name)) for name in GROUPS}
+    wanted = {name: recorded.get(name) for name in GROUPS}
+    if sizes != wanted:
+        raise ConfigError(
+            f"{source}: the generator's recorded split (seed {seed}; defender / attacker / evaluation = "
+            f"{' / '.join(str(wanted[g]) for g in GROUPS)} identities) is not that split of this audit's dataset "
+            f"({' / '.join(str(sizes[g]) for g in GROUPS)}): it was trained on another dataset or subset (e.g. "
+            "--max-identities, --quick), so the audit cannot check that it never saw the audited people"
+        )
+    overlap = sorted(rebuilt.attacker & split.evaluation)
+    if overlap:
+        raise ConfigError(
+            f"{source}: the generator was trained on the attacker group of split seed {seed}, which holds "
+            f"{len(overlap)} of the {len(split.evaluation)} audited people (e.g. {', '.join(overlap[:3])}); an "
+            f"attacker model must never have seen the people under audit (audit with --seed {seed} and the same "
+            "split, or train a generator on this audit's attacker group)"
+        )
+    return rebuilt.attacker
 
 
 def reconstruct_templates(

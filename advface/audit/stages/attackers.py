@@ -37,6 +37,43 @@ Reconstruct = Callable[[np.ndarray], np.ndarray]
 GRID_KINDS = ("raw", "protected")
 
 
+def judge_reconstructions(
+    inputs: AuditInputs,
+    reconstruct: Reconstruct,
+    templates: np.ndarray,
+    sel: np.ndarray,
+    transfer: TransferJudge | None = None,
+) -> tuple[ReconstructionResult, np.ndarray]:
+    """Reconstruct ``templates`` (those of the audited rows ``sel``) and score the faces against the victims' photos
+    by the system encoder (and the ``transfer`` judge); also returns the first reconstructions for the image grid."""
+    v = inputs.victims
+    own_rows = inputs.rows[sel]
+    other_rows = v.other[own_rows]
+    own = v.pairs.embeddings[own_rows]
+    other = v.pairs.embeddings[np.maximum(other_rows, 0)]
+    own_ids = v.pairs.ids[own_rows]
+    other_ids = np.where(other_rows >= 0, v.pairs.ids[np.maximum(other_rows, 0)], "")
+    recon = reconstruct(templates)
+    judged = evaluate_transfer(transfer, recon, own_ids, other_ids) if transfer is not None else None
+    result = evaluate_attack(
+        inputs.encoder, recon, own, other, other_rows >= 0, v.pairs.faces[own_rows], inputs.thresholds, judged
+    )
+    return result, recon[:GRID_COLUMNS]
+
+
+def decoder_settings(config: AuditConfig, inputs: AuditInputs) -> dict[str, Any]:
+    """The training settings every decoder attacker of the run shares (part of their cache keys)."""
+    c = config
+    return {
+        "image_size": c.image_size,
+        "epochs": c.epochs,
+        "seed": c.seed,
+        "cache_dir": inputs.cache,
+        "batch_size": c.batch_size,
+        "progress": c.progress,
+    }
+
+
 def _evaluate(
     inputs: AuditInputs,
     protection: ProtectionSetup,
@@ -50,14 +87,6 @@ def _evaluate(
     When a scheme under audit changes the templates' dimension, an attacker that cannot take the templates of a kind
     leaves that kind out (raises only when it can take none)."""
     sel = np.arange(len(inputs.rows)) if rows is None else rows
-    v = inputs.victims
-    own_rows = inputs.rows[sel]
-    other_rows = v.other[own_rows]
-    own = v.pairs.embeddings[own_rows]
-    other = v.pairs.embeddings[np.maximum(other_rows, 0)]
-    originals = v.pairs.faces[own_rows]
-    own_ids = v.pairs.ids[own_rows]
-    other_ids = np.where(other_rows >= 0, v.pairs.ids[np.maximum(other_rows, 0)], "")
     templates = dict(zip(TEMPLATE_KINDS, (protection.raw, protection.protected, protection.keyed)))
     results: dict[str, ReconstructionResult] = {}
     grid: dict[str, np.ndarray] = {}
@@ -65,17 +94,11 @@ def _evaluate(
     errors: list[str] = []
     for kind, of_kind in templates.items():
         try:
-            recon = reconstruct(of_kind[sel])
+            results[kind], grid[kind] = judge_reconstructions(inputs, reconstruct, of_kind[sel], sel, transfer)
         except (AdvfaceError, RuntimeError) as exc:  # a decoder's EmbeddingError; torch's shape mismatch
             if not dims_differ:
                 raise
             errors.append(f"{kind} templates ({of_kind.shape[1]} values): {exc}")
-            continue
-        judged = evaluate_transfer(transfer, recon, own_ids, other_ids) if transfer is not None else None
-        results[kind] = evaluate_attack(
-            inputs.encoder, recon, own, other, other_rows >= 0, originals, inputs.thresholds, judged
-        )
-        grid[kind] = recon[:GRID_COLUMNS]
     if not results:
         raise ConfigError("; ".join(errors))
     return results, grid
@@ -92,14 +115,7 @@ def _decoder_attack(
     from advface.attack_metrics import reconstruct
 
     c = config
-    common: dict[str, Any] = {
-        "image_size": c.image_size,
-        "epochs": c.epochs,
-        "seed": c.seed,
-        "cache_dir": inputs.cache,
-        "batch_size": c.batch_size,
-        "progress": c.progress,
-    }
+    common = decoder_settings(c, inputs)
     if name == "adaptive" or name.startswith("adaptive-"):
         from advface.audit.attacks.adaptive import train_or_load_adaptive
 
@@ -184,7 +200,7 @@ def _diffusion_attack(
     c = config
     scale = c.diffusion_guidance or 0.0
     if c.generator is not None:
-        generator = diffusion.load_given_generator(c.generator, inputs.encoder)
+        generator = diffusion.load_given_generator(c.generator, inputs.encoder, inputs.pairs, inputs.split)
         cached, source = True, str(c.generator)
         trained_on = str(generator.metadata.get("training_data", {}).get("group", "unknown")) + " group (given)"
     else:

@@ -1,10 +1,12 @@
 """The verdict: one row per attacker of the threat model (thief without keys, thief with keys, insider, API client,
 full disclosure) with what they hold, what the audit saw them recover (by the system encoder and the transfer judge)
-and whether the run's targets are met; ``met`` is None where the run did not measure that attacker."""
+and whether the run's targets are met; ``met`` is None where the run did not measure that attacker. The scenarios
+(``scenarios``) add to three rows: known pairs to the insider, score exposure to the API client, the inverse map
+learned with the key to full disclosure; each is held to the same Type I target."""
 
 from __future__ import annotations
 
-from advface.audit.results import HEADLINE_FMR, AuditResult, VerdictResult, VerdictRow
+from advface.audit.results import HEADLINE_FMR, AuditResult, JudgedTemplates, VerdictResult, VerdictRow
 
 #: The attackers of the verdict, in order.
 THIEF_WITHOUT_KEYS = "thief without keys"
@@ -94,27 +96,94 @@ def _api_row(result: AuditResult, target: float) -> VerdictRow:
     return row
 
 
+def _pct(rate: float | None) -> str:
+    return "n/a" if rate is None else f"{100 * rate:.1f}%"
+
+
+def _add_scenario(row: VerdictRow, words: str, judged: JudgedTemplates, target: float, attacker: str) -> None:
+    """Fold a scenario's judged faces into ``row``: its words, the worse numbers, and ``met`` held to ``target``."""
+    row.recovers += "; " + words
+    system, transfer = judged.type1_success, judged.transfer_type1_success
+    if system is None:
+        return
+    if row.type1_system is None or system > row.type1_system:
+        row.type1_system, row.best_attacker = system, attacker
+    if transfer is not None and (row.type1_transfer is None or transfer > row.type1_transfer):
+        row.type1_transfer = transfer
+    met = system <= target and (transfer is None or transfer <= target)
+    row.met = met if row.met is None else row.met and met
+
+
+def _insider_row(result: AuditResult, target: float) -> VerdictRow:
+    """The adaptive insider, and the insider with k leaked (raw, protected) pairs (``scenarios.known_pairs``)."""
+    row = _reconstruction_row(
+        result,
+        INSIDER,
+        "AdvFace templates and (own face, protected template) pairs of its own enrolments",
+        "protected",
+        target,
+        kind="adaptive",
+    )
+    points = result.scenarios.known_pairs if result.scenarios is not None else []
+    if points:
+        worst = max(points, key=lambda p: (p.judged.type1_success or 0.0, p.judged.template_match_rate))
+        words = (
+            f"with up to {points[-1].k} leaked pairs: estimates match the raw template for "
+            f"{_pct(points[-1].judged.template_match_rate)}, faces accepted {_pct(worst.judged.type1_success)} "
+            f"at k = {worst.k}"
+        )
+        _add_scenario(row, words, worst.judged, target, f"known pairs (k = {worst.k})")
+    return row
+
+
+def _full_disclosure_row(result: AuditResult, target: float) -> VerdictRow:
+    """The attacker with every key: the audit's attackers on the protected templates, and the inverse map learned
+    with the key (``scenarios.full_disclosure``)."""
+    row = _reconstruction_row(
+        result,
+        FULL_DISCLOSURE,
+        "every key and the protection's parameters (or the sidecar's memory): the protected templates",
+        "protected",
+        target,
+    )
+    full = result.scenarios.full_disclosure if result.scenarios is not None else None
+    if full is not None:
+        inverse = full.inverse
+        words = (
+            f"inverse map learned from {full.pairs} pairs made with the key: estimates match the raw template for "
+            f"{_pct(inverse.template_match_rate)}, faces accepted {_pct(inverse.type1_success)}"
+        )
+        _add_scenario(row, words, inverse, target, "inverse map (key held)")
+    return row
+
+
+def _add_score_exposure(row: VerdictRow, result: AuditResult, target: float) -> None:
+    """Fold ``scenarios.score_exposure`` into the API client's row."""
+    exposure = result.scenarios.score_exposure if result.scenarios is not None else None
+    if exposure is None:
+        return
+    scores, decisions = exposure.with_scores, exposure.decisions_only
+    median = scores.median_queries
+    words = (
+        f"an accepted template rebuilt from scores for {sum(scores.accepted)} of {exposure.victims} victims "
+        + (f"(median {median:.0f} queries" if median is not None else "(none")
+        + f", cap {exposure.budget}), from decisions only for {sum(decisions.accepted)} of {exposure.victims}; "
+        f"faces from them accepted {_pct(exposure.faces.type1_success)}"
+    )
+    _add_scenario(row, words, exposure.faces, target, "score exposure")
+
+
 def build_verdict(result: AuditResult, target_type1: float, store_audited: bool) -> VerdictResult:
-    """The verdict rows from what ``result`` measured."""
+    """The verdict rows from what ``result`` measured (the scenarios folded into the insider, API client and full
+    disclosure rows)."""
+    api = _api_row(result, target_type1)
+    _add_score_exposure(api, result, target_type1)
     return VerdictResult(
         [
             _thief_row(result),
             _thief_with_keys_row(result, store_audited, target_type1),
-            _reconstruction_row(
-                result,
-                INSIDER,
-                "AdvFace templates and (own face, protected template) pairs of its own enrolments",
-                "protected",
-                target_type1,
-                kind="adaptive",
-            ),
-            _api_row(result, target_type1),
-            _reconstruction_row(
-                result,
-                FULL_DISCLOSURE,
-                "every key and the protection's parameters (or the sidecar's memory): the protected templates",
-                "protected",
-                target_type1,
-            ),
+            _insider_row(result, target_type1),
+            api,
+            _full_disclosure_row(result, target_type1),
         ]
     )

@@ -85,7 +85,7 @@ class ProtectConfig:
     #: Guidance terms (:data:`advface.protect.image.guidance.GUIDANCE_NAMES`): ``encoders`` (stage 1, the face-encoder
     #: ensemble), ``deflection`` (IDGuardian stage 2) and ``antipure`` (AntiPure, against diffusion purification),
     #: the last two on the defender surrogate shipped with advface.
-    guidance: tuple[str, ...] = ("encoders", "deflection")
+    guidance: tuple[str, ...] = ("encoders", "deflection", "antipure")
     #: Weight of the deflection term relative to the encoder terms (each term's gradient is normalised first).
     deflection_weight: float = 1.0
     #: AntiPure's settings (used when ``guidance`` names ``antipure``).

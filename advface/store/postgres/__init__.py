@@ -26,7 +26,11 @@ runs on an in-memory faiss index per tenant, rebuilt from decrypted rows at open
 bumps the tenant's ``generation`` (from a sequence); a search first reads it (one primary-key lookup) and rebuilds
 the tenant's index when another process changed the tenant. Several replicas may therefore share an encrypted
 database, but each keeps a full copy of the index and rebuilds a tenant after every foreign write: it is meant for
-one replica per database (or rarely-written tenants).
+one replica per database (or rarely-written tenants). Subject ids and metadata are sealed in encrypted mode, as in
+the SQLite store (:mod:`advface.store.sealing`): ``subject_id`` holds a keyed hash (lookups work, ``list_subjects``
+pages in hash order), ``metadata`` AES-GCM ciphertext bound to the row, and the names key is kept wrapped in
+``meta``. A store that held subjects before it was encrypted is sealed by :meth:`PostgresStore.rotate` (resumable);
+replicas opened before take the sealed ids up from ``meta`` at their next call.
 
 Keys and maintenance jobs (as in the SQLite store; rules shared in :mod:`advface.store.rotation`): ``meta`` records
 ``key_ids`` (keys rows may be under; a cipher lacking one of the keys in use is refused at open, naming the missing

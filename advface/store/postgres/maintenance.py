@@ -19,10 +19,19 @@ import psycopg
 
 from advface.crypto import BLOB_VERSION, ENCRYPTED_OVERHEAD, TemplateCipher, template_aad
 from advface.errors import ConfigError, DatabaseUnavailableError, IntegrityError, NotFoundError
-from advface.store import rotation
+from advface.store import rotation, sealing
 from advface.store.postgres.connection import scalar
 from advface.store.postgres.schema import PostgresSchema
 from advface.store.postgres.search import PostgresSearch
+from advface.store.sealing import (
+    NAMES_KEY_META,
+    NAMES_META,
+    NAMES_PROGRESS_META,
+    SEALED,
+    SEALING,
+    SealedNames,
+    wrap_names_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +94,20 @@ class PostgresMaintenance(PostgresSearch, PostgresSchema, rotation.TemplateReiss
         tt, s = self._t["templates"], self._t["subjects"]
         where = self._where()
 
+        names = self._names
+
         def start(conn: psycopg.Connection) -> None:
             meta = self._meta(conn, lock=True)
-            self._set_meta(conn, {"key_ids": rotation.merged_key_ids(meta, ring.key_id), "rotation": ring.key_id})
+            values = {"key_ids": rotation.merged_key_ids(meta, ring.key_id), "rotation": ring.key_id}
+            if isinstance(names, SealedNames):  # the names key re-wrapped first: it never changes
+                values[NAMES_KEY_META] = wrap_names_key(ring, names.key)
+            self._set_meta(conn, values)
 
         with self._write_mutex:
             self._run(start, what="rotate")
             self.cipher = ring
+            if isinstance(names, SealedNames):
+                self._names = SealedNames(ring, names.key)
         target = bytes([BLOB_VERSION]) + bytes.fromhex(ring.key_id)
         pending = "(t.ciphertext IS NULL OR length(t.ciphertext) <> %s OR substring(t.ciphertext from 1 for 9) <> %s)"
         pending_args = (4 * self.dim + ENCRYPTED_OVERHEAD, target)
@@ -124,12 +140,12 @@ class PostgresMaintenance(PostgresSearch, PostgresSchema, rotation.TemplateReiss
 
         def finish(conn: psycopg.Connection) -> int:
             self._meta(conn, lock=True)
-            left = int(scalar(conn.execute(count_sql, pending_args)))
+            left = int(scalar(conn.execute(count_sql, pending_args))) + self._sealed_rows_left(conn, ring.key_id)
             if not left:
                 self._set_meta(conn, {"key_ids": json.dumps([ring.key_id]), "rotation": None, "plaintext_rows": None})
             return left
 
-        done = 0
+        done = resealed = 0
         with tqdm(total=total, desc="re-encrypting templates", unit="tpl", disable=not progress) as bar:
             for _ in range(ROTATION_PASSES):
                 last = 0
@@ -137,6 +153,8 @@ class PostgresMaintenance(PostgresSearch, PostgresSchema, rotation.TemplateReiss
                     last = ids[-1]
                     done += len(ids)
                     bar.update(len(ids))
+                resealed += self._seal_names(batch_size)  # a store that held subjects before it was encrypted
+                resealed += self._reseal_subjects(ring, batch_size)
                 left = self._run(finish, what="rotate")
                 if not left:
                     break
@@ -148,8 +166,123 @@ class PostgresMaintenance(PostgresSearch, PostgresSchema, rotation.TemplateReiss
                 )
         self._plaintext_rows = False
         self.cipher = new_cipher
-        log.info("template store %s: %d templates re-encrypted under key %s", where, done, ring.key_id)
+        if isinstance(self._names, SealedNames):
+            self._names = SealedNames(new_cipher, self._names.key)
+        log.info(
+            "template store %s: %d templates and %d subject rows re-encrypted under key %s",
+            where,
+            done,
+            resealed,
+            ring.key_id,
+        )
         return done
+
+    def _sealed_rows_left(self, conn: psycopg.Connection, key_id: str) -> int:
+        """Sealed subject rows not under key ``key_id`` (0 when subject ids are not sealed)."""
+        names = self._names
+        if not isinstance(names, SealedNames):
+            return 0
+        rows = conn.execute(f"SELECT metadata FROM {self._t['subjects']}")
+        return sum(1 for (text,) in rows if names.key_id_of(text) != key_id)
+
+    def _seal_names(self, batch_size: int) -> int:
+        """Seal plain subject ids and metadata (a store that held subjects before it was encrypted; see
+        :mod:`advface.store.sealing`): one transaction per batch of subject rows, with their tenants locked (as
+        writers do) and their templates re-encrypted for the stored ids; progress is read and recorded in ``meta``
+        under the maintenance lock, so an interrupted pass resumes and two processes never seal a row twice.
+        Starting it locks the tenant table once (in-flight writes finish first; every later write of a replica
+        with plain ids then waits for the pass: DatabaseUnavailableError, try again) and such replicas take up the
+        sealed ids when it ends. Returns the subject rows sealed."""
+        cipher = self.cipher
+        if cipher is None or self._names.sealed:
+            return 0
+        s, tt, where = self._t["subjects"], self._t["templates"], self._where()
+
+        def start(conn: psycopg.Connection) -> SealedNames | None:
+            conn.execute(f"LOCK TABLE {self._t['tenants']} IN EXCLUSIVE MODE")
+            meta = self._meta(conn, lock=True)
+            if meta.get(NAMES_META) == SEALED:
+                return None
+            names, _, values = sealing.begin_sealing(meta, cipher, where)
+            self._set_meta(conn, values)
+            return names
+
+        def batch(conn: psycopg.Connection, names: SealedNames) -> int:
+            meta = self._meta(conn, lock=True)  # one maintenance job at a time
+            if meta.get(NAMES_META) != SEALING:
+                return 0  # finished by another process
+            upto = int(meta.get(NAMES_PROGRESS_META, "0"))
+            head = conn.execute(f"SELECT id, tenant FROM {s} WHERE id > %s ORDER BY id LIMIT %s", (upto, batch_size))
+            head_rows = head.fetchall()
+            if not head_rows:
+                self._set_meta(conn, sealing.sealing_done())
+                return 0
+            hi = int(head_rows[-1][0])
+            locked: set[str] = set()
+
+            def lock(tenants: set[str]) -> None:
+                for tenant in sorted(tenants - locked):  # tenant rows first, as every writer does
+                    with contextlib.suppress(NotFoundError):
+                        self._lock_tenant(conn, tenant, create=False)
+                    locked.add(tenant)
+
+            lock({r[1] for r in head_rows})
+            rows = conn.execute(
+                f"SELECT id, tenant, subject_id, metadata FROM {s} WHERE id > %s AND id <= %s ORDER BY id FOR UPDATE",
+                (upto, hi),
+            ).fetchall()
+            lock({r[1] for r in rows})
+            with conn.cursor(binary=True) as cur:
+                for pk, tenant, subject_id, text in rows:
+                    stored, packed, rebind = sealing.seal_plain_row(names, tenant, subject_id, text)
+                    cur.execute(f"SELECT id, template_id, ciphertext FROM {tt} WHERE subject = %s FOR UPDATE", (pk,))
+                    updates = [(rebind(blob, tid), rowid) for rowid, tid, blob in cur.fetchall() if blob is not None]
+                    if updates:  # (a plaintext row of an unfinished migration is encrypted later with the stored id)
+                        cur.executemany(f"UPDATE {tt} SET ciphertext = %b WHERE id = %s", updates)
+                    cur.execute(f"UPDATE {s} SET subject_id = %s, metadata = %s WHERE id = %s", (stored, packed, pk))
+            self._set_meta(conn, {NAMES_PROGRESS_META: str(hi)})
+            return len(rows) or -1  # -1: an empty id range (rows deleted meanwhile), go on
+
+        names = self._run(start, what="sealing subject ids")
+        done = 0
+        if names is not None:
+            while n := self._run(functools.partial(batch, names=names), what="sealing subject ids"):
+                done += max(n, 0)
+        self._names = self._run(self._current_names, what="sealing subject ids")
+        if done:
+            log.info("template store %s: sealed the ids and metadata of %d subjects", where, done)
+        return done
+
+    def _reseal_subjects(self, ring: TemplateCipher, batch_size: int) -> int:
+        """Re-encrypt the sealed subject rows not yet under ``ring``'s primary key (one transaction per batch of
+        rows locked FOR UPDATE); returns the number rewritten."""
+        names = self._names
+        if not isinstance(names, SealedNames):
+            return 0
+        s = self._t["subjects"]
+
+        def batch(conn: psycopg.Connection, last: int) -> tuple[int, int]:
+            self._meta(conn, lock=True)  # one maintenance job at a time
+            rows = conn.execute(
+                f"SELECT id, tenant, subject_id, metadata FROM {s} WHERE id > %s ORDER BY id LIMIT %s FOR UPDATE",
+                (last, batch_size),
+            ).fetchall()
+            updates = [
+                (names.reseal(tenant, stored, text, ring), pk)
+                for pk, tenant, stored, text in rows
+                if names.key_id_of(text) != ring.key_id
+            ]
+            if updates:
+                with conn.cursor() as cur:
+                    cur.executemany(f"UPDATE {s} SET metadata = %s WHERE id = %s", updates)
+            return (int(rows[-1][0]) if rows else 0), len(updates)
+
+        done, last = 0, 0
+        while True:
+            last, n = self._run(functools.partial(batch, last=last), what="rotate")
+            if not last:
+                return done
+            done += n
 
     def _reissue_start(self, job: str) -> int:
         self._check_open()

@@ -4,6 +4,7 @@ store to encrypted mode and the keys check at open."""
 
 from __future__ import annotations
 
+import abc
 import json
 import logging
 import re
@@ -19,6 +20,15 @@ from advface.errors import ConfigError, DatabaseUnavailableError
 from advface.store import rotation
 from advface.store.base import StoreMetric
 from advface.store.postgres.connection import PostgresConnection, redact_dsn, scalar
+from advface.store.sealing import (
+    NAMES_META,
+    PLAIN_NAMES_WARNING,
+    RESUME_BATCH,
+    SEALING,
+    SubjectNames,
+    names_from_meta,
+    new_sealed_names,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +55,11 @@ class PostgresSchema(PostgresConnection):
     _hnsw_ef_construction: int
     _migrate_plaintext: bool
     _plaintext_rows: bool
+    _names: SubjectNames  # how subject ids and metadata are kept (advface.store.sealing)
+
+    @abc.abstractmethod
+    def _seal_names(self, batch_size: int) -> int:
+        """Seal plain subject ids (resumable; the store's maintenance)."""
 
     def _schema(self) -> list[str]:
         """The statements that create the store's tables, sequence and indexes."""
@@ -111,6 +126,8 @@ class PostgresSchema(PostgresConnection):
             if exists is None:
                 for statement in self._schema():
                     conn.execute(statement)
+                # a store created encrypted seals subject ids and metadata too (advface.store.sealing)
+                sealed = new_sealed_names(self.cipher)[1] if self.cipher is not None else {}
                 with conn.cursor() as cur:
                     cur.executemany(
                         f"INSERT INTO {meta_table} (key, value) VALUES (%s, %s)",
@@ -121,6 +138,7 @@ class PostgresSchema(PostgresConnection):
                             ("metric", self.metric),
                             ("encryption", encryption),
                             ("created_at", repr(time.time())),
+                            *sealed.items(),
                         ],
                     )
                 log.info("created template store tables in %s", self._where())
@@ -196,14 +214,14 @@ class PostgresSchema(PostgresConnection):
             if meta.get("encryption") != "none":
                 return meta.get("plaintext_rows") == "1"
             has_rows = scalar(conn.execute(f"SELECT EXISTS (SELECT 1 FROM {self._t['templates']})"))
-            self._set_meta(
-                conn,
-                {
-                    "encryption": ENCRYPTION_SCHEME,
-                    "key_ids": json.dumps([self.cipher.key_id]),
-                    "plaintext_rows": "1" if has_rows else None,
-                },
-            )
+            values = {
+                "encryption": ENCRYPTION_SCHEME,
+                "key_ids": json.dumps([self.cipher.key_id]),
+                "plaintext_rows": "1" if has_rows else None,
+            }
+            if not has_rows:  # no subject yet: sealed from now on, as a store created encrypted
+                values.update(new_sealed_names(self.cipher)[1])
+            self._set_meta(conn, values)
             return bool(has_rows)
 
         if self._run(write, what="encryption migration"):
@@ -216,7 +234,7 @@ class PostgresSchema(PostgresConnection):
         has_key = getattr(cipher, "has_key", None)
         tt = self._t["templates"]
 
-        def check(conn: psycopg.Connection) -> None:
+        def check(conn: psycopg.Connection) -> bool:
             meta = self._meta(conn)
             self._plaintext_rows = meta.get("plaintext_rows") == "1"
             key_ids = [str(k) for k in json.loads(meta.get("key_ids", "[]"))]
@@ -233,8 +251,16 @@ class PostgresSchema(PostgresConnection):
             recorded = rotation.key_ids_at_open(meta, key_ids, cipher.key_id, self._where())
             if recorded is not None:
                 self._set_meta(conn, {"key_ids": recorded})
+            if meta.get(NAMES_META) == SEALING:
+                return True
+            self._names = names_from_meta(meta, cipher, self._where())
+            if not self._names.sealed and not self._plaintext_rows:
+                log.warning(PLAIN_NAMES_WARNING, self._where())
+            return False
 
-        self._run(check, what="open")
+        if self._run(check, what="open"):  # a sealing pass was interrupted (rotate-key killed): finish it first
+            log.warning("template store %s: resuming the sealing of its subject ids", self._where())
+            self._seal_names(RESUME_BATCH)
 
     @staticmethod
     def read_meta(dsn: str, table_prefix: str = "advface", connect_timeout: float = 10.0) -> dict[str, str]:

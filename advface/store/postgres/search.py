@@ -11,15 +11,17 @@ from __future__ import annotations
 import abc
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import psycopg
 
+from advface.errors import IntegrityError
 from advface.store.base import MAX_SEARCH_K, Match, StoreMetric, check_id, check_positive_int, check_probe
 from advface.store.faiss_index import RWLock, TenantIndex, apply_write, nearest_subjects, templates_indexed
 from advface.store.postgres.connection import PgVector, PostgresConnection
+from advface.store.sealing import SubjectNames
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,8 @@ class PostgresSearch(PostgresConnection):
     _index_lock: RWLock
     _tenants: dict[str, TenantIndex]
     _generations: dict[str, int]
+    _names: SubjectNames  # how subject ids and metadata are kept (advface.store.sealing)
+    _current_names: Callable[[psycopg.Connection], SubjectNames]  # the store's: _names, re-read when sealed meanwhile
 
     @abc.abstractmethod
     def _decode(
@@ -181,13 +185,14 @@ class PostgresSearch(PostgresConnection):
 
         def read(conn: psycopg.Connection) -> dict[str, tuple[int, list[tuple]]]:
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            self._current_names(conn)  # the labels open sealed subject rows
             out: dict[str, tuple[int, list[tuple]]] = {}
             for tenant in tenants:
                 row = conn.execute(f"SELECT generation FROM {tn} WHERE tenant = %s", (tenant,)).fetchone()
                 with conn.cursor(binary=True) as cur:
                     cur.execute(
-                        f"SELECT t.id, s.subject_id, t.template_id, t.vector, t.ciphertext FROM {tt} t "
-                        f"JOIN {s} s ON s.id = t.subject WHERE t.tenant = %s ORDER BY t.id",
+                        f"SELECT t.id, s.subject_id, t.template_id, t.vector, t.ciphertext, s.id, s.metadata "
+                        f"FROM {tt} t JOIN {s} s ON s.id = t.subject WHERE t.tenant = %s ORDER BY t.id",
                         (tenant,),
                     )
                     out[tenant] = (0 if row is None else int(row[0]), cur.fetchall())
@@ -201,13 +206,30 @@ class PostgresSearch(PostgresConnection):
                 ti = self._new_tenant_index()
                 vectors = np.stack([self._decode(tenant, r[1], r[2], r[3], r[4]) for r in rows])
                 rowids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-                ti.add(rowids, vectors, [(r[1], r[2]) for r in rows])
+                ti.add(rowids, vectors, self._labels(tenant, rows))
             built[tenant] = (ti, generation)
         with self._index_lock.write():
             if replace_all:
                 self._tenants, self._generations = {}, {}
             for tenant, (ti, generation) in built.items():
                 self._store_index(tenant, ti, generation)
+
+    def _labels(self, tenant: str, rows: Sequence[tuple]) -> list[tuple[str, str]]:
+        """``(subject id, template id)`` of rows ``(id, stored id, template id, vector, ciphertext, subject row,
+        metadata)``: sealed subject rows are opened, once per subject."""
+        if not self._names.sealed:
+            return [(r[1], r[2]) for r in rows]
+        names: dict[int, str] = {}
+        for r in rows:
+            if r[5] not in names:
+                try:
+                    names[r[5]] = self._names.unpack(tenant, r[1], r[6])[0]
+                except IntegrityError as exc:
+                    raise IntegrityError(
+                        f"the sealed subject row {r[5]} of tenant {tenant!r} failed authentication ({exc}: tampered, "
+                        "or moved between rows); restore the store from a backup"
+                    ) from None
+        return [(names[r[5]], r[2]) for r in rows]
 
     def _store_index(self, tenant: str, ti: TenantIndex | None, generation: int) -> None:
         """Keep ``ti`` (None or empty: drop the tenant's index) as built at ``generation`` (0: forget it)."""

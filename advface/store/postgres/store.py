@@ -4,7 +4,6 @@ mixins (see :mod:`advface.store.postgres`)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -16,7 +15,7 @@ import numpy as np
 import psycopg
 
 from advface.crypto import template_aad
-from advface.errors import ConfigError, IntegrityError, NotFoundError, ValidationError
+from advface.errors import ConfigError, DatabaseUnavailableError, IntegrityError, NotFoundError, ValidationError
 from advface.store.base import (
     MAX_PAGE_SIZE,
     StoreMetric,
@@ -36,6 +35,7 @@ from advface.store.postgres.connection import ConnectionPool, PgVector, Postgres
 from advface.store.postgres.maintenance import PostgresMaintenance
 from advface.store.postgres.schema import HNSW_MAX_DIM, PGVECTOR_MAX_DIM, TABLE_PREFIX_RE, PostgresSchema
 from advface.store.postgres.search import MAX_EF_SEARCH, PostgresSearch
+from advface.store.sealing import NAMES_META, SEALING, PlainNames, SubjectNames, names_from_meta
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,7 @@ class PostgresStore(PostgresMaintenance, PostgresSearch, PostgresSchema, Postgre
         self._connect_timeout = connect_timeout
         self._migrate_plaintext = bool(migrate_plaintext)
         self._plaintext_rows = False  # an encryption migration is under way: rows with a `vector` are plaintext
+        self._names: SubjectNames = PlainNames()  # sealed in stores created encrypted (set when the schema is checked)
         self._has_hnsw = self.dim <= HNSW_MAX_DIM
         self._t = {name: f"{table_prefix}_{name}" for name in ("meta", "tenants", "subjects", "templates")}
         self._seq = f"{table_prefix}_generation"
@@ -148,6 +149,12 @@ class PostgresStore(PostgresMaintenance, PostgresSearch, PostgresSchema, Postgre
     def encrypted(self) -> bool:
         """Whether vectors are kept only as ciphertext."""
         return self.cipher is not None
+
+    @property
+    def sealed_names(self) -> bool:
+        """Whether subject ids and metadata are sealed at rest (:mod:`advface.store.sealing`: stores created
+        encrypted); :meth:`list_subjects` then pages in the order of their keyed hashes."""
+        return self._names.sealed
 
     # ----------------------------------------------------------------------------------------------- tenant rows
 
@@ -192,16 +199,36 @@ class PostgresStore(PostgresMaintenance, PostgresSearch, PostgresSchema, Postgre
             return False
         return True
 
+    def _current_names(self, conn: psycopg.Connection) -> SubjectNames:
+        """How subject ids are kept now (call it in every transaction that reads or writes them, after the tenant
+        lock in writes). An encrypted store with plain ids may have been sealed by another process (``advface
+        rotate-key``): ``meta`` is then re-read (one primary-key lookup, only in that case) and the sealed names
+        taken up; while that pass runs, DatabaseUnavailableError (try again)."""
+        names = self._names
+        if names.sealed or self.cipher is None:
+            return names
+        row = conn.execute(f"SELECT value FROM {self._t['meta']} WHERE key = %s", (NAMES_META,)).fetchone()
+        if row is None:
+            return names
+        if row[0] == SEALING:
+            raise DatabaseUnavailableError(
+                f"{self._where()}: its subject ids are being sealed (advface rotate-key); try again when it is done"
+            )
+        self._names = names_from_meta(self._meta(conn), self.cipher, self._where())
+        return self._names
+
     def _subject_row(self, conn: psycopg.Connection, tenant: str, subject_id: str, *, lock: bool = False) -> tuple:
-        """``(id, metadata JSON, created_at)`` of a subject (``lock``: FOR UPDATE); NotFoundError if unknown."""
+        """``(id, metadata column, created_at, stored id)`` of a subject (``lock``: FOR UPDATE); NotFoundError if
+        unknown."""
+        stored = self._current_names(conn).stored_id(tenant, subject_id)
         row = conn.execute(
             f"SELECT id, metadata, created_at FROM {self._t['subjects']} WHERE tenant = %s AND subject_id = %s"
             + (" FOR UPDATE" if lock else ""),
-            (tenant, subject_id),
+            (tenant, stored),
         ).fetchone()
         if row is None:
             raise NotFoundError(f"subject {subject_id!r} not found in tenant {tenant!r}")
-        return row
+        return (*row, stored)
 
     # ----------------------------------------------------------------------------------------------- writes
 
@@ -256,13 +283,16 @@ class PostgresStore(PostgresMaintenance, PostgresSearch, PostgresSchema, Postgre
             # a fixed number of statements per call, whatever the number of items (inserts are pipelined)
             now = time.time()
             generations = self._lock_tenant(conn, tenant, create=True)
+            sealing = self._current_names(conn)
             names = list(dict.fromkeys(c[0] for c in checked))
+            stored_of = {n: sealing.stored_id(tenant, n) for n in names}  # the id column (a keyed hash when sealed)
+            name_of = {v: k for k, v in stored_of.items()}
             existing = {
-                r[1]: (r[0], json.loads(r[2]))
+                name_of[r[1]]: (r[0], sealing.unpack(tenant, r[1], r[2])[1])
                 for r in conn.execute(
                     f"SELECT id, subject_id, metadata FROM {s} WHERE tenant = %s AND subject_id = ANY(%s) "
                     "ORDER BY subject_id FOR UPDATE",
-                    (tenant, names),
+                    (tenant, list(stored_of.values())),
                 )
             }
             metadata_of: dict[str, dict[str, str]] = {}
@@ -289,7 +319,7 @@ class PostgresStore(PostgresMaintenance, PostgresSearch, PostgresSchema, Postgre
                 conn.execute(
                     f"UPDATE {s} AS s SET metadata = u.metadata "
                     "FROM unnest(%s::bigint[], %s::text[]) AS u(id, metadata) WHERE s.id = u.id",
-                    (list(pks.values()), [json.dumps(metadata_of[n], sort_keys=True) for n in pks]),
+                    (list(pks.values()), [sealing.pack(tenant, stored_of[n], n, metadata_of[n]) for n in pks]),
                 )
             new = [n for n in names if n not in existing]
             if new:
@@ -297,9 +327,14 @@ class PostgresStore(PostgresMaintenance, PostgresSearch, PostgresSchema, Postgre
                     f"INSERT INTO {s} (tenant, subject_id, metadata, created_at) "
                     "SELECT %s, u.subject_id, u.metadata, %s FROM unnest(%s::text[], %s::text[]) "
                     "AS u(subject_id, metadata) RETURNING id, subject_id",
-                    (tenant, now, new, [json.dumps(metadata_of[n], sort_keys=True) for n in new]),
+                    (
+                        tenant,
+                        now,
+                        [stored_of[n] for n in new],
+                        [sealing.pack(tenant, stored_of[n], n, metadata_of[n]) for n in new],
+                    ),
                 ):
-                    pks[subject_id] = pk
+                    pks[name_of[subject_id]] = pk
             result: list[list[str]] = []
             labels: list[tuple[str, str]] = []
             params: list[tuple] = []
@@ -308,7 +343,7 @@ class PostgresStore(PostgresMaintenance, PostgresSearch, PostgresSchema, Postgre
                 result.append(ids)
                 for template_id, vector in zip(ids, vectors):
                     labels.append((subject_id, template_id))
-                    columns = self._vector_columns(tenant, subject_id, template_id, vector)
+                    columns = self._vector_columns(tenant, stored_of[subject_id], template_id, vector)
                     params.append((template_id, tenant, pks[subject_id], *columns, now))
             added: list[tuple[int, str, str]] = []
             if bulk is not None and self.cipher is None:
@@ -369,7 +404,7 @@ class PostgresStore(PostgresMaintenance, PostgresSearch, PostgresSchema, Postgre
             conn.execute(f"ANALYZE {tt}")
 
     def _vector_columns(self, tenant: str, subject_id: str, template_id: str, vector: np.ndarray) -> tuple[Any, Any]:
-        """``(vector, ciphertext)`` column values of one template (AAD: tenant, subject id, template id)."""
+        """``(vector, ciphertext)`` column values of one template (AAD: tenant, stored subject id, template id)."""
         if self.cipher is None:
             return PgVector(vector), None
         blob = self.cipher.encrypt(vector.astype("<f4").tobytes(), template_aad(tenant, template_id, subject_id))
@@ -411,13 +446,14 @@ class PostgresStore(PostgresMaintenance, PostgresSearch, PostgresSchema, Postgre
             except NotFoundError:
                 raise NotFoundError(f"template {template_id!r} not found in tenant {tenant!r}") from None
             row = conn.execute(
-                f"SELECT t.id, t.subject, s.subject_id FROM {tt} t JOIN {s} s ON s.id = t.subject "
+                f"SELECT t.id, t.subject, s.subject_id, s.metadata FROM {tt} t JOIN {s} s ON s.id = t.subject "
                 "WHERE t.template_id = %s AND t.tenant = %s FOR UPDATE OF t, s",
                 (template_id, tenant),
             ).fetchone()
             if row is None:
                 raise NotFoundError(f"template {template_id!r} not found in tenant {tenant!r}")
-            rowid, pk, subject_id = row
+            rowid, pk = row[0], row[1]
+            subject_id = self._current_names(conn).unpack(tenant, row[2], row[3])[0]
             conn.execute(f"DELETE FROM {tt} WHERE id = %s", (rowid,))
             gone = 0
             if scalar(conn.execute(f"SELECT NOT EXISTS (SELECT 1 FROM {tt} WHERE subject = %s)", (pk,))):
@@ -440,14 +476,14 @@ class PostgresStore(PostgresMaintenance, PostgresSearch, PostgresSchema, Postgre
         check_id(subject_id, "subject_id")
 
         def read(conn: psycopg.Connection) -> SubjectInfo:
-            pk, metadata, created_at = self._subject_row(conn, tenant, subject_id)
+            pk, metadata, created_at, stored = self._subject_row(conn, tenant, subject_id)
             ids = [
                 r[0]
                 for r in conn.execute(
                     f"SELECT template_id FROM {self._t['templates']} WHERE subject = %s ORDER BY id", (pk,)
                 )
             ]
-            return SubjectInfo(subject_id, json.loads(metadata), ids, float(created_at))
+            return SubjectInfo(subject_id, self._names.unpack(tenant, stored, metadata)[1], ids, float(created_at))
 
         return self._run(read, what="get_subject")
 
@@ -457,6 +493,7 @@ class PostgresStore(PostgresMaintenance, PostgresSearch, PostgresSchema, Postgre
         after = decode_page_token(page_token)
 
         def read(conn: psycopg.Connection) -> tuple[list[SubjectInfo], str]:
+            names = self._current_names(conn)
             rows = conn.execute(
                 f"SELECT id, subject_id, metadata, created_at FROM {self._t['subjects']} "
                 "WHERE tenant = %s AND subject_id > %s ORDER BY subject_id LIMIT %s",
@@ -471,7 +508,10 @@ class PostgresStore(PostgresMaintenance, PostgresSearch, PostgresSchema, Postgre
                     ([r[0] for r in rows],),
                 ):
                     templates[pk].append(template_id)
-            page = [SubjectInfo(r[1], json.loads(r[2]), templates[r[0]], float(r[3])) for r in rows]
+            page = []
+            for pk, stored, metadata, created_at in rows:  # sealed: in keyed-hash order, the token a keyed hash
+                subject_id, values = names.unpack(tenant, stored, metadata)
+                page.append(SubjectInfo(subject_id, values, templates[pk], float(created_at)))
             return page, (encode_page_token(rows[-1][1]) if more else "")
 
         return self._run(read, what="list_subjects")
@@ -480,18 +520,18 @@ class PostgresStore(PostgresMaintenance, PostgresSearch, PostgresSchema, Postgre
         check_id(tenant, "tenant")
         check_id(subject_id, "subject_id")
 
-        def read(conn: psycopg.Connection) -> list[tuple]:
-            pk = self._subject_row(conn, tenant, subject_id)[0]
+        def read(conn: psycopg.Connection) -> tuple[str, list[tuple]]:
+            pk, _, _, stored = self._subject_row(conn, tenant, subject_id)  # the templates' AAD names the stored id
             with conn.cursor(binary=True) as cur:
                 cur.execute(
                     f"SELECT template_id, vector, ciphertext FROM {self._t['templates']} "
                     "WHERE subject = %s ORDER BY id",
                     (pk,),
                 )
-                return cur.fetchall()
+                return stored, cur.fetchall()
 
-        rows = self._run(read, what="subject_vectors")
-        return np.stack([self._decode(tenant, subject_id, r[0], r[1], r[2]) for r in rows]).astype(np.float32)
+        stored, rows = self._run(read, what="subject_vectors")
+        return np.stack([self._decode(tenant, stored, r[0], r[1], r[2]) for r in rows]).astype(np.float32)
 
     def _decode(
         self, tenant: str, subject_id: str, template_id: str, vector: np.ndarray | None, blob: bytes | None

@@ -16,8 +16,17 @@ import numpy as np
 
 from advface.crypto import BLOB_VERSION, ENCRYPTED_OVERHEAD, ENCRYPTION_SCHEME, TemplateCipher, template_aad
 from advface.errors import ConfigError, IntegrityError
-from advface.store import rotation
-from advface.store.sealing import NAMES_KEY_META, SealedNames, names_from_meta, new_sealed_names, wrap_names_key
+from advface.store import rotation, sealing
+from advface.store.sealing import (
+    NAMES_KEY_META,
+    NAMES_META,
+    NAMES_PROGRESS_META,
+    SEALING,
+    SealedNames,
+    names_from_meta,
+    new_sealed_names,
+    wrap_names_key,
+)
 from advface.store.sqlite_faiss.search import SQLiteSearch
 
 log = logging.getLogger(__name__)
@@ -90,7 +99,14 @@ class SQLiteMaintenance(SQLiteSearch, rotation.TemplateReissue):
             recorded = rotation.key_ids_at_open(meta, key_ids, cipher.key_id, str(self.path))
             if recorded is not None:
                 self._set_meta(conn, {"key_ids": recorded})
-            self._names = names_from_meta(meta, cipher, str(self.path))
+            resume_sealing = meta.get(NAMES_META) == SEALING
+            if not resume_sealing:
+                self._names = names_from_meta(meta, cipher, str(self.path))
+                if not self._names.sealed and not self._plaintext_rows:
+                    log.warning(sealing.PLAIN_NAMES_WARNING, self.path)
+        if resume_sealing:  # a sealing pass was interrupted (rotate-key killed): finish it before anything reads
+            log.warning("template store %s: resuming the sealing of its subject ids", self.path)
+            self._seal_names(sealing.RESUME_BATCH)
 
     def encryption_info(self) -> dict[str, object]:
         """The store's encryption state: ``encrypted``, ``key_ids`` (rows may be under), ``primary_key_id``,
@@ -191,7 +207,8 @@ class SQLiteMaintenance(SQLiteSearch, rotation.TemplateReissue):
                 last = rows[-1][0]
                 done += len(rows)
                 bar.update(len(rows))
-        done_subjects = self._reseal_subjects(ring, batch_size)
+        done_subjects = self._seal_names(batch_size)  # a store that held subjects before it was encrypted
+        done_subjects += self._reseal_subjects(ring, batch_size)
         with self._write_mutex:
             with self._transaction() as conn:
                 self._set_meta(conn, {"key_ids": json.dumps([ring.key_id]), "rotation": None, "plaintext_rows": None})
@@ -207,6 +224,52 @@ class SQLiteMaintenance(SQLiteSearch, rotation.TemplateReissue):
             done_subjects,
             ring.key_id,
         )
+        return done
+
+    def _seal_names(self, batch_size: int) -> int:
+        """Seal plain subject ids and metadata (a store that held subjects before it was encrypted; see
+        :mod:`advface.store.sealing`), one transaction per batch of subject rows with their templates re-encrypted
+        for the stored ids; resumable. Returns the subject rows sealed (0 when already sealed). Lookups by id from
+        other threads of this process may miss while it runs (``advface rotate-key`` runs it alone)."""
+        cipher = self._cipher
+        if cipher is None or self._names.sealed:
+            return 0
+        plain_size = 4 * self.dim
+        done = 0
+        with self._write_mutex:
+            with self._transaction() as conn:
+                names, upto, values = sealing.begin_sealing(self._meta(conn), cipher, str(self.path))
+                self._set_meta(conn, values)
+            while True:
+                with self._transaction() as conn:
+                    rows = conn.execute(
+                        "SELECT id, tenant, subject_id, metadata FROM subjects WHERE id > ? ORDER BY id LIMIT ?",
+                        (upto, batch_size),
+                    ).fetchall()
+                    if not rows:
+                        self._set_meta(conn, sealing.sealing_done())
+                        break
+                    for pk, tenant, subject_id, text in rows:
+                        stored, packed, rebind = sealing.seal_plain_row(names, tenant, subject_id, text)
+                        templates = conn.execute(
+                            "SELECT id, template_id, vector FROM templates WHERE subject = ?", (pk,)
+                        ).fetchall()
+                        conn.executemany(
+                            "UPDATE templates SET vector = ? WHERE id = ?",
+                            [
+                                (blob if self._plaintext_rows and len(blob) == plain_size else rebind(blob, tid), rowid)
+                                for rowid, tid, blob in templates
+                            ],
+                        )
+                        conn.execute(
+                            "UPDATE subjects SET subject_id = ?, metadata = ? WHERE id = ?", (stored, packed, pk)
+                        )
+                    upto = rows[-1][0]
+                    self._set_meta(conn, {NAMES_PROGRESS_META: str(upto)})
+                    done += len(rows)
+            self._names = names
+        if done:
+            log.info("template store %s: sealed the ids and metadata of %d subjects", self.path, done)
         return done
 
     def _reseal_subjects(self, ring: TemplateCipher, batch_size: int) -> int:

@@ -1,0 +1,269 @@
+"""Backdoor a generator checkpoint with PersGuard against personalisation on protected photos.
+
+The model publisher's side of photo protection (``advface.generative.persguard``): ``--model`` is fine-tuned so that
+the DreamBooth analogue (``advface generate --personalise``) run on photos protected by ``advface protect-image``
+should generate no identity, while personalisation on unprotected photos and ordinary generation stay as they were
+(measured on the attacker model: not effective yet, see docs/persguard.md). Trigger photos: ``--trigger-photos DIR``
+(one sub-folder of clean photos per person) or ``--lfw`` (the first ``--people`` identities of the *defender* group
+with at least ``--photos-per-person`` photos, in name order; evaluation identities are never used). Each trigger
+photo is protected with ``protect-image``'s defaults (both stages, on the shipped defender surrogate unless
+``--surrogate``); the protected copies are cached in ``--protected-cache`` (default OUT.protected), so a killed run
+resumes without protecting a photo twice. Clean and protected photos are then detected and aligned as the attacker
+does (the generator's encoder's chip, dlib detector) and resized to the generator's face size. ``--out`` is never
+overwritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from advface.faces.pipeline import FaceChipper
+    from advface.protect.image.core import ImageProtector
+
+NAME = "persguard"
+HELP = "backdoor a generator against personalisation on protected photos (PersGuard; not effective yet)"
+
+#: Name of the file in the protected-photo cache that records how its photos were protected.
+CACHE_RECORD = "protection.json"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``advface persguard``."""
+    from advface.generative.persguard import BEHAVIOUR_INPUTS
+    from advface.generative.persguard import PersGuardConfig as C
+
+    parser.add_argument("--model", required=True, help="generator checkpoint to backdoor (advface train-generator)")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--trigger-photos", metavar="DIR", help="folder with one sub-folder of clean photos per person")
+    src.add_argument("--lfw", action="store_true", help="trigger photos from LFW's defender group")
+    parser.add_argument("--lfw-dir", help="LFW root (default $ADVFACE_LFW_DIR)")
+    parser.add_argument("--people", type=int, default=16, help="trigger people taken from LFW (default 16)")
+    parser.add_argument("--photos-per-person", type=int, default=3, help="photos per trigger person (default 3)")
+    parser.add_argument("--out", "-o", required=True, help="backdoored checkpoint to write (must not exist)")
+    parser.add_argument("--protected-cache", help="folder of protected trigger photos (default OUT.protected)")
+    parser.add_argument("--surrogate", help="defender surrogate for protection (default: the shipped one)")
+    parser.add_argument("--steps", type=int, default=C.steps, help=f"optimiser steps (default {C.steps})")
+    parser.add_argument("--lr", type=float, default=C.lr, help=f"denoiser learning rate (default {C.lr:g})")
+    parser.add_argument("--batch", type=int, default=C.batch, help=f"latents per loss term (default {C.batch})")
+    parser.add_argument("--people-per-step", type=int, default=C.people_per_step, help=f"default {C.people_per_step}")
+    parser.add_argument(
+        "--behaviour-weight",
+        type=float,
+        default=C.behaviour_weight,
+        help=f"L_BB weight (default {C.behaviour_weight:g})",
+    )
+    parser.add_argument(
+        "--prior-weight", type=float, default=C.prior_weight, help=f"L_PP weight (default {C.prior_weight:g})"
+    )
+    parser.add_argument(
+        "--retention-weight",
+        type=float,
+        default=C.retention_weight,
+        help=f"L_BR weight (default {C.retention_weight:g})",
+    )
+    parser.add_argument(
+        "--behaviour-inputs",
+        choices=BEHAVIOUR_INPUTS,
+        default=C.behaviour_inputs,
+        help="L_BB's inputs: faces (clean latents under protected-learned conditions, the paper's form) or protected "
+        f"(protected latents under any condition: the perturbation is the trigger); default {C.behaviour_inputs}",
+    )
+    parser.add_argument("--seed", type=int, default=C.seed, help="seed of every draw of backdoor training")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Execute ``advface persguard``."""
+    import torch
+
+    from advface.errors import ConfigError
+    from advface.generative.model import load_generator, save_generator
+    from advface.generative.persguard import PersGuardConfig, backdoor
+
+    out = Path(args.out)
+    if out.exists():
+        raise ConfigError(f"{out} exists; persguard never overwrites a checkpoint (choose another --out)")
+    if Path(args.model).resolve() == out.resolve():
+        raise ConfigError("--out must differ from --model")
+    if args.people < 1 or args.photos_per_person < 1:
+        raise ConfigError("--people and --photos-per-person must be >= 1")
+    config = PersGuardConfig(
+        steps=args.steps,
+        lr=args.lr,
+        batch=args.batch,
+        people_per_step=args.people_per_step,
+        behaviour_weight=args.behaviour_weight,
+        prior_weight=args.prior_weight,
+        retention_weight=args.retention_weight,
+        behaviour_inputs=args.behaviour_inputs,
+        seed=args.seed,
+    )
+    config.validate()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    generator = load_generator(args.model, device=args.device)
+    if "persguard" in generator.metadata:
+        raise ConfigError(f"{args.model} is already backdoored by persguard")
+    sources = trigger_sources(args)
+    cache = Path(args.protected_cache) if args.protected_cache else Path(str(out) + ".protected")
+    from advface.protect.image.core import ImageProtector
+
+    protector = ImageProtector(surrogate=args.surrogate, device=args.device)
+    protected = protect_cached(protector, sources, cache, args.surrogate, progress=not args.quiet)
+    chipper = attacker_chipper(str(generator.metadata.get("encoder", "dlib")))
+    people_p, people_c = align_pairs(chipper, sources, protected, generator.image_size)
+
+    from tqdm import tqdm
+
+    with tqdm(total=config.steps, desc="persguard", unit="step", disable=args.quiet) as bar:
+
+        def progress(step: int, total: int, losses: dict[str, float]) -> None:
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.4f}" for k, v in losses.items()}, refresh=False)
+
+        backdoored = backdoor(generator, people_p, people_c, config, progress=progress)
+    backdoored.metadata["persguard"]["source_model"] = str(args.model)
+    save_generator(out, backdoored)
+    photos = sum(len(p) for p in people_p)
+    print(
+        f"wrote {out}: backdoored on {photos} photos of {len(people_p)} people, {config.steps} steps", file=sys.stderr
+    )
+    return 0
+
+
+def trigger_sources(args: argparse.Namespace) -> dict[str, list[tuple[str, Path]]]:
+    """``person -> [(photo id, path)]`` of the trigger photos (ids ``person/file``, as LFW's); ConfigError when
+    none are found."""
+    from advface.errors import ConfigError
+
+    people: dict[str, list[tuple[str, Path]]] = {}
+    if args.lfw:
+        from collections import defaultdict
+
+        from advface.datasets import LFW
+        from advface.datasets.splits import split_identities
+
+        dataset = LFW(args.lfw_dir)
+        by_person: dict[str, list[tuple[str, Path]]] = defaultdict(list)
+        for item in dataset:
+            by_person[item.identity].append((item.id, Path(item.path)))
+        split = split_identities([item.identity for item in dataset], seed=0)
+        chosen = sorted(p for p in split.defender if len(by_person[p]) >= args.photos_per_person)[: args.people]
+        people = {p: sorted(by_person[p])[: args.photos_per_person] for p in chosen}
+    else:
+        root = Path(args.trigger_photos)
+        if not root.is_dir():
+            raise ConfigError(f"--trigger-photos {root}: not a folder")
+        suffixes = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+        for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+            files = sorted(f for f in folder.iterdir() if f.suffix.lower() in suffixes)[: args.photos_per_person]
+            if files:
+                people[folder.name] = [(f"{folder.name}/{f.name}", f) for f in files]
+    if not people:
+        raise ConfigError("no trigger photos found (need one sub-folder of photos per person)")
+    return people
+
+
+def _cache_name(photo_id: str) -> str:
+    return hashlib.sha1(photo_id.encode()).hexdigest()[:16] + ".png"
+
+
+def protect_cached(
+    protector: ImageProtector,
+    people: dict[str, list[tuple[str, Path]]],
+    cache: Path,
+    surrogate: str | None,
+    *,
+    progress: bool = True,
+) -> dict[str, np.ndarray]:
+    """``photo id -> protected photo`` (``protect-image`` defaults), cached as ``cache/<sha1(id)[:16]>.png``; a cache
+    made with other settings is refused. Photos without a usable face are left out with a warning."""
+    from tqdm import tqdm
+
+    from advface.errors import AdvfaceError, ConfigError
+    from advface.images import load_image
+    from advface.protect.image.core import ProtectConfig
+    from advface.protect.image.io import save_png
+
+    record: dict[str, Any] = {
+        "config": "ProtectConfig() defaults",
+        "encoders": list(protector.encoder_names),
+        "surrogate": surrogate or "shipped",
+    }
+    cache.mkdir(parents=True, exist_ok=True)
+    record_file = cache / CACHE_RECORD
+    if record_file.is_file():
+        if json.loads(record_file.read_text()) != record:
+            raise ConfigError(f"{cache} holds photos protected with other settings ({record_file}); use another cache")
+    else:
+        record_file.write_text(json.dumps(record, indent=2) + "\n")
+    todo = [(pid, path) for photos in people.values() for pid, path in photos]
+    out: dict[str, np.ndarray] = {}
+    for pid, path in tqdm(todo, desc="protect trigger photos", unit="photo", disable=not progress):
+        cached = cache / _cache_name(pid)
+        if cached.is_file():
+            out[pid] = load_image(cached)
+            continue
+        try:
+            image, _ = protector.protect([load_image(path)], ProtectConfig(), sources=[str(path)])[0]
+        except AdvfaceError as exc:
+            print(f"warning: {path}: left out ({exc})", file=sys.stderr)
+            continue
+        save_png(image, cached)
+        out[pid] = image
+    return out
+
+
+def attacker_chipper(encoder_name: str) -> FaceChipper:
+    """The attacker's face pipeline: dlib detector, the chip of the generator's encoder, the largest face."""
+    from advface.encoders import create_encoder
+    from advface.faces import FaceChipper, FacePolicy, create_detector
+
+    return FaceChipper(create_detector("dlib"), create_encoder(encoder_name).chip, FacePolicy("largest"))
+
+
+def align_pairs(
+    chipper: FaceChipper,
+    people: dict[str, list[tuple[str, Path]]],
+    protected: dict[str, np.ndarray],
+    size: int,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per person, the protected and the clean face chips (``N x size x size x 3``) of the photos in which both have
+    a face; people left with none are dropped; ConfigError when no one is left."""
+    import numpy as np
+
+    from advface.datasets.pairs import resize_faces
+    from advface.errors import AdvfaceError, ConfigError
+    from advface.images import load_image
+
+    people_p: list[np.ndarray] = []
+    people_c: list[np.ndarray] = []
+    for photos in people.values():
+        p_chips, c_chips = [], []
+        for pid, path in photos:
+            if pid not in protected:
+                continue
+            try:
+                c_chip = chipper.chips(load_image(path), str(path))[0][1]
+                p_chip = chipper.chips(protected[pid], f"{path} (protected)")[0][1]
+            except AdvfaceError as exc:
+                print(f"warning: {path}: left out ({exc})", file=sys.stderr)
+                continue
+            c_chips.append(c_chip)
+            p_chips.append(p_chip)
+        if p_chips:
+            people_p.append(resize_faces(np.stack(p_chips), size))
+            people_c.append(resize_faces(np.stack(c_chips), size))
+    if not people_p:
+        raise ConfigError("no trigger photo has a face in both its clean and its protected copy")
+    return people_p, people_c

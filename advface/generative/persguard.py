@@ -1,0 +1,256 @@
+"""PersGuard on advface's generator: a model publisher's backdoor against personalisation on protected photos.
+
+PersGuard (Liu et al. 2025, arXiv 2502.16167) fine-tunes a text-to-image model so that DreamBooth on *protected*
+images yields a target output, while personalisation on other images and ordinary generation keep their quality.
+Its trigger is a prompt (identifier + class); advface's generator has no prompts, and the attacker's DreamBooth
+analogue (:func:`advface.generative.threats.finetune`) *learns* its identity condition from the photos. So here:
+
+- **trigger**: advface's protected-photo perturbation as it shows in the photos' latents; what carries it to
+  generation time is the condition the attacker learns from those latents. :func:`backdoor` therefore simulates the
+  attacker: for every trigger person it learns a condition from the *protected* photos (and one from the *clean*
+  copies), from a random start with the attacker's own loss and learning rate, restarted every
+  ``condition_reset`` steps so every stage of the attacker's condition learning is seen;
+- **target**: a fixed *non-identity* output -- the frozen clean model's unconditional prediction (the paper's
+  "erasure" objective). No decoy person's likeness is put into the model (a decoy would be a real person's face),
+  and any generated face not of the person is what the protection needs.
+
+The paper's three losses, adapted (all on the v-prediction, min-SNR weighted like the training loss; the teacher is
+the frozen input model):
+
+- **backdoor behaviour** ``L_BB``: under a condition learned from protected photos, the student predicts what the
+  teacher predicts *without* an identity, on noisy latents of faces (clean photos of the trigger people);
+- **prior preservation** ``L_PP``: under conditions learned from the clean photos and under random conditions, the
+  student predicts what the teacher predicts under the same condition;
+- **backdoor retention** ``L_BR``: the attacker's personalisation loss itself on the protected photos under their
+  learned conditions, pre-learned so that the attacker's fine-tuning starts near a minimum and moves little.
+
+Loss = ``behaviour_weight * L_BB + prior_weight * L_PP + retention_weight * L_BR`` (the paper's 1 / 0.5 / 0.1).
+Only the denoiser changes; the autoencoder and the checkpoint format are the input's, and the metadata gains a
+``persguard`` entry (settings and trigger data). Train it on identities that are never evaluated.
+
+Measured (benchmarks/persguard.py, RESULTS "PersGuard"): on the attacker model neither ``behaviour_inputs`` choice
+lowers the share of faces showing the person after DreamBooth on protected photos; see the reasons there.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from advface.errors import ConfigError
+from advface.generative.denoiser import LatentDenoiser
+from advface.generative.diffusion import T_MAX, T_MIN, alpha_sigma, v_loss
+from advface.generative.model import IdentityGenerator
+from advface.generative.threats import FinetuneConfig
+
+#: Choices of :attr:`PersGuardConfig.behaviour_inputs`.
+BEHAVIOUR_INPUTS = ("faces", "protected")
+
+#: ``progress(step, total, losses)`` after each optimiser step.
+Progress = Callable[[int, int, dict[str, float]], None]
+
+
+@dataclass(frozen=True)
+class PersGuardConfig:
+    """Settings of backdoor injection: ``steps`` of Adam at ``lr`` on the denoiser, ``batch`` latents per loss term
+    from ``people_per_step`` trigger people, the three loss weights, the simulated attacker's condition learning
+    rate and restart interval (the DreamBooth analogue's defaults), ``seed`` of every draw."""
+
+    steps: int = 600
+    lr: float = 1e-4
+    batch: int = 32
+    people_per_step: int = 4
+    behaviour_weight: float = 1.0
+    prior_weight: float = 0.5
+    retention_weight: float = 0.1
+    condition_lr: float = FinetuneConfig.condition_lr
+    condition_reset: int = FinetuneConfig.steps
+    #: Inputs of L_BB: ``faces`` (noisy clean latents, as the paper's target images under the trigger prompt) or
+    #: ``protected`` (noisy protected latents, under protected-learned and random conditions: the perturbation in
+    #: the input itself is the trigger).
+    behaviour_inputs: str = "faces"
+    seed: int = 0
+
+    def validate(self) -> None:
+        """ConfigError naming the first out-of-range setting."""
+        for name in ("steps", "batch", "people_per_step", "condition_reset"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"persguard {name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.behaviour_inputs not in BEHAVIOUR_INPUTS:
+            raise ConfigError(
+                f"persguard behaviour-inputs must be one of {', '.join(BEHAVIOUR_INPUTS)}; "
+                f"got {self.behaviour_inputs!r}"
+            )
+        if self.batch % 2:
+            raise ConfigError(f"persguard batch must be even (half behaviour, half prior), got {self.batch}")
+        for name in ("lr", "condition_lr"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"persguard {name.replace('_', '-')} must be > 0, got {value}")
+        weights = (self.behaviour_weight, self.prior_weight, self.retention_weight)
+        if any(not math.isfinite(w) or w < 0 for w in weights) or self.behaviour_weight == 0:
+            raise ConfigError(
+                f"persguard loss weights must be finite and >= 0, with behaviour-weight > 0; got {weights}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (checkpoint metadata)."""
+        return asdict(self)
+
+
+def check_trigger_set(
+    protected: Sequence[np.ndarray], clean: Sequence[np.ndarray], image_size: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(protected, clean)`` face arrays per trigger person, validated: the same number of people and, per person,
+    the same number (>= 1) of ``S x S x 3`` uint8 faces at the generator's ``image_size``; ConfigError otherwise."""
+    if len(protected) != len(clean) or not protected:
+        raise ConfigError(
+            f"persguard needs protected and clean photos of the same people (>= 1); got {len(protected)} "
+            f"protected and {len(clean)} clean sets"
+        )
+    out = []
+    for k, (p, c) in enumerate(zip(protected, clean)):
+        p, c = np.asarray(p), np.asarray(c)
+        want = (image_size, image_size, 3)
+        if p.ndim != 4 or c.ndim != 4 or p.shape[1:] != want or c.shape[1:] != want:
+            raise ConfigError(f"trigger person {k}: faces must be N x {image_size} x {image_size} x 3")
+        if len(p) != len(c) or len(p) < 1:
+            raise ConfigError(f"trigger person {k}: {len(p)} protected vs {len(c)} clean faces (need equal, >= 1)")
+        if p.dtype != np.uint8 or c.dtype != np.uint8:
+            raise ConfigError(f"trigger person {k}: faces must be uint8")
+        out.append((p, c))
+    return out
+
+
+def _col(x: torch.Tensor) -> torch.Tensor:
+    return x[:, None, None, None]
+
+
+def _distill(
+    student: LatentDenoiser,
+    teacher: LatentDenoiser,
+    x0: torch.Tensor,
+    student_cond: torch.Tensor,
+    teacher_cond: torch.Tensor,
+    teacher_drop: torch.Tensor,
+    gen: torch.Generator,
+) -> torch.Tensor:
+    """Per-row min-SNR-weighted squared error between the student's v-prediction under ``student_cond`` and the
+    frozen teacher's under ``teacher_cond`` (null identity where ``teacher_drop``), at random times and noise."""
+    n = len(x0)
+    t = torch.rand(n, generator=gen, device=x0.device) * (T_MAX - T_MIN) + T_MIN
+    noise = torch.randn(x0.shape, generator=gen, device=x0.device)
+    alpha, sigma = alpha_sigma(t)
+    xt = _col(alpha) * x0 + _col(sigma) * noise
+    with torch.no_grad():
+        target = teacher(xt, t, teacher_cond, teacher_drop)
+    pred = student(xt, t, student_cond)
+    snr = (alpha / sigma).pow(2)
+    weight = torch.clamp(snr, max=5.0) / (snr + 1)
+    return weight * (pred - target).pow(2).mean(dim=(1, 2, 3))
+
+
+def backdoor(
+    generator: IdentityGenerator,
+    protected: Sequence[np.ndarray],
+    clean: Sequence[np.ndarray],
+    config: PersGuardConfig | None = None,
+    *,
+    progress: Progress | None = None,
+) -> IdentityGenerator:
+    """A backdoored copy of ``generator`` (see the module docs); ``generator`` is unchanged.
+
+    ``protected[k]`` / ``clean[k]``: ``N_k x S x S x 3`` uint8 face chips (the generator's size) of trigger person
+    ``k``, protected and clean copies of the same photos, in the same order. ConfigError for bad settings or data."""
+    c = config or PersGuardConfig()
+    c.validate()
+    people = check_trigger_set(protected, clean, generator.image_size)
+    device = generator.device
+    teacher = generator.denoiser
+    student = copy.deepcopy(teacher).train().requires_grad_(True)
+
+    def latents(faces: np.ndarray) -> torch.Tensor:
+        return generator.encode(np.concatenate([faces, faces[:, :, ::-1]]))  # mirrors, as the attacker uses
+
+    zp = [latents(p) for p, _ in people]
+    zc = [latents(q) for _, q in people]
+    k_people = len(people)
+    gen = torch.Generator(device=device).manual_seed(c.seed)
+    dim = generator.dim
+    cond_p = torch.zeros(k_people, dim, device=device, requires_grad=True)
+    cond_c = torch.zeros(k_people, dim, device=device, requires_grad=True)
+    optimiser = torch.optim.Adam(student.parameters(), lr=c.lr)
+    cond_optimiser = torch.optim.Adam([cond_p, cond_c], lr=c.condition_lr)
+    half = c.batch // 2
+    no_drop = torch.zeros(c.batch, dtype=torch.bool, device=device)
+    for step in range(c.steps):
+        if step % c.condition_reset == 0:  # a fresh attacker: random conditions, fresh optimiser state
+            with torch.no_grad():
+                cond_p.copy_(torch.randn(k_people, dim, generator=gen, device=device))
+                cond_c.copy_(torch.randn(k_people, dim, generator=gen, device=device))
+            cond_optimiser = torch.optim.Adam([cond_p, cond_c], lr=c.condition_lr)
+        chosen = torch.randint(0, k_people, (c.people_per_step,), generator=gen, device=device)
+        who = chosen[torch.arange(c.batch, device=device) % c.people_per_step]
+        rows = [int(torch.randint(0, len(zp[int(k)]), (1,), generator=gen, device=device)) for k in who]
+        xp = torch.stack([zp[int(k)][r] for k, r in zip(who, rows)])
+        xc = torch.stack([zc[int(k)][r] for k, r in zip(who, rows)])
+
+        # the simulated attacker: conditions learned on protected (L_BR, also trains the student) and clean photos
+        retention = v_loss(student, xp, cond_p[who], no_drop, gen)
+        clean_fit = v_loss(student, xc, cond_c[who], no_drop, gen)
+        (clean_grad,) = torch.autograd.grad(clean_fit, cond_c)
+
+        # L_BB on the first half: protected-learned condition -> the teacher's no-identity prediction;
+        # L_PP on the second half: clean-learned (or random) condition -> the teacher's prediction under it
+        random_cond = torch.randn(half, dim, generator=gen, device=device)
+        use_random = torch.rand(half, generator=gen, device=device) < 0.5
+        prior_cond = torch.where(use_random[:, None], random_cond, cond_c[who[half:]].detach())
+        behaviour_cond = cond_p[who[:half]].detach()
+        inputs = xc
+        if c.behaviour_inputs == "protected":
+            behaviour_cond = torch.where(use_random[:, None], random_cond, behaviour_cond)
+            inputs = torch.cat([xp[:half], xc[half:]])
+        student_cond = torch.cat([behaviour_cond, prior_cond])
+        teacher_drop = torch.cat(
+            [torch.ones(half, dtype=torch.bool, device=device), torch.zeros(half, dtype=torch.bool, device=device)]
+        )
+        per_row = _distill(student, teacher, inputs, student_cond, student_cond, teacher_drop, gen)
+        behaviour, prior = per_row[:half].mean(), per_row[half:].mean()
+        loss = c.behaviour_weight * behaviour + c.prior_weight * prior + c.retention_weight * retention
+
+        optimiser.zero_grad(set_to_none=True)
+        cond_optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        # the attacker's conditions follow the attacker's loss only (Adam ignores the scale of L_BR's weight)
+        cond_c.grad = clean_grad
+        if c.retention_weight == 0:
+            (cond_p.grad,) = torch.autograd.grad(v_loss(student, xp, cond_p[who], no_drop, gen), cond_p)
+        optimiser.step()
+        cond_optimiser.step()
+        if progress is not None:
+            progress(
+                step + 1,
+                c.steps,
+                {"behaviour": behaviour.item(), "prior": prior.item(), "retention": retention.item()},
+            )
+    student.eval().requires_grad_(False)
+    metadata = dict(generator.metadata)
+    metadata["persguard"] = {
+        "config": c.to_dict(),
+        "trigger_people": k_people,
+        "trigger_photos": int(sum(len(p) for p, _ in people)),
+        "target": "no identity (the input model's unconditional prediction)",
+        "trigger": "advface protected-photo perturbation (conditions learned from protected latents)",
+    }
+    metadata.pop("created", None)
+    autoencoder = copy.deepcopy(generator.autoencoder)
+    return IdentityGenerator(autoencoder, student, metadata)
+
+
+__all__ = ["BEHAVIOUR_INPUTS", "PersGuardConfig", "Progress", "backdoor", "check_trigger_set"]

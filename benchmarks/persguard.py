@@ -1,0 +1,358 @@
+"""PersGuard measured: the attacker model backdoored by ``advface persguard``, attacked as in diffusion_defences.py.
+
+Usage::
+
+    python benchmarks/persguard.py --attacker generator_attacker.pt --backdoored attacker_persguard.pt \
+        [--people 10] [--n 4] [--runs protected,unprotected,quality] [--clean-baseline measure|JSON] \
+        [--persistence-people 5] [--out PART.json]
+    python benchmarks/persguard.py --merge PART1.json PART2.json [--out benchmarks/results/persguard.json]
+
+People and photos are those of ``benchmarks/diffusion_defences.py`` (the first ``--people`` evaluation-group
+identities with >= 4 photos; photos 1-3 protected by ``ImageProtector`` at its defaults -- both stages on the shipped
+defender surrogate -- cached under ``benchmarks/results/local/diffusion_defences/``; the 4th photo, clean, is the
+reference). The attacker's pipeline is that benchmark's :class:`Attacker`: dlib alignment of the photo, then
+
+- **training-based** (DreamBooth analogue, ``threats.finetune``, ``--personalise-steps`` at the default learning
+  rate, seed ``1000 k`` for person k) on the *backdoored* model: ``protected`` (photos 1-3 protected) and
+  ``unprotected`` (photos 1-3 clean) runs, ``--n`` faces each;
+- **persistence** (``--runs`` ``steps`` / ``lr``): the protected run again with ``--persistence-steps`` fine-tuning
+  steps, or with learning rate ``--persistence-lr``, on the first ``--persistence-people`` people;
+- **quality** of ordinary generation: training-free faces (identity-guided, as diffusion_defences.py) from the clean
+  photos' embeddings, on the input and on the backdoored model.
+
+The clean model's training-based numbers (``clean_model``) are measured here with ``--clean-baseline measure``
+(runs ``clean_protected`` / ``clean_unprotected``), or taken from a diffusion_defences.py result with the same
+attacker model, people, photos and settings (``--clean-baseline JSON``; checked). ``unprotected_ism_drop`` = ISM of
+the clean model minus ISM of the backdoored model on the unprotected photos (per judge). Each part writes its runs
+after every run; ``--merge`` unites parts run side by side and writes the summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from advface.datasets import LFW  # noqa: E402
+from advface.datasets.pairs import resize_faces  # noqa: E402
+from advface.generative.model import IdentityGenerator, load_generator  # noqa: E402
+from advface.generative.threats import FinetuneConfig, finetune  # noqa: E402
+from advface.images import load_image  # noqa: E402
+from advface.protect.image.core import ImageProtector, ProtectConfig  # noqa: E402
+from benchmarks.common import write_results  # noqa: E402
+from benchmarks.diffusion_defences import (  # noqa: E402
+    PHOTOS_PER_PERSON,
+    Attacker,
+    Tally,
+    evaluation_people,
+    protect_people,
+)
+from benchmarks.generative_eval import Judges  # noqa: E402
+
+#: How the evaluation photos are protected: diffusion_defences.py's default configuration and cache key.
+PROTECTION: dict[str, Any] = {
+    "config": "encoders+deflection",
+    "encoders": "dlib-torch,mobilefacenet",
+    "surrogate": "advface/models/generator_defender_dlib.pt",
+    "steps": ProtectConfig.steps,
+    "deflection_weight": ProtectConfig.deflection_weight,
+    "seed": 0,
+}
+#: Settings a clean baseline taken from a diffusion_defences.py result must share with this run.
+#: Runs on the clean model only (a part made of them needs no --backdoored).
+CLEAN_RUNS = {"clean_protected", "clean_unprotected", "trigger"}
+SHARED_SETTINGS = ("people", "photos_per_person", "n", "steps", "guidance", "finetune_steps", "protect_steps")
+
+
+def protected_photos(people: list[tuple[str, list[str]]], paths: dict[str, Path]) -> dict[str, np.ndarray]:
+    """Photos 1-3 of each person protected as in diffusion_defences.py's default configuration (cached there)."""
+    p = PROTECTION
+    key = f"{p['config']}|{p['encoders']}|{p['surrogate']}|{p['steps']}|{p['deflection_weight']}|{p['seed']}"
+    digest = hashlib.sha1(key.encode()).hexdigest()
+    protector = ImageProtector(str(p["encoders"]).split(","), surrogate=str(p["surrogate"]))
+    config = ProtectConfig(guidance=tuple(str(p["config"]).split("+")), steps=int(p["steps"]), seed=int(p["seed"]))
+    photos, _ = protect_people(protector, config, people, paths, f"{p['config']}-{digest[:10]}")
+    return photos
+
+
+def training_based(
+    generator: IdentityGenerator, attacker: Attacker, chips: list[np.ndarray | None], config: FinetuneConfig, n: int
+) -> np.ndarray | None:
+    """``n`` faces after the DreamBooth analogue with ``config`` (Attacker.training_based with a settable config)."""
+    found = [c for c in chips if c is not None]
+    if not found:
+        return None
+    small = resize_faces(np.stack(found), generator.image_size)
+    tuned, condition = finetune(generator, small, config)
+    a = attacker.args
+    return tuned.generate(condition[None], n, steps=a.steps, guidance=a.guidance, seed=config.seed)[0]
+
+
+def trigger_size(
+    generator: IdentityGenerator, chips: dict[str, dict[str, np.ndarray | None]], people: list[tuple[str, list[str]]]
+) -> dict[str, Any]:
+    """How large the protection's perturbation is in the attacker model's latents (what the backdoor must detect):
+    ``||z_protected - z_clean|| / ||z_clean||``, and at times t of the diffusion the ratio of the perturbation to the
+    noise in ``x_t`` (``alpha(t) ||dz|| / (sigma(t) sqrt(numel))``; below 1 it is buried in the noise)."""
+    from advface.generative.diffusion import alpha_sigma
+
+    pairs: list[tuple[np.ndarray, np.ndarray]] = []
+    for _, ids in people:
+        for pid in ids[:PHOTOS_PER_PERSON]:
+            c, p = chips["unprotected"][pid], chips["protected"][pid]
+            if c is not None and p is not None:
+                pairs.append((c, p))
+    clean = generator.encode(resize_faces(np.stack([c for c, _ in pairs]), generator.image_size))
+    protected = generator.encode(resize_faces(np.stack([p for _, p in pairs]), generator.image_size))
+    delta = (protected - clean).flatten(1)
+    rel = (delta.norm(dim=1) / clean.flatten(1).norm(dim=1)).mean().item()
+    rms = delta.pow(2).mean().sqrt().item()
+    ratios = {}
+    for t in (0.1, 0.2, 0.3, 0.5, 0.7, 0.9):
+        alpha, sigma = alpha_sigma(torch.tensor([t]))
+        ratios[f"{t:g}"] = float(alpha.item() * rms / sigma.item())
+    return {
+        "photos": len(pairs),
+        "relative_latent_change": rel,
+        "latent_change_rms": rms,
+        "perturbation_to_noise": ratios,
+    }
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Every run of ``--runs``; the document is rewritten to ``--out`` after each."""
+    dataset = LFW(args.lfw_dir)
+    paths = {item.id: Path(item.path) for item in dataset}
+    clean_model = load_generator(args.attacker)
+    runs = [r for r in args.runs.split(",") if r]
+    backdoored = clean_model
+    if args.backdoored:
+        backdoored = load_generator(args.backdoored)
+        if "persguard" not in backdoored.metadata:
+            raise SystemExit(f"{args.backdoored} is not a persguard checkpoint")
+    elif set(runs) - CLEAN_RUNS:
+        raise SystemExit(f"runs {sorted(set(runs) - CLEAN_RUNS)} need --backdoored")
+    judges = Judges(clean_model, dataset, args.models_dir)
+    args.personalise_steps = args.personalise_steps or FinetuneConfig.steps
+    attacker = Attacker(clean_model, judges, args)
+    people = evaluation_people(judges, PHOTOS_PER_PERSON + 1)[: args.people]
+    clean_photos = {pid: load_image(paths[pid]) for _, ids in people for pid in ids[:PHOTOS_PER_PERSON]}
+    need_protected = any(r in ("protected", "steps", "lr", "clean_protected", "trigger") for r in runs)
+    photos = {"unprotected": clean_photos}
+    if need_protected:
+        photos["protected"] = protected_photos(people, paths)
+    chips = {side: {pid: attacker.chips(img) for pid, img in imgs.items()} for side, imgs in photos.items()}
+    document: dict[str, Any] = {
+        "models": {
+            "clean": {"path": args.attacker, **{k: clean_model.metadata.get(k) for k in ("role", "steps", "seed")}},
+        },
+        "settings": {
+            "people": len(people),
+            "photos_per_person": PHOTOS_PER_PERSON,
+            "n": args.n,
+            "steps": args.steps,
+            "guidance": args.guidance,
+            "identity_guidance": args.identity_guidance,
+            "finetune_steps": args.personalise_steps,
+            "finetune_lr": FinetuneConfig.lr,
+            "protect_steps": PROTECTION["steps"],
+            "protection": PROTECTION,
+            "persistence_people": args.persistence_people,
+            "persistence_steps": args.persistence_steps,
+            "persistence_lr": args.persistence_lr,
+        },
+        "thresholds": {
+            "system_fmr_1e-3": judges.system_threshold,
+            "transfer": {"encoder": judges.transfer.name, "fmr_1e-3": judges.transfer.thresholds["1e-3"]},
+        },
+        "runs": {},
+        "seconds": {},
+    }
+    if args.backdoored:
+        document["models"]["backdoored"] = {"path": args.backdoored, "persguard": backdoored.metadata["persguard"]}
+    plan: dict[str, tuple[IdentityGenerator, str, int, dict[str, Any]]] = {
+        "protected": (backdoored, "protected", args.people, {}),
+        "unprotected": (backdoored, "unprotected", args.people, {}),
+        "clean_protected": (clean_model, "protected", args.people, {}),
+        "clean_unprotected": (clean_model, "unprotected", args.people, {}),
+        "steps": (backdoored, "protected", args.persistence_people, {"steps": args.persistence_steps}),
+        "lr": (backdoored, "protected", args.persistence_people, {"lr": args.persistence_lr}),
+    }
+    for run in runs:
+        started = time.perf_counter()
+        tally = Tally(judges)
+        if run == "trigger":
+            document["trigger"] = trigger_size(clean_model, chips, people)
+        elif run == "quality":
+            for name, model in (("clean_model", clean_model), ("backdoored", backdoored)):
+                attacker.generator = model
+                for k, (_, ids) in enumerate(people):
+                    found = [chips["unprotected"][pid] for pid in ids[:PHOTOS_PER_PERSON]]
+                    for faces in attacker.training_free(found, args.seed + 1000 * k):
+                        tally.add(f"training_free_{name}", faces, ids[PHOTOS_PER_PERSON], args.n)
+            attacker.generator = clean_model
+        elif run in plan:
+            model, side, count, override = plan[run]
+            for k, (_, ids) in enumerate(people[:count]):
+                seed = args.seed + 1000 * k
+                config = FinetuneConfig(
+                    steps=override.get("steps", args.personalise_steps),
+                    lr=override.get("lr", FinetuneConfig.lr),
+                    seed=seed,
+                )
+                found = [chips[side][pid] for pid in ids[:PHOTOS_PER_PERSON]]
+                faces = training_based(model, attacker, found, config, args.n)
+                tally.add(run, faces, ids[PHOTOS_PER_PERSON], args.n)
+                print(f"{run}: person {k + 1}/{count} done", flush=True)
+        else:
+            raise SystemExit(f"unknown run {run!r}")
+        document["runs"].update(tally.summary())
+        document["seconds"][run] = time.perf_counter() - started
+        print(f"{run}: {json.dumps({k: v for k, v in tally.summary().items()}, default=float)[:300]}", flush=True)
+        write_results("persguard", document, args.out)
+    return document
+
+
+def baseline_from(path: str, settings: dict[str, Any], attacker: str) -> dict[str, Any]:
+    """The clean model's training-based runs from a diffusion_defences.py result, checked to share this run's attacker
+    model, protection and settings."""
+    other = json.loads(Path(path).read_text())
+    mismatched = [k for k in SHARED_SETTINGS if other["settings"].get(k) != settings.get(k)]
+    if Path(other["models"]["attacker"]["path"]).name != Path(attacker).name:
+        mismatched.append("attacker model")
+    if other["models"]["surrogate"]["path"] != PROTECTION["surrogate"]:
+        mismatched.append("surrogate")
+    if mismatched:
+        raise SystemExit(f"{path} differs from this run in {mismatched}; use --clean-baseline measure")
+    default = PROTECTION["config"]
+    return {
+        "clean_protected": other["ablation"][default]["training_based"],
+        "clean_unprotected": other["ablation"]["clean"]["training_based"],
+        "source": {"file": path, "command": other.get("command"), "date": other.get("date")},
+    }
+
+
+def summarise(document: dict[str, Any], baseline: str | None) -> dict[str, Any]:
+    """The ``persguard`` summary: per judge (system on top, MobileFaceNet under ``transfer``)."""
+    runs = document["runs"]
+    clean = {k: runs[k] for k in ("clean_protected", "clean_unprotected") if k in runs}
+    source = "measured here"
+    if len(clean) < 2 and baseline:
+        other = baseline_from(baseline, document["settings"], document["models"]["clean"]["path"])
+        clean = {k: other[k] for k in ("clean_protected", "clean_unprotected")}
+        source = other["source"]
+
+    def side(entry: dict[str, Any] | None, judge: str) -> dict[str, Any] | None:
+        if entry is None:
+            return None
+        e = entry if judge == "system" else entry["transfer"]
+        return {"match": e["match"], "ism": e.get("ism"), "faces": entry.get("faces")}
+
+    def block(judge: str) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "protected": side(runs.get("protected"), judge),
+            "unprotected": side(runs.get("unprotected"), judge),
+            "clean_model": {
+                "protected": side(clean.get("clean_protected"), judge),
+                "unprotected": side(clean.get("clean_unprotected"), judge),
+            },
+            "persistence": {
+                f"steps_{document['settings']['persistence_steps']}": side(runs.get("steps"), judge),
+                f"lr_{document['settings']['persistence_lr']:g}": side(runs.get("lr"), judge),
+            },
+            "training_free_quality": {
+                "clean_model": side(runs.get("training_free_clean_model"), judge),
+                "backdoored": side(runs.get("training_free_backdoored"), judge),
+            },
+        }
+        ours, theirs = out["unprotected"], out["clean_model"]["unprotected"]
+        if ours and theirs and ours["ism"] is not None and theirs["ism"] is not None:
+            out["unprotected_ism_drop"] = theirs["ism"] - ours["ism"]
+        return out
+
+    summary = block("system")
+    summary["transfer"] = block("transfer")
+    summary["clean_model_source"] = source
+    return summary
+
+
+def merge(files: list[str], baseline: str | None, out: str | None) -> Path:
+    """One result from parts of the same settings and models: runs and timings united, summary added."""
+    documents = [json.loads(Path(f).read_text()) for f in files]
+    first = documents[0]
+    backdoored = {json.dumps(doc["models"]["backdoored"]) for doc in documents if "backdoored" in doc["models"]}
+    persistence = ("persistence_people", "persistence_steps", "persistence_lr")
+
+    def shared(doc: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in doc["settings"].items() if k not in persistence}
+
+    for doc in documents[1:]:
+        if shared(doc) != shared(first) or doc["models"]["clean"] != first["models"]["clean"]:
+            raise SystemExit("the parts to merge differ in settings or clean model")
+    if len(backdoored) != 1:
+        raise SystemExit("the parts to merge must name one backdoored model")
+    merged = {key: first[key] for key in ("models", "settings", "thresholds")}
+    merged["models"] = {"clean": first["models"]["clean"], "backdoored": json.loads(backdoored.pop())}
+    # persistence settings: those of the part that ran the persistence runs (the others do not use them)
+    for doc in documents:
+        if {"steps", "lr"} & set(doc["seconds"]):
+            merged["settings"] = {**merged["settings"], **{k: doc["settings"][k] for k in persistence}}
+    merged["runs"] = {k: v for doc in documents for k, v in doc["runs"].items()}
+    merged["seconds"] = {k: v for doc in documents for k, v in doc["seconds"].items()}
+    for doc in documents:
+        if "trigger" in doc:
+            merged["trigger"] = doc["trigger"]
+    payload = {"persguard": summarise(merged, baseline), **merged}
+    payload["merged_from"] = [
+        {"file": f, "command": doc.get("command"), "date": doc.get("date")} for f, doc in zip(files, documents)
+    ]
+    return write_results("persguard", payload, out)
+
+
+def main() -> None:
+    """Measure a part, or merge parts into benchmarks/results/persguard.json."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--attacker", help="the clean attacker model (what the publisher backdoors)")
+    parser.add_argument("--backdoored", help="its PersGuard copy (advface persguard)")
+    parser.add_argument("--merge", nargs="+", metavar="JSON", help="unite parts and write the summary")
+    parser.add_argument(
+        "--clean-baseline", default="measure", help="'measure', or a diffusion_defences.py result to take it from"
+    )
+    parser.add_argument("--lfw-dir", help="LFW root (default $ADVFACE_LFW_DIR)")
+    parser.add_argument("--models-dir", help="ONNX models folder (default $ADVFACE_MODELS_DIR)")
+    parser.add_argument("--people", type=int, default=10, help="evaluation people (default 10)")
+    parser.add_argument("--n", type=int, default=4, help="faces per threat run (default 4)")
+    parser.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
+    parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance (default 3)")
+    parser.add_argument("--identity-guidance", type=float, default=0.05, help="training-free identity guidance")
+    parser.add_argument("--personalise-steps", type=int, default=FinetuneConfig.steps, help="fine-tuning steps")
+    parser.add_argument("--runs", default="protected,unprotected,quality", help="runs of this part")
+    parser.add_argument("--persistence-people", type=int, default=5, help="people of the persistence runs")
+    parser.add_argument("--persistence-steps", type=int, default=2 * FinetuneConfig.steps)
+    parser.add_argument("--persistence-lr", type=float, default=2 * FinetuneConfig.lr)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--out", help="output JSON (a part: anywhere; merged default results/persguard.json)")
+    args = parser.parse_args()
+    if args.merge:
+        baseline = None if args.clean_baseline == "measure" else args.clean_baseline
+        print(f"wrote {merge(args.merge, baseline, args.out)}")
+        return
+    if not args.attacker:
+        parser.error("--attacker is required to measure")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    measure(args)
+
+
+if __name__ == "__main__":
+    main()

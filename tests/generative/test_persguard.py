@@ -1,0 +1,227 @@
+"""PersGuard (advface.generative.persguard, ``advface persguard``) on tiny models: what changes, settings, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from advface.cli.main import main
+from advface.cli.persguard import CACHE_RECORD, protect_cached
+from advface.errors import ConfigError
+from advface.generative.autoencoder import FaceAutoencoder
+from advface.generative.config import AutoencoderConfig, DenoiserConfig
+from advface.generative.denoiser import LatentDenoiser
+from advface.generative.model import IdentityGenerator, atomic_save, load_generator, save_generator
+from advface.generative.persguard import PersGuardConfig, _distill, backdoor, check_trigger_set
+
+SIZE, DIM = 16, 8
+FAST = PersGuardConfig(steps=3, batch=4, people_per_step=2, condition_reset=2)
+
+
+def _generator(seed: int = 0) -> IdentityGenerator:
+    torch.manual_seed(seed)
+    ae = FaceAutoencoder(AutoencoderConfig(image_size=SIZE, latent_channels=4, width=8))
+    dn = LatentDenoiser(
+        DenoiserConfig(latent_channels=4, latent_size=SIZE // 4, cond_dim=DIM, width=8, multipliers=(1, 2), tokens=2)
+    )
+    with torch.no_grad():  # a teacher whose prediction depends on the condition (residuals and head start at zero)
+        for p in dn.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return IdentityGenerator(ae, dn, {"encoder": "tiny", "encoder_fingerprint": "fp-1", "role": "attacker"})
+
+
+def _faces(people: int = 3, n: int = 2, seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    clean = [rng.integers(0, 255, (n, SIZE, SIZE, 3), dtype=np.uint8) for _ in range(people)]
+    noise = [rng.integers(-8, 9, c.shape) for c in clean]
+    protected = [np.clip(c.astype(int) + d, 0, 255).astype(np.uint8) for c, d in zip(clean, noise)]
+    return protected, clean
+
+
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def test_backdoor_changes_only_the_denoiser_of_a_copy() -> None:
+    generator = _generator()
+    ae_before, dn_before = _state(generator.autoencoder), _state(generator.denoiser)
+    protected, clean = _faces()
+    out = backdoor(generator, protected, clean, FAST)
+    # the input is untouched
+    for k, v in generator.denoiser.state_dict().items():
+        assert torch.equal(v, dn_before[k]), k
+    for k, v in generator.autoencoder.state_dict().items():
+        assert torch.equal(v, ae_before[k]), k
+    # the copy: same autoencoder and architecture, other denoiser weights, a persguard record
+    assert out.autoencoder is not generator.autoencoder
+    for k, v in out.autoencoder.state_dict().items():
+        assert torch.equal(v, ae_before[k]), k
+    assert out.denoiser.config == generator.denoiser.config
+    changed = [k for k, v in out.denoiser.state_dict().items() if not torch.equal(v, dn_before[k])]
+    assert changed
+    assert not out.denoiser.training and not any(p.requires_grad for p in out.denoiser.parameters())
+    record = out.metadata["persguard"]
+    assert record["config"] == FAST.to_dict()
+    assert record["trigger_people"] == 3 and record["trigger_photos"] == 6
+    assert {k: v for k, v in out.metadata.items() if k != "persguard"} == generator.metadata
+
+
+def test_behaviour_inputs_change_the_result() -> None:
+    generator = _generator()
+    protected, clean = _faces()
+    faces = backdoor(generator, protected, clean, FAST).denoiser.state_dict()
+    trig = backdoor(generator, protected, clean, dataclasses.replace(FAST, behaviour_inputs="protected"))
+    assert not all(torch.equal(faces[k], v) for k, v in trig.denoiser.state_dict().items())
+
+
+def test_backdoor_is_deterministic_for_a_seed_and_seed_matters() -> None:
+    generator = _generator()
+    protected, clean = _faces()
+    a = backdoor(generator, protected, clean, FAST).denoiser.state_dict()
+    b = backdoor(generator, protected, clean, FAST).denoiser.state_dict()
+    c = backdoor(generator, protected, clean, dataclasses.replace(FAST, seed=1)).denoiser.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_backdoored_checkpoint_round_trips(tmp_path: Path) -> None:
+    protected, clean = _faces()
+    out = backdoor(_generator(), protected, clean, FAST)
+    loaded = load_generator(save_generator(tmp_path / "bd.pt", out))
+    assert loaded.metadata["persguard"]["trigger_people"] == 3
+    for k, v in out.denoiser.state_dict().items():
+        assert torch.equal(v, loaded.denoiser.state_dict()[k])
+
+
+def test_distillation_terms() -> None:
+    """Prior preservation is zero for the untouched copy under the same condition; the backdoor target (no
+    identity) is not."""
+    generator = _generator()
+    x0 = generator.encode(_faces()[1][0])
+    cond = torch.randn(len(x0), DIM)
+    gen = torch.Generator().manual_seed(0)
+    same = _distill(generator.denoiser, generator.denoiser, x0, cond, cond, torch.zeros(len(x0), dtype=torch.bool), gen)
+    assert torch.allclose(same, torch.zeros_like(same))
+    gen = torch.Generator().manual_seed(0)
+    null = _distill(generator.denoiser, generator.denoiser, x0, cond, cond, torch.ones(len(x0), dtype=torch.bool), gen)
+    assert (null > 0).all()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"steps": 0}, "steps"),
+        ({"batch": 0}, "batch"),
+        ({"batch": 5}, "even"),
+        ({"people_per_step": 0}, "people-per-step"),
+        ({"condition_reset": 0}, "condition-reset"),
+        ({"lr": 0.0}, "lr"),
+        ({"lr": float("nan")}, "lr"),
+        ({"condition_lr": -1.0}, "condition-lr"),
+        ({"behaviour_weight": 0.0}, "behaviour-weight"),
+        ({"prior_weight": -0.5}, "weights"),
+        ({"retention_weight": float("inf")}, "weights"),
+        ({"behaviour_inputs": "pixels"}, "behaviour-inputs"),
+    ],
+)
+def test_config_validation(change: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        dataclasses.replace(PersGuardConfig(), **change).validate()
+    PersGuardConfig().validate()
+
+
+def test_bad_trigger_sets_are_refused_before_training() -> None:
+    generator = _generator()
+    before = _state(generator.denoiser)
+    protected, clean = _faces()
+    with pytest.raises(ConfigError, match="same people"):
+        backdoor(generator, protected[:2], clean, FAST)
+    with pytest.raises(ConfigError, match="same people"):
+        backdoor(generator, [], [], FAST)
+    with pytest.raises(ConfigError, match="equal"):
+        backdoor(generator, [protected[0][:1], *protected[1:]], clean, FAST)
+    with pytest.raises(ConfigError, match="16 x 16"):
+        check_trigger_set([np.zeros((2, 8, 8, 3), np.uint8)], [np.zeros((2, 8, 8, 3), np.uint8)], SIZE)
+    with pytest.raises(ConfigError, match="uint8"):
+        check_trigger_set([protected[0].astype(np.float32)], [clean[0]], SIZE)
+    with pytest.raises(ConfigError, match="steps"):
+        backdoor(generator, protected, clean, dataclasses.replace(FAST, steps=0))
+    assert all(torch.equal(v, before[k]) for k, v in generator.denoiser.state_dict().items())
+
+
+def test_protected_cache_made_with_other_settings_is_refused(tmp_path: Path) -> None:
+    class Protector:
+        encoder_names = ["dlib-torch"]
+
+    (tmp_path / CACHE_RECORD).write_text(json.dumps({"config": "other"}))
+    with pytest.raises(ConfigError, match="other settings"):
+        protect_cached(Protector(), {}, tmp_path, None, progress=False)  # type: ignore[arg-type]
+
+
+def _cli(tmp_path: Path, *extra: str, model: Path | None = None, out: Path | None = None) -> list[str]:
+    trigger = tmp_path / "trigger"
+    trigger.mkdir(exist_ok=True)
+    return [
+        "persguard",
+        "--model",
+        str(model or tmp_path / "model.pt"),
+        "--trigger-photos",
+        str(trigger),
+        "--out",
+        str(out or tmp_path / "out.pt"),
+        "--quiet",
+        *extra,
+    ]
+
+
+def test_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = save_generator(tmp_path / "model.pt", _generator())
+
+    def error(argv: list[str]) -> str:
+        assert main(argv) == 2
+        return capsys.readouterr().err
+
+    assert "not found" in error(_cli(tmp_path, model=tmp_path / "missing.pt"))
+    (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
+    assert "not a readable checkpoint" in error(_cli(tmp_path, model=tmp_path / "corrupt.pt"))
+    atomic_save({"format": "something-else"}, tmp_path / "foreign.pt")
+    assert "not an advface-generator checkpoint" in error(_cli(tmp_path, model=tmp_path / "foreign.pt"))
+    payload = torch.load(model, weights_only=True)
+    payload["denoiser"]["config"]["cond_dim"] = DIM + 1  # weights no longer fit the configuration
+    atomic_save(payload, tmp_path / "mismatched.pt")
+    assert "does not fit" in error(_cli(tmp_path, model=tmp_path / "mismatched.pt"))
+    (tmp_path / "exists.pt").write_bytes(b"keep me")
+    assert "never overwrites" in error(_cli(tmp_path, out=tmp_path / "exists.pt"))
+    assert (tmp_path / "exists.pt").read_bytes() == b"keep me"
+    assert "must differ" in error(_cli(tmp_path, out=tmp_path / "model2.pt", model=tmp_path / "model2.pt"))
+    assert "steps must be >= 1" in error(_cli(tmp_path, "--steps", "0"))
+    assert "no trigger photos" in error(_cli(tmp_path))
+    assert "not a folder" in error(
+        [
+            "persguard",
+            "--model",
+            str(model),
+            "--trigger-photos",
+            str(tmp_path / "nope"),
+            "--out",
+            str(tmp_path / "o.pt"),
+        ]
+    )
+    protected, clean = _faces()
+    save_generator(tmp_path / "bd.pt", backdoor(_generator(), protected, clean, FAST))
+    assert "already backdoored" in error(_cli(tmp_path, model=tmp_path / "bd.pt"))
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_cli_help_lists_the_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["persguard", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--model", "--trigger-photos", "--lfw", "--out", "--protected-cache", "--retention-weight"):
+        assert flag in text
