@@ -7,7 +7,7 @@ Usage::
         [--classical jpeg75,blur1.0] [--configs encoders,deflection,encoders+deflection,encoders+deflection+antipure]
         [--purify-configs encoders+deflection,encoders+deflection+antipure]
         [--out benchmarks/results/diffusion_defences.json]
-    python benchmarks/diffusion_defences.py --merge RUN1.json RUN2.json [--out ...]   # runs made side by side
+    python benchmarks/diffusion_defences.py --merge RUN1.json RUN2.json[:CONFIG,...] [--out ...]   # side by side
 
 The result is rewritten after every configuration and purification level.
 
@@ -282,6 +282,8 @@ def main() -> None:
     parser.add_argument(
         "--merge", nargs="+", metavar="JSON", help="write one result from runs that measured different configurations"
     )
+    parser.add_argument("--cost", help="with --merge: protect_image_cost.py result giving the default's s/photo")
+    parser.add_argument("--persguard", help="with --merge: benchmarks/persguard.py result to include")
     parser.add_argument("--lfw-dir", help="LFW root (default $ADVFACE_LFW_DIR)")
     parser.add_argument("--models-dir", help="ONNX models folder (default $ADVFACE_MODELS_DIR)")
     parser.add_argument("--people", type=int, default=20, help="evaluation people (default 20)")
@@ -314,7 +316,7 @@ def main() -> None:
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.merge:
-        print(f"wrote {merge(args.merge, args.default_config, args.out)}")
+        print(f"wrote {merge(args.merge, args.default_config, args.out, args.cost, args.persguard)}")
         return
     if not (args.attacker and args.surrogate):
         parser.error("--attacker and --surrogate are required to measure")
@@ -420,6 +422,9 @@ def write_payload(document: dict[str, Any], out: str | None) -> Path:
     """Write the run (``models``, ``settings``, ``thresholds``, ``ablation``, ``quality``) with its summary."""
     payload = {key: document[key] for key in ("models", "settings", "thresholds")}
     payload.update(summarise(document))
+    if "persguard" in document:
+        payload["persguard"] = document["persguard"]
+        payload["transfer"]["persguard"] = document["persguard"].get("transfer")
     payload["quality"], payload["ablation"] = document["quality"], document["ablation"]
     if "merged_from" in document:
         payload["merged_from"] = document["merged_from"]
@@ -434,16 +439,37 @@ def _models(document: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def merge(files: list[str], default: str | None, out: str | None) -> Path:
+def merge(
+    files: list[str], default: str | None, out: str | None, cost: str | None = None, persguard: str | None = None
+) -> Path:
     """One result from runs of the same settings that measured different configurations (run side by side to use
-    both cores): their ``ablation`` and ``quality`` entries are united; settings must agree but for ``purify``."""
-    documents = [json.loads(Path(f).read_text()) for f in files]
-    first = documents[0]
+    both cores): their ``ablation`` and ``quality`` entries are united; settings must agree but for ``purify`` and
+    ``classical``, and the models must be the same. ``FILE:NAME,NAME`` takes only those configurations of a run; a
+    run that gives only ``clean`` (no protection, so no surrogate involved) must share the attacker model only.
+    ``cost``: a ``benchmarks/protect_image_cost.py`` result whose one-thread CPU seconds per photo of the default
+    configuration's guidance replace the protection's wall time measured here (inflated when other jobs share the
+    CPU); the wall time stays under ``quality``. ``persguard``: a ``benchmarks/persguard.py`` result whose
+    ``persguard`` block (and its transfer judge's, under ``transfer``) is copied in."""
+    specs = [f.rsplit(":", 1) if ":" in f and not Path(f).is_file() else [f, ""] for f in files]
+    documents = []
+    for path, names in specs:
+        doc = json.loads(Path(path).read_text())
+        if names:
+            keep = set(names.split(","))
+            missing = keep - set(doc["ablation"])
+            if missing:
+                raise SystemExit(f"{path} has no configurations {sorted(missing)}")
+            doc["ablation"] = {k: v for k, v in doc["ablation"].items() if k in keep}
+            doc["quality"] = {k: v for k, v in doc["quality"].items() if k in keep}
+        documents.append(doc)
+    protected = [doc for doc in documents if set(doc["ablation"]) - {"clean"}]
+    first = protected[0] if protected else documents[0]
     ignore = {"purify", "classical", "default_config"}
-    for doc in documents[1:]:
+    for doc in documents:
         mine = {k: v for k, v in first["settings"].items() if k not in ignore}
         theirs = {k: v for k, v in doc["settings"].items() if k not in ignore}
-        if mine != theirs or _models(doc) != _models(first):
+        models = ("attacker",) if doc not in protected else tuple(first["models"])
+        if mine != theirs or any(_models(doc).get(m) != _models(first).get(m) for m in models):
             raise SystemExit("the runs to merge differ in settings or models")
     merged = {key: first[key] for key in ("models", "settings", "thresholds")}
     merged["settings"] = dict(first["settings"])
@@ -458,6 +484,24 @@ def merge(files: list[str], default: str | None, out: str | None) -> Path:
     merged["merged_from"] = [
         {"file": f, "command": doc.get("command"), "date": doc.get("date")} for f, doc in zip(files, documents)
     ]
+    if cost:
+        measured = json.loads(Path(cost).read_text())
+        chosen = merged["settings"]["default_config"]
+        entry = measured["guidance"].get(chosen.replace("+", ","))
+        if entry is None or chosen not in merged["quality"]:
+            raise SystemExit(f"{cost} has no cost for the default configuration {chosen}")
+        merged["quality"][chosen] = {
+            **merged["quality"][chosen],
+            "seconds_per_photo_wall_shared": merged["quality"][chosen]["seconds_per_photo_cpu"],
+            "seconds_per_photo_cpu": entry["cpu_seconds_per_photo_mean"],
+            "cost_from": {"file": cost, "command": measured.get("command"), "date": measured.get("date")},
+        }
+    if persguard:
+        measured = json.loads(Path(persguard).read_text())
+        merged["persguard"] = {
+            **measured["persguard"],
+            "from": {"file": persguard, "command": measured.get("command"), "date": measured.get("date")},
+        }
     return write_payload(merged, out)
 
 

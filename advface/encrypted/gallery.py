@@ -36,7 +36,7 @@ import numpy as np
 from advface.encoders.base import validate_embeddings
 from advface.encrypted._seal import from_bytes, require, to_bytes
 from advface.encrypted.keys import PublicKeys
-from advface.encrypted.memory import harden_allocator, scrub_caches, wipe, wipe_floats, wipe_plaintext
+from advface.encrypted.memory import scrub_caches, wipe, wipe_floats, wipe_plaintext
 from advface.errors import ConfigError, EmbeddingError, IntegrityError, NotFoundError, PreconditionError
 
 __all__ = ["FREE", "LIVE", "DEAD", "EncryptedGallery", "RefreshJob", "ScoreCiphertext", "SlotRef"]
@@ -113,7 +113,6 @@ class EncryptedGallery:
         #: byte sizes of the small numpy buffers a template or probe occupies (float32 / float64, with or without
         #: the norm column): the buckets of numpy's cache that :meth:`scrub` overwrites
         self._cache_sizes = {width * n for width in (4, 8) for n in (dim, self.columns)}
-        harden_allocator()  # freed memory is overwritten from now on (glibc; see advface.encrypted.memory)
 
     # ------------------------------------------------------------------ sizes
 

@@ -8,14 +8,16 @@ that keep freed blocks around:
 - :func:`wipe` zeroes arrays and bytearrays in place; :func:`wipe_floats` zeroes the value of Python float objects
   made by the caller (``ndarray.tolist()``), which are immutable from Python but live in memory we own;
   :func:`wipe_plaintext` zeroes a SEAL plaintext's coefficients (an encoded template decodes without any key);
-- :func:`harden_allocator` sets glibc's ``M_PERTURB`` for the process, so that every ``free`` overwrites the freed
-  bytes (numpy buffers above its small cache, SEAL's C++ vectors, protobuf and gRPC buffers, SQLite pages) -- except
-  those kept in glibc's per-thread cache (*tcache*, blocks up to 1,032 bytes) and numpy's small-block cache (up to
-  1,023 bytes), which :func:`scrub_caches` empties of old contents after each operation, on the thread that ran it.
+- :func:`scrub_caches` empties glibc's per-thread cache (*tcache*, blocks up to 1,032 bytes) and numpy's small-block
+  cache (up to 1,023 bytes) of old contents after each operation, on the thread that ran it.
+
+glibc's ``mallopt(M_PERTURB)`` (every ``free`` overwrites the freed bytes) is deliberately *not* used: it changes the
+allocator for every native library in the process, and with it on, the Ray re-encoding engine crashed
+(segmentation fault in the test suite), so freed buffers of other code keep their bytes until reused.
 
 What no function here reaches: memory of other threads' tcaches, Python ``bytes`` and ``str`` objects made by other
 code (e.g. a gRPC request's payload), and SEAL's memory pool beyond the plaintexts the gallery wipes. All of it is
-best-effort on other C libraries than glibc (:func:`harden_allocator` then returns False).
+best-effort on other C libraries than glibc (:func:`scrub_caches` then scrubs numpy's cache only).
 """
 
 from __future__ import annotations
@@ -28,12 +30,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["harden_allocator", "scrub_caches", "wipe", "wipe_floats", "wipe_plaintext"]
+__all__ = ["scrub_caches", "wipe", "wipe_floats", "wipe_plaintext"]
 
-#: glibc's mallopt parameter: fill freed (and newly allocated) blocks with a byte
-_M_PERTURB = -6
-#: the byte freed memory is overwritten with (its complement fills new allocations)
-PERTURB_BYTE = 0xA5
 #: largest request served from glibc's per-thread cache (64 bins of 16 bytes), and blocks kept per bin
 _TCACHE_MAX = 1032
 _TCACHE_COUNT = 7
@@ -44,7 +42,6 @@ _NUMPY_CACHE_COUNT = 7
 _libc_lock = threading.Lock()
 _libc: Any = None
 _libc_checked = False
-_hardened = False
 #: offset of a float's value in its object (CPython's PyFloatObject: header then the double); checked at import
 _FLOAT_VALUE_OFFSET = 2 * ctypes.sizeof(ctypes.c_void_p)
 
@@ -61,7 +58,7 @@ _FLOATS_WIPEABLE = sys.implementation.name == "cpython" and _float_layout_ok()
 
 
 def _glibc() -> Any:
-    """The C library when it is glibc (malloc, free, mallopt), else None."""
+    """The C library when it is glibc (malloc, free), else None."""
     global _libc, _libc_checked
     with _libc_lock:
         if not _libc_checked:
@@ -73,25 +70,10 @@ def _glibc() -> Any:
                 libc.malloc.argtypes = [ctypes.c_size_t]
                 libc.free.restype = None
                 libc.free.argtypes = [ctypes.c_void_p]
-                libc.mallopt.restype = ctypes.c_int
-                libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
                 _libc = libc
             except (OSError, AttributeError):  # pragma: no cover - musl, macOS, Windows
                 _libc = None
         return _libc
-
-
-def harden_allocator() -> bool:
-    """Make glibc overwrite freed memory in this process from now on (``mallopt(M_PERTURB)``; idempotent). Returns
-    whether it is on. Freed blocks are filled with :data:`PERTURB_BYTE`; new ones with its complement."""
-    global _hardened
-    libc = _glibc()
-    if libc is None:
-        return False
-    with _libc_lock:
-        if not _hardened:
-            _hardened = bool(libc.mallopt(_M_PERTURB, PERTURB_BYTE))
-        return _hardened
 
 
 def scrub_caches(numpy_sizes: Iterable[int] = ()) -> None:
