@@ -53,13 +53,12 @@ def open_encrypted_store(section: StoreConfig, dim: int, metric: StoreMetric) ->
     client of the key service. ConfigError when a key file is missing or altered, or when the key service holds
     another key pair (the sidecar refuses to start); a key service that is down only logs a warning (Verify and
     Identify answer UNAVAILABLE until it is up). See docs/encrypted-matching.md."""
-    import hmac
     import logging
 
     from advface.encrypted.client import KeyServiceClient
     from advface.encrypted.errors import KeyServiceUnavailableError
     from advface.encrypted.keys import load_binding_key, load_sidecar_folder, read_token
-    from advface.encrypted.store import EncryptedSQLiteStore
+    from advface.encrypted.store import EncryptedSQLiteStore, integrity_key_for
 
     if section.backend != "sqlite":
         raise ConfigError("store.matching: encrypted needs store.backend: sqlite (PostgreSQL is not supported yet)")
@@ -83,7 +82,7 @@ def open_encrypted_store(section: StoreConfig, dim: int, metric: StoreMetric) ->
         client.close()
         raise
     # block integrity (tamper detection) under a key derived from the binding key, which lives beside the public key
-    integrity = hmac.new(binding, b"advface encrypted store integrity", "sha256").digest()
+    integrity = integrity_key_for(binding)
     path = Path(section.data_dir).expanduser() / "templates-encrypted.sqlite3"
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
