@@ -206,7 +206,7 @@ def test_waiting_protect_image_calls_hold_no_worker(
     held, release = threading.Event(), threading.Event()
     protections: list[int] = []
 
-    def protect(data: bytes, options: Any, deadline: float | None = None) -> Any:
+    def protect(data: bytes, options: Any, deadline: float | None = None, abandoned: Any = None) -> Any:
         protections.append(1)
         held.set()
         assert release.wait(HOLD_SECONDS)
