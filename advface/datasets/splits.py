@@ -66,3 +66,9 @@ def split_identities(
         evaluation=frozenset(evaluation),
         seed=seed,
     )
+
+
+def identities_digest(names: Iterable[str]) -> str:
+    """SHA-256 of a set of identity names (sorted, newline-joined): what a trained model records of the people it
+    saw, so that a later check can compare groups without storing the names."""
+    return hashlib.sha256("\n".join(sorted(set(names))).encode()).hexdigest()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from advface.datasets.folders import IdentityFolderDataset
 from advface.datasets.pairs import build_face_pairs
-from advface.datasets.splits import GROUPS, split_identities
+from advface.datasets.splits import GROUPS, identities_digest, split_identities
 from advface.encoders.base import FaceEncoder
 from advface.errors import ConfigError
 from advface.generative.training import TrainingData
@@ -48,6 +48,7 @@ def group_training_data(
             "split_seed": split_seed,
             "photos": int((~chosen.flipped).sum()),
             "identities": len(set(chosen.identities.tolist())),
+            "identities_sha256": identities_digest(chosen.identities.tolist()),
             "encoder": encoder.name,
             "detector": detector,
         },

@@ -15,7 +15,7 @@ from advface.audit.attacks import diffusion
 from advface.audit.data import make_split
 from advface.cli.main import main
 from advface.datasets.pairs import FacePairs
-from advface.datasets.splits import split_identities
+from advface.datasets.splits import identities_digest, split_identities
 from advface.errors import ConfigError
 from advface.generative.config import GeneratorTrainConfig
 from advface.generative.model import IdentityGenerator, save_generator
@@ -165,6 +165,20 @@ def test_generator_trained_on_the_audits_attacker_group_is_accepted() -> None:
     split = make_split(pairs, 0, 0.3)
     trained = diffusion.check_training_identities(_metadata(names, 0), pairs, split)
     assert trained == split.attacker and not trained & split.evaluation
+    recorded = _metadata(names, 0)
+    recorded["training_data"]["identities_sha256"] = identities_digest(split.attacker)
+    assert diffusion.check_training_identities(recorded, pairs, split) == split.attacker
+
+
+def test_generator_whose_recorded_identities_differ_is_refused() -> None:
+    """Same split sizes, other people (e.g. a renamed or edited dataset): the recorded digest tells."""
+    pairs = _pairs(PEOPLE)
+    names = pairs.identities[~pairs.flipped].tolist()
+    split = make_split(pairs, 0, 0.3)
+    recorded = _metadata(names, 0)
+    recorded["training_data"]["identities_sha256"] = identities_digest(sorted(split.attacker)[1:] + ["Someone_Else"])
+    with pytest.raises(ConfigError, match="recorded training identities"):
+        diffusion.check_training_identities(recorded, pairs, split)
 
 
 def test_generator_trained_on_audited_people_is_refused() -> None:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from advface.datasets.pairs import FacePairs, resize_faces
-from advface.datasets.splits import GROUPS, IdentitySplit, split_identities
+from advface.datasets.splits import GROUPS, IdentitySplit, identities_digest, split_identities
 from advface.encoders.base import FaceEncoder
 from advface.errors import ConfigError
 
@@ -129,7 +129,8 @@ def check_training_identities(
     name the ``attacker`` group of :func:`advface.datasets.splits.split_identities` and its split seed
     (``advface train-generator`` records both); the split is recomputed on the audit's dataset (``pairs``) and must
     have the recorded group sizes (else the model was trained on another dataset or subset and the audit cannot
-    check it). ConfigError when any of these is missing or differs, or when the rebuilt group holds any of the
+    check it), and, where the checkpoint records it, the digest of its training identities must be the rebuilt
+    group's. ConfigError when any of these is missing or differs, or when the rebuilt group holds any of the
     audited people (``split.evaluation``): an attacker model must never have seen the people under audit."""
     data = metadata.get("training_data")
     group = data.get("group") if isinstance(data, dict) else None
@@ -164,6 +165,13 @@ def check_training_identities(
             f"{' / '.join(str(wanted[g]) for g in GROUPS)} identities) is not that split of this audit's dataset "
             f"({' / '.join(str(sizes[g]) for g in GROUPS)}): it was trained on another dataset or subset (e.g. "
             "--max-identities, --quick), so the audit cannot check that it never saw the audited people"
+        )
+    recorded_digest = data.get("identities_sha256")  # recorded since 2026-12-05; older checkpoints lack it
+    if recorded_digest is not None and recorded_digest != identities_digest(rebuilt.attacker):
+        raise ConfigError(
+            f"{source}: the generator's recorded training identities are not the attacker group of split seed {seed} "
+            "on this audit's dataset (same group sizes, other people): the audit cannot check that it never saw the "
+            "audited people"
         )
     overlap = sorted(rebuilt.attacker & split.evaluation)
     if overlap:
