@@ -31,11 +31,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from advface.encoders.base import ChipSpec
 from advface.errors import ConfigError
 from advface.generative.diffusion import alpha_sigma
-from advface.generative.model import IdentityGenerator
-from advface.protect.image.warp import warp_chips
+from advface.protect.image.surrogate_term import SurrogateTerm
 
 ANTIPURE = "antipure"
 
@@ -97,27 +95,10 @@ def high_frequency(images: torch.Tensor, patch: int, low_radius: int) -> torch.T
 
 
 @dataclass
-class AntiPureTerm:
-    """AntiPure's losses on a generator (see the module docs); ``module`` is the conditioning encoder's
-    differentiable module and ``chip`` its chip."""
+class AntiPureTerm(SurrogateTerm):
+    """AntiPure's losses on a generator (see the module docs)."""
 
-    generator: IdentityGenerator
-    module: torch.nn.Module
-    chip: ChipSpec
     name: str = ANTIPURE
-
-    def __post_init__(self) -> None:
-        self._clean: torch.Tensor | None = None
-
-    def _chips(self, images: torch.Tensor, thetas: torch.Tensor) -> torch.Tensor:
-        chips = warp_chips(images, thetas, self.chip.size)
-        size = self.generator.image_size
-        return chips if size == self.chip.size else F.interpolate(chips, size=(size, size), mode="area")
-
-    @torch.no_grad()
-    def prepare(self, clean: torch.Tensor, thetas: torch.Tensor) -> None:
-        """Remember the clean photos' identity embeddings (``clean``: ``N x 3 x H x W`` in [0, 1])."""
-        self._clean = self.module(warp_chips(clean, thetas, self.chip.size)).detach()
 
     def purified(
         self,
@@ -130,11 +111,9 @@ class AntiPureTerm:
         """``(small, P, shift)``: the perturbed chips at the generator's size, their one-step purification ``P``
         (both ``N x 3 x S x S`` in [0, 1]) and, per photo, the squared distance between the clean-latent prediction
         at the drawn time and the (fixed) one made at ``wrong_time`` x that time."""
-        small = self._chips(adv, thetas)
+        _, small = self.chips(adv, thetas)
         z = self.generator.autoencoder.encode(small)
-        lo, hi = t_range
-        t = torch.stack([torch.rand((), generator=g) for g in generators]).to(adv.device) * (hi - lo) + lo
-        noise = torch.stack([torch.randn(z.shape[1:], generator=g) for g in generators]).to(adv.device)
+        t, noise = self.draw(generators, z.shape[1:], t_range, adv.device)
         alpha, sigma = (s[:, None, None, None] for s in alpha_sigma(t))
         x_t = alpha * z + sigma * noise
         null = torch.zeros((len(z), self.generator.dim), device=adv.device)
@@ -157,14 +136,13 @@ class AntiPureTerm:
     ) -> list[tuple[torch.Tensor, float]]:
         """``(per-photo loss, weight)`` of each loss with a non-zero weight under ``config``; lower is better for
         the protection."""
-        if self._clean is None or len(self._clean) != len(adv):
-            raise RuntimeError("AntiPureTerm.prepare must be called on the batch first")
+        clean = self.clean_embeddings(len(adv))
         c = config
         small, purified, shift = self.purified(adv, thetas, generators, c.t_range, c.wrong_time)
         out: list[tuple[torch.Tensor, float]] = []
         if c.identity_weight > 0:
             chips = F.interpolate(purified, size=(self.chip.size,) * 2, mode="bilinear", align_corners=False)
-            out.append((F.cosine_similarity(self.module(chips), self._clean, dim=1), c.identity_weight))
+            out.append((F.cosine_similarity(self.module(chips), clean, dim=1), c.identity_weight))
         if c.frequency_weight > 0:
             gap = high_frequency(purified, c.patch, c.low_radius) - high_frequency(small, c.patch, c.low_radius)
             out.append((gap.pow(2).flatten(1).mean(dim=1), c.frequency_weight))

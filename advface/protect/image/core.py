@@ -53,6 +53,7 @@ from advface.protect.image.guidance import (
 )
 from advface.protect.image.perceptual import BUDGETS, PerceptualBudget, budget_map
 from advface.protect.image.quality import gmsd, linf, psnr, ssim, ssim_face
+from advface.protect.image.surrogate_term import SurrogateTerm
 from advface.protect.image.transforms import EOTConfig, jitter_theta, random_transform
 from advface.protect.image.warp import chip_theta, warp_chips
 
@@ -453,11 +454,9 @@ class ImageProtector:
         outs = [_quantise(images[i], (x + delta)[i], levels[i], gray[i]) for i in range(b)]
         return outs, steps_run
 
-    def _surrogate_terms(
-        self, config: ProtectConfig
-    ) -> list[tuple[DeflectionTerm | AntiPureTerm, SurrogateLosses, float]]:
+    def _surrogate_terms(self, config: ProtectConfig) -> list[tuple[SurrogateTerm, SurrogateLosses, float]]:
         """The selected terms that run on the surrogate: ``(term, its losses under config, outer weight)``."""
-        terms: list[tuple[DeflectionTerm | AntiPureTerm, SurrogateLosses, float]] = []
+        terms: list[tuple[SurrogateTerm, SurrogateLosses, float]] = []
         if DEFLECTION in config.guidance:
             terms.append((self.deflection, self.deflection.losses, config.deflection_weight))
         if ANTIPURE in config.guidance:

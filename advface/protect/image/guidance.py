@@ -27,14 +27,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from advface.encoders.base import ChipSpec
 from advface.errors import ConfigError
 from advface.generative.diffusion import add_noise, alpha_sigma
-from advface.generative.model import IdentityGenerator
 from advface.protect.image.antipure import ANTIPURE
-from advface.protect.image.warp import warp_chips
+from advface.protect.image.surrogate_term import SurrogateTerm
 
 #: Names accepted by ``--guidance`` (``ProtectConfig.guidance``): the face-encoder terms (stage 1) and the terms that
 #: need the defender surrogate (IDGuardian's deflection, stage 2; AntiPure, :mod:`advface.protect.image.antipure`).
@@ -57,51 +54,29 @@ def parse_guidance(value: str | Sequence[str]) -> tuple[str, ...]:
 
 
 @dataclass
-class DeflectionTerm:
-    """IDGuardian's guided-flow identity deflection on a generator (see the module docs).
+class DeflectionTerm(SurrogateTerm):
+    """IDGuardian's guided-flow identity deflection on a generator (see the module docs); times are drawn uniformly
+    from ``t_range``."""
 
-    ``module`` is the conditioning encoder's differentiable module and ``chip`` its chip (the frame the generator's
-    training faces were cut in); times are drawn uniformly from ``t_range``.
-    """
-
-    generator: IdentityGenerator
-    module: torch.nn.Module
-    chip: ChipSpec
     t_range: tuple[float, float] = (0.2, 0.8)
     name: str = DEFLECTION
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         lo, hi = self.t_range
         if not 0 < lo <= hi < 1:
             raise ConfigError(f"deflection times must satisfy 0 < low <= high < 1, got {self.t_range}")
-        self._clean: torch.Tensor | None = None
-
-    def _chips(self, images: torch.Tensor, thetas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(encoder chips, generator-size chips) of ``images`` under ``thetas`` (the encoder's chip frame)."""
-        chips = warp_chips(images, thetas, self.chip.size)
-        size = self.generator.image_size
-        small = chips if size == self.chip.size else F.interpolate(chips, size=(size, size), mode="area")
-        return chips, small
-
-    @torch.no_grad()
-    def prepare(self, clean: torch.Tensor, thetas: torch.Tensor) -> None:
-        """Remember the clean photos' identity embeddings (``clean``: ``N x 3 x H x W`` in [0, 1])."""
-        chips, _ = self._chips(clean, thetas)
-        self._clean = self.module(chips).detach()
 
     def loss(self, adv: torch.Tensor, thetas: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
         """Per-photo losses (``N``) on the perturbed photos ``adv``; lower = latents further along the bridge."""
-        if self._clean is None or len(self._clean) != len(adv):
-            raise RuntimeError("DeflectionTerm.prepare must be called on the batch first")
-        chips, small = self._chips(adv, thetas)
+        clean = self.clean_embeddings(len(adv))
+        chips, small = self.chips(adv, thetas)
         z = self.generator.autoencoder.encode(small)
-        lo, hi = self.t_range
-        t = torch.stack([torch.rand((), generator=g) for g in generators]).to(adv.device) * (hi - lo) + lo
-        noise = torch.stack([torch.randn(z.shape[1:], generator=g) for g in generators]).to(adv.device)
+        t, noise = self.draw(generators, z.shape[1:], self.t_range, adv.device)
         with torch.no_grad():
             y_adv = self.module(chips)
             x_t = add_noise(z.detach(), t, noise)
-            both = self.generator.denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y_adv, self._clean]))
+            both = self.generator.denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y_adv, clean]))
             v_adv, v_clean = both[: len(adv)], both[len(adv) :]
             alpha, sigma = alpha_sigma(t)
             # eps = sigma x_t + alpha v, so the noise difference at one x_t is alpha (v_adv - v_clean)
