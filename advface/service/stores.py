@@ -11,13 +11,20 @@ the sidecar, ``advface reencode`` and ``advface audit`` open stores through it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from advface.config import Config, StoreConfig
 from advface.errors import ConfigError
 from advface.protect.tenant_transform import TenantTransforms, check_db_store_marker, check_store_marker
 from advface.service.keys import cipher_from_config
 from advface.store.base import StoreMetric, TemplateStore
+
+if TYPE_CHECKING:
+    from advface.encrypted.keys import PublicKeys
+    from advface.encrypted.store import EncryptedStore
+
+#: the encrypted store's file in ``store.data_dir`` (backend sqlite)
+ENCRYPTED_SQLITE_NAME = "templates-encrypted.sqlite3"
 
 
 def open_store(config: Config, dim: int, metric: str) -> TemplateStore:
@@ -49,19 +56,19 @@ def open_store(config: Config, dim: int, metric: str) -> TemplateStore:
 
 
 def open_encrypted_store(section: StoreConfig, dim: int, metric: StoreMetric) -> TemplateStore:
-    """``store.matching: encrypted``: the SQLite store of CKKS ciphertexts (``templates-encrypted.sqlite3``) with a
-    client of the key service. ConfigError when a key file is missing or altered, or when the key service holds
-    another key pair (the sidecar refuses to start); a key service that is down only logs a warning (Verify and
-    Identify answer UNAVAILABLE until it is up). See docs/encrypted-matching.md."""
+    """``store.matching: encrypted``: the store of CKKS ciphertexts (:func:`make_encrypted_store`: SQLite
+    ``templates-encrypted.sqlite3`` in ``store.data_dir``, or PostgreSQL tables ``advface_enc_*`` at ``store.dsn``)
+    with a client of the key service. ConfigError when a key file is missing or altered, or when the key service
+    holds another key pair (the sidecar refuses to start); a key service that is down only logs a warning (Verify
+    and Identify answer UNAVAILABLE until it is up). See docs/encrypted-matching.md."""
     import logging
 
     from advface.encrypted.client import KeyServiceClient
     from advface.encrypted.errors import KeyServiceUnavailableError
     from advface.encrypted.keys import load_binding_key, load_sidecar_folder, read_token
-    from advface.encrypted.store import EncryptedSQLiteStore, integrity_key_for
+    from advface.encrypted.store import integrity_key_for
 
-    if section.backend != "sqlite":
-        raise ConfigError("store.matching: encrypted needs store.backend: sqlite (PostgreSQL is not supported yet)")
+    _check_encrypted_backend(section)
     if not section.encrypted_keys_dir or not section.keyservice_address:
         raise ConfigError("store.matching: encrypted needs store.encrypted_keys_dir and store.keyservice_address")
     folder = Path(section.encrypted_keys_dir).expanduser()
@@ -83,16 +90,66 @@ def open_encrypted_store(section: StoreConfig, dim: int, metric: StoreMetric) ->
         raise
     # block integrity (tamper detection) under a key derived from the binding key, which lives beside the public key
     integrity = integrity_key_for(binding)
-    path = Path(section.data_dir).expanduser() / "templates-encrypted.sqlite3"
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        store = EncryptedSQLiteStore(path, keys, binding, dim, metric, keyservice=client, integrity_key=integrity)
+        store = make_encrypted_store(section, keys, binding, dim, metric, keyservice=client, integrity_key=integrity)
     except BaseException:
         client.close()
         raise
     if top_k_max is not None:
         store.handshake_done(top_k_max)
     return store
+
+
+def _check_encrypted_backend(section: StoreConfig) -> None:
+    """ConfigError unless ``store.backend`` can hold an encrypted store (and has its location)."""
+    if section.backend == "postgresql":
+        if not section.dsn:
+            raise ConfigError("store.backend is postgresql but store.dsn is not set (or ADVFACE_STORE_DSN)")
+    elif section.backend == "sqlite":
+        if not section.data_dir:
+            raise ConfigError("store.data_dir is not set")
+    else:
+        raise ConfigError(f"store backend {section.backend!r} is not supported (use 'sqlite' or 'postgresql')")
+
+
+def encrypted_store_where(section: StoreConfig) -> str:
+    """Where the encrypted store of ``section`` lives, for messages (a file, or a DSN without its password)."""
+    _check_encrypted_backend(section)
+    if section.backend == "postgresql":
+        from advface.encrypted.postgres_database import TABLE_PREFIX_DEFAULT
+        from advface.store.postgres import redact_dsn
+
+        return f"{redact_dsn(str(section.dsn))} (tables {TABLE_PREFIX_DEFAULT}_*)"
+    return str(Path(section.data_dir).expanduser() / ENCRYPTED_SQLITE_NAME)
+
+
+def make_encrypted_store(
+    section: StoreConfig, keys: PublicKeys, binding_key: bytes, dim: int, metric: StoreMetric, **options: Any
+) -> EncryptedStore:
+    """The encrypted store of ``section``'s backend (``options``: those of
+    :class:`~advface.encrypted.store.EncryptedStore`), without a key-service client unless given one."""
+    from advface.encrypted.store import EncryptedPostgresStore, EncryptedSQLiteStore
+
+    _check_encrypted_backend(section)
+    if section.backend == "postgresql":
+        return EncryptedPostgresStore(str(section.dsn), keys, binding_key, dim, metric, **options)
+    path = Path(section.data_dir).expanduser() / ENCRYPTED_SQLITE_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return EncryptedSQLiteStore(path, keys, binding_key, dim, metric, **options)
+
+
+def encrypted_store_meta(section: StoreConfig) -> dict[str, str]:
+    """The ``meta`` rows of ``section``'s encrypted store (``dim``, ``metric``, fingerprints...), read without
+    opening it; empty when it does not exist yet."""
+    _check_encrypted_backend(section)
+    if section.backend == "postgresql":
+        from advface.encrypted.postgres_database import read_meta
+
+        return read_meta(str(section.dsn))
+    from advface.store.sqlite_faiss import SQLiteFaissStore
+
+    path = Path(section.data_dir).expanduser() / ENCRYPTED_SQLITE_NAME
+    return SQLiteFaissStore.read_meta(path) if path.exists() else {}
 
 
 def _keyservice_tls(section: StoreConfig) -> dict[str, Any]:

@@ -113,7 +113,18 @@ def test_keygen_and_serve_with_a_wrapped_secret(tmp_path: Path, monkeypatch: pyt
     assert main(["keyservice", "serve", "--dir", str(tmp_path / "k"), "--metric", "cosine", "--threshold", "0.5"]) == 2
 
 
-def test_rotation_to_a_next_key_pair_over_grpc(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def _encrypted_store_section(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> dict[str, object]:
+    """The ``store`` section of an encrypted store on ``backend`` (PostgreSQL: a fresh database)."""
+    section: dict[str, object] = {"data_dir": str(tmp_path / "data"), "use_gpu": False, "matching": "encrypted"}
+    if backend == "postgresql":
+        section |= {"backend": "postgresql", "dsn": request.getfixturevalue("postgres_dsn")}
+    return section
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_rotation_to_a_next_key_pair_over_grpc(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], backend: str, request: pytest.FixtureRequest
+) -> None:
     """keygen --next-of, a key service with --next-dir's key pair (built in-process here), rotate-store, then the
     store served under the new pair only."""
     import numpy as np
@@ -141,7 +152,7 @@ def test_rotation_to_a_next_key_pair_over_grpc(tmp_path: Path, capsys: pytest.Ca
     token = read_token(None, k1)
 
     def config(keys_dir: Path, port: int) -> Path:
-        store = {"data_dir": str(tmp_path / "data"), "use_gpu": False, "matching": "encrypted"}
+        store = _encrypted_store_section(backend, tmp_path, request)
         store |= {"encrypted_keys_dir": str(keys_dir), "keyservice_address": f"127.0.0.1:{port}"}
         path = tmp_path / f"{keys_dir.name}.yaml"
         path.write_text(yaml.safe_dump({"store": store, "keys": {"auto": False}}))
@@ -173,7 +184,10 @@ def test_rotation_to_a_next_key_pair_over_grpc(tmp_path: Path, capsys: pytest.Ca
         server.stop(0)
 
 
-def test_binding_rotation_and_erase_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_binding_rotation_and_erase_commands(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], backend: str, request: pytest.FixtureRequest
+) -> None:
     """rotate-binding start (with a running key service that picks the new key up), store, finish; erase."""
     import numpy as np
     import yaml
@@ -181,7 +195,7 @@ def test_binding_rotation_and_erase_commands(tmp_path: Path, capsys: pytest.Capt
     from advface.config import load_config
     from advface.encrypted.keys import BINDING_NEXT_FILE, load_binding_key, load_binding_keyring, load_keyservice_folder
     from advface.encrypted.keyservice import DecisionPolicy, KeyServiceCore
-    from advface.encrypted.store import EncryptedSQLiteStore
+    from advface.encrypted.store import EncryptedPostgresStore, EncryptedSQLiteStore
     from advface.service.stores import open_store
     from server.keyservice import build_keyservice_server
 
@@ -196,7 +210,7 @@ def test_binding_rotation_and_erase_commands(tmp_path: Path, capsys: pytest.Capt
     )
     server, port = build_keyservice_server(core, read_token(None, k))
     server.start()
-    store_section = {"data_dir": str(tmp_path / "data"), "use_gpu": False, "matching": "encrypted"}
+    store_section = _encrypted_store_section(backend, tmp_path, request)
     store_section |= {"encrypted_keys_dir": str(s), "keyservice_address": f"127.0.0.1:{port}"}
     config = tmp_path / "advface.yaml"
     config.write_text(yaml.safe_dump({"store": store_section, "keys": {"auto": False}}))
@@ -215,7 +229,7 @@ def test_binding_rotation_and_erase_commands(tmp_path: Path, capsys: pytest.Capt
         assert "re-tagged 1 block(s)" in capsys.readouterr().out
         assert load_binding_key(s) == load_binding_key(k) != old and not (s / BINDING_NEXT_FILE).exists()
         with open_store(load_config(config), 8, "euclidean") as store:  # the running key service took the new key
-            assert isinstance(store, EncryptedSQLiteStore)
+            assert isinstance(store, EncryptedPostgresStore if backend == "postgresql" else EncryptedSQLiteStore)
             assert store.verify_encrypted("t", "p1", people[1])[0]
             assert not store.verify_encrypted("t", "p1", people[0])[0]
         assert main(["keyservice", "erase", "--config", str(config)]) == 0

@@ -3,11 +3,11 @@ resume after a crash, and the store re-tags its blocks resumably under the new k
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 import numpy as np
 import pytest
+from encrypted_helpers import Backend
 
 import advface.encrypted.store as store_module
 from advface.crypto import load_key_file
@@ -24,7 +24,7 @@ from advface.encrypted.keys import (
 )
 from advface.encrypted.keyservice import DecisionPolicy, KeyServiceCore
 from advface.encrypted.requests import prepare_scores
-from advface.encrypted.store import EncryptedSQLiteStore, integrity_key_for
+from advface.encrypted.store import EncryptedSQLiteStore, EncryptedStore, integrity_key_for
 from advface.errors import ConfigError, IntegrityError
 
 DIM = 8
@@ -117,18 +117,15 @@ def test_interrupted_folder_rotation_is_finished_with_the_same_key(tmp_path: Pat
     assert load_binding_keyring(folder, 2.0).previous == old
 
 
-def test_store_rotation_is_resumable_and_refuses_the_old_key_after(tmp_path: Path, keys, rng, monkeypatch) -> None:
+def test_store_rotation_is_resumable_and_refuses_the_old_key_after(backend: Backend, keys, rng, monkeypatch) -> None:
     old, new = new_binding_key(), new_binding_key()
-    db = tmp_path / "t.sqlite3"
     people = rng.standard_normal((3, DIM)) * 0.3
 
-    def open_(binding: bytes, next_binding: tuple[bytes, bytes] | None = None, core=None) -> EncryptedSQLiteStore:  # noqa: ANN001
-        return EncryptedSQLiteStore(
-            db,
+    def open_(binding: bytes, next_binding: tuple[bytes, bytes] | None = None, core=None) -> EncryptedStore:  # noqa: ANN001
+        return backend.open(
             keys.public,
             binding,
             DIM,
-            "euclidean",
             keyservice=core,
             integrity_key=integrity_key_for(binding),
             auto_erase=False,
@@ -164,24 +161,16 @@ def test_store_rotation_is_resumable_and_refuses_the_old_key_after(tmp_path: Pat
         assert store.get_subject("b", "p1").metadata == {"badge": "B1"}
         assert store.verify_encrypted("c", "p2", people[2])[0]
         assert not store.verify_encrypted("c", "p2", people[0])[0]
-    raw = sqlite3.connect(db)
-    assert dict(raw.execute("SELECT key, value FROM meta").fetchall())["binding_fingerprint"] == binding_fingerprint(
-        new
-    )
-    raw.close()
+    assert dict(backend.sql("SELECT key, value FROM meta"))["binding_fingerprint"] == binding_fingerprint(new)
 
 
-def test_store_rotation_names_a_tampered_block(tmp_path: Path, keys, rng) -> None:
+def test_store_rotation_names_a_tampered_block(backend: Backend, keys, rng) -> None:
     old, new = new_binding_key(), new_binding_key()
-    db = tmp_path / "t.sqlite3"
-    with EncryptedSQLiteStore(db, keys.public, old, DIM, "euclidean", integrity_key=integrity_key_for(old)) as store:
+    with backend.open(keys.public, old, DIM, integrity_key=integrity_key_for(old)) as store:
         store.add("a", "p", rng.standard_normal((1, DIM)) * 0.3)
-        raw = sqlite3.connect(db)
-        (data,) = raw.execute("SELECT data FROM blocks").fetchone()
+        ((data,),) = backend.sql("SELECT data FROM blocks")
         flipped = bytearray(data)
         flipped[len(flipped) // 2] ^= 1
-        raw.execute("UPDATE blocks SET data=?", (bytes(flipped),))
-        raw.commit()
-        raw.close()
+        backend.sql("UPDATE blocks SET data=?", (bytes(flipped),))
         with pytest.raises(IntegrityError, match="tenant 'a' block 0"):
             store.rotate_binding_key(new, integrity_key_for(new))

@@ -3,16 +3,16 @@ templates erased on the way; the key service refuses rotations it was not set up
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 import pytest
+from encrypted_helpers import Backend
 
 from advface.encrypted.errors import KeyServiceUnavailableError, RefusedError
 from advface.encrypted.keys import generate_keys
 from advface.encrypted.keyservice import DecisionPolicy, KeyServiceCore
 from advface.encrypted.requests import prepare_rotate
-from advface.encrypted.store import EncryptedSQLiteStore
+from advface.encrypted.store import EncryptedStore
 from advface.errors import ConfigError
 
 DIM = 8
@@ -20,10 +20,8 @@ KEY = b"i" * 32
 POLICY = DecisionPolicy("euclidean", -0.3, top_k_max=5)
 
 
-def _open(path: Path, public, binding_key, core=None) -> EncryptedSQLiteStore:  # noqa: ANN001
-    return EncryptedSQLiteStore(
-        path, public, binding_key, DIM, "euclidean", keyservice=core, integrity_key=KEY, auto_erase=False
-    )
+def _open(backend: Backend, public, binding_key, core=None) -> EncryptedStore:  # noqa: ANN001
+    return backend.open(public, binding_key, DIM, keyservice=core, integrity_key=KEY, auto_erase=False)
 
 
 class FailingAfter:
@@ -39,14 +37,13 @@ class FailingAfter:
         return self.core.rotate(request)
 
 
-def test_rotation_is_resumable_and_swaps_at_once(tmp_path: Path, keys, binding_key, rng) -> None:
+def test_rotation_is_resumable_and_swaps_at_once(backend: Backend, keys, binding_key, rng) -> None:
     new = generate_keys()
-    db = tmp_path / "t.sqlite3"
     people = rng.standard_normal((6, DIM)) * 0.3
     old_core = KeyServiceCore(keys, binding_key, POLICY)
     rotating = KeyServiceCore(keys, binding_key, POLICY, next_keys=new.public)
     new_core = KeyServiceCore(new, binding_key, POLICY)
-    with _open(db, keys.public, binding_key, old_core) as store:
+    with _open(backend, keys.public, binding_key, old_core) as store:
         store.add_many("a", [(f"p{i}", people[i][None], {"k": str(i)}) for i in range(4)])
         store.add("b", "bob", people[4][None])
         store.add("c", "carol", people[5][None])
@@ -54,12 +51,10 @@ def test_rotation_is_resumable_and_swaps_at_once(tmp_path: Path, keys, binding_k
         with pytest.raises(KeyServiceUnavailableError):  # tenant a done, then the key service goes down
             store.rotate_key_pair(new.public, FailingAfter(rotating, 1))
         assert store.keys.fingerprint == keys.fingerprint and store.verify_encrypted("a", "p1", people[1])[0]
-    raw = sqlite3.connect(db)
-    assert raw.execute("SELECT tenant FROM rotated").fetchall() == [("a",)]
-    raw.close()
+    assert backend.sql("SELECT tenant FROM rotated") == [("a",)]
     with pytest.raises(ConfigError, match="unfinished"):  # the new key pair cannot open it before the swap
-        _open(db, new.public, binding_key)
-    with _open(db, keys.public, binding_key, old_core) as store:  # still served under the old key pair
+        _open(backend, new.public, binding_key)
+    with _open(backend, keys.public, binding_key, old_core) as store:  # still served under the old key pair
         assert store.verify_encrypted("b", "bob", people[4])[0]
         store.add("c", "dave", people[0][None])  # tenant c changes before the rotation resumes
         with pytest.raises(ConfigError, match="same CKKS parameters|already under"):
@@ -71,20 +66,18 @@ def test_rotation_is_resumable_and_swaps_at_once(tmp_path: Path, keys, binding_k
         assert store.identify_encrypted("c", people[0], 2)[0].subject_id == "dave"
         assert store._galleries["a"].dirty_blocks() == []  # p3's slot erased on the way
     with pytest.raises(ConfigError, match="wrong key pair"):
-        _open(db, keys.public, binding_key)
-    with _open(db, new.public, binding_key, new_core) as store:
+        _open(backend, keys.public, binding_key)
+    with _open(backend, new.public, binding_key, new_core) as store:
         assert store.get_subject("a", "p2").metadata == {"k": "2"}  # sealed names unchanged
         assert store.identify_encrypted("a", people[2], 1)[0].subject_id == "p2"
         assert store.verify_encrypted("c", "carol", people[5])[0]
         assert store.count() == 6
-    raw = sqlite3.connect(db)
-    assert raw.execute("SELECT COUNT(*) FROM rotated").fetchone()[0] == 0
-    raw.close()
+    assert backend.sql("SELECT COUNT(*) FROM rotated")[0][0] == 0
 
 
 def test_key_service_rotates_only_to_its_next_key_pair(tmp_path: Path, keys, binding_key, rng) -> None:
     new = generate_keys()
-    with _open(tmp_path / "t.sqlite3", keys.public, binding_key) as store:
+    with _open(Backend("sqlite", tmp_path), keys.public, binding_key) as store:
         store.add("a", "alice", (rng.standard_normal(DIM) * 0.3)[None])
         gallery = store._galleries["a"]
         job = gallery.refresh_job(0)

@@ -1,4 +1,5 @@
-"""``store.matching: encrypted`` end to end: TemplateService -> encrypted SQLite store -> key service over gRPC."""
+"""``store.matching: encrypted`` end to end: TemplateService -> encrypted store (SQLite, or PostgreSQL shared by two
+sidecars) -> key service over gRPC."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from advface.config import Config, load_config
 from advface.encrypted.errors import KeyServiceUnavailableError
 from advface.encrypted.keys import load_binding_key, load_keyservice_folder
 from advface.encrypted.keyservice import DecisionPolicy, KeyServiceCore
+from advface.encrypted.store import EncryptedPostgresStore
 from advface.errors import ConfigError, NotFoundError
 from advface.service import TemplateService
 from advface.testing.synthetic import dlib_like_people
@@ -26,8 +28,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _config(folder: Path, keys_dir: Path, port: int) -> Config:
-    data = {
+def _config(folder: Path, keys_dir: Path, port: int, dsn: str | None = None) -> Config:
+    data: dict = {
         "server": {"max_batch": 5, "workers": 2},
         "encoder": {"name": "dlib-torch"},
         "protection": {"steps": 2},
@@ -41,6 +43,8 @@ def _config(folder: Path, keys_dir: Path, port: int) -> Config:
         },
         "keys": {"auto": False},
     }
+    if dsn is not None:
+        data["store"] |= {"backend": "postgresql", "dsn": dsn}
     (folder / "advface.yaml").write_text(yaml.safe_dump(data))
     return load_config(folder / "advface.yaml", env={})
 
@@ -95,6 +99,42 @@ def test_sidecar_matches_through_the_key_service(tmp_path: Path) -> None:
             service.store.subject_vectors("t", "p0")
     finally:
         service.close()
+
+
+def test_two_sidecars_on_one_postgresql_database(tmp_path: Path, postgres_dsn: str) -> None:
+    """store.backend: postgresql through open_encrypted_store: two sidecars share the encrypted tables (each sees
+    the other's enrolments and deletions), nothing is written to the data folder, a restart finds everything."""
+    sidecar_dir, service_dir = _keygen(tmp_path)
+    port = _free_port()
+    config = _config(tmp_path, sidecar_dir, port, dsn=postgres_dsn)
+    one = TemplateService(config)
+    server = _start(service_dir, one.threshold.value, port)
+    try:
+        assert isinstance(one.store, EncryptedPostgresStore)
+        two = TemplateService(config)
+        try:
+            enrolled, probes = dlib_like_people(4)
+            for i in range(3):
+                asyncio.run((one if i < 2 else two).enroll("t", f"p{i}", enrolled[i], {"n": str(i)}))
+            for service in (one, two):
+                assert service.store.keyservice.wait_ready(10.0)  # type: ignore[attr-defined]
+            assert asyncio.run(two.verify("t", "p0", probes[0])).match
+            assert not asyncio.run(two.verify("t", "p0", probes[1])).match
+            assert asyncio.run(one.identify("t", probes[2], top_k=1))[0].subject_id == "p2"
+            asyncio.run(one.delete_subject("t", "p1"))
+            with pytest.raises(NotFoundError):
+                asyncio.run(two.verify("t", "p1", probes[1]))
+            assert asyncio.run(two.count("t")) == 2
+        finally:
+            two.close()
+        one.close()
+        one = TemplateService(config)  # restarted
+        assert one.store.keyservice.wait_ready(10.0)  # type: ignore[attr-defined]
+        assert asyncio.run(one.verify("t", "p2", probes[2])).match and asyncio.run(one.count("t")) == 2
+    finally:
+        one.close()
+        server.stop(0).wait()
+    assert not list((tmp_path / "data").glob("templates-encrypted*"))
 
 
 def test_sidecar_refuses_another_key_pair(tmp_path: Path) -> None:
