@@ -1,6 +1,7 @@
 """Comparison of protection schemes on the same attackers, judges and utility metrics: ``advface audit`` run once per
-scheme (BioHashing, MLP-hash, PolyProtect-style, AdvFace; AdvFace + keyed transform is the ``protected+key`` column
-of the AdvFace run) with the same settings, data, seed and attacker cache, one row per scheme.
+scheme (BioHashing, MLP-hash, PolyProtect-style, each as its embeddings come and centred on the public defender-group
+mean; AdvFace; AdvFace + keyed transform is the ``protected+key`` column of the AdvFace run, its scenarios those of
+``scenarios["protected+key"]``) with the same settings, data, seed and attacker cache, one row per scheme.
 
 Usage (a reduced quick mode that fits 2 busy CPU cores; the decoders trained on raw templates are shared through
 the cache, so only the first run trains them)::
@@ -26,11 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import write_results  # noqa: E402
 
-#: Scheme label -> the ``advface audit`` flags choosing it.
+#: Scheme label -> the ``advface audit`` flags choosing it (the reference schemes with and without centring).
 SCHEMES = {
-    "biohash": ["--scheme", "biohash"],
-    "mlphash": ["--scheme", "mlphash"],
-    "polyprotect": ["--scheme", "polyprotect"],
+    "biohash": ["--scheme", "biohash", "--no-centre"],
+    "biohash-centred": ["--scheme", "biohash", "--centre"],
+    "mlphash": ["--scheme", "mlphash", "--no-centre"],
+    "mlphash-centred": ["--scheme", "mlphash", "--centre"],
+    "polyprotect": ["--scheme", "polyprotect", "--no-centre"],
+    "polyprotect-centred": ["--scheme", "polyprotect", "--centre"],
     "advface": ["--protection", "advface"],
 }
 #: The reduced quick mode: ``--quick`` on more people, decoders trained longer (flags appended to every run).
@@ -98,7 +102,9 @@ def row_of(report: dict[str, Any], kind: str) -> dict[str, Any]:
         "type1_best": best,
         "type1_best_transfer_judge": best_judge,
         "type1_best_on_raw": raw_best,
+        "centre": report.get("protection", {}).get("centre"),
         "fnmr_at_fmr_1e-3": utility.get("fnmr_at_fmr_1e-3", {}).get(kind, {}).get("fnmr"),
+        "fnmr_at_fmr_1e-3_ci95": utility.get("fnmr_at_fmr_1e-3", {}).get(kind, {}).get("fnmr_ci95"),
         "fnmr_at_fmr_1e-3_raw": utility.get("fnmr_at_fmr_1e-3", {}).get("raw", {}).get("fnmr"),
         "genuine_comparisons": utility.get("fnmr_at_fmr_1e-3", {}).get(kind, {}).get("genuine_comparisons"),
         "d_sys_unlinkability": unl.get(d_key),
@@ -106,6 +112,8 @@ def row_of(report: dict[str, Any], kind: str) -> dict[str, Any]:
         "largest_nonmatching_set_min": renew.get("largest_nonmatching_set", {}).get(d_key, {}).get("min"),
     }
     sc = report.get("scenarios")
+    if sc is not None and sc.get("templates") != kind:
+        sc = sc.get(kind)  # the scenarios under the keyed transform (report format 6)
     if sc is not None and sc.get("templates") == kind:
         full = sc.get("full_disclosure", {})
         pairs = sc.get("known_pairs", [])
@@ -162,9 +170,10 @@ def main() -> None:
         print(label, json.dumps(rows[label])[:400], flush=True)
     payload = {
         "mode": "reduced quick mode: " + " ".join(REDUCED),
-        "note": "AdvFace + keyed transform is the protected+key column of the AdvFace run (its scenarios are on "
-        "the protected templates only); every scheme's protected+key column is the scheme under the same keyed "
-        "transform; the keyed transform's key is ephemeral per run",
+        "note": "AdvFace + keyed transform is the protected+key column of the AdvFace run, its scenarios those on "
+        "the protected+key templates (reports of format 6; an older report has none); every scheme's protected+key "
+        "column is the scheme under the same keyed transform; the keyed transform's key is ephemeral per run; "
+        "'-centred': the reference scheme on templates minus the public mean of the defender group",
         "schemes": rows,
         "audit_commands": commands,
         "seconds": seconds,

@@ -64,6 +64,9 @@ class AuditConfig:
     protect_cmd: str | None = None
     #: The scheme's templates are compared with raw probes (True), not with probes through the scheme (None/False).
     raw_probes: bool | None = None
+    #: A reference scheme (biohash, mlphash, polyprotect) hashes templates minus the public mean of the defender
+    #: group's raw templates (True) or as they come (False); None: ``advface.audit.schemes.CENTRE_DEFAULT``.
+    scheme_centre: bool | None = None
     #: Scenarios (``scenarios`` of report.json): run them; the pool of the attacker group's (raw, protected) pairs
     #: (full disclosure fits on all of it, known pairs on the first k); the known-pairs k; the score-exposure victims
     #: and query budget per victim and way of querying.
@@ -139,6 +142,15 @@ class AuditConfig:
                 raise ConfigError("--protect-cmd needs {in} and {out} in the command")
         elif self.raw_probes:
             raise ConfigError("--raw-probes is for --scheme / --protect-cmd")
+        if self.scheme_centre is not None:
+            from advface.audit.schemes import SCHEMES
+
+            if self.scheme not in SCHEMES:
+                other = self.scheme or ("--protect-cmd" if self.protect_cmd else "advface's protection")
+                names = ", ".join(SCHEMES)
+                raise ConfigError(
+                    f"--centre / --no-centre are options of the reference schemes ({names}), not of {other}"
+                )
         if self.store is not None and flags:
             raise ConfigError(
                 f"{', '.join(flags)}: with --store the audit protects as the store's sidecar does, "

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from advface.audit.results import AuditResult
+from advface.audit.results import AuditResult, ScenariosResult
 from advface.errors import ConfigError
 
 #: Page width usable for tables (A4 landscape minus margins), in mm.
@@ -61,6 +61,49 @@ def _paragraph(pdf: Any, text: str) -> None:
     pdf.ln(2)
 
 
+def _scenario_rows(sc: ScenariosResult) -> list[list[str]]:
+    """The PDF's rows of one run of the scenarios (its templates named after each scenario)."""
+    on = f" ({sc.templates})"
+    rows = []
+    if sc.full_disclosure is not None:
+        f = sc.full_disclosure
+        rows.append(
+            [
+                "full disclosure" + on,
+                f"{f.pairs} pairs made with the key",
+                _pct(f.inverse.template_match_rate),
+                _pct(f.type1_success),
+                _pct(f.inverse.transfer_type1_success),
+            ]
+        )
+    for p in sc.known_pairs:
+        rows.append(
+            [
+                "known pairs" + on,
+                f"k = {p.k}",
+                _pct(p.judged.template_match_rate),
+                _pct(p.judged.type1_success),
+                _pct(p.judged.transfer_type1_success),
+            ]
+        )
+    e = sc.score_exposure
+    if e is not None:
+        for label, run in (("scores", e.with_scores), ("decisions only", e.decisions_only)):
+            median = run.median_queries
+            rows.append(
+                [
+                    f"score exposure ({label}){on}",
+                    f"{sum(run.accepted)} of {e.victims} accepted, median "
+                    + ("-" if median is None else f"{median:.0f}")
+                    + f" queries (cap {e.budget})",
+                    "",
+                    _pct(e.faces.type1_success) if label == "scores" else "",
+                    _pct(e.faces.transfer_type1_success) if label == "scores" else "",
+                ]
+            )
+    return rows
+
+
 def render_pdf(result: AuditResult) -> bytes:
     """The report of ``result`` as PDF bytes."""
     fpdf = require_fpdf()
@@ -82,53 +125,17 @@ def render_pdf(result: AuditResult) -> bytes:
         )
     if r.missing:
         _paragraph(pdf, "Partial report, missing: " + "; ".join(f"{m.stage}: {m.reason}" for m in r.missing))
-    sc = r.scenarios
-    if sc is not None:
+    if r.scenarios is not None:
         _heading(pdf, "Scenarios")
-        rows = []
-        if sc.full_disclosure is not None:
-            f = sc.full_disclosure
-            rows.append(
-                [
-                    "full disclosure",
-                    f"{f.pairs} pairs made with the key",
-                    _pct(f.inverse.template_match_rate),
-                    _pct(f.type1_success),
-                    _pct(f.inverse.transfer_type1_success),
-                ]
-            )
-        for p in sc.known_pairs:
-            rows.append(
-                [
-                    "known pairs",
-                    f"k = {p.k}",
-                    _pct(p.judged.template_match_rate),
-                    _pct(p.judged.type1_success),
-                    _pct(p.judged.transfer_type1_success),
-                ]
-            )
-        e = sc.score_exposure
-        if e is not None:
-            for label, run in (("scores", e.with_scores), ("decisions only", e.decisions_only)):
-                median = run.median_queries
-                rows.append(
-                    [
-                        f"score exposure ({label})",
-                        f"{sum(run.accepted)} of {e.victims} accepted, median "
-                        + ("-" if median is None else f"{median:.0f}")
-                        + f" queries (cap {e.budget})",
-                        "",
-                        _pct(e.faces.type1_success) if label == "scores" else "",
-                        _pct(e.faces.transfer_type1_success) if label == "scores" else "",
-                    ]
-                )
+        rows = [row for sc in r.scenarios.runs() for row in _scenario_rows(sc)]
         _table(
             pdf,
             ["scenario", "setting", "estimate matches raw", "faces Type I (system)", "faces Type I (transfer)"],
             rows,
             [20, 30, 15, 15, 15],
         )
-        _paragraph(pdf, sc.protocol)
+        for sc in r.scenarios.runs():
+            _paragraph(pdf, f"{sc.templates}: {sc.protocol}")
     if r.attacks:
         _heading(pdf, "Irreversibility: Type I / Type II at FMR 0.1%")
         rows = []

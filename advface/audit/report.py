@@ -287,16 +287,22 @@ _JUDGED_HEADER = ["estimate matches raw", "faces Type I @FMR 0.1%", "faces Type 
 
 
 def _scenarios_html(sc: ScenariosResult) -> str:
+    """The scenarios on the protected templates, then on those under the keyed transform."""
+    parts = ["<h2 id='scenarios'>Scenarios</h2>", _scenario_run_html(sc)]
+    if sc.keyed is not None:
+        parts.append("<h2 id='scenarios-keyed'>Scenarios under the keyed transform</h2>")
+        parts.append(_scenario_run_html(sc.keyed))
+    return "".join(parts)
+
+
+def _scenario_run_html(sc: ScenariosResult) -> str:
     """One section per scenario: full disclosure, known pairs (the curve over k), score exposure."""
-    parts = [
-        "<h2 id='scenarios'>Scenarios</h2>",
-        f"<p class='note'>On the {html.escape(sc.templates)} templates. {html.escape(sc.protocol)}.</p>",
-    ]
+    parts = [f"<p class='note'>On the {html.escape(sc.templates)} templates. {html.escape(sc.protocol)}.</p>"]
     full = sc.full_disclosure
     if full is not None:
         parts.append(
             "<h3>Full disclosure: the attacker holds every key</h3>"
-            f"<p>{html.escape(full.holds)}. Best of the audit's attackers on the protected templates: "
+            f"<p>{html.escape(full.holds)}. Best of the audit's attackers: "
             f"{html.escape(full.direct_attacker or 'none ran')} (Type I {_fmt(full.direct_type1_success, True)}); "
             f"inverse map learned from {full.pairs} pairs made with the key, decoded by "
             f"{html.escape(full.inverse.decoder or 'no decoder')}:</p>"
@@ -306,7 +312,7 @@ def _scenarios_html(sc: ScenariosResult) -> str:
         )
     if sc.known_pairs:
         parts.append(
-            "<h3>Known pairs: an insider with k leaked (raw, protected) pairs</h3>"
+            f"<h3>Known pairs: an insider with k leaked (raw, {html.escape(sc.templates)}) pairs</h3>"
             + _table(
                 ["k", *_JUDGED_HEADER, "relative error"],
                 [[str(p.k), *_judged_cells(p.judged), _fmt(p.relative_error)] for p in sc.known_pairs],
@@ -414,6 +420,12 @@ def render_html(result: AuditResult, figures: dict[str, str]) -> str:
             "embeddings: "
             + ", ".join(f"FMR {html.escape(k)}: <code>{v:.4f}</code>" for k, v in r.thresholds.items())
             + "</p>"
+        )
+    if r.protection is not None:
+        centre = r.protection.protector.centre
+        parts.append(
+            f"<p>Protection under audit: <b>{html.escape(r.protection_label)}</b> "
+            f"({html.escape(r.protection.protector.source)})" + (f"; {html.escape(centre)}" if centre else "") + ".</p>"
         )
     if r.transfer is not None:
         parts.append(

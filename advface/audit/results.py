@@ -10,7 +10,8 @@ Format of ``report.json`` (:data:`FORMAT_VERSION`): 1 = the earlier format, with
 (added keys only); 4 = format 3 plus ``config.manifest_hashes`` (and ``manifest.json`` beside the report), the field's
 utility metrics (``utility``), D_sys's bins and score range, BTPBench renewability and the ``verdict`` (added keys
 only); 5 = format 4 plus ``scenarios`` (full disclosure, known pairs, score exposure) and their settings under
-``config`` (added keys only).
+``config`` (added keys only); 6 = format 5 plus ``scenarios["protected+key"]`` (the scenarios on the templates under
+the keyed transform), ``protection.centre`` and ``config.scheme_centre`` (added keys only).
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import numpy as np
 
 #: Version of the ``report.json`` format (1: the format before the field existed; 2: format 1 + ``format_version``;
 #: 3: format 2 + the transfer judge's keys; 4: format 3 + manifest setting, utility, D_sys bins, verdict;
-#: 5: format 4 + ``scenarios`` and the scenario settings in ``config``).
-FORMAT_VERSION = 5
+#: 5: format 4 + ``scenarios`` and the scenario settings in ``config``; 6: format 5 + the scenarios on
+#: ``protected+key`` and a reference scheme's centring).
+FORMAT_VERSION = 6
 #: The kinds of template each attacker and the verification are run on: raw embeddings, AdvFace output
 #: ("protected") and AdvFace output through the keyed transform ("protected+key").
 TEMPLATE_KINDS = ("raw", "protected", "protected+key")
@@ -32,6 +34,16 @@ TEMPLATE_KINDS = ("raw", "protected", "protected+key")
 HEADLINE_FMR = "1e-3"
 
 JsonDict = dict[str, Any]
+#: How the report names each protection method (another scheme: its name).
+PROTECTION_LABELS = {
+    "advface": "AdvFace",
+    "advface-id": "identity-aware AdvFace",
+    "none": "unprotected",
+    "biohash": "BioHashing",
+    "mlphash": "MLP-hash",
+    "polyprotect": "PolyProtect-style",
+    "command": "the --protect-cmd scheme",
+}
 
 
 @dataclass
@@ -122,15 +134,19 @@ class ProtectorSummary:
     shadows: list[str] | None = None
     #: The identity-aware protector's jitter setting, None where the protector has none.
     jitter: bool | None = None
+    #: A reference scheme's centring, in words (format 6); None for other protections.
+    centre: str | None = None
 
     def to_json(self) -> JsonDict:
-        """``method`` (``rel_l2``, ``steps``, ``shadows`` for a protector), ``source`` (``jitter``)."""
+        """``method`` (``rel_l2``, ``steps``, ``shadows`` for a protector), ``source`` (``jitter``, ``centre``)."""
         out: JsonDict = {"method": self.method}
         if self.shadows is not None:
             out.update(rel_l2=self.rel_l2, steps=self.steps, shadows=self.shadows)
         out["source"] = self.source
         if self.jitter is not None:
             out["jitter"] = self.jitter
+        if self.centre is not None:
+            out["centre"] = self.centre
         return out
 
 
@@ -979,16 +995,22 @@ class ScoreExposureResult:
 
 @dataclass
 class ScenariosResult:
-    """The ``scenarios`` section (format 5): the field's attack scenarios on the ``protected`` templates."""
+    """The ``scenarios`` section (format 5): the field's attack scenarios on the ``protected`` templates, and (format
+    6, ``keyed``) the same on the ``protected+key`` templates, written under the key ``"protected+key"``."""
 
     templates: str
     protocol: str
     full_disclosure: FullDisclosureResult | None = None
     known_pairs: list[KnownPairsPoint] = field(default_factory=list)
     score_exposure: ScoreExposureResult | None = None
+    keyed: ScenariosResult | None = None
+
+    def runs(self) -> list[ScenariosResult]:
+        """This run and the keyed one (where measured), in that order."""
+        return [self] + ([self.keyed] if self.keyed is not None else [])
 
     def to_json(self) -> JsonDict:
-        """The three scenarios (those measured), the templates attacked and the protocol."""
+        """The three scenarios (those measured), the templates attacked and the protocol; the keyed run's own."""
         out: JsonDict = {"templates": self.templates, "protocol": self.protocol}
         if self.full_disclosure is not None:
             out["full_disclosure"] = self.full_disclosure.to_json()
@@ -996,6 +1018,8 @@ class ScenariosResult:
             out["known_pairs"] = [p.to_json() for p in self.known_pairs]
         if self.score_exposure is not None:
             out["score_exposure"] = self.score_exposure.to_json()
+        if self.keyed is not None:
+            out[self.keyed.templates] = self.keyed.to_json()
         return out
 
 
@@ -1025,11 +1049,33 @@ class AuditResult:
     layers: LayersResult | None = None
     #: The verdict per attacker of the threat model (format 4).
     verdict: VerdictResult | None = None
-    #: Full disclosure, known pairs and score exposure (format 5).
+    #: Full disclosure, known pairs and score exposure (format 5; on protected+key too, format 6).
     scenarios: ScenariosResult | None = None
     #: When the report was written (UTC), and the run's duration in seconds.
     date: str | None = None
     seconds: float | None = None
+
+    @property
+    def protection_label(self) -> str:
+        """How the report names the protection under audit: AdvFace for advface's own, else the scheme's name."""
+        c = self.config
+        method = (
+            self.protection.method
+            if self.protection is not None
+            else str(c.get("scheme") or ("command" if c.get("protect_cmd") else c.get("protection", "advface")))
+        )
+        label = PROTECTION_LABELS.get(method, method)
+        centre = self.protection.protector.centre if self.protection is not None else None
+        return f"{label} (centred)" if centre is not None and centre.startswith("centred") else label
+
+    @property
+    def protection_is_advface(self) -> bool:
+        """Whether the protection under audit is advface's own (AdvFace or identity-aware AdvFace)."""
+        if self.protection is not None:
+            return self.protection.method in ("advface", "advface-id")
+        c = self.config
+        other = c.get("scheme") or c.get("protect_cmd")
+        return c.get("protection", "advface") in ("advface", "advface-id") and not other
 
     def add_missing(self, stage: str, reason: str) -> None:
         """Record a stage that did not run or ran incompletely."""

@@ -15,6 +15,12 @@ Sources of a scheme:
 - a shell command (:func:`command_scheme`): ``{in}`` / ``{out}`` are embeddings files (:mod:`advface.embeddings_file`),
   ``{key}`` (optional) a file holding the key as hex.
 
+Centring (:attr:`ProtectionScheme.centre`): the reference schemes can hash ``z - mean`` instead of ``z``, with a
+*public* mean (the audit's: the raw templates of the defender group, disjoint from the audited and attacker people;
+not a secret, so the attacker is assumed to know it). Embeddings such as dlib's are far from zero-mean, so without it
+most signs are shared by everyone; :data:`CENTRE_DEFAULT` is the audit's default (benchmarks/RESULTS.md, "Protection
+schemes compared").
+
 Keys: the audit derives one key per protection seed (:func:`scheme_key`), so the unlinkability databases A and B and
 the re-issued templates are protected under different keys; every template of one database shares its key (the
 stolen-token setting, BTPBench's full disclosure of keys to the attacker).
@@ -28,7 +34,7 @@ import shlex
 import subprocess
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +46,11 @@ from advface.errors import AdvfaceError, ConfigError
 ENTRY_POINT_GROUP = "advface.audit_schemes"
 #: Seconds a ``--protect-cmd`` command may run per call.
 COMMAND_TIMEOUT_S = 600.0
+#: Whether the audit centres the reference schemes' input on the public defender-group mean when the run does not
+#: say (``advface audit --centre`` / ``--no-centre``): on, chosen by measurement (benchmarks/scheme_centring.py,
+#: benchmarks/RESULTS.md "Protection schemes compared": centring lowers BioHashing's and MLP-hash's FNMR at FMR 0.1%
+#: and leaves PolyProtect-style's within its interval).
+CENTRE_DEFAULT = True
 
 SchemeFn = Callable[[np.ndarray, bytes], np.ndarray]
 
@@ -53,16 +64,34 @@ class ProtectionScheme:
     transforms_probes: bool = True
     #: What identifies the scheme's code or command (the adaptive attacker's cache key).
     identity: str = ""
+    #: A public mean (D values) subtracted from every template before ``protect`` (None: templates as they come).
+    centre: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def apply(self, templates: np.ndarray, key: bytes) -> np.ndarray:
-        """``protect`` checked: float32, one finite row per input row."""
+        """``protect`` checked: float32, one finite row per input row (centred first when ``centre`` is set)."""
         z = np.asarray(templates, np.float32)
+        if self.centre is not None:
+            if z.ndim != 2 or z.shape[1] != self.centre.shape[0]:
+                raise ConfigError(
+                    f"scheme {self.name}: templates of shape {z.shape} for a centre of {self.centre.shape[0]} values"
+                )
+            z = z - self.centre
         out = np.asarray(self.protect(z, key), np.float32)
         if out.ndim != 2 or out.shape[0] != z.shape[0]:
             raise ConfigError(f"scheme {self.name}: {z.shape[0]} templates in, output of shape {out.shape}")
         if not np.isfinite(out).all():
             raise ConfigError(f"scheme {self.name}: non-finite values in its output")
         return out
+
+
+def centred(scheme: ProtectionScheme, mean: np.ndarray) -> ProtectionScheme:
+    """``scheme`` applied to ``templates - mean`` (``mean`` public: one finite value per template dimension); its
+    identity names the mean, so an attacker cached for the uncentred scheme is not reused."""
+    centre = np.asarray(mean, np.float32)
+    if centre.ndim != 1 or not len(centre) or not np.isfinite(centre).all():
+        raise ConfigError(f"scheme {scheme.name}: the centre must be a finite vector, got shape {centre.shape}")
+    digest = hashlib.sha256(centre.tobytes()).hexdigest()[:16]
+    return replace(scheme, centre=centre, identity=f"{scheme.identity}|centre={digest}")
 
 
 def scheme_key(seed: int, length: int = 32) -> bytes:

@@ -29,6 +29,8 @@ HELP = "audit templates against reconstruction attacks; HTML + JSON report (irre
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``advface audit``."""
+    from advface.audit.schemes import CENTRE_DEFAULT
+
     parser.add_argument("--data", required=True, help="face dataset: identity folders (or an LFW root)")
     parser.add_argument("--out", required=True, help="folder for report.html and report.json")
     parser.add_argument(
@@ -92,6 +94,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="with --scheme / --protect-cmd: the scheme's templates are compared with raw probes (default: probes "
         "go through the scheme with the enrolment's key)",
+    )
+    parser.add_argument(
+        "--centre",
+        action=argparse.BooleanOptionalAction,
+        help="with a reference --scheme (biohash, mlphash, polyprotect): hash templates minus the public mean of the "
+        "defender group's raw templates (--centre) or as they come (--no-centre); default: "
+        + ("--centre" if CENTRE_DEFAULT else "--no-centre"),
     )
     parser.add_argument("--rel-l2", type=float, help="AdvFace budget ||delta|| / ||z|| (default: the library's, 0.1)")
     parser.add_argument("--steps", type=int, help="AdvFace steps (default: the library default, as the sidecar)")
@@ -246,6 +255,7 @@ def config_from_args(args: argparse.Namespace) -> AuditConfig:
         scheme=args.scheme,
         protect_cmd=args.protect_cmd,
         raw_probes=args.raw_probes or None,
+        scheme_centre=args.centre,
         scenarios=False if args.no_scenarios else None,
         pdf=args.pdf or None,
         scenario_pool=args.scenario_pool,

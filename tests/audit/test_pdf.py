@@ -58,6 +58,7 @@ def test_pdf_opens_with_the_verdict(tmp_path: Path) -> None:
         "pool of 10",
         FullDisclosureResult("every key", 10, judged, "adaptive", 0.3, None),
         [KnownPairsPoint(1, JudgedTemplates(0.0), 1.0), KnownPairsPoint(4, judged, 0.5)],
+        keyed=ScenariosResult("protected+key", "pool of 10, keyed", known_pairs=[KnownPairsPoint(64, judged, 0.1)]),
     )
     result.verdict = build_verdict(result, 0.05, store_audited=False)
     path = write_pdf(result, tmp_path / "report.pdf")
@@ -66,6 +67,9 @@ def test_pdf_opens_with_the_verdict(tmp_path: Path) -> None:
     text = _page_text(data)
     assert text.index("Verdict") < text.index("Scenarios") < text.index("Irreversibility")
     assert "NOT MET" in text and "full disclosure" in text and "k = 4" in text
+    # the scenarios under the keyed transform follow those on the protected templates (PDF strings escape "(")
+    protected, keyed = r"known pairs \(protected\)", r"known pairs \(protected+key\)"
+    assert text.index(protected) < text.index(keyed) and "k = 64" in text
 
 
 def test_pdf_flag_needs_fpdf2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,7 +1,8 @@
 """``report.json`` keeps its format across the typed results (advface.audit.results): the quick audit's report has
 the keys, key order and value types that the audit wrote before its results were typed (format 1, recorded from a
 quick run of that code on the same dataset), plus ``format_version`` first (2), the transfer judge's keys (3) and the
-field's metrics and verdict (4) and the scenarios (5): added keys only, every format-1 key keeps its place."""
+field's metrics and verdict (4), the scenarios (5) and the scenarios under the keyed transform (6): added keys only,
+every format-1 key keeps its place."""
 
 from __future__ import annotations
 
@@ -285,6 +286,14 @@ QUICK_REPORT_FORMAT_5 = {
 }
 
 
+# Format 6: format 5 plus the scenarios on the templates under the keyed transform, ``scenarios["protected+key"]``
+# (and, for a reference scheme only, ``protection.centre`` and ``config.scheme_centre``: not in this AdvFace run).
+QUICK_REPORT_FORMAT_6 = {
+    **QUICK_REPORT_FORMAT_5,
+    "scenarios": {**SCENARIOS, "protected+key": SCENARIOS},
+}
+
+
 def _only_adds_keys(new: Any, old: Any, path: str = "report") -> None:
     """Every key of the shape ``old`` is in ``new``, in the same order, with a shape that only adds keys."""
     if not isinstance(old, dict):
@@ -311,6 +320,11 @@ def test_format_5_only_adds_keys_to_format_4() -> None:
     assert "scenarios" in QUICK_REPORT_FORMAT_5 and "scenarios" not in QUICK_REPORT_FORMAT_4
 
 
+def test_format_6_only_adds_keys_to_format_5() -> None:
+    _only_adds_keys(QUICK_REPORT_FORMAT_6, QUICK_REPORT_FORMAT_5)
+    assert QUICK_REPORT_FORMAT_6["scenarios"] == {**SCENARIOS, "protected+key": SCENARIOS}
+
+
 def assert_shape(value: Any, expected: Any, path: str = "report") -> None:
     """``value`` (parsed JSON) has the shape ``expected`` (see the module's conventions)."""
     if isinstance(expected, dict):
@@ -331,16 +345,16 @@ def assert_shape(value: Any, expected: Any, path: str = "report") -> None:
 
 
 @pytest.mark.slow
-def test_quick_report_has_the_format_5_keys_and_a_format_version(quick_report: Path, models_dir: Path) -> None:
+def test_quick_report_has_the_format_6_keys_and_a_format_version(quick_report: Path, models_dir: Path) -> None:
     report = json.loads((quick_report / "report.json").read_text())
-    assert next(iter(report)) == "format_version" and report["format_version"] == FORMAT_VERSION == 5
-    format_5 = {k: v for k, v in report.items() if k != "format_version"}
-    assert_shape(format_5, QUICK_REPORT_FORMAT_5)
-    scenarios = report["scenarios"]
-    for point in scenarios["known_pairs"]:
-        assert_shape(point, KNOWN_PAIR, "report.scenarios.known_pairs[]")
-    for search in ("with_scores", "decisions_only"):
-        assert list(scenarios["score_exposure"][search]) == SEARCH
+    assert next(iter(report)) == "format_version" and report["format_version"] == FORMAT_VERSION == 6
+    format_6 = {k: v for k, v in report.items() if k != "format_version"}
+    assert_shape(format_6, QUICK_REPORT_FORMAT_6)
+    for scenarios in (report["scenarios"], report["scenarios"]["protected+key"]):
+        for point in scenarios["known_pairs"]:
+            assert_shape(point, KNOWN_PAIR, "report.scenarios.known_pairs[]")
+        for search in ("with_scores", "decisions_only"):
+            assert list(scenarios["score_exposure"][search]) == SEARCH
     from advface.audit.api_surface import api_exposure
 
     assert report["layers"][4]["api"] == api_exposure()
@@ -352,7 +366,7 @@ def test_a_report_without_measurements_has_its_format_version() -> None:
     result.add_missing("inputs", "no dataset")
     result.date, result.seconds = "2024-01-01 00:00 UTC", 0.1
     assert result.to_json() == {
-        "format_version": 5,
+        "format_version": 6,
         "config": {"data": "x"},
         "missing": [{"stage": "inputs", "reason": "no dataset"}],
         "date": "2024-01-01 00:00 UTC",

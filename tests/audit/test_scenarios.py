@@ -121,7 +121,7 @@ def test_scenario_settings_are_checked(setting: dict, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_quick_report_has_the_scenarios(quick_report: Path) -> None:
     report = json.loads((quick_report / "report.json").read_text())
-    assert report["format_version"] == 5
+    assert report["format_version"] == 6
     sc = report["scenarios"]
     assert sc["templates"] == "protected"
     ks = [p["k"] for p in sc["known_pairs"]]
@@ -135,5 +135,19 @@ def test_quick_report_has_the_scenarios(quick_report: Path) -> None:
     for run in ("with_scores", "decisions_only"):
         assert len(exposure[run]["queries"]) == 4
         assert all(1 <= q <= 500 for q in exposure[run]["queries"])
+    # the same on the templates under the keyed transform: the attacker of full disclosure holds that key too
+    keyed = sc["protected+key"]
+    assert keyed["templates"] == "protected+key" and "keyed transform" in keyed["full_disclosure"]["holds"]
+    assert [p["k"] for p in keyed["known_pairs"]] == ks
+    direct = keyed["full_disclosure"]["direct"]
+    best_on_either = max(
+        a["type1_success"][kind] for a in report["attacks"].values() for kind in ("protected", "protected+key")
+    )
+    assert direct["type1_success"] == best_on_either
+    assert direct["best_attacker"].endswith((" on protected", " on protected+key"))
+    threshold = report["verification"]["protected+key"]["threshold_at_far_1e-3"]
+    assert keyed["score_exposure"]["threshold"] == threshold
+    assert keyed["score_exposure"]["victims"] == 4 and "keyed transform" in keyed["score_exposure"]["method"]
     page = (quick_report / "report.html").read_text()
     assert "Known pairs" in page and "Score exposure" in page and "Full disclosure: the attacker" in page
+    assert page.index("id='scenarios'") < page.index("id='scenarios-keyed'")

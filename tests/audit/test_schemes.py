@@ -15,9 +15,12 @@ import pytest
 from advface.audit.config import AuditConfig
 from advface.audit.schemes import (
     BIOHASH,
+    CENTRE_DEFAULT,
     MLPHASH,
     POLYPROTECT,
+    SCHEMES,
     biohash,
+    centred,
     command_scheme,
     load_scheme,
     mlphash,
@@ -105,6 +108,73 @@ def test_schemes_by_name_and_module() -> None:
     assert scheme_key(1) != scheme_key(2) and len(scheme_key(0)) == 32
 
 
+def _offset_people(people: int, photos: int, seed: int, dim: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Templates far from zero-mean, like dlib's: a shared offset (the same for every seed) much longer than the
+    spread between people (drawn from ``seed``), and a small spread between one person's photos."""
+    offset = 3.0 * np.random.default_rng(99).normal(size=dim)
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(people, dim))
+    z = offset + np.repeat(centres, photos, axis=0) + 0.3 * rng.normal(size=(people * photos, dim))
+    return z.astype(np.float32), np.repeat(np.arange(people), photos)
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMES))
+def test_centring_on_a_public_mean_separates_people_the_raw_scheme_merges(name: str) -> None:
+    """Off-centre templates share most bits (or values) under every reference scheme; hashed minus the mean of other
+    people's templates (public: the defender group), impostors move apart while genuine pairs stay close."""
+    z, ids = _offset_people(40, 2, seed=1)
+    public, _ = _offset_people(30, 1, seed=2)  # other people: the defender group
+    scheme = SCHEMES[name]
+    centred_scheme = centred(scheme, public.mean(axis=0))
+    assert np.allclose(centred_scheme.apply(z, b"k"), scheme.apply(z - public.mean(axis=0), b"k"), atol=1e-6)
+    assert centred_scheme.identity != scheme.identity and centred_scheme.name == scheme.name
+
+    def decidability(p: np.ndarray) -> float:
+        """d' of impostor vs genuine distances between templates scaled to unit norm."""
+        u = p / np.linalg.norm(p, axis=1, keepdims=True)
+        d = np.linalg.norm(u[:, None] - u[None], axis=2)
+        same = ids[:, None] == ids[None]
+        impostor, genuine = d[~same], d[same & ~np.eye(len(ids), dtype=bool)]
+        return float((impostor.mean() - genuine.mean()) / np.sqrt((impostor.var() + genuine.var()) / 2))
+
+    assert decidability(centred_scheme.apply(z, b"k")) > 1.2 * decidability(scheme.apply(z, b"k"))
+
+
+def test_centring_is_checked() -> None:
+    z = np.zeros((3, 8), np.float32)
+    with pytest.raises(ConfigError, match="finite vector"):
+        centred(BIOHASH, np.full(8, np.nan))
+    with pytest.raises(ConfigError, match="finite vector"):
+        centred(BIOHASH, np.zeros((2, 8)))
+    with pytest.raises(ConfigError, match="centre of 4 values"):
+        centred(BIOHASH, np.zeros(4)).apply(z, b"k")
+    assert isinstance(CENTRE_DEFAULT, bool)
+
+
+def test_the_audit_centres_a_reference_scheme_on_the_defender_mean(tmp_path: Path) -> None:
+    from advface.audit.stages.protection import scheme_protector
+
+    z, _ = _offset_people(10, 2, seed=3)
+    defender, _ = _offset_people(5, 1, seed=4)
+
+    def config(centre: bool | None) -> AuditConfig:
+        return AuditConfig(data=tmp_path, out=tmp_path / "o", scheme="biohash", scheme_centre=centre)
+
+    on = scheme_protector(config(True), defender)
+    off = scheme_protector(config(False), defender)
+    default = scheme_protector(config(None), defender)
+    key = scheme_key(0)
+    assert np.array_equal(on.protect(z, 0, lambda n: None), biohash(z - defender.mean(axis=0), key))
+    assert np.array_equal(off.protect(z, 0, lambda n: None), biohash(z, key))
+    assert on.cache_key != off.cache_key  # the adaptive insider trained on one is not reused for the other
+    assert on.summary.centre is not None and on.summary.centre.startswith("centred: the mean of 5 raw templates")
+    assert off.summary.centre is not None and off.summary.centre.startswith("not centred")
+    assert default.cache_key == (on if CENTRE_DEFAULT else off).cache_key
+    assert on.protect_probes is not None and np.array_equal(on.protect_probes(z), on.protect(z, 0, lambda n: None))
+    with pytest.raises(ConfigError, match="defender"):
+        scheme_protector(config(True), defender[:0])
+
+
 def test_command_scheme_runs_the_command(tmp_path: Path) -> None:
     command, calls = _script(tmp_path)
     scheme = command_scheme(command)
@@ -120,15 +190,19 @@ def test_command_scheme_runs_the_command(tmp_path: Path) -> None:
 
 
 def test_scheme_flags_are_checked(tmp_path: Path) -> None:
-    base = {"data": tmp_path, "out": tmp_path / "o"}
+    data, out = tmp_path, tmp_path / "o"
     with pytest.raises(ConfigError, match="not with"):
-        AuditConfig(**base, scheme="biohash", protection="advface").check()
+        AuditConfig(data, out, scheme="biohash", protection="advface").check()
     with pytest.raises(ConfigError, match="either"):
-        AuditConfig(**base, scheme="biohash", protect_cmd="x {in} {out}").check()
+        AuditConfig(data, out, scheme="biohash", protect_cmd="x {in} {out}").check()
     with pytest.raises(ConfigError, match="needs"):
-        AuditConfig(**base, protect_cmd="x {in}").check()
+        AuditConfig(data, out, protect_cmd="x {in}").check()
     with pytest.raises(ConfigError, match="raw-probes"):
-        AuditConfig(**base, raw_probes=True).check()
+        AuditConfig(data, out, raw_probes=True).check()
+    for scheme, command in ((None, "x {in} {out}"), ("advface.audit.schemes:biohash", None), (None, None)):
+        with pytest.raises(ConfigError, match="reference schemes"):
+            AuditConfig(tmp_path, tmp_path / "o", scheme=scheme, protect_cmd=command, scheme_centre=False).check()
+    AuditConfig(tmp_path, tmp_path / "o", scheme="mlphash", scheme_centre=False).check()
 
 
 @pytest.mark.slow
@@ -196,11 +270,16 @@ def test_a_scheme_that_changes_the_dimension_is_audited_by_the_attackers_that_fi
     assert main([*args, "--link-keys", "2", "--no-images", "--quiet"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["protection"]["method"] == "polyprotect"
+    # centred by default on the defender group's mean (public), and named so by the report and the verdict
+    assert report["protection"]["centre"].startswith("centred: the mean of") == CENTRE_DEFAULT
+    label = "PolyProtect-style (centred)" if CENTRE_DEFAULT else "PolyProtect-style"
+    assert f"Protection under audit: <b>{label}</b>" in (out / "report.html").read_text()
+    assert all("AdvFace" not in row["holds"] + row["recovers"] for row in report["verdict"])
     assert set(report["attacks"]["deconv"]["type1_success"]) == {"raw"}
     assert set(report["attacks"]["adaptive"]["type1_success"]) == {"protected", "protected+key"}
     assert not [m for m in report["missing"] if m["stage"] != "data"]
     insider = report["verdict"][2]
-    assert insider["attacker"] == "insider"
+    assert insider["attacker"] == "insider" and insider["holds"].startswith(f"{label} templates")
     assert insider["best_attacker"] == "adaptive" or insider["best_attacker"].startswith("known pairs")
     # the scenarios take the scheme's 42 values: the inverse map goes back to 128
     scenarios = report["scenarios"]

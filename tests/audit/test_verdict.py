@@ -12,17 +12,24 @@ import pytest
 from advface.audit.results import (
     AuditResult,
     DecoderAttackResult,
+    JudgedTemplates,
+    KnownPairsPoint,
+    ProtectionResult,
+    ProtectorSummary,
     ReconstructionResult,
+    ScenariosResult,
     SuccessAtFmr,
 )
+from advface.audit.stages.layers import summarise_layers
 from advface.audit.stages.verdict import build_verdict
 
 
-def _attack(kind: str, protected: float) -> DecoderAttackResult:
-    def rec(rate: float) -> ReconstructionResult:
-        at = {label: SuccessAtFmr(rate, None, 0.5, 20.0, 0.6, 10) for label in ("1e-3", "1e-2")}
-        return ReconstructionResult(10, 0, 10, 0.5, 20.0, 0.5, at)
+def rec(rate: float) -> ReconstructionResult:
+    at = {label: SuccessAtFmr(rate, None, 0.5, 20.0, 0.6, 10) for label in ("1e-3", "1e-2")}
+    return ReconstructionResult(10, 0, 10, 0.5, 20.0, 0.5, at)
 
+
+def _attack(kind: str, protected: float) -> DecoderAttackResult:
     return DecoderAttackResult(
         kind=kind,
         by_templates={"raw": rec(0.9), "protected": rec(protected), "protected+key": rec(0.0)},
@@ -45,6 +52,81 @@ def test_verdict_marks_each_attacker_against_the_target() -> None:
     assert rows["full disclosure"].type1_system == 0.3 and rows["full disclosure"].met is False
     assert "transfer judge not run" in rows["full disclosure"].recovers
     assert build_verdict(result, 0.5, store_audited=False).rows[4].met is True
+
+
+def _audited(method: str, centre: str | None = None) -> AuditResult:
+    result = AuditResult(config={"encoder": "dlib"})
+    result.attacks = {
+        "deconv": _attack("decoder", 0.02),
+        "adaptive": _attack("adaptive", 0.3),
+        "gan-prior": _attack("gan-prior", 0.01),
+    }
+    summary = ProtectorSummary(method, "audit flags" if method == "advface" else "--scheme", centre=centre)
+    result.protection = ProtectionResult(summary, "ephemeral random key", None, "protected here", False)
+    result.layers = summarise_layers(result, None)
+    return result
+
+
+def _words(result: AuditResult) -> str:
+    rows = build_verdict(result, 0.05, store_audited=False).rows
+    layers = [f"{x.attacker} {x.holds} {x.layer} {x.note or ''}" for x in result.layers.layers] if result.layers else []
+    return " | ".join([f"{r.holds} {r.recovers} {r.target}" for r in rows] + layers)
+
+
+@pytest.mark.parametrize(
+    ("method", "centre", "label"),
+    [
+        ("biohash", "centred: the mean of 9 raw templates", "BioHashing (centred)"),
+        ("mlphash", "not centred: templates hashed as they come", "MLP-hash"),
+        ("polyprotect", None, "PolyProtect-style"),
+        ("command", None, "the --protect-cmd scheme"),
+        ("mypkg.scheme:SCHEME", None, "mypkg.scheme:SCHEME"),
+    ],
+)
+def test_the_verdict_of_another_scheme_speaks_of_that_scheme(method: str, centre: str | None, label: str) -> None:
+    """No row (nor layer) speaks of AdvFace, its shadows, the sidecar or advface's API when the scheme is another."""
+    result = _audited(method, centre)
+    words = _words(result)
+    for advface_only in ("AdvFace", "shadow", "sidecar", "RPC", "no advface"):
+        assert advface_only not in words, advface_only
+    rows = {row.attacker: row for row in build_verdict(result, 0.05, store_audited=False).rows}
+    assert rows["insider"].holds.startswith(f"{label} templates and (own face, stored template) pairs")
+    assert rows["full disclosure"].holds.endswith(f"the {label} templates")
+    assert "not audited" in rows["API client"].recovers and rows["API client"].met is True
+
+
+def test_the_verdict_of_advface_names_advface_its_sidecar_and_api() -> None:
+    result = _audited("advface")
+    rows = {row.attacker: row for row in build_verdict(result, 0.05, store_audited=False).rows}
+    assert rows["insider"].holds.startswith("AdvFace templates")
+    assert "sidecar's memory" in rows["full disclosure"].holds
+    assert "RPCs returning stored templates: none" in rows["API client"].recovers
+    assert "no RPC returns a stored template" in rows["API client"].target
+
+
+def test_the_keyed_scenarios_count_in_the_verdict() -> None:
+    """Leaked (raw, stored) pairs under the keyed transform recover more than the adaptive insider: the insider's row
+    takes them, names them and fails the target; full disclosure and score exposure absent there leave rows as they
+    were."""
+    result = _audited("advface")
+    before = {row.attacker: row for row in build_verdict(result, 0.05, store_audited=False).rows}
+    plain = [KnownPairsPoint(4, JudgedTemplates(0.1, "deconv", rec(0.04)), 0.5)]
+    keyed = [
+        KnownPairsPoint(k, JudgedTemplates(m, "deconv", rec(r)), 0.1) for k, m, r in ((4, 0.0, 0.0), (256, 0.9, 0.6))
+    ]
+    result.scenarios = ScenariosResult(
+        "protected", "p", known_pairs=plain, keyed=ScenariosResult("protected+key", "p", known_pairs=keyed)
+    )
+    rows = {row.attacker: row for row in build_verdict(result, 0.05, store_audited=False).rows}
+    insider = rows["insider"]
+    assert insider.type1_system == 0.6 and insider.met is False
+    assert insider.best_attacker == "known pairs (k = 256) under the keyed transform"
+    assert "with up to 256 leaked pairs under the keyed transform: estimates match the raw template for 90.0%" in (
+        insider.recovers
+    )
+    assert "with up to 4 leaked pairs: estimates match" in insider.recovers  # the plain run is still reported
+    assert rows["full disclosure"].recovers == before["full disclosure"].recovers
+    assert rows["API client"].recovers == before["API client"].recovers
 
 
 @pytest.mark.slow

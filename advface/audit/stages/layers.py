@@ -41,7 +41,8 @@ def _transform_key_layer(result: AuditResult, store: Any) -> LayerResult:
     if store is not None and not store_transform:
         best = best_attack(result, "protected")
         note = (
-            "the store has no keyed transform: the thief holds the stored AdvFace templates (protected); "
+            f"the store has no keyed transform: the thief holds the stored {result.protection_label} templates "
+            "(protected); "
             "protected+key shows what the keyed transform would add"
         )
     else:
@@ -54,7 +55,7 @@ def _transform_key_layer(result: AuditResult, store: Any) -> LayerResult:
     return LayerResult(
         "thief with the database (and the encryption key), without the transform key",
         "stored templates",
-        "keyed per-tenant transform, then AdvFace",
+        f"keyed per-tenant transform, then {result.protection_label}",
         best=best,
         note=note,
     )
@@ -70,27 +71,31 @@ def _insider_layer(result: AuditResult) -> LayerResult:
     )
     return LayerResult(
         "insider who can enrol faces and read back stored templates",
-        "AdvFace templates + its own enrolments",
-        "AdvFace",
+        f"{result.protection_label} templates + its own enrolments",
+        result.protection_label,
         best=best,
         note=note,
     )
 
 
-def api_only_layer(search: BestAttack) -> LayerResult:
+def api_only_layer(search: BestAttack, scheme: str | None = None) -> LayerResult:
     """The client with API access only: which RPCs return vectors (:mod:`advface.audit.api_surface`), and the
-    GAN-prior search on the protected templates (``search``) as the bound of a score-oracle search."""
+    GAN-prior search on the protected templates (``search``) as the bound of a score-oracle search. ``scheme``: the
+    name of another scheme under audit, whose serving API advface's surface does not describe (not audited)."""
     from advface.audit.api_surface import api_exposure
 
     api = api_exposure()
     leaks = api["stored_vectors"]
-    note = (
-        "stored templates returned by the API: "
-        + (", ".join(leaks) if leaks else "none")
-        + f" (vectors only in {', '.join(api['caller_input_vectors']) or 'no RPC'}, computed from the caller's "
-        f"own input); scores returned by {', '.join(api['score_rpcs'])}: a client searching a face whose "
-        "score rises needs one query per step; "
-    )
+    if scheme is not None:
+        note = f"how the {scheme} deployment answers its clients is not audited here; "
+    else:
+        note = (
+            "stored templates returned by the API: "
+            + (", ".join(leaks) if leaks else "none")
+            + f" (vectors only in {', '.join(api['caller_input_vectors']) or 'no RPC'}, computed from the caller's "
+            f"own input); scores returned by {', '.join(api['score_rpcs'])}: a client searching a face whose "
+            "score rises needs one query per step; "
+        )
     if search.type1_success:
         note += (
             "the GAN-prior search with the protected template in hand (gradients, no query limit) bounds "
@@ -101,7 +106,7 @@ def api_only_layer(search: BestAttack) -> LayerResult:
     return LayerResult(
         "client with API access only",
         "match scores of its own probes",
-        "the API returns no stored template",
+        "the API returns no stored template" if scheme is None else f"the {scheme} deployment's API (not audited)",
         api=api,
         best=search,
         note=note,
@@ -111,18 +116,24 @@ def api_only_layer(search: BestAttack) -> LayerResult:
 def summarise_layers(result: AuditResult, store: Any) -> LayersResult:
     """The layers of the threat model from the audit's results so far; ``store``: the audited store's
     :class:`advface.audit.store.StoreInfo` (None without a store)."""
+    label, advface = result.protection_label, result.protection_is_advface
     return LayersResult(
         [
             _thief_layer(result, store),
             _transform_key_layer(result, store),
             LayerResult(
-                "thief with every key, or the sidecar's process memory",
-                "AdvFace templates",
-                "AdvFace",
+                "thief with every key" + (", or the sidecar's process memory" if advface else ""),
+                f"{label} templates",
+                label,
                 best=best_attack(result, "protected"),
             ),
             _insider_layer(result),
-            api_only_layer(best_attack(result, "protected", "gan-prior")),
-            LayerResult("no advface (baseline)", "raw embeddings", "none", best=best_attack(result, "raw")),
+            api_only_layer(best_attack(result, "protected", "gan-prior"), None if advface else label),
+            LayerResult(
+                "no advface (baseline)" if advface else "no protection (baseline)",
+                "raw embeddings",
+                "none",
+                best=best_attack(result, "raw"),
+            ),
         ]
     )

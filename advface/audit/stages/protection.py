@@ -107,12 +107,14 @@ def choose_protection(config: AuditConfig, store: Any) -> tuple[Any, str]:
     return ProtectionSpec(method, shadows, protect_config, encoder=c.encoder), source
 
 
-def scheme_protector(config: AuditConfig) -> AuditProtector:
+def scheme_protector(config: AuditConfig, public: np.ndarray | None = None) -> AuditProtector:
     """The scheme of ``--scheme`` / ``--protect-cmd`` (:mod:`advface.audit.schemes`) as an :class:`AuditProtector`:
     the key of each protection seed from :func:`advface.audit.schemes.scheme_key`; probes through the scheme with the
-    enrolment's key unless the scheme leaves them raw."""
-    from advface.audit.schemes import command_scheme, load_scheme, scheme_key
+    enrolment's key unless the scheme leaves them raw. A reference scheme is centred (``scheme_centre``, default
+    :data:`advface.audit.schemes.CENTRE_DEFAULT`) on the mean of ``public``, raw templates of the defender group."""
+    from advface.audit.schemes import CENTRE_DEFAULT, SCHEMES, centred, command_scheme, load_scheme, scheme_key
 
+    centre_note = None
     if config.protect_cmd is not None:
         scheme = command_scheme(config.protect_cmd, transforms_probes=not config.raw_probes)
         source = "--protect-cmd"
@@ -122,6 +124,21 @@ def scheme_protector(config: AuditConfig) -> AuditProtector:
         source = f"--scheme {config.scheme}"
         if config.raw_probes:
             scheme = replace(scheme, transforms_probes=False)
+        centre = config.scheme_centre if config.scheme_centre is not None else CENTRE_DEFAULT
+        if config.scheme in SCHEMES and centre:
+            if public is None or not len(public):
+                raise ConfigError(
+                    f"--scheme {config.scheme} is centred on the defender group's mean, but the dataset has no "
+                    "defender-group photo (use more identities, or --no-centre)"
+                )
+            mean = np.asarray(public, np.float64).mean(axis=0)
+            scheme = centred(scheme, mean)
+            centre_note = (
+                f"centred: the mean of {len(public)} raw templates of the defender group subtracted first "
+                f"(public, not a secret; norm {np.linalg.norm(mean):.3f})"
+            )
+        elif config.scheme in SCHEMES:
+            centre_note = "not centred: templates hashed as they come"
 
     def protect(z: np.ndarray, seed: int, progress: Callable[[int], None]) -> np.ndarray:
         out = scheme.apply(z, scheme_key(seed))
@@ -129,18 +146,20 @@ def scheme_protector(config: AuditConfig) -> AuditProtector:
         return out
 
     probes = (lambda z: scheme.apply(z, scheme_key(config.seed))) if scheme.transforms_probes else None
-    summary = ProtectorSummary(scheme.name, source)
+    summary = ProtectorSummary(scheme.name, source, centre=centre_note)
     return AuditProtector(protect, f"scheme|{scheme.identity}|{config.seed}", summary, probes)
 
 
-def make_protector(config: AuditConfig, encoder: FaceEncoder, store: Any) -> AuditProtector:
+def make_protector(
+    config: AuditConfig, encoder: FaceEncoder, store: Any, public: np.ndarray | None = None
+) -> AuditProtector:
     """The protection of :func:`choose_protection` as an :class:`AuditProtector` (the identity for none), or the
-    scheme of ``--scheme`` / ``--protect-cmd``."""
+    scheme of ``--scheme`` / ``--protect-cmd`` (a reference scheme centred on the mean of ``public``)."""
     from advface.hashing import file_sha256
     from advface.protect import load_protector
 
     if config.scheme is not None or config.protect_cmd is not None:
-        return scheme_protector(config)
+        return scheme_protector(config, public)
     spec, source = choose_protection(config, store)
     if spec is None:
         return AuditProtector(
@@ -231,7 +250,8 @@ def _audit_keys(config: AuditConfig, inputs: AuditInputs, protected: np.ndarray)
 def setup_protection(config: AuditConfig, inputs: AuditInputs) -> ProtectionSetup:
     """Protect the audited templates (or take the database's) and set up the keyed transforms."""
     c = config
-    protector = make_protector(c, inputs.encoder, inputs.store)
+    defender = inputs.pairs.of_identities(set(inputs.split.defender)).without_flips().embeddings
+    protector = make_protector(c, inputs.encoder, inputs.store, defender)
     raw = inputs.raw
     store_transform = inputs.store is not None and inputs.store.transforms is not None
     if store_transform:

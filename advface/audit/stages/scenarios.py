@@ -1,4 +1,5 @@
-"""Scenarios stage: the field's attack scenarios on the ``protected`` templates (``scenarios`` of report.json).
+"""Scenarios stage: the field's attack scenarios on the ``protected`` templates (``scenarios`` of report.json), and
+the same on the ``protected+key`` templates, those under the keyed transform (``scenarios["protected+key"]``).
 
 - **full disclosure** (BTPBench's default for irreversibility): the attacker holds every key and the scheme's
   parameters. They run the audit's attackers on the protected templates (the best of them is taken from the
@@ -11,6 +12,11 @@
   enrolled template, with scores and with decisions only (:mod:`advface.audit.attacks.score_search`); probes go
   through the scheme as the system's do (a probe the scheme refuses, e.g. one whose values overflow, is rejected).
 
+On ``protected+key`` the attacker of full disclosure also holds the transform key (they make their pairs through
+it, and the direct route is the best attacker on either kind, since the key undoes the transform); the insider's
+leaked pairs are (raw, stored) pairs, i.e. through the transform; score exposure queries the system as it runs with
+the transform: probes through the scheme (where it transforms probes) and the key.
+
 Estimated raw templates are judged twice, as the audit does: whether they match the victim's raw template at the
 system's clean FMR 0.1% threshold, and the faces the best decoder draws from them by the system encoder and the
 transfer judge (Type I / II at FMR 0.1%).
@@ -19,6 +25,7 @@ transfer judge (Type I / II at FMR 0.1%).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -40,10 +47,14 @@ from advface.audit.stages.attackers import Reconstruct, decoder_settings, judge_
 from advface.audit.stages.inputs import AuditInputs
 from advface.audit.stages.protection import ProtectionSetup
 from advface.audit.transfer import TransferJudge
-from advface.errors import ConfigError
+from advface.errors import ConfigError, EmbeddingError
 
-#: The templates every scenario attacks.
+#: The templates the scenarios attack first (``scenarios``), and those under the keyed transform
+#: (``scenarios["protected+key"]``).
 SCENARIO_TEMPLATES = "protected"
+KEYED_TEMPLATES = "protected+key"
+#: What a probe the system cannot take raises (a scheme's overflow, a vector the keyed transform refuses).
+_REFUSED = (ConfigError, EmbeddingError)
 
 
 def best_raw_decoder(result: AuditResult) -> str | None:
@@ -92,15 +103,35 @@ def _pool(config: AuditConfig, inputs: AuditInputs) -> np.ndarray:
     return np.asarray(own[order], np.float32)
 
 
-def _direct(result: AuditResult) -> tuple[str | None, float | None, float | None]:
-    """The audit's best attacker on the protected templates: name, Type I, Type II at FMR 0.1%."""
+def _direct(result: AuditResult, kinds: tuple[str, ...]) -> tuple[str | None, float | None, float | None]:
+    """The audit's best attacker on the templates of ``kinds``: name (with the kind when there are several), Type I,
+    Type II at FMR 0.1%."""
     rates = {
-        n: a.by_templates[SCENARIO_TEMPLATES] for n, a in result.attacks.items() if SCENARIO_TEMPLATES in a.by_templates
+        (n if len(kinds) == 1 else f"{n} on {kind}"): a.by_templates[kind]
+        for n, a in result.attacks.items()
+        for kind in kinds
+        if kind in a.by_templates
     }
     if not rates:
         return None, None, None
     name = max(rates, key=lambda n: rates[n].type1_success)
     return name, rates[name].type1_success, rates[name].type2_success
+
+
+@dataclass
+class _Target:
+    """The templates one run of the scenarios attacks, and how the system compares probes with them."""
+
+    #: ``protected`` or ``protected+key``.
+    templates: str
+    victims: np.ndarray
+    #: The pool's templates as the victims' are made (scheme and, for ``protected+key``, the keyed transform).
+    pool: np.ndarray
+    #: What the system does to a probe before comparing it (None: compares it as it comes).
+    probe_fn: Callable[[np.ndarray], np.ndarray] | None
+    #: Kinds of the audit's attacks the full-disclosure attacker can run.
+    direct_kinds: tuple[str, ...]
+    holds: str
 
 
 def _probe_score(
@@ -109,14 +140,14 @@ def _probe_score(
     """One probe's score through the scheme; -inf where the scheme refuses it."""
     try:
         return float(score_matrix(probe_fn(probe[None]), enrolled, metric)[0, 0])
-    except ConfigError:
+    except _REFUSED:
         return -np.inf
 
 
 def _score_exposure(
     config: AuditConfig,
     inputs: AuditInputs,
-    protection: ProtectionSetup,
+    target: _Target,
     pool: np.ndarray,
     threshold: float,
     judge: _Judge,
@@ -124,18 +155,18 @@ def _score_exposure(
     """Each of the first ``score_victims`` audited templates rebuilt from scores and from decisions only."""
     c = config
     metric = inputs.encoder.metric
-    probe_fn = protection.protector.protect_probes
+    probe_fn = target.probe_fn
     sel = np.arange(min(c.score_victims, len(inputs.rows)))
     scores_runs, decision_runs, rebuilt = [], [], []
     for i in sel:
-        enrolled = protection.protected[i : i + 1]
+        enrolled = target.victims[i : i + 1]
 
         def oracle(probes: np.ndarray, enrolled: np.ndarray = enrolled) -> np.ndarray:
             if probe_fn is None:
                 return score_matrix(probes, enrolled, metric)[:, 0]
             try:
                 return score_matrix(probe_fn(probes), enrolled, metric)[:, 0]
-            except ConfigError:  # a probe the scheme cannot take (e.g. an overflow): rejected, scored -inf
+            except _REFUSED:  # a probe the system cannot take (e.g. a scheme's overflow): rejected, scored -inf
                 return np.array([_probe_score(probe_fn, p, enrolled, metric) for p in probes])
 
         with_scores = search_with_scores(oracle, pool, metric, threshold, c.score_budget, seed=c.seed + int(i))
@@ -155,11 +186,90 @@ def _score_exposure(
         decisions_only=SearchSummary([r.queries for r in decision_runs], [r.accepted for r in decision_runs]),
         faces=judge(np.stack(rebuilt), sel),
         method="probes are templates of the attacker group's faces (and mixtures of them), compared with one "
-        "enrolled protected template as the system compares (through the scheme where it transforms probes); "
+        f"enrolled {target.templates} template as the system compares (through the scheme where it transforms "
+        "probes" + (", and the keyed transform" if target.templates == KEYED_TEMPLATES else "") + "); "
         "with scores: least-squares regression of the metric's score model on D + 1 probes' scores, again on "
         "2 (D + 1), then hill climbing in batches of 8 random steps (one-fifth rule); decisions only: the pool's "
         "templates and mixtures until one is accepted; accepted: score >= the system's FMR 0.1% threshold for "
         "these templates; the faces: the best decoder on each rebuilt (accepted or best) probe",
+    )
+
+
+def _targets(config: AuditConfig, protection: ProtectionSetup, pool_raw: np.ndarray) -> list[_Target]:
+    """The two runs: the protected templates, and the same through the keyed transform (``key_a``)."""
+    pool_protected = protection.protect(pool_raw, config.seed, "scenario pool (the victims' key)")
+    scheme_probes = protection.protector.protect_probes
+    key = protection.key_a
+
+    def keyed_probes(probes: np.ndarray) -> np.ndarray:
+        return key.apply(scheme_probes(probes) if scheme_probes is not None else probes)
+
+    return [
+        _Target(
+            SCENARIO_TEMPLATES,
+            protection.protected,
+            pool_protected,
+            scheme_probes,
+            (SCENARIO_TEMPLATES,),
+            "every key and the scheme's parameters: protects templates of its own under the victims' key",
+        ),
+        _Target(
+            KEYED_TEMPLATES,
+            protection.keyed,
+            key.apply(pool_protected),
+            keyed_probes,
+            (SCENARIO_TEMPLATES, KEYED_TEMPLATES),
+            "every key, the keyed transform's included, and the scheme's parameters: makes templates of its own "
+            "under the victims' keys, through the transform, and undoes the transform of the stored ones",
+        ),
+    ]
+
+
+def _run_on(
+    config: AuditConfig,
+    inputs: AuditInputs,
+    result: AuditResult,
+    target: _Target,
+    pool_raw: np.ndarray,
+    judge: _Judge,
+) -> ScenariosResult:
+    """Full disclosure, known pairs and score exposure on the templates of ``target``."""
+    c = config
+    every = np.arange(len(inputs.rows))
+    clean = inputs.thresholds[HEADLINE_FMR]
+    points = known_pairs_curve(
+        pool_raw, target.pool, target.victims, inputs.raw, c.known_pairs_k, inputs.encoder.metric, clean, c.seed
+    )
+    known = [KnownPairsPoint(p.k, judge(p.estimated, every), p.relative_error) for p in points]
+    inverse = fit_inverse_map(target.pool, pool_raw, None)
+    name, direct1, direct2 = _direct(result, target.direct_kinds)
+    full = FullDisclosureResult(
+        holds=target.holds,
+        pairs=len(pool_raw),
+        inverse=judge(inverse(target.victims), every),
+        direct_attacker=name,
+        direct_type1_success=direct1,
+        direct_type2_success=direct2,
+    )
+    verification = result.verification
+    threshold = (
+        verification.by_templates[target.templates].threshold_at_far_1e_3
+        if verification is not None and target.templates in verification.by_templates
+        else clean
+    )
+    exposure = _score_exposure(c, inputs, target, pool_raw, threshold, judge)
+    keyed = target.templates == KEYED_TEMPLATES
+    return ScenariosResult(
+        templates=target.templates,
+        protocol=f"pool: {len(pool_raw)} photos of the attacker group (no mirrored copies), protected under the "
+        "victims' key" + (" and through the keyed transform" if keyed else "") + "; the inverse map: ridge "
+        f"regression {target.templates} -> raw (penalty by 5-fold cross-validation); faces by the best "
+        f"raw-template decoder ({judge.decoder or 'none ran'}) judged as the attackers' (system encoder and "
+        "transfer judge, Type I/II at FMR 0.1%); template match: the estimate vs the victim's raw template at the "
+        "clean FMR 0.1% threshold",
+        full_disclosure=full,
+        known_pairs=known,
+        score_exposure=exposure,
     )
 
 
@@ -170,47 +280,15 @@ def run_scenarios(
     result: AuditResult,
     transfer: TransferJudge | None = None,
 ) -> ScenariosResult:
-    """Full disclosure, known pairs and score exposure on the protected templates; needs the attackers stage's
-    results (the best raw decoder and the direct attacks) and, for the acceptance threshold, the verification's."""
+    """Full disclosure, known pairs and score exposure on the protected templates, and (``keyed``) on the same
+    through the keyed transform; needs the attackers stage's results (the best raw decoder and the direct attacks)
+    and, for the acceptance thresholds, the verification's."""
     c = config
     pool_raw = _pool(c, inputs)
     if not len(pool_raw):
         raise ValueError("scenarios need photos of the attacker group")
-    pool_protected = protection.protect(pool_raw, c.seed, "scenario pool (the victims' key)")
     decoder = best_raw_decoder(result)
     judge = _Judge(inputs, decoder, _load_decoder(decoder, c, inputs) if decoder else None, transfer)
-    victims_protected, victims_raw = protection.protected, protection.raw
-    every = np.arange(len(inputs.rows))
-    clean = inputs.thresholds[HEADLINE_FMR]
-    points = known_pairs_curve(
-        pool_raw, pool_protected, victims_protected, victims_raw, c.known_pairs_k, inputs.encoder.metric, clean, c.seed
-    )
-    known = [KnownPairsPoint(p.k, judge(p.estimated, every), p.relative_error) for p in points]
-    inverse = fit_inverse_map(pool_protected, pool_raw, None)
-    name, direct1, direct2 = _direct(result)
-    full = FullDisclosureResult(
-        holds="every key and the scheme's parameters: protects templates of its own under the victims' key",
-        pairs=len(pool_raw),
-        inverse=judge(inverse(victims_protected), every),
-        direct_attacker=name,
-        direct_type1_success=direct1,
-        direct_type2_success=direct2,
-    )
-    verification = result.verification
-    threshold = (
-        verification.by_templates[SCENARIO_TEMPLATES].threshold_at_far_1e_3
-        if verification is not None and SCENARIO_TEMPLATES in verification.by_templates
-        else clean
-    )
-    exposure = _score_exposure(c, inputs, protection, pool_raw, threshold, judge)
-    return ScenariosResult(
-        templates=SCENARIO_TEMPLATES,
-        protocol=f"pool: {len(pool_raw)} photos of the attacker group (no mirrored copies), protected under the "
-        "victims' key; the inverse map: ridge regression protected -> raw (penalty by 5-fold cross-validation); "
-        f"faces by the best raw-template decoder ({decoder or 'none ran'}) judged as the attackers' (system "
-        "encoder and transfer judge, Type I/II at FMR 0.1%); template match: the estimate vs the victim's raw "
-        "template at the clean FMR 0.1% threshold",
-        full_disclosure=full,
-        known_pairs=known,
-        score_exposure=exposure,
-    )
+    plain, keyed = (_run_on(c, inputs, result, t, pool_raw, judge) for t in _targets(c, protection, pool_raw))
+    plain.keyed = keyed
+    return plain

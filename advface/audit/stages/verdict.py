@@ -2,11 +2,20 @@
 full disclosure) with what they hold, what the audit saw them recover (by the system encoder and the transfer judge)
 and whether the run's targets are met; ``met`` is None where the run did not measure that attacker. The scenarios
 (``scenarios``) add to three rows: known pairs to the insider, score exposure to the API client, the inverse map
-learned with the key to full disclosure; each is held to the same Type I target."""
+learned with the key to full disclosure, each on the protected templates and (where measured) on the templates under
+the keyed transform; each is held to the same Type I target. The rows name the protection under audit
+(``AuditResult.protection_label``): AdvFace, the sidecar and its API only when the protection is advface's own."""
 
 from __future__ import annotations
 
-from advface.audit.results import HEADLINE_FMR, AuditResult, JudgedTemplates, VerdictResult, VerdictRow
+from advface.audit.results import (
+    HEADLINE_FMR,
+    AuditResult,
+    JudgedTemplates,
+    ScenariosResult,
+    VerdictResult,
+    VerdictRow,
+)
 
 #: The attackers of the verdict, in order.
 THIEF_WITHOUT_KEYS = "thief without keys"
@@ -86,7 +95,12 @@ def _api_row(result: AuditResult, target: float) -> VerdictRow:
     holds = "match scores of its own probes (no stored template)"
     row = _reconstruction_row(result, API_CLIENT, holds, "protected", target, kind="gan-prior")
     layer = next((x for x in result.layers.layers if x.api is not None), None) if result.layers else None
-    if layer is not None:
+    if not result.protection_is_advface:
+        # advface's API surface says nothing of how another scheme is served
+        row.recovers = f"API of the {result.protection_label} deployment not audited; score-search bound: " + (
+            row.recovers
+        )
+    elif layer is not None:
         leaks = layer.api_stored_vector_rpcs
         row.recovers = f"RPCs returning stored templates: {', '.join(leaks) or 'none'}; score-search bound: " + (
             row.recovers
@@ -94,6 +108,16 @@ def _api_row(result: AuditResult, target: float) -> VerdictRow:
         row.target = "no RPC returns a stored template; " + row.target
         row.met = bool(not leaks and row.met) if row.met is not None else (False if leaks else None)
     return row
+
+
+def _runs(result: AuditResult) -> list[ScenariosResult]:
+    """The scenarios' runs: on the protected templates, then on those under the keyed transform."""
+    return result.scenarios.runs() if result.scenarios is not None else []
+
+
+def _on(sc: ScenariosResult) -> str:
+    """Words naming a run of the scenarios other than the first (on the protected templates)."""
+    return " under the keyed transform" if sc.templates == "protected+key" else ""
 
 
 def _pct(rate: float | None) -> str:
@@ -119,58 +143,65 @@ def _insider_row(result: AuditResult, target: float) -> VerdictRow:
     row = _reconstruction_row(
         result,
         INSIDER,
-        "AdvFace templates and (own face, protected template) pairs of its own enrolments",
+        f"{result.protection_label} templates and (own face, stored template) pairs of its own enrolments",
         "protected",
         target,
         kind="adaptive",
     )
-    points = result.scenarios.known_pairs if result.scenarios is not None else []
-    if points:
+    for sc in _runs(result):
+        points = sc.known_pairs
+        if not points:
+            continue
         worst = max(points, key=lambda p: (p.judged.type1_success or 0.0, p.judged.template_match_rate))
         words = (
-            f"with up to {points[-1].k} leaked pairs: estimates match the raw template for "
+            f"with up to {points[-1].k} leaked pairs{_on(sc)}: estimates match the raw template for "
             f"{_pct(points[-1].judged.template_match_rate)}, faces accepted {_pct(worst.judged.type1_success)} "
             f"at k = {worst.k}"
         )
-        _add_scenario(row, words, worst.judged, target, f"known pairs (k = {worst.k})")
+        _add_scenario(row, words, worst.judged, target, f"known pairs (k = {worst.k}){_on(sc)}")
     return row
 
 
 def _full_disclosure_row(result: AuditResult, target: float) -> VerdictRow:
     """The attacker with every key: the audit's attackers on the protected templates, and the inverse map learned
     with the key (``scenarios.full_disclosure``)."""
+    memory = " (or the sidecar's memory)" if result.protection_is_advface else ""
     row = _reconstruction_row(
         result,
         FULL_DISCLOSURE,
-        "every key and the protection's parameters (or the sidecar's memory): the protected templates",
+        f"every key and the protection's parameters{memory}: the {result.protection_label} templates",
         "protected",
         target,
     )
-    full = result.scenarios.full_disclosure if result.scenarios is not None else None
-    if full is not None:
+    for sc in _runs(result):
+        full = sc.full_disclosure
+        if full is None:
+            continue
         inverse = full.inverse
         words = (
-            f"inverse map learned from {full.pairs} pairs made with the key: estimates match the raw template for "
-            f"{_pct(inverse.template_match_rate)}, faces accepted {_pct(inverse.type1_success)}"
+            f"inverse map learned from {full.pairs} pairs made with the key{_on(sc)}: estimates match the raw "
+            f"template for {_pct(inverse.template_match_rate)}, faces accepted {_pct(inverse.type1_success)}"
         )
-        _add_scenario(row, words, inverse, target, "inverse map (key held)")
+        _add_scenario(row, words, inverse, target, f"inverse map (key held){_on(sc)}")
     return row
 
 
 def _add_score_exposure(row: VerdictRow, result: AuditResult, target: float) -> None:
     """Fold ``scenarios.score_exposure`` into the API client's row."""
-    exposure = result.scenarios.score_exposure if result.scenarios is not None else None
-    if exposure is None:
-        return
-    scores, decisions = exposure.with_scores, exposure.decisions_only
-    median = scores.median_queries
-    words = (
-        f"an accepted template rebuilt from scores for {sum(scores.accepted)} of {exposure.victims} victims "
-        + (f"(median {median:.0f} queries" if median is not None else "(none")
-        + f", cap {exposure.budget}), from decisions only for {sum(decisions.accepted)} of {exposure.victims}; "
-        f"faces from them accepted {_pct(exposure.faces.type1_success)}"
-    )
-    _add_scenario(row, words, exposure.faces, target, "score exposure")
+    for sc in _runs(result):
+        exposure = sc.score_exposure
+        if exposure is None:
+            continue
+        scores, decisions = exposure.with_scores, exposure.decisions_only
+        median = scores.median_queries
+        words = (
+            (f"{_on(sc).strip()}: " if _on(sc) else "")
+            + f"an accepted template rebuilt from scores for {sum(scores.accepted)} of {exposure.victims} victims "
+            + (f"(median {median:.0f} queries" if median is not None else "(none")
+            + f", cap {exposure.budget}), from decisions only for {sum(decisions.accepted)} of {exposure.victims}; "
+            f"faces from them accepted {_pct(exposure.faces.type1_success)}"
+        )
+        _add_scenario(row, words, exposure.faces, target, f"score exposure{_on(sc)}")
 
 
 def build_verdict(result: AuditResult, target_type1: float, store_audited: bool) -> VerdictResult:
