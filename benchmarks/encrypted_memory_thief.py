@@ -23,9 +23,14 @@ garbage and waits; the parent reads every readable and writable mapping of the c
 A template or probe counts as *recovered* when at least half of its 128 coordinates are found exactly (or, for
 ``plaintexts``, half of its coordinate columns' encodings); ``full`` counts those with every coordinate found.
 
-What it does not cover: the rest of the sidecar (gRPC buffers, the protector's tensors, image decoding), which
-hold the raw and protected vectors of recent requests as well (docs/encrypted-matching.md says which of those
-cannot be wiped from Python).
+With ``--service`` a third case runs the sidecar's template service instead of the bare store: a
+:class:`~advface.service.TemplateService` (dlib-torch encoder, AdvFace protection on with its defaults) over the same
+store, enrolling raw embeddings (numpy arrays, zeroed by the caller after each call, as a careful library caller
+does) and verifying probes; the thief then looks for the raw embeddings, the protected templates (computed again in
+this process by the same deterministic protector) and the probes. That case covers the service layer with its
+protector; what it does not cover is the gRPC transport (protobuf messages and wire buffers, made by grpcio outside
+our code, holding each request's raw embedding: docs/encrypted-matching.md says why they cannot be wiped from
+Python).
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ DIM = 128
 SEED = 7
 
 _CHILD = r"""
-import gc, sys, time
+import asyncio, gc, sys, time
 import numpy as np
 from advface.encrypted.keys import generate_keys, new_binding_key
 from advface.encrypted.keyservice import VerifyDecision
@@ -58,25 +63,45 @@ class NoMatch:
         return VerifyDecision(False)
 
 n, zero, folder, dim, probes = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3], int(sys.argv[5]), int(sys.argv[6])
+service_config = sys.argv[7] if len(sys.argv) > 7 else ""
 rng = np.random.default_rng(int(sys.argv[4]))
 store = EncryptedSQLiteStore(folder + "/templates-encrypted.sqlite3", generate_keys().public, new_binding_key(),
                              dim, "euclidean", integrity_key=b"k" * 32, keyservice=NoMatch(), auto_erase=False)
+if service_config:
+    from advface.config import load_config
+    from advface.service import TemplateService
+    svc = TemplateService(load_config(service_config, env={}), store=store)
+    add = lambda i, x: asyncio.run(svc.enroll("t", f"subject-{i}", x[0], {}))
+    verify = lambda i, x: asyncio.run(svc.verify("t", f"subject-{i % n}", x[0]))
+else:
+    add = lambda i, x: store.add("t", f"subject-{i}", x)
+    verify = lambda i, x: store.verify_encrypted("t", f"subject-{i % n}", x)
 for i in range(n):
     x = (rng.standard_normal((1, dim)) * 0.05).astype(np.float32)
-    store.add("t", f"subject-{i}", x)
+    add(i, x)
     if zero:
         x.fill(0)
     del x
 for i in range(probes):
     x = (rng.standard_normal((1, dim)) * 0.05).astype(np.float32)
-    store.verify_encrypted("t", f"subject-{i % n}", x)
+    verify(i, x)
     if zero:
         x.fill(0)
     del x
-store.close()
+if service_config:
+    svc.close()
+else:
+    store.close()
 gc.collect()
 print("ready", flush=True)
 time.sleep(3600)
+"""
+
+_SERVICE_CONFIG = """
+encoder: {name: dlib-torch}
+server: {workers: 1}
+store: {data_dir: DATA, use_gpu: false}
+keys: {auto: false}
 """
 
 
@@ -162,8 +187,28 @@ def probe_coefficients(p: np.ndarray) -> np.ndarray:
     return np.round(2.0 * p.astype(np.float64) * scale) / scale
 
 
-def run_case(n: int, probes: int, caller_zeroes: bool, folder: Path) -> dict[str, Any]:
+def service_config(folder: Path) -> Path:
+    """The service case's configuration file (AdvFace protection on with its defaults)."""
+    path = folder / "advface.yaml"
+    path.write_text(_SERVICE_CONFIG.replace("DATA", str(folder / "data")))
+    return path
+
+
+def protected_templates(raw: np.ndarray, config_path: Path) -> np.ndarray:
+    """What the service stores for ``raw``: the same protector, rebuilt here (AdvFace is deterministic per row)."""
+    from advface.config import load_config
+    from advface.encoders import create_encoder
+    from advface.service.protection import build_protector
+
+    config = load_config(config_path, env={})
+    protector = build_protector(config.protection, create_encoder(config.encoder.name))
+    assert protector is not None
+    return np.ascontiguousarray(protector.protect(raw), dtype=np.float32)
+
+
+def run_case(n: int, probes: int, caller_zeroes: bool, folder: Path, service: bool = False) -> dict[str, Any]:
     folder.mkdir(parents=True, exist_ok=True)
+    config = service_config(folder) if service else None
     command = [
         sys.executable,
         "-c",
@@ -174,6 +219,7 @@ def run_case(n: int, probes: int, caller_zeroes: bool, folder: Path) -> dict[str
         str(SEED),
         str(DIM),
         str(probes),
+        *([str(config)] if config else []),
     ]
     child = subprocess.Popen(command, stdout=subprocess.PIPE, cwd=Path(__file__).resolve().parent.parent)
     try:
@@ -184,10 +230,13 @@ def run_case(n: int, probes: int, caller_zeroes: bool, folder: Path) -> dict[str
     finally:
         child.kill()
         child.wait()
-    database = b"".join(p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file())
-    t, p = templates(n, probes)
+    database = b"".join(p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix != ".yaml")
+    raw, p = templates(n, probes)
+    t = protected_templates(raw, config) if config else raw
     words = plaintext_words(t)
+    extra = {"memory_raw_recovered": recovered(memory, raw)} if config else {}
     return {
+        "case": "template service (AdvFace on)" if config else "store",
         "caller_zeroes": caller_zeroes,
         "templates": n,
         "probes": probes,
@@ -198,6 +247,7 @@ def run_case(n: int, probes: int, caller_zeroes: bool, folder: Path) -> dict[str
         "database_mb": round(len(database) / 1e6, 1),
         "database_recovered": recovered(database, t),
         "database_plaintexts_recovered": plaintexts_recovered(database, words),
+        **extra,
     }
 
 
@@ -207,12 +257,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--templates", type=int, default=200)
     parser.add_argument("--probes", type=int, default=0, help="probes verified after the enrolment (default 0)")
+    parser.add_argument("--service", action="store_true", help="add the template-service case (module docs)")
+    parser.add_argument("--only-service", action="store_true", help="run the template-service case alone")
     parser.add_argument("--out", help="results file (default benchmarks/results/encrypted_memory_thief.json)")
     args = parser.parse_args(argv)
+    runs = [] if args.only_service else [(False, False), (True, False)]
+    if args.service or args.only_service:
+        runs.append((True, True))
     cases = []
     with tempfile.TemporaryDirectory() as tmp:
-        for zero in (False, True):
-            case = run_case(args.templates, args.probes, zero, Path(tmp) / f"zero-{int(zero)}")
+        for zero, service in runs:
+            folder = Path(tmp) / f"zero-{int(zero)}-service-{int(service)}"
+            case = run_case(args.templates, args.probes, zero, folder, service)
             print(case, flush=True)
             cases.append(case)
     payload = {

@@ -181,8 +181,10 @@ def _ascend_lane(
     for _ in range(config.steps):
         delta.requires_grad_(True)
         with torch.enable_grad():
-            loss = (shadow(z_t + delta) - target).abs().sum()  # rows are independent: per-sample L1, summed
+            moved = z_t + delta
+            loss = (shadow(moved) - target).abs().sum()  # rows are independent: per-sample L1, summed
             (grad,) = torch.autograd.grad(loss, delta)  # w.r.t. delta only: no gradient to the shadow's weights
+        moved.detach().zero_()  # a copy of the templates: zeroed, not just freed (temporaries: protect_embeddings)
         with torch.no_grad():
             delta = project_t(delta.detach() + alpha * grad.sign(), radius_t, config.linf)
     return delta.detach().cpu().double().numpy()
@@ -208,7 +210,11 @@ def _protect_lane(
     if images is not None:
         assert hw is not None
         target = _targets_lane(images, padded, hw, device, dtype)
-    return _ascend_lane(x[padded], delta[padded - start], radius[padded], shadow, config, target, device, dtype)
+    lane = x[padded]
+    try:
+        return _ascend_lane(lane, delta[padded - start], radius[padded], shadow, config, target, device, dtype)
+    finally:
+        lane.fill(0)  # the lane's copy of the templates (temporaries: protect_embeddings)
 
 
 def protect_embeddings(
@@ -225,7 +231,9 @@ def protect_embeddings(
     ``target_images`` (optional, one per template: ``N x H x W x 3`` uint8 or ``N x 3 x H x W`` float in [0, 1])
     replaces ``x~ = S(z)`` by the enrolment photos, resized to the shadow's output size. ``progress`` is called
     with the number of templates done after each chunk of ``config.batch_size``. Returns float32 ``z + delta`` of
-    ``z``'s shape; each row depends only on that row and ``config`` (see the module's notes).
+    ``z``'s shape; each row depends only on that row and ``config`` (see the module's notes). Temporary copies of
+    the templates (the float32 copy of ``z``, each lane's rows, each step's shadow input) are zeroed once used, not
+    just freed, so a memory dump taken after the call does not find them (docs/encrypted-matching.md).
 
     Raises EmbeddingError for NaN/Inf, zero rows or a dimension other than ``shadow.dim``, ImageError for unusable
     target images, ConfigError for an unusable configuration -- all before any shadow computation.
@@ -278,9 +286,13 @@ def protect_embeddings(
                 )
                 for rows, d in zip(lane_rows, run_lanes(one_lane, lane_rows, run_device), strict=True):
                     delta[rows - start] = d[: len(rows)]
-            out[start:stop] = finalize(x[start:stop], delta, radius[start:stop], config.linf)
+            done = finalize(x[start:stop], delta, radius[start:stop], config.linf)
+            out[start:stop] = done
+            done.fill(0)
             if progress is not None:
                 progress(stop - start)
+    if not np.shares_memory(x, raw):
+        x.fill(0)  # our float32 copy of z
     return out.reshape(raw.shape) if raw.ndim == 1 else out
 
 

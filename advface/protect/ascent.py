@@ -145,34 +145,52 @@ def finalize(z: np.ndarray, delta: np.ndarray, radius: np.ndarray, linf: float |
 
     Rounding ``z + delta`` to float32 moves each coordinate by up to half an ulp of ``z``, which can push a
     template on the ball's boundary just outside it (relative excess ~ 1e-7 / rel_l2); such rows are pulled back
-    inside by a margin of a few rounding errors, and coordinates past the box step one ulp towards ``z``.
+    inside by a margin of a few rounding errors, and coordinates past the box step one ulp towards ``z``. The
+    float64 copies of ``z`` and of the result are kept in buffers of this function and zeroed before it returns
+    (memory hygiene: docs/encrypted-matching.md).
     """
     z64 = z.astype(np.float64)
-    delta = project_np(delta.astype(np.float64), radius, linf)
-    out = (z64 + delta).astype(np.float32)
-    rounding = 0.5 * np.linalg.norm(np.spacing(np.abs(z) + np.abs(out)).astype(np.float64), axis=1)
-    for attempt in range(12):
-        actual = out.astype(np.float64) - z64
+    out64 = np.empty_like(z64)  # the float64 view of ``out`` for each check, one buffer reused
+
+    def deviation() -> np.ndarray:
+        np.copyto(out64, out)
+        return out64 - z64
+
+    try:
+        delta = project_np(delta.astype(np.float64), radius, linf)
+        np.add(z64, delta, out=out64)
+        out = out64.astype(np.float32)
+        magnitude = np.abs(z)
+        magnitude += np.abs(out)
+        rounding = 0.5 * np.linalg.norm(np.spacing(magnitude).astype(np.float64), axis=1)
+        magnitude.fill(0)
+        for attempt in range(12):
+            actual = deviation()
+            if linf is not None:
+                bad_box = np.abs(actual) > linf
+                if bad_box.any():
+                    stepped = np.where(bad_box, np.nextafter(out, z), out)
+                    out.fill(0)
+                    out = stepped
+                    actual = deviation()
+            norms = np.linalg.norm(actual, axis=1)
+            over = norms > radius
+            if not over.any() and (linf is None or not (np.abs(actual) > linf).any()):
+                return out
+            if over.any():
+                target = np.maximum(radius[over] - (2.0**attempt) * 2.0 * rounding[over], 0.0)
+                shrink = target / norms[over]
+                out[over] = (z64[over] + actual[over] * shrink[:, None]).astype(np.float32)
+        # Only reachable when the budget is below float32 resolution; never return a template outside its bound.
+        actual = deviation()
+        bad = np.linalg.norm(actual, axis=1) > radius
         if linf is not None:
-            bad_box = np.abs(actual) > linf
-            if bad_box.any():
-                out = np.where(bad_box, np.nextafter(out, z), out)
-                actual = out.astype(np.float64) - z64
-        norms = np.linalg.norm(actual, axis=1)
-        over = norms > radius
-        if not over.any() and (linf is None or not (np.abs(actual) > linf).any()):
-            return out
-        if over.any():
-            target = np.maximum(radius[over] - (2.0**attempt) * 2.0 * rounding[over], 0.0)
-            shrink = target / norms[over]
-            out[over] = (z64[over] + actual[over] * shrink[:, None]).astype(np.float32)
-    # Only reachable when the budget is below float32 resolution; never return a template outside its bound.
-    actual = out.astype(np.float64) - z64
-    bad = np.linalg.norm(actual, axis=1) > radius
-    if linf is not None:
-        bad |= (np.abs(actual) > linf).any(axis=1)
-    out[bad] = z[bad]
-    return out
+            bad |= (np.abs(actual) > linf).any(axis=1)
+        out[bad] = z[bad]
+        return out
+    finally:
+        z64.fill(0)
+        out64.fill(0)
 
 
 def lane_tensors(

@@ -143,9 +143,13 @@ def _protect_lane(
 ) -> np.ndarray:
     """Delta of the lane of ``rows`` (of the chunk starting at ``start``), padded to ``config.lanes`` rows."""
     padded = np.concatenate([rows, np.full(config.lanes - len(rows), rows[-1])])
-    return _ascend_lane(
-        x[padded], delta[padded - start], radius[padded], shadows, encoder_module, config, chip_size, device, dtype
-    )
+    lane = x[padded]
+    try:
+        return _ascend_lane(
+            lane, delta[padded - start], radius[padded], shadows, encoder_module, config, chip_size, device, dtype
+        )
+    finally:
+        lane.fill(0)  # the lane's copy of the templates, zeroed (as advface.protect.advface does)
 
 
 def protect_identity_aware(

@@ -30,6 +30,13 @@ Protection: every enrolled embedding is replaced by ``T_tenant(AdvFace(z))`` (Ad
 the tenant's keyed transform when ``keyed_transform.enabled``) before it reaches the store; raw embeddings live
 only in memory for the duration of the call. Probes are used raw (through the tenant's transform when it is on) and
 never stored: matching compares protected templates with raw probes.
+
+Memory (``store.matching: encrypted``): the service zeroes its own plaintext buffers once a call is done: the
+face chip cut from a photo, the raw embedding, the protected template and the probe
+(:attr:`TemplateService.wipe_buffers`, :mod:`advface.encrypted.memory`), so a memory dump of the sidecar taken
+between calls finds none of them in those buffers. Not reached: the request's own objects made by gRPC (protobuf
+floats, photo bytes), the decoded photo (Pillow's read-only buffer) and the intermediate tensors of the encoder and
+of AdvFace's shadow calls (docs/encrypted-matching.md).
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ import torch
 
 from advface.config import Config
 from advface.encoders import FaceEncoder, create_encoder, validate_embeddings
+from advface.encrypted.memory import scrub_caches, wipe
 from advface.errors import (
     ConfigError,
     DeadlineExceededError,
@@ -190,6 +198,8 @@ class TemplateService:
         self.store: TemplateStore = (
             store if store is not None else open_checked_store(config, self.dim, self.metric, self.transforms)
         )
+        #: whether each call zeroes its plaintext photo, embedding, template and probe buffers when done (module docs)
+        self.wipe_buffers = getattr(self.store, "matching", "plain") == "encrypted"
 
         workers = config.server.workers
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="advface-worker")
@@ -241,6 +251,15 @@ class TemplateService:
             self._store_pool, functools.partial(fn, *args, **kwargs)
         )
 
+    def _forget(self, *buffers: np.ndarray | None, scrub: bool = False) -> None:
+        """Zero this call's own plaintext buffers when :attr:`wipe_buffers` is on (module docs); ``scrub``: also the
+        calling thread's allocator caches (:func:`~advface.encrypted.memory.scrub_caches`), after work on a worker
+        thread freed temporaries of its own."""
+        if self.wipe_buffers:
+            wipe(*buffers)
+            if scrub:
+                scrub_caches((4 * self.dim, 8 * self.dim))
+
     # ------------------------------------------------------------------ faces and protection
 
     def check_face(self, face: Face, what: str) -> None:
@@ -271,10 +290,13 @@ class TemplateService:
                 raise ImageError("image", f"{len(faces)} faces found, expected one")
             _check_deadline(deadline, "embedding the face", abandoned)
             chip = align_face(image, faces[0], self.encoder.chip)
-            del image
+            del image  # read-only (Pillow's buffer): not wiped (module docs)
             with self.face_lock:
                 vector = self.encoder.embed(chip)
-            return validate_embeddings(vector, self.dim)
+            self._forget(chip)
+            checked = validate_embeddings(vector, self.dim)
+            self._forget(None if checked is vector else vector, scrub=True)
+            return checked
         except BaseException:
             if abandoned is not None:
                 abandoned.set()
@@ -289,14 +311,18 @@ class TemplateService:
             if isinstance(face, bytes):
                 photos.append(i)
             else:
-                out[i] = check_embeddings([face], self.dim, what)[0]
+                checked = check_embeddings([face], self.dim, what)
+                out[i] = checked[0]
+                self._forget(checked)
         if photos:
             _check_deadline(deadline, "embedding images")
             abandoned = threading.Event()
 
             async def one(i: int) -> None:
                 try:
-                    out[i] = await self._work(self._embed_image_sync, faces[i], deadline, abandoned)
+                    vector = await self._work(self._embed_image_sync, faces[i], deadline, abandoned)
+                    out[i] = vector
+                    self._forget(vector)
                 except ImageError as exc:
                     where = f"{what} {i}" if len(faces) > 1 else what
                     raise ImageError(where, exc.reason) from None
@@ -310,7 +336,10 @@ class TemplateService:
 
     def _protect_sync(self, x: np.ndarray) -> np.ndarray:
         assert self.protector is not None
-        out = np.ascontiguousarray(self.protector.protect(x), dtype=np.float32)
+        try:
+            out = np.ascontiguousarray(self.protector.protect(x), dtype=np.float32)
+        finally:
+            self._forget(x, scrub=True)  # the rows of this call (its own copy, or views of the call's raw rows)
         if out.shape != x.shape or not np.isfinite(out).all():
             raise RuntimeError("protection produced an unusable result")
         return out
@@ -325,7 +354,9 @@ class TemplateService:
 
         async def chunk(start: int) -> None:
             stop = min(start + PROTECT_CHUNK, len(raw))
-            out[start:stop] = await self.batcher.protect(raw[start:stop])
+            protected = await self.batcher.protect(raw[start:stop])
+            out[start:stop] = protected
+            self._forget(protected)
 
         starts = list(range(0, len(raw), PROTECT_CHUNK))
         for wave in range(0, len(starts), self.batcher.slots):
@@ -371,10 +402,13 @@ class TemplateService:
         metadata = check_metadata(metadata)
         self.check_face(face, "face")
         raw = await self.raw_vectors([face], deadline, "face")
-        templates = await self.templates(tenant, raw, deadline)
-        del raw
-        _check_deadline(deadline, "storing")
-        return list(await self._stored(self.store.add, tenant, subject_id, templates, metadata, replace=replace))
+        templates = None
+        try:
+            templates = await self.templates(tenant, raw, deadline)
+            _check_deadline(deadline, "storing")
+            return list(await self._stored(self.store.add, tenant, subject_id, templates, metadata, replace=replace))
+        finally:
+            self._forget(raw, templates)
 
     async def enroll_batch(
         self, tenant: str, items: Sequence[EnrolItem], deadline: float | None = None
@@ -393,11 +427,14 @@ class TemplateService:
         if not items:
             return []
         raw = await self.raw_vectors([item.face for item in items], deadline, "items face")
-        templates = await self.templates(tenant, raw, deadline)
-        del raw
-        _check_deadline(deadline, "storing")
-        entries = [(item.subject_id, templates[i : i + 1], metadata[i]) for i, item in enumerate(items)]
-        return [list(ids) for ids in await self._stored(self.store.add_many, tenant, entries)]
+        templates = None
+        try:
+            templates = await self.templates(tenant, raw, deadline)
+            _check_deadline(deadline, "storing")
+            entries = [(item.subject_id, templates[i : i + 1], metadata[i]) for i, item in enumerate(items)]
+            return [list(ids) for ids in await self._stored(self.store.add_many, tenant, entries)]
+        finally:
+            self._forget(raw, templates)
 
     def _subject_templates(self, tenant: str, subject_id: str) -> tuple[np.ndarray, list[str]]:
         ids = [str(t) for t in self.store.get_subject(tenant, subject_id).template_ids]
@@ -413,8 +450,15 @@ class TemplateService:
         if getattr(self.store, "matching", "plain") == "encrypted":  # decided by the key service (encrypted/store.py)
             store: Any = self.store
             await self._stored(store.get_subject, tenant, subject_id)  # NOT_FOUND before the costly probe
-            query = self.keyed(tenant, await self.raw_vectors([probe], deadline, "probe"))[0]
-            match, template_id, released = await self._stored(store.verify_encrypted, tenant, subject_id, query)
+            raw = await self.raw_vectors([probe], deadline, "probe")
+            queries = None
+            try:
+                queries = self.keyed(tenant, raw)
+                match, template_id, released = await self._stored(
+                    store.verify_encrypted, tenant, subject_id, queries[0]
+                )
+            finally:
+                self._forget(raw, queries)
             return Verification(match, float("nan") if released is None else released, float("nan"), template_id)
         vectors, template_ids = await self._stored(self._subject_templates, tenant, subject_id)
         query = self.keyed(tenant, await self.raw_vectors([probe], deadline, "probe"))[0]
@@ -431,11 +475,17 @@ class TemplateService:
         if top_k > self.top_k_max:
             raise ValidationError(f"top_k {top_k} is over the limit of {self.top_k_max}")
         self.check_face(probe, "probe")
-        query = self.keyed(tenant, await self.raw_vectors([probe], deadline, "probe"))[0]
         if getattr(self.store, "matching", "plain") == "encrypted":  # only candidates above the key service's threshold
             encrypted: Any = self.store
-            found = await self._stored(encrypted.identify_encrypted, tenant, query, top_k)
+            raw = await self.raw_vectors([probe], deadline, "probe")
+            queries = None
+            try:
+                queries = self.keyed(tenant, raw)
+                found = await self._stored(encrypted.identify_encrypted, tenant, queries[0], top_k)
+            finally:
+                self._forget(raw, queries)
             return [Candidate(m.subject_id, m.template_id, m.score, True) for m in found]
+        query = self.keyed(tenant, await self.raw_vectors([probe], deadline, "probe"))[0]
         matches: list[Match] = await self._stored(self.store.search, tenant, query, top_k)
         return [Candidate(m.subject_id, m.template_id, m.score, m.score >= self.threshold.value) for m in matches]
 

@@ -57,7 +57,9 @@ def check_embeddings(
     if not np.isfinite(x).all():
         bad = np.flatnonzero(~np.isfinite(x).all(axis=1))[:10].tolist()
         raise ValidationError(f"{what} rows {bad} contain NaN or Inf" if several else f"{what} contains NaN or Inf")
-    norms = np.linalg.norm(x.astype(np.float64), axis=1)
+    x64 = x.astype(np.float64)
+    norms = np.linalg.norm(x64, axis=1)
+    x64.fill(0)  # a copy of the values: zeroed, not just freed (memory hygiene: docs/encrypted-matching.md)
     if (norms < MIN_REQUEST_NORM).any():  # zero, or so small that float32 arithmetic rounds it to zero
         bad = np.flatnonzero(norms < MIN_REQUEST_NORM)[:10].tolist()
         zero = f"{what} rows {bad} are zero (or vanishing) vectors" if several else None

@@ -156,3 +156,76 @@ def test_keyed_transform_marker_is_checked_at_start(tmp_path: Path) -> None:
     # the same store without the transform: refused at start (matching would silently fail otherwise)
     with pytest.raises(ConfigError, match="issued under keyed transform"):
         TemplateService(_config(tmp_path))
+
+
+class _EncryptedStoreSpy:
+    """An encrypted-matching store that keeps the arrays the service hands it (and copies of their values)."""
+
+    matching = "encrypted"
+
+    def __init__(self) -> None:
+        self.kept: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def _keep(self, array: np.ndarray) -> None:
+        self.kept.append((array, np.array(array, copy=True)))
+
+    def add(self, tenant: str, subject_id: str, vectors: np.ndarray, metadata: dict, replace: bool = False) -> list:
+        self._keep(vectors)
+        return ["t0"]
+
+    def add_many(self, tenant: str, entries: list) -> list:
+        for _subject, vectors, _metadata in entries:
+            self._keep(vectors)
+        return [["t"] for _ in entries]
+
+    def get_subject(self, tenant: str, subject_id: str) -> None:
+        return None
+
+    def verify_encrypted(self, tenant: str, subject_id: str, probe: np.ndarray) -> tuple[bool, str, None]:
+        self._keep(probe)
+        return True, "t0", None
+
+    def identify_encrypted(self, tenant: str, probe: np.ndarray, k: int) -> list:
+        self._keep(probe)
+        return []
+
+    def close(self) -> None:
+        pass
+
+
+def test_encrypted_matching_zeroes_the_calls_plaintext_buffers(
+    tmp_path: Path, lfw_sample: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import advface.service.templates as templates_module
+
+    wiped: list[np.ndarray] = []
+    real_wipe = templates_module.wipe
+
+    def recording_wipe(*buffers: np.ndarray | None) -> None:
+        wiped.extend(b for b in buffers if b is not None)
+        real_wipe(*buffers)
+
+    monkeypatch.setattr(templates_module, "wipe", recording_wipe)
+    spy = _EncryptedStoreSpy()
+    svc = TemplateService(_config(tmp_path), store=spy)  # type: ignore[arg-type]
+    try:
+        assert svc.wipe_buffers
+        enrolled, probes = dlib_like_people(3)
+        run(svc.enroll("t", "p0", enrolled[0], {}))
+        run(svc.enroll_batch("t", [EnrolItem("p1", enrolled[1], {}), EnrolItem("p2", enrolled[2], {})]))
+        run(svc.verify("t", "p0", probes[0]))
+        run(svc.identify("t", probes[1], top_k=1))
+        run(svc.verify("t", "p0", lfw_sample[0].read_bytes()))  # a photo: its chip and embedding
+    finally:
+        svc.close()
+    assert len(spy.kept) == 6
+    for array, values in spy.kept:  # what the store saw was real, and is gone once the call returned
+        assert np.abs(values).sum() > 0
+        assert not array.any()
+    (chip,) = [a for a in wiped if a.dtype == np.uint8 and a.ndim == 3]  # the face chip cut from the photo
+    assert chip.shape == (150, 150, 3) and not chip.any()
+    assert all(not a.any() for a in wiped if a.flags.writeable)
+
+
+def test_plain_matching_leaves_buffers_alone(service: TemplateService) -> None:
+    assert not service.wipe_buffers
