@@ -43,8 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from advface.inversion import load_decoder  # noqa: E402
 from advface.protect import AdvFaceConfig, IdentityAwareConfig, protect_embeddings, protect_identity_aware  # noqa: E402
-from advface.protect import advface as advface_module  # noqa: E402
-from advface.protect import identity_aware as identity_module  # noqa: E402
+from advface.protect import ascent as ascent_module  # noqa: E402
 from advface.protect.shipped import shipped_shadow_path  # noqa: E402
 from advface.threads import apply_threads, torch_threads  # noqa: E402
 from benchmarks.common import write_results  # noqa: E402
@@ -60,8 +59,7 @@ def before(threads: int) -> Iterator[None]:
         return [fn(lane) for lane in lanes]
 
     with (
-        mock.patch.object(advface_module, "run_lanes", sequential),
-        mock.patch.object(identity_module, "run_lanes", sequential),
+        mock.patch.object(ascent_module, "run_lanes", sequential),
         torch_threads(threads),
     ):
         yield

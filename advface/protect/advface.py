@@ -36,7 +36,6 @@ one layer, to be measured, not a guarantee.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,17 +51,14 @@ from advface.encoders.base import validate_embeddings
 from advface.errors import ConfigError, EmbeddingError, ImageError
 from advface.protect.ascent import (
     AscentParams,
+    ascend_in_lanes,
     check_ascent_config,
     eval_mode,
-    finalize,
     is_int,
     lane_tensors,
-    project_np,
     project_t,
-    run_lanes,
     shadow_device_dtype,
     shadow_dim,
-    start_offsets,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -190,33 +186,6 @@ def _ascend_lane(
     return delta.detach().cpu().double().numpy()
 
 
-def _protect_lane(
-    rows: np.ndarray,
-    *,
-    x: np.ndarray,
-    delta: np.ndarray,
-    start: int,
-    radius: np.ndarray,
-    shadow: nn.Module,
-    config: AdvFaceConfig,
-    images: np.ndarray | torch.Tensor | None,
-    hw: tuple[int, int] | None,
-    device: torch.device,
-    dtype: torch.dtype,
-) -> np.ndarray:
-    """Delta of the lane of ``rows`` (of the chunk starting at ``start``), padded to ``config.lanes`` rows."""
-    padded = np.concatenate([rows, np.full(config.lanes - len(rows), rows[-1])])  # fixed call shape
-    target = None
-    if images is not None:
-        assert hw is not None
-        target = _targets_lane(images, padded, hw, device, dtype)
-    lane = x[padded]
-    try:
-        return _ascend_lane(lane, delta[padded - start], radius[padded], shadow, config, target, device, dtype)
-    finally:
-        lane.fill(0)  # the lane's copy of the templates (temporaries: protect_embeddings)
-
-
 def protect_embeddings(
     z: np.ndarray,
     shadow: nn.Module,
@@ -250,47 +219,26 @@ def protect_embeddings(
             "so sign ascent would never move"
         )
     run_device, dtype = shadow_device_dtype(shadow, device)
-    out = np.empty_like(x)
     if len(x) == 0:
-        return out.reshape(raw.shape) if raw.ndim == 1 else out
+        return np.empty_like(x).reshape(raw.shape) if raw.ndim == 1 else np.empty_like(x)
     radius = config.rel_l2 * np.linalg.norm(x.astype(np.float64), axis=1)
-    lanes = config.lanes
     with eval_mode(shadow):
         hw = _image_hw(shadow) if images is not None else None
         if images is not None and hw is None:  # no image_size attribute: ask the shadow (fixed call shape too)
             with torch.no_grad():
-                probe = torch.from_numpy(np.repeat(x[:1], lanes, axis=0)).to(run_device, dtype)
+                probe = torch.from_numpy(np.repeat(x[:1], config.lanes, axis=0)).to(run_device, dtype)
                 hw = tuple(shadow(probe).shape[2:])
-        for start in range(0, len(x), config.batch_size):
-            stop = min(start + config.batch_size, len(x))
-            if config.random_start:
-                delta = project_np(
-                    start_offsets(x[start:stop], radius[start:stop], config.seed), radius[start:stop], config.linf
-                )
-            else:
-                delta = np.zeros((stop - start, x.shape[1]), np.float64)
-            if config.steps > 0:
-                lane_rows = [np.arange(lane, min(lane + lanes, stop)) for lane in range(start, stop, lanes)]
-                one_lane = functools.partial(
-                    _protect_lane,
-                    x=x,
-                    delta=delta,
-                    start=start,
-                    radius=radius,
-                    shadow=shadow,
-                    config=config,
-                    images=images,
-                    hw=hw,
-                    device=run_device,
-                    dtype=dtype,
-                )
-                for rows, d in zip(lane_rows, run_lanes(one_lane, lane_rows, run_device), strict=True):
-                    delta[rows - start] = d[: len(rows)]
-            done = finalize(x[start:stop], delta, radius[start:stop], config.linf)
-            out[start:stop] = done
-            done.fill(0)
-            if progress is not None:
-                progress(stop - start)
+
+        def ascend(lane: np.ndarray, delta0: np.ndarray, radius_lane: np.ndarray, rows: np.ndarray) -> np.ndarray:
+            target = None
+            if images is not None:
+                assert hw is not None
+                target = _targets_lane(images, rows, hw, run_device, dtype)
+            return _ascend_lane(lane, delta0, radius_lane, shadow, config, target, run_device, dtype)
+
+        out = ascend_in_lanes(
+            x, radius, config, ascend, run_device, random_start=config.random_start, progress=progress
+        )
     if not np.shares_memory(x, raw):
         x.fill(0)  # our float32 copy of z
     return out.reshape(raw.shape) if raw.ndim == 1 else out

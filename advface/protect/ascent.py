@@ -219,3 +219,53 @@ def run_lanes(fn: Callable[[L], np.ndarray], lanes: Sequence[L], device: torch.d
     if device.type != "cpu":
         return [fn(lane) for lane in lanes]
     return map_single_threaded(fn, lanes, torch.get_num_threads())
+
+
+#: One lane's ascent: ``(templates, start offsets, radii, rows)`` of ``lanes`` rows (``rows``: their indices in the
+#: whole batch, the last one repeated to pad a short lane) -> the lane's delta.
+LaneAscent = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
+def ascend_in_lanes(
+    x: np.ndarray,
+    radius: np.ndarray,
+    config: Any,
+    ascend_lane: LaneAscent,
+    device: torch.device,
+    *,
+    random_start: bool = True,
+    progress: Callable[[int], object] | None = None,
+) -> np.ndarray:
+    """The batch loop of every AdvFace method: per chunk of ``config.batch_size`` rows of ``x``, start offsets
+    (:func:`start_offsets`, or zero without ``random_start``), each lane of ``config.lanes`` rows (a short lane
+    padded with its last row: a fixed call shape) through ``ascend_lane`` (:func:`run_lanes`), then
+    :func:`finalize`; ``progress`` gets the rows done after each chunk. Returns float32 ``x + delta``. Its copies
+    of the templates (each lane's rows, each chunk's result) are zeroed once used, not just freed."""
+    out = np.empty_like(x)
+    for start in range(0, len(x), config.batch_size):
+        stop = min(start + config.batch_size, len(x))
+        if random_start:
+            delta = project_np(
+                start_offsets(x[start:stop], radius[start:stop], config.seed), radius[start:stop], config.linf
+            )
+        else:
+            delta = np.zeros((stop - start, x.shape[1]), np.float64)
+        if config.steps > 0:
+            lane_rows = [np.arange(lane, min(lane + config.lanes, stop)) for lane in range(start, stop, config.lanes)]
+
+            def one_lane(rows: np.ndarray, start: int = start, delta: np.ndarray = delta) -> np.ndarray:
+                padded = np.concatenate([rows, np.full(config.lanes - len(rows), rows[-1])])
+                lane = x[padded]
+                try:
+                    return ascend_lane(lane, delta[padded - start], radius[padded], padded)
+                finally:
+                    lane.fill(0)
+
+            for rows, d in zip(lane_rows, run_lanes(one_lane, lane_rows, device), strict=True):
+                delta[rows - start] = d[: len(rows)]
+        done = finalize(x[start:stop], delta, radius[start:stop], config.linf)
+        out[start:stop] = done
+        done.fill(0)
+        if progress is not None:
+            progress(stop - start)
+    return out

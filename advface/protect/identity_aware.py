@@ -30,7 +30,6 @@ this is tens to hundreds of times plain AdvFace's cost on a CPU (``benchmarks/id
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -43,17 +42,14 @@ from advface.encoders.base import validate_embeddings
 from advface.errors import ConfigError
 from advface.protect.ascent import (
     AscentParams,
+    ascend_in_lanes,
     check_ascent_config,
     eval_mode,
-    finalize,
     is_int,
     lane_tensors,
-    project_np,
     project_t,
-    run_lanes,
     shadow_device_dtype,
     shadow_dim,
-    start_offsets,
 )
 
 #: Pixel shifts (at the encoder's chip size) cycled through the steps: the expectation over translations.
@@ -127,31 +123,6 @@ def _ascend_lane(
     return delta.detach().cpu().double().numpy()
 
 
-def _protect_lane(
-    rows: np.ndarray,
-    *,
-    x: np.ndarray,
-    delta: np.ndarray,
-    start: int,
-    radius: np.ndarray,
-    shadows: Sequence[nn.Module],
-    encoder_module: nn.Module,
-    config: IdentityAwareConfig,
-    chip_size: int,
-    device: torch.device,
-    dtype: torch.dtype,
-) -> np.ndarray:
-    """Delta of the lane of ``rows`` (of the chunk starting at ``start``), padded to ``config.lanes`` rows."""
-    padded = np.concatenate([rows, np.full(config.lanes - len(rows), rows[-1])])
-    lane = x[padded]
-    try:
-        return _ascend_lane(
-            lane, delta[padded - start], radius[padded], shadows, encoder_module, config, chip_size, device, dtype
-        )
-    finally:
-        lane.fill(0)  # the lane's copy of the templates, zeroed (as advface.protect.advface does)
-
-
 def protect_identity_aware(
     z: np.ndarray,
     shadows: Sequence[nn.Module],
@@ -186,7 +157,6 @@ def protect_identity_aware(
     if len(x) == 0:
         return out.reshape(raw.shape) if raw.ndim == 1 else out
     radius = config.rel_l2 * np.linalg.norm(x.astype(np.float64), axis=1)
-    lanes = config.lanes
     frozen = [p for m in (*shadows, encoder_module) for p in m.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
@@ -194,32 +164,16 @@ def protect_identity_aware(
         with contextlib.ExitStack() as stack:
             for module in (*shadows, encoder_module):
                 stack.enter_context(eval_mode(module))
-            for start in range(0, len(x), config.batch_size):
-                stop = min(start + config.batch_size, len(x))
-                delta = project_np(
-                    start_offsets(x[start:stop], radius[start:stop], config.seed), radius[start:stop], config.linf
+
+            def ascend(lane: np.ndarray, delta0: np.ndarray, radius_lane: np.ndarray, rows: np.ndarray) -> np.ndarray:
+                return _ascend_lane(
+                    lane, delta0, radius_lane, shadows, encoder_module, config, chip_size, run_device, dtype
                 )
-                if config.steps > 0:
-                    lane_rows = [np.arange(lane, min(lane + lanes, stop)) for lane in range(start, stop, lanes)]
-                    one_lane = functools.partial(
-                        _protect_lane,
-                        x=x,
-                        delta=delta,
-                        start=start,
-                        radius=radius,
-                        shadows=shadows,
-                        encoder_module=encoder_module,
-                        config=config,
-                        chip_size=chip_size,
-                        device=run_device,
-                        dtype=dtype,
-                    )
-                    for rows, d in zip(lane_rows, run_lanes(one_lane, lane_rows, run_device), strict=True):
-                        delta[rows - start] = d[: len(rows)]
-                out[start:stop] = finalize(x[start:stop], delta, radius[start:stop], config.linf)
-                if progress is not None:
-                    progress(stop - start)
+
+            out = ascend_in_lanes(x, radius, config, ascend, run_device, progress=progress)
     finally:
         for p in frozen:
             p.requires_grad_(True)
+    if not np.shares_memory(x, raw):
+        x.fill(0)  # our float32 copy of z
     return out.reshape(raw.shape) if raw.ndim == 1 else out
