@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Render an audit report (advface audit ... --out DIR -> DIR/report.html) to a PNG with headless Chromium, to check
-# that its plots and image grids show. Developer tool, not needed by the tests.
+# that its plots and image grids show; a report.pdf (--pdf) is rendered by poppler's pdftoppm (first page).
+# Developer tool, not needed by the tests.
 #
 #   scripts/screenshot_report.sh REPORT.html OUT.png [WIDTH] [HEIGHT]
 #
@@ -18,6 +19,17 @@ if [ ! -f "$report" ]; then
     echo "$0: no such report: $report" >&2
     exit 2
 fi
+case "$report" in
+*.pdf)  # report.pdf (advface audit --pdf): Chromium's headless mode shows no PDF, so poppler renders its pages
+    if ! command -v pdftoppm >/dev/null 2>&1; then
+        echo "$0: pdftoppm not found (Debian: apt-get install -y poppler-utils)" >&2
+        exit 3
+    fi
+    pdftoppm -r 80 -png -singlefile "$report" "${out%.png}"
+    echo "wrote ${out%.png}.png (first page)"
+    exit 0
+    ;;
+esac
 browser=""
 for candidate in chromium chromium-browser google-chrome headless_shell; do
     if command -v "$candidate" >/dev/null 2>&1; then
