@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+from audit_helpers import run_quick_audit
 
 #: People with two or more photos, people with one photo, photos per person.
 N_MULTI, N_SINGLE, MAX_PHOTOS = 20, 10, 4
@@ -45,21 +46,6 @@ def audit_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def quick_report(audit_dataset: Path, audit_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The output folder of one ``advface audit --quick`` run on :func:`audit_dataset`."""
-    from advface.cli.main import main
-
     out = tmp_path_factory.mktemp("audit_out")
-    rc = main(
-        [
-            "audit",
-            "--quick",
-            "--data",
-            str(audit_dataset),
-            "--out",
-            str(out),
-            "--cache-dir",
-            str(audit_cache),
-            "--quiet",
-        ]
-    )
-    assert rc == 0
+    assert run_quick_audit(audit_dataset, audit_cache, out) == 0
     return out

@@ -9,9 +9,9 @@ import re
 from pathlib import Path
 
 import pytest
+from audit_helpers import run_quick_audit
 
 from advface.audit import QUICK_ATTACKERS
-from advface.cli.main import main
 
 pytestmark = pytest.mark.slow  # the session's quick audit run (~20 s on 2 cores)
 
@@ -91,23 +91,7 @@ def test_quick_audit_html_is_self_contained_with_plots(quick_report: Path) -> No
 def test_rerun_loads_cached_attackers(
     quick_report: Path, audit_dataset: Path, audit_cache: Path, tmp_path: Path
 ) -> None:
-    rc = main(
-        [
-            "audit",
-            "--quick",
-            "--data",
-            str(audit_dataset),
-            "--out",
-            str(tmp_path),
-            "--cache-dir",
-            str(audit_cache),
-            "--attackers",
-            "deconv",
-            "--no-images",
-            "--quiet",
-        ]
-    )
-    assert rc == 0
+    assert run_quick_audit(audit_dataset, audit_cache, tmp_path, "--attackers", "deconv", "--no-images") == 0
     again = _report(tmp_path)
     first = _report(quick_report)
     assert again["attacks"]["deconv"]["cached"] is True

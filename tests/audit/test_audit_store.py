@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
+from audit_helpers import run_quick_audit
 
 from advface.audit import thief
 from advface.audit.results import FORMAT_VERSION
@@ -181,7 +182,6 @@ def test_thief_without_keys_postgres(tmp_path: Path, postgres_server: Any, postg
 @pytest.mark.slow
 def test_end_to_end_encrypted_keyed_store(audit_dataset: Path, audit_cache: Path, tmp_path: Path) -> None:
     """One quick audit (deconv only) of an encrypted store whose templates went through the keyed transform."""
-    from advface.cli.main import main
     from advface.encoders import create_encoder
     from advface.image_embedder import ImageEmbedder
 
@@ -192,27 +192,9 @@ def test_end_to_end_encrypted_keyed_store(audit_dataset: Path, audit_cache: Path
     config = _config(tmp_path, encrypted=True, keyed=True)
     _enrol(config, list(data.ids), np.asarray(data.embeddings, np.float32), dim=128)
     out = tmp_path / "out"
-    rc = main(
-        [
-            "audit",
-            "--quick",
-            "--quiet",
-            "--data",
-            str(audit_dataset),
-            "--out",
-            str(out),
-            "--store",
-            f"advface:{tmp_path / 'store'}?tenant={TENANT}",
-            "--config",
-            str(config),
-            "--attackers",
-            "deconv",
-            "--cache-dir",
-            str(audit_cache),
-            "--no-images",
-        ]
-    )
-    assert rc == 0
+    store = f"advface:{tmp_path / 'store'}?tenant={TENANT}"
+    extra = ("--store", store, "--config", str(config), "--attackers", "deconv", "--no-images")
+    assert run_quick_audit(audit_dataset, audit_cache, out, *extra) == 0
     report = json.loads((out / "report.json").read_text())
     n = len(data.ids)
     assert report["data"]["database"]["encrypted_at_rest"] is True

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from audit_helpers import run_quick_audit
 
 from advface.audit.attacks import diffusion
 from advface.audit.data import make_split
-from advface.cli.main import main
 from advface.datasets.pairs import FacePairs
 from advface.datasets.splits import identities_digest, split_identities
 from advface.errors import ConfigError
@@ -66,29 +66,8 @@ def test_samples_are_seeded_and_guidance_moves_them(tiny_generator: IdentityGene
 
 
 def _audit(audit_dataset: Path, audit_cache: Path, out: Path, *extra: str) -> int:
-    return main(
-        [
-            "audit",
-            "--quick",
-            "--data",
-            str(audit_dataset),
-            "--out",
-            str(out),
-            "--cache-dir",
-            str(audit_cache),
-            "--attackers",
-            "diffusion",
-            "--max-victims",
-            "6",
-            "--link-keys",
-            "1",
-            "--transfer-encoder",
-            "none",
-            "--no-images",
-            "--quiet",
-            *extra,
-        ]
-    )
+    settings = ("--attackers", "diffusion", "--max-victims", "6", "--link-keys", "1", "--transfer-encoder", "none")
+    return run_quick_audit(audit_dataset, audit_cache, out, *settings, "--no-images", *extra)
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from audit_helpers import run_quick_audit
 
 from advface.audit.config import AuditConfig
 from advface.audit.schemes import (
@@ -209,34 +210,11 @@ def test_scheme_flags_are_checked(tmp_path: Path) -> None:
 def test_a_scheme_given_only_as_a_shell_command_is_audited_end_to_end(
     audit_dataset: Path, audit_cache: Path, tmp_path: Path
 ) -> None:
-    from advface.cli.main import main
 
     command, calls = _script(tmp_path)
     out = tmp_path / "out"
-    rc = main(
-        [
-            "audit",
-            "--quick",
-            "--data",
-            str(audit_dataset),
-            "--out",
-            str(out),
-            "--cache-dir",
-            str(audit_cache),
-            "--protect-cmd",
-            command,
-            "--attackers",
-            "deconv",
-            "--transfer-encoder",
-            "none",
-            "--link-keys",
-            "2",
-            "--no-scenarios",
-            "--no-images",
-            "--quiet",
-        ]
-    )
-    assert rc == 0
+    settings = ("--attackers", "deconv", "--transfer-encoder", "none", "--link-keys", "2", "--no-scenarios")
+    assert run_quick_audit(audit_dataset, audit_cache, out, "--protect-cmd", command, *settings, "--no-images") == 0
     report = json.loads((out / "report.json").read_text())
     assert "scenarios" not in report
     assert report["protection"]["method"] == "command" and report["protection"]["source"] == "--protect-cmd"

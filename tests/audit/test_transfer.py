@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from audit_helpers import run_quick_audit
 
 from advface.audit import QUICK_ATTACKERS
 from advface.audit.transfer import chip_frame_matrix, default_transfer_encoder, to_chip_frame
-from advface.cli.main import main
 from advface.datasets.pairs import resize_faces
 from advface.encoders.base import ChipSpec
 
@@ -103,24 +103,7 @@ def test_quick_audit_has_transfer_numbers(quick_report: Path, models_dir: Path) 
 
 
 def _deconv_audit(audit_dataset: Path, audit_cache: Path, out: Path, *extra: str) -> dict:
-    rc = main(
-        [
-            "audit",
-            "--quick",
-            "--data",
-            str(audit_dataset),
-            "--out",
-            str(out),
-            "--cache-dir",
-            str(audit_cache),
-            "--attackers",
-            "deconv",
-            "--no-images",
-            "--quiet",
-            *extra,
-        ]
-    )
-    assert rc == 0
+    assert run_quick_audit(audit_dataset, audit_cache, out, "--attackers", "deconv", "--no-images", *extra) == 0
     return _report(out)
 
 
