@@ -1,4 +1,5 @@
-"""Writers of raw-template sources for the tests (each layout the way an operator's database would hold it)."""
+"""Writers of raw-template sources for the tests (each layout the way an operator's database would hold it), and the
+common ``advface reencode`` command line."""
 
 from __future__ import annotations
 
@@ -9,6 +10,15 @@ from pathlib import Path
 import numpy as np
 
 DIM = 16
+
+
+def reencode_args(shadow: Path, source: str, dest: str, *extra: str, steps: int = 2, chunk: int = 64) -> list[str]:
+    """``advface reencode`` arguments: ``source`` to ``dest`` with the pixel ``shadow``, ``steps`` AdvFace steps,
+    chunks of ``chunk`` templates, a lenient verification threshold, quiet; then ``extra``."""
+    return [
+        "reencode", "--source", source, "--dest", dest, "--shadow", str(shadow), "--steps", str(steps),
+        "--chunk-size", str(chunk), "--match-threshold", "1.0", "-q", *extra,
+    ]  # fmt: skip
 
 
 def make_templates(n: int = 200, dim: int = DIM, seed: int = 0) -> tuple[list[str], np.ndarray]:

@@ -6,31 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from reencode_helpers import make_templates, write_parquet, write_sqlite
+from reencode_helpers import make_templates, reencode_args, write_parquet, write_sqlite
 
 from advface.cli.main import main
 
 
 def _run(shadow: Path, source: str, dest: str, *extra: str) -> int:
-    return main(
-        [
-            "reencode",
-            "--source",
-            source,
-            "--dest",
-            dest,
-            "--shadow",
-            str(shadow),
-            "--steps",
-            "1",
-            "--chunk-size",
-            "20",
-            "--match-threshold",
-            "1.0",
-            "-q",
-            *extra,
-        ]
-    )
+    return main(reencode_args(shadow, source, dest, *extra, steps=1, chunk=20))
 
 
 def _assert_failed(capsys: pytest.CaptureFixture[str], code: int, dest: Path, *words: str) -> None:

@@ -6,28 +6,13 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from reencode_helpers import kill_9_midway, make_templates, write_parquet, write_sqlite
+from reencode_helpers import kill_9_midway, make_templates, reencode_args, write_parquet, write_sqlite
 
 from advface.cli.main import main
 
 
 def _args(shadow: Path, source: str, dest: str, chunk: int, steps: int = 2) -> list[str]:
-    return [
-        "reencode",
-        "--source",
-        source,
-        "--dest",
-        dest,
-        "--shadow",
-        str(shadow),
-        "--steps",
-        str(steps),
-        "--chunk-size",
-        str(chunk),
-        "--match-threshold",
-        "1.0",
-        "-q",
-    ]
+    return reencode_args(shadow, source, dest, steps=steps, chunk=chunk)
 
 
 def test_output_does_not_depend_on_chunk_size(tmp_path: Path, shadow_ckpt: Path) -> None:

@@ -6,7 +6,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from reencode_helpers import make_templates, read_all, write_npy, write_npz, write_parquet, write_postgres, write_sqlite
+from reencode_helpers import (
+    make_templates,
+    read_all,
+    reencode_args,
+    write_npy,
+    write_npz,
+    write_parquet,
+    write_postgres,
+    write_sqlite,
+)
 
 from advface.cli.main import main
 from advface.protect import AdvFaceConfig, Protector
@@ -20,25 +29,7 @@ def _expected(shadow: Path, vectors: np.ndarray) -> np.ndarray:
 
 
 def _reencode(shadow: Path, source: str, dest: str, *extra: str) -> int:
-    return main(
-        [
-            "reencode",
-            "--source",
-            source,
-            "--dest",
-            dest,
-            "--shadow",
-            str(shadow),
-            "--steps",
-            str(STEPS),
-            "--chunk-size",
-            "64",
-            "--match-threshold",
-            "1.0",
-            "-q",
-            *extra,
-        ]
-    )
+    return main(reencode_args(shadow, source, dest, *extra, steps=STEPS))
 
 
 @pytest.mark.parametrize("kind", ["npz", "npy", "parquet", "sqlite", "sqlite-json"])

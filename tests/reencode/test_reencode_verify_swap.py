@@ -8,29 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from reencode_helpers import make_templates, read_all, write_parquet, write_postgres, write_sqlite
+from reencode_helpers import make_templates, read_all, reencode_args, write_parquet, write_postgres, write_sqlite
 
 from advface.cli.main import main
 
 
 def _args(shadow: Path, source: str, dest: str, *extra: str) -> list[str]:
-    return [
-        "reencode",
-        "--source",
-        source,
-        "--dest",
-        dest,
-        "--shadow",
-        str(shadow),
-        "--steps",
-        "2",
-        "--chunk-size",
-        "40",
-        "--match-threshold",
-        "1.0",
-        "-q",
-        *extra,
-    ]
+    return reencode_args(shadow, source, dest, *extra, chunk=40)
 
 
 @pytest.fixture()
