@@ -185,12 +185,7 @@ def verify(
     matching = _matching(sample_src, sample_dst, options)
     if seen_source == 0:
         failures.append("the source is empty")
-    if dest_count != seen_source:
-        failures.append(f"count differs: source {seen_source}, destination {dest_count}")
-    if missing:
-        failures.append(f"{missing} source id(s) missing from the destination (e.g. {', '.join(missing_ids)})")
-    if extra:
-        failures.append(f"{extra} destination id(s) not in the source (e.g. {', '.join(extra_ids)})")
+    failures += id_failures(seen_source, dest_count, missing, missing_ids, extra, extra_ids)
     if dup_count:
         failures.append(f"{dup_count} duplicate id(s) in the destination (e.g. {', '.join(dup_ids)})")
     if nonfinite_count:
@@ -234,6 +229,27 @@ def verify(
         "options": asdict(options),
         "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def id_failures(
+    source_count: int,
+    dest_count: int,
+    missing: int,
+    missing_ids: list[str],
+    extra: int,
+    extra_ids: list[str],
+    extra_kind: str = "destination id(s)",
+) -> list[str]:
+    """The failures of a destination's ids against its source's: counts that differ, source ids missing from the
+    destination, destination entries (``extra_kind``) the source lacks; each with example ids."""
+    failures = []
+    if dest_count != source_count:
+        failures.append(f"count differs: source {source_count}, destination {dest_count}")
+    if missing:
+        failures.append(f"{missing} source id(s) missing from the destination (e.g. {', '.join(missing_ids)})")
+    if extra:
+        failures.append(f"{extra} {extra_kind} not in the source (e.g. {', '.join(extra_ids)})")
+    return failures
 
 
 def _extra_examples(db: sqlite3.Connection, source: Source, chunk_size: int) -> list[str]:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from advface.reencode.sources import Source
-from advface.reencode.verify import MAX_EXAMPLES, VerifyOptions, _in_sample, scratch_database
+from advface.reencode.verify import MAX_EXAMPLES, VerifyOptions, _in_sample, id_failures, scratch_database
 
 _PAGE = 1000  # subjects per list_subjects call (the stores' maximum)
 _RATE_WAITS = 30  # seconds waited at most, one at a time, for a rate-limited key service per sampled template
@@ -73,14 +73,11 @@ def verify_encrypted_store(
                 progress(len(chunk.ids))
         extra = int(db.execute("SELECT COUNT(*) FROM d WHERE seen=0").fetchone()[0])
         extra_ids = [r[0] for r in db.execute("SELECT id FROM d WHERE seen=0 LIMIT ?", (MAX_EXAMPLES,))]
-    if dest_count != source_count:
-        failures.append(f"count differs: destination {dest_count}, source {source_count}")
-    if missing:
-        failures.append(f"{missing} source id(s) missing from the destination, e.g. {missing_ids}")
-    if extra:
-        failures.append(f"{extra} destination subject(s) not in the source, e.g. {extra_ids}")
+    failures += id_failures(
+        source_count, dest_count, missing, missing_ids, extra, extra_ids, extra_kind="destination subject(s)"
+    )
     if several:
-        failures.append(f"{several} subject(s) hold more than one template, e.g. {several_ids}")
+        failures.append(f"{several} subject(s) hold more than one template (e.g. {', '.join(several_ids)})")
     matching: dict[str, Any] = {"metric": "key service", "threshold": "the key service's", "sample": sampled}
     if unchecked or sampled == 0:
         matching["passed"] = None
