@@ -239,15 +239,9 @@ def main() -> None:
         "frechet_transfer": {"generator": frechet(free["transfer_emb"], real)},
     }
     try:
-        import torch
+        from advface.audit.attacks.gan_prior import sample_faces
 
-        from advface.audit.attacks.gan_prior import LATENT_DIM
-        from advface.audit.attacks.gan_prior import load_generator as load_dcgan
-
-        dcgan = load_dcgan()
-        with torch.no_grad():
-            z = torch.randn(len(flat), LATENT_DIM, 1, 1, generator=torch.Generator().manual_seed(args.seed))
-            images = ((dcgan(z) + 1) / 2).clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).numpy()
+        images = sample_faces(len(flat), args.seed)
         chips = resize_faces(images, judges.transfer.encoder.chip.size)
         realism["frechet_transfer"]["dcgan_unaligned"] = frechet(judges.transfer.encoder.embed(chips), real)
     except Exception as exc:  # noqa: BLE001 - the baseline is optional

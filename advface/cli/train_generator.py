@@ -3,10 +3,11 @@
 The dataset is a folder of identity sub-folders (``--dataset``) or LFW (``--lfw``). Photos are detected, aligned and
 embedded by ``--encoder`` (cached under $ADVFACE_CACHE_DIR/pairs); the project's identity-disjoint split gives the
 ``--group``: ``defender`` (the defender surrogate that photo protection may use) or ``attacker`` (the model that
-threats and audits run on); evaluation identities are never trained on. Stage 1 trains the autoencoder
-(``--ae-steps``), stage 2 the latent denoiser (``--steps``). The work folder (``--work-dir``, default OUT.work)
-holds a checkpoint written every ``--checkpoint-minutes``: the same command resumes a killed run, with the same
-result for the same ``--seed``. CPU by default, CUDA when present (``--device``).
+threats and audits run on); evaluation identities are never trained on. ``--extra-dcgan N`` adds N faces sampled
+from the DCGAN of ``gan-face-generate``, detected, aligned and embedded like the photos (kept in the work folder).
+Stage 1 trains the autoencoder (``--ae-steps``), stage 2 the latent denoiser (``--steps``). The work folder
+(``--work-dir``, default OUT.work) holds a checkpoint written every ``--checkpoint-minutes``: the same command resumes
+a killed run, with the same result for the same ``--seed``. CPU by default, CUDA when present (``--device``).
 """
 
 from __future__ import annotations
@@ -41,6 +42,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=C.batch, help=f"denoiser batch (default {C.batch})")
     parser.add_argument("--width", type=int, default=C.width, help=f"denoiser base width (default {C.width})")
     parser.add_argument("--seed", type=int, default=C.seed, help="seed of every random draw of training")
+    parser.add_argument(
+        "--extra-dcgan",
+        type=int,
+        default=C.extra_dcgan,
+        metavar="N",
+        help=f"also train on N faces sampled from the DCGAN of gan-face-generate (latents seeded with --seed), "
+        f"detected, aligned and embedded like the photos; samples without a face are dropped (default {C.extra_dcgan})",
+    )
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     parser.add_argument(
@@ -72,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
     from advface.errors import ConfigError
     from advface.generative.config import GeneratorTrainConfig
     from advface.generative.data import group_training_data
+    from advface.generative.extra_faces import cached_dcgan_faces, with_extra_faces
     from advface.generative.model import save_generator
     from advface.generative.training import GeneratorTrainer
 
@@ -82,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         batch=args.batch,
         width=args.width,
         seed=args.seed,
+        extra_dcgan=args.extra_dcgan,
         device=args.device,
         threads=args.threads,
         checkpoint_minutes=args.checkpoint_minutes,
@@ -102,6 +113,22 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     work_dir = Path(args.work_dir) if args.work_dir else Path(str(args.out) + ".work")
+    if config.extra_dcgan:
+        extra = cached_dcgan_faces(
+            work_dir,
+            config.extra_dcgan,
+            encoder,
+            seed=config.seed,
+            image_size=args.image_size,
+            detector=args.detector,
+            progress=not args.quiet,
+        )
+        data = with_extra_faces(data, extra)
+        print(
+            f"DCGAN extra faces: {extra.kept} of {extra.sampled} samples kept ({extra.sampled - extra.kept} without a "
+            f"face dropped)",
+            file=sys.stderr,
+        )
     metadata = {"role": args.group, "encoder": encoder.name, "encoder_fingerprint": encoder.fingerprint}
     trainer = GeneratorTrainer(config, data, work_dir, metadata, progress=not args.quiet)
     if args.snapshot:

@@ -73,6 +73,8 @@ class GeneratorTrainConfig:
     device: str | None = None
     threads: int = 0
     checkpoint_minutes: float = 5.0
+    #: DCGAN samples (gan-face-generate) added to the training faces (see advface.generative.extra_faces); 0: none
+    extra_dcgan: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def resolved_device(self) -> str:
@@ -90,6 +92,8 @@ class GeneratorTrainConfig:
         for name in ("ae_steps", "ae_batch", "steps", "batch", "width", "ae_width", "tokens", "latent_channels"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be >= 1")
+        if isinstance(self.extra_dcgan, bool) or not isinstance(self.extra_dcgan, int) or self.extra_dcgan < 0:
+            raise ConfigError(f"--extra-dcgan must be an integer >= 0, got {self.extra_dcgan!r}")
         if not 0 <= self.cond_drop < 1:
             raise ConfigError(f"cond-drop must be in [0, 1), got {self.cond_drop}")
         if not 0 < self.ema_decay < 1:
@@ -103,6 +107,8 @@ class GeneratorTrainConfig:
         out = asdict(self)
         for key in ("device", "threads", "checkpoint_minutes"):
             out.pop(key)
+        if not self.extra_dcgan:  # work folders made before the option existed stay resumable
+            out.pop("extra_dcgan")
         out["multipliers"] = list(self.multipliers)
         return out
 

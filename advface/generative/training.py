@@ -159,6 +159,22 @@ class GeneratorTrainer:
             self.work_dir / STATE_FILE,
         )
 
+    def adopt_autoencoder(self, autoencoder: FaceAutoencoder, source: str) -> None:
+        """Skip stage 1 with an already trained (and calibrated) ``autoencoder`` of the same shape, so that several
+        denoisers can be compared on one autoencoder; only in a fresh work folder. ``source`` is recorded in the
+        metadata (``autoencoder_from``)."""
+        if self.stage != "autoencoder" or self.step != 0:
+            raise ConfigError(f"{self.work_dir}: training has started; an autoencoder can only be adopted before")
+        if autoencoder.config != self.autoencoder.config:
+            raise ConfigError(
+                f"the adopted autoencoder is {autoencoder.config}, the run needs {self.autoencoder.config}"
+            )
+        self.autoencoder.load_state_dict(autoencoder.state_dict())
+        self.autoencoder.eval()
+        self.metadata["autoencoder_from"] = source
+        self.stage, self.step = "denoiser", 0
+        self.save_state()
+
     # ------------------------------------------------------------------ stages
 
     def _faces(self, rows: torch.Tensor) -> torch.Tensor:

@@ -50,6 +50,24 @@ def load_generator(device: str | torch.device = "cpu") -> nn.Module:
     return generator
 
 
+def sample_faces(n: int, seed: int, *, generator: nn.Module | None = None, batch_size: int = 256) -> np.ndarray:
+    """``n`` faces of the DCGAN (``n x 64 x 64 x 3`` uint8, not aligned like chips), from latents drawn from N(0, I)
+    with a torch generator seeded with ``seed``: the same ``n`` and ``seed`` give the same faces."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ConfigError(f"the number of DCGAN faces must be an integer >= 0, got {n!r}")
+    if n == 0:
+        return np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    generator = generator if generator is not None else load_generator("cpu")
+    device = next(generator.parameters()).device
+    latents = torch.randn(n, LATENT_DIM, 1, 1, generator=torch.Generator().manual_seed(seed))
+    chunks = []
+    with torch.no_grad():
+        for start in range(0, n, batch_size):
+            images = generator(latents[start : start + batch_size].to(device))
+            chunks.append(((images + 1) / 2).clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+    return np.concatenate(chunks)
+
+
 @dataclass(frozen=True)
 class GanPriorConfig:
     """Latent search settings: Adam ``steps`` and learning rate ``lr``, ``restarts`` per template, templates per
