@@ -13,6 +13,8 @@ to one status code (``server/status.py``).
 
 from __future__ import annotations
 
+import math
+
 
 class AdvfaceError(Exception):
     """Base class of every error advface raises on purpose."""
@@ -56,6 +58,20 @@ class AlreadyExistsError(AdvfaceError):
 
 class PreconditionError(AdvfaceError):
     """The request is valid but this deployment cannot serve it (a feature is disabled or unavailable)."""
+
+
+class AttemptsExhaustedError(AdvfaceError):
+    """Too many failed Verify attempts for one subject within the window (``matching.verify_max_failures``):
+    Verify of that subject is refused, before any work, for ``retry_after_s`` more seconds."""
+
+    def __init__(self, max_failures: int, window_s: float, retry_after_s: float) -> None:
+        super().__init__(
+            f"too many failed Verify attempts for this subject ({max_failures} in {window_s:g} s); "
+            f"retry in {math.ceil(retry_after_s)} s"
+        )
+        self.max_failures = max_failures
+        self.window_s = window_s
+        self.retry_after_s = retry_after_s
 
 
 class DeadlineExceededError(AdvfaceError):

@@ -29,6 +29,15 @@ Modes, each an API client sending raw probe embeddings to ``Verify(victim)``:
   read as the lowest score the key service can release;
 - ``plaintext`` (reference): the plaintext store's exact score; :func:`search_with_scores`.
 
+Per-subject budget of failed Verify attempts (``matching.verify_max_failures`` per ``verify_window_s``,
+:mod:`advface.service.attempts`): off (0) unless ``--verify-budget``, which runs the services with the
+configuration's defaults. The attacker then sends at full speed; a Verify refused for the subject's lockout
+(AttemptsExhaustedError) is retried, with the same probe, once its window has ended. The wait is not slept: the
+service's attempt counter runs on a clock that is the real monotonic clock plus the waits skipped so far, so every
+window is enforced by the service itself. Reported per victim: the attacker's time to the accepted probe on that
+clock (the victims are attacked one after another; each has its own window, so an attacker would run them in
+parallel), and the number of lockouts it met.
+
 A probe the service refuses (a norm outside its limits) counts as a rejected query. One run with the largest budget
 gives every smaller one: the searches are deterministic and a smaller budget only stops the same sequence of probes
 earlier (the pool must hold at least the largest budget, so the probe orders agree). Reported per mode and budget:
@@ -59,7 +68,7 @@ from advface.audit.attacks.score_search import (  # noqa: E402
     search_with_decisions,
     search_with_scores,
 )
-from advface.errors import ConfigError, ValidationError  # noqa: E402
+from advface.errors import AttemptsExhaustedError, ConfigError, ValidationError  # noqa: E402
 from benchmarks.common import write_results  # noqa: E402
 
 TENANT = "t"
@@ -109,21 +118,25 @@ def load_people(lfw_dir: str | None, victims: int, seed: int) -> People:
     return People(chosen, np.stack(enrolled), np.stack(other), pool, len(set(pairs.identities[attacker].tolist())))
 
 
-def _config(folder: Path) -> Any:
+def _config(folder: Path, verify_budget: bool) -> Any:
+    """The deployment's config; without ``verify_budget`` the per-subject budget of failed attempts is off."""
     from advface.config import load_config
 
-    data = {
+    data: dict[str, Any] = {
         "server": {"workers": 1},
         "encoder": {"name": "dlib-torch"},
         "store": {"data_dir": str(folder / "data"), "use_gpu": False},
         "keys": {"auto": False},
     }
+    if not verify_budget:
+        data["matching"] = {"verify_max_failures": 0}
     (folder / "advface.yaml").write_text(yaml.safe_dump(data))
     return load_config(folder / "advface.yaml", env={})
 
 
 class Client:
-    """An API client of one deployment: Verify(victim, probe) one probe at a time, counting queries and time."""
+    """An API client of one deployment: Verify(victim, probe) one probe at a time, counting queries and time.
+    Refused for a lockout, it waits (on the service's attempt clock, :meth:`clock`) until the window ends."""
 
     def __init__(self, service: Any, loop: asyncio.AbstractEventLoop) -> None:
         self.service, self.loop = service, loop
@@ -131,18 +144,33 @@ class Client:
         self.refused = 0
         self.scores_on_rejects = 0
         self.seconds = 0.0
+        self.lockouts = 0
+        self.waited = 0.0  # seconds of lockout skipped (not slept)
+        self.times: list[float] = []  # the attacker's time at each decided query (the search sends batches)
+        service.verify_attempts.clock = self.clock
+
+    def clock(self) -> float:
+        """The attacker's time: the real monotonic clock plus the waits skipped."""
+        return time.monotonic() + self.waited
 
     def verify(self, subject: str, probe: np.ndarray) -> tuple[bool, float]:
         """(match, released score: NaN when none)."""
         self.queries += 1
         started = time.perf_counter()
         try:
-            out = self.loop.run_until_complete(self.service.verify(TENANT, subject, probe))
+            while True:
+                try:
+                    out = self.loop.run_until_complete(self.service.verify(TENANT, subject, probe))
+                    break
+                except AttemptsExhaustedError as exc:  # locked: wait for the window's end, send the probe again
+                    self.lockouts += 1
+                    self.waited += exc.retry_after_s + 1e-3
         except ValidationError:  # the service refuses the probe (its norm): a rejection
             self.refused += 1
             return False, float("nan")
         finally:
             self.seconds += time.perf_counter() - started
+            self.times.append(self.clock())
         if not out.match and np.isfinite(out.score):
             self.scores_on_rejects += 1
         return bool(out.match), float(out.score)
@@ -170,10 +198,21 @@ def _enrol(service: Any, loop: asyncio.AbstractEventLoop, people: People) -> Non
     loop.run_until_complete(service.enroll_batch(TENANT, items))
 
 
-def _judge(outcomes: list[SearchOutcome], people: People, budget: int, threshold: float) -> dict[str, Any]:
-    """The summary at ``budget`` of runs made with a budget at least as large (module docs)."""
+def _judge(
+    outcomes: list[SearchOutcome], people: People, budget: int, threshold: float, hours: list[float] | None = None
+) -> dict[str, Any]:
+    """The summary at ``budget`` of runs made with a budget at least as large (module docs); ``hours``: each
+    victim's attacker time to its accepted probe under the verify budget."""
     accepted = [o.accepted and o.queries <= budget for o in outcomes]
     queries = [o.queries for o, a in zip(outcomes, accepted) if a]
+    budget_fields: dict[str, Any] = {}
+    if hours is not None:
+        taken = [h for h, a in zip(hours, accepted) if a]
+        budget_fields = {
+            "hours_to_accept_at_verify_budget": [round(h, 2) for h in taken],
+            "median_hours_to_accept_at_verify_budget": round(float(np.median(taken)), 2) if taken else None,
+            "accepted_within_24h_at_verify_budget": int(sum(h <= 24 for h in taken)),
+        }
     distances = [
         round(float(np.linalg.norm(o.template.astype(np.float64) - people.other[i])), 4)
         for i, (o, a) in enumerate(zip(outcomes, accepted))
@@ -191,23 +230,28 @@ def _judge(outcomes: list[SearchOutcome], people: People, budget: int, threshold
         "median_hours_per_victim_at_default_rate": round(float(np.median(queries)) / DEFAULT_VERIFY_RATE / 3600, 4)
         if queries
         else None,
-    }
+    } | budget_fields
 
 
 def _attack(
     mode: str, client: Client, people: People, budget: int, metric: str, threshold: float, floor: float, seed: int
-) -> list[SearchOutcome]:
-    out = []
+) -> tuple[list[SearchOutcome], list[float]]:
+    """Each victim's outcome and the attacker's hours on it (:meth:`Client.clock`)."""
+    out, hours = [], []
     for i in range(len(people.names)):
         subject = f"v{i}"
+        began = client.clock()
+        client.times = []
         if mode == "decisions":
             o = search_with_decisions(client.decide(subject), people.pool, budget, seed=seed + i)
         else:
             oracle = client.oracle(subject, floor if mode == "rounded" else -np.inf)
             o = search_with_scores(oracle, people.pool, metric, threshold, budget, seed=seed + i)
-        print(f"{mode} victim {i}: accepted={o.accepted} queries={o.queries}", flush=True)
+        # to the accepted query, not to the end of its batch (an attacker stops there)
+        hours.append((client.times[max(o.queries, 1) - 1] - began) / 3600 if client.times else 0.0)
+        print(f"{mode} victim {i}: accepted={o.accepted} queries={o.queries} hours={hours[-1]:.2f}", flush=True)
         out.append(o)
-    return out
+    return out, hours
 
 
 def measure_rate_limit(service: Any, loop: asyncio.AbstractEventLoop, core: Any, people: People, n: int) -> dict:
@@ -246,6 +290,11 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--rate-queries", type=int, default=250, help="queries of the rate-limit measurement")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--verify-budget",
+        action="store_true",
+        help="per-subject budget of failed Verify attempts on, at the config defaults (module docs)",
+    )
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.victims < 1 or min(args.budgets) < 1:
@@ -280,6 +329,7 @@ def main() -> None:
         "pool_people": people.pool_people,
         "score_decimals": args.score_decimals,
         "default_verify_rate": DEFAULT_VERIFY_RATE,
+        "verify_budget": None,
     }
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -294,14 +344,17 @@ def main() -> None:
             auto_erase=False,
         )
         (folder / "e").mkdir()
-        service = TemplateService(_config(folder / "e"), store=store)
+        service = TemplateService(_config(folder / "e", args.verify_budget), store=store)
+        attempts = service.verify_attempts
+        if attempts.enabled:
+            payload["verify_budget"] = {"max_failures": attempts.max_failures, "window_s": attempts.window_s}
         threshold = service.threshold.value
         metric = service.metric
         raw_threshold = float(service.encoder.default_threshold or -0.6)
         payload |= {"threshold": threshold, "face_level_threshold": raw_threshold}
         floor = -2.0 * keys.public.params.max_norm  # the lowest score the key service can release
         (folder / "p").mkdir()
-        plain = TemplateService(_config(folder / "p"))
+        plain = TemplateService(_config(folder / "p", args.verify_budget))
         try:
             _enrol(service, loop, people)
             _enrol(plain, loop, people)
@@ -323,14 +376,18 @@ def main() -> None:
                     store.keyservice = core
                     store.handshake_done(core.policy.top_k_max)
                 started = time.process_time()
-                outcomes = _attack(mode, client, people, budget, metric, threshold, floor, args.seed)
+                outcomes, hours = _attack(mode, client, people, budget, metric, threshold, floor, args.seed)
                 cpu = time.process_time() - started
+                timed = hours if attempts.enabled else None
                 results[mode] = {
-                    "by_budget": {str(b): _judge(outcomes, people, b, raw_threshold) for b in sorted(args.budgets)},
+                    "by_budget": {
+                        str(b): _judge(outcomes, people, b, raw_threshold, timed) for b in sorted(args.budgets)
+                    },
                     "queries": client.queries,
                     "probes_refused_by_the_service": client.refused,
                     "seconds_per_query": round(client.seconds / max(1, client.queries), 4),
                     "cpu_seconds": round(cpu, 1),
+                    "lockouts_met": client.lockouts,
                 }
                 if core is not None:
                     results[mode]["rejections_with_a_score"] = client.scores_on_rejects

@@ -134,9 +134,12 @@ class Sidecar:
                 store_counter(service),
                 lambda: service.batcher.queued,
                 methods=tuple(pb.DESCRIPTOR.services_by_name[SERVICE_NAME.rsplit(".", 1)[-1]].methods_by_name),
+                tracked_subjects=service.verify_attempts.tracked,
             )
             self.servicer.metrics = self.metrics
             service.batcher.on_batch = self.metrics.protection_batch
+            service.verify_attempts.on_lockout = self.metrics.verify_lockouts.inc
+            service.verify_attempts.on_refused = self.metrics.verify_refused_locked.inc
             auth_interceptor.on_refused = self.metrics.rpc_refused
             decode_guard.on_refused = self.metrics.rpc_refused
             try:

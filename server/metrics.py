@@ -13,6 +13,11 @@ Metrics (labels never carry request data: no subject, template or tenant ids, no
 - ``advface_protection_batch_rows`` / ``advface_protection_batch_duration_seconds`` -- rows per AdvFace shadow
   call of the protection batcher (concurrent requests coalesced) and its duration;
   ``advface_protection_queue_requests`` -- requests waiting for protection;
+- ``advface_verify_lockouts_total`` -- subjects locked for too many failed Verify attempts
+  (``matching.verify_max_failures``); ``advface_verify_refused_locked_total`` -- Verify calls refused while their
+  subject was locked (they are also RESOURCE_EXHAUSTED in ``advface_rpc_requests_total``);
+  ``advface_verify_tracked_subjects`` -- subjects whose failed attempts are tracked now (at most
+  ``matching.verify_max_tracked``);
 - ``advface_build_info{service, version, api, grpc, encoder, protection, store_backend}`` -- constant 1.
 
 Config section ``metrics`` (``enabled``, ``host``, ``port``: docs/configuration.md); port 0 picks a free one,
@@ -57,6 +62,7 @@ class SidecarMetrics:
         store_counts: Callable[[], tuple[int, int]] | None = None,
         queue_length: Callable[[], int] | None = None,
         methods: tuple[str, ...] = (),
+        tracked_subjects: Callable[[], int] | None = None,
     ) -> None:
         #: RPC names used as labels; anything else a client sends is counted as "other" (bounded labels)
         self.methods = frozenset(methods)
@@ -95,6 +101,17 @@ class SidecarMetrics:
         queue = Gauge("advface_protection_queue_requests", "Requests waiting for protection", registry=r)
         if queue_length is not None:
             queue.set_function(lambda: float(queue_length()))
+        self.verify_lockouts = Counter(
+            "advface_verify_lockouts", "Subjects locked for too many failed Verify attempts", registry=r
+        )
+        self.verify_refused_locked = Counter(
+            "advface_verify_refused_locked", "Verify calls refused while their subject was locked", registry=r
+        )
+        tracked = Gauge(
+            "advface_verify_tracked_subjects", "Subjects whose failed Verify attempts are tracked", registry=r
+        )
+        if tracked_subjects is not None:
+            tracked.set_function(lambda: float(tracked_subjects()))
         Info("advface_build", "Versions and configuration of this sidecar", registry=r).info(
             {k: str(v) for k, v in build.items()}
         )

@@ -3,8 +3,8 @@
 :class:`RpcFailure` ends a call with ``(code, details)`` (authentication, authorisation, limits of the transport);
 :func:`status_of` maps any exception raised while handling a call to its ``(code, details)``: advface's request
 errors (:mod:`advface.errors`) to INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS, FAILED_PRECONDITION,
-DEADLINE_EXCEEDED, UNAVAILABLE; anything else to INTERNAL with the exception's class name only (its message could
-quote request data).
+DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED (a subject's budget of failed Verify attempts), UNAVAILABLE; anything else
+to INTERNAL with the exception's class name only (its message could quote request data).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from advface.encrypted.errors import KeyServiceUnavailableError, RateLimitedErro
 from advface.errors import (
     AdvfaceError,
     AlreadyExistsError,
+    AttemptsExhaustedError,
     ClosedError,
     DatabaseUnavailableError,
     DeadlineExceededError,
@@ -40,6 +41,8 @@ _CODES: tuple[tuple[type[AdvfaceError], grpc.StatusCode], ...] = (
     (AlreadyExistsError, grpc.StatusCode.ALREADY_EXISTS),
     (PreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
     (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    # a quota that refills when the window ends (retry later), not a grant the caller lacks (PERMISSION_DENIED)
+    (AttemptsExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
 )
 
 

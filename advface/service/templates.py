@@ -7,7 +7,8 @@ protector of the ``protection`` section, the tenant transforms of ``keyed_transf
 take arrays, photo bytes and ids, validate the whole request before changing anything, and return plain values
 (:class:`Verification`, :class:`Candidate`, :class:`~advface.store.base.SubjectInfo`...). Errors are advface's own
 (:mod:`advface.errors`): ValidationError, NotFoundError, AlreadyExistsError, PreconditionError,
-DeadlineExceededError; a transport maps each to its status (the gRPC sidecar: ``server/status.py``).
+DeadlineExceededError, AttemptsExhaustedError (Verify of a subject over its budget of failed attempts); a transport
+maps each to its status (the gRPC sidecar: ``server/status.py``).
 
 Concurrency (methods are coroutines): CPU-heavy work (decoding and embedding photos, protection) runs in a pool of
 ``server.workers`` threads, with concurrent protections coalesced into shared shadow calls
@@ -71,6 +72,7 @@ from advface.faces import FaceChipper, align_face, create_detector
 from advface.hashing import file_sha256
 from advface.images import image_size, load_image
 from advface.protect import TemplateProtector
+from advface.service.attempts import VerifyAttempts
 from advface.service.batcher import ProtectionBatcher
 from advface.service.image_protection import ImageProtectionService, ProtectedImage
 from advface.service.key_folder import resolve_key_folder
@@ -173,6 +175,10 @@ class TemplateService:
         self.max_batch = config.server.max_batch
         self.max_image_pixels = config.server.max_image_pixels
         self.top_k_max = config.matching.top_k_max
+        #: failed Verify attempts per (tenant, subject), in this process (advface.service.attempts)
+        self.verify_attempts = VerifyAttempts(
+            config.matching.verify_max_failures, config.matching.verify_window_s, config.matching.verify_max_tracked
+        )
         self.encoder = encoder if encoder is not None else create_encoder(config.encoder.name)
         self.dim = int(self.encoder.dim)
         self.metric = str(self.encoder.metric)
@@ -444,9 +450,21 @@ class TemplateService:
         return vectors, ids
 
     async def verify(self, tenant: str, subject_id: str, probe: Face, deadline: float | None = None) -> Verification:
-        """1:1: the raw probe against ``subject_id``'s protected templates (NOT_FOUND before the costly probe)."""
+        """1:1: the raw probe against ``subject_id``'s protected templates (NOT_FOUND before the costly probe).
+        AttemptsExhaustedError, before any store call or probe work, while the subject is over its budget of failed
+        attempts (``matching.verify_max_failures`` per ``verify_window_s``: :mod:`advface.service.attempts`)."""
         subject_id = check_id(subject_id, "subject_id")
         self.check_face(probe, "probe")
+        self.verify_attempts.begin(tenant, subject_id)
+        matched: bool | None = None
+        try:
+            result = await self._verify(tenant, subject_id, probe, deadline)
+            matched = result.match
+            return result
+        finally:
+            self.verify_attempts.end(tenant, subject_id, matched)
+
+    async def _verify(self, tenant: str, subject_id: str, probe: Face, deadline: float | None) -> Verification:
         if getattr(self.store, "matching", "plain") == "encrypted":  # decided by the key service (encrypted/store.py)
             store: Any = self.store
             await self._stored(store.get_subject, tenant, subject_id)  # NOT_FOUND before the costly probe
