@@ -237,6 +237,11 @@ class StoreConfig:
 class MatchingConfig:
     threshold: float | None = None
     top_k_max: int = 100
+    #: failed Verify attempts allowed per (tenant, subject) within verify_window_s; 0: no limit (docs/serve.md)
+    verify_max_failures: int = 10
+    verify_window_s: float = 900.0
+    #: subjects whose failed attempts are tracked at once, per process (an LRU map)
+    verify_max_tracked: int = 100_000
 
 
 @dataclass(frozen=True)
@@ -463,11 +468,14 @@ def _encoder_spec(value: Any, where: _Where) -> str | Mapping[str, Any]:
 
 
 def _detector(value: Any, where: _Where) -> str:
+    from advface.faces.detect import parse_detector_spec
+
     spec = _str(value, where)
-    name, sep, arg = spec.partition(":")
-    if (name == "dlib" and not sep) or (name == "scrfd" and (not sep or arg)):
-        return spec
-    raise where.error(f"unknown detector {spec!r}; use 'dlib', 'scrfd' or 'scrfd:/path/to/model.onnx'")
+    try:
+        parse_detector_spec(spec)
+    except ConfigError as exc:
+        raise where.error(str(exc)) from None
+    return spec
 
 
 def _face_policy(value: Any, where: _Where) -> str:
@@ -675,6 +683,9 @@ _KEYS: dict[str, dict[str, _Check]] = {
     "matching": {
         "threshold": _threshold,
         "top_k_max": lambda v, w: _int(v, w, 1, 10_000),
+        "verify_max_failures": lambda v, w: _int(v, w, 0, 1_000_000),
+        "verify_window_s": lambda v, w: _float(v, w, 0.0, 31_536_000.0, lo_open=True),
+        "verify_max_tracked": lambda v, w: _int(v, w, 1, 100_000_000),
     },
     "logging": {
         "level": _log_level,

@@ -162,6 +162,7 @@ def test_tokens_file(tmp_path: Path) -> None:
         ("encoder: {name: 12}", r"encoder\.name: expected an encoder spec"),
         ("encoder: {name: {path: x.onnx}}", r"encoder\.name: .*needs a 'name'"),
         ("encoder: {detector: mtcnn}", r"encoder\.detector: unknown detector 'mtcnn'"),
+        ("encoder: {detector: 'dlib:upsample=x'}", r"encoder\.detector: bad detector option 'upsample=x'"),
         ("encoder: {face_policy: biggest}", r"encoder\.face_policy: unknown face policy 'biggest'"),
         ("protection: {method: blur}", r"protection\.method: must be one of advface"),
         ("protection: {rel_l2: 0}", r"protection\.rel_l2: must be a finite number in \(0, 1\]"),

@@ -33,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--detector",
         default="dlib",
-        help="face detector: dlib (HOG, default), scrfd (from --models-dir), scrfd:/path/to/model.onnx",
+        help="face detector: dlib (HOG, default), dlib-mmod (CNN), either with :upsample=N, scrfd (from --models-dir), "
+        "scrfd:/path/to/model.onnx",
     )
     parser.add_argument(
         "--policy",

@@ -1,4 +1,4 @@
-"""Face detection (dlib HOG, SCRFD) and alignment to an encoder's chip."""
+"""Face detection (dlib HOG, dlib MMOD, SCRFD) and alignment to an encoder's chip."""
 
 from advface.faces.align import (
     ARCFACE_TEMPLATE_112,
@@ -10,13 +10,14 @@ from advface.faces.align import (
     similarity_transform,
     warp_to_chip,
 )
-from advface.faces.detect import DlibDetector, Face, FaceDetector, ScrfdDetector, create_detector
+from advface.faces.detect import DlibDetector, DlibMmodDetector, Face, FaceDetector, ScrfdDetector, create_detector
 from advface.faces.pipeline import FaceChipper, FacePolicy
 
 __all__ = [
     "ARCFACE_TEMPLATE_112",
     "DLIB_CHIP_FIVE",
     "DlibDetector",
+    "DlibMmodDetector",
     "Face",
     "FaceChipper",
     "FaceDetector",

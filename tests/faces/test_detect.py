@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from advface.errors import ConfigError, ImageError
-from advface.faces import DlibDetector, Face, ScrfdDetector, create_detector
-from advface.faces.detect import SCRFD_FILE, approximate_five_from_shape5
+from advface.faces import DlibDetector, DlibMmodDetector, Face, ScrfdDetector, create_detector
+from advface.faces.detect import SCRFD_FILE, approximate_five_from_shape5, downscale, parse_detector_spec
 from advface.images import load_image
 
 
@@ -82,6 +82,31 @@ def test_scrfd_finds_the_same_faces(dlib_faces: list[list[Face]], scrfd_faces: l
     assert compared >= 0.9 * len(dlib_faces)
 
 
+def test_mmod_finds_the_faces_hog_finds(sample_images: list[np.ndarray], dlib_faces: list[list[Face]]) -> None:
+    detector = DlibMmodDetector()
+    compared = 0
+    for image, by_hog in zip(sample_images[:16], dlib_faces[:16]):
+        by_mmod = detector.detect(image)
+        if by_hog:
+            assert by_mmod, "MMOD missed a face HOG found"
+            best = max(by_mmod, key=lambda f: iou(f.box, by_hog[0].box))
+            check_face(best)
+            assert best.dlib_shape is not None and best.dlib_shape.num_parts == 5
+            # MMOD's boxes are larger and higher than HOG's; the landmarks come from the same predictors
+            assert iou(best.box, by_hog[0].box) > 0.5
+            assert np.linalg.norm(best.landmarks - by_hog[0].landmarks, axis=1).mean() < 8.0
+            compared += 1
+    assert compared >= 14
+
+
+def test_mmod_retries_at_a_higher_upsampling(sample_images: list[np.ndarray]) -> None:
+    small = downscale(sample_images[0], (90, 90))  # the face is ~45 px: under MMOD's window without upsampling
+    assert DlibMmodDetector(arcface_landmarks=False, retry_upsample=None).detect(small) == []
+    (face,) = DlibMmodDetector(arcface_landmarks=False).detect(small)
+    x1, y1, x2, y2 = face.box
+    assert 25 < (x1 + x2) / 2 < 65 and 25 < (y1 + y2) / 2 < 65
+
+
 def test_dlib_and_scrfd_landmarks_agree(dlib_faces: list[list[Face]], scrfd_faces: list[list[Face]]) -> None:
     distances = []
     for by_dlib, by_scrfd in zip(dlib_faces, scrfd_faces):
@@ -144,6 +169,11 @@ def test_create_detector(models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> N
     scrfd = create_detector("scrfd")
     assert isinstance(scrfd, ScrfdDetector) and scrfd.model_path == models_dir / SCRFD_FILE
     assert create_detector(scrfd) is scrfd
+    hog0 = create_detector("dlib:upsample=0")
+    assert type(hog0) is DlibDetector and hog0.upsample == 0
+    mmod = create_detector("dlib-mmod:upsample=1")
+    assert isinstance(mmod, DlibMmodDetector) and (mmod.upsample, mmod.retry_upsample) == (1, 1)
+    assert parse_detector_spec("dlib-mmod") == ("dlib-mmod", {})
 
 
 def test_create_detector_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -153,6 +183,11 @@ def test_create_detector_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         create_detector("hog")
     with pytest.raises(ConfigError):
         create_detector("scrfd:")
+    for bad in ("dlib:", "dlib:upsample=", "dlib:upsample=-1", "dlib:upsample=5", "dlib-mmod:scale=2", "dlib-cnn"):
+        with pytest.raises(ConfigError):
+            parse_detector_spec(bad)
+    with pytest.raises(ConfigError, match="retry_upsample"):
+        DlibMmodDetector(retry_upsample=-1)
     monkeypatch.delenv("ADVFACE_MODELS_DIR", raising=False)
     with pytest.raises(ConfigError, match="models folder"):
         create_detector("scrfd")
