@@ -34,7 +34,7 @@ never stored: matching compares protected templates with raw probes.
 
 Memory (``store.matching: encrypted``): the service zeroes its own plaintext buffers once a call is done: the
 face chip cut from a photo, the raw embedding, the protected template and the probe
-(:attr:`TemplateService.wipe_buffers`, :mod:`advface.encrypted.memory`), so a memory dump of the sidecar taken
+(:attr:`TemplateService.encrypted_matching`, :mod:`advface.encrypted.memory`), so a memory dump of the sidecar taken
 between calls finds none of them in those buffers. Not reached: the request's own objects made by gRPC (protobuf
 floats, photo bytes), the decoded photo (Pillow's read-only buffer) and the intermediate tensors of the encoder and
 of AdvFace's shadow calls (docs/encrypted-matching.md).
@@ -204,8 +204,9 @@ class TemplateService:
         self.store: TemplateStore = (
             store if store is not None else open_checked_store(config, self.dim, self.metric, self.transforms)
         )
-        #: whether each call zeroes its plaintext photo, embedding, template and probe buffers when done (module docs)
-        self.wipe_buffers = getattr(self.store, "matching", "plain") == "encrypted"
+        #: ``store.matching: encrypted``: Verify / Identify decided through the key service, and each call zeroes its
+        #: plaintext chip, embedding, template and probe buffers when done (module docs)
+        self.encrypted_matching = getattr(self.store, "matching", "plain") == "encrypted"
 
         workers = config.server.workers
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="advface-worker")
@@ -258,13 +259,24 @@ class TemplateService:
         )
 
     def _forget(self, *buffers: np.ndarray | None, scrub: bool = False) -> None:
-        """Zero this call's own plaintext buffers when :attr:`wipe_buffers` is on (module docs); ``scrub``: also the
+        """Zero this call's own plaintext buffers under :attr:`encrypted_matching` (module docs); ``scrub``: also the
         calling thread's allocator caches (:func:`~advface.encrypted.memory.scrub_caches`), after work on a worker
         thread freed temporaries of its own."""
-        if self.wipe_buffers:
+        if self.encrypted_matching:
             wipe(*buffers)
             if scrub:
                 scrub_caches((4 * self.dim, 8 * self.dim))
+
+    async def _with_query(self, tenant: str, probe: Face, deadline: float | None, call: Callable[[np.ndarray], T]) -> T:
+        """``call(query)`` on a store thread, ``query`` being ``probe``'s raw embedding through ``tenant``'s keyed
+        transform; the call's plaintext copies of it are zeroed afterwards (:meth:`_forget`)."""
+        raw = await self.raw_vectors([probe], deadline, "probe")
+        queries = None
+        try:
+            queries = self.keyed(tenant, raw)
+            return await self._stored(call, queries[0])
+        finally:
+            self._forget(raw, queries)
 
     # ------------------------------------------------------------------ faces and protection
 
@@ -465,18 +477,12 @@ class TemplateService:
             self.verify_attempts.end(tenant, subject_id, matched)
 
     async def _verify(self, tenant: str, subject_id: str, probe: Face, deadline: float | None) -> Verification:
-        if getattr(self.store, "matching", "plain") == "encrypted":  # decided by the key service (encrypted/store.py)
+        if self.encrypted_matching:  # decided by the key service (encrypted/store.py)
             store: Any = self.store
             await self._stored(store.get_subject, tenant, subject_id)  # NOT_FOUND before the costly probe
-            raw = await self.raw_vectors([probe], deadline, "probe")
-            queries = None
-            try:
-                queries = self.keyed(tenant, raw)
-                match, template_id, released = await self._stored(
-                    store.verify_encrypted, tenant, subject_id, queries[0]
-                )
-            finally:
-                self._forget(raw, queries)
+            match, template_id, released = await self._with_query(
+                tenant, probe, deadline, lambda query: store.verify_encrypted(tenant, subject_id, query)
+            )
             return Verification(match, float("nan") if released is None else released, float("nan"), template_id)
         vectors, template_ids = await self._stored(self._subject_templates, tenant, subject_id)
         query = self.keyed(tenant, await self.raw_vectors([probe], deadline, "probe"))[0]
@@ -493,18 +499,15 @@ class TemplateService:
         if top_k > self.top_k_max:
             raise ValidationError(f"top_k {top_k} is over the limit of {self.top_k_max}")
         self.check_face(probe, "probe")
-        if getattr(self.store, "matching", "plain") == "encrypted":  # only candidates above the key service's threshold
+        if self.encrypted_matching:  # only candidates above the key service's threshold
             encrypted: Any = self.store
-            raw = await self.raw_vectors([probe], deadline, "probe")
-            queries = None
-            try:
-                queries = self.keyed(tenant, raw)
-                found = await self._stored(encrypted.identify_encrypted, tenant, queries[0], top_k)
-            finally:
-                self._forget(raw, queries)
+            found = await self._with_query(
+                tenant, probe, deadline, lambda query: encrypted.identify_encrypted(tenant, query, top_k)
+            )
             return [Candidate(m.subject_id, m.template_id, m.score, True) for m in found]
-        query = self.keyed(tenant, await self.raw_vectors([probe], deadline, "probe"))[0]
-        matches: list[Match] = await self._stored(self.store.search, tenant, query, top_k)
+        matches: list[Match] = await self._with_query(
+            tenant, probe, deadline, lambda query: self.store.search(tenant, query, top_k)
+        )
         return [Candidate(m.subject_id, m.template_id, m.score, m.score >= self.threshold.value) for m in matches]
 
     async def delete_subject(self, tenant: str, subject_id: str, deadline: float | None = None) -> int:

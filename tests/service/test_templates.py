@@ -209,7 +209,7 @@ def test_encrypted_matching_zeroes_the_calls_plaintext_buffers(
     spy = _EncryptedStoreSpy()
     svc = TemplateService(_config(tmp_path), store=spy)  # type: ignore[arg-type]
     try:
-        assert svc.wipe_buffers
+        assert svc.encrypted_matching
         enrolled, probes = dlib_like_people(3)
         run(svc.enroll("t", "p0", enrolled[0], {}))
         run(svc.enroll_batch("t", [EnrolItem("p1", enrolled[1], {}), EnrolItem("p2", enrolled[2], {})]))
@@ -228,4 +228,4 @@ def test_encrypted_matching_zeroes_the_calls_plaintext_buffers(
 
 
 def test_plain_matching_leaves_buffers_alone(service: TemplateService) -> None:
-    assert not service.wipe_buffers
+    assert not service.encrypted_matching
