@@ -18,7 +18,6 @@ One connection per store (autocommit; explicit transactions), used under the sto
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal
 
@@ -28,12 +27,12 @@ from psycopg.pq import TransactionStatus
 from advface.encrypted.database import BlockDatabase, SubjectRow, TemplateRow
 from advface.errors import ClosedError, ConfigError, DatabaseUnavailableError, PreconditionError
 from advface.store.postgres.connection import redact_dsn
+from advface.store.postgres.schema import check_table_prefix
 
 __all__ = ["PostgresBlockDatabase", "TABLE_PREFIX_DEFAULT"]
 
 #: the tables' prefix unless one is given (the plaintext PostgreSQL store uses ``advface``)
 TABLE_PREFIX_DEFAULT = "advface_enc"
-_PREFIX_RE = re.compile(r"[a-z_][a-z0-9_]{0,39}")
 
 
 class PostgresBlockDatabase(BlockDatabase):
@@ -46,11 +45,7 @@ class PostgresBlockDatabase(BlockDatabase):
     def __init__(self, dsn: str, *, table_prefix: str = TABLE_PREFIX_DEFAULT, connect_timeout: float = 10.0) -> None:
         if not isinstance(dsn, str) or not dsn.strip():
             raise ConfigError("the PostgreSQL encrypted store needs a DSN (store.dsn / ADVFACE_STORE_DSN)")
-        if not isinstance(table_prefix, str) or not _PREFIX_RE.fullmatch(table_prefix):
-            raise ConfigError(
-                f"table_prefix must be 1 to 40 lower-case letters, digits or '_' (not starting with a digit), "
-                f"got {table_prefix!r}"
-            )
+        check_table_prefix(table_prefix)
         self.dsn = dsn
         self.prefix = table_prefix
         self.where = f"{redact_dsn(dsn)} (tables {table_prefix}_*)"
@@ -376,9 +371,7 @@ class PostgresBlockDatabase(BlockDatabase):
 def read_meta(dsn: str, table_prefix: str = TABLE_PREFIX_DEFAULT) -> dict[str, str]:
     """The ``meta`` rows of the encrypted store at ``dsn`` without opening it (empty when its tables do not exist);
     DatabaseUnavailableError when the server cannot be reached."""
-    if not _PREFIX_RE.fullmatch(table_prefix):
-        raise ConfigError(f"bad table_prefix {table_prefix!r}")
-    table = f"{table_prefix}_meta"
+    table = f"{check_table_prefix(table_prefix)}_meta"
     try:
         with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
             if conn.execute("SELECT to_regclass(%s)", (table,)).fetchone() == (None,):

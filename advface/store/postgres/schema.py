@@ -41,6 +41,16 @@ HNSW_MAX_DIM = 2_000
 TABLE_PREFIX_RE = re.compile(r"[a-z_][a-z0-9_]{0,39}")
 
 
+def check_table_prefix(table_prefix: object) -> str:
+    """``table_prefix`` when it is a valid prefix of a store's tables (:data:`TABLE_PREFIX_RE`); ConfigError if not."""
+    if not isinstance(table_prefix, str) or not TABLE_PREFIX_RE.fullmatch(table_prefix):
+        raise ConfigError(
+            f"table_prefix must be 1 to 40 lower-case letters, digits or '_' (not starting with a digit), "
+            f"got {table_prefix!r}"
+        )
+    return table_prefix
+
+
 class PostgresSchema(PostgresConnection):
     """The tables of a :class:`~advface.store.postgres.PostgresStore` (a mixin over its connections): schema,
     ``meta`` and the checks made when the store opens (ConfigError on a mismatch)."""
@@ -265,9 +275,7 @@ class PostgresSchema(PostgresConnection):
     @staticmethod
     def read_meta(dsn: str, table_prefix: str = "advface", connect_timeout: float = 10.0) -> dict[str, str]:
         """The ``meta`` table of a store (format, dim, metric, encryption...) without opening it."""
-        if not isinstance(table_prefix, str) or not TABLE_PREFIX_RE.fullmatch(table_prefix):
-            raise ConfigError(f"invalid table_prefix {table_prefix!r}")
-        table = f"{table_prefix}_meta"
+        table = f"{check_table_prefix(table_prefix)}_meta"
         try:
             with psycopg.connect(dsn, connect_timeout=max(1, int(connect_timeout))) as conn:
                 if scalar(conn.execute("SELECT to_regclass(%s)", (table,))) is None:

@@ -33,7 +33,7 @@ from advface.store.base import (
 from advface.store.faiss_index import RWLock, TenantIndex
 from advface.store.postgres.connection import ConnectionPool, PgVector, PostgresConnection, redact_dsn, scalar
 from advface.store.postgres.maintenance import PostgresMaintenance
-from advface.store.postgres.schema import HNSW_MAX_DIM, PGVECTOR_MAX_DIM, TABLE_PREFIX_RE, PostgresSchema
+from advface.store.postgres.schema import HNSW_MAX_DIM, PGVECTOR_MAX_DIM, PostgresSchema, check_table_prefix
 from advface.store.postgres.search import MAX_EF_SEARCH, PostgresSearch
 from advface.store.sealing import NAMES_META, SEALING, PlainNames, SubjectNames, names_from_meta
 
@@ -96,11 +96,7 @@ class PostgresStore(PostgresMaintenance, PostgresSearch, PostgresSchema, Postgre
             raise ConfigError(f"pgvector stores at most {PGVECTOR_MAX_DIM} dimensions, got dim={self.dim}")
         if not isinstance(dsn, str) or not dsn.strip():
             raise ConfigError("the PostgreSQL store needs a DSN (store.dsn / ADVFACE_STORE_DSN)")
-        if not isinstance(table_prefix, str) or not TABLE_PREFIX_RE.fullmatch(table_prefix):
-            raise ConfigError(
-                f"table_prefix must be 1 to 40 lower-case letters, digits or '_' (not starting with a digit), "
-                f"got {table_prefix!r}"
-            )
+        check_table_prefix(table_prefix)
         if cipher is not None and not all(hasattr(cipher, a) for a in ("encrypt", "decrypt", "key_id")):
             raise ConfigError(f"cipher must have encrypt(), decrypt() and key_id, got {type(cipher).__name__}")
         self.pool_size = check_config_int(pool_size, "pool_size", 1000)
