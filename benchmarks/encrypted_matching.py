@@ -30,7 +30,8 @@ subjects enrolled in batches of ``--store-batch`` (one transaction each: the tou
 then single-template enrolments (the sidecar's Enroll: one transaction rewriting the block), Verify (the store's
 generation check, scoring, key service) and Identify (top 5) over the store's one tenant. Each Verify is followed
 by the same Verify on the in-memory gallery alone (``verify_gallery_only``), so the store's own cost is read under
-the same machine load.
+the same machine load. ``--service`` adds Verify through the sidecar's :class:`~advface.service.TemplateService`
+over the same store (``verify_service``: embedding probes, the service's checks, threads and buffer zeroing).
 """
 
 from __future__ import annotations
@@ -285,6 +286,7 @@ def bench_store(backend: str, args: argparse.Namespace, keys: SecretKeys, key: b
             identify.append(time.perf_counter() - t)
             assert found and found[0].subject_id == f"s{i}", "identify missed an enrolled template"
         count = store.count("bench")
+        service = _service_verify(store, folder, templates, args, rng) if args.service else None
     return {
         "where": where,
         "templates": count,
@@ -297,7 +299,53 @@ def bench_store(backend: str, args: argparse.Namespace, keys: SecretKeys, key: b
         "verify": _pct(verify),
         "verify_gallery_only": _pct(baseline),
         "identify_top5": _pct(identify),
+        **({"verify_service": service} if service else {}),
     }
+
+
+_SERVICE_CONFIG = """
+encoder: {name: dlib-torch}
+server: {workers: 1}
+store: {data_dir: DATA, use_gpu: false}
+keys: {auto: false}
+protection: {enabled: false}
+"""
+
+
+def _service_verify(
+    store: Any, folder: Path, templates: np.ndarray, args: argparse.Namespace, rng: np.random.Generator
+) -> dict[str, Any]:
+    """Verify through the sidecar's :class:`~advface.service.TemplateService` over ``store`` (embedding probes, as the
+    Verify RPC hands them over): the store call plus the service's checks, its worker and store threads and the
+    zeroing of its plaintext buffers and allocator caches after each call (``encrypted_matching``). Closes ``store``."""
+    import asyncio
+
+    from advface.config import load_config
+    from advface.service import TemplateService
+
+    config = folder / "advface.yaml"
+    config.write_text(_SERVICE_CONFIG.replace("DATA", str(folder / "data")))
+    svc = TemplateService(load_config(config, env={}), store=store)
+    assert svc.encrypted_matching, "the service did not take the store for an encrypted one"
+
+    async def run() -> list[float]:
+        times = []
+        for _ in range(args.verify_runs):
+            i = int(rng.integers(0, args.store_size))
+            probe = templates[i] + 0.01 * rng.standard_normal(DIM).astype(np.float32)
+            t = time.perf_counter()
+            result = await svc.verify("bench", f"s{i}", probe)
+            times.append(time.perf_counter() - t)
+            assert result.match, "a genuine probe was rejected"
+        return times
+
+    try:
+        return {
+            "what": "TemplateService.verify, embedding probe, buffers zeroed after each call",
+            **_pct(asyncio.run(run())),
+        }
+    finally:
+        svc.close()
 
 
 def project(identify: dict[str, Any], sizes: list[int], slots: int, threads: list[int]) -> dict[str, Any]:
@@ -416,6 +464,7 @@ def main() -> None:
     parser.add_argument("--stores", nargs="+", choices=["sqlite", "postgresql"], help="measure the store path only")
     parser.add_argument("--store-size", type=int, default=1000, help="--stores: templates enrolled")
     parser.add_argument("--store-batch", type=int, default=100, help="--stores: templates per add_many call")
+    parser.add_argument("--service", action="store_true", help="--stores: also Verify through the template service")
     parser.add_argument("--dsn", help="--stores postgresql: this database instead of a private server")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
