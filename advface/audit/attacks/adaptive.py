@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from advface.audit.attacks.decoder import DecoderAttacker, cache_key, parse_attacker, train_or_load, training_digest
+from advface.audit.attacks.decoder import DecoderAttacker, parse_attacker, train_or_load
 from advface.datasets.pairs import FacePairs
 from advface.datasets.splits import IdentitySplit
 from advface.encoders.base import FaceEncoder
@@ -51,36 +51,9 @@ def train_or_load_adaptive(
     file hash, budget, steps, seed) for caching. Protecting the training templates is skipped when the decoder is
     cached."""
     spec = parse_attacker(arch)
-    attacker = DecoderAttacker(f"adaptive-{arch}", spec.arch, spec.id_weight)
-    train = pairs.of_identities(split.attacker)
-    key = cache_key(
-        encoder.fingerprint,
-        training_digest(train),
-        attacker,
-        image_size=image_size,
-        epochs=epochs,
-        seed=seed,
-        batch_size=batch_size,
-        extra=f"adaptive|{protection_key}",
-    )
-    if (cache_dir / "audit" / "decoders" / f"{key}.pt").is_file():
-        return train_or_load(
-            attacker,
-            pairs,
-            split,
-            encoder,
-            image_size=image_size,
-            epochs=epochs,
-            seed=seed,
-            cache_dir=cache_dir,
-            extra_key=f"adaptive|{protection_key}",
-            batch_size=batch_size,
-            progress=progress,
-        )
-    protected = protected_pairs(pairs, split, protect)
     return train_or_load(
-        attacker,
-        protected,
+        DecoderAttacker(f"adaptive-{arch}", spec.arch, spec.id_weight),
+        pairs,
         split,
         encoder,
         image_size=image_size,
@@ -91,4 +64,5 @@ def train_or_load_adaptive(
         batch_size=batch_size,
         dataset_name="audit dataset (protected templates)",
         progress=progress,
+        training_pairs=lambda: protected_pairs(pairs, split, protect),
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,8 +102,11 @@ def train_or_load(
     dataset_name: str = "audit dataset",
     batch_size: int = 64,
     progress: bool = True,
+    training_pairs: Callable[[], FacePairs] | None = None,
 ) -> tuple[InversionDecoder, dict, bool]:
     """The attacker's decoder trained on the ``attacker`` group of ``split`` in ``pairs``, from cache when there.
+    ``training_pairs`` (e.g. the same photos with protected templates) is called only when the decoder must be
+    trained, and its pairs are trained on instead; the cache key stays that of ``pairs`` plus ``extra_key``.
 
     Returns ``(decoder in eval mode, metadata, loaded_from_cache)``; the metadata's ``cache_key`` is the file stem.
     """
@@ -136,7 +140,7 @@ def train_or_load(
         batch_size=batch_size,
     )
     model, meta = train_on_group(
-        pairs,
+        pairs if training_pairs is None else training_pairs(),
         split,
         "attacker",
         encoder,
