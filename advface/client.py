@@ -130,12 +130,24 @@ def _face(embedding: Any = None, image: ImageInput | None = None) -> pb.Face:
 
 
 def _subject(msg: pb.Subject) -> Subject:
-    created = None
-    if msg.HasField("created_at"):
-        created = datetime.fromtimestamp(msg.created_at.ToNanoseconds() / 1e9, tz=UTC)
     return Subject(
-        subject_id=msg.subject_id, metadata=dict(msg.metadata), template_ids=list(msg.template_ids), created_at=created
+        subject_id=msg.subject_id,
+        metadata=dict(msg.metadata),
+        template_ids=list(msg.template_ids),
+        created_at=_timestamp(msg, "created_at"),
     )
+
+
+def _timestamp(msg: Any, name: str) -> datetime | None:
+    return datetime.fromtimestamp(getattr(msg, name).ToNanoseconds() / 1e9, tz=UTC) if msg.HasField(name) else None
+
+
+def _maintenance_job(msg: pb.MaintenanceJob) -> dict[str, Any]:
+    """A ``MaintenanceJob`` as a dict (field names as in the proto; times as aware datetimes or None)."""
+    out = _to_dict(msg)
+    for name in ("started_at", "finished_at"):
+        out[name] = _timestamp(msg, name)
+    return out
 
 
 def _f32(value: float) -> float:
@@ -402,6 +414,39 @@ class AdvFaceClient:
         caller's ``rate_per_second`` / ``max_in_flight`` (0: no limit)."""
         r = self._call("Info", pb.InfoRequest(tenant=tenant or ""), timeout)
         return _to_dict(r)
+
+    def rotate_key_pair(
+        self, new_keys_dir: str, *, blocks_per_second: float = 0.0, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """Admin: start (or resume) re-encrypting an encrypted store under the key pair of the sidecar folder
+        ``new_keys_dir`` (a path on the sidecar host) while the sidecar serves; ``blocks_per_second`` 0: the server's
+        default pace. Returns the job (:meth:`maintenance_status`); the same request while it runs returns it too."""
+        request = pb.RotateKeyPairRequest(new_keys_dir=new_keys_dir, blocks_per_second=blocks_per_second)
+        return _maintenance_job(self._call("RotateKeyPair", request, timeout))
+
+    def erase_now(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """Admin: start erasing every removed template of an encrypted store now (and rewriting its database)."""
+        return _maintenance_job(self._call("EraseNow", pb.EraseNowRequest(), timeout))
+
+    def maintenance_status(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """Admin: the current or last maintenance job of an encrypted store: ``operation``, ``state`` (``idle``,
+        ``running``, ``done``, ``failed``, ``stopped``), ``blocks_done`` / ``blocks_total``, ``last_error``, ...
+        (fields of the proto's ``MaintenanceJob``; ``started_at`` / ``finished_at`` as datetimes or None)."""
+        return _maintenance_job(self._call("MaintenanceStatus", pb.MaintenanceStatusRequest(), timeout))
+
+    def reset_attempts(
+        self,
+        subject_id: str = "",
+        *,
+        caller: str = "",
+        tenant: str = DEFAULT_TENANT,
+        timeout: float | None = None,
+    ) -> bool:
+        """Admin: clear ``subject_id``'s lock, escalation and cap of failed Verify attempts and/or ``caller``'s
+        (a token's key id: the first 8 hex digits of its SHA-256) budget of failed Identify calls, in the sidecar
+        process answering; whether anything was cleared."""
+        request = pb.ResetAttemptsRequest(tenant=tenant, subject_id=subject_id, caller=caller)
+        return bool(self._call("ResetAttempts", request, timeout).cleared)
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The standard health service's status of ``service`` (``""``: the server), e.g. ``"SERVING"``."""

@@ -193,7 +193,7 @@ class ImageProtectionConfig:
     guidance: tuple[str, ...] | None = None
     #: Defender surrogate checkpoint for the deflection and antipure terms; None: the one shipped with advface.
     surrogate: str | None = None
-    #: Budget shape (``advface protect-image --budget``: uniform or perceptual); None: the library's default.
+    #: Budget shape (``advface protect-image --budget``: uniform, perceptual or ssim); None: the library's default.
     budget: str | None = None
 
 
@@ -242,6 +242,20 @@ class MatchingConfig:
     verify_window_s: float = 900.0
     #: subjects whose failed attempts are tracked at once, per process (an LRU map)
     verify_max_tracked: int = 100_000
+    #: failed Verify attempts in a row since the subject's last match after which it is refused until an operator
+    #: resets it (re-enrolment); 0: no cap (NIST SP 800-63B 5.2.2: at most 100)
+    verify_max_consecutive_failures: int = 100
+    #: capped subjects held at once, per process (past it the oldest capped one is released, logged)
+    verify_max_capped: int = 100_000
+    #: failed Identify calls (no candidate accepted) allowed per caller within identify_window_s; 0: no limit
+    identify_max_failures: int = 1000
+    identify_window_s: float = 900.0
+    #: failed Identify calls in a row since the caller's last accepted candidate before the cap; 0: no cap
+    identify_max_consecutive_failures: int = 0
+    #: each consecutive lockout (Verify: of a subject; Identify: of a caller) lasts this many times the one before
+    lockout_growth: float = 2.0
+    #: the longest lockout, seconds (at least verify_window_s and identify_window_s)
+    lockout_max_s: float = 86_400.0
 
 
 @dataclass(frozen=True)
@@ -557,7 +571,7 @@ def _guidance(value: Any, where: _Where) -> tuple[str, ...] | None:
 
 
 def _budget(value: Any, where: _Where) -> str | None:
-    """Image-protection budget shape (uniform, perceptual); null: the library's default."""
+    """Image-protection budget shape (uniform, perceptual, ssim); null: the library's default."""
     if _is_null(value, where):
         return None
     from advface.protect.image.perceptual import BUDGETS
@@ -686,6 +700,13 @@ _KEYS: dict[str, dict[str, _Check]] = {
         "verify_max_failures": lambda v, w: _int(v, w, 0, 1_000_000),
         "verify_window_s": lambda v, w: _float(v, w, 0.0, 31_536_000.0, lo_open=True),
         "verify_max_tracked": lambda v, w: _int(v, w, 1, 100_000_000),
+        "verify_max_consecutive_failures": lambda v, w: _int(v, w, 0, 1_000_000_000),
+        "verify_max_capped": lambda v, w: _int(v, w, 1, 100_000_000),
+        "identify_max_failures": lambda v, w: _int(v, w, 0, 1_000_000),
+        "identify_window_s": lambda v, w: _float(v, w, 0.0, 31_536_000.0, lo_open=True),
+        "identify_max_consecutive_failures": lambda v, w: _int(v, w, 0, 1_000_000_000),
+        "lockout_growth": lambda v, w: _float(v, w, 1.0, 1000.0),
+        "lockout_max_s": lambda v, w: _float(v, w, 0.0, 31_536_000.0, lo_open=True),
     },
     "logging": {
         "level": _log_level,
@@ -874,6 +895,17 @@ def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] = os
         raise ConfigError(
             f"{source}: store.backend is postgresql but store.dsn is not set (or set ADVFACE_STORE_DSN), e.g. "
             "postgresql://advface@db.example:5432/advface"
+        )
+
+    matching = sections["matching"]
+    longest = max(
+        matching.get("verify_window_s", MatchingConfig.verify_window_s),
+        matching.get("identify_window_s", MatchingConfig.identify_window_s),
+    )
+    if matching.get("lockout_max_s", MatchingConfig.lockout_max_s) < longest:
+        raise ConfigError(
+            f"{source}: matching.lockout_max_s must be at least matching.verify_window_s and "
+            f"matching.identify_window_s ({longest:g})"
         )
 
     tls = sections["tls"]

@@ -61,17 +61,44 @@ class PreconditionError(AdvfaceError):
 
 
 class AttemptsExhaustedError(AdvfaceError):
-    """Too many failed Verify attempts for one subject within the window (``matching.verify_max_failures``):
-    Verify of that subject is refused, before any work, for ``retry_after_s`` more seconds."""
+    """Too many failed attempts within the window: Verify of one subject (``matching.verify_max_failures``) or
+    Identify of one caller (``matching.identify_max_failures``) is refused, before any work, for ``retry_after_s``
+    more seconds (0: the budget is full of attempts in flight)."""
 
-    def __init__(self, max_failures: int, window_s: float, retry_after_s: float) -> None:
+    def __init__(
+        self,
+        max_failures: int,
+        window_s: float,
+        retry_after_s: float,
+        attempts: str = "Verify attempts",
+        owner: str = "for this subject",
+    ) -> None:
         super().__init__(
-            f"too many failed Verify attempts for this subject ({max_failures} in {window_s:g} s); "
+            f"too many failed {attempts} {owner} ({max_failures} in {window_s:g} s); "
             f"retry in {math.ceil(retry_after_s)} s"
         )
         self.max_failures = max_failures
         self.window_s = window_s
         self.retry_after_s = retry_after_s
+
+
+class AttemptsCappedError(AttemptsExhaustedError):
+    """The hard cap: ``max_consecutive`` failed attempts since the last match (``matching.*_max_consecutive_failures``).
+    Refused until an operator resets the subject (re-enrolment, deletion, ``TemplateService.reset_attempts``) or
+    caller; ``retry_after_s`` is infinite."""
+
+    def __init__(
+        self, max_consecutive: int, attempts: str = "Verify attempts", owner: str = "for this subject"
+    ) -> None:
+        AdvfaceError.__init__(
+            self,
+            f"too many failed {attempts} {owner}: {max_consecutive} in a row since the last match; refused until "
+            "an operator resets it",
+        )
+        self.max_failures = max_consecutive
+        self.max_consecutive = max_consecutive
+        self.window_s = math.inf
+        self.retry_after_s = math.inf
 
 
 class DeadlineExceededError(AdvfaceError):

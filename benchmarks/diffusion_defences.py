@@ -6,7 +6,8 @@ Usage::
         [--people 20] [--n 4] [--protect-steps 60] [--personalise-steps 150] [--purify 0.1,0.2,0.3]
         [--classical jpeg75,blur1.0] [--configs encoders,deflection,encoders+deflection,encoders+deflection+antipure]
         [--purify-configs encoders+deflection,encoders+deflection+antipure]
-        [--out benchmarks/results/diffusion_defences.json]
+        [--antipure-identity surrogate|ensemble] [--antipure-identity-weight 1] [--decoy-weight 0]
+        [--threats training_free,training_based] [--out benchmarks/results/diffusion_defences.json]
     python benchmarks/diffusion_defences.py --merge RUN1.json RUN2.json[:CONFIG,...] [--out ...]   # side by side
 
 The result is rewritten after every configuration and purification level.
@@ -32,7 +33,9 @@ Each generated face is compared with the person's *fourth* photo, clean (Type II
 conditioning the generator, dlib, FMR 0.1% on clean LFW) and the transfer judge (MobileFaceNet, its own FMR 0.1%);
 ``match`` = share accepted, ``ism`` = mean cosine. ``clean`` = the same threats on the unprotected photos. Photos in
 which the attacker finds no face give no training-free faces (counted as not matched, reported as
-``no_face_rate``). Protected photos are cached under ``benchmarks/results/local/diffusion_defences/`` (not
+``no_face_rate``). ``--threats`` measures only some of the threats; ``--antipure-*`` and ``--decoy-weight`` set
+the AntiPure options (:class:`~advface.protect.image.antipure.AntiPureConfig`) of every configuration naming
+``antipure``. Protected photos are cached under ``benchmarks/results/local/diffusion_defences/`` (not
 committed: LFW likenesses), so a rerun with the same settings (and the same surrogate file) reuses them. The result
 is rewritten after every purification level, so a long run's finished part is never lost.
 """
@@ -61,6 +64,7 @@ from advface.faces.pipeline import FaceChipper  # noqa: E402
 from advface.generative.model import IdentityGenerator, load_generator  # noqa: E402
 from advface.generative.threats import FinetuneConfig, generate_from_embeddings, personalise  # noqa: E402
 from advface.images import load_image  # noqa: E402
+from advface.protect.image.antipure import IDENTITY_ENCODERS, AntiPureConfig  # noqa: E402
 from advface.protect.image.core import ImageProtector, ProtectConfig  # noqa: E402
 from advface.protect.image.io import save_png  # noqa: E402
 from advface.protect.image.purify import standard_purifications  # noqa: E402
@@ -70,6 +74,7 @@ from benchmarks.generative_eval import Judges  # noqa: E402
 
 LOCAL = Path(__file__).resolve().parent / "results" / "local" / "diffusion_defences"
 PHOTOS_PER_PERSON = 3
+THREATS = ("training_free", "training_based")
 
 
 class Attacker:
@@ -236,7 +241,7 @@ def run_threats(
 ) -> dict[str, Any]:
     """Every threat on ``photos`` (photo id -> uint8; with ``purify`` also after each purification), judged against
     each person's fourth photo. Levels run one after another (none, then each purification); ``on_level`` receives
-    the summary so far after each."""
+    the summary so far after each person (``people_done`` says how many of the level's people it covers)."""
     tally = Tally(judges)
     levels: list[str] = [""]
     if purify:
@@ -245,6 +250,17 @@ def run_threats(
     classical = standard_purifications()
     no_face = 0
     summary: dict[str, Any] = {}
+
+    def summarise_so_far(people_done: int) -> dict[str, Any]:
+        out = tally.summary()
+        out["no_face_rate"] = no_face / (len(people) * PHOTOS_PER_PERSON)
+        out["people_done"] = people_done
+        purified_keys = [key for key in out if key.startswith("purified_")]
+        if purified_keys:
+            strongest = max(purified_keys, key=lambda key: out[key]["match"])
+            out["purified"] = {**out[strongest], "threat": strongest}
+        return out
+
     for level in levels:
         prefix = f"{level}_" if level else ""
         for k, (_, ids) in enumerate(people):
@@ -260,15 +276,14 @@ def run_threats(
             elif name not in classical:  # the attacker model's diffusion purification of the chips
                 small = attacker.purify(chips, float(name), seed)
                 chips = [None if c is None else resize_faces(c[None], attacker.encoder.chip.size)[0] for c in small]
-            for faces in attacker.training_free(chips, seed):
-                tally.add(f"{prefix}training_free", faces, reference, args.n)
-            tally.add(f"{prefix}training_based", attacker.training_based(chips, seed), reference, args.n)
-        summary = tally.summary()
-        summary["no_face_rate"] = no_face / (len(people) * PHOTOS_PER_PERSON)
-        purified_keys = [key for key in summary if key.startswith("purified_")]
-        if purified_keys:
-            strongest = max(purified_keys, key=lambda key: summary[key]["match"])
-            summary["purified"] = {**summary[strongest], "threat": strongest}
+            if "training_free" in args.threats:
+                for faces in attacker.training_free(chips, seed):
+                    tally.add(f"{prefix}training_free", faces, reference, args.n)
+            if "training_based" in args.threats:
+                tally.add(f"{prefix}training_based", attacker.training_based(chips, seed), reference, args.n)
+            if on_level is not None and k < len(people) - 1:  # a long run's finished people are never lost
+                on_level(summarise_so_far(k + 1))
+        summary = summarise_so_far(len(people))
         if on_level is not None:
             on_level(summary)
     return summary
@@ -311,6 +326,28 @@ def main() -> None:
     parser.add_argument(
         "--purify-configs", default=None, help="configurations attacked after purification (default: the default)"
     )
+    defaults = AntiPureConfig()
+    parser.add_argument(
+        "--antipure-identity",
+        choices=IDENTITY_ENCODERS,
+        default=defaults.identity_encoders,
+        help=f"encoders reading AntiPure's purified face (default {defaults.identity_encoders})",
+    )
+    parser.add_argument(
+        "--antipure-identity-weight",
+        type=float,
+        default=defaults.identity_weight,
+        help=f"weight of AntiPure's identity loss (default {defaults.identity_weight:g})",
+    )
+    parser.add_argument(
+        "--decoy-weight",
+        type=float,
+        default=defaults.decoy_weight,
+        help=f"weight of AntiPure's targeted loss towards a decoy face (default {defaults.decoy_weight:g}: off)",
+    )
+    parser.add_argument(
+        "--threats", default=",".join(THREATS), help=f"threats to measure (default {','.join(THREATS)})"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--out")
@@ -326,6 +363,19 @@ def main() -> None:
     unknown = sorted(set(filter(None, args.classical.split(","))) - set(standard_purifications()))
     if unknown:
         parser.error(f"unknown classical purifications {unknown}; choose from {sorted(standard_purifications())}")
+    threats = set(filter(None, args.threats.split(",")))
+    if not threats or threats - set(THREATS):
+        parser.error(f"--threats must name some of {', '.join(THREATS)}, got {args.threats!r}")
+    args.threats = tuple(t for t in THREATS if t in threats)
+    antipure = AntiPureConfig(
+        identity_encoders=args.antipure_identity,
+        identity_weight=args.antipure_identity_weight,
+        decoy_weight=args.decoy_weight,
+    )
+    try:
+        antipure.validate()
+    except AdvfaceError as exc:
+        parser.error(str(exc))
     purify_configs = set((args.purify_configs or args.default_config).split(","))
     dataset = LFW(args.lfw_dir)
     paths = {item.id: Path(item.path) for item in dataset}
@@ -360,6 +410,14 @@ def main() -> None:
         "classical": args.classical,
         "default_config": args.default_config,
     }
+    if antipure != defaults:  # recorded only when set, so runs of the defaults merge with earlier ones
+        settings["antipure"] = {
+            "identity_encoders": antipure.identity_encoders,
+            "identity_weight": antipure.identity_weight,
+            "decoy_weight": antipure.decoy_weight,
+        }
+    if args.threats != THREATS:
+        settings["threats"] = list(args.threats)
     thresholds = {
         "system_fmr_1e-3": judges.system_threshold,
         "transfer": {"encoder": judges.transfer.name, "fmr_1e-3": judges.transfer.thresholds["1e-3"]},
@@ -374,7 +432,7 @@ def main() -> None:
     if not args.skip_clean:
         clean_photos = {pid: load_image(paths[pid]) for _, ids in people for pid in ids[:PHOTOS_PER_PERSON]}
         results["clean"] = run_threats(attacker, judges, people, clean_photos, args, purify="clean" in purify_configs)
-        print(f"clean: {results['clean']['training_based']['match']:.3f} training-based match", flush=True)
+        print("clean", {t: results["clean"][t]["match"] for t in args.threats}, "match (system judge)", flush=True)
         save()
     for name in [c for c in args.configs.split(",") if c]:
         config = ProtectConfig(
@@ -382,8 +440,11 @@ def main() -> None:
             steps=args.protect_steps,
             seed=args.seed,
             deflection_weight=args.deflection_weight,
+            antipure=antipure,
         )
         key = f"{name}|{args.encoders}|{surrogate_digest}|{args.protect_steps}|{args.deflection_weight}|{args.seed}"
+        if "antipure" in config.guidance and antipure != defaults:  # the defaults keep their earlier cache
+            key += f"|{antipure}"
         digest = hashlib.sha1(key.encode()).hexdigest()
         photos, quality[name] = protect_people(protector, config, people, paths, f"{name}-{digest[:10]}")
 
@@ -392,7 +453,7 @@ def main() -> None:
             save()
 
         run_threats(attacker, judges, people, photos, args, purify=name in purify_configs, on_level=level_done)
-        print(f"{name}: {results[name]['training_based']['match']:.3f} training-based match", flush=True)
+        print(name, {t: results[name][t]["match"] for t in args.threats}, "match (system judge)", flush=True)
         save()
 
 
@@ -404,7 +465,7 @@ def summarise(document: dict[str, Any]) -> dict[str, Any]:
     top: dict[str, Any] = {"transfer": {}}
     for threat in ("training_free", "training_based"):
         for side, source in (("clean", "clean"), ("protected", default)):
-            if source not in results:
+            if threat not in results.get(source, {}):
                 continue
             entry = results[source][threat]
             top.setdefault(threat, {})[side] = {"match": entry["match"], "ism": entry.get("ism")}
@@ -443,8 +504,9 @@ def merge(
     files: list[str], default: str | None, out: str | None, cost: str | None = None, persguard: str | None = None
 ) -> Path:
     """One result from runs of the same settings that measured different configurations (run side by side to use
-    both cores): their ``ablation`` and ``quality`` entries are united; settings must agree but for ``purify`` and
-    ``classical``, and the models must be the same. ``FILE:NAME,NAME`` takes only those configurations of a run; a
+    both cores): their ``ablation`` and ``quality`` entries are united (a configuration measured by several runs with
+    different ``--threats`` gets the threats of all); settings must agree but for ``purify``, ``classical`` and
+    ``threats``, and the models must be the same. ``FILE:NAME,NAME`` takes only those configurations of a run; a
     run that gives only ``clean`` (no protection, so no surrogate involved) must share the attacker model only.
     ``cost``: a ``benchmarks/protect_image_cost.py`` result whose one-thread CPU seconds per photo of the default
     configuration's guidance replace the protection's wall time measured here (inflated when other jobs share the
@@ -464,7 +526,7 @@ def merge(
         documents.append(doc)
     protected = [doc for doc in documents if set(doc["ablation"]) - {"clean"}]
     first = protected[0] if protected else documents[0]
-    ignore = {"purify", "classical", "default_config"}
+    ignore = {"purify", "classical", "default_config", "threats"}
     for doc in documents:
         mine = {k: v for k, v in first["settings"].items() if k not in ignore}
         theirs = {k: v for k, v in doc["settings"].items() if k not in ignore}
@@ -473,8 +535,18 @@ def merge(
             raise SystemExit("the runs to merge differ in settings or models")
     merged = {key: first[key] for key in ("models", "settings", "thresholds")}
     merged["settings"] = dict(first["settings"])
-    merged["ablation"] = {k: v for doc in documents for k, v in doc["ablation"].items()}
-    merged["quality"] = {k: v for doc in documents for k, v in doc["quality"].items()}
+    merged["ablation"], merged["quality"] = {}, {}
+    for doc in documents:  # a configuration measured by several runs (different --threats) gets all their threats
+        for k, v in doc["ablation"].items():
+            merged["ablation"][k] = {**merged["ablation"].get(k, {}), **v}
+        for k, v in doc["quality"].items():
+            known = merged["quality"].get(k, {})
+            merged["quality"][k] = {**known, **{q: x for q, x in v.items() if x is not None or q not in known}}
+    threats = [t for t in THREATS if any(t in doc["settings"].get("threats", THREATS) for doc in documents)]
+    if threats == list(THREATS):
+        merged["settings"].pop("threats", None)
+    else:
+        merged["settings"]["threats"] = threats
     if default:
         merged["settings"]["default_config"] = default
     for key in ("purify", "classical"):

@@ -29,14 +29,18 @@ Modes, each an API client sending raw probe embeddings to ``Verify(victim)``:
   read as the lowest score the key service can release;
 - ``plaintext`` (reference): the plaintext store's exact score; :func:`search_with_scores`.
 
-Per-subject budget of failed Verify attempts (``matching.verify_max_failures`` per ``verify_window_s``,
+Per-subject budget of failed Verify attempts (``matching.verify_max_failures`` per ``verify_window_s``, escalating
+by ``lockout_growth`` up to ``lockout_max_s``, capped at ``verify_max_consecutive_failures`` in a row:
 :mod:`advface.service.attempts`): off (0) unless ``--verify-budget``, which runs the services with the
-configuration's defaults. The attacker then sends at full speed; a Verify refused for the subject's lockout
-(AttemptsExhaustedError) is retried, with the same probe, once its window has ended. The wait is not slept: the
+configuration's defaults (``--verify-max-consecutive`` overrides the cap). The attacker then sends at full speed; a
+Verify refused for the subject's lockout (AttemptsExhaustedError) is retried, with the same probe, once its window
+has ended; one refused for the cap (AttemptsCappedError) ends the attack on that victim (it never refills without an
+operator), and the probes of the batch it was in count as rejections. The wait is not slept: the
 service's attempt counter runs on a clock that is the real monotonic clock plus the waits skipped so far, so every
 window is enforced by the service itself. Reported per victim: the attacker's time to the accepted probe on that
 clock (the victims are attacked one after another; each has its own window, so an attacker would run them in
-parallel), and the number of lockouts it met.
+parallel), the number of lockouts it met, and whether the cap ended the search before a probe was accepted (then the
+queries and hours to the cap).
 
 A probe the service refuses (a norm outside its limits) counts as a rejected query. One run with the largest budget
 gives every smaller one: the searches are deterministic and a smaller budget only stops the same sequence of probes
@@ -68,7 +72,7 @@ from advface.audit.attacks.score_search import (  # noqa: E402
     search_with_decisions,
     search_with_scores,
 )
-from advface.errors import AttemptsExhaustedError, ConfigError, ValidationError  # noqa: E402
+from advface.errors import AttemptsCappedError, AttemptsExhaustedError, ConfigError, ValidationError  # noqa: E402
 from benchmarks.common import write_results  # noqa: E402
 
 TENANT = "t"
@@ -118,8 +122,13 @@ def load_people(lfw_dir: str | None, victims: int, seed: int) -> People:
     return People(chosen, np.stack(enrolled), np.stack(other), pool, len(set(pairs.identities[attacker].tolist())))
 
 
-def _config(folder: Path, verify_budget: bool) -> Any:
-    """The deployment's config; without ``verify_budget`` the per-subject budget of failed attempts is off."""
+class Capped(Exception):
+    """The victim's cap of failed Verify attempts was reached: the search on it ends."""
+
+
+def _config(folder: Path, verify_budget: bool, max_consecutive: int | None = None) -> Any:
+    """The deployment's config; without ``verify_budget`` the per-subject budget of failed attempts is off;
+    ``max_consecutive`` (None: the default) overrides its cap."""
     from advface.config import load_config
 
     data: dict[str, Any] = {
@@ -129,7 +138,9 @@ def _config(folder: Path, verify_budget: bool) -> Any:
         "keys": {"auto": False},
     }
     if not verify_budget:
-        data["matching"] = {"verify_max_failures": 0}
+        data["matching"] = {"verify_max_failures": 0, "verify_max_consecutive_failures": 0}
+    elif max_consecutive is not None:
+        data["matching"] = {"verify_max_consecutive_failures": max_consecutive}
     (folder / "advface.yaml").write_text(yaml.safe_dump(data))
     return load_config(folder / "advface.yaml", env={})
 
@@ -147,6 +158,9 @@ class Client:
         self.lockouts = 0
         self.waited = 0.0  # seconds of lockout skipped (not slept)
         self.times: list[float] = []  # the attacker's time at each decided query (the search sends batches)
+        self.capped = False  # the current victim's cap was reached
+        self.refused_capped = 0  # calls refused for a cap (the rest of the batch that reached it)
+        self.decided = 0  # the current victim's queries answered (not refused for the cap)
         service.verify_attempts.clock = self.clock
 
     def clock(self) -> float:
@@ -162,6 +176,10 @@ class Client:
                 try:
                     out = self.loop.run_until_complete(self.service.verify(TENANT, subject, probe))
                     break
+                except AttemptsCappedError:  # capped: no answer now or later
+                    self.capped = True
+                    self.refused_capped += 1
+                    return False, float("nan")
                 except AttemptsExhaustedError as exc:  # locked: wait for the window's end, send the probe again
                     self.lockouts += 1
                     self.waited += exc.retry_after_s + 1e-3
@@ -171,17 +189,25 @@ class Client:
         finally:
             self.seconds += time.perf_counter() - started
             self.times.append(self.clock())
+        self.decided += 1
         if not out.match and np.isfinite(out.score):
             self.scores_on_rejects += 1
         return bool(out.match), float(out.score)
 
     def decide(self, subject: str) -> Callable[[np.ndarray], np.ndarray]:
-        return lambda probes: np.array([self.verify(subject, p)[0] for p in probes])
+        def answers(probes: np.ndarray) -> np.ndarray:
+            if self.capped:  # the batch before reached the cap and nothing was accepted: the search ends
+                raise Capped
+            return np.array([self.verify(subject, p)[0] for p in probes])
+
+        return answers
 
     def oracle(self, subject: str, floor: float) -> Callable[[np.ndarray], np.ndarray]:
         """Released scores; a rejection without a score reads as ``floor``."""
 
         def scores(probes: np.ndarray) -> np.ndarray:
+            if self.capped:
+                raise Capped
             out = []
             for p in probes:
                 match, score = self.verify(subject, p)
@@ -199,7 +225,12 @@ def _enrol(service: Any, loop: asyncio.AbstractEventLoop, people: People) -> Non
 
 
 def _judge(
-    outcomes: list[SearchOutcome], people: People, budget: int, threshold: float, hours: list[float] | None = None
+    outcomes: list[SearchOutcome],
+    people: People,
+    budget: int,
+    threshold: float,
+    hours: list[float] | None = None,
+    capped: list[bool] | None = None,
 ) -> dict[str, Any]:
     """The summary at ``budget`` of runs made with a budget at least as large (module docs); ``hours``: each
     victim's attacker time to its accepted probe under the verify budget."""
@@ -212,6 +243,12 @@ def _judge(
             "hours_to_accept_at_verify_budget": [round(h, 2) for h in taken],
             "median_hours_to_accept_at_verify_budget": round(float(np.median(taken)), 2) if taken else None,
             "accepted_within_24h_at_verify_budget": int(sum(h <= 24 for h in taken)),
+        }
+    if hours is not None and capped is not None:
+        ended = [h for h, c, o in zip(hours, capped, outcomes) if c and o.queries <= budget]
+        budget_fields |= {
+            "victims_capped_before_an_accepted_probe": len(ended),
+            "median_hours_to_the_cap": round(float(np.median(ended)), 2) if ended else None,
         }
     distances = [
         round(float(np.linalg.norm(o.template.astype(np.float64) - people.other[i])), 4)
@@ -235,23 +272,30 @@ def _judge(
 
 def _attack(
     mode: str, client: Client, people: People, budget: int, metric: str, threshold: float, floor: float, seed: int
-) -> tuple[list[SearchOutcome], list[float]]:
-    """Each victim's outcome and the attacker's hours on it (:meth:`Client.clock`)."""
-    out, hours = [], []
+) -> tuple[list[SearchOutcome], list[float], list[bool]]:
+    """Each victim's outcome, the attacker's hours on it (:meth:`Client.clock`) and whether the cap ended it."""
+    out, hours, capped = [], [], []
     for i in range(len(people.names)):
         subject = f"v{i}"
         began = client.clock()
-        client.times = []
-        if mode == "decisions":
-            o = search_with_decisions(client.decide(subject), people.pool, budget, seed=seed + i)
-        else:
-            oracle = client.oracle(subject, floor if mode == "rounded" else -np.inf)
-            o = search_with_scores(oracle, people.pool, metric, threshold, budget, seed=seed + i)
-        # to the accepted query, not to the end of its batch (an attacker stops there)
+        client.times, client.capped, client.decided = [], False, 0
+        try:
+            if mode == "decisions":
+                o = search_with_decisions(client.decide(subject), people.pool, budget, seed=seed + i)
+            else:
+                oracle = client.oracle(subject, floor if mode == "rounded" else -np.inf)
+                o = search_with_scores(oracle, people.pool, metric, threshold, budget, seed=seed + i)
+        except Capped:  # no probe accepted before the cap: the queries answered, to the cap
+            o = SearchOutcome(client.decided, False, people.pool[0].astype(np.float32), 0.0)
+        capped.append(client.capped and not o.accepted)
+        # to the accepted query (or the cap), not to the end of its batch (an attacker stops there)
         hours.append((client.times[max(o.queries, 1) - 1] - began) / 3600 if client.times else 0.0)
-        print(f"{mode} victim {i}: accepted={o.accepted} queries={o.queries} hours={hours[-1]:.2f}", flush=True)
+        print(
+            f"{mode} victim {i}: accepted={o.accepted} queries={o.queries} capped={capped[-1]} hours={hours[-1]:.2f}",
+            flush=True,
+        )
         out.append(o)
-    return out, hours
+    return out, hours, capped
 
 
 def measure_rate_limit(service: Any, loop: asyncio.AbstractEventLoop, core: Any, people: People, n: int) -> dict:
@@ -295,10 +339,17 @@ def main() -> None:
         action="store_true",
         help="per-subject budget of failed Verify attempts on, at the config defaults (module docs)",
     )
+    parser.add_argument(
+        "--verify-max-consecutive",
+        type=int,
+        help="with --verify-budget: matching.verify_max_consecutive_failures (default: the config's; 0: no cap)",
+    )
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.victims < 1 or min(args.budgets) < 1:
         raise ConfigError("--victims and --budgets must be >= 1")
+    if args.verify_max_consecutive is not None and (not args.verify_budget or args.verify_max_consecutive < 0):
+        raise ConfigError("--verify-max-consecutive needs --verify-budget and must be >= 0")
     budget = max(args.budgets)
 
     from advface.datasets.splits import identities_digest
@@ -344,17 +395,23 @@ def main() -> None:
             auto_erase=False,
         )
         (folder / "e").mkdir()
-        service = TemplateService(_config(folder / "e", args.verify_budget), store=store)
+        service = TemplateService(_config(folder / "e", args.verify_budget, args.verify_max_consecutive), store=store)
         attempts = service.verify_attempts
         if attempts.enabled:
-            payload["verify_budget"] = {"max_failures": attempts.max_failures, "window_s": attempts.window_s}
+            payload["verify_budget"] = {
+                "max_failures": attempts.max_failures,
+                "window_s": attempts.window_s,
+                "lockout_growth": attempts.growth,
+                "lockout_max_s": attempts.max_lockout_s,
+                "max_consecutive_failures": attempts.max_consecutive,
+            }
         threshold = service.threshold.value
         metric = service.metric
         raw_threshold = float(service.encoder.default_threshold or -0.6)
         payload |= {"threshold": threshold, "face_level_threshold": raw_threshold}
         floor = -2.0 * keys.public.params.max_norm  # the lowest score the key service can release
         (folder / "p").mkdir()
-        plain = TemplateService(_config(folder / "p", args.verify_budget))
+        plain = TemplateService(_config(folder / "p", args.verify_budget, args.verify_max_consecutive))
         try:
             _enrol(service, loop, people)
             _enrol(plain, loop, people)
@@ -376,18 +433,30 @@ def main() -> None:
                     store.keyservice = core
                     store.handshake_done(core.policy.top_k_max)
                 started = time.process_time()
-                outcomes, hours = _attack(mode, client, people, budget, metric, threshold, floor, args.seed)
+                outcomes, hours, capped = _attack(mode, client, people, budget, metric, threshold, floor, args.seed)
                 cpu = time.process_time() - started
                 timed = hours if attempts.enabled else None
                 results[mode] = {
                     "by_budget": {
-                        str(b): _judge(outcomes, people, b, raw_threshold, timed) for b in sorted(args.budgets)
+                        str(b): _judge(outcomes, people, b, raw_threshold, timed, capped if timed else None)
+                        for b in sorted(args.budgets)
                     },
-                    "queries": client.queries,
+                    "per_victim": [
+                        {
+                            "victim": i,
+                            "accepted": o.accepted,
+                            "queries": o.queries,
+                            "capped_before_accepted": c,
+                            "hours": round(h, 2) if timed else None,
+                        }
+                        for i, (o, h, c) in enumerate(zip(outcomes, hours, capped))
+                    ],
+                    "queries": client.queries,  # Verify calls sent, those refused for the cap included
                     "probes_refused_by_the_service": client.refused,
                     "seconds_per_query": round(client.seconds / max(1, client.queries), 4),
                     "cpu_seconds": round(cpu, 1),
                     "lockouts_met": client.lockouts,
+                    "calls_refused_for_the_cap": client.refused_capped,
                 }
                 if core is not None:
                     results[mode]["rejections_with_a_score"] = client.scores_on_rejects

@@ -23,20 +23,34 @@ garbage and waits; the parent reads every readable and writable mapping of the c
 A template or probe counts as *recovered* when at least half of its 128 coordinates are found exactly (or, for
 ``plaintexts``, half of its coordinate columns' encodings); ``full`` counts those with every coordinate found.
 
+Reading the memory and counting what is recovered are the library's (:mod:`advface.audit.memory_dump`,
+:mod:`advface.audit.recovered`), which the audit's encrypted-matching scenario (``advface audit --matching
+encrypted``) uses too.
+
 With ``--service`` a third case runs the sidecar's template service instead of the bare store: a
 :class:`~advface.service.TemplateService` (dlib-torch encoder, AdvFace protection on with its defaults) over the same
 store, enrolling raw embeddings (numpy arrays, zeroed by the caller after each call, as a careful library caller
 does) and verifying probes; the thief then looks for the raw embeddings, the protected templates (computed again in
 this process by the same deterministic protector) and the probes. That case covers the service layer with its
-protector; what it does not cover is the gRPC transport (protobuf messages and wire buffers, made by grpcio outside
-our code, holding each request's raw embedding: docs/encrypted-matching.md says why they cannot be wiped from
-Python).
+protector; the gRPC transport above it (protobuf messages and wire buffers, made by grpcio outside our code) is the
+``--grpc`` case's.
+
+With ``--grpc`` a case runs the real sidecar below its transport: the child serves the AdvFace gRPC API
+(``server.app.Sidecar``, as ``advface serve`` builds it, on a loopback port; the same configuration, store and stub
+key service as ``--service``) and this process is the client, enrolling the raw embeddings and verifying the probes
+through ``advface.client.AdvFaceClient`` (nothing is zeroed by hand: the request objects are grpcio's). The thief
+dumps the sidecar three times: serving (idle after the last call), serving after a ``malloc_trim(0)`` (glibc hands
+free pages back, which then read as zeros), and after the sidecar stopped (worker threads gone, store closed).
+
+``--locate`` prints (and stores under ``located``) where each recovered copy lies: its addresses, the mapping of
+``/proc/PID/maps`` and, when the mapping holds a live thread's stack pointer, that thread; the form (float32 or
+float64); and, when ``gdb`` is installed, which thread's vector registers (zmm0-zmm31) hold template, probe or raw
+values. A diagnostic (slower: each mapping is searched on its own).
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +60,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from advface.audit.memory_dump import read_memory  # noqa: E402
+from advface.audit.recovered import (  # noqa: E402
+    WordIndex,
+    forms,
+    plaintext_words,
+    plaintexts_recovered,
+    probe_coefficients,
+    recovered,
+)
 from benchmarks.common import write_results  # noqa: E402
 
 DIM = 128
@@ -105,86 +128,60 @@ keys: {auto: false}
 """
 
 
+_GRPC_CHILD = r"""
+import asyncio, ctypes, gc, sys, threading
+from advface.config import load_config
+from advface.encrypted.keys import generate_keys, new_binding_key
+from advface.encrypted.keyservice import VerifyDecision
+from advface.encrypted.store import EncryptedSQLiteStore
+from advface.service import TemplateService
+from server.app import Sidecar
+from server.servicer import AdvFaceServicer
+
+class NoMatch:
+    def verify(self, request):
+        return VerifyDecision(False)
+
+folder, dim, config = sys.argv[1], int(sys.argv[2]), load_config(sys.argv[3], env={})
+store = EncryptedSQLiteStore(folder + "/templates-encrypted.sqlite3", generate_keys().public, new_binding_key(),
+                             dim, "euclidean", integrity_key=b"k" * 32, keyservice=NoMatch(), auto_erase=False)
+loop = asyncio.new_event_loop()
+threading.Thread(target=loop.run_forever, daemon=True).start()
+
+async def start():
+    sidecar = Sidecar(config, servicer=AdvFaceServicer(config, service=TemplateService(config, store=store)))
+    await sidecar.start()
+    return sidecar
+
+sidecar = asyncio.run_coroutine_threadsafe(start(), loop).result()
+print("port", sidecar.port, flush=True)
+for line in sys.stdin:  # "dump", "trim" (malloc_trim first) or "stop" (the sidecar stops first); then "ready"
+    if line.strip() == "trim":
+        ctypes.CDLL(None).malloc_trim(0)
+    elif line.strip() == "stop":
+        asyncio.run_coroutine_threadsafe(sidecar.stop(0), loop).result()
+    gc.collect()
+    print("ready", flush=True)
+"""
+
+_GRPC_CONFIG = """
+server: {host: 127.0.0.1, port: 0}
+metrics: {enabled: false}
+"""
+
+#: the gRPC case's dumps: (what the child does first, the case's name)
+_GRPC_DUMPS = (
+    ("dump", "gRPC sidecar (AdvFace on): serving"),
+    ("trim", "gRPC sidecar (AdvFace on): serving, after malloc_trim(0)"),
+    ("stop", "gRPC sidecar (AdvFace on): stopped"),
+)
+
+
 def templates(n: int, probes: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """The templates and probes the child makes (the same random stream)."""
     rng = np.random.default_rng(SEED)
     draw = [(rng.standard_normal((1, DIM)) * 0.05).astype(np.float32) for _ in range(n + probes)]
     return np.concatenate(draw[:n]), np.concatenate(draw[n:]) if probes else np.zeros((0, DIM), np.float32)
-
-
-def read_memory(pid: int) -> bytes:
-    """Every readable and writable mapping of process ``pid``."""
-    parts = []
-    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
-        for line in maps:
-            match = re.match(r"([0-9a-f]+)-([0-9a-f]+) (\S+)", line)
-            if match is None or "r" not in match[3] or "w" not in match[3]:
-                continue
-            try:
-                mem.seek(int(match[1], 16))
-                parts.append(mem.read(int(match[2], 16) - int(match[1], 16)))
-            except (OSError, ValueError):
-                continue
-    return b"".join(parts)
-
-
-def _words(data: bytes) -> np.ndarray:
-    return np.frombuffer(data[: len(data) // 8 * 8], dtype=np.uint64)
-
-
-def recovered(data: bytes, t: np.ndarray, extra: np.ndarray | None = None) -> dict[str, int]:
-    """Rows of ``t`` found in ``data`` (at least half of the coordinates / all of them, exactly), each coordinate as
-    float32 (in 8-byte aligned pairs), as float64, or as the float64 of ``extra`` (same shape: e.g. a probe's
-    quantised coefficients)."""
-    if len(t) == 0:
-        return {"half": 0, "full": 0}
-    words = _words(data)
-    pairs = np.ascontiguousarray(t).view(np.uint64)  # n x DIM/2: two float32 coordinates per word
-    forms = [t.astype(np.float64).view(np.uint64)]  # n x DIM
-    if extra is not None:
-        forms.append(np.ascontiguousarray(extra, np.float64).view(np.uint64))
-    wanted = np.unique(np.concatenate([pairs.ravel(), *(f.ravel() for f in forms)]))
-    found = np.unique(words[np.isin(words, wanted)])
-    hit = np.repeat(np.isin(pairs, found), 2, axis=1)
-    for f in forms:
-        hit |= np.isin(f, found)
-    coords = hit.sum(axis=1)
-    return {"half": int((coords >= DIM // 2).sum()), "full": int((coords == DIM).sum())}
-
-
-def plaintext_words(t: np.ndarray) -> np.ndarray:
-    """``n x DIM x 2``: the first two coefficients of the SEAL plaintext of each template column as the gallery
-    encodes it (template ``i`` alone in slot ``i`` of an otherwise zero column, the template scale)."""
-    import tenseal.sealapi as seal
-
-    from advface.encrypted.params import CkksParams, make_context
-
-    params = CkksParams()
-    context = make_context(params)
-    encoder = seal.CKKSEncoder(context)
-    out = np.zeros((len(t), DIM, 2), np.uint64)
-    for i, row in enumerate(t.astype(np.float64)):
-        for j, value in enumerate(row.tolist()):
-            vec = [0.0] * params.slots
-            vec[i % params.slots] = value
-            plain = seal.Plaintext()
-            encoder.encode(vec, context.first_parms_id(), params.template_scale, plain)
-            out[i, j] = (plain.data(0), plain.data(1))
-    return out
-
-
-def plaintexts_recovered(data: bytes, words: np.ndarray) -> dict[str, int]:
-    """Templates of which at least half (all) of the coordinate columns' plaintexts are found in ``data``."""
-    found = np.isin(words, _words(data)).any(axis=2).sum(axis=1)
-    return {"half": int((found >= DIM // 2).sum()), "full": int((found == DIM).sum())}
-
-
-def probe_coefficients(p: np.ndarray) -> np.ndarray:
-    """The quantised probe coefficients the Euclidean gallery encodes (``round(2 p 2^19) / 2^19``)."""
-    from advface.encrypted.params import CkksParams
-
-    scale = CkksParams().probe_scale
-    return np.round(2.0 * p.astype(np.float64) * scale) / scale
 
 
 def service_config(folder: Path) -> Path:
@@ -206,7 +203,9 @@ def protected_templates(raw: np.ndarray, config_path: Path) -> np.ndarray:
     return np.ascontiguousarray(protector.protect(raw), dtype=np.float32)
 
 
-def run_case(n: int, probes: int, caller_zeroes: bool, folder: Path, service: bool = False) -> dict[str, Any]:
+def run_case(
+    n: int, probes: int, caller_zeroes: bool, folder: Path, service: bool = False, locate: bool = False
+) -> dict[str, Any]:
     folder.mkdir(parents=True, exist_ok=True)
     config = service_config(folder) if service else None
     command = [
@@ -227,28 +226,198 @@ def run_case(n: int, probes: int, caller_zeroes: bool, folder: Path, service: bo
         if child.stdout.readline().strip() != b"ready":
             raise RuntimeError("the child process failed")
         memory = read_memory(child.pid)
+        snapshot = _snapshot(child.pid) if locate else None
     finally:
         child.kill()
         child.wait()
     database = b"".join(p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix != ".yaml")
+    memory_mb, database_mb = round(len(memory) / 1e6, 1), round(len(database) / 1e6, 1)
     raw, p = templates(n, probes)
     t = protected_templates(raw, config) if config else raw
     words = plaintext_words(t)
-    extra = {"memory_raw_recovered": recovered(memory, raw)} if config else {}
+    wanted = (*forms(raw), *forms(t), *forms(p, (probe_coefficients(p),)), words)
+    mem, db = WordIndex(memory).narrowed(*wanted), WordIndex(database).narrowed(*wanted)  # one pass each
+    del memory, database
+    extra: dict[str, Any] = {"memory_raw_recovered": recovered(mem, raw)} if config else {}
+    if snapshot is not None:
+        extra["located"] = _locate(snapshot, {"raw": raw, "template": t, "probe": p}, probe_coefficients(p))
     return {
         "case": "template service (AdvFace on)" if config else "store",
         "caller_zeroes": caller_zeroes,
         "templates": n,
         "probes": probes,
-        "memory_mb": round(len(memory) / 1e6, 1),
-        "memory_recovered": recovered(memory, t),
-        "memory_plaintexts_recovered": plaintexts_recovered(memory, words),
-        "memory_probes_recovered": recovered(memory, p, probe_coefficients(p)),
-        "database_mb": round(len(database) / 1e6, 1),
-        "database_recovered": recovered(database, t),
-        "database_plaintexts_recovered": plaintexts_recovered(database, words),
+        "memory_mb": memory_mb,
+        "memory_recovered": recovered(mem, t),
+        "memory_plaintexts_recovered": plaintexts_recovered(mem, words),
+        "memory_probes_recovered": recovered(mem, p, probe_coefficients(p)),
+        "database_mb": database_mb,
+        "database_recovered": recovered(db, t),
+        "database_plaintexts_recovered": plaintexts_recovered(db, words),
         **extra,
     }
+
+
+def run_grpc_case(n: int, probes: int, folder: Path, locate: bool = False) -> list[dict[str, Any]]:
+    """The ``--grpc`` case (module docs): one sidecar child, three dumps; one result per dump."""
+    from advface.client import AdvFaceClient
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = service_config(folder)
+    config.write_text(config.read_text() + _GRPC_CONFIG)
+    raw, p = templates(n, probes)
+    command = [sys.executable, "-c", _GRPC_CHILD, str(folder), str(DIM), str(config)]
+    root = Path(__file__).resolve().parent.parent
+    child = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=root)
+    dumps: list[tuple[str, bytes, Any]] = []
+    try:
+        assert child.stdin is not None and child.stdout is not None
+        line = child.stdout.readline().split()
+        if line[:1] != ["port"]:
+            raise RuntimeError("the sidecar child failed to start")
+        with AdvFaceClient(f"127.0.0.1:{line[1]}", timeout=600.0) as client:
+            for i in range(n):
+                client.enroll(f"subject-{i}", embedding=raw[i])
+            for i in range(probes):
+                client.verify(f"subject-{i % n}", embedding=p[i])
+        for step, name in _GRPC_DUMPS:
+            child.stdin.write(step + "\n")
+            child.stdin.flush()
+            if child.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"the sidecar child failed at {step!r}")
+            dumps.append((name, read_memory(child.pid), _snapshot(child.pid) if locate else None))
+    finally:
+        child.kill()
+        child.wait()
+    database = b"".join(p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix != ".yaml")
+    t = protected_templates(raw, config)
+    words = plaintext_words(t)
+    coefficients = probe_coefficients(p)
+    wanted = (*forms(raw), *forms(t), *forms(p, (coefficients,)), words)
+    db = WordIndex(database).narrowed(*wanted)
+    cases = []
+    for name, memory, snapshot in dumps:
+        mem = WordIndex(memory).narrowed(*wanted)
+        case: dict[str, Any] = {
+            "case": name,
+            "caller_zeroes": None,  # the caller is another process; the sidecar's request objects are grpcio's
+            "templates": n,
+            "probes": probes,
+            "memory_mb": round(len(memory) / 1e6, 1),
+            "memory_recovered": recovered(mem, t),
+            "memory_plaintexts_recovered": plaintexts_recovered(mem, words),
+            "memory_probes_recovered": recovered(mem, p, coefficients),
+            "database_mb": round(len(database) / 1e6, 1),
+            "database_recovered": recovered(db, t),
+            "database_plaintexts_recovered": plaintexts_recovered(db, words),
+            "memory_raw_recovered": recovered(mem, raw),
+        }
+        if snapshot is not None:
+            case["located"] = _locate(snapshot, {"raw": raw, "template": t, "probe": p}, coefficients)
+        cases.append(case)
+    return cases
+
+
+# ---------------------------------------------------------------------- --locate (a diagnostic)
+
+
+def _snapshot(pid: int) -> dict[str, Any]:
+    """What :func:`_locate` needs of a live process: each readable and writable mapping (address, line, bytes), each
+    thread's stack pointer (``/proc/PID/task/TID/syscall``) and, with gdb, its vector registers."""
+    import re
+    import shutil
+
+    mappings = []
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
+        for line in maps:
+            match = re.match(r"([0-9a-f]+)-([0-9a-f]+) (\S+)", line)
+            if match is None or "r" not in match[3] or "w" not in match[3]:
+                continue
+            start, stop = int(match[1], 16), int(match[2], 16)
+            try:
+                mem.seek(start)
+                mappings.append((start, stop, line.strip(), mem.read(stop - start)))
+            except (OSError, ValueError, OverflowError):
+                continue
+    stacks = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        fields = (task / "syscall").read_text().split()
+        if len(fields) >= 3 and fields[0] != "running":
+            stacks[int(task.name)] = int(fields[-2], 16)
+    registers: dict[tuple[int, str], list[int]] | str = "gdb not installed"
+    if shutil.which("gdb"):
+        out = subprocess.run(
+            ["gdb", "-p", str(pid), "-batch", "-ex", "set pagination off"]
+            + [arg for i in range(32) for arg in ("-ex", f"thread apply all p/x $zmm{i}.v8_int64")],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        ).stdout
+        registers = _parse_registers(out)
+    return {"mappings": mappings, "stacks": stacks, "registers": registers}
+
+
+def _parse_registers(out: str) -> dict[tuple[int, str], list[int]]:
+    """``(thread id, register) -> its eight 64-bit words`` from gdb's ``thread apply all p/x $zmmN.v8_int64`` output
+    (one command per register, in order, each printing every thread)."""
+    import re
+
+    registers: dict[tuple[int, str], list[int]] = {}
+    tid, index, seen = 0, -1, set[int]()
+    for line in out.splitlines():
+        match = re.match(r"Thread \S+ \(Thread \S+ \(LWP (\d+)\)", line)
+        if match:
+            tid = int(match[1])
+            if tid in seen or index < 0:  # the first thread again: the next register
+                index, seen = index + 1, set()
+            seen.add(tid)
+            continue
+        match = re.match(r"\$\d+ = \{(.*)\}", line)
+        if match and index >= 0:
+            registers[(tid, f"zmm{index}")] = [int(word, 16) for word in match[1].split(", ")]
+    return registers
+
+
+def _locate(snapshot: dict[str, Any], rows: dict[str, np.ndarray], coefficients: np.ndarray) -> list[str]:
+    """Where copies of ``rows`` (at least 8 coordinates of one row in one mapping or register) are, one line each."""
+    table: dict[int, tuple[str, int, str]] = {}
+    for what, values in rows.items():
+        for i, row in enumerate(values):
+            for word in np.ascontiguousarray(row, np.float32).view(np.uint64).tolist():
+                table[word] = (what, i, "float32")
+            for word in np.ascontiguousarray(row, np.float64).view(np.uint64).tolist():
+                table.setdefault(word, (what, i, "float64"))
+    for i, row in enumerate(coefficients):
+        for word in np.ascontiguousarray(row, np.float64).view(np.uint64).tolist():
+            table.setdefault(word, ("probe", i, "quantised coefficient"))
+    wanted = np.array(sorted(table), np.uint64)
+    lines = []
+    for start, stop, line, data in snapshot["mappings"]:
+        words = np.frombuffer(data, np.uint64, count=len(data) // 8)
+        at = np.flatnonzero(np.isin(words, wanted))
+        groups: dict[tuple[str, int, str], list[int]] = {}
+        for k in at.tolist():
+            groups.setdefault(table[int(words[k])], []).append(start + 8 * k)
+        owner = [tid for tid, sp in snapshot["stacks"].items() if start <= sp < stop]
+        for (what, i, form), addresses in sorted(groups.items()):
+            coords = len(addresses) * (2 if form == "float32" else 1)
+            if coords >= 8:
+                where = f"stack of live thread {owner[0]}" if owner else "no live thread's stack"
+                lines.append(
+                    f"{what} {i} ({form}): ~{coords} coordinates at {min(addresses):#x}-{max(addresses) + 8:#x} "
+                    f"({stop - max(addresses) - 8} bytes below the mapping's end) in [{line}] ({where})"
+                )
+    registers = snapshot["registers"]
+    if isinstance(registers, str):
+        lines.append(f"registers not read: {registers}")
+    else:
+        for (tid, name), register in sorted(registers.items()):
+            hits = [table[w] for w in register if w in table]
+            if hits:
+                what, i, form = hits[0]
+                lines.append(f"{what} {i} ({form}): {len(hits)} words in register {name} of thread {tid}")
+    for line in lines:
+        print("located:", line, flush=True)
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -259,18 +428,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probes", type=int, default=0, help="probes verified after the enrolment (default 0)")
     parser.add_argument("--service", action="store_true", help="add the template-service case (module docs)")
     parser.add_argument("--only-service", action="store_true", help="run the template-service case alone")
+    parser.add_argument("--grpc", action="store_true", help="add the gRPC sidecar case (module docs)")
+    parser.add_argument("--only-grpc", action="store_true", help="run the gRPC sidecar case alone")
+    parser.add_argument("--locate", action="store_true", help="print where each copy found lies (module docs)")
     parser.add_argument("--out", help="results file (default benchmarks/results/encrypted_memory_thief.json)")
     args = parser.parse_args(argv)
-    runs = [] if args.only_service else [(False, False), (True, False)]
+    runs = [] if args.only_service or args.only_grpc else [(False, False), (True, False)]
     if args.service or args.only_service:
         runs.append((True, True))
     cases = []
     with tempfile.TemporaryDirectory() as tmp:
         for zero, service in runs:
             folder = Path(tmp) / f"zero-{int(zero)}-service-{int(service)}"
-            case = run_case(args.templates, args.probes, zero, folder, service)
+            case = run_case(args.templates, args.probes, zero, folder, service, args.locate)
             print(case, flush=True)
             cases.append(case)
+        if args.grpc or args.only_grpc:
+            for case in run_grpc_case(args.templates, args.probes, Path(tmp) / "grpc", args.locate):
+                print(case, flush=True)
+                cases.append(case)
     payload = {
         "attacker": "database file + memory dump of the sidecar's storage path, no key service",
         "dim": DIM,

@@ -4,11 +4,17 @@ Usage (what produced ``benchmarks/results/photo_quality.json`` and ``docs/images
 
     nice -n 10 python benchmarks/photo_quality.py --count 30 --threads 1 --shared-machine --grids 3
 
+and the SSIM budget's rows (``benchmarks/results/photo_quality_ssim.json``; commands in ``benchmarks/RESULTS.md``)::
+
+    nice -n 10 python benchmarks/photo_quality.py --count 24 --threads 1 --shared-machine --guidance encoders \
+        --variants uniform ssim ssim:target=0.95 ssim:target=0.93 --out benchmarks/results/photo_quality_ssim.json
+
 Sample: LFW people shuffled with ``--seed``, the first photo of each (identity-disjoint), ``--count`` of them. Each
-photo's face is detected once and protected with every variant (``uniform``, ``perceptual``, or
-``NAME:KEY=VALUE,...`` to change the budget ``levels``, ``steps`` or parameters of the budget map) at the default
-settings otherwise (60 steps, EOT, feature term, the default ensemble: dlib-torch + MobileFaceNet when its model file
-is present). Per variant the JSON gives
+photo's face is detected once and protected with every variant (``uniform``, ``perceptual``, ``ssim``, or
+``NAME:KEY=VALUE,...`` to change the budget ``levels``, ``steps`` or parameters of the budget map or of the SSIM
+budget, e.g. ``ssim:target=0.95``) at the default settings otherwise (60 steps, EOT, feature term, the default
+ensemble: dlib-torch + MobileFaceNet when its model file is present; ``--guidance`` the terms, default the library's:
+the first table, ``results/photo_quality.json``, was run when that was ``encoders`` alone). Per variant the JSON gives
 quality (PSNR, SSIM, SSIM on the face box, GMSD, mean CIEDE2000 colour difference, the share of pixels changed, the
 mean absolute change in levels), protection strength (per encoder, from the protection report: ``cosine_after`` of
 clean vs protected through the encoder's standard pipeline, and ``matched_after`` at the encoder's threshold) and
@@ -41,7 +47,9 @@ from advface.errors import ImageError  # noqa: E402
 from advface.images import load_image  # noqa: E402
 from advface.paths import lfw_dir as resolve_lfw_dir  # noqa: E402
 from advface.protect.image import ImageProtector, ProtectConfig  # noqa: E402
+from advface.protect.image.guidance import parse_guidance  # noqa: E402
 from advface.protect.image.perceptual import PerceptualBudget  # noqa: E402
+from advface.protect.image.ssim_budget import SsimBudget  # noqa: E402
 from benchmarks.common import RESULTS_DIR, command_line, write_results  # noqa: E402
 
 VERIFICATION_JSON = RESULTS_DIR / "lfw_verification.json"
@@ -49,10 +57,11 @@ DOCS_IMAGES = Path(__file__).resolve().parent.parent / "docs" / "images"
 
 
 def variant_config(spec: str, base: ProtectConfig) -> ProtectConfig:
-    """``uniform``, ``perceptual`` or ``NAME:KEY=VALUE,...`` -> the config. Keys: ``steps``, ``levels`` (the budget
-    epsilon in uint8 levels) and, for perceptual, the fields of PerceptualBudget."""
+    """``uniform``, ``perceptual``, ``ssim`` or ``NAME:KEY=VALUE,...`` -> the config. Keys: ``steps``, ``levels``
+    (the budget epsilon in uint8 levels) and, for perceptual and ssim, the fields of PerceptualBudget or SsimBudget."""
     name, _, options = spec.partition(":")
-    fields = {f.name: f.type for f in dataclasses.fields(PerceptualBudget)}
+    params_type: type[PerceptualBudget] | type[SsimBudget] = SsimBudget if name == "ssim" else PerceptualBudget
+    fields = {f.name: f.type for f in dataclasses.fields(params_type)}
     values: dict[str, Any] = {}
     steps, epsilon = base.steps, base.epsilon
     for item in filter(None, options.split(",")):
@@ -61,10 +70,12 @@ def variant_config(spec: str, base: ProtectConfig) -> ProtectConfig:
             steps, epsilon = (int(value), epsilon) if key == "steps" else (steps, int(value) / 255)
             continue
         if name == "uniform" or key not in fields:
-            raise SystemExit(f"unknown perceptual parameter {key!r} (known: {', '.join(fields)})")
+            raise SystemExit(f"unknown {name} parameter {key!r} (known: {', '.join(fields)})")
         values[key] = int(value) if fields[key] in (int, "int") else float(value)
     if name == "uniform":
         return dataclasses.replace(base, budget="uniform", steps=steps, epsilon=epsilon)
+    if name == "ssim":
+        return dataclasses.replace(base, budget="ssim", ssim=SsimBudget(**values), steps=steps, epsilon=epsilon)
     if name != "perceptual":
         raise SystemExit(f"unknown variant {spec!r}")
     params = PerceptualBudget(**values)
@@ -190,7 +201,7 @@ def write_grids(
     from PIL import Image
 
     DOCS_IMAGES.mkdir(parents=True, exist_ok=True)
-    written = []
+    written: list[dict[str, Any]] = []
     for index, face_image in zip(indices, synthetic_faces(indices, size, seed)):
         try:
             face = protector.find_face(face_image, "<synthetic>")
@@ -250,6 +261,11 @@ def main() -> None:
     parser.add_argument("--encoders", nargs="+", default=None, help="ensemble (default: advface's default)")
     parser.add_argument("--steps", type=int, default=ProtectConfig.steps)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--guidance",
+        default=",".join(ProtectConfig.guidance),
+        help="guidance terms, comma-separated (default: the library's; the first table used encoders alone)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--max-minutes", type=float, default=20.0, help="start no new photo after this wall time")
     parser.add_argument(
@@ -270,7 +286,7 @@ def main() -> None:
         resummarise(Path(args.resummarise))
         return
     torch.set_num_threads(args.threads)
-    base = ProtectConfig(steps=args.steps, seed=args.seed)
+    base = ProtectConfig(steps=args.steps, seed=args.seed, guidance=parse_guidance(args.guidance))
     protector = ImageProtector(args.encoders)
     encoders = protector.encoder_names
     started = time.perf_counter()
@@ -306,8 +322,15 @@ def main() -> None:
         "shared_machine": args.shared_machine,
         "load_average": os.getloadavg()[0],
         "torch_threads": torch.get_num_threads(),
-        "config": {"steps": base.steps, "epsilon_levels": base.levels, "seed": base.seed, "eot": base.eot},
+        "config": {
+            "steps": base.steps,
+            "epsilon_levels": base.levels,
+            "seed": base.seed,
+            "eot": base.eot,
+            "guidance": list(base.guidance),
+        },
         "perceptual_defaults": PerceptualBudget().__dict__,
+        "ssim_defaults": SsimBudget().__dict__,
         "encoders": encoders,
         "ensemble_notes": protector.notes,
         "photos_run": len(photos),

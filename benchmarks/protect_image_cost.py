@@ -11,6 +11,12 @@ ensemble, the shipped defender surrogate for the diffusion terms), after one unt
 models. The JSON gives per selection the mean and maximum wall seconds per photo, the mean CPU seconds of this
 process per photo (with one torch thread, what the wall time is on an idle machine: other jobs sharing the CPU
 inflate the wall time, hardly the CPU time), and the machine's load average at the start and end.
+``--antipure-identity`` / ``--decoy-weight`` set the AntiPure identity options
+(:class:`~advface.protect.image.antipure.AntiPureConfig`) of every selection, e.g. (what produced
+``benchmarks/results/protect_image_cost_antipure_ensemble.json``)::
+
+    python benchmarks/protect_image_cost.py --count 3 --guidance encoders,deflection,antipure \\
+        --antipure-identity ensemble --decoy-weight 1 --threads 1 --out ...
 """
 
 from __future__ import annotations
@@ -26,8 +32,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from advface.datasets import LFW  # noqa: E402
+from advface.errors import ConfigError  # noqa: E402
 from advface.images import load_image  # noqa: E402
 from advface.protect.image import ImageProtector, ProtectConfig  # noqa: E402
+from advface.protect.image.antipure import IDENTITY_ENCODERS, AntiPureConfig  # noqa: E402
 from advface.protect.image.guidance import parse_guidance  # noqa: E402
 from benchmarks.common import write_results  # noqa: E402
 
@@ -40,7 +48,25 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--lfw-dir", help="LFW root (default $ADVFACE_LFW_DIR)")
     parser.add_argument("--out", help="output JSON (default benchmarks/results/protect_image_cost.json)")
+    defaults = AntiPureConfig()
+    parser.add_argument(
+        "--antipure-identity",
+        choices=IDENTITY_ENCODERS,
+        default=defaults.identity_encoders,
+        help=f"encoders reading AntiPure's purified face (default {defaults.identity_encoders})",
+    )
+    parser.add_argument(
+        "--decoy-weight",
+        type=float,
+        default=defaults.decoy_weight,
+        help=f"weight of AntiPure's targeted decoy loss (default {defaults.decoy_weight:g}: off)",
+    )
     args = parser.parse_args()
+    antipure = AntiPureConfig(identity_encoders=args.antipure_identity, decoy_weight=args.decoy_weight)
+    try:
+        antipure.validate()
+    except ConfigError as exc:
+        parser.error(str(exc))
     torch.set_num_threads(args.threads)
     selections = [parse_guidance(g) for g in args.guidance]
 
@@ -54,7 +80,7 @@ def main() -> None:
     load_start = os.getloadavg()[0]
     results = {}
     for guidance in selections:
-        config = ProtectConfig(guidance=guidance)
+        config = ProtectConfig(guidance=guidance, antipure=antipure)
         protector.protect(photos[:1], config, faces=faces[:1])  # warm-up: loads the surrogate, fills caches
         seconds, cpu = [], []
         for photo, face in zip(photos[1:], faces[1:]):
@@ -75,7 +101,16 @@ def main() -> None:
             flush=True,
         )
     payload = {
-        "settings": {"count": args.count, "threads": args.threads, "steps": ProtectConfig.steps},
+        "settings": {
+            "count": args.count,
+            "threads": args.threads,
+            "steps": ProtectConfig.steps,
+            **(
+                {"antipure": {"identity_encoders": antipure.identity_encoders, "decoy_weight": antipure.decoy_weight}}
+                if antipure != defaults
+                else {}
+            ),
+        },
         "encoders": protector.encoder_names,
         "load_average": {"start": load_start, "end": os.getloadavg()[0]},
         "guidance": results,

@@ -135,11 +135,16 @@ class Sidecar:
                 lambda: service.batcher.queued,
                 methods=tuple(pb.DESCRIPTOR.services_by_name[SERVICE_NAME.rsplit(".", 1)[-1]].methods_by_name),
                 tracked_subjects=service.verify_attempts.tracked,
+                capped_subjects=service.verify_attempts.capped_now,
             )
             self.servicer.metrics = self.metrics
             service.batcher.on_batch = self.metrics.protection_batch
             service.verify_attempts.on_lockout = self.metrics.verify_lockouts.inc
             service.verify_attempts.on_refused = self.metrics.verify_refused_locked.inc
+            service.verify_attempts.on_capped = self.metrics.verify_capped.inc
+            service.identify_attempts.on_lockout = self.metrics.identify_lockouts.inc
+            service.identify_attempts.on_refused = self.metrics.identify_refused_locked.inc
+            service.identify_attempts.on_capped = self.metrics.identify_capped.inc
             auth_interceptor.on_refused = self.metrics.rpc_refused
             decode_guard.on_refused = self.metrics.rpc_refused
             try:

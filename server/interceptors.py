@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf import unknown_fields
 
 from advface.api.v1 import SERVICE_NAME
 from advface.api.v1 import advface_pb2 as pb
@@ -266,11 +267,24 @@ MALFORMED = _Malformed()
 def _tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     def deserialize(data: bytes) -> Any:
         try:
-            return deserializer(data)
+            message = deserializer(data)
+            if data and _field_zero(message):
+                return MALFORMED
+            return message
         except Exception:  # noqa: BLE001 - DecodeError, or whatever else the parser raises on hostile bytes
             return MALFORMED
 
     return deserialize
+
+
+def _field_zero(message: Any) -> bool:
+    """Whether a request of a message type without fields (``EraseNowRequest``...) holds field number 0, which
+    protobuf forbids: upb's parser keeps such bytes as an unknown field there instead of failing, as it does for
+    every other request type."""
+    descriptor = getattr(message, "DESCRIPTOR", None)
+    if descriptor is None or descriptor.fields:
+        return False
+    return any(field.field_number == 0 for field in unknown_fields.UnknownFieldSet(message))
 
 
 class DecodeGuard(grpc.aio.ServerInterceptor):

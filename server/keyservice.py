@@ -71,8 +71,9 @@ class KeyServiceServicer(pb_grpc.KeyServiceServicer):
 
     def Handshake(self, request: pb.HandshakeRequest, context: grpc.ServicerContext) -> pb.HandshakeReply:  # noqa: N802
         def work() -> pb.HandshakeReply:
+            held = request.fingerprint if self.core.holds(request.fingerprint) else self.core.fingerprint
             return pb.HandshakeReply(
-                fingerprint=self.core.fingerprint,
+                fingerprint=held,
                 metric=self.core.policy.metric,
                 top_k_max=self.core.policy.top_k_max,
                 slots=self.core.params.slots,

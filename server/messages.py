@@ -11,6 +11,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from advface.api.v1 import advface_pb2 as pb
 from advface.errors import ValidationError
 from advface.service.image_protection import ProtectedImage
+from advface.service.maintenance import MaintenanceJob
 from advface.service.templates import Face, ProtectionSummary
 from advface.store.base import SubjectInfo
 
@@ -117,3 +118,27 @@ def image_report(result: ProtectedImage) -> pb.ImageProtectionReport:
         notes=list(report.notes),
         guidance=list(report.guidance),
     )
+
+
+def maintenance_job(job: MaintenanceJob) -> pb.MaintenanceJob:
+    """A MaintenanceJob message of a maintenance job's state."""
+    msg = pb.MaintenanceJob(
+        operation=job.operation,
+        state=job.state,
+        blocks_done=job.blocks_done,
+        blocks_total=job.blocks_total,
+        blocks_this_job=job.blocks_this_job,
+        last_error=job.last_error,
+        target_fingerprint=job.target_fingerprint,
+        new_keys_dir=job.new_keys_dir,
+        fingerprint=job.fingerprint,
+        erased=job.erased,
+        pending=job.pending,
+        already_running=job.already_running,
+        unfinished_rotation=job.unfinished_rotation,
+    )
+    for field, seconds in (("started_at", job.started_at), ("finished_at", job.finished_at)):
+        ts = timestamp(seconds)
+        if ts is not None:
+            getattr(msg, field).CopyFrom(ts)
+    return msg

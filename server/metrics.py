@@ -17,7 +17,11 @@ Metrics (labels never carry request data: no subject, template or tenant ids, no
   (``matching.verify_max_failures``); ``advface_verify_refused_locked_total`` -- Verify calls refused while their
   subject was locked (they are also RESOURCE_EXHAUSTED in ``advface_rpc_requests_total``);
   ``advface_verify_tracked_subjects`` -- subjects whose failed attempts are tracked now (at most
-  ``matching.verify_max_tracked``);
+  ``matching.verify_max_tracked``); ``advface_verify_capped_total`` -- subjects that reached the hard cap
+  (``matching.verify_max_consecutive_failures``), ``advface_verify_capped_subjects`` -- subjects capped now;
+- ``advface_identify_lockouts_total`` -- callers locked for too many failed Identify calls
+  (``matching.identify_max_failures``), ``advface_identify_refused_locked_total`` -- Identify calls refused while
+  their caller was locked or capped, ``advface_identify_capped_total`` -- callers that reached the Identify cap;
 - ``advface_build_info{service, version, api, grpc, encoder, protection, store_backend}`` -- constant 1.
 
 Config section ``metrics`` (``enabled``, ``host``, ``port``: docs/configuration.md); port 0 picks a free one,
@@ -63,6 +67,7 @@ class SidecarMetrics:
         queue_length: Callable[[], int] | None = None,
         methods: tuple[str, ...] = (),
         tracked_subjects: Callable[[], int] | None = None,
+        capped_subjects: Callable[[], int] | None = None,
     ) -> None:
         #: RPC names used as labels; anything else a client sends is counted as "other" (bounded labels)
         self.methods = frozenset(methods)
@@ -112,6 +117,21 @@ class SidecarMetrics:
         )
         if tracked_subjects is not None:
             tracked.set_function(lambda: float(tracked_subjects()))
+        self.verify_capped = Counter(
+            "advface_verify_capped", "Subjects that reached the cap of consecutive failed Verify attempts", registry=r
+        )
+        capped = Gauge("advface_verify_capped_subjects", "Subjects refused until an operator resets them", registry=r)
+        if capped_subjects is not None:
+            capped.set_function(lambda: float(capped_subjects()))
+        self.identify_lockouts = Counter(
+            "advface_identify_lockouts", "Callers locked for too many failed Identify calls", registry=r
+        )
+        self.identify_refused_locked = Counter(
+            "advface_identify_refused_locked", "Identify calls refused while their caller was locked", registry=r
+        )
+        self.identify_capped = Counter(
+            "advface_identify_capped", "Callers that reached the cap of consecutive failed Identify calls", registry=r
+        )
         Info("advface_build", "Versions and configuration of this sidecar", registry=r).info(
             {k: str(v) for k, v in build.items()}
         )

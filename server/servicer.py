@@ -16,6 +16,9 @@ and updates the Prometheus metrics when they are on.
 transform is on: a caller who may call Protect with faces it knows can estimate that tenant's matrix, so grant it
 to trusted clients only). ``ProtectImage`` is stateless too: a photo in, the protected PNG and a report out; the
 encoder ensemble is loaded on the first call (never when ``image_protection.enabled`` is false).
+
+``RotateKeyPair``, ``EraseNow`` and ``MaintenanceStatus`` are admin-only (PERMISSION_DENIED for client tokens) and
+call :class:`advface.service.maintenance.MaintenanceService`, which runs the job in the background.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from advface.encoders import FaceEncoder
 from advface.errors import AdvfaceError, ValidationError
 from advface.protect import TemplateProtector
 from advface.service import DEFAULT_TENANT, EnrolItem, TemplateService, check_tenant
+from advface.service.maintenance import MaintenanceJob, MaintenanceService
 from advface.service.validation import MAX_REQUEST_NORM, MIN_REQUEST_NORM
 from advface.store.base import (
     MAX_ID_CHARS,
@@ -113,17 +117,29 @@ class AdvFaceServicer(pb_grpc.AdvFaceServicer):
         )
         self.max_receive_bytes = config.server.max_receive_mb * 1024 * 1024
         self.max_send_bytes = config.server.max_send_mb * 1024 * 1024
+        #: maintenance jobs of an encrypted store (the admin RPCs)
+        self.maintenance = MaintenanceService(self.service.store)
         #: server.metrics.SidecarMetrics, set by the Sidecar when metrics are enabled
         self.metrics: Any = None
 
     def close(self) -> None:
-        """Close the service: its worker threads and its store (idempotent)."""
+        """Stop a running maintenance job, then close the service: its worker threads and its store (idempotent)."""
+        self.maintenance.close()
         self.service.close()
 
     # ------------------------------------------------------------------ plumbing
 
     def _principal(self, context: grpc.aio.ServicerContext) -> Principal:
         return self.auth.principal(context)
+
+    def _admin(self, context: grpc.aio.ServicerContext) -> None:
+        if not self._principal(context).is_admin:
+            raise RpcFailure(grpc.StatusCode.PERMISSION_DENIED, "this RPC needs an admin token")
+
+    async def _maintenance(self, fn: Callable[..., MaintenanceJob], *args: Any) -> pb.MaintenanceJob:
+        """Run a maintenance request off the event loop (it may wait for the store's lock); its job as a message."""
+        job = await asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args))
+        return messages.maintenance_job(job)
 
     def _tenant(self, request: Any, context: grpc.aio.ServicerContext, call: _Call) -> str:
         tenant = check_tenant(request.tenant)
@@ -256,8 +272,12 @@ class AdvFaceServicer(pb_grpc.AdvFaceServicer):
     @_rpc("Identify")
     async def Identify(self, request: pb.IdentifyRequest, context: grpc.aio.ServicerContext, call: _Call) -> Any:
         tenant = self._tenant(request, context, call)
-        candidates = await self.service.identify(
-            tenant, messages.face_input(request.probe, "probe"), int(request.top_k), _deadline(context)
+        candidates = await self.service.identify(  # failed Identify calls are counted per caller (its token)
+            tenant,
+            messages.face_input(request.probe, "probe"),
+            int(request.top_k),
+            _deadline(context),
+            caller=self._principal(context).key_id,
         )
         call.items = len(candidates)
         return pb.IdentifyResponse(
@@ -337,6 +357,36 @@ class AdvFaceServicer(pb_grpc.AdvFaceServicer):
             ),
             limits=self._limits(),
         )
+
+    @_rpc("RotateKeyPair")
+    async def RotateKeyPair(
+        self, request: pb.RotateKeyPairRequest, context: grpc.aio.ServicerContext, call: _Call
+    ) -> Any:
+        self._admin(context)
+        return await self._maintenance(
+            self.maintenance.rotate_key_pair, request.new_keys_dir, float(request.blocks_per_second)
+        )
+
+    @_rpc("EraseNow")
+    async def EraseNow(self, request: pb.EraseNowRequest, context: grpc.aio.ServicerContext, call: _Call) -> Any:
+        self._admin(context)
+        return await self._maintenance(self.maintenance.erase_now)
+
+    @_rpc("MaintenanceStatus")
+    async def MaintenanceStatus(
+        self, request: pb.MaintenanceStatusRequest, context: grpc.aio.ServicerContext, call: _Call
+    ) -> Any:
+        self._admin(context)
+        return await self._maintenance(self.maintenance.status)
+
+    @_rpc("ResetAttempts")
+    async def ResetAttempts(
+        self, request: pb.ResetAttemptsRequest, context: grpc.aio.ServicerContext, call: _Call
+    ) -> Any:
+        self._admin(context)
+        tenant = self._tenant(request, context, call)
+        cleared = self.service.reset_attempts(tenant, request.subject_id or None, request.caller or None)
+        return pb.ResetAttemptsResponse(cleared=cleared)
 
     def _limits(self) -> pb.Limits:
         """The request limits this server enforces (Info's ``limits``)."""

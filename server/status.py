@@ -3,7 +3,8 @@
 :class:`RpcFailure` ends a call with ``(code, details)`` (authentication, authorisation, limits of the transport);
 :func:`status_of` maps any exception raised while handling a call to its ``(code, details)``: advface's request
 errors (:mod:`advface.errors`) to INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS, FAILED_PRECONDITION,
-DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED (a subject's budget of failed Verify attempts), UNAVAILABLE; anything else
+DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED (a subject's budget of failed Verify attempts or a caller's of failed Identify
+calls, the hard caps included), UNAVAILABLE; anything else
 to INTERNAL with the exception's class name only (its message could quote request data).
 """
 
@@ -41,7 +42,9 @@ _CODES: tuple[tuple[type[AdvfaceError], grpc.StatusCode], ...] = (
     (AlreadyExistsError, grpc.StatusCode.ALREADY_EXISTS),
     (PreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
     (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
-    # a quota that refills when the window ends (retry later), not a grant the caller lacks (PERMISSION_DENIED)
+    # a quota that refills when the window ends (retry later), not a grant the caller lacks (PERMISSION_DENIED);
+    # its hard cap (AttemptsCappedError, refilled only by an operator) too: the same quota, used up, and the details
+    # say that waiting will not help
     (AttemptsExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
 )
 

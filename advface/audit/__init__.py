@@ -8,13 +8,17 @@ Modules: :mod:`advface.audit.attacks` (decoder, GAN-prior and adaptive attackers
 :mod:`advface.audit.config` (the run's settings), :mod:`advface.audit.stages` (one module per stage),
 :mod:`advface.audit.results` (the stages' typed results and ``report.json``), :mod:`advface.audit.field_metrics`
 (FNMR at FMR, BTPBench renewability), :mod:`advface.audit.report` (HTML + JSON), :mod:`advface.audit.manifest` (the
-reproducibility bundle, ``manifest.json``), :mod:`advface.audit.run` (orchestration).
+reproducibility bundle, ``manifest.json``), :mod:`advface.audit.run` (orchestration); for ``--matching encrypted``
+:mod:`advface.audit.memory_dump` (reading a process's memory), :mod:`advface.audit.recovered` (counting templates
+found in bytes), :mod:`advface.audit.sidecar_child` (the sidecar-like process) and
+:mod:`advface.audit.encrypted_thief` (dumping it).
 """
 
 from typing import Any
 
 __all__ = [
     "FULL_ATTACKERS",
+    "MATCHINGS",
     "PROTECTIONS",
     "QUICK_ATTACKERS",
     "TARGET_D_SYS",
@@ -38,6 +42,9 @@ FULL_ATTACKERS = (
     "adaptive",
     "adaptive-resup+id",
 )
+#: How the audited deployment matches (``--matching``): ``plain`` (the stores as the rest of the audit measures them)
+#: or ``encrypted`` (also the thief with the database and the sidecar's memory under encrypted matching).
+MATCHINGS = ("plain", "encrypted")
 #: Attackers of ``--quick``.
 QUICK_ATTACKERS = ("deconv", "resup+id", "tokens", "gan-prior", "adaptive")
 #: Unlinkability target of the keyed transform: D_sys at most this for every pair of tenant keys measured.

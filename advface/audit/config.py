@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from advface.audit import FULL_ATTACKERS, PROTECTIONS, QUICK_ATTACKERS, TARGET_TYPE1
+from advface.audit import FULL_ATTACKERS, MATCHINGS, PROTECTIONS, QUICK_ATTACKERS, TARGET_TYPE1
 from advface.errors import ConfigError
 
 
@@ -77,6 +77,9 @@ class AuditConfig:
     score_budget: int = 2000
     #: Also write ``report.pdf`` (needs the ``pdf`` extra, fpdf2).
     pdf: bool = False
+    #: ``encrypted``: also the thief with the database and the sidecar's memory under encrypted matching
+    #: (``encrypted_matching`` of report.json; needs the ``encrypted`` extra and Linux's /proc); ``plain``: not.
+    matching: str = "plain"
 
     @classmethod
     def quick_mode(cls, data: Path, out: Path, **overrides: Any) -> AuditConfig:
@@ -156,6 +159,12 @@ class AuditConfig:
                 f"{', '.join(flags)}: with --store the audit protects as the store's sidecar does, "
                 "from the protection section of --config; drop these flags"
             )
+        if self.matching not in MATCHINGS:
+            raise ConfigError(f"--matching must be one of {', '.join(MATCHINGS)}, got {self.matching!r}")
+        if self.matching == "encrypted":
+            from advface.encrypted._seal import require
+
+            require()  # before hours of work: a clear error when the encrypted extra is missing
         if not 0 <= self.target_type1 <= 1:
             raise ConfigError(f"--target-type1 must be in [0, 1], got {self.target_type1}")
         if self.rel_l2 is not None and not 0 < self.rel_l2 <= 1:

@@ -24,6 +24,7 @@ from advface.audit.results import (
     TEMPLATE_KINDS,
     AttackResult,
     AuditResult,
+    EncryptedMatchingResult,
     JudgedTemplates,
     LayersResult,
     ReconstructionResult,
@@ -341,6 +342,47 @@ def _scenario_run_html(sc: ScenariosResult) -> str:
     return "".join(parts)
 
 
+def _encrypted_matching_html(enc: EncryptedMatchingResult) -> str:
+    """The encrypted-matching scenario: what the thief with the database and the sidecar's memory recovered."""
+    parts = ["<h2 id='encrypted-matching'>Scenario: encrypted matching, the database and the sidecar's memory</h2>"]
+    if not enc.measured:
+        parts.append(f"<p><b>Not measured</b>: {html.escape(str(enc.reason))}.</p>")
+    else:
+        c = enc.counts
+
+        def cell(key: str) -> str:
+            return f"{c[key]['half']} ({c[key]['full']})" if key in c else "&ndash;"
+
+        parts.append(
+            f"<p><b>{html.escape(enc.summary)}</b>.</p>"
+            + _table(
+                ["what the thief reads", "templates (full)", "template plaintexts (full)", "probes (full)"],
+                [
+                    [
+                        f"memory dump ({enc.memory_mb} MB)",
+                        cell("memory_templates"),
+                        cell("memory_plaintexts"),
+                        cell("memory_probes"),
+                    ],
+                    [
+                        f"database files ({html.escape(', '.join(enc.database_files))}; {enc.database_mb} MB)",
+                        cell("database_templates"),
+                        cell("database_plaintexts"),
+                        "&ndash;",
+                    ],
+                ],
+            )
+            + f"<p>{html.escape(enc.attacks)}.</p>"
+        )
+        judged = [(w, j) for w, j in (("templates", enc.judged_templates), ("probes", enc.judged_probes)) if j]
+        if judged:
+            parts.append(
+                _table(["recovered", *_JUDGED_HEADER], [[f"recovered {w}", *_judged_cells(j)] for w, j in judged])
+            )
+    parts.append(f"<p class='note'>{html.escape(enc.setup)}. Not covered: {html.escape(enc.not_covered)}.</p>")
+    return "".join(parts)
+
+
 def _utility_html(utility: UtilityResult) -> str:
     """FNMR at FMR 0.1% / 0.01% per kind of enrolled template, with the comparisons and 95% intervals."""
     rows = []
@@ -477,6 +519,8 @@ def render_html(result: AuditResult, figures: dict[str, str]) -> str:
         parts.append(_layers_html(r.thief_without_keys, r.layers))
     if r.scenarios is not None:
         parts.append(_scenarios_html(r.scenarios))
+    if r.encrypted_matching is not None:
+        parts.append(_encrypted_matching_html(r.encrypted_matching))
     parts.append(_figure(figures, "grid", "image grid", "<h3>Reconstructions</h3>"))
     parts.append(_figure(figures, "gan", "GAN prior progress"))
     if r.verification is not None:

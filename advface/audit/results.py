@@ -11,7 +11,9 @@ Format of ``report.json`` (:data:`FORMAT_VERSION`): 1 = the earlier format, with
 utility metrics (``utility``), D_sys's bins and score range, BTPBench renewability and the ``verdict`` (added keys
 only); 5 = format 4 plus ``scenarios`` (full disclosure, known pairs, score exposure) and their settings under
 ``config`` (added keys only); 6 = format 5 plus ``scenarios["protected+key"]`` (the scenarios on the templates under
-the keyed transform), ``protection.centre`` and ``config.scheme_centre`` (added keys only).
+the keyed transform), ``protection.centre`` and ``config.scheme_centre`` (added keys only); 7 = format 6 plus
+``encrypted_matching`` (the thief with the database and the sidecar's memory under encrypted matching, with
+``--matching encrypted``) and ``config.matching`` (added keys only).
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ import numpy as np
 #: Version of the ``report.json`` format (1: the format before the field existed; 2: format 1 + ``format_version``;
 #: 3: format 2 + the transfer judge's keys; 4: format 3 + manifest setting, utility, D_sys bins, verdict;
 #: 5: format 4 + ``scenarios`` and the scenario settings in ``config``; 6: format 5 + the scenarios on
-#: ``protected+key`` and a reference scheme's centring).
-FORMAT_VERSION = 6
+#: ``protected+key`` and a reference scheme's centring; 7: format 6 + ``encrypted_matching`` and ``config.matching``).
+FORMAT_VERSION = 7
 #: The kinds of template each attacker and the verification are run on: raw embeddings, AdvFace output
 #: ("protected") and AdvFace output through the keyed transform ("protected+key").
 TEMPLATE_KINDS = ("raw", "protected", "protected+key")
@@ -1023,6 +1025,76 @@ class ScenariosResult:
         return out
 
 
+# ------------------------------------------------------------------------------------------- encrypted matching
+@dataclass
+class EncryptedMatchingResult:
+    """The ``encrypted_matching`` section (format 7): the thief with the database and a memory dump of the
+    sidecar under encrypted matching, without the key service (:mod:`advface.audit.stages.encrypted_matching`).
+    ``measured`` False: ``reason`` says why, and there are no counts."""
+
+    measured: bool
+    #: Templates enrolled (the audited ones) and probes verified by the sidecar-like process.
+    templates: int
+    probes: int
+    setup: str
+    #: What the row does not cover.
+    not_covered: str
+    reason: str | None = None
+    #: Rows recovered (``half`` / ``full``) per place and form (memory / database; values / plaintexts / probes).
+    counts: JsonDict = field(default_factory=dict)
+    #: Templates recovered anywhere (at least half of the coordinates), and with every coordinate; probes the same.
+    templates_recovered: int = 0
+    templates_recovered_full: int = 0
+    probes_recovered: int = 0
+    probes_recovered_full: int = 0
+    memory_mb: float = 0.0
+    database_mb: float = 0.0
+    database_files: list[str] = field(default_factory=list)
+    #: The recovered templates / probes (unknown coordinates filled with a public mean) through the audit's judge;
+    #: None when none was recovered (the attacks' success is then 0 by construction: ``attacks``).
+    judged_templates: JudgedTemplates | None = None
+    judged_probes: JudgedTemplates | None = None
+    attacks: str = ""
+
+    @property
+    def recovered_any(self) -> bool:
+        """Whether any template or probe was recovered (at least half of its coordinates)."""
+        return self.templates_recovered > 0 or self.probes_recovered > 0
+
+    @property
+    def summary(self) -> str:
+        """One line: what was recovered of how many (or why not measured)."""
+        if not self.measured:
+            return f"not measured: {self.reason}"
+        return (
+            f"{self.templates_recovered} of {self.templates} templates recovered ({self.templates_recovered_full} "
+            f"with every coordinate), {self.probes_recovered} of {self.probes} probes "
+            f"({self.probes_recovered_full} with every coordinate)"
+        )
+
+    def to_json(self) -> JsonDict:
+        """``measured`` (and ``reason``), the sizes and counts, the judged recoveries, the setup and caveats."""
+        out: JsonDict = {"measured": self.measured, "templates": self.templates, "probes": self.probes}
+        if not self.measured:
+            out["reason"] = self.reason
+        else:
+            out.update(
+                templates_recovered=self.templates_recovered,
+                templates_recovered_full=self.templates_recovered_full,
+                probes_recovered=self.probes_recovered,
+                probes_recovered_full=self.probes_recovered_full,
+                counts=self.counts,
+                memory_mb=self.memory_mb,
+                database_mb=self.database_mb,
+                database_files=self.database_files,
+                judged_templates=self.judged_templates.to_json() if self.judged_templates is not None else None,
+                judged_probes=self.judged_probes.to_json() if self.judged_probes is not None else None,
+                attacks=self.attacks,
+            )
+        out.update(summary=self.summary, setup=self.setup, not_covered=self.not_covered)
+        return out
+
+
 # ---------------------------------------------------------------------------------------------------- the audit
 @dataclass
 class AuditResult:
@@ -1051,6 +1123,8 @@ class AuditResult:
     verdict: VerdictResult | None = None
     #: Full disclosure, known pairs and score exposure (format 5; on protected+key too, format 6).
     scenarios: ScenariosResult | None = None
+    #: The thief with the database and the sidecar's memory under encrypted matching (format 7; --matching encrypted).
+    encrypted_matching: EncryptedMatchingResult | None = None
     #: When the report was written (UTC), and the run's duration in seconds.
     date: str | None = None
     seconds: float | None = None
@@ -1104,6 +1178,7 @@ class AuditResult:
             ("layers", self.layers),
             ("verdict", self.verdict),
             ("scenarios", self.scenarios),
+            ("encrypted_matching", self.encrypted_matching),
             ("date", self.date),
             ("seconds", self.seconds),
         ]

@@ -1,6 +1,7 @@
 """Orchestration of ``advface audit``: inputs -> protection -> (database thief) -> attackers -> verification ->
-unlinkability -> scenarios -> layers -> report. Each stage is a function of :mod:`advface.audit.stages` returning a
-typed result (:mod:`advface.audit.results`); :func:`run_audit` assembles them into an :class:`AuditResult`.
+unlinkability -> scenarios -> (encrypted matching) -> layers -> report. Each stage is a function of
+:mod:`advface.audit.stages` returning a typed result (:mod:`advface.audit.results`); :func:`run_audit` assembles them
+into an :class:`AuditResult`.
 
 Every attacker's reconstructions are also scored by a transfer judge (:mod:`advface.audit.transfer`), a second
 encoder untouched by attacker and protection; an unavailable judge is listed under ``missing``.
@@ -227,6 +228,7 @@ def run_audit(config: AuditConfig) -> tuple[Path, Path, AuditResult]:
         "utility",
         "unlinkability",
         *(["scenarios"] if config.scenarios else []),
+        *(["encrypted matching"] if config.matching == "encrypted" else []),
         "report",
     ]
     log = RunLog()
@@ -280,6 +282,11 @@ def run_audit(config: AuditConfig) -> tuple[Path, Path, AuditResult]:
                 from advface.audit.stages.scenarios import run_scenarios
 
                 result.scenarios = run_scenarios(config, inputs, protection, result, judge)
+        if config.matching == "encrypted":
+            with stages.optional("encrypted matching"):
+                from advface.audit.stages.encrypted_matching import measure_encrypted_matching
+
+                result.encrypted_matching = measure_encrypted_matching(config, inputs, protection, result, judge)
         with stages.required("report"):
             html_path, json_path = _finish(config, result, artifacts, inputs, started, log, protection)
     finally:

@@ -8,7 +8,9 @@ Templates under audit: an embeddings file (--templates, ids = photo paths relati
 sidecar opens it from --config: encryption at rest and keyed transform included), or, with neither, the dataset's own
 photos protected with --protection (or another scheme: --scheme, --protect-cmd). Attackers train on identities
 disjoint from the audited people and are cached (--cache-dir). A store is also attacked by a database thief without
-keys (its raw rows and file bytes). Torch runs on --threads threads (default 1: more pays off only on idle cores).
+keys (its raw rows and file bytes). With --matching encrypted also the thief with the database and a memory dump of
+the sidecar under encrypted matching (a sidecar-like child process). Torch runs on --threads threads (default 1: more
+pays off only on idle cores).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from advface.audit import FULL_ATTACKERS, PROTECTIONS, TARGET_D_SYS, TARGET_TYPE1
+from advface.audit import FULL_ATTACKERS, MATCHINGS, PROTECTIONS, TARGET_D_SYS, TARGET_TYPE1
 from advface.threads import add_threads_argument, apply_threads
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -205,6 +207,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="score exposure: query cap per template and way of querying (default 2000; --quick 500)",
     )
     parser.add_argument(
+        "--matching",
+        choices=MATCHINGS,
+        help="encrypted: also the thief with the database and a memory dump of the sidecar under encrypted "
+        "matching, no key service (a sidecar-like child process enrols the audited templates into an encrypted "
+        "store; Linux; the encrypted extra; docs/audit.md, 'Encrypted matching'); default plain: not",
+    )
+    parser.add_argument(
         "--manifest-hashes",
         action="store_true",
         help="manifest.json (written beside the report): also the SHA-256 of every dataset file (default: one hash "
@@ -258,6 +267,7 @@ def config_from_args(args: argparse.Namespace) -> AuditConfig:
         scheme_centre=args.centre,
         scenarios=False if args.no_scenarios else None,
         pdf=args.pdf or None,
+        matching=args.matching,
         scenario_pool=args.scenario_pool,
         known_pairs_k=tuple(args.known_pairs_k) if args.known_pairs_k else None,
         score_victims=args.score_victims,
@@ -313,6 +323,8 @@ def run(args: argparse.Namespace) -> int:
                 + f" ({next(iter(kinds.values())).genuine_comparisons} genuine, "
                 f"{next(iter(kinds.values())).impostor_comparisons} impostor comparisons)"
             )
+    if result.encrypted_matching is not None:
+        print(f"encrypted matching, database + sidecar memory: {result.encrypted_matching.summary}")
     if result.verdict is not None:
         marks = {True: "met", False: "NOT MET", None: "not measured"}
         for row in result.verdict.rows:

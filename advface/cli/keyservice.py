@@ -25,7 +25,9 @@ of the current folder ``S``; ``serve --dir K --next-dir S2`` (the current secret
 folder) also re-encrypts blocks under the new public key (``Rotate``, ``--rotate-rate``); ``rotate-store --config
 advface.yaml --new-keys-dir S2`` (on the sidecar host, with the sidecar stopped) re-encrypts every block of the
 store through it, resumably, and swaps them at once; then point ``store.encrypted_keys_dir`` at ``S2`` and serve
-``K2``. See docs/encrypted-matching.md.
+``K2``. While the sidecar serves, its admin RPC ``RotateKeyPair`` does the same; give ``--next-dir`` the new pair's
+key-service folder ``K2`` instead, so that this service also decides under the new pair after the swap. See
+docs/encrypted-matching.md.
 
 Rotation of the binding key (the HMAC key binding requests; the store's integrity key and the wrapping of its names
 key derive from it): ``rotate-binding start --dir K [--grace-s 86400] [--sidecar-dir S]`` (key-service host) makes a
@@ -51,6 +53,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from advface.config import Config
+    from advface.encrypted.keys import PublicKeys, SecretKeys
 
 NAME = "keyservice"
 HELP = "key service of encrypted matching: key generation, and the gRPC service that holds the secret key"
@@ -95,7 +98,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument(
         "--next-dir",
         metavar="DIR",
-        help="rotation: the sidecar folder of the next key pair (made with `keygen --next-of`); enables Rotate",
+        help="rotation: the next key pair's folder (made with `keygen --next-of`); enables Rotate. Its key-service "
+        "folder (with the secret key) also lets this service decide under the next key pair once the store has "
+        "swapped (a rotation while the sidecar serves: RotateKeyPair); its sidecar folder does not",
     )
     serve.add_argument("--rotate-rate", type=float, default=10.0, help="Rotate requests (blocks) per second (10)")
     serve.add_argument(
@@ -238,11 +243,16 @@ def _serve(args: argparse.Namespace) -> int:
     limiter = RateLimiter({op: (rate, max(1.0, 2 * rate)) for op, rate in rates.items()})
     tls = TLSConfig(args.tls_cert, args.tls_key, args.tls_client_ca)
     binding = load_binding_key(args.dir)
-    next_keys = None
+    next_keys: PublicKeys | SecretKeys | None = None
     if args.next_dir:
-        from advface.encrypted.keys import load_sidecar_folder
+        from advface.encrypted.keys import SECRET_FILE, WRAPPED_SECRET_FILE, load_sidecar_folder
 
-        next_keys = load_sidecar_folder(args.next_dir)
+        next_folder = Path(args.next_dir).expanduser()
+        if (next_folder / SECRET_FILE).exists() or (next_folder / WRAPPED_SECRET_FILE).exists():
+            # the next pair's key-service folder: also decide under it once a serving sidecar has swapped
+            next_keys = load_keyservice_folder(next_folder, _wrap_key(args))
+        else:
+            next_keys = load_sidecar_folder(next_folder)
         if load_binding_key(args.next_dir) != binding:
             raise ConfigError(f"--next-dir {args.next_dir} has another binding key: make it with `keygen --next-of`")
     core = KeyServiceCore(

@@ -14,6 +14,7 @@ from advface.cli import (
     generate,
     keygen,
     keyservice,
+    maintenance,
     persguard,
     protect,
     protect_image,
@@ -41,6 +42,7 @@ SUBCOMMANDS = [
     audit,
     rotate_transform,
     keyservice,
+    maintenance,
     persguard,
 ]
 

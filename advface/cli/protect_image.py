@@ -105,8 +105,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=BUDGETS,
         default=defaults.budget,
         help=f"perceptual: each pixel's budget (at most --epsilon) follows a just-noticeable-difference map, smaller "
-        f"on smooth skin than on hair, edges and background (quieter, weaker protection); uniform: every pixel may "
-        f"change by --epsilon (default {defaults.budget})",
+        f"on smooth skin than on hair, edges and background (quieter, weaker protection); ssim: every pixel within "
+        f"--epsilon, the optimisation keeps the face's SSIM at --ssim-target (quieter, weaker); uniform: every pixel "
+        f"may change by --epsilon (default {defaults.budget})",
+    )
+    parser.add_argument(
+        "--ssim-target",
+        type=float,
+        default=None,
+        metavar="S",
+        help=f"with --budget ssim: the face-box SSIM to keep the photo at, in (0, 1) (default {defaults.ssim.target})",
     )
     parser.add_argument("--batch-size", type=int, default=4, help="photos of equal size optimised together (default 4)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -156,7 +164,11 @@ def run(args: argparse.Namespace) -> int:
     from advface.protect.image import ImageProtector, ProtectConfig
     from advface.protect.image.guidance import parse_guidance
     from advface.protect.image.io import load_for_protection, save_png
+    from advface.protect.image.ssim_budget import SsimBudget
 
+    if args.ssim_target is not None and args.budget != "ssim":
+        raise ConfigError("--ssim-target applies only with --budget ssim")
+    ssim = SsimBudget() if args.ssim_target is None else SsimBudget(target=args.ssim_target)
     config = ProtectConfig(
         epsilon=parse_epsilon(args.epsilon),
         steps=args.steps,
@@ -165,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
         target_similarity=args.target_similarity,
         feature_weight=args.feature_weight,
         budget=args.budget,
+        ssim=ssim,
         guidance=parse_guidance(args.guidance),
     )
     config.validate()
@@ -270,6 +283,7 @@ def run(args: argparse.Namespace) -> int:
             "target_similarity": config.target_similarity,
             "feature_weight": config.feature_weight,
             "budget": config.budget,
+            "ssim_target": config.ssim.target if config.budget == "ssim" else None,
             "detector": args.detector,
             "policy": args.policy,
             "threads": threads,

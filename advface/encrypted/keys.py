@@ -384,22 +384,29 @@ def check_pair(keys: SecretKeys) -> None:
         raise ConfigError("the secret key is not the secret half of the public key (wrong key pair)")
 
 
-def read_token(path: str | os.PathLike[str] | None, folder: str | os.PathLike[str] | None = None) -> str:
-    """The key-service token: ``path``, else ``folder/keyservice.token`` if it exists, else $ADVFACE_KEYSERVICE_TOKEN.
-    Files accessible by group or others are refused."""
+def read_token(
+    path: str | os.PathLike[str] | None,
+    folder: str | os.PathLike[str] | None = None,
+    *,
+    env: str = TOKEN_ENV,
+    what: str = "key service token",
+) -> str:
+    """A bearer token (default: the key service's): ``path``, else ``folder/keyservice.token`` if it exists, else
+    the environment variable ``env``. Files accessible by group or others are refused; so are tokens of fewer than
+    16 characters."""
     candidate = Path(path) if path else (Path(folder) / TOKEN_FILE if folder else None)
     if candidate is not None and (path or candidate.exists()):
         try:
             mode = candidate.stat().st_mode
             text = candidate.read_text().strip()
         except OSError as exc:
-            raise ConfigError(f"key service token file {candidate}: {exc.strerror or exc}") from None
+            raise ConfigError(f"{what} file {candidate}: {exc.strerror or exc}") from None
         if os.name == "posix" and mode & 0o077:
-            raise ConfigError(f"key service token file {candidate} is accessible by group or others: chmod 600 it")
+            raise ConfigError(f"{what} file {candidate} is accessible by group or others: chmod 600 it")
     else:
-        text = os.environ.get(TOKEN_ENV, "").strip()
+        text = os.environ.get(env, "").strip()
         if not text:
-            raise ConfigError(f"no key service token: pass --token-file or set {TOKEN_ENV}")
+            raise ConfigError(f"no {what}: pass --token-file or set {env}")
     if len(text) < 16:
-        raise ConfigError("the key service token must be at least 16 characters")
+        raise ConfigError(f"the {what} must be at least 16 characters")
     return text

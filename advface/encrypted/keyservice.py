@@ -96,7 +96,7 @@ class KeyServiceCore:
         window_s: float = 30.0,
         clock: Callable[[], float] = time.time,
         lock_after_refusals: int | None = None,
-        next_keys: PublicKeys | None = None,
+        next_keys: PublicKeys | SecretKeys | None = None,
         reload_binding: Callable[[], BindingKeyring] | None = None,
     ) -> None:
         keyring = binding_key if isinstance(binding_key, BindingKeyring) else BindingKeyring(bytes(binding_key))
@@ -123,11 +123,15 @@ class KeyServiceCore:
         self._parms_id = self._context.first_parms_id()
         self._decryptor = keys.decryptor()
         self._encryptor = keys.public.encryptor()
-        if next_keys is not None and next_keys.params != self.params:
+        next_public = next_keys.public if isinstance(next_keys, SecretKeys) else next_keys
+        if next_public is not None and next_public.params != self.params:
             raise ConfigError("the next key pair of a rotation must have the same CKKS parameters")
         #: the key pair a rotation re-encrypts into (public key only; None: ``rotate`` is refused)
-        self.next_keys = next_keys
-        self._next_encryptor = next_keys.encryptor() if next_keys is not None else None
+        self.next_keys = next_public
+        self._next_encryptor = next_public.encryptor() if next_public is not None else None
+        #: with the next key pair's secret key too, requests under it are decided as well (a store rotated while
+        #: its sidecar serves is matched under the new key pair right after its swap, before this service restarts)
+        self._next_decryptor = next_keys.decryptor() if isinstance(next_keys, SecretKeys) else None
         self._encoder = self.seal.CKKSEncoder(self._context)
         self._lock = threading.Lock()
 
@@ -135,6 +139,14 @@ class KeyServiceCore:
     def fingerprint(self) -> str:
         """The key pair this service decrypts for (the sidecar compares it with its own at start)."""
         return self.keys.fingerprint
+
+    def holds(self, fingerprint: str) -> bool:
+        """Whether this service decides requests under key pair ``fingerprint``: its own, or the next key pair of a
+        rotation when it was given that pair's secret key."""
+        if fingerprint == self.fingerprint:
+            return True
+        following = self.next_keys
+        return self._next_decryptor is not None and following is not None and fingerprint == following.fingerprint
 
     # ------------------------------------------------------------------ operations
 
@@ -183,7 +195,11 @@ class KeyServiceCore:
         """Re-encrypt masked template columns with the requested slots zeroed (erasure of removed templates).
         Returns ciphertexts only: nothing decrypted leaves the key service."""
 
-        return self._audited(request, "refresh", lambda: self._reencrypt(request, "refresh", self._encryptor))
+        def run() -> tuple[list[bytes], int]:
+            under_next = self._next_encryptor is not None and request.fingerprint != self.fingerprint
+            return self._reencrypt(request, "refresh", self._next_encryptor if under_next else self._encryptor)
+
+        return self._audited(request, "refresh", run)
 
     def rotate(self, request: BoundRequest) -> list[bytes]:
         """Like :meth:`refresh`, but re-encrypted under the next key pair's public key (``next_keys``; the request's
@@ -193,6 +209,8 @@ class KeyServiceCore:
         def run() -> tuple[list[bytes], int]:
             if self.next_keys is None or self._next_encryptor is None:
                 raise RefusedError("this key service has no next key pair to rotate to")
+            if getattr(request, "fingerprint", None) != self.fingerprint:
+                raise RefusedError("a rotation starts from this service's current key pair")
             if request.target != self.next_keys.fingerprint:
                 raise RefusedError(
                     f"rotation to key pair {request.target!r}; this service rotates to {self.next_keys.fingerprint}"
@@ -250,7 +268,7 @@ class KeyServiceCore:
             raise RefusedError("key service locked after forged requests; investigate the sidecar, then restart")
         if not isinstance(request, BoundRequest) or request.op != op:
             raise RefusedError(f"not a {op} request")
-        if request.fingerprint != self.fingerprint:
+        if not self.holds(request.fingerprint):
             raise RefusedError(f"request is for key pair {request.fingerprint!r}, this service has {self.fingerprint}")
         self._check_binding(request)
         self._replay.check(request)  # after the MAC: only the sidecar can spend a nonce
@@ -313,15 +331,18 @@ class KeyServiceCore:
         if total > MAX_SLOTS:
             raise RefusedError(f"request asks about {total} slots; at most {MAX_SLOTS}")
         values = []
+        context, decryptor = self._context, self._decryptor
+        if request.fingerprint != self.fingerprint and self.next_keys is not None and self._next_decryptor is not None:
+            context, decryptor = self.next_keys.context, self._next_decryptor  # checked by holds()
         for i, item in enumerate(request.items):
             try:
-                cipher = from_bytes(self.seal.Ciphertext, self._context, item.ciphertext, f"item {i}")
+                cipher = from_bytes(self.seal.Ciphertext, context, item.ciphertext, f"item {i}")
             except IntegrityError as exc:
                 raise RefusedError(str(exc)) from None
             if cipher.size() != 2 or cipher.parms_id() != self._parms_id or cipher.scale != scale:
                 raise RefusedError(f"item {i} is not a {op} ciphertext of this key pair (size, level or scale)")
             plain = self.seal.Plaintext()
-            self._decryptor.decrypt(cipher, plain)
+            decryptor.decrypt(cipher, plain)
             v = np.asarray(self._encoder.decode_double(plain), np.float64)
             if check_range:
                 low, high = self._value_range()

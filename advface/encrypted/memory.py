@@ -9,15 +9,24 @@ that keep freed blocks around:
   made by the caller (``ndarray.tolist()``), which are immutable from Python but live in memory we own;
   :func:`wipe_plaintext` zeroes a SEAL plaintext's coefficients (an encoded template decodes without any key);
 - :func:`scrub_caches` empties glibc's per-thread cache (*tcache*, blocks up to 1,032 bytes) and numpy's small-block
-  cache (up to 1,023 bytes) of old contents after each operation, on the thread that ran it.
+  cache (up to 1,023 bytes) of old contents after each operation, on the thread that ran it, and then calls
+  :func:`clear_vector_registers`;
+- :func:`clear_vector_registers` overwrites the vector registers that glibc's ``memmove``/``memcpy`` load (on
+  AVX-512 machines zmm16-zmm24) with zeros, on the calling thread. A 128-d float32 template is a 512-byte copy, which
+  that memmove makes through eight 64-byte registers; they keep its values until the thread's next copy of that
+  size. A register is not memory, but it gets there: when a thread exits (a worker pool's shutdown) the dynamic
+  linker's lazy-binding trampoline saves the whole register file on the thread's stack (``xsavec``), and glibc keeps
+  the stacks of exited threads mapped for reuse; a core dump holds every thread's registers too.
 
 glibc's ``mallopt(M_PERTURB)`` (every ``free`` overwrites the freed bytes) is deliberately *not* used: it changes the
 allocator for every native library in the process, and with it on, the Ray re-encoding engine crashed
 (segmentation fault in the test suite), so freed buffers of other code keep their bytes until reused.
 
-What no function here reaches: memory of other threads' tcaches, Python ``bytes`` and ``str`` objects made by other
-code (e.g. a gRPC request's payload), and SEAL's memory pool beyond the plaintexts the gallery wipes. All of it is
-best-effort on other C libraries than glibc (:func:`scrub_caches` then scrubs numpy's cache only).
+What no function here reaches: other registers than memmove's (numpy's and torch's SIMD kernels use them too; the
+benchmark's ``--locate`` runs found no template value there, but nothing here clears them), memory of other
+threads' tcaches, Python ``bytes`` and ``str`` objects made by other code (e.g. a gRPC request's payload), and SEAL's
+memory pool beyond the plaintexts the gallery wipes. All of it is best-effort on other C libraries than glibc
+(:func:`scrub_caches` then scrubs numpy's cache only).
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["scrub_caches", "wipe", "wipe_floats", "wipe_plaintext"]
+__all__ = ["clear_vector_registers", "scrub_caches", "wipe", "wipe_floats", "wipe_plaintext"]
 
 #: largest request served from glibc's per-thread cache (64 bins of 16 bytes), and blocks kept per bin
 _TCACHE_MAX = 1032
@@ -38,6 +47,13 @@ _TCACHE_COUNT = 7
 #: numpy keeps freed data buffers under this many bytes, up to this many per size
 _NUMPY_CACHE_MAX = 1024
 _NUMPY_CACHE_COUNT = 7
+
+#: bytes :func:`clear_vector_registers` copies: over eight 64-byte vectors, so that glibc's memmove takes its path
+#: through all nine vector registers it uses (below glibc's ``rep movsb`` threshold, 2 KiB or more on x86-64)
+_REGISTER_COPY = 1024
+#: the zeros it copies, and where (the destination only ever holds zeros, so threads may share it)
+_ZEROS = ctypes.create_string_buffer(_REGISTER_COPY)
+_ZEROS_SINK = ctypes.create_string_buffer(_REGISTER_COPY)
 
 _libc_lock = threading.Lock()
 _libc: Any = None
@@ -94,6 +110,13 @@ def scrub_caches(numpy_sizes: Iterable[int] = ()) -> None:
             for buffer in buffers:
                 buffer.fill(0)
             del buffers
+    clear_vector_registers()
+
+
+def clear_vector_registers() -> None:
+    """Overwrite, on the calling thread, the vector registers that ``memmove`` loads with zeros (module docs): one
+    copy of 1 KiB of zeros through the C library's ``memmove``, whatever its CPU-specific version."""
+    ctypes.memmove(_ZEROS_SINK, _ZEROS, _REGISTER_COPY)
 
 
 def wipe(*buffers: Any) -> None:

@@ -235,7 +235,8 @@ class EncryptedStore(TemplateStore):
         if have.get("fingerprint") != self.keys.fingerprint:
             raise ConfigError(
                 f"{self.where} holds templates encrypted under key pair {have.get('fingerprint')}, not under this "
-                f"sidecar's public key {self.keys.fingerprint}: wrong key pair"
+                f"sidecar's public key {self.keys.fingerprint}: wrong key pair (after a rotation, RotateKeyPair or "
+                "`advface keyservice rotate-store`, set store.encrypted_keys_dir to the new key pair's folder)"
             )
 
     def _check_binding_meta(self, have: dict[str, str]) -> None:
@@ -259,6 +260,11 @@ class EncryptedStore(TemplateStore):
             )
         if binding_fingerprint(self._next_binding[0]) != target:
             raise ConfigError(f"{self.where}: an unfinished binding-key rotation goes to {target}, not to this key")
+
+    @property
+    def binding_fingerprint(self) -> str:
+        """The fingerprint of the binding key this store is opened with."""
+        return binding_fingerprint(self._binding_key)
 
     @property
     def sealed_names(self) -> bool:
@@ -501,11 +507,11 @@ class EncryptedStore(TemplateStore):
         self._erase_wakeup.set()
         return len(refs)
 
-    def erase(self, tenant: str, attempts: int = 3) -> int:
+    def erase(self, tenant: str, attempts: int = 3, *, on_block: Callable[[], None] | None = None) -> int:
         """Erase removed templates of ``tenant`` through the key service (a refresh of each block holding some);
         returns how many slots were erased. The key service is called outside the store's lock; a block that
-        changed meanwhile is started again (at most ``attempts`` times per block). KeyServiceUnavailableError
-        leaves everything as it was."""
+        changed meanwhile is started again (at most ``attempts`` times per block); ``on_block()`` after each block
+        refreshed. KeyServiceUnavailableError leaves everything as it was."""
         check_id(tenant, "tenant")
         keyservice = self._require_keyservice()
         erased = 0
@@ -538,6 +544,8 @@ class EncryptedStore(TemplateStore):
                     self._reload(tenant)
                     raise
                 erased += freed
+            if on_block is not None:
+                on_block()
 
     def _erase_loop(self) -> None:
         """Background erasure: woken by each deletion (and every ``erase_retry_s``), erases every tenant's removed
@@ -560,7 +568,14 @@ class EncryptedStore(TemplateStore):
 
     # ------------------------------------------------------------------ key-pair rotation
 
-    def rotate_key_pair(self, new_keys: PublicKeys, keyservice: KeyServiceLike | None = None) -> int:
+    def rotate_key_pair(
+        self,
+        new_keys: PublicKeys,
+        keyservice: KeyServiceLike | None = None,
+        *,
+        progress: Callable[[int, int, int], None] | None = None,
+        pause: Callable[[], None] | None = None,
+    ) -> int:
         """Re-encrypt every block of every tenant under ``new_keys`` through the key service (``keyservice``, else
         the store's), which must hold the current secret key and ``new_keys`` as its next key pair
         (:meth:`KeyServiceCore.rotate`); returns the number of blocks re-encrypted by this call.
@@ -569,11 +584,16 @@ class EncryptedStore(TemplateStore):
         ciphertexts under the new public key; removed templates are erased on the way) and is kept in the
         ``rotated`` table with the generation it came from, one transaction per block; the store stays under the
         current key pair until every block is done, then one transaction swaps all blocks and the fingerprint.
-        Interrupted (kill -9, key service down: KeyServiceUnavailableError), it is resumed by calling it again on
-        the store opened with the current key pair: blocks already done and unchanged since are skipped, changed
-        ones are done again. The store's lock is held throughout (matching waits): run it with the sidecar
-        stopped (PostgreSQL: refused while another process has the store open). The binding key (and with it the
-        integrity key and the sealed names) does not change."""
+        The store keeps serving meanwhile: its lock is released while the key service works on a block, so
+        matching and changes go on under the current key pair; a block changed meanwhile (an enrolment, a deletion,
+        an erasure) is done again, and the swap happens under the lock once every block's re-encrypted copy is
+        of its current generation. Interrupted (kill -9, key service down: KeyServiceUnavailableError, or
+        ``pause`` raising), it is resumed by calling it again on the store opened with the current key pair:
+        blocks already done and unchanged since are skipped. ``progress(done, total, written)`` reports the blocks
+        whose copy is current, the blocks, and those re-encrypted by this call (at each pass over the blocks and
+        after each block); ``pause()`` runs before each block (a pace, a stop). PostgreSQL: refused while another
+        process has the store open. The binding key (and with it the integrity key and the sealed names) does not
+        change."""
         service = keyservice if keyservice is not None else self._require_keyservice()
         rotate = getattr(service, "rotate", None)
         if not callable(rotate):
@@ -582,48 +602,96 @@ class EncryptedStore(TemplateStore):
             raise ConfigError("the new key pair must have the same CKKS parameters")
         if new_keys.fingerprint == self.keys.fingerprint:
             raise ConfigError(f"the store is already under key pair {new_keys.fingerprint}")
-        with self._lock, self.database.exclusive("a key-pair rotation"):
-            self._check_open()
-            target = self.database.meta().get(ROTATION_META)
-            if target not in (None, new_keys.fingerprint):
-                raise ConfigError(f"{self.where}: a rotation to key pair {target} is unfinished; finish it first")
-            with self._transaction():
-                self.database.put_meta([(ROTATION_META, new_keys.fingerprint)])
-            self._sync_all()
-            done = sum(self._rotate_tenant(tenant, new_keys, rotate) for tenant in sorted(self._galleries))
-            with self._transaction():
-                self.database.swap_rotated(new_keys.fingerprint)
-                self.database.delete_meta(ROTATION_META)
-            self.keys = new_keys
-            self._handshake_done = False  # the key service must now hold the new key pair
-            for tenant in list(self._galleries):
-                self._reload(tenant)
-            return done
+        done = 0
+        with contextlib.ExitStack() as exclusive:
+            try:
+                with self._lock:
+                    self._check_open()
+                    target = self.database.meta().get(ROTATION_META)
+                    if target not in (None, new_keys.fingerprint):
+                        raise ConfigError(
+                            f"{self.where}: a rotation to key pair {target} is unfinished; finish it first"
+                        )
+                    exclusive.enter_context(self.database.exclusive("a key-pair rotation"))
+                    with self._transaction():
+                        self.database.put_meta([(ROTATION_META, new_keys.fingerprint)])
+                while True:
+                    with self._lock:
+                        self._check_open()
+                        self._sync_all()
+                        todo, total = self._rotation_todo()
+                        if progress is not None:
+                            progress(total - len(todo), total, done)
+                        if not todo:  # every copy current: swap under the lock, nothing can change in between
+                            with self._transaction():
+                                self.database.swap_rotated(new_keys.fingerprint)
+                                self.database.delete_meta(ROTATION_META)
+                            self.keys = new_keys
+                            self._handshake_done = False  # the key service must now hold the new key pair
+                            for tenant in list(self._galleries):
+                                self._reload(tenant)
+                            return done
+                    for position, (tenant, block) in enumerate(todo):
+                        if pause is not None:
+                            pause()
+                        written = self._rotate_block(tenant, block, new_keys, rotate)
+                        done += written
+                        if progress is not None and written:
+                            progress(total - len(todo) + position + 1, total, done)
+            finally:
+                _release_exclusive(self, exclusive)
 
     def _sync_all(self) -> None:
         """Every tenant of the database loaded and current (before a rotation)."""
         for tenant in self.database.tenants_with_rows():
             self._sync(tenant) if tenant in self._galleries else self._reload(tenant)
 
-    def _rotate_tenant(self, tenant: str, new_keys: PublicKeys, rotate: Any) -> int:
-        """Re-encrypt the blocks of ``tenant`` not yet in ``rotated`` at their current generation."""
-        gallery = self._galleries[tenant]
-        target = EncryptedGallery(new_keys, self.dim, self._gallery_metric)
-        key = self._tenant_key(tenant)
-        done = 0
-        for block in range(gallery.block_count):
+    def _rotation_todo(self) -> tuple[list[tuple[str, int]], int]:
+        """Under the lock: the ``(tenant, block)`` whose re-encrypted copy is missing or older than the block, and
+        the number of blocks."""
+        todo, total = [], 0
+        for tenant in sorted(self._galleries):
+            gallery = self._galleries[tenant]
+            total += gallery.block_count
+            for block in range(gallery.block_count):
+                if self.database.rotated_generation(tenant, block) != gallery.generation(block):
+                    todo.append((tenant, block))
+        return todo, total
+
+    def _rotate_block(self, tenant: str, block: int, new_keys: PublicKeys, rotate: Any) -> int:
+        """Re-encrypt one block unless its copy is current; the key service is called outside the lock, and the copy
+        is kept only when the block did not change meanwhile. 1 when a copy was written, else 0."""
+        with self._lock:
+            self._check_open()
+            self._sync(tenant)
+            gallery = self._galleries.get(tenant)
+            if gallery is None or block >= gallery.block_count:
+                return 0
             if self.database.rotated_generation(tenant, block) == gallery.generation(block):
-                continue  # done by an earlier, interrupted run, and unchanged since
+                return 0  # done by an earlier, interrupted run, and unchanged since
             job = gallery.refresh_job(block)
-            columns = rotate(prepare_rotate(gallery, self._binding_key, tenant, job, new_keys.fingerprint))
-            fresh = [to_bytes(c) for c in target.unmask(job, columns)]
             state = gallery.state(block).copy()
-            state[state != LIVE] = FREE
-            data = encode_block_data(target, block, job.generation + 1, state, fresh, key)
+            request = prepare_rotate(gallery, self._binding_key, tenant, job, new_keys.fingerprint)
+        columns = rotate(request)
+        target = EncryptedGallery(new_keys, self.dim, self._gallery_metric)
+        fresh = [to_bytes(c) for c in target.unmask(job, columns)]
+        state[state != LIVE] = FREE
+        data = encode_block_data(target, block, job.generation + 1, state, fresh, self._tenant_key(tenant))
+        with self._lock:
+            self._check_open()
+            self._sync(tenant)
+            gallery = self._galleries.get(tenant)
+            if gallery is None or block >= gallery.block_count or gallery.generation(block) != job.generation:
+                return 0  # changed while the key service worked: done again on the next pass
             with self._transaction():
                 self.database.put_rotated(tenant, block, job.generation, data)
-            done += 1
-        return done
+        return 1
+
+    def unfinished_rotation(self) -> str | None:
+        """The fingerprint of the key pair an unfinished key-pair rotation goes to (None: none)."""
+        with self._lock:
+            self._check_open()
+            return self.database.meta().get(ROTATION_META)
 
     # ------------------------------------------------------------------ binding-key rotation
 
@@ -702,33 +770,47 @@ class EncryptedStore(TemplateStore):
 
     # ------------------------------------------------------------------ forced erasure
 
-    def compact(self) -> dict[str, int]:
+    def compact(self, progress: Callable[[int, int], None] | None = None) -> dict[str, int]:
         """Erase every removed template of every tenant now, through the key service (:meth:`erase`), then rewrite
         the database so that no earlier version of a block is left in it (SQLite: ``VACUUM`` and a truncating WAL
         checkpoint, ``secure_delete`` already zeroes freed pages; PostgreSQL: ``VACUUM FULL`` of the store's
         tables). Returns ``erased`` (slots erased by this call), ``pending`` (dead slots left: a block that kept
-        changing) and ``bytes`` (database file size; PostgreSQL: the tables' size).
+        changing) and ``bytes`` (database file size; PostgreSQL: the tables' size). ``progress(done, total)`` is
+        called with the blocks refreshed so far and the blocks holding removed templates at the start.
+        The store keeps serving meanwhile (the key service is called outside its lock; the rewrite holds it).
         KeyServiceUnavailableError when the key service is down (the database is then not rewritten); refused
         while a key-pair rotation is unfinished (its table holds copies of blocks), and on PostgreSQL while another
         process has the store open."""
         self._require_keyservice()
         with contextlib.ExitStack() as exclusive:
-            with self._lock:
-                self._check_open()
-                have = self.database.meta()
-                if ROTATION_META in have or self.database.rotation_rows():
-                    raise PreconditionError(f"{self.where}: a key-pair rotation is unfinished; finish it first")
-                exclusive.enter_context(self.database.exclusive("compaction"))
-                self._sync_all()
-                tenants = sorted(self._galleries)
-            erased = sum(self.erase(tenant) for tenant in tenants)
-            with self._lock:
-                self._check_open()
-                pending = 0
-                for gallery in self._galleries.values():
-                    pending += sum(int((gallery.state(b) == DEAD).sum()) for b in gallery.dirty_blocks())
-                size = self.database.compact()
-                exclusive.close()
+            try:
+                with self._lock:
+                    self._check_open()
+                    have = self.database.meta()
+                    if ROTATION_META in have or self.database.rotation_rows():
+                        raise PreconditionError(f"{self.where}: a key-pair rotation is unfinished; finish it first")
+                    exclusive.enter_context(self.database.exclusive("compaction"))
+                    self._sync_all()
+                    tenants = sorted(self._galleries)
+                    total = sum(len(self._galleries[t].dirty_blocks()) for t in tenants)
+                refreshed = [0]
+
+                def one_block() -> None:
+                    refreshed[0] += 1
+                    if progress is not None:
+                        progress(min(refreshed[0], total), total)
+
+                if progress is not None:
+                    progress(0, total)
+                erased = sum(self.erase(tenant, on_block=one_block) for tenant in tenants)
+                with self._lock:
+                    self._check_open()
+                    pending = 0
+                    for gallery in self._galleries.values():
+                        pending += sum(int((gallery.state(b) == DEAD).sum()) for b in gallery.dirty_blocks())
+                    size = self.database.compact()
+            finally:
+                _release_exclusive(self, exclusive)
         return {"erased": erased, "pending": pending, "bytes": size}
 
     # ------------------------------------------------------------------ matching
@@ -985,6 +1067,16 @@ class EncryptedPostgresStore(EncryptedStore):
             erase_retry_s=erase_retry_s,
             next_binding=next_binding,
         )
+
+
+def _release_exclusive(store: EncryptedStore, exclusive: contextlib.ExitStack) -> None:
+    """Leave :meth:`BlockDatabase.exclusive` under the store's lock (it uses the store's connection); nothing to
+    release once the store is closed (closing the connection released it)."""
+    with store._lock:
+        if store._closed:
+            exclusive.pop_all()
+        else:
+            exclusive.close()
 
 
 @contextlib.contextmanager

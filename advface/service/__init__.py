@@ -12,7 +12,9 @@ reencode`` and ``advface audit``:
 - :mod:`~advface.service.thresholds` -- :func:`resolve_threshold` and the calibrated thresholds;
 - :mod:`~advface.service.validation` -- request checks (ids, tenants, metadata, embeddings, batch sizes);
 - :mod:`~advface.service.batcher` -- :class:`ProtectionBatcher`;
-- :mod:`~advface.service.image_protection` -- :class:`ImageProtectionService` (photos, on request).
+- :mod:`~advface.service.image_protection` -- :class:`ImageProtectionService` (photos, on request);
+- :mod:`~advface.service.maintenance` -- :class:`MaintenanceService` (an encrypted store's key-pair rotation and
+  forced erasure as background jobs, for the admin RPCs).
 
 Names are loaded from their modules on first use, so ``from advface.service import open_store`` does not load the
 encoders and torch that :class:`TemplateService` needs.

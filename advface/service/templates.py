@@ -7,8 +7,9 @@ protector of the ``protection`` section, the tenant transforms of ``keyed_transf
 take arrays, photo bytes and ids, validate the whole request before changing anything, and return plain values
 (:class:`Verification`, :class:`Candidate`, :class:`~advface.store.base.SubjectInfo`...). Errors are advface's own
 (:mod:`advface.errors`): ValidationError, NotFoundError, AlreadyExistsError, PreconditionError,
-DeadlineExceededError, AttemptsExhaustedError (Verify of a subject over its budget of failed attempts); a transport
-maps each to its status (the gRPC sidecar: ``server/status.py``).
+DeadlineExceededError, AttemptsExhaustedError (Verify of a subject, or Identify of a caller, over its budget of
+failed attempts; AttemptsCappedError past the cap, until :meth:`TemplateService.reset_attempts` or re-enrolment); a
+transport maps each to its status (the gRPC sidecar: ``server/status.py``).
 
 Concurrency (methods are coroutines): CPU-heavy work (decoding and embedding photos, protection) runs in a pool of
 ``server.workers`` threads, with concurrent protections coalesced into shared shadow calls
@@ -35,7 +36,9 @@ never stored: matching compares protected templates with raw probes.
 Memory (``store.matching: encrypted``): the service zeroes its own plaintext buffers once a call is done: the
 face chip cut from a photo, the raw embedding, the protected template and the probe
 (:attr:`TemplateService.encrypted_matching`, :mod:`advface.encrypted.memory`), so a memory dump of the sidecar taken
-between calls finds none of them in those buffers. Not reached: the request's own objects made by gRPC (protobuf
+between calls finds none of them in those buffers; as the last step on each thread that handled them it also zeroes
+the vector registers memmove copied them through (a thread's register file lands on its stack when it exits). Not
+reached: the request's own objects made by gRPC (protobuf
 floats, photo bytes), the decoded photo (Pillow's read-only buffer) and the intermediate tensors of the encoder and
 of AdvFace's shadow calls (docs/encrypted-matching.md).
 """
@@ -59,7 +62,7 @@ import torch
 
 from advface.config import Config
 from advface.encoders import FaceEncoder, create_encoder, validate_embeddings
-from advface.encrypted.memory import scrub_caches, wipe
+from advface.encrypted.memory import clear_vector_registers, scrub_caches, wipe
 from advface.errors import (
     ConfigError,
     DeadlineExceededError,
@@ -72,7 +75,7 @@ from advface.faces import FaceChipper, align_face, create_detector
 from advface.hashing import file_sha256
 from advface.images import image_size, load_image
 from advface.protect import TemplateProtector
-from advface.service.attempts import VerifyAttempts
+from advface.service.attempts import ANONYMOUS_CALLER, IdentifyAttempts, VerifyAttempts
 from advface.service.batcher import ProtectionBatcher
 from advface.service.image_protection import ImageProtectionService, ProtectedImage
 from advface.service.key_folder import resolve_key_folder
@@ -175,9 +178,24 @@ class TemplateService:
         self.max_batch = config.server.max_batch
         self.max_image_pixels = config.server.max_image_pixels
         self.top_k_max = config.matching.top_k_max
-        #: failed Verify attempts per (tenant, subject), in this process (advface.service.attempts)
+        #: failed Verify attempts per (tenant, subject) and failed Identify calls per caller, in this process
+        #: (advface.service.attempts)
+        matching = config.matching
         self.verify_attempts = VerifyAttempts(
-            config.matching.verify_max_failures, config.matching.verify_window_s, config.matching.verify_max_tracked
+            matching.verify_max_failures,
+            matching.verify_window_s,
+            matching.verify_max_tracked,
+            growth=matching.lockout_growth,
+            max_lockout_s=matching.lockout_max_s,
+            max_consecutive=matching.verify_max_consecutive_failures,
+            max_capped=matching.verify_max_capped,
+        )
+        self.identify_attempts = IdentifyAttempts(
+            matching.identify_max_failures,
+            matching.identify_window_s,
+            growth=matching.lockout_growth,
+            max_lockout_s=matching.lockout_max_s,
+            max_consecutive=matching.identify_max_consecutive_failures,
         )
         self.encoder = encoder if encoder is not None else create_encoder(config.encoder.name)
         self.dim = int(self.encoder.dim)
@@ -259,13 +277,16 @@ class TemplateService:
         )
 
     def _forget(self, *buffers: np.ndarray | None, scrub: bool = False) -> None:
-        """Zero this call's own plaintext buffers under :attr:`encrypted_matching` (module docs); ``scrub``: also the
-        calling thread's allocator caches (:func:`~advface.encrypted.memory.scrub_caches`), after work on a worker
-        thread freed temporaries of its own."""
+        """Zero this call's own plaintext buffers under :attr:`encrypted_matching` (module docs), and the calling
+        thread's memmove registers (:func:`~advface.encrypted.memory.clear_vector_registers`); ``scrub``: also its
+        allocator caches (:func:`~advface.encrypted.memory.scrub_caches`), after work on a worker thread freed
+        temporaries of its own."""
         if self.encrypted_matching:
             wipe(*buffers)
             if scrub:
                 scrub_caches((4 * self.dim, 8 * self.dim))
+            else:
+                clear_vector_registers()
 
     async def _with_query(self, tenant: str, probe: Face, deadline: float | None, call: Callable[[np.ndarray], T]) -> T:
         """``call(query)`` on a store thread, ``query`` being ``probe``'s raw embedding through ``tenant``'s keyed
@@ -356,11 +377,11 @@ class TemplateService:
         assert self.protector is not None
         try:
             out = np.ascontiguousarray(self.protector.protect(x), dtype=np.float32)
-        finally:
-            self._forget(x, scrub=True)  # the rows of this call (its own copy, or views of the call's raw rows)
-        if out.shape != x.shape or not np.isfinite(out).all():
-            raise RuntimeError("protection produced an unusable result")
-        return out
+            if out.shape != x.shape or not np.isfinite(out).all():
+                raise RuntimeError("protection produced an unusable result")
+            return out
+        finally:  # last on this thread: the rows of this call (its own copy, or views of the call's raw rows)
+            self._forget(x, scrub=True)
 
     async def _advface(self, raw: np.ndarray, deadline: float | None) -> np.ndarray:
         """AdvFace of ``raw`` (unchanged when protection is off), in chunks of :data:`PROTECT_CHUNK` rows, one wave
@@ -415,7 +436,8 @@ class TemplateService:
         deadline: float | None = None,
     ) -> list[str]:
         """Store the protected template of ``face`` for ``subject_id`` (a new subject, or one more template;
-        ``replace``: its templates and metadata replaced); returns the new template ids."""
+        ``replace``: its templates and metadata replaced); returns the new template ids. Enrolment resets the
+        subject's budget of failed Verify attempts (its lock and cap: :meth:`reset_attempts`)."""
         subject_id = check_id(subject_id, "subject_id")
         metadata = check_metadata(metadata)
         self.check_face(face, "face")
@@ -424,7 +446,9 @@ class TemplateService:
         try:
             templates = await self.templates(tenant, raw, deadline)
             _check_deadline(deadline, "storing")
-            return list(await self._stored(self.store.add, tenant, subject_id, templates, metadata, replace=replace))
+            ids = list(await self._stored(self.store.add, tenant, subject_id, templates, metadata, replace=replace))
+            self.verify_attempts.reset_subject(tenant, subject_id)
+            return ids
         finally:
             self._forget(raw, templates)
 
@@ -450,7 +474,10 @@ class TemplateService:
             templates = await self.templates(tenant, raw, deadline)
             _check_deadline(deadline, "storing")
             entries = [(item.subject_id, templates[i : i + 1], metadata[i]) for i, item in enumerate(items)]
-            return [list(ids) for ids in await self._stored(self.store.add_many, tenant, entries)]
+            added = [list(ids) for ids in await self._stored(self.store.add_many, tenant, entries)]
+            for item in items:
+                self.verify_attempts.reset_subject(tenant, item.subject_id)
+            return added
         finally:
             self._forget(raw, templates)
 
@@ -464,7 +491,8 @@ class TemplateService:
     async def verify(self, tenant: str, subject_id: str, probe: Face, deadline: float | None = None) -> Verification:
         """1:1: the raw probe against ``subject_id``'s protected templates (NOT_FOUND before the costly probe).
         AttemptsExhaustedError, before any store call or probe work, while the subject is over its budget of failed
-        attempts (``matching.verify_max_failures`` per ``verify_window_s``: :mod:`advface.service.attempts`)."""
+        attempts (``matching.verify_max_failures`` per ``verify_window_s``, escalating), AttemptsCappedError past
+        ``matching.verify_max_consecutive_failures`` in a row (:mod:`advface.service.attempts`)."""
         subject_id = check_id(subject_id, "subject_id")
         self.check_face(probe, "probe")
         self.verify_attempts.begin(tenant, subject_id)
@@ -493,12 +521,33 @@ class TemplateService:
         score = float(scores[best])
         return Verification(score >= self.threshold.value, score, self.threshold.value, template_ids[best])
 
-    async def identify(self, tenant: str, probe: Face, top_k: int, deadline: float | None = None) -> list[Candidate]:
-        """1:N: the ``top_k`` best subjects of ``tenant`` for the raw probe (``top_k`` 0 means 1)."""
+    async def identify(
+        self,
+        tenant: str,
+        probe: Face,
+        top_k: int,
+        deadline: float | None = None,
+        caller: str = ANONYMOUS_CALLER,
+    ) -> list[Candidate]:
+        """1:N: the ``top_k`` best subjects of ``tenant`` for the raw probe (``top_k`` 0 means 1).
+        AttemptsExhaustedError, before any work, while ``caller`` (a name of the client: the sidecar passes its
+        token's key id) is over its budget of failed Identify calls, those with no candidate accepted
+        (``matching.identify_max_failures`` per ``identify_window_s``, escalating: :mod:`advface.service.attempts`)."""
         top_k = int(top_k) or 1
         if top_k > self.top_k_max:
             raise ValidationError(f"top_k {top_k} is over the limit of {self.top_k_max}")
         self.check_face(probe, "probe")
+        key = (caller,)
+        self.identify_attempts.admit(key)
+        matched: bool | None = None
+        try:
+            found = await self._identify(tenant, probe, top_k, deadline)
+            matched = any(c.match for c in found)
+            return found
+        finally:
+            self.identify_attempts.close(key, matched)
+
+    async def _identify(self, tenant: str, probe: Face, top_k: int, deadline: float | None) -> list[Candidate]:
         if self.encrypted_matching:  # only candidates above the key service's threshold
             encrypted: Any = self.store
             found = await self._with_query(
@@ -511,10 +560,25 @@ class TemplateService:
         return [Candidate(m.subject_id, m.template_id, m.score, m.score >= self.threshold.value) for m in matches]
 
     async def delete_subject(self, tenant: str, subject_id: str, deadline: float | None = None) -> int:
-        """Delete a subject and all its templates from the database and the index; the number deleted."""
+        """Delete a subject and all its templates from the database and the index; the number deleted. Resets the
+        subject's budget of failed Verify attempts (a new subject of the same id starts afresh)."""
         subject_id = check_id(subject_id, "subject_id")
         _check_deadline(deadline, "deleting")
-        return int(await self._stored(self.store.delete_subject, tenant, subject_id))
+        deleted = int(await self._stored(self.store.delete_subject, tenant, subject_id))
+        self.verify_attempts.reset_subject(tenant, subject_id)
+        return deleted
+
+    def reset_attempts(self, tenant: str, subject_id: str | None = None, caller: str | None = None) -> bool:
+        """An operator's reset: clear the lock, escalation and cap of ``subject_id``'s failed Verify attempts
+        and/or of ``caller``'s failed Identify calls (in this process); whether there was anything to clear."""
+        if subject_id is None and caller is None:
+            raise ValidationError("reset_attempts: name a subject_id or a caller")
+        cleared = False
+        if subject_id is not None:
+            cleared |= self.verify_attempts.reset_subject(tenant, check_id(subject_id, "subject_id"))
+        if caller is not None:
+            cleared |= self.identify_attempts.reset((check_id(caller, "caller"),))
+        return cleared
 
     async def delete_template(self, tenant: str, template_id: str, deadline: float | None = None) -> str:
         """Delete one template; the subject it belonged to."""

@@ -30,7 +30,7 @@ def test_dimension_mismatch(
     assert "dimension 64" in capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
     assert report["missing"][0]["stage"] == "inputs" and "dimension" in report["missing"][0]["reason"]
-    assert report["format_version"] == FORMAT_VERSION == 6
+    assert report["format_version"] == FORMAT_VERSION == 7
     assert "Partial report" in (out / "report.html").read_text()
     manifest = json.loads((out / "manifest.json").read_text())  # a partial report has its bundle too
     assert manifest["key_ids"] == {} and any(": failed: " in line for line in manifest["log"])

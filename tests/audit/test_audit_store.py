@@ -215,7 +215,7 @@ def test_end_to_end_encrypted_keyed_store(audit_dataset: Path, audit_cache: Path
     page = (out / "report.html").read_text()
     assert f"vectors recovered without keys: 0 of {n} rows" in page
     # the format-1 keys of the parts only a store audit writes (the store's and the thief's own entries aside)
-    assert report["format_version"] == FORMAT_VERSION == 6
+    assert report["format_version"] == FORMAT_VERSION == 7
     assert list(report["data"]) == [
         "dataset",
         "photos",

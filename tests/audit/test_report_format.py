@@ -1,8 +1,9 @@
 """``report.json`` keeps its format across the typed results (advface.audit.results): the quick audit's report has
 the keys, key order and value types that the audit wrote before its results were typed (format 1, recorded from a
 quick run of that code on the same dataset), plus ``format_version`` first (2), the transfer judge's keys (3) and the
-field's metrics and verdict (4), the scenarios (5) and the scenarios under the keyed transform (6): added keys only,
-every format-1 key keeps its place."""
+field's metrics and verdict (4), the scenarios (5), the scenarios under the keyed transform (6) and
+``config.matching`` (7; ``encrypted_matching`` only with ``--matching encrypted``, see test_encrypted_matching.py):
+added keys only, every format-1 key keeps its place."""
 
 from __future__ import annotations
 
@@ -294,6 +295,12 @@ QUICK_REPORT_FORMAT_6 = {
 }
 
 
+# Format 7: format 6 plus ``config.matching`` (and, with ``--matching encrypted`` only, ``encrypted_matching``: not in
+# this run).
+_CONFIG_6: dict[str, Any] = QUICK_REPORT_FORMAT_6["config"]  # type: ignore[assignment]
+QUICK_REPORT_FORMAT_7: dict[str, Any] = {**QUICK_REPORT_FORMAT_6, "config": {**_CONFIG_6, "matching": str}}
+
+
 def _only_adds_keys(new: Any, old: Any, path: str = "report") -> None:
     """Every key of the shape ``old`` is in ``new``, in the same order, with a shape that only adds keys."""
     if not isinstance(old, dict):
@@ -325,6 +332,11 @@ def test_format_6_only_adds_keys_to_format_5() -> None:
     assert QUICK_REPORT_FORMAT_6["scenarios"] == {**SCENARIOS, "protected+key": SCENARIOS}
 
 
+def test_format_7_only_adds_keys_to_format_6() -> None:
+    _only_adds_keys(QUICK_REPORT_FORMAT_7, QUICK_REPORT_FORMAT_6)
+    assert QUICK_REPORT_FORMAT_7["config"]["matching"] is str
+
+
 def assert_shape(value: Any, expected: Any, path: str = "report") -> None:
     """``value`` (parsed JSON) has the shape ``expected`` (see the module's conventions)."""
     if isinstance(expected, dict):
@@ -345,11 +357,12 @@ def assert_shape(value: Any, expected: Any, path: str = "report") -> None:
 
 
 @pytest.mark.slow
-def test_quick_report_has_the_format_6_keys_and_a_format_version(quick_report: Path, models_dir: Path) -> None:
+def test_quick_report_has_the_format_7_keys_and_a_format_version(quick_report: Path, models_dir: Path) -> None:
     report = json.loads((quick_report / "report.json").read_text())
-    assert next(iter(report)) == "format_version" and report["format_version"] == FORMAT_VERSION == 6
-    format_6 = {k: v for k, v in report.items() if k != "format_version"}
-    assert_shape(format_6, QUICK_REPORT_FORMAT_6)
+    assert next(iter(report)) == "format_version" and report["format_version"] == FORMAT_VERSION == 7
+    format_7 = {k: v for k, v in report.items() if k != "format_version"}
+    assert_shape(format_7, QUICK_REPORT_FORMAT_7)
+    assert report["config"]["matching"] == "plain" and "encrypted_matching" not in report
     for scenarios in (report["scenarios"], report["scenarios"]["protected+key"]):
         for point in scenarios["known_pairs"]:
             assert_shape(point, KNOWN_PAIR, "report.scenarios.known_pairs[]")
@@ -366,7 +379,7 @@ def test_a_report_without_measurements_has_its_format_version() -> None:
     result.add_missing("inputs", "no dataset")
     result.date, result.seconds = "2024-01-01 00:00 UTC", 0.1
     assert result.to_json() == {
-        "format_version": 6,
+        "format_version": 7,
         "config": {"data": "x"},
         "missing": [{"stage": "inputs", "reason": "no dataset"}],
         "date": "2024-01-01 00:00 UTC",

@@ -121,7 +121,7 @@ def test_scenario_settings_are_checked(setting: dict, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_quick_report_has_the_scenarios(quick_report: Path) -> None:
     report = json.loads((quick_report / "report.json").read_text())
-    assert report["format_version"] == 6
+    assert report["format_version"] == 7
     sc = report["scenarios"]
     assert sc["templates"] == "protected"
     ks = [p["k"] for p in sc["known_pairs"]]

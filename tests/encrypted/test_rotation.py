@@ -92,3 +92,36 @@ def test_key_service_rotates_only_to_its_next_key_pair(tmp_path: Path, keys, bin
     with pytest.raises(RefusedError):  # the target is MAC'd: changing it breaks the binding
         rotating.rotate(forged)
     assert len(rotating.rotate(request)) == gallery.columns
+
+
+def test_rotation_while_serving_redoes_a_block_changed_meanwhile(backend: Backend, keys, binding_key, rng) -> None:
+    new = generate_keys()
+    people = rng.standard_normal((4, DIM)) * 0.3
+    core = KeyServiceCore(keys, binding_key, POLICY, next_keys=new)  # the next secret key too: decides under both
+    calls: list[str] = []
+    with _open(backend, keys.public, binding_key, core) as store:
+
+        class ServingMeanwhile:
+            """The key service; while it works on the first block, the store serves a Verify and an enrolment."""
+
+            def rotate(self, request):  # noqa: ANN001, ANN201
+                calls.append(request.tenant)
+                if len(calls) == 1:
+                    assert store.verify_encrypted("a", "p0", people[0])[0]  # the lock is free meanwhile
+                    store.add("a", "late", people[3][None])  # block a changes: its copy is thrown away
+                return core.rotate(request)
+
+        store.add_many("a", [(f"p{i}", people[i][None], None) for i in range(2)])
+        store.add("b", "bob", people[2][None])
+        progress: list[tuple[int, int, int]] = []
+        assert store.rotate_key_pair(new.public, ServingMeanwhile(), progress=lambda *p: progress.append(p)) == 2
+        assert calls == ["a", "b", "a"]  # a done again on the second pass
+        assert progress[0] == (0, 2, 0) and progress[-1] == (2, 2, 2)
+        assert store.keys.fingerprint == new.fingerprint
+        assert core.holds(new.fingerprint) and not core.holds(generate_keys().fingerprint)
+        assert store.verify_encrypted("a", "late", people[3])[0]  # the enrolment made meanwhile is in the new blocks
+        assert store.verify_encrypted("b", "bob", people[2])[0] and not store.verify_encrypted("b", "bob", people[0])[0]
+        with pytest.raises(RefusedError, match="current key pair"):  # rotations start from the service's own pair
+            gallery = store._galleries["a"]
+            core.rotate(prepare_rotate(gallery, binding_key, "a", gallery.refresh_job(0), new.fingerprint))
+    assert backend.sql("SELECT COUNT(*) FROM rotated")[0][0] == 0

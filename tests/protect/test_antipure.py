@@ -15,7 +15,7 @@ from advface.images import load_image
 from advface.protect.image import ImageProtector, ProtectConfig
 from advface.protect.image.antipure import AntiPureConfig, AntiPureTerm, high_frequency
 from advface.protect.image.guidance import parse_guidance
-from advface.protect.image.warp import chip_theta
+from advface.protect.image.warp import chip_theta, warp_chips
 from tests.protect.test_guidance import PHOTO, _surrogate
 
 
@@ -103,3 +103,69 @@ def test_antipure_without_a_surrogate_is_refused(tmp_path: Path) -> None:
     protector = ImageProtector(["dlib-torch"], surrogate=tmp_path / "missing.pt")
     with pytest.raises(ConfigError, match="antipure needs the defender surrogate"):
         protector.check_guidance(ProtectConfig(guidance=("encoders", "antipure")))
+
+
+def test_new_identity_settings_are_validated() -> None:
+    for bad, match in [
+        (AntiPureConfig(identity_encoders="all"), "identity_encoders"),
+        (AntiPureConfig(decoy_weight=float("inf")), "weights"),
+        (AntiPureConfig(decoy_weight=-1.0), "weights"),
+        (AntiPureConfig(decoy_candidates=0), "decoy_candidates"),
+        (AntiPureConfig(decoy_steps=0), "decoy_steps"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            bad.validate()
+    AntiPureConfig(identity_weight=0, frequency_weight=0, timestep_weight=0, decoy_weight=1).validate()
+
+
+@pytest.fixture(scope="module")
+def ensemble_protector(models_dir: Path) -> ImageProtector:
+    return ImageProtector(["dlib-torch", "mobilefacenet"], surrogate=_surrogate(2))  # models_dir: $ADVFACE_MODELS_DIR
+
+
+def test_a_reader_sees_the_surrogate_chip_as_its_own_alignment_does(
+    ensemble_protector: ImageProtector, photo: np.ndarray
+) -> None:
+    term = ensemble_protector.antipure
+    mfn = next(m for m in ensemble_protector.members if m.name == "mobilefacenet")
+    x, theta = _batch(term, ensemble_protector, photo)
+    face = ensemble_protector.find_face(photo)
+    own_theta = torch.from_numpy(chip_theta(alignment_matrix(face, mfn.chip), photo.shape[:2], mfn.chip.size))[None]
+    with torch.no_grad():
+        own = mfn.module(warp_chips(x, own_theta, mfn.chip.size))
+        dlib_chip = warp_chips(x, theta, term.chip.size)
+        surrogate_view, mfn_view = term.read(dlib_chip, "ensemble")
+        naive = mfn.module(torch.nn.functional.interpolate(dlib_chip, size=(mfn.chip.size,) * 2, mode="bilinear"))
+    assert surrogate_view.shape[1] == 128 and len(term.read(dlib_chip, "surrogate")) == 1
+    through_frames = float(torch.nn.functional.cosine_similarity(mfn_view, own)[0])
+    resized = float(torch.nn.functional.cosine_similarity(naive, own)[0])
+    assert through_frames > 0.8 and through_frames > resized + 0.1, (through_frames, resized)
+
+
+def test_ensemble_and_decoy_losses_have_gradients_that_lower_them(
+    ensemble_protector: ImageProtector, photo: np.ndarray
+) -> None:
+    term = ensemble_protector.antipure
+    x, theta = _batch(term, ensemble_protector, photo)
+    term.prepare(x, theta)
+    config = AntiPureConfig(identity_encoders="ensemble", frequency_weight=0, timestep_weight=0, decoy_weight=2.0)
+    moved = (x + 0.03 * torch.rand(x.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+    losses = term.losses(moved.requires_grad_(True), theta, [torch.Generator().manual_seed(0)], config)
+    assert [w for _, w in losses] == [1.0, 1.0, 2.0, 2.0]  # identity per encoder, then decoy per encoder
+    for k, (loss, _) in enumerate(losses):
+        (grad,) = torch.autograd.grad(loss.sum(), moved, retain_graph=True)
+        assert float(grad.abs().max()) > 0, k
+        stepped = (moved - 1e-3 * grad / grad.norm()).detach()
+        again = term.losses(stepped, theta, [torch.Generator().manual_seed(0)], config)[k][0]
+        assert float(again) < float(loss.detach()), k
+    # the decoy is the candidate least like the clean photo over both encoders, the same at every step
+    faces = term.decoy_faces(config.decoy_candidates, config.decoy_seed, config.decoy_steps)
+    with torch.no_grad():
+        candidates = term.read(faces, "ensemble")
+        clean = term.read(warp_chips(x, theta, term.chip.size), "ensemble")
+    mean = torch.stack(
+        [torch.nn.functional.cosine_similarity(c, e.expand_as(c)) for c, e in zip(candidates, clean)]
+    ).mean(dim=0)
+    chosen = term.decoy_embeddings(1, config)
+    assert torch.allclose(chosen[1][0], candidates[1][int(mean.argmin())])
+    assert len(term.decoy_embeddings(1, AntiPureConfig(decoy_weight=1.0))) == 1  # surrogate reader only

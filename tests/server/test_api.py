@@ -78,6 +78,10 @@ def test_reflection_lists_and_describes_the_service(server: ServerThread) -> Non
         "ListSubjects",
         "Info",
         "ProtectImage",
+        "RotateKeyPair",
+        "EraseNow",
+        "MaintenanceStatus",
+        "ResetAttempts",
     }
 
 

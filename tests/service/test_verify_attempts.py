@@ -1,5 +1,6 @@
-"""The per-subject budget of failed Verify attempts (advface.service.attempts): the counter on its own, with a
-clock the test moves, and in TemplateService.verify (the refused attempt never reaches the store)."""
+"""The budgets of failed attempts (advface.service.attempts): per subject for Verify, per caller for Identify, their
+escalating lockouts and hard cap; the counter on its own, with a clock the test moves, and in TemplateService
+(the refused attempt never reaches the store; re-enrolment, deletion and reset_attempts clear a cap)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ import pytest
 import yaml
 
 from advface.config import Config, MatchingConfig, load_config
-from advface.errors import AttemptsExhaustedError, ConfigError
+from advface.errors import AttemptsCappedError, AttemptsExhaustedError, ConfigError, ValidationError
 from advface.service import TemplateService
-from advface.service.attempts import VerifyAttempts
+from advface.service.attempts import IdentifyAttempts, VerifyAttempts
 from advface.testing.synthetic import dlib_like_people
 
 
@@ -266,3 +267,310 @@ def test_a_genuine_match_resets_the_count_in_the_service(service: TemplateServic
         with pytest.raises(Exception, match="zero|norm"):
             asyncio.run(service.verify("t", "carol", bad))
     assert not asyncio.run(service.verify("t", "carol", probes[1])).match
+
+
+# ------------------------------------------------------------------------------------ escalation, cap, per caller
+
+
+def _budget(
+    max_failures: int = 2,
+    window_s: float = 60.0,
+    *,
+    growth: float = 2.0,
+    max_lockout_s: float = 200.0,
+    max_consecutive: int = 0,
+    max_tracked: int = 100,
+    max_capped: int = 10,
+) -> tuple[VerifyAttempts, Clock]:
+    clock = Clock()
+    budget = VerifyAttempts(
+        max_failures,
+        window_s,
+        max_tracked,
+        growth=growth,
+        max_lockout_s=max_lockout_s,
+        max_consecutive=max_consecutive,
+        max_capped=max_capped,
+        clock=clock,
+    )
+    return budget, clock
+
+
+def _lockout_after(attempts: VerifyAttempts, subject: str, failures: int) -> float:
+    """Fail ``failures`` times, then the refusal's retry time."""
+    for _ in range(failures):
+        _fail(attempts, subject)
+    with pytest.raises(AttemptsExhaustedError) as refused:
+        attempts.begin("t", subject)
+    assert not isinstance(refused.value, AttemptsCappedError)
+    return refused.value.retry_after_s
+
+
+def test_consecutive_lockouts_escalate_up_to_the_longest_and_a_match_ends_the_streak() -> None:
+    attempts, clock = _budget(max_failures=2, window_s=60.0, growth=2.0, max_lockout_s=200.0)
+    seen = []
+    for _ in range(4):
+        seen.append(_lockout_after(attempts, "alice", 2))
+        clock.now += seen[-1]  # the attacker waits the lockout out, then goes on
+    assert seen == pytest.approx([60.0, 120.0, 200.0, 200.0])  # 60 s doubling, clamped at 200 s
+    assert attempts.lockouts == 4 and attempts.window_for(3) == 200.0 and attempts.window_for(10**6) == 200.0
+    assert _lockout_after(attempts, "bob", 2) == pytest.approx(60.0)  # per subject: bob starts at the first window
+    attempts.begin("t", "alice")
+    attempts.end("t", "alice", True)  # the genuine user, once the lockout ended: the streak is over
+    assert attempts.tracked() == 1  # bob only
+    assert _lockout_after(attempts, "alice", 2) == pytest.approx(60.0)
+
+
+def test_without_growth_every_lockout_is_one_window() -> None:
+    attempts, clock = _budget(max_failures=2, window_s=60.0, growth=1.0, max_lockout_s=60.0)
+    for _ in range(3):
+        assert _lockout_after(attempts, "alice", 2) == pytest.approx(60.0)
+        clock.now += 60.0
+
+
+def test_the_cap_refuses_the_subject_until_an_operator_resets_it() -> None:
+    attempts, clock = _budget(max_failures=3, window_s=10.0, growth=1.0, max_lockout_s=10.0, max_consecutive=7)
+    _lockout_after(attempts, "alice", 3)
+    clock.now += 10.0
+    _lockout_after(attempts, "alice", 3)
+    clock.now += 10.0
+    _fail(attempts, "alice")  # the 7th failure in a row since the last match: capped
+    assert (attempts.capped, attempts.capped_now(), attempts.tracked()) == (1, 1, 0)
+    for wait in (0.0, 10.0, 1e9):  # no window ends it
+        clock.now += wait
+        with pytest.raises(AttemptsCappedError) as refused:
+            attempts.begin("t", "alice")  # the genuine probe too
+        assert isinstance(refused.value, AttemptsExhaustedError)  # the same status for a transport
+        assert refused.value.retry_after_s == float("inf") and "7 in a row" in str(refused.value)
+        assert "until an operator resets it" in str(refused.value)
+    attempts.begin("other", "alice")  # the same id in another tenant is another subject
+    attempts.end("other", "alice", False)
+    assert attempts.reset_subject("t", "alice") and not attempts.reset_subject("t", "alice")
+    assert attempts.capped_now() == 0
+    attempts.begin("t", "alice")  # a fresh count after the reset
+    attempts.end("t", "alice", True)
+
+
+def test_attempts_in_flight_count_against_the_cap() -> None:
+    attempts, _ = _budget(max_failures=0, max_consecutive=3)  # the cap alone, no budget per window
+    assert attempts.enabled
+    _fail(attempts, "alice")
+    attempts.begin("t", "alice")
+    attempts.begin("t", "alice")  # 1 failed + 2 in flight = the cap
+    with pytest.raises(AttemptsExhaustedError) as refused:
+        attempts.begin("t", "alice")
+    assert not isinstance(refused.value, AttemptsCappedError) and refused.value.retry_after_s == 0.0
+    attempts.end("t", "alice", True)  # one of them matched: the streak is over
+    attempts.end("t", "alice", False)
+    _fail(attempts, "alice")
+    attempts.begin("t", "alice")  # 2 failed since the match: room for one more
+    attempts.end("t", "alice", False)
+    with pytest.raises(AttemptsCappedError):
+        attempts.begin("t", "alice")
+
+
+def test_capped_subjects_are_never_evicted_by_the_tracking_cap_and_are_bounded_apart() -> None:
+    attempts, _ = _budget(max_failures=0, max_consecutive=2, max_tracked=2, max_capped=2)
+    for subject in ("c0", "c1"):
+        _fail(attempts, subject)
+        _fail(attempts, subject)
+    for i in range(10):  # many other subjects with a streak pass through the tracking map
+        _fail(attempts, f"s{i}")
+    assert attempts.tracked() == 2 and attempts.dropped_streaks == 8  # s0..s7: their streaks were forgotten
+    for subject in ("c0", "c1"):
+        with pytest.raises(AttemptsCappedError):
+            attempts.begin("t", subject)
+    _fail(attempts, "s9")  # s9's 2nd failure in a row: a 3rd capped subject, past max_capped 2
+    assert attempts.capped_now() == 2 and attempts.released_capped == 1
+    attempts.begin("t", "c0")  # the oldest capped subject was released (logged)
+    attempts.end("t", "c0", None)
+    for subject in ("c1", "s9"):
+        with pytest.raises(AttemptsCappedError):
+            attempts.begin("t", subject)
+    _fail(attempts, "s0")  # evicted with one failure: it counts from zero again, not capped yet
+    attempts.begin("t", "s0")
+    attempts.end("t", "s0", False)  # the 2nd in a row since it was tracked again
+    with pytest.raises(AttemptsCappedError):
+        attempts.begin("t", "s0")
+
+
+def test_a_streak_outlives_the_window_when_escalation_or_the_cap_is_on() -> None:
+    attempts, clock = _budget(max_failures=5, window_s=60.0, max_consecutive=4)
+    _fail(attempts, "alice")
+    _fail(attempts, "alice")
+    clock.now += 3600.0  # the window ended long ago: the per-window count restarts, the streak does not
+    assert attempts.tracked() == 1
+    _fail(attempts, "alice")
+    _fail(attempts, "alice")
+    with pytest.raises(AttemptsCappedError):
+        attempts.begin("t", "alice")
+
+
+def test_new_parameters_are_checked() -> None:
+    for bad in (
+        {"growth": 0.5},
+        {"growth": float("inf")},
+        {"max_lockout_s": 30.0},  # shorter than the window
+        {"max_consecutive": -1},
+        {"max_capped": 0},
+    ):
+        with pytest.raises(ValueError):
+            _budget(**bad)
+    with pytest.raises(ValueError):
+        IdentifyAttempts(-1, 60.0)
+
+
+def test_identify_attempts_count_per_caller() -> None:
+    clock = Clock()
+    attempts = IdentifyAttempts(2, 60.0, growth=2.0, max_lockout_s=1000.0, max_consecutive=5, clock=clock)
+    for _ in range(2):
+        attempts.admit(("token-a",))
+        attempts.close(("token-a",), False)
+    with pytest.raises(AttemptsExhaustedError) as refused:
+        attempts.admit(("token-a",))
+    assert "failed Identify calls for this caller" in str(refused.value) and refused.value.retry_after_s == 60.0
+    attempts.admit(("token-b",))  # another caller has its own budget
+    attempts.close(("token-b",), False)
+    clock.now += 60.0
+    attempts.admit(("token-a",))
+    attempts.close(("token-a",), False)
+    attempts.admit(("token-a",))
+    attempts.close(("token-a",), False)
+    with pytest.raises(AttemptsExhaustedError) as refused:
+        attempts.admit(("token-a",))
+    assert refused.value.retry_after_s == 120.0  # the second lockout in a row: twice as long
+    clock.now += 120.0
+    attempts.admit(("token-a",))
+    attempts.close(("token-a",), False)  # the 5th in a row
+    with pytest.raises(AttemptsCappedError):
+        attempts.admit(("token-a",))
+    assert attempts.reset(("token-a",))
+    attempts.admit(("token-a",))
+    attempts.close(("token-a",), True)
+
+
+def test_new_config_keys_defaults_and_validation(tmp_path: Path) -> None:
+    defaults = MatchingConfig()
+    assert (defaults.verify_max_consecutive_failures, defaults.lockout_growth, defaults.lockout_max_s) == (
+        100,
+        2.0,
+        86_400.0,
+    )
+    cfg = _load(
+        tmp_path,
+        {
+            "verify_max_consecutive_failures": 0,
+            "verify_max_capped": 5,
+            "identify_max_failures": 7,
+            "identify_window_s": 30,
+            "identify_max_consecutive_failures": 50,
+            "lockout_growth": 1,
+            "lockout_max_s": 900,
+        },
+    )
+    m = cfg.matching
+    assert (m.verify_max_consecutive_failures, m.verify_max_capped, m.identify_max_failures) == (0, 5, 7)
+    assert (m.identify_window_s, m.identify_max_consecutive_failures, m.lockout_growth, m.lockout_max_s) == (
+        30.0,
+        50,
+        1.0,
+        900.0,
+    )
+    env = load_config(None, env={"ADVFACE_MATCHING_LOCKOUT_GROWTH": "4", "ADVFACE_MATCHING_IDENTIFY_MAX_FAILURES": "0"})
+    assert env.matching.lockout_growth == 4.0 and env.matching.identify_max_failures == 0
+    for bad in (
+        {"lockout_growth": 0.5},
+        {"lockout_max_s": 0},
+        {"verify_max_consecutive_failures": -1},
+        {"verify_max_capped": 0},
+        {"identify_window_s": 0},
+        {"identify_max_failures": "many"},
+    ):
+        with pytest.raises(ConfigError, match="matching\\.(lockout|verify|identify)_"):
+            _load(tmp_path, bad)
+    with pytest.raises(ConfigError, match="lockout_max_s must be at least"):
+        _load(tmp_path, {"verify_window_s": 1000, "lockout_max_s": 900})
+    with pytest.raises(ConfigError, match="lockout_max_s must be at least"):
+        _load(tmp_path, {"identify_window_s": 100_000})
+
+
+def test_the_service_passes_the_new_keys_on(tmp_path: Path) -> None:
+    svc = TemplateService(_service_config(tmp_path / "s"))
+    try:
+        v, i = svc.verify_attempts, svc.identify_attempts
+        assert (v.max_consecutive, v.growth, v.max_lockout_s, v.max_capped) == (100, 2.0, 86_400.0, 100_000)
+        assert (i.max_failures, i.window_s, i.max_consecutive) == (1000, 900.0, 0)
+    finally:
+        svc.close()
+
+
+def test_re_enrolment_deletion_and_reset_clear_a_capped_subject(
+    service: TemplateService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = Clock()
+    monkeypatch.setattr(service.verify_attempts, "clock", clock)
+    monkeypatch.setattr(service.verify_attempts, "max_consecutive", 3)
+    enrolled, probes = dlib_like_people(3, seed=21)
+
+    def cap(subject: str) -> None:
+        for _ in range(3):
+            assert not asyncio.run(service.verify("t", subject, probes[2])).match
+        with pytest.raises(AttemptsCappedError):
+            asyncio.run(service.verify("t", subject, probes[0]))  # the genuine probe too
+
+    asyncio.run(service.enroll("t", "dave", enrolled[0], {}))
+    cap("dave")
+    clock.now += 1e6  # time alone does not help
+    with pytest.raises(AttemptsCappedError):
+        asyncio.run(service.verify("t", "dave", probes[0]))
+    asyncio.run(service.enroll("t", "dave", enrolled[0], {}, replace=True))  # re-enrolment
+    assert asyncio.run(service.verify("t", "dave", probes[0])).match
+    cap("dave")
+    asyncio.run(service.delete_subject("t", "dave"))  # deletion: a new subject of that id starts afresh
+    asyncio.run(service.enroll("t", "dave", enrolled[0], {}))
+    assert asyncio.run(service.verify("t", "dave", probes[0])).match
+    cap("dave")
+    assert service.reset_attempts("t", subject_id="dave")  # the operator's library call
+    assert not service.reset_attempts("t", subject_id="dave")
+    assert asyncio.run(service.verify("t", "dave", probes[0])).match
+    with pytest.raises(ValidationError):
+        service.reset_attempts("t")
+
+
+def test_the_service_counts_failed_identify_calls_per_caller(
+    service: TemplateService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = Clock()
+    attempts = IdentifyAttempts(2, 60.0, growth=2.0, max_lockout_s=600.0, clock=clock)
+    monkeypatch.setattr(service, "identify_attempts", attempts)
+    enrolled, probes = dlib_like_people(2, seed=33)
+    asyncio.run(service.enroll("t", "erin", enrolled[0], {}))
+    stranger = probes[1]  # no enrolled subject: no candidate accepted
+    searched: list[int] = []
+    real_search = service.store.search
+
+    def search(*args: Any, **kwargs: Any) -> Any:
+        searched.append(1)
+        return real_search(*args, **kwargs)
+
+    monkeypatch.setattr(service.store, "search", search)
+    for _ in range(2):
+        assert not any(c.match for c in asyncio.run(service.identify("t", stranger, 1, caller="mallory")))
+    with pytest.raises(AttemptsExhaustedError) as refused:
+        asyncio.run(service.identify("t", probes[0], 1, caller="mallory"))  # refused before any search
+    assert len(searched) == 2 and refused.value.retry_after_s == 60.0
+    found = asyncio.run(service.identify("t", probes[0], 1, caller="alice"))  # another caller
+    assert found[0].subject_id == "erin" and found[0].match
+    for _ in range(2):  # the default caller (anonymous) has a budget of its own
+        asyncio.run(service.identify("t", stranger, 1))
+    with pytest.raises(AttemptsExhaustedError):
+        asyncio.run(service.identify("t", stranger, 1, caller="anonymous"))
+    clock.now += 60.0
+    assert asyncio.run(service.identify("t", probes[0], 1, caller="mallory"))[0].match  # a match ends the streak
+    for _ in range(2):
+        asyncio.run(service.identify("t", stranger, 1, caller="mallory"))
+    with pytest.raises(AttemptsExhaustedError) as refused:
+        asyncio.run(service.identify("t", stranger, 1, caller="mallory"))
+    assert refused.value.retry_after_s == 60.0  # the first lockout of a new streak
+    assert service.reset_attempts("t", caller="mallory")
+    asyncio.run(service.identify("t", stranger, 1, caller="mallory"))

@@ -423,3 +423,69 @@ class ProtectImageResponse(_message.Message):
     image: bytes
     report: ImageProtectionReport
     def __init__(self, image: _Optional[bytes] = ..., report: _Optional[_Union[ImageProtectionReport, _Mapping]] = ...) -> None: ...
+
+class RotateKeyPairRequest(_message.Message):
+    __slots__ = ("new_keys_dir", "blocks_per_second")
+    NEW_KEYS_DIR_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    new_keys_dir: str
+    blocks_per_second: float
+    def __init__(self, new_keys_dir: _Optional[str] = ..., blocks_per_second: _Optional[float] = ...) -> None: ...
+
+class EraseNowRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class MaintenanceStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ResetAttemptsRequest(_message.Message):
+    __slots__ = ("tenant", "subject_id", "caller")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    CALLER_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    subject_id: str
+    caller: str
+    def __init__(self, tenant: _Optional[str] = ..., subject_id: _Optional[str] = ..., caller: _Optional[str] = ...) -> None: ...
+
+class ResetAttemptsResponse(_message.Message):
+    __slots__ = ("cleared",)
+    CLEARED_FIELD_NUMBER: _ClassVar[int]
+    cleared: bool
+    def __init__(self, cleared: _Optional[bool] = ...) -> None: ...
+
+class MaintenanceJob(_message.Message):
+    __slots__ = ("operation", "state", "blocks_done", "blocks_total", "blocks_this_job", "last_error", "target_fingerprint", "new_keys_dir", "fingerprint", "erased", "pending", "started_at", "finished_at", "already_running", "unfinished_rotation")
+    OPERATION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_DONE_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_THIS_JOB_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    NEW_KEYS_DIR_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    ERASED_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    UNFINISHED_ROTATION_FIELD_NUMBER: _ClassVar[int]
+    operation: str
+    state: str
+    blocks_done: int
+    blocks_total: int
+    blocks_this_job: int
+    last_error: str
+    target_fingerprint: str
+    new_keys_dir: str
+    fingerprint: str
+    erased: int
+    pending: int
+    started_at: _timestamp_pb2.Timestamp
+    finished_at: _timestamp_pb2.Timestamp
+    already_running: bool
+    unfinished_rotation: str
+    def __init__(self, operation: _Optional[str] = ..., state: _Optional[str] = ..., blocks_done: _Optional[int] = ..., blocks_total: _Optional[int] = ..., blocks_this_job: _Optional[int] = ..., last_error: _Optional[str] = ..., target_fingerprint: _Optional[str] = ..., new_keys_dir: _Optional[str] = ..., fingerprint: _Optional[str] = ..., erased: _Optional[int] = ..., pending: _Optional[int] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., already_running: _Optional[bool] = ..., unfinished_rotation: _Optional[str] = ...) -> None: ...

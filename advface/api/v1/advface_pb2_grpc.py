@@ -84,6 +84,26 @@ class AdvFaceStub:
                 request_serializer=advface_dot_v1_dot_advface__pb2.ProtectImageRequest.SerializeToString,
                 response_deserializer=advface_dot_v1_dot_advface__pb2.ProtectImageResponse.FromString,
                 _registered_method=True)
+        self.RotateKeyPair = channel.unary_unary(
+                '/advface.v1.AdvFace/RotateKeyPair',
+                request_serializer=advface_dot_v1_dot_advface__pb2.RotateKeyPairRequest.SerializeToString,
+                response_deserializer=advface_dot_v1_dot_advface__pb2.MaintenanceJob.FromString,
+                _registered_method=True)
+        self.EraseNow = channel.unary_unary(
+                '/advface.v1.AdvFace/EraseNow',
+                request_serializer=advface_dot_v1_dot_advface__pb2.EraseNowRequest.SerializeToString,
+                response_deserializer=advface_dot_v1_dot_advface__pb2.MaintenanceJob.FromString,
+                _registered_method=True)
+        self.MaintenanceStatus = channel.unary_unary(
+                '/advface.v1.AdvFace/MaintenanceStatus',
+                request_serializer=advface_dot_v1_dot_advface__pb2.MaintenanceStatusRequest.SerializeToString,
+                response_deserializer=advface_dot_v1_dot_advface__pb2.MaintenanceJob.FromString,
+                _registered_method=True)
+        self.ResetAttempts = channel.unary_unary(
+                '/advface.v1.AdvFace/ResetAttempts',
+                request_serializer=advface_dot_v1_dot_advface__pb2.ResetAttemptsRequest.SerializeToString,
+                response_deserializer=advface_dot_v1_dot_advface__pb2.ResetAttemptsResponse.FromString,
+                _registered_method=True)
 
 
 class AdvFaceServicer:
@@ -169,6 +189,48 @@ class AdvFaceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RotateKeyPair(self, request, context):
+        """Maintenance of an encrypted store (store.matching: encrypted), while the sidecar serves. Admin tokens only
+        (PERMISSION_DENIED for client tokens); FAILED_PRECONDITION on a plaintext store. Each starts a background job
+        and returns its state at once; Enroll / Verify / Identify / Delete keep being answered meanwhile. One job at a
+        time: the same request while it runs returns the running job (already_running), another one is ALREADY_EXISTS.
+
+        RotateKeyPair: re-encrypt every block under the key pair of the sidecar folder `new_keys_dir` (a path on the
+        sidecar host, made with `advface keyservice keygen --next-of`) through the key service's Rotate, resumably;
+        the store stays under the current key pair until every block is done, then swaps at once and the sidecar
+        serves under the new pair. The key service must run with `--next-dir` set to the new pair's key-service folder.
+        A failed or interrupted job (even a killed sidecar) is resumed by calling it again. After the swap, point
+        store.encrypted_keys_dir at `new_keys_dir` before the next restart (the old folder is then refused).
+        INVALID_ARGUMENT for a missing or unusable folder.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EraseNow(self, request, context):
+        """EraseNow: erase every removed template now through the key service, then rewrite the database (as
+        `advface keyservice erase`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MaintenanceStatus(self, request, context):
+        """The current (or last) maintenance job, and an unfinished rotation recorded in the store.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResetAttempts(self, request, context):
+        """Admin: clear a subject's lock, escalation and cap of failed Verify attempts (as re-enrolling it does) and/or a
+        caller's budget of failed Identify calls (`caller`: the token's key id, as the sidecar's log lines name it;
+        "anonymous" when auth is off), in this sidecar process. INVALID_ARGUMENT when neither is named.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdvFaceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -221,6 +283,26 @@ def add_AdvFaceServicer_to_server(servicer, server):
                     servicer.ProtectImage,
                     request_deserializer=advface_dot_v1_dot_advface__pb2.ProtectImageRequest.FromString,
                     response_serializer=advface_dot_v1_dot_advface__pb2.ProtectImageResponse.SerializeToString,
+            ),
+            'RotateKeyPair': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateKeyPair,
+                    request_deserializer=advface_dot_v1_dot_advface__pb2.RotateKeyPairRequest.FromString,
+                    response_serializer=advface_dot_v1_dot_advface__pb2.MaintenanceJob.SerializeToString,
+            ),
+            'EraseNow': grpc.unary_unary_rpc_method_handler(
+                    servicer.EraseNow,
+                    request_deserializer=advface_dot_v1_dot_advface__pb2.EraseNowRequest.FromString,
+                    response_serializer=advface_dot_v1_dot_advface__pb2.MaintenanceJob.SerializeToString,
+            ),
+            'MaintenanceStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.MaintenanceStatus,
+                    request_deserializer=advface_dot_v1_dot_advface__pb2.MaintenanceStatusRequest.FromString,
+                    response_serializer=advface_dot_v1_dot_advface__pb2.MaintenanceJob.SerializeToString,
+            ),
+            'ResetAttempts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetAttempts,
+                    request_deserializer=advface_dot_v1_dot_advface__pb2.ResetAttemptsRequest.FromString,
+                    response_serializer=advface_dot_v1_dot_advface__pb2.ResetAttemptsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -493,6 +575,114 @@ class AdvFace:
             '/advface.v1.AdvFace/ProtectImage',
             advface_dot_v1_dot_advface__pb2.ProtectImageRequest.SerializeToString,
             advface_dot_v1_dot_advface__pb2.ProtectImageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateKeyPair(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/advface.v1.AdvFace/RotateKeyPair',
+            advface_dot_v1_dot_advface__pb2.RotateKeyPairRequest.SerializeToString,
+            advface_dot_v1_dot_advface__pb2.MaintenanceJob.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EraseNow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/advface.v1.AdvFace/EraseNow',
+            advface_dot_v1_dot_advface__pb2.EraseNowRequest.SerializeToString,
+            advface_dot_v1_dot_advface__pb2.MaintenanceJob.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MaintenanceStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/advface.v1.AdvFace/MaintenanceStatus',
+            advface_dot_v1_dot_advface__pb2.MaintenanceStatusRequest.SerializeToString,
+            advface_dot_v1_dot_advface__pb2.MaintenanceJob.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetAttempts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/advface.v1.AdvFace/ResetAttempts',
+            advface_dot_v1_dot_advface__pb2.ResetAttemptsRequest.SerializeToString,
+            advface_dot_v1_dot_advface__pb2.ResetAttemptsResponse.FromString,
             options,
             channel_credentials,
             insecure,

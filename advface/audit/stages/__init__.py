@@ -7,7 +7,9 @@
 4. :mod:`~advface.audit.stages.attackers`: each attacker on raw, protected and protected+key templates;
 5. :mod:`~advface.audit.stages.verification`: performance preservation;
 6. :mod:`~advface.audit.stages.unlinkability`: unlinkability and renewability (D_sys);
-7. :mod:`~advface.audit.stages.layers`: each attacker of the threat model against the layer that should stop it.
+7. :mod:`~advface.audit.stages.scenarios` (full disclosure, known pairs, score exposure) and, with ``--matching
+   encrypted``, :mod:`~advface.audit.stages.encrypted_matching` (the database and the sidecar's memory);
+8. :mod:`~advface.audit.stages.layers`: each attacker of the threat model against the layer that should stop it.
 
 What a stage hands to the later ones in memory (:class:`~advface.audit.stages.inputs.AuditInputs`,
 :class:`~advface.audit.stages.protection.ProtectionSetup`) is not written to the report; plot data goes to the

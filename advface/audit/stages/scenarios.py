@@ -78,8 +78,9 @@ def _load_decoder(name: str, config: AuditConfig, inputs: AuditInputs) -> Recons
     return lambda z: reconstruct(decoder, z)
 
 
-class _Judge:
-    """Judges estimated raw templates of audited rows: template match, and faces by the best decoder."""
+class EstimateJudge:
+    """Judges estimated raw templates of audited rows: template match, and faces by the best decoder (also used by
+    the encrypted-matching scenario, :mod:`advface.audit.stages.encrypted_matching`)."""
 
     def __init__(
         self, inputs: AuditInputs, decoder: str | None, reconstruct: Reconstruct | None, transfer: TransferJudge | None
@@ -150,7 +151,7 @@ def _score_exposure(
     target: _Target,
     pool: np.ndarray,
     threshold: float,
-    judge: _Judge,
+    judge: EstimateJudge,
 ) -> ScoreExposureResult:
     """Each of the first ``score_victims`` audited templates rebuilt from scores and from decisions only."""
     c = config
@@ -231,7 +232,7 @@ def _run_on(
     result: AuditResult,
     target: _Target,
     pool_raw: np.ndarray,
-    judge: _Judge,
+    judge: EstimateJudge,
 ) -> ScenariosResult:
     """Full disclosure, known pairs and score exposure on the templates of ``target``."""
     c = config
@@ -273,6 +274,15 @@ def _run_on(
     )
 
 
+def estimate_judge(
+    config: AuditConfig, inputs: AuditInputs, result: AuditResult, transfer: TransferJudge | None = None
+) -> EstimateJudge:
+    """The judge of estimated templates: the audit's best raw-template decoder (none: template numbers only) and the
+    system and transfer judges."""
+    decoder = best_raw_decoder(result)
+    return EstimateJudge(inputs, decoder, _load_decoder(decoder, config, inputs) if decoder else None, transfer)
+
+
 def run_scenarios(
     config: AuditConfig,
     inputs: AuditInputs,
@@ -287,8 +297,7 @@ def run_scenarios(
     pool_raw = _pool(c, inputs)
     if not len(pool_raw):
         raise ValueError("scenarios need photos of the attacker group")
-    decoder = best_raw_decoder(result)
-    judge = _Judge(inputs, decoder, _load_decoder(decoder, c, inputs) if decoder else None, transfer)
+    judge = estimate_judge(c, inputs, result, transfer)
     plain, keyed = (_run_on(c, inputs, result, t, pool_raw, judge) for t in _targets(c, protection, pool_raw))
     plain.keyed = keyed
     return plain

@@ -3,7 +3,9 @@ full disclosure) with what they hold, what the audit saw them recover (by the sy
 and whether the run's targets are met; ``met`` is None where the run did not measure that attacker. The scenarios
 (``scenarios``) add to three rows: known pairs to the insider, score exposure to the API client, the inverse map
 learned with the key to full disclosure, each on the protected templates and (where measured) on the templates under
-the keyed transform; each is held to the same Type I target. The rows name the protection under audit
+the keyed transform; each is held to the same Type I target. With ``--matching encrypted`` a sixth row: the thief
+with the database and the sidecar's memory under encrypted matching (attackers B and C against encrypted stores),
+met when they recover 0 templates and 0 probes. The rows name the protection under audit
 (``AuditResult.protection_label``): AdvFace, the sidecar and its API only when the protection is advface's own."""
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ THIEF_WITH_KEYS = "thief with keys"
 INSIDER = "insider"
 API_CLIENT = "API client"
 FULL_DISCLOSURE = "full disclosure"
+ENCRYPTED_MEMORY_THIEF = "thief with the database and the sidecar's memory (encrypted matching)"
 
 
 def _best(
@@ -204,17 +207,48 @@ def _add_score_exposure(row: VerdictRow, result: AuditResult, target: float) -> 
         _add_scenario(row, words, exposure.faces, target, f"score exposure{_on(sc)}")
 
 
+def _encrypted_memory_row(result: AuditResult) -> VerdictRow | None:
+    """Attackers B and C against encrypted matching (``encrypted_matching``; None where not asked for)."""
+    enc = result.encrypted_matching
+    if enc is None:
+        return None
+    holds = (
+        "the encrypted store's database files and a memory dump of the sidecar (public and binding keys, no secret "
+        "key), no key-service access"
+    )
+    target = f"0 of {enc.templates} templates and 0 of {enc.probes} probes recovered (database and memory)"
+    if not enc.measured:
+        return VerdictRow(ENCRYPTED_MEMORY_THIEF, holds, enc.summary, None, target)
+    row = VerdictRow(ENCRYPTED_MEMORY_THIEF, holds, enc.summary, not enc.recovered_any, target)
+    if not enc.recovered_any:
+        row.recovers += "; attacks' success 0 by construction"
+        return row
+    for what, judged in (("templates", enc.judged_templates), ("probes", enc.judged_probes)):
+        if judged is None:
+            continue
+        row.recovers += (
+            f"; from the recovered {what}: estimates match the raw template for {_pct(judged.template_match_rate)}, "
+            f"faces accepted {_pct(judged.type1_success)}"
+        )
+        system, transfer = judged.type1_success, judged.transfer_type1_success
+        if system is not None and (row.type1_system is None or system > row.type1_system):
+            row.type1_system, row.best_attacker = system, f"recovered {what} ({judged.decoder})"
+        if transfer is not None and (row.type1_transfer is None or transfer > row.type1_transfer):
+            row.type1_transfer = transfer
+    return row
+
+
 def build_verdict(result: AuditResult, target_type1: float, store_audited: bool) -> VerdictResult:
     """The verdict rows from what ``result`` measured (the scenarios folded into the insider, API client and full
     disclosure rows)."""
     api = _api_row(result, target_type1)
     _add_score_exposure(api, result, target_type1)
-    return VerdictResult(
-        [
-            _thief_row(result),
-            _thief_with_keys_row(result, store_audited, target_type1),
-            _insider_row(result, target_type1),
-            api,
-            _full_disclosure_row(result, target_type1),
-        ]
-    )
+    rows = [
+        _thief_row(result),
+        _thief_with_keys_row(result, store_audited, target_type1),
+        _insider_row(result, target_type1),
+        api,
+        _full_disclosure_row(result, target_type1),
+    ]
+    encrypted = _encrypted_memory_row(result)
+    return VerdictResult(rows if encrypted is None else [*rows, encrypted])

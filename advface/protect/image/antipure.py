@@ -20,22 +20,36 @@ their gradients as it does for every term:
   towards the one it makes when told a wrong, smaller time ``t' = wrong_time * t`` (held fixed): its denoising
   strategy becomes that of a lower noise level, so purification removes less than the noise it added and the
   perturbation stays.
+
+Two options of the identity loss (:class:`AntiPureConfig`): ``identity_encoders="ensemble"`` reads ``P`` with every
+encoder of the protection ensemble, not only the conditioning one (each encoder's chip is cut from ``P`` through the
+fixed similarity between the two chip frames, as a judge reads a generated face), one loss per encoder; and
+``decoy_weight > 0`` adds a *targeted* loss, the negated cosine between ``P``'s embedding and that of a fixed decoy
+face (one of ``decoy_candidates`` faces the surrogate draws unconditionally from ``decoy_seed``, per photo the one
+least like it): a consistent target for all of a person's photos, as Mist / Anti-DreamBooth use against
+fine-tuning, instead of only "away" directions that differ from photo to photo.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from advface.audit.transfer import chip_frame_matrix
+from advface.encoders.base import ChipSpec
 from advface.errors import ConfigError
-from advface.generative.diffusion import alpha_sigma
+from advface.generative.diffusion import alpha_sigma, ddim_sample
 from advface.protect.image.surrogate_term import SurrogateTerm
+from advface.protect.image.warp import chip_theta, warp_chips
 
 ANTIPURE = "antipure"
+#: ``AntiPureConfig.identity_encoders``: the surrogate's conditioning encoder alone, or every ensemble encoder.
+SURROGATE_ENCODER, ENSEMBLE_ENCODERS = "surrogate", "ensemble"
+IDENTITY_ENCODERS: tuple[str, ...] = (SURROGATE_ENCODER, ENSEMBLE_ENCODERS)
 
 
 @dataclass(frozen=True)
@@ -43,7 +57,11 @@ class AntiPureConfig:
     """AntiPure's settings: purification times drawn uniformly from ``t_range`` (the thief's ``t*``), DCT blocks of
     ``patch`` pixels whose coefficients with both indices <= ``low_radius`` count as low, the relative weights of the
     identity, frequency and timestep losses (each loss's gradient is normalised before weighting), and the wrong time
-    the timestep loss tells the surrogate, as a fraction ``wrong_time`` of the true one."""
+    the timestep loss tells the surrogate, as a fraction ``wrong_time`` of the true one. ``identity_encoders``: who
+    reads the purified face's identity, ``surrogate`` (the conditioning encoder) or ``ensemble`` (every encoder of
+    the protection ensemble, one loss of ``identity_weight`` each); ``decoy_weight``: weight of the targeted loss
+    towards a decoy face (0: off; per reader, like the identity loss), chosen among ``decoy_candidates`` faces the
+    surrogate draws from ``decoy_seed`` in ``decoy_steps`` sampling steps."""
 
     t_range: tuple[float, float] = (0.05, 0.35)
     patch: int = 8
@@ -52,6 +70,11 @@ class AntiPureConfig:
     frequency_weight: float = 0.5
     timestep_weight: float = 0.5
     wrong_time: float = 0.3
+    identity_encoders: str = SURROGATE_ENCODER
+    decoy_weight: float = 0.0
+    decoy_candidates: int = 4
+    decoy_seed: int = 0
+    decoy_steps: int = 25
 
     def validate(self) -> None:
         """ConfigError for settings outside their ranges."""
@@ -64,9 +87,19 @@ class AntiPureConfig:
             )
         if not 0 < self.wrong_time < 1:
             raise ConfigError(f"antipure wrong_time must be in (0, 1), got {self.wrong_time}")
-        weights = (self.identity_weight, self.frequency_weight, self.timestep_weight)
+        weights = (self.identity_weight, self.frequency_weight, self.timestep_weight, self.decoy_weight)
         if any(not (0 <= w < float("inf")) for w in weights) or not any(weights):
             raise ConfigError(f"antipure weights must be finite, >= 0 and not all 0, got {weights}")
+        if self.identity_encoders not in IDENTITY_ENCODERS:
+            raise ConfigError(
+                f"antipure identity_encoders must be one of {', '.join(IDENTITY_ENCODERS)}, "
+                f"got {self.identity_encoders!r}"
+            )
+        if self.decoy_candidates < 1 or self.decoy_steps < 1:
+            raise ConfigError(
+                "antipure decoy_candidates and decoy_steps must be >= 1, "
+                f"got {self.decoy_candidates}, {self.decoy_steps}"
+            )
 
 
 def dct_matrix(n: int, device: torch.device | None = None) -> torch.Tensor:
@@ -94,11 +127,99 @@ def high_frequency(images: torch.Tensor, patch: int, low_radius: int) -> torch.T
     return coefficients * (~low).to(coefficients.dtype)
 
 
+@dataclass(frozen=True)
+class IdentityReader:
+    """An encoder that reads the purified face's identity: its differentiable module and chip."""
+
+    name: str
+    module: torch.nn.Module
+    chip: ChipSpec
+
+
 @dataclass
 class AntiPureTerm(SurrogateTerm):
-    """AntiPure's losses on a generator (see the module docs)."""
+    """AntiPure's losses on a generator (see the module docs). ``readers``: the protection ensemble's encoders, read
+    with ``identity_encoders="ensemble"`` (the conditioning encoder, ``module``, is always read; a reader with the
+    same module is skipped)."""
 
     name: str = ANTIPURE
+    readers: Sequence[IdentityReader] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._reader_clean: list[torch.Tensor] = []
+        self._decoys: dict[tuple[int, int, int], torch.Tensor] = {}
+        self._decoy_choice: list[torch.Tensor] | None = None
+
+    def _frame_theta(self, size: int, chip: ChipSpec, n: int, device: torch.device) -> torch.Tensor:
+        """``n`` copies of the theta cutting ``chip``'s chip out of a ``size``-pixel image in this term's chip frame."""
+        matrix = chip_frame_matrix(self.chip, size, chip)
+        theta = torch.from_numpy(chip_theta(matrix, (size, size), chip.size)).to(device)
+        return theta[None].expand(n, 2, 3)
+
+    def identity_readers(self, encoders: str) -> list[IdentityReader]:
+        """The encoders that read the purified face under ``identity_encoders=encoders``, the conditioning one
+        first."""
+        own = IdentityReader("surrogate", self.module, self.chip)
+        if encoders == SURROGATE_ENCODER:
+            return [own]
+        return [own, *(r for r in self.readers if r.module is not self.module)]
+
+    def read(self, faces: torch.Tensor, encoders: str) -> list[torch.Tensor]:
+        """Each reader's embeddings of ``faces`` (``N x 3 x S x S`` in [0, 1], this term's chip frame)."""
+        out = []
+        for reader in self.identity_readers(encoders):
+            if reader.module is self.module:
+                chips = F.interpolate(faces, size=(self.chip.size,) * 2, mode="bilinear", align_corners=False)
+            else:
+                theta = self._frame_theta(faces.shape[-1], reader.chip, len(faces), faces.device)
+                chips = warp_chips(faces, theta, reader.chip.size)
+            out.append(reader.module(chips))
+        return out
+
+    @torch.no_grad()
+    def prepare(self, clean: torch.Tensor, thetas: torch.Tensor) -> None:
+        """As :meth:`SurrogateTerm.prepare`, and each ensemble reader's embedding of the clean chip."""
+        super().prepare(clean, thetas)
+        chips = warp_chips(clean, thetas, self.chip.size)
+        self._reader_clean = [e.detach() for e in self.read(chips, ENSEMBLE_ENCODERS)]
+        self._decoy_choice = None
+
+    @torch.no_grad()
+    def decoy_faces(self, count: int, seed: int, steps: int) -> torch.Tensor:
+        """``count`` faces (``count x 3 x S x S`` in [0, 1]) the surrogate draws unconditionally from ``seed``
+        (kept: the same decoys for every photo)."""
+        key = (count, seed, steps)
+        if key not in self._decoys:
+            device = next(self.generator.denoiser.parameters()).device
+            noise = torch.randn((count, *self.generator.latent_shape()), generator=torch.Generator().manual_seed(seed))
+            null = torch.zeros((count, self.generator.dim), device=device)
+            latents = ddim_sample(
+                self.generator.denoiser,
+                null,
+                self.generator.latent_shape(),
+                steps=steps,
+                guidance=0.0,
+                start=noise.to(device),
+            )
+            self._decoys[key] = self.generator.autoencoder.decode(latents).clamp(0, 1)
+        return self._decoys[key]
+
+    def decoy_embeddings(self, n: int, config: AntiPureConfig) -> list[torch.Tensor]:
+        """Per reader (as :meth:`read` with ``config.identity_encoders``), the embedding of each photo's decoy: the
+        candidate face whose mean cosine to the clean photo over all ensemble readers is lowest."""
+        if self._decoy_choice is None or len(self._decoy_choice[0]) != n:
+            self.clean_embeddings(n)  # raises when prepare was not called
+            faces = self.decoy_faces(config.decoy_candidates, config.decoy_seed, config.decoy_steps)
+            with torch.no_grad():
+                candidates = self.read(faces, ENSEMBLE_ENCODERS)
+                similarity = torch.stack(
+                    [F.normalize(r, dim=1) @ F.normalize(c, dim=1).T for r, c in zip(self._reader_clean, candidates)]
+                ).mean(dim=0)  # n x candidates
+                pick = similarity.argmin(dim=1)
+            self._decoy_choice = [c[pick].detach() for c in candidates]
+        count = len(self.identity_readers(config.identity_encoders))
+        return self._decoy_choice[:count]
 
     def purified(
         self,
@@ -136,13 +257,18 @@ class AntiPureTerm(SurrogateTerm):
     ) -> list[tuple[torch.Tensor, float]]:
         """``(per-photo loss, weight)`` of each loss with a non-zero weight under ``config``; lower is better for
         the protection."""
-        clean = self.clean_embeddings(len(adv))
+        self.clean_embeddings(len(adv))  # raises when prepare was not called
         c = config
         small, purified, shift = self.purified(adv, thetas, generators, c.t_range, c.wrong_time)
         out: list[tuple[torch.Tensor, float]] = []
-        if c.identity_weight > 0:
-            chips = F.interpolate(purified, size=(self.chip.size,) * 2, mode="bilinear", align_corners=False)
-            out.append((F.cosine_similarity(self.module(chips), clean, dim=1), c.identity_weight))
+        if c.identity_weight > 0 or c.decoy_weight > 0:
+            read = self.read(purified, c.identity_encoders)
+            references = self._reader_clean[: len(read)]
+            if c.identity_weight > 0:
+                out += [(F.cosine_similarity(e, ref, dim=1), c.identity_weight) for e, ref in zip(read, references)]
+            if c.decoy_weight > 0:
+                decoys = self.decoy_embeddings(len(adv), c)
+                out += [(-F.cosine_similarity(e, d, dim=1), c.decoy_weight) for e, d in zip(read, decoys)]
         if c.frequency_weight > 0:
             gap = high_frequency(purified, c.patch, c.low_radius) - high_frequency(small, c.patch, c.low_radius)
             out.append((gap.pow(2).flatten(1).mean(dim=1), c.frequency_weight))

@@ -12,7 +12,9 @@ rather than only the final embedding is what makes a perturbation found on one e
 ``benchmarks/RESULTS.md``, image-level protection). The result is rounded to uint8 inside the same ball, so every
 pixel of the written photo differs from the original by at most ``floor(255 * epsilon)`` levels. With
 ``budget="perceptual"`` the ball is per pixel (:mod:`advface.protect.image.perceptual`: smaller on smooth skin than
-on hair, edges and background, at most that many levels) and the steps scale with it.
+on hair, edges and background, at most that many levels) and the steps scale with it. With ``budget="ssim"`` the
+ball stays uniform and, after a third of the steps, a face-SSIM term with an adaptive multiplier joins the loss and
+the steps become L2-normalised (:mod:`advface.protect.image.ssim_budget`).
 
 Randomness (start point, transforms) comes from a generator seeded by ``seed`` and the photo's own bytes, so a photo
 gets the same protection whatever batch or order it is processed in (up to float rounding of batched convolutions).
@@ -41,7 +43,7 @@ from advface.faces.align import align_face, alignment_matrix
 from advface.faces.detect import Face, FaceDetector, check_image, create_detector
 from advface.faces.pipeline import FacePolicy
 from advface.generative.model import IdentityGenerator
-from advface.protect.image.antipure import ANTIPURE, AntiPureConfig, AntiPureTerm
+from advface.protect.image.antipure import ANTIPURE, AntiPureConfig, AntiPureTerm, IdentityReader
 from advface.protect.image.ensemble import EncoderSpec, build_ensemble
 from advface.protect.image.guidance import (
     DEFLECTION,
@@ -53,6 +55,13 @@ from advface.protect.image.guidance import (
 )
 from advface.protect.image.perceptual import BUDGETS, PerceptualBudget, budget_map
 from advface.protect.image.quality import gmsd, linf, psnr, ssim, ssim_face
+from advface.protect.image.ssim_budget import (
+    SsimBudget,
+    face_area,
+    face_ssim,
+    normalised_step,
+    update_multipliers,
+)
 from advface.protect.image.surrogate_term import SurrogateTerm
 from advface.protect.image.transforms import EOTConfig, jitter_theta, random_transform
 from advface.protect.image.warp import chip_theta, warp_chips
@@ -91,11 +100,14 @@ class ProtectConfig:
     deflection_weight: float = 1.0
     #: AntiPure's settings (used when ``guidance`` names ``antipure``).
     antipure: AntiPureConfig = AntiPureConfig()
-    #: ``uniform`` or ``perceptual`` (:data:`BUDGETS`); epsilon is the largest change of any pixel either way
-    #: (unless ``perceptual.ceiling`` > 1).
+    #: ``uniform``, ``perceptual`` or ``ssim`` (:data:`BUDGETS`); epsilon is the largest change of any pixel in
+    #: every case (unless ``perceptual.ceiling`` > 1).
     budget: str = "uniform"
     #: Parameters of the perceptual budget map.
     perceptual: PerceptualBudget = field(default_factory=PerceptualBudget)
+    #: Parameters of the SSIM budget (face-box SSIM constraint and L2-normalised steps,
+    #: :mod:`advface.protect.image.ssim_budget`).
+    ssim: SsimBudget = field(default_factory=SsimBudget)
 
     def validate(self) -> None:
         """Raise ConfigError for out-of-range settings."""
@@ -124,6 +136,8 @@ class ProtectConfig:
             value = getattr(self.perceptual, name)
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"perceptual {name} must be a finite number > 0, got {value}")
+        for message in self.ssim.validate():
+            raise ConfigError(message)
 
     @property
     def levels(self) -> int:
@@ -131,9 +145,9 @@ class ProtectConfig:
         return math.floor(self.epsilon * 255 + 1e-6)
 
     def pixel_levels(self, image: np.ndarray) -> int | np.ndarray:
-        """The budget of each pixel of the uint8 ``image`` in levels: :attr:`levels` (uniform) or an ``H x W x 1``
-        int16 map of at most that (perceptual)."""
-        if self.budget == "uniform":
+        """The budget of each pixel of the uint8 ``image`` in levels: :attr:`levels` (uniform, ssim) or an
+        ``H x W x 1`` int16 map of at most that (perceptual)."""
+        if self.budget != "perceptual":
             return self.levels
         return budget_map(image, self.levels, self.perceptual)[:, :, None]
 
@@ -256,7 +270,8 @@ class ImageProtector:
     def antipure(self) -> AntiPureTerm:
         """The AntiPure term on the surrogate (loaded on first use); ConfigError when it cannot be loaded."""
         if self._antipure is None:
-            self._antipure = AntiPureTerm(*self._load_surrogate())
+            readers = tuple(IdentityReader(m.name, m.module, m.chip) for m in self.members)
+            self._antipure = AntiPureTerm(*self._load_surrogate(), readers=readers)
         return self._antipure
 
     def _load_surrogate(self) -> tuple[IdentityGenerator, torch.nn.Module, ChipSpec]:
@@ -402,6 +417,10 @@ class ImageProtector:
         delta = self._project(x, delta, eps, gray_mask)
         active = torch.ones(b, dtype=torch.bool, device=dev)
         steps_run = [config.steps] * b
+        use_ssim = config.budget == "ssim"
+        boxes = [f.box for f in faces]
+        areas = face_area(boxes, *hw)
+        multipliers = torch.full((b,), config.ssim.multiplier, device=dev)
         base_step = config.step_fraction * eps
         for step in range(config.steps):
             if should_stop is not None and should_stop():
@@ -440,8 +459,16 @@ class ImageProtector:
                     (grad,) = torch.autograd.grad(loss.sum(), delta, retain_graph=k < len(losses) - 1)
                     norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(b, 1, 1, 1)
                     total += weight * grad / norm
+            constrained = use_ssim and step >= config.ssim.sign_share * config.steps
+            if constrained:  # the quality term: raise the face SSIM, weighted by the adaptive multiplier
+                quality = face_ssim(x, x + delta, boxes)
+                (grad,) = torch.autograd.grad(-quality.sum(), delta)
+                norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(b, 1, 1, 1)
+                total += multipliers.view(b, 1, 1, 1) * grad / norm
+                multipliers = update_multipliers(multipliers, quality.detach(), config.ssim)
             with torch.no_grad():
-                delta = delta.detach() - alpha * torch.sign(total) * active.view(b, 1, 1, 1)
+                move = normalised_step(total, areas) if constrained else torch.sign(total)
+                delta = delta.detach() - alpha * move * active.view(b, 1, 1, 1)
                 delta = self._project(x, delta, eps, gray_mask)
                 last = step == config.steps - 1
                 if config.target_similarity is not None and not last and (step + 1) % config.check_every == 0:

@@ -1,0 +1,136 @@
+"""SSIM budget of image protection: the differentiable face SSIM, the multiplier, the step, the option end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from advface.cli.main import build_parser
+from advface.cli.protect_image import run
+from advface.errors import ConfigError
+from advface.images import load_image
+from advface.protect.image import ImageProtector, ProtectConfig
+from advface.protect.image.quality import ssim_face
+from advface.protect.image.ssim_budget import (
+    SsimBudget,
+    face_area,
+    face_ssim,
+    normalised_step,
+    update_multipliers,
+)
+
+PHOTO = "images/Aaron_Peirsol/Aaron_Peirsol_0001.jpg"
+
+
+def _tensor(img: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255.0
+
+
+def _textured(seed: int = 0, size: int = 64) -> np.ndarray:
+    """Smooth shading on the left, strong texture on the right."""
+    rng = np.random.default_rng(seed)
+    img = np.tile(np.linspace(60, 200, size)[None, :, None], (size, 1, 3))
+    img[:, size // 2 :] += rng.normal(0, 30, size=(size, size - size // 2, 3))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def dlib_protector(models_dir: Path) -> ImageProtector:
+    """dlib-torch alone on CPU (the fastest member)."""
+    return ImageProtector(["dlib-torch"], device="cpu", policy="center")
+
+
+@pytest.fixture(scope="module")
+def photo(lfw_dir: Path) -> np.ndarray:
+    return load_image(lfw_dir / PHOTO)
+
+
+def test_face_ssim_matches_the_reported_metric() -> None:
+    rng = np.random.default_rng(3)
+    img = _textured()
+    for amplitude, box in ((2, (3.4, 5.0, 50.2, 60.7)), (9, (0.0, 0.0, 64.0, 64.0)), (5, (-8.0, 10.0, 30.0, 90.0))):
+        noise = rng.integers(-amplitude, amplitude + 1, size=img.shape)
+        noisy = np.clip(img.astype(np.int16) + noise, 0, 255).astype(np.uint8)
+        value = float(face_ssim(_tensor(img), _tensor(noisy), [box])[0])
+        assert value == pytest.approx(ssim_face(img, noisy, box), abs=1e-4)
+        assert value < 1
+    assert float(face_ssim(_tensor(img), _tensor(img), [(0, 0, 64, 64)])[0]) == pytest.approx(1.0, abs=1e-6)
+    assert float(face_ssim(_tensor(img), _tensor(img[::-1].copy()), [(0, 0, 8, 64)])[0]) == 1.0  # box too small
+
+
+def test_the_ssim_gradient_raises_ssim() -> None:
+    img = _textured(1)
+    noise = np.random.default_rng(4).integers(-6, 7, size=img.shape)
+    x = _tensor(img)
+    delta = (_tensor(np.clip(img.astype(np.int16) + noise, 0, 255).astype(np.uint8)) - x).requires_grad_(True)
+    box = [(2.0, 2.0, 62.0, 62.0)]
+    before = face_ssim(x, x + delta, box)
+    (grad,) = torch.autograd.grad(before.sum(), delta)
+    after = face_ssim(x, x + delta.detach() + 1e-3 * grad / grad.abs().max(), box)
+    assert float(after[0]) > float(before.detach()[0])
+
+
+def test_multipliers_follow_the_constraint_within_bounds() -> None:
+    params = SsimBudget(target=0.97, margin=0.0, rate=0.5, min_multiplier=0.1, max_multiplier=4.0)
+    lam = torch.tensor([1.0, 1.0])
+    lam = update_multipliers(lam, torch.tensor([0.95, 0.99]), params)
+    assert float(lam[0]) > 1.0 > float(lam[1])
+    for _ in range(20):
+        lam = update_multipliers(lam, torch.tensor([0.95, 0.99]), params)
+    assert lam.tolist() == pytest.approx([4.0, 0.1])
+
+
+def test_normalised_step_has_unit_rms_over_the_face() -> None:
+    direction = torch.zeros(2, 3, 20, 30)
+    direction[0, :, 5:15, 10:20] = torch.randn(3, 10, 10)
+    direction[1, :, 5:15, 10:20] = 50 * torch.randn(3, 10, 10)
+    boxes = [(10.0, 5.0, 20.0, 15.0)] * 2
+    step = normalised_step(direction, face_area(boxes, 20, 30))
+    rms = step[:, :, 5:15, 10:20].pow(2).mean(dim=(1, 2, 3)).sqrt()
+    assert rms.tolist() == pytest.approx([1.0, 1.0], rel=1e-5)
+    assert torch.allclose(torch.sign(step), torch.sign(direction))
+
+
+def test_config_validation_and_cli_flag(tmp_path: Path) -> None:
+    for bad in (
+        SsimBudget(target=1.0),
+        SsimBudget(target=float("nan")),
+        SsimBudget(margin=-0.1),
+        SsimBudget(rate=0.0),
+        SsimBudget(sign_share=1.0),
+        SsimBudget(multiplier=1000.0),
+    ):
+        with pytest.raises(ConfigError, match="ssim"):
+            ProtectConfig(budget="ssim", ssim=bad).validate()
+    ProtectConfig(budget="ssim").validate()
+    parser = build_parser()
+    args = parser.parse_args(["protect-image", "a.jpg", "--out", str(tmp_path), "--ssim-target", "0.95"])
+    with pytest.raises(ConfigError, match="--budget ssim"):
+        run(args)  # the flag without the budget it belongs to: refused before anything is read or written
+    args = parser.parse_args(
+        ["protect-image", "a.jpg", "--out", str(tmp_path), "--budget", "ssim", "--ssim-target", "2"]
+    )
+    with pytest.raises(ConfigError, match="target"):
+        run(args)
+    assert not any(tmp_path.iterdir())
+
+
+def test_ssim_budget_keeps_the_face_at_its_target(dlib_protector: ImageProtector, photo: np.ndarray) -> None:
+    uniform = ProtectConfig(steps=15, guidance=("encoders",))
+    constrained = dataclasses.replace(uniform, budget="ssim", ssim=SsimBudget(target=0.97))
+    (u, ur), (s, sr) = (dlib_protector.protect([photo], c)[0] for c in (uniform, constrained))
+    box = dlib_protector.find_face(photo).box
+    assert ur.ssim_face < 0.95  # the uniform budget's face SSIM is far below the target on this photo
+    assert sr.ssim_face >= 0.965 and sr.ssim_face == pytest.approx(ssim_face(photo, s, box), abs=1e-5)
+    assert sr.budget == "ssim" and sr.to_dict()["budget"] == "ssim"
+    diff = np.abs(s.astype(np.int16) - photo.astype(np.int16))
+    assert diff.max() <= constrained.levels  # still inside the L-inf ball
+    sim = sr.similarity["dlib-torch"]
+    assert sim["cosine_after"] < sim["cosine_random"] - 0.05  # it protects, more than noise of the same budget
+    assert sim["cosine_after"] > ur.similarity["dlib-torch"]["cosine_after"]  # and less than the uniform budget
+    loose = dlib_protector.protect([photo], dataclasses.replace(constrained, ssim=SsimBudget(target=0.9)))[0][1]
+    assert sr.ssim_face > loose.ssim_face
