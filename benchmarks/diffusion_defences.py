@@ -410,7 +410,7 @@ def main() -> None:
         "classical": args.classical,
         "default_config": args.default_config,
     }
-    if antipure != defaults:  # recorded only when set, so runs of the defaults merge with earlier ones
+    if any("antipure" in name.split("+") for name in args.configs.split(",")):
         settings["antipure"] = {
             "identity_encoders": antipure.identity_encoders,
             "identity_weight": antipure.identity_weight,
@@ -443,7 +443,7 @@ def main() -> None:
             antipure=antipure,
         )
         key = f"{name}|{args.encoders}|{surrogate_digest}|{args.protect_steps}|{args.deflection_weight}|{args.seed}"
-        if "antipure" in config.guidance and antipure != defaults:  # the defaults keep their earlier cache
+        if "antipure" in config.guidance:  # AntiPure's settings are part of what was protected
             key += f"|{antipure}"
         digest = hashlib.sha1(key.encode()).hexdigest()
         photos, quality[name] = protect_people(protector, config, people, paths, f"{name}-{digest[:10]}")

@@ -75,7 +75,7 @@ def test_each_loss_has_a_gradient_and_a_step_against_it_lowers_the_loss(
     term.prepare(x, theta)
     moved = (x + 0.03 * torch.rand(x.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
     losses = term.losses(moved.requires_grad_(True), theta, [torch.Generator().manual_seed(0)])
-    assert [w for _, w in losses] == [1.0, 0.5, 0.5]
+    assert [w for _, w in losses] == [2.0, 0.5, 0.5]  # one encoder in this ensemble: one identity loss
     for k, (loss, _) in enumerate(losses):
         (grad,) = torch.autograd.grad(loss.sum(), moved, retain_graph=True)
         assert float(grad.abs().max()) > 0, k
@@ -148,7 +148,9 @@ def test_ensemble_and_decoy_losses_have_gradients_that_lower_them(
     term = ensemble_protector.antipure
     x, theta = _batch(term, ensemble_protector, photo)
     term.prepare(x, theta)
-    config = AntiPureConfig(identity_encoders="ensemble", frequency_weight=0, timestep_weight=0, decoy_weight=2.0)
+    config = AntiPureConfig(
+        identity_encoders="ensemble", identity_weight=1.0, frequency_weight=0, timestep_weight=0, decoy_weight=2.0
+    )
     moved = (x + 0.03 * torch.rand(x.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
     losses = term.losses(moved.requires_grad_(True), theta, [torch.Generator().manual_seed(0)], config)
     assert [w for _, w in losses] == [1.0, 1.0, 2.0, 2.0]  # identity per encoder, then decoy per encoder
@@ -168,4 +170,4 @@ def test_ensemble_and_decoy_losses_have_gradients_that_lower_them(
     ).mean(dim=0)
     chosen = term.decoy_embeddings(1, config)
     assert torch.allclose(chosen[1][0], candidates[1][int(mean.argmin())])
-    assert len(term.decoy_embeddings(1, AntiPureConfig(decoy_weight=1.0))) == 1  # surrogate reader only
+    assert len(term.decoy_embeddings(1, AntiPureConfig(identity_encoders="surrogate", decoy_weight=1.0))) == 1

@@ -21,13 +21,14 @@ their gradients as it does for every term:
   strategy becomes that of a lower noise level, so purification removes less than the noise it added and the
   perturbation stays.
 
-Two options of the identity loss (:class:`AntiPureConfig`): ``identity_encoders="ensemble"`` reads ``P`` with every
-encoder of the protection ensemble, not only the conditioning one (each encoder's chip is cut from ``P`` through the
-fixed similarity between the two chip frames, as a judge reads a generated face), one loss per encoder; and
-``decoy_weight > 0`` adds a *targeted* loss, the negated cosine between ``P``'s embedding and that of a fixed decoy
-face (one of ``decoy_candidates`` faces the surrogate draws unconditionally from ``decoy_seed``, per photo the one
-least like it): a consistent target for all of a person's photos, as Mist / Anti-DreamBooth use against
-fine-tuning, instead of only "away" directions that differ from photo to photo.
+Two options of the identity loss (:class:`AntiPureConfig`): ``identity_encoders="ensemble"`` (the default since
+issue #18's measurement, with ``identity_weight`` 2) reads ``P`` with every encoder of the protection ensemble, not
+only the conditioning one (each encoder's chip is cut from ``P`` through the fixed similarity between the two chip
+frames, as a judge reads a generated face), one loss per encoder; and ``decoy_weight > 0`` (off by default: it did
+not help in the measurement) adds a *targeted* loss, the negated cosine between ``P``'s embedding and that of a
+fixed decoy face (one of ``decoy_candidates`` faces the surrogate draws unconditionally from ``decoy_seed``, per
+photo the one least like it): a consistent target for all of a person's photos, as Mist / Anti-DreamBooth use
+against fine-tuning, instead of only "away" directions that differ from photo to photo.
 """
 
 from __future__ import annotations
@@ -66,11 +67,11 @@ class AntiPureConfig:
     t_range: tuple[float, float] = (0.05, 0.35)
     patch: int = 8
     low_radius: int = 1
-    identity_weight: float = 1.0
+    identity_weight: float = 2.0
     frequency_weight: float = 0.5
     timestep_weight: float = 0.5
     wrong_time: float = 0.3
-    identity_encoders: str = SURROGATE_ENCODER
+    identity_encoders: str = ENSEMBLE_ENCODERS
     decoy_weight: float = 0.0
     decoy_candidates: int = 4
     decoy_seed: int = 0
