@@ -91,3 +91,45 @@ def view2_verification(encoder: Any, pairs: list[Any], emb_a: dict, emb_b: dict)
         "threshold_at_far_1e-2": t2,
         "threshold_best_accuracy": best_threshold(scores, same),
     }
+
+
+def add_antipure_arguments(parser: Any) -> None:
+    """The AntiPure flags shared by the photo-protection benchmarks (defaults: ``AntiPureConfig``'s)."""
+    from advface.protect.image.antipure import IDENTITY_ENCODERS, AntiPureConfig
+
+    defaults = AntiPureConfig()
+    parser.add_argument(
+        "--antipure-identity",
+        choices=IDENTITY_ENCODERS,
+        default=defaults.identity_encoders,
+        help=f"encoders reading AntiPure's purified face (default {defaults.identity_encoders})",
+    )
+    parser.add_argument(
+        "--antipure-identity-weight",
+        type=float,
+        default=defaults.identity_weight,
+        help=f"weight of AntiPure's identity loss (default {defaults.identity_weight:g})",
+    )
+    parser.add_argument(
+        "--decoy-weight",
+        type=float,
+        default=defaults.decoy_weight,
+        help=f"weight of AntiPure's targeted loss towards a decoy face (default {defaults.decoy_weight:g}: off)",
+    )
+
+
+def antipure_from_args(args: Any, parser: Any) -> Any:
+    """The ``AntiPureConfig`` of :func:`add_antipure_arguments`' flags; a usage error when it is invalid."""
+    from advface.errors import AdvfaceError
+    from advface.protect.image.antipure import AntiPureConfig
+
+    antipure = AntiPureConfig(
+        identity_encoders=args.antipure_identity,
+        identity_weight=args.antipure_identity_weight,
+        decoy_weight=args.decoy_weight,
+    )
+    try:
+        antipure.validate()
+    except AdvfaceError as exc:
+        parser.error(str(exc))
+    return antipure

@@ -64,12 +64,11 @@ from advface.faces.pipeline import FaceChipper  # noqa: E402
 from advface.generative.model import IdentityGenerator, load_generator  # noqa: E402
 from advface.generative.threats import FinetuneConfig, generate_from_embeddings, personalise  # noqa: E402
 from advface.images import load_image  # noqa: E402
-from advface.protect.image.antipure import IDENTITY_ENCODERS, AntiPureConfig  # noqa: E402
 from advface.protect.image.core import ImageProtector, ProtectConfig  # noqa: E402
 from advface.protect.image.io import save_png  # noqa: E402
 from advface.protect.image.purify import standard_purifications  # noqa: E402
 from advface.protect.image.quality import psnr, ssim  # noqa: E402
-from benchmarks.common import write_results  # noqa: E402
+from benchmarks.common import add_antipure_arguments, antipure_from_args, write_results  # noqa: E402
 from benchmarks.generative_eval import Judges  # noqa: E402
 
 LOCAL = Path(__file__).resolve().parent / "results" / "local" / "diffusion_defences"
@@ -326,25 +325,7 @@ def main() -> None:
     parser.add_argument(
         "--purify-configs", default=None, help="configurations attacked after purification (default: the default)"
     )
-    defaults = AntiPureConfig()
-    parser.add_argument(
-        "--antipure-identity",
-        choices=IDENTITY_ENCODERS,
-        default=defaults.identity_encoders,
-        help=f"encoders reading AntiPure's purified face (default {defaults.identity_encoders})",
-    )
-    parser.add_argument(
-        "--antipure-identity-weight",
-        type=float,
-        default=defaults.identity_weight,
-        help=f"weight of AntiPure's identity loss (default {defaults.identity_weight:g})",
-    )
-    parser.add_argument(
-        "--decoy-weight",
-        type=float,
-        default=defaults.decoy_weight,
-        help=f"weight of AntiPure's targeted loss towards a decoy face (default {defaults.decoy_weight:g}: off)",
-    )
+    add_antipure_arguments(parser)
     parser.add_argument(
         "--threats", default=",".join(THREATS), help=f"threats to measure (default {','.join(THREATS)})"
     )
@@ -367,15 +348,7 @@ def main() -> None:
     if not threats or threats - set(THREATS):
         parser.error(f"--threats must name some of {', '.join(THREATS)}, got {args.threats!r}")
     args.threats = tuple(t for t in THREATS if t in threats)
-    antipure = AntiPureConfig(
-        identity_encoders=args.antipure_identity,
-        identity_weight=args.antipure_identity_weight,
-        decoy_weight=args.decoy_weight,
-    )
-    try:
-        antipure.validate()
-    except AdvfaceError as exc:
-        parser.error(str(exc))
+    antipure = antipure_from_args(args, parser)
     purify_configs = set((args.purify_configs or args.default_config).split(","))
     dataset = LFW(args.lfw_dir)
     paths = {item.id: Path(item.path) for item in dataset}

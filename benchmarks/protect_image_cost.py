@@ -32,12 +32,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from advface.datasets import LFW  # noqa: E402
-from advface.errors import ConfigError  # noqa: E402
 from advface.images import load_image  # noqa: E402
 from advface.protect.image import ImageProtector, ProtectConfig  # noqa: E402
-from advface.protect.image.antipure import IDENTITY_ENCODERS, AntiPureConfig  # noqa: E402
+from advface.protect.image.antipure import AntiPureConfig  # noqa: E402
 from advface.protect.image.guidance import parse_guidance  # noqa: E402
-from benchmarks.common import write_results  # noqa: E402
+from benchmarks.common import add_antipure_arguments, antipure_from_args, write_results  # noqa: E402
 
 
 def main() -> None:
@@ -48,25 +47,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--lfw-dir", help="LFW root (default $ADVFACE_LFW_DIR)")
     parser.add_argument("--out", help="output JSON (default benchmarks/results/protect_image_cost.json)")
-    defaults = AntiPureConfig()
-    parser.add_argument(
-        "--antipure-identity",
-        choices=IDENTITY_ENCODERS,
-        default=defaults.identity_encoders,
-        help=f"encoders reading AntiPure's purified face (default {defaults.identity_encoders})",
-    )
-    parser.add_argument(
-        "--decoy-weight",
-        type=float,
-        default=defaults.decoy_weight,
-        help=f"weight of AntiPure's targeted decoy loss (default {defaults.decoy_weight:g}: off)",
-    )
+    add_antipure_arguments(parser)
     args = parser.parse_args()
-    antipure = AntiPureConfig(identity_encoders=args.antipure_identity, decoy_weight=args.decoy_weight)
-    try:
-        antipure.validate()
-    except ConfigError as exc:
-        parser.error(str(exc))
+    antipure = antipure_from_args(args, parser)
     torch.set_num_threads(args.threads)
     selections = [parse_guidance(g) for g in args.guidance]
 
@@ -106,8 +89,14 @@ def main() -> None:
             "threads": args.threads,
             "steps": ProtectConfig.steps,
             **(
-                {"antipure": {"identity_encoders": antipure.identity_encoders, "decoy_weight": antipure.decoy_weight}}
-                if antipure != defaults
+                {
+                    "antipure": {
+                        "identity_encoders": antipure.identity_encoders,
+                        "decoy_weight": antipure.decoy_weight,
+                        "identity_weight": antipure.identity_weight,
+                    }
+                }
+                if antipure != AntiPureConfig()
                 else {}
             ),
         },
