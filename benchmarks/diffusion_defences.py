@@ -254,10 +254,7 @@ def run_threats(
         out = tally.summary()
         out["no_face_rate"] = no_face / (len(people) * PHOTOS_PER_PERSON)
         out["people_done"] = people_done
-        purified_keys = [key for key in out if key.startswith("purified_")]
-        if purified_keys:
-            strongest = max(purified_keys, key=lambda key: out[key]["match"])
-            out["purified"] = {**out[strongest], "threat": strongest}
+        mark_strongest_purification(out)
         return out
 
     for level in levels:
@@ -473,6 +470,14 @@ def _models(document: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def mark_strongest_purification(entry: dict[str, Any]) -> None:
+    """Set ``entry["purified"]`` to the purified threat giving the attacker the most matches (system judge)."""
+    purified_keys = [key for key in entry if key.startswith("purified_") and key != "purified"]
+    if purified_keys:
+        strongest = max(purified_keys, key=lambda key: entry[key]["match"])
+        entry["purified"] = {**entry[strongest], "threat": strongest}
+
+
 def merge(
     files: list[str], default: str | None, out: str | None, cost: str | None = None, persguard: str | None = None
 ) -> Path:
@@ -500,14 +505,26 @@ def merge(
     protected = [doc for doc in documents if set(doc["ablation"]) - {"clean"}]
     first = protected[0] if protected else documents[0]
     ignore = {"purify", "classical", "default_config", "threats"}
+
+    def shared(doc: dict[str, Any]) -> dict[str, Any]:
+        # AntiPure's settings matter only to runs that measured an AntiPure configuration
+        skip = ignore if any("antipure" in k for k in doc["ablation"]) else ignore | {"antipure"}
+        return {k: v for k, v in doc["settings"].items() if k not in skip}
+
+    with_antipure = [doc for doc in documents if any("antipure" in k for k in doc["ablation"])]
     for doc in documents:
-        mine = {k: v for k, v in first["settings"].items() if k not in ignore}
-        theirs = {k: v for k, v in doc["settings"].items() if k not in ignore}
+        mine, theirs = shared(first), shared(doc)
+        if "antipure" not in theirs:
+            mine.pop("antipure", None)
+        elif "antipure" not in mine:
+            mine["antipure"] = theirs["antipure"]
         models = ("attacker",) if doc not in protected else tuple(first["models"])
         if mine != theirs or any(_models(doc).get(m) != _models(first).get(m) for m in models):
             raise SystemExit("the runs to merge differ in settings or models")
     merged = {key: first[key] for key in ("models", "settings", "thresholds")}
     merged["settings"] = dict(first["settings"])
+    if with_antipure and "antipure" in with_antipure[0]["settings"]:  # the same in all (checked above)
+        merged["settings"]["antipure"] = with_antipure[0]["settings"]["antipure"]
     merged["ablation"], merged["quality"] = {}, {}
     for doc in documents:  # a configuration measured by several runs (different --threats) gets all their threats
         for k, v in doc["ablation"].items():
@@ -515,6 +532,8 @@ def merge(
         for k, v in doc["quality"].items():
             known = merged["quality"].get(k, {})
             merged["quality"][k] = {**known, **{q: x for q, x in v.items() if x is not None or q not in known}}
+    for entry in merged["ablation"].values():  # over the threats of all runs
+        mark_strongest_purification(entry)
     threats = [t for t in THREATS if any(t in doc["settings"].get("threats", THREATS) for doc in documents)]
     if threats == list(THREATS):
         merged["settings"].pop("threats", None)

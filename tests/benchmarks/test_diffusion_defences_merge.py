@@ -1,0 +1,68 @@
+"""benchmarks/diffusion_defences.py --merge: runs measured in parts make one result with the right summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks.diffusion_defences import merge
+
+ANTIPURE = {"identity_encoders": "ensemble", "identity_weight": 2.0, "decoy_weight": 0.0}
+MODELS = {"attacker": {"path": "a.pt", "seed": 1}, "surrogate": {"path": "s.pt", "sha256_16": "00", "seed": 0}}
+
+
+def _cell(match: float) -> dict[str, Any]:
+    return {"faces": 40, "no_face": 0, "match": match, "ism": 0.5, "transfer": {"match": match / 2, "ism": 0.1}}
+
+
+def _run(tmp_path: Path, name: str, ablation: dict[str, Any], **settings: Any) -> str:
+    base = {"people": 10, "n": 4, "protect_steps": 60, "purify": "", "classical": "", "default_config": "x"}
+    quality = {k: {"psnr_mean": 36.0, "ssim_face_mean": 0.9, "seconds_per_photo_cpu": 20.0} for k in ablation}
+    quality.pop("clean", None)
+    doc = {"models": MODELS, "settings": {**base, **settings}, "thresholds": {}, "ablation": ablation}
+    doc["quality"] = quality
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(doc))
+    return str(path)
+
+
+def test_merge_unites_parts_and_takes_the_strongest_purification_over_all(tmp_path: Path) -> None:
+    default = "encoders+deflection+antipure"
+    files = [
+        _run(tmp_path, "clean", {"clean": {"training_free": _cell(0.9), "training_based": _cell(0.8)}}),
+        _run(tmp_path, "stage12", {"encoders+deflection": {"training_based": _cell(0.25)}}),
+        _run(
+            tmp_path,
+            "based",
+            {default: {"training_based": _cell(0.025), "purified_0.1_training_based": _cell(0.05)}},
+            antipure=ANTIPURE,
+        ),
+        _run(
+            tmp_path,
+            "free",
+            {default: {"training_free": _cell(0.0), "purified_0.1_training_free": _cell(0.04)}},
+            antipure=ANTIPURE,
+        ),
+    ]
+    out = json.loads(merge(files, default, str(tmp_path / "merged.json")).read_text())
+    assert out["settings"]["antipure"] == ANTIPURE
+    assert set(out["ablation"]) == {"clean", "encoders+deflection", default}
+    assert out["training_based"]["protected"]["match"] == 0.025
+    assert out["training_free"]["protected"]["match"] == 0.0
+    assert out["training_based"]["clean"]["match"] == 0.8
+    # the strongest purification is chosen over both parts, not taken from the last one merged
+    assert out["purified"]["protected"] == {"match": 0.05, "threat": "purified_0.1_training_based"}
+    assert out["transfer"]["purified"]["protected"]["match"] == 0.025
+
+
+def test_merge_refuses_antipure_runs_with_different_settings(tmp_path: Path) -> None:
+    default = "encoders+deflection+antipure"
+    files = [
+        _run(tmp_path, "w2", {default: {"training_based": _cell(0.0)}}, antipure=ANTIPURE),
+        _run(tmp_path, "w1", {default: {"training_free": _cell(0.0)}}, antipure={**ANTIPURE, "identity_weight": 1.0}),
+    ]
+    with pytest.raises(SystemExit, match="differ in settings"):
+        merge(files, default, str(tmp_path / "merged.json"))
