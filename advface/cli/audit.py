@@ -132,7 +132,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-images", action="store_true", help="leave the image grid out of the report")
     parser.add_argument("--image-size", type=int, help="decoder output size (default 64, quick 32)")
-    parser.add_argument("--epochs", type=int, help="training epochs of each decoder (default 20, quick 1)")
+    parser.add_argument("--epochs", type=int, help="training epochs of each decoder (default 20, quick 2)")
     parser.add_argument("--batch-size", type=int, help="decoder training batch size (default 64, quick 16)")
     parser.add_argument("--max-identities", type=int, help="use at most this many identities (0: all; quick 40)")
     parser.add_argument("--max-photos", type=int, help="at most this many photos per identity (0: all; quick 6)")
@@ -219,7 +219,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="manifest.json (written beside the report): also the SHA-256 of every dataset file (default: one hash "
         "over the sorted file names and sizes)",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the identity split, protection and attacks (default %(default)s)"
+    )
     parser.add_argument("--workers", type=int, default=1, help="face-detection processes")
     add_threads_argument(parser, "attacker training, protection and attacks in this process")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--detector", default="dlib", help="face detector (default dlib)")
     parser.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
     parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="sampling and personalisation seed (default %(default)s)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
 
 

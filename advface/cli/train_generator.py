@@ -71,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="store OUT's weights in float16 (half the file; they are computed in float32 when loaded): how the "
         "shipped defender surrogate is written",
     )
-    parser.add_argument("--quiet", "-q", action="store_true")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:

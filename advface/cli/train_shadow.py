@@ -30,9 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--detector", default="dlib", help="face detector (default dlib)")
     parser.add_argument("--arch", default="resup", help="decoder architecture (default resup)")
     parser.add_argument("--image-size", type=int, default=64, help="reconstruction size in px (default 64)")
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--epochs", type=int, default=30, help="training epochs (default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=64, help="training batch size (default %(default)s)")
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default %(default)s)")
     parser.add_argument(
         "--id-weight",
         type=float,
@@ -56,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--work-dir", help="folder for per-epoch resumable checkpoints")
     parser.add_argument("--workers", type=int, default=1, help="processes for face detection")
-    parser.add_argument("--quiet", "-q", action="store_true")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:

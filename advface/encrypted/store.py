@@ -13,7 +13,9 @@ scored or released, still encrypted in their block).
 
 The store logic is written once; its rows go through a :class:`~advface.encrypted.database.BlockDatabase`:
 :class:`EncryptedSQLiteStore` (one SQLite file, :mod:`advface.encrypted.sqlite_database`) or
-:class:`EncryptedPostgresStore` (tables in a PostgreSQL database, :mod:`advface.encrypted.postgres_database`).
+:class:`EncryptedPostgresStore` (tables in a PostgreSQL database, :mod:`advface.encrypted.postgres_database`), thin
+wrappers of :class:`EncryptedStore`'s one constructor that name the database; the options all three take are
+:class:`EncryptedStoreOptions`.
 
 Processes. SQLite: one process opens a database at a time (``<file>.lock``, as for the SQLite store): a sidecar and
 ``advface reencode`` never write the same store together. PostgreSQL: several processes may open one database;
@@ -54,7 +56,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict, Unpack
 
 import numpy as np
 
@@ -101,6 +103,7 @@ __all__ = [
     "EncryptedPostgresStore",
     "EncryptedSQLiteStore",
     "EncryptedStore",
+    "EncryptedStoreOptions",
     "KeyServiceLike",
     "integrity_key_for",
     "names_cipher",
@@ -133,10 +136,28 @@ class KeyServiceLike(Protocol):
     # and, for key-pair rotation: ``rotate(request) -> list[bytes]`` (KeyServiceCore.rotate)
 
 
+class EncryptedStoreOptions(TypedDict, total=False):
+    """The keyword options of :class:`EncryptedStore`, passed unchanged by :class:`EncryptedSQLiteStore` and
+    :class:`EncryptedPostgresStore`; their defaults are stated once, in ``EncryptedStore.__init__``.
+
+    ``keyservice``: the key service (none: enrolment and deletion only); ``integrity_key``: authenticates the
+    blocks (:func:`integrity_key_for`; none: checksums only); ``threads``: scoring threads; ``auto_erase``: a
+    background thread erases removed templates (with a key service), retrying every ``erase_retry_s`` while it is
+    down; ``next_binding``: ``(binding key, integrity key)`` of an unfinished binding-key rotation."""
+
+    keyservice: KeyServiceLike | None
+    integrity_key: bytes | None
+    threads: int
+    auto_erase: bool
+    erase_retry_s: float
+    next_binding: tuple[bytes, bytes | None] | None
+
+
 class EncryptedStore(TemplateStore):
     """Encrypted templates in a :class:`~advface.encrypted.database.BlockDatabase` opened by ``open_database``;
-    thread-safe (one lock serialises changes and scoring). Use :class:`EncryptedSQLiteStore` or
-    :class:`EncryptedPostgresStore`."""
+    thread-safe (one lock serialises changes and scoring). This constructor is the one way to build the store;
+    :class:`EncryptedSQLiteStore` and :class:`EncryptedPostgresStore` are thin wrappers that name the database
+    (options: :class:`EncryptedStoreOptions`)."""
 
     matching = "encrypted"
 
@@ -989,8 +1010,9 @@ class EncryptedStore(TemplateStore):
 
 
 class EncryptedSQLiteStore(EncryptedStore):
-    """Encrypted templates in one SQLite file (:mod:`advface.encrypted.sqlite_database`; one process at a time);
-    options as :class:`EncryptedStore`."""
+    """Encrypted templates in one SQLite file (:mod:`advface.encrypted.sqlite_database`; one process at a time): a
+    thin wrapper, ``EncryptedStore(lambda: SQLiteBlockDatabase(path), ...)`` with ``path`` kept as ``self.path``;
+    options: :class:`EncryptedStoreOptions`."""
 
     def __init__(
         self,
@@ -999,28 +1021,10 @@ class EncryptedSQLiteStore(EncryptedStore):
         binding_key: bytes,
         dim: int,
         metric: StoreMetric,
-        *,
-        keyservice: KeyServiceLike | None = None,
-        integrity_key: bytes | None = None,
-        threads: int = 1,
-        auto_erase: bool = True,
-        erase_retry_s: float = 30.0,
-        next_binding: tuple[bytes, bytes | None] | None = None,
+        **options: Unpack[EncryptedStoreOptions],
     ) -> None:
         self.path = Path(path)
-        super().__init__(
-            lambda: SQLiteBlockDatabase(self.path),
-            keys,
-            binding_key,
-            dim,
-            metric,
-            keyservice=keyservice,
-            integrity_key=integrity_key,
-            threads=threads,
-            auto_erase=auto_erase,
-            erase_retry_s=erase_retry_s,
-            next_binding=next_binding,
-        )
+        super().__init__(lambda: SQLiteBlockDatabase(self.path), keys, binding_key, dim, metric, **options)
 
     @property
     def _db(self) -> sqlite3.Connection:
@@ -1031,8 +1035,9 @@ class EncryptedSQLiteStore(EncryptedStore):
 
 class EncryptedPostgresStore(EncryptedStore):
     """Encrypted templates in a PostgreSQL database at ``dsn`` (:mod:`advface.encrypted.postgres_database`: tables
-    ``<table_prefix>_*``, several processes may open it); options as :class:`EncryptedStore`.
-    DatabaseUnavailableError when the server cannot be reached."""
+    ``<table_prefix>_*``, several processes may open it): a thin wrapper, ``EncryptedStore(lambda:
+    PostgresBlockDatabase(dsn, ...), ...)``; options: :class:`EncryptedStoreOptions`. DatabaseUnavailableError when
+    the server cannot be reached."""
 
     def __init__(
         self,
@@ -1044,12 +1049,7 @@ class EncryptedPostgresStore(EncryptedStore):
         *,
         table_prefix: str | None = None,
         connect_timeout: float = 10.0,
-        keyservice: KeyServiceLike | None = None,
-        integrity_key: bytes | None = None,
-        threads: int = 1,
-        auto_erase: bool = True,
-        erase_retry_s: float = 30.0,
-        next_binding: tuple[bytes, bytes | None] | None = None,
+        **options: Unpack[EncryptedStoreOptions],
     ) -> None:
         from advface.encrypted.postgres_database import TABLE_PREFIX_DEFAULT, PostgresBlockDatabase
 
@@ -1060,12 +1060,7 @@ class EncryptedPostgresStore(EncryptedStore):
             binding_key,
             dim,
             metric,
-            keyservice=keyservice,
-            integrity_key=integrity_key,
-            threads=threads,
-            auto_erase=auto_erase,
-            erase_retry_s=erase_retry_s,
-            next_binding=next_binding,
+            **options,
         )
 
 

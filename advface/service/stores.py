@@ -11,7 +11,7 @@ the sidecar, ``advface reencode`` and ``advface audit`` open stores through it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Unpack, cast
 
 from advface.config import Config, StoreConfig
 from advface.errors import ConfigError
@@ -21,7 +21,7 @@ from advface.store.base import StoreMetric, TemplateStore
 
 if TYPE_CHECKING:
     from advface.encrypted.keys import PublicKeys
-    from advface.encrypted.store import EncryptedStore
+    from advface.encrypted.store import EncryptedStore, EncryptedStoreOptions
 
 #: the encrypted store's file in ``store.data_dir`` (backend sqlite)
 ENCRYPTED_SQLITE_NAME = "templates-encrypted.sqlite3"
@@ -124,10 +124,15 @@ def encrypted_store_where(section: StoreConfig) -> str:
 
 
 def make_encrypted_store(
-    section: StoreConfig, keys: PublicKeys, binding_key: bytes, dim: int, metric: StoreMetric, **options: Any
+    section: StoreConfig,
+    keys: PublicKeys,
+    binding_key: bytes,
+    dim: int,
+    metric: StoreMetric,
+    **options: Unpack[EncryptedStoreOptions],
 ) -> EncryptedStore:
-    """The encrypted store of ``section``'s backend (``options``: those of
-    :class:`~advface.encrypted.store.EncryptedStore`), without a key-service client unless given one."""
+    """The encrypted store of ``section``'s backend (``options``:
+    :class:`~advface.encrypted.store.EncryptedStoreOptions`), without a key-service client unless given one."""
     from advface.encrypted.store import EncryptedPostgresStore, EncryptedSQLiteStore
 
     _check_encrypted_backend(section)

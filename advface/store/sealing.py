@@ -30,8 +30,8 @@ import hashlib
 import hmac
 import json
 import secrets
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
 
 from advface.crypto import KEY_BYTES, TemplateCipher, blob_key_id, template_aad
 from advface.errors import ConfigError, IntegrityError
@@ -118,6 +118,16 @@ class SealedNames:
         """The metadata column re-encrypted under ``cipher``'s primary key (key rotation)."""
         plain = self.cipher.decrypt(sealed_blob(text), _row_aad(tenant, stored_id))
         return json.dumps({SEALED: base64.b64encode(cipher.encrypt(plain, _row_aad(tenant, stored_id))).decode()})
+
+    def reseal_rows(self, rows: Iterable[Sequence[Any]], cipher: TemplateCipher) -> list[tuple[str, Any]]:
+        """``(new metadata column, row key)`` for each subject row ``(row key, tenant, stored id, metadata column)``
+        not yet under ``cipher``'s primary key, re-encrypted under it (key rotation; rows already under it, e.g.
+        done by an interrupted pass, are left out)."""
+        return [
+            (self.reseal(tenant, stored, text, cipher), key)
+            for key, tenant, stored, text in rows
+            if self.key_id_of(text) != cipher.key_id
+        ]
 
 
 def sealed_blob(text: str) -> bytes:

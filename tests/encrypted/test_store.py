@@ -4,6 +4,7 @@ several processes on one database."""
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from encrypted_helpers import Backend
 from advface.encrypted.errors import KeyServiceUnavailableError
 from advface.encrypted.keys import generate_keys, new_binding_key
 from advface.encrypted.keyservice import DecisionPolicy, KeyServiceCore
-from advface.encrypted.store import EncryptedStore, integrity_key_for
+from advface.encrypted.store import EncryptedStore, EncryptedStoreOptions, integrity_key_for
 from advface.errors import (
     ConfigError,
     DatabaseUnavailableError,
@@ -203,6 +204,19 @@ def test_wrong_key_pair_or_shape_refused(backend: Backend, keys, binding_key, pe
         backend.open(generate_keys().public, binding_key, DIM)
     with pytest.raises(ConfigError, match="dim"):
         backend.open(keys.public, binding_key, DIM + 1)
+
+
+def test_the_backends_pass_the_options_to_the_one_constructor(backend: Backend, keys, binding_key) -> None:
+    """EncryptedSQLiteStore / EncryptedPostgresStore are thin wrappers of EncryptedStore's constructor:
+    EncryptedStoreOptions names exactly its keyword options, each given one reaches the store, an unknown one is
+    refused."""
+    params = inspect.signature(EncryptedStore.__init__).parameters
+    keyword_only = {name for name, p in params.items() if p.kind is p.KEYWORD_ONLY}
+    assert set(EncryptedStoreOptions.__annotations__) == keyword_only
+    with pytest.raises(TypeError, match="threds"):
+        backend.open(keys.public, binding_key, DIM, threds=2)
+    with _open(backend, keys, binding_key, threads=3, erase_retry_s=7.5) as store:
+        assert (store.threads, store.erase_retry_s, store._integrity_key, store._eraser) == (3, 7.5, KEY, None)
 
 
 def test_sqlite_one_process_at_a_time_and_a_private_file(tmp_path: Path, keys, binding_key) -> None:

@@ -1,5 +1,6 @@
 """SQLiteFaissStore with encryption at rest: round trip, no plaintext on disk, wrong/missing key, tampering,
-plaintext migration and key rotation (including a kill -9 in the middle of a rotation)."""
+plaintext migration and key rotation (including a kill -9 in the middle of a rotation). Sealed subject ids and
+metadata: test_sealing.py (both stores)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from rotation_helpers import DIM, check_rotation_survives_kill_9, check_sealing_a_plain_store, fill, named_fill
+from rotation_helpers import DIM, check_rotation_survives_kill_9, fill
 
 from advface.crypto import TemplateCipher, blob_key_id
 from advface.errors import ConfigError, IntegrityError
@@ -175,111 +176,3 @@ def test_cli_keygen_and_rotate_key(tmp_path: Path, capsys: pytest.CaptureFixture
     (tmp_path / "b.key").chmod(0o644)
     assert main(["rotate-key", "--db", str(db), "--new-key-file", str(tmp_path / "b.key")]) == 2
     assert "chmod 600" in capsys.readouterr().err
-
-
-def _subject_columns(path: Path) -> list[tuple[str, str]]:
-    conn = sqlite3.connect(path)
-    try:
-        return [(r[0], r[1]) for r in conn.execute("SELECT subject_id, metadata FROM subjects ORDER BY id")]
-    finally:
-        conn.close()
-
-
-def test_a_store_created_encrypted_seals_subject_ids_and_metadata(path: Path) -> None:
-    cipher = TemplateCipher.generate()
-    rng = np.random.default_rng(3)
-    names = [f"Jane Doe {i}" for i in range(12)]
-    x = rng.standard_normal((12, DIM)).astype(np.float32)
-    with SQLiteFaissStore(path, DIM, "cosine", cipher=cipher) as s:
-        assert s.sealed_names
-        s.add_many("acme", [(n, x[i : i + 1], {"badge": f"B-{i:04d}-secret"}) for i, n in enumerate(names)])
-        s.add("acme", names[0], x[:1] + 0.01, {"desk": "4th floor"})  # a second template, metadata merged
-        assert s.get_subject("acme", names[0]).metadata == {"badge": "B-0000-secret", "desk": "4th floor"}
-        assert s.delete_template("acme", s.get_subject("acme", names[1]).template_ids[0]) == names[1]
-        on_disk = _file_bytes(path)
-    for text in [*names, "B-0005-secret", "4th floor", "badge"]:
-        assert text.encode() not in on_disk
-    stored = _subject_columns(path)
-    assert all(len(sid) == 32 and meta.startswith('{"sealed": ') for sid, meta in stored)
-    with SQLiteFaissStore(path, DIM, "cosine", cipher=cipher) as s:  # the index rebuilt from sealed rows
-        assert s.search("acme", x[7], 1)[0].subject_id == names[7]
-        listed = []
-        page, token = s.list_subjects("acme", page_size=5)
-        while True:
-            listed += [p.subject_id for p in page]
-            if not token:
-                break
-            page, token = s.list_subjects("acme", page_size=5, page_token=token)
-        assert sorted(listed) == sorted(names[:1] + names[2:])
-        assert s.delete_subject("acme", names[0]) == 2
-    conn = sqlite3.connect(path)
-    try:  # a sealed row moved to another subject's place fails authentication, never opens as the other
-        (a_id, a_meta), (b_id, _) = _subject_columns(path)[:2]
-        conn.execute("UPDATE subjects SET metadata = ? WHERE subject_id = ?", (a_meta, b_id))
-        conn.commit()
-    finally:
-        conn.close()
-    with pytest.raises(IntegrityError):
-        with SQLiteFaissStore(path, DIM, "cosine", cipher=cipher) as s:
-            s.list_subjects("acme", page_size=100)
-
-
-def test_rotation_reseals_subjects_and_keeps_their_ids(path: Path) -> None:
-    old, new = TemplateCipher.generate(), TemplateCipher.generate()
-    with SQLiteFaissStore(path, DIM, "euclidean", cipher=old) as s:
-        vectors = fill(s, 30)
-    before = [sid for sid, _ in _subject_columns(path)]
-    with SQLiteFaissStore(path, DIM, "euclidean", cipher=new.with_previous(old)) as s:
-        assert s.rotate(new, batch_size=8) == 30
-    from advface.store.sealing import sealed_blob
-
-    assert [sid for sid, _ in _subject_columns(path)] == before  # lookups unchanged
-    assert {blob_key_id(sealed_blob(meta)) for _, meta in _subject_columns(path)} == {new.key_id}
-    with SQLiteFaissStore(path, DIM, "euclidean", cipher=new) as s:
-        assert s.get_subject("t", "s17").metadata == {"k": "v"}
-        assert s.search("t", vectors["s17"], 1)[0].subject_id == "s17"
-
-
-def test_a_store_encrypted_after_it_held_subjects_is_sealed_by_the_migration(path: Path) -> None:
-    with SQLiteFaissStore(path, DIM, "euclidean") as s:
-        vectors = named_fill(s, 12)
-    cipher = TemplateCipher.generate()
-    with SQLiteFaissStore(path, DIM, "euclidean", cipher=cipher, migrate_plaintext=True) as s:
-        assert not s.sealed_names  # plain until the migration's rotate
-        assert s.rotate(cipher, batch_size=5) == 16
-        assert s.sealed_names and s.get_subject("t", "Person 004").metadata == {"badge": "badge-004"}
-        assert s.search("t", vectors["Person 007"], 1)[0].subject_id == "Person 007"
-        s.add("t", "Person 100", vectors["Person 001"] + 1.0, {"badge": "badge-100"})
-    on_disk = _file_bytes(path)
-    for text in ["Person 0", "Person 100", "badge-0"]:
-        assert text.encode() not in on_disk
-    with SQLiteFaissStore(path, DIM, "euclidean", cipher=cipher) as s:
-        assert s.sealed_names and s.get_subject("t", "Person 100").metadata == {"badge": "badge-100"}
-        assert s.search("t", vectors["Person 011"], 1)[0].subject_id == "Person 011"
-
-
-def test_an_encrypted_store_with_plain_ids_is_sealed_by_its_next_rotation(
-    path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """A store migrated before migrations sealed ids (encrypted, plain ids) warns at open with the command, and is
-    sealed by `advface rotate-key`."""
-    with SQLiteFaissStore(path, DIM, "euclidean") as s:
-        vectors = named_fill(s, 6)
-    cipher = TemplateCipher.generate()
-    with SQLiteFaissStore(path, DIM, "euclidean", cipher=cipher, migrate_plaintext=True) as s:
-        s._seal_names = lambda batch_size: 0  # type: ignore[method-assign]  # as an older advface migrated it
-        s.rotate(cipher)
-        assert not s.sealed_names
-    assert {sid for sid, _ in _subject_columns(path)} == set(vectors)
-    new = TemplateCipher.generate()
-    with caplog.at_level("WARNING", logger="advface.store"):
-        with SQLiteFaissStore(path, DIM, "euclidean", cipher=new.with_previous(cipher)) as s:
-            assert "seal them with `advface rotate-key`" in caplog.text
-            assert s.rotate(new) == 8 and s.sealed_names
-    assert not any(sid.startswith("Person") for sid, _ in _subject_columns(path))
-    with SQLiteFaissStore(path, DIM, "euclidean", cipher=new) as s:
-        assert s.search("t", vectors["Person 005"], 1)[0].subject_id == "Person 005"
-
-
-def test_sealing_a_plain_store_survives_kill_9_and_resumes(path: Path, tmp_path: Path) -> None:
-    check_sealing_a_plain_store(SQLiteFaissStore, path, tmp_path, lambda: _subject_columns(path))

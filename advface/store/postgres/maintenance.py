@@ -267,11 +267,7 @@ class PostgresMaintenance(PostgresSearch, PostgresSchema, rotation.TemplateReiss
                 f"SELECT id, tenant, subject_id, metadata FROM {s} WHERE id > %s ORDER BY id LIMIT %s FOR UPDATE",
                 (last, batch_size),
             ).fetchall()
-            updates = [
-                (names.reseal(tenant, stored, text, ring), pk)
-                for pk, tenant, stored, text in rows
-                if names.key_id_of(text) != ring.key_id
-            ]
+            updates = names.reseal_rows(rows, ring)
             if updates:
                 with conn.cursor() as cur:
                     cur.executemany(f"UPDATE {s} SET metadata = %s WHERE id = %s", updates)

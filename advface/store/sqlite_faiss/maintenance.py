@@ -284,11 +284,7 @@ class SQLiteMaintenance(SQLiteSearch, rotation.TemplateReissue):
                     "SELECT id, tenant, subject_id, metadata FROM subjects WHERE id > ? ORDER BY id LIMIT ?",
                     (last, batch_size),
                 ).fetchall()
-                updates = [
-                    (names.reseal(tenant, stored, text, ring), pk)
-                    for pk, tenant, stored, text in rows
-                    if names.key_id_of(text) != ring.key_id
-                ]
+                updates = names.reseal_rows(rows, ring)
                 conn.executemany("UPDATE subjects SET metadata = ? WHERE id = ?", updates)
             if not rows:
                 return done
