@@ -291,3 +291,65 @@ def test_link_check_catches_broken_links() -> None:
     assert len(check_links(page, "[a](nope.md)")) == 1
     assert len(check_links(page, "[a](serve.md#no-such-heading)")) == 1
     assert check_links(page, "# A `code` heading: yes\n[a](#a-code-heading-yes)") == []
+
+
+# ------------------------------------------------------------------------------------ every command line option
+
+
+def cli_options() -> dict[str, list[tuple[str, ...]]]:
+    """``"advface CMD [ACTION ...]"`` -> the option strings of each of its options (``--help`` left out), from the
+    real parser."""
+    import argparse
+
+    from advface.cli.main import build_parser
+
+    out: dict[str, list[tuple[str, ...]]] = {}
+
+    def walk(parser: argparse.ArgumentParser, name: str) -> None:
+        out[name] = [tuple(a.option_strings) for a in parser._actions if a.option_strings and a.dest != "help"]
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for child, sub in action.choices.items():
+                    walk(sub, f"{name} {child}")
+
+    walk(build_parser(), "advface")
+    out.pop("advface")  # --version / --verbose: README
+    return out
+
+
+def check_cli_docs(pages: Mapping[str, str], options: Mapping[str, list[tuple[str, ...]]]) -> list[str]:
+    """Each option of each command must appear (one of its spellings, as a whole word) on a page that names the
+    command (``advface CMD``: its first word after ``advface``)."""
+    problems = []
+    for command, spellings in sorted(options.items()):
+        top = " ".join(command.split()[:2])
+        texts = [t for t in pages.values() if re.search(re.escape(top) + r"(?![\w-])", t)]
+        if not texts:
+            problems.append(f"{command}: no docs page names it")
+            continue
+        for names in spellings:
+            patterns = [re.compile(r"(?<![\w-])" + re.escape(n) + r"(?![\w-])") for n in names]
+            if not any(p.search(t) for p in patterns for t in texts):
+                problems.append(f"{command}: {'/'.join(names)} not documented")
+    return problems
+
+
+def _pages() -> dict[str, str]:
+    return {p.name: p.read_text(encoding="utf-8") for p in [README, *sorted(DOCS.glob("*.md"))]}
+
+
+def test_every_cli_option_is_documented() -> None:
+    assert check_cli_docs(_pages(), cli_options()) == []
+
+
+def test_cli_docs_check_catches_a_missing_option() -> None:
+    pages = {"serve.md": "advface serve --config PATH, --port N"}
+    options: dict[str, list[tuple[str, ...]]] = {
+        "advface serve": [("--config",), ("-p", "--port"), ("--portal",), ("-q", "--quiet")],
+        "advface nothing": [("--x",)],
+    }
+    assert check_cli_docs(pages, options) == [
+        "advface nothing: no docs page names it",
+        "advface serve: --portal not documented",
+        "advface serve: -q/--quiet not documented",
+    ]
