@@ -4,7 +4,8 @@ Usage (what produced ``benchmarks/results/photo_quality.json`` and ``docs/images
 
     nice -n 10 python benchmarks/photo_quality.py --count 30 --threads 1 --shared-machine --grids 3
 
-and the SSIM budget's rows (``benchmarks/results/photo_quality_ssim.json``; commands in ``benchmarks/RESULTS.md``)::
+and the SSIM budget's rows (``benchmarks/results/photo_quality_ssim.json``, ``photo_quality_ssim_photo.json``;
+commands in ``benchmarks/RESULTS.md``)::
 
     nice -n 10 python benchmarks/photo_quality.py --count 24 --threads 1 --shared-machine --guidance encoders \
         --variants uniform ssim ssim:target=0.95 ssim:target=0.93 --out benchmarks/results/photo_quality_ssim.json
@@ -12,9 +13,10 @@ and the SSIM budget's rows (``benchmarks/results/photo_quality_ssim.json``; comm
 Sample: LFW people shuffled with ``--seed``, the first photo of each (identity-disjoint), ``--count`` of them. Each
 photo's face is detected once and protected with every variant (``uniform``, ``perceptual``, ``ssim``, or
 ``NAME:KEY=VALUE,...`` to change the budget ``levels``, ``steps`` or parameters of the budget map or of the SSIM
-budget, e.g. ``ssim:target=0.95``) at the default settings otherwise (60 steps, EOT, feature term, the default
-ensemble: dlib-torch + MobileFaceNet when its model file is present; ``--guidance`` the terms, default the library's:
-the first table, ``results/photo_quality.json``, was run when that was ``encoders`` alone). Per variant the JSON gives
+budget, e.g. ``ssim:target=0.95`` or ``ssim:photo_target=0.97``, the whole photo's SSIM constraint) at the default
+settings otherwise (60 steps, EOT, feature term, the default ensemble: dlib-torch + MobileFaceNet when its model file
+is present; ``--guidance`` the terms, default the library's: the first table, ``results/photo_quality.json``, was run
+when that was ``encoders`` alone). Per variant the JSON gives
 quality (PSNR, SSIM, SSIM on the face box, GMSD, mean CIEDE2000 colour difference, the share of pixels changed, the
 mean absolute change in levels), protection strength (per encoder, from the protection report: ``cosine_after`` of
 clean vs protected through the encoder's standard pipeline, and ``matched_after`` at the encoder's threshold) and
@@ -23,8 +25,9 @@ the uniform budget's.
 
 Grids (``--grids N``): N synthetic faces from the DCGAN of the ``gan-face-generate`` package (64 px, upscaled to
 ``--grid-size``, padded so the detector finds the face; no real person), each written as one PNG under
-``docs/images/``: top row clean | uniform | perceptual, bottom row the perturbation amplified x``--amplify`` around
-grey (the clean face, the uniform and the perceptual perturbation). LFW photos are never written.
+``docs/images/`` (or ``--grid-dir``): top row clean | uniform | perceptual (or the ``--grid-variants``), bottom
+row the perturbation amplified x``--amplify`` around grey (the clean face, then each variant's perturbation); the
+JSON's ``grids`` gives each column's numbers. LFW photos are never written.
 """
 
 from __future__ import annotations
@@ -71,7 +74,12 @@ def variant_config(spec: str, base: ProtectConfig) -> ProtectConfig:
             continue
         if name == "uniform" or key not in fields:
             raise SystemExit(f"unknown {name} parameter {key!r} (known: {', '.join(fields)})")
-        values[key] = int(value) if fields[key] in (int, "int") else float(value)
+        if fields[key] in (bool, "bool"):
+            if value.lower() not in ("0", "1", "false", "true"):
+                raise SystemExit(f"{name} parameter {key!r} takes 0 / 1 / false / true, got {value!r}")
+            values[key] = value.lower() in ("1", "true")
+        else:
+            values[key] = int(value) if fields[key] in (int, "int") else float(value)
     if name == "uniform":
         return dataclasses.replace(base, budget="uniform", steps=steps, epsilon=epsilon)
     if name == "ssim":
@@ -194,13 +202,20 @@ def synthetic_faces(indices: list[int], size: int, seed: int) -> list[np.ndarray
 
 
 def write_grids(
-    protector: ImageProtector, base: ProtectConfig, indices: list[int], size: int, amplify: float, seed: int
+    protector: ImageProtector,
+    base: ProtectConfig,
+    indices: list[int],
+    size: int,
+    amplify: float,
+    seed: int,
+    variants: tuple[str, ...] = ("uniform", "perceptual"),
+    folder: Path = DOCS_IMAGES,
 ) -> list[dict[str, Any]]:
-    """Protect the synthetic faces ``indices`` with both budgets and write one grid PNG per face; returns their
-    numbers (faces the detector misses are left out)."""
+    """Protect the synthetic faces ``indices`` with each of ``variants`` (one column each) and write one grid PNG
+    per face into ``folder``; returns their numbers (faces the detector misses are left out)."""
     from PIL import Image
 
-    DOCS_IMAGES.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     written: list[dict[str, Any]] = []
     for index, face_image in zip(indices, synthetic_faces(indices, size, seed)):
         try:
@@ -208,7 +223,7 @@ def write_grids(
         except ImageError:
             continue
         tiles, diffs, numbers = [face_image], [np.full_like(face_image, 128)], {}
-        for spec in ("uniform", "perceptual"):
+        for spec in variants:
             config = variant_config(spec, base)
             protected, report = protector.protect([face_image], config, faces=[face])[0]
             delta = protected.astype(np.float64) - face_image.astype(np.float64)
@@ -219,14 +234,15 @@ def write_grids(
                 "ssim": report.ssim,
                 "ssim_face": report.ssim_face,
                 "gmsd": report.gmsd,
+                "linf_levels": report.linf_levels,
                 "cosine_after": {k: v["cosine_after"] for k, v in report.similarity.items()},
             }
         grid = np.concatenate([np.concatenate(tiles, axis=1), np.concatenate(diffs, axis=1)], axis=0)
-        path = DOCS_IMAGES / f"protect-grid-{len(written) + 1}.png"
+        path = folder / f"protect-grid-{len(written) + 1}.png"
         Image.fromarray(grid).save(path, optimize=True)
         written.append(
             {
-                "file": str(path.relative_to(DOCS_IMAGES.parent.parent)),
+                "file": str(path.relative_to(DOCS_IMAGES.parent.parent)) if folder == DOCS_IMAGES else str(path),
                 "face_index": index,
                 "bytes": path.stat().st_size,
                 **numbers,
@@ -273,6 +289,15 @@ def main() -> None:
     )
     parser.add_argument("--grid-size", type=int, default=200, help="face size (px) in the grids")
     parser.add_argument("--amplify", type=float, default=8.0, help="amplification of the difference row")
+    parser.add_argument(
+        "--grid-variants",
+        nargs="+",
+        default=["uniform", "perceptual"],
+        help="the grids' columns after the clean face (variants as --variants; default uniform perceptual)",
+    )
+    parser.add_argument(
+        "--grid-dir", default=None, help="folder of the grid PNGs (default docs/images, the committed grids)"
+    )
     parser.add_argument("--lfw-dir")
     parser.add_argument("--out", help="output JSON (default benchmarks/results/photo_quality.json)")
     parser.add_argument("--shared-machine", action="store_true", help="record that other jobs shared the CPU")
@@ -314,7 +339,11 @@ def main() -> None:
     if reference is not None:
         for s in summary.values():
             s["at_least_as_strong_as_uniform"] = at_least_as_strong(s, reference)
-    grids = write_grids(protector, base, args.grids, args.grid_size, args.amplify, args.seed) if args.grids else []
+    grids: list[dict[str, Any]] = []
+    if args.grids:
+        folder = Path(args.grid_dir) if args.grid_dir else DOCS_IMAGES
+        grid_variants = tuple(args.grid_variants)
+        grids = write_grids(protector, base, args.grids, args.grid_size, args.amplify, args.seed, grid_variants, folder)
     payload = {
         "protocol": "LFW, first photo of shuffled people; face detected once (dlib); each variant protects the same "
         "photo and face; strength from the protection report (each encoder's standard pipeline on the clean face box, "

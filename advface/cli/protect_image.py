@@ -116,6 +116,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help=f"with --budget ssim: the face-box SSIM to keep the photo at, in (0, 1) (default {defaults.ssim.target})",
     )
+    parser.add_argument(
+        "--ssim-photo-target",
+        type=float,
+        default=None,
+        metavar="S",
+        help="with --budget ssim: keep the whole photo's SSIM at or above S, in (0, 1), so that the change does not "
+        "move onto forehead, hair and background (default: the --ssim-target)",
+    )
+    parser.add_argument(
+        "--ssim-face-box-only",
+        action="store_true",
+        help="with --budget ssim: constrain the face box's SSIM alone, not the whole photo's (the change then moves "
+        "onto forehead, hair and background)",
+    )
     parser.add_argument("--batch-size", type=int, default=4, help="photos of equal size optimised together (default 4)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     add_threads_argument(parser, "the optimisation of each batch of photos")
@@ -168,7 +182,19 @@ def run(args: argparse.Namespace) -> int:
 
     if args.ssim_target is not None and args.budget != "ssim":
         raise ConfigError("--ssim-target applies only with --budget ssim")
-    ssim = SsimBudget() if args.ssim_target is None else SsimBudget(target=args.ssim_target)
+    for flag, given in (
+        ("--ssim-photo-target", args.ssim_photo_target is not None),
+        ("--ssim-face-box-only", args.ssim_face_box_only),
+    ):
+        if given and args.budget != "ssim":
+            raise ConfigError(f"{flag} applies only with --budget ssim")
+    if args.ssim_face_box_only and args.ssim_photo_target is not None:
+        raise ConfigError("--ssim-photo-target and --ssim-face-box-only contradict each other")
+    ssim = SsimBudget(
+        target=SsimBudget.target if args.ssim_target is None else args.ssim_target,
+        whole_photo=not args.ssim_face_box_only,
+        photo_target=args.ssim_photo_target,
+    )
     config = ProtectConfig(
         epsilon=parse_epsilon(args.epsilon),
         steps=args.steps,
@@ -284,6 +310,7 @@ def run(args: argparse.Namespace) -> int:
             "feature_weight": config.feature_weight,
             "budget": config.budget,
             "ssim_target": config.ssim.target if config.budget == "ssim" else None,
+            "ssim_photo_target": config.ssim.whole_photo_target if config.budget == "ssim" else None,
             "detector": args.detector,
             "policy": args.policy,
             "threads": threads,

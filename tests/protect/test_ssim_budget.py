@@ -14,12 +14,13 @@ from advface.cli.protect_image import run
 from advface.errors import ConfigError
 from advface.images import load_image
 from advface.protect.image import ImageProtector, ProtectConfig
-from advface.protect.image.quality import ssim_face
+from advface.protect.image.quality import ssim, ssim_face
 from advface.protect.image.ssim_budget import (
     SsimBudget,
     face_area,
     face_ssim,
     normalised_step,
+    photo_ssim,
     update_multipliers,
 )
 
@@ -62,6 +63,26 @@ def test_face_ssim_matches_the_reported_metric() -> None:
     assert float(face_ssim(_tensor(img), _tensor(img[::-1].copy()), [(0, 0, 8, 64)])[0]) == 1.0  # box too small
 
 
+def test_photo_ssim_matches_the_reported_metric() -> None:
+    rng = np.random.default_rng(5)
+    img = _textured(2, size=48)
+    noisy = [
+        np.clip(img.astype(np.int16) + rng.integers(-a, a + 1, size=img.shape), 0, 255).astype(np.uint8) for a in (2, 7)
+    ]
+    values = photo_ssim(torch.cat([_tensor(img)] * 2), torch.cat([_tensor(n) for n in noisy]))
+    assert values.tolist() == pytest.approx([ssim(img, n) for n in noisy], abs=1e-4)
+    assert float(values[0]) > float(values[1])  # more noise, lower SSIM, per photo of the batch
+    # noise on the outer 3 pixels only: the cropped metric barely sees it, the padded constraint does
+    edged = img.astype(np.int16).copy()
+    ring = np.ones(img.shape[:2], bool)
+    ring[3:-3, 3:-3] = False
+    edged[ring] += rng.integers(-20, 21, size=(int(ring.sum()), 3))
+    edged_t = _tensor(np.clip(edged, 0, 255).astype(np.uint8))
+    cropped, padded = float(photo_ssim(_tensor(img), edged_t)[0]), float(photo_ssim(_tensor(img), edged_t, pad=True)[0])
+    assert 1 - padded > 5 * (1 - cropped)
+    assert float(photo_ssim(_tensor(img), _tensor(img), pad=True)[0]) == pytest.approx(1.0, abs=1e-6)
+
+
 def test_the_ssim_gradient_raises_ssim() -> None:
     img = _textured(1)
     noise = np.random.default_rng(4).integers(-6, 7, size=img.shape)
@@ -82,6 +103,10 @@ def test_multipliers_follow_the_constraint_within_bounds() -> None:
     for _ in range(20):
         lam = update_multipliers(lam, torch.tensor([0.95, 0.99]), params)
     assert lam.tolist() == pytest.approx([4.0, 0.1])
+    # the whole photo's constraint passes its own target: 0.95 is below 0.96 but above 0.94
+    lam = update_multipliers(torch.tensor([1.0, 1.0]), torch.tensor([0.95, 0.95]), params, 0.96)
+    assert float(lam[0]) > 1.0 and float(lam[1]) > 1.0
+    assert float(update_multipliers(torch.tensor([1.0]), torch.tensor([0.95]), params, 0.94)[0]) < 1.0
 
 
 def test_normalised_step_has_unit_rms_over_the_face() -> None:
@@ -103,6 +128,8 @@ def test_config_validation_and_cli_flag(tmp_path: Path) -> None:
         SsimBudget(rate=0.0),
         SsimBudget(sign_share=1.0),
         SsimBudget(multiplier=1000.0),
+        SsimBudget(photo_target=1.0),
+        SsimBudget(photo_target=float("nan")),
     ):
         with pytest.raises(ConfigError, match="ssim"):
             ProtectConfig(budget="ssim", ssim=bad).validate()
@@ -116,7 +143,36 @@ def test_config_validation_and_cli_flag(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="target"):
         run(args)
+    args = parser.parse_args(["protect-image", "a.jpg", "--out", str(tmp_path), "--ssim-photo-target", "0.97"])
+    with pytest.raises(ConfigError, match="--budget ssim"):
+        run(args)
+    args = parser.parse_args(
+        ["protect-image", "a.jpg", "--out", str(tmp_path), "--budget", "ssim", "--ssim-photo-target", "0"]
+    )
+    with pytest.raises(ConfigError, match="photo_target"):
+        run(args)
+    args = parser.parse_args(
+        [
+            "protect-image",
+            "a.jpg",
+            "--out",
+            str(tmp_path),
+            "--budget",
+            "ssim",
+            "--ssim-face-box-only",
+            "--ssim-photo-target",
+            "0.9",
+        ]
+    )
+    with pytest.raises(ConfigError, match="contradict"):
+        run(args)
+    args = parser.parse_args(["protect-image", "a.jpg", "--out", str(tmp_path), "--ssim-face-box-only"])
+    with pytest.raises(ConfigError, match="--budget ssim"):
+        run(args)
     assert not any(tmp_path.iterdir())
+    assert SsimBudget().whole_photo_target == SsimBudget().target  # the whole photo is held at the face's target
+    assert SsimBudget(target=0.95, photo_target=0.99).whole_photo_target == 0.99
+    assert SsimBudget(whole_photo=False, photo_target=0.99).whole_photo_target is None
 
 
 def test_ssim_budget_keeps_the_face_at_its_target(dlib_protector: ImageProtector, photo: np.ndarray) -> None:
@@ -134,3 +190,20 @@ def test_ssim_budget_keeps_the_face_at_its_target(dlib_protector: ImageProtector
     assert sim["cosine_after"] > ur.similarity["dlib-torch"]["cosine_after"]  # and less than the uniform budget
     loose = dlib_protector.protect([photo], dataclasses.replace(constrained, ssim=SsimBudget(target=0.9)))[0][1]
     assert sr.ssim_face > loose.ssim_face
+
+
+def test_photo_target_keeps_the_whole_photo_at_its_target(dlib_protector: ImageProtector, photo: np.ndarray) -> None:
+    face_only = ProtectConfig(
+        steps=15, guidance=("encoders",), budget="ssim", ssim=SsimBudget(target=0.9, whole_photo=False)
+    )
+    binding = dataclasses.replace(face_only, ssim=SsimBudget(target=0.9, photo_target=0.99))
+    loose = dataclasses.replace(face_only, ssim=SsimBudget(target=0.9, photo_target=0.95))
+    (_, fr), (b, br), (_, lr) = (dlib_protector.protect([photo], c)[0] for c in (face_only, binding, loose))
+    assert fr.ssim < 0.986  # the face box alone leaves the whole photo below 0.99 on this photo
+    assert br.ssim >= 0.99 and br.ssim == pytest.approx(ssim(photo, b), abs=1e-6)
+    assert br.psnr > fr.psnr
+    sim = br.similarity["dlib-torch"]
+    assert sim["cosine_after"] < sim["cosine_random"] - 0.05  # it still protects
+    assert np.abs(b.astype(np.int16) - photo.astype(np.int16)).max() <= binding.levels
+    # a photo target the photo already meets starts at the smallest multiplier and barely changes the result
+    assert lr.ssim == pytest.approx(fr.ssim, abs=0.003)

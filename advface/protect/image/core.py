@@ -60,6 +60,7 @@ from advface.protect.image.ssim_budget import (
     face_area,
     face_ssim,
     normalised_step,
+    photo_ssim,
     update_multipliers,
 )
 from advface.protect.image.surrogate_term import SurrogateTerm
@@ -421,6 +422,7 @@ class ImageProtector:
         boxes = [f.box for f in faces]
         areas = face_area(boxes, *hw)
         multipliers = torch.full((b,), config.ssim.multiplier, device=dev)
+        photo_multipliers = torch.full((b,), config.ssim.min_multiplier, device=dev)
         base_step = config.step_fraction * eps
         for step in range(config.steps):
             if should_stop is not None and should_stop():
@@ -466,6 +468,15 @@ class ImageProtector:
                 norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(b, 1, 1, 1)
                 total += multipliers.view(b, 1, 1, 1) * grad / norm
                 multipliers = update_multipliers(multipliers, quality.detach(), config.ssim)
+                photo_target = config.ssim.whole_photo_target
+                if photo_target is not None:  # the whole photo's SSIM, with its own multiplier
+                    whole = photo_ssim(x, x + delta, pad=True)
+                    photo_multipliers = update_multipliers(
+                        photo_multipliers, whole.detach(), config.ssim, photo_target, hinge=True
+                    )
+                    (grad,) = torch.autograd.grad(-whole.sum(), delta)
+                    norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(b, 1, 1, 1)
+                    total += photo_multipliers.view(b, 1, 1, 1) * grad / norm
             with torch.no_grad():
                 move = normalised_step(total, areas) if constrained else torch.sign(total)
                 delta = delta.detach() - alpha * move * active.view(b, 1, 1, 1)
