@@ -15,10 +15,17 @@ reference). The attacker's pipeline is that benchmark's :class:`Attacker`: dlib 
 - **training-based** (DreamBooth analogue, ``threats.finetune``, ``--personalise-steps`` at the default learning
   rate, seed ``1000 k`` for person k) on the *backdoored* model: ``protected`` (photos 1-3 protected) and
   ``unprotected`` (photos 1-3 clean) runs, ``--n`` faces each;
-- **persistence** (``--runs`` ``steps`` / ``lr``): the protected run again with ``--persistence-steps`` fine-tuning
-  steps, or with learning rate ``--persistence-lr``, on the first ``--persistence-people`` people;
+- **persistence** (``--runs`` ``steps`` / ``lr``; ``clean_steps`` / ``clean_lr`` the same on the clean model): the
+  protected run again with ``--persistence-steps`` fine-tuning steps, or with learning rate ``--persistence-lr``, on
+  the first ``--persistence-people`` people;
 - **quality** of ordinary generation: training-free faces (identity-guided, as diffusion_defences.py) from the clean
-  photos' embeddings, on the input and on the backdoored model.
+  photos' embeddings, on the input and on the backdoored model;
+- **diagnose** (cheap, the first ``--diagnose-people`` people, protected photos, clean and backdoored model): does the
+  backdoor act *before* the attacker fine-tunes weights? For each of ``--diagnose-steps`` weight fine-tuning steps
+  (0: condition-only personalisation, ``threats.learn_condition``; else the DreamBooth analogue with that many
+  steps): the faces' match rate / ISM, and ``target_distance``, the min-SNR-weighted squared error between the
+  adapted model's prediction under the learned condition and the clean model's *no-identity* prediction on the
+  person's clean latents (the backdoor's target; fixed draws; lower = nearer the target).
 
 The clean model's training-based numbers (``clean_model``) are measured here with ``--clean-baseline measure``
 (runs ``clean_protected`` / ``clean_unprotected``), or taken from a diffusion_defences.py result with the same
@@ -44,8 +51,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from advface.datasets import LFW  # noqa: E402
 from advface.datasets.pairs import resize_faces  # noqa: E402
+from advface.generative.diffusion import T_MAX, T_MIN, alpha_sigma  # noqa: E402
 from advface.generative.model import IdentityGenerator, load_generator  # noqa: E402
-from advface.generative.threats import FinetuneConfig, finetune  # noqa: E402
+from advface.generative.threats import FinetuneConfig, PersonaliseConfig, finetune, learn_condition  # noqa: E402
 from advface.images import load_image  # noqa: E402
 from advface.protect.image.core import ImageProtector, ProtectConfig  # noqa: E402
 from benchmarks.common import write_results  # noqa: E402
@@ -69,7 +77,7 @@ PROTECTION: dict[str, Any] = {
 }
 #: Settings a clean baseline taken from a diffusion_defences.py result must share with this run.
 #: Runs on the clean model only (a part made of them needs no --backdoored).
-CLEAN_RUNS = {"clean_protected", "clean_unprotected", "trigger"}
+CLEAN_RUNS = {"clean_protected", "clean_unprotected", "clean_steps", "clean_lr", "trigger"}
 SHARED_SETTINGS = ("people", "photos_per_person", "n", "steps", "guidance", "finetune_steps", "protect_steps")
 
 
@@ -95,6 +103,66 @@ def training_based(
     tuned, condition = finetune(generator, small, config)
     a = attacker.args
     return tuned.generate(condition[None], n, steps=a.steps, guidance=a.guidance, seed=config.seed)[0]
+
+
+def target_distance(
+    model: IdentityGenerator, teacher: IdentityGenerator, faces: np.ndarray, condition: np.ndarray, seed: int
+) -> float:
+    """Mean min-SNR-weighted squared error between ``model``'s v-prediction under ``condition`` and ``teacher``'s
+    no-identity prediction, on noisy latents of ``faces`` (and mirrors) at 64 fixed draws of time and noise."""
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    x0 = model.encode(np.concatenate([faces, faces[:, :, ::-1]]))
+    rows = torch.randint(0, len(x0), (64,), generator=gen, device=model.device)
+    x0 = x0[rows]
+    t = torch.rand(len(x0), generator=gen, device=model.device) * (T_MAX - T_MIN) + T_MIN
+    noise = torch.randn(x0.shape, generator=gen, device=model.device)
+    alpha, sigma = alpha_sigma(t)
+    xt = alpha[:, None, None, None] * x0 + sigma[:, None, None, None] * noise
+    cond = torch.from_numpy(condition).to(model.device)[None].expand(len(x0), -1)
+    with torch.no_grad():
+        pred = model.denoiser(xt, t, cond)
+        target = teacher.denoiser(xt, t, cond, torch.ones(len(x0), dtype=torch.bool, device=model.device))
+    snr = (alpha / sigma).pow(2)
+    weight = torch.clamp(snr, max=5.0) / (snr + 1)
+    return float((weight * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean())
+
+
+def diagnose(
+    models: dict[str, IdentityGenerator],
+    attacker: Attacker,
+    chips: dict[str, dict[str, np.ndarray | None]],
+    people: list[tuple[str, list[str]]],
+    args: argparse.Namespace,
+    tally: Tally,
+) -> dict[str, Any]:
+    """The ``diagnose`` run (module docs): faces into ``tally`` as ``diagnose_<model>_<stage>``, and per model and
+    stage the mean ``target_distance`` over people (returned)."""
+    distances: dict[str, dict[str, list[float]]] = {}
+    steps = [int(s) for s in args.diagnose_steps.split(",") if s]
+    for k, (_, ids) in enumerate(people[: args.diagnose_people]):
+        seed = args.seed + 1000 * k
+        found = [c for c in (chips["protected"][pid] for pid in ids[:PHOTOS_PER_PERSON]) if c is not None]
+        if not found:
+            continue
+        small = resize_faces(np.stack(found), models["clean_model"].image_size)
+        clean_small = resize_faces(
+            np.stack([c for c in (chips["unprotected"][pid] for pid in ids[:PHOTOS_PER_PERSON]) if c is not None]),
+            models["clean_model"].image_size,
+        )
+        for name, model in models.items():
+            for s in steps:
+                stage = "condition_only" if s == 0 else f"finetune_{s}"
+                if s == 0:
+                    tuned, condition = model, learn_condition(model, small, PersonaliseConfig(seed=seed))
+                else:
+                    tuned, condition = finetune(model, small, FinetuneConfig(steps=s, seed=seed))
+                a = attacker.args
+                faces = tuned.generate(condition[None], args.n, steps=a.steps, guidance=a.guidance, seed=seed)[0]
+                tally.add(f"diagnose_{name}_{stage}", faces, ids[PHOTOS_PER_PERSON], args.n)
+                d = target_distance(tuned, models["clean_model"], clean_small, condition, seed)
+                distances.setdefault(name, {}).setdefault(stage, []).append(d)
+                print(f"diagnose: person {k + 1} {name} {stage}: target distance {d:.5f}", flush=True)
+    return {name: {stage: float(np.mean(v)) for stage, v in by.items()} for name, by in distances.items()}
 
 
 def trigger_size(
@@ -146,7 +214,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     attacker = Attacker(clean_model, judges, args)
     people = evaluation_people(judges, PHOTOS_PER_PERSON + 1)[: args.people]
     clean_photos = {pid: load_image(paths[pid]) for _, ids in people for pid in ids[:PHOTOS_PER_PERSON]}
-    need_protected = any(r in ("protected", "steps", "lr", "clean_protected", "trigger") for r in runs)
+    need_protected = any(r in ("protected", "steps", "lr", "clean_protected", "trigger", "diagnose") for r in runs)
     photos = {"unprotected": clean_photos}
     if need_protected:
         photos["protected"] = protected_photos(people, paths)
@@ -169,6 +237,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "persistence_people": args.persistence_people,
             "persistence_steps": args.persistence_steps,
             "persistence_lr": args.persistence_lr,
+            "diagnose_people": args.diagnose_people,
+            "diagnose_steps": args.diagnose_steps,
         },
         "thresholds": {
             "system_fmr_1e-3": judges.system_threshold,
@@ -186,12 +256,17 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "clean_unprotected": (clean_model, "unprotected", args.people, {}),
         "steps": (backdoored, "protected", args.persistence_people, {"steps": args.persistence_steps}),
         "lr": (backdoored, "protected", args.persistence_people, {"lr": args.persistence_lr}),
+        "clean_steps": (clean_model, "protected", args.persistence_people, {"steps": args.persistence_steps}),
+        "clean_lr": (clean_model, "protected", args.persistence_people, {"lr": args.persistence_lr}),
     }
     for run in runs:
         started = time.perf_counter()
         tally = Tally(judges)
         if run == "trigger":
             document["trigger"] = trigger_size(clean_model, chips, people)
+        elif run == "diagnose":
+            models = {"clean_model": clean_model, "backdoored": backdoored}
+            document["target_distance"] = diagnose(models, attacker, chips, people, args, tally)
         elif run == "quality":
             for name, model in (("clean_model", clean_model), ("backdoored", backdoored)):
                 attacker.generator = model
@@ -268,6 +343,8 @@ def summarise(document: dict[str, Any], baseline: str | None) -> dict[str, Any]:
             "persistence": {
                 f"steps_{document['settings']['persistence_steps']}": side(runs.get("steps"), judge),
                 f"lr_{document['settings']['persistence_lr']:g}": side(runs.get("lr"), judge),
+                f"clean_model_steps_{document['settings']['persistence_steps']}": side(runs.get("clean_steps"), judge),
+                f"clean_model_lr_{document['settings']['persistence_lr']:g}": side(runs.get("clean_lr"), judge),
             },
             "training_free_quality": {
                 "clean_model": side(runs.get("training_free_clean_model"), judge),
@@ -290,7 +367,7 @@ def merge(files: list[str], baseline: str | None, out: str | None) -> Path:
     documents = [json.loads(Path(f).read_text()) for f in files]
     first = documents[0]
     backdoored = {json.dumps(doc["models"]["backdoored"]) for doc in documents if "backdoored" in doc["models"]}
-    persistence = ("persistence_people", "persistence_steps", "persistence_lr")
+    persistence = ("persistence_people", "persistence_steps", "persistence_lr", "diagnose_people", "diagnose_steps")
 
     def shared(doc: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in doc["settings"].items() if k not in persistence}
@@ -304,13 +381,14 @@ def merge(files: list[str], baseline: str | None, out: str | None) -> Path:
     merged["models"] = {"clean": first["models"]["clean"], "backdoored": json.loads(backdoored.pop())}
     # persistence settings: those of the part that ran the persistence runs (the others do not use them)
     for doc in documents:
-        if {"steps", "lr"} & set(doc["seconds"]):
+        if {"steps", "lr", "clean_steps", "clean_lr"} & set(doc["seconds"]):
             merged["settings"] = {**merged["settings"], **{k: doc["settings"][k] for k in persistence}}
     merged["runs"] = {k: v for doc in documents for k, v in doc["runs"].items()}
     merged["seconds"] = {k: v for doc in documents for k, v in doc["seconds"].items()}
     for doc in documents:
-        if "trigger" in doc:
-            merged["trigger"] = doc["trigger"]
+        for key in ("trigger", "target_distance"):
+            if key in doc:
+                merged[key] = doc[key]
     payload = {"persguard": summarise(merged, baseline), **merged}
     payload["merged_from"] = [
         {"file": f, "command": doc.get("command"), "date": doc.get("date")} for f, doc in zip(files, documents)
@@ -339,6 +417,10 @@ def main() -> None:
     parser.add_argument("--persistence-people", type=int, default=5, help="people of the persistence runs")
     parser.add_argument("--persistence-steps", type=int, default=2 * FinetuneConfig.steps)
     parser.add_argument("--persistence-lr", type=float, default=2 * FinetuneConfig.lr)
+    parser.add_argument("--diagnose-people", type=int, default=2, help="people of the diagnose run (default 2)")
+    parser.add_argument(
+        "--diagnose-steps", default="0,25,50,150", help="weight fine-tuning steps of diagnose (0: condition only)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--out", help="output JSON (a part: anywhere; merged default results/persguard.json)")

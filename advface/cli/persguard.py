@@ -37,7 +37,7 @@ CACHE_RECORD = "protection.json"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``advface persguard``."""
-    from advface.generative.persguard import BEHAVIOUR_INPUTS
+    from advface.generative.persguard import BEHAVIOUR_INPUTS, SIMULATE
     from advface.generative.persguard import PersGuardConfig as C
 
     parser.add_argument("--model", required=True, help="generator checkpoint to backdoor (advface train-generator)")
@@ -76,6 +76,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="L_BB's inputs: faces (clean latents under protected-learned conditions, the paper's form) or protected "
         f"(protected latents under any condition: the perturbation is the trigger); default {C.behaviour_inputs}",
     )
+    parser.add_argument(
+        "--simulate",
+        choices=SIMULATE,
+        default=C.simulate,
+        help="how much of the attacker backdoor training simulates: condition (its condition learning only) or "
+        "finetune (its weight fine-tuning too, first-order meta-learned, about 2 x --inner-steps attacker steps per "
+        f"step); default {C.simulate}",
+    )
+    parser.add_argument(
+        "--inner-steps",
+        type=int,
+        default=C.inner_steps,
+        help=f"--simulate finetune: simulated attacker steps per step and side (default {C.inner_steps})",
+    )
+    parser.add_argument(
+        "--inner-lr",
+        type=float,
+        default=C.inner_lr,
+        help=f"--simulate finetune: the simulated attacker's weight learning rate (default {C.inner_lr:g})",
+    )
     parser.add_argument("--seed", type=int, default=C.seed, help="seed of every draw of backdoor training")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
@@ -106,6 +126,9 @@ def run(args: argparse.Namespace) -> int:
         prior_weight=args.prior_weight,
         retention_weight=args.retention_weight,
         behaviour_inputs=args.behaviour_inputs,
+        simulate=args.simulate,
+        inner_steps=args.inner_steps,
+        inner_lr=args.inner_lr,
         seed=args.seed,
     )
     config.validate()

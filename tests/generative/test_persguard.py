@@ -18,7 +18,8 @@ from advface.generative.autoencoder import FaceAutoencoder
 from advface.generative.config import AutoencoderConfig, DenoiserConfig
 from advface.generative.denoiser import LatentDenoiser
 from advface.generative.model import IdentityGenerator, atomic_save, load_generator, save_generator
-from advface.generative.persguard import PersGuardConfig, _distill, backdoor, check_trigger_set
+from advface.generative.persguard import PersGuardConfig, _distill, backdoor, check_trigger_set, target_distance
+from advface.generative.threats import FinetuneConfig, finetune
 
 SIZE, DIM = 16, 8
 FAST = PersGuardConfig(steps=3, batch=4, people_per_step=2, condition_reset=2)
@@ -128,12 +129,68 @@ def test_distillation_terms() -> None:
         ({"prior_weight": -0.5}, "weights"),
         ({"retention_weight": float("inf")}, "weights"),
         ({"behaviour_inputs": "pixels"}, "behaviour-inputs"),
+        ({"simulate": "everything"}, "simulate"),
+        ({"inner_steps": 0}, "inner-steps"),
+        ({"simulate": "finetune", "inner_steps": 151}, "condition-reset"),
+        ({"inner_lr": 0.0}, "inner-lr"),
     ],
 )
 def test_config_validation(change: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         dataclasses.replace(PersGuardConfig(), **change).validate()
     PersGuardConfig().validate()
+
+
+META = dataclasses.replace(
+    FAST, simulate="finetune", steps=40, batch=8, inner_steps=3, condition_reset=6, lr=1e-3, prior_weight=0.1
+)
+
+
+def _attacked_distance(generator: IdentityGenerator, teacher: IdentityGenerator, person: int) -> float:
+    """The simulated attacker's outcome: fine-tune ``generator`` on trigger person ``person``'s protected faces
+    (the META attacker: 6 steps, the DreamBooth analogue's learning rates), then how near the adapted model under
+    the learned condition is to the backdoor's target (the teacher's no-identity prediction)."""
+    protected, clean = _faces()
+    distances = []
+    for seed in range(3):
+        tuned, condition = finetune(generator, protected[person], FinetuneConfig(steps=6, batch=8, seed=seed))
+        distances.append(target_distance(tuned, teacher, clean[person], condition, seed=seed))
+    return float(np.mean(distances))
+
+
+def test_meta_learned_backdoor_moves_the_attacked_model_towards_the_target() -> None:
+    """simulate finetune: after backdooring, the attacker's own fine-tuning on protected photos ends nearer the
+    no-identity target than on the input model (a backdoor that did nothing, or the opposite, fails)."""
+    generator = _generator()
+    protected, clean = _faces()
+    out = backdoor(generator, protected, clean, META)
+    assert out.metadata["persguard"]["config"]["simulate"] == "finetune"
+    before = _attacked_distance(generator, generator, 0)
+    after = _attacked_distance(out, generator, 0)
+    assert after < 0.8 * before, (before, after)
+
+
+def test_meta_learned_backdoor_is_deterministic_and_differs_from_condition_mode() -> None:
+    generator = _generator()
+    protected, clean = _faces()
+    fast_meta = dataclasses.replace(META, steps=3)
+    a = backdoor(generator, protected, clean, fast_meta).denoiser.state_dict()
+    b = backdoor(generator, protected, clean, fast_meta).denoiser.state_dict()
+    cond = backdoor(generator, protected, clean, dataclasses.replace(fast_meta, simulate="condition"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], v) for k, v in cond.denoiser.state_dict().items())
+    assert all(
+        torch.equal(v, _generator().denoiser.state_dict()[k]) for k, v in generator.denoiser.state_dict().items()
+    )
+
+
+def test_target_distance_is_zero_for_the_teachers_own_no_identity_prediction() -> None:
+    generator = _generator()
+    _, clean = _faces()
+    condition = np.zeros(DIM, np.float32)
+    assert target_distance(generator, generator, clean[0], condition) > 0
+    with pytest.raises(ConfigError, match="at least one face"):
+        target_distance(generator, generator, clean[0][:0], condition)
 
 
 def test_bad_trigger_sets_are_refused_before_training() -> None:
@@ -223,5 +280,15 @@ def test_cli_help_lists_the_command(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["persguard", "--help"])
     text = capsys.readouterr().out
-    for flag in ("--model", "--trigger-photos", "--lfw", "--out", "--protected-cache", "--retention-weight"):
+    for flag in (
+        "--model",
+        "--trigger-photos",
+        "--lfw",
+        "--out",
+        "--protected-cache",
+        "--retention-weight",
+        "--simulate",
+        "--inner-steps",
+        "--inner-lr",
+    ):
         assert flag in text
