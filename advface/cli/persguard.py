@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from advface.faces.pipeline import FaceChipper
-    from advface.protect.image.core import ImageProtector
+    from advface.protect.image.core import ImageProtector, ProtectConfig
 
 NAME = "persguard"
 HELP = "backdoor a generator against personalisation on protected photos (PersGuard; not effective yet)"
@@ -39,7 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``advface persguard``."""
     from advface.generative.persguard import BEHAVIOUR_INPUTS, SIMULATE
     from advface.generative.persguard import PersGuardConfig as C
+    from advface.protect.image.core import ProtectConfig
 
+    protection = ",".join(ProtectConfig().guidance)
     parser.add_argument("--model", required=True, help="generator checkpoint to backdoor (advface train-generator)")
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--trigger-photos", metavar="DIR", help="folder with one sub-folder of clean photos per person")
@@ -50,6 +52,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", "-o", required=True, help="backdoored checkpoint to write (must not exist)")
     parser.add_argument("--protected-cache", help="folder of protected trigger photos (default OUT.protected)")
     parser.add_argument("--surrogate", help="defender surrogate for protection (default: the shipped one)")
+    parser.add_argument(
+        "--guidance",
+        default=protection,
+        metavar="TERMS",
+        help=f"protect-image's guidance terms for protecting the trigger photos (default {protection})",
+    )
     parser.add_argument("--steps", type=int, default=C.steps, help=f"optimiser steps (default {C.steps})")
     parser.add_argument("--lr", type=float, default=C.lr, help=f"denoiser learning rate (default {C.lr:g})")
     parser.add_argument("--batch", type=int, default=C.batch, help=f"latents per loss term (default {C.batch})")
@@ -117,6 +125,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--out must differ from --model")
     if args.people < 1 or args.photos_per_person < 1:
         raise ConfigError("--people and --photos-per-person must be >= 1")
+    from advface.protect.image.core import ProtectConfig
+    from advface.protect.image.guidance import parse_guidance
+
+    protection = ProtectConfig(guidance=parse_guidance(args.guidance))
+    protection.validate()
     config = PersGuardConfig(
         steps=args.steps,
         lr=args.lr,
@@ -142,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
     from advface.protect.image.core import ImageProtector
 
     protector = ImageProtector(surrogate=args.surrogate, device=args.device)
-    protected = protect_cached(protector, sources, cache, args.surrogate, progress=not args.quiet)
+    protected = protect_cached(protector, sources, cache, args.surrogate, protection, progress=not args.quiet)
     chipper = attacker_chipper(str(generator.metadata.get("encoder", "dlib")))
     people_p, people_c = align_pairs(chipper, sources, protected, generator.image_size)
 
@@ -201,16 +214,26 @@ def _cache_name(photo_id: str) -> str:
     return hashlib.sha1(photo_id.encode()).hexdigest()[:16] + ".png"
 
 
+def protection_record(config: Any) -> dict[str, Any]:
+    """Every setting of a ``ProtectConfig`` (nested budgets and stage settings included) as JSON-able values: what a
+    protected-photo cache records, so that one made under other defaults (e.g. before AntiPure's) is refused."""
+    import dataclasses
+
+    return json.loads(json.dumps(dataclasses.asdict(config), default=str))
+
+
 def protect_cached(
     protector: ImageProtector,
     people: dict[str, list[tuple[str, Path]]],
     cache: Path,
     surrogate: str | None,
+    config: ProtectConfig | None = None,
     *,
     progress: bool = True,
 ) -> dict[str, np.ndarray]:
-    """``photo id -> protected photo`` (``protect-image`` defaults), cached as ``cache/<sha1(id)[:16]>.png``; a cache
-    made with other settings is refused. Photos without a usable face are left out with a warning."""
+    """``photo id -> protected photo`` (``config``, default ``protect-image``'s defaults), cached as
+    ``cache/<sha1(id)[:16]>.png``; a cache made with other settings is refused. Photos without a usable face are
+    left out with a warning."""
     from tqdm import tqdm
 
     from advface.errors import AdvfaceError, ConfigError
@@ -218,8 +241,9 @@ def protect_cached(
     from advface.protect.image.core import ProtectConfig
     from advface.protect.image.io import save_png
 
+    config = config or ProtectConfig()
     record: dict[str, Any] = {
-        "config": "ProtectConfig() defaults",
+        "config": protection_record(config),
         "encoders": list(protector.encoder_names),
         "surrogate": surrogate or "shipped",
     }
@@ -238,7 +262,7 @@ def protect_cached(
             out[pid] = load_image(cached)
             continue
         try:
-            image, _ = protector.protect([load_image(path)], ProtectConfig(), sources=[str(path)])[0]
+            image, _ = protector.protect([load_image(path)], config, sources=[str(path)])[0]
         except AdvfaceError as exc:
             print(f"warning: {path}: left out ({exc})", file=sys.stderr)
             continue

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from advface.cli.main import main
-from advface.cli.persguard import CACHE_RECORD, protect_cached
+from advface.cli.persguard import CACHE_RECORD, protect_cached, protection_record
 from advface.errors import ConfigError
 from advface.generative.autoencoder import FaceAutoencoder
 from advface.generative.config import AutoencoderConfig, DenoiserConfig
@@ -20,6 +20,7 @@ from advface.generative.denoiser import LatentDenoiser
 from advface.generative.model import IdentityGenerator, atomic_save, load_generator, save_generator
 from advface.generative.persguard import PersGuardConfig, _distill, backdoor, check_trigger_set, target_distance
 from advface.generative.threats import FinetuneConfig, finetune
+from advface.protect.image.core import ProtectConfig
 
 SIZE, DIM = 16, 8
 FAST = PersGuardConfig(steps=3, batch=4, people_per_step=2, condition_reset=2)
@@ -219,6 +220,16 @@ def test_protected_cache_made_with_other_settings_is_refused(tmp_path: Path) -> 
     (tmp_path / CACHE_RECORD).write_text(json.dumps({"config": "other"}))
     with pytest.raises(ConfigError, match="other settings"):
         protect_cached(Protector(), {}, tmp_path, None, progress=False)  # type: ignore[arg-type]
+    # the record holds every setting, so a cache made under other defaults (here: no AntiPure) is refused too
+    fresh = tmp_path / "fresh"
+    protect_cached(Protector(), {}, fresh, None, progress=False)  # type: ignore[arg-type]
+    record = json.loads((fresh / CACHE_RECORD).read_text())
+    assert record["config"] == protection_record(ProtectConfig())
+    assert "antipure" in record["config"]["guidance"] and record["config"]["epsilon"] == ProtectConfig().epsilon
+    record["config"]["guidance"] = ["encoders", "deflection"]
+    (fresh / CACHE_RECORD).write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match="other settings"):
+        protect_cached(Protector(), {}, fresh, None, progress=False)  # type: ignore[arg-type]
 
 
 def _cli(tmp_path: Path, *extra: str, model: Path | None = None, out: Path | None = None) -> list[str]:
@@ -258,6 +269,7 @@ def test_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert (tmp_path / "exists.pt").read_bytes() == b"keep me"
     assert "must differ" in error(_cli(tmp_path, out=tmp_path / "model2.pt", model=tmp_path / "model2.pt"))
     assert "steps must be >= 1" in error(_cli(tmp_path, "--steps", "0"))
+    assert "unknown guidance bogus" in error(_cli(tmp_path, "--guidance", "encoders,bogus"))
     assert "no trigger photos" in error(_cli(tmp_path))
     assert "not a folder" in error(
         [
@@ -290,5 +302,6 @@ def test_cli_help_lists_the_command(capsys: pytest.CaptureFixture[str]) -> None:
         "--simulate",
         "--inner-steps",
         "--inner-lr",
+        "--guidance",
     ):
         assert flag in text
