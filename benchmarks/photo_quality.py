@@ -13,11 +13,13 @@ commands in ``benchmarks/RESULTS.md``)::
 Sample: LFW people shuffled with ``--seed``, the first photo of each (identity-disjoint), ``--count`` of them. Each
 photo's face is detected once and protected with every variant (``uniform``, ``perceptual``, ``ssim``, or
 ``NAME:KEY=VALUE,...`` to change the budget ``levels``, ``steps`` or parameters of the budget map or of the SSIM
-budget, e.g. ``ssim:target=0.95`` or ``ssim:photo_target=0.97``, the whole photo's SSIM constraint) at the default
+budget, e.g. ``ssim:target=0.95``, ``ssim:photo_target=0.97`` (the whole photo's SSIM constraint) or
+``ssim:scales=3`` (both constraints multi-scale)) at the default
 settings otherwise (60 steps, EOT, feature term, the default ensemble: dlib-torch + MobileFaceNet when its model file
 is present; ``--guidance`` the terms, default the library's: the first table, ``results/photo_quality.json``, was run
 when that was ``encoders`` alone). Per variant the JSON gives
-quality (PSNR, SSIM, SSIM on the face box, GMSD, mean CIEDE2000 colour difference, the share of pixels changed, the
+quality (PSNR, SSIM, SSIM on the face box and, as ``ssim_face_half`` / ``ssim_face_quarter``, on it at 1/2 and 1/4
+resolution, GMSD, mean CIEDE2000 colour difference, the share of pixels changed, the
 mean absolute change in levels), protection strength (per encoder, from the protection report: ``cosine_after`` of
 clean vs protected through the encoder's standard pipeline, and ``matched_after`` at the encoder's threshold) and
 seconds per photo. "At least as strong" means: per encoder, matched share not higher and mean cosine not higher than
@@ -52,7 +54,7 @@ from advface.paths import lfw_dir as resolve_lfw_dir  # noqa: E402
 from advface.protect.image import ImageProtector, ProtectConfig  # noqa: E402
 from advface.protect.image.guidance import parse_guidance  # noqa: E402
 from advface.protect.image.perceptual import PerceptualBudget  # noqa: E402
-from advface.protect.image.ssim_budget import SsimBudget  # noqa: E402
+from advface.protect.image.ssim_budget import SsimBudget, face_ssim_per_scale  # noqa: E402
 from benchmarks.common import RESULTS_DIR, command_line, write_results  # noqa: E402
 
 VERIFICATION_JSON = RESULTS_DIR / "lfw_verification.json"
@@ -79,7 +81,12 @@ def variant_config(spec: str, base: ProtectConfig) -> ProtectConfig:
                 raise SystemExit(f"{name} parameter {key!r} takes 0 / 1 / false / true, got {value!r}")
             values[key] = value.lower() in ("1", "true")
         else:
-            values[key] = int(value) if fields[key] in (int, "int") else float(value)
+            integer = fields[key] in (int, "int")
+            try:
+                values[key] = int(value) if integer else float(value)
+            except ValueError:
+                kind = "an integer" if integer else "a number"
+                raise SystemExit(f"{name} parameter {key!r} takes {kind}, got {value!r}") from None
     if name == "uniform":
         return dataclasses.replace(base, budget="uniform", steps=steps, epsilon=epsilon)
     if name == "ssim":
@@ -111,13 +118,28 @@ def colour_difference(a: np.ndarray, b: np.ndarray) -> float:
     return float(deltaE_ciede2000(rgb2lab(a), rgb2lab(b)).mean())
 
 
-def photo_row(clean: np.ndarray, protected: np.ndarray, report: dict[str, Any]) -> dict[str, Any]:
-    """Quality and strength numbers of one protected photo."""
+def coarse_face_ssim(clean: np.ndarray, protected: np.ndarray, box: tuple[float, ...]) -> dict[str, float]:
+    """SSIM of the face box at 1/2 and 1/4 resolution (2 x 2 average pooling per level; what the multi-scale
+    constraint, ``ssim:scales=3``, holds): a smooth, feature-sized change that the full-resolution SSIM barely
+    sees lowers these."""
+
+    def tensor(img: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(img.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
+
+    levels = face_ssim_per_scale(tensor(clean), tensor(protected), [box], scales=3)[0].tolist()
+    return {"ssim_face_half": levels[1], "ssim_face_quarter": levels[2]}
+
+
+def photo_row(
+    clean: np.ndarray, protected: np.ndarray, report: dict[str, Any], box: tuple[float, ...]
+) -> dict[str, Any]:
+    """Quality and strength numbers of one protected photo (``box``: its face box)."""
     diff = np.abs(clean.astype(np.int16) - protected.astype(np.int16))
     return {
         "psnr": report["psnr"],
         "ssim": report["ssim"],
         "ssim_face": report["ssim_face"],
+        **coarse_face_ssim(clean, protected, box),
         "gmsd": report["gmsd"],
         "delta_e2000": colour_difference(clean, protected),
         "changed_share": float((diff > 0).mean()),
@@ -146,6 +168,9 @@ def summarise(rows: list[dict[str, Any]], encoders: list[str]) -> dict[str, Any]
     out: dict[str, Any] = {"n": len(rows)}
     for key in ("psnr", "ssim", "ssim_face", "gmsd", "delta_e2000", "changed_share", "mean_abs_levels"):
         out[key] = stats(key)
+    for key in ("ssim_face_half", "ssim_face_quarter"):  # absent from files written before they were measured
+        if all(key in r for r in rows):
+            out[key] = stats(key)
     out["seconds_per_photo"] = {
         "mean": float(np.mean([r["seconds"] for r in rows])),
         "median": float(np.median([r["seconds"] for r in rows])),
@@ -233,6 +258,7 @@ def write_grids(
                 "psnr": report.psnr,
                 "ssim": report.ssim,
                 "ssim_face": report.ssim_face,
+                **coarse_face_ssim(face_image, protected, tuple(face.box)),
                 "gmsd": report.gmsd,
                 "linf_levels": report.linf_levels,
                 "cosine_after": {k: v["cosine_after"] for k, v in report.similarity.items()},
@@ -266,7 +292,8 @@ def resummarise(path: Path) -> None:
 
 def _line(variant: str, row: dict[str, Any], encoders: list[str]) -> str:
     cos = [round(row["similarity"][e]["cosine_after"], 3) for e in encoders]
-    return f"{variant} psnr {row['psnr']:.1f} ssim_face {row['ssim_face']:.3f} gmsd {row['gmsd']:.4f} cos {cos}"
+    face = f"{row['ssim_face']:.3f}/{row['ssim_face_quarter']:.3f}"
+    return f"{variant} psnr {row['psnr']:.1f} ssim_face(/4) {face} gmsd {row['gmsd']:.4f} cos {cos}"
 
 
 def main() -> None:
@@ -332,7 +359,7 @@ def main() -> None:
             photos.append(path.name)
             for spec in args.variants:
                 protected, report = protector.protect([image], variant_config(spec, base), faces=[face])[0]
-                rows[spec].append(photo_row(image, protected, report.to_dict()))
+                rows[spec].append(photo_row(image, protected, report.to_dict(), tuple(face.box)))
             print(f"{len(photos):3d} {path.name}: " + "  ".join(_line(v, rows[v][-1], encoders) for v in args.variants))
     summary = {v: summarise(r, encoders) for v, r in rows.items() if r}
     reference = summary.get("uniform")
@@ -377,6 +404,7 @@ def main() -> None:
         }
         print(
             f"{v}: psnr {s['psnr']['mean']:.2f} ssim {s['ssim']['mean']:.4f} ssim_face {s['ssim_face']['mean']:.4f} "
+            f"(1/2: {s['ssim_face_half']['mean']:.4f}, 1/4: {s['ssim_face_quarter']['mean']:.4f}) "
             f"gmsd {s['gmsd']['mean']:.4f} dE {s['delta_e2000']['mean']:.2f} "
             f"s/photo {s['seconds_per_photo']['mean']:.1f} strength {strength} "
             f"as-strong {s.get('at_least_as_strong_as_uniform')}"

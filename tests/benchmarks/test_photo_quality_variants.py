@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from advface.protect.image import ProtectConfig
-from benchmarks.photo_quality import variant_config
+from benchmarks.photo_quality import coarse_face_ssim, summarise, variant_config
 
 
 def test_ssim_variant_with_the_whole_photo_constraint_and_a_larger_ball() -> None:
@@ -28,3 +29,35 @@ def test_unknown_or_misplaced_keys_are_refused() -> None:
         variant_config("uniform:photo_target=0.97", base)  # the uniform budget has no SSIM constraint
     with pytest.raises(SystemExit, match="whole_photo"):
         variant_config("ssim:whole_photo=maybe", base)
+
+
+def test_scales_variant_and_the_coarse_face_ssim() -> None:
+    base = ProtectConfig(guidance=("encoders",))
+    config = variant_config("ssim:scales=3", base)
+    assert config.ssim.scales == 3 and isinstance(config.ssim.scales, int)
+    config.validate()
+    with pytest.raises(SystemExit, match="scales.*integer"):
+        variant_config("ssim:scales=2.5", base)
+    flat = np.full((64, 64, 3), 120, np.uint8)
+    yy, xx = np.mgrid[:64, :64] - 32
+    blob = np.clip(flat + 25 * np.exp(-(xx * xx + yy * yy) / 50.0)[..., None], 0, 255).astype(np.uint8)
+    same = coarse_face_ssim(flat, flat, (0.0, 0.0, 64.0, 64.0))
+    assert same == pytest.approx({"ssim_face_half": 1.0, "ssim_face_quarter": 1.0})
+    assert coarse_face_ssim(flat, blob, (0.0, 0.0, 64.0, 64.0))["ssim_face_quarter"] < 0.99
+
+
+def test_summary_of_rows_without_the_coarse_levels() -> None:
+    row = {
+        "psnr": 40.0,
+        "ssim": 0.99,
+        "ssim_face": 0.97,
+        "gmsd": 0.02,
+        "delta_e2000": 0.7,
+        "changed_share": 0.5,
+        "mean_abs_levels": 1.0,
+        "seconds": 10.0,
+        "similarity": {"dlib-torch": {"cosine_after": 0.8, "cosine_random": 0.99}},
+    }
+    assert "ssim_face_half" not in summarise([row], ["dlib-torch"])  # files written before they were measured
+    full = summarise([{**row, "ssim_face_half": 0.98, "ssim_face_quarter": 0.99}], ["dlib-torch"])
+    assert full["ssim_face_quarter"]["mean"] == pytest.approx(0.99)

@@ -19,8 +19,10 @@ from advface.protect.image.ssim_budget import (
     SsimBudget,
     face_area,
     face_ssim,
+    face_ssim_per_scale,
     normalised_step,
     photo_ssim,
+    photo_ssim_per_scale,
     update_multipliers,
 )
 
@@ -130,6 +132,10 @@ def test_config_validation_and_cli_flag(tmp_path: Path) -> None:
         SsimBudget(multiplier=1000.0),
         SsimBudget(photo_target=1.0),
         SsimBudget(photo_target=float("nan")),
+        SsimBudget(scales=0),
+        SsimBudget(scales=6),
+        SsimBudget(scales=2.0),  # type: ignore[arg-type]
+        SsimBudget(scales=True),
     ):
         with pytest.raises(ConfigError, match="ssim"):
             ProtectConfig(budget="ssim", ssim=bad).validate()
@@ -207,3 +213,71 @@ def test_photo_target_keeps_the_whole_photo_at_its_target(dlib_protector: ImageP
     assert np.abs(b.astype(np.int16) - photo.astype(np.int16)).max() <= binding.levels
     # a photo target the photo already meets starts at the smallest multiplier and barely changes the result
     assert lr.ssim == pytest.approx(fr.ssim, abs=0.003)
+
+
+def _blotched(img: np.ndarray, amplitude: float, sigma: float = 5.0) -> np.ndarray:
+    """``img`` plus a smooth Gaussian blob (``sigma`` px) of ``amplitude`` levels at its centre: a feature-sized,
+    low-frequency change."""
+    size = img.shape[0]
+    yy, xx = np.mgrid[:size, :size] - size / 2
+    blob = amplitude * np.exp(-(xx * xx + yy * yy) / (2 * sigma * sigma))
+    return np.clip(img + blob[..., None], 0, 255).astype(np.uint8)
+
+
+def test_coarse_scales_see_a_smooth_blotch() -> None:
+    img = np.full((64, 64, 3), 120, np.uint8)
+    img += np.random.default_rng(7).integers(0, 4, size=img.shape).astype(np.uint8)  # nearly flat, like smooth skin
+    x, y = _tensor(img), _tensor(_blotched(img, 25.0))
+    box = [(0.0, 0.0, 64.0, 64.0)]
+    levels = face_ssim_per_scale(x, y, box, scales=3)[0]
+    assert float(levels[0]) == pytest.approx(float(face_ssim(x, y, box)[0]), abs=1e-6)  # level 0: the old metric
+    assert float(levels[0]) == pytest.approx(ssim_face(img, _blotched(img, 25.0), box[0]), abs=1e-4)
+    assert float(levels[2]) < float(levels[0]) - 0.02  # the blob is structure at 1/4 resolution
+    assert float(face_ssim(x, y, box, scales=3)[0]) == pytest.approx(float(levels.min()), abs=1e-6)
+    whole = photo_ssim_per_scale(x, y, pad=True, scales=3)[0]
+    assert float(whole[0]) == pytest.approx(float(photo_ssim(x, y, pad=True)[0]), abs=1e-6)
+    assert float(whole[2]) < float(whole[0]) - 0.02
+    # levels under 11 x 11 pixels (64 -> 32 -> 16 -> 8 -> 4) have nothing to constrain: 1
+    assert photo_ssim_per_scale(x, y, scales=5)[0, 3:].tolist() == [1.0, 1.0]
+    assert face_ssim_per_scale(x, y, [(0.0, 0.0, 20.0, 20.0)], scales=2)[0, 1].item() == 1.0  # 10 x 10
+    # and the multi-scale value's gradient raises it
+    delta = (y - x).requires_grad_(True)
+    before = face_ssim(x, x + delta, box, scales=3)
+    (grad,) = torch.autograd.grad(before.sum(), delta)
+    after = face_ssim(x, x + delta.detach() + 1e-3 * grad / grad.abs().max(), box, scales=3)
+    assert float(after[0]) > float(before.detach()[0])
+
+
+@pytest.fixture(scope="module")
+def smooth_face(models_dir: Path) -> np.ndarray:
+    """A DCGAN face of gan-face-generate (64 px, no real person) upscaled to 200 px: smooth and low in contrast,
+    where the full-resolution SSIM tolerates a blotchy, feature-sized change (LFW photos keep their coarse levels
+    above the target without help)."""
+    pytest.importorskip("gan_face_generate")
+    from PIL import Image
+
+    from advface.audit.attacks.gan_prior import LATENT_DIM, load_generator
+
+    with torch.no_grad():
+        raw = load_generator("cpu")(torch.randn(4, LATENT_DIM, 1, 1, generator=torch.Generator().manual_seed(0)))[3]
+    face = ((raw.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    return np.array(Image.fromarray(face).resize((200, 200), Image.Resampling.BICUBIC))
+
+
+def test_multi_scale_constraint_holds_the_coarse_levels(
+    dlib_protector: ImageProtector, smooth_face: np.ndarray
+) -> None:
+    fine = ProtectConfig(steps=60, guidance=("encoders",), budget="ssim", ssim=SsimBudget(target=0.97))
+    multi = dataclasses.replace(fine, ssim=SsimBudget(target=0.97, scales=3))
+    face = dlib_protector.find_face(smooth_face)
+    (f, fr), (m, mr) = (dlib_protector.protect([smooth_face], c, faces=[face])[0] for c in (fine, multi))
+
+    def coarse(img: np.ndarray) -> float:
+        return float(face_ssim_per_scale(_tensor(smooth_face), _tensor(img), [face.box], scales=3)[0, 1:].min())
+
+    assert coarse(f) < 0.97  # with the full-resolution constraint alone a coarse level falls below the target
+    assert coarse(m) >= 0.967 and coarse(m) > coarse(f) + 0.004  # the multi-scale constraint holds them
+    assert mr.ssim_face >= 0.965  # the full-resolution level is still held
+    sim = mr.similarity["dlib-torch"]
+    assert sim["cosine_after"] < sim["cosine_random"] - 0.05  # it still protects
+    assert np.abs(m.astype(np.int16) - smooth_face.astype(np.int16)).max() <= multi.levels

@@ -463,14 +463,14 @@ class ImageProtector:
                     total += weight * grad / norm
             constrained = use_ssim and step >= config.ssim.sign_share * config.steps
             if constrained:  # the quality term: raise the face SSIM, weighted by the adaptive multiplier
-                quality = face_ssim(x, x + delta, boxes)
+                quality = face_ssim(x, x + delta, boxes, config.ssim.scales)
                 (grad,) = torch.autograd.grad(-quality.sum(), delta)
                 norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(b, 1, 1, 1)
                 total += multipliers.view(b, 1, 1, 1) * grad / norm
                 multipliers = update_multipliers(multipliers, quality.detach(), config.ssim)
                 photo_target = config.ssim.whole_photo_target
                 if photo_target is not None:  # the whole photo's SSIM, with its own multiplier
-                    whole = photo_ssim(x, x + delta, pad=True)
+                    whole = photo_ssim(x, x + delta, pad=True, scales=config.ssim.scales)
                     photo_multipliers = update_multipliers(
                         photo_multipliers, whole.detach(), config.ssim, photo_target, hinge=True
                     )

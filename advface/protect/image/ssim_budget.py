@@ -22,6 +22,14 @@ The face box is the detector's (brows to chin): outside it nothing holds the cha
 steps leave forehead, hair and background saturated. ``photo_target`` adds a second constraint, the SSIM of the
 whole photo, edges included (:func:`photo_ssim` with ``pad``), with its own multiplier that pulls only while that
 constraint binds (:func:`update_multipliers` with ``hinge``).
+
+Both constraints see 11 x 11 windows, so a change that is smooth over a window (a blotch the size of a brow or an
+eye socket) costs them little. ``scales`` > 1 makes each constraint **multi-scale**: its value is the smallest SSIM
+of the pyramid at full, 1/2, 1/4 ... resolution (2 x 2 average pooling per level, the same window at each), so that
+a low-frequency change, which is fine structure at a coarse level, is held to the target too
+(:func:`face_ssim_per_scale`, :func:`photo_ssim_per_scale`). The smallest rather than Wang et al.'s MS-SSIM (a
+weighted product with the luminance term at the coarsest level only) or a mean: each level is then held at the
+same target, the full-resolution one (the reported metric) included, and no level's slack can buy change at another.
 """
 
 from __future__ import annotations
@@ -37,6 +45,8 @@ import torch.nn.functional as F
 C1, C2 = 0.01**2, 0.03**2
 #: Gaussian window of :func:`advface.protect.image.quality.ssim` (skimage: sigma 1.5, truncate 3.5 -> 11 taps).
 SIGMA, RADIUS = 1.5, 5
+#: Most pyramid levels of a multi-scale constraint (``SsimBudget.scales``): 1/16 resolution is coarser than a face.
+MAX_SCALES = 5
 
 
 @dataclass(frozen=True)
@@ -67,6 +77,10 @@ class SsimBudget:
     whole_photo: bool = True
     #: The whole photo's SSIM target; None: the same as ``target``.
     photo_target: float | None = None
+    #: Pyramid levels of both constraints (1 to :data:`MAX_SCALES`): 1 is SSIM at full resolution (the reported
+    #: metric); k holds the smallest of the SSIMs at full, 1/2, ..., 1/2**(k-1) resolution (2 x 2 average pooling)
+    #: at the target, so that smooth, feature-sized changes, which the 11 x 11 windows barely see, count too.
+    scales: int = 1
 
     @property
     def whole_photo_target(self) -> float | None:
@@ -90,6 +104,8 @@ class SsimBudget:
                 errors.append(f"ssim {name} must be a finite number > 0, got {value}")
         if self.photo_target is not None and not (math.isfinite(self.photo_target) and 0 < self.photo_target < 1):
             errors.append(f"ssim photo_target must be in (0, 1) or None, got {self.photo_target}")
+        if isinstance(self.scales, bool) or not isinstance(self.scales, int) or not 1 <= self.scales <= MAX_SCALES:
+            errors.append(f"ssim scales must be an integer in [1, {MAX_SCALES}], got {self.scales!r}")
         if not errors and not self.min_multiplier <= self.multiplier <= self.max_multiplier:
             errors.append("ssim multiplier must lie in [min_multiplier, max_multiplier]")
         return errors
@@ -128,18 +144,44 @@ def box_slices(box: Sequence[float], height: int, width: int) -> tuple[slice, sl
     return slice(y1, y2), slice(x1, x2)
 
 
-def face_ssim(clean: torch.Tensor, adv: torch.Tensor, boxes: Sequence[Sequence[float]]) -> torch.Tensor:
-    """Differentiable mean SSIM of each photo's face box (``N x 3 x H x W`` in [0, 1]; one box per photo): ``N``
-    values; a box under 11 x 11 pixels gives 1 (nothing to constrain)."""
+def _levels(t: torch.Tensor, scales: int) -> list[torch.Tensor]:
+    """``t`` and its 2 x 2 average-pooled coarser levels: ``scales`` tensors in all (a level under 2 x 2 pixels
+    ends the list early)."""
+    levels = [t]
+    while len(levels) < scales and min(levels[-1].shape[-2:]) >= 2:
+        levels.append(F.avg_pool2d(levels[-1], 2))
+    return levels
+
+
+def face_ssim_per_scale(
+    clean: torch.Tensor, adv: torch.Tensor, boxes: Sequence[Sequence[float]], scales: int = 1
+) -> torch.Tensor:
+    """Differentiable mean SSIM of each photo's face box at full, 1/2, ..., 1/2**(scales-1) resolution (the box
+    cropped, then 2 x 2 average-pooled per level; ``N x 3 x H x W`` in [0, 1]; one box per photo): ``N x scales``.
+    A level under 11 x 11 pixels gives 1 (nothing to constrain)."""
     h, w = clean.shape[-2:]
-    values = []
+    rows_out = []
     for i, box in enumerate(boxes):
         rows, cols = box_slices(box, h, w)
-        if rows.stop - rows.start < 2 * RADIUS + 1 or cols.stop - cols.start < 2 * RADIUS + 1:
-            values.append(adv.new_ones(()))
-            continue
-        values.append(ssim_map(clean[i : i + 1, :, rows, cols], adv[i : i + 1, :, rows, cols]).mean())
-    return torch.stack(values)
+        a_levels = _levels(clean[i : i + 1, :, rows, cols], scales)
+        b_levels = _levels(adv[i : i + 1, :, rows, cols], scales)
+        values = []
+        for k in range(scales):
+            if k >= len(a_levels) or min(a_levels[k].shape[-2:]) < 2 * RADIUS + 1:
+                values.append(adv.new_ones(()))
+            else:
+                values.append(ssim_map(a_levels[k], b_levels[k]).mean())
+        rows_out.append(torch.stack(values))
+    return torch.stack(rows_out)
+
+
+def face_ssim(
+    clean: torch.Tensor, adv: torch.Tensor, boxes: Sequence[Sequence[float]], scales: int = 1
+) -> torch.Tensor:
+    """Differentiable mean SSIM of each photo's face box (``N x 3 x H x W`` in [0, 1]; one box per photo): ``N``
+    values; a box under 11 x 11 pixels gives 1 (nothing to constrain). ``scales`` > 1: the smallest over the levels
+    of :func:`face_ssim_per_scale`."""
+    return face_ssim_per_scale(clean, adv, boxes, scales).amin(dim=1)
 
 
 def face_area(boxes: Sequence[Sequence[float]], height: int, width: int) -> list[int]:
@@ -161,16 +203,29 @@ def normalised_step(direction: torch.Tensor, areas: Sequence[int]) -> torch.Tens
     return direction * (scale / norm).view(n, 1, 1, 1)
 
 
-def photo_ssim(clean: torch.Tensor, adv: torch.Tensor, pad: bool = False) -> torch.Tensor:
+def photo_ssim_per_scale(clean: torch.Tensor, adv: torch.Tensor, pad: bool = False, scales: int = 1) -> torch.Tensor:
+    """:func:`photo_ssim` at full, 1/2, ..., 1/2**(scales-1) resolution (2 x 2 average pooling per level, each level
+    padded by itself with ``pad``): ``N x scales``; a level under 11 x 11 pixels gives 1."""
+    values = []
+    for a, b in zip(_levels(clean, scales), _levels(adv, scales)):
+        if min(a.shape[-2:]) < 2 * RADIUS + 1:
+            break
+        if pad:
+            a = F.pad(a, (RADIUS,) * 4, mode="reflect")
+            b = F.pad(b, (RADIUS,) * 4, mode="reflect")
+        values.append(ssim_map(a, b).mean(dim=(1, 2, 3)))
+    values += [adv.new_ones(adv.shape[0])] * (scales - len(values))
+    return torch.stack(values, dim=1)
+
+
+def photo_ssim(clean: torch.Tensor, adv: torch.Tensor, pad: bool = False, scales: int = 1) -> torch.Tensor:
     """Differentiable mean SSIM of each whole photo (``N x 3 x H x W`` in [0, 1]): ``N`` values. Without ``pad``
     the borders are cropped (as :func:`advface.protect.image.quality.ssim`, the reported metric), so the outer
     5 pixels weigh almost nothing; with ``pad`` both photos are first mirrored out by 5 pixels, so that every pixel
     is the centre of a window (what the optimisation's whole-photo constraint uses: otherwise it leaves the photo's
-    edge free and the change piles up there)."""
-    if pad:
-        clean = F.pad(clean, (RADIUS,) * 4, mode="reflect")
-        adv = F.pad(adv, (RADIUS,) * 4, mode="reflect")
-    return ssim_map(clean, adv).mean(dim=(1, 2, 3))
+    edge free and the change piles up there). ``scales`` > 1: the smallest over the levels of
+    :func:`photo_ssim_per_scale`."""
+    return photo_ssim_per_scale(clean, adv, pad, scales).amin(dim=1)
 
 
 def update_multipliers(
