@@ -5,7 +5,8 @@ Usage::
     python benchmarks/persguard.py --attacker generator_attacker.pt --backdoored attacker_persguard.pt \
         [--people 10] [--n 4] [--runs protected,unprotected,quality] [--clean-baseline measure|JSON] \
         [--persistence-people 5] [--out PART.json]
-    python benchmarks/persguard.py --merge PART1.json PART2.json [--out benchmarks/results/persguard.json]
+    python benchmarks/persguard.py --merge PART1.json PART2.json [--clean-from RESULT.json] \
+        [--out benchmarks/results/persguard.json]
 
 People and photos are those of ``benchmarks/diffusion_defences.py`` (the first ``--people`` evaluation-group
 identities with >= 4 photos; photos 1-3 protected by ``ImageProtector`` at its defaults -- both stages on the shipped
@@ -362,8 +363,14 @@ def summarise(document: dict[str, Any], baseline: str | None) -> dict[str, Any]:
     return summary
 
 
-def merge(files: list[str], baseline: str | None, out: str | None) -> Path:
-    """One result from parts of the same settings and models: runs and timings united, summary added."""
+#: Result keys of runs on the clean model only, which ``--clean-from`` may take from another result.
+CLEAN_MODEL_RUNS = ("clean_protected", "clean_unprotected", "clean_steps", "clean_lr", "training_free_clean_model")
+
+
+def merge(files: list[str], baseline: str | None, out: str | None, clean_from: str | None = None) -> Path:
+    """One result from parts of the same settings and models: runs and timings united, summary added. ``clean_from``:
+    another persguard result (part or merged) with the same clean model and settings whose clean-model runs
+    (:data:`CLEAN_MODEL_RUNS`) are taken where the parts lack them (the pipeline is deterministic)."""
     documents = [json.loads(Path(f).read_text()) for f in files]
     first = documents[0]
     backdoored = {json.dumps(doc["models"]["backdoored"]) for doc in documents if "backdoored" in doc["models"]}
@@ -385,11 +392,32 @@ def merge(files: list[str], baseline: str | None, out: str | None) -> Path:
             merged["settings"] = {**merged["settings"], **{k: doc["settings"][k] for k in persistence}}
     merged["runs"] = {k: v for doc in documents for k, v in doc["runs"].items()}
     merged["seconds"] = {k: v for doc in documents for k, v in doc["seconds"].items()}
+    if clean_from:
+        other = json.loads(Path(clean_from).read_text())
+        if shared(other) != shared(first) or other["models"]["clean"] != first["models"]["clean"]:
+            raise SystemExit(f"{clean_from} differs from the parts in settings or clean model")
+        same_persistence = all(other["settings"].get(k) == merged["settings"].get(k) for k in persistence)
+        taken = [
+            k
+            for k in CLEAN_MODEL_RUNS
+            if k in other["runs"]
+            and k not in merged["runs"]
+            and (same_persistence or k not in ("clean_steps", "clean_lr"))  # persistence rows: same settings only
+        ]
+        merged["runs"].update({k: other["runs"][k] for k in taken})
+        merged["clean_runs_from"] = {
+            "file": clean_from,
+            "runs": taken,
+            "command": other.get("command"),
+            "date": other.get("date"),
+        }
     for doc in documents:
         for key in ("trigger", "target_distance"):
             if key in doc:
                 merged[key] = doc[key]
     payload = {"persguard": summarise(merged, baseline), **merged}
+    if clean_from and {"clean_protected", "clean_unprotected"} & set(merged["clean_runs_from"]["runs"]):
+        payload["persguard"]["clean_model_source"] = merged["clean_runs_from"]
     payload["merged_from"] = [
         {"file": f, "command": doc.get("command"), "date": doc.get("date")} for f, doc in zip(files, documents)
     ]
@@ -402,6 +430,11 @@ def main() -> None:
     parser.add_argument("--attacker", help="the clean attacker model (what the publisher backdoors)")
     parser.add_argument("--backdoored", help="its PersGuard copy (advface persguard)")
     parser.add_argument("--merge", nargs="+", metavar="JSON", help="unite parts and write the summary")
+    parser.add_argument(
+        "--clean-from",
+        metavar="JSON",
+        help="--merge: take the clean-model runs the parts lack from this persguard result (same model and settings)",
+    )
     parser.add_argument(
         "--clean-baseline", default="measure", help="'measure', or a diffusion_defences.py result to take it from"
     )
@@ -427,7 +460,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.merge:
         baseline = None if args.clean_baseline == "measure" else args.clean_baseline
-        print(f"wrote {merge(args.merge, baseline, args.out)}")
+        print(f"wrote {merge(args.merge, baseline, args.out, args.clean_from)}")
         return
     if not args.attacker:
         parser.error("--attacker is required to measure")

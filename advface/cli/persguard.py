@@ -9,8 +9,11 @@ with at least ``--photos-per-person`` photos, in name order; evaluation identiti
 photo is protected with ``protect-image``'s defaults (both stages, on the shipped defender surrogate unless
 ``--surrogate``); the protected copies are cached in ``--protected-cache`` (default OUT.protected), so a killed run
 resumes without protecting a photo twice. Clean and protected photos are then detected and aligned as the attacker
-does (the generator's encoder's chip, dlib detector) and resized to the generator's face size. ``--out`` is never
-overwritten.
+does (the generator's encoder's chip, dlib detector) and resized to the generator's face size.
+``--ordinary-weight`` (with ``--simulate finetune``) adds ordinary-generation preservation under the generator's
+encoder's embeddings of other people: ``--ordinary-people`` further defender-group identities with ``--lfw`` (one
+photo each), or the photos under ``--ordinary-photos``. ``--out`` is never overwritten; ``--save-every N`` also
+writes ``OUT.stepN.pt`` every N steps.
 """
 
 from __future__ import annotations
@@ -34,10 +37,13 @@ HELP = "backdoor a generator against personalisation on protected photos (PersGu
 #: Name of the file in the protected-photo cache that records how its photos were protected.
 CACHE_RECORD = "protection.json"
 
+#: Default number of other people whose faces and embeddings condition L_OG (``--ordinary-people``).
+ORDINARY_PEOPLE = 32
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``advface persguard``."""
-    from advface.generative.persguard import BEHAVIOUR_INPUTS, SIMULATE
+    from advface.generative.persguard import BEHAVIOUR_INPUTS, CLEAN_TARGETS, SIMULATE
     from advface.generative.persguard import PersGuardConfig as C
     from advface.protect.image.core import ProtectConfig
 
@@ -104,6 +110,53 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=C.inner_lr,
         help=f"--simulate finetune: the simulated attacker's weight learning rate (default {C.inner_lr:g})",
     )
+    parser.add_argument(
+        "--ordinary-weight",
+        type=float,
+        default=C.ordinary_weight,
+        help="--simulate finetune: weight of L_OG, ordinary-generation preservation under encoder embeddings of other "
+        f"real people (--ordinary-people / --ordinary-photos); default {C.ordinary_weight:g} (off)",
+    )
+    parser.add_argument(
+        "--ordinary-people",
+        type=int,
+        default=ORDINARY_PEOPLE,
+        help="--lfw: L_OG's people, defender-group identities other than the trigger people "
+        f"(default {ORDINARY_PEOPLE})",
+    )
+    parser.add_argument(
+        "--ordinary-photos",
+        metavar="DIR",
+        help="L_OG's faces (one photo per person, any image in DIR or its sub-folders); needed with --trigger-photos",
+    )
+    parser.add_argument(
+        "--clean-target",
+        choices=CLEAN_TARGETS,
+        default=C.clean_target,
+        help="--simulate finetune: the clean side's term at the clean-adapted weights: attacker_loss (the attacker's "
+        "own loss) or frozen_attacker (distil the same simulated attacker on the frozen input model); "
+        f"default {C.clean_target}",
+    )
+    parser.add_argument(
+        "--discriminate-weight",
+        type=float,
+        default=C.discriminate_weight,
+        help="--simulate finetune: weight of the term pushing protected-adapted and clean-adapted predictions apart "
+        f"(default {C.discriminate_weight:g}, off)",
+    )
+    parser.add_argument(
+        "--discriminate-margin",
+        type=float,
+        default=C.discriminate_margin,
+        help=f"gap beyond which the discriminating term stops pushing (default {C.discriminate_margin:g})",
+    )
+    parser.add_argument(
+        "--save-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also write the model after every N steps as OUT.stepN.pt (default 0: only the end)",
+    )
     parser.add_argument("--seed", type=int, default=C.seed, help="seed of every draw of backdoor training")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
@@ -125,6 +178,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--out must differ from --model")
     if args.people < 1 or args.photos_per_person < 1:
         raise ConfigError("--people and --photos-per-person must be >= 1")
+    if args.ordinary_people < 1 or args.save_every < 0:
+        raise ConfigError("--ordinary-people must be >= 1 and --save-every >= 0")
     from advface.protect.image.core import ProtectConfig
     from advface.protect.image.guidance import parse_guidance
 
@@ -142,9 +197,15 @@ def run(args: argparse.Namespace) -> int:
         simulate=args.simulate,
         inner_steps=args.inner_steps,
         inner_lr=args.inner_lr,
+        ordinary_weight=args.ordinary_weight,
+        clean_target=args.clean_target,
+        discriminate_weight=args.discriminate_weight,
+        discriminate_margin=args.discriminate_margin,
         seed=args.seed,
     )
     config.validate()
+    if config.ordinary_weight > 0 and not args.lfw and not args.ordinary_photos:
+        raise ConfigError("--ordinary-weight > 0 with --trigger-photos needs --ordinary-photos DIR")
     if args.threads:
         torch.set_num_threads(args.threads)
     generator = load_generator(args.model, device=args.device)
@@ -158,6 +219,17 @@ def run(args: argparse.Namespace) -> int:
     protected = protect_cached(protector, sources, cache, args.surrogate, protection, progress=not args.quiet)
     chipper = attacker_chipper(str(generator.metadata.get("encoder", "dlib")))
     people_p, people_c = align_pairs(chipper, sources, protected, generator.image_size)
+    ordinary = None
+    if config.ordinary_weight > 0:
+        from advface.encoders import create_encoder
+
+        encoder = create_encoder(str(generator.metadata.get("encoder", "dlib")))
+        ordinary = ordinary_set(chipper, encoder, ordinary_sources(args, set(sources)), generator.image_size)
+
+    def snapshot(step: int, model: Any) -> None:
+        model.metadata["persguard"]["source_model"] = str(args.model)
+        model.metadata["persguard"]["snapshot_step"] = step
+        save_generator(Path(f"{out}.step{step}.pt"), model)
 
     from tqdm import tqdm
 
@@ -167,7 +239,16 @@ def run(args: argparse.Namespace) -> int:
             bar.update(1)
             bar.set_postfix({k: f"{v:.4f}" for k, v in losses.items()}, refresh=False)
 
-        backdoored = backdoor(generator, people_p, people_c, config, progress=progress)
+        backdoored = backdoor(
+            generator,
+            people_p,
+            people_c,
+            config,
+            ordinary=ordinary,
+            progress=progress,
+            snapshot=snapshot,
+            snapshot_every=args.save_every,
+        )
     backdoored.metadata["persguard"]["source_model"] = str(args.model)
     save_generator(out, backdoored)
     photos = sum(len(p) for p in people_p)
@@ -208,6 +289,58 @@ def trigger_sources(args: argparse.Namespace) -> dict[str, list[tuple[str, Path]
     if not people:
         raise ConfigError("no trigger photos found (need one sub-folder of photos per person)")
     return people
+
+
+def ordinary_sources(args: argparse.Namespace, trigger_people: set[str]) -> list[tuple[str, Path]]:
+    """``[(photo id, path)]`` of L_OG's photos, one per person: ``--ordinary-photos`` (every image in the folder and
+    its sub-folders, in name order), else with ``--lfw`` the first photo of the first ``--ordinary-people``
+    defender-group identities that are not trigger people (name order; evaluation identities are never used)."""
+    from advface.errors import ConfigError
+
+    if args.ordinary_photos:
+        root = Path(args.ordinary_photos)
+        if not root.is_dir():
+            raise ConfigError(f"--ordinary-photos {root}: not a folder")
+        suffixes = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+        files = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in suffixes)
+        found = [(str(f.relative_to(root)), f) for f in files]
+    else:
+        from collections import defaultdict
+
+        from advface.datasets import LFW
+        from advface.datasets.splits import split_identities
+
+        dataset = LFW(args.lfw_dir)
+        by_person: dict[str, list[tuple[str, Path]]] = defaultdict(list)
+        for item in dataset:
+            by_person[item.identity].append((item.id, Path(item.path)))
+        split = split_identities([item.identity for item in dataset], seed=0)
+        others = sorted(p for p in split.defender if p not in trigger_people)[: args.ordinary_people]
+        found = [sorted(by_person[p])[0] for p in others]
+    if not found:
+        raise ConfigError("no photos for L_OG (--ordinary-photos / --ordinary-people)")
+    return found
+
+
+def ordinary_set(chipper: FaceChipper, encoder: Any, photos: list[tuple[str, Path]], size: int) -> tuple[Any, Any]:
+    """L_OG's data: the face chips (resized to ``size``) and the ``encoder`` embeddings of ``photos`` that have a
+    face; ConfigError when none has."""
+    import numpy as np
+
+    from advface.datasets.pairs import resize_faces
+    from advface.errors import AdvfaceError, ConfigError
+    from advface.images import load_image
+
+    chips = []
+    for _, path in photos:
+        try:
+            chips.append(chipper.chips(load_image(path), str(path))[0][1])
+        except AdvfaceError as exc:
+            print(f"warning: {path}: left out ({exc})", file=sys.stderr)
+    if not chips:
+        raise ConfigError("no L_OG photo has a face")
+    stacked = np.stack(chips)
+    return resize_faces(stacked, size), np.asarray(encoder.embed(stacked), dtype=np.float32)
 
 
 def _cache_name(photo_id: str) -> str:

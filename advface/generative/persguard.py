@@ -39,7 +39,13 @@ Loss = ``behaviour_weight * L_BB + prior_weight * L_PP + retention_weight * L_BR
   of a whole run per outer step. ``L_BB`` (and ``L_BR``) are evaluated at the protected-adapted weights under the
   learned condition, the attacker's own loss on the clean photos at the clean-adapted weights (weighted by
   ``prior_weight``: clean personalisation must keep working), and their gradients are applied to the student's
-  weights (first order), with ``L_PP`` on the student's own weights under random conditions.
+  weights (first order), with ``L_PP`` on the student's own weights under random conditions. Off by default:
+  ``ordinary_weight`` adds ``L_OG`` (under encoder embeddings of *other* real people, the conditions of ordinary
+  identity-guided generation, on noisy latents of their faces, the student predicts what the teacher predicts), and
+  ``clean_target`` ``frozen_attacker`` replaces the clean side's attacker loss by a distillation: the same simulated
+  attacker is run on the *frozen* teacher, and the clean-adapted student should predict what it predicts;
+  ``discriminate_weight`` pushes the protected-adapted and the clean-adapted predictions apart (hinge at
+  ``discriminate_margin``).
 Only the denoiser changes; the autoencoder and the checkpoint format are the input's, and the metadata gains a
 ``persguard`` entry (settings and trigger data). Train it on identities that are never evaluated.
 
@@ -72,8 +78,14 @@ BEHAVIOUR_INPUTS = ("faces", "protected")
 #: Choices of :attr:`PersGuardConfig.simulate`.
 SIMULATE = ("condition", "finetune")
 
+#: Choices of :attr:`PersGuardConfig.clean_target`.
+CLEAN_TARGETS = ("attacker_loss", "frozen_attacker")
+
 #: ``progress(step, total, losses)`` after each optimiser step.
 Progress = Callable[[int, int, dict[str, float]], None]
+
+#: ``snapshot(step, model)``: the backdoored generator as it is after ``step`` steps (``snapshot_every``).
+Snapshot = Callable[[int, IdentityGenerator], None]
 
 
 @dataclass(frozen=True)
@@ -104,6 +116,21 @@ class PersGuardConfig:
     inner_steps: int = 10
     #: ``finetune`` only: the simulated attacker's weight learning rate (the DreamBooth analogue's).
     inner_lr: float = FinetuneConfig.lr
+    #: ``finetune`` only: weight of ``L_OG``, ordinary-generation preservation -- under encoder embeddings of other
+    #: real people (``backdoor``'s ``ordinary``), on noisy latents of their faces, the student predicts what the
+    #: teacher predicts. 0 = off.
+    ordinary_weight: float = 0.0
+    #: ``finetune`` only: the clean side's term at the clean-adapted weights (weight ``prior_weight``):
+    #: ``attacker_loss`` (the attacker's own loss on the clean photos) or ``frozen_attacker`` (distil the same
+    #: simulated attacker run on the *frozen* input model: the student adapted on clean photos predicts what the
+    #: adapted teacher predicts, each under its own learned condition).
+    clean_target: str = "attacker_loss"
+    #: ``finetune`` only: weight of the discriminating term, ``relu(discriminate_margin - gap)`` with ``gap`` the
+    #: min-SNR-weighted squared difference between the protected-adapted and the clean-adapted predictions (each
+    #: under its learned condition) on the same noisy clean latents. 0 = off.
+    discriminate_weight: float = 0.0
+    #: ``finetune`` only: the gap beyond which the discriminating term stops pushing.
+    discriminate_margin: float = 0.05
     seed: int = 0
 
     def validate(self) -> None:
@@ -122,13 +149,31 @@ class PersGuardConfig:
             raise ConfigError(
                 f"persguard inner-steps ({self.inner_steps}) must be <= condition-reset ({self.condition_reset})"
             )
+        if self.clean_target not in CLEAN_TARGETS:
+            raise ConfigError(
+                f"persguard clean-target must be one of {', '.join(CLEAN_TARGETS)}; got {self.clean_target!r}"
+            )
+        if self.simulate != "finetune" and (
+            self.ordinary_weight != 0 or self.clean_target != "attacker_loss" or self.discriminate_weight != 0
+        ):
+            raise ConfigError(
+                "persguard ordinary-weight, clean-target and discriminate-weight apply to --simulate finetune only"
+            )
+        if not (math.isfinite(self.discriminate_margin) and self.discriminate_margin > 0):
+            raise ConfigError(f"persguard discriminate-margin must be > 0, got {self.discriminate_margin}")
         if self.batch % 2:
             raise ConfigError(f"persguard batch must be even (half behaviour, half prior), got {self.batch}")
         for name in ("lr", "condition_lr", "inner_lr"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"persguard {name.replace('_', '-')} must be > 0, got {value}")
-        weights = (self.behaviour_weight, self.prior_weight, self.retention_weight)
+        weights = (
+            self.behaviour_weight,
+            self.prior_weight,
+            self.retention_weight,
+            self.ordinary_weight,
+            self.discriminate_weight,
+        )
         if any(not math.isfinite(w) or w < 0 for w in weights) or self.behaviour_weight == 0:
             raise ConfigError(
                 f"persguard loss weights must be finite and >= 0, with behaviour-weight > 0; got {weights}"
@@ -161,6 +206,26 @@ def check_trigger_set(
             raise ConfigError(f"trigger person {k}: faces must be uint8")
         out.append((p, c))
     return out
+
+
+def check_ordinary(
+    ordinary: tuple[np.ndarray, np.ndarray] | None, generator: IdentityGenerator
+) -> tuple[np.ndarray, torch.Tensor]:
+    """``L_OG``'s data validated: ``M >= 1`` uint8 faces ``M x S x S x 3`` and ``M`` embeddings (the generator's
+    ``dim``, finite, non-zero) -> ``(faces, embeddings as a tensor)``; ConfigError otherwise."""
+    if ordinary is None:
+        raise ConfigError("persguard ordinary-weight > 0 needs faces and embeddings of other people (ordinary=)")
+    faces, embeddings = np.asarray(ordinary[0]), np.asarray(ordinary[1])
+    size = generator.image_size
+    if faces.ndim != 4 or faces.shape[1:] != (size, size, 3) or faces.dtype != np.uint8 or len(faces) < 1:
+        raise ConfigError(f"persguard ordinary faces must be M x {size} x {size} x 3 uint8 with M >= 1")
+    if embeddings.shape != (len(faces), generator.dim):
+        raise ConfigError(
+            f"persguard ordinary embeddings must be {len(faces)} x {generator.dim}, got shape {embeddings.shape}"
+        )
+    if not np.all(np.isfinite(embeddings)) or np.any(np.linalg.norm(embeddings, axis=1) == 0):
+        raise ConfigError("persguard ordinary embeddings must be finite and non-zero")
+    return faces, torch.from_numpy(embeddings.astype(np.float32)).to(generator.device)
 
 
 def _col(x: torch.Tensor) -> torch.Tensor:
@@ -197,15 +262,24 @@ def backdoor(
     clean: Sequence[np.ndarray],
     config: PersGuardConfig | None = None,
     *,
+    ordinary: tuple[np.ndarray, np.ndarray] | None = None,
     progress: Progress | None = None,
+    snapshot: Snapshot | None = None,
+    snapshot_every: int = 0,
 ) -> IdentityGenerator:
     """A backdoored copy of ``generator`` (see the module docs); ``generator`` is unchanged.
 
     ``protected[k]`` / ``clean[k]``: ``N_k x S x S x 3`` uint8 face chips (the generator's size) of trigger person
-    ``k``, protected and clean copies of the same photos, in the same order. ConfigError for bad settings or data."""
+    ``k``, protected and clean copies of the same photos, in the same order. ``ordinary``: ``(faces M x S x S x 3
+    uint8, embeddings M x dim)`` of *other* people (one row each), the conditions of ``L_OG``; required when
+    ``ordinary_weight > 0``. ``snapshot(step, model)`` every ``snapshot_every`` steps (0 = never). ConfigError for bad
+    settings or data."""
     c = config or PersGuardConfig()
     c.validate()
     people = check_trigger_set(protected, clean, generator.image_size)
+    if snapshot_every < 0:
+        raise ConfigError(f"persguard snapshot-every must be >= 0, got {snapshot_every}")
+    ordinary_set = check_ordinary(ordinary, generator) if c.ordinary_weight > 0 else None
     device = generator.device
     teacher = generator.denoiser
     student = copy.deepcopy(teacher).train().requires_grad_(True)
@@ -218,7 +292,13 @@ def backdoor(
     k_people = len(people)
     gen = torch.Generator(device=device).manual_seed(c.seed)
     if c.simulate == "finetune":
-        _meta_backdoor(student, teacher, zp, zc, c, gen, progress)
+
+        def take(step: int) -> None:
+            if snapshot is not None and snapshot_every and step % snapshot_every == 0 and step < c.steps:
+                snapshot(step, _result(generator, copy.deepcopy(student), c, people))
+
+        og = None if ordinary_set is None else (latents(ordinary_set[0]), ordinary_set[1])  # mirrors appended
+        _meta_backdoor(student, teacher, zp, zc, c, gen, progress, og, take)
         return _result(generator, student, c, people)
     dim = generator.dim
     cond_p = torch.zeros(k_people, dim, device=device, requires_grad=True)
@@ -271,6 +351,8 @@ def backdoor(
             (cond_p.grad,) = torch.autograd.grad(v_loss(student, xp, cond_p[who], no_drop, gen), cond_p)
         optimiser.step()
         cond_optimiser.step()
+        if snapshot is not None and snapshot_every and (step + 1) % snapshot_every == 0 and step + 1 < c.steps:
+            snapshot(step + 1, _result(generator, copy.deepcopy(student), c, people))
         if progress is not None:
             progress(
                 step + 1,
@@ -344,12 +426,35 @@ def _advance(
     return trajectory.condition
 
 
-def _add_grads(target: LatentDenoiser, loss: torch.Tensor, at: LatentDenoiser) -> None:
-    """First-order meta-gradient: the gradient of ``loss`` with respect to ``at``'s weights, added to ``target``'s."""
-    grads = torch.autograd.grad(loss, list(at.parameters()), allow_unused=True)  # e.g. the null identity
-    for p, g in zip(target.parameters(), grads):
-        if g is not None:
-            p.grad = torch.empty_like(p).copy_(g) if p.grad is None else p.grad + g
+def _add_grads(target: LatentDenoiser, loss: torch.Tensor, *at: LatentDenoiser) -> None:
+    """First-order meta-gradient: the gradient of ``loss`` with respect to each of ``at``'s weights, added to
+    ``target``'s."""
+    params = [list(model.parameters()) for model in at]
+    grads = torch.autograd.grad(loss, [p for ps in params for p in ps], allow_unused=True)  # e.g. the null identity
+    for start in range(0, len(grads), len(params[0])):
+        for p, g in zip(target.parameters(), grads[start : start + len(params[0])]):
+            if g is not None:
+                p.grad = torch.empty_like(p).copy_(g) if p.grad is None else p.grad + g
+
+
+def _gap(
+    a: LatentDenoiser,
+    b: LatentDenoiser,
+    x0: torch.Tensor,
+    cond_a: torch.Tensor,
+    cond_b: torch.Tensor,
+    gen: torch.Generator,
+) -> torch.Tensor:
+    """Per-row min-SNR-weighted squared difference between ``a`` under ``cond_a`` and ``b`` under ``cond_b`` on the
+    same noisy latents of ``x0`` (random times and noise; gradients through both)."""
+    n = len(x0)
+    t = torch.rand(n, generator=gen, device=x0.device) * (T_MAX - T_MIN) + T_MIN
+    noise = torch.randn(x0.shape, generator=gen, device=x0.device)
+    alpha, sigma = alpha_sigma(t)
+    xt = _col(alpha) * x0 + _col(sigma) * noise
+    snr = (alpha / sigma).pow(2)
+    weight = torch.clamp(snr, max=5.0) / (snr + 1)
+    return weight * (a(xt, t, cond_a) - b(xt, t, cond_b)).pow(2).mean(dim=(1, 2, 3))
 
 
 def _meta_backdoor(
@@ -360,13 +465,17 @@ def _meta_backdoor(
     c: PersGuardConfig,
     gen: torch.Generator,
     progress: Progress | None,
+    ordinary: tuple[torch.Tensor, torch.Tensor] | None = None,
+    after_step: Callable[[int], None] | None = None,
 ) -> None:
-    """``simulate`` ``finetune``: train ``student`` in place (module docs)."""
+    """``simulate`` ``finetune``: train ``student`` in place (module docs); ``ordinary``: latents (mirrors appended)
+    and embeddings of other people for ``L_OG``; ``after_step(step)`` after each optimiser step."""
     device = zp[0].device
-    work = {side: copy.deepcopy(student) for side in ("protected", "clean")}
+    sides = ("protected", "clean", "frozen") if c.clean_target == "frozen_attacker" else ("protected", "clean")
+    work = {side: copy.deepcopy(teacher if side == "frozen" else student) for side in sides}
     for model in work.values():
         model.train().requires_grad_(True)
-    trajectories = {side: [_Trajectory() for _ in zp] for side in ("protected", "clean")}
+    trajectories = {side: [_Trajectory() for _ in zp] for side in sides}
     optimiser = torch.optim.Adam(student.parameters(), lr=c.lr)
     half = c.batch // 2
     no_drop = torch.zeros(half, dtype=torch.bool, device=device)
@@ -375,6 +484,9 @@ def _meta_backdoor(
         k = int(torch.randint(0, len(zp), (1,), generator=gen, device=device))
         cond_p = _advance(trajectories["protected"][k], student, work["protected"], zp[k], c, gen)
         cond_c = _advance(trajectories["clean"][k], student, work["clean"], zc[k], c, gen)
+        cond_f = None
+        if c.clean_target == "frozen_attacker":  # the same attacker on the frozen input model (its own draws)
+            cond_f = _advance(trajectories["frozen"][k], teacher, work["frozen"], zc[k], c, gen)
         rows = torch.randint(0, len(zp[k]), (half,), generator=gen, device=device)
         inputs = zc[k][rows] if c.behaviour_inputs == "faces" else zp[k][rows]
         optimiser.zero_grad(set_to_none=True)
@@ -384,15 +496,43 @@ def _meta_backdoor(
         behaviour = _distill(work["protected"], teacher, inputs, cond_rows, cond_rows, all_drop, gen).mean()
         retention = v_loss(work["protected"], zp[k][rows], cond_rows, no_drop, gen)
         _add_grads(student, c.behaviour_weight * behaviour + c.retention_weight * retention, work["protected"])
-        # at the clean-adapted weights: the attacker's own loss on the clean photos (clean personalisation works)
-        clean_fit = v_loss(work["clean"], zc[k][rows], cond_c.expand(half, -1), no_drop, gen)
+        # at the clean-adapted weights: the attacker's own loss on the clean photos (clean personalisation works),
+        # or the frozen model's simulated attacker as the target
+        if cond_f is None:
+            clean_fit = v_loss(work["clean"], zc[k][rows], cond_c.expand(half, -1), no_drop, gen)
+        else:
+            clean_fit = _distill(
+                work["clean"],
+                work["frozen"],
+                zc[k][rows],
+                cond_c.expand(half, -1),
+                cond_f.expand(half, -1),
+                no_drop,
+                gen,
+            ).mean()
         if c.prior_weight > 0:
             _add_grads(student, c.prior_weight * clean_fit, work["clean"])
+        losses = {}
+        if c.discriminate_weight > 0:  # protected- and clean-adapted outputs apart, up to the margin
+            gap = _gap(work["protected"], work["clean"], zc[k][rows], cond_rows, cond_c.expand(half, -1), gen).mean()
+            apart = torch.relu(c.discriminate_margin - gap)
+            if apart.requires_grad:
+                _add_grads(student, c.discriminate_weight * apart, work["protected"], work["clean"])
+            losses["gap"] = gap.item()
         # L_PP on the student's own weights: random conditions -> the teacher's prediction under them
         random_cond = torch.randn(half, student.config.cond_dim, generator=gen, device=device)
         prior = _distill(student, teacher, zc[k][rows], random_cond, random_cond, no_drop, gen).mean()
-        (c.prior_weight * prior).backward()
+        total = c.prior_weight * prior
+        if ordinary is not None:  # L_OG: real people's embeddings -> the teacher's prediction under them
+            who = torch.randint(0, len(ordinary[1]), (half,), generator=gen, device=device)
+            mirror = torch.randint(0, 2, (half,), generator=gen, device=device) * len(ordinary[1])
+            og = _distill(student, teacher, ordinary[0][who + mirror], ordinary[1][who], ordinary[1][who], no_drop, gen)
+            total = total + c.ordinary_weight * og.mean()
+            losses["ordinary"] = og.mean().item()
+        total.backward()
         optimiser.step()
+        if after_step is not None:
+            after_step(step + 1)
         if progress is not None:
             progress(
                 step + 1,
@@ -402,6 +542,7 @@ def _meta_backdoor(
                     "prior": prior.item(),
                     "retention": retention.item(),
                     "clean_fit": clean_fit.item(),
+                    **losses,
                 },
             )
 
@@ -431,10 +572,13 @@ def target_distance(
 
 __all__ = [
     "BEHAVIOUR_INPUTS",
+    "CLEAN_TARGETS",
     "SIMULATE",
     "PersGuardConfig",
     "Progress",
+    "Snapshot",
     "backdoor",
+    "check_ordinary",
     "check_trigger_set",
     "target_distance",
 ]

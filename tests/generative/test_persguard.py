@@ -14,11 +14,19 @@ import torch
 from advface.cli.main import main
 from advface.cli.persguard import CACHE_RECORD, protect_cached, protection_record
 from advface.errors import ConfigError
+from advface.generative import persguard as persguard_module
 from advface.generative.autoencoder import FaceAutoencoder
 from advface.generative.config import AutoencoderConfig, DenoiserConfig
 from advface.generative.denoiser import LatentDenoiser
 from advface.generative.model import IdentityGenerator, atomic_save, load_generator, save_generator
-from advface.generative.persguard import PersGuardConfig, _distill, backdoor, check_trigger_set, target_distance
+from advface.generative.persguard import (
+    PersGuardConfig,
+    _distill,
+    _gap,
+    backdoor,
+    check_trigger_set,
+    target_distance,
+)
 from advface.generative.threats import FinetuneConfig, finetune
 from advface.protect.image.core import ProtectConfig
 
@@ -134,6 +142,14 @@ def test_distillation_terms() -> None:
         ({"inner_steps": 0}, "inner-steps"),
         ({"simulate": "finetune", "inner_steps": 151}, "condition-reset"),
         ({"inner_lr": 0.0}, "inner-lr"),
+        ({"simulate": "finetune", "clean_target": "teacher"}, "clean-target"),
+        ({"simulate": "finetune", "ordinary_weight": -1.0}, "weights"),
+        ({"simulate": "finetune", "ordinary_weight": float("nan")}, "weights"),
+        ({"ordinary_weight": 1.0}, "finetune only"),
+        ({"clean_target": "frozen_attacker"}, "finetune only"),
+        ({"discriminate_weight": 1.0}, "finetune only"),
+        ({"simulate": "finetune", "discriminate_weight": -1.0}, "weights"),
+        ({"discriminate_margin": 0.0}, "discriminate-margin"),
     ],
 )
 def test_config_validation(change: dict[str, Any], message: str) -> None:
@@ -271,6 +287,9 @@ def test_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "steps must be >= 1" in error(_cli(tmp_path, "--steps", "0"))
     assert "unknown guidance bogus" in error(_cli(tmp_path, "--guidance", "encoders,bogus"))
     assert "no trigger photos" in error(_cli(tmp_path))
+    assert "needs --ordinary-photos" in error(_cli(tmp_path, "--simulate", "finetune", "--ordinary-weight", "1"))
+    assert "finetune only" in error(_cli(tmp_path, "--ordinary-weight", "1"))
+    assert "--save-every >= 0" in error(_cli(tmp_path, "--save-every", "-1"))
     assert "not a folder" in error(
         [
             "persguard",
@@ -303,5 +322,138 @@ def test_cli_help_lists_the_command(capsys: pytest.CaptureFixture[str]) -> None:
         "--inner-steps",
         "--inner-lr",
         "--guidance",
+        "--ordinary-weight",
+        "--ordinary-people",
+        "--ordinary-photos",
+        "--clean-target",
+        "--discriminate-weight",
+        "--discriminate-margin",
+        "--save-every",
     ):
         assert flag in text
+
+
+def _ordinary(people: int = 6, seed: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """Faces and embeddings of "other people" for L_OG (one row each)."""
+    rng = np.random.default_rng(seed)
+    faces = rng.integers(0, 255, (people, SIZE, SIZE, 3), dtype=np.uint8)
+    return faces, rng.normal(size=(people, DIM)).astype(np.float32)
+
+
+def _ordinary_error(
+    model: IdentityGenerator, teacher: IdentityGenerator, ordinary: tuple[np.ndarray, np.ndarray]
+) -> float:
+    """Ordinary generation's drift: the model's prediction under the other people's embeddings vs the teacher's."""
+    gen = torch.Generator().manual_seed(0)
+    x0 = teacher.encode(ordinary[0]).repeat(4, 1, 1, 1)
+    cond = torch.from_numpy(ordinary[1]).repeat(4, 1)
+    no_drop = torch.zeros(len(x0), dtype=torch.bool)
+    with torch.no_grad():
+        return float(_distill(model.denoiser, teacher.denoiser, x0, cond, cond, no_drop, gen).mean())
+
+
+def test_ordinary_generation_term_keeps_predictions_under_real_embeddings() -> None:
+    """L_OG (ordinary_weight): the backdoored model drifts less from the input model under the other people's
+    embeddings than the same training without it (a term that did nothing, or pushed away, fails)."""
+    generator = _generator()
+    protected, clean = _faces()
+    ordinary = _ordinary()
+    config = dataclasses.replace(META, steps=20)
+    without = _ordinary_error(backdoor(generator, protected, clean, config), generator, ordinary)
+    kept = backdoor(generator, protected, clean, dataclasses.replace(config, ordinary_weight=5.0), ordinary=ordinary)
+    with_term = _ordinary_error(kept, generator, ordinary)
+    assert with_term < 0.6 * without, (without, with_term)
+    assert kept.metadata["persguard"]["config"]["ordinary_weight"] == 5.0
+
+
+def test_bad_ordinary_sets_are_refused_before_training() -> None:
+    generator = _generator()
+    before = _state(generator.denoiser)
+    protected, clean = _faces()
+    config = dataclasses.replace(META, steps=2, ordinary_weight=1.0)
+    faces, embeddings = _ordinary()
+    with pytest.raises(ConfigError, match="needs faces and embeddings"):
+        backdoor(generator, protected, clean, config)
+    with pytest.raises(ConfigError, match="uint8"):
+        backdoor(generator, protected, clean, config, ordinary=(faces.astype(np.float32), embeddings))
+    with pytest.raises(ConfigError, match="embeddings must be 6 x 8"):
+        backdoor(generator, protected, clean, config, ordinary=(faces, embeddings[:, :4]))
+    with pytest.raises(ConfigError, match="finite and non-zero"):
+        backdoor(generator, protected, clean, config, ordinary=(faces, np.zeros_like(embeddings)))
+    with pytest.raises(ConfigError, match="snapshot-every"):
+        backdoor(generator, protected, clean, META, snapshot_every=-1)
+    assert all(torch.equal(v, before[k]) for k, v in generator.denoiser.state_dict().items())
+
+
+def test_frozen_attacker_clean_target_distils_the_attacker_run_on_the_frozen_model(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """clean_target frozen_attacker: once per step the clean-adapted student is distilled towards a *fine-tuned copy
+    of the input model* (not the input model itself, not the student); the input model stays unchanged; the
+    default (attacker_loss) makes no such call."""
+    generator = _generator()
+    teacher_state = _state(generator.denoiser)
+    protected, clean = _faces()
+    calls: list[tuple[LatentDenoiser, LatentDenoiser, bool]] = []
+    original = persguard_module._distill
+
+    def recording(student: LatentDenoiser, teacher: LatentDenoiser, *args: Any) -> torch.Tensor:
+        moved = any(not torch.equal(v, teacher_state[k]) for k, v in teacher.state_dict().items())
+        calls.append((student, teacher, moved))
+        return original(student, teacher, *args)
+
+    monkeypatch.setattr(persguard_module, "_distill", recording)
+    config = dataclasses.replace(META, steps=3, clean_target="frozen_attacker")
+    out = backdoor(generator, protected, clean, config)
+    targets = [t for s, t, moved in calls if t is not generator.denoiser]
+    assert len(targets) == 3 and all(moved for s, t, moved in calls if t is not generator.denoiser)
+    assert all(t is not s for s, t, _ in calls)
+    assert all(torch.equal(v, teacher_state[k]) for k, v in generator.denoiser.state_dict().items())
+    calls.clear()
+    default = backdoor(generator, protected, clean, dataclasses.replace(config, clean_target="attacker_loss"))
+    assert all(t is generator.denoiser for _, t, _ in calls)
+    assert not all(torch.equal(v, default.denoiser.state_dict()[k]) for k, v in out.denoiser.state_dict().items())
+
+
+def test_snapshots_are_taken_during_training_and_are_copies() -> None:
+    generator = _generator()
+    protected, clean = _faces()
+    taken: list[tuple[int, IdentityGenerator]] = []
+    config = dataclasses.replace(META, steps=4)
+    out = backdoor(generator, protected, clean, config, snapshot=lambda s, m: taken.append((s, m)), snapshot_every=2)
+    assert [s for s, _ in taken] == [2]
+    mid = taken[0][1]
+    assert mid.metadata["persguard"]["config"] == config.to_dict()
+    assert not all(torch.equal(v, out.denoiser.state_dict()[k]) for k, v in mid.denoiser.state_dict().items())
+    again = backdoor(generator, protected, clean, dataclasses.replace(config, steps=2))
+    assert all(torch.equal(v, again.denoiser.state_dict()[k]) for k, v in mid.denoiser.state_dict().items())
+
+
+def _attacked_gap(model: IdentityGenerator, person: int = 0) -> float:
+    """The attacker (6 steps) run once on the protected and once on the clean faces of ``person`` with the same seed:
+    how far apart the two adapted models' predictions are, each under its learned condition, on the clean latents."""
+    protected, clean = _faces()
+    gaps = []
+    for seed in range(3):
+        on_protected, cond_p = finetune(model, protected[person], FinetuneConfig(steps=6, batch=8, seed=seed))
+        on_clean, cond_c = finetune(model, clean[person], FinetuneConfig(steps=6, batch=8, seed=seed))
+        x0 = model.encode(clean[person]).repeat(8, 1, 1, 1)
+        rows = len(x0)
+        a = torch.from_numpy(np.asarray(cond_p, np.float32))[None].expand(rows, -1)
+        b = torch.from_numpy(np.asarray(cond_c, np.float32))[None].expand(rows, -1)
+        with torch.no_grad():
+            gap = _gap(on_protected.denoiser, on_clean.denoiser, x0, a, b, torch.Generator().manual_seed(seed))
+        gaps.append(float(gap.mean()))
+    return float(np.mean(gaps))
+
+
+def test_discriminating_term_pushes_protected_and_clean_personalisation_apart() -> None:
+    """discriminate_weight: after backdooring, the attacker's models adapted on protected and on clean photos of the
+    same person differ far more than without the term (one that did nothing fails)."""
+    generator = _generator()
+    protected, clean = _faces()
+    config = dataclasses.replace(META, steps=20)
+    without = _attacked_gap(backdoor(generator, protected, clean, config))
+    apart = dataclasses.replace(config, discriminate_weight=5.0, discriminate_margin=1.0)
+    with_term = _attacked_gap(backdoor(generator, protected, clean, apart))
+    assert with_term > 10 * without, (without, with_term)

@@ -1,0 +1,67 @@
+"""benchmarks/persguard.py --merge --clean-from: the clean-model rows of an earlier result are reused, checked."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks.persguard import merge
+
+SETTINGS = {"people": 5, "n": 4, "persistence_people": 3, "persistence_steps": 300, "persistence_lr": 4e-4}
+CLEAN = {"path": "attacker.pt", "seed": 1}
+
+
+def _cell(match: float, ism: float) -> dict[str, Any]:
+    return {"faces": 20, "no_face": 0, "match": match, "ism": ism, "transfer": {"match": match, "ism": ism / 2}}
+
+
+def _part(tmp_path: Path, name: str, runs: dict[str, Any], backdoored: str, **changes: Any) -> str:
+    doc = {
+        "models": {"clean": {**CLEAN, **changes.pop("clean", {})}, "backdoored": {"path": backdoored}},
+        "settings": {**SETTINGS, **changes},
+        "thresholds": {},
+        "runs": runs,
+        "seconds": {k: 1.0 for k in runs},
+    }
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(doc))
+    return str(path)
+
+
+def test_clean_from_fills_only_the_missing_clean_model_runs(tmp_path: Path) -> None:
+    a = _part(tmp_path, "a", {"protected": _cell(0.05, 0.9), "unprotected": _cell(0.7, 0.92)}, "new.pt")
+    b = _part(
+        tmp_path,
+        "b",
+        {"training_free_clean_model": _cell(0.9, 0.94), "training_free_backdoored": _cell(0.8, 0.93)},
+        "new.pt",
+    )
+    old = {
+        "clean_protected": _cell(0.2, 0.91),
+        "clean_unprotected": _cell(0.75, 0.95),
+        "training_free_clean_model": _cell(0.1, 0.1),  # the parts measured it again: theirs is kept
+        "unprotected": _cell(0.0, 0.0),  # a backdoored-model run of the old result: never taken
+        "clean_steps": _cell(0.1, 0.9),  # persistence on 2 people, the parts' settings say 3: not taken
+    }
+    earlier = _part(tmp_path, "old", old, "old.pt", persistence_people=2)
+    out = json.loads(merge([a, b], None, str(tmp_path / "m.json"), earlier).read_text())
+    assert out["runs"]["clean_unprotected"] == old["clean_unprotected"]
+    assert out["runs"]["training_free_clean_model"]["match"] == 0.9
+    assert out["runs"]["unprotected"]["match"] == 0.7
+    assert "clean_steps" not in out["runs"]
+    assert out["clean_runs_from"]["runs"] == ["clean_protected", "clean_unprotected"]
+    assert out["persguard"]["clean_model_source"]["file"] == earlier
+    assert out["persguard"]["unprotected_ism_drop"] == pytest.approx(0.95 - 0.92)
+    assert out["persguard"]["transfer"]["unprotected_ism_drop"] == pytest.approx((0.95 - 0.92) / 2)
+
+
+@pytest.mark.parametrize("change", [{"n": 8}, {"clean": {"seed": 2}}])
+def test_clean_from_with_other_settings_or_model_is_refused(tmp_path: Path, change: dict[str, Any]) -> None:
+    a = _part(tmp_path, "a", {"protected": _cell(0.05, 0.9)}, "new.pt")
+    other = _part(tmp_path, "old", {"clean_protected": _cell(0.2, 0.91)}, "old.pt", **change)
+    with pytest.raises(SystemExit, match="differs"):
+        merge([a], None, str(tmp_path / "m.json"), other)
+    assert not (tmp_path / "m.json").exists()
