@@ -222,6 +222,15 @@ def _quantise(clean: np.ndarray, adv: torch.Tensor, levels: int | np.ndarray, gr
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
+def _gradient_and_norm(
+    loss: torch.Tensor, delta: torch.Tensor, retain_graph: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradient of ``loss.sum()`` (one value per photo) with respect to ``delta`` and its L2 norm per photo
+    (``N x 1 x 1 x 1``, at least 1e-12): every term of the protection is added as ``weight * grad / norm``."""
+    (grad,) = torch.autograd.grad(loss.sum(), delta, retain_graph=retain_graph)
+    return grad, grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+
+
 class ImageProtector:
     """Detector + encoder ensemble + settings; protects photos (:meth:`protect`), batching those of equal size.
 
@@ -449,8 +458,7 @@ class ImageProtector:
                     for f, c in zip(maps, clean_maps)
                 ]
                 for cos, weight in terms:
-                    (grad,) = torch.autograd.grad(cos.sum(), delta, retain_graph=True)
-                    norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(b, 1, 1, 1)
+                    grad, norm = _gradient_and_norm(cos, delta, retain_graph=True)
                     total += weight * grad / norm
             if surrogate_terms:
                 th = surrogate_theta
@@ -458,14 +466,12 @@ class ImageProtector:
                     th = torch.stack([jitter_theta(th[i], config.eot_config, gens[i]) for i in range(b)])
                 losses = [(loss, w * weight) for _, fn, w in surrogate_terms for loss, weight in fn(adv, th, gens)]
                 for k, (loss, weight) in enumerate(losses):
-                    (grad,) = torch.autograd.grad(loss.sum(), delta, retain_graph=k < len(losses) - 1)
-                    norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(b, 1, 1, 1)
+                    grad, norm = _gradient_and_norm(loss, delta, retain_graph=k < len(losses) - 1)
                     total += weight * grad / norm
             constrained = use_ssim and step >= config.ssim.sign_share * config.steps
             if constrained:  # the quality term: raise the face SSIM, weighted by the adaptive multiplier
                 quality = face_ssim(x, x + delta, boxes, config.ssim.scales)
-                (grad,) = torch.autograd.grad(-quality.sum(), delta)
-                norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(b, 1, 1, 1)
+                grad, norm = _gradient_and_norm(-quality, delta)
                 total += multipliers.view(b, 1, 1, 1) * grad / norm
                 multipliers = update_multipliers(multipliers, quality.detach(), config.ssim)
                 photo_target = config.ssim.whole_photo_target
@@ -474,8 +480,7 @@ class ImageProtector:
                     photo_multipliers = update_multipliers(
                         photo_multipliers, whole.detach(), config.ssim, photo_target, hinge=True
                     )
-                    (grad,) = torch.autograd.grad(-whole.sum(), delta)
-                    norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(b, 1, 1, 1)
+                    grad, norm = _gradient_and_norm(-whole, delta)
                     total += photo_multipliers.view(b, 1, 1, 1) * grad / norm
             with torch.no_grad():
                 move = normalised_step(total, areas) if constrained else torch.sign(total)
