@@ -19,7 +19,10 @@ HELP = "train a shadow inversion model for an encoder"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``advface train-shadow``."""
+    """Flags of ``advface train-shadow``; the training defaults are :class:`TrainConfig`'s."""
+    from advface.inversion.training import TrainConfig  # imports torch: here, not at module level
+
+    defaults = TrainConfig()
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--dataset", help="folder of identity sub-folders of face photos")
     src.add_argument("--lfw", action="store_true", help="use LFW (--lfw-dir or $ADVFACE_LFW_DIR)")
@@ -28,23 +31,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encoder", default="dlib", help="encoder spec (default dlib)")
     parser.add_argument("--models-dir", help="ONNX models folder (default $ADVFACE_MODELS_DIR)")
     parser.add_argument("--detector", default="dlib", help="face detector (default dlib)")
-    parser.add_argument("--arch", default="resup", help="decoder architecture (default resup)")
-    parser.add_argument("--image-size", type=int, default=64, help="reconstruction size in px (default 64)")
-    parser.add_argument("--epochs", type=int, default=30, help="training epochs (default %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=64, help="training batch size (default %(default)s)")
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default %(default)s)")
+    parser.add_argument("--arch", default=defaults.arch, help="decoder architecture (default %(default)s)")
+    parser.add_argument(
+        "--image-size", type=int, default=defaults.image_size, help="reconstruction size in px (default %(default)s)"
+    )
+    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="training epochs (default %(default)s)")
+    parser.add_argument(
+        "--batch-size", type=int, default=defaults.batch_size, help="training batch size (default %(default)s)"
+    )
+    parser.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate (default %(default)s)")
     parser.add_argument(
         "--id-weight",
         type=float,
-        default=0.0,
-        help="weight of the identity loss through the encoder's torch module (default 0: L1 only)",
+        default=defaults.id_weight,
+        help=f"weight of the identity loss through the encoder's torch module (default {defaults.id_weight:g}: L1 "
+        "only)",
     )
-    parser.add_argument("--init", help="start from this checkpoint's weights (fine-tuning; same architecture)")
+    parser.add_argument(
+        "--init",
+        default=defaults.init_from,
+        help="start from this checkpoint's weights (fine-tuning; same architecture)",
+    )
     parser.add_argument(
         "--jitter",
         type=int,
-        default=4,
-        help="max pixel shift before the identity loss, so faces stay faces (default 4)",
+        default=defaults.jitter,
+        help="max pixel shift before the identity loss, so faces stay faces (default %(default)s)",
     )
     parser.add_argument(
         "--group",
@@ -52,8 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["defender", "attacker"],
         help="identity group to train on (default defender)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split and of training")
-    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument(
+        "--seed", type=int, default=defaults.seed, help="seed of the split and of training (default %(default)s)"
+    )
+    parser.add_argument("--device", default=defaults.device, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--work-dir", help="folder for per-epoch resumable checkpoints")
     parser.add_argument("--workers", type=int, default=1, help="processes for face detection")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")

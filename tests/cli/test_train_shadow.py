@@ -3,10 +3,12 @@
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from advface.cli.main import main
+from advface.cli.main import build_parser, main
 from advface.embeddings_file import EmbeddingsFile, load_embeddings, save_embeddings
 from advface.inversion import load_decoder
+from advface.inversion.training import TrainConfig
 
 
 def test_train_shadow_then_protect(lfw_sample: list[Path], tmp_path: Path, monkeypatch):
@@ -69,3 +71,26 @@ def test_train_shadow_rejects_bad_settings(tmp_path: Path, capsys):
     assert "--epochs" in capsys.readouterr().err
     assert main(["train-shadow", "--dataset", str(tmp_path / "none"), "--out", str(tmp_path / "x.pt")]) == 2
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_train_shadow_defaults_are_train_configs(tmp_path: Path, capsys) -> None:
+    """Each training flag defaults to TrainConfig's value (stated once, there), and the help shows it."""
+    defaults = TrainConfig()
+    args = build_parser().parse_args(["train-shadow", "--dataset", str(tmp_path), "--out", str(tmp_path / "x.pt")])
+    flags = {"init": "init_from"}
+    for name in ("arch", "image_size", "epochs", "batch_size", "lr", "id_weight", "jitter", "seed", "device", "init"):
+        assert getattr(args, name) == getattr(defaults, flags.get(name, name)), name
+    with pytest.raises(SystemExit):
+        main(["train-shadow", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    for text in (
+        f"decoder architecture (default {defaults.arch})",
+        f"reconstruction size in px (default {defaults.image_size})",
+        f"training epochs (default {defaults.epochs})",
+        f"training batch size (default {defaults.batch_size})",
+        f"peak learning rate (default {defaults.lr})",
+        f"torch module (default {defaults.id_weight:g}: L1 only)",
+        f"so faces stay faces (default {defaults.jitter})",
+        f"seed of the split and of training (default {defaults.seed})",
+    ):
+        assert text in shown, text

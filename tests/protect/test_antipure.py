@@ -11,22 +11,16 @@ import torch
 
 from advface.errors import ConfigError
 from advface.faces.align import alignment_matrix
-from advface.images import load_image
 from advface.protect.image import ImageProtector, ProtectConfig
 from advface.protect.image.antipure import AntiPureConfig, AntiPureTerm, high_frequency
 from advface.protect.image.guidance import parse_guidance
 from advface.protect.image.warp import chip_theta, warp_chips
-from tests.protect.test_guidance import PHOTO, _surrogate
+from tests.protect.test_guidance import _surrogate
 
 
 @pytest.fixture(scope="module")
 def protector() -> ImageProtector:
     return ImageProtector(["dlib-torch"], surrogate=_surrogate(2))
-
-
-@pytest.fixture(scope="module")
-def photo(lfw_dir: Path) -> np.ndarray:
-    return load_image(lfw_dir / PHOTO)
 
 
 def test_high_frequency_ignores_flat_and_slow_content_and_sees_fine_detail() -> None:

@@ -13,11 +13,8 @@ from advface.generative.autoencoder import FaceAutoencoder
 from advface.generative.config import AutoencoderConfig, DenoiserConfig
 from advface.generative.denoiser import LatentDenoiser
 from advface.generative.model import IdentityGenerator, save_generator
-from advface.images import load_image
 from advface.protect.image import ImageProtector, ProtectConfig
 from advface.protect.image.guidance import DeflectionTerm, parse_guidance
-
-PHOTO = Path("images") / "Aaron_Peirsol" / "Aaron_Peirsol_0001.jpg"
 
 
 def _surrogate(seed: int = 0) -> IdentityGenerator:
@@ -34,11 +31,6 @@ def _surrogate(seed: int = 0) -> IdentityGenerator:
 @pytest.fixture(scope="module")
 def protector() -> ImageProtector:
     return ImageProtector(["dlib-torch"], surrogate=_surrogate())
-
-
-@pytest.fixture(scope="module")
-def photo(lfw_dir: Path) -> np.ndarray:
-    return load_image(lfw_dir / PHOTO)
 
 
 def test_guidance_names_parse_in_canonical_order() -> None:

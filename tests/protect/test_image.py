@@ -35,11 +35,6 @@ def protector(models_dir: Path) -> ImageProtector:
 
 
 @pytest.fixture(scope="module")
-def photo(lfw_dir: Path) -> np.ndarray:
-    return load_image(lfw_dir / PHOTO)
-
-
-@pytest.fixture(scope="module")
 def protected(protector: ImageProtector, photo: np.ndarray):  # noqa: ANN201
     """One real LFW face protected with the default budget and few steps (shared by several tests)."""
     before = photo.copy()

@@ -12,13 +12,10 @@ import torch
 
 from advface.cli.main import build_parser
 from advface.errors import ConfigError
-from advface.images import load_image
 from advface.protect.image import ImageProtector, ProtectConfig
 from advface.protect.image.core import _eps, _quantise
 from advface.protect.image.perceptual import PerceptualBudget, budget_map, jnd_map, luminance_jnd
 from advface.protect.image.quality import gmsd, ssim, ssim_face
-
-PHOTO = "images/Aaron_Peirsol/Aaron_Peirsol_0001.jpg"
 
 
 def _half_smooth_half_texture(value: int = 150, size: int = 64) -> np.ndarray:
@@ -27,17 +24,6 @@ def _half_smooth_half_texture(value: int = 150, size: int = 64) -> np.ndarray:
     img = np.full((size, size, 3), value, np.float64)
     img[:, size // 2 :] += rng.normal(0, 25, size=(size, size - size // 2, 1))
     return np.clip(img, 0, 255).astype(np.uint8)
-
-
-@pytest.fixture(scope="module")
-def dlib_protector(models_dir: Path) -> ImageProtector:
-    """dlib-torch alone on CPU (the fastest member)."""
-    return ImageProtector(["dlib-torch"], device="cpu", policy="center")
-
-
-@pytest.fixture(scope="module")
-def photo(lfw_dir: Path) -> np.ndarray:
-    return load_image(lfw_dir / PHOTO)
 
 
 # ------------------------------------------------------------------------------------------------ the budget map
@@ -113,7 +99,7 @@ def test_perceptual_protection_stays_in_its_ball(dlib_protector: ImageProtector,
     diff = np.abs(out.astype(np.int16) - photo.astype(np.int16))
     assert (diff <= levels).all()
     assert report.linf_levels == diff.max()
-    low = int(levels.min())
+    low = int(np.min(levels))  # pixel_levels is typed int | array; perceptual gives the array
     assert low < config.levels
     smooth = np.broadcast_to(levels == low, diff.shape)
     textured = np.broadcast_to(levels == config.levels, diff.shape)

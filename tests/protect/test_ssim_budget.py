@@ -12,7 +12,6 @@ import torch
 from advface.cli.main import build_parser
 from advface.cli.protect_image import run
 from advface.errors import ConfigError
-from advface.images import load_image
 from advface.protect.image import ImageProtector, ProtectConfig
 from advface.protect.image.quality import ssim, ssim_face
 from advface.protect.image.ssim_budget import (
@@ -26,8 +25,6 @@ from advface.protect.image.ssim_budget import (
     update_multipliers,
 )
 
-PHOTO = "images/Aaron_Peirsol/Aaron_Peirsol_0001.jpg"
-
 
 def _tensor(img: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255.0
@@ -39,17 +36,6 @@ def _textured(seed: int = 0, size: int = 64) -> np.ndarray:
     img = np.tile(np.linspace(60, 200, size)[None, :, None], (size, 1, 3))
     img[:, size // 2 :] += rng.normal(0, 30, size=(size, size - size // 2, 3))
     return np.clip(img, 0, 255).astype(np.uint8)
-
-
-@pytest.fixture(scope="module")
-def dlib_protector(models_dir: Path) -> ImageProtector:
-    """dlib-torch alone on CPU (the fastest member)."""
-    return ImageProtector(["dlib-torch"], device="cpu", policy="center")
-
-
-@pytest.fixture(scope="module")
-def photo(lfw_dir: Path) -> np.ndarray:
-    return load_image(lfw_dir / PHOTO)
 
 
 def test_face_ssim_matches_the_reported_metric() -> None:
