@@ -20,16 +20,21 @@ is present; ``--guidance`` the terms, default the library's: the first table, ``
 when that was ``encoders`` alone). Per variant the JSON gives
 quality (PSNR, SSIM, SSIM on the face box and, as ``ssim_face_half`` / ``ssim_face_quarter``, on it at 1/2 and 1/4
 resolution, GMSD, mean CIEDE2000 colour difference, the share of pixels changed, the
-mean absolute change in levels), protection strength (per encoder, from the protection report: ``cosine_after`` of
-clean vs protected through the encoder's standard pipeline, and ``matched_after`` at the encoder's threshold) and
-seconds per photo. "At least as strong" means: per encoder, matched share not higher and mean cosine not higher than
-the uniform budget's.
+mean absolute change in levels, and the change's visibility in JND units from
+:mod:`advface.protect.image.visibility`: ``vis_above_jnd`` / ``vis_above_jnd_face`` the share of pixels above 1 JND
+over the photo / the face box, ``vis_p95`` / ``vis_p95_face`` the 95th percentile, ``vis_pooled`` /
+``vis_pooled_face`` the Minkowski mean), protection strength (per encoder, from the protection report:
+``cosine_after`` of clean vs protected through the encoder's standard pipeline, and ``matched_after`` at the
+encoder's threshold) and seconds per photo. "At least as strong" means: per encoder, matched share not higher and
+mean cosine not higher than the uniform budget's.
 
 Grids (``--grids N``): N synthetic faces from the DCGAN of the ``gan-face-generate`` package (64 px, upscaled to
 ``--grid-size``, padded so the detector finds the face; no real person), each written as one PNG under
 ``docs/images/`` (or ``--grid-dir``): top row clean | uniform | perceptual (or the ``--grid-variants``), bottom
 row the perturbation amplified x``--amplify`` around grey (the clean face, then each variant's perturbation); the
-JSON's ``grids`` gives each column's numbers. LFW photos are never written.
+JSON's ``grids`` gives each column's numbers. ``--visibility-maps`` also writes ``protect-grid-N-visibility.png``
+beside each grid: each variant's visibility map (black 0, white 2 JND or more) in the grid's column order. LFW photos
+are never written.
 """
 
 from __future__ import annotations
@@ -55,6 +60,12 @@ from advface.protect.image import ImageProtector, ProtectConfig  # noqa: E402
 from advface.protect.image.guidance import parse_guidance  # noqa: E402
 from advface.protect.image.perceptual import PerceptualBudget  # noqa: E402
 from advface.protect.image.ssim_budget import SsimBudget, face_ssim_per_scale  # noqa: E402
+from advface.protect.image.visibility import (  # noqa: E402
+    VisibilityModel,
+    VisibilityReport,
+    visibility,
+    visibility_image,
+)
 from benchmarks.common import RESULTS_DIR, command_line, write_results  # noqa: E402
 
 VERIFICATION_JSON = RESULTS_DIR / "lfw_verification.json"
@@ -130,6 +141,23 @@ def coarse_face_ssim(clean: np.ndarray, protected: np.ndarray, box: tuple[float,
     return {"ssim_face_half": levels[1], "ssim_face_quarter": levels[2]}
 
 
+#: Visibility numbers of a row (``vis_`` + :meth:`VisibilityReport.to_dict`'s keys, less ``max``).
+VISIBILITY_KEYS = (
+    "vis_above_jnd",
+    "vis_above_jnd_face",
+    "vis_p95",
+    "vis_p95_face",
+    "vis_pooled",
+    "vis_pooled_face",
+)
+
+
+def visibility_numbers(report: VisibilityReport) -> dict[str, float]:
+    """The :data:`VISIBILITY_KEYS` of a visibility report (one with a face box)."""
+    values = {f"vis_{k}": v for k, v in report.to_dict().items()}
+    return {k: float(v) for k in VISIBILITY_KEYS if (v := values[k]) is not None}
+
+
 def photo_row(
     clean: np.ndarray, protected: np.ndarray, report: dict[str, Any], box: tuple[float, ...]
 ) -> dict[str, Any]:
@@ -141,6 +169,7 @@ def photo_row(
         "ssim_face": report["ssim_face"],
         **coarse_face_ssim(clean, protected, box),
         "gmsd": report["gmsd"],
+        **visibility_numbers(visibility(clean, protected, box)),
         "delta_e2000": colour_difference(clean, protected),
         "changed_share": float((diff > 0).mean()),
         "mean_abs_levels": float(diff.mean()),
@@ -168,7 +197,7 @@ def summarise(rows: list[dict[str, Any]], encoders: list[str]) -> dict[str, Any]
     out: dict[str, Any] = {"n": len(rows)}
     for key in ("psnr", "ssim", "ssim_face", "gmsd", "delta_e2000", "changed_share", "mean_abs_levels"):
         out[key] = stats(key)
-    for key in ("ssim_face_half", "ssim_face_quarter"):  # absent from files written before they were measured
+    for key in ("ssim_face_half", "ssim_face_quarter", *VISIBILITY_KEYS):  # absent from files written before
         if all(key in r for r in rows):
             out[key] = stats(key)
     out["seconds_per_photo"] = {
@@ -235,9 +264,11 @@ def write_grids(
     seed: int,
     variants: tuple[str, ...] = ("uniform", "perceptual"),
     folder: Path = DOCS_IMAGES,
+    visibility_maps: bool = False,
 ) -> list[dict[str, Any]]:
     """Protect the synthetic faces ``indices`` with each of ``variants`` (one column each) and write one grid PNG
-    per face into ``folder``; returns their numbers (faces the detector misses are left out)."""
+    per face into ``folder`` (and, with ``visibility_maps``, one PNG of each variant's visibility map); returns
+    their numbers (faces the detector misses are left out)."""
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -248,24 +279,30 @@ def write_grids(
         except ImageError:
             continue
         tiles, diffs, numbers = [face_image], [np.full_like(face_image, 128)], {}
+        maps: list[np.ndarray] = []
         for spec in variants:
             config = variant_config(spec, base)
             protected, report = protector.protect([face_image], config, faces=[face])[0]
             delta = protected.astype(np.float64) - face_image.astype(np.float64)
             tiles.append(protected)
             diffs.append(np.clip(128 + amplify * delta, 0, 255).astype(np.uint8))
+            seen = visibility(face_image, protected, tuple(face.box))
+            maps.append(visibility_image(seen))
             numbers[spec] = {
                 "psnr": report.psnr,
                 "ssim": report.ssim,
                 "ssim_face": report.ssim_face,
                 **coarse_face_ssim(face_image, protected, tuple(face.box)),
                 "gmsd": report.gmsd,
+                **visibility_numbers(seen),
                 "linf_levels": report.linf_levels,
                 "cosine_after": {k: v["cosine_after"] for k, v in report.similarity.items()},
             }
         grid = np.concatenate([np.concatenate(tiles, axis=1), np.concatenate(diffs, axis=1)], axis=0)
         path = folder / f"protect-grid-{len(written) + 1}.png"
         Image.fromarray(grid).save(path, optimize=True)
+        if visibility_maps:
+            Image.fromarray(np.concatenate(maps, axis=1)).save(path.with_name(f"{path.stem}-visibility.png"))
         written.append(
             {
                 "file": str(path.relative_to(DOCS_IMAGES.parent.parent)) if folder == DOCS_IMAGES else str(path),
@@ -293,7 +330,11 @@ def resummarise(path: Path) -> None:
 def _line(variant: str, row: dict[str, Any], encoders: list[str]) -> str:
     cos = [round(row["similarity"][e]["cosine_after"], 3) for e in encoders]
     face = f"{row['ssim_face']:.3f}/{row['ssim_face_quarter']:.3f}"
-    return f"{variant} psnr {row['psnr']:.1f} ssim_face(/4) {face} gmsd {row['gmsd']:.4f} cos {cos}"
+    seen = f"{row['vis_above_jnd_face']:.3f}/{row['vis_p95_face']:.2f}"
+    return (
+        f"{variant} psnr {row['psnr']:.1f} ssim_face(/4) {face} gmsd {row['gmsd']:.4f} "
+        f"vis_face(>1,p95) {seen} cos {cos}"
+    )
 
 
 def main() -> None:
@@ -324,6 +365,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--grid-dir", default=None, help="folder of the grid PNGs (default docs/images, the committed grids)"
+    )
+    parser.add_argument(
+        "--visibility-maps",
+        action="store_true",
+        help="also write each grid's visibility maps (protect-grid-N-visibility.png; black 0, white >= 2 JND)",
     )
     parser.add_argument("--lfw-dir")
     parser.add_argument("--out", help="output JSON (default benchmarks/results/photo_quality.json)")
@@ -370,7 +416,17 @@ def main() -> None:
     if args.grids:
         folder = Path(args.grid_dir) if args.grid_dir else DOCS_IMAGES
         grid_variants = tuple(args.grid_variants)
-        grids = write_grids(protector, base, args.grids, args.grid_size, args.amplify, args.seed, grid_variants, folder)
+        grids = write_grids(
+            protector,
+            base,
+            args.grids,
+            args.grid_size,
+            args.amplify,
+            args.seed,
+            grid_variants,
+            folder,
+            args.visibility_maps,
+        )
     payload = {
         "protocol": "LFW, first photo of shuffled people; face detected once (dlib); each variant protects the same "
         "photo and face; strength from the protection report (each encoder's standard pipeline on the clean face box, "
@@ -387,6 +443,7 @@ def main() -> None:
         },
         "perceptual_defaults": PerceptualBudget().__dict__,
         "ssim_defaults": SsimBudget().__dict__,
+        "visibility_model": dataclasses.asdict(VisibilityModel()),
         "encoders": encoders,
         "ensemble_notes": protector.notes,
         "photos_run": len(photos),
@@ -406,6 +463,8 @@ def main() -> None:
             f"{v}: psnr {s['psnr']['mean']:.2f} ssim {s['ssim']['mean']:.4f} ssim_face {s['ssim_face']['mean']:.4f} "
             f"(1/2: {s['ssim_face_half']['mean']:.4f}, 1/4: {s['ssim_face_quarter']['mean']:.4f}) "
             f"gmsd {s['gmsd']['mean']:.4f} dE {s['delta_e2000']['mean']:.2f} "
+            f"vis face >1 JND {s['vis_above_jnd_face']['mean']:.3f} p95 {s['vis_p95_face']['mean']:.2f} "
+            f"pooled {s['vis_pooled_face']['mean']:.2f} (photo >1 JND {s['vis_above_jnd']['mean']:.3f}) "
             f"s/photo {s['seconds_per_photo']['mean']:.1f} strength {strength} "
             f"as-strong {s.get('at_least_as_strong_as_uniform')}"
         )

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from advface.protect.image import ProtectConfig
-from benchmarks.photo_quality import coarse_face_ssim, summarise, variant_config
+from advface.protect.image.visibility import visibility
+from benchmarks.photo_quality import VISIBILITY_KEYS, coarse_face_ssim, summarise, variant_config, visibility_numbers
 
 
 def test_ssim_variant_with_the_whole_photo_constraint_and_a_larger_ball() -> None:
@@ -61,3 +62,28 @@ def test_summary_of_rows_without_the_coarse_levels() -> None:
     assert "ssim_face_half" not in summarise([row], ["dlib-torch"])  # files written before they were measured
     full = summarise([{**row, "ssim_face_half": 0.98, "ssim_face_quarter": 0.99}], ["dlib-torch"])
     assert full["ssim_face_quarter"]["mean"] == pytest.approx(0.99)
+    assert "vis_above_jnd_face" not in full
+
+
+def test_visibility_numbers_reach_the_summary() -> None:
+    flat = np.full((64, 64, 3), 120, np.uint8)
+    changed = flat.copy()
+    changed[20:40, 20:40] += 6
+    numbers = visibility_numbers(visibility(flat, changed, (16.0, 16.0, 48.0, 48.0)))
+    assert set(numbers) == set(VISIBILITY_KEYS)
+    assert 0 < numbers["vis_above_jnd"] < numbers["vis_above_jnd_face"] <= 1  # the change is inside the box
+    assert visibility_numbers(visibility(flat, flat, (16.0, 16.0, 48.0, 48.0)))["vis_pooled_face"] == 0
+    row = {
+        "psnr": 40.0,
+        "ssim": 0.99,
+        "ssim_face": 0.97,
+        "gmsd": 0.02,
+        "delta_e2000": 0.7,
+        "changed_share": 0.5,
+        "mean_abs_levels": 1.0,
+        "seconds": 10.0,
+        "similarity": {"dlib-torch": {"cosine_after": 0.8, "cosine_random": 0.99}},
+    }
+    summary = summarise([{**row, **numbers}, {**row, **numbers, "vis_p95_face": 0.0}], ["dlib-torch"])
+    assert summary["vis_above_jnd_face"]["mean"] == pytest.approx(numbers["vis_above_jnd_face"])
+    assert summary["vis_p95_face"]["mean"] == pytest.approx(numbers["vis_p95_face"] / 2)
