@@ -56,6 +56,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from advface.cli.protect_image import parse_epsilon  # noqa: E402
 from advface.datasets import LFW  # noqa: E402
 from advface.datasets.pairs import resize_faces  # noqa: E402
 from advface.datasets.splits import split_identities  # noqa: E402
@@ -66,8 +67,10 @@ from advface.generative.threats import FinetuneConfig, generate_from_embeddings,
 from advface.images import load_image  # noqa: E402
 from advface.protect.image.core import ImageProtector, ProtectConfig  # noqa: E402
 from advface.protect.image.io import save_png  # noqa: E402
+from advface.protect.image.perceptual import BUDGETS  # noqa: E402
 from advface.protect.image.purify import standard_purifications  # noqa: E402
 from advface.protect.image.quality import psnr, ssim  # noqa: E402
+from advface.protect.image.ssim_budget import SsimBudget  # noqa: E402
 from benchmarks.common import add_antipure_arguments, antipure_from_args, write_results  # noqa: E402
 from benchmarks.generative_eval import Judges  # noqa: E402
 
@@ -308,6 +311,21 @@ def main() -> None:
     parser.add_argument("--protect-steps", type=int, default=ProtectConfig.steps)
     parser.add_argument("--encoders", default="dlib-torch,mobilefacenet", help="protection ensemble")
     parser.add_argument(
+        "--budget",
+        choices=BUDGETS,
+        default=ProtectConfig.budget,
+        help=f"protection budget (advface protect-image --budget; default {ProtectConfig.budget})",
+    )
+    parser.add_argument(
+        "--epsilon", default="8/255", help="largest change of any pixel, a float or a fraction (default 8/255)"
+    )
+    parser.add_argument(
+        "--ssim-target",
+        type=float,
+        default=SsimBudget.target,
+        help=f"with --budget ssim: face-box and whole-photo SSIM to keep (default {SsimBudget.target})",
+    )
+    parser.add_argument(
         "--configs", default="encoders,deflection,encoders+deflection", help="guidance configurations to measure"
     )
     parser.add_argument("--default-config", default="encoders+deflection", help="the configuration reported on top")
@@ -337,6 +355,10 @@ def main() -> None:
         parser.error("--attacker and --surrogate are required to measure")
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        epsilon = parse_epsilon(args.epsilon)
+    except AdvfaceError as exc:
+        parser.error(str(exc))
 
     unknown = sorted(set(filter(None, args.classical.split(","))) - set(standard_purifications()))
     if unknown:
@@ -386,6 +408,10 @@ def main() -> None:
             "identity_weight": antipure.identity_weight,
             "decoy_weight": antipure.decoy_weight,
         }
+    if (args.budget, epsilon) != (ProtectConfig.budget, ProtectConfig.epsilon):  # absent: the uniform 8/255 default
+        settings["budget"] = {"name": args.budget, "epsilon": args.epsilon}
+        if args.budget == "ssim":
+            settings["budget"]["ssim_target"] = args.ssim_target
     if args.threats != THREATS:
         settings["threats"] = list(args.threats)
     thresholds = {
@@ -411,10 +437,16 @@ def main() -> None:
             seed=args.seed,
             deflection_weight=args.deflection_weight,
             antipure=antipure,
+            epsilon=epsilon,
+            budget=args.budget,
+            ssim=SsimBudget(target=args.ssim_target),
         )
+        config.validate()
         key = f"{name}|{args.encoders}|{surrogate_digest}|{args.protect_steps}|{args.deflection_weight}|{args.seed}"
         if "antipure" in config.guidance:  # AntiPure's settings are part of what was protected
             key += f"|{antipure}"
+        if (config.budget, config.levels) != (ProtectConfig.budget, ProtectConfig().levels):
+            key += f"|{config.budget}|{config.levels}|{config.ssim if config.budget == 'ssim' else config.perceptual}"
         digest = hashlib.sha1(key.encode()).hexdigest()
         photos, quality[name] = protect_people(protector, config, people, paths, f"{name}-{digest[:10]}")
 
@@ -507,8 +539,11 @@ def merge(
     ignore = {"purify", "classical", "default_config", "threats"}
 
     def shared(doc: dict[str, Any]) -> dict[str, Any]:
-        # AntiPure's settings matter only to runs that measured an AntiPure configuration
+        # AntiPure's settings matter only to runs that measured an AntiPure configuration, the budget only to runs
+        # that protected photos
         skip = ignore if any("antipure" in k for k in doc["ablation"]) else ignore | {"antipure"}
+        if doc not in protected:
+            skip = skip | {"budget"}
         return {k: v for k, v in doc["settings"].items() if k not in skip}
 
     with_antipure = [doc for doc in documents if any("antipure" in k for k in doc["ablation"])]
@@ -518,6 +553,8 @@ def merge(
             mine.pop("antipure", None)
         elif "antipure" not in mine:
             mine["antipure"] = theirs["antipure"]
+        if doc not in protected:
+            mine.pop("budget", None)
         models = ("attacker",) if doc not in protected else tuple(first["models"])
         if mine != theirs or any(_models(doc).get(m) != _models(first).get(m) for m in models):
             raise SystemExit("the runs to merge differ in settings or models")

@@ -66,3 +66,17 @@ def test_merge_refuses_antipure_runs_with_different_settings(tmp_path: Path) -> 
     ]
     with pytest.raises(SystemExit, match="differ in settings"):
         merge(files, default, str(tmp_path / "merged.json"))
+
+
+def test_merge_takes_a_budget_from_protected_parts_and_refuses_mixed_budgets(tmp_path: Path) -> None:
+    default = "encoders+deflection+antipure"
+    ssim = {"name": "ssim", "epsilon": "8/255", "ssim_target": 0.97}
+    clean = _run(tmp_path, "clean", {"clean": {"training_based": _cell(0.8)}})  # no protection: its budget is moot
+    based = _run(tmp_path, "based", {default: {"training_based": _cell(0.05)}}, antipure=ANTIPURE, budget=ssim)
+    free = _run(tmp_path, "free", {default: {"training_free": _cell(0.0)}}, antipure=ANTIPURE, budget=ssim)
+    out = json.loads(merge([clean, based, free], default, str(tmp_path / "merged.json")).read_text())
+    assert out["settings"]["budget"] == ssim
+    assert out["training_based"]["protected"]["match"] == 0.05
+    uniform = _run(tmp_path, "uniform", {default: {"training_free": _cell(0.0)}}, antipure=ANTIPURE)  # the default
+    with pytest.raises(SystemExit, match="differ in settings"):
+        merge([clean, based, uniform], default, str(tmp_path / "mixed.json"))
