@@ -193,7 +193,7 @@ class ImageProtectionConfig:
     guidance: tuple[str, ...] | None = None
     #: Defender surrogate checkpoint for the deflection and antipure terms; None: the one shipped with advface.
     surrogate: str | None = None
-    #: Budget shape (``advface protect-image --budget``: uniform, perceptual or ssim); None: the library's default.
+    #: Budget shape (``advface protect-image --budget``: uniform, perceptual, ssim or jnd); None: the library's default.
     budget: str | None = None
 
 
@@ -571,7 +571,7 @@ def _guidance(value: Any, where: _Where) -> tuple[str, ...] | None:
 
 
 def _budget(value: Any, where: _Where) -> str | None:
-    """Image-protection budget shape (uniform, perceptual, ssim); null: the library's default."""
+    """Image-protection budget shape (uniform, perceptual, ssim, jnd); null: the library's default."""
     if _is_null(value, where):
         return None
     from advface.protect.image.perceptual import BUDGETS

@@ -11,10 +11,11 @@ commands in ``benchmarks/RESULTS.md``)::
         --variants uniform ssim ssim:target=0.95 ssim:target=0.93 --out benchmarks/results/photo_quality_ssim.json
 
 Sample: LFW people shuffled with ``--seed``, the first photo of each (identity-disjoint), ``--count`` of them. Each
-photo's face is detected once and protected with every variant (``uniform``, ``perceptual``, ``ssim``, or
-``NAME:KEY=VALUE,...`` to change the budget ``levels``, ``steps`` or parameters of the budget map or of the SSIM
-budget, e.g. ``ssim:target=0.95``, ``ssim:photo_target=0.97`` (the whole photo's SSIM constraint) or
-``ssim:scales=3`` (both constraints multi-scale)) at the default
+photo's face is detected once and protected with every variant (``uniform``, ``perceptual``, ``ssim``, ``jnd``, or
+``NAME:KEY=VALUE,...`` to change the budget ``levels``, ``steps`` or parameters of the budget map, of the SSIM
+budget or of the JND budget, e.g. ``ssim:target=0.95``, ``ssim:photo_target=0.97`` (the whole photo's SSIM
+constraint), ``ssim:scales=3`` (both constraints multi-scale), ``jnd:target=1.5`` or ``jnd:statistic=top``) at the
+default
 settings otherwise (60 steps, EOT, feature term, the default ensemble: dlib-torch + MobileFaceNet when its model file
 is present; ``--guidance`` the terms, default the library's: the first table, ``results/photo_quality.json``, was run
 when that was ``encoders`` alone). Per variant the JSON gives
@@ -27,6 +28,9 @@ over the photo / the face box, ``vis_p95`` / ``vis_p95_face`` the 95th percentil
 ``cosine_after`` of clean vs protected through the encoder's standard pipeline, and ``matched_after`` at the
 encoder's threshold) and seconds per photo. "At least as strong" means: per encoder, matched share not higher and
 mean cosine not higher than the uniform budget's.
+
+``--skip N`` leaves out the first N photos of the sample (to continue a run that ``--max-minutes`` cut short);
+``--merge A.json B.json --out C.json`` joins such parts (same settings, disjoint photos) and recomputes the summary.
 
 Grids (``--grids N``): N synthetic faces from the DCGAN of the ``gan-face-generate`` package (64 px, upscaled to
 ``--grid-size``, padded so the detector finds the face; no real person), each written as one PNG under
@@ -58,6 +62,7 @@ from advface.images import load_image  # noqa: E402
 from advface.paths import lfw_dir as resolve_lfw_dir  # noqa: E402
 from advface.protect.image import ImageProtector, ProtectConfig  # noqa: E402
 from advface.protect.image.guidance import parse_guidance  # noqa: E402
+from advface.protect.image.jnd_budget import JndBudget  # noqa: E402
 from advface.protect.image.perceptual import PerceptualBudget  # noqa: E402
 from advface.protect.image.ssim_budget import SsimBudget, face_ssim_per_scale  # noqa: E402
 from advface.protect.image.visibility import (  # noqa: E402
@@ -73,11 +78,15 @@ DOCS_IMAGES = Path(__file__).resolve().parent.parent / "docs" / "images"
 
 
 def variant_config(spec: str, base: ProtectConfig) -> ProtectConfig:
-    """``uniform``, ``perceptual``, ``ssim`` or ``NAME:KEY=VALUE,...`` -> the config. Keys: ``steps``, ``levels``
-    (the budget epsilon in uint8 levels) and, for perceptual and ssim, the fields of PerceptualBudget or SsimBudget."""
+    """``uniform``, ``perceptual``, ``ssim``, ``jnd`` or ``NAME:KEY=VALUE,...`` -> the config. Keys: ``steps``,
+    ``levels`` (the budget epsilon in uint8 levels) and, for perceptual, ssim and jnd, the fields of PerceptualBudget,
+    SsimBudget or JndBudget (numbers, booleans, and jnd's ``statistic``; not its ``model``)."""
     name, _, options = spec.partition(":")
-    params_type: type[PerceptualBudget] | type[SsimBudget] = SsimBudget if name == "ssim" else PerceptualBudget
-    fields = {f.name: f.type for f in dataclasses.fields(params_type)}
+    params_type: type[PerceptualBudget] | type[SsimBudget] | type[JndBudget] = {
+        "ssim": SsimBudget,
+        "jnd": JndBudget,
+    }.get(name, PerceptualBudget)
+    fields = {f.name: f.type for f in dataclasses.fields(params_type) if f.name != "model"}
     values: dict[str, Any] = {}
     steps, epsilon = base.steps, base.epsilon
     for item in filter(None, options.split(",")):
@@ -87,7 +96,9 @@ def variant_config(spec: str, base: ProtectConfig) -> ProtectConfig:
             continue
         if name == "uniform" or key not in fields:
             raise SystemExit(f"unknown {name} parameter {key!r} (known: {', '.join(fields)})")
-        if fields[key] in (bool, "bool"):
+        if fields[key] in (str, "str"):
+            values[key] = value
+        elif fields[key] in (bool, "bool"):
             if value.lower() not in ("0", "1", "false", "true"):
                 raise SystemExit(f"{name} parameter {key!r} takes 0 / 1 / false / true, got {value!r}")
             values[key] = value.lower() in ("1", "true")
@@ -102,6 +113,8 @@ def variant_config(spec: str, base: ProtectConfig) -> ProtectConfig:
         return dataclasses.replace(base, budget="uniform", steps=steps, epsilon=epsilon)
     if name == "ssim":
         return dataclasses.replace(base, budget="ssim", ssim=SsimBudget(**values), steps=steps, epsilon=epsilon)
+    if name == "jnd":
+        return dataclasses.replace(base, budget="jnd", jnd=JndBudget(**values), steps=steps, epsilon=epsilon)
     if name != "perceptual":
         raise SystemExit(f"unknown variant {spec!r}")
     params = PerceptualBudget(**values)
@@ -327,6 +340,31 @@ def resummarise(path: Path) -> None:
     print(f"rewrote the summary of {path}")
 
 
+def merge(parts: list[Path], out: Path) -> None:
+    """One results file from ``parts`` run with the same variants, encoders and settings on disjoint photos (e.g. a
+    run cut short by ``--max-minutes`` and its continuation with ``--skip``): their per-photo rows in order, the
+    summary recomputed from them, each part's command, date, load and wall time kept under ``parts``."""
+    docs = [json.loads(p.read_text()) for p in parts]
+    first = docs[0]
+    for path, doc in zip(parts[1:], docs[1:]):
+        for key in ("encoders", "config", "jnd_defaults", "ssim_defaults", "visibility_model"):
+            if doc.get(key) != first.get(key):
+                raise SystemExit(f"{path}: {key} differs from {parts[0]}'s; not merged")
+        if list(doc["per_photo"]) != list(first["per_photo"]):
+            raise SystemExit(f"{path}: variants differ from {parts[0]}'s; not merged")
+    photos = [row["photo"] for doc in docs for row in next(iter(doc["per_photo"].values()))]
+    if len(set(photos)) != len(photos):
+        raise SystemExit("the parts share photos; not merged")
+    keep = ("command", "date", "machine", "load_average", "photos_run", "wall_seconds", "photos_skipped")
+    merged = {k: v for k, v in first.items() if k not in keep + ("summary", "per_photo", "grids")}
+    merged["parts"] = [{k: doc.get(k) for k in keep} | {"file": str(p)} for p, doc in zip(parts, docs)]
+    merged["photos_run"] = len(photos)
+    merged["grids"] = [g for doc in docs for g in doc.get("grids", [])]
+    merged["per_photo"] = {v: [row for doc in docs for row in doc["per_photo"][v]] for v in first["per_photo"]}
+    path = write_results("photo_quality", merged, out)
+    resummarise(path)
+
+
 def _line(variant: str, row: dict[str, Any], encoders: list[str]) -> str:
     cos = [round(row["similarity"][e]["cosine_after"], 3) for e in encoders]
     face = f"{row['ssim_face']:.3f}/{row['ssim_face_quarter']:.3f}"
@@ -371,6 +409,15 @@ def main() -> None:
         action="store_true",
         help="also write each grid's visibility maps (protect-grid-N-visibility.png; black 0, white >= 2 JND)",
     )
+    parser.add_argument(
+        "--skip", type=int, default=0, help="leave out the first N photos of the sample (to continue a run cut short)"
+    )
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="only merge results files of the same settings on disjoint photos into --out (summary recomputed)",
+    )
     parser.add_argument("--lfw-dir")
     parser.add_argument("--out", help="output JSON (default benchmarks/results/photo_quality.json)")
     parser.add_argument("--shared-machine", action="store_true", help="record that other jobs shared the CPU")
@@ -383,6 +430,11 @@ def main() -> None:
     if args.resummarise:
         resummarise(Path(args.resummarise))
         return
+    if args.merge:
+        if not args.out:
+            raise SystemExit("--merge needs --out")
+        merge([Path(p) for p in args.merge], Path(args.out))
+        return
     torch.set_num_threads(args.threads)
     base = ProtectConfig(steps=args.steps, seed=args.seed, guidance=parse_guidance(args.guidance))
     protector = ImageProtector(args.encoders)
@@ -393,7 +445,7 @@ def main() -> None:
     skipped: list[str] = []
     if args.count > 0:
         root = Path(args.lfw_dir) if args.lfw_dir else resolve_lfw_dir()
-        for path in sample_photos(root, args.count, args.seed):
+        for path in sample_photos(root, args.count, args.seed)[args.skip :]:
             if time.perf_counter() - started > args.max_minutes * 60:
                 break
             image = load_image(path)
@@ -443,6 +495,7 @@ def main() -> None:
         },
         "perceptual_defaults": PerceptualBudget().__dict__,
         "ssim_defaults": SsimBudget().__dict__,
+        "jnd_defaults": {k: v for k, v in JndBudget().__dict__.items() if k != "model"},
         "visibility_model": dataclasses.asdict(VisibilityModel()),
         "encoders": encoders,
         "ensemble_notes": protector.notes,

@@ -48,6 +48,7 @@ def parse_epsilon(text: str) -> float:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``advface protect-image``."""
     from advface.protect.image import DEFAULT_ENCODERS, ProtectConfig
+    from advface.protect.image.jnd_budget import STATISTICS
     from advface.protect.image.perceptual import BUDGETS
 
     defaults = ProtectConfig()
@@ -106,8 +107,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.budget,
         help=f"perceptual: each pixel's budget (at most --epsilon) follows a just-noticeable-difference map, smaller "
         f"on smooth skin than on hair, edges and background (quieter, weaker protection); ssim: every pixel within "
-        f"--epsilon, the optimisation keeps the face's SSIM at --ssim-target (quieter, weaker); uniform: every pixel "
-        f"may change by --epsilon (default {defaults.budget})",
+        f"--epsilon, the optimisation keeps the face's SSIM at --ssim-target (quieter, weaker); jnd: every pixel "
+        f"within --epsilon, the optimisation keeps the change's visibility (JND units) at or below --jnd-target "
+        f"(quieter, weaker); uniform: every pixel may change by --epsilon (default {defaults.budget})",
     )
     parser.add_argument(
         "--ssim-target",
@@ -129,6 +131,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="with --budget ssim: constrain the face box's SSIM alone, not the whole photo's (the change then moves "
         "onto forehead, hair and background)",
+    )
+    parser.add_argument(
+        "--jnd-target",
+        type=float,
+        default=None,
+        metavar="J",
+        help=f"with --budget jnd: the face box's visibility statistic (JND units, > 0) to keep the photo at or below "
+        f"(default {defaults.jnd.target})",
+    )
+    parser.add_argument(
+        "--jnd-photo-target",
+        type=float,
+        default=None,
+        metavar="J",
+        help="with --budget jnd: keep the whole photo's visibility statistic at or below J (JND units, > 0) too "
+        "(default: the --jnd-target)",
+    )
+    parser.add_argument(
+        "--jnd-face-box-only",
+        action="store_true",
+        help="with --budget jnd: constrain the face box's visibility alone, not the whole photo's",
+    )
+    parser.add_argument(
+        "--jnd-statistic",
+        choices=STATISTICS,
+        default=None,
+        help=f"with --budget jnd: pooled (Minkowski mean of the visibility map, exponent 4) or top (mean of its "
+        f"largest {defaults.jnd.top_share * 100:.0f}%%, a smooth 95th percentile) (default {defaults.jnd.statistic})",
     )
     parser.add_argument("--batch-size", type=int, default=4, help="photos of equal size optimised together (default 4)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -178,6 +208,7 @@ def run(args: argparse.Namespace) -> int:
     from advface.protect.image import ImageProtector, ProtectConfig
     from advface.protect.image.guidance import parse_guidance
     from advface.protect.image.io import load_for_protection, save_png
+    from advface.protect.image.jnd_budget import JndBudget
     from advface.protect.image.ssim_budget import SsimBudget
 
     if args.ssim_target is not None and args.budget != "ssim":
@@ -195,6 +226,22 @@ def run(args: argparse.Namespace) -> int:
         whole_photo=not args.ssim_face_box_only,
         photo_target=args.ssim_photo_target,
     )
+    for flag, given in (
+        ("--jnd-target", args.jnd_target is not None),
+        ("--jnd-photo-target", args.jnd_photo_target is not None),
+        ("--jnd-face-box-only", args.jnd_face_box_only),
+        ("--jnd-statistic", args.jnd_statistic is not None),
+    ):
+        if given and args.budget != "jnd":
+            raise ConfigError(f"{flag} applies only with --budget jnd")
+    if args.jnd_face_box_only and args.jnd_photo_target is not None:
+        raise ConfigError("--jnd-photo-target and --jnd-face-box-only contradict each other")
+    jnd = JndBudget(
+        target=JndBudget.target if args.jnd_target is None else args.jnd_target,
+        photo_target=args.jnd_photo_target,
+        whole_photo=not args.jnd_face_box_only,
+        statistic=JndBudget.statistic if args.jnd_statistic is None else args.jnd_statistic,
+    )
     config = ProtectConfig(
         epsilon=parse_epsilon(args.epsilon),
         steps=args.steps,
@@ -204,6 +251,7 @@ def run(args: argparse.Namespace) -> int:
         feature_weight=args.feature_weight,
         budget=args.budget,
         ssim=ssim,
+        jnd=jnd,
         guidance=parse_guidance(args.guidance),
     )
     config.validate()
@@ -311,6 +359,9 @@ def run(args: argparse.Namespace) -> int:
             "budget": config.budget,
             "ssim_target": config.ssim.target if config.budget == "ssim" else None,
             "ssim_photo_target": config.ssim.whole_photo_target if config.budget == "ssim" else None,
+            "jnd_target": config.jnd.target if config.budget == "jnd" else None,
+            "jnd_photo_target": config.jnd.whole_photo_target if config.budget == "jnd" else None,
+            "jnd_statistic": config.jnd.statistic if config.budget == "jnd" else None,
             "detector": args.detector,
             "policy": args.policy,
             "threads": threads,

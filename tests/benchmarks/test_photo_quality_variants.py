@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+from advface.errors import ConfigError
 from advface.protect.image import ProtectConfig
 from advface.protect.image.visibility import visibility
-from benchmarks.photo_quality import VISIBILITY_KEYS, coarse_face_ssim, summarise, variant_config, visibility_numbers
+from benchmarks.photo_quality import (
+    VISIBILITY_KEYS,
+    coarse_face_ssim,
+    merge,
+    summarise,
+    variant_config,
+    visibility_numbers,
+)
 
 
 def test_ssim_variant_with_the_whole_photo_constraint_and_a_larger_ball() -> None:
@@ -87,3 +98,55 @@ def test_visibility_numbers_reach_the_summary() -> None:
     summary = summarise([{**row, **numbers}, {**row, **numbers, "vis_p95_face": 0.0}], ["dlib-torch"])
     assert summary["vis_above_jnd_face"]["mean"] == pytest.approx(numbers["vis_above_jnd_face"])
     assert summary["vis_p95_face"]["mean"] == pytest.approx(numbers["vis_p95_face"] / 2)
+
+
+def test_jnd_variant() -> None:
+    base = ProtectConfig(guidance=("encoders",))
+    config = variant_config("jnd:target=1.5,statistic=top,levels=16", base)
+    assert config.budget == "jnd" and config.levels == 16
+    assert config.jnd.target == pytest.approx(1.5) and config.jnd.statistic == "top"
+    assert variant_config("jnd:whole_photo=0", base).jnd.whole_photo_target is None
+    config.validate()
+    with pytest.raises(SystemExit, match="model"):
+        variant_config("jnd:model=1", base)  # the visibility model is not a variant key
+    with pytest.raises(ConfigError, match="statistic"):
+        variant_config("jnd:statistic=p95", base).validate()
+
+
+def test_merge_joins_disjoint_parts_and_refuses_overlaps(tmp_path: Path) -> None:
+    row = {
+        "psnr": 40.0,
+        "ssim": 0.99,
+        "ssim_face": 0.97,
+        "gmsd": 0.02,
+        "delta_e2000": 0.7,
+        "changed_share": 0.5,
+        "mean_abs_levels": 1.0,
+        "seconds": 10.0,
+        "similarity": {"dlib-torch": {"cosine_after": 0.8, "cosine_random": 0.99}},
+    }
+
+    def part(name: str, photos: list[str], psnr: float) -> Path:
+        doc = {
+            "command": f"run {name}",
+            "encoders": ["dlib-torch"],
+            "config": {"steps": 60},
+            "photos_run": len(photos),
+            "wall_seconds": 1.0,
+            "summary": {},
+            "grids": [],
+            "per_photo": {"uniform": [{"photo": p, **row, "psnr": psnr} for p in photos]},
+        }
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(doc))
+        return path
+
+    a, b = part("a", ["x.jpg", "y.jpg"], 40.0), part("b", ["z.jpg"], 37.0)
+    merge([a, b], tmp_path / "merged.json")
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    assert merged["photos_run"] == 3 and [p["command"] for p in merged["parts"]] == ["run a", "run b"]
+    assert [r["photo"] for r in merged["per_photo"]["uniform"]] == ["x.jpg", "y.jpg", "z.jpg"]
+    assert merged["summary"]["uniform"]["psnr"]["mean"] == pytest.approx(39.0)
+    with pytest.raises(SystemExit, match="share photos"):
+        merge([a, a], tmp_path / "twice.json")
+    assert not (tmp_path / "twice.json").exists()

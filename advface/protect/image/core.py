@@ -14,7 +14,8 @@ pixel of the written photo differs from the original by at most ``floor(255 * ep
 ``budget="perceptual"`` the ball is per pixel (:mod:`advface.protect.image.perceptual`: smaller on smooth skin than
 on hair, edges and background, at most that many levels) and the steps scale with it. With ``budget="ssim"`` the
 ball stays uniform and, after a third of the steps, a face-SSIM term with an adaptive multiplier joins the loss and
-the steps become L2-normalised (:mod:`advface.protect.image.ssim_budget`).
+the steps become L2-normalised (:mod:`advface.protect.image.ssim_budget`); ``budget="jnd"`` does the same with the
+visibility of the change in JND units (:mod:`advface.protect.image.jnd_budget`).
 
 Randomness (start point, transforms) comes from a generator seeded by ``seed`` and the photo's own bytes, so a photo
 gets the same protection whatever batch or order it is processed in (up to float rounding of batched convolutions).
@@ -53,6 +54,7 @@ from advface.protect.image.guidance import (
     DeflectionTerm,
     parse_guidance,
 )
+from advface.protect.image.jnd_budget import JndBudget, face_statistic, pooled_statistic
 from advface.protect.image.perceptual import BUDGETS, PerceptualBudget, budget_map
 from advface.protect.image.quality import gmsd, linf, psnr, ssim, ssim_face
 from advface.protect.image.ssim_budget import (
@@ -65,6 +67,8 @@ from advface.protect.image.ssim_budget import (
 )
 from advface.protect.image.surrogate_term import SurrogateTerm
 from advface.protect.image.transforms import EOTConfig, jitter_theta, random_transform
+from advface.protect.image.visibility import visibility
+from advface.protect.image.visibility_torch import VisibilityMap
 from advface.protect.image.warp import chip_theta, warp_chips
 
 #: ``(perturbed photos, chip thetas, per-photo generators) -> [(per-photo loss, weight)]`` of a surrogate term.
@@ -101,14 +105,16 @@ class ProtectConfig:
     deflection_weight: float = 1.0
     #: AntiPure's settings (used when ``guidance`` names ``antipure``).
     antipure: AntiPureConfig = AntiPureConfig()
-    #: ``uniform``, ``perceptual`` or ``ssim`` (:data:`BUDGETS`); epsilon is the largest change of any pixel in
-    #: every case (unless ``perceptual.ceiling`` > 1).
+    #: ``uniform``, ``perceptual``, ``ssim`` or ``jnd`` (:data:`BUDGETS`); epsilon is the largest change of any
+    #: pixel in every case (unless ``perceptual.ceiling`` > 1).
     budget: str = "uniform"
     #: Parameters of the perceptual budget map.
     perceptual: PerceptualBudget = field(default_factory=PerceptualBudget)
     #: Parameters of the SSIM budget (face-box SSIM constraint and L2-normalised steps,
     #: :mod:`advface.protect.image.ssim_budget`).
     ssim: SsimBudget = field(default_factory=SsimBudget)
+    #: Parameters of the JND budget (visibility constraint in JND units, :mod:`advface.protect.image.jnd_budget`).
+    jnd: JndBudget = field(default_factory=JndBudget)
 
     def validate(self) -> None:
         """Raise ConfigError for out-of-range settings."""
@@ -139,6 +145,8 @@ class ProtectConfig:
                 raise ConfigError(f"perceptual {name} must be a finite number > 0, got {value}")
         for message in self.ssim.validate():
             raise ConfigError(message)
+        for message in self.jnd.validate():
+            raise ConfigError(message)
 
     @property
     def levels(self) -> int:
@@ -146,7 +154,7 @@ class ProtectConfig:
         return math.floor(self.epsilon * 255 + 1e-6)
 
     def pixel_levels(self, image: np.ndarray) -> int | np.ndarray:
-        """The budget of each pixel of the uint8 ``image`` in levels: :attr:`levels` (uniform, ssim) or an
+        """The budget of each pixel of the uint8 ``image`` in levels: :attr:`levels` (uniform, ssim, jnd) or an
         ``H x W x 1`` int16 map of at most that (perceptual)."""
         if self.budget != "perceptual":
             return self.levels
@@ -179,6 +187,13 @@ class ProtectionReport:
     gmsd: float = math.nan
     #: The budget shape (``ProtectConfig.budget``).
     budget: str = "uniform"
+    #: Visibility of the change in JND units (:func:`advface.protect.image.visibility.visibility` with
+    #: ``ProtectConfig.jnd.model``): Minkowski mean and 95th percentile of the map over the face box, Minkowski mean
+    #: over the whole photo, share of face-box pixels above 1 JND.
+    vis_pooled_face: float = math.nan
+    vis_p95_face: float = math.nan
+    vis_pooled: float = math.nan
+    vis_above_jnd_face: float = math.nan
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary."""
@@ -191,6 +206,15 @@ class ProtectionReport:
             "ssim_face": round(self.ssim_face, 5) if math.isfinite(self.ssim_face) else None,
             "gmsd": round(self.gmsd, 5) if math.isfinite(self.gmsd) else None,
             "budget": self.budget,
+            **{
+                key: round(value, 4) if math.isfinite(value) else None
+                for key, value in (
+                    ("vis_pooled_face", self.vis_pooled_face),
+                    ("vis_p95_face", self.vis_p95_face),
+                    ("vis_pooled", self.vis_pooled),
+                    ("vis_above_jnd_face", self.vis_above_jnd_face),
+                )
+            },
             "linf_levels": self.linf_levels,
             "epsilon": self.epsilon,
             "steps": self.steps,
@@ -427,11 +451,13 @@ class ImageProtector:
         delta = self._project(x, delta, eps, gray_mask)
         active = torch.ones(b, dtype=torch.bool, device=dev)
         steps_run = [config.steps] * b
-        use_ssim = config.budget == "ssim"
+        use_ssim, use_jnd = config.budget == "ssim", config.budget == "jnd"
         boxes = [f.box for f in faces]
         areas = face_area(boxes, *hw)
-        multipliers = torch.full((b,), config.ssim.multiplier, device=dev)
-        photo_multipliers = torch.full((b,), config.ssim.min_multiplier, device=dev)
+        dual = config.jnd if use_jnd else config.ssim
+        multipliers = torch.full((b,), dual.multiplier, device=dev)
+        photo_multipliers = torch.full((b,), dual.min_multiplier, device=dev)
+        seen = VisibilityMap(x, config.jnd.model) if use_jnd else None  # the clean photos' terms, once
         base_step = config.step_fraction * eps
         for step in range(config.steps):
             if should_stop is not None and should_stop():
@@ -468,8 +494,12 @@ class ImageProtector:
                 for k, (loss, weight) in enumerate(losses):
                     grad, norm = _gradient_and_norm(loss, delta, retain_graph=k < len(losses) - 1)
                     total += weight * grad / norm
-            constrained = use_ssim and step >= config.ssim.sign_share * config.steps
-            if constrained:  # the quality term: raise the face SSIM, weighted by the adaptive multiplier
+            constrained = (use_ssim or use_jnd) and step >= dual.sign_share * config.steps
+            if constrained and seen is not None:  # the visibility term: lower the face's (and photo's) JND statistic
+                multipliers, photo_multipliers = self._jnd_term(
+                    seen, x, delta, boxes, config.jnd, total, multipliers, photo_multipliers
+                )
+            elif constrained:  # the quality term: raise the face SSIM, weighted by the adaptive multiplier
                 quality = face_ssim(x, x + delta, boxes, config.ssim.scales)
                 grad, norm = _gradient_and_norm(-quality, delta)
                 total += multipliers.view(b, 1, 1, 1) * grad / norm
@@ -496,6 +526,35 @@ class ImageProtector:
                         break
         outs = [_quantise(images[i], (x + delta)[i], levels[i], gray[i]) for i in range(b)]
         return outs, steps_run
+
+    @staticmethod
+    def _jnd_term(
+        seen: VisibilityMap,
+        x: torch.Tensor,
+        delta: torch.Tensor,
+        boxes: Sequence[Sequence[float]],
+        params: JndBudget,
+        total: torch.Tensor,
+        multipliers: torch.Tensor,
+        photo_multipliers: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the JND budget's weighted constraint gradients to ``total`` (in place); returns the updated face and
+        whole-photo multipliers (dual ascent on the negated statistics)."""
+        b = x.shape[0]
+        power = seen.power(x + delta)
+        face = face_statistic(power, boxes, params)
+        photo_target = params.whole_photo_target
+        grad, norm = _gradient_and_norm(face, delta, retain_graph=photo_target is not None)
+        total += multipliers.view(b, 1, 1, 1) * grad / norm
+        multipliers = update_multipliers(multipliers, -face.detach(), params, -params.target)
+        if photo_target is not None:
+            whole = pooled_statistic(power, params)
+            photo_multipliers = update_multipliers(
+                photo_multipliers, -whole.detach(), params, -photo_target, hinge=True
+            )
+            grad, norm = _gradient_and_norm(whole, delta)
+            total += photo_multipliers.view(b, 1, 1, 1) * grad / norm
+        return multipliers, photo_multipliers
 
     def _surrogate_terms(self, config: ProtectConfig) -> list[tuple[SurrogateTerm, SurrogateLosses, float]]:
         """The selected terms that run on the surrogate: ``(term, its losses under config, outer weight)``."""
@@ -560,6 +619,7 @@ class ImageProtector:
                 entry["score_after"] = score
                 entry["matched_after"] = bool(score >= threshold)
             similarity[m.name] = entry
+        seen = visibility(clean, protected, face.box, config.jnd.model)
         return ProtectionReport(
             source=source,
             encoders=self.encoder_names,
@@ -576,6 +636,10 @@ class ImageProtector:
             grayscale=gray,
             notes=list(self.notes),
             guidance=list(config.guidance),
+            vis_pooled_face=float(seen.pooled_face or math.nan),
+            vis_p95_face=float(seen.p95_face or math.nan),
+            vis_pooled=seen.pooled,
+            vis_above_jnd_face=float(math.nan if seen.above_jnd_face is None else seen.above_jnd_face),
         )
 
 

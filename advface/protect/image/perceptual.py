@@ -30,9 +30,10 @@ import numpy as np
 from scipy import ndimage
 
 #: Budget shapes of image protection: ``uniform`` (every pixel may change by ``floor(255 * epsilon)`` levels),
-#: ``perceptual`` (the per-pixel map of :func:`budget_map`) or ``ssim`` (the uniform ball with a face-SSIM
-#: constraint and L2-normalised steps, :mod:`advface.protect.image.ssim_budget`).
-BUDGETS = ("uniform", "perceptual", "ssim")
+#: ``perceptual`` (the per-pixel map of :func:`budget_map`), ``ssim`` (the uniform ball with a face-SSIM
+#: constraint and L2-normalised steps, :mod:`advface.protect.image.ssim_budget`) or ``jnd`` (the same with a
+#: visibility constraint in JND units, :mod:`advface.protect.image.jnd_budget`).
+BUDGETS = ("uniform", "perceptual", "ssim", "jnd")
 
 #: Rec. 601 luma weights (what JPEG and the JND literature use).
 LUMA = np.array([0.299, 0.587, 0.114])

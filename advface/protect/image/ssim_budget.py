@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -228,16 +229,35 @@ def photo_ssim(clean: torch.Tensor, adv: torch.Tensor, pad: bool = False, scales
     return photo_ssim_per_scale(clean, adv, pad, scales).amin(dim=1)
 
 
+class DualAscent(Protocol):
+    """The settings :func:`update_multipliers` reads (:class:`SsimBudget`'s, and the JND budget's)."""
+
+    @property
+    def target(self) -> float: ...
+    @property
+    def margin(self) -> float: ...
+    @property
+    def rate(self) -> float: ...
+    @property
+    def multiplier(self) -> float: ...
+    @property
+    def min_multiplier(self) -> float: ...
+    @property
+    def max_multiplier(self) -> float: ...
+
+
 def update_multipliers(
     multipliers: torch.Tensor,
     ssim_now: torch.Tensor,
-    params: SsimBudget,
+    params: DualAscent,
     target: float | None = None,
     hinge: bool = False,
 ) -> torch.Tensor:
     """One dual-ascent step: up by ``exp(rate)`` where the SSIM is below ``target + margin`` (``target`` defaults
     to ``params.target``, the face box's), down where above. ``hinge``: where below, at least ``params.multiplier``
-    (a constraint that was slack, its multiplier shrunk towards ``min_multiplier``, acts at once when it binds)."""
+    (a constraint that was slack, its multiplier shrunk towards ``min_multiplier``, acts at once when it binds).
+    Any higher-is-better constraint works; a lower-is-better one (the JND budget's) passes its value and target
+    negated."""
     below = ssim_now < (params.target if target is None else target) + params.margin
     factor = torch.where(below, math.exp(params.rate), math.exp(-params.rate))
     updated = multipliers * factor

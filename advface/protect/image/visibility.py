@@ -190,19 +190,12 @@ def visibility(
     height, width = a.shape[:2]
     rows, cols = _box_slices(box, height, width) if box is not None else (slice(None), slice(None))
     channels_a, channels_b = _opponent(a, model.colour), _opponent(b, model.colour)
-    sensitivities = band_sensitivities(model)
-    lum_bands = _Bands(channels_a["lum"], model)
-    means = [lum_bands.blur(2 * s) + model.ambient for s in lum_bands.sigmas]
+    weights = _band_weights(channels_a, model)
     total = np.zeros((height, width))
-    for name, sens in sensitivities.items():
-        clean_bands = lum_bands if name == "lum" else _Bands(channels_a[name], model)
+    for c, name in enumerate(channels_a):
         diff_bands = _Bands(channels_b[name] - channels_a[name], model)
         for k in range(model.bands):
-            change = diff_bands.envelope(k) / means[k] * sens[k]
-            if model.masking_exponent > 0:
-                mask = clean_bands.envelope(k) / means[k] * sens[k]
-                change = change / np.maximum(1.0, mask**model.masking_exponent)
-            total += change**model.beta
+            total += (diff_bands.envelope(k) * weights[c, k]) ** model.beta
     vis = total ** (1.0 / model.beta)
     face = vis[rows, cols] if box is not None else None
     return VisibilityReport(
@@ -215,6 +208,18 @@ def visibility(
         pooled_face=None if face is None else _minkowski_mean(face, model.beta),
         map=vis,
     )
+
+
+def band_weights(clean: np.ndarray, model: VisibilityModel | None = None) -> np.ndarray:
+    """What turns the change's band envelopes into JND units on ``clean`` (the part of :func:`visibility` that
+    depends on the clean photo alone, for :mod:`advface.protect.image.visibility_torch`): per channel (``lum``, then
+    ``rg`` and ``by`` when ``model.colour``) and band (finest first), the band's sensitivity divided by the local
+    mean luminance plus ``ambient`` and by the masking threshold ``max(1, m**masking_exponent)``;
+    ``channels x bands x H x W``. ``clean`` as for :func:`visibility`."""
+    model = model or VisibilityModel()
+    for message in model.validate():
+        raise ConfigError(message)
+    return _band_weights(_opponent(_as_linear(clean, "clean"), model.colour), model)
 
 
 def visibility_image(report: VisibilityReport, scale: float = 2.0) -> np.ndarray:
@@ -255,6 +260,23 @@ def _opponent(rgb: np.ndarray, colour: bool) -> dict[str, np.ndarray]:
     if colour:
         out["rg"] = rgb[..., 0] - rgb[..., 1]
         out["by"] = rgb[..., 2] - 0.5 * (rgb[..., 0] + rgb[..., 1])
+    return out
+
+
+def _band_weights(channels: dict[str, np.ndarray], model: VisibilityModel) -> np.ndarray:
+    """:func:`band_weights` of the clean photo's opponent channels (``_opponent`` order)."""
+    lum_bands = _Bands(channels["lum"], model)
+    means = [lum_bands.blur(2 * s) + model.ambient for s in lum_bands.sigmas]
+    sensitivities = band_sensitivities(model)
+    out = np.empty((len(sensitivities), model.bands, *channels["lum"].shape))
+    for c, (name, sens) in enumerate(sensitivities.items()):
+        clean_bands = lum_bands if name == "lum" else _Bands(channels[name], model)
+        for k in range(model.bands):
+            threshold: float | np.ndarray = 1.0
+            if model.masking_exponent > 0:
+                mask = clean_bands.envelope(k) / means[k] * sens[k]
+                threshold = np.maximum(1.0, mask**model.masking_exponent)
+            out[c, k] = sens[k] / means[k] / threshold
     return out
 
 
