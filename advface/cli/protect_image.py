@@ -203,6 +203,13 @@ class _Pending:
     notes: list[str] = field(default_factory=list)
 
 
+def _only_with_budget(args: argparse.Namespace, budget: str, given: dict[str, bool]) -> None:
+    """ConfigError naming the first of the ``given`` flags that was set without ``--budget budget``."""
+    for flag, is_set in given.items():
+        if is_set and args.budget != budget:
+            raise ConfigError(f"{flag} applies only with --budget {budget}")
+
+
 def run(args: argparse.Namespace) -> int:
     """Protect every input; returns 1 under --strict when any photo failed, else 0."""
     from advface.protect.image import ImageProtector, ProtectConfig
@@ -211,14 +218,15 @@ def run(args: argparse.Namespace) -> int:
     from advface.protect.image.jnd_budget import JndBudget
     from advface.protect.image.ssim_budget import SsimBudget
 
-    if args.ssim_target is not None and args.budget != "ssim":
-        raise ConfigError("--ssim-target applies only with --budget ssim")
-    for flag, given in (
-        ("--ssim-photo-target", args.ssim_photo_target is not None),
-        ("--ssim-face-box-only", args.ssim_face_box_only),
-    ):
-        if given and args.budget != "ssim":
-            raise ConfigError(f"{flag} applies only with --budget ssim")
+    _only_with_budget(
+        args,
+        "ssim",
+        {
+            "--ssim-target": args.ssim_target is not None,
+            "--ssim-photo-target": args.ssim_photo_target is not None,
+            "--ssim-face-box-only": args.ssim_face_box_only,
+        },
+    )
     if args.ssim_face_box_only and args.ssim_photo_target is not None:
         raise ConfigError("--ssim-photo-target and --ssim-face-box-only contradict each other")
     ssim = SsimBudget(
@@ -226,14 +234,16 @@ def run(args: argparse.Namespace) -> int:
         whole_photo=not args.ssim_face_box_only,
         photo_target=args.ssim_photo_target,
     )
-    for flag, given in (
-        ("--jnd-target", args.jnd_target is not None),
-        ("--jnd-photo-target", args.jnd_photo_target is not None),
-        ("--jnd-face-box-only", args.jnd_face_box_only),
-        ("--jnd-statistic", args.jnd_statistic is not None),
-    ):
-        if given and args.budget != "jnd":
-            raise ConfigError(f"{flag} applies only with --budget jnd")
+    _only_with_budget(
+        args,
+        "jnd",
+        {
+            "--jnd-target": args.jnd_target is not None,
+            "--jnd-photo-target": args.jnd_photo_target is not None,
+            "--jnd-face-box-only": args.jnd_face_box_only,
+            "--jnd-statistic": args.jnd_statistic is not None,
+        },
+    )
     if args.jnd_face_box_only and args.jnd_photo_target is not None:
         raise ConfigError("--jnd-photo-target and --jnd-face-box-only contradict each other")
     jnd = JndBudget(

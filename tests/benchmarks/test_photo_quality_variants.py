@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -58,20 +59,23 @@ def test_scales_variant_and_the_coarse_face_ssim() -> None:
     assert coarse_face_ssim(flat, blob, (0.0, 0.0, 64.0, 64.0))["ssim_face_quarter"] < 0.99
 
 
+#: One photo's row as photo_row writes it, without the optional coarse-SSIM and visibility numbers.
+ROW: dict[str, Any] = {
+    "psnr": 40.0,
+    "ssim": 0.99,
+    "ssim_face": 0.97,
+    "gmsd": 0.02,
+    "delta_e2000": 0.7,
+    "changed_share": 0.5,
+    "mean_abs_levels": 1.0,
+    "seconds": 10.0,
+    "similarity": {"dlib-torch": {"cosine_after": 0.8, "cosine_random": 0.99}},
+}
+
+
 def test_summary_of_rows_without_the_coarse_levels() -> None:
-    row = {
-        "psnr": 40.0,
-        "ssim": 0.99,
-        "ssim_face": 0.97,
-        "gmsd": 0.02,
-        "delta_e2000": 0.7,
-        "changed_share": 0.5,
-        "mean_abs_levels": 1.0,
-        "seconds": 10.0,
-        "similarity": {"dlib-torch": {"cosine_after": 0.8, "cosine_random": 0.99}},
-    }
-    assert "ssim_face_half" not in summarise([row], ["dlib-torch"])  # files written before they were measured
-    full = summarise([{**row, "ssim_face_half": 0.98, "ssim_face_quarter": 0.99}], ["dlib-torch"])
+    assert "ssim_face_half" not in summarise([ROW], ["dlib-torch"])  # files written before they were measured
+    full = summarise([{**ROW, "ssim_face_half": 0.98, "ssim_face_quarter": 0.99}], ["dlib-torch"])
     assert full["ssim_face_quarter"]["mean"] == pytest.approx(0.99)
     assert "vis_above_jnd_face" not in full
 
@@ -84,18 +88,7 @@ def test_visibility_numbers_reach_the_summary() -> None:
     assert set(numbers) == set(VISIBILITY_KEYS)
     assert 0 < numbers["vis_above_jnd"] < numbers["vis_above_jnd_face"] <= 1  # the change is inside the box
     assert visibility_numbers(visibility(flat, flat, (16.0, 16.0, 48.0, 48.0)))["vis_pooled_face"] == 0
-    row = {
-        "psnr": 40.0,
-        "ssim": 0.99,
-        "ssim_face": 0.97,
-        "gmsd": 0.02,
-        "delta_e2000": 0.7,
-        "changed_share": 0.5,
-        "mean_abs_levels": 1.0,
-        "seconds": 10.0,
-        "similarity": {"dlib-torch": {"cosine_after": 0.8, "cosine_random": 0.99}},
-    }
-    summary = summarise([{**row, **numbers}, {**row, **numbers, "vis_p95_face": 0.0}], ["dlib-torch"])
+    summary = summarise([{**ROW, **numbers}, {**ROW, **numbers, "vis_p95_face": 0.0}], ["dlib-torch"])
     assert summary["vis_above_jnd_face"]["mean"] == pytest.approx(numbers["vis_above_jnd_face"])
     assert summary["vis_p95_face"]["mean"] == pytest.approx(numbers["vis_p95_face"] / 2)
 
@@ -114,17 +107,6 @@ def test_jnd_variant() -> None:
 
 
 def test_merge_joins_disjoint_parts_and_refuses_overlaps(tmp_path: Path) -> None:
-    row = {
-        "psnr": 40.0,
-        "ssim": 0.99,
-        "ssim_face": 0.97,
-        "gmsd": 0.02,
-        "delta_e2000": 0.7,
-        "changed_share": 0.5,
-        "mean_abs_levels": 1.0,
-        "seconds": 10.0,
-        "similarity": {"dlib-torch": {"cosine_after": 0.8, "cosine_random": 0.99}},
-    }
 
     def part(name: str, photos: list[str], psnr: float) -> Path:
         doc = {
@@ -135,7 +117,7 @@ def test_merge_joins_disjoint_parts_and_refuses_overlaps(tmp_path: Path) -> None
             "wall_seconds": 1.0,
             "summary": {},
             "grids": [],
-            "per_photo": {"uniform": [{"photo": p, **row, "psnr": psnr} for p in photos]},
+            "per_photo": {"uniform": [{"photo": p, **ROW, "psnr": psnr} for p in photos]},
         }
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps(doc))

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from advface.protect.image.ssim_budget import box_slices
+from advface.protect.image.ssim_budget import FaceAndPhotoTargets, box_slices
 from advface.protect.image.visibility import VisibilityModel
 from advface.protect.image.visibility_torch import POWER_EPS
 
@@ -39,7 +39,7 @@ STATISTICS = ("pooled", "top")
 
 
 @dataclass(frozen=True)
-class JndBudget:
+class JndBudget(FaceAndPhotoTargets):
     """Parameters of the JND budget (``ProtectConfig.jnd``)."""
 
     #: The face box's pooled visibility (JND units) the optimisation keeps the photo at or below.
@@ -67,13 +67,6 @@ class JndBudget:
     sign_share: float = 1 / 3
     #: The visibility model (viewing distance, CSF, masking; :class:`VisibilityModel`'s defaults).
     model: VisibilityModel = field(default_factory=VisibilityModel)
-
-    @property
-    def whole_photo_target(self) -> float | None:
-        """The whole photo's target (None when ``whole_photo`` is off)."""
-        if not self.whole_photo:
-            return None
-        return self.target if self.photo_target is None else self.photo_target
 
     def validate(self) -> list[str]:
         """Messages for out-of-range settings (empty when all are valid)."""

@@ -50,8 +50,24 @@ SIGMA, RADIUS = 1.5, 5
 MAX_SCALES = 5
 
 
+class FaceAndPhotoTargets:
+    """What a budget holding the face box at ``target`` and, unless ``whole_photo`` is off, the whole photo at
+    ``photo_target`` (None: the same as ``target``) shares: the whole photo's target."""
+
+    target: float
+    whole_photo: bool
+    photo_target: float | None
+
+    @property
+    def whole_photo_target(self) -> float | None:
+        """The whole photo's target (None when ``whole_photo`` is off)."""
+        if not self.whole_photo:
+            return None
+        return self.target if self.photo_target is None else self.photo_target
+
+
 @dataclass(frozen=True)
-class SsimBudget:
+class SsimBudget(FaceAndPhotoTargets):
     """Parameters of the SSIM budget (``ProtectConfig.ssim``)."""
 
     #: Face-box SSIM the optimisation keeps the photo at or above.
@@ -82,13 +98,6 @@ class SsimBudget:
     #: metric); k holds the smallest of the SSIMs at full, 1/2, ..., 1/2**(k-1) resolution (2 x 2 average pooling)
     #: at the target, so that smooth, feature-sized changes, which the 11 x 11 windows barely see, count too.
     scales: int = 1
-
-    @property
-    def whole_photo_target(self) -> float | None:
-        """The whole-photo SSIM the optimisation keeps (None when ``whole_photo`` is off)."""
-        if not self.whole_photo:
-            return None
-        return self.target if self.photo_target is None else self.photo_target
 
     def validate(self) -> list[str]:
         """Messages for out-of-range settings (empty when all are valid)."""
