@@ -345,7 +345,7 @@ def test_docs_state_the_metadata_limits_the_code_enforces() -> None:
 
 
 def test_faiss_imports_quietly() -> None:
-    code = "import logging; logging.basicConfig(level=logging.DEBUG); import advface.store; import advface.cli.serve"
+    code = "import logging; logging.basicConfig(level=logging.DEBUG); import advface.store; import server.cli.serve"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert "faiss" not in out.stderr.lower(), out.stderr
@@ -353,7 +353,7 @@ def test_faiss_imports_quietly() -> None:
 
 def test_metrics_port_flag() -> None:
     from advface.cli.main import build_parser
-    from advface.cli.serve import configure
+    from server.cli.serve import configure
 
     parser = build_parser()
     config = configure(parser.parse_args(["serve", "--metrics-port", "0"]))

@@ -76,7 +76,7 @@ def test_serve_process_answers_and_stops(tmp_path: Path) -> None:
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
-        assert line.startswith("advface keyservice serving on 127.0.0.1:"), proc.stderr.read() if not line else line
+        assert line.startswith("advface keyservice serving on 127.0.0.1:"), line or (proc.stderr and proc.stderr.read())
         address = line.split()[4]
         fingerprint = load_sidecar_folder(tmp_path / "s").fingerprint
         with KeyServiceClient(address, read_token(None, tmp_path / "s")) as client:
@@ -133,6 +133,7 @@ def test_rotation_to_a_next_key_pair_over_grpc(
     from advface.config import load_config
     from advface.encrypted.keys import load_binding_key, load_keyservice_folder
     from advface.encrypted.keyservice import DecisionPolicy, KeyServiceCore
+    from advface.encrypted.store import EncryptedStore
     from advface.service.stores import open_store
     from server.keyservice import build_keyservice_server
 
@@ -176,6 +177,7 @@ def test_rotation_to_a_next_key_pair_over_grpc(
     server.start()
     try:
         with open_store(load_config(config(s2, port)), 8, "euclidean") as store:
+            assert isinstance(store, EncryptedStore)
             assert store.verify_encrypted("t", "p1", people[1])[0]
             assert not store.verify_encrypted("t", "p1", people[2])[0]
         with pytest.raises(ConfigError, match="wrong key pair"):
