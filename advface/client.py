@@ -267,8 +267,9 @@ class AdvFaceClient:
         """Protect an enrolment photo (bytes of an encoded image, or a path): ``(png_bytes, report)``.
 
         The server perturbs the photo (L-inf budget ``epsilon`` on the 0..1 scale, a float or a fraction like
-        ``"8/255"``; default 8/255) so that face encoders no longer recognise the person, and returns a lossless PNG
-        without the input's metadata, plus a report dict (``similarity`` per encoder: ``cosine_after``,
+        ``"8/255"``; default: the server's budget shape's, 8/255 for the default uniform budget, 12/255 for ssim) so
+        that face encoders no longer recognise the person, and returns a lossless PNG without the input's metadata,
+        plus a report dict (``similarity`` per encoder: ``cosine_after``,
         ``cosine_random``...; ``psnr``, ``ssim``, ``linf_levels``, ``steps``, ``seconds``, ``notes``). Options left
         None take the server's defaults; ``guidance`` names the terms (e.g. ``["encoders", "deflection",
         "antipure"]``; the report's ``guidance`` lists those that ran). Slow on CPUs: ``timeout`` defaults to

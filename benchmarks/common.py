@@ -133,3 +133,43 @@ def antipure_from_args(args: Any, parser: Any) -> Any:
     except AdvfaceError as exc:
         parser.error(str(exc))
     return antipure
+
+
+def add_budget_arguments(parser: Any) -> None:
+    """The ``--budget`` / ``--epsilon`` flags shared by the photo-protection benchmarks (defaults: the library's)."""
+    from advface.protect.image import ProtectConfig
+    from advface.protect.image.core import DEFAULT_EPSILON
+    from advface.protect.image.perceptual import BUDGETS
+
+    shapes = ", ".join(f"{name} {round(value * 255)}/255" for name, value in DEFAULT_EPSILON.items())
+    parser.add_argument(
+        "--budget",
+        choices=BUDGETS,
+        default=ProtectConfig.budget,
+        help=f"protection budget shape (advface protect-image --budget; default {ProtectConfig.budget}; runs before "
+        "2026-12-06 used uniform)",
+    )
+    parser.add_argument(
+        "--epsilon", help=f"largest change of any pixel, a float or a fraction like 8/255 (default: {shapes})"
+    )
+
+
+def budget_from_args(args: Any, parser: Any) -> dict[str, Any]:
+    """``{"budget": ..., "epsilon": float | None}`` from :func:`add_budget_arguments`' flags, for ``ProtectConfig``;
+    a usage error when they are invalid."""
+    from advface.cli.protect_image import parse_epsilon
+    from advface.errors import AdvfaceError
+    from advface.protect.image import ProtectConfig
+
+    try:
+        epsilon = None if args.epsilon is None else parse_epsilon(args.epsilon)
+        ProtectConfig(budget=args.budget, epsilon=epsilon).validate()
+    except AdvfaceError as exc:
+        parser.error(str(exc))
+    return {"budget": args.budget, "epsilon": epsilon}
+
+
+def budget_tag(config: Any) -> str:
+    """The part of a cache name that tells budgets apart: empty for the uniform budget (so that the caches made when it
+    was the default stay valid), ``-NAME`` otherwise (the epsilon is named separately by ``config.levels``)."""
+    return "" if config.budget == "uniform" else f"-{config.budget}"

@@ -56,7 +56,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from advface.cli.protect_image import parse_epsilon  # noqa: E402
 from advface.datasets import LFW  # noqa: E402
 from advface.datasets.pairs import resize_faces  # noqa: E402
 from advface.datasets.splits import split_identities  # noqa: E402
@@ -67,14 +66,22 @@ from advface.generative.threats import FinetuneConfig, generate_from_embeddings,
 from advface.images import load_image  # noqa: E402
 from advface.protect.image.core import ImageProtector, ProtectConfig  # noqa: E402
 from advface.protect.image.io import save_png  # noqa: E402
-from advface.protect.image.perceptual import BUDGETS  # noqa: E402
 from advface.protect.image.purify import standard_purifications  # noqa: E402
 from advface.protect.image.quality import psnr, ssim  # noqa: E402
 from advface.protect.image.ssim_budget import SsimBudget  # noqa: E402
-from benchmarks.common import add_antipure_arguments, antipure_from_args, write_results  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    add_antipure_arguments,
+    add_budget_arguments,
+    antipure_from_args,
+    budget_from_args,
+    write_results,
+)
 from benchmarks.generative_eval import Judges  # noqa: E402
 
 LOCAL = Path(__file__).resolve().parent / "results" / "local" / "diffusion_defences"
+#: Budget shape and uint8 levels of the runs that record no budget (the library's default, uniform 8/255): their
+#: settings and cache keys name none, so that results and cached photos of that time stay comparable.
+LEGACY_BUDGET = ("uniform", 8)
 PHOTOS_PER_PERSON = 3
 THREATS = ("training_free", "training_based")
 
@@ -310,15 +317,7 @@ def main() -> None:
     parser.add_argument("--personalise-steps", type=int, default=FinetuneConfig.steps, help="fine-tuning steps")
     parser.add_argument("--protect-steps", type=int, default=ProtectConfig.steps)
     parser.add_argument("--encoders", default="dlib-torch,mobilefacenet", help="protection ensemble")
-    parser.add_argument(
-        "--budget",
-        choices=BUDGETS,
-        default=ProtectConfig.budget,
-        help=f"protection budget (advface protect-image --budget; default {ProtectConfig.budget})",
-    )
-    parser.add_argument(
-        "--epsilon", default="8/255", help="largest change of any pixel, a float or a fraction (default 8/255)"
-    )
+    add_budget_arguments(parser)
     parser.add_argument(
         "--ssim-target",
         type=float,
@@ -355,10 +354,8 @@ def main() -> None:
         parser.error("--attacker and --surrogate are required to measure")
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        epsilon = parse_epsilon(args.epsilon)
-    except AdvfaceError as exc:
-        parser.error(str(exc))
+    epsilon = budget_from_args(args, parser)["epsilon"]
+    levels = ProtectConfig(budget=args.budget, epsilon=epsilon).levels
 
     unknown = sorted(set(filter(None, args.classical.split(","))) - set(standard_purifications()))
     if unknown:
@@ -408,8 +405,8 @@ def main() -> None:
             "identity_weight": antipure.identity_weight,
             "decoy_weight": antipure.decoy_weight,
         }
-    if (args.budget, epsilon) != (ProtectConfig.budget, ProtectConfig.epsilon):  # absent: the uniform 8/255 default
-        settings["budget"] = {"name": args.budget, "epsilon": args.epsilon}
+    if (args.budget, levels) != LEGACY_BUDGET:
+        settings["budget"] = {"name": args.budget, "epsilon": f"{levels}/255"}
         if args.budget == "ssim":
             settings["budget"]["ssim_target"] = args.ssim_target
     if args.threats != THREATS:
@@ -445,7 +442,7 @@ def main() -> None:
         key = f"{name}|{args.encoders}|{surrogate_digest}|{args.protect_steps}|{args.deflection_weight}|{args.seed}"
         if "antipure" in config.guidance:  # AntiPure's settings are part of what was protected
             key += f"|{antipure}"
-        if (config.budget, config.levels) != (ProtectConfig.budget, ProtectConfig().levels):
+        if (config.budget, config.levels) != LEGACY_BUDGET:
             key += f"|{config.budget}|{config.levels}|{config.ssim if config.budget == 'ssim' else config.perceptual}"
         digest = hashlib.sha1(key.encode()).hexdigest()
         photos, quality[name] = protect_people(protector, config, people, paths, f"{name}-{digest[:10]}")

@@ -39,7 +39,7 @@ from advface.protect.image import ImageProtector, ProtectConfig  # noqa: E402
 from advface.protect.image.denoiser import DenoiserConfig, denoise, train_pair_denoiser  # noqa: E402
 from advface.protect.image.io import save_png  # noqa: E402
 from advface.protect.image.quality import psnr  # noqa: E402
-from benchmarks.common import RESULTS_DIR, write_results  # noqa: E402
+from benchmarks.common import RESULTS_DIR, add_budget_arguments, budget_from_args, budget_tag, write_results  # noqa: E402
 from benchmarks.image_protection import Evaluator, sample_people, summarise, thresholds  # noqa: E402
 
 
@@ -65,7 +65,9 @@ def main() -> None:
     parser.add_argument("--lfw-dir")
     parser.add_argument("--out", help="output JSON (default benchmarks/results/image_adaptive_purifier.json)")
     parser.add_argument("--shared-machine", action="store_true", help="record that other jobs shared the CPU")
+    add_budget_arguments(parser)
     args = parser.parse_args()
+    budget = budget_from_args(args, parser)
     if args.train_offset < args.victims:
         raise SystemExit("--train-offset must be >= --victims: thief and victims must be different people")
 
@@ -77,12 +79,14 @@ def main() -> None:
     encoders = protector.encoder_names
     thr = thresholds(encoders)
     evaluator = Evaluator(protector)
-    config = ProtectConfig(seed=args.seed)
+    config = ProtectConfig(seed=args.seed, **budget)
     cache = (
         RESULTS_DIR
         / "local"
         / "adaptive_purifier"
-        / (f"l{config.levels}-s{config.steps}-fw{config.feature_weight:g}-seed{args.seed}-{'-'.join(encoders)}")
+        / (
+            f"l{config.levels}{budget_tag(config)}-s{config.steps}-fw{config.feature_weight:g}-seed{args.seed}-{'-'.join(encoders)}"
+        )
     )
     from tqdm import tqdm
 
@@ -136,6 +140,7 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "wall_seconds": round(time.perf_counter() - start, 1),
         "protection": {
+            "budget": config.budget,
             "epsilon_levels": config.levels,
             "steps": config.steps,
             "feature_weight": config.feature_weight,

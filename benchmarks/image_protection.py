@@ -42,7 +42,7 @@ from advface.protect.image import ImageProtector, ProtectConfig  # noqa: E402
 from advface.protect.image.denoiser import DenoiserConfig, denoise, load_or_train_denoiser  # noqa: E402
 from advface.protect.image.purify import standard_purifications  # noqa: E402
 from advface.protect.image.quality import psnr, ssim  # noqa: E402
-from benchmarks.common import RESULTS_DIR, write_results  # noqa: E402
+from benchmarks.common import RESULTS_DIR, add_budget_arguments, budget_from_args, budget_tag, write_results  # noqa: E402
 
 VERIFICATION_JSON = RESULTS_DIR / "lfw_verification.json"
 
@@ -165,7 +165,7 @@ def main() -> None:  # noqa: PLR0915 - one linear script
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--count", type=int, default=200, help="photos (people) to protect at most")
     parser.add_argument("--max-minutes", type=float, default=25.0, help="start no new photo after this wall time")
-    parser.add_argument("--epsilon", type=str, default="8/255")
+    add_budget_arguments(parser)
     parser.add_argument("--steps", type=int, default=ProtectConfig.steps)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -190,8 +190,7 @@ def main() -> None:  # noqa: PLR0915 - one linear script
         "with the same settings (default benchmarks/results/local/image_protection_rows-*.jsonl)",
     )
     args = parser.parse_args()
-    num, _, den = args.epsilon.partition("/")
-    epsilon = float(num) / float(den or 1)
+    budget = budget_from_args(args, parser)
 
     root = resolve_lfw_dir(args.lfw_dir)
     people, single = sample_people(root, args.seed)
@@ -199,7 +198,7 @@ def main() -> None:  # noqa: PLR0915 - one linear script
     encoders = protector.encoder_names
     thr = thresholds(encoders)
     evaluator = Evaluator(protector)
-    config = ProtectConfig(epsilon=epsilon, steps=args.steps, seed=args.seed, feature_weight=args.feature_weight)
+    config = ProtectConfig(steps=args.steps, seed=args.seed, feature_weight=args.feature_weight, **budget)
 
     denoiser_cfg = DenoiserConfig()
     model, denoiser_info = load_or_train_denoiser(root, [p for p, _, _ in people], denoiser_cfg)
@@ -218,7 +217,8 @@ def main() -> None:  # noqa: PLR0915 - one linear script
         Path(args.rows_file)
         if args.rows_file
         else (
-            RESULTS_DIR / "local" / f"image_protection_rows-l{config.levels}-s{config.steps}-seed{args.seed}"
+            RESULTS_DIR / "local" / f"image_protection_rows{budget_tag(config)}-l{config.levels}-s{config.steps}"
+            f"-seed{args.seed}"
             f"-fw{config.feature_weight:g}"
             f"{'' if loo else '-noloo'}.jsonl"
         )
@@ -292,7 +292,8 @@ def main() -> None:  # noqa: PLR0915 - one linear script
         "max_minutes": args.max_minutes,
         "wall_seconds": round(wall, 1),
         "config": {
-            "epsilon": epsilon,
+            "budget": config.budget,
+            "epsilon": config.effective_epsilon,
             "epsilon_levels": config.levels,
             "steps": config.steps,
             "step_fraction": config.step_fraction,

@@ -34,7 +34,7 @@ from advface.images import load_image  # noqa: E402
 from advface.paths import lfw_dir as resolve_lfw_dir  # noqa: E402
 from advface.protect.image import ImageProtector, ProtectConfig  # noqa: E402
 from advface.protect.image.quality import psnr  # noqa: E402
-from benchmarks.common import write_results  # noqa: E402
+from benchmarks.common import add_budget_arguments, budget_from_args, write_results  # noqa: E402
 from benchmarks.image_protection import Evaluator, sample_people, summarise, thresholds  # noqa: E402
 
 #: Variant -> (feature_weight, dlib layers). Layer paths index ``DlibResNet.net`` (ReLU after a stage's last unit).
@@ -57,7 +57,9 @@ def main() -> None:
     parser.add_argument("--lfw-dir")
     parser.add_argument("--out", help="output JSON (default benchmarks/results/image_transfer.json)")
     parser.add_argument("--shared-machine", action="store_true", help="record that other jobs shared the CPU")
+    add_budget_arguments(parser)
     args = parser.parse_args()
+    budget = budget_from_args(args, parser)
 
     root = resolve_lfw_dir(args.lfw_dir)
     people, _ = sample_people(root, args.seed)
@@ -83,7 +85,9 @@ def main() -> None:
             weight, layers = VARIANTS[variant]
             module.transfer_layers = layers  # instance attribute: this benchmark's choice of layers
             t = time.perf_counter()
-            out = surrogate.protect([clean], ProtectConfig(seed=args.seed, feature_weight=weight), faces=[face])[0][0]
+            out = surrogate.protect(
+                [clean], ProtectConfig(seed=args.seed, feature_weight=weight, **budget), faces=[face]
+            )[0][0]
             row["seconds"][variant] = time.perf_counter() - t
             row["psnr"][variant] = psnr(clean, out)
             row["eval"][variant] = evaluator.cells(out, ref, other)
@@ -110,7 +114,8 @@ def main() -> None:
         )
     payload = {
         "protocol": (
-            "dlib-torch-only protection (60 steps, 8/255, EOT, seed), evaluated as image_protection.py; "
+            f"dlib-torch-only protection (60 steps, budget {budget['budget']} at "
+            f"{ProtectConfig(**budget).levels}/255, EOT, seed), evaluated as image_protection.py; "
             f"people {args.offset}..{args.offset + len(people) - 1} of the seeded LFW shuffle"
         ),
         "shared_machine": args.shared_machine,

@@ -12,7 +12,9 @@ commands in ``benchmarks/RESULTS.md``)::
 
 Sample: LFW people shuffled with ``--seed``, the first photo of each (identity-disjoint), ``--count`` of them. Each
 photo's face is detected once and protected with every variant (``uniform``, ``perceptual``, ``ssim``, ``jnd``, or
-``NAME:KEY=VALUE,...`` to change the budget ``levels``, ``steps`` or parameters of the budget map, of the SSIM
+``NAME:KEY=VALUE,...`` to change the budget ``levels`` (default: the budget's own, ssim 12, the others 8; before
+2026-12-06 every variant defaulted to 8, so the commands of earlier results read ``ssim`` as ``ssim:levels=8``),
+``steps`` or parameters of the budget map, of the SSIM
 budget or of the JND budget, e.g. ``ssim:target=0.95``, ``ssim:photo_target=0.97`` (the whole photo's SSIM
 constraint), ``ssim:scales=3`` (both constraints multi-scale), ``jnd:target=1.5`` or ``jnd:statistic=top``) at the
 default
@@ -34,7 +36,7 @@ mean cosine not higher than the uniform budget's.
 
 Grids (``--grids N``): N synthetic faces from the DCGAN of the ``gan-face-generate`` package (64 px, upscaled to
 ``--grid-size``, padded so the detector finds the face; no real person), each written as one PNG under
-``docs/images/`` (or ``--grid-dir``): top row clean | uniform | perceptual (or the ``--grid-variants``), bottom
+``docs/images/`` (or ``--grid-dir``): top row clean | uniform | ssim (or the ``--grid-variants``), bottom
 row the perturbation amplified x``--amplify`` around grey (the clean face, then each variant's perturbation); the
 JSON's ``grids`` gives each column's numbers. ``--visibility-maps`` also writes ``protect-grid-N-visibility.png``
 beside each grid: each variant's visibility map (black 0, white 2 JND or more) in the grid's column order. LFW photos
@@ -398,8 +400,9 @@ def main() -> None:
     parser.add_argument(
         "--grid-variants",
         nargs="+",
-        default=["uniform", "perceptual"],
-        help="the grids' columns after the clean face (variants as --variants; default uniform perceptual)",
+        default=["uniform", "ssim"],
+        help="the grids' columns after the clean face (variants as --variants; default uniform ssim: the default "
+        "until 2026-12-06 and the default since)",
     )
     parser.add_argument(
         "--grid-dir", default=None, help="folder of the grid PNGs (default docs/images, the committed grids)"
@@ -488,7 +491,7 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "config": {
             "steps": base.steps,
-            "epsilon_levels": base.levels,
+            "epsilon_levels": {spec: variant_config(spec, base).levels for spec in args.variants},
             "seed": base.seed,
             "eot": base.eot,
             "guidance": list(base.guidance),

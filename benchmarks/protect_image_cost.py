@@ -18,7 +18,7 @@ inflate the wall time, hardly the CPU time), and the machine's load average at t
     python benchmarks/protect_image_cost.py --count 3 --guidance encoders,deflection,antipure \\
         --antipure-identity ensemble --decoy-weight 1 --threads 1 --out ...
 
-``--budget`` sets the budget of every selection (default: the library's).
+``--budget`` / ``--epsilon`` set the budget of every selection (default: the library's).
 """
 
 from __future__ import annotations
@@ -38,8 +38,13 @@ from advface.images import load_image  # noqa: E402
 from advface.protect.image import ImageProtector, ProtectConfig  # noqa: E402
 from advface.protect.image.antipure import AntiPureConfig  # noqa: E402
 from advface.protect.image.guidance import parse_guidance  # noqa: E402
-from advface.protect.image.perceptual import BUDGETS  # noqa: E402
-from benchmarks.common import add_antipure_arguments, antipure_from_args, write_results  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    add_antipure_arguments,
+    add_budget_arguments,
+    antipure_from_args,
+    budget_from_args,
+    write_results,
+)
 
 
 def main() -> None:
@@ -48,17 +53,13 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=3, help="LFW photos, one per person (default 3)")
     parser.add_argument("--guidance", nargs="+", default=[",".join(ProtectConfig.guidance)], help="selections")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument(
-        "--budget",
-        choices=BUDGETS,
-        default=ProtectConfig.budget,
-        help=f"protection budget of every selection (default {ProtectConfig.budget})",
-    )
+    add_budget_arguments(parser)
     parser.add_argument("--lfw-dir", help="LFW root (default $ADVFACE_LFW_DIR)")
     parser.add_argument("--out", help="output JSON (default benchmarks/results/protect_image_cost.json)")
     add_antipure_arguments(parser)
     args = parser.parse_args()
     antipure = antipure_from_args(args, parser)
+    budget = budget_from_args(args, parser)
     torch.set_num_threads(args.threads)
     selections = [parse_guidance(g) for g in args.guidance]
 
@@ -72,7 +73,7 @@ def main() -> None:
     load_start = os.getloadavg()[0]
     results = {}
     for guidance in selections:
-        config = ProtectConfig(guidance=guidance, antipure=antipure, budget=args.budget)
+        config = ProtectConfig(guidance=guidance, antipure=antipure, **budget)
         protector.protect(photos[:1], config, faces=faces[:1])  # warm-up: loads the surrogate, fills caches
         seconds, cpu = [], []
         for photo, face in zip(photos[1:], faces[1:]):
@@ -98,6 +99,7 @@ def main() -> None:
             "threads": args.threads,
             "steps": ProtectConfig.steps,
             "budget": args.budget,
+            "epsilon_levels": ProtectConfig(**budget).levels,
             **(
                 {
                     "antipure": {

@@ -1,6 +1,7 @@
 """Protect enrolment photos: each input photo -> a PNG whose face no longer yields its identity to face encoders.
 
-PGD on the whole photo under an L-inf budget (default 8/255: no pixel changes by more than 8 levels) against an
+PGD on the whole photo under an L-inf budget (default 8/255 with the default uniform budget: no pixel changes by more
+than 8 levels; 12/255 with --budget ssim, which keeps the face's and the whole photo's SSIM at 0.97) against an
 ensemble of face encoders (default dlib + MobileFaceNet; MobileFaceNet is left out, with a note, when its model file
 is not in $ADVFACE_MODELS_DIR), with random JPEG/resize/blur/crop during optimisation so that the protection
 survives them. Inputs are files, folders (searched recursively) or glob patterns; each protected photo is written
@@ -54,7 +55,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = ProtectConfig()
     parser.add_argument("inputs", nargs="+", metavar="IN", help="image files, folders or glob patterns")
     parser.add_argument("--out", "-o", required=True, metavar="OUT_DIR", help="folder for the protected PNGs")
-    parser.add_argument("--epsilon", default="8/255", help="L-inf budget on the 0..1 scale (default 8/255)")
+    from advface.protect.image.core import DEFAULT_EPSILON
+
+    shapes = ", ".join(f"{name} {round(value * 255)}/255" for name, value in DEFAULT_EPSILON.items())
+    parser.add_argument(
+        "--epsilon",
+        default=None,
+        help=f"L-inf budget on the 0..1 scale, e.g. 8/255 (default: the budget's own: {shapes})",
+    )
     parser.add_argument("--steps", type=int, default=defaults.steps, help=f"PGD steps (default {defaults.steps})")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the random transforms (default 0)")
     parser.add_argument(
@@ -107,9 +115,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.budget,
         help=f"perceptual: each pixel's budget (at most --epsilon) follows a just-noticeable-difference map, smaller "
         f"on smooth skin than on hair, edges and background (quieter, weaker protection); ssim: every pixel within "
-        f"--epsilon, the optimisation keeps the face's SSIM at --ssim-target (quieter, weaker); jnd: every pixel "
+        f"--epsilon, the optimisation keeps the face's and the whole photo's SSIM at --ssim-target (quiet; at its "
+        f"default 12/255 as strong against diffusion personalisation as uniform at 8/255, weaker against face "
+        f"encoders); jnd: every pixel "
         f"within --epsilon, the optimisation keeps the change's visibility (JND units) at or below --jnd-target "
-        f"(quieter, weaker); uniform: every pixel may change by --epsilon (default {defaults.budget})",
+        f"(quieter, weaker); uniform: every pixel may change by --epsilon (louder, strongest against face encoders) "
+        f"(default {defaults.budget})",
     )
     parser.add_argument(
         "--ssim-target",
@@ -253,7 +264,7 @@ def run(args: argparse.Namespace) -> int:
         statistic=JndBudget.statistic if args.jnd_statistic is None else args.jnd_statistic,
     )
     config = ProtectConfig(
-        epsilon=parse_epsilon(args.epsilon),
+        epsilon=None if args.epsilon is None else parse_epsilon(args.epsilon),
         steps=args.steps,
         seed=args.seed,
         eot=not args.no_eot,
@@ -359,7 +370,7 @@ def run(args: argparse.Namespace) -> int:
         "started": started.isoformat(timespec="seconds"),
         "seconds": round(time.perf_counter() - start, 2),
         "config": {
-            "epsilon": config.epsilon,
+            "epsilon": config.effective_epsilon,
             "epsilon_levels": config.levels,
             "steps": config.steps,
             "seed": config.seed,

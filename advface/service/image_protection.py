@@ -29,8 +29,8 @@ from advface.errors import ConfigError, DeadlineExceededError, PreconditionError
 if TYPE_CHECKING:
     from advface.protect.image import ImageProtector, ProtectConfig, ProtectionReport
 
-#: Default L-inf budget (the papers' 8/255) and the range a request may ask for.
-DEFAULT_EPSILON = 8 / 255
+#: The range of L-inf budgets a request may ask for (unset: the budget shape's default,
+#: :data:`advface.protect.image.core.DEFAULT_EPSILON`).
 MAX_EPSILON = 32 / 255
 MIN_EPSILON = 1 / 255
 #: Face detection policies the image protector accepts (it protects one face per photo): "all" becomes "largest".
@@ -95,8 +95,7 @@ class ImageProtectionService:
             raise PreconditionError("image protection is disabled on this server")
         if not image:
             raise ValidationError("image is empty")
-        epsilon = DEFAULT_EPSILON if epsilon is None else epsilon
-        if not (math.isfinite(epsilon) and MIN_EPSILON - 1e-9 <= epsilon <= MAX_EPSILON + 1e-9):
+        if epsilon is not None and not (math.isfinite(epsilon) and MIN_EPSILON - 1e-9 <= epsilon <= MAX_EPSILON + 1e-9):
             raise ValidationError(f"epsilon must be in [1/255, 32/255] (0..1 pixel scale), got {epsilon:g}")
         steps = self.config.steps if steps is None else int(steps)
         if not 1 <= steps <= self.config.max_steps:
@@ -108,7 +107,7 @@ class ImageProtectionService:
         except ConfigError as exc:
             raise ValidationError(str(exc)) from None
         options = ProtectConfig(
-            epsilon=float(epsilon),
+            epsilon=None if epsilon is None else float(epsilon),
             steps=steps,
             seed=int(seed),
             target_similarity=target_similarity,

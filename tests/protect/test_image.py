@@ -25,6 +25,8 @@ from advface.protect.image.quality import psnr, ssim
 from advface.protect.image.warp import chip_theta, warp_chips
 
 PHOTO = "images/Aaron_Peirsol/Aaron_Peirsol_0001.jpg"
+#: The default budget in uint8 levels (every pixel of a protected photo is within it).
+DEFAULT_LEVELS = ProtectConfig().levels
 PHOTO2 = "images/Abdullah_Gul/Abdullah_Gul_0001.jpg"
 
 
@@ -81,7 +83,7 @@ def test_identity_similarity_drops_on_a_real_face(protected, photo: np.ndarray) 
     assert dlib_sim["matched_after"] is False  # dlib distance above its 0.6 threshold
     assert mfn_sim["cosine_after"] < 0.3  # below MobileFaceNet's FMR 0.1% threshold (0.32) on LFW
     assert report.psnr > 33 and report.ssim > 0.85
-    assert report.linf_levels <= 8
+    assert report.linf_levels <= DEFAULT_LEVELS
 
 
 def test_purifications_keep_shape(photo: np.ndarray) -> None:
@@ -183,7 +185,7 @@ def test_feature_term_changes_the_step_and_leaves_no_hooks(protector: ImageProte
     plain = sub.protect([photo], ProtectConfig(steps=3, seed=5, feature_weight=0.0))[0][0]
     featured = sub.protect([photo], ProtectConfig(steps=3, seed=5))[0][0]
     assert not np.array_equal(plain, featured)
-    assert np.abs(featured.astype(np.int16) - photo).max() <= 8
+    assert np.abs(featured.astype(np.int16) - photo).max() <= DEFAULT_LEVELS
     module = sub.members[0].module
     assert not any(m._forward_hooks for m in module.modules())  # the feature taps are removed after each step
     for weight in (-1.0, float("nan"), float("inf")):
@@ -194,7 +196,7 @@ def test_feature_term_changes_the_step_and_leaves_no_hooks(protector: ImageProte
 def test_protect_image_function(protector: ImageProtector, photo: np.ndarray) -> None:
     out, report = protect_image(photo, protector.subset(["dlib-torch"]), steps=2, seed=1, eot=False)
     assert report.steps == 2 and report.encoders == ["dlib-torch"]
-    assert np.abs(out.astype(np.int16) - photo).max() <= 8
+    assert np.abs(out.astype(np.int16) - photo).max() <= DEFAULT_LEVELS
 
 
 def test_early_stop_at_target_similarity(protector: ImageProtector, photo: np.ndarray) -> None:
@@ -235,14 +237,14 @@ def test_cli_end_to_end(lfw_dir: Path, models_dir: Path, tmp_path: Path, capsys:
     assert img.format == "PNG" and not img.getexif() and "exif" not in img.info
     protected = np.asarray(img.convert("RGB"))
     clean = load_image(src / "person.jpg")
-    assert np.abs(protected.astype(np.int16) - clean).max() <= 8
+    assert np.abs(protected.astype(np.int16) - clean).max() <= DEFAULT_LEVELS
     reports = sorted(out.glob("protect-image-report-*.json"))
     assert len(reports) == 1
     doc = json.loads(reports[0].read_text())
     assert doc["summary"] == {"protected": 1, "skipped": 0, "failed": 2}
     status = {Path(f["input"]).name: f for f in doc["files"]}
     assert status["broken.jpg"]["status"] == "failed" and status["noface.png"]["reason"] == "no face found"
-    assert status["person.jpg"]["report"]["linf_levels"] <= 8
+    assert status["person.jpg"]["report"]["linf_levels"] <= DEFAULT_LEVELS
     mtime = result.stat().st_mtime_ns
     # Resume: the done photo is skipped; without --strict the failures do not change the exit status.
     report2 = tmp_path / "second.json"
@@ -305,7 +307,7 @@ def test_batch_of_mixed_sizes_keeps_order(protector: ImageProtector, photo: np.n
     assert len(results) == 3
     for clean, (out, report) in zip(inputs, results):
         assert out.shape == clean.shape
-        assert np.abs(out.astype(np.int16) - clean).max() <= 8 and report.steps == 2
+        assert np.abs(out.astype(np.int16) - clean).max() <= DEFAULT_LEVELS and report.steps == 2
 
 
 def test_should_stop_ends_the_optimisation_at_the_next_step(protector: ImageProtector, photo: np.ndarray) -> None:

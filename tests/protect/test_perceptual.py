@@ -177,6 +177,9 @@ def test_sidecar_config_key(tmp_path: Path) -> None:
     assert config.budget == "perceptual"
     assert ImageProtectionService(config).options(b"photo").budget == "perceptual"
     assert ImageProtectionService(ImageProtectionConfig()).options(b"photo").budget == ProtectConfig().budget
+    ssim_service = ImageProtectionService(ImageProtectionConfig(budget="ssim"))
+    assert ssim_service.options(b"photo").levels == 12  # a request without epsilon: the budget shape's own
+    assert ssim_service.options(b"photo", epsilon=8 / 255).levels == 8
     env = {"ADVFACE_IMAGE_PROTECTION_BUDGET": "uniform"}
     assert load_config(path, env=env).image_protection.budget == "uniform"
     path.write_text("image_protection: {budget: loud}\n")

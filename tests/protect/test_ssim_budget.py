@@ -13,6 +13,8 @@ from advface.cli.main import build_parser
 from advface.cli.protect_image import run
 from advface.errors import ConfigError
 from advface.protect.image import ImageProtector, ProtectConfig
+from advface.protect.image.core import DEFAULT_EPSILON
+from advface.protect.image.perceptual import BUDGETS
 from advface.protect.image.quality import ssim, ssim_face
 from advface.protect.image.ssim_budget import (
     SsimBudget,
@@ -127,7 +129,9 @@ def test_config_validation_and_cli_flag(tmp_path: Path) -> None:
             ProtectConfig(budget="ssim", ssim=bad).validate()
     ProtectConfig(budget="ssim").validate()
     parser = build_parser()
-    args = parser.parse_args(["protect-image", "a.jpg", "--out", str(tmp_path), "--ssim-target", "0.95"])
+    args = parser.parse_args(
+        ["protect-image", "a.jpg", "--out", str(tmp_path), "--budget", "uniform", "--ssim-target", "0.95"]
+    )
     with pytest.raises(ConfigError, match="--budget ssim"):
         run(args)  # the flag without the budget it belongs to: refused before anything is read or written
     args = parser.parse_args(
@@ -135,7 +139,9 @@ def test_config_validation_and_cli_flag(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="target"):
         run(args)
-    args = parser.parse_args(["protect-image", "a.jpg", "--out", str(tmp_path), "--ssim-photo-target", "0.97"])
+    args = parser.parse_args(
+        ["protect-image", "a.jpg", "--out", str(tmp_path), "--budget", "uniform", "--ssim-photo-target", "0.97"]
+    )
     with pytest.raises(ConfigError, match="--budget ssim"):
         run(args)
     args = parser.parse_args(
@@ -158,7 +164,9 @@ def test_config_validation_and_cli_flag(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="contradict"):
         run(args)
-    args = parser.parse_args(["protect-image", "a.jpg", "--out", str(tmp_path), "--ssim-face-box-only"])
+    args = parser.parse_args(
+        ["protect-image", "a.jpg", "--out", str(tmp_path), "--budget", "uniform", "--ssim-face-box-only"]
+    )
     with pytest.raises(ConfigError, match="--budget ssim"):
         run(args)
     assert not any(tmp_path.iterdir())
@@ -168,7 +176,7 @@ def test_config_validation_and_cli_flag(tmp_path: Path) -> None:
 
 
 def test_ssim_budget_keeps_the_face_at_its_target(dlib_protector: ImageProtector, photo: np.ndarray) -> None:
-    uniform = ProtectConfig(steps=15, guidance=("encoders",))
+    uniform = ProtectConfig(steps=15, guidance=("encoders",), budget="uniform", epsilon=8 / 255)
     constrained = dataclasses.replace(uniform, budget="ssim", ssim=SsimBudget(target=0.97))
     (u, ur), (s, sr) = (dlib_protector.protect([photo], c)[0] for c in (uniform, constrained))
     box = dlib_protector.find_face(photo).box
@@ -267,3 +275,12 @@ def test_multi_scale_constraint_holds_the_coarse_levels(
     sim = mr.similarity["dlib-torch"]
     assert sim["cosine_after"] < sim["cosine_random"] - 0.05  # it still protects
     assert np.abs(m.astype(np.int16) - smooth_face.astype(np.int16)).max() <= multi.levels
+
+
+def test_each_budget_has_its_default_epsilon_and_an_explicit_one_wins() -> None:
+    assert set(DEFAULT_EPSILON) == set(BUDGETS)
+    assert ProtectConfig().budget == "uniform" and ProtectConfig().levels == 8  # the default: uniform at 8/255
+    assert ProtectConfig(budget="ssim").levels == 12  # the SSIM budget's own
+    assert ProtectConfig(epsilon=4 / 255).levels == 4 and ProtectConfig(budget="ssim", epsilon=4 / 255).levels == 4
+    with pytest.raises(ConfigError, match="budget"):
+        ProtectConfig(budget="loud").validate()  # an unknown budget is named, not a KeyError

@@ -94,7 +94,7 @@ def test_multipliers_follow_a_lower_is_better_constraint() -> None:
 
 
 def test_jnd_budget_keeps_the_face_at_its_target(dlib_protector: ImageProtector, photo: np.ndarray) -> None:
-    uniform = ProtectConfig(steps=15, guidance=("encoders",))
+    uniform = ProtectConfig(steps=15, guidance=("encoders",), budget="uniform")
     target = 1.5
     constrained = dataclasses.replace(uniform, budget="jnd", jnd=JndBudget(target=target))
     (_, ur), (j, jr) = (dlib_protector.protect([photo], c)[0] for c in (uniform, constrained))

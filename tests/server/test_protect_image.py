@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +17,7 @@ from sidecar_harness import ServerThread, make_config
 
 from advface.client import AdvFaceClient, AdvFaceRpcError
 from advface.images import load_image
+from advface.protect.image import ProtectConfig
 from server.logs import LOGGER_NAME
 
 ADMIN = "admin-token-0123456789abcdef"
@@ -121,7 +121,7 @@ def test_protects_a_real_photo(server: ServerThread, client: AdvFaceClient, phot
     protected = np.asarray(decoded.convert("RGB"))
     assert protected.shape == clean.shape
     linf = int(np.abs(protected.astype(np.int16) - clean.astype(np.int16)).max())
-    assert 0 < linf <= math.floor(255 * 8 / 255)  # default budget 8/255
+    assert 0 < linf <= ProtectConfig().levels  # within the default budget
     assert report["linf_levels"] == linf
     assert report["steps"] == STEPS
     assert (report["width"], report["height"]) == (clean.shape[1], clean.shape[0])

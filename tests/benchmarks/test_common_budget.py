@@ -1,0 +1,47 @@
+"""benchmarks/common.py: the budget flags shared by the photo-protection benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from advface.protect.image import ProtectConfig
+from benchmarks.common import add_budget_arguments, budget_from_args, budget_tag
+from benchmarks.photo_quality import variant_config
+
+
+def _parse(*argv: str) -> dict:
+    parser = argparse.ArgumentParser()
+    add_budget_arguments(parser)
+    return budget_from_args(parser.parse_args(list(argv)), parser)
+
+
+def test_defaults_are_the_library_s_and_each_shape_has_its_own_epsilon() -> None:
+    budget = _parse()
+    assert budget == {"budget": ProtectConfig.budget, "epsilon": None}
+    assert ProtectConfig(**budget).levels == ProtectConfig().levels == 8  # uniform at 8/255
+    assert ProtectConfig(**_parse("--budget", "ssim")).levels == 12
+    custom = _parse("--budget", "ssim", "--epsilon", "8/255")
+    assert custom["epsilon"] == pytest.approx(8 / 255) and ProtectConfig(**custom).levels == 8
+
+
+@pytest.mark.parametrize("epsilon", ["0", "2", "nan", "x/255", "0.5/255"])
+def test_bad_epsilon_is_a_usage_error(epsilon: str) -> None:
+    with pytest.raises(SystemExit):
+        _parse("--epsilon", epsilon)
+
+
+def test_cache_tag_keeps_the_uniform_caches_and_separates_the_others() -> None:
+    assert budget_tag(ProtectConfig(budget="uniform")) == ""
+    assert budget_tag(ProtectConfig()) == ""
+    assert budget_tag(ProtectConfig(budget="ssim")) == "-ssim"
+    assert budget_tag(ProtectConfig(budget="jnd")) == "-jnd"
+
+
+def test_photo_quality_variants_take_each_shape_s_own_epsilon_unless_levels_is_given() -> None:
+    base = ProtectConfig(steps=60)
+    assert variant_config("uniform", base).levels == 8
+    assert variant_config("ssim", base).levels == 12
+    assert variant_config("ssim:levels=8", base).levels == 8
+    assert variant_config("jnd:target=1.5", base).levels == 8
