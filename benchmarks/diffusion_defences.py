@@ -83,6 +83,8 @@ LOCAL = Path(__file__).resolve().parent / "results" / "local" / "diffusion_defen
 #: settings and cache keys name none, so that results and cached photos of that time stay comparable.
 LEGACY_BUDGET = ("uniform", 8)
 PHOTOS_PER_PERSON = 3
+#: Settings that only runs which protected photos record (a clean-only part has none of them).
+PROTECTION_ONLY = frozenset({"budget", "encoder_weight"})
 THREATS = ("training_free", "training_based")
 
 
@@ -319,6 +321,12 @@ def main() -> None:
     parser.add_argument("--encoders", default="dlib-torch,mobilefacenet", help="protection ensemble")
     add_budget_arguments(parser)
     parser.add_argument(
+        "--encoder-weight",
+        type=float,
+        default=ProtectConfig.encoder_weight,
+        help=f"weight of the encoder terms against the surrogate's (default {ProtectConfig.encoder_weight:g})",
+    )
+    parser.add_argument(
         "--ssim-target",
         type=float,
         default=SsimBudget.target,
@@ -409,6 +417,8 @@ def main() -> None:
         settings["budget"] = {"name": args.budget, "epsilon": f"{levels}/255"}
         if args.budget == "ssim":
             settings["budget"]["ssim_target"] = args.ssim_target
+    if args.encoder_weight != ProtectConfig.encoder_weight:
+        settings["encoder_weight"] = args.encoder_weight
     if args.threats != THREATS:
         settings["threats"] = list(args.threats)
     thresholds = {
@@ -433,6 +443,7 @@ def main() -> None:
             steps=args.protect_steps,
             seed=args.seed,
             deflection_weight=args.deflection_weight,
+            encoder_weight=args.encoder_weight,
             antipure=antipure,
             epsilon=epsilon,
             budget=args.budget,
@@ -444,6 +455,8 @@ def main() -> None:
             key += f"|{antipure}"
         if (config.budget, config.levels) != LEGACY_BUDGET:
             key += f"|{config.budget}|{config.levels}|{config.ssim if config.budget == 'ssim' else config.perceptual}"
+        if config.encoder_weight != ProtectConfig.encoder_weight:
+            key += f"|encoder_weight={config.encoder_weight:g}"
         digest = hashlib.sha1(key.encode()).hexdigest()
         photos, quality[name] = protect_people(protector, config, people, paths, f"{name}-{digest[:10]}")
 
@@ -536,11 +549,11 @@ def merge(
     ignore = {"purify", "classical", "default_config", "threats"}
 
     def shared(doc: dict[str, Any]) -> dict[str, Any]:
-        # AntiPure's settings matter only to runs that measured an AntiPure configuration, the budget only to runs
-        # that protected photos
+        # AntiPure's settings matter only to runs that measured an AntiPure configuration, the budget and the
+        # encoder weight only to runs that protected photos
         skip = ignore if any("antipure" in k for k in doc["ablation"]) else ignore | {"antipure"}
         if doc not in protected:
-            skip = skip | {"budget"}
+            skip = skip | PROTECTION_ONLY
         return {k: v for k, v in doc["settings"].items() if k not in skip}
 
     with_antipure = [doc for doc in documents if any("antipure" in k for k in doc["ablation"])]
@@ -551,7 +564,8 @@ def merge(
         elif "antipure" not in mine:
             mine["antipure"] = theirs["antipure"]
         if doc not in protected:
-            mine.pop("budget", None)
+            for key in PROTECTION_ONLY:
+                mine.pop(key, None)
         models = ("attacker",) if doc not in protected else tuple(first["models"])
         if mine != theirs or any(_models(doc).get(m) != _models(first).get(m) for m in models):
             raise SystemExit("the runs to merge differ in settings or models")

@@ -81,7 +81,8 @@ DOCS_IMAGES = Path(__file__).resolve().parent.parent / "docs" / "images"
 
 def variant_config(spec: str, base: ProtectConfig) -> ProtectConfig:
     """``uniform``, ``perceptual``, ``ssim``, ``jnd`` or ``NAME:KEY=VALUE,...`` -> the config. Keys: ``steps``,
-    ``levels`` (the budget epsilon in uint8 levels) and, for perceptual, ssim and jnd, the fields of PerceptualBudget,
+    ``levels`` (the budget epsilon in uint8 levels), ``encoder_weight`` (``ProtectConfig.encoder_weight``) and, for
+    perceptual, ssim and jnd, the fields of PerceptualBudget,
     SsimBudget or JndBudget (numbers, booleans, and jnd's ``statistic``; not its ``model``)."""
     name, _, options = spec.partition(":")
     params_type: type[PerceptualBudget] | type[SsimBudget] | type[JndBudget] = {
@@ -90,11 +91,14 @@ def variant_config(spec: str, base: ProtectConfig) -> ProtectConfig:
     }.get(name, PerceptualBudget)
     fields = {f.name: f.type for f in dataclasses.fields(params_type) if f.name != "model"}
     values: dict[str, Any] = {}
-    steps, epsilon = base.steps, base.epsilon
+    steps, epsilon, encoder_weight = base.steps, base.epsilon, base.encoder_weight
     for item in filter(None, options.split(",")):
         key, _, value = item.partition("=")
         if key in ("steps", "levels"):
             steps, epsilon = (int(value), epsilon) if key == "steps" else (steps, int(value) / 255)
+            continue
+        if key == "encoder_weight":
+            encoder_weight = float(value)
             continue
         if name == "uniform" or key not in fields:
             raise SystemExit(f"unknown {name} parameter {key!r} (known: {', '.join(fields)})")
@@ -111,16 +115,17 @@ def variant_config(spec: str, base: ProtectConfig) -> ProtectConfig:
             except ValueError:
                 kind = "an integer" if integer else "a number"
                 raise SystemExit(f"{name} parameter {key!r} takes {kind}, got {value!r}") from None
+    common: dict[str, Any] = {"steps": steps, "epsilon": epsilon, "encoder_weight": encoder_weight}
     if name == "uniform":
-        return dataclasses.replace(base, budget="uniform", steps=steps, epsilon=epsilon)
+        return dataclasses.replace(base, budget="uniform", **common)
     if name == "ssim":
-        return dataclasses.replace(base, budget="ssim", ssim=SsimBudget(**values), steps=steps, epsilon=epsilon)
+        return dataclasses.replace(base, budget="ssim", ssim=SsimBudget(**values), **common)
     if name == "jnd":
-        return dataclasses.replace(base, budget="jnd", jnd=JndBudget(**values), steps=steps, epsilon=epsilon)
+        return dataclasses.replace(base, budget="jnd", jnd=JndBudget(**values), **common)
     if name != "perceptual":
         raise SystemExit(f"unknown variant {spec!r}")
     params = PerceptualBudget(**values)
-    return dataclasses.replace(base, budget="perceptual", perceptual=params, steps=steps, epsilon=epsilon)
+    return dataclasses.replace(base, budget="perceptual", perceptual=params, **common)
 
 
 def sample_photos(root: Path, count: int, seed: int) -> list[Path]:

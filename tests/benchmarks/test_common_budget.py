@@ -45,3 +45,9 @@ def test_photo_quality_variants_take_each_shape_s_own_epsilon_unless_levels_is_g
     assert variant_config("ssim", base).levels == 12
     assert variant_config("ssim:levels=8", base).levels == 8
     assert variant_config("jnd:target=1.5", base).levels == 8
+
+
+def test_photo_quality_variants_take_the_encoder_weight() -> None:
+    base = ProtectConfig(steps=60)
+    assert variant_config("ssim:encoder_weight=3", base).encoder_weight == 3.0
+    assert variant_config("uniform", base).encoder_weight == base.encoder_weight

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -191,6 +192,18 @@ def test_feature_term_changes_the_step_and_leaves_no_hooks(protector: ImageProte
     for weight in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ConfigError, match="feature_weight"):
             ProtectConfig(feature_weight=weight).validate()
+
+
+def test_encoder_weight_scales_the_encoder_terms(protector: ImageProtector, photo: np.ndarray) -> None:
+    sub = protector.subset(["dlib-torch"])
+    config = ProtectConfig(steps=2, seed=1, eot=False, guidance=("encoders",))
+    off = sub.protect([photo], dataclasses.replace(config, encoder_weight=0.0))[0][0]
+    assert np.array_equal(off, photo)  # with the encoders weighted 0 nothing pulls: the photo is unchanged
+    on = sub.protect([photo], config)[0][0]
+    assert not np.array_equal(on, photo)
+    for weight in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="encoder_weight"):
+            ProtectConfig(encoder_weight=weight).validate()
 
 
 def test_protect_image_function(protector: ImageProtector, photo: np.ndarray) -> None:

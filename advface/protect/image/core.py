@@ -114,6 +114,10 @@ class ProtectConfig:
     guidance: tuple[str, ...] = ("encoders", "deflection", "antipure")
     #: Weight of the deflection term relative to the encoder terms (each term's gradient is normalised first).
     deflection_weight: float = 1.0
+    #: Weight of every encoder term (each encoder's embedding and feature terms) relative to the surrogate terms
+    #: (deflection, AntiPure); it matters under the ``ssim`` and ``jnd`` budgets, whose normalised steps follow the
+    #: direction of the summed gradients, far less under sign steps.
+    encoder_weight: float = 1.0
     #: AntiPure's settings (used when ``guidance`` names ``antipure``).
     antipure: AntiPureConfig = AntiPureConfig()
     #: ``uniform``, ``perceptual``, ``ssim`` or ``jnd`` (:data:`BUDGETS`); epsilon is the largest change of any
@@ -147,8 +151,10 @@ class ProtectConfig:
             raise ConfigError(f"feature_weight must be a finite number >= 0, got {self.feature_weight}")
         if parse_guidance(self.guidance) != tuple(self.guidance):
             raise ConfigError(f"guidance must be a tuple of names in the order {GUIDANCE_NAMES}, got {self.guidance}")
-        if not (math.isfinite(self.deflection_weight) and self.deflection_weight >= 0):
-            raise ConfigError(f"deflection_weight must be a finite number >= 0, got {self.deflection_weight}")
+        for name in ("deflection_weight", "encoder_weight"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
         self.antipure.validate()
         for name in ("gain", "ceiling"):
             value = getattr(self.perceptual, name)
@@ -501,7 +507,7 @@ class ImageProtector:
                 ]
                 for cos, weight in terms:
                     grad, norm = _gradient_and_norm(cos, delta, retain_graph=True)
-                    total += weight * grad / norm
+                    total += config.encoder_weight * weight * grad / norm
             if surrogate_terms:
                 th = surrogate_theta
                 if config.eot:
