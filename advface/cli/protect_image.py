@@ -94,6 +94,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"(default {defaults.feature_weight:g})",
     )
     parser.add_argument(
+        "--encoder-weight",
+        type=float,
+        default=defaults.encoder_weight,
+        metavar="W",
+        help=f"weight of every encoder term against the diffusion terms (deflection, antipure); under --budget ssim "
+        f"or jnd a larger weight keeps the protection against face encoders (default {defaults.encoder_weight:g})",
+    )
+    parser.add_argument(
         "--guidance",
         default=",".join(defaults.guidance),
         metavar="TERMS",
@@ -270,6 +278,7 @@ def run(args: argparse.Namespace) -> int:
         eot=not args.no_eot,
         target_similarity=args.target_similarity,
         feature_weight=args.feature_weight,
+        encoder_weight=args.encoder_weight,
         budget=args.budget,
         ssim=ssim,
         jnd=jnd,
@@ -377,6 +386,7 @@ def run(args: argparse.Namespace) -> int:
             "eot": config.eot,
             "target_similarity": config.target_similarity,
             "feature_weight": config.feature_weight,
+            "encoder_weight": config.encoder_weight,
             "budget": config.budget,
             "ssim_target": config.ssim.target if config.budget == "ssim" else None,
             "ssim_photo_target": config.ssim.whole_photo_target if config.budget == "ssim" else None,

@@ -12,8 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
+from advface.cli.main import build_parser
 from advface.cli.main import main as cli_main
 from advface.cli.protect_image import parse_epsilon
+from advface.cli.protect_image import run as cli_run
 from advface.errors import ConfigError, ImageError, NoFaceError
 from advface.faces.align import alignment_matrix, warp_to_chip
 from advface.images import load_image
@@ -194,7 +196,7 @@ def test_feature_term_changes_the_step_and_leaves_no_hooks(protector: ImageProte
             ProtectConfig(feature_weight=weight).validate()
 
 
-def test_encoder_weight_scales_the_encoder_terms(protector: ImageProtector, photo: np.ndarray) -> None:
+def test_encoder_weight_scales_the_encoder_terms(protector: ImageProtector, photo: np.ndarray, tmp_path: Path) -> None:
     sub = protector.subset(["dlib-torch"])
     config = ProtectConfig(steps=2, seed=1, eot=False, guidance=("encoders",))
     off = sub.protect([photo], dataclasses.replace(config, encoder_weight=0.0))[0][0]
@@ -204,6 +206,9 @@ def test_encoder_weight_scales_the_encoder_terms(protector: ImageProtector, phot
     for weight in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ConfigError, match="encoder_weight"):
             ProtectConfig(encoder_weight=weight).validate()
+    with pytest.raises(ConfigError, match="encoder_weight"):  # the CLI flag, refused before anything is read
+        cli_run(build_parser().parse_args(["protect-image", "a.jpg", "--out", str(tmp_path), "--encoder-weight", "-1"]))
+    assert not any(tmp_path.iterdir())
 
 
 def test_protect_image_function(protector: ImageProtector, photo: np.ndarray) -> None:
