@@ -267,7 +267,7 @@ class AdvFaceClient:
         """Protect an enrolment photo (bytes of an encoded image, or a path): ``(png_bytes, report)``.
 
         The server perturbs the photo (L-inf budget ``epsilon`` on the 0..1 scale, a float or a fraction like
-        ``"8/255"``; default: the server's budget shape's, 8/255 for the default uniform budget, 12/255 for ssim) so
+        ``"8/255"``; default: the server's budget shape's, 12/255 for the default ssim budget, 8/255 for uniform) so
         that face encoders no longer recognise the person, and returns a lossless PNG without the input's metadata,
         plus a report dict (``similarity`` per encoder: ``cosine_after``,
         ``cosine_random``...; ``psnr``, ``ssim``, ``linf_levels``, ``steps``, ``seconds``, ``notes``). Options left

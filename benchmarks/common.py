@@ -138,10 +138,10 @@ def antipure_from_args(args: Any, parser: Any) -> Any:
 def add_budget_arguments(parser: Any) -> None:
     """The ``--budget`` / ``--epsilon`` flags shared by the photo-protection benchmarks (defaults: the library's)."""
     from advface.protect.image import ProtectConfig
-    from advface.protect.image.core import DEFAULT_EPSILON
+    from advface.protect.image.core import SHAPE_DEFAULTS
     from advface.protect.image.perceptual import BUDGETS
 
-    shapes = ", ".join(f"{name} {round(value * 255)}/255" for name, value in DEFAULT_EPSILON.items())
+    shapes = ", ".join(f"{name} {round(d.epsilon * 255)}/255" for name, d in SHAPE_DEFAULTS.items())
     parser.add_argument(
         "--budget",
         choices=BUDGETS,

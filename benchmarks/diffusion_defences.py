@@ -323,8 +323,7 @@ def main() -> None:
     parser.add_argument(
         "--encoder-weight",
         type=float,
-        default=ProtectConfig.encoder_weight,
-        help=f"weight of the encoder terms against the surrogate's (default {ProtectConfig.encoder_weight:g})",
+        help="weight of the encoder terms against the surrogate's (default: the budget's own, ssim 3, the others 1)",
     )
     parser.add_argument(
         "--ssim-target",
@@ -417,8 +416,9 @@ def main() -> None:
         settings["budget"] = {"name": args.budget, "epsilon": f"{levels}/255"}
         if args.budget == "ssim":
             settings["budget"]["ssim_target"] = args.ssim_target
-    if args.encoder_weight != ProtectConfig.encoder_weight:
-        settings["encoder_weight"] = args.encoder_weight
+    encoder_weight = ProtectConfig(budget=args.budget, encoder_weight=args.encoder_weight).effective_encoder_weight
+    if encoder_weight != 1.0:  # absent: 1, the weight of every run before 2026-12-06
+        settings["encoder_weight"] = encoder_weight
     if args.threats != THREATS:
         settings["threats"] = list(args.threats)
     thresholds = {
@@ -455,8 +455,8 @@ def main() -> None:
             key += f"|{antipure}"
         if (config.budget, config.levels) != LEGACY_BUDGET:
             key += f"|{config.budget}|{config.levels}|{config.ssim if config.budget == 'ssim' else config.perceptual}"
-        if config.encoder_weight != ProtectConfig.encoder_weight:
-            key += f"|encoder_weight={config.encoder_weight:g}"
+        if config.effective_encoder_weight != 1.0:
+            key += f"|encoder_weight={config.effective_encoder_weight:g}"
         digest = hashlib.sha1(key.encode()).hexdigest()
         photos, quality[name] = protect_people(protector, config, people, paths, f"{name}-{digest[:10]}")
 

@@ -12,8 +12,9 @@ commands in ``benchmarks/RESULTS.md``)::
 
 Sample: LFW people shuffled with ``--seed``, the first photo of each (identity-disjoint), ``--count`` of them. Each
 photo's face is detected once and protected with every variant (``uniform``, ``perceptual``, ``ssim``, ``jnd``, or
-``NAME:KEY=VALUE,...`` to change the budget ``levels`` (default: the budget's own, ssim 12, the others 8; before
-2026-12-06 every variant defaulted to 8, so the commands of earlier results read ``ssim`` as ``ssim:levels=8``),
+``NAME:KEY=VALUE,...`` to change the budget ``levels`` (default: the budget's own, ssim 12, the others 8), the
+``encoder_weight`` (default: the budget's own, ssim 3, the others 1; before 2026-12-06 every variant defaulted to 8
+levels and weight 1, so the commands of earlier results read ``ssim`` as ``ssim:levels=8,encoder_weight=1``),
 ``steps`` or parameters of the budget map, of the SSIM
 budget or of the JND budget, e.g. ``ssim:target=0.95``, ``ssim:photo_target=0.97`` (the whole photo's SSIM
 constraint), ``ssim:scales=3`` (both constraints multi-scale), ``jnd:target=1.5`` or ``jnd:statistic=top``) at the

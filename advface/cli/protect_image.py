@@ -1,7 +1,7 @@
 """Protect enrolment photos: each input photo -> a PNG whose face no longer yields its identity to face encoders.
 
-PGD on the whole photo under an L-inf budget (default 8/255 with the default uniform budget: no pixel changes by more
-than 8 levels; 12/255 with --budget ssim, which keeps the face's and the whole photo's SSIM at 0.97) against an
+PGD on the whole photo under an L-inf budget (default 12/255 with the default SSIM budget, which keeps the face's and
+the whole photo's SSIM at 0.97; 8/255 with --budget uniform: no pixel changes by more than 8 levels) against an
 ensemble of face encoders (default dlib + MobileFaceNet; MobileFaceNet is left out, with a note, when its model file
 is not in $ADVFACE_MODELS_DIR), with random JPEG/resize/blur/crop during optimisation so that the protection
 survives them. Inputs are files, folders (searched recursively) or glob patterns; each protected photo is written
@@ -55,9 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = ProtectConfig()
     parser.add_argument("inputs", nargs="+", metavar="IN", help="image files, folders or glob patterns")
     parser.add_argument("--out", "-o", required=True, metavar="OUT_DIR", help="folder for the protected PNGs")
-    from advface.protect.image.core import DEFAULT_EPSILON
+    from advface.protect.image.core import SHAPE_DEFAULTS
 
-    shapes = ", ".join(f"{name} {round(value * 255)}/255" for name, value in DEFAULT_EPSILON.items())
+    shapes = ", ".join(f"{name} {round(d.epsilon * 255)}/255" for name, d in SHAPE_DEFAULTS.items())
+    weights = ", ".join(f"{name} {d.encoder_weight:g}" for name, d in SHAPE_DEFAULTS.items())
     parser.add_argument(
         "--epsilon",
         default=None,
@@ -96,10 +97,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--encoder-weight",
         type=float,
-        default=defaults.encoder_weight,
+        default=None,
         metavar="W",
         help=f"weight of every encoder term against the diffusion terms (deflection, antipure); under --budget ssim "
-        f"or jnd a larger weight keeps the protection against face encoders (default {defaults.encoder_weight:g})",
+        f"or jnd a larger weight keeps the protection against face encoders (default: the budget's own: {weights})",
     )
     parser.add_argument(
         "--guidance",
@@ -123,11 +124,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.budget,
         help=f"perceptual: each pixel's budget (at most --epsilon) follows a just-noticeable-difference map, smaller "
         f"on smooth skin than on hair, edges and background (quieter, weaker protection); ssim: every pixel within "
-        f"--epsilon, the optimisation keeps the face's and the whole photo's SSIM at --ssim-target (quiet; at its "
-        f"default 12/255 as strong against diffusion personalisation as uniform at 8/255, weaker against face "
+        f"--epsilon, the optimisation keeps the face's and the whole photo's SSIM at --ssim-target (quiet; with its "
+        f"12/255 and encoder weight 3 as strong as uniform 8/255 against diffusion personalisation and face "
         f"encoders); jnd: every pixel "
         f"within --epsilon, the optimisation keeps the change's visibility (JND units) at or below --jnd-target "
-        f"(quieter, weaker); uniform: every pixel may change by --epsilon (louder, strongest against face encoders) "
+        f"(quieter, weaker); uniform: every pixel may change by --epsilon (louder; the default until 2026-12-06) "
         f"(default {defaults.budget})",
     )
     parser.add_argument(
@@ -386,7 +387,7 @@ def run(args: argparse.Namespace) -> int:
             "eot": config.eot,
             "target_similarity": config.target_similarity,
             "feature_weight": config.feature_weight,
-            "encoder_weight": config.encoder_weight,
+            "encoder_weight": config.effective_encoder_weight,
             "budget": config.budget,
             "ssim_target": config.ssim.target if config.budget == "ssim" else None,
             "ssim_photo_target": config.ssim.whole_photo_target if config.budget == "ssim" else None,

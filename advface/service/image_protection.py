@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from advface.protect.image import ImageProtector, ProtectConfig, ProtectionReport
 
 #: The range of L-inf budgets a request may ask for (unset: the budget shape's default,
-#: :data:`advface.protect.image.core.DEFAULT_EPSILON`).
+#: :data:`advface.protect.image.core.SHAPE_DEFAULTS`).
 MAX_EPSILON = 32 / 255
 MIN_EPSILON = 1 / 255
 #: Face detection policies the image protector accepts (it protects one face per photo): "all" becomes "largest".

@@ -20,8 +20,8 @@ def _parse(*argv: str) -> dict:
 def test_defaults_are_the_library_s_and_each_shape_has_its_own_epsilon() -> None:
     budget = _parse()
     assert budget == {"budget": ProtectConfig.budget, "epsilon": None}
-    assert ProtectConfig(**budget).levels == ProtectConfig().levels == 8  # uniform at 8/255
-    assert ProtectConfig(**_parse("--budget", "ssim")).levels == 12
+    assert ProtectConfig(**budget).levels == ProtectConfig().levels == 12  # ssim at 12/255
+    assert ProtectConfig(**_parse("--budget", "uniform")).levels == 8
     custom = _parse("--budget", "ssim", "--epsilon", "8/255")
     assert custom["epsilon"] == pytest.approx(8 / 255) and ProtectConfig(**custom).levels == 8
 
@@ -34,8 +34,7 @@ def test_bad_epsilon_is_a_usage_error(epsilon: str) -> None:
 
 def test_cache_tag_keeps_the_uniform_caches_and_separates_the_others() -> None:
     assert budget_tag(ProtectConfig(budget="uniform")) == ""
-    assert budget_tag(ProtectConfig()) == ""
-    assert budget_tag(ProtectConfig(budget="ssim")) == "-ssim"
+    assert budget_tag(ProtectConfig()) == "-ssim"
     assert budget_tag(ProtectConfig(budget="jnd")) == "-jnd"
 
 

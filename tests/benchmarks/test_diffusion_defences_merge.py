@@ -80,3 +80,18 @@ def test_merge_takes_a_budget_from_protected_parts_and_refuses_mixed_budgets(tmp
     uniform = _run(tmp_path, "uniform", {default: {"training_free": _cell(0.0)}}, antipure=ANTIPURE)  # the default
     with pytest.raises(SystemExit, match="differ in settings"):
         merge([clean, based, uniform], default, str(tmp_path / "mixed.json"))
+
+
+def test_merge_takes_the_encoder_weight_from_protected_parts_and_refuses_mixed_weights(tmp_path: Path) -> None:
+    default = "encoders+deflection+antipure"
+    ssim = {"name": "ssim", "epsilon": "12/255", "ssim_target": 0.97}
+    clean = _run(tmp_path, "clean", {"clean": {"training_based": _cell(0.8)}})  # no encoder weight recorded
+    parts = [
+        _run(tmp_path, f"w3{k}", {default: {threat: _cell(0.0)}}, antipure=ANTIPURE, budget=ssim, encoder_weight=3.0)
+        for k, threat in enumerate(("training_based", "training_free"))
+    ]
+    out = json.loads(merge([clean, *parts], default, str(tmp_path / "merged.json")).read_text())
+    assert out["settings"]["encoder_weight"] == 3.0
+    weight1 = _run(tmp_path, "w1", {default: {"training_free": _cell(0.0)}}, antipure=ANTIPURE, budget=ssim)
+    with pytest.raises(SystemExit, match="differ in settings"):
+        merge([clean, parts[0], weight1], default, str(tmp_path / "mixed.json"))

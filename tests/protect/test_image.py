@@ -198,7 +198,7 @@ def test_feature_term_changes_the_step_and_leaves_no_hooks(protector: ImageProte
 
 def test_encoder_weight_scales_the_encoder_terms(protector: ImageProtector, photo: np.ndarray, tmp_path: Path) -> None:
     sub = protector.subset(["dlib-torch"])
-    config = ProtectConfig(steps=2, seed=1, eot=False, guidance=("encoders",))
+    config = ProtectConfig(steps=2, seed=1, eot=False, guidance=("encoders",), budget="uniform")
     off = sub.protect([photo], dataclasses.replace(config, encoder_weight=0.0))[0][0]
     assert np.array_equal(off, photo)  # with the encoders weighted 0 nothing pulls: the photo is unchanged
     on = sub.protect([photo], config)[0][0]

@@ -13,7 +13,7 @@ from advface.cli.main import build_parser
 from advface.cli.protect_image import run
 from advface.errors import ConfigError
 from advface.protect.image import ImageProtector, ProtectConfig
-from advface.protect.image.core import DEFAULT_EPSILON
+from advface.protect.image.core import SHAPE_DEFAULTS
 from advface.protect.image.perceptual import BUDGETS
 from advface.protect.image.quality import ssim, ssim_face
 from advface.protect.image.ssim_budget import (
@@ -278,9 +278,12 @@ def test_multi_scale_constraint_holds_the_coarse_levels(
 
 
 def test_each_budget_has_its_default_epsilon_and_an_explicit_one_wins() -> None:
-    assert set(DEFAULT_EPSILON) == set(BUDGETS)
-    assert ProtectConfig().budget == "uniform" and ProtectConfig().levels == 8  # the default: uniform at 8/255
-    assert ProtectConfig(budget="ssim").levels == 12  # the SSIM budget's own
-    assert ProtectConfig(epsilon=4 / 255).levels == 4 and ProtectConfig(budget="ssim", epsilon=4 / 255).levels == 4
+    assert set(SHAPE_DEFAULTS) == set(BUDGETS)
+    default = ProtectConfig()
+    assert (default.budget, default.levels, default.effective_encoder_weight) == ("ssim", 12, 3.0)  # the default
+    uniform = ProtectConfig(budget="uniform")
+    assert (uniform.levels, uniform.effective_encoder_weight) == (8, 1.0)  # the uniform budget's own
+    assert ProtectConfig(epsilon=4 / 255).levels == 4 and ProtectConfig(budget="uniform", epsilon=4 / 255).levels == 4
+    assert ProtectConfig(encoder_weight=1.0).effective_encoder_weight == 1.0  # an explicit weight wins too
     with pytest.raises(ConfigError, match="budget"):
         ProtectConfig(budget="loud").validate()  # an unknown budget is named, not a KeyError

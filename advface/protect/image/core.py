@@ -78,20 +78,36 @@ SurrogateLosses = Callable[[torch.Tensor, torch.Tensor, Sequence[torch.Generator
 MIN_FACE_SIZE = 40
 
 
-#: The largest change of any pixel (0..1 scale) of each budget shape when ``ProtectConfig.epsilon`` is None. The
-#: SSIM budget holds the face's and the whole photo's SSIM at its target, so it needs a larger ball than the uniform
-#: budget to protect as well: measured with every default stage on the attacker model (benchmarks/RESULTS.md, "The
-#: SSIM budget against the diffusion threats"), ssim at 12/255 stops training-based personalisation as uniform 8/255
-#: does, at face SSIM 0.976 and PSNR 36.2 dB; at 8/255 it lets 10% through (MobileFaceNet). (Against the face
-#: encoders alone it stays weaker than uniform 8/255, which is why uniform stays the default budget shape.)
-DEFAULT_EPSILON: dict[str, float] = {"uniform": 8 / 255, "perceptual": 8 / 255, "ssim": 12 / 255, "jnd": 8 / 255}
+@dataclass(frozen=True)
+class ShapeDefaults:
+    """The settings a budget shape takes where ``ProtectConfig`` leaves them None."""
+
+    #: Largest change of any pixel, 0..1 scale.
+    epsilon: float
+    #: Weight of the encoder terms against the surrogate's terms.
+    encoder_weight: float = 1.0
+
+
+#: Each budget shape's defaults. The SSIM budget holds the face's and the whole photo's SSIM at its target, so it
+#: needs a larger ball than the uniform budget, and its L2-normalised steps follow the direction of the summed term
+#: gradients, so the encoder terms need a larger weight to keep their share against the surrogate's: measured with
+#: every default stage (benchmarks/RESULTS.md, "The SSIM budget against the diffusion threats"), ssim at 12/255 with
+#: encoder weight 3 is as strong as uniform 8/255 against the diffusion threats and the face encoders, at face SSIM
+#: 0.975 and PSNR 37.0 dB (at weight 1 MobileFaceNet still matched 3 of 8 photos; at 8/255 training-based
+#: personalisation got 10% through).
+SHAPE_DEFAULTS: dict[str, ShapeDefaults] = {
+    "uniform": ShapeDefaults(epsilon=8 / 255),
+    "perceptual": ShapeDefaults(epsilon=8 / 255),
+    "ssim": ShapeDefaults(epsilon=12 / 255, encoder_weight=3.0),
+    "jnd": ShapeDefaults(epsilon=8 / 255),
+}
 
 
 @dataclass(frozen=True)
 class ProtectConfig:
     """Budget and optimisation settings of image protection."""
 
-    #: Largest change of any pixel on the 0..1 scale; None: the budget shape's own (:data:`DEFAULT_EPSILON`); the
+    #: Largest change of any pixel on the 0..1 scale; None: the budget shape's own (:data:`SHAPE_DEFAULTS`); the
     #: value in effect is :attr:`effective_epsilon`.
     epsilon: float | None = None
     steps: int = 60
@@ -116,13 +132,14 @@ class ProtectConfig:
     deflection_weight: float = 1.0
     #: Weight of every encoder term (each encoder's embedding and feature terms) relative to the surrogate terms
     #: (deflection, AntiPure); it matters under the ``ssim`` and ``jnd`` budgets, whose normalised steps follow the
-    #: direction of the summed gradients, far less under sign steps.
-    encoder_weight: float = 1.0
+    #: direction of the summed gradients, far less under sign steps. None: the budget shape's own
+    #: (:data:`SHAPE_DEFAULTS`); the value in effect is :attr:`effective_encoder_weight`.
+    encoder_weight: float | None = None
     #: AntiPure's settings (used when ``guidance`` names ``antipure``).
     antipure: AntiPureConfig = AntiPureConfig()
     #: ``uniform``, ``perceptual``, ``ssim`` or ``jnd`` (:data:`BUDGETS`); epsilon is the largest change of any
     #: pixel in every case (unless ``perceptual.ceiling`` > 1).
-    budget: str = "uniform"
+    budget: str = "ssim"
     #: Parameters of the perceptual budget map.
     perceptual: PerceptualBudget = field(default_factory=PerceptualBudget)
     #: Parameters of the SSIM budget (face-box SSIM constraint and L2-normalised steps,
@@ -151,8 +168,10 @@ class ProtectConfig:
             raise ConfigError(f"feature_weight must be a finite number >= 0, got {self.feature_weight}")
         if parse_guidance(self.guidance) != tuple(self.guidance):
             raise ConfigError(f"guidance must be a tuple of names in the order {GUIDANCE_NAMES}, got {self.guidance}")
-        for name in ("deflection_weight", "encoder_weight"):
-            value = getattr(self, name)
+        for name, value in (
+            ("deflection_weight", self.deflection_weight),
+            ("encoder_weight", self.effective_encoder_weight),
+        ):
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
         self.antipure.validate()
@@ -168,7 +187,12 @@ class ProtectConfig:
     @property
     def effective_epsilon(self) -> float:
         """The largest change of any pixel in effect (0..1 scale): ``epsilon``, or the budget's default."""
-        return DEFAULT_EPSILON[self.budget] if self.epsilon is None else self.epsilon
+        return SHAPE_DEFAULTS[self.budget].epsilon if self.epsilon is None else self.epsilon
+
+    @property
+    def effective_encoder_weight(self) -> float:
+        """The weight of the encoder terms in effect: ``encoder_weight``, or the budget's default."""
+        return SHAPE_DEFAULTS[self.budget].encoder_weight if self.encoder_weight is None else self.encoder_weight
 
     @property
     def levels(self) -> int:
@@ -481,6 +505,7 @@ class ImageProtector:
         photo_multipliers = torch.full((b,), dual.min_multiplier, device=dev)
         seen = VisibilityMap(x, config.jnd.model) if use_jnd else None  # the clean photos' terms, once
         base_step = config.step_fraction * eps
+        encoder_weight = config.effective_encoder_weight
         for step in range(config.steps):
             if should_stop is not None and should_stop():
                 raise DeadlineExceededError(f"protection stopped after {step} of {config.steps} steps")
@@ -507,7 +532,7 @@ class ImageProtector:
                 ]
                 for cos, weight in terms:
                     grad, norm = _gradient_and_norm(cos, delta, retain_graph=True)
-                    total += config.encoder_weight * weight * grad / norm
+                    total += encoder_weight * weight * grad / norm
             if surrogate_terms:
                 th = surrogate_theta
                 if config.eot:
