@@ -64,7 +64,7 @@ from advface.faces.pipeline import FaceChipper  # noqa: E402
 from advface.generative.model import IdentityGenerator, load_generator  # noqa: E402
 from advface.generative.threats import FinetuneConfig, generate_from_embeddings, personalise  # noqa: E402
 from advface.images import load_image  # noqa: E402
-from advface.protect.image.core import ImageProtector, ProtectConfig  # noqa: E402
+from advface.protect.image.core import SHAPE_DEFAULTS, ImageProtector, ProtectConfig  # noqa: E402
 from advface.protect.image.io import save_png  # noqa: E402
 from advface.protect.image.purify import standard_purifications  # noqa: E402
 from advface.protect.image.quality import psnr, ssim  # noqa: E402
@@ -323,7 +323,9 @@ def main() -> None:
     parser.add_argument(
         "--encoder-weight",
         type=float,
-        help="weight of the encoder terms against the surrogate's (default: the budget's own, ssim 3, the others 1)",
+        help="weight of the encoder terms against the surrogate's (default: the budget's own, "
+        + ", ".join(f"{name} {d.encoder_weight:g}" for name, d in SHAPE_DEFAULTS.items())
+        + ")",
     )
     parser.add_argument(
         "--ssim-target",
@@ -361,8 +363,8 @@ def main() -> None:
         parser.error("--attacker and --surrogate are required to measure")
     if args.threads:
         torch.set_num_threads(args.threads)
-    epsilon = budget_from_args(args, parser)["epsilon"]
-    levels = ProtectConfig(budget=args.budget, epsilon=epsilon).levels
+    budget = {**budget_from_args(args, parser), "encoder_weight": args.encoder_weight}
+    chosen = ProtectConfig(**budget)  # the budget every configuration below protects with
 
     unknown = sorted(set(filter(None, args.classical.split(","))) - set(standard_purifications()))
     if unknown:
@@ -412,13 +414,12 @@ def main() -> None:
             "identity_weight": antipure.identity_weight,
             "decoy_weight": antipure.decoy_weight,
         }
-    if (args.budget, levels) != LEGACY_BUDGET:
-        settings["budget"] = {"name": args.budget, "epsilon": f"{levels}/255"}
-        if args.budget == "ssim":
+    if (chosen.budget, chosen.levels) != LEGACY_BUDGET:
+        settings["budget"] = {"name": chosen.budget, "epsilon": f"{chosen.levels}/255"}
+        if chosen.budget == "ssim":
             settings["budget"]["ssim_target"] = args.ssim_target
-    encoder_weight = ProtectConfig(budget=args.budget, encoder_weight=args.encoder_weight).effective_encoder_weight
-    if encoder_weight != 1.0:  # absent: 1, the weight of every run before 2026-12-06
-        settings["encoder_weight"] = encoder_weight
+    if chosen.effective_encoder_weight != 1.0:  # absent: 1, the weight of every run before 2026-12-06
+        settings["encoder_weight"] = chosen.effective_encoder_weight
     if args.threats != THREATS:
         settings["threats"] = list(args.threats)
     thresholds = {
@@ -443,10 +444,8 @@ def main() -> None:
             steps=args.protect_steps,
             seed=args.seed,
             deflection_weight=args.deflection_weight,
-            encoder_weight=args.encoder_weight,
             antipure=antipure,
-            epsilon=epsilon,
-            budget=args.budget,
+            **budget,
             ssim=SsimBudget(target=args.ssim_target),
         )
         config.validate()
