@@ -136,7 +136,8 @@ def antipure_from_args(args: Any, parser: Any) -> Any:
 
 
 def add_budget_arguments(parser: Any) -> None:
-    """The ``--budget`` / ``--epsilon`` flags shared by the photo-protection benchmarks (defaults: the library's)."""
+    """The ``--budget`` / ``--epsilon`` / ``--encoder-weight`` flags shared by the photo-protection benchmarks
+    (defaults: the library's, per budget shape)."""
     from advface.protect.image import ProtectConfig
     from advface.protect.image.core import SHAPE_DEFAULTS
     from advface.protect.image.perceptual import BUDGETS
@@ -152,24 +153,37 @@ def add_budget_arguments(parser: Any) -> None:
     parser.add_argument(
         "--epsilon", help=f"largest change of any pixel, a float or a fraction like 8/255 (default: {shapes})"
     )
+    weights = ", ".join(f"{name} {d.encoder_weight:g}" for name, d in SHAPE_DEFAULTS.items())
+    parser.add_argument(
+        "--encoder-weight",
+        type=float,
+        help=f"weight of the encoder terms against the surrogate's and the budget's (default: {weights})",
+    )
 
 
 def budget_from_args(args: Any, parser: Any) -> dict[str, Any]:
-    """``{"budget": ..., "epsilon": float | None}`` from :func:`add_budget_arguments`' flags, for ``ProtectConfig``;
-    a usage error when they are invalid."""
+    """``{"budget": ..., "epsilon": float | None, "encoder_weight": float | None}`` from
+    :func:`add_budget_arguments`' flags, for ``ProtectConfig``; a usage error when they are invalid."""
     from advface.cli.protect_image import parse_epsilon
     from advface.errors import AdvfaceError
     from advface.protect.image import ProtectConfig
 
     try:
         epsilon = None if args.epsilon is None else parse_epsilon(args.epsilon)
-        ProtectConfig(budget=args.budget, epsilon=epsilon).validate()
+        chosen = {"budget": args.budget, "epsilon": epsilon, "encoder_weight": args.encoder_weight}
+        ProtectConfig(**chosen).validate()
     except AdvfaceError as exc:
         parser.error(str(exc))
-    return {"budget": args.budget, "epsilon": epsilon}
+    return chosen
 
 
 def budget_tag(config: Any) -> str:
     """The part of a cache name that tells budgets apart: empty for the uniform budget (so that the caches made when it
-    was the default stay valid), ``-NAME`` otherwise (the epsilon is named separately by ``config.levels``)."""
-    return "" if config.budget == "uniform" else f"-{config.budget}"
+    was the default stay valid), ``-NAME`` otherwise (the epsilon is named separately by ``config.levels``), and
+    ``-ewW`` when the encoder weight is not the budget shape's own."""
+    from advface.protect.image.core import SHAPE_DEFAULTS
+
+    tag = "" if config.budget == "uniform" else f"-{config.budget}"
+    if config.effective_encoder_weight != SHAPE_DEFAULTS[config.budget].encoder_weight:
+        tag += f"-ew{config.effective_encoder_weight:g}"
+    return tag

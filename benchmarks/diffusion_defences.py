@@ -9,6 +9,7 @@ Usage::
         [--antipure-identity surrogate|ensemble] [--antipure-identity-weight 1] [--decoy-weight 0]
         [--threats training_free,training_based] [--out benchmarks/results/diffusion_defences.json]
     python benchmarks/diffusion_defences.py --merge RUN1.json RUN2.json[:CONFIG,...] [--out ...]   # side by side
+    python benchmarks/diffusion_defences.py --surrogate generator_defender.pt --protect-only [--configs ...]  # cache
 
 The result is rewritten after every configuration and purification level.
 
@@ -37,7 +38,9 @@ which the attacker finds no face give no training-free faces (counted as not mat
 the AntiPure options (:class:`~advface.protect.image.antipure.AntiPureConfig`) of every configuration naming
 ``antipure``. Protected photos are cached under ``benchmarks/results/local/diffusion_defences/`` (not
 committed: LFW likenesses), so a rerun with the same settings (and the same surrogate file) reuses them. The result
-is rewritten after every purification level, so a long run's finished part is never lost.
+is rewritten after every purification level, so a long run's finished part is never lost. ``--protect-only`` fills
+that cache and measures nothing (no attacker model needed), so protection can run before or beside the attacker's
+training; each cached photo's protection seconds and face SSIM are kept with it and reported by the later run.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ from advface.faces.pipeline import FaceChipper  # noqa: E402
 from advface.generative.model import IdentityGenerator, load_generator  # noqa: E402
 from advface.generative.threats import FinetuneConfig, generate_from_embeddings, personalise  # noqa: E402
 from advface.images import load_image  # noqa: E402
-from advface.protect.image.core import SHAPE_DEFAULTS, ImageProtector, ProtectConfig  # noqa: E402
+from advface.protect.image.core import ImageProtector, ProtectConfig  # noqa: E402
 from advface.protect.image.io import save_png  # noqa: E402
 from advface.protect.image.purify import standard_purifications  # noqa: E402
 from advface.protect.image.quality import psnr, ssim  # noqa: E402
@@ -209,25 +212,37 @@ def protect_people(
     paths: dict[str, Path],
     tag: str,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Protected photos (photo id -> uint8), cached by ``tag``; and quality and cost summaries."""
+    """Protected photos (photo id -> uint8), cached by ``tag``; and quality and cost summaries. Each cached photo's
+    protection seconds and face-box SSIM are kept beside it (``records.json``), so a run that reads the cache (e.g.
+    after ``--protect-only``) reports them too."""
     folder = LOCAL / tag
     folder.mkdir(parents=True, exist_ok=True)
+    records_file = folder / "records.json"
+    records: dict[str, dict[str, float | None]] = json.loads(records_file.read_text()) if records_file.is_file() else {}
     out: dict[str, np.ndarray] = {}
     psnrs, ssims, face_ssims, seconds = [], [], [], []
     for _, ids in people:
         for pid in ids[:PHOTOS_PER_PERSON]:
-            cached = folder / (hashlib.sha1(pid.encode()).hexdigest()[:16] + ".png")
+            name = hashlib.sha1(pid.encode()).hexdigest()[:16]
+            cached = folder / (name + ".png")
             clean = load_image(paths[pid])
             if cached.is_file():
                 protected = load_image(cached)
             else:
                 started = time.perf_counter()
                 protected, report = protector.protect([clean], config, sources=[pid])[0]
-                seconds.append(time.perf_counter() - started)
                 face_ssim = getattr(report, "ssim_face", None)
-                if face_ssim is not None:
-                    face_ssims.append(float(face_ssim))
+                records[name] = {
+                    "seconds": time.perf_counter() - started,
+                    "ssim_face": None if face_ssim is None else float(face_ssim),
+                }
                 save_png(protected, cached)
+                records_file.write_text(json.dumps(records, indent=1))
+            record = records.get(name, {})
+            if record.get("seconds") is not None:
+                seconds.append(float(record["seconds"]))  # type: ignore[arg-type]
+            if record.get("ssim_face") is not None:
+                face_ssims.append(float(record["ssim_face"]))  # type: ignore[arg-type]
             out[pid] = protected
             psnrs.append(psnr(clean, protected))
             ssims.append(ssim(clean, protected))
@@ -321,13 +336,6 @@ def main() -> None:
     parser.add_argument("--encoders", default="dlib-torch,mobilefacenet", help="protection ensemble")
     add_budget_arguments(parser)
     parser.add_argument(
-        "--encoder-weight",
-        type=float,
-        help="weight of the encoder terms against the surrogate's (default: the budget's own, "
-        + ", ".join(f"{name} {d.encoder_weight:g}" for name, d in SHAPE_DEFAULTS.items())
-        + ")",
-    )
-    parser.add_argument(
         "--ssim-target",
         type=float,
         default=SsimBudget.target,
@@ -352,6 +360,12 @@ def main() -> None:
     parser.add_argument(
         "--threats", default=",".join(THREATS), help=f"threats to measure (default {','.join(THREATS)})"
     )
+    parser.add_argument(
+        "--protect-only",
+        action="store_true",
+        help="only protect the configurations' photos into the cache (no --attacker needed); a later run with the "
+        "same settings measures them",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--out")
@@ -359,11 +373,11 @@ def main() -> None:
     if args.merge:
         print(f"wrote {merge(args.merge, args.default_config, args.out, args.cost, args.persguard)}")
         return
-    if not (args.attacker and args.surrogate):
-        parser.error("--attacker and --surrogate are required to measure")
+    if not args.surrogate or not (args.attacker or args.protect_only):
+        parser.error("--attacker and --surrogate are required to measure (--protect-only: --surrogate alone)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    budget = {**budget_from_args(args, parser), "encoder_weight": args.encoder_weight}
+    budget = budget_from_args(args, parser)
     chosen = ProtectConfig(**budget)  # the budget every configuration below protects with
 
     unknown = sorted(set(filter(None, args.classical.split(","))) - set(standard_purifications()))
@@ -377,7 +391,8 @@ def main() -> None:
     purify_configs = set((args.purify_configs or args.default_config).split(","))
     dataset = LFW(args.lfw_dir)
     paths = {item.id: Path(item.path) for item in dataset}
-    generator = load_generator(args.attacker)
+    # --protect-only: the surrogate stands in for the attacker model only to pick the people (same encoder and size)
+    generator = load_generator(args.surrogate if args.protect_only else args.attacker)
     judges = Judges(generator, dataset, args.models_dir)
     attacker = Attacker(generator, judges, args)
     people = evaluation_people(judges, PHOTOS_PER_PERSON + 1)[: args.people]
@@ -433,7 +448,7 @@ def main() -> None:
         document = {"models": models, "settings": settings, "thresholds": thresholds}
         write_payload({**document, "ablation": results, "quality": quality}, args.out)
 
-    if not args.skip_clean:
+    if not args.skip_clean and not args.protect_only:
         clean_photos = {pid: load_image(paths[pid]) for _, ids in people for pid in ids[:PHOTOS_PER_PERSON]}
         results["clean"] = run_threats(attacker, judges, people, clean_photos, args, purify="clean" in purify_configs)
         print("clean", {t: results["clean"][t]["match"] for t in args.threats}, "match (system judge)", flush=True)
@@ -458,6 +473,9 @@ def main() -> None:
             key += f"|encoder_weight={config.effective_encoder_weight:g}"
         digest = hashlib.sha1(key.encode()).hexdigest()
         photos, quality[name] = protect_people(protector, config, people, paths, f"{name}-{digest[:10]}")
+        if args.protect_only:
+            print(name, "protected", quality[name], flush=True)
+            continue
 
         def level_done(summary: dict[str, Any], name: str = name) -> None:
             results[name] = summary

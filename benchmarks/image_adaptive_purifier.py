@@ -142,6 +142,7 @@ def main() -> None:
         "protection": {
             "budget": config.budget,
             "epsilon_levels": config.levels,
+            **({"encoder_weight": config.encoder_weight} if config.encoder_weight is not None else {}),
             "steps": config.steps,
             "feature_weight": config.feature_weight,
             "encoders": encoders,

@@ -295,6 +295,7 @@ def main() -> None:  # noqa: PLR0915 - one linear script
             "budget": config.budget,
             "epsilon": config.effective_epsilon,
             "epsilon_levels": config.levels,
+            **({"encoder_weight": config.encoder_weight} if config.encoder_weight is not None else {}),
             "steps": config.steps,
             "step_fraction": config.step_fraction,
             "eot": config.eot,

@@ -112,10 +112,11 @@ def main() -> None:
             f"| PSNR {entry['psnr_mean']:.2f} dB | {entry['seconds_mean']:.1f} s",
             flush=True,
         )
+    chosen = ProtectConfig(**budget)
     payload = {
         "protocol": (
-            f"dlib-torch-only protection (60 steps, budget {budget['budget']} at "
-            f"{ProtectConfig(**budget).levels}/255, EOT, seed), evaluated as image_protection.py; "
+            f"dlib-torch-only protection (60 steps, budget {budget['budget']} at {chosen.levels}/255, encoder weight "
+            f"{chosen.effective_encoder_weight:g}, EOT, seed), evaluated as image_protection.py; "
             f"people {args.offset}..{args.offset + len(people) - 1} of the seeded LFW shuffle"
         ),
         "shared_machine": args.shared_machine,

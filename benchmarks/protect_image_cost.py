@@ -100,6 +100,7 @@ def main() -> None:
             "steps": ProtectConfig.steps,
             "budget": args.budget,
             "epsilon_levels": ProtectConfig(**budget).levels,
+            **({"encoder_weight": args.encoder_weight} if args.encoder_weight is not None else {}),
             **(
                 {
                     "antipure": {

@@ -19,7 +19,7 @@ def _parse(*argv: str) -> dict:
 
 def test_defaults_are_the_library_s_and_each_shape_has_its_own_epsilon() -> None:
     budget = _parse()
-    assert budget == {"budget": ProtectConfig.budget, "epsilon": None}
+    assert budget == {"budget": ProtectConfig.budget, "epsilon": None, "encoder_weight": None}
     assert ProtectConfig(**budget).levels == ProtectConfig().levels == 12  # ssim at 12/255
     assert ProtectConfig(**_parse("--budget", "uniform")).levels == 8
     custom = _parse("--budget", "ssim", "--epsilon", "8/255")
@@ -36,6 +36,17 @@ def test_cache_tag_keeps_the_uniform_caches_and_separates_the_others() -> None:
     assert budget_tag(ProtectConfig(budget="uniform")) == ""
     assert budget_tag(ProtectConfig()) == "-ssim"
     assert budget_tag(ProtectConfig(budget="jnd")) == "-jnd"
+
+
+def test_encoder_weight_flag_and_its_cache_tag() -> None:
+    assert ProtectConfig(**_parse("--encoder-weight", "8")).effective_encoder_weight == 8.0
+    assert ProtectConfig(**_parse()).effective_encoder_weight == 3.0  # ssim's own
+    # the shape's own weight, given or not, keeps the shape's cache name; another weight gets its own
+    assert budget_tag(ProtectConfig(**_parse("--encoder-weight", "3"))) == "-ssim"
+    assert budget_tag(ProtectConfig(**_parse("--encoder-weight", "8"))) == "-ssim-ew8"
+    assert budget_tag(ProtectConfig(**_parse("--budget", "uniform", "--encoder-weight", "2.5"))) == "-ew2.5"
+    with pytest.raises(SystemExit):
+        _parse("--encoder-weight", "-1")
 
 
 def test_photo_quality_variants_take_each_shape_s_own_epsilon_unless_levels_is_given() -> None:

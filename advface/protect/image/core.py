@@ -223,6 +223,8 @@ class ProtectionReport:
     steps: int
     seconds: float
     epsilon: float
+    #: The budget shape (``ProtectConfig.budget``).
+    budget: str
     grayscale: bool = False
     notes: list[str] = field(default_factory=list)
     #: The guidance terms that ran (stage names, see ``ProtectConfig.guidance``).
@@ -231,8 +233,6 @@ class ProtectionReport:
     ssim_face: float = math.nan
     #: Gradient magnitude similarity deviation (0: identical; see :func:`advface.protect.image.quality.gmsd`).
     gmsd: float = math.nan
-    #: The budget shape (``ProtectConfig.budget``).
-    budget: str = "uniform"
     #: Visibility of the change in JND units (:func:`advface.protect.image.visibility.visibility` with
     #: ``ProtectConfig.jnd.model``): Minkowski mean and 95th percentile of the map over the face box, Minkowski mean
     #: over the whole photo, share of face-box pixels above 1 JND.
