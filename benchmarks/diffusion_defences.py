@@ -41,6 +41,8 @@ committed: LFW likenesses), so a rerun with the same settings (and the same surr
 is rewritten after every purification level, so a long run's finished part is never lost. ``--protect-only`` fills
 that cache and measures nothing (no attacker model needed), so protection can run before or beside the attacker's
 training; each cached photo's protection seconds and face SSIM are kept with it and reported by the later run.
+``--purified-only`` skips the threats on the unpurified photos of the ``--purify-configs`` (a run measuring one more
+purification level need not repeat them; ``--merge`` unites the parts).
 """
 
 from __future__ import annotations
@@ -299,6 +301,8 @@ def run_threats(
             elif name not in classical:  # the attacker model's diffusion purification of the chips
                 small = attacker.purify(chips, float(name), seed)
                 chips = [None if c is None else resize_faces(c[None], attacker.encoder.chip.size)[0] for c in small]
+            if not level and purify and args.purified_only:  # only the no-face count of the unpurified photos
+                continue
             if "training_free" in args.threats:
                 for faces in attacker.training_free(chips, seed):
                     tally.add(f"{prefix}training_free", faces, reference, args.n)
@@ -359,6 +363,12 @@ def main() -> None:
     add_antipure_arguments(parser)
     parser.add_argument(
         "--threats", default=",".join(THREATS), help=f"threats to measure (default {','.join(THREATS)})"
+    )
+    parser.add_argument(
+        "--purified-only",
+        action="store_true",
+        help="for the --purify-configs: measure the threats after purification only (not on the unpurified photos, "
+        "which another run measured; --merge unites them)",
     )
     parser.add_argument(
         "--protect-only",
@@ -482,7 +492,10 @@ def main() -> None:
             save()
 
         run_threats(attacker, judges, people, photos, args, purify=name in purify_configs, on_level=level_done)
-        print(name, {t: results[name][t]["match"] for t in args.threats}, "match (system judge)", flush=True)
+        matches = {
+            key: cell["match"] for key, cell in results[name].items() if isinstance(cell, dict) and "match" in cell
+        }
+        print(name, matches, "match (system judge)", flush=True)
         save()
 
 

@@ -46,3 +46,51 @@ def test_cached_photos_report_the_recorded_seconds_and_face_ssim(
     assert protector.calls == 6  # nothing protected twice
     assert cached == quality
     assert all(np.array_equal(first[pid], again[pid]) for pid in first)
+
+
+class _FakeAttacker:
+    """Records which threats ran; every photo has a face."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.encoder = SimpleNamespace(chip=SimpleNamespace(size=8))
+
+    def chips(self, photo: np.ndarray) -> np.ndarray:
+        return np.zeros((8, 8, 3), np.uint8)
+
+    def purify(self, chips: list[Any], t_star: float, seed: int) -> list[Any]:
+        self.calls.append(f"purify {t_star:g}")
+        return [np.zeros((8, 8, 3), np.uint8) for _ in chips]
+
+    def training_free(self, chips: list[Any], seed: int) -> list[Any]:
+        self.calls.append("training_free")
+        return [np.zeros((2, 8, 8, 3), np.uint8) for _ in chips]
+
+    def training_based(self, chips: list[Any], seed: int) -> Any:
+        self.calls.append("training_based")
+        return np.zeros((2, 8, 8, 3), np.uint8)
+
+
+class _FakeJudges:
+    def score(self, faces: np.ndarray, photo_ids: list[str]) -> dict[str, Any]:
+        return {"n": len(faces)}
+
+    def summary(self, scores: dict[str, Any]) -> dict[str, Any]:
+        n = scores["n"]
+        return {"faces": n, "system_match": 0.5, "ism_system": 0.9, "transfer_faces": n, "transfer_match": 0.25,
+                "ism_transfer": 0.2}  # fmt: skip
+
+
+@pytest.mark.parametrize("purified_only", [False, True])
+def test_purified_only_skips_the_unpurified_threats_but_keeps_the_no_face_count(purified_only: bool) -> None:
+    people = [("A", ["a1", "a2", "a3", "a4"]), ("B", ["b1", "b2", "b3", "b4"])]
+    photos = {pid: np.zeros((8, 8, 3), np.uint8) for _, ids in people for pid in ids}
+    args = SimpleNamespace(purify="0.1", classical="", threats=dd.THREATS, seed=0, n=2, purified_only=purified_only)
+    attacker = _FakeAttacker()
+    summary = dd.run_threats(attacker, _FakeJudges(), people, photos, args, purify=True)  # type: ignore[arg-type]
+    unpurified = {"training_free", "training_based"}
+    assert {"purified_0.1_training_free", "purified_0.1_training_based", "purified"} <= set(summary)
+    assert (unpurified <= set(summary)) is not purified_only
+    assert summary["no_face_rate"] == 0.0
+    # training-based runs once per person and level: both levels, or the purified one alone
+    assert attacker.calls.count("training_based") == len(people) * (1 if purified_only else 2)
