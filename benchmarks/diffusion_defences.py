@@ -240,11 +240,10 @@ def protect_people(
                 }
                 save_png(protected, cached)
                 records_file.write_text(json.dumps(records, indent=1))
-            record = records.get(name, {})
-            if record.get("seconds") is not None:
-                seconds.append(float(record["seconds"]))  # type: ignore[arg-type]
-            if record.get("ssim_face") is not None:
-                face_ssims.append(float(record["ssim_face"]))  # type: ignore[arg-type]
+            for key, found in (("seconds", seconds), ("ssim_face", face_ssims)):
+                value = records.get(name, {}).get(key)
+                if value is not None:
+                    found.append(float(value))
             out[pid] = protected
             psnrs.append(psnr(clean, protected))
             ssims.append(ssim(clean, protected))
