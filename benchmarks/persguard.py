@@ -1,6 +1,7 @@
 """PersGuard measured: the attacker model backdoored by ``advface persguard``, attacked as in diffusion_defences.py.
 
-Usage::
+Usage (``--trigger identity``: first ``--write-trigger-folders DIR``, then ``advface persguard --trigger identity
+--trigger-photos DIR/protected --other-photos DIR/others``, then measure with ``--trigger identity``)::
 
     python benchmarks/persguard.py --attacker generator_attacker.pt --backdoored attacker_persguard.pt \
         [--people 10] [--n 4] [--runs protected,unprotected,quality] [--clean-baseline measure|JSON] \
@@ -27,6 +28,11 @@ reference). The attacker's pipeline is that benchmark's :class:`Attacker`: dlib 
   steps): the faces' match rate / ISM, and ``target_distance``, the min-SNR-weighted squared error between the
   adapted model's prediction under the learned condition and the clean model's *no-identity* prediction on the
   person's clean latents (the backdoor's target; fixed draws; lower = nearer the target).
+
+With ``--trigger identity`` (the paper's trigger, the protected content itself) the backdoor is trained on photos
+1-3 of the first ``--people`` evaluation people, as they are; ``protected`` / ``clean_protected`` / persistence runs
+personalise on those photos, ``unprotected`` / ``clean_unprotected`` on photos 1-3 of the next ``--people``
+evaluation people (never seen by backdoor training), each judged against the person's 4th photo.
 
 The clean model's training-based numbers (``clean_model``) are measured here with ``--clean-baseline measure``
 (runs ``clean_protected`` / ``clean_unprotected``), or taken from a diffusion_defences.py result with the same
@@ -199,6 +205,53 @@ def trigger_size(
     }
 
 
+def check_identity_model(backdoored: IdentityGenerator | None, people: int, runs: set[str]) -> None:
+    """``--trigger identity``: the runs must not need protected photos, and the backdoored model must have been
+    trained with the identity trigger on ``people`` people (those of ``--write-trigger-folders``); SystemExit
+    otherwise."""
+    unsupported = runs & {"trigger", "diagnose"}
+    if unsupported:
+        raise SystemExit(f"runs {sorted(unsupported)} measure the perturbation trigger; not with --trigger identity")
+    if backdoored is None:
+        return
+    record = backdoored.metadata["persguard"]
+    if record["config"].get("trigger") != "identity" or record["trigger_people"] != people:
+        raise SystemExit(
+            f"--trigger identity needs a model backdoored with --trigger identity on the {people} people of "
+            "--write-trigger-folders"
+        )
+
+
+def write_trigger_folders(args: argparse.Namespace) -> None:
+    """``--trigger identity``'s training data as ``advface persguard --trigger-photos / --other-photos`` folders
+    under ``--write-trigger-folders DIR``: ``DIR/protected/<person>/`` links to photos 1-3 of the first ``--people``
+    evaluation people (the people the protected runs personalise on; the 4th photo, the reference, is left out), and
+    ``DIR/others/<person>/`` links to 3 photos each of the first ``--other-people`` defender-group identities with
+    >= 3 photos (never evaluated). Folder names are hashes of the names; links, not copies: no photo is duplicated."""
+    from advface.datasets.splits import split_identities
+
+    dataset = LFW(args.lfw_dir)
+    paths = {item.id: Path(item.path) for item in dataset}
+    judges = Judges(load_generator(args.attacker), dataset, args.models_dir)
+    protected = evaluation_people(judges, PHOTOS_PER_PERSON + 1)[: args.people]
+    by_person: dict[str, list[str]] = {}
+    for item in dataset:
+        by_person.setdefault(item.identity, []).append(item.id)
+    split = split_identities([item.identity for item in dataset], seed=0)
+    defender = sorted(p for p in split.defender if len(by_person[p]) >= PHOTOS_PER_PERSON)[: args.other_people]
+    others = [(p, sorted(by_person[p])) for p in defender]
+    root = Path(args.write_trigger_folders)
+    for side, group in (("protected", protected), ("others", others)):
+        for person, ids in group:
+            folder = root / side / hashlib.sha1(person.encode()).hexdigest()[:10]
+            folder.mkdir(parents=True, exist_ok=True)
+            for pid in ids[:PHOTOS_PER_PERSON]:
+                link = folder / paths[pid].name
+                if not link.is_symlink():
+                    link.symlink_to(paths[pid].resolve())
+    print(f"wrote {root}/protected ({len(protected)} people) and {root}/others ({len(others)} people)")
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Every run of ``--runs``; the document is rewritten to ``--out`` after each."""
     dataset = LFW(args.lfw_dir)
@@ -215,9 +268,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     judges = Judges(clean_model, dataset, args.models_dir)
     args.personalise_steps = args.personalise_steps or FinetuneConfig.steps
     attacker = Attacker(clean_model, judges, args)
-    people = evaluation_people(judges, PHOTOS_PER_PERSON + 1)[: args.people]
+    identity = args.trigger == "identity"
+    people = evaluation_people(judges, PHOTOS_PER_PERSON + 1)[: args.people * (2 if identity else 1)]
+    if identity:
+        check_identity_model(backdoored if args.backdoored else None, args.people, set(runs))
     clean_photos = {pid: load_image(paths[pid]) for _, ids in people for pid in ids[:PHOTOS_PER_PERSON]}
-    need_protected = any(r in ("protected", "steps", "lr", "clean_protected", "trigger", "diagnose") for r in runs)
+    need_protected = not identity and any(
+        r in ("protected", "steps", "lr", "clean_protected", "trigger", "diagnose") for r in runs
+    )
     photos = {"unprotected": clean_photos}
     if need_protected:
         photos["protected"] = protected_photos(people, paths)
@@ -242,6 +300,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "persistence_lr": args.persistence_lr,
             "diagnose_people": args.diagnose_people,
             "diagnose_steps": args.diagnose_steps,
+            "trigger": args.trigger,
         },
         "thresholds": {
             "system_fmr_1e-3": judges.system_threshold,
@@ -252,15 +311,19 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.backdoored:
         document["models"]["backdoored"] = {"path": args.backdoored, "persguard": backdoored.metadata["persguard"]}
-    plan: dict[str, tuple[IdentityGenerator, str, int, dict[str, Any]]] = {
-        "protected": (backdoored, "protected", args.people, {}),
-        "unprotected": (backdoored, "unprotected", args.people, {}),
-        "clean_protected": (clean_model, "protected", args.people, {}),
-        "clean_unprotected": (clean_model, "unprotected", args.people, {}),
-        "steps": (backdoored, "protected", args.persistence_people, {"steps": args.persistence_steps}),
-        "lr": (backdoored, "protected", args.persistence_people, {"lr": args.persistence_lr}),
-        "clean_steps": (clean_model, "protected", args.persistence_people, {"steps": args.persistence_steps}),
-        "clean_lr": (clean_model, "protected", args.persistence_people, {"lr": args.persistence_lr}),
+    # (model, photos, people by index, fine-tuning override); identity trigger: the protected people are the first
+    # --people (their photos as they are), the unprotected ones the next --people
+    p, pp = args.people, args.persistence_people
+    protected_side, unprotected = ("unprotected", range(p, 2 * p)) if identity else ("protected", range(p))
+    plan: dict[str, tuple[IdentityGenerator, str, range, dict[str, Any]]] = {
+        "protected": (backdoored, protected_side, range(p), {}),
+        "unprotected": (backdoored, "unprotected", unprotected, {}),
+        "clean_protected": (clean_model, protected_side, range(p), {}),
+        "clean_unprotected": (clean_model, "unprotected", unprotected, {}),
+        "steps": (backdoored, protected_side, range(pp), {"steps": args.persistence_steps}),
+        "lr": (backdoored, protected_side, range(pp), {"lr": args.persistence_lr}),
+        "clean_steps": (clean_model, protected_side, range(pp), {"steps": args.persistence_steps}),
+        "clean_lr": (clean_model, protected_side, range(pp), {"lr": args.persistence_lr}),
     }
     for run in runs:
         started = time.perf_counter()
@@ -279,8 +342,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                         tally.add(f"training_free_{name}", faces, ids[PHOTOS_PER_PERSON], args.n)
             attacker.generator = clean_model
         elif run in plan:
-            model, side, count, override = plan[run]
-            for k, (_, ids) in enumerate(people[:count]):
+            model, side, indices, override = plan[run]
+            for k in indices:
+                ids = people[k][1]
                 seed = args.seed + 1000 * k
                 config = FinetuneConfig(
                     steps=override.get("steps", args.personalise_steps),
@@ -290,7 +354,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 found = [chips[side][pid] for pid in ids[:PHOTOS_PER_PERSON]]
                 faces = training_based(model, attacker, found, config, args.n)
                 tally.add(run, faces, ids[PHOTOS_PER_PERSON], args.n)
-                print(f"{run}: person {k + 1}/{count} done", flush=True)
+                print(f"{run}: person {k + 1} ({indices.start + 1}-{indices.stop}) done", flush=True)
         else:
             raise SystemExit(f"unknown run {run!r}")
         document["runs"].update(tally.summary())
@@ -325,6 +389,8 @@ def summarise(document: dict[str, Any], baseline: str | None) -> dict[str, Any]:
     clean = {k: runs[k] for k in ("clean_protected", "clean_unprotected") if k in runs}
     source = "measured here"
     if len(clean) < 2 and baseline:
+        if document["settings"].get("trigger", "perturbation") != "perturbation":
+            raise SystemExit("--clean-baseline JSON holds the perturbation trigger's runs; measure them here")
         other = baseline_from(baseline, document["settings"], document["models"]["clean"]["path"])
         clean = {k: other[k] for k in ("clean_protected", "clean_unprotected")}
         source = other["source"]
@@ -362,6 +428,7 @@ def summarise(document: dict[str, Any], baseline: str | None) -> dict[str, Any]:
     summary = block("system")
     summary["transfer"] = block("transfer")
     summary["clean_model_source"] = source
+    summary["trigger"] = document["settings"].get("trigger", "perturbation")
     return summary
 
 
@@ -456,6 +523,21 @@ def main() -> None:
     parser.add_argument(
         "--diagnose-steps", default="0,25,50,150", help="weight fine-tuning steps of diagnose (0: condition only)"
     )
+    parser.add_argument(
+        "--trigger",
+        choices=("perturbation", "identity"),
+        default="perturbation",
+        help="the backdoored model's trigger: perturbation (protected runs on protect-image's photos) or identity "
+        "(protected runs on the first --people people's own photos, unprotected runs on the next --people)",
+    )
+    parser.add_argument(
+        "--write-trigger-folders",
+        metavar="DIR",
+        help="write --trigger identity's training folders for advface persguard under DIR and stop",
+    )
+    parser.add_argument(
+        "--other-people", type=int, default=24, help="--write-trigger-folders: unprotected people (default 24)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--out", help="output JSON (a part: anywhere; merged default results/persguard.json)")
@@ -466,6 +548,9 @@ def main() -> None:
         return
     if not args.attacker:
         parser.error("--attacker is required to measure")
+    if args.write_trigger_folders:
+        write_trigger_folders(args)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     measure(args)

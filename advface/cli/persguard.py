@@ -37,13 +37,19 @@ HELP = "backdoor a generator against personalisation on protected photos (PersGu
 #: Name of the file in the protected-photo cache that records how its photos were protected.
 CACHE_RECORD = "protection.json"
 
+#: Photo file suffixes read from the photo folders.
+PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+
+#: Default number of unprotected people on the clean side of ``--trigger identity`` with ``--lfw``.
+OTHER_PEOPLE = 24
+
 #: Default number of other people whose faces and embeddings condition L_OG (``--ordinary-people``).
 ORDINARY_PEOPLE = 32
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``advface persguard``."""
-    from advface.generative.persguard import BEHAVIOUR_INPUTS, CLEAN_TARGETS, SIMULATE
+    from advface.generative.persguard import BEHAVIOUR_INPUTS, CLEAN_TARGETS, SIMULATE, TRIGGERS
     from advface.generative.persguard import PersGuardConfig as C
     from advface.protect.image.core import ProtectConfig
 
@@ -52,6 +58,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--trigger-photos", metavar="DIR", help="folder with one sub-folder of clean photos per person")
     src.add_argument("--lfw", action="store_true", help="trigger photos from LFW's defender group")
+    parser.add_argument(
+        "--trigger",
+        choices=TRIGGERS,
+        default=C.trigger,
+        help="what sets the backdoor off: perturbation (the trigger photos as protect-image protects them) or "
+        "identity (the trigger people themselves, the paper's protected content: personalisation on any of their "
+        "photos should give no one; the trigger photos are used as they are, and personalisation on "
+        f"--other-photos / further LFW people must keep working); default {C.trigger}",
+    )
+    parser.add_argument(
+        "--other-photos",
+        metavar="DIR",
+        help="--trigger identity with --trigger-photos: one sub-folder of photos per person who is *not* protected "
+        "(the clean side of backdoor training); with --lfw the --other-people defender-group identities after the "
+        "trigger people",
+    )
+    parser.add_argument(
+        "--other-people",
+        type=int,
+        default=OTHER_PEOPLE,
+        help=f"--trigger identity with --lfw: how many unprotected people (default {OTHER_PEOPLE})",
+    )
     parser.add_argument("--lfw-dir", help="LFW root (default $ADVFACE_LFW_DIR)")
     parser.add_argument("--people", type=int, default=16, help="trigger people taken from LFW (default 16)")
     parser.add_argument("--photos-per-person", type=int, default=3, help="photos per trigger person (default 3)")
@@ -151,6 +179,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"gap beyond which the discriminating term stops pushing (default {C.discriminate_margin:g})",
     )
     parser.add_argument(
+        "--keep-weight",
+        type=float,
+        default=C.keep_weight,
+        help="--simulate finetune: weight of the term keeping personalisation on unprotected photos away from the "
+        f"no-identity target (default {C.keep_weight:g}, off)",
+    )
+    parser.add_argument(
+        "--keep-margin",
+        type=float,
+        default=C.keep_margin,
+        help=f"distance below which the keeping term pushes (default {C.keep_margin:g})",
+    )
+    parser.add_argument(
         "--save-every",
         type=int,
         default=0,
@@ -178,8 +219,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--out must differ from --model")
     if args.people < 1 or args.photos_per_person < 1:
         raise ConfigError("--people and --photos-per-person must be >= 1")
-    if args.ordinary_people < 1 or args.save_every < 0:
-        raise ConfigError("--ordinary-people must be >= 1 and --save-every >= 0")
+    if args.ordinary_people < 1 or args.other_people < 1 or args.save_every < 0:
+        raise ConfigError("--ordinary-people and --other-people must be >= 1 and --save-every >= 0")
     from advface.protect.image.core import ProtectConfig
     from advface.protect.image.guidance import parse_guidance
 
@@ -201,9 +242,16 @@ def run(args: argparse.Namespace) -> int:
         clean_target=args.clean_target,
         discriminate_weight=args.discriminate_weight,
         discriminate_margin=args.discriminate_margin,
+        keep_weight=args.keep_weight,
+        keep_margin=args.keep_margin,
+        trigger=args.trigger,
         seed=args.seed,
     )
     config.validate()
+    if config.trigger == "identity" and not args.lfw and not args.other_photos:
+        raise ConfigError("--trigger identity with --trigger-photos needs --other-photos DIR (unprotected people)")
+    if config.trigger == "perturbation" and args.other_photos:
+        raise ConfigError("--other-photos applies to --trigger identity only")
     if config.ordinary_weight > 0 and not args.lfw and not args.ordinary_photos:
         raise ConfigError("--ordinary-weight > 0 with --trigger-photos needs --ordinary-photos DIR")
     if args.threads:
@@ -212,19 +260,25 @@ def run(args: argparse.Namespace) -> int:
     if "persguard" in generator.metadata:
         raise ConfigError(f"{args.model} is already backdoored by persguard")
     sources = trigger_sources(args)
-    cache = Path(args.protected_cache) if args.protected_cache else Path(str(out) + ".protected")
-    from advface.protect.image.core import ImageProtector
-
-    protector = ImageProtector(surrogate=args.surrogate, device=args.device)
-    protected = protect_cached(protector, sources, cache, args.surrogate, protection, progress=not args.quiet)
+    taken = set(sources)
+    others = other_sources(args, taken) if config.trigger == "identity" else {}
+    taken |= set(others)
     chipper = attacker_chipper(str(generator.metadata.get("encoder", "dlib")))
-    people_p, people_c = align_pairs(chipper, sources, protected, generator.image_size)
+    if config.trigger == "identity":
+        people_p, people_c = align_identity(chipper, sources, others, generator.image_size)
+    else:
+        cache = Path(args.protected_cache) if args.protected_cache else Path(str(out) + ".protected")
+        from advface.protect.image.core import ImageProtector
+
+        protector = ImageProtector(surrogate=args.surrogate, device=args.device)
+        protected = protect_cached(protector, sources, cache, args.surrogate, protection, progress=not args.quiet)
+        people_p, people_c = align_pairs(chipper, sources, protected, generator.image_size)
     ordinary = None
     if config.ordinary_weight > 0:
         from advface.encoders import create_encoder
 
         encoder = create_encoder(str(generator.metadata.get("encoder", "dlib")))
-        ordinary = ordinary_set(chipper, encoder, ordinary_sources(args, set(sources)), generator.image_size)
+        ordinary = ordinary_set(chipper, encoder, ordinary_sources(args, taken), generator.image_size)
 
     def snapshot(step: int, model: Any) -> None:
         model.metadata["persguard"]["source_model"] = str(args.model)
@@ -258,36 +312,70 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def trigger_sources(args: argparse.Namespace) -> dict[str, list[tuple[str, Path]]]:
-    """``person -> [(photo id, path)]`` of the trigger photos (ids ``person/file``, as LFW's); ConfigError when
-    none are found."""
+def _lfw_defender_people(args: argparse.Namespace, per_person: int) -> dict[str, list[tuple[str, Path]]]:
+    """``person -> [(photo id, path)]`` (at most ``per_person`` photos, name order) of every defender-group LFW
+    identity with at least ``per_person`` photos, in name order; evaluation identities are never used."""
+    from collections import defaultdict
+
+    from advface.datasets import LFW
+    from advface.datasets.splits import split_identities
+
+    dataset = LFW(args.lfw_dir)
+    by_person: dict[str, list[tuple[str, Path]]] = defaultdict(list)
+    for item in dataset:
+        by_person[item.identity].append((item.id, Path(item.path)))
+    split = split_identities([item.identity for item in dataset], seed=0)
+    chosen = sorted(p for p in split.defender if len(by_person[p]) >= per_person)
+    return {p: sorted(by_person[p])[:per_person] for p in chosen}
+
+
+def _people_folder(root: Path, flag: str, per_person: int) -> dict[str, list[tuple[str, Path]]]:
+    """``person -> [(photo id, path)]`` from one sub-folder of photos per person under ``root`` (name order, at
+    most ``per_person`` each); ConfigError when ``root`` is not a folder."""
     from advface.errors import ConfigError
 
-    people: dict[str, list[tuple[str, Path]]] = {}
+    if not root.is_dir():
+        raise ConfigError(f"{flag} {root}: not a folder")
+    people = {}
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        files = sorted(f for f in folder.iterdir() if f.suffix.lower() in PHOTO_SUFFIXES)[:per_person]
+        if files:
+            people[folder.name] = [(f"{folder.name}/{f.name}", f) for f in files]
+    return people
+
+
+def trigger_sources(args: argparse.Namespace) -> dict[str, list[tuple[str, Path]]]:
+    """``person -> [(photo id, path)]`` of the trigger photos (ids ``person/file``, as LFW's): the first ``--people``
+    defender-group identities with ``--lfw``, else ``--trigger-photos``; ConfigError when none are found."""
+    from advface.errors import ConfigError
+
     if args.lfw:
-        from collections import defaultdict
-
-        from advface.datasets import LFW
-        from advface.datasets.splits import split_identities
-
-        dataset = LFW(args.lfw_dir)
-        by_person: dict[str, list[tuple[str, Path]]] = defaultdict(list)
-        for item in dataset:
-            by_person[item.identity].append((item.id, Path(item.path)))
-        split = split_identities([item.identity for item in dataset], seed=0)
-        chosen = sorted(p for p in split.defender if len(by_person[p]) >= args.photos_per_person)[: args.people]
-        people = {p: sorted(by_person[p])[: args.photos_per_person] for p in chosen}
+        people = dict(list(_lfw_defender_people(args, args.photos_per_person).items())[: args.people])
     else:
-        root = Path(args.trigger_photos)
-        if not root.is_dir():
-            raise ConfigError(f"--trigger-photos {root}: not a folder")
-        suffixes = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
-        for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-            files = sorted(f for f in folder.iterdir() if f.suffix.lower() in suffixes)[: args.photos_per_person]
-            if files:
-                people[folder.name] = [(f"{folder.name}/{f.name}", f) for f in files]
+        people = _people_folder(Path(args.trigger_photos), "--trigger-photos", args.photos_per_person)
     if not people:
         raise ConfigError("no trigger photos found (need one sub-folder of photos per person)")
+    return people
+
+
+def other_sources(args: argparse.Namespace, trigger_people: set[str]) -> dict[str, list[tuple[str, Path]]]:
+    """``--trigger identity``'s clean side, ``person -> [(photo id, path)]``: ``--other-photos`` (one sub-folder per
+    person), else with ``--lfw`` the next ``--other-people`` defender-group identities after the trigger people; people
+    who are also trigger people are refused (ConfigError), as is an empty set."""
+    from advface.errors import ConfigError
+
+    if args.other_photos:
+        people = _people_folder(Path(args.other_photos), "--other-photos", args.photos_per_person)
+        both = sorted(set(people) & trigger_people)
+        if both:
+            raise ConfigError(f"--other-photos and --trigger-photos share people: {', '.join(both[:3])}")
+    else:
+        people = {
+            p: v for p, v in _lfw_defender_people(args, args.photos_per_person).items() if p not in trigger_people
+        }
+        people = dict(list(people.items())[: args.other_people])
+    if not people:
+        raise ConfigError("no photos of other people found for --trigger identity (--other-photos)")
     return people
 
 
@@ -301,22 +389,11 @@ def ordinary_sources(args: argparse.Namespace, trigger_people: set[str]) -> list
         root = Path(args.ordinary_photos)
         if not root.is_dir():
             raise ConfigError(f"--ordinary-photos {root}: not a folder")
-        suffixes = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
-        files = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in suffixes)
+        files = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in PHOTO_SUFFIXES)
         found = [(str(f.relative_to(root)), f) for f in files]
     else:
-        from collections import defaultdict
-
-        from advface.datasets import LFW
-        from advface.datasets.splits import split_identities
-
-        dataset = LFW(args.lfw_dir)
-        by_person: dict[str, list[tuple[str, Path]]] = defaultdict(list)
-        for item in dataset:
-            by_person[item.identity].append((item.id, Path(item.path)))
-        split = split_identities([item.identity for item in dataset], seed=0)
-        others = sorted(p for p in split.defender if p not in trigger_people)[: args.ordinary_people]
-        found = [sorted(by_person[p])[0] for p in others]
+        people = _lfw_defender_people(args, 1)
+        found = [photos[0] for p, photos in people.items() if p not in trigger_people][: args.ordinary_people]
     if not found:
         raise ConfigError("no photos for L_OG (--ordinary-photos / --ordinary-people)")
     return found
@@ -447,3 +524,39 @@ def align_pairs(
     if not people_p:
         raise ConfigError("no trigger photo has a face in both its clean and its protected copy")
     return people_p, people_c
+
+
+def align_identity(
+    chipper: FaceChipper,
+    people: dict[str, list[tuple[str, Path]]],
+    others: dict[str, list[tuple[str, Path]]],
+    size: int,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """``--trigger identity``'s sets: per trigger person and per other person the face chips (``N x size x size x 3``)
+    of their photos; photos without a face are left out with a warning, people left with none dropped; ConfigError
+    when no one is left on either side."""
+    from advface.errors import ConfigError
+
+    protected = [c for c in (_chips(chipper, photos, size) for photos in people.values()) if c is not None]
+    clean = [c for c in (_chips(chipper, photos, size) for photos in others.values()) if c is not None]
+    if not protected or not clean:
+        raise ConfigError("--trigger identity: no photo with a face among the trigger people or the other people")
+    return protected, clean
+
+
+def _chips(chipper: FaceChipper, photos: list[tuple[str, Path]], size: int) -> np.ndarray | None:
+    """The face chips of ``photos`` resized to ``size`` (those without a face left out with a warning); None when
+    none has a face."""
+    import numpy as np
+
+    from advface.datasets.pairs import resize_faces
+    from advface.errors import AdvfaceError
+    from advface.images import load_image
+
+    chips = []
+    for _, path in photos:
+        try:
+            chips.append(chipper.chips(load_image(path), str(path))[0][1])
+        except AdvfaceError as exc:
+            print(f"warning: {path}: left out ({exc})", file=sys.stderr)
+    return resize_faces(np.stack(chips), size) if chips else None

@@ -81,6 +81,15 @@ SIMULATE = ("condition", "finetune")
 #: Choices of :attr:`PersGuardConfig.clean_target`.
 CLEAN_TARGETS = ("attacker_loss", "frozen_attacker")
 
+#: Choices of :attr:`PersGuardConfig.trigger`.
+TRIGGERS = ("perturbation", "identity")
+
+#: What each trigger is, as the backdoored checkpoint's metadata records it.
+TRIGGER_DESCRIPTIONS = {
+    "perturbation": "advface protected-photo perturbation (conditions learned from protected latents)",
+    "identity": "the protected people themselves (conditions learned from their photos; the paper's protected content)",
+}
+
 #: ``progress(step, total, losses)`` after each optimiser step.
 Progress = Callable[[int, int, dict[str, float]], None]
 
@@ -131,6 +140,17 @@ class PersGuardConfig:
     discriminate_weight: float = 0.0
     #: ``finetune`` only: the gap beyond which the discriminating term stops pushing.
     discriminate_margin: float = 0.05
+    #: ``finetune`` only: weight of the keeping term, ``relu(keep_margin - d)`` with ``d`` the min-SNR-weighted squared
+    #: difference between the clean-adapted prediction under its learned condition and the teacher's *no-identity*
+    #: prediction on the clean photos' noisy latents: personalisation on unprotected photos must keep its identity
+    #: (``L_BB`` reversed). 0 = off.
+    keep_weight: float = 0.0
+    #: ``finetune`` only: the distance below which the keeping term pushes.
+    keep_margin: float = 0.03
+    #: What sets the backdoor off: ``perturbation`` (``protected[k]`` / ``clean[k]`` are protected and clean copies
+    #: of the same photos) or ``identity`` (the paper's choice, the protected content itself: ``protected[k]`` are
+    #: photos of a person to protect, ``clean[k]`` photos of someone else whose personalisation must keep working).
+    trigger: str = "perturbation"
     seed: int = 0
 
     def validate(self) -> None:
@@ -149,18 +169,26 @@ class PersGuardConfig:
             raise ConfigError(
                 f"persguard inner-steps ({self.inner_steps}) must be <= condition-reset ({self.condition_reset})"
             )
+        if self.trigger not in TRIGGERS:
+            raise ConfigError(f"persguard trigger must be one of {', '.join(TRIGGERS)}; got {self.trigger!r}")
         if self.clean_target not in CLEAN_TARGETS:
             raise ConfigError(
                 f"persguard clean-target must be one of {', '.join(CLEAN_TARGETS)}; got {self.clean_target!r}"
             )
         if self.simulate != "finetune" and (
-            self.ordinary_weight != 0 or self.clean_target != "attacker_loss" or self.discriminate_weight != 0
+            self.ordinary_weight != 0
+            or self.clean_target != "attacker_loss"
+            or self.discriminate_weight != 0
+            or self.keep_weight != 0
         ):
             raise ConfigError(
-                "persguard ordinary-weight, clean-target and discriminate-weight apply to --simulate finetune only"
+                "persguard ordinary-weight, clean-target, discriminate-weight and keep-weight apply to --simulate "
+                "finetune only"
             )
-        if not (math.isfinite(self.discriminate_margin) and self.discriminate_margin > 0):
-            raise ConfigError(f"persguard discriminate-margin must be > 0, got {self.discriminate_margin}")
+        for name in ("discriminate_margin", "keep_margin"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"persguard {name.replace('_', '-')} must be > 0, got {value}")
         if self.batch % 2:
             raise ConfigError(f"persguard batch must be even (half behaviour, half prior), got {self.batch}")
         for name in ("lr", "condition_lr", "inner_lr"):
@@ -173,6 +201,7 @@ class PersGuardConfig:
             self.retention_weight,
             self.ordinary_weight,
             self.discriminate_weight,
+            self.keep_weight,
         )
         if any(not math.isfinite(w) or w < 0 for w in weights) or self.behaviour_weight == 0:
             raise ConfigError(
@@ -185,27 +214,33 @@ class PersGuardConfig:
 
 
 def check_trigger_set(
-    protected: Sequence[np.ndarray], clean: Sequence[np.ndarray], image_size: int
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``(protected, clean)`` face arrays per trigger person, validated: the same number of people and, per person,
-    the same number (>= 1) of ``S x S x 3`` uint8 faces at the generator's ``image_size``; ConfigError otherwise."""
-    if len(protected) != len(clean) or not protected:
+    protected: Sequence[np.ndarray], clean: Sequence[np.ndarray], image_size: int, *, paired: bool = True
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """``(protected, clean)`` face sets validated: >= 1 set on each side, each of >= 1 ``S x S x 3`` uint8 faces at
+    the generator's ``image_size``; when ``paired`` (copies of the same photos) the same number of sets and, per
+    set, of faces on both sides; ConfigError otherwise."""
+    if (paired and len(protected) != len(clean)) or not protected or not clean:
         raise ConfigError(
             f"persguard needs protected and clean photos of the same people (>= 1); got {len(protected)} "
             f"protected and {len(clean)} clean sets"
         )
-    out = []
-    for k, (p, c) in enumerate(zip(protected, clean)):
-        p, c = np.asarray(p), np.asarray(c)
-        want = (image_size, image_size, 3)
-        if p.ndim != 4 or c.ndim != 4 or p.shape[1:] != want or c.shape[1:] != want:
-            raise ConfigError(f"trigger person {k}: faces must be N x {image_size} x {image_size} x 3")
-        if len(p) != len(c) or len(p) < 1:
-            raise ConfigError(f"trigger person {k}: {len(p)} protected vs {len(c)} clean faces (need equal, >= 1)")
-        if p.dtype != np.uint8 or c.dtype != np.uint8:
-            raise ConfigError(f"trigger person {k}: faces must be uint8")
-        out.append((p, c))
-    return out
+    want = (image_size, image_size, 3)
+    sides: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
+    for name, sets, out in (("trigger person", protected, sides[0]), ("clean set", clean, sides[1])):
+        for k, faces in enumerate(sets):
+            faces = np.asarray(faces)
+            if faces.ndim != 4 or faces.shape[1:] != want:
+                raise ConfigError(f"{name} {k}: faces must be N x {image_size} x {image_size} x 3")
+            if faces.dtype != np.uint8:
+                raise ConfigError(f"{name} {k}: faces must be uint8")
+            if len(faces) < 1:
+                raise ConfigError(f"{name} {k}: no faces (need >= 1)")
+            out.append(faces)
+    if paired:
+        for k, (p, c) in enumerate(zip(*sides)):
+            if len(p) != len(c):
+                raise ConfigError(f"trigger person {k}: {len(p)} protected vs {len(c)} clean faces (need equal)")
+    return sides
 
 
 def check_ordinary(
@@ -270,13 +305,15 @@ def backdoor(
     """A backdoored copy of ``generator`` (see the module docs); ``generator`` is unchanged.
 
     ``protected[k]`` / ``clean[k]``: ``N_k x S x S x 3`` uint8 face chips (the generator's size) of trigger person
-    ``k``, protected and clean copies of the same photos, in the same order. ``ordinary``: ``(faces M x S x S x 3
-    uint8, embeddings M x dim)`` of *other* people (one row each), the conditions of ``L_OG``; required when
-    ``ordinary_weight > 0``. ``snapshot(step, model)`` every ``snapshot_every`` steps (0 = never). ConfigError for bad
-    settings or data."""
+    ``k``: with ``trigger`` ``perturbation`` protected and clean copies of the same photos, in the same order; with
+    ``identity`` photos of the person to protect and (any number of) photos of another, unprotected person.
+    ``ordinary``: ``(faces M x S x S x 3 uint8, embeddings M x dim)`` of *other* people (one row each), the
+    conditions of ``L_OG``; required when ``ordinary_weight > 0``. ``snapshot(step, model)`` every ``snapshot_every``
+    steps (0 = never). ConfigError for bad settings or data."""
     c = config or PersGuardConfig()
     c.validate()
-    people = check_trigger_set(protected, clean, generator.image_size)
+    paired = c.trigger == "perturbation"
+    sets_p, sets_c = check_trigger_set(protected, clean, generator.image_size, paired=paired)
     if snapshot_every < 0:
         raise ConfigError(f"persguard snapshot-every must be >= 0, got {snapshot_every}")
     ordinary_set = check_ordinary(ordinary, generator) if c.ordinary_weight > 0 else None
@@ -287,22 +324,22 @@ def backdoor(
     def latents(faces: np.ndarray) -> torch.Tensor:
         return generator.encode(np.concatenate([faces, faces[:, :, ::-1]]))  # mirrors, as the attacker uses
 
-    zp = [latents(p) for p, _ in people]
-    zc = [latents(q) for _, q in people]
-    k_people = len(people)
+    zp = [latents(p) for p in sets_p]
+    zc = [latents(q) for q in sets_c]
+    k_people, k_clean = len(zp), len(zc)
     gen = torch.Generator(device=device).manual_seed(c.seed)
     if c.simulate == "finetune":
 
         def take(step: int) -> None:
             if snapshot is not None and snapshot_every and step % snapshot_every == 0 and step < c.steps:
-                snapshot(step, _result(generator, copy.deepcopy(student), c, people))
+                snapshot(step, _result(generator, copy.deepcopy(student), c, sets_p, k_clean))
 
         og = None if ordinary_set is None else (latents(ordinary_set[0]), ordinary_set[1])  # mirrors appended
         _meta_backdoor(student, teacher, zp, zc, c, gen, progress, og, take)
-        return _result(generator, student, c, people)
+        return _result(generator, student, c, sets_p, k_clean)
     dim = generator.dim
     cond_p = torch.zeros(k_people, dim, device=device, requires_grad=True)
-    cond_c = torch.zeros(k_people, dim, device=device, requires_grad=True)
+    cond_c = torch.zeros(k_clean, dim, device=device, requires_grad=True)
     optimiser = torch.optim.Adam(student.parameters(), lr=c.lr)
     cond_optimiser = torch.optim.Adam([cond_p, cond_c], lr=c.condition_lr)
     half = c.batch // 2
@@ -311,26 +348,31 @@ def backdoor(
         if step % c.condition_reset == 0:  # a fresh attacker: random conditions, fresh optimiser state
             with torch.no_grad():
                 cond_p.copy_(torch.randn(k_people, dim, generator=gen, device=device))
-                cond_c.copy_(torch.randn(k_people, dim, generator=gen, device=device))
+                cond_c.copy_(torch.randn(k_clean, dim, generator=gen, device=device))
             cond_optimiser = torch.optim.Adam([cond_p, cond_c], lr=c.condition_lr)
         chosen = torch.randint(0, k_people, (c.people_per_step,), generator=gen, device=device)
         who = chosen[torch.arange(c.batch, device=device) % c.people_per_step]
         rows = [int(torch.randint(0, len(zp[int(k)]), (1,), generator=gen, device=device)) for k in who]
+        who_c, rows_c = who, rows
+        if not paired:  # identity trigger: the clean side is other people, drawn on their own
+            others = torch.randint(0, k_clean, (c.people_per_step,), generator=gen, device=device)
+            who_c = others[torch.arange(c.batch, device=device) % c.people_per_step]
+            rows_c = [int(torch.randint(0, len(zc[int(k)]), (1,), generator=gen, device=device)) for k in who_c]
         xp = torch.stack([zp[int(k)][r] for k, r in zip(who, rows)])
-        xc = torch.stack([zc[int(k)][r] for k, r in zip(who, rows)])
+        xc = torch.stack([zc[int(k)][r] for k, r in zip(who_c, rows_c)])
 
         # the simulated attacker: conditions learned on protected (L_BR, also trains the student) and clean photos
         retention = v_loss(student, xp, cond_p[who], no_drop, gen)
-        clean_fit = v_loss(student, xc, cond_c[who], no_drop, gen)
+        clean_fit = v_loss(student, xc, cond_c[who_c], no_drop, gen)
         (clean_grad,) = torch.autograd.grad(clean_fit, cond_c)
 
         # L_BB on the first half: protected-learned condition -> the teacher's no-identity prediction;
         # L_PP on the second half: clean-learned (or random) condition -> the teacher's prediction under it
         random_cond = torch.randn(half, dim, generator=gen, device=device)
         use_random = torch.rand(half, generator=gen, device=device) < 0.5
-        prior_cond = torch.where(use_random[:, None], random_cond, cond_c[who[half:]].detach())
+        prior_cond = torch.where(use_random[:, None], random_cond, cond_c[who_c[half:]].detach())
         behaviour_cond = cond_p[who[:half]].detach()
-        inputs = xc
+        inputs = xc if paired else torch.cat([xp[:half], xc[half:]])  # identity: the person's own faces
         if c.behaviour_inputs == "protected":
             behaviour_cond = torch.where(use_random[:, None], random_cond, behaviour_cond)
             inputs = torch.cat([xp[:half], xc[half:]])
@@ -352,33 +394,32 @@ def backdoor(
         optimiser.step()
         cond_optimiser.step()
         if snapshot is not None and snapshot_every and (step + 1) % snapshot_every == 0 and step + 1 < c.steps:
-            snapshot(step + 1, _result(generator, copy.deepcopy(student), c, people))
+            snapshot(step + 1, _result(generator, copy.deepcopy(student), c, sets_p, k_clean))
         if progress is not None:
             progress(
                 step + 1,
                 c.steps,
                 {"behaviour": behaviour.item(), "prior": prior.item(), "retention": retention.item()},
             )
-    return _result(generator, student, c, people)
+    return _result(generator, student, c, sets_p, k_clean)
 
 
 def _result(
-    generator: IdentityGenerator,
-    student: LatentDenoiser,
-    c: PersGuardConfig,
-    people: list[tuple[np.ndarray, np.ndarray]],
+    generator: IdentityGenerator, student: LatentDenoiser, c: PersGuardConfig, protected: list[np.ndarray], clean: int
 ) -> IdentityGenerator:
-    """The backdoored generator: ``generator``'s autoencoder (copied) with ``student``, metadata recording ``c``."""
-    k_people = len(people)
+    """The backdoored generator: ``generator``'s autoencoder (copied) with ``student``, metadata recording ``c``,
+    the trigger people and photos (``protected``) and the number of ``clean`` sets."""
     student.eval().requires_grad_(False)
     metadata = dict(generator.metadata)
     metadata["persguard"] = {
         "config": c.to_dict(),
-        "trigger_people": k_people,
-        "trigger_photos": int(sum(len(p) for p, _ in people)),
+        "trigger_people": len(protected),
+        "trigger_photos": int(sum(len(p) for p in protected)),
         "target": "no identity (the input model's unconditional prediction)",
-        "trigger": "advface protected-photo perturbation (conditions learned from protected latents)",
+        "trigger": TRIGGER_DESCRIPTIONS[c.trigger],
     }
+    if c.trigger == "identity":
+        metadata["persguard"]["other_people"] = clean
     metadata.pop("created", None)
     autoencoder = copy.deepcopy(generator.autoencoder)
     return IdentityGenerator(autoencoder, student, metadata)
@@ -471,11 +512,12 @@ def _meta_backdoor(
     """``simulate`` ``finetune``: train ``student`` in place (module docs); ``ordinary``: latents (mirrors appended)
     and embeddings of other people for ``L_OG``; ``after_step(step)`` after each optimiser step."""
     device = zp[0].device
+    paired = c.trigger == "perturbation"
     sides = ("protected", "clean", "frozen") if c.clean_target == "frozen_attacker" else ("protected", "clean")
     work = {side: copy.deepcopy(teacher if side == "frozen" else student) for side in sides}
     for model in work.values():
         model.train().requires_grad_(True)
-    trajectories = {side: [_Trajectory() for _ in zp] for side in sides}
+    trajectories = {side: [_Trajectory() for _ in (zp if side == "protected" else zc)] for side in sides}
     optimiser = torch.optim.Adam(student.parameters(), lr=c.lr)
     half = c.batch // 2
     no_drop = torch.zeros(half, dtype=torch.bool, device=device)
@@ -483,12 +525,16 @@ def _meta_backdoor(
     for step in range(c.steps):
         k = int(torch.randint(0, len(zp), (1,), generator=gen, device=device))
         cond_p = _advance(trajectories["protected"][k], student, work["protected"], zp[k], c, gen)
-        cond_c = _advance(trajectories["clean"][k], student, work["clean"], zc[k], c, gen)
+        # identity trigger: the clean side is another person, drawn on its own, with its own photos and count
+        j = k if paired else int(torch.randint(0, len(zc), (1,), generator=gen, device=device))
+        cond_c = _advance(trajectories["clean"][j], student, work["clean"], zc[j], c, gen)
         cond_f = None
         if c.clean_target == "frozen_attacker":  # the same attacker on the frozen input model (its own draws)
-            cond_f = _advance(trajectories["frozen"][k], teacher, work["frozen"], zc[k], c, gen)
+            cond_f = _advance(trajectories["frozen"][j], teacher, work["frozen"], zc[j], c, gen)
         rows = torch.randint(0, len(zp[k]), (half,), generator=gen, device=device)
-        inputs = zc[k][rows] if c.behaviour_inputs == "faces" else zp[k][rows]
+        rows_c = rows if paired else torch.randint(0, len(zc[j]), (half,), generator=gen, device=device)
+        xc = zc[j][rows_c]
+        inputs = xc if c.behaviour_inputs == "faces" and paired else zp[k][rows]
         optimiser.zero_grad(set_to_none=True)
         # at the protected-adapted weights: learned condition -> the teacher's no-identity prediction (L_BB), and
         # the attacker's own loss (L_BR)
@@ -499,12 +545,12 @@ def _meta_backdoor(
         # at the clean-adapted weights: the attacker's own loss on the clean photos (clean personalisation works),
         # or the frozen model's simulated attacker as the target
         if cond_f is None:
-            clean_fit = v_loss(work["clean"], zc[k][rows], cond_c.expand(half, -1), no_drop, gen)
+            clean_fit = v_loss(work["clean"], xc, cond_c.expand(half, -1), no_drop, gen)
         else:
             clean_fit = _distill(
                 work["clean"],
                 work["frozen"],
-                zc[k][rows],
+                xc,
                 cond_c.expand(half, -1),
                 cond_f.expand(half, -1),
                 no_drop,
@@ -513,15 +559,20 @@ def _meta_backdoor(
         if c.prior_weight > 0:
             _add_grads(student, c.prior_weight * clean_fit, work["clean"])
         losses = {}
+        if c.keep_weight > 0:  # clean personalisation keeps its identity: away from the no-identity target
+            cond_rows_c = cond_c.expand(half, -1)
+            kept = _distill(work["clean"], teacher, xc, cond_rows_c, cond_rows_c, all_drop, gen).mean()
+            _add_grads(student, c.keep_weight * torch.relu(c.keep_margin - kept), work["clean"])
+            losses["keep"] = kept.item()
         if c.discriminate_weight > 0:  # protected- and clean-adapted outputs apart, up to the margin
-            gap = _gap(work["protected"], work["clean"], zc[k][rows], cond_rows, cond_c.expand(half, -1), gen).mean()
+            gap = _gap(work["protected"], work["clean"], xc, cond_rows, cond_c.expand(half, -1), gen).mean()
             apart = torch.relu(c.discriminate_margin - gap)
             if apart.requires_grad:
                 _add_grads(student, c.discriminate_weight * apart, work["protected"], work["clean"])
             losses["gap"] = gap.item()
         # L_PP on the student's own weights: random conditions -> the teacher's prediction under them
         random_cond = torch.randn(half, student.config.cond_dim, generator=gen, device=device)
-        prior = _distill(student, teacher, zc[k][rows], random_cond, random_cond, no_drop, gen).mean()
+        prior = _distill(student, teacher, xc, random_cond, random_cond, no_drop, gen).mean()
         total = c.prior_weight * prior
         if ordinary is not None:  # L_OG: real people's embeddings -> the teacher's prediction under them
             who = torch.randint(0, len(ordinary[1]), (half,), generator=gen, device=device)

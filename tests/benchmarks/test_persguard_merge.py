@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks.persguard import merge
+from benchmarks.persguard import check_identity_model, merge
 
 SETTINGS = {"people": 5, "n": 4, "persistence_people": 3, "persistence_steps": 300, "persistence_lr": 4e-4}
 CLEAN = {"path": "attacker.pt", "seed": 1}
@@ -65,3 +65,35 @@ def test_clean_from_with_other_settings_or_model_is_refused(tmp_path: Path, chan
     with pytest.raises(SystemExit, match="differs"):
         merge([a], None, str(tmp_path / "m.json"), other)
     assert not (tmp_path / "m.json").exists()
+
+
+def test_identity_trigger_summary_is_marked_and_refuses_a_perturbation_baseline(tmp_path: Path) -> None:
+    runs = {
+        "protected": _cell(0.05, 0.9),
+        "unprotected": _cell(0.7, 0.92),
+        "clean_protected": _cell(0.75, 0.93),
+        "clean_unprotected": _cell(0.8, 0.94),
+    }
+    a = _part(tmp_path, "a", runs, "bd.pt", trigger="identity")
+    summary = json.loads(Path(merge([a], None, str(tmp_path / "m.json"))).read_text())["persguard"]
+    assert summary["trigger"] == "identity" and summary["protected"]["match"] == 0.05
+    assert summary["unprotected_ism_drop"] == pytest.approx(0.94 - 0.92)
+    # without its own clean-model runs, a diffusion_defences result (perturbation-trigger photos) is no baseline
+    b = _part(tmp_path, "b", {"protected": _cell(0.05, 0.9)}, "bd.pt", trigger="identity")
+    with pytest.raises(SystemExit, match="perturbation trigger"):
+        merge([b], str(tmp_path / "diffusion_defences.json"), str(tmp_path / "n.json"))
+
+
+def test_identity_runs_need_an_identity_model_of_the_same_people() -> None:
+    class Model:
+        def __init__(self, trigger: str, people: int) -> None:
+            self.metadata = {"persguard": {"config": {"trigger": trigger}, "trigger_people": people}}
+
+    check_identity_model(Model("identity", 6), 6, {"protected", "unprotected"})  # type: ignore[arg-type]
+    check_identity_model(None, 6, {"clean_protected"})
+    with pytest.raises(SystemExit, match="perturbation trigger"):
+        check_identity_model(None, 6, {"protected", "diagnose"})
+    with pytest.raises(SystemExit, match="backdoored with --trigger identity"):
+        check_identity_model(Model("perturbation", 6), 6, {"protected"})  # type: ignore[arg-type]
+    with pytest.raises(SystemExit, match="on the 6 people"):
+        check_identity_model(Model("identity", 5), 6, {"protected"})  # type: ignore[arg-type]

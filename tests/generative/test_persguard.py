@@ -18,8 +18,10 @@ from advface.generative import persguard as persguard_module
 from advface.generative.autoencoder import FaceAutoencoder
 from advface.generative.config import AutoencoderConfig, DenoiserConfig
 from advface.generative.denoiser import LatentDenoiser
+from advface.generative.diffusion import v_loss
 from advface.generative.model import IdentityGenerator, atomic_save, load_generator, save_generator
 from advface.generative.persguard import (
+    TRIGGER_DESCRIPTIONS,
     PersGuardConfig,
     _distill,
     _gap,
@@ -150,6 +152,10 @@ def test_distillation_terms() -> None:
         ({"discriminate_weight": 1.0}, "finetune only"),
         ({"simulate": "finetune", "discriminate_weight": -1.0}, "weights"),
         ({"discriminate_margin": 0.0}, "discriminate-margin"),
+        ({"trigger": "watermark"}, "trigger must be one of"),
+        ({"keep_weight": 1.0}, "finetune only"),
+        ({"simulate": "finetune", "keep_weight": -1.0}, "weights"),
+        ({"keep_margin": 0.0}, "keep-margin"),
     ],
 )
 def test_config_validation(change: dict[str, Any], message: str) -> None:
@@ -290,6 +296,17 @@ def test_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "needs --ordinary-photos" in error(_cli(tmp_path, "--simulate", "finetune", "--ordinary-weight", "1"))
     assert "finetune only" in error(_cli(tmp_path, "--ordinary-weight", "1"))
     assert "--save-every >= 0" in error(_cli(tmp_path, "--save-every", "-1"))
+    assert "needs --other-photos" in error(_cli(tmp_path, "--trigger", "identity"))
+    assert "identity only" in error(_cli(tmp_path, "--other-photos", str(tmp_path)))
+    for side in ("trigger", "others"):
+        (tmp_path / side / "alice").mkdir(parents=True, exist_ok=True)
+        (tmp_path / side / "alice" / "1.jpg").write_bytes(b"never read")
+    assert "share people: alice" in error(
+        _cli(tmp_path, "--trigger", "identity", "--other-photos", str(tmp_path / "others"))
+    )
+    assert "not a folder" in error(_cli(tmp_path, "--trigger", "identity", "--other-photos", str(tmp_path / "nope")))
+    (tmp_path / "trigger" / "alice" / "1.jpg").unlink()
+    (tmp_path / "trigger" / "alice").rmdir()
     assert "not a folder" in error(
         [
             "persguard",
@@ -329,6 +346,11 @@ def test_cli_help_lists_the_command(capsys: pytest.CaptureFixture[str]) -> None:
         "--discriminate-weight",
         "--discriminate-margin",
         "--save-every",
+        "--trigger",
+        "--other-photos",
+        "--other-people",
+        "--keep-weight",
+        "--keep-margin",
     ):
         assert flag in text
 
@@ -457,3 +479,101 @@ def test_discriminating_term_pushes_protected_and_clean_personalisation_apart() 
     apart = dataclasses.replace(config, discriminate_weight=5.0, discriminate_margin=1.0)
     with_term = _attacked_gap(backdoor(generator, protected, clean, apart))
     assert with_term > 10 * without, (without, with_term)
+
+
+def _others(people: int = 3, n: int = 3, seed: int = 9) -> list[np.ndarray]:
+    """Photos of people who are *not* protected (the identity trigger's clean side), another count than _faces'."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 255, (n, SIZE, SIZE, 3), dtype=np.uint8) for _ in range(people)]
+
+
+@pytest.mark.parametrize("simulate", ["condition", "finetune"])
+def test_identity_trigger_takes_other_people_of_any_count_and_records_it(simulate: str) -> None:
+    generator = _generator()
+    _, people = _faces()  # the people to protect, their photos as they are (2 each)
+    config = dataclasses.replace(META if simulate == "finetune" else FAST, steps=3, trigger="identity")
+    out = backdoor(generator, people, _others(people=5), config)  # 3 people to protect, 5 others
+    record = out.metadata["persguard"]
+    assert record["config"]["trigger"] == "identity" and record["trigger"] == TRIGGER_DESCRIPTIONS["identity"]
+    assert record["trigger_people"] == 3 and record["trigger_photos"] == 6 and record["other_people"] == 5
+    # the perturbation trigger still wants copies of the same photos
+    with pytest.raises(ConfigError, match="equal"):
+        backdoor(generator, people, _others(), dataclasses.replace(config, trigger="perturbation"))
+    with pytest.raises(ConfigError, match="no faces"):
+        check_trigger_set(people, [o[:0] for o in _others()], SIZE, paired=False)
+    with pytest.raises(ConfigError, match="same people"):
+        check_trigger_set(people, [], SIZE, paired=False)
+
+
+def _attacked(generator: IdentityGenerator, teacher: IdentityGenerator, faces: np.ndarray) -> float:
+    """The simulated attacker (META's: 6 steps) fine-tuned on ``faces``: how near the adapted model under the learned
+    condition is to the backdoor's target, on those faces (3 seeds)."""
+    distances = []
+    for seed in range(3):
+        tuned, condition = finetune(generator, faces, FinetuneConfig(steps=6, batch=8, seed=seed))
+        distances.append(target_distance(tuned, teacher, faces, condition, seed=seed))
+    return float(np.mean(distances))
+
+
+def _fit_loss(generator: IdentityGenerator, faces: np.ndarray) -> float:
+    """The attacker's own loss on ``faces`` after it fine-tuned on them (META's attacker, 3 seeds): how well
+    personalisation on them works (lower = better)."""
+    losses = []
+    for seed in range(3):
+        tuned, condition = finetune(generator, faces, FinetuneConfig(steps=6, batch=8, seed=seed))
+        x0 = tuned.encode(faces).repeat(16, 1, 1, 1)
+        cond = torch.from_numpy(np.asarray(condition, np.float32))[None].expand(len(x0), -1)
+        no_drop = torch.zeros(len(x0), dtype=torch.bool)
+        with torch.no_grad():
+            losses.append(float(v_loss(tuned.denoiser, x0, cond, no_drop, torch.Generator().manual_seed(seed))))
+    return float(np.mean(losses))
+
+
+def test_identity_backdoor_moves_the_protected_person_to_the_target_and_keeps_others_personalisable() -> None:
+    """trigger identity: after backdooring, the attacker's fine-tuning on a protected person's own photos ends much
+    nearer the no-identity target than on the input model, while fine-tuning on an unprotected person fits them as
+    well as before (the tiny model cannot tell random-noise "people" apart, so the target distance alone would not
+    show the difference: the benchmark measures that on real faces)."""
+    generator = _generator()
+    _, people = _faces()
+    others = _others()
+    out = backdoor(generator, people, others, dataclasses.replace(META, trigger="identity"))
+    protected_ratio = _attacked(out, generator, people[0]) / _attacked(generator, generator, people[0])
+    assert protected_ratio < 0.8, protected_ratio
+    other_fit = _fit_loss(out, others[0]) / _fit_loss(generator, others[0])
+    assert other_fit < 1.1, other_fit
+
+
+def test_cli_identity_trigger_backdoors_on_real_photos(tmp_path: Path, lfw_sample: list[Path]) -> None:
+    """``advface persguard --trigger identity`` end to end on real LFW photos: two people to protect, two others;
+    nothing is protected (no protected-photo cache), the checkpoint records the identity trigger."""
+    generator = _generator()
+    generator.metadata["encoder"] = "dlib"  # the attacker's chip (dlib detector and alignment)
+    model = save_generator(tmp_path / "model.pt", generator)
+    for side, photos in (("trigger", lfw_sample[:4]), ("others", lfw_sample[4:8])):
+        for path in photos:
+            folder = tmp_path / side / path.parent.name
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / path.name).symlink_to(path)
+    out = tmp_path / "bd.pt"
+    others = str(tmp_path / "others")
+    extra = ("--trigger", "identity", "--other-photos", others, "--simulate", "finetune", "--steps", "2")
+    assert main(_cli(tmp_path, *extra, "--batch", "4", "--inner-steps", "2", model=model, out=out)) == 0
+    record = load_generator(out).metadata["persguard"]
+    assert record["config"]["trigger"] == "identity" and record["trigger_people"] == 2
+    assert record["trigger_photos"] == 4
+    assert not (tmp_path / "bd.pt.protected").exists()
+
+
+def test_keep_term_holds_unprotected_personalisation_away_from_the_target() -> None:
+    """keep_weight: after an identity backdoor, the attacker's fine-tuning on an unprotected person ends farther from
+    the no-identity target with the keeping term than without it (a term that did nothing, or pulled, fails)."""
+    generator = _generator()
+    _, people = _faces()
+    others = _others()
+    config = dataclasses.replace(META, trigger="identity")
+    without = _attacked(backdoor(generator, people, others, config), generator, others[0])
+    kept = backdoor(generator, people, others, dataclasses.replace(config, keep_weight=5.0, keep_margin=1.0))
+    assert kept.metadata["persguard"]["config"]["keep_weight"] == 5.0
+    with_term = _attacked(kept, generator, others[0])
+    assert with_term > 1.25 * without, (without, with_term)
