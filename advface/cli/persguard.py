@@ -9,7 +9,10 @@ with at least ``--photos-per-person`` photos, in name order; evaluation identiti
 photo is protected with ``protect-image``'s defaults (both stages, on the shipped defender surrogate unless
 ``--surrogate``); the protected copies are cached in ``--protected-cache`` (default OUT.protected), so a killed run
 resumes without protecting a photo twice. Clean and protected photos are then detected and aligned as the attacker
-does (the generator's encoder's chip, dlib detector) and resized to the generator's face size.
+does (the generator's encoder's chip, dlib detector) and resized to the generator's face size. ``--trigger identity``
+(the paper's trigger, the protected content itself): the trigger people's photos are used as they are, nothing is
+protected, and the clean side is other people (``--other-photos DIR``, or ``--other-people`` further defender-group
+identities with ``--lfw``).
 ``--ordinary-weight`` (with ``--simulate finetune``) adds ordinary-generation preservation under the generator's
 encoder's embeddings of other people: ``--ordinary-people`` further defender-group identities with ``--lfw`` (one
 photo each), or the photos under ``--ordinary-photos``. ``--out`` is never overwritten; ``--save-every N`` also
