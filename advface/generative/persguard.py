@@ -24,6 +24,11 @@ the frozen input model):
 - **backdoor retention** ``L_BR``: the attacker's personalisation loss itself on the protected photos under their
   learned conditions, pre-learned so that the attacker's fine-tuning starts near a minimum and moves little.
 
+With ``trigger`` ``identity`` (the paper's own choice: its trigger names the protected content) the "protected"
+photos are the people to protect, as they are, and the clean side is *other* people: the backdoor should fire on
+whoever is in the photos, not on a perturbation. The terms are the same, with the clean-side terms on the other
+people's latents.
+
 Loss = ``behaviour_weight * L_BB + prior_weight * L_PP + retention_weight * L_BR`` (the paper's 1 / 0.5 / 0.1).
 
 ``simulate`` says how much of the attacker the training simulates:
@@ -45,14 +50,16 @@ Loss = ``behaviour_weight * L_BB + prior_weight * L_PP + retention_weight * L_BR
   ``clean_target`` ``frozen_attacker`` replaces the clean side's attacker loss by a distillation: the same simulated
   attacker is run on the *frozen* teacher, and the clean-adapted student should predict what it predicts;
   ``discriminate_weight`` pushes the protected-adapted and the clean-adapted predictions apart (hinge at
-  ``discriminate_margin``).
+  ``discriminate_margin``); ``keep_weight`` holds the clean-adapted prediction under its learned condition at least
+  ``keep_margin`` away from the no-identity target (``L_BB`` reversed: clean personalisation keeps its identity).
 Only the denoiser changes; the autoencoder and the checkpoint format are the input's, and the metadata gains a
 ``persguard`` entry (settings and trigger data). Train it on identities that are never evaluated.
 
 Measured (benchmarks/persguard.py, RESULTS "PersGuard"): on the attacker model neither ``behaviour_inputs`` choice
 of ``simulate`` ``condition`` lowers the share of faces showing the person after DreamBooth on protected photos (the
 backdoor does not form even against condition-only personalisation); ``finetune`` acts on the real attacker (20% ->
-10% by dlib) but as much on unprotected photos, and costs ordinary generation quality; see the numbers there.
+10% by dlib) but as much on unprotected photos, and costs ordinary generation quality; the identity trigger does no
+better (75% -> 58% on the protected people, 87.5% -> 67-71% on others); see the numbers there.
 """
 
 from __future__ import annotations
@@ -149,7 +156,8 @@ class PersGuardConfig:
     keep_margin: float = 0.03
     #: What sets the backdoor off: ``perturbation`` (``protected[k]`` / ``clean[k]`` are protected and clean copies
     #: of the same photos) or ``identity`` (the paper's choice, the protected content itself: ``protected[k]`` are
-    #: photos of a person to protect, ``clean[k]`` photos of someone else whose personalisation must keep working).
+    #: photos of a person to protect, ``clean[j]`` photos of other people whose personalisation must keep working,
+    #: any number of them, drawn on their own).
     trigger: str = "perturbation"
     seed: int = 0
 
@@ -306,7 +314,8 @@ def backdoor(
 
     ``protected[k]`` / ``clean[k]``: ``N_k x S x S x 3`` uint8 face chips (the generator's size) of trigger person
     ``k``: with ``trigger`` ``perturbation`` protected and clean copies of the same photos, in the same order; with
-    ``identity`` photos of the person to protect and (any number of) photos of another, unprotected person.
+    ``identity`` ``protected[k]`` holds photos of person ``k`` to protect and ``clean[j]`` photos of unprotected
+    person ``j`` (any number of people on each side, any number of photos each).
     ``ordinary``: ``(faces M x S x S x 3 uint8, embeddings M x dim)`` of *other* people (one row each), the
     conditions of ``L_OG``; required when ``ordinary_weight > 0``. ``snapshot(step, model)`` every ``snapshot_every``
     steps (0 = never). ConfigError for bad settings or data."""
