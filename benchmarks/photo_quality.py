@@ -82,7 +82,8 @@ DOCS_IMAGES = Path(__file__).resolve().parent.parent / "docs" / "images"
 
 def variant_config(spec: str, base: ProtectConfig) -> ProtectConfig:
     """``uniform``, ``perceptual``, ``ssim``, ``jnd`` or ``NAME:KEY=VALUE,...`` -> the config. Keys: ``steps``,
-    ``levels`` (the budget epsilon in uint8 levels), ``encoder_weight`` (``ProtectConfig.encoder_weight``) and, for
+    ``levels`` (the budget epsilon in uint8 levels), ``encoder_weight`` (``ProtectConfig.encoder_weight``),
+    ``antipure_identity_weight`` (``AntiPureConfig.identity_weight``) and, for
     perceptual, ssim and jnd, the fields of PerceptualBudget,
     SsimBudget or JndBudget (numbers, booleans, and jnd's ``statistic``; not its ``model``)."""
     name, _, options = spec.partition(":")
@@ -92,7 +93,7 @@ def variant_config(spec: str, base: ProtectConfig) -> ProtectConfig:
     }.get(name, PerceptualBudget)
     fields = {f.name: f.type for f in dataclasses.fields(params_type) if f.name != "model"}
     values: dict[str, Any] = {}
-    steps, epsilon, encoder_weight = base.steps, base.epsilon, base.encoder_weight
+    steps, epsilon, encoder_weight, antipure = base.steps, base.epsilon, base.encoder_weight, base.antipure
     for item in filter(None, options.split(",")):
         key, _, value = item.partition("=")
         if key in ("steps", "levels"):
@@ -100,6 +101,9 @@ def variant_config(spec: str, base: ProtectConfig) -> ProtectConfig:
             continue
         if key == "encoder_weight":
             encoder_weight = float(value)
+            continue
+        if key == "antipure_identity_weight":
+            antipure = dataclasses.replace(antipure, identity_weight=float(value))
             continue
         if name == "uniform" or key not in fields:
             raise SystemExit(f"unknown {name} parameter {key!r} (known: {', '.join(fields)})")
@@ -116,7 +120,12 @@ def variant_config(spec: str, base: ProtectConfig) -> ProtectConfig:
             except ValueError:
                 kind = "an integer" if integer else "a number"
                 raise SystemExit(f"{name} parameter {key!r} takes {kind}, got {value!r}") from None
-    common: dict[str, Any] = {"steps": steps, "epsilon": epsilon, "encoder_weight": encoder_weight}
+    common: dict[str, Any] = {
+        "steps": steps,
+        "epsilon": epsilon,
+        "encoder_weight": encoder_weight,
+        "antipure": antipure,
+    }
     if name == "uniform":
         return dataclasses.replace(base, budget="uniform", **common)
     if name == "ssim":

@@ -132,3 +132,12 @@ def test_merge_joins_disjoint_parts_and_refuses_overlaps(tmp_path: Path) -> None
     with pytest.raises(SystemExit, match="share photos"):
         merge([a, a], tmp_path / "twice.json")
     assert not (tmp_path / "twice.json").exists()
+
+
+def test_antipure_identity_weight_variant() -> None:
+    base = ProtectConfig()
+    config = variant_config("ssim:antipure_identity_weight=3", base)
+    assert config.antipure.identity_weight == 3.0 and config.budget == "ssim"
+    assert config.antipure.frequency_weight == base.antipure.frequency_weight  # the rest of AntiPure as it was
+    assert variant_config("ssim", base).antipure == base.antipure
+    config.validate()
