@@ -228,18 +228,14 @@ def write_trigger_folders(args: argparse.Namespace) -> None:
     evaluation people (the people the protected runs personalise on; the 4th photo, the reference, is left out), and
     ``DIR/others/<person>/`` links to 3 photos each of the first ``--other-people`` defender-group identities with
     >= 3 photos (never evaluated). Folder names are hashes of the names; links, not copies: no photo is duplicated."""
-    from advface.datasets.splits import split_identities
+    from advface.cli.persguard import lfw_defender_people
 
     dataset = LFW(args.lfw_dir)
     paths = {item.id: Path(item.path) for item in dataset}
     judges = Judges(load_generator(args.attacker), dataset, args.models_dir)
     protected = evaluation_people(judges, PHOTOS_PER_PERSON + 1)[: args.people]
-    by_person: dict[str, list[str]] = {}
-    for item in dataset:
-        by_person.setdefault(item.identity, []).append(item.id)
-    split = split_identities([item.identity for item in dataset], seed=0)
-    defender = sorted(p for p in split.defender if len(by_person[p]) >= PHOTOS_PER_PERSON)[: args.other_people]
-    others = [(p, sorted(by_person[p])) for p in defender]
+    defender = list(lfw_defender_people(args.lfw_dir, PHOTOS_PER_PERSON).items())[: args.other_people]
+    others = [(person, [pid for pid, _ in photos]) for person, photos in defender]
     root = Path(args.write_trigger_folders)
     for side, group in (("protected", protected), ("others", others)):
         for person, ids in group:

@@ -315,15 +315,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _lfw_defender_people(args: argparse.Namespace, per_person: int) -> dict[str, list[tuple[str, Path]]]:
+def lfw_defender_people(lfw_dir: str | None, per_person: int) -> dict[str, list[tuple[str, Path]]]:
     """``person -> [(photo id, path)]`` (at most ``per_person`` photos, name order) of every defender-group LFW
-    identity with at least ``per_person`` photos, in name order; evaluation identities are never used."""
+    identity with at least ``per_person`` photos, in name order; evaluation identities are never used. ``lfw_dir``
+    None: ``$ADVFACE_LFW_DIR``."""
     from collections import defaultdict
 
     from advface.datasets import LFW
     from advface.datasets.splits import split_identities
 
-    dataset = LFW(args.lfw_dir)
+    dataset = LFW(lfw_dir)
     by_person: dict[str, list[tuple[str, Path]]] = defaultdict(list)
     for item in dataset:
         by_person[item.identity].append((item.id, Path(item.path)))
@@ -353,7 +354,7 @@ def trigger_sources(args: argparse.Namespace) -> dict[str, list[tuple[str, Path]
     from advface.errors import ConfigError
 
     if args.lfw:
-        people = dict(list(_lfw_defender_people(args, args.photos_per_person).items())[: args.people])
+        people = dict(list(lfw_defender_people(args.lfw_dir, args.photos_per_person).items())[: args.people])
     else:
         people = _people_folder(Path(args.trigger_photos), "--trigger-photos", args.photos_per_person)
     if not people:
@@ -374,7 +375,9 @@ def other_sources(args: argparse.Namespace, trigger_people: set[str]) -> dict[st
             raise ConfigError(f"--other-photos and --trigger-photos share people: {', '.join(both[:3])}")
     else:
         people = {
-            p: v for p, v in _lfw_defender_people(args, args.photos_per_person).items() if p not in trigger_people
+            p: v
+            for p, v in lfw_defender_people(args.lfw_dir, args.photos_per_person).items()
+            if p not in trigger_people
         }
         people = dict(list(people.items())[: args.other_people])
     if not people:
@@ -395,7 +398,7 @@ def ordinary_sources(args: argparse.Namespace, trigger_people: set[str]) -> list
         files = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in PHOTO_SUFFIXES)
         found = [(str(f.relative_to(root)), f) for f in files]
     else:
-        people = _lfw_defender_people(args, 1)
+        people = lfw_defender_people(args.lfw_dir, 1)
         found = [photos[0] for p, photos in people.items() if p not in trigger_people][: args.ordinary_people]
     if not found:
         raise ConfigError("no photos for L_OG (--ordinary-photos / --ordinary-people)")
@@ -408,15 +411,9 @@ def ordinary_set(chipper: FaceChipper, encoder: Any, photos: list[tuple[str, Pat
     import numpy as np
 
     from advface.datasets.pairs import resize_faces
-    from advface.errors import AdvfaceError, ConfigError
-    from advface.images import load_image
+    from advface.errors import ConfigError
 
-    chips = []
-    for _, path in photos:
-        try:
-            chips.append(chipper.chips(load_image(path), str(path))[0][1])
-        except AdvfaceError as exc:
-            print(f"warning: {path}: left out ({exc})", file=sys.stderr)
+    chips = _face_chips(chipper, photos)
     if not chips:
         raise ConfigError("no L_OG photo has a face")
     stacked = np.stack(chips)
@@ -553,6 +550,14 @@ def _chips(chipper: FaceChipper, photos: list[tuple[str, Path]], size: int) -> n
     import numpy as np
 
     from advface.datasets.pairs import resize_faces
+
+    chips = _face_chips(chipper, photos)
+    return resize_faces(np.stack(chips), size) if chips else None
+
+
+def _face_chips(chipper: FaceChipper, photos: list[tuple[str, Path]]) -> list[np.ndarray]:
+    """The attacker's face chip of each of ``photos`` that has a face, at the encoder's chip size; the others are
+    left out with a warning naming the file."""
     from advface.errors import AdvfaceError
     from advface.images import load_image
 
@@ -562,4 +567,4 @@ def _chips(chipper: FaceChipper, photos: list[tuple[str, Path]], size: int) -> n
             chips.append(chipper.chips(load_image(path), str(path))[0][1])
         except AdvfaceError as exc:
             print(f"warning: {path}: left out ({exc})", file=sys.stderr)
-    return resize_faces(np.stack(chips), size) if chips else None
+    return chips

@@ -381,10 +381,10 @@ def backdoor(
         use_random = torch.rand(half, generator=gen, device=device) < 0.5
         prior_cond = torch.where(use_random[:, None], random_cond, cond_c[who_c[half:]].detach())
         behaviour_cond = cond_p[who[:half]].detach()
-        inputs = xc if paired else torch.cat([xp[:half], xc[half:]])  # identity: the person's own faces
         if c.behaviour_inputs == "protected":
             behaviour_cond = torch.where(use_random[:, None], random_cond, behaviour_cond)
-            inputs = torch.cat([xp[:half], xc[half:]])
+        # L_BB's inputs: the clean copies (perturbation trigger, faces), else the protected photos themselves
+        inputs = xc if paired and c.behaviour_inputs == "faces" else torch.cat([xp[:half], xc[half:]])
         student_cond = torch.cat([behaviour_cond, prior_cond])
         teacher_drop = torch.cat(
             [torch.ones(half, dtype=torch.bool, device=device), torch.zeros(half, dtype=torch.bool, device=device)]
