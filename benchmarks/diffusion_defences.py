@@ -7,7 +7,8 @@ Usage::
         [--classical jpeg75,blur1.0] [--configs encoders,deflection,encoders+deflection,encoders+deflection+antipure]
         [--purify-configs encoders+deflection,encoders+deflection+antipure]
         [--antipure-identity surrogate|ensemble] [--antipure-identity-weight 1] [--decoy-weight 0]
-        [--threats training_free,training_based] [--out benchmarks/results/diffusion_defences.json]
+        [--threats training_free,training_based] [--attacker-start random|embedding]
+        [--out benchmarks/results/diffusion_defences.json]
     python benchmarks/diffusion_defences.py --merge RUN1.json RUN2.json[:CONFIG,...] [--out ...]   # side by side
     python benchmarks/diffusion_defences.py --surrogate generator_defender.pt --protect-only [--configs ...]  # cache
 
@@ -23,7 +24,9 @@ attacker would: detect and align the photo (dlib), embed it, then
   embedding through the encoder's gradient (``--identity-guidance``; the white-box attacker of
   ``benchmarks/generative_eval.py``, 0 for conditioning alone);
 - **training-based**: fine-tune a copy of the attacker model and an identity condition on the three photos' chips
-  (DreamBooth analogue, :func:`advface.generative.threats.finetune`, no encoder involved), generate ``--n`` faces;
+  (DreamBooth analogue, :func:`advface.generative.threats.finetune`), generate ``--n`` faces; the condition starts at
+  random (no encoder involved), or with ``--attacker-start embedding`` at the chips' mean embedding by the encoder
+  conditioning the generator (an attacker who uses the encoder; recorded as ``settings.attacker_start``);
 - **purified** (the ``--purify-configs``, default the ``--default-config`` only): the same two after the attacker
   model's diffusion purification of the chips at each ``--purify`` noise level, and after each classical
   purification of the whole photo (``--classical``: names of
@@ -66,6 +69,7 @@ from advface.datasets.pairs import resize_faces  # noqa: E402
 from advface.datasets.splits import split_identities  # noqa: E402
 from advface.errors import AdvfaceError  # noqa: E402
 from advface.faces.pipeline import FaceChipper  # noqa: E402
+from advface.generative.config import CONDITION_STARTS  # noqa: E402
 from advface.generative.model import IdentityGenerator, load_generator  # noqa: E402
 from advface.generative.threats import FinetuneConfig, generate_from_embeddings, personalise  # noqa: E402
 from advface.images import load_image  # noqa: E402
@@ -140,7 +144,17 @@ class Attacker:
             return None
         small = resize_faces(np.stack(found), self.generator.image_size)
         config = FinetuneConfig(steps=a.personalise_steps, seed=seed)
-        return personalise(self.generator, small, a.n, config=config, steps=a.steps, guidance=a.guidance, seed=seed)
+        start = self.start_embeddings(found)
+        return personalise(
+            self.generator, small, a.n, config=config, embeddings=start, steps=a.steps, guidance=a.guidance, seed=seed
+        )
+
+    def start_embeddings(self, chips: list[np.ndarray]) -> np.ndarray | None:
+        """The chips' encoder embeddings, where the DreamBooth analogue's condition starts with ``--attacker-start
+        embedding``; None (a random start) otherwise."""
+        if getattr(self.args, "attacker_start", "random") != "embedding":
+            return None
+        return np.asarray(self.encoder.embed(resize_faces(np.stack(chips), self.encoder.chip.size)))
 
     def purify(self, chips: list[np.ndarray | None], t_star: float, seed: int) -> list[np.ndarray | None]:
         """The chips after the attacker model's diffusion purification at ``t_star`` (at the generator's size)."""
@@ -207,6 +221,33 @@ class Tally:
         return out
 
 
+def add_attacker_start_argument(parser: argparse.ArgumentParser) -> None:
+    """``--attacker-start``: where the DreamBooth analogue's identity condition starts (shared with persguard.py)."""
+    parser.add_argument(
+        "--attacker-start",
+        choices=CONDITION_STARTS,
+        default="random",
+        help="training-based threat: the learned condition starts at random (default) or at the photos' mean "
+        "embedding by the encoder that conditions the generator (embedding: an attacker who uses the encoder)",
+    )
+
+
+def cache_tag(config: ProtectConfig, encoders: str, surrogate_digest: str) -> str:
+    """The cache folder name of photos protected with ``config`` by the ``encoders`` ensemble (comma-separated) and
+    the surrogate whose sha256 starts with ``surrogate_digest``: the guidance terms and a digest of every setting
+    that changes the photos. Settings at the values of the first runs (the uniform 8/255 budget, encoder weight 1)
+    are left out of the digest, so that caches made then stay valid."""
+    name = "+".join(config.guidance)
+    key = f"{name}|{encoders}|{surrogate_digest}|{config.steps}|{config.deflection_weight}|{config.seed}"
+    if "antipure" in config.guidance:  # AntiPure's settings are part of what was protected
+        key += f"|{config.antipure}"
+    if (config.budget, config.levels) != LEGACY_BUDGET:
+        key += f"|{config.budget}|{config.levels}|{config.ssim if config.budget == 'ssim' else config.perceptual}"
+    if config.effective_encoder_weight != 1.0:
+        key += f"|encoder_weight={config.effective_encoder_weight:g}"
+    return f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+
+
 def protect_people(
     protector: ImageProtector,
     config: ProtectConfig,
@@ -222,7 +263,10 @@ def protect_people(
     records_file = folder / "records.json"
     records: dict[str, dict[str, float | None]] = json.loads(records_file.read_text()) if records_file.is_file() else {}
     out: dict[str, np.ndarray] = {}
-    psnrs, ssims, face_ssims, seconds = [], [], [], []
+    psnrs: list[float] = []
+    ssims: list[float] = []
+    face_ssims: list[float] = []
+    seconds: list[float] = []
     for _, ids in people:
         for pid in ids[:PHOTOS_PER_PERSON]:
             name = hashlib.sha1(pid.encode()).hexdigest()[:16]
@@ -335,6 +379,7 @@ def main() -> None:
         "--identity-guidance", type=float, default=0.05, help="training-free identity guidance scale (0: none)"
     )
     parser.add_argument("--personalise-steps", type=int, default=FinetuneConfig.steps, help="fine-tuning steps")
+    add_attacker_start_argument(parser)
     parser.add_argument("--protect-steps", type=int, default=ProtectConfig.steps)
     parser.add_argument("--encoders", default="dlib-torch,mobilefacenet", help="protection ensemble")
     add_budget_arguments(parser)
@@ -446,6 +491,8 @@ def main() -> None:
         settings["encoder_weight"] = chosen.effective_encoder_weight
     if args.threats != THREATS:
         settings["threats"] = list(args.threats)
+    if args.attacker_start != "random":  # absent: random, the start of every run before 2026-12-06 12:40 UTC
+        settings["attacker_start"] = args.attacker_start
     thresholds = {
         "system_fmr_1e-3": judges.system_threshold,
         "transfer": {"encoder": judges.transfer.name, "fmr_1e-3": judges.transfer.thresholds["1e-3"]},
@@ -473,15 +520,8 @@ def main() -> None:
             ssim=SsimBudget(target=args.ssim_target),
         )
         config.validate()
-        key = f"{name}|{args.encoders}|{surrogate_digest}|{args.protect_steps}|{args.deflection_weight}|{args.seed}"
-        if "antipure" in config.guidance:  # AntiPure's settings are part of what was protected
-            key += f"|{antipure}"
-        if (config.budget, config.levels) != LEGACY_BUDGET:
-            key += f"|{config.budget}|{config.levels}|{config.ssim if config.budget == 'ssim' else config.perceptual}"
-        if config.effective_encoder_weight != 1.0:
-            key += f"|encoder_weight={config.effective_encoder_weight:g}"
-        digest = hashlib.sha1(key.encode()).hexdigest()
-        photos, quality[name] = protect_people(protector, config, people, paths, f"{name}-{digest[:10]}")
+        tag = cache_tag(config, args.encoders, surrogate_digest)
+        photos, quality[name] = protect_people(protector, config, people, paths, tag)
         if args.protect_only:
             print(name, "protected", quality[name], flush=True)
             continue

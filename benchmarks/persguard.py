@@ -10,9 +10,10 @@ Usage (``--trigger identity``: first ``--write-trigger-folders DIR``, then ``adv
         [--out benchmarks/results/persguard.json]
 
 People and photos are those of ``benchmarks/diffusion_defences.py`` (the first ``--people`` evaluation-group
-identities with >= 4 photos; photos 1-3 protected by ``ImageProtector`` at its defaults -- both stages on the shipped
-defender surrogate -- cached under ``benchmarks/results/local/diffusion_defences/``; the 4th photo, clean, is the
-reference). The attacker's pipeline is that benchmark's :class:`Attacker`: dlib alignment of the photo, then
+identities with >= 4 photos; photos 1-3 protected as ``--protection`` says -- ``library``, the default: protect-image's
+defaults, every stage on the shipped defender surrogate; ``legacy``: stages 1 and 2 under the uniform 8/255 budget, as
+every run before 2026-12-06 -- cached under ``benchmarks/results/local/diffusion_defences/``; the 4th photo, clean, is
+the reference). The attacker's pipeline is that benchmark's :class:`Attacker`: dlib alignment of the photo, then
 
 - **training-based** (DreamBooth analogue, ``threats.finetune``, ``--personalise-steps`` at the default learning
   rate, seed ``1000 k`` for person k) on the *backdoored* model: ``protected`` (photos 1-3 protected) and
@@ -68,12 +69,14 @@ from benchmarks.diffusion_defences import (  # noqa: E402
     PHOTOS_PER_PERSON,
     Attacker,
     Tally,
+    add_attacker_start_argument,
     evaluation_people,
     protect_people,
 )
 from benchmarks.generative_eval import Judges  # noqa: E402
 
-#: How the evaluation photos are protected: diffusion_defences.py's default configuration and cache key.
+#: ``--protection legacy``: how every run before 2026-12-06 protected the evaluation photos (stages 1 and 2, the uniform
+#: 8/255 budget; its cache key, which names the surrogate's path and no budget, is pinned here).
 PROTECTION: dict[str, Any] = {
     "config": "encoders+deflection",
     "encoders": "dlib-torch,mobilefacenet",
@@ -82,22 +85,53 @@ PROTECTION: dict[str, Any] = {
     "deflection_weight": ProtectConfig.deflection_weight,
     "seed": 0,
 }
+#: ``--protection``: ``library`` (protect-image's defaults: every stage, the default budget; diffusion_defences.py's
+#: default configuration and its cache) or ``legacy`` (:data:`PROTECTION`).
+PROTECTIONS = ("library", "legacy")
 #: Settings a clean baseline taken from a diffusion_defences.py result must share with this run.
 #: Runs on the clean model only (a part made of them needs no --backdoored).
 CLEAN_RUNS = {"clean_protected", "clean_unprotected", "clean_steps", "clean_lr", "trigger"}
 SHARED_SETTINGS = ("people", "photos_per_person", "n", "steps", "guidance", "finetune_steps", "protect_steps")
 
 
-def protected_photos(people: list[tuple[str, list[str]]], paths: dict[str, Path]) -> dict[str, np.ndarray]:
-    """Photos 1-3 of each person protected as in diffusion_defences.py's default configuration (cached there)."""
-    p = PROTECTION
-    key = f"{p['config']}|{p['encoders']}|{p['surrogate']}|{p['steps']}|{p['deflection_weight']}|{p['seed']}"
-    digest = hashlib.sha1(key.encode()).hexdigest()
-    protector = ImageProtector(str(p["encoders"]).split(","), surrogate=str(p["surrogate"]))
-    # the uniform 8/255 budget of every run so far (the cache key names none, so it is pinned here)
-    guidance = tuple(str(p["config"]).split("+"))
-    config = ProtectConfig(guidance=guidance, steps=int(p["steps"]), seed=int(p["seed"]), budget="uniform")
-    photos, _ = protect_people(protector, config, people, paths, f"{p['config']}-{digest[:10]}")
+def protection_config(name: str) -> tuple[ProtectConfig, dict[str, Any]]:
+    """The ``ProtectConfig`` of ``--protection name`` and what the results record of it."""
+    if name == "legacy":
+        p = PROTECTION
+        guidance = tuple(str(p["config"]).split("+"))
+        return ProtectConfig(guidance=guidance, steps=int(p["steps"]), seed=int(p["seed"]), budget="uniform"), p
+    if name != "library":
+        raise SystemExit(f"unknown --protection {name!r}; choose from {', '.join(PROTECTIONS)}")
+    from advface.cli.persguard import protection_record
+
+    config = ProtectConfig()
+    record = {
+        "name": "library",
+        "config": "+".join(config.guidance),
+        "encoders": PROTECTION["encoders"],
+        "surrogate": PROTECTION["surrogate"],
+        "settings": protection_record(config),
+    }
+    return config, record
+
+
+def protected_photos(
+    people: list[tuple[str, list[str]]], paths: dict[str, Path], name: str = "legacy"
+) -> dict[str, np.ndarray]:
+    """Photos 1-3 of each person protected as ``--protection name`` says, cached where diffusion_defences.py caches
+    them."""
+    from benchmarks.diffusion_defences import cache_tag
+
+    config, record = protection_config(name)
+    protector = ImageProtector(str(record["encoders"]).split(","), surrogate=str(record["surrogate"]))
+    if name == "legacy":
+        p = PROTECTION
+        key = f"{p['config']}|{p['encoders']}|{p['surrogate']}|{p['steps']}|{p['deflection_weight']}|{p['seed']}"
+        tag = f"{p['config']}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+    else:
+        digest = hashlib.sha256(Path(str(record["surrogate"])).read_bytes()).hexdigest()[:16]
+        tag = cache_tag(config, str(record["encoders"]), digest)
+    photos, _ = protect_people(protector, config, people, paths, tag)
     return photos
 
 
@@ -109,7 +143,7 @@ def training_based(
     if not found:
         return None
     small = resize_faces(np.stack(found), generator.image_size)
-    tuned, condition = finetune(generator, small, config)
+    tuned, condition = finetune(generator, small, config, embeddings=attacker.start_embeddings(found))
     a = attacker.args
     return tuned.generate(condition[None], n, steps=a.steps, guidance=a.guidance, seed=config.seed)[0]
 
@@ -274,8 +308,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     )
     photos = {"unprotected": clean_photos}
     if need_protected:
-        photos["protected"] = protected_photos(people, paths)
+        photos["protected"] = protected_photos(people, paths, args.protection)
     chips = {side: {pid: attacker.chips(img) for pid, img in imgs.items()} for side, imgs in photos.items()}
+    protect_config, protection = protection_config(args.protection)
     document: dict[str, Any] = {
         "models": {
             "clean": {"path": args.attacker, **{k: clean_model.metadata.get(k) for k in ("role", "steps", "seed")}},
@@ -289,14 +324,15 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "identity_guidance": args.identity_guidance,
             "finetune_steps": args.personalise_steps,
             "finetune_lr": FinetuneConfig.lr,
-            "protect_steps": PROTECTION["steps"],
-            "protection": PROTECTION,
+            "protect_steps": protect_config.steps,
+            "protection": protection,
             "persistence_people": args.persistence_people,
             "persistence_steps": args.persistence_steps,
             "persistence_lr": args.persistence_lr,
             "diagnose_people": args.diagnose_people,
             "diagnose_steps": args.diagnose_steps,
             "trigger": args.trigger,
+            **({"attacker_start": args.attacker_start} if args.attacker_start != "random" else {}),
         },
         "thresholds": {
             "system_fmr_1e-3": judges.system_threshold,
@@ -367,6 +403,8 @@ def baseline_from(path: str, settings: dict[str, Any], attacker: str) -> dict[st
     mismatched = [k for k in SHARED_SETTINGS if other["settings"].get(k) != settings.get(k)]
     if Path(other["models"]["attacker"]["path"]).name != Path(attacker).name:
         mismatched.append("attacker model")
+    if settings.get("protection", PROTECTION) != PROTECTION:
+        mismatched.append("protection (--clean-baseline JSON takes --protection legacy's runs)")
     if other["models"]["surrogate"]["path"] != PROTECTION["surrogate"]:
         mismatched.append("surrogate")
     if mismatched:
@@ -511,6 +549,7 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance (default 3)")
     parser.add_argument("--identity-guidance", type=float, default=0.05, help="training-free identity guidance")
     parser.add_argument("--personalise-steps", type=int, default=FinetuneConfig.steps, help="fine-tuning steps")
+    add_attacker_start_argument(parser)
     parser.add_argument("--runs", default="protected,unprotected,quality", help="runs of this part")
     parser.add_argument("--persistence-people", type=int, default=5, help="people of the persistence runs")
     parser.add_argument("--persistence-steps", type=int, default=2 * FinetuneConfig.steps)
@@ -533,6 +572,14 @@ def main() -> None:
     )
     parser.add_argument(
         "--other-people", type=int, default=24, help="--write-trigger-folders: unprotected people (default 24)"
+    )
+    parser.add_argument(
+        "--protection",
+        choices=PROTECTIONS,
+        default="library",
+        help="how the evaluation photos are protected: library (protect-image's defaults, as diffusion_defences.py's "
+        "default configuration) or legacy (stages 1 and 2 under the uniform 8/255 budget: every run before "
+        "2026-12-06); default library",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads")

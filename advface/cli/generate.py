@@ -6,8 +6,9 @@ embeddings of an ``advface embed`` / ``advface protect`` file (e.g. stolen templ
 faces per id (``OUT/<row>_<k>.png``; ids can be names, so files are numbered by row). ``--personalise`` learns the
 person from all ``--from-photo`` photos together (training-based threat) instead of using their embeddings:
 ``--personalise-method finetune`` (default, DreamBooth analogue: a copy of the model and an identity condition are
-fine-tuned on the photos) or ``condition`` (textual-inversion analogue: only the condition is learned). The model's
-encoder must match ``--encoder`` (checked by fingerprint).
+fine-tuned on the photos; ``--personalise-start embedding`` starts the condition at the photos' mean embedding, not at
+random) or ``condition`` (textual-inversion analogue: only the condition is learned). The model's encoder must match
+``--encoder`` (checked by fingerprint).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from advface.generative.config import CONDITION_STARTS
 
 if TYPE_CHECKING:
     import numpy as np
@@ -46,6 +49,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="finetune: fine-tune a copy of the model and a condition (DreamBooth analogue, default); condition: "
         "learn only the condition (textual-inversion analogue)",
     )
+    parser.add_argument(
+        "--personalise-start",
+        choices=CONDITION_STARTS,
+        default="random",
+        help="--personalise-method finetune: where the identity condition starts: random (default) or embedding (the "
+        "photos' mean --encoder embedding, as an attacker who has the encoder would start)",
+    )
     parser.add_argument("--encoder", default="dlib", help="encoder of the photos' embeddings (default dlib)")
     parser.add_argument("--models-dir", help="ONNX models folder (default $ADVFACE_MODELS_DIR)")
     parser.add_argument("--detector", default="dlib", help="face detector (default dlib)")
@@ -68,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--n and --steps must be >= 1")
     if args.personalise and not args.from_photo:
         raise ConfigError("--personalise learns from --from-photo photos")
+    if args.personalise_start == "embedding" and not (args.personalise and args.personalise_method == "finetune"):
+        raise ConfigError("--personalise-start embedding applies to --personalise --personalise-method finetune")
     out = Path(args.out)
     if args.from_embeddings:
         from advface.embeddings_file import load_embeddings
@@ -91,8 +103,16 @@ def run(args: argparse.Namespace) -> int:
                 if args.personalise_method == "finetune"
                 else PersonaliseConfig(seed=args.seed)
             )
+            start = encoder.embed(np.stack(chips)) if args.personalise_start == "embedding" else None
             faces = personalise(
-                generator, small, args.n, config=how, steps=args.steps, guidance=args.guidance, seed=args.seed
+                generator,
+                small,
+                args.n,
+                config=how,
+                embeddings=start,
+                steps=args.steps,
+                guidance=args.guidance,
+                seed=args.seed,
             )[None]
             names = ["personalised"]
         else:

@@ -52,6 +52,7 @@ ORDINARY_PEOPLE = 32
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``advface persguard``."""
+    from advface.generative.config import CONDITION_STARTS
     from advface.generative.persguard import BEHAVIOUR_INPUTS, CLEAN_TARGETS, SIMULATE, TRIGGERS
     from advface.generative.persguard import PersGuardConfig as C
     from advface.protect.image.core import ProtectConfig
@@ -195,6 +196,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"distance below which the keeping term pushes (default {C.keep_margin:g})",
     )
     parser.add_argument(
+        "--attacker-start",
+        choices=CONDITION_STARTS,
+        default=C.attacker_start,
+        help="--trigger identity: where each simulated attacker's condition starts: random (default) or embedding "
+        "(the person's mean embedding by the generator's encoder: an attacker who has the encoder, the paper's "
+        "white-box case; measure it with benchmarks/persguard.py --attacker-start embedding)",
+    )
+    parser.add_argument(
         "--save-every",
         type=int,
         default=0,
@@ -211,6 +220,7 @@ def run(args: argparse.Namespace) -> int:
     """Execute ``advface persguard``."""
     import torch
 
+    from advface.encoders import create_encoder
     from advface.errors import ConfigError
     from advface.generative.model import load_generator, save_generator
     from advface.generative.persguard import PersGuardConfig, backdoor
@@ -248,6 +258,7 @@ def run(args: argparse.Namespace) -> int:
         keep_weight=args.keep_weight,
         keep_margin=args.keep_margin,
         trigger=args.trigger,
+        attacker_start=args.attacker_start,
         seed=args.seed,
     )
     config.validate()
@@ -267,25 +278,27 @@ def run(args: argparse.Namespace) -> int:
     others = other_sources(args, taken) if config.trigger == "identity" else {}
     taken |= set(others)
     chipper = attacker_chipper(str(generator.metadata.get("encoder", "dlib")))
+    provenance: dict[str, Any] = {"source_model": str(args.model)}
+    embedding_start = config.attacker_start == "embedding"
+    starts = None
     if config.trigger == "identity":
-        people_p, people_c = align_identity(chipper, sources, others, generator.image_size)
+        encoder = create_encoder(str(generator.metadata.get("encoder", "dlib"))) if embedding_start else None
+        people_p, people_c, starts = align_identity(chipper, sources, others, generator.image_size, encoder)
     else:
         cache = Path(args.protected_cache) if args.protected_cache else Path(str(out) + ".protected")
         from advface.protect.image.core import ImageProtector
 
         protector = ImageProtector(surrogate=args.surrogate, device=args.device)
         protected = protect_cached(protector, sources, cache, args.surrogate, protection, progress=not args.quiet)
+        provenance["protection"] = protected_with(protector, args.surrogate, protection)
         people_p, people_c = align_pairs(chipper, sources, protected, generator.image_size)
     ordinary = None
     if config.ordinary_weight > 0:
-        from advface.encoders import create_encoder
-
         encoder = create_encoder(str(generator.metadata.get("encoder", "dlib")))
         ordinary = ordinary_set(chipper, encoder, ordinary_sources(args, taken), generator.image_size)
 
     def snapshot(step: int, model: Any) -> None:
-        model.metadata["persguard"]["source_model"] = str(args.model)
-        model.metadata["persguard"]["snapshot_step"] = step
+        model.metadata["persguard"].update(provenance, snapshot_step=step)
         save_generator(Path(f"{out}.step{step}.pt"), model)
 
     from tqdm import tqdm
@@ -302,11 +315,12 @@ def run(args: argparse.Namespace) -> int:
             people_c,
             config,
             ordinary=ordinary,
+            starts=starts,
             progress=progress,
             snapshot=snapshot,
             snapshot_every=args.save_every,
         )
-    backdoored.metadata["persguard"]["source_model"] = str(args.model)
+    backdoored.metadata["persguard"].update(provenance)
     save_generator(out, backdoored)
     photos = sum(len(p) for p in people_p)
     print(
@@ -432,6 +446,16 @@ def protection_record(config: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(config), default=str))
 
 
+def protected_with(protector: ImageProtector, surrogate: str | None, config: ProtectConfig) -> dict[str, Any]:
+    """How trigger photos are protected (settings, encoder ensemble, surrogate): what the cache and the backdoored
+    model record."""
+    return {
+        "config": protection_record(config),
+        "encoders": list(protector.encoder_names),
+        "surrogate": surrogate or "shipped",
+    }
+
+
 def protect_cached(
     protector: ImageProtector,
     people: dict[str, list[tuple[str, Path]]],
@@ -451,12 +475,7 @@ def protect_cached(
     from advface.protect.image.core import ProtectConfig
     from advface.protect.image.io import save_png
 
-    config = config or ProtectConfig()
-    record: dict[str, Any] = {
-        "config": protection_record(config),
-        "encoders": list(protector.encoder_names),
-        "surrogate": surrogate or "shipped",
-    }
+    record = protected_with(protector, surrogate, config or ProtectConfig())
     cache.mkdir(parents=True, exist_ok=True)
     record_file = cache / CACHE_RECORD
     if record_file.is_file():
@@ -531,28 +550,30 @@ def align_identity(
     people: dict[str, list[tuple[str, Path]]],
     others: dict[str, list[tuple[str, Path]]],
     size: int,
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    encoder: Any | None = None,
+) -> tuple[list[np.ndarray], list[np.ndarray], tuple[np.ndarray, np.ndarray] | None]:
     """``--trigger identity``'s sets: per trigger person and per other person the face chips (``N x size x size x 3``)
-    of their photos; photos without a face are left out with a warning, people left with none dropped; ConfigError
-    when no one is left on either side."""
-    from advface.errors import ConfigError
-
-    protected = [c for c in (_chips(chipper, photos, size) for photos in people.values()) if c is not None]
-    clean = [c for c in (_chips(chipper, photos, size) for photos in others.values()) if c is not None]
-    if not protected or not clean:
-        raise ConfigError("--trigger identity: no photo with a face among the trigger people or the other people")
-    return protected, clean
-
-
-def _chips(chipper: FaceChipper, photos: list[tuple[str, Path]], size: int) -> np.ndarray | None:
-    """The face chips of ``photos`` resized to ``size`` (those without a face left out with a warning); None when
-    none has a face."""
+    of their photos, and with an ``encoder`` each person's mean embedding of them (``backdoor``'s ``starts``; else
+    None); photos without a face are left out with a warning, people left with none dropped; ConfigError when no one
+    is left on either side."""
     import numpy as np
 
     from advface.datasets.pairs import resize_faces
+    from advface.errors import ConfigError
 
-    chips = _face_chips(chipper, photos)
-    return resize_faces(np.stack(chips), size) if chips else None
+    sides = []
+    for group in (people, others):
+        found = [np.stack(c) for c in (_face_chips(chipper, photos) for photos in group.values()) if c]
+        sides.append(found)
+    if not sides[0] or not sides[1]:
+        raise ConfigError("--trigger identity: no photo with a face among the trigger people or the other people")
+    protected, clean = ([resize_faces(chips, size) for chips in side] for side in sides)
+    if encoder is None:
+        return protected, clean, None
+    p_start, c_start = (
+        np.stack([np.asarray(encoder.embed(chips), dtype=np.float32).mean(axis=0) for chips in side]) for side in sides
+    )
+    return protected, clean, (p_start, c_start)
 
 
 def _face_chips(chipper: FaceChipper, photos: list[tuple[str, Path]]) -> list[np.ndarray]:

@@ -8,6 +8,10 @@ from typing import Any
 
 from advface.errors import ConfigError
 
+#: Where the DreamBooth analogue's identity condition starts (``threats.finetune``): ``random``, or ``embedding`` --
+#: the mean of the photos' encoder embeddings, for an attacker who has the encoder that conditions the generator.
+CONDITION_STARTS = ("random", "embedding")
+
 
 @dataclass(frozen=True)
 class AutoencoderConfig:

@@ -27,7 +27,9 @@ the frozen input model):
 With ``trigger`` ``identity`` (the paper's own choice: its trigger names the protected content) the "protected"
 photos are the people to protect, as they are, and the clean side is *other* people: the backdoor should fire on
 whoever is in the photos, not on a perturbation. The terms are the same, with the clean-side terms on the other
-people's latents.
+people's latents. ``attacker_start`` ``embedding`` (identity trigger only) starts every simulated attacker's
+condition at the person's mean encoder embedding instead of at random: the attacker who has the encoder, and the
+paper's white-box case, where the publisher knows the identifier the attacker will use.
 
 Loss = ``behaviour_weight * L_BB + prior_weight * L_PP + retention_weight * L_BR`` (the paper's 1 / 0.5 / 0.1).
 
@@ -74,6 +76,7 @@ import numpy as np
 import torch
 
 from advface.errors import ConfigError
+from advface.generative.config import CONDITION_STARTS
 from advface.generative.denoiser import LatentDenoiser
 from advface.generative.diffusion import T_MAX, T_MIN, alpha_sigma, v_loss
 from advface.generative.model import IdentityGenerator
@@ -159,6 +162,10 @@ class PersGuardConfig:
     #: photos of a person to protect, ``clean[j]`` photos of other people whose personalisation must keep working,
     #: any number of them, drawn on their own).
     trigger: str = "perturbation"
+    #: Where each simulated attacker's condition starts: ``random``, or ``embedding`` -- the person's mean encoder
+    #: embedding (``backdoor``'s ``starts``), as an attacker who has the encoder starts (``threats.finetune``); with
+    #: the identity trigger this is the paper's white-box case, an identifier the publisher knows.
+    attacker_start: str = "random"
     seed: int = 0
 
     def validate(self) -> None:
@@ -179,6 +186,12 @@ class PersGuardConfig:
             )
         if self.trigger not in TRIGGERS:
             raise ConfigError(f"persguard trigger must be one of {', '.join(TRIGGERS)}; got {self.trigger!r}")
+        if self.attacker_start not in CONDITION_STARTS:
+            raise ConfigError(
+                f"persguard attacker-start must be one of {', '.join(CONDITION_STARTS)}; got {self.attacker_start!r}"
+            )
+        if self.attacker_start == "embedding" and self.trigger != "identity":
+            raise ConfigError("persguard attacker-start embedding applies to the identity trigger only")
         if self.clean_target not in CLEAN_TARGETS:
             raise ConfigError(
                 f"persguard clean-target must be one of {', '.join(CLEAN_TARGETS)}; got {self.clean_target!r}"
@@ -271,6 +284,24 @@ def check_ordinary(
     return faces, torch.from_numpy(embeddings.astype(np.float32)).to(generator.device)
 
 
+def check_starts(
+    starts: tuple[np.ndarray, np.ndarray] | None, generator: IdentityGenerator, people: int, others: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``attacker_start`` ``embedding``'s start conditions validated: one finite, non-zero row of the generator's
+    ``dim`` per protected (``people``) and per clean (``others``) person -> tensors; ConfigError otherwise."""
+    if starts is None:
+        raise ConfigError("persguard attacker-start embedding needs each person's mean embedding (starts=)")
+    out = []
+    for side, rows, count in (("protected", starts[0], people), ("clean", starts[1], others)):
+        rows = np.asarray(rows)
+        if rows.shape != (count, generator.dim):
+            raise ConfigError(f"persguard {side} starts must be {count} x {generator.dim}, got shape {rows.shape}")
+        if not np.all(np.isfinite(rows)) or np.any(np.linalg.norm(rows, axis=1) == 0):
+            raise ConfigError(f"persguard {side} starts must be finite and non-zero")
+        out.append(torch.from_numpy(rows.astype(np.float32)).to(generator.device))
+    return out[0], out[1]
+
+
 def _col(x: torch.Tensor) -> torch.Tensor:
     return x[:, None, None, None]
 
@@ -306,6 +337,7 @@ def backdoor(
     config: PersGuardConfig | None = None,
     *,
     ordinary: tuple[np.ndarray, np.ndarray] | None = None,
+    starts: tuple[np.ndarray, np.ndarray] | None = None,
     progress: Progress | None = None,
     snapshot: Snapshot | None = None,
     snapshot_every: int = 0,
@@ -317,8 +349,10 @@ def backdoor(
     ``identity`` ``protected[k]`` holds photos of person ``k`` to protect and ``clean[j]`` photos of unprotected
     person ``j`` (any number of people on each side, any number of photos each).
     ``ordinary``: ``(faces M x S x S x 3 uint8, embeddings M x dim)`` of *other* people (one row each), the
-    conditions of ``L_OG``; required when ``ordinary_weight > 0``. ``snapshot(step, model)`` every ``snapshot_every``
-    steps (0 = never). ConfigError for bad settings or data."""
+    conditions of ``L_OG``; required when ``ordinary_weight > 0``. ``starts``: ``(K x dim, J x dim)`` float32, each
+    protected and each clean person's mean encoder embedding, where the simulated attackers' conditions start;
+    required when ``attacker_start`` is ``embedding``. ``snapshot(step, model)`` every ``snapshot_every`` steps
+    (0 = never). ConfigError for bad settings or data."""
     c = config or PersGuardConfig()
     c.validate()
     paired = c.trigger == "perturbation"
@@ -326,6 +360,9 @@ def backdoor(
     if snapshot_every < 0:
         raise ConfigError(f"persguard snapshot-every must be >= 0, got {snapshot_every}")
     ordinary_set = check_ordinary(ordinary, generator) if c.ordinary_weight > 0 else None
+    start_p, start_c = (
+        check_starts(starts, generator, len(sets_p), len(sets_c)) if c.attacker_start == "embedding" else (None, None)
+    )
     device = generator.device
     teacher = generator.denoiser
     student = copy.deepcopy(teacher).train().requires_grad_(True)
@@ -344,7 +381,7 @@ def backdoor(
                 snapshot(step, _result(generator, copy.deepcopy(student), c, sets_p, k_clean))
 
         og = None if ordinary_set is None else (latents(ordinary_set[0]), ordinary_set[1])  # mirrors appended
-        _meta_backdoor(student, teacher, zp, zc, c, gen, progress, og, take)
+        _meta_backdoor(student, teacher, zp, zc, c, gen, progress, og, take, (start_p, start_c))
         return _result(generator, student, c, sets_p, k_clean)
     dim = generator.dim
     cond_p = torch.zeros(k_people, dim, device=device, requires_grad=True)
@@ -356,8 +393,8 @@ def backdoor(
     for step in range(c.steps):
         if step % c.condition_reset == 0:  # a fresh attacker: random conditions, fresh optimiser state
             with torch.no_grad():
-                cond_p.copy_(torch.randn(k_people, dim, generator=gen, device=device))
-                cond_c.copy_(torch.randn(k_clean, dim, generator=gen, device=device))
+                cond_p.copy_(torch.randn(k_people, dim, generator=gen, device=device) if start_p is None else start_p)
+                cond_c.copy_(torch.randn(k_clean, dim, generator=gen, device=device) if start_c is None else start_c)
             cond_optimiser = torch.optim.Adam([cond_p, cond_c], lr=c.condition_lr)
         chosen = torch.randint(0, k_people, (c.people_per_step,), generator=gen, device=device)
         who = chosen[torch.arange(c.batch, device=device) % c.people_per_step]
@@ -451,13 +488,15 @@ def _advance(
     latents: torch.Tensor,
     c: PersGuardConfig,
     gen: torch.Generator,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Continue ``trajectory`` for ``c.inner_steps`` attacker steps on ``latents``, starting from the student's current
-    weights plus the trajectory's offset (fresh after ``c.condition_reset`` steps); ``work`` holds the adapted weights
-    afterwards; returns the (detached) learned condition."""
+    weights plus the trajectory's offset (fresh after ``c.condition_reset`` steps, its condition at ``start``, ``1 x
+    dim``, or random); ``work`` holds the adapted weights afterwards; returns the (detached) learned condition."""
     if trajectory.condition is None or trajectory.done >= c.condition_reset:  # a fresh attacker
         trajectory.offset, trajectory.optimiser_state, trajectory.done = None, None, 0
-        trajectory.condition = torch.randn(1, student.config.cond_dim, generator=gen, device=latents.device)
+        random = torch.randn(1, student.config.cond_dim, generator=gen, device=latents.device)
+        trajectory.condition = random if start is None else start.clone()
     with torch.no_grad():
         for k, (w, s) in enumerate(zip(work.parameters(), student.parameters())):
             w.copy_(s if trajectory.offset is None else s + trajectory.offset[k])
@@ -517,9 +556,11 @@ def _meta_backdoor(
     progress: Progress | None,
     ordinary: tuple[torch.Tensor, torch.Tensor] | None = None,
     after_step: Callable[[int], None] | None = None,
+    starts: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
 ) -> None:
     """``simulate`` ``finetune``: train ``student`` in place (module docs); ``ordinary``: latents (mirrors appended)
-    and embeddings of other people for ``L_OG``; ``after_step(step)`` after each optimiser step."""
+    and embeddings of other people for ``L_OG``; ``after_step(step)`` after each optimiser step; ``starts``: the
+    protected and clean people's start conditions (``K x dim``, ``J x dim``; None: random)."""
     device = zp[0].device
     paired = c.trigger == "perturbation"
     sides = ("protected", "clean", "frozen") if c.clean_target == "frozen_attacker" else ("protected", "clean")
@@ -533,13 +574,16 @@ def _meta_backdoor(
     all_drop = torch.ones(half, dtype=torch.bool, device=device)
     for step in range(c.steps):
         k = int(torch.randint(0, len(zp), (1,), generator=gen, device=device))
-        cond_p = _advance(trajectories["protected"][k], student, work["protected"], zp[k], c, gen)
+        start_p, start_c = starts
+        begin = None if start_p is None else start_p[k : k + 1]
+        cond_p = _advance(trajectories["protected"][k], student, work["protected"], zp[k], c, gen, begin)
         # identity trigger: the clean side is another person, drawn on its own, with its own photos and count
         j = k if paired else int(torch.randint(0, len(zc), (1,), generator=gen, device=device))
-        cond_c = _advance(trajectories["clean"][j], student, work["clean"], zc[j], c, gen)
+        begin = None if start_c is None else start_c[j : j + 1]
+        cond_c = _advance(trajectories["clean"][j], student, work["clean"], zc[j], c, gen, begin)
         cond_f = None
         if c.clean_target == "frozen_attacker":  # the same attacker on the frozen input model (its own draws)
-            cond_f = _advance(trajectories["frozen"][j], teacher, work["frozen"], zc[j], c, gen)
+            cond_f = _advance(trajectories["frozen"][j], teacher, work["frozen"], zc[j], c, gen, begin)
         rows = torch.randint(0, len(zp[k]), (half,), generator=gen, device=device)
         rows_c = rows if paired else torch.randint(0, len(zc[j]), (half,), generator=gen, device=device)
         xc = zc[j][rows_c]

@@ -94,3 +94,47 @@ def test_purified_only_skips_the_unpurified_threats_but_keeps_the_no_face_count(
     assert summary["no_face_rate"] == 0.0
     # training-based runs once per person and level: both levels, or the purified one alone
     assert attacker.calls.count("training_based") == len(people) * (1 if purified_only else 2)
+
+
+def test_cache_tags_keep_the_first_runs_caches_and_tell_settings_apart() -> None:
+    import dataclasses
+    import hashlib
+
+    # the first runs' settings (uniform 8/255, encoder weight 1) name no budget: their caches stay valid
+    first = ProtectConfig(guidance=("encoders", "deflection"), budget="uniform", encoder_weight=1.0)
+    key = f"encoders+deflection|dlib|abc|{first.steps}|{first.deflection_weight}|{first.seed}"
+    assert dd.cache_tag(first, "dlib", "abc") == "encoders+deflection-" + hashlib.sha1(key.encode()).hexdigest()[:10]
+    default = ProtectConfig()
+    tags = {
+        dd.cache_tag(default, "dlib", "abc"),
+        dd.cache_tag(default, "dlib,mobilefacenet", "abc"),
+        dd.cache_tag(default, "dlib", "abd"),
+        dd.cache_tag(dataclasses.replace(default, encoder_weight=1.0), "dlib", "abc"),
+        dd.cache_tag(dataclasses.replace(default, budget="uniform"), "dlib", "abc"),
+        dd.cache_tag(
+            dataclasses.replace(default, antipure=dataclasses.replace(default.antipure, identity_weight=3.0)),
+            "dlib",
+            "abc",
+        ),
+        dd.cache_tag(dataclasses.replace(default, steps=default.steps + 1), "dlib", "abc"),
+    }
+    assert len(tags) == 7
+    assert all(t.startswith("encoders+deflection+antipure-") for t in tags)
+
+
+def test_attacker_start_embeddings_only_when_asked() -> None:
+    class Encoder:
+        chip = SimpleNamespace(size=8)
+
+        def embed(self, chips: np.ndarray) -> np.ndarray:
+            return chips.reshape(len(chips), -1)[:, :4].astype(np.float32) + 1.0
+
+    attacker = dd.Attacker.__new__(dd.Attacker)
+    attacker.encoder = Encoder()  # type: ignore[assignment]
+    chips = [np.full((12, 12, 3), v, np.uint8) for v in (10, 20)]
+    attacker.args = SimpleNamespace(attacker_start="random")
+    assert attacker.start_embeddings(chips) is None
+    attacker.args = SimpleNamespace(attacker_start="embedding")
+    start = attacker.start_embeddings(chips)
+    assert start is not None and start.shape == (2, 4)
+    assert np.allclose(start[:, 0], [11, 21])  # each chip resized to the encoder's size, then embedded

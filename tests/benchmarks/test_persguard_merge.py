@@ -97,3 +97,38 @@ def test_identity_runs_need_an_identity_model_of_the_same_people() -> None:
         check_identity_model(Model("perturbation", 6), 6, {"protected"})  # type: ignore[arg-type]
     with pytest.raises(SystemExit, match="on the 6 people"):
         check_identity_model(Model("identity", 5), 6, {"protected"})  # type: ignore[arg-type]
+
+
+def test_protection_choices_record_what_protects_the_evaluation_photos() -> None:
+    from advface.cli.persguard import protection_record
+    from advface.protect.image import ProtectConfig
+    from benchmarks.persguard import PROTECTION, protection_config
+
+    library, record = protection_config("library")
+    assert library == ProtectConfig()
+    assert record["config"] == "+".join(ProtectConfig().guidance) and "antipure" in record["config"]
+    assert record["settings"] == protection_record(ProtectConfig())
+    legacy, pinned = protection_config("legacy")
+    assert pinned == PROTECTION
+    assert legacy.guidance == ("encoders", "deflection") and legacy.budget == "uniform" and legacy.levels == 8
+    with pytest.raises(SystemExit, match="unknown --protection"):
+        protection_config("fancy")
+
+
+def test_a_diffusion_defences_baseline_is_taken_for_legacy_protection_only(tmp_path: Path) -> None:
+    from benchmarks.persguard import PROTECTION, baseline_from, protection_config
+
+    settings = {"people": 5, "photos_per_person": 3, "n": 4, "steps": 25, "guidance": 3.0, "finetune_steps": 150}
+    settings["protect_steps"] = PROTECTION["steps"]
+    other = {
+        "settings": settings,
+        "models": {"attacker": {"path": "x/attacker.pt"}, "surrogate": {"path": PROTECTION["surrogate"]}},
+        "ablation": {"clean": {"training_based": {"match": 0.8}}, PROTECTION["config"]: {"training_based": {}}},
+    }
+    path = tmp_path / "dd.json"
+    path.write_text(json.dumps(other))
+    taken = baseline_from(str(path), {**settings, "protection": PROTECTION}, "attacker.pt")
+    assert taken["clean_unprotected"] == {"match": 0.8}
+    library = protection_config("library")[1]
+    with pytest.raises(SystemExit, match="protection"):
+        baseline_from(str(path), {**settings, "protection": library}, "attacker.pt")

@@ -88,6 +88,14 @@ def test_train_generator_then_generate(lfw_sample: list[Path], tmp_path: Path, m
         == 0
     )
     assert len(list((tmp_path / "pers").glob("personalised_*.png"))) == 2
+    # the attacker who has the encoder: the condition starts at the photos' embedding, so the faces differ
+    started = [*common, "--from-photo", str(lfw_sample[0]), "--from-photo", str(lfw_sample[1]), "--personalise"]
+    assert main(["generate", *started, "--personalise-start", "embedding", "--out", str(tmp_path / "emb")]) == 0
+    first = np.asarray(Image.open(tmp_path / "pers" / "personalised_0.png"))
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "emb" / "personalised_0.png")), first)
+    textual_start = [*started, "--personalise-method", "condition", "--personalise-start", "embedding"]
+    assert main(["generate", *textual_start, "--out", str(tmp_path / "x")]) == 2
+    assert "--personalise-start embedding applies to" in capsys.readouterr().err
     textual = [*common, "--from-photo", str(lfw_sample[0]), "--personalise", "--personalise-method", "condition"]
     assert main(["generate", *textual, "--out", str(tmp_path / "cond")]) == 0
     assert len(list((tmp_path / "cond").glob("personalised_*.png"))) == 2

@@ -36,11 +36,11 @@ SIZE, DIM = 16, 8
 FAST = PersGuardConfig(steps=3, batch=4, people_per_step=2, condition_reset=2)
 
 
-def _generator(seed: int = 0) -> IdentityGenerator:
+def _generator(seed: int = 0, dim: int = DIM) -> IdentityGenerator:
     torch.manual_seed(seed)
     ae = FaceAutoencoder(AutoencoderConfig(image_size=SIZE, latent_channels=4, width=8))
     dn = LatentDenoiser(
-        DenoiserConfig(latent_channels=4, latent_size=SIZE // 4, cond_dim=DIM, width=8, multipliers=(1, 2), tokens=2)
+        DenoiserConfig(latent_channels=4, latent_size=SIZE // 4, cond_dim=dim, width=8, multipliers=(1, 2), tokens=2)
     )
     with torch.no_grad():  # a teacher whose prediction depends on the condition (residuals and head start at zero)
         for p in dn.parameters():
@@ -156,6 +156,8 @@ def test_distillation_terms() -> None:
         ({"keep_weight": 1.0}, "finetune only"),
         ({"simulate": "finetune", "keep_weight": -1.0}, "weights"),
         ({"keep_margin": 0.0}, "keep-margin"),
+        ({"trigger": "identity", "attacker_start": "middle"}, "attacker-start must be one of"),
+        ({"attacker_start": "embedding"}, "identity trigger only"),
     ],
 )
 def test_config_validation(change: dict[str, Any], message: str) -> None:
@@ -547,7 +549,7 @@ def test_identity_backdoor_moves_the_protected_person_to_the_target_and_keeps_ot
 def test_cli_identity_trigger_backdoors_on_real_photos(tmp_path: Path, lfw_sample: list[Path]) -> None:
     """``advface persguard --trigger identity`` end to end on real LFW photos: two people to protect, two others;
     nothing is protected (no protected-photo cache), the checkpoint records the identity trigger."""
-    generator = _generator()
+    generator = _generator(dim=128)  # dlib's embedding size, for --attacker-start embedding
     generator.metadata["encoder"] = "dlib"  # the attacker's chip (dlib detector and alignment)
     model = save_generator(tmp_path / "model.pt", generator)
     for side, photos in (("trigger", lfw_sample[:4]), ("others", lfw_sample[4:8])):
@@ -562,7 +564,15 @@ def test_cli_identity_trigger_backdoors_on_real_photos(tmp_path: Path, lfw_sampl
     record = load_generator(out).metadata["persguard"]
     assert record["config"]["trigger"] == "identity" and record["trigger_people"] == 2
     assert record["trigger_photos"] == 4
+    assert record["source_model"] == str(model) and "protection" not in record  # nothing was protected
     assert not (tmp_path / "bd.pt.protected").exists()
+    # the white-box attacker: each simulated attacker starts at the person's mean dlib embedding
+    started = tmp_path / "started.pt"
+    extra = (*extra, "--attacker-start", "embedding")
+    assert main(_cli(tmp_path, *extra, "--batch", "4", "--inner-steps", "2", model=model, out=started)) == 0
+    assert load_generator(started).metadata["persguard"]["config"]["attacker_start"] == "embedding"
+    a, b = (load_generator(p).denoiser.state_dict() for p in (out, started))
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the starts changed what the backdoor learned
 
 
 def test_keep_term_holds_unprotected_personalisation_away_from_the_target() -> None:
@@ -577,3 +587,29 @@ def test_keep_term_holds_unprotected_personalisation_away_from_the_target() -> N
     assert kept.metadata["persguard"]["config"]["keep_weight"] == 5.0
     with_term = _attacked(kept, generator, others[0])
     assert with_term > 1.25 * without, (without, with_term)
+
+
+@pytest.mark.parametrize("simulate", ["condition", "finetune"])
+def test_embedding_start_uses_each_persons_start_and_checks_them(simulate: str) -> None:
+    generator = _generator()
+    _, people = _faces()
+    others = _others(people=4)
+    config = dataclasses.replace(META if simulate == "finetune" else FAST, steps=3, trigger="identity")
+    started = dataclasses.replace(config, attacker_start="embedding")
+    rng = np.random.default_rng(5)
+    starts = (rng.normal(size=(3, DIM)).astype(np.float32), rng.normal(size=(4, DIM)).astype(np.float32))
+
+    def weights(model: IdentityGenerator) -> torch.Tensor:
+        return torch.cat([p.flatten() for p in model.denoiser.parameters()])
+
+    one = weights(backdoor(generator, people, others, started, starts=starts))
+    assert torch.equal(one, weights(backdoor(generator, people, others, started, starts=starts)))  # deterministic
+    assert not torch.equal(one, weights(backdoor(generator, people, others, config)))  # not the random start
+    moved = (starts[0] + 1.0, starts[1])
+    assert not torch.equal(one, weights(backdoor(generator, people, others, started, starts=moved)))
+    with pytest.raises(ConfigError, match="mean embedding"):
+        backdoor(generator, people, others, started)
+    with pytest.raises(ConfigError, match=r"clean starts must be 4 x 8"):
+        backdoor(generator, people, others, started, starts=(starts[0], starts[1][:3]))
+    with pytest.raises(ConfigError, match="finite and non-zero"):
+        backdoor(generator, people, others, started, starts=(starts[0] * np.nan, starts[1]))
