@@ -589,6 +589,26 @@ def mark_strongest_purification(entry: dict[str, Any]) -> None:
         entry["purified"] = {**entry[strongest], "threat": strongest}
 
 
+def check_persguard(measured: dict[str, Any], merged: dict[str, Any], path: str) -> None:
+    """SystemExit unless the ``benchmarks/persguard.py`` result ``measured`` backdoored the attacker model of
+    ``merged`` and, with the perturbation trigger, protected its photos as ``merged``'s default configuration."""
+    attacker = Path(str(merged["models"]["attacker"]["path"])).name
+    if Path(str(measured["models"]["clean"]["path"])).name != attacker:
+        raise SystemExit(f"{path} backdoored another attacker model than {attacker}")
+    settings = measured["settings"]
+    default = merged["settings"]["default_config"]
+    if settings.get("trigger", "perturbation") != "perturbation":
+        return
+    protection = settings["protection"]
+    budget = protection.get("settings", {}).get("budget", LEGACY_BUDGET[0])  # legacy: the uniform budget
+    ours = merged["settings"].get("budget", {}).get("name", LEGACY_BUDGET[0])
+    if protection["config"] != default or budget != ours:
+        raise SystemExit(
+            f"{path} protected its photos with {protection['config']} under the {budget} budget, not {default} "
+            f"under the {ours} budget"
+        )
+
+
 def merge(
     files: list[str], default: str | None, out: str | None, cost: str | None = None, persguard: str | None = None
 ) -> Path:
@@ -679,6 +699,7 @@ def merge(
         }
     if persguard:
         measured = json.loads(Path(persguard).read_text())
+        check_persguard(measured, merged, persguard)
         merged["persguard"] = {
             **measured["persguard"],
             "from": {"file": persguard, "command": measured.get("command"), "date": measured.get("date")},

@@ -95,3 +95,34 @@ def test_merge_takes_the_encoder_weight_from_protected_parts_and_refuses_mixed_w
     weight1 = _run(tmp_path, "w1", {default: {"training_free": _cell(0.0)}}, antipure=ANTIPURE, budget=ssim)
     with pytest.raises(SystemExit, match="differ in settings"):
         merge([clean, parts[0], weight1], default, str(tmp_path / "mixed.json"))
+
+
+def test_a_persguard_result_of_another_model_or_protection_is_refused(tmp_path: Path) -> None:
+    default = "encoders+deflection+antipure"
+    files = [_run(tmp_path, "based", {default: {"training_based": _cell(0.05)}}, budget={"name": "ssim"})]
+    block = {"protected": {"match": 0.0}, "transfer": {"protected": {"match": 0.05}}}
+
+    def persguard(name: str, attacker: str = "dir/a.pt", **settings: Any) -> str:
+        path = tmp_path / f"{name}.json"
+        doc = {"persguard": block, "models": {"clean": {"path": attacker}}, "settings": settings}
+        path.write_text(json.dumps(doc))
+        return str(path)
+
+    library = {"config": default, "settings": {"budget": "ssim"}}
+    out = merge(files, default, str(tmp_path / "m.json"), persguard=persguard("ok", protection=library))
+    merged = json.loads(out.read_text())
+    assert merged["persguard"]["protected"]["match"] == 0.0 and merged["transfer"]["persguard"]["protected"]
+    bad = [
+        (persguard("model", "other.pt", protection=library), "another attacker model"),
+        (
+            persguard("stages", protection={**library, "config": "encoders+deflection"}),
+            r"with encoders\+deflection under",
+        ),
+        (persguard("legacy", protection={"config": default}), "uniform budget"),  # legacy record: no budget named
+    ]
+    for path, message in bad:
+        with pytest.raises(SystemExit, match=message):
+            merge(files, default, str(tmp_path / "n.json"), persguard=path)
+    # the identity trigger protects nothing: its protection record is not compared
+    identity = persguard("identity", trigger="identity", protection={"config": "encoders+deflection"})
+    assert merge(files, default, str(tmp_path / "i.json"), persguard=identity).is_file()
