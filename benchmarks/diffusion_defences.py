@@ -152,7 +152,7 @@ class Attacker:
     def start_embeddings(self, chips: list[np.ndarray]) -> np.ndarray | None:
         """The chips' encoder embeddings, where the DreamBooth analogue's condition starts with ``--attacker-start
         embedding``; None (a random start) otherwise."""
-        if getattr(self.args, "attacker_start", "random") != "embedding":
+        if self.args.attacker_start != "embedding":
             return None
         return np.asarray(self.encoder.embed(resize_faces(np.stack(chips), self.encoder.chip.size)))
 

@@ -115,9 +115,7 @@ def protection_config(name: str) -> tuple[ProtectConfig, dict[str, Any]]:
     return config, record
 
 
-def protected_photos(
-    people: list[tuple[str, list[str]]], paths: dict[str, Path], name: str = "legacy"
-) -> dict[str, np.ndarray]:
+def protected_photos(people: list[tuple[str, list[str]]], paths: dict[str, Path], name: str) -> dict[str, np.ndarray]:
     """Photos 1-3 of each person protected as ``--protection name`` says, cached where diffusion_defences.py caches
     them."""
     from benchmarks.diffusion_defences import cache_tag
