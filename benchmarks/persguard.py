@@ -115,12 +115,17 @@ def protection_config(name: str) -> tuple[ProtectConfig, dict[str, Any]]:
     return config, record
 
 
-def protected_photos(people: list[tuple[str, list[str]]], paths: dict[str, Path], name: str) -> dict[str, np.ndarray]:
-    """Photos 1-3 of each person protected as ``--protection name`` says, cached where diffusion_defences.py caches
-    them."""
+def protected_photos(
+    people: list[tuple[str, list[str]]],
+    paths: dict[str, Path],
+    name: str,
+    config: ProtectConfig,
+    record: dict[str, Any],
+) -> dict[str, np.ndarray]:
+    """Photos 1-3 of each person protected as ``--protection name`` says (``protection_config(name)``: ``config``
+    and ``record``), cached where diffusion_defences.py caches them."""
     from benchmarks.diffusion_defences import cache_tag
 
-    config, record = protection_config(name)
     protector = ImageProtector(str(record["encoders"]).split(","), surrogate=str(record["surrogate"]))
     if name == "legacy":
         p = PROTECTION
@@ -305,10 +310,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         r in ("protected", "steps", "lr", "clean_protected", "trigger", "diagnose") for r in runs
     )
     photos = {"unprotected": clean_photos}
-    if need_protected:
-        photos["protected"] = protected_photos(people, paths, args.protection)
-    chips = {side: {pid: attacker.chips(img) for pid, img in imgs.items()} for side, imgs in photos.items()}
     protect_config, protection = protection_config(args.protection)
+    if need_protected:
+        photos["protected"] = protected_photos(people, paths, args.protection, protect_config, protection)
+    chips = {side: {pid: attacker.chips(img) for pid, img in imgs.items()} for side, imgs in photos.items()}
     document: dict[str, Any] = {
         "models": {
             "clean": {"path": args.attacker, **{k: clean_model.metadata.get(k) for k in ("role", "steps", "seed")}},

@@ -280,10 +280,13 @@ def run(args: argparse.Namespace) -> int:
     chipper = attacker_chipper(str(generator.metadata.get("encoder", "dlib")))
     provenance: dict[str, Any] = {"source_model": str(args.model)}
     embedding_start = config.attacker_start == "embedding"
+    # the generator's encoder, built once, for the embedding start and L_OG's conditions
+    needs_encoder = embedding_start or config.ordinary_weight > 0
+    encoder = create_encoder(str(generator.metadata.get("encoder", "dlib"))) if needs_encoder else None
     starts = None
     if config.trigger == "identity":
-        encoder = create_encoder(str(generator.metadata.get("encoder", "dlib"))) if embedding_start else None
-        people_p, people_c, starts = align_identity(chipper, sources, others, generator.image_size, encoder)
+        start_encoder = encoder if embedding_start else None
+        people_p, people_c, starts = align_identity(chipper, sources, others, generator.image_size, start_encoder)
     else:
         cache = Path(args.protected_cache) if args.protected_cache else Path(str(out) + ".protected")
         from advface.protect.image.core import ImageProtector
@@ -294,7 +297,6 @@ def run(args: argparse.Namespace) -> int:
         people_p, people_c = align_pairs(chipper, sources, protected, generator.image_size)
     ordinary = None
     if config.ordinary_weight > 0:
-        encoder = create_encoder(str(generator.metadata.get("encoder", "dlib")))
         ordinary = ordinary_set(chipper, encoder, ordinary_sources(args, taken), generator.image_size)
 
     def snapshot(step: int, model: Any) -> None:
