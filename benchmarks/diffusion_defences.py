@@ -3,7 +3,8 @@
 Usage::
 
     python benchmarks/diffusion_defences.py --attacker generator_attacker.pt --surrogate generator_defender.pt
-        [--people 20] [--n 4] [--protect-steps 60] [--personalise-steps 150] [--purify 0.1,0.2,0.3]
+        [--people 20] [--n 4] [--protect-steps 60] [--personalise-steps 150] [--personalise-lr 2e-4]
+        [--purify 0.1,0.2,0.3]
         [--classical jpeg75,blur1.0] [--configs encoders,deflection,encoders+deflection,encoders+deflection+antipure]
         [--purify-configs encoders+deflection,encoders+deflection+antipure]
         [--antipure-identity surrogate|ensemble] [--antipure-identity-weight 1] [--decoy-weight 0]
@@ -24,9 +25,11 @@ attacker would: detect and align the photo (dlib), embed it, then
   embedding through the encoder's gradient (``--identity-guidance``; the white-box attacker of
   ``benchmarks/generative_eval.py``, 0 for conditioning alone);
 - **training-based**: fine-tune a copy of the attacker model and an identity condition on the three photos' chips
-  (DreamBooth analogue, :func:`advface.generative.threats.finetune`), generate ``--n`` faces; the condition starts at
-  random (no encoder involved), or with ``--attacker-start embedding`` at the chips' mean embedding by the encoder
-  conditioning the generator (an attacker who uses the encoder; recorded as ``settings.attacker_start``);
+  (DreamBooth analogue, :func:`advface.generative.threats.finetune`: ``--personalise-steps`` Adam steps at learning
+  rate ``--personalise-lr``, recorded as ``settings.finetune_lr`` when not the default), generate ``--n`` faces; the
+  condition starts at random (no encoder involved), or with ``--attacker-start embedding`` at the chips' mean
+  embedding by the encoder conditioning the generator (an attacker who uses the encoder; recorded as
+  ``settings.attacker_start``);
 - **purified** (the ``--purify-configs``, default the ``--default-config`` only): the same two after the attacker
   model's diffusion purification of the chips at each ``--purify`` noise level, and after each classical
   purification of the whole photo (``--classical``: names of
@@ -69,9 +72,12 @@ from advface.datasets.pairs import resize_faces  # noqa: E402
 from advface.datasets.splits import split_identities  # noqa: E402
 from advface.errors import AdvfaceError  # noqa: E402
 from advface.faces.pipeline import FaceChipper  # noqa: E402
-from advface.generative.config import CONDITION_STARTS  # noqa: E402
+from advface.generative.config import (
+    CONDITION_STARTS,  # noqa: E402
+    FinetuneConfig,  # noqa: E402
+)
 from advface.generative.model import IdentityGenerator, load_generator  # noqa: E402
-from advface.generative.threats import FinetuneConfig, generate_from_embeddings, personalise  # noqa: E402
+from advface.generative.threats import generate_from_embeddings, personalise  # noqa: E402
 from advface.images import load_image  # noqa: E402
 from advface.protect.image.core import ImageProtector, ProtectConfig  # noqa: E402
 from advface.protect.image.io import save_png  # noqa: E402
@@ -143,7 +149,7 @@ class Attacker:
         if not found:
             return None
         small = resize_faces(np.stack(found), self.generator.image_size)
-        config = FinetuneConfig(steps=a.personalise_steps, seed=seed)
+        config = FinetuneConfig(steps=a.personalise_steps, lr=a.personalise_lr, seed=seed)
         start = self.start_embeddings(found)
         return personalise(
             self.generator, small, a.n, config=config, embeddings=start, steps=a.steps, guidance=a.guidance, seed=seed
@@ -379,6 +385,12 @@ def main() -> None:
         "--identity-guidance", type=float, default=0.05, help="training-free identity guidance scale (0: none)"
     )
     parser.add_argument("--personalise-steps", type=int, default=FinetuneConfig.steps, help="fine-tuning steps")
+    parser.add_argument(
+        "--personalise-lr",
+        type=float,
+        default=FinetuneConfig.lr,
+        help=f"fine-tuning learning rate of the model's weights (default {FinetuneConfig.lr:g})",
+    )
     add_attacker_start_argument(parser)
     parser.add_argument("--protect-steps", type=int, default=ProtectConfig.steps)
     parser.add_argument("--encoders", default="dlib-torch,mobilefacenet", help="protection ensemble")
@@ -491,6 +503,8 @@ def main() -> None:
         settings["encoder_weight"] = chosen.effective_encoder_weight
     if args.threats != THREATS:
         settings["threats"] = list(args.threats)
+    if args.personalise_lr != FinetuneConfig.lr:  # absent: the default, the rate of every run before 2026-12-06
+        settings["finetune_lr"] = args.personalise_lr
     if args.attacker_start != "random":  # absent: random, the start of every run before 2026-12-06 12:40 UTC
         settings["attacker_start"] = args.attacker_start
     thresholds = {

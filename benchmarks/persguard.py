@@ -59,9 +59,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from advface.datasets import LFW  # noqa: E402
 from advface.datasets.pairs import resize_faces  # noqa: E402
+from advface.generative.config import FinetuneConfig, PersonaliseConfig  # noqa: E402
 from advface.generative.diffusion import T_MAX, T_MIN, alpha_sigma  # noqa: E402
 from advface.generative.model import IdentityGenerator, load_generator  # noqa: E402
-from advface.generative.threats import FinetuneConfig, PersonaliseConfig, finetune, learn_condition  # noqa: E402
+from advface.generative.threats import finetune, learn_condition  # noqa: E402
 from advface.images import load_image  # noqa: E402
 from advface.protect.image.core import ImageProtector, ProtectConfig  # noqa: E402
 from benchmarks.common import write_results  # noqa: E402

@@ -14,6 +14,29 @@ CONDITION_STARTS = ("random", "embedding")
 
 
 @dataclass(frozen=True)
+class PersonaliseConfig:
+    """Learning an identity condition from a few photos: Adam ``steps`` at learning rate ``lr``, ``batch`` noisy
+    copies of the photos' latents per step, ``seed`` of the draws and of the initial condition."""
+
+    steps: int = 200
+    lr: float = 0.05
+    batch: int = 16
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """DreamBooth analogue: ``steps`` of Adam on the denoiser's weights (learning rate ``lr``) and on the identity
+    condition (``condition_lr``), ``batch`` noisy copies of the photos' latents (mirrors included) per step."""
+
+    steps: int = 150
+    lr: float = 2e-4
+    condition_lr: float = 0.05
+    batch: int = 16
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class AutoencoderConfig:
     """Shape of the autoencoder: ``image_size`` (divisible by 4), ``latent_channels``, base ``width``,
     residual ``blocks`` per stage."""

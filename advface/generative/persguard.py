@@ -76,11 +76,11 @@ import numpy as np
 import torch
 
 from advface.errors import ConfigError
-from advface.generative.config import CONDITION_STARTS
+from advface.generative.config import CONDITION_STARTS, FinetuneConfig
 from advface.generative.denoiser import LatentDenoiser
 from advface.generative.diffusion import T_MAX, T_MIN, alpha_sigma, v_loss
 from advface.generative.model import IdentityGenerator
-from advface.generative.threats import FinetuneConfig, _fit
+from advface.generative.threats import _fit
 
 #: Choices of :attr:`PersGuardConfig.behaviour_inputs`.
 BEHAVIOUR_INPUTS = ("faces", "protected")

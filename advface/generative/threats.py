@@ -12,13 +12,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from advface.encoders.base import FaceEncoder
 from advface.errors import ConfigError
+from advface.generative.config import FinetuneConfig, PersonaliseConfig
 from advface.generative.denoiser import LatentDenoiser
 from advface.generative.diffusion import v_loss
 from advface.generative.model import IdentityGenerator
@@ -92,17 +92,6 @@ def generate_from_embeddings(
     return np.concatenate(faces).reshape(len(embeddings), n, *faces[0].shape[1:])
 
 
-@dataclass(frozen=True)
-class PersonaliseConfig:
-    """Learning an identity condition from a few photos: Adam ``steps`` at learning rate ``lr``, ``batch`` noisy
-    copies of the photos' latents per step, ``seed`` of the draws and of the initial condition."""
-
-    steps: int = 200
-    lr: float = 0.05
-    batch: int = 16
-    seed: int = 0
-
-
 def _fit(
     model: LatentDenoiser,
     latents: torch.Tensor,
@@ -137,18 +126,6 @@ def learn_condition(
     optimiser = torch.optim.Adam([condition], lr=c.lr)
     _fit(generator.denoiser, latents, condition, optimiser, c.steps, c.batch, gen)
     return condition.detach()[0].cpu().numpy().astype(np.float32)
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    """DreamBooth analogue: ``steps`` of Adam on the denoiser's weights (learning rate ``lr``) and on the identity
-    condition (``condition_lr``), ``batch`` noisy copies of the photos' latents (mirrors included) per step."""
-
-    steps: int = 150
-    lr: float = 2e-4
-    condition_lr: float = 0.05
-    batch: int = 16
-    seed: int = 0
 
 
 def finetune(

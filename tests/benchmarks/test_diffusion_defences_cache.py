@@ -138,3 +138,22 @@ def test_attacker_start_embeddings_only_when_asked() -> None:
     start = attacker.start_embeddings(chips)
     assert start is not None and start.shape == (2, 4)
     assert np.allclose(start[:, 0], [11, 21])  # each chip resized to the encoder's size, then embedded
+
+
+def test_training_based_fine_tunes_with_the_requested_steps_and_rate(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, Any] = {}
+
+    def fake_personalise(generator: Any, small: np.ndarray, n: int, *, config: Any, **kwargs: Any) -> np.ndarray:
+        seen["config"] = config
+        return np.zeros((n, 4, 4, 3), np.uint8)
+
+    monkeypatch.setattr(dd, "personalise", fake_personalise)
+    attacker = dd.Attacker.__new__(dd.Attacker)
+    attacker.generator = SimpleNamespace(image_size=8)  # type: ignore[assignment]
+    attacker.args = SimpleNamespace(
+        personalise_steps=300, personalise_lr=4e-4, attacker_start="random", n=2, steps=5, guidance=3.0
+    )
+    faces = attacker.training_based([np.zeros((12, 12, 3), np.uint8), None], seed=7)
+    assert faces is not None and len(faces) == 2
+    assert (seen["config"].steps, seen["config"].lr, seen["config"].seed) == (300, 4e-4, 7)
+    assert attacker.training_based([None, None], seed=7) is None

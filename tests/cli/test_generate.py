@@ -99,11 +99,44 @@ def test_train_generator_then_generate(lfw_sample: list[Path], tmp_path: Path, m
     textual = [*common, "--from-photo", str(lfw_sample[0]), "--personalise", "--personalise-method", "condition"]
     assert main(["generate", *textual, "--out", str(tmp_path / "cond")]) == 0
     assert len(list((tmp_path / "cond").glob("personalised_*.png"))) == 2
+    # the attacker's effort: more steps at another rate give other faces
+    harder = [*started, "--personalise-steps", "3", "--personalise-lr", "1e-3", "--out", str(tmp_path / "hard")]
+    assert main(["generate", *harder]) == 0
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "hard" / "personalised_0.png")), first)
+    for bad, message in [
+        (["--personalise-steps", "0"], "--personalise-steps must be >= 1"),
+        (["--personalise-lr", "nan"], "--personalise-lr must be in (0, 1)"),
+        (["--identity-guidance", "0.05"], "not --personalise"),
+        (["--identity-guidance", "inf"], "--identity-guidance must be a finite number"),
+    ]:
+        assert main(["generate", *started, *bad, "--out", str(tmp_path / "x")]) == 2
+        assert message in capsys.readouterr().err
+    alone = [*common, "--from-photo", str(photo), "--personalise-lr", "1e-3", "--out", str(tmp_path / "x")]
+    assert main(["generate", *alone]) == 2
+    assert "--personalise-lr applies to --personalise" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    # the white-box training-free attacker: identity guidance by the encoder's gradient changes the faces
+    guided = [
+        "generate",
+        *common,
+        "--from-photo",
+        str(photo),
+        "--identity-guidance",
+        "0.05",
+        "--out",
+        str(tmp_path / "g"),
+    ]
+    assert main(guided) == 0
+    plain = np.asarray(Image.open(out / f"{photo.stem}_0.png"))
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "g" / f"{photo.stem}_0.png")), plain)
 
     z = np.random.default_rng(0).normal(size=(3, 128)).astype(np.float32)
     save_embeddings(tmp_path / "t.npz", EmbeddingsFile(["a", "b", "c"], z, "dlib-torch", meta["encoder_fingerprint"]))
     assert main(["generate", *common, "--from-embeddings", str(tmp_path / "t.npz"), "--out", str(tmp_path / "e")]) == 0
     assert len(list((tmp_path / "e").glob("*.png"))) == 6
+    from_templates = [*common, "--from-embeddings", str(tmp_path / "t.npz"), "--identity-guidance", "0.05"]
+    assert main(["generate", *from_templates, "--out", str(tmp_path / "eg")]) == 0
+    assert len(list((tmp_path / "eg").glob("*.png"))) == 6
 
     # bad input: another encoder's embeddings, a photo without a face, a missing model
     save_embeddings(tmp_path / "o.npz", EmbeddingsFile(["a"], z[:1], "onnx", "another-fingerprint"))

@@ -16,7 +16,7 @@ from advface.cli.persguard import CACHE_RECORD, protect_cached, protection_recor
 from advface.errors import ConfigError
 from advface.generative import persguard as persguard_module
 from advface.generative.autoencoder import FaceAutoencoder
-from advface.generative.config import AutoencoderConfig, DenoiserConfig
+from advface.generative.config import AutoencoderConfig, DenoiserConfig, FinetuneConfig
 from advface.generative.denoiser import LatentDenoiser
 from advface.generative.diffusion import v_loss
 from advface.generative.model import IdentityGenerator, atomic_save, load_generator, save_generator
@@ -29,7 +29,7 @@ from advface.generative.persguard import (
     check_trigger_set,
     target_distance,
 )
-from advface.generative.threats import FinetuneConfig, finetune
+from advface.generative.threats import finetune
 from advface.protect.image.core import ProtectConfig
 
 SIZE, DIM = 16, 8
