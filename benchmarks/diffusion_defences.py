@@ -12,6 +12,7 @@ Usage::
         [--out benchmarks/results/diffusion_defences.json]
     python benchmarks/diffusion_defences.py --merge RUN1.json RUN2.json[:CONFIG,...] [--out ...]   # side by side
     python benchmarks/diffusion_defences.py --surrogate generator_defender.pt --protect-only [--configs ...]  # cache
+    python benchmarks/diffusion_defences.py ... --configs encoders+deflection+antipure --skip-clean --band low|high
 
 The result is rewritten after every configuration and purification level.
 
@@ -42,13 +43,17 @@ conditioning the generator, dlib, FMR 0.1% on clean LFW) and the transfer judge 
 which the attacker finds no face give no training-free faces (counted as not matched, reported as
 ``no_face_rate``). ``--threats`` measures only some of the threats; ``--antipure-*`` and ``--decoy-weight`` set
 the AntiPure options (:class:`~advface.protect.image.antipure.AntiPureConfig`) of every configuration naming
-``antipure``. Protected photos are cached under ``benchmarks/results/local/diffusion_defences/`` (not
-committed: LFW likenesses), so a rerun with the same settings (and the same surrogate file) reuses them. The result
-is rewritten after every purification level, so a long run's finished part is never lost. ``--protect-only`` fills
-that cache and measures nothing (no attacker model needed), so protection can run before or beside the attacker's
-training; each cached photo's protection seconds and face SSIM are kept with it and reported by the later run.
-``--purified-only`` skips the threats on the unpurified photos of the ``--purify-configs`` (a run measuring one more
-purification level need not repeat them; ``--merge`` unites the parts).
+``antipure``. Protected photos are cached under ``benchmarks/results/local/diffusion_defences/`` (not committed: LFW
+likenesses), so a rerun with the same settings (and the same surrogate file) reuses them. The result is rewritten after
+every purification level, so a long run's finished part is never lost. ``--band low|high`` attacks only one frequency
+band of each protected photo's perturbation (:func:`band_split`: ``low`` keeps what survives the attacker's downsampling
+of the face to the generator's size, ``high`` the rest; recorded as ``settings.band``, with the banded photos' PSNR,
+SSIM and visibility (:func:`advface.protect.image.visibility.visibility`) under ``quality``): which part of the
+perturbation does the work against the generator, and which part the eye sees. ``--protect-only`` fills that cache and
+measures nothing (no attacker model needed), so protection can run before or beside the attacker's training; each cached
+photo's protection seconds and face SSIM are kept with it and reported by the later run. ``--purified-only`` skips the
+threats on the unpurified photos of the ``--purify-configs`` (a run measuring one more purification level need not
+repeat them; ``--merge`` unites the parts).
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 
@@ -71,11 +77,9 @@ from advface.datasets import LFW  # noqa: E402
 from advface.datasets.pairs import resize_faces  # noqa: E402
 from advface.datasets.splits import split_identities  # noqa: E402
 from advface.errors import AdvfaceError  # noqa: E402
+from advface.faces.align import alignment_matrix  # noqa: E402
 from advface.faces.pipeline import FaceChipper  # noqa: E402
-from advface.generative.config import (
-    CONDITION_STARTS,  # noqa: E402
-    FinetuneConfig,  # noqa: E402
-)
+from advface.generative.config import CONDITION_STARTS, FinetuneConfig  # noqa: E402
 from advface.generative.model import IdentityGenerator, load_generator  # noqa: E402
 from advface.generative.threats import generate_from_embeddings, personalise  # noqa: E402
 from advface.images import load_image  # noqa: E402
@@ -84,6 +88,7 @@ from advface.protect.image.io import save_png  # noqa: E402
 from advface.protect.image.purify import standard_purifications  # noqa: E402
 from advface.protect.image.quality import psnr, ssim  # noqa: E402
 from advface.protect.image.ssim_budget import SsimBudget  # noqa: E402
+from advface.protect.image.visibility import visibility  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     add_antipure_arguments,
     add_budget_arguments,
@@ -101,6 +106,7 @@ PHOTOS_PER_PERSON = 3
 #: Settings that only runs which protected photos record (a clean-only part has none of them).
 PROTECTION_ONLY = frozenset({"budget", "encoder_weight"})
 THREATS = ("training_free", "training_based")
+BANDS = ("low", "high")
 
 
 class Attacker:
@@ -119,6 +125,17 @@ class Attacker:
             return self.chipper.chips(photo, "<photo>")[0][1]
         except AdvfaceError:
             return None
+
+    def face_scale(self, photo: np.ndarray) -> tuple[float, tuple[float, ...]] | None:
+        """``(photo pixels per generator pixel, face box)`` of the photo's face as the attacker cuts it (the chip's
+        scale, then the chip resized to the generator's size); None when no face is found."""
+        try:
+            face = self.chipper.select(photo, "<photo>")[0]
+        except AdvfaceError:
+            return None
+        matrix = alignment_matrix(face, self.encoder.chip)
+        chip_per_photo = float(np.sqrt(abs(np.linalg.det(matrix[:, :2]))))
+        return self.encoder.chip.size / self.generator.image_size / chip_per_photo, tuple(face.box)
 
     def training_free(self, chips: list[np.ndarray | None], seed: int) -> list[np.ndarray | None]:
         """``n`` faces per chip (None where the photo had no face)."""
@@ -170,6 +187,56 @@ class Attacker:
             else self.generator.purify(resize_faces(c[None], self.generator.image_size), t_star, seed=seed)[0]
             for c in chips
         ]
+
+
+def band_split(clean: np.ndarray, protected: np.ndarray, pixel: float) -> dict[str, np.ndarray]:
+    """``low``: the clean photo plus the perturbation low-passed at the attacker's resolution (a Gaussian of sigma
+    half a generator pixel, ``pixel`` photo pixels wide: it passes what survives the downsampling to the generator's
+    size and damps the rest to under a third at that size's Nyquist frequency); ``high``: the clean photo plus the
+    remainder. Both rounded to uint8."""
+    if not pixel > 0:
+        raise ValueError(f"the generator's pixel must be > 0 photo pixels, got {pixel}")
+    base = clean.astype(np.float32)
+    delta = protected.astype(np.float32) - base
+    low = cv2.GaussianBlur(delta, (0, 0), sigmaX=pixel / 2, sigmaY=pixel / 2, borderType=cv2.BORDER_REFLECT)
+    return {
+        band: np.clip(np.rint(base + part), 0, 255).astype(np.uint8)
+        for band, part in (("low", low), ("high", delta - low))
+    }
+
+
+def banded_photos(
+    attacker: Attacker,
+    people: list[tuple[str, list[str]]],
+    paths: dict[str, Path],
+    photos: dict[str, np.ndarray],
+    band: str,
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """``photos`` with only the ``band`` of each perturbation (:func:`band_split`; a photo in which the attacker
+    finds no face is kept whole), and their quality: PSNR, SSIM and visibility on the face box of the banded photos
+    and (``whole_*``) of the whole perturbation, and the generator's pixel in photo pixels."""
+    out: dict[str, np.ndarray] = {}
+    rows: dict[str, list[float]] = {}
+    for _, ids in people:
+        for pid in ids[:PHOTOS_PER_PERSON]:
+            clean = load_image(paths[pid])
+            scale = attacker.face_scale(clean)
+            if scale is None:
+                out[pid] = photos[pid]
+                continue
+            pixel, box = scale
+            out[pid] = band_split(clean, photos[pid], pixel)[band]
+            for prefix, photo in (("", out[pid]), ("whole_", photos[pid])):  # the band, and the whole perturbation
+                seen = visibility(clean, photo, box).to_dict()
+                for key, value in (
+                    ("psnr", psnr(clean, photo)),
+                    ("ssim", ssim(clean, photo)),
+                    *((f"vis_{k}", seen[k]) for k in ("above_jnd_face", "p95_face", "pooled_face")),
+                ):
+                    rows.setdefault(prefix + key, []).append(float(value if value is not None else np.nan))
+            rows.setdefault("generator_pixel", []).append(pixel)
+    quality = {f"{key}_mean": float(np.mean(values)) for key, values in rows.items()}
+    return out, {**quality, "photos": len(out), "banded": len(rows.get("psnr", []))}
 
 
 def evaluation_people(judges: Judges, need: int) -> list[tuple[str, list[str]]]:
@@ -432,6 +499,12 @@ def main() -> None:
         help="only protect the configurations' photos into the cache (no --attacker needed); a later run with the "
         "same settings measures them",
     )
+    parser.add_argument(
+        "--band",
+        choices=BANDS,
+        default=None,
+        help="attack only the low (what the generator's resolution keeps) or the high band of each perturbation",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--out")
@@ -505,6 +578,8 @@ def main() -> None:
         settings["threats"] = list(args.threats)
     if args.personalise_lr != FinetuneConfig.lr:  # absent: the default, the rate of every run before 2026-12-06
         settings["finetune_lr"] = args.personalise_lr
+    if args.band:
+        settings["band"] = args.band
     if args.attacker_start != "random":  # absent: random, the start of every run before 2026-12-06 12:40 UTC
         settings["attacker_start"] = args.attacker_start
     thresholds = {
@@ -536,6 +611,8 @@ def main() -> None:
         config.validate()
         tag = cache_tag(config, args.encoders, surrogate_digest)
         photos, quality[name] = protect_people(protector, config, people, paths, tag)
+        if args.band and not args.protect_only:
+            photos, quality[name]["band"] = banded_photos(attacker, people, paths, photos, args.band)
         if args.protect_only:
             print(name, "protected", quality[name], flush=True)
             continue

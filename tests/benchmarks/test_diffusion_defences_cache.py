@@ -157,3 +157,20 @@ def test_training_based_fine_tunes_with_the_requested_steps_and_rate(monkeypatch
     assert faces is not None and len(faces) == 2
     assert (seen["config"].steps, seen["config"].lr, seen["config"].seed) == (300, 4e-4, 7)
     assert attacker.training_based([None, None], seed=7) is None
+
+
+def test_band_split_separates_what_the_generator_keeps_from_the_rest() -> None:
+    clean = np.full((48, 48, 3), 120, np.uint8)
+    yy, xx = np.mgrid[:48, :48]
+    smooth = np.repeat((6 * np.sin(2 * np.pi * xx / 24))[..., None], 3, axis=2)  # period 24 px: 8 generator pixels
+    checker = np.repeat((6 * (-1.0) ** (xx + yy))[..., None], 3, axis=2)  # period 2 px: beyond its Nyquist
+    protected = np.clip(np.rint(120 + smooth + checker), 0, 255).astype(np.uint8)
+    bands = dd.band_split(clean, protected, pixel=3.0)
+    low = bands["low"].astype(float) - 120
+    high = bands["high"].astype(float) - 120
+    assert np.abs(low - smooth).mean() < 1.0  # the slow wave passes, the checkerboard does not
+    assert np.abs(high - checker).mean() < 1.5
+    assert np.abs(low + high - (protected.astype(float) - 120)).max() <= 1.0  # the two add up (uint8 rounding)
+    assert np.array_equal(dd.band_split(clean, clean, 2.0)["low"], clean)
+    with pytest.raises(ValueError, match="must be > 0"):
+        dd.band_split(clean, protected, pixel=0.0)
