@@ -39,7 +39,9 @@ attacker would: detect and align the photo (dlib), embed it, then
 
 Each generated face is compared with the person's *fourth* photo, clean (Type II), by the system judge (the encoder
 conditioning the generator, dlib, FMR 0.1% on clean LFW) and the transfer judge (MobileFaceNet, its own FMR 0.1%);
-``match`` = share accepted, ``ism`` = mean cosine. ``clean`` = the same threats on the unprotected photos. Photos in
+``match`` = share accepted (``match_ci95``: its Wilson 95% interval), ``ism`` = mean cosine, ``per_person``: faces
+generated and accepted by each judge per person, in the run's order of people (runs of the same people and seeds pair
+up person by person). ``clean`` = the same threats on the unprotected photos. Photos in
 which the attacker finds no face give no training-free faces (counted as not matched, reported as
 ``no_face_rate``). ``--threats`` measures only some of the threats; ``--antipure-*`` and ``--decoy-weight`` set
 the AntiPure options (:class:`~advface.protect.image.antipure.AntiPureConfig`) of every configuration naming
@@ -73,6 +75,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from advface.audit.field_metrics import wilson_interval  # noqa: E402
 from advface.datasets import LFW  # noqa: E402
 from advface.datasets.pairs import resize_faces  # noqa: E402
 from advface.datasets.splits import split_identities  # noqa: E402
@@ -278,20 +281,39 @@ class Tally:
             if not faces:
                 out[threat] = {"faces": 0, "no_face": missing, "match": 0.0, "transfer": {"match": 0.0}}
                 continue
-            s = self.judges.summary(self.judges.score(np.concatenate(faces), self.compare[threat]))
+            scored = self.judges.score(np.concatenate(faces), self.compare[threat])
+            s = self.judges.summary(scored)
             total = s["faces"] + missing
             t_total = (s["transfer_faces"] or 0) + missing
+            per_person = self.per_person(scored, self.compare[threat])
             out[threat] = {
                 "faces": s["faces"],
                 "no_face": missing,
                 "match": s["system_match"] * s["faces"] / total,
+                "match_ci95": list(wilson_interval(sum(per_person["system"]), total)),
                 "ism": s["ism_system"],
                 "transfer": {
                     "match": (s["transfer_match"] or 0.0) * (s["transfer_faces"] or 0) / max(t_total, 1),
+                    "match_ci95": list(wilson_interval(sum(per_person["transfer"]), t_total)),
                     "ism": s["ism_transfer"],
                 },
+                "per_person": per_person,
             }
         return out
+
+    def per_person(self, scored: dict[str, np.ndarray], references: list[str]) -> dict[str, list]:
+        """Faces accepted per person, by each judge, and faces generated per person, in the order the people were
+        added (no names: the order is the run's people list): runs of the same people and seeds pair up person by
+        person."""
+        system = scored["system"] >= self.judges.system_threshold
+        transfer = np.nan_to_num(scored["transfer"], nan=-np.inf) >= self.judges.transfer.thresholds["1e-3"]
+        order = list(dict.fromkeys(references))
+        rows = np.array([order.index(r) for r in references])
+        return {
+            "faces": np.bincount(rows, minlength=len(order)).tolist(),
+            "system": np.bincount(rows, weights=system, minlength=len(order)).astype(int).tolist(),
+            "transfer": np.bincount(rows, weights=transfer, minlength=len(order)).astype(int).tolist(),
+        }
 
 
 def add_attacker_start_argument(parser: argparse.ArgumentParser) -> None:

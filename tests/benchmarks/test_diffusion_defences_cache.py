@@ -72,8 +72,12 @@ class _FakeAttacker:
 
 
 class _FakeJudges:
+    system_threshold = 0.5
+    transfer = SimpleNamespace(thresholds={"1e-3": 0.5})
+
     def score(self, faces: np.ndarray, photo_ids: list[str]) -> dict[str, Any]:
-        return {"n": len(faces)}
+        half = np.arange(len(faces)) % 2 == 0  # every other face accepted by the system judge, every fourth by both
+        return {"n": len(faces), "system": half.astype(float), "transfer": (np.arange(len(faces)) % 4 == 0) * 1.0}
 
     def summary(self, scores: dict[str, Any]) -> dict[str, Any]:
         n = scores["n"]
@@ -174,3 +178,38 @@ def test_band_split_separates_what_the_generator_keeps_from_the_rest() -> None:
     assert np.array_equal(dd.band_split(clean, clean, 2.0)["low"], clean)
     with pytest.raises(ValueError, match="must be > 0"):
         dd.band_split(clean, protected, pixel=0.0)
+
+
+def test_tally_counts_accepted_faces_per_person_with_an_interval() -> None:
+    class Judges:
+        system_threshold = 0.5
+        transfer = SimpleNamespace(thresholds={"1e-3": 0.3})
+
+        def score(self, faces: np.ndarray, photo_ids: list[str]) -> dict[str, np.ndarray]:
+            values = faces[:, 0, 0, 0].astype(float) / 10
+            return {"system": values, "transfer": np.where(values > 0.8, np.nan, values)}
+
+        def summary(self, scored: dict[str, np.ndarray]) -> dict[str, Any]:
+            valid = ~np.isnan(scored["transfer"])
+            return {
+                "faces": len(scored["system"]),
+                "system_match": float((scored["system"] >= 0.5).mean()),
+                "transfer_match": float((scored["transfer"][valid] >= 0.3).mean()),
+                "ism_system": 0.0,
+                "ism_transfer": 0.0,
+                "transfer_faces": int(valid.sum()),
+            }
+
+    def faces(*values: int) -> np.ndarray:
+        return np.array([np.full((2, 2, 3), v, np.uint8) for v in values])
+
+    tally = dd.Tally(Judges())  # type: ignore[arg-type]
+    tally.add("training_based", faces(9, 6, 1, 2), "b4", 4)  # person B first: 2 by the system judge
+    tally.add("training_based", faces(4, 5, 6, 7), "a4", 4)  # person A: 3
+    tally.add("training_based", None, "c4", 4)  # person C: no face, 4 counted as not matched
+    cell = tally.summary()["training_based"]
+    assert cell["per_person"] == {"faces": [4, 4], "system": [2, 3], "transfer": [1, 4]}
+    assert cell["match"] == pytest.approx(5 / 12)
+    lo, hi = cell["match_ci95"]
+    assert lo < 5 / 12 < hi and 0 < lo and hi < 1
+    assert cell["transfer"]["match"] == pytest.approx(5 / 11)  # one face without a transfer score
