@@ -49,13 +49,14 @@ the AntiPure options (:class:`~advface.protect.image.antipure.AntiPureConfig`) o
 likenesses), so a rerun with the same settings (and the same surrogate file) reuses them. The result is rewritten after
 every purification level, so a long run's finished part is never lost. ``--band low|high`` attacks only one frequency
 band of each protected photo's perturbation (:func:`band_split`: ``low`` keeps what survives the attacker's downsampling
-of the face to the generator's size, ``high`` the rest; recorded as ``settings.band``, with the banded photos' PSNR,
-SSIM and visibility (:func:`advface.protect.image.visibility.visibility`) under ``quality``): which part of the
-perturbation does the work against the generator, and which part the eye sees. ``--protect-only`` fills that cache and
-measures nothing (no attacker model needed), so protection can run before or beside the attacker's training; each cached
-photo's protection seconds and face SSIM are kept with it and reported by the later run. ``--purified-only`` skips the
-threats on the unpurified photos of the ``--purify-configs`` (a run measuring one more purification level need not
-repeat them; ``--merge`` unites the parts).
+of the face to the generator's size, or with ``--band-sigma`` only coarser structure, ``high`` the rest; recorded as
+``settings.band`` and ``settings.band_sigma``, with the banded photos' PSNR, SSIM and visibility
+(:func:`advface.protect.image.visibility.visibility`) under ``quality``): which part of the perturbation does the work
+against the generator, and which part the eye sees. ``--protect-only`` fills that cache and measures nothing (no
+attacker model needed), so protection can run before or beside the attacker's training; each cached photo's protection
+seconds and face SSIM are kept with it and reported by the later run. ``--purified-only`` skips the threats on the
+unpurified photos of the ``--purify-configs`` (a run measuring one more purification level need not repeat them;
+``--merge`` unites the parts).
 """
 
 from __future__ import annotations
@@ -110,6 +111,8 @@ PHOTOS_PER_PERSON = 3
 PROTECTION_ONLY = frozenset({"budget", "encoder_weight"})
 THREATS = ("training_free", "training_based")
 BANDS = ("low", "high")
+#: Sigma of :func:`band_split`'s Gaussian, in generator pixels.
+BAND_SIGMA = 0.5
 
 
 class Attacker:
@@ -192,16 +195,19 @@ class Attacker:
         ]
 
 
-def band_split(clean: np.ndarray, protected: np.ndarray, pixel: float) -> dict[str, np.ndarray]:
-    """``low``: the clean photo plus the perturbation low-passed at the attacker's resolution (a Gaussian of sigma
-    half a generator pixel, ``pixel`` photo pixels wide: it passes what survives the downsampling to the generator's
-    size and damps the rest to under a third at that size's Nyquist frequency); ``high``: the clean photo plus the
-    remainder. Both rounded to uint8."""
-    if not pixel > 0:
-        raise ValueError(f"the generator's pixel must be > 0 photo pixels, got {pixel}")
+def band_split(
+    clean: np.ndarray, protected: np.ndarray, pixel: float, sigma: float = BAND_SIGMA
+) -> dict[str, np.ndarray]:
+    """``low``: the clean photo plus the perturbation low-passed by a Gaussian of ``sigma`` generator pixels
+    (``pixel`` photo pixels each; at the default, half a pixel, it passes what survives the downsampling to the
+    generator's size and damps the rest to under a third at that size's Nyquist frequency; larger ``sigma`` keeps only
+    coarser structure); ``high``: the clean photo plus the remainder. Both rounded to uint8."""
+    if not pixel > 0 or not sigma > 0:
+        raise ValueError(f"the generator's pixel and sigma must be > 0, got {pixel} photo pixels and {sigma}")
     base = clean.astype(np.float32)
     delta = protected.astype(np.float32) - base
-    low = cv2.GaussianBlur(delta, (0, 0), sigmaX=pixel / 2, sigmaY=pixel / 2, borderType=cv2.BORDER_REFLECT)
+    width = pixel * sigma
+    low = cv2.GaussianBlur(delta, (0, 0), sigmaX=width, sigmaY=width, borderType=cv2.BORDER_REFLECT)
     return {
         band: np.clip(np.rint(base + part), 0, 255).astype(np.uint8)
         for band, part in (("low", low), ("high", delta - low))
@@ -214,6 +220,7 @@ def banded_photos(
     paths: dict[str, Path],
     photos: dict[str, np.ndarray],
     band: str,
+    sigma: float = BAND_SIGMA,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """``photos`` with only the ``band`` of each perturbation (:func:`band_split`; a photo in which the attacker
     finds no face is kept whole), and their quality: PSNR, SSIM and visibility on the face box of the banded photos
@@ -228,7 +235,7 @@ def banded_photos(
                 out[pid] = photos[pid]
                 continue
             pixel, box = scale
-            out[pid] = band_split(clean, photos[pid], pixel)[band]
+            out[pid] = band_split(clean, photos[pid], pixel, sigma)[band]
             for prefix, photo in (("", out[pid]), ("whole_", photos[pid])):  # the band, and the whole perturbation
                 seen = visibility(clean, photo, box).to_dict()
                 for key, value in (
@@ -527,6 +534,13 @@ def main() -> None:
         default=None,
         help="attack only the low (what the generator's resolution keeps) or the high band of each perturbation",
     )
+    parser.add_argument(
+        "--band-sigma",
+        type=float,
+        default=BAND_SIGMA,
+        help=f"with --band: the low-pass Gaussian's sigma in generator pixels (default {BAND_SIGMA}; larger keeps only "
+        "coarser structure in the low band)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--out")
@@ -602,6 +616,8 @@ def main() -> None:
         settings["finetune_lr"] = args.personalise_lr
     if args.band:
         settings["band"] = args.band
+        if args.band_sigma != BAND_SIGMA:
+            settings["band_sigma"] = args.band_sigma
     if args.attacker_start != "random":  # absent: random, the start of every run before 2026-12-06 12:40 UTC
         settings["attacker_start"] = args.attacker_start
     thresholds = {
@@ -634,7 +650,7 @@ def main() -> None:
         tag = cache_tag(config, args.encoders, surrogate_digest)
         photos, quality[name] = protect_people(protector, config, people, paths, tag)
         if args.band and not args.protect_only:
-            photos, quality[name]["band"] = banded_photos(attacker, people, paths, photos, args.band)
+            photos, quality[name]["band"] = banded_photos(attacker, people, paths, photos, args.band, args.band_sigma)
         if args.protect_only:
             print(name, "protected", quality[name], flush=True)
             continue

@@ -176,6 +176,8 @@ def test_band_split_separates_what_the_generator_keeps_from_the_rest() -> None:
     assert np.abs(high - checker).mean() < 1.5
     assert np.abs(low + high - (protected.astype(float) - 120)).max() <= 1.0  # the two add up (uint8 rounding)
     assert np.array_equal(dd.band_split(clean, clean, 2.0)["low"], clean)
+    coarse = dd.band_split(clean, protected, pixel=3.0, sigma=2.0)["low"].astype(float) - 120
+    assert np.abs(coarse).mean() < 0.5 * np.abs(low).mean()  # a wider Gaussian keeps only coarser structure
     with pytest.raises(ValueError, match="must be > 0"):
         dd.band_split(clean, protected, pixel=0.0)
 
