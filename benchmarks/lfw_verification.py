@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from advface.datasets import LFW  # noqa: E402
 from advface.datasets.cache import EmbeddingCache  # noqa: E402
-from advface.encoders import create_encoder  # noqa: E402
+from advface.encoders import create_encoder_with_models  # noqa: E402
 from advface.image_embedder import ImageEmbedder  # noqa: E402
 from benchmarks.common import view2_verification, write_results  # noqa: E402
 
@@ -29,8 +29,7 @@ DEFAULT_DETECTORS = {"dlib": "dlib", "dlib-torch": "dlib"}
 
 def evaluate(encoder_spec: str, detector: str, lfw: LFW, args: argparse.Namespace) -> dict:
     """Embed the pair photos with one encoder and compute the verification metrics."""
-    params = {"models_dir": args.models_dir} if encoder_spec == "mobilefacenet" and args.models_dir else {}
-    encoder = create_encoder(encoder_spec, **params)
+    encoder = create_encoder_with_models(encoder_spec, args.models_dir)
     pairs = lfw.pairs()
     photos = sorted({p.a for p in pairs} | {p.b for p in pairs})
     cache = EmbeddingCache(args.cache) if not args.no_cache else None

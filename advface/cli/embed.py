@@ -12,7 +12,7 @@ import sys
 
 from advface.datasets.cache import EmbeddingCache
 from advface.embeddings_file import save_embeddings
-from advface.encoders import create_encoder
+from advface.encoders import create_encoder_with_models
 from advface.errors import AdvfaceError
 from advface.image_embedder import ImageEmbedder
 from advface.images import iter_image_files
@@ -59,10 +59,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
 
-def _encoder_params(args: argparse.Namespace) -> dict[str, str]:
-    return {"models_dir": args.models_dir} if args.encoder == "mobilefacenet" and args.models_dir else {}
-
-
 def run(args: argparse.Namespace) -> int:
     """Execute ``advface embed``."""
     if args.batch_size < 1 or args.workers < 1:
@@ -73,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     files = list(dict((image_id, (path, image_id)) for path, image_id in iter_image_files(args.paths)).values())
     if not files:
         raise AdvfaceError("no image files found in the given paths")
-    encoder = create_encoder(args.encoder, **_encoder_params(args))
+    encoder = create_encoder_with_models(args.encoder, args.models_dir)
     cache = EmbeddingCache(args.cache or None) if args.cache is not None else None
     embedder = ImageEmbedder(
         encoder, detector, args.policy, cache=cache, batch_size=args.batch_size, workers=args.workers

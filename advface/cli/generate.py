@@ -93,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
     """Execute ``advface generate``."""
     import numpy as np
 
+    from advface.encoders import create_encoder_with_models
     from advface.errors import ConfigError
     from advface.generative.model import load_generator
     from advface.generative.threats import generate_from_embeddings, personalise
@@ -105,14 +106,14 @@ def run(args: argparse.Namespace) -> int:
 
         data = load_embeddings(args.from_embeddings)
         generator = load_generator(args.model, device=args.device, encoder_fingerprint=data.fingerprint)
-        encoder = _encoder(args) if args.identity_guidance > 0 else None
+        encoder = create_encoder_with_models(args.encoder, args.models_dir) if args.identity_guidance > 0 else None
         if encoder is not None and encoder.fingerprint != data.fingerprint:
             raise ConfigError(
                 f"--identity-guidance: the embeddings file's templates are not --encoder {args.encoder}'s"
             )
         embeddings, names = data.embeddings, [str(i) for i in range(len(data.ids))]
     else:
-        encoder = _encoder(args)
+        encoder = create_encoder_with_models(args.encoder, args.models_dir)
         generator = load_generator(args.model, device=args.device, encoder_fingerprint=encoder.fingerprint)
         chips = _chips(args.from_photo, encoder, args.detector)
         if args.personalise:
@@ -188,14 +189,6 @@ def _personalise_config(args: argparse.Namespace) -> FinetuneConfig | Personalis
     )
     given = {f: getattr(args, f"personalise_{f}") for f in ("steps", "lr")}
     return dataclasses.replace(how, **{f: v for f, v in given.items() if v is not None})
-
-
-def _encoder(args: argparse.Namespace) -> FaceEncoder:
-    """``--encoder``, with ``--models-dir`` for ONNX encoders."""
-    from advface.encoders import create_encoder
-
-    params = {"models_dir": args.models_dir} if args.encoder == "mobilefacenet" and args.models_dir else {}
-    return create_encoder(args.encoder, **params)
 
 
 def _chips(photos: list[str], encoder: FaceEncoder, detector: str) -> list[np.ndarray]:

@@ -77,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Execute ``advface train-generator``."""
     from advface.datasets import LFW, IdentityFolderDataset
-    from advface.encoders import create_encoder
+    from advface.encoders import create_encoder_with_models
     from advface.errors import ConfigError
     from advface.generative.config import GeneratorTrainConfig
     from advface.generative.data import group_training_data
@@ -99,8 +99,7 @@ def run(args: argparse.Namespace) -> int:
     )
     config.check()
     dataset = LFW(args.lfw_dir) if args.lfw else IdentityFolderDataset(args.dataset)
-    params = {"models_dir": args.models_dir} if args.encoder == "mobilefacenet" and args.models_dir else {}
-    encoder = create_encoder(args.encoder, **params)
+    encoder = create_encoder_with_models(args.encoder, args.models_dir)
     name = "lfw" if args.lfw else str(args.dataset)
     data = group_training_data(
         dataset,

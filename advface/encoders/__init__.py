@@ -1,7 +1,12 @@
 """Face encoders: a common interface (:class:`FaceEncoder`) and a registry (:func:`create_encoder`)."""
 
 from advface.encoders.base import ChipSpec, FaceEncoder, Metric, pair_scores, validate_embeddings
-from advface.encoders.registry import available_encoders, create_encoder, register_encoder
+from advface.encoders.registry import (
+    available_encoders,
+    create_encoder,
+    create_encoder_with_models,
+    register_encoder,
+)
 
 __all__ = [
     "ChipSpec",
@@ -9,6 +14,7 @@ __all__ = [
     "Metric",
     "available_encoders",
     "create_encoder",
+    "create_encoder_with_models",
     "pair_scores",
     "register_encoder",
     "validate_embeddings",

@@ -62,6 +62,13 @@ def parse_encoder_spec(spec: str | Mapping[str, Any]) -> tuple[str, dict[str, An
     return (name, {"path": arg}) if sep else (name, {})
 
 
+def create_encoder_with_models(spec: str, models_dir: str | None) -> FaceEncoder:
+    """:func:`create_encoder` for a command line's ``--encoder`` and ``--models-dir``: the folder goes to the encoder
+    that loads its model file from it (``mobilefacenet``); the others take none. ``models_dir`` None: the encoder's own
+    default (``$ADVFACE_MODELS_DIR``)."""
+    return create_encoder(spec, **({"models_dir": models_dir} if spec == "mobilefacenet" and models_dir else {}))
+
+
 def create_encoder(spec: str | Mapping[str, Any] = "dlib", **overrides: Any) -> FaceEncoder:
     """Build the encoder named by ``spec`` (see module docs); ``overrides`` add or replace parameters."""
     _load_builtins()

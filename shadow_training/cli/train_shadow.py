@@ -76,15 +76,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Execute ``advface train-shadow``."""
     from advface.datasets import LFW, IdentityFolderDataset
-    from advface.encoders import create_encoder
+    from advface.encoders import create_encoder_with_models
     from advface.inversion.training import TrainConfig
     from shadow_training.pipeline import train_shadow
 
     if args.epochs < 1 or args.batch_size < 1 or args.image_size < 16:
         raise AdvfaceError("--epochs and --batch-size must be >= 1 and --image-size >= 16")
     dataset = LFW(args.lfw_dir) if args.lfw else IdentityFolderDataset(args.dataset)
-    params = {"models_dir": args.models_dir} if args.encoder == "mobilefacenet" and args.models_dir else {}
-    encoder = create_encoder(args.encoder, **params)
+    encoder = create_encoder_with_models(args.encoder, args.models_dir)
     config = TrainConfig(
         arch=args.arch,
         image_size=args.image_size,
