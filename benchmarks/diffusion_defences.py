@@ -293,15 +293,16 @@ class Tally:
             total = s["faces"] + missing
             t_total = (s["transfer_faces"] or 0) + missing
             per_person = self.per_person(scored, self.compare[threat])
+            accepted, t_accepted = sum(per_person["system"]), sum(per_person["transfer"])
             out[threat] = {
                 "faces": s["faces"],
                 "no_face": missing,
-                "match": s["system_match"] * s["faces"] / total,
-                "match_ci95": list(wilson_interval(sum(per_person["system"]), total)),
+                "match": accepted / total,
+                "match_ci95": list(wilson_interval(accepted, total)),
                 "ism": s["ism_system"],
                 "transfer": {
-                    "match": (s["transfer_match"] or 0.0) * (s["transfer_faces"] or 0) / max(t_total, 1),
-                    "match_ci95": list(wilson_interval(sum(per_person["transfer"]), t_total)),
+                    "match": t_accepted / max(t_total, 1),
+                    "match_ci95": list(wilson_interval(t_accepted, t_total)),
                     "ism": s["ism_transfer"],
                 },
                 "per_person": per_person,
