@@ -38,10 +38,12 @@ attacker would: detect and align the photo (dlib), embed it, then
   strongest (the one giving the attacker the most matches, system judge) is reported as ``purified``.
 
 Each generated face is compared with the person's *fourth* photo, clean (Type II), by the system judge (the encoder
-conditioning the generator, dlib, FMR 0.1% on clean LFW) and the transfer judge (MobileFaceNet, its own FMR 0.1%);
-``match`` = share accepted (``match_ci95``: its Wilson 95% interval), ``ism`` = mean cosine, ``per_person``: faces
-generated and accepted by each judge per person, in the run's order of people (runs of the same people and seeds pair
-up person by person). ``clean`` = the same threats on the unprotected photos. Photos in
+conditioning the generator, dlib, FMR 0.1% on clean LFW), the transfer judge (MobileFaceNet, its own FMR 0.1%;
+the protection's encoder ensemble uses it) and the unseen judge (``--unseen-judge``, default FaceNet: an encoder no
+attacker and no protection ever used, its own FMR 0.1%; its figures under ``unseen``, as the transfer judge's under
+``transfer``); ``match`` = share accepted (``match_ci95``: its Wilson 95% interval), ``ism`` = mean cosine,
+``per_person``: faces generated and accepted by each judge per person, in the run's order of people (runs of the
+same people and seeds pair up person by person). ``clean`` = the same threats on the unprotected photos. Photos in
 which the attacker finds no face give no training-free faces (counted as not matched, reported as
 ``no_face_rate``). ``--threats`` measures only some of the threats; ``--antipure-*`` and ``--decoy-weight`` set
 the AntiPure options (:class:`~advface.protect.image.antipure.AntiPureConfig`) of every configuration naming
@@ -100,7 +102,7 @@ from benchmarks.common import (  # noqa: E402
     budget_from_args,
     write_results,
 )
-from benchmarks.generative_eval import Judges  # noqa: E402
+from benchmarks.generative_eval import UNSEEN_JUDGE, Judges  # noqa: E402
 
 LOCAL = Path(__file__).resolve().parent / "results" / "local" / "diffusion_defences"
 #: Budget shape and uint8 levels of the runs that record no budget (the library's default, uniform 8/255): their
@@ -281,47 +283,51 @@ class Tally:
         self.compare[threat] += [reference] * len(faces)
 
     def summary(self) -> dict[str, Any]:
-        """Per threat: system judge keys, and the same under ``transfer``."""
+        """Per threat: system judge keys, and the same under ``transfer`` (and ``unseen`` with a third judge)."""
         out: dict[str, Any] = {}
+        others = ("transfer", "unseen") if self.judges.unseen is not None else ("transfer",)
         for threat, faces in self.faces.items():
             missing = self.missing[threat]
             if not faces:
-                out[threat] = {"faces": 0, "no_face": missing, "match": 0.0, "transfer": {"match": 0.0}}
+                out[threat] = {"faces": 0, "no_face": missing, "match": 0.0, **{j: {"match": 0.0} for j in others}}
                 continue
             scored = self.judges.score(np.concatenate(faces), self.compare[threat])
             s = self.judges.summary(scored)
-            total = s["faces"] + missing
-            t_total = (s["transfer_faces"] or 0) + missing
             per_person = self.per_person(scored, self.compare[threat])
-            accepted, t_accepted = sum(per_person["system"]), sum(per_person["transfer"])
+            total = s["faces"] + missing
+            accepted = sum(per_person["system"])
             out[threat] = {
                 "faces": s["faces"],
                 "no_face": missing,
                 "match": accepted / total,
                 "match_ci95": list(wilson_interval(accepted, total)),
                 "ism": s["ism_system"],
-                "transfer": {
-                    "match": t_accepted / max(t_total, 1),
-                    "match_ci95": list(wilson_interval(t_accepted, t_total)),
-                    "ism": s["ism_transfer"],
-                },
-                "per_person": per_person,
             }
+            for judge in others:
+                judged, judge_accepted = (s[f"{judge}_faces"] or 0) + missing, sum(per_person[judge])
+                out[threat][judge] = {
+                    "match": judge_accepted / max(judged, 1),
+                    "match_ci95": list(wilson_interval(judge_accepted, judged)),
+                    "ism": s[f"ism_{judge}"],
+                }
+            out[threat]["per_person"] = per_person
         return out
 
     def per_person(self, scored: dict[str, np.ndarray], references: list[str]) -> dict[str, list]:
         """Faces accepted per person, by each judge, and faces generated per person, in the order the people were
         added (no names: the order is the run's people list): runs of the same people and seeds pair up person by
         person."""
-        system = scored["system"] >= self.judges.system_threshold
-        transfer = np.nan_to_num(scored["transfer"], nan=-np.inf) >= self.judges.transfer.thresholds["1e-3"]
+        accepted = {"system": scored["system"] >= self.judges.system_threshold}
+        for judge in ("transfer", "unseen"):
+            other = getattr(self.judges, judge)
+            if other is not None:
+                accepted[judge] = np.nan_to_num(scored[judge], nan=-np.inf) >= other.thresholds["1e-3"]
         order = list(dict.fromkeys(references))
         rows = np.array([order.index(r) for r in references])
-        return {
-            "faces": np.bincount(rows, minlength=len(order)).tolist(),
-            "system": np.bincount(rows, weights=system, minlength=len(order)).astype(int).tolist(),
-            "transfer": np.bincount(rows, weights=transfer, minlength=len(order)).astype(int).tolist(),
-        }
+        out = {"faces": np.bincount(rows, minlength=len(order)).tolist()}
+        for judge, flags in accepted.items():
+            out[judge] = np.bincount(rows, weights=flags, minlength=len(order)).astype(int).tolist()
+        return out
 
 
 def add_attacker_start_argument(parser: argparse.ArgumentParser) -> None:
@@ -542,6 +548,12 @@ def main() -> None:
         help=f"with --band: the low-pass Gaussian's sigma in generator pixels (default {BAND_SIGMA}; larger keeps only "
         "coarser structure in the low band)",
     )
+    parser.add_argument(
+        "--unseen-judge",
+        default=UNSEEN_JUDGE,
+        help=f"a third judge, an encoder no attacker and no protection used (default {UNSEEN_JUDGE}; none: only two "
+        "judges, as every run before 2026-12-06 19:00 UTC)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--out")
@@ -569,7 +581,7 @@ def main() -> None:
     paths = {item.id: Path(item.path) for item in dataset}
     # --protect-only: the surrogate stands in for the attacker model only to pick the people (same encoder and size)
     generator = load_generator(args.surrogate if args.protect_only else args.attacker)
-    judges = Judges(generator, dataset, args.models_dir)
+    judges = Judges(generator, dataset, args.models_dir, unseen=None if args.protect_only else args.unseen_judge)
     attacker = Attacker(generator, judges, args)
     people = evaluation_people(judges, PHOTOS_PER_PERSON + 1)[: args.people]
     protector = ImageProtector(args.encoders.split(","), surrogate=args.surrogate)
@@ -621,10 +633,7 @@ def main() -> None:
             settings["band_sigma"] = args.band_sigma
     if args.attacker_start != "random":  # absent: random, the start of every run before 2026-12-06 12:40 UTC
         settings["attacker_start"] = args.attacker_start
-    thresholds = {
-        "system_fmr_1e-3": judges.system_threshold,
-        "transfer": {"encoder": judges.transfer.name, "fmr_1e-3": judges.transfer.thresholds["1e-3"]},
-    }
+    thresholds = judges.thresholds()
     results: dict[str, Any] = {}
     quality: dict[str, Any] = {}
 
@@ -680,11 +689,15 @@ def summarise(document: dict[str, Any]) -> dict[str, Any]:
                 continue
             entry = results[source][threat]
             top.setdefault(threat, {})[side] = {"match": entry["match"], "ism": entry.get("ism")}
-            top["transfer"].setdefault(threat, {})[side] = entry["transfer"]
+            for judge in ("transfer", "unseen"):
+                if judge in entry:
+                    top.setdefault(judge, {}).setdefault(threat, {})[side] = entry[judge]
     if "purified" in results.get(default, {}):
         strongest = results[default]["purified"]
         top["purified"] = {"protected": {"match": strongest["match"], "threat": strongest["threat"]}}
-        top["transfer"]["purified"] = {"protected": strongest["transfer"]}
+        for judge in ("transfer", "unseen"):
+            if judge in strongest:
+                top.setdefault(judge, {})["purified"] = {"protected": strongest[judge]}
     for key in ("psnr_mean", "ssim_face_mean", "seconds_per_photo_cpu"):
         top[key] = quality[default][key] if default in quality else None
     return top

@@ -95,10 +95,7 @@ def main() -> None:
     payload = {
         "model": {"path": str(args.model), "trained_on": trained_on},
         "settings": {"group": args.group, "people": len(people), "scales": args.scales, "seed": args.seed},
-        "thresholds": {
-            "system_fmr_1e-3": judges.system_threshold,
-            "transfer": {"encoder": judges.transfer.name, "fmr_1e-3": judges.transfer.thresholds["1e-3"]},
-        },
+        "thresholds": judges.thresholds(),
         "scales": rows,
     }
     print(f"wrote {write_results('diffusion_guidance_check', payload, args.out)}")

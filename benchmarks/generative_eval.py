@@ -47,7 +47,7 @@ import scipy.linalg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from advface.audit.metrics import attack_thresholds  # noqa: E402
-from advface.audit.transfer import build_transfer_judge, default_transfer_encoder  # noqa: E402
+from advface.audit.transfer import TransferJudge, build_transfer_judge, default_transfer_encoder  # noqa: E402
 from advface.datasets import LFW  # noqa: E402
 from advface.datasets.pairs import build_face_pairs, resize_faces  # noqa: E402
 from advface.datasets.splits import split_identities  # noqa: E402
@@ -81,10 +81,44 @@ def frechet(a: np.ndarray, b: np.ndarray) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
 
 
-class Judges:
-    """The system judge (the conditioning encoder) and the transfer judge, with their FMR 0.1% thresholds."""
+#: The third judge (``--unseen-judge``): an encoder neither the attackers nor the photo protection ever used.
+UNSEEN_JUDGE = "facenet"
 
-    def __init__(self, generator: IdentityGenerator, dataset: LFW, models_dir: str | None) -> None:
+
+def judge_scores(
+    judge: TransferJudge, faces: np.ndarray, photo_ids: list[str]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A judge's scores and cosines of generated faces (system encoder's chip frame) against the photos they are
+    compared with (NaN where the judge has no embedding of the photo), and its embeddings of the faces."""
+    emb = judge.embed_reconstructions(faces)
+    rows = judge.rows_of(np.asarray(photo_ids))
+    score = np.full(len(faces), np.nan)
+    cos = np.full(len(faces), np.nan)
+    ok = rows >= 0
+    if ok.any():
+        target = judge.embeddings[rows[ok]]
+        score[ok] = judge.encoder.score(emb[ok], target)
+        cos[ok] = cosine(emb[ok], target)
+    return score, cos, emb
+
+
+def judge_summary(judge: TransferJudge, score: np.ndarray, cos: np.ndarray) -> tuple[float | None, float | None, int]:
+    """Match rate at the judge's FMR 0.1% threshold and mean cosine over the faces it could score, and their
+    number."""
+    valid = ~np.isnan(score)
+    if not valid.any():
+        return None, None, 0
+    match = float((score[valid] >= judge.thresholds["1e-3"]).mean())
+    return match, float(np.nanmean(cos)), int(valid.sum())
+
+
+class Judges:
+    """The system judge (the conditioning encoder), the transfer judge and optionally the unseen judge, with their
+    FMR 0.1% thresholds."""
+
+    def __init__(
+        self, generator: IdentityGenerator, dataset: LFW, models_dir: str | None, unseen: str | None = None
+    ) -> None:
         name = str(generator.metadata.get("encoder", "dlib"))
         self.encoder = create_encoder(name)
         # dlib-torch gives dlib's embeddings, batched: used to score generated faces
@@ -92,8 +126,13 @@ class Judges:
         self.pairs = build_face_pairs(dataset, self.encoder, image_size=generator.image_size)
         clean = self.pairs.without_flips()
         self.system_threshold = attack_thresholds(clean.embeddings, clean.identities, self.encoder.metric)["1e-3"]
-        self.transfer = build_transfer_judge(
-            default_transfer_encoder(name),
+        self.transfer = self._judge(default_transfer_encoder(name), dataset, generator, models_dir)
+        #: The judge no attacker and no protection used (None: not asked for, ``unseen`` None or "none").
+        self.unseen = self._judge(unseen, dataset, generator, models_dir) if unseen not in (None, "none") else None
+
+    def _judge(self, name: str, dataset: LFW, generator: IdentityGenerator, models_dir: str | None) -> TransferJudge:
+        return build_transfer_judge(
+            name,
             dataset,
             self.encoder.chip,
             seed=0,
@@ -102,43 +141,51 @@ class Judges:
             models_dir=models_dir,
         )
 
+    def thresholds(self) -> dict[str, Any]:
+        """The judges' encoders and FMR 0.1% thresholds, as results record them."""
+        out: dict[str, Any] = {
+            "system_fmr_1e-3": self.system_threshold,
+            "transfer": {"encoder": self.transfer.name, "fmr_1e-3": self.transfer.thresholds["1e-3"]},
+        }
+        if self.unseen is not None:
+            out["unseen"] = {"encoder": self.unseen.name, "fmr_1e-3": self.unseen.thresholds["1e-3"]}
+        return out
+
     def score(self, faces: np.ndarray, photo_ids: list[str]) -> dict[str, np.ndarray]:
         """Per generated face (``N x S x S x 3``, chip frame of the system encoder) and the photo it is compared
-        with: system and transfer scores and cosines (NaN where the transfer judge has no embedding of the photo)."""
+        with: system and transfer (and unseen) scores and cosines (NaN where a judge has no embedding of the
+        photo)."""
         clean = self.pairs.without_flips()
         row_of = {pid: i for i, pid in enumerate(clean.ids.tolist())}
         target = clean.embeddings[[row_of[p] for p in photo_ids]]
         emb = self.scorer.embed(resize_faces(faces, self.scorer.chip.size))
-        system = self.scorer.score(emb, target)
-        t_emb = self.transfer.embed_reconstructions(faces)
-        rows = self.transfer.rows_of(np.asarray(photo_ids))
-        t_score = np.full(len(faces), np.nan)
-        t_cos = np.full(len(faces), np.nan)
-        ok = rows >= 0
-        if ok.any():
-            t_target = self.transfer.embeddings[rows[ok]]
-            t_score[ok] = self.transfer.encoder.score(t_emb[ok], t_target)
-            t_cos[ok] = cosine(t_emb[ok], t_target)
-        return {
-            "system": system,
+        t_score, t_cos, t_emb = judge_scores(self.transfer, faces, photo_ids)
+        out = {
+            "system": self.scorer.score(emb, target),
             "system_cos": cosine(emb, target),
             "transfer": t_score,
             "transfer_cos": t_cos,
             "transfer_emb": t_emb,
         }
+        if self.unseen is not None:
+            out["unseen"], out["unseen_cos"], _ = judge_scores(self.unseen, faces, photo_ids)
+        return out
 
     def summary(self, scored: dict[str, np.ndarray]) -> dict[str, Any]:
         """Match rates at FMR 0.1% and mean cosines."""
-        t = scored["transfer"]
-        valid = ~np.isnan(t)
-        return {
+        t_match, t_ism, t_faces = judge_summary(self.transfer, scored["transfer"], scored["transfer_cos"])
+        out = {
             "faces": len(scored["system"]),
             "system_match": float((scored["system"] >= self.system_threshold).mean()),
-            "transfer_match": float((t[valid] >= self.transfer.thresholds["1e-3"]).mean()) if valid.any() else None,
+            "transfer_match": t_match,
             "ism_system": float(scored["system_cos"].mean()),
-            "ism_transfer": float(np.nanmean(scored["transfer_cos"])) if valid.any() else None,
-            "transfer_faces": int(valid.sum()),
+            "ism_transfer": t_ism,
+            "transfer_faces": t_faces,
         }
+        if self.unseen is not None:
+            u_match, u_ism, u_faces = judge_summary(self.unseen, scored["unseen"], scored["unseen_cos"])
+            out.update(unseen_match=u_match, ism_unseen=u_ism, unseen_faces=u_faces)
+        return out
 
 
 def main() -> None:
@@ -159,13 +206,18 @@ def main() -> None:
     parser.add_argument(
         "--personalise-steps", type=int, default=None, help="steps (default: FinetuneConfig's or PersonaliseConfig's)"
     )
+    parser.add_argument(
+        "--unseen-judge",
+        default="none",
+        help=f"a third judge, an encoder the generator never used, e.g. {UNSEEN_JUDGE} (default none: two judges)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out")
     args = parser.parse_args()
 
     dataset = LFW(args.lfw_dir)
     generator = load_generator(args.model)
-    judges = Judges(generator, dataset, args.models_dir)
+    judges = Judges(generator, dataset, args.models_dir, unseen=args.unseen_judge)
     clean = judges.pairs.without_flips()
     split = split_identities(judges.pairs.identities[~judges.pairs.flipped].tolist(), seed=0)
     photos: dict[str, list[int]] = {}
@@ -267,10 +319,7 @@ def main() -> None:
             "personalise_steps": args.personalise_steps,
             "seed": args.seed,
         },
-        "thresholds": {
-            "system_fmr_1e-3": judges.system_threshold,
-            "transfer": {"encoder": judges.transfer.name, "fmr_1e-3": judges.transfer.thresholds["1e-3"]},
-        },
+        "thresholds": judges.thresholds(),
         "training_free": free_summary,
         "training_free_guided": guided,
         "training_based": based,

@@ -298,10 +298,7 @@ def main() -> None:
             assert judges is not None
             result, figures = evaluate(models[name], judges, conditions, compare, real, args)
             result["people"] = len(people)
-            result["thresholds"] = {
-                "system_fmr_1e-3": judges.system_threshold,
-                "transfer": {"encoder": judges.transfer.name, "fmr_1e-3": judges.transfer.thresholds["1e-3"]},
-            }
+            result["thresholds"] = judges.thresholds()
             cached[name] = save_evaluation(
                 Path(args.work_dir) / f"eval_{name}.json", eval_key, models[name], result, figures
             )

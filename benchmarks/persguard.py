@@ -338,10 +338,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "trigger": args.trigger,
             **({"attacker_start": args.attacker_start} if args.attacker_start != "random" else {}),
         },
-        "thresholds": {
-            "system_fmr_1e-3": judges.system_threshold,
-            "transfer": {"encoder": judges.transfer.name, "fmr_1e-3": judges.transfer.thresholds["1e-3"]},
-        },
+        "thresholds": judges.thresholds(),
         "runs": {},
         "seconds": {},
     }

