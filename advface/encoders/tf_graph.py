@@ -291,7 +291,10 @@ def read_graph(path: str | os.PathLike[str], output: str) -> FrozenGraph:
     nodes: list[GraphNode] = []
     inputs: list[str] = []
     for proto in graph.node:
-        attrs = {key: _attr_value(value) for key, value in proto.attr.items()}
+        try:
+            attrs = {key: _attr_value(value) for key, value in proto.attr.items()}
+        except (ValueError, UnicodeDecodeError) as exc:  # e.g. a tensor whose data does not fit its shape
+            raise ConfigError(f"{path}: node {proto.name!r} has a malformed attribute: {exc}") from exc
         if proto.op == "Const":
             constants[proto.name] = attrs["value"]
         elif proto.op == "Placeholder":

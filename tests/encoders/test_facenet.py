@@ -200,3 +200,14 @@ def test_generated_size_dlib_chips_warped_to_facenet_match_its_own_chips(
     same = pair_scores(a, b, "cosine")
     other = pair_scores(a, np.roll(b, 1, axis=0), "cosine")
     assert same.min() > 0.8 and other.max() < 0.5, (same, other)  # measured: 0.90-0.95 and below 0.15
+
+
+def test_tf_graph_refuses_a_tensor_that_does_not_fit_its_shape(tmp_path: Path) -> None:
+    graph = tfg._GraphDef()
+    graph.node.add(name="input", op="Placeholder")
+    _const(graph, "w", np.zeros((2, 2), np.float32))
+    graph.node[1].attr["value"].tensor.tensor_content = b"\x00" * 12  # 3 floats for a 2 x 2 tensor
+    path = tmp_path / "bad.pb"
+    path.write_bytes(graph.SerializeToString())
+    with pytest.raises(ConfigError, match="malformed attribute"):
+        tfg.read_graph(path, "w")
