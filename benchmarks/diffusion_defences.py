@@ -285,7 +285,7 @@ class Tally:
     def summary(self) -> dict[str, Any]:
         """Per threat: system judge keys, and the same under ``transfer`` (and ``unseen`` with a third judge)."""
         out: dict[str, Any] = {}
-        others = ("transfer", "unseen") if self.judges.unseen is not None else ("transfer",)
+        others = tuple(self.judges.others)
         for threat, faces in self.faces.items():
             missing = self.missing[threat]
             if not faces:
@@ -318,10 +318,8 @@ class Tally:
         added (no names: the order is the run's people list): runs of the same people and seeds pair up person by
         person."""
         accepted = {"system": scored["system"] >= self.judges.system_threshold}
-        for judge in ("transfer", "unseen"):
-            other = getattr(self.judges, judge)
-            if other is not None:
-                accepted[judge] = np.nan_to_num(scored[judge], nan=-np.inf) >= other.thresholds["1e-3"]
+        for key, judge in self.judges.others.items():
+            accepted[key] = np.nan_to_num(scored[key], nan=-np.inf) >= judge.thresholds["1e-3"]
         order = list(dict.fromkeys(references))
         rows = np.array([order.index(r) for r in references])
         out = {"faces": np.bincount(rows, minlength=len(order)).tolist()}

@@ -11,8 +11,8 @@ The weights were trained on MTCNN box crops with a margin, and FaceNet's code of
 the model needs. Each photo is detected once (dlib, largest face), then aligned to each chip (dlib's five-landmark
 chip at 160 px with each padding, and with ``--arcface`` the ArcFace template at 160 px) and embedded with each
 standardisation. ``--photos N`` keeps the pairs whose two photos are among the first N pair photos in name order (a
-cheaper, name-biased subset; 0: all 6000 pairs). Metrics: 10-fold accuracy (threshold fit on the other folds) and TAR
-at FAR 1%; a photo without a face makes its pairs rejections.
+cheaper, name-biased subset; 0: all 6000 pairs). Metrics (:func:`benchmarks.common.view2_verification`): 10-fold
+accuracy (threshold fit on the other folds) and TAR at FAR 1%; a photo without a face makes its pairs rejections.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -36,8 +37,7 @@ from advface.errors import AdvfaceError  # noqa: E402
 from advface.faces.align import align_face  # noqa: E402
 from advface.faces.pipeline import FaceChipper  # noqa: E402
 from advface.images import load_image  # noqa: E402
-from advface.metrics import kfold_accuracy, tar_at_far  # noqa: E402
-from benchmarks.common import write_results  # noqa: E402
+from benchmarks.common import view2_verification, write_results  # noqa: E402
 
 
 def prewhiten(x: torch.Tensor) -> torch.Tensor:
@@ -92,8 +92,7 @@ def main() -> None:
         ids.append(pid)
         for name, chip in chips_of.items():
             chips[name].append(align_face(image, face, chip))
-    same = np.array([p.same for p in pairs])
-    folds = np.array([p.fold for p in pairs])
+    cosine_scores = SimpleNamespace(score=lambda a, b: pair_scores(a, b, "cosine"))  # what view2 asks of an encoder
     rows: list[dict[str, Any]] = []
     for name in chips_of:
         pixels = torch.from_numpy(np.stack(chips[name])).permute(0, 3, 1, 2).float()
@@ -101,26 +100,18 @@ def main() -> None:
             with torch.inference_mode():
                 emb = torch.cat([graph(standardise(pixels[i : i + 32])) for i in range(0, len(pixels), 32)]).numpy()
             found = dict(zip(ids, emb, strict=True))
-            ok = np.array([p.a in found and p.b in found for p in pairs])
-            scores = np.full(len(pairs), -2.0)  # below every cosine: a photo without a face rejects its pairs
-            a = np.stack([found[p.a] for p, good in zip(pairs, ok, strict=True) if good])
-            b = np.stack([found[p.b] for p, good in zip(pairs, ok, strict=True) if good])
-            scores[ok] = pair_scores(a, b, "cosine")
-            accuracy = kfold_accuracy(scores, same, folds)
-            tar, _ = tar_at_far(scores, same, 1e-2)
+            metrics = view2_verification(cosine_scores, pairs, found, found)
             rows.append(
                 {
                     "chip": name,
                     "standardisation": standardisation,
-                    "accuracy_mean": accuracy.mean,
-                    "accuracy_std": accuracy.std,
-                    "tar_at_far_1e-2": tar,
+                    **{k: metrics[k] for k in ("accuracy_mean", "accuracy_std", "tar_at_far_1e-2")},
                 }
             )
-            print(f"{name} {standardisation}: accuracy {accuracy.mean:.4f}, TAR@FAR1% {tar:.4f}", flush=True)
+            print(f"{name} {standardisation}: {rows[-1]}", flush=True)
     payload = {
         "pairs": len(pairs),
-        "same_pairs": int(same.sum()),
+        "same_pairs": sum(p.same for p in pairs),
         "photos": len(photos),
         "photos_without_face": len(photos) - len(ids),
         "rows": rows,

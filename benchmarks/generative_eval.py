@@ -141,50 +141,43 @@ class Judges:
             models_dir=models_dir,
         )
 
+    @property
+    def others(self) -> dict[str, TransferJudge]:
+        """The judges beside the system judge, by the key results give them: ``transfer``, and ``unseen`` when asked
+        for."""
+        return {"transfer": self.transfer, **({"unseen": self.unseen} if self.unseen is not None else {})}
+
     def thresholds(self) -> dict[str, Any]:
         """The judges' encoders and FMR 0.1% thresholds, as results record them."""
-        out: dict[str, Any] = {
-            "system_fmr_1e-3": self.system_threshold,
-            "transfer": {"encoder": self.transfer.name, "fmr_1e-3": self.transfer.thresholds["1e-3"]},
-        }
-        if self.unseen is not None:
-            out["unseen"] = {"encoder": self.unseen.name, "fmr_1e-3": self.unseen.thresholds["1e-3"]}
+        out: dict[str, Any] = {"system_fmr_1e-3": self.system_threshold}
+        for key, judge in self.others.items():
+            out[key] = {"encoder": judge.name, "fmr_1e-3": judge.thresholds["1e-3"]}
         return out
 
     def score(self, faces: np.ndarray, photo_ids: list[str]) -> dict[str, np.ndarray]:
         """Per generated face (``N x S x S x 3``, chip frame of the system encoder) and the photo it is compared
         with: system and transfer (and unseen) scores and cosines (NaN where a judge has no embedding of the
-        photo)."""
+        photo), and the transfer judge's embeddings of the faces."""
         clean = self.pairs.without_flips()
         row_of = {pid: i for i, pid in enumerate(clean.ids.tolist())}
         target = clean.embeddings[[row_of[p] for p in photo_ids]]
         emb = self.scorer.embed(resize_faces(faces, self.scorer.chip.size))
-        t_score, t_cos, t_emb = judge_scores(self.transfer, faces, photo_ids)
-        out = {
-            "system": self.scorer.score(emb, target),
-            "system_cos": cosine(emb, target),
-            "transfer": t_score,
-            "transfer_cos": t_cos,
-            "transfer_emb": t_emb,
-        }
-        if self.unseen is not None:
-            out["unseen"], out["unseen_cos"], _ = judge_scores(self.unseen, faces, photo_ids)
+        out = {"system": self.scorer.score(emb, target), "system_cos": cosine(emb, target)}
+        for key, judge in self.others.items():
+            out[key], out[f"{key}_cos"], out[f"{key}_emb"] = judge_scores(judge, faces, photo_ids)
         return out
 
     def summary(self, scored: dict[str, np.ndarray]) -> dict[str, Any]:
         """Match rates at FMR 0.1% and mean cosines."""
-        t_match, t_ism, t_faces = judge_summary(self.transfer, scored["transfer"], scored["transfer_cos"])
-        out = {
+        out: dict[str, Any] = {
             "faces": len(scored["system"]),
             "system_match": float((scored["system"] >= self.system_threshold).mean()),
-            "transfer_match": t_match,
             "ism_system": float(scored["system_cos"].mean()),
-            "ism_transfer": t_ism,
-            "transfer_faces": t_faces,
         }
-        if self.unseen is not None:
-            u_match, u_ism, u_faces = judge_summary(self.unseen, scored["unseen"], scored["unseen_cos"])
-            out.update(unseen_match=u_match, ism_unseen=u_ism, unseen_faces=u_faces)
+        for key, judge in self.others.items():
+            out[f"{key}_match"], out[f"ism_{key}"], out[f"{key}_faces"] = judge_summary(
+                judge, scored[key], scored[f"{key}_cos"]
+            )
         return out
 
 

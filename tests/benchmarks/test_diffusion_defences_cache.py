@@ -73,8 +73,7 @@ class _FakeAttacker:
 
 class _FakeJudges:
     system_threshold = 0.5
-    transfer = SimpleNamespace(thresholds={"1e-3": 0.5})
-    unseen = None
+    others = {"transfer": SimpleNamespace(thresholds={"1e-3": 0.5})}
 
     def score(self, faces: np.ndarray, photo_ids: list[str]) -> dict[str, Any]:
         half = np.arange(len(faces)) % 2 == 0  # every other face accepted by the system judge, every fourth by both
@@ -186,8 +185,7 @@ def test_band_split_separates_what_the_generator_keeps_from_the_rest() -> None:
 def test_tally_counts_accepted_faces_per_person_with_an_interval() -> None:
     class Judges:
         system_threshold = 0.5
-        transfer = SimpleNamespace(thresholds={"1e-3": 0.3})
-        unseen = None
+        others = {"transfer": SimpleNamespace(thresholds={"1e-3": 0.3})}
 
         def score(self, faces: np.ndarray, photo_ids: list[str]) -> dict[str, np.ndarray]:
             values = faces[:, 0, 0, 0].astype(float) / 10
@@ -222,8 +220,10 @@ def test_tally_counts_accepted_faces_per_person_with_an_interval() -> None:
 def test_tally_reports_the_unseen_judge_beside_the_others() -> None:
     class Judges:
         system_threshold = 0.5
-        transfer = SimpleNamespace(thresholds={"1e-3": 0.3})
-        unseen = SimpleNamespace(thresholds={"1e-3": 0.7})
+        others = {
+            "transfer": SimpleNamespace(thresholds={"1e-3": 0.3}),
+            "unseen": SimpleNamespace(thresholds={"1e-3": 0.7}),
+        }
 
         def score(self, faces: np.ndarray, photo_ids: list[str]) -> dict[str, np.ndarray]:
             values = faces[:, 0, 0, 0].astype(float) / 10
