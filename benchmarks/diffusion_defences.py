@@ -13,6 +13,7 @@ Usage::
     python benchmarks/diffusion_defences.py --merge RUN1.json RUN2.json[:CONFIG,...] [--out ...]   # side by side
     python benchmarks/diffusion_defences.py --surrogate generator_defender.pt --protect-only [--configs ...]  # cache
     python benchmarks/diffusion_defences.py ... --configs encoders+deflection+antipure --skip-clean --band low|high
+    python benchmarks/diffusion_defences.py ... --protect-high-band 0.9 --band high   # protection in the high band
 
 The result is rewritten after every configuration and purification level.
 
@@ -54,7 +55,10 @@ band of each protected photo's perturbation (:func:`band_split`: ``low`` keeps w
 of the face to the generator's size, or with ``--band-sigma`` only coarser structure, ``high`` the rest; recorded as
 ``settings.band`` and ``settings.band_sigma``, with the banded photos' PSNR, SSIM and visibility
 (:func:`advface.protect.image.visibility.visibility`) under ``quality``): which part of the perturbation does the work
-against the generator, and which part the eye sees. ``--protect-only`` fills that cache and measures nothing (no
+against the generator, and which part the eye sees. ``--protect-high-band SIGMA`` protects with the perturbation
+confined to the high band from the start (:class:`HighBandProtector`; own cache folders; with ``--band high`` the
+threats see only that band): can a protection live where the eye is less sensitive, against a generator that learns
+from the face at a larger size? ``--protect-only`` fills that cache and measures nothing (no
 attacker model needed), so protection can run before or beside the attacker's training; each cached photo's protection
 seconds and face SSIM are kept with it and reported by the later run. ``--purified-only`` skips the threats on the
 unpurified photos of the ``--purify-configs`` (a run measuring one more purification level need not repeat them;
@@ -66,6 +70,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -75,6 +80,7 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -216,6 +222,39 @@ def band_split(
     }
 
 
+def gaussian_low_pass(delta: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``N x C x H x W`` ``delta`` blurred by a Gaussian of ``sigma`` pixels (separable, reflected borders)."""
+    radius = max(1, int(math.ceil(3 * sigma)))
+    taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=delta.dtype, device=delta.device) / sigma) ** 2)
+    taps = taps / taps.sum()
+    c = delta.shape[1]
+    out = F.conv2d(
+        F.pad(delta, (radius, radius, 0, 0), mode="reflect"), taps.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c
+    )
+    return F.conv2d(
+        F.pad(out, (0, 0, radius, radius), mode="reflect"), taps.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c
+    )
+
+
+class HighBandProtector(ImageProtector):
+    """``protect-image``'s protector with the perturbation confined to the high band: after every step the part a
+    Gaussian of ``high_band_sigma`` photo pixels passes is removed, before the budget's ball and the [0, 1] box.
+    (The ball's clipping and the final uint8 rounding put a little back; ``--band high`` strips it before the
+    threats.) An experiment on where a protection can live, not a library option."""
+
+    def __init__(self, *args: Any, high_band_sigma: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not high_band_sigma > 0:
+            raise ValueError(f"high_band_sigma must be > 0, got {high_band_sigma}")
+        self.high_band_sigma = high_band_sigma
+
+    def _project(  # type: ignore[override]
+        self, x: torch.Tensor, delta: torch.Tensor, eps: float | torch.Tensor, gray_mask: torch.Tensor
+    ) -> torch.Tensor:
+        high = delta - gaussian_low_pass(delta, self.high_band_sigma)
+        return ImageProtector._project(x, high, eps, gray_mask)
+
+
 def banded_photos(
     attacker: Attacker,
     people: list[tuple[str, list[str]]],
@@ -339,11 +378,12 @@ def add_attacker_start_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def cache_tag(config: ProtectConfig, encoders: str, surrogate_digest: str) -> str:
+def cache_tag(config: ProtectConfig, encoders: str, surrogate_digest: str, high_band_sigma: float | None = None) -> str:
     """The cache folder name of photos protected with ``config`` by the ``encoders`` ensemble (comma-separated) and
-    the surrogate whose sha256 starts with ``surrogate_digest``: the guidance terms and a digest of every setting
-    that changes the photos. Settings at the values of the first runs (the uniform 8/255 budget, encoder weight 1)
-    are left out of the digest, so that caches made then stay valid."""
+    the surrogate whose sha256 starts with ``surrogate_digest`` (by :class:`HighBandProtector` when
+    ``high_band_sigma`` is given): the guidance terms and a digest of every setting that changes the photos.
+    Settings at the values of the first runs (the uniform 8/255 budget, encoder weight 1, no band limit) are left
+    out of the digest, so that caches made then stay valid."""
     name = "+".join(config.guidance)
     key = f"{name}|{encoders}|{surrogate_digest}|{config.steps}|{config.deflection_weight}|{config.seed}"
     if "antipure" in config.guidance:  # AntiPure's settings are part of what was protected
@@ -352,6 +392,8 @@ def cache_tag(config: ProtectConfig, encoders: str, surrogate_digest: str) -> st
         key += f"|{config.budget}|{config.levels}|{config.ssim if config.budget == 'ssim' else config.perceptual}"
     if config.effective_encoder_weight != 1.0:
         key += f"|encoder_weight={config.effective_encoder_weight:g}"
+    if high_band_sigma is not None:
+        key += f"|high_band_sigma={high_band_sigma:g}"
     return f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
 
 
@@ -534,6 +576,14 @@ def main() -> None:
         "same settings measures them",
     )
     parser.add_argument(
+        "--protect-high-band",
+        type=float,
+        default=None,
+        metavar="SIGMA",
+        help="protect with the perturbation confined to the high band (HighBandProtector: what a Gaussian of SIGMA "
+        "photo pixels passes is removed after every step; recorded as settings.protect_high_band)",
+    )
+    parser.add_argument(
         "--band",
         choices=BANDS,
         default=None,
@@ -582,7 +632,12 @@ def main() -> None:
     judges = Judges(generator, dataset, args.models_dir, unseen=None if args.protect_only else args.unseen_judge)
     attacker = Attacker(generator, judges, args)
     people = evaluation_people(judges, PHOTOS_PER_PERSON + 1)[: args.people]
-    protector = ImageProtector(args.encoders.split(","), surrogate=args.surrogate)
+    if args.protect_high_band is None:
+        protector = ImageProtector(args.encoders.split(","), surrogate=args.surrogate)
+    else:
+        protector = HighBandProtector(
+            args.encoders.split(","), surrogate=args.surrogate, high_band_sigma=args.protect_high_band
+        )
 
     surrogate = protector.deflection.generator.metadata
     surrogate_digest = hashlib.sha256(Path(args.surrogate).read_bytes()).hexdigest()[:16]
@@ -629,6 +684,8 @@ def main() -> None:
         settings["band"] = args.band
         if args.band_sigma != BAND_SIGMA:
             settings["band_sigma"] = args.band_sigma
+    if args.protect_high_band is not None:
+        settings["protect_high_band"] = args.protect_high_band
     if args.attacker_start != "random":  # absent: random, the start of every run before 2026-12-06 12:40 UTC
         settings["attacker_start"] = args.attacker_start
     thresholds = judges.thresholds()
@@ -655,7 +712,7 @@ def main() -> None:
             ssim=SsimBudget(target=args.ssim_target),
         )
         config.validate()
-        tag = cache_tag(config, args.encoders, surrogate_digest)
+        tag = cache_tag(config, args.encoders, surrogate_digest, args.protect_high_band)
         photos, quality[name] = protect_people(protector, config, people, paths, tag)
         if args.band and not args.protect_only:
             photos, quality[name]["band"] = banded_photos(attacker, people, paths, photos, args.band, args.band_sigma)

@@ -136,7 +136,6 @@ class Judges:
             dataset,
             self.encoder.chip,
             seed=0,
-            image_size=generator.image_size,
             use_cache=True,
             models_dir=models_dir,
         )

@@ -65,9 +65,7 @@ def main() -> None:
     identity_of = {item.id: item.identity for item in dataset}
     judges = {}
     for name in filter(None, args.judges.split(",")):
-        judge = build_transfer_judge(
-            name, dataset, DLIB_CHIP, seed=0, image_size=64, use_cache=True, models_dir=args.models_dir
-        )
+        judge = build_transfer_judge(name, dataset, DLIB_CHIP, seed=0, use_cache=True, models_dir=args.models_dir)
         ids = sorted(judge.index, key=judge.index.__getitem__)
         identities = np.array([identity_of[i] for i in ids])
         judges[name] = {

@@ -109,7 +109,6 @@ def _transfer_judge(config: AuditConfig, inputs: AuditInputs, name: str) -> Tran
             inputs.dataset,
             inputs.encoder.chip,
             seed=config.seed,
-            image_size=config.image_size,
             use_cache=config.pairs_cache,
             workers=config.workers,
             progress=config.progress,

@@ -23,6 +23,9 @@ from advface.faces.align import arcface_template, dlib_chip_template, similarity
 
 #: ``--transfer-encoder`` values: the default (the other encoder) and no transfer judge.
 TRANSFER_AUTO, TRANSFER_NONE = "auto", "none"
+#: Size of the faces the judge's pairs cache stores. The judge uses only the embeddings, which come from full-size
+#: chips whatever this size, so one cache serves attackers and generators of every size.
+JUDGE_FACE_SIZE = 64
 
 
 def default_transfer_encoder(system: str) -> str:
@@ -121,21 +124,26 @@ def build_transfer_judge(
     source_chip: ChipSpec,
     *,
     seed: int,
-    image_size: int,
     use_cache: bool,
     workers: int = 1,
     progress: bool = True,
     models_dir: str | Path | None = None,
 ) -> TransferJudge:
     """Open the judge encoder ``name`` (ConfigError when it is unavailable, e.g. no model file), embed the dataset's
-    photos through its own detection and alignment (the pairs cache of ``$ADVFACE_CACHE_DIR``, no mirrored copies)
-    and fix its thresholds on those clean embeddings."""
+    photos through its own detection and alignment (the pairs cache of ``$ADVFACE_CACHE_DIR``, no mirrored copies,
+    faces stored at :data:`JUDGE_FACE_SIZE`) and fix its thresholds on those clean embeddings."""
     from advface.audit.metrics import attack_thresholds
     from advface.datasets.pairs import build_face_pairs
 
     encoder = _judge_encoder(name, models_dir)
     pairs = build_face_pairs(
-        dataset, encoder, image_size=image_size, flip=False, use_cache=use_cache, workers=workers, progress=progress
+        dataset,
+        encoder,
+        image_size=JUDGE_FACE_SIZE,
+        flip=False,
+        use_cache=use_cache,
+        workers=workers,
+        progress=progress,
     )
     thresholds = attack_thresholds(pairs.embeddings, pairs.identities, encoder.metric, seed)
     index = {pid: i for i, pid in enumerate(pairs.ids.tolist())}

@@ -121,8 +121,10 @@ def test_cache_tags_keep_the_first_runs_caches_and_tell_settings_apart() -> None
             "abc",
         ),
         dd.cache_tag(dataclasses.replace(default, steps=default.steps + 1), "dlib", "abc"),
+        dd.cache_tag(default, "dlib", "abc", high_band_sigma=0.9),
+        dd.cache_tag(default, "dlib", "abc", high_band_sigma=1.8),
     }
-    assert len(tags) == 7
+    assert len(tags) == 9
     assert all(t.startswith("encoders+deflection+antipure-") for t in tags)
 
 
@@ -246,3 +248,38 @@ def test_tally_reports_the_unseen_judge_beside_the_others() -> None:
         {"ablation": {"clean": {"training_free": cell}}, "quality": {}, "settings": {"default_config": "x"}}
     )
     assert top["unseen"]["training_free"]["clean"]["match"] == pytest.approx(2 / 3)
+
+
+def test_gaussian_low_pass_is_opencv_s_blur_with_reflected_borders() -> None:
+    import cv2
+    import torch
+
+    image = np.random.default_rng(0).standard_normal((31, 40, 3)).astype(np.float32)
+    ours = dd.gaussian_low_pass(torch.from_numpy(image).permute(2, 0, 1)[None], 1.3)[0].permute(1, 2, 0).numpy()
+    theirs = cv2.GaussianBlur(image, (0, 0), sigmaX=1.3, sigmaY=1.3, borderType=cv2.BORDER_REFLECT_101)
+    assert np.abs(ours - theirs).max() < 2e-3
+    flat = torch.full((1, 3, 9, 9), 0.25)
+    assert torch.allclose(dd.gaussian_low_pass(flat, 2.0), flat)
+
+
+def test_high_band_protector_keeps_the_perturbation_out_of_the_low_band(lfw_dir: Path) -> None:
+    """A few real steps of the encoder term, split at 1.8 photo pixels: the plain protector's change has a sizeable
+    low band (about 0.4 of its norm), the high-band protector's almost none (clipping and rounding put back little)."""
+    from advface.images import load_image
+    from advface.protect.image import ImageProtector
+
+    photo = load_image(lfw_dir / "images/Aaron_Peirsol/Aaron_Peirsol_0001.jpg")
+    config = ProtectConfig(guidance=("encoders",), steps=6, budget="uniform")
+    shares = {}
+    for name, protector in (
+        ("default", ImageProtector(["dlib-torch"], device="cpu", policy="center")),
+        ("high", dd.HighBandProtector(["dlib-torch"], device="cpu", policy="center", high_band_sigma=1.8)),
+    ):
+        protected = protector.protect([photo], config)[0][0]
+        bands = dd.band_split(photo, protected, pixel=3.6, sigma=0.5)
+        whole = protected.astype(float) - photo
+        assert np.abs(whole).max() > 0
+        shares[name] = np.linalg.norm(bands["low"].astype(float) - photo) / np.linalg.norm(whole)
+    assert shares["high"] < 0.15 and shares["default"] > 0.3
+    with pytest.raises(ValueError, match="high_band_sigma"):
+        dd.HighBandProtector(["dlib-torch"], device="cpu", high_band_sigma=0)
