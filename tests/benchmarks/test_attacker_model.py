@@ -12,6 +12,7 @@ from advface.generative.model import load_generator
 from advface.generative.threats import generate_from_embeddings
 
 ATTACKER = Path(__file__).resolve().parents[2] / "benchmarks" / "models" / "generator_attacker.pt"
+ATTACKER_128 = ATTACKER.with_name("generator_attacker128.pt")
 SURROGATE = Path(__file__).resolve().parents[2] / "advface" / "models" / "generator_defender_dlib.pt"
 
 
@@ -32,3 +33,16 @@ def test_attacker_model_generates_faces() -> None:
     faces = generate_from_embeddings(model, condition, 2, steps=3, seed=0)
     assert faces.shape == (1, 2, model.image_size, model.image_size, 3) and faces.dtype == np.uint8
     assert faces.std() > 5  # not a blank image
+
+
+def test_the_128_px_attacker_model_is_the_same_recipe_at_twice_the_size() -> None:
+    model, small = load_generator(ATTACKER_128), load_generator(ATTACKER)
+    meta = model.metadata
+    assert model.image_size == 128 and model.latent_shape() == (4, 32, 32)
+    assert meta["role"] == "attacker" and meta["training_data"]["group"] == "attacker" and meta["seed"] == 1
+    assert meta["steps"] == {"autoencoder": 1200, "denoiser": 6000}
+    for key in ("identities_sha256", "photos", "faces", "split"):  # the same people and photos as the 64-px model
+        assert meta["training_data"][key] == small.metadata["training_data"][key]
+    condition = np.random.default_rng(0).standard_normal((1, 128)).astype(np.float32)
+    faces = generate_from_embeddings(model, condition / np.linalg.norm(condition), 1, steps=3, seed=0)
+    assert faces.shape == (1, 1, 128, 128, 3) and faces.std() > 5
