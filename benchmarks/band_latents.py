@@ -25,7 +25,6 @@ Photos in which dlib finds no face are skipped (counted in ``photos_skipped``).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -39,12 +38,18 @@ from advface.datasets import LFW  # noqa: E402
 from advface.datasets.pairs import resize_faces  # noqa: E402
 from advface.encoders.dlib_runtime import DLIB_CHIP  # noqa: E402
 from advface.errors import AdvfaceError  # noqa: E402
-from advface.faces.align import align_face, alignment_matrix  # noqa: E402
+from advface.faces.align import align_face  # noqa: E402
 from advface.faces.pipeline import FaceChipper  # noqa: E402
 from advface.generative.model import IdentityGenerator, load_generator  # noqa: E402
 from advface.images import load_image  # noqa: E402
 from benchmarks.common import write_results  # noqa: E402
-from benchmarks.diffusion_defences import BAND_SIGMA, BANDS, band_split  # noqa: E402
+from benchmarks.diffusion_defences import (  # noqa: E402
+    BAND_SIGMA,
+    BANDS,
+    band_split,
+    cached_photo_name,
+    generator_pixel,
+)
 
 PARTS = ("whole", *BANDS)
 
@@ -54,7 +59,7 @@ def cached_photos(folder: Path, dataset: LFW) -> list[tuple[Path, Path]]:
     found = {p.stem for p in folder.glob("*.png")}
     pairs = []
     for item in dataset:
-        name = hashlib.sha1(item.id.encode()).hexdigest()[:16]
+        name = cached_photo_name(item.id)
         if name in found:
             pairs.append((Path(item.path), folder / f"{name}.png"))
     if not pairs:
@@ -83,17 +88,16 @@ def measure(
         except AdvfaceError:
             skipped += 1
             continue
-        matrix = alignment_matrix(face, DLIB_CHIP)
-        photo_pixel = DLIB_CHIP.size / split_size / float(np.sqrt(abs(np.linalg.det(matrix[:, :2]))))
+        photo_pixel = generator_pixel(face, DLIB_CHIP, split_size)
         pixels.append(photo_pixel)
         bands = band_split(clean, protected, photo_pixel, sigma)
         photos = {"clean": clean, "whole": protected, **bands}
-        chips = {key: align_face(photo, face, DLIB_CHIP) for key, photo in photos.items()}  # one face for all
+        keys = list(photos)
+        chips = np.stack([align_face(photos[key], face, DLIB_CHIP) for key in keys])  # one face for all
         for name, generator in generators.items():
-            small = {
-                key: resize_faces(chip[None], generator.image_size).astype(np.float32) for key, chip in chips.items()
-            }
-            latents = {key: generator.encode(chip.astype(np.uint8)).cpu().numpy() for key, chip in small.items()}
+            resized = resize_faces(chips, generator.image_size)
+            small = dict(zip(keys, resized.astype(np.float32), strict=True))
+            latents = dict(zip(keys, generator.encode(resized).cpu().numpy(), strict=True))
             whole_pixel, whole_latent = small["whole"] - small["clean"], latents["whole"] - latents["clean"]
             out = rows[name]
             for part in PARTS:

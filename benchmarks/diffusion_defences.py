@@ -70,7 +70,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -80,7 +79,6 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -88,8 +86,10 @@ from advface.audit.field_metrics import wilson_interval  # noqa: E402
 from advface.datasets import LFW  # noqa: E402
 from advface.datasets.pairs import resize_faces  # noqa: E402
 from advface.datasets.splits import split_identities  # noqa: E402
+from advface.encoders.base import ChipSpec  # noqa: E402
 from advface.errors import AdvfaceError  # noqa: E402
 from advface.faces.align import alignment_matrix  # noqa: E402
+from advface.faces.detect import Face  # noqa: E402
 from advface.faces.pipeline import FaceChipper  # noqa: E402
 from advface.generative.config import CONDITION_STARTS, FinetuneConfig  # noqa: E402
 from advface.generative.model import IdentityGenerator, load_generator  # noqa: E402
@@ -100,6 +100,7 @@ from advface.protect.image.io import save_png  # noqa: E402
 from advface.protect.image.purify import standard_purifications  # noqa: E402
 from advface.protect.image.quality import psnr, ssim  # noqa: E402
 from advface.protect.image.ssim_budget import SsimBudget  # noqa: E402
+from advface.protect.image.transforms import gaussian_blur  # noqa: E402
 from advface.protect.image.visibility import visibility  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     add_antipure_arguments,
@@ -147,9 +148,7 @@ class Attacker:
             face = self.chipper.select(photo, "<photo>")[0]
         except AdvfaceError:
             return None
-        matrix = alignment_matrix(face, self.encoder.chip)
-        chip_per_photo = float(np.sqrt(abs(np.linalg.det(matrix[:, :2]))))
-        return self.encoder.chip.size / self.generator.image_size / chip_per_photo, tuple(face.box)
+        return generator_pixel(face, self.encoder.chip, self.generator.image_size), tuple(face.box)
 
     def training_free(self, chips: list[np.ndarray | None], seed: int) -> list[np.ndarray | None]:
         """``n`` faces per chip (None where the photo had no face)."""
@@ -203,6 +202,18 @@ class Attacker:
         ]
 
 
+def generator_pixel(face: Face, chip: ChipSpec, image_size: int) -> float:
+    """Photo pixels per pixel of an ``image_size`` generator, for ``face`` cut to ``chip`` (the chip's scale in the
+    photo, then the chip resized to the generator's size)."""
+    chip_per_photo = float(np.sqrt(abs(np.linalg.det(alignment_matrix(face, chip)[:, :2]))))
+    return chip.size / image_size / chip_per_photo
+
+
+def cached_photo_name(photo_id: str) -> str:
+    """The stem of a protected photo's PNG in the cache (no photo id on disk)."""
+    return hashlib.sha1(photo_id.encode()).hexdigest()[:16]
+
+
 def band_split(
     clean: np.ndarray, protected: np.ndarray, pixel: float, sigma: float = BAND_SIGMA
 ) -> dict[str, np.ndarray]:
@@ -222,20 +233,6 @@ def band_split(
     }
 
 
-def gaussian_low_pass(delta: torch.Tensor, sigma: float) -> torch.Tensor:
-    """``N x C x H x W`` ``delta`` blurred by a Gaussian of ``sigma`` pixels (separable, reflected borders)."""
-    radius = max(1, int(math.ceil(3 * sigma)))
-    taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=delta.dtype, device=delta.device) / sigma) ** 2)
-    taps = taps / taps.sum()
-    c = delta.shape[1]
-    out = F.conv2d(
-        F.pad(delta, (radius, radius, 0, 0), mode="reflect"), taps.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c
-    )
-    return F.conv2d(
-        F.pad(out, (0, 0, radius, radius), mode="reflect"), taps.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c
-    )
-
-
 class HighBandProtector(ImageProtector):
     """``protect-image``'s protector with the perturbation confined to the high band: after every step the part a
     Gaussian of ``high_band_sigma`` photo pixels passes is removed, before the budget's ball and the [0, 1] box.
@@ -251,7 +248,7 @@ class HighBandProtector(ImageProtector):
     def _project(  # type: ignore[override]
         self, x: torch.Tensor, delta: torch.Tensor, eps: float | torch.Tensor, gray_mask: torch.Tensor
     ) -> torch.Tensor:
-        high = delta - gaussian_low_pass(delta, self.high_band_sigma)
+        high = delta - gaussian_blur(delta, self.high_band_sigma)
         return ImageProtector._project(x, high, eps, gray_mask)
 
 
@@ -418,7 +415,7 @@ def protect_people(
     seconds: list[float] = []
     for _, ids in people:
         for pid in ids[:PHOTOS_PER_PERSON]:
-            name = hashlib.sha1(pid.encode()).hexdigest()[:16]
+            name = cached_photo_name(pid)
             cached = folder / (name + ".png")
             clean = load_image(paths[pid])
             if cached.is_file():

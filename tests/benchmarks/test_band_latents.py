@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import cv2
@@ -14,6 +13,7 @@ from advface.generative.model import load_generator
 from advface.images import load_image
 from advface.protect.image.io import save_png
 from benchmarks.band_latents import cached_photos, measure, share
+from benchmarks.diffusion_defences import cached_photo_name
 
 ATTACKER = Path(__file__).resolve().parents[2] / "benchmarks" / "models" / "generator_attacker.pt"
 
@@ -25,7 +25,7 @@ def test_share_is_a_norm_ratio() -> None:
 
 def _protect(folder: Path, lfw_dir: Path, photo: Path, delta: np.ndarray) -> None:
     item = next(i for i in LFW(lfw_dir) if Path(i.path) == photo)
-    name = hashlib.sha1(item.id.encode()).hexdigest()[:16]
+    name = cached_photo_name(item.id)
     clean = load_image(photo).astype(np.float32)
     save_png(np.clip(np.rint(clean + delta), 0, 255).astype(np.uint8), folder / f"{name}.png")
 
