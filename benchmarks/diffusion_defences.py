@@ -234,10 +234,13 @@ def band_split(
 
 
 class HighBandProtector(ImageProtector):
-    """``protect-image``'s protector with the perturbation confined to the high band: after every step the part a
-    Gaussian of ``high_band_sigma`` photo pixels passes is removed, before the budget's ball and the [0, 1] box.
-    (The ball's clipping and the final uint8 rounding put a little back; ``--band high`` strips it before the
-    threats.) An experiment on where a protection can live, not a library option."""
+    """``protect-image``'s protector with the perturbation confined to the high band: the photo gets the optimised
+    variable minus what a Gaussian of ``high_band_sigma`` photo pixels passes, projected into the budget's ball and
+    the [0, 1] box, and the steps follow the gradient through that filter. (A sign step then takes the gradient's own
+    high band at full size; projecting after each step instead threw away most of each step, session 22.) One pass
+    of that filter is not a clean split: about a fifth of the change's norm still passes the same Gaussian (and the
+    ball's clipping and the uint8 rounding add a little); ``--band high`` strips it before the threats. An
+    experiment on where a protection can live, not a library option."""
 
     def __init__(self, *args: Any, high_band_sigma: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -245,7 +248,7 @@ class HighBandProtector(ImageProtector):
             raise ValueError(f"high_band_sigma must be > 0, got {high_band_sigma}")
         self.high_band_sigma = high_band_sigma
 
-    def _project(  # type: ignore[override]
+    def _shape(
         self, x: torch.Tensor, delta: torch.Tensor, eps: float | torch.Tensor, gray_mask: torch.Tensor
     ) -> torch.Tensor:
         high = delta - gaussian_blur(delta, self.high_band_sigma)
@@ -390,7 +393,7 @@ def cache_tag(config: ProtectConfig, encoders: str, surrogate_digest: str, high_
     if config.effective_encoder_weight != 1.0:
         key += f"|encoder_weight={config.effective_encoder_weight:g}"
     if high_band_sigma is not None:
-        key += f"|high_band_sigma={high_band_sigma:g}"
+        key += f"|high_band_sigma={high_band_sigma:g}|through_filter"
     return f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
 
 
@@ -577,8 +580,9 @@ def main() -> None:
         type=float,
         default=None,
         metavar="SIGMA",
-        help="protect with the perturbation confined to the high band (HighBandProtector: what a Gaussian of SIGMA "
-        "photo pixels passes is removed after every step; recorded as settings.protect_high_band)",
+        help="protect with the perturbation confined to the high band (HighBandProtector: the photo gets the "
+        "optimised variable minus what a Gaussian of SIGMA photo pixels passes, and the steps follow the gradient "
+        "through that filter; recorded as settings.protect_high_band)",
     )
     parser.add_argument(
         "--band",

@@ -196,6 +196,25 @@ def test_feature_term_changes_the_step_and_leaves_no_hooks(protector: ImageProte
             ProtectConfig(feature_weight=weight).validate()
 
 
+class _LeftHalfProtector(ImageProtector):
+    """The photo gets the optimised variable on its left half only (a reparametrisation through ``_shape``)."""
+
+    def _shape(self, x, delta, eps, gray_mask):  # noqa: ANN001, ANN202
+        keep = torch.zeros_like(delta)
+        keep[..., : delta.shape[-1] // 2] = 1
+        return delta * keep
+
+
+@pytest.mark.parametrize("budget", ["uniform", "ssim", "jnd"])
+def test_the_photo_gets_the_shaped_perturbation(models_dir: Path, photo: np.ndarray, budget: str) -> None:
+    """What ``_shape`` returns is what the photo gets, and every budget's terms follow the gradient through it."""
+    protector = _LeftHalfProtector(["dlib-torch"], device="cpu", policy="center")
+    config = ProtectConfig(guidance=("encoders",), steps=4, budget=budget)
+    change = np.abs(protector.protect([photo], config)[0][0].astype(np.int16) - photo)
+    half = photo.shape[1] // 2
+    assert change[:, :half].max() > 0 and change[:, half:].max() == 0
+
+
 def test_encoder_weight_scales_the_encoder_terms(protector: ImageProtector, photo: np.ndarray, tmp_path: Path) -> None:
     sub = protector.subset(["dlib-torch"])
     config = ProtectConfig(steps=2, seed=1, eot=False, guidance=("encoders",), budget="uniform")

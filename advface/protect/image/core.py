@@ -511,7 +511,8 @@ class ImageProtector:
                 raise DeadlineExceededError(f"protection stopped after {step} of {config.steps} steps")
             alpha = base_step * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(1, config.steps))))
             delta.requires_grad_(True)
-            adv = x + delta
+            shaped = self._shape(x, delta, eps, gray_mask)
+            adv = x + shaped
             if config.eot:
                 adv = torch.cat([random_transform(adv[i : i + 1], config.eot_config, gens[i]) for i in range(b)])
             total = torch.zeros_like(x)
@@ -542,18 +543,20 @@ class ImageProtector:
                     grad, norm = _gradient_and_norm(loss, delta, retain_graph=k < len(losses) - 1)
                     total += weight * grad / norm
             constrained = (use_ssim or use_jnd) and step >= dual.sign_share * config.steps
+            if constrained:  # the terms above freed their graph, the filter's part of it included
+                shaped = self._shape(x, delta, eps, gray_mask)
             if constrained and seen is not None:  # the visibility term: lower the face's (and photo's) JND statistic
                 multipliers, photo_multipliers = self._jnd_term(
-                    seen, x, delta, boxes, config.jnd, total, multipliers, photo_multipliers
+                    seen, x, delta, shaped, boxes, config.jnd, total, multipliers, photo_multipliers
                 )
             elif constrained:  # the quality term: raise the face SSIM, weighted by the adaptive multiplier
-                quality = face_ssim(x, x + delta, boxes, config.ssim.scales)
-                grad, norm = _gradient_and_norm(-quality, delta)
+                quality = face_ssim(x, x + shaped, boxes, config.ssim.scales)
+                photo_target = config.ssim.whole_photo_target
+                grad, norm = _gradient_and_norm(-quality, delta, retain_graph=photo_target is not None)
                 total += multipliers.view(b, 1, 1, 1) * grad / norm
                 multipliers = update_multipliers(multipliers, quality.detach(), config.ssim)
-                photo_target = config.ssim.whole_photo_target
                 if photo_target is not None:  # the whole photo's SSIM, with its own multiplier
-                    whole = photo_ssim(x, x + delta, pad=True, scales=config.ssim.scales)
+                    whole = photo_ssim(x, x + shaped, pad=True, scales=config.ssim.scales)
                     photo_multipliers = update_multipliers(
                         photo_multipliers, whole.detach(), config.ssim, photo_target, hinge=True
                     )
@@ -565,13 +568,16 @@ class ImageProtector:
                 delta = self._project(x, delta, eps, gray_mask)
                 last = step == config.steps - 1
                 if config.target_similarity is not None and not last and (step + 1) % config.check_every == 0:
-                    done = self._similarity(x + delta, thetas, clean).amax(dim=0) <= config.target_similarity
+                    adv = x + self._shape(x, delta, eps, gray_mask)
+                    done = self._similarity(adv, thetas, clean).amax(dim=0) <= config.target_similarity
                     for i in torch.nonzero(done & active).flatten().tolist():
                         steps_run[i] = step + 1
                     active &= ~done
                     if not active.any():
                         break
-        outs = [_quantise(images[i], (x + delta)[i], levels[i], gray[i]) for i in range(b)]
+        with torch.no_grad():
+            adv = x + self._shape(x, delta, eps, gray_mask)
+        outs = [_quantise(images[i], adv[i], levels[i], gray[i]) for i in range(b)]
         return outs, steps_run
 
     @staticmethod
@@ -579,6 +585,7 @@ class ImageProtector:
         seen: VisibilityMap,
         x: torch.Tensor,
         delta: torch.Tensor,
+        shaped: torch.Tensor,
         boxes: Sequence[Sequence[float]],
         params: JndBudget,
         total: torch.Tensor,
@@ -588,7 +595,7 @@ class ImageProtector:
         """Add the JND budget's weighted constraint gradients to ``total`` (in place); returns the updated face and
         whole-photo multipliers (dual ascent on the negated statistics)."""
         b = x.shape[0]
-        power = seen.power(x + delta)
+        power = seen.power(x + shaped)
         face = face_statistic(power, boxes, params)
         photo_target = params.whole_photo_target
         grad, norm = _gradient_and_norm(face, delta, retain_graph=photo_target is not None)
@@ -612,6 +619,14 @@ class ImageProtector:
             antipure = self.antipure
             terms.append((antipure, functools.partial(antipure.losses, config=config.antipure), 1.0))
         return terms
+
+    def _shape(
+        self, x: torch.Tensor, delta: torch.Tensor, eps: float | torch.Tensor, gray_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The perturbation the photo gets from the optimised variable ``delta`` (already projected): ``delta``
+        itself. A subclass may reparametrise it (a filter, then the projection); the steps then follow the gradient
+        through that map."""
+        return delta
 
     @staticmethod
     def _project(
