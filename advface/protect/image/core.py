@@ -592,8 +592,9 @@ class ImageProtector:
         multipliers: torch.Tensor,
         photo_multipliers: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add the JND budget's weighted constraint gradients to ``total`` (in place); returns the updated face and
-        whole-photo multipliers (dual ascent on the negated statistics)."""
+        """Add the JND budget's weighted constraint gradients to ``total`` (in place): the visibility of ``shaped``
+        (the photo's perturbation, :meth:`_shape`), differentiated with respect to the optimised ``delta``; returns
+        the updated face and whole-photo multipliers (dual ascent on the negated statistics)."""
         b = x.shape[0]
         power = seen.power(x + shaped)
         face = face_statistic(power, boxes, params)
