@@ -8,7 +8,7 @@ Usage::
         [--classical jpeg75,blur1.0] [--configs encoders,deflection,encoders+deflection,encoders+deflection+antipure]
         [--purify-configs encoders+deflection,encoders+deflection+antipure]
         [--antipure-identity surrogate|ensemble] [--antipure-identity-weight 1] [--decoy-weight 0]
-        [--threats training_free,training_based] [--attacker-start random|embedding]
+        [--threats training_free,training_based] [--attacker-start random|embedding] [--personalise-guidance 0]
         [--out benchmarks/results/diffusion_defences.json]
     python benchmarks/diffusion_defences.py --merge RUN1.json RUN2.json[:CONFIG,...] [--out ...]   # side by side
     python benchmarks/diffusion_defences.py --surrogate generator_defender.pt --protect-only [--configs ...]  # cache
@@ -31,7 +31,9 @@ attacker would: detect and align the photo (dlib), embed it, then
   rate ``--personalise-lr``, recorded as ``settings.finetune_lr`` when not the default), generate ``--n`` faces; the
   condition starts at random (no encoder involved), or with ``--attacker-start embedding`` at the chips' mean
   embedding by the encoder conditioning the generator (an attacker who uses the encoder; recorded as
-  ``settings.attacker_start``);
+  ``settings.attacker_start``); ``--personalise-guidance S`` also pulls each sampling step of the fine-tuned model
+  towards the photos' mean embedding through the encoder's gradient (the attacker who has the encoder uses both
+  levers; recorded as ``settings.personalise_guidance``);
 - **purified** (the ``--purify-configs``, default the ``--default-config`` only): the same two after the attacker
   model's diffusion purification of the chips at each ``--purify`` noise level, and after each classical
   purification of the whole photo (``--classical``: names of
@@ -181,8 +183,21 @@ class Attacker:
         small = resize_faces(np.stack(found), self.generator.image_size)
         config = FinetuneConfig(steps=a.personalise_steps, lr=a.personalise_lr, seed=seed)
         start = self.start_embeddings(found)
+        target = None
+        if a.personalise_guidance > 0:  # the attacker who has the encoder: towards the photos' mean embedding
+            target = np.asarray(self.encoder.embed(resize_faces(np.stack(found), self.encoder.chip.size))).mean(0)
         return personalise(
-            self.generator, small, a.n, config=config, embeddings=start, steps=a.steps, guidance=a.guidance, seed=seed
+            self.generator,
+            small,
+            a.n,
+            config=config,
+            embeddings=start,
+            steps=a.steps,
+            guidance=a.guidance,
+            seed=seed,
+            encoder=self.guide_encoder,
+            guide_scale=a.personalise_guidance,
+            guide_target=target,
         )
 
     def start_embeddings(self, chips: list[np.ndarray]) -> np.ndarray | None:
@@ -535,6 +550,14 @@ def main() -> None:
         help=f"fine-tuning learning rate of the model's weights (default {FinetuneConfig.lr:g})",
     )
     add_attacker_start_argument(parser)
+    parser.add_argument(
+        "--personalise-guidance",
+        type=float,
+        default=0.0,
+        help="training-based: pull each sampling step of the fine-tuned model towards the photos' mean embedding "
+        "through the encoder's gradient, at this scale (default 0: none, the canonical attacker; recorded as "
+        "settings.personalise_guidance)",
+    )
     parser.add_argument("--protect-steps", type=int, default=ProtectConfig.steps)
     parser.add_argument("--encoders", default="dlib-torch,mobilefacenet", help="protection ensemble")
     add_budget_arguments(parser)
@@ -624,6 +647,8 @@ def main() -> None:
     if not threats or threats - set(THREATS):
         parser.error(f"--threats must name some of {', '.join(THREATS)}, got {args.threats!r}")
     args.threats = tuple(t for t in THREATS if t in threats)
+    if not 0 <= args.personalise_guidance < float("inf"):
+        parser.error(f"--personalise-guidance must be a finite number >= 0, got {args.personalise_guidance}")
     antipure = antipure_from_args(args, parser)
     purify_configs = set((args.purify_configs or args.default_config).split(","))
     dataset = LFW(args.lfw_dir)
@@ -687,6 +712,8 @@ def main() -> None:
             settings["band_sigma"] = args.band_sigma
     if args.protect_high_band is not None:
         settings["protect_high_band"] = args.protect_high_band
+    if args.personalise_guidance > 0:  # absent: 0, the training-based attacker of every run before 2026-12-07
+        settings["personalise_guidance"] = args.personalise_guidance
     if args.attacker_start != "random":  # absent: random, the start of every run before 2026-12-06 12:40 UTC
         settings["attacker_start"] = args.attacker_start
     thresholds = judges.thresholds()

@@ -9,8 +9,9 @@ person from all ``--from-photo`` photos together (training-based threat) instead
 fine-tuned on the photos; ``--personalise-start embedding`` starts the condition at the photos' mean embedding, not at
 random) or ``condition`` (textual-inversion analogue: only the condition is learned), for ``--personalise-steps``
 Adam steps at ``--personalise-lr`` (each method's own defaults). ``--identity-guidance S`` pulls every sampling step
-of the training-free threat towards its embedding through ``--encoder``'s gradient (the white-box attacker). The
-model's encoder must match ``--encoder`` (checked by fingerprint).
+towards the identity through ``--encoder``'s gradient (the white-box attacker): towards each embedding for the
+training-free threat, towards the photos' mean embedding with ``--personalise``. The model's encoder must match
+``--encoder`` (checked by fingerprint).
 """
 
 from __future__ import annotations
@@ -77,8 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--identity-guidance",
         type=float,
         default=0.0,
-        help="training-free: pull each sampling step towards the embedding through --encoder's gradient, at this "
-        "scale (default 0: off; 0.05 is the white-box attacker of the benchmarks)",
+        help="pull each sampling step towards the embedding (with --personalise: the photos' mean embedding) through "
+        "--encoder's gradient, at this scale (default 0: off; 0.05 is the white-box attacker of the benchmarks)",
     )
     parser.add_argument("--encoder", default="dlib", help="encoder of the photos' embeddings (default dlib)")
     parser.add_argument("--models-dir", help="ONNX models folder (default $ADVFACE_MODELS_DIR)")
@@ -119,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
         if args.personalise:
             size = generator.image_size
             small = np.stack([_resize(c, size) for c in chips])
-            start = encoder.embed(np.stack(chips)) if args.personalise_start == "embedding" else None
+            embedded = encoder.embed(np.stack(chips))
+            start = embedded if args.personalise_start == "embedding" else None
             faces = personalise(
                 generator,
                 small,
@@ -129,6 +131,9 @@ def run(args: argparse.Namespace) -> int:
                 steps=args.steps,
                 guidance=args.guidance,
                 seed=args.seed,
+                encoder=encoder,
+                guide_scale=args.identity_guidance,
+                guide_target=embedded.mean(axis=0),
             )[None]
             _write(faces, ["personalised"], out)
             return 0
@@ -178,8 +183,6 @@ def _check(args: argparse.Namespace) -> None:
         raise ConfigError("--personalise-lr must be in (0, 1)")
     if not 0 <= args.identity_guidance < float("inf"):
         raise ConfigError("--identity-guidance must be a finite number >= 0")
-    if args.identity_guidance > 0 and args.personalise:
-        raise ConfigError("--identity-guidance guides the training-free threat, not --personalise")
 
 
 def _personalise_config(args: argparse.Namespace) -> FinetuneConfig | PersonaliseConfig:

@@ -58,23 +58,28 @@ def generate_from_embeddings(
     seed: int = 0,
     encoder: FaceEncoder | None = None,
     guide_scale: float = 0.0,
+    guide_targets: np.ndarray | None = None,
 ) -> np.ndarray:
     """Training-free: ``n`` faces per embedding (``len x n x S x S x 3`` uint8), seeded per batch of
     :data:`SAMPLE_BATCH` from ``seed`` (deterministic). With ``guide_scale`` > 0 every
     sampling step also pulls the predicted face towards its embedding through ``encoder``'s differentiable module
-    (:func:`identity_guide`; ConfigError without one)."""
+    (:func:`identity_guide`; ConfigError without one), or towards ``guide_targets`` (one per embedding: the encoder's
+    embeddings when the conditions are not, e.g. a learned condition)."""
     module = None
     if guide_scale > 0:
         module = encoder.torch_module(str(generator.device)) if encoder is not None else None
         if encoder is None or module is None:
             raise ConfigError("identity guidance needs an encoder with a differentiable torch module")
     rows = np.repeat(np.asarray(embeddings, np.float32), n, axis=0)
+    aims = rows if guide_targets is None else np.repeat(np.asarray(guide_targets, np.float32), n, axis=0)
+    if len(aims) != len(rows):
+        raise ConfigError(f"guide_targets: one per embedding, got {len(aims) // n} for {len(rows) // n}")
     faces = []
     for start in range(0, len(rows), SAMPLE_BATCH):  # seeded per batch; a guide's targets are its batch's rows
         batch = rows[start : start + SAMPLE_BATCH]
         guide = None
         if module is not None and encoder is not None:
-            targets = torch.from_numpy(batch).to(generator.device)
+            targets = torch.from_numpy(aims[start : start + SAMPLE_BATCH]).to(generator.device)
             guide = identity_guide(generator, module, targets, encoder.chip.size, str(encoder.metric))
         out = generator.generate(
             batch,
@@ -171,12 +176,33 @@ def personalise(
     steps: int = 25,
     guidance: float = 3.0,
     seed: int = 0,
+    encoder: FaceEncoder | None = None,
+    guide_scale: float = 0.0,
+    guide_target: np.ndarray | None = None,
 ) -> np.ndarray:
     """Training-based: learn the person from ``faces``, then generate ``n`` faces of it (``n x S x S x 3`` uint8).
     A :class:`PersonaliseConfig` (default) learns only the condition (:func:`learn_condition`, textual-inversion
-    analogue); a :class:`FinetuneConfig` also fine-tunes the denoiser (:func:`finetune`, DreamBooth analogue)."""
+    analogue); a :class:`FinetuneConfig` also fine-tunes the denoiser (:func:`finetune`, DreamBooth analogue). With
+    ``guide_scale`` > 0 every sampling step is also pulled towards ``guide_target`` (e.g. the photos' mean embedding)
+    through ``encoder``'s gradient, as :func:`generate_from_embeddings` does: the attacker who has the encoder uses
+    both levers (ConfigError without a target or a differentiable encoder)."""
+    if guide_scale > 0 and guide_target is None:
+        raise ConfigError("identity guidance of the training-based threat needs a target embedding")
     if isinstance(config, FinetuneConfig):
-        tuned, condition = finetune(generator, faces, config, embeddings=embeddings)
-        return tuned.generate(condition[None], n, steps=steps, guidance=guidance, seed=seed)[0]
-    condition = learn_condition(generator, faces, config)
-    return generator.generate(condition[None], n, steps=steps, guidance=guidance, seed=seed)[0]
+        model, condition = finetune(generator, faces, config, embeddings=embeddings)
+    else:
+        model, condition = generator, learn_condition(generator, faces, config)
+    if guide_scale <= 0:
+        return model.generate(condition[None], n, steps=steps, guidance=guidance, seed=seed)[0]
+    target = np.asarray(guide_target, np.float32).reshape(1, -1)
+    return generate_from_embeddings(
+        model,
+        condition[None],
+        n,
+        steps=steps,
+        guidance=guidance,
+        seed=seed,
+        encoder=encoder,
+        guide_scale=guide_scale,
+        guide_targets=target,
+    )[0]

@@ -3,6 +3,7 @@ reads photos protected earlier (``--protect-only``) reports the same quality as 
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -151,18 +152,39 @@ def test_training_based_fine_tunes_with_the_requested_steps_and_rate(monkeypatch
 
     def fake_personalise(generator: Any, small: np.ndarray, n: int, *, config: Any, **kwargs: Any) -> np.ndarray:
         seen["config"] = config
+        seen.update(kwargs)
         return np.zeros((n, 4, 4, 3), np.uint8)
+
+    class Encoder:
+        chip = SimpleNamespace(size=8)
+
+        def embed(self, chips: np.ndarray) -> np.ndarray:
+            return chips.reshape(len(chips), -1)[:, :4].astype(np.float32)
 
     monkeypatch.setattr(dd, "personalise", fake_personalise)
     attacker = dd.Attacker.__new__(dd.Attacker)
     attacker.generator = SimpleNamespace(image_size=8)  # type: ignore[assignment]
+    attacker.encoder = Encoder()  # type: ignore[assignment]
+    attacker.guide_encoder = "the differentiable twin"  # type: ignore[assignment]
     attacker.args = SimpleNamespace(
-        personalise_steps=300, personalise_lr=4e-4, attacker_start="random", n=2, steps=5, guidance=3.0
+        personalise_steps=300,
+        personalise_lr=4e-4,
+        attacker_start="random",
+        n=2,
+        steps=5,
+        guidance=3.0,
+        personalise_guidance=0.0,
     )
-    faces = attacker.training_based([np.zeros((12, 12, 3), np.uint8), None], seed=7)
+    photos = [np.full((12, 12, 3), 10, np.uint8), None, np.full((12, 12, 3), 30, np.uint8)]
+    faces = attacker.training_based(photos, seed=7)
     assert faces is not None and len(faces) == 2
     assert (seen["config"].steps, seen["config"].lr, seen["config"].seed) == (300, 4e-4, 7)
+    assert seen["guide_scale"] == 0.0 and seen["guide_target"] is None  # the canonical attacker: no guidance
     assert attacker.training_based([None, None], seed=7) is None
+    attacker.args.personalise_guidance = 0.05  # both levers: sampling pulled towards the photos' mean embedding
+    attacker.training_based(photos, seed=7)
+    assert seen["guide_scale"] == 0.05 and seen["encoder"] == "the differentiable twin"
+    assert np.allclose(seen["guide_target"], [20, 20, 20, 20])
 
 
 def test_band_split_separates_what_the_generator_keeps_from_the_rest() -> None:
@@ -272,3 +294,14 @@ def test_high_band_protector_keeps_the_perturbation_out_of_the_low_band(lfw_dir:
     assert shares["high"] < 0.25 and shares["default"] > 0.4
     with pytest.raises(ValueError, match="high_band_sigma"):
         dd.HighBandProtector(["dlib-torch"], device="cpu", high_band_sigma=0)
+
+
+@pytest.mark.parametrize("scale", ["nan", "-0.1", "inf"])
+def test_personalise_guidance_out_of_range_is_refused_before_anything_loads(
+    scale: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["diffusion_defences.py", "--surrogate", "none.pt", "--attacker", "none.pt", "--personalise-guidance", scale]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit):
+        dd.main()
+    assert "--personalise-guidance must be a finite number >= 0" in capsys.readouterr().err

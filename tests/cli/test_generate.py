@@ -103,10 +103,13 @@ def test_train_generator_then_generate(lfw_sample: list[Path], tmp_path: Path, m
     harder = [*started, "--personalise-steps", "3", "--personalise-lr", "1e-3", "--out", str(tmp_path / "hard")]
     assert main(["generate", *harder]) == 0
     assert not np.array_equal(np.asarray(Image.open(tmp_path / "hard" / "personalised_0.png")), first)
+    # the attacker who uses both levers: fine-tuning, then sampling guided towards the photos' mean embedding
+    assert main(["generate", *started, "--identity-guidance", "0.05", "--out", str(tmp_path / "pg")]) == 0
+    assert len(list((tmp_path / "pg").glob("personalised_*.png"))) == 2
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "pg" / "personalised_0.png")), first)
     for bad, message in [
         (["--personalise-steps", "0"], "--personalise-steps must be >= 1"),
         (["--personalise-lr", "nan"], "--personalise-lr must be in (0, 1)"),
-        (["--identity-guidance", "0.05"], "not --personalise"),
         (["--identity-guidance", "inf"], "--identity-guidance must be a finite number"),
     ]:
         assert main(["generate", *started, *bad, "--out", str(tmp_path / "x")]) == 2

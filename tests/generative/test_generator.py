@@ -206,6 +206,49 @@ def test_identity_guidance_pulls_faces_towards_their_embeddings(trained: Path) -
     assert distance(guided) < distance(plain)
     with pytest.raises(ConfigError, match="differentiable"):
         generate_from_embeddings(generator, targets, 1, steps=2, guide_scale=1.0)
+    with pytest.raises(ConfigError, match="one per embedding"):
+        generate_from_embeddings(
+            generator,
+            targets,
+            1,
+            steps=2,
+            encoder=encoder,
+            guide_scale=1.0,
+            guide_targets=targets[:2],  # type: ignore[arg-type]
+        )
+
+
+def test_guided_personalisation_pulls_the_learned_person_towards_the_target(trained: Path) -> None:
+    generator = load_generator(trained)
+    encoder = _TinyEncoder()
+    photos = _data(3, seed=9).faces
+    target = np.random.default_rng(6).normal(size=DIM).astype(np.float32)
+    config = FinetuneConfig(steps=3, batch=4)
+
+    def distance(faces: np.ndarray) -> float:
+        images = torch.from_numpy(faces).permute(0, 3, 1, 2).float() / 255
+        with torch.no_grad():
+            emb = encoder.module(images).numpy()
+        return float(np.linalg.norm(emb - target, axis=1).mean())
+
+    plain = personalise(generator, photos, 3, config=config, steps=4, seed=2)
+    guided = personalise(
+        generator,
+        photos,
+        3,
+        config=config,
+        steps=4,
+        seed=2,
+        encoder=encoder,
+        guide_scale=2.0,
+        guide_target=target,  # type: ignore[arg-type]
+    )
+    assert guided.shape == plain.shape == (3, 16, 16, 3)
+    assert distance(guided) < distance(plain)
+    unguided = personalise(generator, photos, 3, config=config, steps=4, seed=2, guide_scale=0.0, guide_target=target)
+    np.testing.assert_array_equal(unguided, plain)  # scale 0: the canonical threat, untouched
+    with pytest.raises(ConfigError, match="target embedding"):
+        personalise(generator, photos, 1, config=config, steps=2, encoder=encoder, guide_scale=1.0)  # type: ignore[arg-type]
 
 
 def test_finetuning_fits_the_photos_and_leaves_the_original_alone(trained: Path) -> None:
