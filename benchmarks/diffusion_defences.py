@@ -160,7 +160,7 @@ class Attacker:
             if chip is None:
                 out.append(None)
                 continue
-            emb = self.encoder.embed(resize_faces(chip[None], self.encoder.chip.size))
+            emb = self.embed_chips([chip])
             faces = generate_from_embeddings(
                 self.generator,
                 emb,
@@ -185,7 +185,7 @@ class Attacker:
         start = self.start_embeddings(found)
         target = None
         if a.personalise_guidance > 0:  # the attacker who has the encoder: towards the photos' mean embedding
-            target = np.asarray(self.encoder.embed(resize_faces(np.stack(found), self.encoder.chip.size))).mean(0)
+            target = (start if start is not None else self.embed_chips(found)).mean(0)
         return personalise(
             self.generator,
             small,
@@ -205,6 +205,10 @@ class Attacker:
         embedding``; None (a random start) otherwise."""
         if self.args.attacker_start != "embedding":
             return None
+        return self.embed_chips(chips)
+
+    def embed_chips(self, chips: list[np.ndarray]) -> np.ndarray:
+        """The chips' embeddings by the encoder conditioning the generator (each resized to its chip size)."""
         return np.asarray(self.encoder.embed(resize_faces(np.stack(chips), self.encoder.chip.size)))
 
     def purify(self, chips: list[np.ndarray | None], t_star: float, seed: int) -> list[np.ndarray | None]:

@@ -157,8 +157,10 @@ def test_training_based_fine_tunes_with_the_requested_steps_and_rate(monkeypatch
 
     class Encoder:
         chip = SimpleNamespace(size=8)
+        calls = 0
 
         def embed(self, chips: np.ndarray) -> np.ndarray:
+            Encoder.calls += 1
             return chips.reshape(len(chips), -1)[:, :4].astype(np.float32)
 
     monkeypatch.setattr(dd, "personalise", fake_personalise)
@@ -185,6 +187,11 @@ def test_training_based_fine_tunes_with_the_requested_steps_and_rate(monkeypatch
     attacker.training_based(photos, seed=7)
     assert seen["guide_scale"] == 0.05 and seen["encoder"] == "the differentiable twin"
     assert np.allclose(seen["guide_target"], [20, 20, 20, 20])
+    attacker.args.attacker_start = "embedding"  # the start's embeddings serve the guidance too: embedded once
+    Encoder.calls = 0
+    attacker.training_based(photos, seed=7)
+    assert Encoder.calls == 1 and np.allclose(seen["guide_target"], [20, 20, 20, 20])
+    assert np.allclose(seen["embeddings"][:, 0], [10, 30])
 
 
 def test_band_split_separates_what_the_generator_keeps_from_the_rest() -> None:
