@@ -41,30 +41,32 @@ attacker would: detect and align the photo (dlib), embed it, then
   strongest (the one giving the attacker the most matches, system judge) is reported as ``purified``.
 
 Each generated face is compared with the person's *fourth* photo, clean (Type II), by the system judge (the encoder
-conditioning the generator, dlib, FMR 0.1% on clean LFW), the transfer judge (MobileFaceNet, its own FMR 0.1%;
-the protection's encoder ensemble uses it) and the unseen judge (``--unseen-judge``, default FaceNet: an encoder no
-attacker and no protection ever used, its own FMR 0.1%; its figures under ``unseen``, as the transfer judge's under
+conditioning the generator, dlib, FMR 0.1% on clean LFW), the transfer judge (MobileFaceNet, its own FMR 0.1%; the
+protection's encoder ensemble uses it) and the unseen judge (``--unseen-judge``, default FaceNet: an encoder no attacker
+and no protection ever used, its own FMR 0.1%; its figures under ``unseen``, as the transfer judge's under
 ``transfer``); ``match`` = share accepted (``match_ci95``: its Wilson 95% interval), ``ism`` = mean cosine,
-``per_person``: faces generated and accepted by each judge per person, in the run's order of people (runs of the
-same people and seeds pair up person by person). ``clean`` = the same threats on the unprotected photos. Photos in
-which the attacker finds no face give no training-free faces (counted as not matched, reported as
-``no_face_rate``). ``--threats`` measures only some of the threats; ``--antipure-*`` and ``--decoy-weight`` set
-the AntiPure options (:class:`~advface.protect.image.antipure.AntiPureConfig`) of every configuration naming
-``antipure``. Protected photos are cached under ``benchmarks/results/local/diffusion_defences/`` (not committed: LFW
-likenesses), so a rerun with the same settings (and the same surrogate file) reuses them. The result is rewritten after
-every purification level, so a long run's finished part is never lost. ``--band low|high`` attacks only one frequency
-band of each protected photo's perturbation (:func:`band_split`: ``low`` keeps what survives the attacker's downsampling
-of the face to the generator's size, or with ``--band-sigma`` only coarser structure, ``high`` the rest; recorded as
-``settings.band`` and ``settings.band_sigma``, with the banded photos' PSNR, SSIM and visibility
+``ism_impostor`` = the mean cosine of the same faces with the *other* people's fourth photos (the ISM a face with no
+trace of the person gets from this generator; the ISM means something only above it), ``rank1`` = the share of faces
+most similar to their own person's photo among the run's people (``rank1_chance``: one over the people; both from
+:func:`benchmarks.generative_eval.identification`), ``per_person``: faces generated and accepted by each judge per
+person, in the run's order of people (runs of the same people and seeds pair up person by person). ``clean`` = the same
+threats on the unprotected photos. Photos in which the attacker finds no face give no training-free faces (counted as
+not matched, reported as ``no_face_rate``). ``--threats`` measures only some of the threats; ``--antipure-*`` and
+``--decoy-weight`` set the AntiPure options (:class:`~advface.protect.image.antipure.AntiPureConfig`) of every
+configuration naming ``antipure``. Protected photos are cached under ``benchmarks/results/local/diffusion_defences/``
+(not committed: LFW likenesses), so a rerun with the same settings (and the same surrogate file) reuses them. The result
+is rewritten after every purification level, so a long run's finished part is never lost. ``--band low|high`` attacks
+only one frequency band of each protected photo's perturbation (:func:`band_split`: ``low`` keeps what survives the
+attacker's downsampling of the face to the generator's size, or with ``--band-sigma`` only coarser structure, ``high``
+the rest; recorded as ``settings.band`` and ``settings.band_sigma``, with the banded photos' PSNR, SSIM and visibility
 (:func:`advface.protect.image.visibility.visibility`) under ``quality``): which part of the perturbation does the work
 against the generator, and which part the eye sees. ``--protect-high-band SIGMA`` protects with the perturbation
 confined to the high band from the start (:class:`HighBandProtector`; own cache folders; with ``--band high`` the
-threats see only that band): can a protection live where the eye is less sensitive, against a generator that learns
-from the face at a larger size? ``--protect-only`` fills that cache and measures nothing (no
-attacker model needed), so protection can run before or beside the attacker's training; each cached photo's protection
-seconds and face SSIM are kept with it and reported by the later run. ``--purified-only`` skips the threats on the
-unpurified photos of the ``--purify-configs`` (a run measuring one more purification level need not repeat them;
-``--merge`` unites the parts).
+threats see only that band): can a protection live where the eye is less sensitive, against a generator that learns from
+the face at a larger size? ``--protect-only`` fills that cache and measures nothing (no attacker model needed), so
+protection can run before or beside the attacker's training; each cached photo's protection seconds and face SSIM are
+kept with it and reported by the later run. ``--purified-only`` skips the threats on the unpurified photos of the
+``--purify-configs`` (a run measuring one more purification level need not repeat them; ``--merge`` unites the parts).
 """
 
 from __future__ import annotations
@@ -360,6 +362,7 @@ class Tally:
                 "match": accepted / total,
                 "match_ci95": list(wilson_interval(accepted, total)),
                 "ism": s["ism_system"],
+                **self.identification(s, "system", len(per_person["faces"])),
             }
             for judge in others:
                 judged, judge_accepted = (s[f"{judge}_faces"] or 0) + missing, sum(per_person[judge])
@@ -367,9 +370,22 @@ class Tally:
                     "match": judge_accepted / max(judged, 1),
                     "match_ci95": list(wilson_interval(judge_accepted, judged)),
                     "ism": s[f"ism_{judge}"],
+                    **self.identification(s, judge, len(per_person["faces"])),
                 }
             out[threat]["per_person"] = per_person
         return out
+
+    @staticmethod
+    def identification(summary: dict[str, Any], judge: str, people: int) -> dict[str, Any]:
+        """A judge's impostor ISM and rank-1 identification among the ``people`` of the run, with its chance level
+        (empty where the judges did not measure them)."""
+        if f"ism_impostor_{judge}" not in summary:
+            return {}
+        return {
+            "ism_impostor": summary[f"ism_impostor_{judge}"],
+            "rank1": summary[f"rank1_{judge}"],
+            "rank1_chance": 1 / people,
+        }
 
     def per_person(self, scored: dict[str, np.ndarray], references: list[str]) -> dict[str, list]:
         """Faces accepted per person, by each judge, and faces generated per person, in the order the people were
@@ -381,8 +397,8 @@ class Tally:
         order = list(dict.fromkeys(references))
         rows = np.array([order.index(r) for r in references])
         out = {"faces": np.bincount(rows, minlength=len(order)).tolist()}
-        for judge, flags in accepted.items():
-            out[judge] = np.bincount(rows, weights=flags, minlength=len(order)).astype(int).tolist()
+        for key, flags in accepted.items():
+            out[key] = np.bincount(rows, weights=flags, minlength=len(order)).astype(int).tolist()
         return out
 
 

@@ -85,6 +85,32 @@ def frechet(a: np.ndarray, b: np.ndarray) -> float:
 UNSEEN_JUDGE = "facenet"
 
 
+def cosine_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of every row of ``a`` with every row of ``b`` (NaN rows of ``b`` give NaN columns)."""
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return a @ b.T
+
+
+def identification(similarity: np.ndarray, own: np.ndarray) -> tuple[float | None, float | None]:
+    """Identity left in generated faces without a threshold: ``similarity`` holds each face's cosine (rows) with the
+    compared photo of every person of the run (columns; NaN where the judge has no embedding of the photo), ``own``
+    each face's person. Returns the mean cosine with the *other* people's photos (the impostor ISM: what the ISM of a
+    face with no trace of the person would be) and the share of faces most similar to their own person's photo among
+    the run's people (rank-1 identification; chance is one over the number of people). None for both where no face
+    has its own photo and another person's to compare with."""
+    columns = np.arange(similarity.shape[1])
+    rows = np.arange(len(similarity))
+    usable = ~np.isnan(similarity[rows, own]) & ((~np.isnan(similarity)).sum(axis=1) >= 2)
+    if not usable.any():
+        return None, None
+    sim, own = similarity[usable], own[usable]
+    others = np.where(columns[None, :] == own[:, None], np.nan, sim)
+    impostor = float(np.nanmean(np.nanmean(others, axis=1)))
+    rank1 = float((sim[np.arange(len(sim)), own] > np.nanmax(others, axis=1)).mean())
+    return impostor, rank1
+
+
 def judge_scores(
     judge: TransferJudge, faces: np.ndarray, photo_ids: list[str]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -156,18 +182,29 @@ class Judges:
     def score(self, faces: np.ndarray, photo_ids: list[str]) -> dict[str, np.ndarray]:
         """Per generated face (``N x S x S x 3``, chip frame of the system encoder) and the photo it is compared
         with: system and transfer (and unseen) scores and cosines (NaN where a judge has no embedding of the
-        photo), and the transfer judge's embeddings of the faces."""
+        photo), the transfer judge's embeddings of the faces, and per judge the cosines with every distinct compared
+        photo (``*_all``, columns in first-seen order; ``own``: each face's column) for :func:`identification`."""
         clean = self.pairs.without_flips()
         row_of = {pid: i for i, pid in enumerate(clean.ids.tolist())}
         target = clean.embeddings[[row_of[p] for p in photo_ids]]
+        distinct = list(dict.fromkeys(photo_ids))
         emb = self.scorer.embed(resize_faces(faces, self.scorer.chip.size))
-        out = {"system": self.scorer.score(emb, target), "system_cos": cosine(emb, target)}
+        out = {
+            "system": self.scorer.score(emb, target),
+            "system_cos": cosine(emb, target),
+            "system_all": cosine_matrix(emb, clean.embeddings[[row_of[p] for p in distinct]]),
+            "own": np.array([distinct.index(p) for p in photo_ids], dtype=int),
+        }
         for key, judge in self.others.items():
             out[key], out[f"{key}_cos"], out[f"{key}_emb"] = judge_scores(judge, faces, photo_ids)
+            rows = judge.rows_of(np.asarray(distinct))
+            photos = np.where(rows[:, None] >= 0, judge.embeddings[np.maximum(rows, 0)], np.nan)
+            out[f"{key}_all"] = cosine_matrix(out[f"{key}_emb"], photos)
         return out
 
     def summary(self, scored: dict[str, np.ndarray]) -> dict[str, Any]:
-        """Match rates at FMR 0.1% and mean cosines."""
+        """Match rates at FMR 0.1% and mean cosines; per judge also the impostor ISM and the rank-1 identification
+        among the compared people (:func:`identification`)."""
         out: dict[str, Any] = {
             "faces": len(scored["system"]),
             "system_match": float((scored["system"] >= self.system_threshold).mean()),
@@ -177,6 +214,8 @@ class Judges:
             out[f"{key}_match"], out[f"ism_{key}"], out[f"{key}_faces"] = judge_summary(
                 judge, scored[key], scored[f"{key}_cos"]
             )
+        for key in ("system", *self.others):
+            out[f"ism_impostor_{key}"], out[f"rank1_{key}"] = identification(scored[f"{key}_all"], scored["own"])
         return out
 
 

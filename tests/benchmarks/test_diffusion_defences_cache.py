@@ -312,3 +312,25 @@ def test_personalise_guidance_out_of_range_is_refused_before_anything_loads(
     with pytest.raises(SystemExit):
         dd.main()
     assert "--personalise-guidance must be a finite number >= 0" in capsys.readouterr().err
+
+
+def test_tally_reports_impostor_ism_and_rank1_when_the_judges_measure_them() -> None:
+    class Judges:
+        system_threshold = 0.5
+        others = {"transfer": SimpleNamespace(thresholds={"1e-3": 0.3})}
+
+        def score(self, faces: np.ndarray, photo_ids: list[str]) -> dict[str, np.ndarray]:
+            values = faces[:, 0, 0, 0].astype(float) / 10
+            return {"system": values, "transfer": values}
+
+        def summary(self, scored: dict[str, np.ndarray]) -> dict[str, Any]:
+            return {"faces": len(scored["system"]), "ism_system": 0.4, "ism_transfer": 0.2, "transfer_faces": 4,
+                    "ism_impostor_system": 0.3, "rank1_system": 0.75, "ism_impostor_transfer": 0.1,
+                    "rank1_transfer": 0.5}  # fmt: skip
+
+    tally = dd.Tally(Judges())  # type: ignore[arg-type]
+    tally.add("training_based", np.array([np.full((2, 2, 3), 9, np.uint8)] * 2), "a4", 2)
+    tally.add("training_based", np.array([np.full((2, 2, 3), 1, np.uint8)] * 2), "b4", 2)
+    cell = tally.summary()["training_based"]
+    assert (cell["ism_impostor"], cell["rank1"], cell["rank1_chance"]) == (0.3, 0.75, 0.5)
+    assert (cell["transfer"]["ism_impostor"], cell["transfer"]["rank1"]) == (0.1, 0.5)
