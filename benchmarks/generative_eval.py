@@ -13,6 +13,9 @@ training data) with two or more photos, in name order.
   embedding; each of ``--n`` generated faces is compared with *another* photo B of the person (Type II) by the system
   encoder at its FMR 0.1% threshold on clean LFW, and by the transfer judge (MobileFaceNet for dlib) at its own FMR
   0.1% threshold on its own clean embeddings; ``*_match`` = share accepted, ``ism_*`` = mean cosine similarity;
+  without a threshold, per judge, ``ism_impostor_*`` = the same faces' mean cosine with the *other* people's
+  compared photos (the floor ``ism_*`` is read against) and ``rank1_*`` = share of faces closest to their own
+  person's photo among the people of the run (chance: one over their number);
 - **training-free, identity-guided** (``--identity-guidance S`` > 0; ``training_free_guided``): the same faces, each
   sampling step also pulling the predicted face towards photo A's embedding through the system encoder's gradient
   (:func:`advface.generative.threats.identity_guide`: the white-box attacker). The system judge then scores an
@@ -65,13 +68,6 @@ from benchmarks.common import write_results  # noqa: E402
 LOCAL = Path(__file__).resolve().parent / "results" / "local" / "generative"
 
 
-def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise cosine similarity."""
-    a = a / np.linalg.norm(a, axis=1, keepdims=True)
-    b = b / np.linalg.norm(b, axis=1, keepdims=True)
-    return (a * b).sum(axis=1)
-
-
 def frechet(a: np.ndarray, b: np.ndarray) -> float:
     """Frechet distance between Gaussians fitted to the rows of ``a`` and ``b``."""
     mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
@@ -112,20 +108,21 @@ def identification(similarity: np.ndarray, own: np.ndarray) -> tuple[float | Non
 
 
 def judge_scores(
-    judge: TransferJudge, faces: np.ndarray, photo_ids: list[str]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A judge's scores and cosines of generated faces (system encoder's chip frame) against the photos they are
-    compared with (NaN where the judge has no embedding of the photo), and its embeddings of the faces."""
+    judge: TransferJudge, faces: np.ndarray, photo_ids: list[str], own: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A judge's view of generated faces (system encoder's chip frame): each face's score and cosine against the
+    photo it is compared with (``photo_ids[own[i]]``; NaN where the judge has no embedding of the photo), its
+    embeddings of the faces, and the cosines of every face with every photo of ``photo_ids`` (NaN columns where it
+    has none)."""
     emb = judge.embed_reconstructions(faces)
     rows = judge.rows_of(np.asarray(photo_ids))
+    photos = np.where(rows[:, None] >= 0, judge.embeddings[np.maximum(rows, 0)], np.nan)
+    similarity = cosine_matrix(emb, photos)
     score = np.full(len(faces), np.nan)
-    cos = np.full(len(faces), np.nan)
-    ok = rows >= 0
+    ok = rows[own] >= 0
     if ok.any():
-        target = judge.embeddings[rows[ok]]
-        score[ok] = judge.encoder.score(emb[ok], target)
-        cos[ok] = cosine(emb[ok], target)
-    return score, cos, emb
+        score[ok] = judge.encoder.score(emb[ok], photos[own[ok]])
+    return score, similarity[np.arange(len(faces)), own], emb, similarity
 
 
 def judge_summary(judge: TransferJudge, score: np.ndarray, cos: np.ndarray) -> tuple[float | None, float | None, int]:
@@ -186,20 +183,22 @@ class Judges:
         photo (``*_all``, columns in first-seen order; ``own``: each face's column) for :func:`identification`."""
         clean = self.pairs.without_flips()
         row_of = {pid: i for i, pid in enumerate(clean.ids.tolist())}
-        target = clean.embeddings[[row_of[p] for p in photo_ids]]
-        distinct = list(dict.fromkeys(photo_ids))
+        column = {pid: i for i, pid in enumerate(dict.fromkeys(photo_ids))}
+        distinct = list(column)
+        own = np.array([column[p] for p in photo_ids], dtype=int)
+        photos = clean.embeddings[[row_of[p] for p in distinct]]
         emb = self.scorer.embed(resize_faces(faces, self.scorer.chip.size))
+        similarity = cosine_matrix(emb, photos)
         out = {
-            "system": self.scorer.score(emb, target),
-            "system_cos": cosine(emb, target),
-            "system_all": cosine_matrix(emb, clean.embeddings[[row_of[p] for p in distinct]]),
-            "own": np.array([distinct.index(p) for p in photo_ids], dtype=int),
+            "system": self.scorer.score(emb, photos[own]),
+            "system_cos": similarity[np.arange(len(faces)), own],
+            "system_all": similarity,
+            "own": own,
         }
         for key, judge in self.others.items():
-            out[key], out[f"{key}_cos"], out[f"{key}_emb"] = judge_scores(judge, faces, photo_ids)
-            rows = judge.rows_of(np.asarray(distinct))
-            photos = np.where(rows[:, None] >= 0, judge.embeddings[np.maximum(rows, 0)], np.nan)
-            out[f"{key}_all"] = cosine_matrix(out[f"{key}_emb"], photos)
+            out[key], out[f"{key}_cos"], out[f"{key}_emb"], out[f"{key}_all"] = judge_scores(
+                judge, faces, distinct, own
+            )
         return out
 
     def summary(self, scored: dict[str, np.ndarray]) -> dict[str, Any]:

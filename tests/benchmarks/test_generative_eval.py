@@ -8,7 +8,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from benchmarks.generative_eval import Judges, cosine, identification
+from benchmarks.generative_eval import Judges, identification
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity (the fake encoders' score)."""
+    return (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
 def test_identification_compares_each_face_with_the_other_peoples_photos() -> None:
@@ -65,8 +70,15 @@ def test_judges_report_impostor_ism_and_rank1_from_the_compared_photos() -> None
     sys_cos = cosine(np.repeat(system, 3, axis=0), np.tile(system, (3, 1))).reshape(3, 3)
     expected = np.mean([sys_cos[0, [1, 2]].mean()] * 2 + [sys_cos[0, [0, 2]].mean(), sys_cos[2, [0, 1]].mean()])
     assert summary["ism_impostor_system"] == pytest.approx(expected)
+    # each face against its own compared photo: the ISM, and the match at the threshold (a face drawn as its own
+    # person has cosine 1)
+    assert summary["ism_system"] == pytest.approx(np.mean([1, 1, sys_cos[0, 1], 1]))
+    assert summary["system_match"] == pytest.approx(3 / 4)
     # the transfer judge compares the three faces it has photos for, with a4 and b4 only: the two faces of a with
     # b4, the face drawn as a for b with a4 itself
     assert summary["rank1_transfer"] == pytest.approx(2 / 3)
     tr_cos = cosine(transfer[[0]], transfer[[1]])[0]
     assert summary["ism_impostor_transfer"] == pytest.approx((2 * tr_cos + 1) / 3)
+    assert summary["transfer_faces"] == 3
+    assert summary["ism_transfer"] == pytest.approx((2 + tr_cos) / 3)
+    assert summary["transfer_match"] == pytest.approx(2 / 3)
