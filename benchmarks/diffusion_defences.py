@@ -9,8 +9,10 @@ Usage::
         [--purify-configs encoders+deflection,encoders+deflection+antipure]
         [--antipure-identity surrogate|ensemble] [--antipure-identity-weight 1] [--decoy-weight 0]
         [--threats training_free,training_based] [--attacker-start random|embedding] [--personalise-guidance 0]
+        [--guidance 3] [--sample-guidance 5,7]
         [--out benchmarks/results/diffusion_defences.json]
     python benchmarks/diffusion_defences.py --merge RUN1.json RUN2.json[:CONFIG,...] [--out ...]   # side by side
+    python benchmarks/pool_people.py --cell NAME=RUN1.json:CONFIG:THREAT --cell NAME=RUN2.json:...  # disjoint people
     python benchmarks/diffusion_defences.py --surrogate generator_defender.pt --protect-only [--configs ...]  # cache
     python benchmarks/diffusion_defences.py ... --configs encoders+deflection+antipure --skip-clean --band low|high
     python benchmarks/diffusion_defences.py ... --protect-high-band 0.9 --band high   # protection in the high band
@@ -33,7 +35,10 @@ attacker would: detect and align the photo (dlib), embed it, then
   embedding by the encoder conditioning the generator (an attacker who uses the encoder; recorded as
   ``settings.attacker_start``); ``--personalise-guidance S`` also pulls each sampling step of the fine-tuned model
   towards the photos' mean embedding through the encoder's gradient (the attacker who has the encoder uses both
-  levers; recorded as ``settings.personalise_guidance``);
+  levers; recorded as ``settings.personalise_guidance``); each fine-tuned model is sampled at classifier-free
+  guidance ``--guidance`` (key ``training_based``) and, with ``--sample-guidance 5,7``, also at those scales from
+  the same fine-tuning and seeds (keys ``training_based_cfg5``, ``training_based_cfg7``: the thief's sampling lever
+  for the cost of sampling alone; recorded as ``settings.sample_guidance``);
 - **purified** (the ``--purify-configs``, default the ``--default-config`` only): the same two after the attacker
   model's diffusion purification of the chips at each ``--purify`` noise level, and after each classical
   purification of the whole photo (``--classical``: names of
@@ -44,21 +49,22 @@ Each generated face is compared with the person's *fourth* photo, clean (Type II
 conditioning the generator, dlib, FMR 0.1% on clean LFW), the transfer judge (MobileFaceNet, its own FMR 0.1%; the
 protection's encoder ensemble uses it) and the unseen judge (``--unseen-judge``, default FaceNet: an encoder no attacker
 and no protection ever used, its own FMR 0.1%; its figures under ``unseen``, as the transfer judge's under
-``transfer``); ``match`` = share accepted (``match_ci95``: its Wilson 95% interval), ``ism`` = mean cosine,
-``ism_impostor`` = the mean cosine of the same faces with the *other* people's fourth photos (the ISM a face with no
-trace of the person gets from this generator; the ISM means something only above it), ``rank1`` = the share of faces
-most similar to their own person's photo among the run's people (``rank1_chance``: one over the people; both from
-:func:`benchmarks.generative_eval.identification`), ``per_person``: faces generated and accepted by each judge per
-person, in the run's order of people (runs of the same people and seeds pair up person by person). ``clean`` = the same
-threats on the unprotected photos. Photos in which the attacker finds no face give no training-free faces (counted as
-not matched, reported as ``no_face_rate``). ``--threats`` measures only some of the threats; ``--antipure-*`` and
-``--decoy-weight`` set the AntiPure options (:class:`~advface.protect.image.antipure.AntiPureConfig`) of every
-configuration naming ``antipure``. Protected photos are cached under ``benchmarks/results/local/diffusion_defences/``
-(not committed: LFW likenesses), so a rerun with the same settings (and the same surrogate file) reuses them. The result
-is rewritten after every purification level, so a long run's finished part is never lost. ``--band low|high`` attacks
-only one frequency band of each protected photo's perturbation (:func:`band_split`: ``low`` keeps what survives the
-attacker's downsampling of the face to the generator's size, or with ``--band-sigma`` only coarser structure, ``high``
-the rest; recorded as ``settings.band`` and ``settings.band_sigma``, with the banded photos' PSNR, SSIM and visibility
+``transfer``); ``match`` = share accepted (``match_ci95``: its Wilson 95% interval; ``judged``: the faces it is a share
+of), ``ism`` = mean cosine, ``ism_impostor`` = the mean cosine of the same faces with the *other* people's fourth photos
+(the ISM a face with no trace of the person gets from this generator; the ISM means something only above it), ``rank1``
+= the share of faces most similar to their own person's photo among the run's people (``rank1_chance``: one over the
+people; both from :func:`benchmarks.generative_eval.identification`), ``per_person``: faces generated and accepted by
+each judge per person, in the run's order of people (runs of the same people and seeds pair up person by person).
+``clean`` = the same threats on the unprotected photos. Photos in which the attacker finds no face give no training-free
+faces (counted as not matched, reported as ``no_face_rate``). ``--threats`` measures only some of the threats;
+``--antipure-*`` and ``--decoy-weight`` set the AntiPure options
+(:class:`~advface.protect.image.antipure.AntiPureConfig`) of every configuration naming ``antipure``. Protected photos
+are cached under ``benchmarks/results/local/diffusion_defences/`` (not committed: LFW likenesses), so a rerun with the
+same settings (and the same surrogate file) reuses them. The result is rewritten after every purification level, so a
+long run's finished part is never lost. ``--band low|high`` attacks only one frequency band of each protected photo's
+perturbation (:func:`band_split`: ``low`` keeps what survives the attacker's downsampling of the face to the generator's
+size, or with ``--band-sigma`` only coarser structure, ``high`` the rest; recorded as ``settings.band`` and
+``settings.band_sigma``, with the banded photos' PSNR, SSIM and visibility
 (:func:`advface.protect.image.visibility.visibility`) under ``quality``): which part of the perturbation does the work
 against the generator, and which part the eye sees. ``--protect-high-band SIGMA`` protects with the perturbation
 confined to the high band from the start (:class:`HighBandProtector`; own cache folders; with ``--band high`` the
@@ -97,7 +103,7 @@ from advface.faces.detect import Face  # noqa: E402
 from advface.faces.pipeline import FaceChipper  # noqa: E402
 from advface.generative.config import CONDITION_STARTS, FinetuneConfig  # noqa: E402
 from advface.generative.model import IdentityGenerator, load_generator  # noqa: E402
-from advface.generative.threats import generate_from_embeddings, personalise  # noqa: E402
+from advface.generative.threats import generate_from_embeddings, learn_person, sample_person  # noqa: E402
 from advface.images import load_image  # noqa: E402
 from advface.protect.image.core import ImageProtector, ProtectConfig  # noqa: E402
 from advface.protect.image.io import save_png  # noqa: E402
@@ -176,8 +182,10 @@ class Attacker:
             out.append(faces[0])
         return out
 
-    def training_based(self, chips: list[np.ndarray | None], seed: int) -> np.ndarray | None:
-        """``n`` faces of the condition learned from the chips (None when no photo had a face)."""
+    def training_based(self, chips: list[np.ndarray | None], seed: int) -> dict[float, np.ndarray] | None:
+        """``n`` faces of the condition learned from the chips, per classifier-free guidance scale of
+        :meth:`sampling_scales` (one fine-tuning, sampled at each with the same seed); None when no photo had a
+        face."""
         a = self.args
         found = [c for c in chips if c is not None]
         if not found:
@@ -188,19 +196,26 @@ class Attacker:
         target = None
         if a.personalise_guidance > 0:  # the attacker who has the encoder: towards the photos' mean embedding
             target = (start if start is not None else self.embed_chips(found)).mean(0)
-        return personalise(
-            self.generator,
-            small,
-            a.n,
-            config=config,
-            embeddings=start,
-            steps=a.steps,
-            guidance=a.guidance,
-            seed=seed,
-            encoder=self.guide_encoder,
-            guide_scale=a.personalise_guidance,
-            guide_target=target,
-        )
+        model, condition = learn_person(self.generator, small, config, embeddings=start)
+        return {
+            scale: sample_person(
+                model,
+                condition,
+                a.n,
+                steps=a.steps,
+                guidance=scale,
+                seed=seed,
+                encoder=self.guide_encoder,
+                guide_scale=a.personalise_guidance,
+                guide_target=target,
+            )
+            for scale in self.sampling_scales()
+        }
+
+    def sampling_scales(self) -> tuple[float, ...]:
+        """The classifier-free guidance scales the training-based threat samples at: ``--guidance``, then each of
+        ``--sample-guidance``."""
+        return (self.args.guidance, *self.args.sample_guidance)
 
     def start_embeddings(self, chips: list[np.ndarray]) -> np.ndarray | None:
         """The chips' encoder embeddings, where the DreamBooth analogue's condition starts with ``--attacker-start
@@ -361,6 +376,7 @@ class Tally:
                 "no_face": missing,
                 "match": accepted / total,
                 "match_ci95": list(wilson_interval(accepted, total)),
+                "judged": total,
                 "ism": s["ism_system"],
                 **self.identification(s, "system", len(per_person["faces"])),
             }
@@ -369,6 +385,7 @@ class Tally:
                 out[threat][judge] = {
                     "match": judge_accepted / max(judged, 1),
                     "match_ci95": list(wilson_interval(judge_accepted, judged)),
+                    "judged": judged,
                     "ism": s[f"ism_{judge}"],
                     **self.identification(s, judge, len(per_person["faces"])),
                 }
@@ -400,6 +417,18 @@ class Tally:
         for key, flags in accepted.items():
             out[key] = np.bincount(rows, weights=flags, minlength=len(order)).astype(int).tolist()
         return out
+
+
+def parse_scales(value: str, guidance: float, parser: argparse.ArgumentParser) -> tuple[float, ...]:
+    """``--sample-guidance``'s comma list -> distinct finite scales >= 1 other than ``guidance``, in the order given
+    (parser error otherwise)."""
+    try:
+        scales = [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        parser.error(f"--sample-guidance must be a comma list of numbers, got {value!r}")
+    if any(not 1 <= s < float("inf") for s in scales) or len(set(scales)) != len(scales) or guidance in scales:
+        parser.error(f"--sample-guidance needs distinct finite scales >= 1 other than --guidance, got {value!r}")
+    return tuple(scales)
 
 
 def add_attacker_start_argument(parser: argparse.ArgumentParser) -> None:
@@ -485,6 +514,12 @@ def protect_people(
     return out, quality
 
 
+def training_based_key(scale: float, guidance: float) -> str:
+    """The result key of the training-based threat sampled at classifier-free guidance ``scale``: ``training_based``
+    at the run's ``--guidance``, ``training_based_cfg<scale>`` at each ``--sample-guidance``."""
+    return "training_based" if scale == guidance else f"training_based_cfg{scale:g}"
+
+
 def run_threats(
     attacker: Attacker,
     judges: Judges,
@@ -517,7 +552,7 @@ def run_threats(
         prefix = f"{level}_" if level else ""
         for k, (_, ids) in enumerate(people):
             reference = ids[PHOTOS_PER_PERSON]
-            seed = args.seed + 1000 * k
+            seed = args.seed + 1000 * (args.people_from + k)  # a person's seeds do not depend on where a run starts
             name = level.removeprefix("purified_")
             own = [photos[pid] for pid in ids[:PHOTOS_PER_PERSON]]
             if name in classical:  # the whole photo, before the attacker's pipeline
@@ -534,7 +569,10 @@ def run_threats(
                 for faces in attacker.training_free(chips, seed):
                     tally.add(f"{prefix}training_free", faces, reference, args.n)
             if "training_based" in args.threats:
-                tally.add(f"{prefix}training_based", attacker.training_based(chips, seed), reference, args.n)
+                sampled = attacker.training_based(chips, seed)
+                for scale in attacker.sampling_scales():
+                    faces = None if sampled is None else sampled[scale]
+                    tally.add(f"{prefix}{training_based_key(scale, args.guidance)}", faces, reference, args.n)
             if on_level is not None and k < len(people) - 1:  # a long run's finished people are never lost
                 on_level(summarise_so_far(k + 1))
         summary = summarise_so_far(len(people))
@@ -556,9 +594,23 @@ def main() -> None:
     parser.add_argument("--lfw-dir", help="LFW root (default $ADVFACE_LFW_DIR)")
     parser.add_argument("--models-dir", help="ONNX models folder (default $ADVFACE_MODELS_DIR)")
     parser.add_argument("--people", type=int, default=20, help="evaluation people (default 20)")
+    parser.add_argument(
+        "--people-from",
+        type=int,
+        default=0,
+        help="skip this many people of the list first (default 0; people 21-40: --people-from 20 --people 20; each "
+        "person keeps the seeds of a run from the start; recorded as settings.people_from)",
+    )
     parser.add_argument("--n", type=int, default=4, help="faces per threat run (default 4)")
     parser.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
     parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance (default 3)")
+    parser.add_argument(
+        "--sample-guidance",
+        default="",
+        help="training-based: also sample each fine-tuned model at these classifier-free guidance scales (comma "
+        "list; one fine-tuning, the same seeds; results under training_based_cfg<scale>; recorded as "
+        "settings.sample_guidance)",
+    )
     parser.add_argument(
         "--identity-guidance", type=float, default=0.05, help="training-free identity guidance scale (0: none)"
     )
@@ -669,6 +721,9 @@ def main() -> None:
     args.threats = tuple(t for t in THREATS if t in threats)
     if not 0 <= args.personalise_guidance < float("inf"):
         parser.error(f"--personalise-guidance must be a finite number >= 0, got {args.personalise_guidance}")
+    args.sample_guidance = parse_scales(args.sample_guidance, args.guidance, parser)
+    if args.people < 1 or args.people_from < 0:
+        parser.error(f"--people must be >= 1 and --people-from >= 0, got {args.people} and {args.people_from}")
     antipure = antipure_from_args(args, parser)
     purify_configs = set((args.purify_configs or args.default_config).split(","))
     dataset = LFW(args.lfw_dir)
@@ -677,7 +732,7 @@ def main() -> None:
     generator = load_generator(args.surrogate if args.protect_only else args.attacker)
     judges = Judges(generator, dataset, args.models_dir, unseen=None if args.protect_only else args.unseen_judge)
     attacker = Attacker(generator, judges, args)
-    people = evaluation_people(judges, PHOTOS_PER_PERSON + 1)[: args.people]
+    people = evaluation_people(judges, PHOTOS_PER_PERSON + 1)[args.people_from : args.people_from + args.people]
     if args.protect_high_band is None:
         protector = ImageProtector(args.encoders.split(","), surrogate=args.surrogate)
     else:
@@ -697,6 +752,7 @@ def main() -> None:
     }
     settings = {
         "people": len(people),
+        **({"people_from": args.people_from} if args.people_from else {}),  # absent: 0, every run before 2026-12-07
         "photos_per_person": PHOTOS_PER_PERSON,
         "n": args.n,
         "steps": args.steps,
@@ -734,6 +790,8 @@ def main() -> None:
         settings["protect_high_band"] = args.protect_high_band
     if args.personalise_guidance > 0:  # absent: 0, the training-based attacker of every run before 2026-12-07
         settings["personalise_guidance"] = args.personalise_guidance
+    if args.sample_guidance:  # absent: sampled at --guidance only, as every run before 2026-12-07 13:00 UTC
+        settings["sample_guidance"] = list(args.sample_guidance)
     if args.attacker_start != "random":  # absent: random, the start of every run before 2026-12-06 12:40 UTC
         settings["attacker_start"] = args.attacker_start
     thresholds = judges.thresholds()

@@ -5,7 +5,8 @@
 - :func:`personalise` -- *training-based* personalisation from 3-5 photos of one person: the textual-inversion
   analogue learns an identity condition by minimising the generator's own denoising loss on their latents, with no
   face encoder involved; the DreamBooth analogue (:func:`finetune`) also fine-tunes the denoiser on them (the
-  condition starting at the photos' mean embedding when the attacker has the encoder); then faces are generated;
+  condition starting at the photos' mean embedding when the attacker has the encoder); then faces are generated
+  (the two halves: :func:`learn_person`, :func:`sample_person`);
 - :meth:`IdentityGenerator.purify` -- *diffusion purification* (DiffPure analogue), for photos before either threat.
 """
 
@@ -166,13 +167,27 @@ def finetune(
     return tuned, condition.detach()[0].cpu().numpy().astype(np.float32)
 
 
-def personalise(
+def learn_person(
     generator: IdentityGenerator,
     faces: np.ndarray,
+    config: PersonaliseConfig | FinetuneConfig | None = None,
+    *,
+    embeddings: np.ndarray | None = None,
+) -> tuple[IdentityGenerator, np.ndarray]:
+    """The learning half of training-based personalisation: ``(model, condition)`` for ``faces`` (``N x S x S x 3``
+    uint8 of one person). A :class:`PersonaliseConfig` (default) learns only the condition on ``generator`` itself
+    (:func:`learn_condition`, textual-inversion analogue); a :class:`FinetuneConfig` also fine-tunes a copy of the
+    denoiser (:func:`finetune`, DreamBooth analogue; ``embeddings`` start its condition)."""
+    if isinstance(config, FinetuneConfig):
+        return finetune(generator, faces, config, embeddings=embeddings)
+    return generator, learn_condition(generator, faces, config)
+
+
+def sample_person(
+    model: IdentityGenerator,
+    condition: np.ndarray,
     n: int,
     *,
-    config: PersonaliseConfig | FinetuneConfig | None = None,
-    embeddings: np.ndarray | None = None,
     steps: int = 25,
     guidance: float = 3.0,
     seed: int = 0,
@@ -180,18 +195,13 @@ def personalise(
     guide_scale: float = 0.0,
     guide_target: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Training-based: learn the person from ``faces``, then generate ``n`` faces of it (``n x S x S x 3`` uint8).
-    A :class:`PersonaliseConfig` (default) learns only the condition (:func:`learn_condition`, textual-inversion
-    analogue); a :class:`FinetuneConfig` also fine-tunes the denoiser (:func:`finetune`, DreamBooth analogue). With
-    ``guide_scale`` > 0 every sampling step is also pulled towards ``guide_target`` (e.g. the photos' mean embedding)
-    through ``encoder``'s gradient, as :func:`generate_from_embeddings` does: the attacker who has the encoder uses
-    both levers (ConfigError without a target or a differentiable encoder)."""
+    """The sampling half: ``n`` faces (``n x S x S x 3`` uint8) of a learned ``condition`` at classifier-free
+    guidance ``guidance``. With ``guide_scale`` > 0 every sampling step is also pulled towards ``guide_target``
+    (e.g. the photos' mean embedding) through ``encoder``'s gradient, as :func:`generate_from_embeddings` does
+    (ConfigError without a target or a differentiable encoder). Sampling is cheap next to learning: an attacker can
+    sample one learned person at several scales."""
     if guide_scale > 0 and guide_target is None:
         raise ConfigError("identity guidance of the training-based threat needs a target embedding")
-    if isinstance(config, FinetuneConfig):
-        model, condition = finetune(generator, faces, config, embeddings=embeddings)
-    else:
-        model, condition = generator, learn_condition(generator, faces, config)
     if guide_scale <= 0:
         return model.generate(condition[None], n, steps=steps, guidance=guidance, seed=seed)[0]
     target = np.asarray(guide_target, np.float32).reshape(1, -1)
@@ -206,3 +216,37 @@ def personalise(
         guide_scale=guide_scale,
         guide_targets=target,
     )[0]
+
+
+def personalise(
+    generator: IdentityGenerator,
+    faces: np.ndarray,
+    n: int,
+    *,
+    config: PersonaliseConfig | FinetuneConfig | None = None,
+    embeddings: np.ndarray | None = None,
+    steps: int = 25,
+    guidance: float = 3.0,
+    seed: int = 0,
+    encoder: FaceEncoder | None = None,
+    guide_scale: float = 0.0,
+    guide_target: np.ndarray | None = None,
+) -> np.ndarray:
+    """Training-based: learn the person from ``faces`` (:func:`learn_person`), then generate ``n`` faces of it
+    (:func:`sample_person`; ``n x S x S x 3`` uint8). With ``guide_scale`` > 0 sampling is also pulled towards
+    ``guide_target`` through ``encoder``'s gradient: the attacker who has the encoder uses both levers (ConfigError,
+    before any learning, without a target)."""
+    if guide_scale > 0 and guide_target is None:
+        raise ConfigError("identity guidance of the training-based threat needs a target embedding")
+    model, condition = learn_person(generator, faces, config, embeddings=embeddings)
+    return sample_person(
+        model,
+        condition,
+        n,
+        steps=steps,
+        guidance=guidance,
+        seed=seed,
+        encoder=encoder,
+        guide_scale=guide_scale,
+        guide_target=guide_target,
+    )

@@ -55,6 +55,8 @@ class _FakeAttacker:
     def __init__(self) -> None:
         self.calls: list[str] = []
         self.encoder = SimpleNamespace(chip=SimpleNamespace(size=8))
+        self.scales: tuple[float, ...] = (3.0,)
+        self.seeds: list[int] = []
 
     def chips(self, photo: np.ndarray) -> np.ndarray:
         return np.zeros((8, 8, 3), np.uint8)
@@ -69,7 +71,11 @@ class _FakeAttacker:
 
     def training_based(self, chips: list[Any], seed: int) -> Any:
         self.calls.append("training_based")
-        return np.zeros((2, 8, 8, 3), np.uint8)
+        self.seeds.append(seed)
+        return {scale: np.full((2, 8, 8, 3), scale, np.uint8) for scale in self.sampling_scales()}
+
+    def sampling_scales(self) -> tuple[float, ...]:
+        return self.scales
 
 
 class _FakeJudges:
@@ -90,7 +96,16 @@ class _FakeJudges:
 def test_purified_only_skips_the_unpurified_threats_but_keeps_the_no_face_count(purified_only: bool) -> None:
     people = [("A", ["a1", "a2", "a3", "a4"]), ("B", ["b1", "b2", "b3", "b4"])]
     photos = {pid: np.zeros((8, 8, 3), np.uint8) for _, ids in people for pid in ids}
-    args = SimpleNamespace(purify="0.1", classical="", threats=dd.THREATS, seed=0, n=2, purified_only=purified_only)
+    args = SimpleNamespace(
+        purify="0.1",
+        classical="",
+        threats=dd.THREATS,
+        seed=0,
+        n=2,
+        purified_only=purified_only,
+        guidance=3.0,
+        people_from=0,
+    )
     attacker = _FakeAttacker()
     summary = dd.run_threats(attacker, _FakeJudges(), people, photos, args, purify=True)  # type: ignore[arg-type]
     unpurified = {"training_free", "training_based"}
@@ -99,6 +114,34 @@ def test_purified_only_skips_the_unpurified_threats_but_keeps_the_no_face_count(
     assert summary["no_face_rate"] == 0.0
     # training-based runs once per person and level: both levels, or the purified one alone
     assert attacker.calls.count("training_based") == len(people) * (1 if purified_only else 2)
+
+
+def test_training_based_is_reported_per_sampling_scale_from_one_fine_tuning() -> None:
+    people = [("A", ["a1", "a2", "a3", "a4"]), ("B", ["b1", "b2", "b3", "b4"])]
+    photos = {pid: np.zeros((8, 8, 3), np.uint8) for _, ids in people for pid in ids}
+    args = SimpleNamespace(purify="0.1", classical="", threats=dd.THREATS, seed=0, n=2, purified_only=False,
+                           guidance=3.0, people_from=20)  # fmt: skip
+    attacker = _FakeAttacker()
+    attacker.scales = (3.0, 5.0, 7.5)
+
+    class Judges(_FakeJudges):
+        scored: list[set[int]] = []
+
+        def score(self, faces: np.ndarray, photo_ids: list[str]) -> dict[str, Any]:
+            Judges.scored.append(set(faces[:, 0, 0, 0].tolist()))
+            return super().score(faces, photo_ids)
+
+    summary = dd.run_threats(attacker, Judges(), people, photos, args, purify=True)  # type: ignore[arg-type]
+    for prefix in ("", "purified_0.1_"):
+        assert {f"{prefix}training_based", f"{prefix}training_based_cfg5", f"{prefix}training_based_cfg7.5"} <= set(
+            summary
+        )
+        assert summary[f"{prefix}training_based_cfg5"]["faces"] == 2 * len(people)
+    assert attacker.calls.count("training_based") == 2 * len(people)  # one fine-tuning per person and level
+    assert attacker.seeds == [20000, 21000] * 2  # people 21 and 22 keep the seeds of a run from the start
+    assert {3, 5, 7} <= set().union(*Judges.scored) and all(len(s) == 1 for s in Judges.scored if s != {0})
+    assert dd.training_based_key(3.0, 3.0) == "training_based"
+    assert dd.training_based_key(5.0, 3.0) == "training_based_cfg5"
 
 
 def test_cache_tags_keep_the_first_runs_caches_and_tell_settings_apart() -> None:
@@ -148,12 +191,18 @@ def test_attacker_start_embeddings_only_when_asked() -> None:
 
 
 def test_training_based_fine_tunes_with_the_requested_steps_and_rate(monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: dict[str, Any] = {}
+    seen: dict[str, Any] = {"learned": 0, "sampled": []}
 
-    def fake_personalise(generator: Any, small: np.ndarray, n: int, *, config: Any, **kwargs: Any) -> np.ndarray:
-        seen["config"] = config
+    def fake_learn(generator: Any, small: np.ndarray, config: Any, *, embeddings: Any) -> tuple[str, np.ndarray]:
+        seen["learned"] += 1
+        seen["config"], seen["embeddings"] = config, embeddings
+        return "tuned", np.zeros(4, np.float32)
+
+    def fake_sample(model: str, condition: np.ndarray, n: int, **kwargs: Any) -> np.ndarray:
+        assert model == "tuned"
         seen.update(kwargs)
-        return np.zeros((n, 4, 4, 3), np.uint8)
+        seen["sampled"].append((kwargs["guidance"], kwargs["seed"]))
+        return np.full((n, 4, 4, 3), kwargs["guidance"], np.uint8)
 
     class Encoder:
         chip = SimpleNamespace(size=8)
@@ -163,7 +212,8 @@ def test_training_based_fine_tunes_with_the_requested_steps_and_rate(monkeypatch
             Encoder.calls += 1
             return chips.reshape(len(chips), -1)[:, :4].astype(np.float32)
 
-    monkeypatch.setattr(dd, "personalise", fake_personalise)
+    monkeypatch.setattr(dd, "learn_person", fake_learn)
+    monkeypatch.setattr(dd, "sample_person", fake_sample)
     attacker = dd.Attacker.__new__(dd.Attacker)
     attacker.generator = SimpleNamespace(image_size=8)  # type: ignore[assignment]
     attacker.encoder = Encoder()  # type: ignore[assignment]
@@ -175,11 +225,12 @@ def test_training_based_fine_tunes_with_the_requested_steps_and_rate(monkeypatch
         n=2,
         steps=5,
         guidance=3.0,
+        sample_guidance=(),
         personalise_guidance=0.0,
     )
     photos = [np.full((12, 12, 3), 10, np.uint8), None, np.full((12, 12, 3), 30, np.uint8)]
     faces = attacker.training_based(photos, seed=7)
-    assert faces is not None and len(faces) == 2
+    assert faces is not None and list(faces) == [3.0] and len(faces[3.0]) == 2
     assert (seen["config"].steps, seen["config"].lr, seen["config"].seed) == (300, 4e-4, 7)
     assert seen["guide_scale"] == 0.0 and seen["guide_target"] is None  # the canonical attacker: no guidance
     assert attacker.training_based([None, None], seed=7) is None
@@ -192,6 +243,12 @@ def test_training_based_fine_tunes_with_the_requested_steps_and_rate(monkeypatch
     attacker.training_based(photos, seed=7)
     assert Encoder.calls == 1 and np.allclose(seen["guide_target"], [20, 20, 20, 20])
     assert np.allclose(seen["embeddings"][:, 0], [10, 30])
+    # more sampling scales: one fine-tuning, sampled at each with the same seed
+    attacker.args.sample_guidance = (5.0, 7.0)
+    seen["learned"], seen["sampled"] = 0, []
+    faces = attacker.training_based(photos, seed=7)
+    assert seen["learned"] == 1 and seen["sampled"] == [(3.0, 7), (5.0, 7), (7.0, 7)]
+    assert faces is not None and {k: int(v[0, 0, 0, 0]) for k, v in faces.items()} == {3.0: 3, 5.0: 5, 7.0: 7}
 
 
 def test_band_split_separates_what_the_generator_keeps_from_the_rest() -> None:
@@ -312,6 +369,21 @@ def test_personalise_guidance_out_of_range_is_refused_before_anything_loads(
     with pytest.raises(SystemExit):
         dd.main()
     assert "--personalise-guidance must be a finite number >= 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "option",
+    [*(["--sample-guidance", v] for v in ("5,x", "0.5", "5,5", "3", "nan", "inf")), ["--people-from", "-1"],
+     ["--people", "0"]],
+)  # fmt: skip
+def test_sampling_scales_and_people_out_of_range_are_refused_before_anything_loads(
+    option: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["diffusion_defences.py", "--surrogate", "none.pt", "--attacker", "none.pt", *option]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit):
+        dd.main()
+    assert option[0] in capsys.readouterr().err
 
 
 def test_tally_reports_impostor_ism_and_rank1_when_the_judges_measure_them() -> None:

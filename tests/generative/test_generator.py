@@ -20,7 +20,9 @@ from advface.generative.threats import (
     finetune,
     generate_from_embeddings,
     learn_condition,
+    learn_person,
     personalise,
+    sample_person,
 )
 from advface.generative.training import STATE_FILE, GeneratorTrainer, TrainingData
 
@@ -277,3 +279,21 @@ def test_finetuning_fits_the_photos_and_leaves_the_original_alone(trained: Path)
     assert faces.shape == (2, 16, 16, 3)
     with pytest.raises(ConfigError):
         finetune(generator, photos[:0])
+
+
+def test_one_learned_person_is_sampled_at_several_guidance_scales(trained: Path) -> None:
+    generator = load_generator(trained)
+    photos = _data(3, seed=7).faces
+    config = FinetuneConfig(steps=2, batch=4, seed=5)
+    model, condition = learn_person(generator, photos, config)
+    assert model is not generator  # the DreamBooth analogue fine-tunes a copy
+    by_scale = {g: sample_person(model, condition, 2, steps=3, guidance=g, seed=1) for g in (1.0, 3.0, 6.0)}
+    for g, faces in by_scale.items():  # the same as learning and sampling in one call, at each scale
+        np.testing.assert_array_equal(
+            faces, personalise(generator, photos, 2, config=config, steps=3, guidance=g, seed=1)
+        )
+    assert not np.array_equal(by_scale[1.0], by_scale[6.0])  # the scale changes the faces
+    same, learned = learn_person(generator, photos, PersonaliseConfig(steps=2))
+    assert same is generator and learned.shape == (DIM,)  # textual inversion: the model as it is
+    with pytest.raises(ConfigError, match="target embedding"):
+        sample_person(model, condition, 1, guide_scale=1.0)
