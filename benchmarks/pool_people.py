@@ -12,7 +12,8 @@ system judge, ``transfer``, ``unseen``): accepted faces are summed over the part
 rank-1 identification, which each part measured among its own people, is averaged the same way and reported as
 ``rank1_within_parts`` beside each part's chance level (it is not rank-1 among all the pooled people). ``per_person``
 is the parts' lists joined in the order given. The parts must come from the same attacker model and judges (the same
-thresholds) and cover disjoint people (``settings.people_from`` and ``settings.people``); SystemExit otherwise.
+thresholds) and settings but for the people and the sampling scale, and cover disjoint people
+(``settings.people_from`` and ``settings.people``); SystemExit otherwise.
 
 Cells record the faces each judge judged (``judged``) since 2026-12-07; for earlier cells it is read back from the
 match rate (accepted / match), and a judge that accepted no face is taken to have judged every face of the cell.
@@ -35,6 +36,8 @@ from benchmarks.common import write_results  # noqa: E402
 JUDGES = ("system", "transfer", "unseen")
 #: Cell keys pooled as means weighted by the faces judged.
 WEIGHTED = ("ism", "ism_impostor", "rank1")
+#: Settings the parts may differ in: which people, and the sampling scale a cell was read at (the cells are named).
+MAY_DIFFER = frozenset({"people", "people_from", "guidance", "sample_guidance", "threats", "purify", "classical"})
 
 
 def judged_faces(cell: dict[str, Any], judge: str) -> int:
@@ -68,6 +71,13 @@ def pool(parts: Sequence[tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, An
             or document["models"]["attacker"] != first["models"]["attacker"]
         ):
             raise SystemExit("the parts differ in attacker model or judges")
+        differ = sorted(
+            key
+            for key in set(document["settings"]) | set(first["settings"])
+            if key not in MAY_DIFFER and document["settings"].get(key) != first["settings"].get(key)
+        )
+        if differ:
+            raise SystemExit(f"the parts differ in settings {differ}")
         people = set(people_range(document))
         if people & covered:
             raise SystemExit(f"the parts overlap in people (positions {sorted(people & covered)[:5]} ...)")

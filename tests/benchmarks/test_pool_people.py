@@ -59,6 +59,12 @@ def test_parts_must_cover_disjoint_people_with_the_same_judges() -> None:
         pool_people.pool([(_run(0), cell), (_run(1), cell)])
     with pytest.raises(SystemExit, match="judges"):
         pool_people.pool([(_run(0), cell), (_run(2, threshold=0.1), cell)])
+    other = _run(2)
+    other["settings"]["finetune_steps"] = 150  # another attacker
+    with pytest.raises(SystemExit, match="finetune_steps"):
+        pool_people.pool([(_run(0), cell), (other, cell)])
+    other["settings"] = {"people": 2, "people_from": 2, "guidance": 5.0}  # another scale: the cells are named
+    assert pool_people.pool([(_run(0), cell), (other, cell)])["people"] == 4
 
 
 def test_command_line_pools_named_cells_and_refuses_malformed_ones(tmp_path: Path) -> None:
