@@ -183,6 +183,12 @@ def learn_person(
     return generator, learn_condition(generator, faces, config)
 
 
+def _require_guide_target(guide_scale: float, guide_target: np.ndarray | None) -> None:
+    """ConfigError when identity guidance of the training-based threat is asked for without a target embedding."""
+    if guide_scale > 0 and guide_target is None:
+        raise ConfigError("identity guidance of the training-based threat needs a target embedding")
+
+
 def sample_person(
     model: IdentityGenerator,
     condition: np.ndarray,
@@ -200,8 +206,7 @@ def sample_person(
     (e.g. the photos' mean embedding) through ``encoder``'s gradient, as :func:`generate_from_embeddings` does
     (ConfigError without a target or a differentiable encoder). Sampling is cheap next to learning: an attacker can
     sample one learned person at several scales."""
-    if guide_scale > 0 and guide_target is None:
-        raise ConfigError("identity guidance of the training-based threat needs a target embedding")
+    _require_guide_target(guide_scale, guide_target)
     if guide_scale <= 0:
         return model.generate(condition[None], n, steps=steps, guidance=guidance, seed=seed)[0]
     target = np.asarray(guide_target, np.float32).reshape(1, -1)
@@ -236,8 +241,7 @@ def personalise(
     (:func:`sample_person`; ``n x S x S x 3`` uint8). With ``guide_scale`` > 0 sampling is also pulled towards
     ``guide_target`` through ``encoder``'s gradient: the attacker who has the encoder uses both levers (ConfigError,
     before any learning, without a target)."""
-    if guide_scale > 0 and guide_target is None:
-        raise ConfigError("identity guidance of the training-based threat needs a target embedding")
+    _require_guide_target(guide_scale, guide_target)
     model, condition = learn_person(generator, faces, config, embeddings=embeddings)
     return sample_person(
         model,
