@@ -61,18 +61,21 @@ faces (counted as not matched, reported as ``no_face_rate``). ``--threats`` meas
 (:class:`~advface.protect.image.antipure.AntiPureConfig`) of every configuration naming ``antipure``. Protected photos
 are cached under ``benchmarks/results/local/diffusion_defences/`` (not committed: LFW likenesses), so a rerun with the
 same settings (and the same surrogate file) reuses them. The result is rewritten after every purification level, so a
-long run's finished part is never lost. ``--band low|high`` attacks only one frequency band of each protected photo's
-perturbation (:func:`band_split`: ``low`` keeps what survives the attacker's downsampling of the face to the generator's
-size, or with ``--band-sigma`` only coarser structure, ``high`` the rest; recorded as ``settings.band`` and
-``settings.band_sigma``, with the banded photos' PSNR, SSIM and visibility
-(:func:`advface.protect.image.visibility.visibility`) under ``quality``): which part of the perturbation does the work
-against the generator, and which part the eye sees. ``--protect-high-band SIGMA`` protects with the perturbation
-confined to the high band from the start (:class:`HighBandProtector`; own cache folders; with ``--band high`` the
-threats see only that band): can a protection live where the eye is less sensitive, against a generator that learns from
-the face at a larger size? ``--protect-only`` fills that cache and measures nothing (no attacker model needed), so
-protection can run before or beside the attacker's training; each cached photo's protection seconds and face SSIM are
-kept with it and reported by the later run. ``--purified-only`` skips the threats on the unpurified photos of the
-``--purify-configs`` (a run measuring one more purification level need not repeat them; ``--merge`` unites the parts).
+long run's finished part is never lost; each person's generated faces are kept too (:class:`FaceStore`, under
+``benchmarks/results/local/diffusion_defences/faces/``, one folder per attacker model, photos and settings), so a run
+stopped part-way (or a longer run on more people) takes up again at the first person not yet attacked. ``--band
+low|high`` attacks only one frequency band of each protected photo's perturbation (:func:`band_split`: ``low`` keeps
+what survives the attacker's downsampling of the face to the generator's size, or with ``--band-sigma`` only coarser
+structure, ``high`` the rest; recorded as ``settings.band`` and ``settings.band_sigma``, with the banded photos'
+PSNR, SSIM and visibility (:func:`advface.protect.image.visibility.visibility`) under ``quality``): which part of the
+perturbation does the work against the generator, and which part the eye sees. ``--protect-high-band SIGMA`` protects
+with the perturbation confined to the high band from the start (:class:`HighBandProtector`; own cache folders; with
+``--band high`` the threats see only that band): can a protection live where the eye is less sensitive, against a
+generator that learns from the face at a larger size? ``--protect-only`` fills that cache and measures nothing (no
+attacker model needed), so protection can run before or beside the attacker's training; each cached photo's protection
+seconds and face SSIM are kept with it and reported by the later run. ``--purified-only`` skips the threats on the
+unpurified photos of the ``--purify-configs`` (a run measuring one more purification level need not repeat them;
+``--merge`` unites the parts).
 """
 
 from __future__ import annotations
@@ -514,6 +517,47 @@ def protect_people(
     return out, quality
 
 
+class FaceStore:
+    """Each person's generated faces, per purification level, kept on disk so a stopped run resumes where it stopped.
+
+    One folder per attacker model, photo set and generation settings (:func:`face_store_digest`); one ``.npz`` per
+    person and level, named by a hash of the level and the person's compared photo (no photo id on disk), holding each
+    threat's faces (an empty array where the threat found no face). Written atomically, after the person's threats."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def _file(self, level: str, reference: str) -> Path:
+        return self.folder / (hashlib.sha1(f"{level}\0{reference}".encode()).hexdigest()[:16] + ".npz")
+
+    def load(self, level: str, reference: str) -> dict[str, np.ndarray | None] | None:
+        """The threats' faces of one person at one level (None per threat that found no face), or None if not kept."""
+        path = self._file(level, reference)
+        if not path.is_file():
+            return None
+        with np.load(path) as kept:
+            return {key: kept[key] if kept[key].size else None for key in kept.files}
+
+    def save(self, level: str, reference: str, faces: dict[str, np.ndarray | None]) -> None:
+        """Keep the threats' faces of one person at one level."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self._file(level, reference)
+        partial = path.with_suffix(".part.npz")
+        arrays: dict[str, Any] = {k: np.zeros(0, np.uint8) if v is None else v for k, v in faces.items()}
+        np.savez_compressed(partial, **arrays)
+        partial.replace(path)
+
+
+def face_store_digest(attacker_digest: str, photos: str, settings: dict[str, Any], seed: int) -> str:
+    """The :class:`FaceStore` folder name of one attacker model (file digest), photo set (``clean`` or the protected
+    photos' cache tag) and run settings (all but which people: a person's seeds do not depend on the run's people)."""
+    generation = {k: v for k, v in settings.items() if k not in ("people", "people_from")}
+    text = json.dumps(
+        {"attacker": attacker_digest, "photos": photos, "settings": generation, "seed": seed}, sort_keys=True
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def training_based_key(scale: float, guidance: float) -> str:
     """The result key of the training-based threat sampled at classifier-free guidance ``scale``: ``training_based``
     at the run's ``--guidance``, ``training_based_cfg<scale>`` at each ``--sample-guidance``."""
@@ -528,10 +572,12 @@ def run_threats(
     args: Any,
     purify: bool,
     on_level: Callable[[dict[str, Any]], None] | None = None,
+    store: FaceStore | None = None,
 ) -> dict[str, Any]:
     """Every threat on ``photos`` (photo id -> uint8; with ``purify`` also after each purification), judged against
     each person's fourth photo. Levels run one after another (none, then each purification); ``on_level`` receives
-    the summary so far after each person (``people_done`` says how many of the level's people it covers)."""
+    the summary so far after each person (``people_done`` says how many of the level's people it covers). With a
+    ``store``, a person's faces already kept there are judged without attacking again, and new ones are kept."""
     tally = Tally(judges)
     levels: list[str] = [""]
     if purify:
@@ -560,25 +606,45 @@ def run_threats(
             chips = [attacker.chips(photo) for photo in own]
             if not level:
                 no_face += sum(c is None for c in chips)
-            elif name not in classical:  # the attacker model's diffusion purification of the chips
-                small = attacker.purify(chips, float(name), seed)
-                chips = [None if c is None else resize_faces(c[None], attacker.encoder.chip.size)[0] for c in small]
             if not level and purify and args.purified_only:  # only the no-face count of the unpurified photos
                 continue
-            if "training_free" in args.threats:
-                for faces in attacker.training_free(chips, seed):
+            kept = None if store is None else store.load(level, reference)
+            if kept is None:
+                kept = attack_person(attacker, chips, level, name not in classical, seed, args)
+                if store is not None:
+                    store.save(level, reference, kept)
+            for key, faces in kept.items():
+                if key.startswith("training_free"):  # one entry per photo: training_free, training_free_1, ...
                     tally.add(f"{prefix}training_free", faces, reference, args.n)
-            if "training_based" in args.threats:
-                sampled = attacker.training_based(chips, seed)
-                for scale in attacker.sampling_scales():
-                    faces = None if sampled is None else sampled[scale]
-                    tally.add(f"{prefix}{training_based_key(scale, args.guidance)}", faces, reference, args.n)
+                else:
+                    tally.add(f"{prefix}{key}", faces, reference, args.n)
             if on_level is not None and k < len(people) - 1:  # a long run's finished people are never lost
                 on_level(summarise_so_far(k + 1))
         summary = summarise_so_far(len(people))
         if on_level is not None:
             on_level(summary)
     return summary
+
+
+def attack_person(
+    attacker: Attacker, chips: list[np.ndarray | None], level: str, diffusion: bool, seed: int, args: Any
+) -> dict[str, np.ndarray | None]:
+    """One person's threats at one level: the faces of the training-free threat per photo (``training_free``,
+    ``training_free_1``, ...) and of the training-based one per sampling scale (:func:`training_based_key`); None
+    where a threat found no face. At a purification level of the attacker model (``diffusion``), the chips are
+    purified first."""
+    if level and diffusion:  # the attacker model's diffusion purification of the chips
+        small = attacker.purify(chips, float(level.removeprefix("purified_")), seed)
+        chips = [None if c is None else resize_faces(c[None], attacker.encoder.chip.size)[0] for c in small]
+    out: dict[str, np.ndarray | None] = {}
+    if "training_free" in args.threats:
+        for i, faces in enumerate(attacker.training_free(chips, seed)):
+            out["training_free" + (f"_{i}" if i else "")] = faces
+    if "training_based" in args.threats:
+        sampled = attacker.training_based(chips, seed)
+        for scale in attacker.sampling_scales():
+            out[training_based_key(scale, args.guidance)] = None if sampled is None else sampled[scale]
+    return out
 
 
 def main() -> None:
@@ -798,13 +864,20 @@ def main() -> None:
     results: dict[str, Any] = {}
     quality: dict[str, Any] = {}
 
+    attacker_digest = "" if args.protect_only else hashlib.sha256(Path(args.attacker).read_bytes()).hexdigest()[:16]
+
+    def face_store(photos: str) -> FaceStore:
+        return FaceStore(LOCAL / "faces" / face_store_digest(attacker_digest, photos, settings, args.seed))
+
     def save() -> None:
         document = {"models": models, "settings": settings, "thresholds": thresholds}
         write_payload({**document, "ablation": results, "quality": quality}, args.out)
 
     if not args.skip_clean and not args.protect_only:
         clean_photos = {pid: load_image(paths[pid]) for _, ids in people for pid in ids[:PHOTOS_PER_PERSON]}
-        results["clean"] = run_threats(attacker, judges, people, clean_photos, args, purify="clean" in purify_configs)
+        results["clean"] = run_threats(
+            attacker, judges, people, clean_photos, args, purify="clean" in purify_configs, store=face_store("clean")
+        )
         print("clean", {t: results["clean"][t]["match"] for t in args.threats}, "match (system judge)", flush=True)
         save()
     for name in [c for c in args.configs.split(",") if c]:
@@ -830,7 +903,16 @@ def main() -> None:
             results[name] = summary
             save()
 
-        run_threats(attacker, judges, people, photos, args, purify=name in purify_configs, on_level=level_done)
+        run_threats(
+            attacker,
+            judges,
+            people,
+            photos,
+            args,
+            purify=name in purify_configs,
+            on_level=level_done,
+            store=face_store(tag),
+        )
         matches = {
             key: cell["match"] for key, cell in results[name].items() if isinstance(cell, dict) and "match" in cell
         }

@@ -406,3 +406,42 @@ def test_tally_reports_impostor_ism_and_rank1_when_the_judges_measure_them() -> 
     cell = tally.summary()["training_based"]
     assert (cell["ism_impostor"], cell["rank1"], cell["rank1_chance"]) == (0.3, 0.75, 0.5)
     assert (cell["transfer"]["ism_impostor"], cell["transfer"]["rank1"]) == (0.1, 0.5)
+
+
+def test_a_stopped_run_resumes_from_the_faces_it_kept(tmp_path: Path) -> None:
+    people = [(p, [f"{p}{i}" for i in range(1, 5)]) for p in "ABC"]
+    photos = {pid: np.zeros((8, 8, 3), np.uint8) for _, ids in people for pid in ids}
+    args = SimpleNamespace(purify="0.1", classical="", threats=dd.THREATS, seed=0, n=2, purified_only=False,
+                           guidance=3.0, people_from=0)  # fmt: skip
+    store = dd.FaceStore(tmp_path / "faces")
+    first = _FakeAttacker()
+    partial = dd.run_threats(first, _FakeJudges(), people[:2], photos, args, purify=True, store=store)  # type: ignore[arg-type]
+    assert first.calls.count("training_based") == 4  # two people, two levels
+    again = _FakeAttacker()
+    full = dd.run_threats(again, _FakeJudges(), people, photos, args, purify=True, store=store)  # type: ignore[arg-type]
+    # only the third person is attacked; the first two are judged from their kept faces
+    assert again.calls == ["training_free", "training_based", "purify 0.1", "training_free", "training_based"]
+    fresh = dd.run_threats(_FakeAttacker(), _FakeJudges(), people, photos, args, purify=True)  # type: ignore[arg-type]
+    assert full == fresh
+    assert partial["training_free"]["faces"] == 2 * 3 * 2 and full["training_free"]["faces"] == 3 * 3 * 2
+
+
+def test_face_store_keeps_missing_faces_and_tells_runs_apart(tmp_path: Path) -> None:
+    store = dd.FaceStore(tmp_path)
+    faces = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
+    assert store.load("", "x4") is None
+    store.save("", "x4", {"training_free": None, "training_based": faces})
+    kept = store.load("", "x4")
+    assert kept is not None and kept["training_free"] is None and np.array_equal(kept["training_based"], faces)
+    assert store.load("purified_0.1", "x4") is None and store.load("", "y4") is None
+    assert not any("x4" in p.name for p in tmp_path.iterdir())  # no photo id on disk
+    settings = {"people": 20, "n": 4, "guidance": 3.0}
+    digest = dd.face_store_digest("a" * 16, "clean", settings, 0)
+    assert digest == dd.face_store_digest("a" * 16, "clean", {**settings, "people": 40, "people_from": 20}, 0)
+    for other in (
+        dd.face_store_digest("b" * 16, "clean", settings, 0),
+        dd.face_store_digest("a" * 16, "tag", settings, 0),
+        dd.face_store_digest("a" * 16, "clean", {**settings, "n": 8}, 0),
+        dd.face_store_digest("a" * 16, "clean", settings, 1),
+    ):
+        assert other != digest
