@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import platform
@@ -44,6 +45,11 @@ def machine() -> dict[str, Any]:
 def command_line() -> str:
     """The command that is running, as it could be typed again."""
     return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0]), *sys.argv[1:]])
+
+
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """The first 16 hex digits of a file's SHA-256: how results and caches name a model file's contents."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def write_results(name: str, payload: dict[str, Any], out: str | os.PathLike[str] | None = None) -> Path:

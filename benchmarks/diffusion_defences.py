@@ -120,6 +120,7 @@ from benchmarks.common import (  # noqa: E402
     add_budget_arguments,
     antipure_from_args,
     budget_from_args,
+    file_digest,
     write_results,
 )
 from benchmarks.generative_eval import UNSEEN_JUDGE, Judges  # noqa: E402
@@ -807,7 +808,7 @@ def main() -> None:
         )
 
     surrogate = protector.deflection.generator.metadata
-    surrogate_digest = hashlib.sha256(Path(args.surrogate).read_bytes()).hexdigest()[:16]
+    surrogate_digest = file_digest(args.surrogate)
     models = {
         "attacker": {"path": args.attacker, **{k: generator.metadata.get(k) for k in ("role", "steps", "seed")}},
         "surrogate": {
@@ -864,7 +865,7 @@ def main() -> None:
     results: dict[str, Any] = {}
     quality: dict[str, Any] = {}
 
-    attacker_digest = "" if args.protect_only else hashlib.sha256(Path(args.attacker).read_bytes()).hexdigest()[:16]
+    attacker_digest = "" if args.protect_only else file_digest(args.attacker)
 
     def face_store(photos: str) -> FaceStore:
         return FaceStore(LOCAL / "faces" / face_store_digest(attacker_digest, photos, settings, args.seed))

@@ -65,7 +65,7 @@ from advface.generative.model import IdentityGenerator, load_generator  # noqa: 
 from advface.generative.threats import finetune, learn_condition  # noqa: E402
 from advface.images import load_image  # noqa: E402
 from advface.protect.image.core import ImageProtector, ProtectConfig  # noqa: E402
-from benchmarks.common import write_results  # noqa: E402
+from benchmarks.common import file_digest, write_results  # noqa: E402
 from benchmarks.diffusion_defences import (  # noqa: E402
     PHOTOS_PER_PERSON,
     Attacker,
@@ -133,7 +133,7 @@ def protected_photos(
         key = f"{p['config']}|{p['encoders']}|{p['surrogate']}|{p['steps']}|{p['deflection_weight']}|{p['seed']}"
         tag = f"{p['config']}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
     else:
-        digest = hashlib.sha256(Path(str(record["surrogate"])).read_bytes()).hexdigest()[:16]
+        digest = file_digest(str(record["surrogate"]))
         tag = cache_tag(config, str(record["encoders"]), digest)
     photos, _ = protect_people(protector, config, people, paths, tag)
     return photos

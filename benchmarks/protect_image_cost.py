@@ -18,7 +18,9 @@ inflate the wall time, hardly the CPU time), and the machine's load average at t
     python benchmarks/protect_image_cost.py --count 3 --guidance encoders,deflection,antipure \\
         --antipure-identity ensemble --decoy-weight 1 --threads 1 --out ...
 
-``--budget`` / ``--epsilon`` set the budget of every selection (default: the library's).
+``--budget`` / ``--epsilon`` set the budget of every selection (default: the library's). ``--surrogate`` times the
+diffusion terms on another defender surrogate than the shipped one (e.g. a 128-px model; recorded with its file's
+digest under ``settings.surrogate``).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from benchmarks.common import (  # noqa: E402
     add_budget_arguments,
     antipure_from_args,
     budget_from_args,
+    file_digest,
     write_results,
 )
 
@@ -54,6 +57,7 @@ def main() -> None:
     parser.add_argument("--guidance", nargs="+", default=[",".join(ProtectConfig.guidance)], help="selections")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     add_budget_arguments(parser)
+    parser.add_argument("--surrogate", help="defender surrogate checkpoint (default: the one advface ships)")
     parser.add_argument("--lfw-dir", help="LFW root (default $ADVFACE_LFW_DIR)")
     parser.add_argument("--out", help="output JSON (default benchmarks/results/protect_image_cost.json)")
     add_antipure_arguments(parser)
@@ -67,7 +71,8 @@ def main() -> None:
     for item in LFW(args.lfw_dir):
         people.setdefault(item.identity, str(item.path))
     paths = [people[name] for name in sorted(people)[: args.count + 1]]
-    protector = ImageProtector()
+    protector = ImageProtector(surrogate=args.surrogate)
+    surrogate = {"path": args.surrogate, "sha256_16": file_digest(args.surrogate)} if args.surrogate else None
     photos = [load_image(p) for p in paths]
     faces = [protector.find_face(photo, p) for photo, p in zip(photos, paths)]
     load_start = os.getloadavg()[0]
@@ -101,6 +106,7 @@ def main() -> None:
             "budget": args.budget,
             "epsilon_levels": ProtectConfig(**budget).levels,
             **({"encoder_weight": args.encoder_weight} if args.encoder_weight is not None else {}),
+            **({"surrogate": surrogate} if surrogate else {}),
             **(
                 {
                     "antipure": {
