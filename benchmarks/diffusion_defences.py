@@ -81,6 +81,7 @@ unpurified photos of the ``--purify-configs`` (a run measuring one more purifica
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import sys
@@ -465,6 +466,24 @@ def cache_tag(config: ProtectConfig, encoders: str, surrogate_digest: str, high_
     return f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
 
 
+def read_records(path: Path) -> dict[str, dict[str, float | None]]:
+    """A protected-photo cache's records (photo name -> protection seconds and face SSIM); empty when none."""
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def add_record(path: Path, name: str, record: dict[str, float | None]) -> dict[str, dict[str, float | None]]:
+    """Merge one photo's record into the cache's records file (under a lock, so runs side by side keep each other's
+    records; the file is replaced whole) and return all records."""
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        records = read_records(path)
+        records[name] = record
+        partial = path.with_suffix(".part")
+        partial.write_text(json.dumps(records, indent=1))
+        partial.replace(path)
+    return records
+
+
 def protect_people(
     protector: ImageProtector,
     config: ProtectConfig,
@@ -474,11 +493,12 @@ def protect_people(
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Protected photos (photo id -> uint8), cached by ``tag``; and quality and cost summaries. Each cached photo's
     protection seconds and face-box SSIM are kept beside it (``records.json``), so a run that reads the cache (e.g.
-    after ``--protect-only``) reports them too."""
+    after ``--protect-only``) reports them too. Runs on other people of the same cache may protect side by side: each
+    photo is written whole (renamed into place), and each record merged into ``records.json`` under a file lock."""
     folder = LOCAL / tag
     folder.mkdir(parents=True, exist_ok=True)
     records_file = folder / "records.json"
-    records: dict[str, dict[str, float | None]] = json.loads(records_file.read_text()) if records_file.is_file() else {}
+    records = read_records(records_file)
     out: dict[str, np.ndarray] = {}
     psnrs: list[float] = []
     ssims: list[float] = []
@@ -491,16 +511,20 @@ def protect_people(
             clean = load_image(paths[pid])
             if cached.is_file():
                 protected = load_image(cached)
+                if name not in records:  # protected by a run beside this one since this one started
+                    records = read_records(records_file)
             else:
                 started = time.perf_counter()
                 protected, report = protector.protect([clean], config, sources=[pid])[0]
                 face_ssim = getattr(report, "ssim_face", None)
-                records[name] = {
+                record = {
                     "seconds": time.perf_counter() - started,
                     "ssim_face": None if face_ssim is None else float(face_ssim),
                 }
-                save_png(protected, cached)
-                records_file.write_text(json.dumps(records, indent=1))
+                partial = folder / (name + ".part.png")
+                save_png(protected, partial)
+                partial.replace(cached)
+                records = add_record(records_file, name, record)
             for key, found in (("seconds", seconds), ("ssim_face", face_ssims)):
                 value = records.get(name, {}).get(key)
                 if value is not None:

@@ -3,6 +3,7 @@ reads photos protected earlier (``--protect-only``) reports the same quality as 
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -445,3 +446,12 @@ def test_face_store_keeps_missing_faces_and_tells_runs_apart(tmp_path: Path) -> 
         dd.face_store_digest("a" * 16, "clean", settings, 1),
     ):
         assert other != digest
+
+
+def test_runs_side_by_side_keep_each_others_records(tmp_path: Path) -> None:
+    records = tmp_path / "records.json"
+    mine = dd.add_record(records, "a", {"seconds": 1.0, "ssim_face": 0.97})
+    records.write_text(json.dumps({**mine, "b": {"seconds": 2.0, "ssim_face": None}}))  # another run's record
+    merged = dd.add_record(records, "c", {"seconds": 3.0, "ssim_face": 0.98})
+    assert set(merged) == {"a", "b", "c"} and dd.read_records(records) == merged
+    assert not list(tmp_path.glob("*.part"))
