@@ -72,7 +72,9 @@ perturbation does the work against the generator, and which part the eye sees. `
 with the perturbation confined to the high band from the start (:class:`HighBandProtector`; own cache folders; with
 ``--band high`` the threats see only that band): can a protection live where the eye is less sensitive, against a
 generator that learns from the face at a larger size? ``--protect-only`` fills that cache and measures nothing (no
-attacker model needed), so protection can run before or beside the attacker's training; each cached photo's protection
+attacker model needed), so protection can run before or beside the attacker's training; it picks the people from the
+LFW pairs embedded at the generator size of ``--attacker`` when given, else of the surrogate (built and cached on first
+use, an hour on two busy cores: pass ``--attacker`` when its size's pairs are cached); each cached photo's protection
 seconds and face SSIM are kept with it and reported by the later run. ``--purified-only`` skips the threats on the
 unpurified photos of the ``--purify-configs`` (a run measuring one more purification level need not repeat them;
 ``--merge`` unites the parts).
@@ -758,8 +760,9 @@ def main() -> None:
     parser.add_argument(
         "--protect-only",
         action="store_true",
-        help="only protect the configurations' photos into the cache (no --attacker needed); a later run with the "
-        "same settings measures them",
+        help="only protect the configurations' photos into the cache (no --attacker needed; with it, the people are "
+        "picked from the attacker model's LFW pairs, as the measuring run picks them); a later run with the same "
+        "settings measures them",
     )
     parser.add_argument(
         "--protect-high-band",
@@ -819,8 +822,8 @@ def main() -> None:
     purify_configs = set((args.purify_configs or args.default_config).split(","))
     dataset = LFW(args.lfw_dir)
     paths = {item.id: Path(item.path) for item in dataset}
-    # --protect-only: the surrogate stands in for the attacker model only to pick the people (same encoder and size)
-    generator = load_generator(args.surrogate if args.protect_only else args.attacker)
+    # --protect-only without --attacker: the surrogate stands in for the attacker model only to pick the people
+    generator = load_generator(args.attacker or args.surrogate)
     judges = Judges(generator, dataset, args.models_dir, unseen=None if args.protect_only else args.unseen_judge)
     attacker = Attacker(generator, judges, args)
     people = evaluation_people(judges, PHOTOS_PER_PERSON + 1)[args.people_from : args.people_from + args.people]
