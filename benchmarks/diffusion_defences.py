@@ -637,7 +637,8 @@ def run_threats(
                 continue
             kept = None if store is None else store.load(level, reference)
             if kept is None:
-                kept = attack_person(attacker, chips, level, name not in classical, seed, args)
+                t_star = float(name) if level and name not in classical else None
+                kept = attack_person(attacker, chips, t_star, seed, args)
                 if store is not None:
                     store.save(level, reference, kept)
             for key, faces in kept.items():
@@ -654,14 +655,14 @@ def run_threats(
 
 
 def attack_person(
-    attacker: Attacker, chips: list[np.ndarray | None], level: str, diffusion: bool, seed: int, args: Any
+    attacker: Attacker, chips: list[np.ndarray | None], t_star: float | None, seed: int, args: Any
 ) -> dict[str, np.ndarray | None]:
     """One person's threats at one level: the faces of the training-free threat per photo (``training_free``,
     ``training_free_1``, ...) and of the training-based one per sampling scale (:func:`training_based_key`); None
-    where a threat found no face. At a purification level of the attacker model (``diffusion``), the chips are
-    purified first."""
-    if level and diffusion:  # the attacker model's diffusion purification of the chips
-        small = attacker.purify(chips, float(level.removeprefix("purified_")), seed)
+    where a threat found no face. With ``t_star`` (a diffusion purification level), the attacker model purifies the
+    chips first."""
+    if t_star is not None:
+        small = attacker.purify(chips, t_star, seed)
         chips = [None if c is None else resize_faces(c[None], attacker.encoder.chip.size)[0] for c in small]
     out: dict[str, np.ndarray | None] = {}
     if "training_free" in args.threats:

@@ -81,11 +81,12 @@ def main() -> None:
     tally = Tally(judges)
     for _, ids in people:
         own, reference = ids[:PHOTOS_PER_PERSON], ids[PHOTOS_PER_PERSON]
-        missing = [pid for pid in own if not (folder / f"{cached_photo_name(pid)}.png").is_file()]
+        cached = [folder / f"{cached_photo_name(pid)}.png" for pid in own]
+        missing = [path for path in cached if not path.is_file()]
         if missing:
             parser.error(f"{len(missing)} photo(s) of a chosen person are not in {folder}; protect them first")
         clean = [load_image(paths[pid]) for pid in own]
-        protected = [load_image(folder / f"{cached_photo_name(pid)}.png") for pid in own]
+        protected = [load_image(path) for path in cached]
         for name, photos in (("clean", clean), ("protected", protected)):
             tally.add(name, photo_chips(attacker, photos, args.resize), reference, len(own))
     payload = {
