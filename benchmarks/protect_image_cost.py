@@ -19,8 +19,8 @@ inflate the wall time, hardly the CPU time), and the machine's load average at t
         --antipure-identity ensemble --decoy-weight 1 --threads 1 --out ...
 
 ``--budget`` / ``--epsilon`` set the budget of every selection (default: the library's). ``--surrogate`` times the
-diffusion terms on another defender surrogate than the shipped one (e.g. a 128-px model; recorded with its file's
-digest under ``settings.surrogate``).
+diffusion terms on another defender surrogate than the shipped one (e.g. a 128-px model); either is recorded with
+its file's digest under ``settings.surrogate``.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from advface.datasets import LFW  # noqa: E402
+from advface.generative.shipped import shipped_surrogate_path  # noqa: E402
 from advface.images import load_image  # noqa: E402
 from advface.protect.image import ImageProtector, ProtectConfig  # noqa: E402
 from advface.protect.image.antipure import AntiPureConfig  # noqa: E402
@@ -72,7 +73,8 @@ def main() -> None:
         people.setdefault(item.identity, str(item.path))
     paths = [people[name] for name in sorted(people)[: args.count + 1]]
     protector = ImageProtector(surrogate=args.surrogate)
-    surrogate = {"path": args.surrogate, "sha256_16": file_digest(args.surrogate)} if args.surrogate else None
+    surrogate_path = args.surrogate or "shipped"  # the shipped file's digest says which one it was
+    surrogate = {"path": surrogate_path, "sha256_16": file_digest(args.surrogate or shipped_surrogate_path())}
     photos = [load_image(p) for p in paths]
     faces = [protector.find_face(photo, p) for photo, p in zip(photos, paths)]
     load_start = os.getloadavg()[0]
@@ -106,7 +108,7 @@ def main() -> None:
             "budget": args.budget,
             "epsilon_levels": ProtectConfig(**budget).levels,
             **({"encoder_weight": args.encoder_weight} if args.encoder_weight is not None else {}),
-            **({"surrogate": surrogate} if surrogate else {}),
+            "surrogate": surrogate,
             **(
                 {
                     "antipure": {

@@ -1,4 +1,5 @@
-"""The defender surrogate shipped in the package: present, loadable, trained on the defender group for dlib."""
+"""The defender surrogate shipped in the package: present, loadable, trained on the defender group for dlib, at the
+128-px attacker model's size with its finished schedule."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ def test_the_shipped_surrogate_is_the_defender_model_for_dlib() -> None:
     meta = generator.metadata
     assert meta["role"] == "defender" and meta["encoder"] == "dlib" and generator.dim == 128
     assert meta["training_data"]["group"] == "defender"
+    assert generator.image_size == 128 and meta["steps"] == {"autoencoder": 1200, "denoiser": 6000}
     faces = generator.generate(np.random.default_rng(0).normal(size=(1, 128)).astype(np.float32), 1, steps=2)
     assert faces.shape == (1, 1, generator.image_size, generator.image_size, 3) and faces.std() > 1
 
