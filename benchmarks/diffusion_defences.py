@@ -132,6 +132,9 @@ LOCAL = Path(__file__).resolve().parent / "results" / "local" / "diffusion_defen
 #: Budget shape and uint8 levels of the runs that record no budget (the library's default, uniform 8/255): their
 #: settings and cache keys name none, so that results and cached photos of that time stay comparable.
 LEGACY_BUDGET = ("uniform", 8)
+#: The defender surrogate (sha256, first 16 hex digits) of the ``benchmarks/persguard.py`` results that record none:
+#: all of them protected on the 64-px surrogate advface shipped from 2026-12-05 to 2026-12-07.
+UNRECORDED_SURROGATE = "0439cfcab37748ee"
 PHOTOS_PER_PERSON = 3
 #: Settings that only runs which protected photos record (a clean-only part has none of them).
 PROTECTION_ONLY = frozenset({"budget", "encoder_weight"})
@@ -1022,6 +1025,9 @@ def check_persguard(measured: dict[str, Any], merged: dict[str, Any], path: str)
             f"{path} protected its photos with {protection['config']} under the {budget} budget, not {default} "
             f"under the {ours} budget"
         )
+    surrogate = protection.get("surrogate_sha256_16", UNRECORDED_SURROGATE)
+    if surrogate != merged["models"]["surrogate"].get("sha256_16"):
+        raise SystemExit(f"{path} protected its photos on another defender surrogate (sha256 {surrogate}...)")
 
 
 def merge(

@@ -111,6 +111,7 @@ def protection_config(name: str) -> tuple[ProtectConfig, dict[str, Any]]:
         "config": "+".join(config.guidance),
         "encoders": PROTECTION["encoders"],
         "surrogate": PROTECTION["surrogate"],
+        "surrogate_sha256_16": file_digest(PROTECTION["surrogate"]),
         "settings": protection_record(config),
     }
     return config, record

@@ -449,12 +449,17 @@ def protection_record(config: Any) -> dict[str, Any]:
 
 
 def protected_with(protector: ImageProtector, surrogate: str | None, config: ProtectConfig) -> dict[str, Any]:
-    """How trigger photos are protected (settings, encoder ensemble, surrogate): what the cache and the backdoored
-    model record."""
+    """How trigger photos are protected (settings, encoder ensemble, surrogate and the digest of its file, so that a
+    cache made on another shipped surrogate is refused after an upgrade): what the cache and the backdoored model
+    record."""
+    from advface.generative.shipped import shipped_surrogate_path
+    from advface.hashing import file_sha256
+
     return {
         "config": protection_record(config),
         "encoders": list(protector.encoder_names),
         "surrogate": surrogate or "shipped",
+        "surrogate_sha256_16": file_sha256(surrogate or shipped_surrogate_path())[:16],
     }
 
 

@@ -108,7 +108,7 @@ def test_a_persguard_result_of_another_model_or_protection_is_refused(tmp_path: 
         path.write_text(json.dumps(doc))
         return str(path)
 
-    library = {"config": default, "settings": {"budget": "ssim"}}
+    library = {"config": default, "settings": {"budget": "ssim"}, "surrogate_sha256_16": "00"}
     out = merge(files, default, str(tmp_path / "m.json"), persguard=persguard("ok", protection=library))
     merged = json.loads(out.read_text())
     assert merged["persguard"]["protected"]["match"] == 0.0 and merged["transfer"]["persguard"]["protected"]
@@ -119,6 +119,9 @@ def test_a_persguard_result_of_another_model_or_protection_is_refused(tmp_path: 
             r"with encoders\+deflection under",
         ),
         (persguard("legacy", protection={"config": default}), "uniform budget"),  # legacy record: no budget named
+        (persguard("surrogate", protection={**library, "surrogate_sha256_16": "01"}), "another defender surrogate"),
+        # a record from before surrogates were recorded: the 64-px surrogate of 2026-12-05 to -07, not this one
+        (persguard("unrecorded", protection={k: v for k, v in library.items() if k != "surrogate_sha256_16"}), "0439"),
     ]
     for path, message in bad:
         with pytest.raises(SystemExit, match=message):

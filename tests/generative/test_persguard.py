@@ -29,7 +29,9 @@ from advface.generative.persguard import (
     check_trigger_set,
     target_distance,
 )
+from advface.generative.shipped import shipped_surrogate_path
 from advface.generative.threats import finetune
+from advface.hashing import file_sha256
 from advface.protect.image.core import ProtectConfig
 
 SIZE, DIM = 16, 8
@@ -250,10 +252,18 @@ def test_protected_cache_made_with_other_settings_is_refused(tmp_path: Path) -> 
     record = json.loads((fresh / CACHE_RECORD).read_text())
     assert record["config"] == protection_record(ProtectConfig())
     assert "antipure" in record["config"]["guidance"] and record["config"]["epsilon"] == ProtectConfig().epsilon
-    record["config"]["guidance"] = ["encoders", "deflection"]
-    (fresh / CACHE_RECORD).write_text(json.dumps(record))
-    with pytest.raises(ConfigError, match="other settings"):
-        protect_cached(Protector(), {}, fresh, None, progress=False)  # type: ignore[arg-type]
+    # the shipped surrogate is named by its file's digest: a cache made on an earlier shipped surrogate is refused
+    assert record["surrogate"] == "shipped"
+    assert record["surrogate_sha256_16"] == file_sha256(shipped_surrogate_path())[:16]
+    for key, value in (("guidance", ["encoders", "deflection"]), ("surrogate_sha256_16", "0439cfcab37748ee")):
+        changed = json.loads(json.dumps(record))
+        if key == "guidance":
+            changed["config"][key] = value
+        else:
+            changed[key] = value
+        (fresh / CACHE_RECORD).write_text(json.dumps(changed))
+        with pytest.raises(ConfigError, match="other settings"):
+            protect_cached(Protector(), {}, fresh, None, progress=False)  # type: ignore[arg-type]
 
 
 def _cli(tmp_path: Path, *extra: str, model: Path | None = None, out: Path | None = None) -> list[str]:
