@@ -486,8 +486,13 @@ def protect_cached(
     cache.mkdir(parents=True, exist_ok=True)
     record_file = cache / CACHE_RECORD
     if record_file.is_file():
-        if json.loads(record_file.read_text()) != record:
-            raise ConfigError(f"{cache} holds photos protected with other settings ({record_file}); use another cache")
+        kept = json.loads(record_file.read_text())
+        if kept != record:
+            differ = sorted(k for k in {*kept, *record} if kept.get(k) != record.get(k))
+            raise ConfigError(
+                f"{cache} holds photos protected with other settings ({', '.join(differ)} differ: {record_file}); "
+                "use another cache"
+            )
     else:
         record_file.write_text(json.dumps(record, indent=2) + "\n")
     todo = [(pid, path) for photos in people.values() for pid, path in photos]
