@@ -1038,9 +1038,10 @@ def merge(
     different ``--threats`` gets the threats of all); settings must agree but for ``purify``, ``classical`` and
     ``threats``, and the models must be the same. ``FILE:NAME,NAME`` takes only those configurations of a run; a
     run that gives only ``clean`` (no protection, so no surrogate involved) must share the attacker model only.
-    ``cost``: a ``benchmarks/protect_image_cost.py`` result whose one-thread CPU seconds per photo of the default
-    configuration's guidance replace the protection's wall time measured here (inflated when other jobs share the
-    CPU); the wall time stays under ``quality``. ``persguard``: a ``benchmarks/persguard.py`` result whose
+    ``cost``: a ``benchmarks/protect_image_cost.py`` result whose seconds per photo of the default configuration's
+    guidance (its CPU seconds when it ran on one thread; its wall seconds when on more, the cost on that many cores)
+    replace the protection's wall time measured here (inflated when other jobs share the CPU); the wall time stays
+    under ``quality``. ``persguard``: a ``benchmarks/persguard.py`` result whose
     ``persguard`` block (and its transfer judge's, under ``transfer``) is copied in."""
     specs = [f.rsplit(":", 1) if ":" in f and not Path(f).is_file() else [f, ""] for f in files]
     documents = []
@@ -1112,11 +1113,20 @@ def merge(
         entry = measured["guidance"].get(chosen.replace("+", ","))
         if entry is None or chosen not in merged["quality"]:
             raise SystemExit(f"{cost} has no cost for the default configuration {chosen}")
+        threads = int(measured.get("settings", {}).get("threads", 1))
+        # one thread: the process's CPU seconds (the wall time on an idle core); more: the wall seconds on that many
+        # threads (CPU seconds would count each thread's), i.e. the cost per photo on that many cores
+        seconds = entry["cpu_seconds_per_photo_mean"] if threads == 1 else entry["seconds_per_photo_mean"]
         merged["quality"][chosen] = {
             **merged["quality"][chosen],
             "seconds_per_photo_wall_shared": merged["quality"][chosen]["seconds_per_photo_cpu"],
-            "seconds_per_photo_cpu": entry["cpu_seconds_per_photo_mean"],
-            "cost_from": {"file": cost, "command": measured.get("command"), "date": measured.get("date")},
+            "seconds_per_photo_cpu": seconds,
+            "cost_from": {
+                "file": cost,
+                "command": measured.get("command"),
+                "date": measured.get("date"),
+                "measure": "CPU seconds, one thread" if threads == 1 else f"wall seconds, {threads} threads",
+            },
         }
     if persguard:
         measured = json.loads(Path(persguard).read_text())

@@ -58,6 +58,19 @@ def test_merge_unites_parts_and_takes_the_strongest_purification_over_all(tmp_pa
     assert out["transfer"]["purified"]["protected"]["match"] == 0.025
 
 
+def test_the_cost_is_cpu_seconds_on_one_thread_and_wall_seconds_on_more(tmp_path: Path) -> None:
+    default = "encoders+deflection+antipure"
+    files = [_run(tmp_path, "based", {default: {"training_based": _cell(0.0)}})]
+    for threads, expected, measure in ((1, 20.0, "CPU seconds, one thread"), (2, 26.0, "wall seconds, 2 threads")):
+        timing = {"seconds_per_photo_mean": 26.0, "cpu_seconds_per_photo_mean": 20.0 * threads}
+        cost = tmp_path / f"cost{threads}.json"
+        cost.write_text(json.dumps({"settings": {"threads": threads}, "guidance": {default.replace("+", ","): timing}}))
+        out = json.loads(merge(files, default, str(tmp_path / f"m{threads}.json"), cost=str(cost)).read_text())
+        assert out["seconds_per_photo_cpu"] == expected
+        assert out["quality"][default]["cost_from"]["measure"] == measure
+        assert out["quality"][default]["seconds_per_photo_wall_shared"] == 20.0  # the run's own, kept beside it
+
+
 def test_merge_refuses_antipure_runs_with_different_settings(tmp_path: Path) -> None:
     default = "encoders+deflection+antipure"
     files = [
