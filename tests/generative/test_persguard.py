@@ -252,6 +252,8 @@ def test_protected_cache_made_with_other_settings_is_refused(tmp_path: Path) -> 
     record = json.loads((fresh / CACHE_RECORD).read_text())
     assert record["config"] == protection_record(ProtectConfig())
     assert "antipure" in record["config"]["guidance"] and record["config"]["epsilon"] == ProtectConfig().epsilon
+    with pytest.raises(ConfigError, match="surrogate .*missing.pt not found"):
+        protect_cached(Protector(), {}, tmp_path / "other", str(tmp_path / "missing.pt"), progress=False)  # type: ignore[arg-type]
     # the shipped surrogate is named by its file's digest: a cache made on an earlier shipped surrogate is refused
     assert record["surrogate"] == "shipped"
     assert record["surrogate_sha256_16"] == file_sha256(shipped_surrogate_path())[:16]
