@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import platform
@@ -11,6 +10,8 @@ import shlex
 import sys
 from pathlib import Path
 from typing import Any
+
+from advface.hashing import file_sha256
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -49,7 +50,7 @@ def command_line() -> str:
 
 def file_digest(path: str | os.PathLike[str]) -> str:
     """The first 16 hex digits of a file's SHA-256: how results and caches name a model file's contents."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    return file_sha256(path)[:16]
 
 
 def write_results(name: str, payload: dict[str, Any], out: str | os.PathLike[str] | None = None) -> Path:

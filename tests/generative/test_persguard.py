@@ -257,14 +257,11 @@ def test_protected_cache_made_with_other_settings_is_refused(tmp_path: Path) -> 
     # the shipped surrogate is named by its file's digest: a cache made on an earlier shipped surrogate is refused
     assert record["surrogate"] == "shipped"
     assert record["surrogate_sha256_16"] == file_sha256(shipped_surrogate_path())[:16]
-    for key, value in (("guidance", ["encoders", "deflection"]), ("surrogate_sha256_16", "0439cfcab37748ee")):
-        changed = json.loads(json.dumps(record))
-        if key == "guidance":
-            changed["config"][key] = value
-        else:
-            changed[key] = value
+    other_stages = {**record, "config": {**record["config"], "guidance": ["encoders", "deflection"]}}
+    other_surrogate = {**record, "surrogate_sha256_16": "0439cfcab37748ee"}
+    for changed, differ in ((other_stages, "config"), (other_surrogate, "surrogate_sha256_16")):
         (fresh / CACHE_RECORD).write_text(json.dumps(changed))
-        with pytest.raises(ConfigError, match=f"other settings \\({'config' if key == 'guidance' else key} differ"):
+        with pytest.raises(ConfigError, match=f"other settings \\({differ} differ"):
             protect_cached(Protector(), {}, fresh, None, progress=False)  # type: ignore[arg-type]
 
 
