@@ -53,6 +53,14 @@ def file_digest(path: str | os.PathLike[str]) -> str:
     return file_sha256(path)[:16]
 
 
+def surrogate_record(path: str | os.PathLike[str] | None = None) -> dict[str, str]:
+    """How a result names the defender surrogate it protected with: the given file, or "shipped" (``path`` None), and
+    the file's digest (which shipped surrogate it was)."""
+    from advface.generative.shipped import shipped_surrogate_path
+
+    return {"path": str(path) if path else "shipped", "sha256_16": file_digest(path or shipped_surrogate_path())}
+
+
 def write_results(name: str, payload: dict[str, Any], out: str | os.PathLike[str] | None = None) -> Path:
     """Write ``payload`` plus command, machine and date to ``benchmarks/results/<name>.json`` (or ``out``)."""
     path = Path(out) if out else RESULTS_DIR / f"{name}.json"

@@ -74,7 +74,7 @@ from advface.protect.image.visibility import (  # noqa: E402
     visibility,
     visibility_image,
 )
-from benchmarks.common import RESULTS_DIR, command_line, write_results  # noqa: E402
+from benchmarks.common import RESULTS_DIR, command_line, surrogate_record, write_results  # noqa: E402
 
 VERIFICATION_JSON = RESULTS_DIR / "lfw_verification.json"
 DOCS_IMAGES = Path(__file__).resolve().parent.parent / "docs" / "images"
@@ -511,6 +511,8 @@ def main() -> None:
             "eot": base.eot,
             "guidance": list(base.guidance),
         },
+        # the defender surrogate behind the deflection and AntiPure terms (the shipped one; its digest says which)
+        "surrogate": surrogate_record() if set(base.guidance) - {"encoders"} else None,
         "perceptual_defaults": PerceptualBudget().__dict__,
         "ssim_defaults": SsimBudget().__dict__,
         "jnd_defaults": {k: v for k, v in JndBudget().__dict__.items() if k != "model"},

@@ -36,7 +36,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from advface.datasets import LFW  # noqa: E402
-from advface.generative.shipped import shipped_surrogate_path  # noqa: E402
 from advface.images import load_image  # noqa: E402
 from advface.protect.image import ImageProtector, ProtectConfig  # noqa: E402
 from advface.protect.image.antipure import AntiPureConfig  # noqa: E402
@@ -46,7 +45,7 @@ from benchmarks.common import (  # noqa: E402
     add_budget_arguments,
     antipure_from_args,
     budget_from_args,
-    file_digest,
+    surrogate_record,
     write_results,
 )
 
@@ -73,8 +72,7 @@ def main() -> None:
         people.setdefault(item.identity, str(item.path))
     paths = [people[name] for name in sorted(people)[: args.count + 1]]
     protector = ImageProtector(surrogate=args.surrogate)
-    surrogate_path = args.surrogate or "shipped"  # the shipped file's digest says which one it was
-    surrogate = {"path": surrogate_path, "sha256_16": file_digest(args.surrogate or shipped_surrogate_path())}
+    surrogate = surrogate_record(args.surrogate)
     photos = [load_image(p) for p in paths]
     faces = [protector.find_face(photo, p) for photo, p in zip(photos, paths)]
     load_start = os.getloadavg()[0]
