@@ -39,7 +39,8 @@ Grids (``--grids N``): N synthetic faces from the DCGAN of the ``gan-face-genera
 ``--grid-size``, padded so the detector finds the face; no real person), each written as one PNG under
 ``docs/images/`` (or ``--grid-dir``): top row clean | uniform | ssim (or the ``--grid-variants``), bottom
 row the perturbation amplified x``--amplify`` around grey (the clean face, then each variant's perturbation); the
-JSON's ``grids`` gives each column's numbers. ``--visibility-maps`` also writes ``protect-grid-N-visibility.png``
+JSON's ``grids`` gives each column's numbers; ``surrogate`` names the defender surrogate (its digest) when a selected
+term uses one. ``--visibility-maps`` also writes ``protect-grid-N-visibility.png``
 beside each grid: each variant's visibility map (black 0, white 2 JND or more) in the grid's column order. LFW photos
 are never written.
 """
@@ -64,7 +65,7 @@ from advface.errors import ImageError  # noqa: E402
 from advface.images import load_image  # noqa: E402
 from advface.paths import lfw_dir as resolve_lfw_dir  # noqa: E402
 from advface.protect.image import ImageProtector, ProtectConfig  # noqa: E402
-from advface.protect.image.guidance import parse_guidance  # noqa: E402
+from advface.protect.image.guidance import NEEDS_SURROGATE, parse_guidance  # noqa: E402
 from advface.protect.image.jnd_budget import JndBudget  # noqa: E402
 from advface.protect.image.perceptual import PerceptualBudget  # noqa: E402
 from advface.protect.image.ssim_budget import SsimBudget, face_ssim_per_scale  # noqa: E402
@@ -512,7 +513,7 @@ def main() -> None:
             "guidance": list(base.guidance),
         },
         # the defender surrogate behind the deflection and AntiPure terms (the shipped one; its digest says which)
-        "surrogate": surrogate_record() if set(base.guidance) - {"encoders"} else None,
+        "surrogate": surrogate_record() if NEEDS_SURROGATE & set(base.guidance) else None,
         "perceptual_defaults": PerceptualBudget().__dict__,
         "ssim_defaults": SsimBudget().__dict__,
         "jnd_defaults": {k: v for k, v in JndBudget().__dict__.items() if k != "model"},
