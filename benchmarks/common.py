@@ -50,7 +50,7 @@ def command_line() -> str:
 
 def file_digest(path: str | os.PathLike[str]) -> str:
     """The first 16 hex digits of a file's SHA-256: how results and caches name a model file's contents."""
-    return file_sha256(path)[:16]
+    return file_sha256(Path(path))[:16]
 
 
 def surrogate_record(path: str | os.PathLike[str] | None = None) -> dict[str, str]:
