@@ -28,7 +28,7 @@ from typing import Any
 from tqdm import tqdm
 
 from advface.errors import ConfigError, ImageError
-from advface.images import iter_image_files
+from advface.images import IMAGE_SUFFIXES, iter_image_files
 from advface.threads import add_threads_argument, apply_threads
 
 NAME = "protect-image"
@@ -290,6 +290,11 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
     out_dir = Path(args.out)
+    if out_dir.suffix.lower() in IMAGE_SUFFIXES and not out_dir.is_dir():
+        raise ConfigError(
+            f"--out is the folder the protected PNGs are written to; {args.out!r} looks like a file name "
+            "(give a folder, e.g. --out protected/)"
+        )
     jobs = expand_inputs(args.inputs)
     if not jobs:
         raise ConfigError("no input images found")
@@ -306,6 +311,12 @@ def run(args: argparse.Namespace) -> int:
     seen_outputs: set[Path] = set()
     batches: dict[tuple[int, ...], list[_Pending]] = {}
     counts = {"protected": 0, "skipped": 0, "failed": 0}
+    # the bar counts finished photos (protected, skipped or failed), so its rate and ETA are those of the protection
+    bar = tqdm(total=len(jobs), desc="protect-image", unit="photo")
+
+    def advance(count: int) -> None:
+        bar.update(count)
+        bar.set_postfix(done=counts["protected"], skipped=counts["skipped"], failed=counts["failed"])
 
     def fail(entry: dict[str, Any], reason: str) -> None:
         entry.update(status="failed", reason=reason)
@@ -324,6 +335,7 @@ def run(args: argparse.Namespace) -> int:
         except Exception as exc:  # noqa: BLE001 - one bad batch must not stop the run
             for p in items:
                 fail(p.entry, f"protection failed ({exc.__class__.__name__}: {exc})")
+            advance(len(items))
             return
         for p, (image, report) in zip(items, results):
             try:
@@ -334,38 +346,41 @@ def run(args: argparse.Namespace) -> int:
             report.notes = p.photo.notes + report.notes
             p.entry.update(status="protected", report=report.to_dict())
             counts["protected"] += 1
+        advance(len(items))
 
     start = time.perf_counter()
-    bar = tqdm(jobs, desc="protect-image", unit="photo")
-    for source, rel in bar:
+    for source, rel in jobs:
         output = out_dir / rel
         entry: dict[str, Any] = {"input": str(source), "output": str(output)}
         entries.append(entry)
         resolved = output.resolve()
         if resolved in inputs_resolved:
             fail(entry, "the output would overwrite an input; choose another --out")
+            advance(1)
             continue
         if resolved in seen_outputs:
             fail(entry, f"another input already writes {output} (same stem)")
+            advance(1)
             continue
         seen_outputs.add(resolved)
         if output.exists() and not args.overwrite:
             entry["status"] = "skipped"
             entry["reason"] = "output exists (use --overwrite to protect again)"
             counts["skipped"] += 1
+            advance(1)
             continue
         try:
             photo = load_for_protection(source)
             face = protector.find_face(photo.image, str(source))
         except ImageError as exc:
             fail(entry, exc.reason)
+            advance(1)
             continue
         pending = _Pending(source, output, entry, photo, face)
         group = batches.setdefault(photo.image.shape, [])
         group.append(pending)
         if len(group) >= args.batch_size:
             flush(batches.pop(photo.image.shape))
-        bar.set_postfix(done=counts["protected"], failed=counts["failed"])
     for group in batches.values():
         flush(group)
     bar.close()

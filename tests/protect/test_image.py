@@ -230,6 +230,14 @@ def test_encoder_weight_scales_the_encoder_terms(protector: ImageProtector, phot
     assert not any(tmp_path.iterdir())
 
 
+def test_cli_out_that_names_an_image_file_is_refused(tmp_path: Path) -> None:
+    """``--out`` is a folder: a file name (``protected.png``) is a clear error before any folder is made."""
+    out = tmp_path / "protected.png"
+    with pytest.raises(ConfigError, match="looks like a file name"):
+        cli_run(build_parser().parse_args(["protect-image", "a.jpg", "--out", str(out)]))
+    assert not out.exists()
+
+
 def test_protect_image_function(protector: ImageProtector, photo: np.ndarray) -> None:
     out, report = protect_image(photo, protector.subset(["dlib-torch"]), steps=2, seed=1, eot=False)
     assert report.steps == 2 and report.encoders == ["dlib-torch"]
@@ -267,6 +275,9 @@ def test_cli_end_to_end(lfw_dir: Path, models_dir: Path, tmp_path: Path, capsys:
     out = tmp_path / "out"
     args = ["protect-image", str(src), "--out", str(out), "--steps", "2", "--encoders", "dlib-torch", "--strict"]
     assert cli_main(args) == 1  # strict: two photos failed
+    # the progress bar counts finished photos: its last state has the protected one and both failures
+    last = capsys.readouterr().err.split("\r")[-1]
+    assert "3/3" in last and "done=1" in last and "failed=2" in last
     assert _digest(src) == before  # inputs untouched
     result = out / "person.png"
     assert result.is_file()
