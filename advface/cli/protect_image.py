@@ -180,6 +180,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"with --budget jnd: pooled (Minkowski mean of the visibility map, exponent 4) or top (mean of its "
         f"largest {defaults.jnd.top_share * 100:.0f}%%, a smooth 95th percentile) (default {defaults.jnd.statistic})",
     )
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     parser.add_argument("--batch-size", type=int, default=4, help="photos of equal size optimised together (default 4)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     add_threads_argument(parser, "the optimisation of each batch of photos")
@@ -312,7 +313,7 @@ def run(args: argparse.Namespace) -> int:
     batches: dict[tuple[int, ...], list[_Pending]] = {}
     counts = {"protected": 0, "skipped": 0, "failed": 0}
     # the bar counts finished photos (protected, skipped or failed), so its rate and ETA are those of the protection
-    bar = tqdm(total=len(jobs), desc="protect-image", unit="photo")
+    bar = tqdm(total=len(jobs), desc="protect-image", unit="photo", disable=args.quiet)
 
     def advance(count: int) -> None:
         bar.update(count)

@@ -309,11 +309,13 @@ def test_cli_end_to_end(lfw_dir: Path, models_dir: Path, tmp_path: Path, capsys:
                 "dlib-torch",
                 "--report",
                 str(report2),
+                "--quiet",
             ]
         )
         == 0
     )
     assert json.loads(report2.read_text())["summary"]["skipped"] == 1 and result.stat().st_mtime_ns == mtime
+    assert "photo/s" not in capsys.readouterr().err  # --quiet: no progress bar
     assert (
         cli_main(
             [
