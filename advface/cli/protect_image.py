@@ -299,11 +299,11 @@ def run(args: argparse.Namespace) -> int:
     jobs = expand_inputs(args.inputs)
     if not jobs:
         raise ConfigError("no input images found")
-    out_dir.mkdir(parents=True, exist_ok=True)
     protector = ImageProtector(
         args.encoders, detector=args.detector, policy=args.policy, device=args.device, surrogate=args.surrogate
     )
     protector.check_guidance(config)
+    out_dir.mkdir(parents=True, exist_ok=True)  # only once the settings are known to work
     for note in protector.notes:
         print(f"advface protect-image: note: {note}", file=sys.stderr)
     started = _dt.datetime.now(_dt.UTC)

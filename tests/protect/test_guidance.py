@@ -58,6 +58,20 @@ def test_a_missing_surrogate_is_refused_before_any_photo_is_touched(tmp_path: Pa
         protector.check_guidance(ProtectConfig())  # the default runs both stages
 
 
+def test_the_cli_refuses_a_missing_surrogate_before_writing_anything(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from advface.cli.main import main as cli_main
+
+    out = tmp_path / "out"
+    photo = str(tmp_path / "photo.png")
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(photo)  # never read: the settings fail first
+    missing = str(tmp_path / "x.pt")
+    argv = ["protect-image", photo, "--out", str(out), "--encoders", "dlib-torch", "--surrogate", missing]
+    assert cli_main(argv) != 0
+    assert not out.exists()  # no output folder, no report
+
+
 def test_the_bridge_is_zero_at_the_clean_identity_and_pulls_the_latent_otherwise(
     protector: ImageProtector, photo: np.ndarray
 ) -> None:
