@@ -56,9 +56,9 @@ def file_digest(path: str | os.PathLike[str]) -> str:
 def surrogate_record(path: str | os.PathLike[str] | None = None) -> dict[str, str]:
     """How a result names the defender surrogate it protected with: the given file, or "shipped" (``path`` None), and
     the file's digest (which shipped surrogate it was)."""
-    from advface.generative.shipped import shipped_surrogate_path
+    from advface.generative.shipped import surrogate_digest
 
-    return {"path": str(path) if path else "shipped", "sha256_16": file_digest(path or shipped_surrogate_path())}
+    return {"path": str(path) if path else "shipped", "sha256_16": surrogate_digest(path)}
 
 
 def write_results(name: str, payload: dict[str, Any], out: str | os.PathLike[str] | None = None) -> Path:

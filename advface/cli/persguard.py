@@ -452,18 +452,13 @@ def protected_with(protector: ImageProtector, surrogate: str | None, config: Pro
     """How trigger photos are protected (settings, encoder ensemble, surrogate and the digest of its file, so that a
     cache made on another shipped surrogate is refused after an upgrade): what the cache and the backdoored model
     record."""
-    from advface.errors import ConfigError
-    from advface.generative.shipped import shipped_surrogate_path
-    from advface.hashing import file_sha256
+    from advface.generative.shipped import surrogate_digest
 
-    path = Path(surrogate) if surrogate else shipped_surrogate_path()
-    if not path.is_file():
-        raise ConfigError(f"defender surrogate {path} not found (--surrogate)")
     return {
         "config": protection_record(config),
         "encoders": list(protector.encoder_names),
         "surrogate": surrogate or "shipped",
-        "surrogate_sha256_16": file_sha256(path)[:16],
+        "surrogate_sha256_16": surrogate_digest(surrogate),
     }
 
 

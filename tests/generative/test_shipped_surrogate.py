@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from advface.errors import ConfigError
 from advface.generative.model import load_generator
-from advface.generative.shipped import shipped_surrogate_path
+from advface.generative.shipped import shipped_surrogate_path, surrogate_digest
 
 
 def test_the_shipped_surrogate_is_the_defender_model_for_dlib() -> None:
@@ -28,3 +31,13 @@ def test_no_surrogate_for_other_encoders_is_a_clear_error() -> None:
         shipped_surrogate_path("mobilefacenet")
     with pytest.raises(ConfigError):
         shipped_surrogate_path("../../etc/passwd")
+
+
+def test_the_surrogate_digest_names_a_file_by_its_contents(tmp_path: Path) -> None:
+    shipped = hashlib.sha256(shipped_surrogate_path().read_bytes()).hexdigest()[:16]
+    assert surrogate_digest() == surrogate_digest(shipped_surrogate_path()) == shipped
+    other = tmp_path / "other.pt"
+    other.write_bytes(b"another surrogate")
+    assert surrogate_digest(other) == hashlib.sha256(b"another surrogate").hexdigest()[:16]
+    with pytest.raises(ConfigError, match="missing.pt not found"):
+        surrogate_digest(tmp_path / "missing.pt")
