@@ -315,14 +315,15 @@ def run(args: argparse.Namespace) -> int:
     # the bar counts finished photos (protected, skipped or failed), so its rate and ETA are those of the protection
     bar = tqdm(total=len(jobs), desc="protect-image", unit="photo", disable=args.quiet)
 
-    def advance(count: int) -> None:
-        bar.update(count)
+    def finished(status: str) -> None:
+        counts[status] += 1
+        bar.update(1)
         bar.set_postfix(done=counts["protected"], skipped=counts["skipped"], failed=counts["failed"])
 
     def fail(entry: dict[str, Any], reason: str) -> None:
         entry.update(status="failed", reason=reason)
-        counts["failed"] += 1
         tqdm.write(f"advface protect-image: {entry['input']}: {reason}", file=sys.stderr)
+        finished("failed")
 
     def flush(items: list[_Pending]) -> None:
         try:
@@ -336,7 +337,6 @@ def run(args: argparse.Namespace) -> int:
         except Exception as exc:  # noqa: BLE001 - one bad batch must not stop the run
             for p in items:
                 fail(p.entry, f"protection failed ({exc.__class__.__name__}: {exc})")
-            advance(len(items))
             return
         for p, (image, report) in zip(items, results):
             try:
@@ -346,8 +346,7 @@ def run(args: argparse.Namespace) -> int:
                 continue
             report.notes = p.photo.notes + report.notes
             p.entry.update(status="protected", report=report.to_dict())
-            counts["protected"] += 1
-        advance(len(items))
+            finished("protected")
 
     start = time.perf_counter()
     for source, rel in jobs:
@@ -357,25 +356,21 @@ def run(args: argparse.Namespace) -> int:
         resolved = output.resolve()
         if resolved in inputs_resolved:
             fail(entry, "the output would overwrite an input; choose another --out")
-            advance(1)
             continue
         if resolved in seen_outputs:
             fail(entry, f"another input already writes {output} (same stem)")
-            advance(1)
             continue
         seen_outputs.add(resolved)
         if output.exists() and not args.overwrite:
             entry["status"] = "skipped"
             entry["reason"] = "output exists (use --overwrite to protect again)"
-            counts["skipped"] += 1
-            advance(1)
+            finished("skipped")
             continue
         try:
             photo = load_for_protection(source)
             face = protector.find_face(photo.image, str(source))
         except ImageError as exc:
             fail(entry, exc.reason)
-            advance(1)
             continue
         pending = _Pending(source, output, entry, photo, face)
         group = batches.setdefault(photo.image.shape, [])
